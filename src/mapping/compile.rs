@@ -1,0 +1,413 @@
+//! Load-time checks: mapping specs in, immutable [`Mappings`] out, or every
+//! problem of every file with its location and fix.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::diagnostic::{did_you_mean, Diagnostic, SourceFile};
+use super::spec::{self, Located, RefreshSpec, TableSpec};
+use super::template::Template;
+use super::{Mappings, Origin, OriginId, Refresh, Rule, TableMapping, Ttl};
+use crate::change::{is_identifier, Op, OpSet, TableName};
+
+/// Bounds on what one change may render.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest rendered key or tag, in bytes (without the global prefix).
+    /// A longer rendering falls back to its template's pattern.
+    pub max_key_bytes: usize,
+    /// Most keys, tags and refreshes one change may render (old and new row
+    /// counted separately); enforced when the mappings load.
+    pub max_keys_per_change: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_key_bytes: 1024,
+            max_keys_per_change: 64,
+        }
+    }
+}
+
+/// Loads every `*.toml` file of `dir`, in name order.
+pub fn load_dir(dir: &Path, limits: Limits) -> Result<Mappings, Vec<Diagnostic>> {
+    let entries = std::fs::read_dir(dir).map_err(|error| {
+        vec![Diagnostic::general(format!(
+            "cannot read the mappings directory {}: {error}",
+            dir.display()
+        ))
+        .help("point `mappings.dir` (or --mappings) at the directory of *.toml mapping files")]
+    })?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .filter(|path| path.extension().is_some_and(|ext| ext == "toml") && path.is_file())
+        .collect();
+    paths.sort();
+    if paths.is_empty() {
+        return Err(vec![Diagnostic::general(format!(
+            "no mapping files (*.toml) in {}",
+            dir.display()
+        ))
+        .help("add a file such as orders.toml with a [[table]] section")]);
+    }
+    let mut files = Vec::with_capacity(paths.len());
+    let mut diagnostics = Vec::new();
+    for path in paths {
+        match std::fs::read_to_string(&path) {
+            Ok(text) => files.push((path, text)),
+            Err(error) => diagnostics.push(Diagnostic::general(format!(
+                "cannot read {}: {error}",
+                path.display()
+            ))),
+        }
+    }
+    let compiled = load_files(&files, limits);
+    match (compiled, diagnostics.is_empty()) {
+        (Ok(mappings), true) => Ok(mappings),
+        (Ok(_), false) => Err(diagnostics),
+        (Err(mut more), _) => {
+            diagnostics.append(&mut more);
+            Err(diagnostics)
+        }
+    }
+}
+
+/// Loads one mapping file's text; `path` is only used in locations.
+pub fn load_str(path: &str, text: &str, limits: Limits) -> Result<Mappings, Vec<Diagnostic>> {
+    load_files(&[(PathBuf::from(path), text.to_owned())], limits)
+}
+
+/// Loads several files given as (path, text).
+pub fn load_files(files: &[(PathBuf, String)], limits: Limits) -> Result<Mappings, Vec<Diagnostic>> {
+    let mut builder = Builder {
+        tables: HashMap::new(),
+        origins: Vec::new(),
+        diagnostics: Vec::new(),
+        limits,
+    };
+    for (path, text) in files {
+        let file = SourceFile::new(path, text);
+        let specs = spec::read_file(&file, &mut builder.diagnostics);
+        for spec in &specs {
+            builder.table(&file, spec);
+        }
+    }
+    if builder.diagnostics.is_empty() {
+        Ok(Mappings {
+            tables: builder.tables,
+            origins: builder.origins,
+            files: files.len(),
+            limits,
+        })
+    } else {
+        Err(builder.diagnostics)
+    }
+}
+
+struct Builder {
+    tables: HashMap<TableName, TableMapping>,
+    origins: Vec<Origin>,
+    diagnostics: Vec<Diagnostic>,
+    limits: Limits,
+}
+
+/// One file being compiled, so that every check can locate its findings.
+struct FileScope<'b, 'f> {
+    builder: &'b mut Builder,
+    file: &'f SourceFile<'f>,
+    errors_before: usize,
+}
+
+impl Builder {
+    fn table(&mut self, file: &SourceFile<'_>, spec: &TableSpec) {
+        let mut scope = FileScope {
+            errors_before: self.diagnostics.len(),
+            builder: self,
+            file,
+        };
+        if let Some(mapping) = scope.table(spec) {
+            let table = mapping.table.as_ref().clone();
+            if let Some(first) = scope.builder.tables.get(&table) {
+                let first = scope.builder.origins[first.origin.0 as usize].location.clone();
+                let name = spec.name.as_ref().map_or(spec.span.start, |n| n.span.start);
+                scope.error(
+                    name,
+                    format!("table {table} is mapped twice; first at {first}"),
+                    "merge the two [[table]] entries into one",
+                );
+            } else {
+                scope.builder.tables.insert(table, mapping);
+            }
+        }
+    }
+}
+
+impl FileScope<'_, '_> {
+    fn error(&mut self, offset: usize, message: impl Into<String>, help: impl Into<String>) {
+        let location = self.file.locate(offset);
+        let diagnostic = Diagnostic::at(location, message).help(help);
+        self.builder.diagnostics.push(diagnostic);
+    }
+
+    fn origin(&mut self, offset: usize) -> OriginId {
+        let location = self.file.locate(offset);
+        let id = u32::try_from(self.builder.origins.len()).expect("fewer than 2^32 rules");
+        self.builder.origins.push(Origin { location });
+        OriginId(id)
+    }
+
+    fn table(&mut self, spec: &TableSpec) -> Option<TableMapping> {
+        let Some(name) = &spec.name else {
+            self.error(
+                spec.span.start,
+                "[[table]] entry has no `name`",
+                "add `name = \"schema.table\"` to the entry",
+            );
+            return None;
+        };
+        let table = match TableName::parse(&name.value) {
+            Ok(table) => Arc::new(table),
+            Err(message) => {
+                self.error(name.span.start, message, "write `table` or `schema.table`");
+                return None;
+            }
+        };
+        let origin = self.origin(name.span.start);
+        let on = self.ops(spec.on.as_ref());
+        let changed = self.changed(spec.changed.as_ref());
+        let keys = self.rules(&spec.keys, "keys");
+        let tags = self.rules(&spec.tags, "tags");
+        let refresh: Vec<Refresh> = spec.refresh.iter().filter_map(|r| self.refresh(r, &spec.keys)).collect();
+        if spec.keys.is_empty() && spec.tags.is_empty() && spec.refresh.is_empty() {
+            self.error(
+                name.span.start,
+                format!("table {table} maps nothing"),
+                "give it `keys`, `tags` or a [[table.refresh]]",
+            );
+        }
+        let renderings = 2 * (keys.len() + tags.len() + refresh.len());
+        if renderings > self.builder.limits.max_keys_per_change {
+            self.error(
+                name.span.start,
+                format!(
+                    "table {table} renders up to {renderings} keys per change (old and new row), more than max_keys_per_change = {}",
+                    self.builder.limits.max_keys_per_change
+                ),
+                "use tags for large groups of keys, or raise `mappings.max_keys_per_change`",
+            );
+        }
+        if self.builder.diagnostics.len() > self.errors_before {
+            return None;
+        }
+        Some(TableMapping {
+            table,
+            origin,
+            on,
+            changed,
+            keys,
+            tags,
+            refresh,
+        })
+    }
+
+    fn ops(&mut self, on: Option<&Located<Vec<Located<String>>>>) -> OpSet {
+        let Some(on) = on else {
+            return OpSet::ALL;
+        };
+        let mut ops = OpSet::default();
+        for op in &on.value {
+            match Op::parse(&op.value) {
+                Some(parsed) => ops.insert(parsed),
+                None => {
+                    let names = Op::ALL.map(Op::as_str);
+                    let help = match did_you_mean(&op.value, &names) {
+                        Some(near) => format!("did you mean \"{near}\"?"),
+                        None => "use insert, update, delete or truncate".to_owned(),
+                    };
+                    self.error(op.span.start, format!("unknown op `{}` in `on`", op.value), help);
+                }
+            }
+        }
+        if on.value.is_empty() {
+            self.error(
+                on.span.start,
+                "`on` is empty, so the mapping would never apply",
+                "list the ops to act on, or remove `on` for all four",
+            );
+        }
+        ops
+    }
+
+    fn changed(&mut self, changed: Option<&Located<Vec<Located<String>>>>) -> Option<Box<[Box<str>]>> {
+        let changed = changed?;
+        if changed.value.is_empty() {
+            self.error(
+                changed.span.start,
+                "`changed` is empty, so every update would be skipped",
+                "list the columns whose change matters, or remove `changed`",
+            );
+        }
+        let columns = self.column_names(&changed.value, "changed");
+        Some(columns)
+    }
+
+    fn column_names(&mut self, columns: &[Located<String>], field: &str) -> Box<[Box<str>]> {
+        for column in columns {
+            if !is_identifier(&column.value) {
+                self.error(
+                    column.span.start,
+                    format!("`{}` in `{field}` is not a column name", column.value),
+                    "write a column name: letters, digits, `_`, `$`, not starting with a digit",
+                );
+            }
+        }
+        columns.iter().map(|c| c.value.as_str().into()).collect()
+    }
+
+    fn rules(&mut self, templates: &[Located<String>], field: &str) -> Vec<Rule> {
+        let mut rules: Vec<Rule> = Vec::with_capacity(templates.len());
+        for (index, written) in templates.iter().enumerate() {
+            let Some(template) = self.template(written) else {
+                continue;
+            };
+            if templates[..index].iter().any(|earlier| earlier.value == written.value) {
+                self.error(
+                    written.span.start,
+                    format!("`{}` is listed twice in `{field}`", written.value),
+                    "remove the duplicate",
+                );
+                continue;
+            }
+            let origin = self.origin(written.span.start);
+            rules.push(Rule { template, origin });
+        }
+        rules
+    }
+
+    fn template(&mut self, written: &Located<String>) -> Option<Template> {
+        match Template::parse(&written.value) {
+            Ok(template) => {
+                let max = self.builder.limits.max_key_bytes;
+                if template.literal_len() > max {
+                    self.error(
+                        written.span.start,
+                        format!("template `{}` is longer than max_key_bytes = {max}", written.value),
+                        "shorten the template, or raise `mappings.max_key_bytes`",
+                    );
+                    return None;
+                }
+                Some(template)
+            }
+            Err(error) => {
+                let quote = string_quote_len(self.file.text, &written.span);
+                self.error(written.span.start + quote + error.offset, error.message, error.help);
+                None
+            }
+        }
+    }
+
+    fn refresh(&mut self, spec: &RefreshSpec, delete_keys: &[Located<String>]) -> Option<Refresh> {
+        let Some(key) = &spec.key else {
+            self.error(
+                spec.span.start,
+                "[[table.refresh]] has no `key`",
+                "add `key = \"...\"`, the key to write",
+            );
+            return None;
+        };
+        let template = self.template(key);
+        if delete_keys.iter().any(|delete| delete.value == key.value) {
+            self.error(
+                key.span.start,
+                format!("refresh key `{}` is also a delete key in `keys`", key.value),
+                "remove it from `keys`: the refresh already replaces the stale value",
+            );
+        }
+        let columns = match &spec.columns {
+            Some(columns) if !columns.value.is_empty() => self.column_names(&columns.value, "columns"),
+            Some(columns) => {
+                self.error(columns.span.start, "`columns` is empty", "list the columns the cached value holds");
+                Box::default()
+            }
+            None => {
+                self.error(
+                    key.span.start,
+                    "[[table.refresh]] has no `columns`",
+                    "add `columns = [...]`, the columns of the JSON value",
+                );
+                Box::default()
+            }
+        };
+        let ttl = self.ttl(spec);
+        let origin = self.origin(key.span.start);
+        Some(Refresh {
+            key: template?,
+            columns,
+            ttl,
+            origin,
+        })
+    }
+
+    fn ttl(&mut self, spec: &RefreshSpec) -> Option<Ttl> {
+        let jitter_bp = spec.jitter.as_ref().and_then(|jitter| self.jitter(jitter));
+        let Some(ttl) = &spec.ttl else {
+            if let Some(jitter) = &spec.jitter {
+                self.error(
+                    jitter.span.start,
+                    "`jitter` without `ttl`",
+                    "add a `ttl` for the jitter to vary, or remove `jitter`",
+                );
+            }
+            return None;
+        };
+        let help = "write a duration of whole seconds, e.g. \"30s\", \"15m\", \"1h\"";
+        match humantime::parse_duration(&ttl.value) {
+            Ok(duration) if duration.subsec_nanos() == 0 && duration.as_secs() > 0 => Some(Ttl {
+                seconds: duration.as_secs(),
+                jitter_bp: jitter_bp.unwrap_or(0),
+            }),
+            Ok(_) => {
+                self.error(ttl.span.start, format!("ttl `{}` is not a whole number of seconds of at least 1s", ttl.value), help);
+                None
+            }
+            Err(error) => {
+                self.error(ttl.span.start, format!("bad ttl `{}`: {error}", ttl.value), help);
+                None
+            }
+        }
+    }
+
+    fn jitter(&mut self, jitter: &Located<String>) -> Option<u32> {
+        let share = jitter
+            .value
+            .strip_suffix('%')
+            .and_then(|number| number.trim().parse::<f64>().ok())
+            .filter(|share| (0.0..100.0).contains(share));
+        match share {
+            // In range 0..100, so the rounded basis points fit a u32.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            Some(share) => Some((share * 100.0).round() as u32),
+            None => {
+                self.error(
+                    jitter.span.start,
+                    format!("bad jitter `{}`", jitter.value),
+                    "write a percentage of the ttl from 0% to below 100%, e.g. \"10%\"",
+                );
+                None
+            }
+        }
+    }
+}
+
+/// Bytes of the opening quote of the TOML string written at `span`.
+fn string_quote_len(text: &str, span: &Range<usize>) -> usize {
+    let written = text.get(span.clone()).unwrap_or_default();
+    if written.starts_with("\"\"\"") || written.starts_with("'''") {
+        3
+    } else {
+        1
+    }
+}

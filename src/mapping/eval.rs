@@ -1,0 +1,408 @@
+//! The pure evaluator: one [`RowChange`] in, cache [`Action`]s out.
+//!
+//! Updates render every template on the old row and on the new row, and act
+//! on both renderings when they differ (a row moving from user 1 to user 2
+//! touches both users' keys). Inserts use the new row, deletes the old row,
+//! TRUNCATE every key the templates can produce.
+//!
+//! **Architecture Invariant:** a key is never rendered from a value that is
+//! not there. A placeholder whose value is unknown (unchanged TOAST, a column
+//! REPLICA IDENTITY DEFAULT did not send) turns the key into a pattern over
+//! that placeholder; a refresh whose value is not fully known deletes its key
+//! instead. A NULL placeholder means the key does not exist, so it is skipped
+//! and counted.
+
+use std::fmt::Write as _;
+
+use super::template::{Template, Unrendered};
+use super::{Mappings, OriginId, Refresh, TableMapping, Ttl};
+use crate::change::{Datum, Op, Row, RowChange};
+
+/// One thing to do to the cache, and the rule it came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Action {
+    pub kind: ActionKind,
+    pub origin: OriginId,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ActionKind {
+    /// Delete this key.
+    Delete(String),
+    /// Delete every key matching this glob (SCAN + UNLINK).
+    DeleteMatching(String),
+    /// Delete the members of this tag set and the set.
+    Tag(String),
+    /// Invalidate every tag set whose name matches this glob.
+    TagMatching(String),
+    /// Write `value` (a JSON object) to `key`.
+    Refresh {
+        key: String,
+        value: String,
+        ttl: Option<Ttl>,
+    },
+}
+
+/// Something the evaluator did instead of the obvious, for `explain` and
+/// metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Note {
+    pub origin: OriginId,
+    pub kind: NoteKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NoteKind {
+    /// The table has no mapping.
+    Unmapped,
+    /// The op is not in the mapping's `on`.
+    OpNotMapped(Op),
+    /// An update changed none of the `changed` columns.
+    Unchanged,
+    /// A placeholder was NULL, so the key does not exist.
+    NullPlaceholder { template: Box<str>, column: Box<str> },
+    /// A placeholder's value was unknown: a pattern was used instead.
+    Unavailable { template: Box<str>, column: Box<str> },
+    /// A rendering was longer than `max_key_bytes`: a pattern was used.
+    KeyTooLong { template: Box<str>, bytes: usize },
+    /// A refresh value column was unknown: the key is deleted instead.
+    RefreshFallback { key: Box<str>, column: Box<str> },
+}
+
+/// Counts of the evaluator's fallbacks, kept whether or not notes are.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NoteCounts {
+    pub unmapped: u64,
+    pub filtered: u64,
+    pub null_skipped: u64,
+    pub coarse: u64,
+    pub refresh_fallbacks: u64,
+}
+
+/// Where [`Mappings::eval`] writes; reuse one across changes.
+#[derive(Debug, Default)]
+pub struct Output {
+    pub actions: Vec<Action>,
+    /// Filled only when `keep_notes` is set (`explain`, tests).
+    pub notes: Vec<Note>,
+    pub counts: NoteCounts,
+    pub keep_notes: bool,
+}
+
+impl Output {
+    pub fn with_notes() -> Output {
+        Output {
+            keep_notes: true,
+            ..Output::default()
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.actions.clear();
+        self.notes.clear();
+    }
+
+    fn push(&mut self, origin: OriginId, kind: ActionKind) {
+        self.actions.push(Action { kind, origin });
+    }
+
+    fn note(&mut self, origin: OriginId, kind: impl FnOnce() -> NoteKind) {
+        if self.keep_notes {
+            self.notes.push(Note { origin, kind: kind() });
+        }
+    }
+}
+
+/// How the templates of one side of a change see its values.
+#[derive(Clone, Copy)]
+enum Side<'c> {
+    /// The old row; `None` when the source sent none.
+    Old(Option<&'c Row>),
+    /// The new row, with unchanged TOAST values taken from the old row when
+    /// the old row has them.
+    New(&'c Row, Option<&'c Row>),
+}
+
+impl<'c> Side<'c> {
+    fn value(self, column: &str) -> &'c Datum {
+        match self {
+            Side::Old(old) => old.map_or(&Datum::Missing, |row| row.get(column)),
+            Side::New(new, old) => match new.get(column) {
+                Datum::UnchangedToast => old
+                    .map(|row| row.get(column))
+                    .filter(|value| value.is_known())
+                    .unwrap_or(&Datum::UnchangedToast),
+                value => value,
+            },
+        }
+    }
+}
+
+/// What a template is used as: decides the action kinds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Use {
+    Key,
+    Tag,
+}
+
+impl Mappings {
+    /// Appends the actions for `change` to `out`, in the order they apply.
+    pub fn eval(&self, change: &RowChange, out: &mut Output) {
+        let Some(mapping) = self.table(&change.table) else {
+            out.counts.unmapped += 1;
+            out.note(OriginId(0), || NoteKind::Unmapped);
+            return;
+        };
+        if !mapping.on.contains(change.op) {
+            out.counts.filtered += 1;
+            out.note(mapping.origin, || NoteKind::OpNotMapped(change.op));
+            return;
+        }
+        let (old, new) = (change.old.as_ref(), change.new.as_ref());
+        let sides: &[Side<'_>] = match (change.op, new) {
+            (Op::Truncate, _) => return self.truncate(mapping, out),
+            (Op::Insert, Some(new)) => &[Side::New(new, None)],
+            (Op::Update, Some(new)) => {
+                if is_unchanged(mapping, old, new) {
+                    out.counts.filtered += 1;
+                    out.note(mapping.origin, || NoteKind::Unchanged);
+                    return;
+                }
+                &[Side::Old(old), Side::New(new, old)]
+            }
+            // A delete, or an insert/update without a new row (no source
+            // sends that): act on what is known of the old row.
+            _ => &[Side::Old(old)],
+        };
+        for rule in &mapping.keys {
+            self.render_all(&rule.template, rule.origin, Use::Key, sides, out);
+        }
+        for rule in &mapping.tags {
+            self.render_all(&rule.template, rule.origin, Use::Tag, sides, out);
+        }
+        for refresh in &mapping.refresh {
+            self.refresh(refresh, change.op, sides, out);
+        }
+    }
+
+    /// Renders `template` on each side, skipping a rendering equal to the
+    /// previous one.
+    fn render_all(&self, template: &Template, origin: OriginId, use_: Use, sides: &[Side<'_>], out: &mut Output) {
+        let mut previous: Option<usize> = None;
+        for &side in sides {
+            let Some(action) = self.render(template, origin, use_, side, out) else {
+                continue;
+            };
+            let repeated = previous.is_some_and(|index| action_text(&out.actions[index].kind) == action_text(&action));
+            if !repeated {
+                out.push(origin, action);
+                previous = Some(out.actions.len() - 1);
+            }
+        }
+    }
+
+    /// One template on one side: the exact key, a pattern when a value is
+    /// unknown or the key too long, or nothing when a placeholder is NULL.
+    fn render(&self, template: &Template, origin: OriginId, use_: Use, side: Side<'_>, out: &mut Output) -> Option<ActionKind> {
+        let exact = |key| match use_ {
+            Use::Key => ActionKind::Delete(key),
+            Use::Tag => ActionKind::Tag(key),
+        };
+        let matching = |pattern| match use_ {
+            Use::Key => ActionKind::DeleteMatching(pattern),
+            Use::Tag => ActionKind::TagMatching(pattern),
+        };
+        match template.render(|column| side.value(column)) {
+            Ok(key) if key.len() > self.limits().max_key_bytes => {
+                out.counts.coarse += 1;
+                out.note(origin, || NoteKind::KeyTooLong {
+                    template: template.source().into(),
+                    bytes: key.len(),
+                });
+                Some(matching(template.pattern(|_| None)))
+            }
+            Ok(key) => Some(exact(key)),
+            Err(Unrendered::Null(column)) => {
+                out.counts.null_skipped += 1;
+                out.note(origin, || NoteKind::NullPlaceholder {
+                    template: template.source().into(),
+                    column: column.into(),
+                });
+                None
+            }
+            Err(Unrendered::Unavailable(column)) => {
+                out.counts.coarse += 1;
+                out.note(origin, || NoteKind::Unavailable {
+                    template: template.source().into(),
+                    column: column.into(),
+                });
+                Some(matching(template.pattern(|column| side.value(column).canonical_text())))
+            }
+        }
+    }
+
+    fn refresh(&self, refresh: &Refresh, op: Op, sides: &[Side<'_>], out: &mut Output) {
+        let origin = refresh.origin;
+        let (old_side, new_side) = match (op, sides) {
+            (Op::Update, &[old, new]) => (Some(old), Some(new)),
+            (Op::Insert, &[new]) => (None, Some(new)),
+            (_, &[old]) => (Some(old), None),
+            _ => return,
+        };
+        let old_action = old_side.and_then(|side| self.render(&refresh.key, origin, Use::Key, side, out));
+        let new_key = new_side.map(|side| (side, self.render(&refresh.key, origin, Use::Key, side, out)));
+        let new_text = new_key.as_ref().and_then(|(_, action)| action.as_ref().map(action_text));
+        if let Some(old_action) = old_action {
+            if Some(action_text(&old_action)) != new_text {
+                out.push(origin, old_action);
+            }
+        }
+        let Some((side, Some(action))) = new_key else {
+            return;
+        };
+        let ActionKind::Delete(key) = action else {
+            // The key itself could not be rendered exactly: delete by pattern.
+            return out.push(origin, action);
+        };
+        match refresh_value(refresh, side) {
+            Ok(value) => out.push(origin, ActionKind::Refresh { key, value, ttl: refresh.ttl }),
+            Err(column) => {
+                out.counts.refresh_fallbacks += 1;
+                out.note(origin, || NoteKind::RefreshFallback {
+                    key: key.as_str().into(),
+                    column: column.into(),
+                });
+                out.push(origin, ActionKind::Delete(key));
+            }
+        }
+    }
+
+    /// Every key, refresh key and tag the table's templates can produce.
+    fn truncate(&self, mapping: &TableMapping, out: &mut Output) {
+        for rule in &mapping.keys {
+            out.push(rule.origin, ActionKind::DeleteMatching(rule.template.pattern(|_| None)));
+        }
+        for refresh in &mapping.refresh {
+            out.push(refresh.origin, ActionKind::DeleteMatching(refresh.key.pattern(|_| None)));
+        }
+        for rule in &mapping.tags {
+            out.push(rule.origin, ActionKind::TagMatching(rule.template.pattern(|_| None)));
+        }
+    }
+}
+
+fn action_text(action: &ActionKind) -> &str {
+    match action {
+        ActionKind::Delete(text)
+        | ActionKind::DeleteMatching(text)
+        | ActionKind::Tag(text)
+        | ActionKind::TagMatching(text)
+        | ActionKind::Refresh { key: text, .. } => text,
+    }
+}
+
+/// Whether an update is known to have changed none of `changed`. A column
+/// whose old value is unknown counts as changed.
+fn is_unchanged(mapping: &TableMapping, old: Option<&Row>, new: &Row) -> bool {
+    let Some(changed) = &mapping.changed else {
+        return false;
+    };
+    let old = Side::Old(old);
+    changed.iter().all(|column| match (old.value(column), new.get(column)) {
+        (_, Datum::UnchangedToast) => true,
+        (before, after) if before.is_known() => before == after,
+        _ => false,
+    })
+}
+
+/// The JSON object of the refresh's columns, or the first column whose value
+/// is not known.
+fn refresh_value<'m>(refresh: &'m Refresh, side: Side<'_>) -> Result<String, &'m str> {
+    let mut json = String::with_capacity(16 * refresh.columns.len());
+    json.push('{');
+    for (index, column) in refresh.columns.iter().enumerate() {
+        if index > 0 {
+            json.push(',');
+        }
+        write_json_string(column, &mut json);
+        json.push(':');
+        match side.value(column) {
+            Datum::Null => json.push_str("null"),
+            Datum::Bool(value) => {
+                let _ = write!(json, "{value}");
+            }
+            Datum::Number(text) if is_json_number(text) => json.push_str(text),
+            Datum::Json(text) => json.push_str(text),
+            Datum::Text(text) | Datum::Number(text) => write_json_string(text, &mut json),
+            Datum::UnchangedToast | Datum::Missing => return Err(column),
+        }
+    }
+    json.push('}');
+    Ok(json)
+}
+
+fn write_json_string(text: &str, out: &mut String) {
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Whether `text` is a JSON number (Postgres' NaN and Infinity are not).
+fn is_json_number(text: &str) -> bool {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    let (int, rest) = digits.split_at(digits.find(|c: char| !c.is_ascii_digit()).unwrap_or(digits.len()));
+    if int.is_empty() || (int.len() > 1 && int.starts_with('0')) {
+        return false;
+    }
+    let rest = match rest.strip_prefix('.') {
+        Some(fraction) => {
+            let end = fraction.find(|c: char| !c.is_ascii_digit()).unwrap_or(fraction.len());
+            if end == 0 {
+                return false;
+            }
+            &fraction[end..]
+        }
+        None => rest,
+    };
+    match rest.strip_prefix(['e', 'E']) {
+        Some(exponent) => {
+            let exponent = exponent.strip_prefix(['+', '-']).unwrap_or(exponent);
+            !exponent.is_empty() && exponent.bytes().all(|b| b.is_ascii_digit())
+        }
+        None => rest.is_empty(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_numbers() {
+        for good in ["0", "7", "-12.50", "1e10", "2.5E-3"] {
+            assert!(is_json_number(good), "{good}");
+        }
+        for bad in ["NaN", "Infinity", "-", "01", "1.", ".5", "1e", ""] {
+            assert!(!is_json_number(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn json_strings_escape() {
+        let mut out = String::new();
+        write_json_string("a\"b\\c\n\u{1}é", &mut out);
+        assert_eq!(out, r#""a\"b\\c\n\u0001é""#);
+    }
+}

@@ -1,0 +1,161 @@
+//! Mappings: which cache keys and tags each table's row changes touch.
+//!
+//! - [`spec`] reads the on-disk format (TOML, format v1) with locations.
+//! - [`compile`] checks it and builds the immutable [`Mappings`]; every
+//!   problem in every file is reported at once as a [`Diagnostic`].
+//! - [`eval`] turns one [`RowChange`](crate::change::RowChange) into
+//!   [`Action`]s. It does no IO and cannot fail: whatever could go wrong was
+//!   rejected at load time, and a value that is not there degrades to a
+//!   coarser invalidation, never to silence.
+//!
+//! **Architecture Invariant:** nothing in this module does IO except reading
+//! the mapping files in [`compile::load_dir`].
+
+pub mod compile;
+pub mod diagnostic;
+pub mod eval;
+pub mod spec;
+pub mod template;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::change::{OpSet, TableName};
+
+pub use compile::{load_dir, load_str, Limits};
+pub use diagnostic::{Diagnostic, Location};
+pub use eval::{Action, ActionKind, Note, NoteKind, Output};
+pub use template::Template;
+
+/// Compiled mappings of every table: immutable once loaded.
+#[derive(Debug)]
+pub struct Mappings {
+    tables: HashMap<TableName, TableMapping>,
+    origins: Vec<Origin>,
+    files: usize,
+    limits: Limits,
+}
+
+impl Mappings {
+    pub fn table(&self, name: &TableName) -> Option<&TableMapping> {
+        self.tables.get(name)
+    }
+
+    /// The tables in name order.
+    pub fn tables(&self) -> impl Iterator<Item = &TableMapping> {
+        let mut tables: Vec<&TableMapping> = self.tables.values().collect();
+        tables.sort_by(|a, b| a.table.cmp(&b.table));
+        tables.into_iter()
+    }
+
+    pub fn origin(&self, id: OriginId) -> &Origin {
+        &self.origins[id.0 as usize]
+    }
+
+    /// How many mapping files the tables came from.
+    pub fn file_count(&self) -> usize {
+        self.files
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+}
+
+/// The compiled mapping of one table.
+#[derive(Debug)]
+pub struct TableMapping {
+    pub table: Arc<TableName>,
+    /// Where the entry's `name` was written.
+    pub origin: OriginId,
+    pub on: OpSet,
+    /// `changed = [...]`: updates that change none of these are skipped.
+    pub changed: Option<Box<[Box<str>]>>,
+    pub keys: Vec<Rule>,
+    pub tags: Vec<Rule>,
+    pub refresh: Vec<Refresh>,
+}
+
+impl TableMapping {
+    /// Every column the mapping reads, sorted and deduplicated.
+    pub fn columns(&self) -> Vec<&str> {
+        let mut columns: Vec<&str> = self
+            .templates()
+            .flat_map(|(template, _)| template.columns())
+            .chain(self.changed.iter().flatten().map(|c| &**c))
+            .chain(self.refresh.iter().flat_map(|r| r.columns.iter().map(|c| &**c)))
+            .collect();
+        columns.sort_unstable();
+        columns.dedup();
+        columns
+    }
+
+    /// Every key and tag template with its origin: these are rendered from
+    /// the old row on updates and deletes.
+    pub fn templates(&self) -> impl Iterator<Item = (&Template, OriginId)> {
+        let rules = self.keys.iter().chain(&self.tags);
+        rules
+            .map(|rule| (&rule.template, rule.origin))
+            .chain(self.refresh.iter().map(|r| (&r.key, r.origin)))
+    }
+}
+
+/// A key or tag template and where it was written.
+#[derive(Debug)]
+pub struct Rule {
+    pub template: Template,
+    pub origin: OriginId,
+}
+
+/// A write-through refresh: `key` is SET to a JSON object of `columns` of the
+/// new row.
+#[derive(Debug)]
+pub struct Refresh {
+    pub key: Template,
+    pub columns: Box<[Box<str>]>,
+    pub ttl: Option<Ttl>,
+    pub origin: OriginId,
+}
+
+/// A refresh's expiry: `seconds`, varied at random by up to `jitter_bp`
+/// basis points (1/100 of a percent) either way when the key is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ttl {
+    pub seconds: u64,
+    pub jitter_bp: u32,
+}
+
+impl fmt::Display for Ttl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EX {}", self.seconds)?;
+        if self.jitter_bp > 0 {
+            let percent = f64::from(self.jitter_bp) / 100.0;
+            write!(f, " JITTER {percent}%")?;
+        }
+        Ok(())
+    }
+}
+
+/// Index of an [`Origin`] in [`Mappings`]: small enough to travel with every
+/// action.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct OriginId(pub u32);
+
+/// Where a rule was written, for `explain` and logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub location: Location,
+}
+
+impl Origin {
+    /// `file:line`, as `explain` prints it.
+    pub fn file_line(&self) -> String {
+        format!("{}:{}", display_path(&self.location.file), self.location.line)
+    }
+}
+
+fn display_path(path: &Path) -> String {
+    path.display().to_string()
+}

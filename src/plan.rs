@@ -1,0 +1,256 @@
+//! The planner: coalesces the actions of one or more transactions into one
+//! batch of Redis commands.
+//!
+//! Within a batch each key gets one command, decided by the last action on it
+//! in commit order (a refresh then a delete is a delete; a delete then a
+//! refresh is a refresh). Commands go out in a fixed order: exact deletes,
+//! pattern deletes, tag invalidations, tag patterns, then refreshes last, so
+//! that no delete of the batch can remove a value the batch just wrote. A
+//! refresh that an *later* pattern delete of the batch would have removed
+//! (TRUNCATE after an update) becomes a delete, because pattern deletes run
+//! before refreshes.
+//!
+//! **Architecture Invariant:** the planner does no IO and cannot fail.
+
+use std::fmt;
+
+use indexmap::IndexMap;
+
+use crate::change::Checkpoint;
+use crate::mapping::template::glob_matches;
+use crate::mapping::{Action, ActionKind, Mappings, OriginId, Output, Ttl};
+
+/// One Redis-level command of a plan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// `UNLINK key`.
+    Unlink { key: String, origin: OriginId },
+    /// SCAN for `pattern`, UNLINK what matches.
+    UnlinkMatching { pattern: String, origin: OriginId },
+    /// Delete the members of tag set `tag`, then the set.
+    InvalidateTag { tag: String, origin: OriginId },
+    /// Invalidate every tag set whose name matches `pattern`.
+    InvalidateTagsMatching { pattern: String, origin: OriginId },
+    /// `SET key value [EX ttl]`.
+    Set {
+        key: String,
+        value: String,
+        ttl: Option<Ttl>,
+        origin: OriginId,
+    },
+}
+
+impl Command {
+    pub fn origin(&self) -> OriginId {
+        match self {
+            Command::Unlink { origin, .. }
+            | Command::UnlinkMatching { origin, .. }
+            | Command::InvalidateTag { origin, .. }
+            | Command::InvalidateTagsMatching { origin, .. }
+            | Command::Set { origin, .. } => *origin,
+        }
+    }
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Command::Unlink { key, .. } => write!(f, "UNLINK {key}"),
+            Command::UnlinkMatching { pattern, .. } => write!(f, "UNLINK MATCH {pattern}"),
+            Command::InvalidateTag { tag, .. } => write!(f, "TAG {tag}"),
+            Command::InvalidateTagsMatching { pattern, .. } => write!(f, "TAG MATCH {pattern}"),
+            Command::Set { key, value, ttl, .. } => {
+                write!(f, "SET {key} {value}")?;
+                match ttl {
+                    Some(ttl) => write!(f, " {ttl}"),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// The commands of one batch, in the order they must be sent, and the
+/// checkpoint to acknowledge once all of them (and the broadcast) succeeded.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub commands: Vec<Command>,
+    pub checkpoint: Option<Checkpoint>,
+    /// Row changes the batch covers.
+    pub changes: u64,
+}
+
+#[derive(Debug)]
+enum KeyAction {
+    Delete(OriginId),
+    Refresh {
+        value: String,
+        ttl: Option<Ttl>,
+        origin: OriginId,
+    },
+}
+
+/// Accumulates actions in commit order; [`Planner::finish`] yields the plan.
+#[derive(Debug, Default)]
+pub struct Planner {
+    keys: IndexMap<String, KeyAction>,
+    patterns: IndexMap<String, OriginId>,
+    tags: IndexMap<String, OriginId>,
+    tag_patterns: IndexMap<String, OriginId>,
+    checkpoint: Option<Checkpoint>,
+    changes: u64,
+}
+
+impl Planner {
+    pub fn new() -> Planner {
+        Planner::default()
+    }
+
+    /// Adds the actions of one change, in the order the evaluator gave them.
+    pub fn push_change(&mut self, actions: impl IntoIterator<Item = Action>) {
+        self.changes += 1;
+        for action in actions {
+            self.push(action);
+        }
+    }
+
+    fn push(&mut self, action: Action) {
+        let origin = action.origin;
+        match action.kind {
+            ActionKind::Delete(key) => {
+                self.keys.insert(key, KeyAction::Delete(origin));
+            }
+            ActionKind::Refresh { key, value, ttl } => {
+                self.keys.insert(key, KeyAction::Refresh { value, ttl, origin });
+            }
+            ActionKind::DeleteMatching(pattern) => {
+                // Pattern deletes run before refreshes: a refresh this
+                // pattern follows in commit order must not survive it.
+                for (key, action) in &mut self.keys {
+                    if let KeyAction::Refresh { origin, .. } = action {
+                        if glob_matches(&pattern, key) {
+                            *action = KeyAction::Delete(*origin);
+                        }
+                    }
+                }
+                self.patterns.entry(pattern).or_insert(origin);
+            }
+            ActionKind::Tag(tag) => {
+                self.tags.entry(tag).or_insert(origin);
+            }
+            ActionKind::TagMatching(pattern) => {
+                self.tag_patterns.entry(pattern).or_insert(origin);
+            }
+        }
+    }
+
+    /// Marks the end of a transaction: the batch now acknowledges up to
+    /// `checkpoint`.
+    pub fn commit(&mut self, checkpoint: Checkpoint) {
+        self.checkpoint = Some(checkpoint);
+    }
+
+    /// Distinct keys, tags and patterns pending: the batch size bound.
+    pub fn len(&self) -> usize {
+        self.keys.len() + self.patterns.len() + self.tags.len() + self.tag_patterns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Takes the plan of everything pushed so far and starts afresh.
+    pub fn finish(&mut self) -> Plan {
+        let mut commands = Vec::with_capacity(self.len());
+        let mut refreshes = Vec::new();
+        for (key, action) in self.keys.drain(..) {
+            match action {
+                KeyAction::Delete(origin) => commands.push(Command::Unlink { key, origin }),
+                KeyAction::Refresh { value, ttl, origin } => refreshes.push(Command::Set {
+                    key,
+                    value,
+                    ttl,
+                    origin,
+                }),
+            }
+        }
+        let patterns = self.patterns.drain(..);
+        commands.extend(patterns.map(|(pattern, origin)| Command::UnlinkMatching { pattern, origin }));
+        commands.extend(self.tags.drain(..).map(|(tag, origin)| Command::InvalidateTag { tag, origin }));
+        let tag_patterns = self.tag_patterns.drain(..);
+        commands.extend(tag_patterns.map(|(pattern, origin)| Command::InvalidateTagsMatching { pattern, origin }));
+        commands.append(&mut refreshes);
+        Plan {
+            commands,
+            checkpoint: self.checkpoint.take(),
+            changes: std::mem::take(&mut self.changes),
+        }
+    }
+}
+
+/// Evaluates and plans a whole batch of changes at once: what `explain` and
+/// the data-driven tests use.
+pub fn plan_changes<'c>(
+    mappings: &Mappings,
+    changes: impl IntoIterator<Item = &'c crate::change::RowChange>,
+    out: &mut Output,
+) -> Plan {
+    let mut planner = Planner::new();
+    for change in changes {
+        let start = out.actions.len();
+        mappings.eval(change, out);
+        planner.push_change(out.actions.drain(start..));
+    }
+    planner.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delete(key: &str) -> Action {
+        Action {
+            kind: ActionKind::Delete(key.into()),
+            origin: OriginId(0),
+        }
+    }
+
+    fn refresh(key: &str, value: &str) -> Action {
+        Action {
+            kind: ActionKind::Refresh {
+                key: key.into(),
+                value: value.into(),
+                ttl: None,
+            },
+            origin: OriginId(0),
+        }
+    }
+
+    fn lines(plan: &Plan) -> Vec<String> {
+        plan.commands.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn last_action_on_a_key_wins() {
+        let mut planner = Planner::new();
+        planner.push_change([refresh("a", "1"), delete("b")]);
+        planner.push_change([delete("a"), refresh("b", "2")]);
+        assert_eq!(lines(&planner.finish()), ["UNLINK a", "SET b 2"]);
+        assert!(planner.is_empty());
+    }
+
+    #[test]
+    fn a_later_pattern_turns_an_earlier_refresh_into_a_delete() {
+        let mut planner = Planner::new();
+        planner.push_change([refresh("order:1", "{}"), refresh("other:1", "{}")]);
+        let pattern = Action {
+            kind: ActionKind::DeleteMatching("order:*".into()),
+            origin: OriginId(0),
+        };
+        planner.push_change([pattern]);
+        planner.push_change([refresh("order:2", "{}")]);
+        let plan = planner.finish();
+        assert_eq!(lines(&plan), ["UNLINK order:1", "UNLINK MATCH order:*", "SET other:1 {}", "SET order:2 {}"]);
+        assert_eq!(plan.changes, 3);
+    }
+}
