@@ -1,0 +1,303 @@
+//! Live checks of mappings against a database's catalog: the tables and
+//! columns exist, the tables are in the publication (with every mapped
+//! column, where the publication has column lists), and REPLICA IDENTITY
+//! sends the old values that templates read on updates and deletes.
+//!
+//! These are the checks that need a connection; everything else is checked
+//! when mappings load. Findings are [`Diagnostic`]s located at the mapping
+//! rule they concern.
+
+use std::collections::BTreeSet;
+
+use tokio_postgres::{Client, NoTls};
+
+use crate::change::Op;
+use crate::config::SecretUrl;
+use crate::mapping::{Diagnostic, Mappings, OriginId, TableMapping};
+
+/// Why the live checks could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("cannot connect to Postgres at {url}")]
+    Connect {
+        url: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("catalog query failed")]
+    Query(#[from] tokio_postgres::Error),
+}
+
+/// Connects for catalog queries; the connection task runs on the current
+/// tokio runtime until the client is dropped.
+pub async fn connect(url: &SecretUrl) -> Result<Client, CatalogError> {
+    let (client, connection) = tokio_postgres::connect(url.expose(), NoTls)
+        .await
+        .map_err(|source| CatalogError::Connect {
+            url: url.to_string(),
+            source,
+        })?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "catalog connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Runs every live check and returns what is wrong.
+pub async fn check(mappings: &Mappings, client: &Client, publication: &str) -> Result<Vec<Diagnostic>, CatalogError> {
+    let mut checker = Checker {
+        mappings,
+        client,
+        diagnostics: Vec::new(),
+    };
+    let published = checker.publication(publication).await?;
+    for mapping in mappings.tables() {
+        checker.table(mapping, publication, published).await?;
+    }
+    Ok(checker.diagnostics)
+}
+
+/// Which ops a publication publishes.
+#[derive(Clone, Copy)]
+struct PublishedOps {
+    all_tables: bool,
+    ops: [bool; 4],
+}
+
+struct Checker<'a> {
+    mappings: &'a Mappings,
+    client: &'a Client,
+    diagnostics: Vec<Diagnostic>,
+}
+
+/// What the catalog says about one table.
+struct TableFacts {
+    columns: Vec<String>,
+    replica_identity: u8,
+    identity_columns: BTreeSet<String>,
+}
+
+impl Checker<'_> {
+    fn report(&mut self, origin: OriginId, message: String, help: String) {
+        let location = self.mappings.origin(origin).location.clone();
+        self.diagnostics.push(Diagnostic::at(location, message).help(help));
+    }
+
+    async fn publication(&mut self, publication: &str) -> Result<Option<PublishedOps>, CatalogError> {
+        let row = self
+            .client
+            .query_opt(
+                "select puballtables, pubinsert, pubupdate, pubdelete, pubtruncate from pg_publication where pubname = $1",
+                &[&publication],
+            )
+            .await?;
+        let Some(row) = row else {
+            let tables: Vec<String> = self.mappings.tables().map(|m| m.table.to_string()).collect();
+            self.diagnostics.push(
+                Diagnostic::general(format!("publication `{publication}` does not exist"))
+                    .help(format!("CREATE PUBLICATION {publication} FOR TABLE {}", tables.join(", "))),
+            );
+            return Ok(None);
+        };
+        Ok(Some(PublishedOps {
+            all_tables: row.get(0),
+            ops: [row.get(1), row.get(2), row.get(3), row.get(4)],
+        }))
+    }
+
+    async fn table(
+        &mut self,
+        mapping: &TableMapping,
+        publication: &str,
+        published: Option<PublishedOps>,
+    ) -> Result<(), CatalogError> {
+        let Some(facts) = self.facts(mapping).await? else {
+            return Ok(());
+        };
+        self.columns(mapping, &facts);
+        if let Some(published) = published {
+            self.membership(mapping, publication, published).await?;
+        }
+        self.replica_identity(mapping, &facts);
+        Ok(())
+    }
+
+    async fn facts(&mut self, mapping: &TableMapping) -> Result<Option<TableFacts>, CatalogError> {
+        let (schema, name) = (&*mapping.table.schema, &*mapping.table.name);
+        let row = self
+            .client
+            .query_opt(
+                "select c.oid, c.relreplident::text from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+                 where n.nspname = $1 and c.relname = $2 and c.relkind in ('r', 'p')",
+                &[&schema, &name],
+            )
+            .await?;
+        let Some(row) = row else {
+            let help = self.near_table(schema, name).await?;
+            self.report(mapping.origin, format!("table {} does not exist", mapping.table), help);
+            return Ok(None);
+        };
+        let oid: u32 = row.get(0);
+        let replica_identity = row.get::<_, String>(1).bytes().next().unwrap_or(b'd');
+        let columns = self
+            .client
+            .query(
+                "select attname::text from pg_attribute where attrelid = $1 and attnum > 0 and not attisdropped order by attnum",
+                &[&oid],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let identity_columns = self
+            .client
+            .query(
+                "select a.attname::text from pg_index i \
+                 join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey) \
+                 where i.indrelid = $1 and (case when $2 = 'i' then i.indisreplident else i.indisprimary end)",
+                &[&oid, &char::from(replica_identity).to_string()],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        Ok(Some(TableFacts {
+            columns,
+            replica_identity,
+            identity_columns,
+        }))
+    }
+
+    async fn near_table(&self, schema: &str, name: &str) -> Result<String, CatalogError> {
+        let rows = self
+            .client
+            .query(
+                "select c.relname::text from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+                 where n.nspname = $1 and c.relkind in ('r', 'p')",
+                &[&schema],
+            )
+            .await?;
+        let names: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+        let candidates: Vec<&str> = names.iter().map(String::as_str).collect();
+        Ok(match crate::mapping::diagnostic::did_you_mean(name, &candidates) {
+            Some(near) => format!("did you mean {schema}.{near}?"),
+            None => "create the table, or fix the mapping's `name`".into(),
+        })
+    }
+
+    fn columns(&mut self, mapping: &TableMapping, facts: &TableFacts) {
+        let mut uses: Vec<(&str, OriginId)> = Vec::new();
+        for (template, origin) in mapping.templates() {
+            uses.extend(template.columns().map(|column| (column, origin)));
+        }
+        for refresh in &mapping.refresh {
+            uses.extend(refresh.columns.iter().map(|column| (&**column, refresh.origin)));
+        }
+        uses.extend(mapping.changed.iter().flatten().map(|column| (&**column, mapping.origin)));
+        uses.dedup();
+        let known: Vec<&str> = facts.columns.iter().map(String::as_str).collect();
+        for (column, origin) in uses {
+            if known.contains(&column) {
+                continue;
+            }
+            let help = match crate::mapping::diagnostic::did_you_mean(column, &known) {
+                Some(near) => format!("did you mean `{near}`?"),
+                None => format!("columns of {}: {}", mapping.table, known.join(", ")),
+            };
+            self.report(origin, format!("column `{column}` does not exist in table {}", mapping.table), help);
+        }
+    }
+
+    async fn membership(
+        &mut self,
+        mapping: &TableMapping,
+        publication: &str,
+        published: PublishedOps,
+    ) -> Result<(), CatalogError> {
+        let table = &mapping.table;
+        let row = self
+            .client
+            .query_opt(
+                "select * from pg_publication_tables where pubname = $1 and schemaname = $2 and tablename = $3",
+                &[&publication, &&*table.schema, &&*table.name],
+            )
+            .await?;
+        let Some(row) = row else {
+            let help = if published.all_tables {
+                "the publication is FOR ALL TABLES but does not include this table; check the table's schema".into()
+            } else {
+                format!("ALTER PUBLICATION {publication} ADD TABLE {table}")
+            };
+            self.report(mapping.origin, format!("table {table} is not in publication `{publication}`"), help);
+            return Ok(());
+        };
+        // PG 15 and later publish column lists; a column outside the list
+        // never reaches evictd.
+        let listed: Option<Vec<String>> = row.try_get("attnames").ok();
+        if let Some(listed) = listed {
+            let missing: Vec<&str> = mapping.columns().into_iter().filter(|c| !listed.iter().any(|l| l == c)).collect();
+            if !missing.is_empty() {
+                self.report(
+                    mapping.origin,
+                    format!(
+                        "publication `{publication}` does not publish column(s) {} of {table}",
+                        missing.join(", ")
+                    ),
+                    format!("add them to the publication's column list for {table}, or drop the column list"),
+                );
+            }
+        }
+        for (index, op) in Op::ALL.into_iter().enumerate() {
+            if mapping.on.contains(op) && !published.ops[index] {
+                self.report(
+                    mapping.origin,
+                    format!("publication `{publication}` does not publish {op}, which the mapping of {table} acts on"),
+                    format!("ALTER PUBLICATION {publication} SET (publish = 'insert, update, delete, truncate'), or remove {op} from `on`"),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn replica_identity(&mut self, mapping: &TableMapping, facts: &TableFacts) {
+        if !(mapping.on.contains(Op::Update) || mapping.on.contains(Op::Delete)) {
+            return;
+        }
+        let table = &mapping.table;
+        let fix = format!("ALTER TABLE {table} REPLICA IDENTITY FULL");
+        match facts.replica_identity {
+            b'f' => {}
+            b'n' => self.report(
+                mapping.origin,
+                format!("table {table} has REPLICA IDENTITY NOTHING: updates and deletes carry no old row"),
+                fix,
+            ),
+            b'd' if facts.identity_columns.is_empty() => self.report(
+                mapping.origin,
+                format!("table {table} has no primary key, so REPLICA IDENTITY DEFAULT sends no old row"),
+                fix,
+            ),
+            identity => {
+                let kind = if identity == b'i' { "USING INDEX" } else { "DEFAULT" };
+                for (template, origin) in mapping.templates() {
+                    let unsent: Vec<&str> = template.columns().filter(|c| !facts.identity_columns.contains(*c)).collect();
+                    if unsent.is_empty() {
+                        continue;
+                    }
+                    self.report(
+                        origin,
+                        format!(
+                            "template `{}` reads the old value of {}, which REPLICA IDENTITY {kind} of {table} does not send; \
+                             updates and deletes would fall back to a pattern delete",
+                            template.source(),
+                            unsent.join(", ")
+                        ),
+                        fix.clone(),
+                    );
+                }
+            }
+        }
+    }
+}

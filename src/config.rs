@@ -1,0 +1,419 @@
+//! `evictd.toml`, layered with `EVICTD_<SECTION>__<KEY>` environment
+//! variables.
+//!
+//! Every field is read on its own, so one run reports every problem: unknown
+//! sections and fields (with a suggestion), values of the wrong type, and
+//! values out of range, each naming the key and where it was set. URLs that
+//! may carry passwords are [`SecretUrl`]s, redacted in `Debug` and `Display`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+
+use crate::change::is_identifier;
+use crate::mapping::diagnostic::did_you_mean;
+use crate::mapping::Limits;
+
+/// The whole configuration, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub source: SourceKind,
+    pub postgres: PostgresConfig,
+    pub kafka: Option<KafkaConfig>,
+    pub redis: RedisConfig,
+    pub mappings: MappingsConfig,
+    pub batch: BatchConfig,
+    pub admin: AdminConfig,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceKind {
+    Postgres,
+    Kafka,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PostgresConfig {
+    /// Required when the source is Postgres; `check` uses it for live checks.
+    pub url: Option<SecretUrl>,
+    pub slot: String,
+    pub publication: String,
+    /// Create the slot and publication when absent.
+    pub create_slot: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub topics: Vec<String>,
+    pub group_id: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RedisConfig {
+    pub url: SecretUrl,
+    /// Prepended to every key and tag set.
+    pub prefix: String,
+    pub l1_channel: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct MappingsConfig {
+    /// Relative paths are resolved against the config file's directory.
+    pub dir: PathBuf,
+    pub limits: Limits,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchConfig {
+    /// Most distinct keys in one Redis batch.
+    pub max_keys: usize,
+    /// Longest wait for more transactions before a batch is sent.
+    pub max_wait_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  {}", .problems.join("\n  "))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+/// A URL whose password must never be printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(url::Url);
+
+impl SecretUrl {
+    pub fn parse(text: &str) -> Result<SecretUrl, String> {
+        url::Url::parse(text)
+            .map(SecretUrl)
+            .map_err(|error| format!("not a URL ({error})"))
+    }
+
+    /// The URL with its password, for connecting only.
+    pub fn expose(&self) -> &str {
+        self.0.as_str()
+    }
+
+    pub fn scheme(&self) -> &str {
+        self.0.scheme()
+    }
+
+    pub fn host(&self) -> Option<&str> {
+        self.0.host_str()
+    }
+
+    pub fn has_password(&self) -> bool {
+        self.0.password().is_some()
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut shown = self.0.clone();
+        if shown.password().is_some() {
+            // Setting a password only fails for URLs that cannot have one.
+            let _ = shown.set_password(Some("***"));
+        }
+        let mut query: Vec<(String, String)> = shown.query_pairs().into_owned().collect();
+        if query.iter().any(|(key, _)| key == "password") {
+            for (key, value) in &mut query {
+                if key == "password" {
+                    *value = "***".into();
+                }
+            }
+            shown.query_pairs_mut().clear().extend_pairs(query);
+        }
+        f.write_str(shown.as_str())
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretUrl({self})")
+    }
+}
+
+const SECTIONS: &[&str] = &["source", "postgres", "kafka", "redis", "mappings", "batch", "admin"];
+
+impl Config {
+    /// Reads `path` and the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with_env(path, None)
+    }
+
+    /// Reads `path` and `env` (instead of the process environment, when
+    /// given) as `EVICTD_*` variables.
+    pub fn load_with_env(path: &Path, env: Option<HashMap<String, String>>) -> Result<Config, ConfigError> {
+        let environment = config::Environment::with_prefix("EVICTD")
+            .prefix_separator("_")
+            .separator("__")
+            .list_separator(",")
+            .with_list_parse_key("kafka.topics")
+            .source(env);
+        let file = config::File::from(path).format(config::FileFormat::Toml);
+        let layered = config::Config::builder()
+            .add_source(file)
+            .add_source(environment)
+            .build()
+            .and_then(|layered| layered.try_deserialize::<config::Map<String, config::Value>>())
+            .map_err(|error| ConfigError {
+                problems: vec![format!("cannot read {}: {error}", path.display())],
+            })?;
+        let base_dir = path.parent().unwrap_or(Path::new("."));
+        Config::from_layers(layered, base_dir)
+    }
+
+    fn from_layers(mut root: config::Map<String, config::Value>, base_dir: &Path) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let mut unknown: Vec<String> = root.keys().filter(|key| !SECTIONS.contains(&key.as_str())).cloned().collect();
+        unknown.sort();
+        for section in unknown {
+            let help = did_you_mean(&section, SECTIONS).map_or_else(String::new, |near| format!("; did you mean [{near}]?"));
+            problems.push(format!("unknown section [{section}]{help}"));
+        }
+        let source = read_source(&mut Section::new("source", root.remove("source"), &mut problems));
+        let postgres = read_postgres(&mut Section::new("postgres", root.remove("postgres"), &mut problems), source);
+        let kafka = read_kafka(&mut Section::new("kafka", root.remove("kafka"), &mut problems), source);
+        let redis = read_redis(&mut Section::new("redis", root.remove("redis"), &mut problems));
+        let mappings = read_mappings(&mut Section::new("mappings", root.remove("mappings"), &mut problems), base_dir);
+        let batch = read_batch(&mut Section::new("batch", root.remove("batch"), &mut problems));
+        let admin = read_admin(&mut Section::new("admin", root.remove("admin"), &mut problems));
+        if !problems.is_empty() {
+            return Err(ConfigError { problems });
+        }
+        Ok(Config {
+            source: source.unwrap_or(SourceKind::Postgres),
+            postgres,
+            kafka,
+            redis,
+            mappings,
+            batch,
+            admin,
+        })
+    }
+}
+
+/// One section's fields, read one at a time so that each problem is
+/// reported; [`Drop`] reports the fields nobody read as unknown.
+struct Section<'p> {
+    name: &'static str,
+    fields: config::Map<String, config::Value>,
+    known: Vec<&'static str>,
+    present: bool,
+    problems: &'p mut Vec<String>,
+}
+
+impl<'p> Section<'p> {
+    fn new(name: &'static str, value: Option<config::Value>, problems: &'p mut Vec<String>) -> Self {
+        let present = value.is_some();
+        let fields = match value.map(config::Value::into_table) {
+            Some(Ok(fields)) => fields,
+            Some(Err(_)) => {
+                problems.push(format!("[{name}] must be a table of settings"));
+                config::Map::new()
+            }
+            None => config::Map::new(),
+        };
+        Section {
+            name,
+            fields,
+            known: Vec::new(),
+            present,
+            problems,
+        }
+    }
+
+    fn problem(&mut self, key: &str, origin: Option<&str>, message: impl fmt::Display) {
+        let origin = origin.map_or_else(String::new, |origin| format!(" (set in {origin})"));
+        self.problems.push(format!("{}.{key}: {message}{origin}", self.name));
+    }
+
+    /// The field's value if set and of the right type.
+    fn get<T: DeserializeOwned>(&mut self, key: &'static str) -> Option<(T, Option<String>)> {
+        self.known.push(key);
+        let value = self.fields.remove(key)?;
+        let origin = value.origin().map(str::to_owned);
+        match value.try_deserialize::<T>() {
+            Ok(parsed) => Some((parsed, origin)),
+            Err(error) => {
+                self.problem(key, origin.as_deref(), error);
+                None
+            }
+        }
+    }
+
+    /// The field parsed by `parse`, or `default` when unset.
+    fn parse<T, R: DeserializeOwned>(
+        &mut self,
+        key: &'static str,
+        default: T,
+        parse: impl FnOnce(R) -> Result<T, String>,
+    ) -> T {
+        match self.get::<R>(key) {
+            Some((raw, origin)) => parse(raw).unwrap_or_else(|message| {
+                self.problem(key, origin.as_deref(), message);
+                default
+            }),
+            None => default,
+        }
+    }
+
+    fn or<T: DeserializeOwned>(&mut self, key: &'static str, default: T) -> T {
+        self.parse(key, default, Ok)
+    }
+
+    fn in_range(&mut self, key: &'static str, default: u64, range: std::ops::RangeInclusive<u64>) -> u64 {
+        self.parse(key, default, |value: u64| {
+            if range.contains(&value) {
+                Ok(value)
+            } else {
+                Err(format!("{value} is out of range {}..={}", range.start(), range.end()))
+            }
+        })
+    }
+}
+
+impl Drop for Section<'_> {
+    fn drop(&mut self) {
+        let mut unknown: Vec<&String> = self.fields.keys().collect();
+        unknown.sort();
+        for key in unknown {
+            let help = did_you_mean(key, &self.known).map_or_else(String::new, |near| format!("; did you mean `{near}`?"));
+            let origin = self.fields[key].origin().map_or_else(String::new, |o| format!(" (set in {o})"));
+            self.problems.push(format!("{}.{key}: unknown field{help}{origin}", self.name));
+        }
+    }
+}
+
+fn read_source(section: &mut Section<'_>) -> Option<SourceKind> {
+    let kind = section.parse("kind", Some(SourceKind::Postgres), |kind: String| match kind.as_str() {
+        "postgres" => Ok(Some(SourceKind::Postgres)),
+        "kafka" => Ok(Some(SourceKind::Kafka)),
+        other => Err(format!("unknown source kind `{other}`; use \"postgres\" or \"kafka\"")),
+    });
+    kind
+}
+
+fn read_postgres(section: &mut Section<'_>, source: Option<SourceKind>) -> PostgresConfig {
+    let url_set = section.fields.contains_key("url");
+    let url = section.parse("url", None, |text: String| {
+        let url = SecretUrl::parse(&text)?;
+        match url.scheme() {
+            "postgres" | "postgresql" => Ok(Some(url)),
+            other => Err(format!("scheme `{other}` is not postgres:// or postgresql://")),
+        }
+    });
+    if !url_set && source == Some(SourceKind::Postgres) {
+        section.problem("url", None, "is required when source.kind = \"postgres\" (or set EVICTD_POSTGRES__URL)");
+    }
+    PostgresConfig {
+        url,
+        slot: section.parse("slot", "evictd".into(), |slot: String| {
+            let valid = !slot.is_empty()
+                && slot.len() <= 63
+                && slot.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            valid.then_some(slot).ok_or_else(|| "a slot name is 1-63 of a-z, 0-9 and _".into())
+        }),
+        publication: section.parse("publication", "evictd".into(), |name: String| {
+            if is_identifier(&name) && name.len() <= 63 {
+                Ok(name)
+            } else {
+                Err(format!("`{name}` is not a publication name (an identifier of at most 63 bytes)"))
+            }
+        }),
+        create_slot: section.or("create_slot", true),
+    }
+}
+
+fn read_kafka(section: &mut Section<'_>, source: Option<SourceKind>) -> Option<KafkaConfig> {
+    let wanted = source == Some(SourceKind::Kafka);
+    if !section.present && !wanted {
+        return None;
+    }
+    if !section.present {
+        section.problem("brokers", None, "[kafka] is required when source.kind = \"kafka\"");
+        return None;
+    }
+    let non_empty = |what: &'static str| {
+        move |text: String| if text.is_empty() { Err(format!("{what} is empty")) } else { Ok(text) }
+    };
+    let brokers_set = section.fields.contains_key("brokers");
+    let brokers = section.parse("brokers", String::new(), non_empty("the broker list"));
+    let topics = section.parse("topics", Vec::new(), |topics: Vec<String>| {
+        if topics.is_empty() || topics.iter().any(String::is_empty) {
+            Err("list at least one topic, none empty".into())
+        } else {
+            Ok(topics)
+        }
+    });
+    let group_id = section.parse("group_id", "evictd".into(), non_empty("the group id"));
+    if !brokers_set {
+        section.problem("brokers", None, "is required when source.kind = \"kafka\"");
+    }
+    Some(KafkaConfig {
+        brokers,
+        topics,
+        group_id,
+    })
+}
+
+fn read_redis(section: &mut Section<'_>) -> RedisConfig {
+    let default_url = SecretUrl::parse("redis://127.0.0.1:6379").expect("a valid default");
+    RedisConfig {
+        url: section.parse("url", default_url.clone(), |text: String| {
+            let url = SecretUrl::parse(&text)?;
+            match url.scheme() {
+                "redis" | "rediss" | "redis+cluster" | "rediss+cluster" => Ok(url),
+                other => Err(format!("scheme `{other}` is not redis://, rediss:// or redis+cluster://")),
+            }
+        }),
+        prefix: section.or("prefix", String::new()),
+        l1_channel: section.parse("l1_channel", "evictd:l1".into(), |channel: String| {
+            if channel.is_empty() {
+                Err("the channel name is empty".into())
+            } else {
+                Ok(channel)
+            }
+        }),
+    }
+}
+
+fn read_mappings(section: &mut Section<'_>, base_dir: &Path) -> MappingsConfig {
+    let dir: PathBuf = section.or("dir", PathBuf::from("mappings"));
+    let defaults = Limits::default();
+    let max_key_bytes = section.in_range("max_key_bytes", defaults.max_key_bytes as u64, 16..=1 << 20);
+    let max_keys_per_change = section.in_range("max_keys_per_change", defaults.max_keys_per_change as u64, 1..=100_000);
+    MappingsConfig {
+        dir: base_dir.join(dir),
+        limits: Limits {
+            max_key_bytes: usize::try_from(max_key_bytes).unwrap_or(usize::MAX),
+            max_keys_per_change: usize::try_from(max_keys_per_change).unwrap_or(usize::MAX),
+        },
+    }
+}
+
+fn read_batch(section: &mut Section<'_>) -> BatchConfig {
+    let max_keys = section.in_range("max_keys", 10_000, 1..=1_000_000);
+    BatchConfig {
+        max_keys: usize::try_from(max_keys).unwrap_or(usize::MAX),
+        max_wait_ms: section.in_range("max_wait_ms", 2, 0..=60_000),
+    }
+}
+
+fn read_admin(section: &mut Section<'_>) -> AdminConfig {
+    let default = SocketAddr::from(([127, 0, 0, 1], 9187));
+    AdminConfig {
+        listen: section.parse("listen", default, |text: String| {
+            text.parse().map_err(|_| format!("`{text}` is not an address like 127.0.0.1:9187"))
+        }),
+    }
+}

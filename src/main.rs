@@ -1,1 +1,273 @@
-fn main(){}
+//! The `evictd` command line. Exit codes: 0 ok, 2 bad usage, config or
+//! mappings, 1 a runtime failure.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::bail;
+use clap::{Parser, Subcommand};
+
+use evictd::change::{Datum, Op, Row, RowChange, TableName};
+use evictd::config::{Config, SecretUrl};
+use evictd::mapping::{self, Diagnostic, Limits, Mappings, NoteKind, Output};
+use evictd::plan::plan_changes;
+
+#[derive(Parser)]
+#[command(name = "evictd", version, about = "Keeps caches exact by following the database's change log")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check mappings: offline always, against the database unless --offline.
+    Check {
+        /// The evictd.toml to take the mappings directory, limits and database from.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The mappings directory (overrides the config's).
+        #[arg(long)]
+        mappings: Option<PathBuf>,
+        /// Skip the checks that need a database connection.
+        #[arg(long)]
+        offline: bool,
+        /// Database for the live checks (overrides the config's postgres.url).
+        #[arg(long, env = "EVICTD_POSTGRES__URL", hide_env_values = true)]
+        database_url: Option<String>,
+        /// Publication the mapped tables must be in (default: the config's, or "evictd").
+        #[arg(long)]
+        publication: Option<String>,
+    },
+    /// Print the commands one change produces, in the order they are sent.
+    Explain {
+        #[arg(long)]
+        mappings: PathBuf,
+        /// Table name, `table` or `schema.table`.
+        #[arg(long)]
+        table: String,
+        /// insert, update, delete or truncate.
+        #[arg(long)]
+        op: String,
+        /// The old row as a JSON object of column -> value.
+        #[arg(long)]
+        old: Option<String>,
+        /// The new row as a JSON object of column -> value.
+        #[arg(long)]
+        new: Option<String>,
+        /// A column of the new row that is an unchanged TOAST value (repeatable).
+        #[arg(long = "unchanged", value_name = "COLUMN")]
+        unchanged: Vec<String>,
+    },
+}
+
+/// A failure that exits 2 (bad usage, config or mappings) rather than 1.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check {
+            config,
+            mappings,
+            offline,
+            database_url,
+            publication,
+        } => check(CheckArgs {
+            config,
+            mappings,
+            offline,
+            database_url,
+            publication,
+        }),
+        Command::Explain {
+            mappings,
+            table,
+            op,
+            old,
+            new,
+            unchanged,
+        } => explain(&mappings, &table, &op, old.as_deref(), new.as_deref(), &unchanged),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            if error.is::<UsageError>() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EVICTD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+struct CheckArgs {
+    config: Option<PathBuf>,
+    mappings: Option<PathBuf>,
+    offline: bool,
+    database_url: Option<String>,
+    publication: Option<String>,
+}
+
+fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let config = match &args.config {
+        Some(path) => Some(Config::load(path).map_err(|error| UsageError(error.to_string()))?),
+        None => None,
+    };
+    let dir = match (&args.mappings, &config) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(config)) => config.mappings.dir.clone(),
+        (None, None) => bail!(UsageError("give --config FILE or --mappings DIR".into())),
+    };
+    let limits = config.as_ref().map_or_else(Limits::default, |c| c.mappings.limits);
+    let mappings = match mapping::load_dir(&dir, limits) {
+        Ok(mappings) => mappings,
+        Err(diagnostics) => return Ok(report(&diagnostics)),
+    };
+    let url = match (&args.database_url, &config) {
+        (Some(url), _) => Some(SecretUrl::parse(url).map_err(|e| UsageError(format!("--database-url: {e}")))?),
+        (None, Some(config)) => config.postgres.url.clone(),
+        (None, None) => None,
+    };
+    let summary = format!("{} table(s) mapped in {} file(s)", mappings.tables().count(), mappings.file_count());
+    let url = match url {
+        Some(url) if !args.offline => url,
+        _ => {
+            if !args.offline {
+                eprintln!("note: live checks skipped: no database URL (give --config or --database-url, or --offline)");
+            }
+            println!("ok: {summary} (offline checks)");
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    let publication = args
+        .publication
+        .or_else(|| config.map(|c| c.postgres.publication))
+        .unwrap_or_else(|| "evictd".into());
+    let diagnostics = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(live_check(&mappings, &url, &publication))?;
+    if !diagnostics.is_empty() {
+        return Ok(report(&diagnostics));
+    }
+    println!("ok: {summary}, checked against the database");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn live_check(mappings: &Mappings, url: &SecretUrl, publication: &str) -> anyhow::Result<Vec<Diagnostic>> {
+    let client = evictd::catalog::connect(url).await?;
+    Ok(evictd::catalog::check(mappings, &client, publication).await?)
+}
+
+/// Prints every problem and returns exit code 2.
+fn report(diagnostics: &[Diagnostic]) -> ExitCode {
+    for diagnostic in diagnostics {
+        println!("{diagnostic}");
+    }
+    let count = diagnostics.len();
+    println!("{count} problem{} found", if count == 1 { "" } else { "s" });
+    ExitCode::from(2)
+}
+
+fn explain(
+    dir: &Path,
+    table: &str,
+    op: &str,
+    old: Option<&str>,
+    new: Option<&str>,
+    unchanged: &[String],
+) -> anyhow::Result<ExitCode> {
+    let mappings = match mapping::load_dir(dir, Limits::default()) {
+        Ok(mappings) => mappings,
+        Err(diagnostics) => return Ok(report(&diagnostics)),
+    };
+    let table = TableName::parse(table).map_err(|e| UsageError(format!("--table: {e}")))?;
+    let op = Op::parse(op).ok_or_else(|| UsageError(format!("--op: unknown op `{op}`; use insert, update, delete or truncate")))?;
+    let old = old.map(|json| row_from_json("--old", json, &[])).transpose()?;
+    let new = new.map(|json| row_from_json("--new", json, unchanged)).transpose()?;
+    match (op, &old, &new) {
+        (Op::Insert | Op::Update, _, None) => bail!(UsageError(format!("--op {op} needs --new"))),
+        (Op::Delete, None, _) => bail!(UsageError("--op delete needs --old".into())),
+        (Op::Update, None, _) => eprintln!("note: no --old: the old row is unknown, as under REPLICA IDENTITY DEFAULT"),
+        _ => {}
+    }
+    let change = RowChange {
+        table: Arc::new(table),
+        op,
+        old,
+        new,
+    };
+    let mut out = Output::with_notes();
+    let plan = plan_changes(&mappings, [&change], &mut out);
+    for note in &out.notes {
+        eprintln!("note: {}", describe(&mappings, &change, &note.kind));
+    }
+    for command in &plan.commands {
+        println!("{command}  # {}", mappings.origin(command.origin()).file_line());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn describe(mappings: &Mappings, change: &RowChange, note: &NoteKind) -> String {
+    match note {
+        NoteKind::Unmapped => {
+            let tables: Vec<String> = mappings.tables().map(|t| t.table.to_string()).collect();
+            format!("{} is not mapped (mapped: {})", change.table, tables.join(", "))
+        }
+        NoteKind::OpNotMapped(op) => format!("{op} is not in the mapping's `on`"),
+        NoteKind::Unchanged => "the update changes none of the `changed` columns".into(),
+        NoteKind::NullPlaceholder { template, column } => format!("`{template}` skipped: {column} is NULL"),
+        NoteKind::Unavailable { template, column } => {
+            format!("`{template}`: the value of {column} is not known, so a pattern is deleted")
+        }
+        NoteKind::KeyTooLong { template, bytes } => {
+            format!("`{template}` rendered {bytes} bytes, over max_key_bytes: a pattern is deleted")
+        }
+        NoteKind::RefreshFallback { key, column } => {
+            format!("refresh of {key} deletes it instead: {column} is not known (unchanged TOAST)")
+        }
+    }
+}
+
+/// A row from a JSON object; `unchanged` columns become unchanged TOAST.
+fn row_from_json(flag: &str, json: &str, unchanged: &[String]) -> anyhow::Result<Row> {
+    let value: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| UsageError(format!("{flag}: not JSON: {e}")))?;
+    let serde_json::Value::Object(object) = value else {
+        bail!(UsageError(format!("{flag}: expected a JSON object of column -> value")));
+    };
+    let mut pairs: Vec<(String, Datum)> = object
+        .into_iter()
+        .map(|(column, value)| (column, datum_from_json(value)))
+        .collect();
+    for column in unchanged {
+        match pairs.iter_mut().find(|(name, _)| name == column) {
+            Some((_, datum)) => *datum = Datum::UnchangedToast,
+            None => pairs.push((column.clone(), Datum::UnchangedToast)),
+        }
+    }
+    Ok(Row::from_pairs(pairs.iter().map(|(name, datum)| (name.as_str(), datum.clone()))))
+}
+
+fn datum_from_json(value: serde_json::Value) -> Datum {
+    match value {
+        serde_json::Value::Null => Datum::Null,
+        serde_json::Value::Bool(value) => Datum::Bool(value),
+        serde_json::Value::Number(number) => Datum::Number(number.to_string().into()),
+        serde_json::Value::String(text) => Datum::Text(text.into()),
+        other => Datum::Json(other.to_string().into()),
+    }
+}
+
