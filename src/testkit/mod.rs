@@ -1,0 +1,50 @@
+//! Throwaway Postgres and Redis for integration tests: ours, and those of
+//! applications that want to replay the WAL against their own mappings.
+//!
+//! Servers run from the machine's binaries on random free ports, in
+//! temporary directories. Whatever happens to the test process, a reaper
+//! process stops them and removes their directories (see [`reaper`]).
+//!
+//! Enabled by the `testkit` cargo feature.
+
+mod postgres;
+pub mod reaper;
+mod redis;
+
+pub use postgres::Postgres;
+pub use redis::{ping as redis_ping, Redis};
+
+/// Why a throwaway server could not be started or used.
+#[derive(Debug, thiserror::Error)]
+pub enum TestkitError {
+    #[error("cannot {what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Start(String),
+    #[error("postgres")]
+    Postgres(#[source] tokio_postgres::Error),
+}
+
+impl TestkitError {
+    fn io(what: &str, source: std::io::Error) -> TestkitError {
+        TestkitError::Io {
+            what: what.to_owned(),
+            source,
+        }
+    }
+}
+
+/// A TCP port that was free a moment ago.
+fn free_port() -> Result<u16, TestkitError> {
+    let listener =
+        std::net::TcpListener::bind(("127.0.0.1", 0)).map_err(|e| TestkitError::io("find a free port", e))?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| TestkitError::io("find a free port", e))?
+        .port();
+    Ok(port)
+}

@@ -1,0 +1,244 @@
+//! A throwaway Postgres: `initdb` in a temporary directory, `wal_level =
+//! logical`, a random free port, fsync off. When the current user is root,
+//! initdb and the server run as the `postgres` OS user (initdb refuses root).
+
+use std::fs;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use super::{free_port, reaper, TestkitError};
+
+/// A running throwaway Postgres server; stopped and removed on drop, and by
+/// the reaper if this process dies first.
+pub struct Postgres {
+    dir: TempDir,
+    port: u16,
+    child: Child,
+    postmaster_pid: u32,
+    bin_dir: PathBuf,
+}
+
+impl Postgres {
+    /// Starts a new server. Takes a few seconds (initdb).
+    pub fn start() -> Result<Postgres, TestkitError> {
+        let bin_dir = bin_dir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("evictd-pg-")
+            .tempdir()
+            .map_err(|e| TestkitError::io("create a temporary directory", e))?;
+        reaper::reap_dir(dir.path());
+        let as_postgres = running_as_root();
+        if as_postgres {
+            run(Command::new("chown").arg("postgres:postgres").arg(dir.path()), "chown the data directory")?;
+        }
+        let data = dir.path().join("data");
+        let mut initdb = command(&bin_dir, "initdb", as_postgres);
+        initdb
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"]);
+        run(&mut initdb, "initdb")?;
+        let mut last_error = None;
+        for _ in 0..3 {
+            let port = free_port()?;
+            match Postgres::spawn(&bin_dir, dir.path(), port, as_postgres) {
+                Ok((child, postmaster_pid)) => {
+                    return Ok(Postgres {
+                        dir,
+                        port,
+                        child,
+                        postmaster_pid,
+                        bin_dir,
+                    })
+                }
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(last_error.expect("three attempts"))
+    }
+
+    fn spawn(bin_dir: &Path, dir: &Path, port: u16, as_postgres: bool) -> Result<(Child, u32), TestkitError> {
+        let log_path = dir.join("postgres.log");
+        let log = fs::File::create(&log_path).map_err(|e| TestkitError::io("create the server log", e))?;
+        let log_err = log.try_clone().map_err(|e| TestkitError::io("open the server log", e))?;
+        if as_postgres {
+            run(Command::new("chown").arg("postgres:postgres").arg(&log_path), "chown the log")?;
+        }
+        let mut server = command(bin_dir, "postgres", as_postgres);
+        server
+            .arg("-D")
+            .arg(dir.join("data"))
+            .arg("-p")
+            .arg(port.to_string())
+            .arg("-c")
+            .arg(format!("unix_socket_directories={}", dir.display()))
+            .args(SETTINGS.iter().flat_map(|setting| ["-c", setting]))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .process_group(0);
+        let mut child = server.spawn().map_err(|e| TestkitError::io("start postgres", e))?;
+        reaper::reap_group(child.id());
+        let pid_file = dir.join("data").join("postmaster.pid");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(text) = fs::read_to_string(&pid_file) {
+                let lines: Vec<&str> = text.lines().collect();
+                if lines.len() >= 8 && lines[7].trim() == "ready" {
+                    let pid = lines[0].trim().parse().unwrap_or(child.id());
+                    reaper::reap_pid(pid);
+                    return Ok((child, pid));
+                }
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = fs::read_to_string(&log_path).unwrap_or_default();
+                return Err(TestkitError::Start(format!("postgres exited with {status}:\n{log}")));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err(TestkitError::Start("postgres did not become ready in 60 s".into()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A connection URL for `database` as the superuser `postgres`.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// The directory of the server's binaries (pg_recvlogical, pgbench, ...).
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin_dir
+    }
+
+    pub fn postmaster_pid(&self) -> u32 {
+        self.postmaster_pid
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Creates a fresh, uniquely named database and returns its name.
+    pub async fn create_database(&self) -> Result<String, TestkitError> {
+        static NEXT: AtomicU32 = AtomicU32::new(1);
+        let name = format!("t{}_{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let (client, connection) = tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls)
+            .await
+            .map_err(TestkitError::Postgres)?;
+        let task = tokio::spawn(connection);
+        client
+            .batch_execute(&format!("create database {name}"))
+            .await
+            .map_err(TestkitError::Postgres)?;
+        drop(client);
+        let _ = task.await;
+        Ok(name)
+    }
+}
+
+/// Settings for a fast, disposable, replication-capable server.
+const SETTINGS: &[&str] = &[
+    "listen_addresses=127.0.0.1",
+    "wal_level=logical",
+    "max_wal_senders=32",
+    "max_replication_slots=32",
+    "max_connections=200",
+    "fsync=off",
+    "synchronous_commit=off",
+    "full_page_writes=off",
+    "logical_decoding_work_mem=64kB",
+];
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // SIGQUIT: immediate shutdown, which also ends every backend.
+        let _ = Command::new("kill")
+            .args(["-QUIT", &self.postmaster_pid.to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn running_as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
+}
+
+fn command(bin_dir: &Path, program: &str, as_postgres: bool) -> Command {
+    let program = bin_dir.join(program);
+    if as_postgres {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(program);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
+fn run(command: &mut Command, what: &str) -> Result<(), TestkitError> {
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| TestkitError::io(what, e))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(TestkitError::Start(format!(
+            "{what} failed with {}: {}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )))
+    }
+}
+
+/// Where the Postgres server binaries are: `$EVICTD_PG_BINDIR`, else
+/// `pg_config --bindir`, else the newest `/usr/lib/postgresql/*/bin`.
+fn bin_dir() -> Result<PathBuf, TestkitError> {
+    if let Some(dir) = std::env::var_os("EVICTD_PG_BINDIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    if let Ok(output) = Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+        if dir.join("postgres").exists() && dir.join("initdb").exists() {
+            return Ok(dir);
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("postgres").exists().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, dir)| dir).ok_or_else(|| {
+        TestkitError::Start(
+            "no Postgres server binaries found: install postgresql (scripts/bootstrap) or set EVICTD_PG_BINDIR".into(),
+        )
+    })
+}
