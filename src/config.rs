@@ -164,15 +164,27 @@ impl Config {
             .add_source(file)
             .add_source(environment)
             .build()
-            .and_then(|layered| layered.try_deserialize::<config::Map<String, config::Value>>())
             .map_err(|error| ConfigError {
                 problems: vec![format!("cannot read {}: {error}", path.display())],
             })?;
-        let base_dir = path.parent().unwrap_or(Path::new("."));
-        Config::from_layers(layered, base_dir)
+        // `get` keeps each value's origin (the file); deserializing the whole
+        // tree would drop it. The tree is only used for the section names.
+        let names = layered.clone().try_deserialize::<config::Map<String, config::Value>>();
+        let layered: config::Map<String, config::Value> = names
+            .into_iter()
+            .flat_map(config::Map::into_keys)
+            .map(|name| {
+                let value = match layered.get_table(&name) {
+                    Ok(table) => config::Value::from(table),
+                    Err(_) => config::Value::from(""),
+                };
+                (name, value)
+            })
+            .collect();
+        Config::from_layers(layered, path)
     }
 
-    fn from_layers(mut root: config::Map<String, config::Value>, base_dir: &Path) -> Result<Config, ConfigError> {
+    fn from_layers(mut root: config::Map<String, config::Value>, file: &Path) -> Result<Config, ConfigError> {
         let mut problems = Vec::new();
         let mut unknown: Vec<String> = root.keys().filter(|key| !SECTIONS.contains(&key.as_str())).cloned().collect();
         unknown.sort();
@@ -180,13 +192,13 @@ impl Config {
             let help = did_you_mean(&section, SECTIONS).map_or_else(String::new, |near| format!("; did you mean [{near}]?"));
             problems.push(format!("unknown section [{section}]{help}"));
         }
-        let source = read_source(&mut Section::new("source", root.remove("source"), &mut problems));
-        let postgres = read_postgres(&mut Section::new("postgres", root.remove("postgres"), &mut problems), source);
-        let kafka = read_kafka(&mut Section::new("kafka", root.remove("kafka"), &mut problems), source);
-        let redis = read_redis(&mut Section::new("redis", root.remove("redis"), &mut problems));
-        let mappings = read_mappings(&mut Section::new("mappings", root.remove("mappings"), &mut problems), base_dir);
-        let batch = read_batch(&mut Section::new("batch", root.remove("batch"), &mut problems));
-        let admin = read_admin(&mut Section::new("admin", root.remove("admin"), &mut problems));
+        let source = read_source(&mut Section::new("source", file, root.remove("source"), &mut problems));
+        let postgres = read_postgres(&mut Section::new("postgres", file, root.remove("postgres"), &mut problems), source);
+        let kafka = read_kafka(&mut Section::new("kafka", file, root.remove("kafka"), &mut problems), source);
+        let redis = read_redis(&mut Section::new("redis", file, root.remove("redis"), &mut problems));
+        let mappings = read_mappings(&mut Section::new("mappings", file, root.remove("mappings"), &mut problems), file.parent().unwrap_or(Path::new(".")));
+        let batch = read_batch(&mut Section::new("batch", file, root.remove("batch"), &mut problems));
+        let admin = read_admin(&mut Section::new("admin", file, root.remove("admin"), &mut problems));
         if !problems.is_empty() {
             return Err(ConfigError { problems });
         }
@@ -206,6 +218,8 @@ impl Config {
 /// reported; [`Drop`] reports the fields nobody read as unknown.
 struct Section<'p> {
     name: &'static str,
+    /// The config file as the user named it.
+    file: String,
     fields: config::Map<String, config::Value>,
     known: Vec<&'static str>,
     present: bool,
@@ -213,7 +227,7 @@ struct Section<'p> {
 }
 
 impl<'p> Section<'p> {
-    fn new(name: &'static str, value: Option<config::Value>, problems: &'p mut Vec<String>) -> Self {
+    fn new(name: &'static str, file: &Path, value: Option<config::Value>, problems: &'p mut Vec<String>) -> Self {
         let present = value.is_some();
         let fields = match value.map(config::Value::into_table) {
             Some(Ok(fields)) => fields,
@@ -225,6 +239,7 @@ impl<'p> Section<'p> {
         };
         Section {
             name,
+            file: file.display().to_string(),
             fields,
             known: Vec::new(),
             present,
@@ -237,15 +252,26 @@ impl<'p> Section<'p> {
         self.problems.push(format!("{}.{key}: {message}{origin}", self.name));
     }
 
+    /// The file a value was read from, or else its environment variable.
+    fn origin_of(&self, key: &str, value: &config::Value) -> String {
+        match value.origin() {
+            Some(origin) if origin != "the environment" => self.file.clone(),
+            _ => format!("EVICTD_{}__{}", self.name.to_uppercase(), key.to_uppercase()),
+        }
+    }
+
     /// The field's value if set and of the right type.
     fn get<T: DeserializeOwned>(&mut self, key: &'static str) -> Option<(T, Option<String>)> {
         self.known.push(key);
         let value = self.fields.remove(key)?;
-        let origin = value.origin().map(str::to_owned);
+        let origin = Some(self.origin_of(key, &value));
+        let raw_origin = value.origin().map(|o| format!(" in {o}")).unwrap_or_default();
         match value.try_deserialize::<T>() {
             Ok(parsed) => Some((parsed, origin)),
             Err(error) => {
-                self.problem(key, origin.as_deref(), error);
+                // The error names the origin as config saw it; we name it below.
+                let message = error.to_string().replace(&raw_origin, "");
+                self.problem(key, origin.as_deref(), message);
                 None
             }
         }
@@ -288,7 +314,7 @@ impl Drop for Section<'_> {
         unknown.sort();
         for key in unknown {
             let help = did_you_mean(key, &self.known).map_or_else(String::new, |near| format!("; did you mean `{near}`?"));
-            let origin = self.fields[key].origin().map_or_else(String::new, |o| format!(" (set in {o})"));
+            let origin = format!(" (set in {})", self.origin_of(key, &self.fields[key]));
             self.problems.push(format!("{}.{key}: unknown field{help}{origin}", self.name));
         }
     }

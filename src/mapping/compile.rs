@@ -6,7 +6,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::diagnostic::{did_you_mean, Diagnostic, SourceFile};
+use super::diagnostic::{did_you_mean, Diagnostic, Location, SourceFile};
 use super::spec::{self, Located, RefreshSpec, TableSpec};
 use super::template::Template;
 use super::{Mappings, Origin, OriginId, Refresh, Rule, TableMapping, Ttl};
@@ -84,6 +84,7 @@ pub fn load_str(path: &str, text: &str, limits: Limits) -> Result<Mappings, Vec<
 pub fn load_files(files: &[(PathBuf, String)], limits: Limits) -> Result<Mappings, Vec<Diagnostic>> {
     let mut builder = Builder {
         tables: HashMap::new(),
+        seen: HashMap::new(),
         origins: Vec::new(),
         diagnostics: Vec::new(),
         limits,
@@ -103,12 +104,16 @@ pub fn load_files(files: &[(PathBuf, String)], limits: Limits) -> Result<Mapping
             limits,
         })
     } else {
-        Err(builder.diagnostics)
+        let mut diagnostics = builder.diagnostics;
+        diagnostics.sort_by_key(|d| d.location.as_ref().map(|l| (l.file.clone(), l.line, l.column)));
+        Err(diagnostics)
     }
 }
 
 struct Builder {
     tables: HashMap<TableName, TableMapping>,
+    /// Where each table was first named, for duplicate reports.
+    seen: HashMap<TableName, Location>,
     origins: Vec<Origin>,
     diagnostics: Vec<Diagnostic>,
     limits: Limits,
@@ -128,19 +133,10 @@ impl Builder {
             builder: self,
             file,
         };
+        scope.duplicate(spec);
         if let Some(mapping) = scope.table(spec) {
             let table = mapping.table.as_ref().clone();
-            if let Some(first) = scope.builder.tables.get(&table) {
-                let first = scope.builder.origins[first.origin.0 as usize].location.clone();
-                let name = spec.name.as_ref().map_or(spec.span.start, |n| n.span.start);
-                scope.error(
-                    name,
-                    format!("table {table} is mapped twice; first at {first}"),
-                    "merge the two [[table]] entries into one",
-                );
-            } else {
-                scope.builder.tables.insert(table, mapping);
-            }
+            scope.builder.tables.insert(table, mapping);
         }
     }
 }
@@ -157,6 +153,27 @@ impl FileScope<'_, '_> {
         let id = u32::try_from(self.builder.origins.len()).expect("fewer than 2^32 rules");
         self.builder.origins.push(Origin { location });
         OriginId(id)
+    }
+
+    /// Reports a table mapped a second time (whether or not either entry
+    /// has other problems).
+    fn duplicate(&mut self, spec: &TableSpec) {
+        let Some(name) = &spec.name else {
+            return;
+        };
+        let Ok(table) = TableName::parse(&name.value) else {
+            return;
+        };
+        let location = self.file.locate(name.span.start);
+        match self.builder.seen.get(&table) {
+            Some(first) => {
+                let message = format!("table {table} is mapped twice; first at {first}");
+                self.error(name.span.start, message, "merge the two [[table]] entries into one");
+            }
+            None => {
+                self.builder.seen.insert(table, location);
+            }
+        }
     }
 
     fn table(&mut self, spec: &TableSpec) -> Option<TableMapping> {
@@ -181,7 +198,7 @@ impl FileScope<'_, '_> {
         let keys = self.rules(&spec.keys, "keys");
         let tags = self.rules(&spec.tags, "tags");
         let refresh: Vec<Refresh> = spec.refresh.iter().filter_map(|r| self.refresh(r, &spec.keys)).collect();
-        if spec.keys.is_empty() && spec.tags.is_empty() && spec.refresh.is_empty() {
+        if spec.keys.is_empty() && spec.tags.is_empty() && spec.refresh.is_empty() && !spec.malformed {
             self.error(
                 name.span.start,
                 format!("table {table} maps nothing"),

@@ -29,6 +29,9 @@ pub struct TableSpec {
     pub on: Option<Located<Vec<Located<String>>>>,
     pub changed: Option<Located<Vec<Located<String>>>>,
     pub refresh: Vec<RefreshSpec>,
+    /// A field had the wrong type (already reported): checks that depend on
+    /// what the entry holds as a whole are skipped.
+    pub malformed: bool,
 }
 
 /// One `[[table.refresh]]` entry.
@@ -115,7 +118,9 @@ impl Reader<'_, '_> {
             on: None,
             changed: None,
             refresh: Vec::new(),
+            malformed: false,
         };
+        let errors_before = self.diagnostics.len();
         for (key, value) in table.iter() {
             match key.get_ref().as_ref() {
                 "name" => spec.name = self.string(key, value),
@@ -127,6 +132,7 @@ impl Reader<'_, '_> {
                 _ => self.unknown_field(key, TABLE_FIELDS, "in [[table]]"),
             }
         }
+        spec.malformed = self.diagnostics.len() > errors_before;
         spec
     }
 

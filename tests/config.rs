@@ -1,0 +1,121 @@
+//! Config loading: layering with the environment, every problem at once,
+//! secrets redacted.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use evictd::config::{Config, SourceKind};
+
+fn write(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("evictd.toml");
+    std::fs::write(&path, text).expect("write config");
+    (dir, path)
+}
+
+fn env(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
+    Some(pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect())
+}
+
+#[test]
+fn the_example_config_loads_with_its_defaults() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("evictd.example.toml");
+    let config = Config::load_with_env(&path, env(&[])).expect("example config is valid");
+    assert_eq!(config.source, SourceKind::Postgres);
+    assert_eq!(config.postgres.slot, "evictd");
+    assert_eq!(config.batch.max_keys, 10_000);
+    assert_eq!(config.batch.max_wait_ms, 2);
+    assert_eq!(config.mappings.dir, Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings"));
+    assert_eq!(config.mappings.limits.max_key_bytes, 1024);
+    assert_eq!(config.admin.listen.to_string(), "127.0.0.1:9187");
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    let (_dir, path) = write("[postgres]\nurl = \"postgres://a@h/db\"\n[batch]\nmax_keys = 5\n");
+    let config = Config::load_with_env(
+        &path,
+        env(&[
+            ("EVICTD_POSTGRES__URL", "postgres://evictd:hunter2@db.internal:5433/app"),
+            ("EVICTD_BATCH__MAX_WAIT_MS", "7"),
+            ("EVICTD_REDIS__PREFIX", "app1:"),
+        ]),
+    )
+    .expect("valid");
+    assert_eq!(
+        config.postgres.url.as_ref().map(|u| u.expose().to_owned()).as_deref(),
+        Some("postgres://evictd:hunter2@db.internal:5433/app")
+    );
+    assert_eq!(config.batch.max_keys, 5);
+    assert_eq!(config.batch.max_wait_ms, 7);
+    assert_eq!(config.redis.prefix, "app1:");
+}
+
+#[test]
+fn passwords_are_redacted_in_debug_and_display() {
+    let (_dir, path) = write("[postgres]\nurl = \"postgres://evictd:hunter2@db/app?password=hunter3\"\n[redis]\nurl = \"redis://:s3cret@cache:6379\"\n");
+    let config = Config::load_with_env(&path, env(&[])).expect("valid");
+    let debug = format!("{config:?}");
+    for secret in ["hunter2", "hunter3", "s3cret"] {
+        assert!(!debug.contains(secret), "{secret} leaked: {debug}");
+    }
+    assert!(debug.contains("postgres://evictd:***@db/app?password=***"), "{debug}");
+    assert_eq!(config.redis.url.to_string(), "redis://:***@cache:6379");
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let (_dir, path) = write(
+        "[source]\nkind = \"mysql\"\n\
+         [postgres]\nurl = \"http://x\"\nslto = \"a\"\nslot = \"Bad-Slot\"\n\
+         [redis]\nurl = \"redis://x\"\n\
+         [batch]\nmax_keys = 0\nmax_wait_ms = \"soon\"\n\
+         [admin]\nlisten = \"everywhere\"\n\
+         [metrics]\nx = 1\n",
+    );
+    let error = Config::load_with_env(&path, env(&[("EVICTD_MAPPINGS__MAX_KEY_BYTES", "3")])).expect_err("invalid");
+    let origin = format!(" (set in {})", path.display());
+    let strip = |p: &String| p.replace(&origin, "");
+    let problems: Vec<String> = error.problems.iter().map(strip).collect();
+    assert_eq!(
+        problems,
+        [
+            "unknown section [metrics]",
+            "source.kind: unknown source kind `mysql`; use \"postgres\" or \"kafka\"",
+            "postgres.url: scheme `http` is not postgres:// or postgresql://",
+            "postgres.slot: a slot name is 1-63 of a-z, 0-9 and _",
+            "postgres.slto: unknown field; did you mean `slot`?",
+            "mappings.max_key_bytes: 3 is out of range 16..=1048576 (set in EVICTD_MAPPINGS__MAX_KEY_BYTES)",
+            "batch.max_keys: 0 is out of range 1..=1000000",
+            "batch.max_wait_ms: invalid type: string \"soon\", expected an integer",
+            "admin.listen: `everywhere` is not an address like 127.0.0.1:9187",
+        ],
+        "{error}"
+    );
+}
+
+#[test]
+fn postgres_url_is_required_for_the_postgres_source() {
+    let (_dir, path) = write("[source]\nkind = \"postgres\"\n");
+    let error = Config::load_with_env(&path, env(&[])).expect_err("no url");
+    assert_eq!(
+        error.problems,
+        ["postgres.url: is required when source.kind = \"postgres\" (or set EVICTD_POSTGRES__URL)"]
+    );
+}
+
+#[test]
+fn kafka_source_needs_its_section() {
+    let (_dir, path) = write("[source]\nkind = \"kafka\"\n");
+    let error = Config::load_with_env(&path, env(&[])).expect_err("no kafka section");
+    assert_eq!(error.problems, ["kafka.brokers: [kafka] is required when source.kind = \"kafka\""]);
+    let (_dir, path) = write("[source]\nkind = \"kafka\"\n[kafka]\nbrokers = \"b:9092\"\ntopics = [\"t1\", \"t2\"]\n");
+    let config = Config::load_with_env(&path, env(&[])).expect("valid kafka config");
+    assert_eq!(config.kafka.expect("kafka").topics, ["t1", "t2"]);
+}
+
+#[test]
+fn a_missing_file_is_a_clear_error() {
+    let error = Config::load_with_env(Path::new("/nonexistent/evictd.toml"), env(&[])).expect_err("missing");
+    assert!(error.problems[0].starts_with("cannot read /nonexistent/evictd.toml"), "{error}");
+}
