@@ -118,7 +118,7 @@ impl Checker<'_> {
         };
         self.columns(mapping, &facts);
         if let Some(published) = published {
-            self.membership(mapping, publication, published).await?;
+            self.membership(mapping, &facts, publication, published).await?;
         }
         self.replica_identity(mapping, &facts);
         Ok(())
@@ -213,6 +213,7 @@ impl Checker<'_> {
     async fn membership(
         &mut self,
         mapping: &TableMapping,
+        facts: &TableFacts,
         publication: &str,
         published: PublishedOps,
     ) -> Result<(), CatalogError> {
@@ -237,7 +238,10 @@ impl Checker<'_> {
         // never reaches evictd.
         let listed: Option<Vec<String>> = row.try_get("attnames").ok();
         if let Some(listed) = listed {
-            let missing: Vec<&str> = mapping.columns().into_iter().filter(|c| !listed.iter().any(|l| l == c)).collect();
+            // Columns that do not exist at all were reported already.
+            let exists = |column: &&str| facts.columns.iter().any(|c| c == column);
+            let unlisted = |column: &&str| !listed.iter().any(|l| l == column);
+            let missing: Vec<&str> = mapping.columns().into_iter().filter(exists).filter(unlisted).collect();
             if !missing.is_empty() {
                 self.report(
                     mapping.origin,
