@@ -31,12 +31,13 @@ pub enum CatalogError {
 /// Connects for catalog queries; the connection task runs on the current
 /// tokio runtime until the client is dropped.
 pub async fn connect(url: &SecretUrl) -> Result<Client, CatalogError> {
-    let (client, connection) = tokio_postgres::connect(url.expose(), NoTls)
-        .await
-        .map_err(|source| CatalogError::Connect {
-            url: url.to_string(),
-            source,
-        })?;
+    let (client, connection) =
+        tokio_postgres::connect(url.expose(), NoTls)
+            .await
+            .map_err(|source| CatalogError::Connect {
+                url: url.to_string(),
+                source,
+            })?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(%error, "catalog connection closed");
@@ -46,7 +47,11 @@ pub async fn connect(url: &SecretUrl) -> Result<Client, CatalogError> {
 }
 
 /// Runs every live check and returns what is wrong.
-pub async fn check(mappings: &Mappings, client: &Client, publication: &str) -> Result<Vec<Diagnostic>, CatalogError> {
+pub async fn check(
+    mappings: &Mappings,
+    client: &Client,
+    publication: &str,
+) -> Result<Vec<Diagnostic>, CatalogError> {
     let mut checker = Checker {
         mappings,
         client,
@@ -82,10 +87,14 @@ struct TableFacts {
 impl Checker<'_> {
     fn report(&mut self, origin: OriginId, message: String, help: String) {
         let location = self.mappings.origin(origin).location.clone();
-        self.diagnostics.push(Diagnostic::at(location, message).help(help));
+        self.diagnostics
+            .push(Diagnostic::at(location, message).help(help));
     }
 
-    async fn publication(&mut self, publication: &str) -> Result<Option<PublishedOps>, CatalogError> {
+    async fn publication(
+        &mut self,
+        publication: &str,
+    ) -> Result<Option<PublishedOps>, CatalogError> {
         let row = self
             .client
             .query_opt(
@@ -94,10 +103,18 @@ impl Checker<'_> {
             )
             .await?;
         let Some(row) = row else {
-            let tables: Vec<String> = self.mappings.tables().map(|m| m.table.to_string()).collect();
+            let tables: Vec<String> = self
+                .mappings
+                .tables()
+                .map(|m| m.table.to_string())
+                .collect();
             self.diagnostics.push(
-                Diagnostic::general(format!("publication `{publication}` does not exist"))
-                    .help(format!("CREATE PUBLICATION {publication} FOR TABLE {}", tables.join(", "))),
+                Diagnostic::general(format!("publication `{publication}` does not exist")).help(
+                    format!(
+                        "CREATE PUBLICATION {publication} FOR TABLE {}",
+                        tables.join(", ")
+                    ),
+                ),
             );
             return Ok(None);
         };
@@ -118,7 +135,8 @@ impl Checker<'_> {
         };
         self.columns(mapping, &facts);
         if let Some(published) = published {
-            self.membership(mapping, &facts, publication, published).await?;
+            self.membership(mapping, &facts, publication, published)
+                .await?;
         }
         self.replica_identity(mapping, &facts);
         Ok(())
@@ -136,7 +154,11 @@ impl Checker<'_> {
             .await?;
         let Some(row) = row else {
             let help = self.near_table(schema, name).await?;
-            self.report(mapping.origin, format!("table {} does not exist", mapping.table), help);
+            self.report(
+                mapping.origin,
+                format!("table {} does not exist", mapping.table),
+                help,
+            );
             return Ok(None);
         };
         let oid: u32 = row.get(0);
@@ -181,10 +203,12 @@ impl Checker<'_> {
             .await?;
         let names: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
         let candidates: Vec<&str> = names.iter().map(String::as_str).collect();
-        Ok(match crate::mapping::diagnostic::did_you_mean(name, &candidates) {
-            Some(near) => format!("did you mean {schema}.{near}?"),
-            None => "create the table, or fix the mapping's `name`".into(),
-        })
+        Ok(
+            match crate::mapping::diagnostic::did_you_mean(name, &candidates) {
+                Some(near) => format!("did you mean {schema}.{near}?"),
+                None => "create the table, or fix the mapping's `name`".into(),
+            },
+        )
     }
 
     fn columns(&mut self, mapping: &TableMapping, facts: &TableFacts) {
@@ -193,9 +217,20 @@ impl Checker<'_> {
             uses.extend(template.columns().map(|column| (column, origin)));
         }
         for refresh in &mapping.refresh {
-            uses.extend(refresh.columns.iter().map(|column| (&**column, refresh.origin)));
+            uses.extend(
+                refresh
+                    .columns
+                    .iter()
+                    .map(|column| (&**column, refresh.origin)),
+            );
         }
-        uses.extend(mapping.changed.iter().flatten().map(|column| (&**column, mapping.origin)));
+        uses.extend(
+            mapping
+                .changed
+                .iter()
+                .flatten()
+                .map(|column| (&**column, mapping.origin)),
+        );
         uses.dedup();
         let known: Vec<&str> = facts.columns.iter().map(String::as_str).collect();
         for (column, origin) in uses {
@@ -206,7 +241,14 @@ impl Checker<'_> {
                 Some(near) => format!("did you mean `{near}`?"),
                 None => format!("columns of {}: {}", mapping.table, known.join(", ")),
             };
-            self.report(origin, format!("column `{column}` does not exist in table {}", mapping.table), help);
+            self.report(
+                origin,
+                format!(
+                    "column `{column}` does not exist in table {}",
+                    mapping.table
+                ),
+                help,
+            );
         }
     }
 
@@ -231,7 +273,11 @@ impl Checker<'_> {
             } else {
                 format!("ALTER PUBLICATION {publication} ADD TABLE {table}")
             };
-            self.report(mapping.origin, format!("table {table} is not in publication `{publication}`"), help);
+            self.report(
+                mapping.origin,
+                format!("table {table} is not in publication `{publication}`"),
+                help,
+            );
             return Ok(());
         };
         // PG 15 and later publish column lists; a column outside the list
@@ -241,7 +287,12 @@ impl Checker<'_> {
             // Columns that do not exist at all were reported already.
             let exists = |column: &&str| facts.columns.iter().any(|c| c == column);
             let unlisted = |column: &&str| !listed.iter().any(|l| l == column);
-            let missing: Vec<&str> = mapping.columns().into_iter().filter(exists).filter(unlisted).collect();
+            let missing: Vec<&str> = mapping
+                .columns()
+                .into_iter()
+                .filter(exists)
+                .filter(unlisted)
+                .collect();
             if !missing.is_empty() {
                 self.report(
                     mapping.origin,

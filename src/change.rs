@@ -261,8 +261,14 @@ mod tests {
 
     #[test]
     fn table_names() {
-        assert_eq!(TableName::parse("orders").unwrap().to_string(), "public.orders");
-        assert_eq!(TableName::parse("app.orders").unwrap().to_string(), "app.orders");
+        assert_eq!(
+            TableName::parse("orders").unwrap().to_string(),
+            "public.orders"
+        );
+        assert_eq!(
+            TableName::parse("app.orders").unwrap().to_string(),
+            "app.orders"
+        );
         assert!(TableName::parse("a.b.c").is_err());
         assert!(TableName::parse("1abc").is_err());
         assert!(TableName::parse("").is_err());

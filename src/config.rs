@@ -142,7 +142,9 @@ impl fmt::Debug for SecretUrl {
     }
 }
 
-const SECTIONS: &[&str] = &["source", "postgres", "kafka", "redis", "mappings", "batch", "admin"];
+const SECTIONS: &[&str] = &[
+    "source", "postgres", "kafka", "redis", "mappings", "batch", "admin",
+];
 
 impl Config {
     /// Reads `path` and the process environment.
@@ -152,7 +154,10 @@ impl Config {
 
     /// Reads `path` and `env` (instead of the process environment, when
     /// given) as `EVICTD_*` variables.
-    pub fn load_with_env(path: &Path, env: Option<HashMap<String, String>>) -> Result<Config, ConfigError> {
+    pub fn load_with_env(
+        path: &Path,
+        env: Option<HashMap<String, String>>,
+    ) -> Result<Config, ConfigError> {
         let environment = config::Environment::with_prefix("EVICTD")
             .prefix_separator("_")
             .separator("__")
@@ -169,7 +174,9 @@ impl Config {
             })?;
         // `get` keeps each value's origin (the file); deserializing the whole
         // tree would drop it. The tree is only used for the section names.
-        let names = layered.clone().try_deserialize::<config::Map<String, config::Value>>();
+        let names = layered
+            .clone()
+            .try_deserialize::<config::Map<String, config::Value>>();
         let layered: config::Map<String, config::Value> = names
             .into_iter()
             .flat_map(config::Map::into_keys)
@@ -184,21 +191,58 @@ impl Config {
         Config::from_layers(layered, path)
     }
 
-    fn from_layers(mut root: config::Map<String, config::Value>, file: &Path) -> Result<Config, ConfigError> {
+    fn from_layers(
+        mut root: config::Map<String, config::Value>,
+        file: &Path,
+    ) -> Result<Config, ConfigError> {
         let mut problems = Vec::new();
-        let mut unknown: Vec<String> = root.keys().filter(|key| !SECTIONS.contains(&key.as_str())).cloned().collect();
+        let mut unknown: Vec<String> = root
+            .keys()
+            .filter(|key| !SECTIONS.contains(&key.as_str()))
+            .cloned()
+            .collect();
         unknown.sort();
         for section in unknown {
-            let help = did_you_mean(&section, SECTIONS).map_or_else(String::new, |near| format!("; did you mean [{near}]?"));
+            let help = did_you_mean(&section, SECTIONS)
+                .map_or_else(String::new, |near| format!("; did you mean [{near}]?"));
             problems.push(format!("unknown section [{section}]{help}"));
         }
-        let source = read_source(&mut Section::new("source", file, root.remove("source"), &mut problems));
-        let postgres = read_postgres(&mut Section::new("postgres", file, root.remove("postgres"), &mut problems), source);
-        let kafka = read_kafka(&mut Section::new("kafka", file, root.remove("kafka"), &mut problems), source);
-        let redis = read_redis(&mut Section::new("redis", file, root.remove("redis"), &mut problems));
-        let mappings = read_mappings(&mut Section::new("mappings", file, root.remove("mappings"), &mut problems), file.parent().unwrap_or(Path::new(".")));
-        let batch = read_batch(&mut Section::new("batch", file, root.remove("batch"), &mut problems));
-        let admin = read_admin(&mut Section::new("admin", file, root.remove("admin"), &mut problems));
+        let source = read_source(&mut Section::new(
+            "source",
+            file,
+            root.remove("source"),
+            &mut problems,
+        ));
+        let postgres = read_postgres(
+            &mut Section::new("postgres", file, root.remove("postgres"), &mut problems),
+            source,
+        );
+        let kafka = read_kafka(
+            &mut Section::new("kafka", file, root.remove("kafka"), &mut problems),
+            source,
+        );
+        let redis = read_redis(&mut Section::new(
+            "redis",
+            file,
+            root.remove("redis"),
+            &mut problems,
+        ));
+        let mappings = read_mappings(
+            &mut Section::new("mappings", file, root.remove("mappings"), &mut problems),
+            file.parent().unwrap_or(Path::new(".")),
+        );
+        let batch = read_batch(&mut Section::new(
+            "batch",
+            file,
+            root.remove("batch"),
+            &mut problems,
+        ));
+        let admin = read_admin(&mut Section::new(
+            "admin",
+            file,
+            root.remove("admin"),
+            &mut problems,
+        ));
         if !problems.is_empty() {
             return Err(ConfigError { problems });
         }
@@ -227,7 +271,12 @@ struct Section<'p> {
 }
 
 impl<'p> Section<'p> {
-    fn new(name: &'static str, file: &Path, value: Option<config::Value>, problems: &'p mut Vec<String>) -> Self {
+    fn new(
+        name: &'static str,
+        file: &Path,
+        value: Option<config::Value>,
+        problems: &'p mut Vec<String>,
+    ) -> Self {
         let present = value.is_some();
         let fields = match value.map(config::Value::into_table) {
             Some(Ok(fields)) => fields,
@@ -249,14 +298,19 @@ impl<'p> Section<'p> {
 
     fn problem(&mut self, key: &str, origin: Option<&str>, message: impl fmt::Display) {
         let origin = origin.map_or_else(String::new, |origin| format!(" (set in {origin})"));
-        self.problems.push(format!("{}.{key}: {message}{origin}", self.name));
+        self.problems
+            .push(format!("{}.{key}: {message}{origin}", self.name));
     }
 
     /// The file a value was read from, or else its environment variable.
     fn origin_of(&self, key: &str, value: &config::Value) -> String {
         match value.origin() {
             Some(origin) if origin != "the environment" => self.file.clone(),
-            _ => format!("EVICTD_{}__{}", self.name.to_uppercase(), key.to_uppercase()),
+            _ => format!(
+                "EVICTD_{}__{}",
+                self.name.to_uppercase(),
+                key.to_uppercase()
+            ),
         }
     }
 
@@ -265,7 +319,10 @@ impl<'p> Section<'p> {
         self.known.push(key);
         let value = self.fields.remove(key)?;
         let origin = Some(self.origin_of(key, &value));
-        let raw_origin = value.origin().map(|o| format!(" in {o}")).unwrap_or_default();
+        let raw_origin = value
+            .origin()
+            .map(|o| format!(" in {o}"))
+            .unwrap_or_default();
         match value.try_deserialize::<T>() {
             Ok(parsed) => Some((parsed, origin)),
             Err(error) => {
@@ -297,12 +354,21 @@ impl<'p> Section<'p> {
         self.parse(key, default, Ok)
     }
 
-    fn in_range(&mut self, key: &'static str, default: u64, range: std::ops::RangeInclusive<u64>) -> u64 {
+    fn in_range(
+        &mut self,
+        key: &'static str,
+        default: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> u64 {
         self.parse(key, default, |value: u64| {
             if range.contains(&value) {
                 Ok(value)
             } else {
-                Err(format!("{value} is out of range {}..={}", range.start(), range.end()))
+                Err(format!(
+                    "{value} is out of range {}..={}",
+                    range.start(),
+                    range.end()
+                ))
             }
         })
     }
@@ -313,19 +379,27 @@ impl Drop for Section<'_> {
         let mut unknown: Vec<&String> = self.fields.keys().collect();
         unknown.sort();
         for key in unknown {
-            let help = did_you_mean(key, &self.known).map_or_else(String::new, |near| format!("; did you mean `{near}`?"));
+            let help = did_you_mean(key, &self.known)
+                .map_or_else(String::new, |near| format!("; did you mean `{near}`?"));
             let origin = format!(" (set in {})", self.origin_of(key, &self.fields[key]));
-            self.problems.push(format!("{}.{key}: unknown field{help}{origin}", self.name));
+            self.problems
+                .push(format!("{}.{key}: unknown field{help}{origin}", self.name));
         }
     }
 }
 
 fn read_source(section: &mut Section<'_>) -> Option<SourceKind> {
-    let kind = section.parse("kind", Some(SourceKind::Postgres), |kind: String| match kind.as_str() {
-        "postgres" => Ok(Some(SourceKind::Postgres)),
-        "kafka" => Ok(Some(SourceKind::Kafka)),
-        other => Err(format!("unknown source kind `{other}`; use \"postgres\" or \"kafka\"")),
-    });
+    let kind = section.parse(
+        "kind",
+        Some(SourceKind::Postgres),
+        |kind: String| match kind.as_str() {
+            "postgres" => Ok(Some(SourceKind::Postgres)),
+            "kafka" => Ok(Some(SourceKind::Kafka)),
+            other => Err(format!(
+                "unknown source kind `{other}`; use \"postgres\" or \"kafka\""
+            )),
+        },
+    );
     kind
 }
 
@@ -335,25 +409,37 @@ fn read_postgres(section: &mut Section<'_>, source: Option<SourceKind>) -> Postg
         let url = SecretUrl::parse(&text)?;
         match url.scheme() {
             "postgres" | "postgresql" => Ok(Some(url)),
-            other => Err(format!("scheme `{other}` is not postgres:// or postgresql://")),
+            other => Err(format!(
+                "scheme `{other}` is not postgres:// or postgresql://"
+            )),
         }
     });
     if !url_set && source == Some(SourceKind::Postgres) {
-        section.problem("url", None, "is required when source.kind = \"postgres\" (or set EVICTD_POSTGRES__URL)");
+        section.problem(
+            "url",
+            None,
+            "is required when source.kind = \"postgres\" (or set EVICTD_POSTGRES__URL)",
+        );
     }
     PostgresConfig {
         url,
         slot: section.parse("slot", "evictd".into(), |slot: String| {
             let valid = !slot.is_empty()
                 && slot.len() <= 63
-                && slot.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-            valid.then_some(slot).ok_or_else(|| "a slot name is 1-63 of a-z, 0-9 and _".into())
+                && slot
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            valid
+                .then_some(slot)
+                .ok_or_else(|| "a slot name is 1-63 of a-z, 0-9 and _".into())
         }),
         publication: section.parse("publication", "evictd".into(), |name: String| {
             if is_identifier(&name) && name.len() <= 63 {
                 Ok(name)
             } else {
-                Err(format!("`{name}` is not a publication name (an identifier of at most 63 bytes)"))
+                Err(format!(
+                    "`{name}` is not a publication name (an identifier of at most 63 bytes)"
+                ))
             }
         }),
         create_slot: section.or("create_slot", true),
@@ -366,11 +452,21 @@ fn read_kafka(section: &mut Section<'_>, source: Option<SourceKind>) -> Option<K
         return None;
     }
     if !section.present {
-        section.problem("brokers", None, "[kafka] is required when source.kind = \"kafka\"");
+        section.problem(
+            "brokers",
+            None,
+            "[kafka] is required when source.kind = \"kafka\"",
+        );
         return None;
     }
     let non_empty = |what: &'static str| {
-        move |text: String| if text.is_empty() { Err(format!("{what} is empty")) } else { Ok(text) }
+        move |text: String| {
+            if text.is_empty() {
+                Err(format!("{what} is empty"))
+            } else {
+                Ok(text)
+            }
+        }
     };
     let brokers_set = section.fields.contains_key("brokers");
     let brokers = section.parse("brokers", String::new(), non_empty("the broker list"));
@@ -399,7 +495,9 @@ fn read_redis(section: &mut Section<'_>) -> RedisConfig {
             let url = SecretUrl::parse(&text)?;
             match url.scheme() {
                 "redis" | "rediss" | "redis+cluster" | "rediss+cluster" => Ok(url),
-                other => Err(format!("scheme `{other}` is not redis://, rediss:// or redis+cluster://")),
+                other => Err(format!(
+                    "scheme `{other}` is not redis://, rediss:// or redis+cluster://"
+                )),
             }
         }),
         prefix: section.or("prefix", String::new()),
@@ -416,8 +514,13 @@ fn read_redis(section: &mut Section<'_>) -> RedisConfig {
 fn read_mappings(section: &mut Section<'_>, base_dir: &Path) -> MappingsConfig {
     let dir: PathBuf = section.or("dir", PathBuf::from("mappings"));
     let defaults = Limits::default();
-    let max_key_bytes = section.in_range("max_key_bytes", defaults.max_key_bytes as u64, 16..=1 << 20);
-    let max_keys_per_change = section.in_range("max_keys_per_change", defaults.max_keys_per_change as u64, 1..=100_000);
+    let max_key_bytes =
+        section.in_range("max_key_bytes", defaults.max_key_bytes as u64, 16..=1 << 20);
+    let max_keys_per_change = section.in_range(
+        "max_keys_per_change",
+        defaults.max_keys_per_change as u64,
+        1..=100_000,
+    );
     MappingsConfig {
         dir: base_dir.join(dir),
         limits: Limits {
@@ -439,7 +542,8 @@ fn read_admin(section: &mut Section<'_>) -> AdminConfig {
     let default = SocketAddr::from(([127, 0, 0, 1], 9187));
     AdminConfig {
         listen: section.parse("listen", default, |text: String| {
-            text.parse().map_err(|_| format!("`{text}` is not an address like 127.0.0.1:9187"))
+            text.parse()
+                .map_err(|_| format!("`{text}` is not an address like 127.0.0.1:9187"))
         }),
     }
 }

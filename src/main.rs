@@ -14,7 +14,11 @@ use evictd::mapping::{self, Diagnostic, Limits, Mappings, NoteKind, Output};
 use evictd::plan::plan_changes;
 
 #[derive(Parser)]
-#[command(name = "evictd", version, about = "Keeps caches exact by following the database's change log")]
+#[command(
+    name = "evictd",
+    version,
+    about = "Keeps caches exact by following the database's change log"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -91,7 +95,14 @@ fn main() -> ExitCode {
             old,
             new,
             unchanged,
-        } => explain(&mappings, &table, &op, old.as_deref(), new.as_deref(), &unchanged),
+        } => explain(
+            &mappings,
+            &table,
+            &op,
+            old.as_deref(),
+            new.as_deref(),
+            &unchanged,
+        ),
     };
     match result {
         Ok(code) => code,
@@ -109,7 +120,10 @@ fn main() -> ExitCode {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("EVICTD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 struct CheckArgs {
@@ -130,17 +144,25 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         (None, Some(config)) => config.mappings.dir.clone(),
         (None, None) => bail!(UsageError("give --config FILE or --mappings DIR".into())),
     };
-    let limits = config.as_ref().map_or_else(Limits::default, |c| c.mappings.limits);
+    let limits = config
+        .as_ref()
+        .map_or_else(Limits::default, |c| c.mappings.limits);
     let mappings = match mapping::load_dir(&dir, limits) {
         Ok(mappings) => mappings,
         Err(diagnostics) => return Ok(report(&diagnostics)),
     };
     let url = match (&args.database_url, &config) {
-        (Some(url), _) => Some(SecretUrl::parse(url).map_err(|e| UsageError(format!("--database-url: {e}")))?),
+        (Some(url), _) => {
+            Some(SecretUrl::parse(url).map_err(|e| UsageError(format!("--database-url: {e}")))?)
+        }
         (None, Some(config)) => config.postgres.url.clone(),
         (None, None) => None,
     };
-    let summary = format!("{} table(s) mapped in {} file(s)", mappings.tables().count(), mappings.file_count());
+    let summary = format!(
+        "{} table(s) mapped in {} file(s)",
+        mappings.tables().count(),
+        mappings.file_count()
+    );
     let url = match url {
         Some(url) if !args.offline => url,
         _ => {
@@ -166,7 +188,11 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn live_check(mappings: &Mappings, url: &SecretUrl, publication: &str) -> anyhow::Result<Vec<Diagnostic>> {
+async fn live_check(
+    mappings: &Mappings,
+    url: &SecretUrl,
+    publication: &str,
+) -> anyhow::Result<Vec<Diagnostic>> {
     let client = evictd::catalog::connect(url).await?;
     Ok(evictd::catalog::check(mappings, &client, publication).await?)
 }
@@ -194,13 +220,23 @@ fn explain(
         Err(diagnostics) => return Ok(report(&diagnostics)),
     };
     let table = TableName::parse(table).map_err(|e| UsageError(format!("--table: {e}")))?;
-    let op = Op::parse(op).ok_or_else(|| UsageError(format!("--op: unknown op `{op}`; use insert, update, delete or truncate")))?;
-    let old = old.map(|json| row_from_json("--old", json, &[])).transpose()?;
-    let new = new.map(|json| row_from_json("--new", json, unchanged)).transpose()?;
+    let op = Op::parse(op).ok_or_else(|| {
+        UsageError(format!(
+            "--op: unknown op `{op}`; use insert, update, delete or truncate"
+        ))
+    })?;
+    let old = old
+        .map(|json| row_from_json("--old", json, &[]))
+        .transpose()?;
+    let new = new
+        .map(|json| row_from_json("--new", json, unchanged))
+        .transpose()?;
     match (op, &old, &new) {
         (Op::Insert | Op::Update, _, None) => bail!(UsageError(format!("--op {op} needs --new"))),
         (Op::Delete, None, _) => bail!(UsageError("--op delete needs --old".into())),
-        (Op::Update, None, _) => eprintln!("note: no --old: the old row is unknown, as under REPLICA IDENTITY DEFAULT"),
+        (Op::Update, None, _) => {
+            eprintln!("note: no --old: the old row is unknown, as under REPLICA IDENTITY DEFAULT")
+        }
         _ => {}
     }
     let change = RowChange {
@@ -215,7 +251,10 @@ fn explain(
         eprintln!("note: {}", describe(&mappings, &change, &note.kind));
     }
     for command in &plan.commands {
-        println!("{command}  # {}", mappings.origin(command.origin()).file_line());
+        println!(
+            "{command}  # {}",
+            mappings.origin(command.origin()).file_line()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -224,11 +263,17 @@ fn describe(mappings: &Mappings, change: &RowChange, note: &NoteKind) -> String 
     match note {
         NoteKind::Unmapped => {
             let tables: Vec<String> = mappings.tables().map(|t| t.table.to_string()).collect();
-            format!("{} is not mapped (mapped: {})", change.table, tables.join(", "))
+            format!(
+                "{} is not mapped (mapped: {})",
+                change.table,
+                tables.join(", ")
+            )
         }
         NoteKind::OpNotMapped(op) => format!("{op} is not in the mapping's `on`"),
         NoteKind::Unchanged => "the update changes none of the `changed` columns".into(),
-        NoteKind::NullPlaceholder { template, column } => format!("`{template}` skipped: {column} is NULL"),
+        NoteKind::NullPlaceholder { template, column } => {
+            format!("`{template}` skipped: {column} is NULL")
+        }
         NoteKind::Unavailable { template, column } => {
             format!("`{template}`: the value of {column} is not known, so a pattern is deleted")
         }
@@ -246,7 +291,9 @@ fn row_from_json(flag: &str, json: &str, unchanged: &[String]) -> anyhow::Result
     let value: serde_json::Value =
         serde_json::from_str(json).map_err(|e| UsageError(format!("{flag}: not JSON: {e}")))?;
     let serde_json::Value::Object(object) = value else {
-        bail!(UsageError(format!("{flag}: expected a JSON object of column -> value")));
+        bail!(UsageError(format!(
+            "{flag}: expected a JSON object of column -> value"
+        )));
     };
     let mut pairs: Vec<(String, Datum)> = object
         .into_iter()
@@ -258,7 +305,11 @@ fn row_from_json(flag: &str, json: &str, unchanged: &[String]) -> anyhow::Result
             None => pairs.push((column.clone(), Datum::UnchangedToast)),
         }
     }
-    Ok(Row::from_pairs(pairs.iter().map(|(name, datum)| (name.as_str(), datum.clone()))))
+    Ok(Row::from_pairs(
+        pairs
+            .iter()
+            .map(|(name, datum)| (name.as_str(), datum.clone())),
+    ))
 }
 
 fn datum_from_json(value: serde_json::Value) -> Datum {
@@ -270,4 +321,3 @@ fn datum_from_json(value: serde_json::Value) -> Datum {
         other => Datum::Json(other.to_string().into()),
     }
 }
-

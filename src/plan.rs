@@ -59,7 +59,9 @@ impl fmt::Display for Command {
             Command::UnlinkMatching { pattern, .. } => write!(f, "UNLINK MATCH {pattern}"),
             Command::InvalidateTag { tag, .. } => write!(f, "TAG {tag}"),
             Command::InvalidateTagsMatching { pattern, .. } => write!(f, "TAG MATCH {pattern}"),
-            Command::Set { key, value, ttl, .. } => {
+            Command::Set {
+                key, value, ttl, ..
+            } => {
                 write!(f, "SET {key} {value}")?;
                 match ttl {
                     Some(ttl) => write!(f, " {ttl}"),
@@ -121,7 +123,8 @@ impl Planner {
                 self.keys.insert(key, KeyAction::Delete(origin));
             }
             ActionKind::Refresh { key, value, ttl } => {
-                self.keys.insert(key, KeyAction::Refresh { value, ttl, origin });
+                self.keys
+                    .insert(key, KeyAction::Refresh { value, ttl, origin });
             }
             ActionKind::DeleteMatching(pattern) => {
                 // Pattern deletes run before refreshes: a refresh this
@@ -175,10 +178,18 @@ impl Planner {
             }
         }
         let patterns = self.patterns.drain(..);
-        commands.extend(patterns.map(|(pattern, origin)| Command::UnlinkMatching { pattern, origin }));
-        commands.extend(self.tags.drain(..).map(|(tag, origin)| Command::InvalidateTag { tag, origin }));
+        commands
+            .extend(patterns.map(|(pattern, origin)| Command::UnlinkMatching { pattern, origin }));
+        commands.extend(
+            self.tags
+                .drain(..)
+                .map(|(tag, origin)| Command::InvalidateTag { tag, origin }),
+        );
         let tag_patterns = self.tag_patterns.drain(..);
-        commands.extend(tag_patterns.map(|(pattern, origin)| Command::InvalidateTagsMatching { pattern, origin }));
+        commands.extend(
+            tag_patterns
+                .map(|(pattern, origin)| Command::InvalidateTagsMatching { pattern, origin }),
+        );
         commands.append(&mut refreshes);
         Plan {
             commands,
@@ -250,7 +261,15 @@ mod tests {
         planner.push_change([pattern]);
         planner.push_change([refresh("order:2", "{}")]);
         let plan = planner.finish();
-        assert_eq!(lines(&plan), ["UNLINK order:1", "UNLINK MATCH order:*", "SET other:1 {}", "SET order:2 {}"]);
+        assert_eq!(
+            lines(&plan),
+            [
+                "UNLINK order:1",
+                "UNLINK MATCH order:*",
+                "SET other:1 {}",
+                "SET order:2 {}"
+            ]
+        );
         assert_eq!(plan.changes, 3);
     }
 }

@@ -13,14 +13,21 @@ fn demo_mappings() -> String {
 fn check_offline_passes_on_the_demo_mappings() {
     let output = evictd(&["check", "--mappings", &demo_mappings(), "--offline"]);
     assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
-    assert_eq!(stdout(&output), "ok: 4 table(s) mapped in 3 file(s) (offline checks)\n");
+    assert_eq!(
+        stdout(&output),
+        "ok: 4 table(s) mapped in 3 file(s) (offline checks)\n"
+    );
 }
 
 #[test]
 fn check_without_a_database_says_live_checks_were_skipped() {
     let output = evictd(&["check", "--mappings", &demo_mappings()]);
     assert_eq!(output.status.code(), Some(0));
-    assert!(stderr(&output).contains("live checks skipped: no database URL"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("live checks skipped: no database URL"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 #[test]
@@ -30,15 +37,36 @@ fn check_lists_every_mistake_with_file_and_line_and_exits_2() {
         ("users.toml", "[[table]]\nname = \"users\"\nkeys = [\"user:{id}\"]\n[[table.refresh]]\nkey = \"user:{id}:card\"\ncolumns = [\"id\"]\nttl = \"forever\"\n"),
         ("broken.toml", "[[table]\n"),
     ]);
-    let output = evictd(&["check", "--mappings", dir.path().to_str().unwrap(), "--offline"]);
+    let output = evictd(&[
+        "check",
+        "--mappings",
+        dir.path().to_str().unwrap(),
+        "--offline",
+    ]);
     let text = stdout(&output);
     assert_eq!(output.status.code(), Some(2), "{text}");
     let located: Vec<&str> = text
         .lines()
         .filter(|line| line.contains(": error: "))
-        .map(|line| line.rsplit('/').next().unwrap().split(": error").next().unwrap())
+        .map(|line| {
+            line.rsplit('/')
+                .next()
+                .unwrap()
+                .split(": error")
+                .next()
+                .unwrap()
+        })
         .collect();
-    assert_eq!(located, ["broken.toml:1:9", "orders.toml:3:15", "orders.toml:4:7", "users.toml:7:7"], "{text}");
+    assert_eq!(
+        located,
+        [
+            "broken.toml:1:9",
+            "orders.toml:3:15",
+            "orders.toml:4:7",
+            "users.toml:7:7"
+        ],
+        "{text}"
+    );
     assert!(text.ends_with("4 problems found\n"), "{text}");
 }
 
@@ -46,11 +74,19 @@ fn check_lists_every_mistake_with_file_and_line_and_exits_2() {
 fn check_reports_every_config_problem_and_exits_2() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("evictd.toml");
-    std::fs::write(&config, "[batch]\nmax_keys = -1\nmax_wiat_ms = 3\n[postgres]\nurl = \"x\"\n").unwrap();
+    std::fs::write(
+        &config,
+        "[batch]\nmax_keys = -1\nmax_wiat_ms = 3\n[postgres]\nurl = \"x\"\n",
+    )
+    .unwrap();
     let output = evictd(&["check", "--config", config.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(2));
     let text = stderr(&output);
-    for expected in ["postgres.url: not a URL", "batch.max_keys:", "batch.max_wiat_ms: unknown field; did you mean `max_wait_ms`?"] {
+    for expected in [
+        "postgres.url: not a URL",
+        "batch.max_keys:",
+        "batch.max_wiat_ms: unknown field; did you mean `max_wait_ms`?",
+    ] {
         assert!(text.contains(expected), "{expected} missing from:\n{text}");
     }
 }
@@ -94,54 +130,131 @@ fn explain_an_order_moving_between_users_prints_both_users_keys() {
 #[test]
 fn explain_notes_fallbacks_on_stderr() {
     let output = evictd(&[
-        "explain", "--mappings", &demo_mappings(), "--table", "users", "--op", "update",
-        "--old", r#"{"id": 1, "email": "a@example.com", "name": "A"}"#,
-        "--new", r#"{"id": 1, "email": "a@example.com", "name": "B"}"#,
-        "--unchanged", "name",
+        "explain",
+        "--mappings",
+        &demo_mappings(),
+        "--table",
+        "users",
+        "--op",
+        "update",
+        "--old",
+        r#"{"id": 1, "email": "a@example.com", "name": "A"}"#,
+        "--new",
+        r#"{"id": 1, "email": "a@example.com", "name": "B"}"#,
+        "--unchanged",
+        "name",
     ]);
     assert_eq!(output.status.code(), Some(0));
-    assert!(stdout(&output).contains(r#"SET user:1:card {"id":1,"name":"A","email":"a@example.com"} EX 3600 JITTER 10%"#), "{}", stdout(&output));
+    assert!(
+        stdout(&output).contains(
+            r#"SET user:1:card {"id":1,"name":"A","email":"a@example.com"} EX 3600 JITTER 10%"#
+        ),
+        "{}",
+        stdout(&output)
+    );
     let output = evictd(&[
-        "explain", "--mappings", &demo_mappings(), "--table", "users", "--op", "update",
-        "--old", r#"{"id": 1}"#,
-        "--new", r#"{"id": 1, "email": "a@example.com", "name": "B"}"#,
-        "--unchanged", "name",
+        "explain",
+        "--mappings",
+        &demo_mappings(),
+        "--table",
+        "users",
+        "--op",
+        "update",
+        "--old",
+        r#"{"id": 1}"#,
+        "--new",
+        r#"{"id": 1, "email": "a@example.com", "name": "B"}"#,
+        "--unchanged",
+        "name",
     ]);
-    assert!(stdout(&output).contains("UNLINK user:1:card"), "{}", stdout(&output));
-    assert!(stderr(&output).contains("note: refresh of user:1:card deletes it instead: name is not known (unchanged TOAST)"), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("UNLINK user:1:card"),
+        "{}",
+        stdout(&output)
+    );
+    assert!(
+        stderr(&output).contains(
+            "note: refresh of user:1:card deletes it instead: name is not known (unchanged TOAST)"
+        ),
+        "{}",
+        stderr(&output)
+    );
 }
 
 #[test]
 fn explain_rejects_bad_input_with_exit_2() {
     let mappings = demo_mappings();
     let cases: [(&[&str], &str); 5] = [
-        (&["--table", "orders", "--op", "upsert", "--new", "{}"], "--op: unknown op `upsert`"),
-        (&["--table", "orders", "--op", "insert", "--new", "{not json"], "--new: not JSON"),
-        (&["--table", "orders", "--op", "insert", "--new", "[1]"], "--new: expected a JSON object"),
-        (&["--table", "orders", "--op", "delete"], "--op delete needs --old"),
-        (&["--table", "a.b.c", "--op", "truncate"], "--table: `a.b.c` is not `table` or `schema.table`"),
+        (
+            &["--table", "orders", "--op", "upsert", "--new", "{}"],
+            "--op: unknown op `upsert`",
+        ),
+        (
+            &["--table", "orders", "--op", "insert", "--new", "{not json"],
+            "--new: not JSON",
+        ),
+        (
+            &["--table", "orders", "--op", "insert", "--new", "[1]"],
+            "--new: expected a JSON object",
+        ),
+        (
+            &["--table", "orders", "--op", "delete"],
+            "--op delete needs --old",
+        ),
+        (
+            &["--table", "a.b.c", "--op", "truncate"],
+            "--table: `a.b.c` is not `table` or `schema.table`",
+        ),
     ];
     for (args, expected) in cases {
         let mut all = vec!["explain", "--mappings", &mappings];
         all.extend_from_slice(args);
         let output = evictd(&all);
         assert_eq!(output.status.code(), Some(2), "{args:?}");
-        assert!(stderr(&output).contains(expected), "{args:?}: {}", stderr(&output));
+        assert!(
+            stderr(&output).contains(expected),
+            "{args:?}: {}",
+            stderr(&output)
+        );
     }
 }
 
 #[test]
 fn explain_with_broken_mappings_lists_them_and_exits_2() {
     let dir = mapping_dir(&[("m.toml", "[[table]]\nname = \"t\"\nkeys = [\"{\"]\n")]);
-    let output = evictd(&["explain", "--mappings", dir.path().to_str().unwrap(), "--table", "t", "--op", "truncate"]);
+    let output = evictd(&[
+        "explain",
+        "--mappings",
+        dir.path().to_str().unwrap(),
+        "--table",
+        "t",
+        "--op",
+        "truncate",
+    ]);
     assert_eq!(output.status.code(), Some(2));
-    assert!(stdout(&output).contains("m.toml:3:10: error: unclosed `{` in template"), "{}", stdout(&output));
+    assert!(
+        stdout(&output).contains("m.toml:3:10: error: unclosed `{` in template"),
+        "{}",
+        stdout(&output)
+    );
 }
 
 #[test]
 fn explain_of_an_unmapped_table_says_so() {
-    let output = evictd(&["explain", "--mappings", &demo_mappings(), "--table", "audit_log", "--op", "truncate"]);
+    let output = evictd(&[
+        "explain",
+        "--mappings",
+        &demo_mappings(),
+        "--table",
+        "audit_log",
+        "--op",
+        "truncate",
+    ]);
     assert_eq!(output.status.code(), Some(0));
     assert_eq!(stdout(&output), "");
-    assert!(stderr(&output).contains("public.audit_log is not mapped"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("public.audit_log is not mapped"),
+        "{}",
+        stderr(&output)
+    );
 }

@@ -14,7 +14,12 @@ fn write(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
 }
 
 fn env(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
-    Some(pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect())
+    Some(
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+    )
 }
 
 #[test]
@@ -25,7 +30,10 @@ fn the_example_config_loads_with_its_defaults() {
     assert_eq!(config.postgres.slot, "evictd");
     assert_eq!(config.batch.max_keys, 10_000);
     assert_eq!(config.batch.max_wait_ms, 2);
-    assert_eq!(config.mappings.dir, Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings"));
+    assert_eq!(
+        config.mappings.dir,
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings")
+    );
     assert_eq!(config.mappings.limits.max_key_bytes, 1024);
     assert_eq!(config.admin.listen.to_string(), "127.0.0.1:9187");
 }
@@ -36,14 +44,22 @@ fn environment_overrides_the_file() {
     let config = Config::load_with_env(
         &path,
         env(&[
-            ("EVICTD_POSTGRES__URL", "postgres://evictd:hunter2@db.internal:5433/app"),
+            (
+                "EVICTD_POSTGRES__URL",
+                "postgres://evictd:hunter2@db.internal:5433/app",
+            ),
             ("EVICTD_BATCH__MAX_WAIT_MS", "7"),
             ("EVICTD_REDIS__PREFIX", "app1:"),
         ]),
     )
     .expect("valid");
     assert_eq!(
-        config.postgres.url.as_ref().map(|u| u.expose().to_owned()).as_deref(),
+        config
+            .postgres
+            .url
+            .as_ref()
+            .map(|u| u.expose().to_owned())
+            .as_deref(),
         Some("postgres://evictd:hunter2@db.internal:5433/app")
     );
     assert_eq!(config.batch.max_keys, 5);
@@ -59,7 +75,10 @@ fn passwords_are_redacted_in_debug_and_display() {
     for secret in ["hunter2", "hunter3", "s3cret"] {
         assert!(!debug.contains(secret), "{secret} leaked: {debug}");
     }
-    assert!(debug.contains("postgres://evictd:***@db/app?password=***"), "{debug}");
+    assert!(
+        debug.contains("postgres://evictd:***@db/app?password=***"),
+        "{debug}"
+    );
     assert_eq!(config.redis.url.to_string(), "redis://:***@cache:6379");
 }
 
@@ -73,7 +92,8 @@ fn every_problem_is_reported_at_once() {
          [admin]\nlisten = \"everywhere\"\n\
          [metrics]\nx = 1\n",
     );
-    let error = Config::load_with_env(&path, env(&[("EVICTD_MAPPINGS__MAX_KEY_BYTES", "3")])).expect_err("invalid");
+    let error = Config::load_with_env(&path, env(&[("EVICTD_MAPPINGS__MAX_KEY_BYTES", "3")]))
+        .expect_err("invalid");
     let origin = format!(" (set in {})", path.display());
     let strip = |p: &String| p.replace(&origin, "");
     let problems: Vec<String> = error.problems.iter().map(strip).collect();
@@ -108,14 +128,23 @@ fn postgres_url_is_required_for_the_postgres_source() {
 fn kafka_source_needs_its_section() {
     let (_dir, path) = write("[source]\nkind = \"kafka\"\n");
     let error = Config::load_with_env(&path, env(&[])).expect_err("no kafka section");
-    assert_eq!(error.problems, ["kafka.brokers: [kafka] is required when source.kind = \"kafka\""]);
-    let (_dir, path) = write("[source]\nkind = \"kafka\"\n[kafka]\nbrokers = \"b:9092\"\ntopics = [\"t1\", \"t2\"]\n");
+    assert_eq!(
+        error.problems,
+        ["kafka.brokers: [kafka] is required when source.kind = \"kafka\""]
+    );
+    let (_dir, path) = write(
+        "[source]\nkind = \"kafka\"\n[kafka]\nbrokers = \"b:9092\"\ntopics = [\"t1\", \"t2\"]\n",
+    );
     let config = Config::load_with_env(&path, env(&[])).expect("valid kafka config");
     assert_eq!(config.kafka.expect("kafka").topics, ["t1", "t2"]);
 }
 
 #[test]
 fn a_missing_file_is_a_clear_error() {
-    let error = Config::load_with_env(Path::new("/nonexistent/evictd.toml"), env(&[])).expect_err("missing");
-    assert!(error.problems[0].starts_with("cannot read /nonexistent/evictd.toml"), "{error}");
+    let error = Config::load_with_env(Path::new("/nonexistent/evictd.toml"), env(&[]))
+        .expect_err("missing");
+    assert!(
+        error.problems[0].starts_with("cannot read /nonexistent/evictd.toml"),
+        "{error}"
+    );
 }

@@ -17,12 +17,19 @@ async fn postgres_runs_with_logical_wal_and_tests_get_their_own_database() {
     assert_ne!(first.name, second.name);
     assert_ne!(first.prefix, second.prefix);
     let client = first.client().await;
-    let wal_level: String = client.query_one("show wal_level", &[]).await.unwrap().get(0);
+    let wal_level: String = client
+        .query_one("show wal_level", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(wal_level, "logical");
     first.execute("create table only_here (id int)").await;
     let other = second.client().await;
     let tables: i64 = other
-        .query_one("select count(*) from pg_tables where tablename = 'only_here'", &[])
+        .query_one(
+            "select count(*) from pg_tables where tablename = 'only_here'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -61,22 +68,46 @@ fn child_starts_servers_then_dies() {
 
 fn run_child_and_check_cleanup(how: &str) {
     let output = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_starts_servers_then_dies", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "child_starts_servers_then_dies",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("EVICTD_HARNESS_CHILD", how)
         .output()
         .expect("run the child test process");
     let text = String::from_utf8_lossy(&output.stdout);
-    let pids: Vec<u32> = text.lines().filter_map(|l| l.strip_prefix("@pid ")?.parse().ok()).collect();
-    let dirs: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("@dir ")).collect();
-    assert_eq!((pids.len(), dirs.len()), (2, 2), "child output:\n{text}\n{}", String::from_utf8_lossy(&output.stderr));
+    let pids: Vec<u32> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("@pid ")?.parse().ok())
+        .collect();
+    let dirs: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("@dir "))
+        .collect();
+    assert_eq!(
+        (pids.len(), dirs.len()),
+        (2, 2),
+        "child output:\n{text}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let alive: Vec<u32> = pids.iter().copied().filter(|&pid| is_alive(pid)).collect();
-        let left: Vec<&str> = dirs.iter().copied().filter(|dir| Path::new(dir).exists()).collect();
+        let left: Vec<&str> = dirs
+            .iter()
+            .copied()
+            .filter(|dir| Path::new(dir).exists())
+            .collect();
         if alive.is_empty() && left.is_empty() {
             return;
         }
-        assert!(Instant::now() < deadline, "after `{how}`: still alive {alive:?}, still on disk {left:?}");
+        assert!(
+            Instant::now() < deadline,
+            "after `{how}`: still alive {alive:?}, still on disk {left:?}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -84,7 +115,11 @@ fn run_child_and_check_cleanup(how: &str) {
 /// Alive and not a zombie.
 fn is_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| stat.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+        .map(|stat| {
+            stat.rsplit(')')
+                .next()
+                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+        })
         .unwrap_or(false)
 }
 

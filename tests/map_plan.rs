@@ -20,7 +20,11 @@ fn check_with(mapping: &str, limits: Limits, changes: &[RowChange], expected: &s
         .unwrap_or_else(|errors| panic!("mapping does not load: {errors:#?}"));
     let plan = plan_changes(&mappings, changes, &mut Output::default());
     let actual: Vec<String> = plan.commands.iter().map(ToString::to_string).collect();
-    let expected: Vec<&str> = expected.lines().map(str::trim).filter(|line| !line.is_empty()).collect();
+    let expected: Vec<&str> = expected
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect();
     assert_eq!(actual, expected, "\nactual:\n{}\n", actual.join("\n"));
 }
 
@@ -32,7 +36,9 @@ fn datum(text: &str) -> Datum {
         "TOAST" => Datum::UnchangedToast,
         "true" => Datum::Bool(true),
         "false" => Datum::Bool(false),
-        _ if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) => Datum::Number(text.into()),
+        _ if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) => {
+            Datum::Number(text.into())
+        }
         _ => Datum::text(text),
     }
 }
@@ -94,41 +100,61 @@ keys = ["thing:{v}"]
 
 #[test]
 fn insert_renders_keys_from_the_new_row() {
-    check(ORDERS, &[insert("orders", &[("id", "7"), ("user_id", "1")])], "
+    check(
+        ORDERS,
+        &[insert("orders", &[("id", "7"), ("user_id", "1")])],
+        "
         UNLINK user:1:orders
         UNLINK order:7
         TAG user:1
-    ");
+    ",
+    );
 }
 
 #[test]
 fn delete_renders_keys_from_the_old_row() {
-    check(ORDERS, &[delete("orders", &[("id", "7"), ("user_id", "3")])], "
+    check(
+        ORDERS,
+        &[delete("orders", &[("id", "7"), ("user_id", "3")])],
+        "
         UNLINK user:3:orders
         UNLINK order:7
         TAG user:3
-    ");
+    ",
+    );
 }
 
 #[test]
 fn update_with_equal_renderings_acts_once() {
     let row = [("id", "7"), ("user_id", "1")];
-    check(ORDERS, &[update("orders", &row, &row)], "
+    check(
+        ORDERS,
+        &[update("orders", &row, &row)],
+        "
         UNLINK user:1:orders
         UNLINK order:7
         TAG user:1
-    ");
+    ",
+    );
 }
 
 #[test]
 fn fk_move_invalidates_old_and_new_keys() {
-    check(ORDERS, &[update("orders", &[("id", "7"), ("user_id", "1")], &[("id", "7"), ("user_id", "2")])], "
+    check(
+        ORDERS,
+        &[update(
+            "orders",
+            &[("id", "7"), ("user_id", "1")],
+            &[("id", "7"), ("user_id", "2")],
+        )],
+        "
         UNLINK user:1:orders
         UNLINK user:2:orders
         UNLINK order:7
         TAG user:1
         TAG user:2
-    ");
+    ",
+    );
 }
 
 #[test]
@@ -140,19 +166,30 @@ fn fk_move_of_a_product_between_categories() {
     "#;
     let old = [("id", "5"), ("category_id", "10")];
     let new = [("id", "5"), ("category_id", "11")];
-    check(mapping, &[update("products", &old, &new)], "
+    check(
+        mapping,
+        &[update("products", &old, &new)],
+        "
         UNLINK category:10:products
         UNLINK category:11:products
         UNLINK product:5
-    ");
+    ",
+    );
 }
 
 #[test]
 fn schema_qualified_tables() {
     let mapping = "[[table]]\nname = \"billing.invoices\"\nkeys = [\"invoice:{id}\"]";
-    check(mapping, &[insert("billing.invoices", &[("id", "1")]), insert("invoices", &[("id", "2")])], "
+    check(
+        mapping,
+        &[
+            insert("billing.invoices", &[("id", "1")]),
+            insert("invoices", &[("id", "2")]),
+        ],
+        "
         UNLINK invoice:1
-    ");
+    ",
+    );
 }
 
 #[test]
@@ -167,50 +204,85 @@ fn constant_keys_and_literal_braces() {
         name = "categories"
         keys = ["categories:tree", "{{json}}:{id}"]
     "#;
-    check(mapping, &[insert("categories", &[("id", "4")])], "
+    check(
+        mapping,
+        &[insert("categories", &[("id", "4")])],
+        "
         UNLINK categories:tree
         UNLINK {json}:4
-    ");
+    ",
+    );
 }
 
 // ---- escaping --------------------------------------------------------------
 
 #[test]
 fn escapes_colons() {
-    check(KEY_ONLY, &[insert("things", &[("v", "1:orders")])], "UNLINK thing:1%3Aorders");
+    check(
+        KEY_ONLY,
+        &[insert("things", &[("v", "1:orders")])],
+        "UNLINK thing:1%3Aorders",
+    );
 }
 
 #[test]
 fn escapes_glob_stars_and_questions() {
-    check(KEY_ONLY, &[insert("things", &[("v", "a*b?")])], "UNLINK thing:a%2Ab%3F");
+    check(
+        KEY_ONLY,
+        &[insert("things", &[("v", "a*b?")])],
+        "UNLINK thing:a%2Ab%3F",
+    );
 }
 
 #[test]
 fn escapes_braces() {
-    check(KEY_ONLY, &[insert("things", &[("v", "{x}")])], "UNLINK thing:%7Bx%7D");
+    check(
+        KEY_ONLY,
+        &[insert("things", &[("v", "{x}")])],
+        "UNLINK thing:%7Bx%7D",
+    );
 }
 
 #[test]
 fn escapes_brackets() {
-    check(KEY_ONLY, &[insert("things", &[("v", "[ab]")])], "UNLINK thing:%5Bab%5D");
+    check(
+        KEY_ONLY,
+        &[insert("things", &[("v", "[ab]")])],
+        "UNLINK thing:%5Bab%5D",
+    );
 }
 
 #[test]
 fn escapes_whitespace() {
-    check(KEY_ONLY, &[insert("things", &[("v", "a b\tc\nd")])], "UNLINK thing:a%20b%09c%0Ad");
+    check(
+        KEY_ONLY,
+        &[insert("things", &[("v", "a b\tc\nd")])],
+        "UNLINK thing:a%20b%09c%0Ad",
+    );
 }
 
 #[test]
 fn escapes_percent_so_escapes_cannot_collide() {
-    check(KEY_ONLY, &[insert("things", &[("v", "%3A")]), insert("things", &[("v", ":")])], "
+    check(
+        KEY_ONLY,
+        &[
+            insert("things", &[("v", "%3A")]),
+            insert("things", &[("v", ":")]),
+        ],
+        "
         UNLINK thing:%253A
         UNLINK thing:%3A
-    ");
+    ",
+    );
 }
 
 #[test]
 fn keeps_unicode() {
-    check(KEY_ONLY, &[insert("things", &[("v", "zoë→日本")])], "UNLINK thing:zoë→日本");
+    check(
+        KEY_ONLY,
+        &[insert("things", &[("v", "zoë→日本")])],
+        "UNLINK thing:zoë→日本",
+    );
 }
 
 #[test]
@@ -220,37 +292,65 @@ fn empty_string_renders_empty() {
 
 #[test]
 fn booleans_render_as_postgres_text() {
-    check(KEY_ONLY, &[insert("things", &[("v", "true")])], "UNLINK thing:t");
+    check(
+        KEY_ONLY,
+        &[insert("things", &[("v", "true")])],
+        "UNLINK thing:t",
+    );
 }
 
 // ---- NULL placeholders -----------------------------------------------------
 
 #[test]
 fn null_placeholder_skips_only_that_key() {
-    check(ORDERS, &[insert("orders", &[("id", "7"), ("user_id", "NULL")])], "UNLINK order:7");
+    check(
+        ORDERS,
+        &[insert("orders", &[("id", "7"), ("user_id", "NULL")])],
+        "UNLINK order:7",
+    );
 }
 
 #[test]
 fn fk_move_from_null_invalidates_only_the_new_owner() {
-    check(ORDERS, &[update("orders", &[("id", "7"), ("user_id", "NULL")], &[("id", "7"), ("user_id", "2")])], "
+    check(
+        ORDERS,
+        &[update(
+            "orders",
+            &[("id", "7"), ("user_id", "NULL")],
+            &[("id", "7"), ("user_id", "2")],
+        )],
+        "
         UNLINK user:2:orders
         UNLINK order:7
         TAG user:2
-    ");
+    ",
+    );
 }
 
 // ---- `on` and `changed` filters ---------------------------------------------
 
 #[test]
 fn on_filter_skips_unlisted_ops() {
-    let mapping = "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\non = [\"update\", \"delete\"]";
-    check(mapping, &[insert("orders", &[("id", "1")]), delete("orders", &[("id", "2")])], "UNLINK order:2");
+    let mapping =
+        "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\non = [\"update\", \"delete\"]";
+    check(
+        mapping,
+        &[
+            insert("orders", &[("id", "1")]),
+            delete("orders", &[("id", "2")]),
+        ],
+        "UNLINK order:2",
+    );
 }
 
 #[test]
 fn on_filter_truncate_only() {
     let mapping = "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\non = [\"truncate\"]";
-    check(mapping, &[insert("orders", &[("id", "1")]), truncate("orders")], "UNLINK MATCH order:*");
+    check(
+        mapping,
+        &[insert("orders", &[("id", "1")]), truncate("orders")],
+        "UNLINK MATCH order:*",
+    );
 }
 
 const CHANGED: &str = r#"
@@ -290,38 +390,63 @@ fn changed_filter_counts_unchanged_toast_as_unchanged() {
 
 #[test]
 fn changed_filter_does_not_apply_to_inserts_and_deletes() {
-    check(CHANGED, &[insert("orders", &[("id", "1")]), delete("orders", &[("id", "2")])], "
+    check(
+        CHANGED,
+        &[
+            insert("orders", &[("id", "1")]),
+            delete("orders", &[("id", "2")]),
+        ],
+        "
         UNLINK order:1
         UNLINK order:2
-    ");
+    ",
+    );
 }
 
 // ---- refresh -----------------------------------------------------------------
 
 #[test]
 fn refresh_on_insert_writes_json_after_deletes() {
-    check(ORDER_SUMMARY, &[insert("orders", &[("id", "7"), ("status", "new"), ("total", "12")])], r#"
+    check(
+        ORDER_SUMMARY,
+        &[insert(
+            "orders",
+            &[("id", "7"), ("status", "new"), ("total", "12")],
+        )],
+        r#"
         UNLINK order:7
         SET order:7:summary {"id":7,"status":"new","total":12} EX 3600
-    "#);
+    "#,
+    );
 }
 
 #[test]
 fn refresh_on_update_writes_the_new_row() {
     let old = [("id", "7"), ("status", "new"), ("total", "12")];
     let new = [("id", "7"), ("status", "paid"), ("total", "12")];
-    check(ORDER_SUMMARY, &[update("orders", &old, &new)], r#"
+    check(
+        ORDER_SUMMARY,
+        &[update("orders", &old, &new)],
+        r#"
         UNLINK order:7
         SET order:7:summary {"id":7,"status":"paid","total":12} EX 3600
-    "#);
+    "#,
+    );
 }
 
 #[test]
 fn refresh_on_delete_deletes_its_key() {
-    check(ORDER_SUMMARY, &[delete("orders", &[("id", "7"), ("status", "new"), ("total", "1")])], "
+    check(
+        ORDER_SUMMARY,
+        &[delete(
+            "orders",
+            &[("id", "7"), ("status", "new"), ("total", "1")],
+        )],
+        "
         UNLINK order:7
         UNLINK order:7:summary
-    ");
+    ",
+    );
 }
 
 #[test]
@@ -336,12 +461,16 @@ fn refresh_key_that_moves_deletes_the_old_rendering() {
     "#;
     let old = [("id", "7"), ("user_id", "1")];
     let new = [("id", "7"), ("user_id", "2")];
-    check(mapping, &[update("orders", &old, &new)], r#"
+    check(
+        mapping,
+        &[update("orders", &old, &new)],
+        r#"
         UNLINK user:1:last_order
         TAG user:1
         TAG user:2
         SET user:2:last_order {"id":7}
-    "#);
+    "#,
+    );
 }
 
 #[test]
@@ -356,10 +485,14 @@ fn refresh_with_unchanged_toast_falls_back_to_delete() {
     "#;
     let old = [("id", "1")];
     let new = [("id", "1"), ("bio", "TOAST")];
-    check(mapping, &[update("users", &old, &new)], "
+    check(
+        mapping,
+        &[update("users", &old, &new)],
+        "
         UNLINK user:1
         UNLINK user:1:card
-    ");
+    ",
+    );
 }
 
 #[test]
@@ -374,10 +507,14 @@ fn refresh_with_unchanged_toast_uses_the_full_old_row() {
     "#;
     let old = [("id", "1"), ("bio", "long text")];
     let new = [("id", "1"), ("bio", "TOAST")];
-    check(mapping, &[update("users", &old, &new)], r#"
+    check(
+        mapping,
+        &[update("users", &old, &new)],
+        r#"
         UNLINK user:1
         SET user:1:card {"id":1,"bio":"long text"}
-    "#);
+    "#,
+    );
 }
 
 #[test]
@@ -391,7 +528,11 @@ fn refresh_ttl_with_jitter() {
         ttl = "15m"
         jitter = "12.5%"
     "#;
-    check(mapping, &[insert("users", &[("id", "1")])], r#"SET user:1 {"id":1} EX 900 JITTER 12.5%"#);
+    check(
+        mapping,
+        &[insert("users", &[("id", "1")])],
+        r#"SET user:1 {"id":1} EX 900 JITTER 12.5%"#,
+    );
 }
 
 #[test]
@@ -403,20 +544,40 @@ fn refresh_json_keeps_types() {
         key = "t:{id}"
         columns = ["id", "flag", "gone", "quote", "nan"]
     "#;
-    let new = [("id", "1"), ("flag", "false"), ("gone", "NULL"), ("quote", "say \"hi\"")];
-    let mut new = row(&new).columns().map(|(n, d)| (n.to_owned(), d.clone())).collect::<Vec<_>>();
+    let new = [
+        ("id", "1"),
+        ("flag", "false"),
+        ("gone", "NULL"),
+        ("quote", "say \"hi\""),
+    ];
+    let mut new = row(&new)
+        .columns()
+        .map(|(n, d)| (n.to_owned(), d.clone()))
+        .collect::<Vec<_>>();
     new.push(("nan".into(), Datum::Number("NaN".into())));
     let new = Row::from_pairs(new.iter().map(|(n, d)| (n.as_str(), d.clone())));
-    check(mapping, &[change("t", Op::Insert, None, Some(new))], r#"
+    check(
+        mapping,
+        &[change("t", Op::Insert, None, Some(new))],
+        r#"
         SET t:1 {"id":1,"flag":false,"gone":null,"quote":"say \"hi\"","nan":"NaN"}
-    "#);
+    "#,
+    );
 }
 
 #[test]
 fn refresh_json_embeds_json_columns() {
-    let mapping = "[[table]]\nname = \"t\"\n[[table.refresh]]\nkey = \"t:{id}\"\ncolumns = [\"doc\"]";
-    let new = Row::from_pairs([("id", Datum::Number("1".into())), ("doc", Datum::Json(r#"{"a": [1]}"#.into()))]);
-    check(mapping, &[change("t", Op::Insert, None, Some(new))], r#"SET t:1 {"doc":{"a": [1]}}"#);
+    let mapping =
+        "[[table]]\nname = \"t\"\n[[table.refresh]]\nkey = \"t:{id}\"\ncolumns = [\"doc\"]";
+    let new = Row::from_pairs([
+        ("id", Datum::Number("1".into())),
+        ("doc", Datum::Json(r#"{"a": [1]}"#.into())),
+    ]);
+    check(
+        mapping,
+        &[change("t", Op::Insert, None, Some(new))],
+        r#"SET t:1 {"doc":{"a": [1]}}"#,
+    );
 }
 
 #[test]
@@ -431,10 +592,14 @@ fn refresh_with_null_new_key_deletes_only_the_old_key() {
     "#;
     let old = [("id", "7"), ("user_id", "1")];
     let new = [("id", "7"), ("user_id", "NULL")];
-    check(mapping, &[update("orders", &old, &new)], "
+    check(
+        mapping,
+        &[update("orders", &old, &new)],
+        "
         UNLINK order:7
         UNLINK user:1:last_order
-    ");
+    ",
+    );
 }
 
 // ---- batches: dedupe and order -----------------------------------------------
@@ -444,33 +609,53 @@ fn dedupes_keys_across_a_batch() {
     let changes = [
         insert("orders", &[("id", "1"), ("user_id", "9")]),
         insert("orders", &[("id", "2"), ("user_id", "9")]),
-        update("orders", &[("id", "1"), ("user_id", "9")], &[("id", "1"), ("user_id", "9")]),
+        update(
+            "orders",
+            &[("id", "1"), ("user_id", "9")],
+            &[("id", "1"), ("user_id", "9")],
+        ),
     ];
-    check(ORDERS, &changes, "
+    check(
+        ORDERS,
+        &changes,
+        "
         UNLINK user:9:orders
         UNLINK order:1
         UNLINK order:2
         TAG user:9
-    ");
+    ",
+    );
 }
 
 #[test]
 fn refresh_then_delete_in_one_batch_deletes() {
     let row = [("id", "7"), ("status", "new"), ("total", "1")];
-    check(ORDER_SUMMARY, &[insert("orders", &row), delete("orders", &row)], "
+    check(
+        ORDER_SUMMARY,
+        &[insert("orders", &row), delete("orders", &row)],
+        "
         UNLINK order:7
         UNLINK order:7:summary
-    ");
+    ",
+    );
 }
 
 #[test]
 fn delete_then_refresh_in_one_batch_refreshes_with_the_last_value() {
     let first = [("id", "7"), ("status", "new"), ("total", "1")];
     let second = [("id", "7"), ("status", "paid"), ("total", "2")];
-    check(ORDER_SUMMARY, &[delete("orders", &first), insert("orders", &first), update("orders", &first, &second)], r#"
+    check(
+        ORDER_SUMMARY,
+        &[
+            delete("orders", &first),
+            insert("orders", &first),
+            update("orders", &first, &second),
+        ],
+        r#"
         UNLINK order:7
         SET order:7:summary {"id":7,"status":"paid","total":2} EX 3600
-    "#);
+    "#,
+    );
 }
 
 #[test]
@@ -480,23 +665,31 @@ fn deletes_go_before_tags_and_refreshes_last_across_tables() {
         insert("orders", &[("id", "1"), ("status", "new"), ("total", "5")]),
         insert("users", &[("id", "3")]),
     ];
-    check(&mapping, &changes, r#"
+    check(
+        &mapping,
+        &changes,
+        r#"
         UNLINK order:1
         UNLINK user:3
         TAG user:3
         SET order:1:summary {"id":1,"status":"new","total":5} EX 3600
-    "#);
+    "#,
+    );
 }
 
 // ---- TRUNCATE ----------------------------------------------------------------
 
 #[test]
 fn truncate_deletes_every_key_pattern_and_tag_pattern() {
-    check(ORDERS, &[truncate("orders")], "
+    check(
+        ORDERS,
+        &[truncate("orders")],
+        "
         UNLINK MATCH user:*:orders
         UNLINK MATCH order:*
         TAG MATCH user:*
-    ");
+    ",
+    );
 }
 
 #[test]
@@ -508,23 +701,31 @@ fn truncate_patterns_escape_literal_globs() {
 #[test]
 fn truncate_after_a_refresh_in_the_batch_wins() {
     let row = [("id", "7"), ("status", "new"), ("total", "1")];
-    check(ORDER_SUMMARY, &[insert("orders", &row), truncate("orders")], "
+    check(
+        ORDER_SUMMARY,
+        &[insert("orders", &row), truncate("orders")],
+        "
         UNLINK order:7
         UNLINK order:7:summary
         UNLINK MATCH order:*
         UNLINK MATCH order:*:summary
-    ");
+    ",
+    );
 }
 
 #[test]
 fn insert_after_truncate_keeps_its_refresh() {
     let row = [("id", "8"), ("status", "new"), ("total", "1")];
-    check(ORDER_SUMMARY, &[truncate("orders"), insert("orders", &row)], r#"
+    check(
+        ORDER_SUMMARY,
+        &[truncate("orders"), insert("orders", &row)],
+        r#"
         UNLINK order:8
         UNLINK MATCH order:*
         UNLINK MATCH order:*:summary
         SET order:8:summary {"id":8,"status":"new","total":1} EX 3600
-    "#);
+    "#,
+    );
 }
 
 // ---- values that are not there ------------------------------------------------
@@ -534,27 +735,43 @@ fn missing_old_values_fall_back_to_a_pattern_over_that_placeholder() {
     // REPLICA IDENTITY DEFAULT: the old row holds only the key column.
     let old = [("id", "7")];
     let new = [("id", "7"), ("user_id", "2")];
-    check(ORDERS, &[update("orders", &old, &new)], "
+    check(
+        ORDERS,
+        &[update("orders", &old, &new)],
+        "
         UNLINK user:2:orders
         UNLINK order:7
         UNLINK MATCH user:*:orders
         TAG user:2
         TAG MATCH user:*
-    ");
+    ",
+    );
 }
 
 #[test]
 fn unknown_values_keep_known_parts_of_the_pattern() {
     let mapping = "[[table]]\nname = \"t\"\nkeys = [\"t:{a}:{b}\"]";
-    check(mapping, &[update("t", &[("a", "x:y")], &[("a", "x:y"), ("b", "2")])], r"
+    check(
+        mapping,
+        &[update("t", &[("a", "x:y")], &[("a", "x:y"), ("b", "2")])],
+        r"
         UNLINK t:x%3Ay:2
         UNLINK MATCH t:x%3Ay:*
-    ");
+    ",
+    );
 }
 
 #[test]
 fn unchanged_toast_in_a_key_without_old_value_is_a_pattern() {
-    check(KEY_ONLY, &[update("things", &[("id", "1")], &[("id", "1"), ("v", "TOAST")])], "UNLINK MATCH thing:*");
+    check(
+        KEY_ONLY,
+        &[update(
+            "things",
+            &[("id", "1")],
+            &[("id", "1"), ("v", "TOAST")],
+        )],
+        "UNLINK MATCH thing:*",
+    );
 }
 
 #[test]
@@ -563,27 +780,50 @@ fn key_longer_than_the_limit_falls_back_to_the_pattern() {
         max_key_bytes: 20,
         ..Limits::default()
     };
-    check_with(KEY_ONLY, limits, &[insert("things", &[("v", "0123456789abcdefghij")]), insert("things", &[("v", "ok")])], "
+    check_with(
+        KEY_ONLY,
+        limits,
+        &[
+            insert("things", &[("v", "0123456789abcdefghij")]),
+            insert("things", &[("v", "ok")]),
+        ],
+        "
         UNLINK thing:ok
         UNLINK MATCH thing:*
-    ");
+    ",
+    );
 }
 
 #[test]
 fn null_wins_over_unknown_in_one_key() {
     let mapping = "[[table]]\nname = \"t\"\nkeys = [\"t:{a}:{b}\", \"t:{a}\"]";
-    check(mapping, &[insert("t", &[("a", "1"), ("b", "NULL"), ("c", "TOAST")])], "UNLINK t:1");
-    check(mapping, &[delete("t", &[("b", "NULL")])], "UNLINK MATCH t:*");
+    check(
+        mapping,
+        &[insert("t", &[("a", "1"), ("b", "NULL"), ("c", "TOAST")])],
+        "UNLINK t:1",
+    );
+    check(
+        mapping,
+        &[delete("t", &[("b", "NULL")])],
+        "UNLINK MATCH t:*",
+    );
 }
 
 #[test]
 fn origins_point_at_the_rule() {
     let mappings = mapping::load_str("m/orders.toml", ORDERS, Limits::default()).expect("loads");
-    let plan = plan_changes(&mappings, &[insert("orders", &[("id", "7"), ("user_id", "1")])], &mut Output::default());
+    let plan = plan_changes(
+        &mappings,
+        &[insert("orders", &[("id", "7"), ("user_id", "1")])],
+        &mut Output::default(),
+    );
     let origins: Vec<String> = plan
         .commands
         .iter()
         .map(|command| mappings.origin(command.origin()).file_line())
         .collect();
-    assert_eq!(origins, ["m/orders.toml:4", "m/orders.toml:4", "m/orders.toml:5"]);
+    assert_eq!(
+        origins,
+        ["m/orders.toml:4", "m/orders.toml:4", "m/orders.toml:5"]
+    );
 }

@@ -159,7 +159,8 @@ fn bad_column_in_changed() {
     );
 }
 
-const REFRESH_HEAD: &str = "[[table]]\nname = \"orders\"\n[[table.refresh]]\nkey = \"o:{id}\"\ncolumns = [\"id\"]\n";
+const REFRESH_HEAD: &str =
+    "[[table]]\nname = \"orders\"\n[[table.refresh]]\nkey = \"o:{id}\"\ncolumns = [\"id\"]\n";
 
 #[test]
 fn bad_duration() {
@@ -236,8 +237,14 @@ fn duplicate_template() {
 #[test]
 fn duplicate_table_across_files() {
     let files = [
-        (PathBuf::from("a.toml"), "[[table]]\nname = \"orders\"\nkeys = [\"a\"]\n".to_owned()),
-        (PathBuf::from("b.toml"), "\n[[table]]\nname = \"public.orders\"\nkeys = [\"b\"]\n".to_owned()),
+        (
+            PathBuf::from("a.toml"),
+            "[[table]]\nname = \"orders\"\nkeys = [\"a\"]\n".to_owned(),
+        ),
+        (
+            PathBuf::from("b.toml"),
+            "\n[[table]]\nname = \"public.orders\"\nkeys = [\"b\"]\n".to_owned(),
+        ),
     ];
     let errors: Vec<String> = load_files(&files, Limits::default())
         .expect_err("duplicate")
@@ -256,7 +263,10 @@ fn template_longer_than_the_key_limit() {
         max_key_bytes: 16,
         ..Limits::default()
     };
-    let errors = errors_with("[[table]]\nname = \"o\"\nkeys = [\"a-very-long-literal-key:{id}\"]\n", limits);
+    let errors = errors_with(
+        "[[table]]\nname = \"o\"\nkeys = [\"a-very-long-literal-key:{id}\"]\n",
+        limits,
+    );
     assert_eq!(
         errors,
         ["m.toml:3:9: error: template `a-very-long-literal-key:{id}` is longer than max_key_bytes = 16\n  help: shorten the template, or raise `mappings.max_key_bytes`"]
@@ -269,7 +279,10 @@ fn too_many_keys_per_change() {
         max_keys_per_change: 4,
         ..Limits::default()
     };
-    let errors = errors_with("[[table]]\nname = \"o\"\nkeys = [\"a:{id}\", \"b:{id}\", \"c:{id}\"]\n", limits);
+    let errors = errors_with(
+        "[[table]]\nname = \"o\"\nkeys = [\"a:{id}\", \"b:{id}\", \"c:{id}\"]\n",
+        limits,
+    );
     assert_eq!(
         errors,
         ["m.toml:2:8: error: table public.o renders up to 6 keys per change (old and new row), more than max_keys_per_change = 4\n  help: use tags for large groups of keys, or raise `mappings.max_keys_per_change`"]
@@ -286,22 +299,40 @@ fn every_problem_of_every_file_in_one_run() {
     let files = [
         (
             PathBuf::from("a.toml"),
-            "[[table]]\nname = \"orders\"\nkyes = [\"x\"]\nkeys = [\"o:{\"]\non = [\"upsert\"]\n".to_owned(),
+            "[[table]]\nname = \"orders\"\nkyes = [\"x\"]\nkeys = [\"o:{\"]\non = [\"upsert\"]\n"
+                .to_owned(),
         ),
-        (PathBuf::from("b.toml"), "[[table]]\nname = \"users\"\ntags = \"u\"\n".to_owned()),
+        (
+            PathBuf::from("b.toml"),
+            "[[table]]\nname = \"users\"\ntags = \"u\"\n".to_owned(),
+        ),
     ];
     let errors = load_files(&files, Limits::default()).expect_err("several problems");
     let places: Vec<String> = errors
         .iter()
-        .map(|d| d.location.as_ref().map(ToString::to_string).unwrap_or_default())
+        .map(|d| {
+            d.location
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default()
+        })
         .collect();
-    assert_eq!(places, ["a.toml:3:1", "a.toml:4:12", "a.toml:5:7", "b.toml:3:1"]);
+    assert_eq!(
+        places,
+        ["a.toml:3:1", "a.toml:4:12", "a.toml:5:7", "b.toml:3:1"]
+    );
 }
 
 #[test]
 fn missing_and_empty_directories() {
-    let missing = mapping::load_dir(std::path::Path::new("/nonexistent/mappings"), Limits::default()).expect_err("missing");
-    assert!(missing[0].to_string().starts_with("error: cannot read the mappings directory /nonexistent/mappings:"));
+    let missing = mapping::load_dir(
+        std::path::Path::new("/nonexistent/mappings"),
+        Limits::default(),
+    )
+    .expect_err("missing");
+    assert!(missing[0]
+        .to_string()
+        .starts_with("error: cannot read the mappings directory /nonexistent/mappings:"));
     let empty = tempfile::tempdir().expect("tempdir");
     let errors = mapping::load_dir(empty.path(), Limits::default()).expect_err("empty");
     assert_eq!(

@@ -81,7 +81,10 @@ pub fn load_str(path: &str, text: &str, limits: Limits) -> Result<Mappings, Vec<
 }
 
 /// Loads several files given as (path, text).
-pub fn load_files(files: &[(PathBuf, String)], limits: Limits) -> Result<Mappings, Vec<Diagnostic>> {
+pub fn load_files(
+    files: &[(PathBuf, String)],
+    limits: Limits,
+) -> Result<Mappings, Vec<Diagnostic>> {
     let mut builder = Builder {
         tables: HashMap::new(),
         seen: HashMap::new(),
@@ -105,7 +108,11 @@ pub fn load_files(files: &[(PathBuf, String)], limits: Limits) -> Result<Mapping
         })
     } else {
         let mut diagnostics = builder.diagnostics;
-        diagnostics.sort_by_key(|d| d.location.as_ref().map(|l| (l.file.clone(), l.line, l.column)));
+        diagnostics.sort_by_key(|d| {
+            d.location
+                .as_ref()
+                .map(|l| (l.file.clone(), l.line, l.column))
+        });
         Err(diagnostics)
     }
 }
@@ -168,7 +175,11 @@ impl FileScope<'_, '_> {
         match self.builder.seen.get(&table) {
             Some(first) => {
                 let message = format!("table {table} is mapped twice; first at {first}");
-                self.error(name.span.start, message, "merge the two [[table]] entries into one");
+                self.error(
+                    name.span.start,
+                    message,
+                    "merge the two [[table]] entries into one",
+                );
             }
             None => {
                 self.builder.seen.insert(table, location);
@@ -197,8 +208,16 @@ impl FileScope<'_, '_> {
         let changed = self.changed(spec.changed.as_ref());
         let keys = self.rules(&spec.keys, "keys");
         let tags = self.rules(&spec.tags, "tags");
-        let refresh: Vec<Refresh> = spec.refresh.iter().filter_map(|r| self.refresh(r, &spec.keys)).collect();
-        if spec.keys.is_empty() && spec.tags.is_empty() && spec.refresh.is_empty() && !spec.malformed {
+        let refresh: Vec<Refresh> = spec
+            .refresh
+            .iter()
+            .filter_map(|r| self.refresh(r, &spec.keys))
+            .collect();
+        if spec.keys.is_empty()
+            && spec.tags.is_empty()
+            && spec.refresh.is_empty()
+            && !spec.malformed
+        {
             self.error(
                 name.span.start,
                 format!("table {table} maps nothing"),
@@ -244,7 +263,11 @@ impl FileScope<'_, '_> {
                         Some(near) => format!("did you mean \"{near}\"?"),
                         None => "use insert, update, delete or truncate".to_owned(),
                     };
-                    self.error(op.span.start, format!("unknown op `{}` in `on`", op.value), help);
+                    self.error(
+                        op.span.start,
+                        format!("unknown op `{}` in `on`", op.value),
+                        help,
+                    );
                 }
             }
         }
@@ -258,7 +281,10 @@ impl FileScope<'_, '_> {
         ops
     }
 
-    fn changed(&mut self, changed: Option<&Located<Vec<Located<String>>>>) -> Option<Box<[Box<str>]>> {
+    fn changed(
+        &mut self,
+        changed: Option<&Located<Vec<Located<String>>>>,
+    ) -> Option<Box<[Box<str>]>> {
         let changed = changed?;
         if changed.value.is_empty() {
             self.error(
@@ -290,7 +316,10 @@ impl FileScope<'_, '_> {
             let Some(template) = self.template(written) else {
                 continue;
             };
-            if templates[..index].iter().any(|earlier| earlier.value == written.value) {
+            if templates[..index]
+                .iter()
+                .any(|earlier| earlier.value == written.value)
+            {
                 self.error(
                     written.span.start,
                     format!("`{}` is listed twice in `{field}`", written.value),
@@ -311,7 +340,10 @@ impl FileScope<'_, '_> {
                 if template.literal_len() > max {
                     self.error(
                         written.span.start,
-                        format!("template `{}` is longer than max_key_bytes = {max}", written.value),
+                        format!(
+                            "template `{}` is longer than max_key_bytes = {max}",
+                            written.value
+                        ),
                         "shorten the template, or raise `mappings.max_key_bytes`",
                     );
                     return None;
@@ -320,7 +352,11 @@ impl FileScope<'_, '_> {
             }
             Err(error) => {
                 let quote = string_quote_len(self.file.text, &written.span);
-                self.error(written.span.start + quote + error.offset, error.message, error.help);
+                self.error(
+                    written.span.start + quote + error.offset,
+                    error.message,
+                    error.help,
+                );
                 None
             }
         }
@@ -344,9 +380,15 @@ impl FileScope<'_, '_> {
             );
         }
         let columns = match &spec.columns {
-            Some(columns) if !columns.value.is_empty() => self.column_names(&columns.value, "columns"),
+            Some(columns) if !columns.value.is_empty() => {
+                self.column_names(&columns.value, "columns")
+            }
             Some(columns) => {
-                self.error(columns.span.start, "`columns` is empty", "list the columns the cached value holds");
+                self.error(
+                    columns.span.start,
+                    "`columns` is empty",
+                    "list the columns the cached value holds",
+                );
                 Box::default()
             }
             None => {
@@ -387,11 +429,22 @@ impl FileScope<'_, '_> {
                 jitter_bp: jitter_bp.unwrap_or(0),
             }),
             Ok(_) => {
-                self.error(ttl.span.start, format!("ttl `{}` is not a whole number of seconds of at least 1s", ttl.value), help);
+                self.error(
+                    ttl.span.start,
+                    format!(
+                        "ttl `{}` is not a whole number of seconds of at least 1s",
+                        ttl.value
+                    ),
+                    help,
+                );
                 None
             }
             Err(error) => {
-                self.error(ttl.span.start, format!("bad ttl `{}`: {error}", ttl.value), help);
+                self.error(
+                    ttl.span.start,
+                    format!("bad ttl `{}`: {error}", ttl.value),
+                    help,
+                );
                 None
             }
         }

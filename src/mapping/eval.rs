@@ -60,9 +60,15 @@ pub enum NoteKind {
     /// An update changed none of the `changed` columns.
     Unchanged,
     /// A placeholder was NULL, so the key does not exist.
-    NullPlaceholder { template: Box<str>, column: Box<str> },
+    NullPlaceholder {
+        template: Box<str>,
+        column: Box<str>,
+    },
     /// A placeholder's value was unknown: a pattern was used instead.
-    Unavailable { template: Box<str>, column: Box<str> },
+    Unavailable {
+        template: Box<str>,
+        column: Box<str>,
+    },
     /// A rendering was longer than `max_key_bytes`: a pattern was used.
     KeyTooLong { template: Box<str>, bytes: usize },
     /// A refresh value column was unknown: the key is deleted instead.
@@ -108,7 +114,10 @@ impl Output {
 
     fn note(&mut self, origin: OriginId, kind: impl FnOnce() -> NoteKind) {
         if self.keep_notes {
-            self.notes.push(Note { origin, kind: kind() });
+            self.notes.push(Note {
+                origin,
+                kind: kind(),
+            });
         }
     }
 }
@@ -187,13 +196,21 @@ impl Mappings {
 
     /// Renders `template` on each side, skipping a rendering equal to the
     /// previous one.
-    fn render_all(&self, template: &Template, origin: OriginId, use_: Use, sides: &[Side<'_>], out: &mut Output) {
+    fn render_all(
+        &self,
+        template: &Template,
+        origin: OriginId,
+        use_: Use,
+        sides: &[Side<'_>],
+        out: &mut Output,
+    ) {
         let mut previous: Option<usize> = None;
         for &side in sides {
             let Some(action) = self.render(template, origin, use_, side, out) else {
                 continue;
             };
-            let repeated = previous.is_some_and(|index| action_text(&out.actions[index].kind) == action_text(&action));
+            let repeated = previous
+                .is_some_and(|index| action_text(&out.actions[index].kind) == action_text(&action));
             if !repeated {
                 out.push(origin, action);
                 previous = Some(out.actions.len() - 1);
@@ -203,7 +220,14 @@ impl Mappings {
 
     /// One template on one side: the exact key, a pattern when a value is
     /// unknown or the key too long, or nothing when a placeholder is NULL.
-    fn render(&self, template: &Template, origin: OriginId, use_: Use, side: Side<'_>, out: &mut Output) -> Option<ActionKind> {
+    fn render(
+        &self,
+        template: &Template,
+        origin: OriginId,
+        use_: Use,
+        side: Side<'_>,
+        out: &mut Output,
+    ) -> Option<ActionKind> {
         let exact = |key| match use_ {
             Use::Key => ActionKind::Delete(key),
             Use::Tag => ActionKind::Tag(key),
@@ -236,7 +260,9 @@ impl Mappings {
                     template: template.source().into(),
                     column: column.into(),
                 });
-                Some(matching(template.pattern(|column| side.value(column).canonical_text())))
+                Some(matching(
+                    template.pattern(|column| side.value(column).canonical_text()),
+                ))
             }
         }
     }
@@ -249,9 +275,13 @@ impl Mappings {
             (_, &[old]) => (Some(old), None),
             _ => return,
         };
-        let old_action = old_side.and_then(|side| self.render(&refresh.key, origin, Use::Key, side, out));
-        let new_key = new_side.map(|side| (side, self.render(&refresh.key, origin, Use::Key, side, out)));
-        let new_text = new_key.as_ref().and_then(|(_, action)| action.as_ref().map(action_text));
+        let old_action =
+            old_side.and_then(|side| self.render(&refresh.key, origin, Use::Key, side, out));
+        let new_key =
+            new_side.map(|side| (side, self.render(&refresh.key, origin, Use::Key, side, out)));
+        let new_text = new_key
+            .as_ref()
+            .and_then(|(_, action)| action.as_ref().map(action_text));
         if let Some(old_action) = old_action {
             if Some(action_text(&old_action)) != new_text {
                 out.push(origin, old_action);
@@ -265,7 +295,14 @@ impl Mappings {
             return out.push(origin, action);
         };
         match refresh_value(refresh, side) {
-            Ok(value) => out.push(origin, ActionKind::Refresh { key, value, ttl: refresh.ttl }),
+            Ok(value) => out.push(
+                origin,
+                ActionKind::Refresh {
+                    key,
+                    value,
+                    ttl: refresh.ttl,
+                },
+            ),
             Err(column) => {
                 out.counts.refresh_fallbacks += 1;
                 out.note(origin, || NoteKind::RefreshFallback {
@@ -280,13 +317,22 @@ impl Mappings {
     /// Every key, refresh key and tag the table's templates can produce.
     fn truncate(&self, mapping: &TableMapping, out: &mut Output) {
         for rule in &mapping.keys {
-            out.push(rule.origin, ActionKind::DeleteMatching(rule.template.pattern(|_| None)));
+            out.push(
+                rule.origin,
+                ActionKind::DeleteMatching(rule.template.pattern(|_| None)),
+            );
         }
         for refresh in &mapping.refresh {
-            out.push(refresh.origin, ActionKind::DeleteMatching(refresh.key.pattern(|_| None)));
+            out.push(
+                refresh.origin,
+                ActionKind::DeleteMatching(refresh.key.pattern(|_| None)),
+            );
         }
         for rule in &mapping.tags {
-            out.push(rule.origin, ActionKind::TagMatching(rule.template.pattern(|_| None)));
+            out.push(
+                rule.origin,
+                ActionKind::TagMatching(rule.template.pattern(|_| None)),
+            );
         }
     }
 }
@@ -308,11 +354,13 @@ fn is_unchanged(mapping: &TableMapping, old: Option<&Row>, new: &Row) -> bool {
         return false;
     };
     let old = Side::Old(old);
-    changed.iter().all(|column| match (old.value(column), new.get(column)) {
-        (_, Datum::UnchangedToast) => true,
-        (before, after) if before.is_known() => before == after,
-        _ => false,
-    })
+    changed
+        .iter()
+        .all(|column| match (old.value(column), new.get(column)) {
+            (_, Datum::UnchangedToast) => true,
+            (before, after) if before.is_known() => before == after,
+            _ => false,
+        })
 }
 
 /// The JSON object of the refresh's columns, or the first column whose value
@@ -362,13 +410,19 @@ fn write_json_string(text: &str, out: &mut String) {
 /// Whether `text` is a JSON number (Postgres' NaN and Infinity are not).
 fn is_json_number(text: &str) -> bool {
     let digits = text.strip_prefix('-').unwrap_or(text);
-    let (int, rest) = digits.split_at(digits.find(|c: char| !c.is_ascii_digit()).unwrap_or(digits.len()));
+    let (int, rest) = digits.split_at(
+        digits
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(digits.len()),
+    );
     if int.is_empty() || (int.len() > 1 && int.starts_with('0')) {
         return false;
     }
     let rest = match rest.strip_prefix('.') {
         Some(fraction) => {
-            let end = fraction.find(|c: char| !c.is_ascii_digit()).unwrap_or(fraction.len());
+            let end = fraction
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(fraction.len());
             if end == 0 {
                 return false;
             }

@@ -85,7 +85,11 @@ impl TableMapping {
             .templates()
             .flat_map(|(template, _)| template.columns())
             .chain(self.changed.iter().flatten().map(|c| &**c))
-            .chain(self.refresh.iter().flat_map(|r| r.columns.iter().map(|c| &**c)))
+            .chain(
+                self.refresh
+                    .iter()
+                    .flat_map(|r| r.columns.iter().map(|c| &**c)),
+            )
             .collect();
         columns.sort_unstable();
         columns.dedup();
@@ -152,7 +156,11 @@ pub struct Origin {
 impl Origin {
     /// `file:line`, as `explain` prints it.
     pub fn file_line(&self) -> String {
-        format!("{}:{}", display_path(&self.location.file), self.location.line)
+        format!(
+            "{}:{}",
+            display_path(&self.location.file),
+            self.location.line
+        )
     }
 }
 

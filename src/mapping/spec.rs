@@ -104,7 +104,11 @@ impl Reader<'_, '_> {
             }
         }
         if tables.is_empty() && root.is_empty() {
-            self.error(0, "the file maps no table", "add a `[[table]]` section, or delete the file");
+            self.error(
+                0,
+                "the file maps no table",
+                "add a `[[table]]` section, or delete the file",
+            );
         }
         tables
     }
@@ -142,13 +146,21 @@ impl Reader<'_, '_> {
         value: &Spanned<DeValue<'_>>,
     ) -> Vec<RefreshSpec> {
         let DeValue::Array(entries) = value.get_ref() else {
-            self.wrong_type(key, "an array of tables", "write each as a `[[table.refresh]]` section");
+            self.wrong_type(
+                key,
+                "an array of tables",
+                "write each as a `[[table.refresh]]` section",
+            );
             return Vec::new();
         };
         let mut refreshes = Vec::new();
         for entry in entries.iter() {
             let DeValue::Table(table) = entry.get_ref() else {
-                self.wrong_type(key, "an array of tables", "write each as a `[[table.refresh]]` section");
+                self.wrong_type(
+                    key,
+                    "an array of tables",
+                    "write each as a `[[table.refresh]]` section",
+                );
                 continue;
             };
             let mut spec = RefreshSpec {
@@ -195,7 +207,11 @@ impl Reader<'_, '_> {
         value: &Spanned<DeValue<'_>>,
     ) -> Option<Located<Vec<Located<String>>>> {
         let DeValue::Array(items) = value.get_ref() else {
-            self.wrong_type(key, "an array of strings", "write a list, e.g. [\"a\", \"b\"]");
+            self.wrong_type(
+                key,
+                "an array of strings",
+                "write a list, e.g. [\"a\", \"b\"]",
+            );
             return None;
         };
         let mut strings = Vec::with_capacity(items.len());
@@ -207,7 +223,11 @@ impl Reader<'_, '_> {
                 }),
                 other => self.error(
                     item.span().start,
-                    format!("`{}` must be an array of strings, found a {}", key.get_ref(), other.type_str()),
+                    format!(
+                        "`{}` must be an array of strings, found a {}",
+                        key.get_ref(),
+                        other.type_str()
+                    ),
                     "put each entry in double quotes",
                 ),
             }
@@ -226,12 +246,21 @@ impl Reader<'_, '_> {
         );
     }
 
-    fn unknown_field(&mut self, key: &Spanned<std::borrow::Cow<'_, str>>, known: &[&str], place: &str) {
+    fn unknown_field(
+        &mut self,
+        key: &Spanned<std::borrow::Cow<'_, str>>,
+        known: &[&str],
+        place: &str,
+    ) {
         let name = key.get_ref();
         let help = match did_you_mean(name, known) {
             Some(near) => format!("did you mean `{near}`?"),
             None => format!("known fields: {}", known.join(", ")),
         };
-        self.error(key.span().start, format!("unknown field `{name}` {place}"), help);
+        self.error(
+            key.span().start,
+            format!("unknown field `{name}` {place}"),
+            help,
+        );
     }
 }

@@ -66,7 +66,8 @@ impl Template {
                         return Err(TemplateError {
                             offset,
                             message: "unclosed `{` in template".into(),
-                            help: "close the placeholder with `}`, or write `{{` for a literal brace",
+                            help:
+                                "close the placeholder with `}`, or write `{{` for a literal brace",
                         });
                     };
                     let column = &source[start..end];
@@ -199,7 +200,8 @@ fn check_column(column: &str, brace_offset: usize) -> Result<(), TemplateError> 
 
 /// Bytes that are percent-encoded in rendered values.
 fn needs_escape(byte: u8) -> bool {
-    matches!(byte, b'%' | b':' | b'{' | b'}' | b'*' | b'?' | b'[' | b']') || byte.is_ascii_whitespace()
+    matches!(byte, b'%' | b':' | b'{' | b'}' | b'*' | b'?' | b'[' | b']')
+        || byte.is_ascii_whitespace()
         || byte == 0x0b
 }
 
@@ -278,12 +280,18 @@ mod tests {
 
     fn render(template: &str, value: &str) -> String {
         let datum = Datum::text(value);
-        Template::parse(template).unwrap().render(|_| &datum).unwrap()
+        Template::parse(template)
+            .unwrap()
+            .render(|_| &datum)
+            .unwrap()
     }
 
     #[test]
     fn escapes_structural_characters() {
-        assert_eq!(render("k:{a}", "1:2*3?[x]{y} z%"), "k:1%3A2%2A3%3F%5Bx%5D%7By%7D%20z%25");
+        assert_eq!(
+            render("k:{a}", "1:2*3?[x]{y} z%"),
+            "k:1%3A2%2A3%3F%5Bx%5D%7By%7D%20z%25"
+        );
         assert_eq!(render("k:{a}", "héllo→"), "k:héllo→");
         assert_eq!(render("k:{a}", ""), "k:");
     }
@@ -299,7 +307,10 @@ mod tests {
     #[test]
     fn syntax_errors_point_at_the_brace() {
         let error = Template::parse("user:{id").unwrap_err();
-        assert_eq!((error.offset, error.message.as_str()), (5, "unclosed `{` in template"));
+        assert_eq!(
+            (error.offset, error.message.as_str()),
+            (5, "unclosed `{` in template")
+        );
         assert_eq!(Template::parse("a}b").unwrap_err().offset, 1);
         assert_eq!(Template::parse("a:{}").unwrap_err().offset, 2);
         assert_eq!(Template::parse("a:{x y}").unwrap_err().offset, 2);

@@ -40,8 +40,8 @@ impl TestkitError {
 
 /// A TCP port that was free a moment ago.
 fn free_port() -> Result<u16, TestkitError> {
-    let listener =
-        std::net::TcpListener::bind(("127.0.0.1", 0)).map_err(|e| TestkitError::io("find a free port", e))?;
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .map_err(|e| TestkitError::io("find a free port", e))?;
     let port = listener
         .local_addr()
         .map_err(|e| TestkitError::io("find a free port", e))?

@@ -34,14 +34,23 @@ impl Postgres {
         reaper::reap_dir(dir.path());
         let as_postgres = running_as_root();
         if as_postgres {
-            run(Command::new("chown").arg("postgres:postgres").arg(dir.path()), "chown the data directory")?;
+            run(
+                Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(dir.path()),
+                "chown the data directory",
+            )?;
         }
         let data = dir.path().join("data");
         let mut initdb = command(&bin_dir, "initdb", as_postgres);
-        initdb
-            .arg("-D")
-            .arg(&data)
-            .args(["-U", "postgres", "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"]);
+        initdb.arg("-D").arg(&data).args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",
+        ]);
         run(&mut initdb, "initdb")?;
         let mut last_error = None;
         for _ in 0..3 {
@@ -62,12 +71,25 @@ impl Postgres {
         Err(last_error.expect("three attempts"))
     }
 
-    fn spawn(bin_dir: &Path, dir: &Path, port: u16, as_postgres: bool) -> Result<(Child, u32), TestkitError> {
+    fn spawn(
+        bin_dir: &Path,
+        dir: &Path,
+        port: u16,
+        as_postgres: bool,
+    ) -> Result<(Child, u32), TestkitError> {
         let log_path = dir.join("postgres.log");
-        let log = fs::File::create(&log_path).map_err(|e| TestkitError::io("create the server log", e))?;
-        let log_err = log.try_clone().map_err(|e| TestkitError::io("open the server log", e))?;
+        let log = fs::File::create(&log_path)
+            .map_err(|e| TestkitError::io("create the server log", e))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| TestkitError::io("open the server log", e))?;
         if as_postgres {
-            run(Command::new("chown").arg("postgres:postgres").arg(&log_path), "chown the log")?;
+            run(
+                Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(&log_path),
+                "chown the log",
+            )?;
         }
         let mut server = command(bin_dir, "postgres", as_postgres);
         server
@@ -82,7 +104,9 @@ impl Postgres {
             .stdout(log)
             .stderr(log_err)
             .process_group(0);
-        let mut child = server.spawn().map_err(|e| TestkitError::io("start postgres", e))?;
+        let mut child = server
+            .spawn()
+            .map_err(|e| TestkitError::io("start postgres", e))?;
         reaper::reap_group(child.id());
         let pid_file = dir.join("data").join("postmaster.pid");
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -97,11 +121,15 @@ impl Postgres {
             }
             if let Ok(Some(status)) = child.try_wait() {
                 let log = fs::read_to_string(&log_path).unwrap_or_default();
-                return Err(TestkitError::Start(format!("postgres exited with {status}:\n{log}")));
+                return Err(TestkitError::Start(format!(
+                    "postgres exited with {status}:\n{log}"
+                )));
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                return Err(TestkitError::Start("postgres did not become ready in 60 s".into()));
+                return Err(TestkitError::Start(
+                    "postgres did not become ready in 60 s".into(),
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -132,10 +160,15 @@ impl Postgres {
     /// Creates a fresh, uniquely named database and returns its name.
     pub async fn create_database(&self) -> Result<String, TestkitError> {
         static NEXT: AtomicU32 = AtomicU32::new(1);
-        let name = format!("t{}_{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
-        let (client, connection) = tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls)
-            .await
-            .map_err(TestkitError::Postgres)?;
+        let name = format!(
+            "t{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let (client, connection) =
+            tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls)
+                .await
+                .map_err(TestkitError::Postgres)?;
         let task = tokio::spawn(connection);
         client
             .batch_execute(&format!("create database {name}"))

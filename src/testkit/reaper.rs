@@ -59,12 +59,17 @@ fn reaper() -> &'static Mutex<Reaper> {
             .spawn()
             .expect("the testkit needs `sh` to start its reaper process");
         let stdin = child.stdin.take().expect("piped stdin");
-        Mutex::new(Reaper { stdin, _child: child })
+        Mutex::new(Reaper {
+            stdin,
+            _child: child,
+        })
     })
 }
 
 fn register(line: &str) {
-    let mut reaper = reaper().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut reaper = reaper()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     // A write only fails when the reaper is gone; nothing left to tell then.
     let _ = writeln!(reaper.stdin, "{line}");
     let _ = reaper.stdin.flush();

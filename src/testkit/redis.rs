@@ -56,7 +56,16 @@ impl Redis {
 fn spawn(dir: &TempDir, port: u16) -> Result<Child, TestkitError> {
     let log = dir.path().join("redis.log");
     let mut child = Command::new("redis-server")
-        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+        ])
         .arg("--port")
         .arg(port.to_string())
         .arg("--dir")
@@ -68,7 +77,9 @@ fn spawn(dir: &TempDir, port: u16) -> Result<Child, TestkitError> {
         .stderr(Stdio::null())
         .process_group(0)
         .spawn()
-        .map_err(|e| TestkitError::io("start redis-server (install it with scripts/bootstrap)", e))?;
+        .map_err(|e| {
+            TestkitError::io("start redis-server (install it with scripts/bootstrap)", e)
+        })?;
     reaper::reap_pid(child.id());
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -77,11 +88,15 @@ fn spawn(dir: &TempDir, port: u16) -> Result<Child, TestkitError> {
         }
         if let Ok(Some(status)) = child.try_wait() {
             let log = std::fs::read_to_string(&log).unwrap_or_default();
-            return Err(TestkitError::Start(format!("redis-server exited with {status}:\n{log}")));
+            return Err(TestkitError::Start(format!(
+                "redis-server exited with {status}:\n{log}"
+            )));
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            return Err(TestkitError::Start("redis-server did not answer PING in 20 s".into()));
+            return Err(TestkitError::Start(
+                "redis-server did not answer PING in 20 s".into(),
+            ));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -94,7 +109,9 @@ pub fn ping(port: u16) -> bool {
     };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
     let mut reply = [0_u8; 7];
-    stream.write_all(b"PING\r\n").is_ok() && stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
+    stream.write_all(b"PING\r\n").is_ok()
+        && stream.read_exact(&mut reply).is_ok()
+        && &reply == b"+PONG\r\n"
 }
 
 impl Drop for Redis {

@@ -38,7 +38,11 @@ impl TestDb {
     pub async fn new() -> TestDb {
         static NEXT: AtomicU32 = AtomicU32::new(1);
         let stack = stack();
-        let name = stack.postgres.create_database().await.expect("create a test database");
+        let name = stack
+            .postgres
+            .create_database()
+            .await
+            .expect("create a test database");
         let url = stack.postgres.url(&name);
         let prefix = format!("t{}:", NEXT.fetch_add(1, Ordering::Relaxed));
         TestDb { name, url, prefix }
@@ -69,7 +73,8 @@ impl TestDb {
             .collect();
         files.sort();
         for file in files {
-            self.execute(&std::fs::read_to_string(&file).expect("read migration")).await;
+            self.execute(&std::fs::read_to_string(&file).expect("read migration"))
+                .await;
         }
     }
 }
