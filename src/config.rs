@@ -142,6 +142,39 @@ impl fmt::Debug for SecretUrl {
     }
 }
 
+impl Config {
+    /// A Postgres-source configuration with every default, for programs
+    /// and tests that build their configuration in code.
+    pub fn with_defaults(postgres_url: SecretUrl, redis_url: SecretUrl, mappings_dir: PathBuf) -> Config {
+        Config {
+            source: SourceKind::Postgres,
+            postgres: PostgresConfig {
+                url: Some(postgres_url),
+                slot: "evictd".into(),
+                publication: "evictd".into(),
+                create_slot: true,
+            },
+            kafka: None,
+            redis: RedisConfig {
+                url: redis_url,
+                prefix: String::new(),
+                l1_channel: "evictd:l1".into(),
+            },
+            mappings: MappingsConfig {
+                dir: mappings_dir,
+                limits: Limits::default(),
+            },
+            batch: BatchConfig {
+                max_keys: 10_000,
+                max_wait_ms: 2,
+            },
+            admin: AdminConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], 9187)),
+            },
+        }
+    }
+}
+
 const SECTIONS: &[&str] = &[
     "source", "postgres", "kafka", "redis", "mappings", "batch", "admin",
 ];

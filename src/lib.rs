@@ -24,3 +24,8 @@ pub mod mapping;
 pub mod plan;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+pub mod error;
+pub mod source;
+pub mod pipeline;
+pub mod apply;
+pub mod lag;

@@ -13,6 +13,7 @@
 //! **Architecture Invariant:** the planner does no IO and cannot fail.
 
 use std::fmt;
+use std::time::SystemTime;
 
 use indexmap::IndexMap;
 
@@ -78,6 +79,8 @@ impl fmt::Display for Command {
 pub struct Plan {
     pub commands: Vec<Command>,
     pub checkpoint: Option<Checkpoint>,
+    /// Commit time of the newest transaction the checkpoint covers.
+    pub commit_time: Option<SystemTime>,
     /// Row changes the batch covers.
     pub changes: u64,
 }
@@ -100,6 +103,7 @@ pub struct Planner {
     tags: IndexMap<String, OriginId>,
     tag_patterns: IndexMap<String, OriginId>,
     checkpoint: Option<Checkpoint>,
+    commit_time: Option<SystemTime>,
     changes: u64,
 }
 
@@ -116,7 +120,13 @@ impl Planner {
         }
     }
 
-    fn push(&mut self, action: Action) {
+    /// Counts row changes whose actions are pushed one by one.
+    pub fn count_changes(&mut self, changes: u64) {
+        self.changes += changes;
+    }
+
+    /// Adds one action, in commit order.
+    pub fn push(&mut self, action: Action) {
         let origin = action.origin;
         match action.kind {
             ActionKind::Delete(key) => {
@@ -149,8 +159,14 @@ impl Planner {
 
     /// Marks the end of a transaction: the batch now acknowledges up to
     /// `checkpoint`.
-    pub fn commit(&mut self, checkpoint: Checkpoint) {
+    pub fn commit(&mut self, checkpoint: Checkpoint, commit_time: Option<SystemTime>) {
         self.checkpoint = Some(checkpoint);
+        self.commit_time = commit_time.or(self.commit_time);
+    }
+
+    /// Whether a commit is waiting to be acknowledged.
+    pub fn has_checkpoint(&self) -> bool {
+        self.checkpoint.is_some()
     }
 
     /// Distinct keys, tags and patterns pending: the batch size bound.
@@ -194,6 +210,7 @@ impl Planner {
         Plan {
             commands,
             checkpoint: self.checkpoint.take(),
+            commit_time: self.commit_time.take(),
             changes: std::mem::take(&mut self.changes),
         }
     }

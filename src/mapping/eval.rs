@@ -16,7 +16,7 @@ use std::fmt::Write as _;
 
 use super::template::{Template, Unrendered};
 use super::{Mappings, OriginId, Refresh, TableMapping, Ttl};
-use crate::change::{Datum, Op, Row, RowChange};
+use crate::change::{Datum, Op, Row, RowChange, TableName};
 
 /// One thing to do to the cache, and the rule it came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -311,6 +311,15 @@ impl Mappings {
                 });
                 out.push(origin, ActionKind::Delete(key));
             }
+        }
+    }
+
+    /// The coarse invalidation of `table`, whatever its `on` says: every
+    /// key, refresh key and tag its templates can produce. For when the
+    /// exact changes are not known (a transaction too large to track).
+    pub fn eval_coarse(&self, table: &TableName, out: &mut Output) {
+        if let Some(mapping) = self.table(table) {
+            self.truncate(mapping, out);
         }
     }
 

@@ -223,7 +223,7 @@ pub fn escape_value(value: &str, out: &mut String) {
 }
 
 /// Appends literal `text` to a glob, escaping glob metacharacters.
-fn escape_glob(text: &str, out: &mut String) {
+pub fn escape_glob(text: &str, out: &mut String) {
     for c in text.chars() {
         if matches!(c, '*' | '?' | '[' | ']' | '\\') {
             out.push('\\');

@@ -7,10 +7,12 @@
 //!
 //! Enabled by the `testkit` cargo feature.
 
+mod evictd;
 mod postgres;
 pub mod reaper;
 mod redis;
 
+pub use evictd::{current_wal_lsn, Evictd};
 pub use postgres::Postgres;
 pub use redis::{ping as redis_ping, Redis};
 

@@ -191,6 +191,7 @@ const SETTINGS: &[&str] = &[
     "synchronous_commit=off",
     "full_page_writes=off",
     "logical_decoding_work_mem=64kB",
+    "wal_writer_delay=10ms",
 ];
 
 impl Drop for Postgres {

@@ -110,3 +110,99 @@ pub fn mapping_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
     }
     dir
 }
+
+/// A test database with evictd streaming from it into the shared Redis
+/// under the test's own key prefix.
+pub struct Streaming {
+    pub db: TestDb,
+    pub evictd: evictd::testkit::Evictd,
+    pub redis: redis::aio::MultiplexedConnection,
+    pub config: evictd::config::Config,
+    _mappings: tempfile::TempDir,
+}
+
+impl Streaming {
+    /// Runs `schema` (which must create the publication `evictd`, or leave
+    /// it to evictd), writes `mappings`, and starts evictd.
+    pub async fn start(schema: &str, mappings: &[(&str, &str)]) -> Streaming {
+        init_logging();
+        let db = TestDb::new().await;
+        db.execute(schema).await;
+        let dir = mapping_dir(mappings);
+        let config = streaming_config(&db, dir.path());
+        let evictd = evictd::testkit::Evictd::start(&config).await.expect("start evictd");
+        Streaming {
+            redis: redis_connection().await,
+            db,
+            evictd,
+            config,
+            _mappings: dir,
+        }
+    }
+
+    /// Caches `keys` (under the test's prefix) as if an application had.
+    pub async fn seed(&mut self, keys: &[&str]) {
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("SET").arg(format!("{}{key}", self.db.prefix)).arg("cached").ignore();
+        }
+        pipe.query_async::<()>(&mut self.redis).await.expect("seed keys");
+    }
+
+    /// Which of `keys` are still cached.
+    pub async fn cached(&mut self, keys: &[&str]) -> Vec<String> {
+        let mut left = Vec::new();
+        for key in keys {
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(format!("{}{key}", self.db.prefix))
+                .query_async(&mut self.redis)
+                .await
+                .expect("EXISTS");
+            if exists {
+                left.push((*key).to_owned());
+            }
+        }
+        left
+    }
+
+    pub async fn get(&mut self, key: &str) -> Option<String> {
+        redis::cmd("GET")
+            .arg(format!("{}{key}", self.db.prefix))
+            .query_async(&mut self.redis)
+            .await
+            .expect("GET")
+    }
+
+    pub async fn sync(&self) {
+        self.evictd.sync().await.expect("sync");
+    }
+}
+
+/// A config for `db` with its own slot and key prefix and the shared Redis.
+pub fn streaming_config(db: &TestDb, mappings: &Path) -> evictd::config::Config {
+    use evictd::config::{Config, SecretUrl};
+    let mut config = Config::with_defaults(
+        SecretUrl::parse(&db.url).expect("postgres url"),
+        SecretUrl::parse(&stack().redis.url()).expect("redis url"),
+        mappings.to_path_buf(),
+    );
+    config.postgres.slot = db.name.clone();
+    config.redis.prefix = db.prefix.clone();
+    config.redis.l1_channel = format!("{}l1", db.prefix);
+    config
+}
+
+pub async fn redis_connection() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(stack().redis.url())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis")
+}
+
+/// Logs of evictd inside the tests, filtered by `EVICTD_LOG` (off unless set).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EVICTD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+}

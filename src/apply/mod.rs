@@ -1,0 +1,99 @@
+//! The apply stage: plans to Redis (and the L1 broadcast), in order, each
+//! retried with backoff until it succeeds. Only then does the progress the
+//! replication task acknowledges move.
+//!
+//! **Architecture Invariant:** progress moves after, and only after, a
+//! plan's Redis commands and broadcast were acknowledged by Redis.
+
+pub mod broadcast;
+pub mod redis;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng as _;
+use tokio::sync::{mpsc, watch};
+
+use crate::change::{Checkpoint, Lsn};
+use crate::error::Error;
+use crate::lag::LagHistogram;
+use crate::plan::Plan;
+use self::redis::RedisSink;
+
+/// How far apply has come: what the replication task may acknowledge.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Plans applied so far (with or without a checkpoint).
+    pub applied_plans: u64,
+    /// End LSN of the last transaction whose every command was applied.
+    pub flush_lsn: Lsn,
+    /// Row changes and keys applied so far.
+    pub changes: u64,
+    pub keys: u64,
+}
+
+/// Exponential backoff with jitter, 50 ms doubling to 5 s.
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            next: Duration::from_millis(50),
+        }
+    }
+}
+
+impl Backoff {
+    pub fn next_delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(Duration::from_secs(5));
+        let jitter = rand::rng().random_range(0.5..1.5);
+        base.mul_f64(jitter)
+    }
+}
+
+/// Applies plans until the channel closes (the replication task ended) or
+/// `stop` turns true while a plan cannot be applied.
+pub async fn run(
+    mut sink: RedisSink,
+    mut plans: mpsc::Receiver<Plan>,
+    progress: watch::Sender<Progress>,
+    lag: Arc<Mutex<LagHistogram>>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    while let Some(plan) = plans.recv().await {
+        let mut backoff = Backoff::default();
+        let stats = loop {
+            match sink.apply(&plan).await {
+                Ok(stats) => break stats,
+                Err(error) if error.is_transient() => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %error, cause = ?std::error::Error::source(&error), retry_in = ?delay, "redis apply failed; retrying the batch");
+                    tokio::select! {
+                        biased;
+                        // Shutdown while Redis is away: abandon the batch;
+                        // it was never acknowledged, so it is replayed.
+                        _ = stop.wait_for(|stop| *stop) => return Ok(()),
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+        };
+        if let Some(commit_time) = plan.commit_time {
+            lag.lock().unwrap_or_else(std::sync::PoisonError::into_inner).record_commit(commit_time);
+        }
+        progress.send_modify(|progress| {
+            progress.applied_plans += 1;
+            progress.changes += plan.changes;
+            progress.keys += stats.keys;
+            if let Some(Checkpoint::Lsn(lsn)) = plan.checkpoint {
+                progress.flush_lsn = progress.flush_lsn.max(lsn);
+            }
+        });
+        tracing::debug!(commands = plan.commands.len(), keys = stats.keys, round_trips = stats.round_trips, checkpoint = ?plan.checkpoint, "applied batch");
+    }
+    Ok(())
+}

@@ -1,0 +1,315 @@
+//! Sends a [`Plan`] to Redis, and its L1 broadcast with it.
+//!
+//! One plan becomes as few round trips as its commands allow: exact deletes
+//! (variadic UNLINK), tag invalidations (one Lua script per chunk of tags),
+//! refreshes (SET with EX and jitter) and the broadcast (PUBLISH, and SET of
+//! `evictd:l1:last`) go in one pipeline, in that order. Pattern deletes
+//! (TRUNCATE, coarse fallbacks) need SCAN round trips and split the
+//! pipeline, keeping the plan's order.
+//!
+//! Every command is idempotent, so a plan that failed half-way is simply
+//! sent again.
+
+use std::time::Duration;
+
+use rand::Rng as _;
+use redis::aio::MultiplexedConnection;
+
+use super::broadcast::Broadcast;
+use crate::error::{Error, ErrorKind};
+use crate::mapping::template::escape_glob;
+use crate::plan::{Command, Plan};
+
+/// Keys per UNLINK command.
+const UNLINK_CHUNK: usize = 512;
+/// Tag sets per script call.
+const TAG_CHUNK: usize = 64;
+/// SCAN COUNT hint for pattern deletes.
+const SCAN_COUNT: usize = 1000;
+
+/// Deletes the members of each tag set in KEYS, then the sets. Members are
+/// full Redis key names, as the application added them.
+const TAG_SCRIPT: &str = r"
+local deleted = 0
+for _, tag in ipairs(KEYS) do
+  local members = redis.call('SMEMBERS', tag)
+  for i = 1, #members, 500 do
+    deleted = deleted + redis.call('UNLINK', unpack(members, i, math.min(i + 499, #members)))
+  end
+  redis.call('UNLINK', tag)
+end
+return deleted
+";
+
+/// What one plan did in Redis.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub commands: u64,
+    pub keys: u64,
+    pub round_trips: u64,
+}
+
+/// A standalone Redis the plans go to.
+pub struct RedisSink {
+    client: redis::Client,
+    connection: Option<MultiplexedConnection>,
+    prefix: String,
+    broadcast: Broadcast,
+    timeout: Duration,
+}
+
+impl RedisSink {
+    pub fn new(url: &str, prefix: &str, broadcast: Broadcast) -> Result<RedisSink, Error> {
+        if url.starts_with("redis+cluster") || url.starts_with("rediss+cluster") {
+            return Err(Error::new(ErrorKind::Config, "Redis Cluster is not supported by this build yet"));
+        }
+        let client = redis::Client::open(url).map_err(|e| Error::with_source(ErrorKind::Config, "invalid redis.url", e))?;
+        Ok(RedisSink {
+            client,
+            connection: None,
+            prefix: prefix.to_owned(),
+            broadcast,
+            timeout: Duration::from_secs(10),
+        })
+    }
+
+    async fn connection(&mut self) -> Result<MultiplexedConnection, Error> {
+        if let Some(connection) = &self.connection {
+            return Ok(connection.clone());
+        }
+        let connect = self.client.get_multiplexed_async_connection();
+        let connection = tokio::time::timeout(self.timeout, connect)
+            .await
+            .map_err(|_| Error::new(ErrorKind::Redis, "connecting to Redis timed out"))?
+            .map_err(|e| Error::with_source(ErrorKind::Redis, "cannot connect to Redis", e))?;
+        self.connection = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// Checks that Redis answers (for readiness and start-up).
+    pub async fn ping(&mut self) -> Result<(), Error> {
+        let mut connection = self.connection().await?;
+        let result: Result<String, _> = redis::cmd("PING").query_async(&mut connection).await;
+        result.map(drop).map_err(|e| self.broken(e))
+    }
+
+    /// Applies `plan` and publishes its broadcast. On error the connection
+    /// is dropped; the caller retries the whole plan.
+    pub async fn apply(&mut self, plan: &Plan) -> Result<ApplyStats, Error> {
+        let mut connection = self.connection().await?;
+        let mut stats = ApplyStats::default();
+        let mut pipe = redis::pipe();
+        let mut unlinks: Vec<String> = Vec::new();
+        let mut tags: Vec<String> = Vec::new();
+        for command in &plan.commands {
+            stats.commands += 1;
+            match command {
+                Command::Unlink { key, .. } => {
+                    unlinks.push(self.prefixed(key));
+                    if unlinks.len() == UNLINK_CHUNK {
+                        pipe.cmd("UNLINK").arg(&unlinks).ignore();
+                        stats.keys += UNLINK_CHUNK as u64;
+                        unlinks.clear();
+                    }
+                }
+                Command::UnlinkMatching { pattern, .. } => {
+                    flush_unlinks(&mut pipe, &mut unlinks, &mut stats);
+                    self.send(&mut connection, &mut pipe, &mut stats).await?;
+                    stats.keys += self.delete_matching(&mut connection, pattern, &mut stats).await?;
+                }
+                Command::InvalidateTag { tag, .. } => {
+                    flush_unlinks(&mut pipe, &mut unlinks, &mut stats);
+                    tags.push(self.tag_set(tag));
+                    if tags.len() == TAG_CHUNK {
+                        pipe.cmd("EVAL").arg(TAG_SCRIPT).arg(tags.len()).arg(&tags).ignore();
+                        tags.clear();
+                    }
+                }
+                Command::InvalidateTagsMatching { pattern, .. } => {
+                    flush_tags(&mut pipe, &mut tags);
+                    self.send(&mut connection, &mut pipe, &mut stats).await?;
+                    self.invalidate_tags_matching(&mut connection, pattern, &mut stats).await?;
+                }
+                Command::Set { key, value, ttl, .. } => {
+                    flush_unlinks(&mut pipe, &mut unlinks, &mut stats);
+                    flush_tags(&mut pipe, &mut tags);
+                    let set = pipe.cmd("SET").arg(self.prefixed(key)).arg(value);
+                    if let Some(ttl) = ttl {
+                        set.arg("EX").arg(jittered(ttl.seconds, ttl.jitter_bp));
+                    }
+                    set.ignore();
+                    stats.keys += 1;
+                }
+            }
+        }
+        flush_unlinks(&mut pipe, &mut unlinks, &mut stats);
+        flush_tags(&mut pipe, &mut tags);
+        self.broadcast.append(plan, &self.prefix, &mut pipe);
+        self.send(&mut connection, &mut pipe, &mut stats).await?;
+        self.broadcast.delivered();
+        Ok(stats)
+    }
+
+    /// Sends what the pipeline holds, if anything, and empties it.
+    async fn send(
+        &mut self,
+        connection: &mut MultiplexedConnection,
+        pipe: &mut redis::Pipeline,
+        stats: &mut ApplyStats,
+    ) -> Result<(), Error> {
+        if pipe.cmd_iter().next().is_none() {
+            return Ok(());
+        }
+        stats.round_trips += 1;
+        let sent = tokio::time::timeout(self.timeout, pipe.query_async::<()>(connection)).await;
+        pipe.clear();
+        match sent {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(self.broken(error)),
+            Err(_) => {
+                self.connection = None;
+                Err(Error::new(ErrorKind::Redis, "a Redis pipeline timed out"))
+            }
+        }
+    }
+
+    /// SCAN for `pattern` under the prefix and UNLINK what matches.
+    async fn delete_matching(
+        &mut self,
+        connection: &mut MultiplexedConnection,
+        pattern: &str,
+        stats: &mut ApplyStats,
+    ) -> Result<u64, Error> {
+        let full = under_prefix(&self.prefix, pattern);
+        let mut cursor: u64 = 0;
+        let mut deleted = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = self
+                .query(
+                    connection,
+                    redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&full).arg("COUNT").arg(SCAN_COUNT),
+                    stats,
+                )
+                .await?;
+            if !keys.is_empty() {
+                let removed: u64 = self.query(connection, redis::cmd("UNLINK").arg(&keys), stats).await?;
+                deleted += removed;
+            }
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
+
+    async fn invalidate_tags_matching(
+        &mut self,
+        connection: &mut MultiplexedConnection,
+        pattern: &str,
+        stats: &mut ApplyStats,
+    ) -> Result<(), Error> {
+        let full = under_prefix(&self.prefix, &format!("tag:{pattern}"));
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, sets): (u64, Vec<String>) = self
+                .query(
+                    connection,
+                    redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&full).arg("COUNT").arg(SCAN_COUNT).arg("TYPE").arg("set"),
+                    stats,
+                )
+                .await?;
+            for chunk in sets.chunks(TAG_CHUNK) {
+                let mut eval = redis::cmd("EVAL");
+                eval.arg(TAG_SCRIPT).arg(chunk.len()).arg(chunk);
+                let _: u64 = self.query(connection, &eval, stats).await?;
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+
+    async fn query<T: redis::FromRedisValue>(
+        &mut self,
+        connection: &mut MultiplexedConnection,
+        command: &redis::Cmd,
+        stats: &mut ApplyStats,
+    ) -> Result<T, Error> {
+        stats.round_trips += 1;
+        match tokio::time::timeout(self.timeout, command.query_async(connection)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(self.broken(error)),
+            Err(_) => {
+                self.connection = None;
+                Err(Error::new(ErrorKind::Redis, "a Redis command timed out"))
+            }
+        }
+    }
+
+    /// Forgets the connection so the next attempt reconnects.
+    fn broken(&mut self, error: redis::RedisError) -> Error {
+        self.connection = None;
+        Error::with_source(ErrorKind::Redis, "a Redis command failed", error)
+    }
+
+    fn prefixed(&self, key: &str) -> String {
+        let mut full = String::with_capacity(self.prefix.len() + key.len());
+        full.push_str(&self.prefix);
+        full.push_str(key);
+        full
+    }
+
+    fn tag_set(&self, tag: &str) -> String {
+        format!("{}tag:{tag}", self.prefix)
+    }
+}
+
+/// `pattern` under the literal (glob-escaped) key prefix.
+fn under_prefix(prefix: &str, pattern: &str) -> String {
+    let mut full = String::with_capacity(prefix.len() + pattern.len());
+    escape_glob(prefix, &mut full);
+    full.push_str(pattern);
+    full
+}
+
+fn flush_unlinks(pipe: &mut redis::Pipeline, unlinks: &mut Vec<String>, stats: &mut ApplyStats) {
+    if !unlinks.is_empty() {
+        pipe.cmd("UNLINK").arg(&*unlinks).ignore();
+        stats.keys += unlinks.len() as u64;
+        unlinks.clear();
+    }
+}
+
+fn flush_tags(pipe: &mut redis::Pipeline, tags: &mut Vec<String>) {
+    if !tags.is_empty() {
+        pipe.cmd("EVAL").arg(TAG_SCRIPT).arg(tags.len()).arg(&*tags).ignore();
+        tags.clear();
+    }
+}
+
+/// `seconds` varied at random by up to `jitter_bp` basis points either way.
+fn jittered(seconds: u64, jitter_bp: u32) -> u64 {
+    if jitter_bp == 0 {
+        return seconds;
+    }
+    let spread = seconds.saturating_mul(u64::from(jitter_bp)) / 10_000;
+    let low = seconds.saturating_sub(spread).max(1);
+    let high = seconds.saturating_add(spread);
+    rand::rng().random_range(low..=high)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_in_range() {
+        for _ in 0..1000 {
+            let ttl = jittered(3600, 1000);
+            assert!((3240..=3960).contains(&ttl), "{ttl}");
+        }
+        assert_eq!(jittered(60, 0), 60);
+        assert!(jittered(1, 9999) >= 1);
+    }
+}

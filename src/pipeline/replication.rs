@@ -1,0 +1,194 @@
+//! The replication task: reads the slot, decodes, maps and plans, hands
+//! plans to apply, and reports the applied position back to the server.
+//!
+//! **Progress tracking.** The flush position sent in standby status updates
+//! is the larger of
+//! - the end LSN of the last transaction whose plan apply finished (the
+//!   [`Progress`] apply publishes), and
+//! - a keepalive's `wal_end` seen while nothing was in flight: no open
+//!   transaction, nothing pending in the batcher, no plan queued or being
+//!   applied. Every transaction that ended before that point was received
+//!   and applied, so acknowledging it loses nothing; it lets the slot
+//!   advance past WAL that holds no published change.
+//!
+//! It never moves backwards and never passes a transaction whose Redis
+//! commands and broadcast were not acknowledged.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::batcher::Batcher;
+use crate::apply::Progress;
+use crate::change::Lsn;
+use crate::error::{Error, ErrorKind};
+use crate::plan::Plan;
+use crate::source::postgres::changes::{ChangeDecoder, Event};
+use crate::source::postgres::conn::{ReplicationConnection, ReplicationMessage};
+use crate::source::postgres::pgoutput;
+
+pub struct Replication {
+    pub conn: ReplicationConnection,
+    pub decoder: ChangeDecoder,
+    pub batcher: Batcher,
+    pub plans: mpsc::Sender<Plan>,
+    pub progress: watch::Receiver<Progress>,
+    /// What was last reported as flushed, for observers (tests, status).
+    pub acked: watch::Sender<Lsn>,
+    pub max_wait: Duration,
+    pub status_interval: Duration,
+    /// Stop reading past this position (`evictd replay --until-lsn`).
+    pub until: Option<Lsn>,
+}
+
+/// Why the loop ended without an error.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    Stopped,
+    ReachedUntil,
+}
+
+impl Replication {
+    /// Runs until `stop` turns true, `until` is reached, or an error.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<Ended, Error> {
+        let mut ready: VecDeque<Plan> = VecDeque::new();
+        let mut events: Vec<Event> = Vec::new();
+        let mut cut: Vec<Plan> = Vec::new();
+        let mut deadline: Option<Instant> = None;
+        let mut received = Lsn(0);
+        let mut confirmed = self.progress.borrow().flush_lsn;
+        let mut sent_plans: u64 = self.progress.borrow().applied_plans;
+        let mut status = tokio::time::interval(self.status_interval);
+        status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let ended = loop {
+            if self.until.is_some_and(|until| confirmed >= until) {
+                break Ended::ReachedUntil;
+            }
+            let step = tokio::select! {
+                biased;
+                // Shutdown first: stop taking input at once.
+                _ = stop.wait_for(|stop| *stop) => Step::Stop,
+                // Then applied batches: acknowledging promptly lets the
+                // server recycle WAL and keeps reported lag honest.
+                changed = self.progress.changed() => Step::Applied(changed.is_ok()),
+                // Then hand finished plans to apply; while one waits for
+                // room, nothing new is read (bounded memory).
+                permit = self.plans.reserve(), if !ready.is_empty() => {
+                    let permit = permit.map_err(|_| Error::new(ErrorKind::Redis, "the apply task ended"))?;
+                    if let Some(plan) = ready.pop_front() {
+                        permit.send(plan);
+                        sent_plans += 1;
+                    }
+                    continue;
+                }
+                // Then the batch timer: a partial batch waits at most
+                // `max_wait` for more changes.
+                () = sleep_until(deadline), if deadline.is_some() && ready.is_empty() => {
+                    deadline = None;
+                    ready.extend(self.batcher.take());
+                    continue;
+                }
+                // Then new input.
+                message = self.conn.recv(), if ready.is_empty() => Step::Message(message?),
+                // Last, the periodic status update, which also asks the
+                // server for a keepalive so that idle progress is learned.
+                _ = status.tick() => Step::Status,
+            };
+            match step {
+                Step::Stop => break Ended::Stopped,
+                Step::Applied(false) => return Err(Error::new(ErrorKind::Redis, "the apply task ended")),
+                Step::Applied(true) => {
+                    let flush = self.progress.borrow_and_update().flush_lsn;
+                    if flush > confirmed {
+                        confirmed = flush;
+                        self.report(received, confirmed, false).await?;
+                    }
+                }
+                Step::Status => self.report(received, confirmed, true).await?,
+                Step::Message(ReplicationMessage::XLogData { wal_start, wal_end, data }) => {
+                    tracing::trace!(wal_start = %Lsn(wal_start), wal_end = %Lsn(wal_end), tag = %char::from(data.first().copied().unwrap_or(b'?')), "xlogdata");
+                    received = received.max(Lsn(wal_end));
+                    let in_stream = self.decoder.in_stream_block();
+                    let message = pgoutput::decode(&data, in_stream)
+                        .map_err(|e| Error::with_source(ErrorKind::Protocol, "cannot decode the replication stream", e))?;
+                    self.decoder.handle(message, &mut events)?;
+                    for event in events.drain(..) {
+                        self.batcher.push(event, &mut cut);
+                    }
+                    ready.extend(cut.drain(..));
+                    if deadline.is_none() && self.batcher.has_pending() {
+                        deadline = Some(Instant::now() + self.max_wait);
+                    }
+                }
+                Step::Message(ReplicationMessage::Keepalive { wal_end, reply }) => {
+                    tracing::trace!(wal_end = %Lsn(wal_end), reply, "keepalive");
+                    received = received.max(Lsn(wal_end));
+                    let idle = ready.is_empty()
+                        && self.batcher.is_idle()
+                        && !self.decoder.in_transaction()
+                        && sent_plans == self.progress.borrow().applied_plans;
+                    if idle && Lsn(wal_end) > confirmed {
+                        confirmed = Lsn(wal_end);
+                        self.report(received, confirmed, false).await?;
+                    } else if reply {
+                        self.report(received, confirmed, false).await?;
+                    }
+                }
+            }
+        };
+        self.finish(ready, received, confirmed).await?;
+        Ok(ended)
+    }
+
+    async fn report(&mut self, received: Lsn, flush: Lsn, ask_reply: bool) -> Result<(), Error> {
+        self.conn.send_status(received.0.max(flush.0), flush.0, ask_reply).await?;
+        self.acked.send_if_modified(|acked| {
+            let moved = *acked != flush;
+            *acked = flush;
+            moved
+        });
+        Ok(())
+    }
+
+    /// Hands over what is complete, waits (bounded) for apply to finish it,
+    /// and sends the final status update before CopyDone.
+    async fn finish(mut self, mut ready: VecDeque<Plan>, received: Lsn, mut confirmed: Lsn) -> Result<(), Error> {
+        ready.extend(self.batcher.take());
+        let handover = async {
+            for plan in ready {
+                if self.plans.send(plan).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), handover).await;
+        // Closing the channel lets apply finish what it holds and end; its
+        // progress channel closes when it has.
+        drop(self.plans);
+        let drained = self.progress.wait_for(|_| false);
+        let _ = tokio::time::timeout(Duration::from_secs(10), drained).await;
+        confirmed = confirmed.max(self.progress.borrow().flush_lsn);
+        self.conn.send_status(received.0.max(confirmed.0), confirmed.0, false).await?;
+        self.acked.send_replace(confirmed);
+        tracing::info!(flush_lsn = %confirmed, "sent final standby status update");
+        self.conn.finish().await
+    }
+}
+
+/// What one turn of the loop has to handle.
+enum Step {
+    Stop,
+    /// Apply published progress (`false`: apply is gone).
+    Applied(bool),
+    Message(ReplicationMessage),
+    Status,
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

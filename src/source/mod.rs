@@ -1,0 +1,4 @@
+//! Sources of committed row changes. `postgres` reads logical replication
+//! (pgoutput) directly.
+
+pub mod postgres;

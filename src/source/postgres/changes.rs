@@ -1,0 +1,261 @@
+//! Decoded pgoutput messages -> source-agnostic [`Event`]s: row changes with
+//! their relation's schema applied, and transaction boundaries.
+//!
+//! Pure: the caller feeds messages in WAL order and gets events back. It
+//! keeps the relation cache (schema changes mid-stream replace an entry) and
+//! which streamed transaction a message belongs to; buffering streamed
+//! changes until their commit is the batcher's job, downstream.
+//!
+//! Old rows are made explicit: a column the source did not send is
+//! [`Datum::Missing`], never NULL. When an update carries no old tuple
+//! (REPLICA IDENTITY DEFAULT and the key did not change), the old row is the
+//! new row's key columns, because those are known to be unchanged.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::conn::pg_time;
+use super::pgoutput::{Message, OldKind, Relation, Tuple, Value};
+use crate::change::{Checkpoint, Datum, Lsn, Op, Row, RowChange, TableName};
+use crate::error::{Error, ErrorKind};
+use crate::mapping::Mappings;
+
+/// What one message means for the pipeline.
+#[derive(Debug, PartialEq)]
+pub enum Event {
+    /// A row change; `stream` is `(xid, subxid)` inside a streamed
+    /// transaction, whose changes must wait for its Stream Commit.
+    Change {
+        stream: Option<(u32, u32)>,
+        change: RowChange,
+    },
+    /// A regular transaction committed; its changes came before.
+    Commit {
+        checkpoint: Checkpoint,
+        commit_time: SystemTime,
+    },
+    /// A streamed transaction committed.
+    StreamCommit {
+        xid: u32,
+        checkpoint: Checkpoint,
+        commit_time: SystemTime,
+    },
+    /// A streamed transaction (`subxid == xid`) or one of its
+    /// subtransactions aborted: drop its buffered changes.
+    StreamAbort { xid: u32, subxid: u32 },
+}
+
+/// How one relation's tuples become rows.
+struct RelationShape {
+    table: Arc<TableName>,
+    names: Arc<[Arc<str>]>,
+    kinds: Vec<Kind>,
+    key: Vec<bool>,
+    /// Columns some mapping reads; the others are not decoded.
+    wanted: Vec<bool>,
+    /// Whether any mapping covers the table at all.
+    mapped: bool,
+}
+
+/// How a column's text becomes a [`Datum`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Bool,
+    Number,
+    Json,
+    Text,
+}
+
+impl Kind {
+    fn of(type_oid: u32) -> Kind {
+        match type_oid {
+            16 => Kind::Bool,
+            20 | 21 | 23 | 26 | 700 | 701 | 1700 => Kind::Number,
+            114 | 3802 => Kind::Json,
+            _ => Kind::Text,
+        }
+    }
+
+    fn datum(self, text: &[u8]) -> Datum {
+        let text = String::from_utf8_lossy(text);
+        match self {
+            Kind::Bool => Datum::Bool(text == "t"),
+            Kind::Number => Datum::Number(text.into()),
+            Kind::Json => Datum::Json(text.into()),
+            Kind::Text => Datum::Text(text.into()),
+        }
+    }
+}
+
+/// Turns pgoutput messages into [`Event`]s.
+pub struct ChangeDecoder {
+    mappings: Arc<Mappings>,
+    relations: HashMap<u32, RelationShape>,
+    /// The streamed transaction whose block we are in.
+    stream_xid: Option<u32>,
+    /// Inside Begin..Commit of a regular transaction.
+    in_txn: bool,
+}
+
+impl ChangeDecoder {
+    pub fn new(mappings: Arc<Mappings>) -> ChangeDecoder {
+        ChangeDecoder {
+            mappings,
+            relations: HashMap::new(),
+            stream_xid: None,
+            in_txn: false,
+        }
+    }
+
+    /// Whether the next message must be decoded with a streamed xid.
+    pub fn in_stream_block(&self) -> bool {
+        self.stream_xid.is_some()
+    }
+
+    /// Whether a regular transaction is open (Begin seen, Commit not yet).
+    pub fn in_transaction(&self) -> bool {
+        self.in_txn
+    }
+
+    /// Handles one message, appending what it means to `events`.
+    pub fn handle(&mut self, message: Message<'_>, events: &mut Vec<Event>) -> Result<(), Error> {
+        match message {
+            Message::Begin { .. } => self.in_txn = true,
+            Message::Commit {
+                end_lsn, commit_time, ..
+            } => {
+                self.in_txn = false;
+                events.push(Event::Commit {
+                    checkpoint: Checkpoint::Lsn(Lsn(end_lsn)),
+                    commit_time: pg_time(commit_time),
+                });
+            }
+            Message::Relation(relation) => self.relation(&relation),
+            Message::Insert { xid, relation, new } => {
+                if let Some(shape) = self.mapped(relation)? {
+                    let new = shape.row(&new, false);
+                    self.push(xid, shape_change(shape, Op::Insert, None, Some(new)), events);
+                }
+            }
+            Message::Update { xid, relation, old, new } => {
+                if let Some(shape) = self.mapped(relation)? {
+                    let new = shape.row(&new, false);
+                    let old = match old {
+                        Some((kind, old)) => shape.row(&old, kind == OldKind::Key),
+                        None => shape.key_columns_of(&new),
+                    };
+                    self.push(xid, shape_change(shape, Op::Update, Some(old), Some(new)), events);
+                }
+            }
+            Message::Delete { xid, relation, old: (kind, old) } => {
+                if let Some(shape) = self.mapped(relation)? {
+                    let old = shape.row(&old, kind == OldKind::Key);
+                    self.push(xid, shape_change(shape, Op::Delete, Some(old), None), events);
+                }
+            }
+            Message::Truncate { xid, relations, .. } => {
+                for relation in relations {
+                    if let Some(shape) = self.mapped(relation)? {
+                        let change = shape_change(shape, Op::Truncate, None, None);
+                        self.push(xid, change, events);
+                    }
+                }
+            }
+            Message::StreamStart { xid, .. } => self.stream_xid = Some(xid),
+            Message::StreamStop => self.stream_xid = None,
+            Message::StreamCommit {
+                xid,
+                end_lsn,
+                commit_time,
+                ..
+            } => events.push(Event::StreamCommit {
+                xid,
+                checkpoint: Checkpoint::Lsn(Lsn(end_lsn)),
+                commit_time: pg_time(commit_time),
+            }),
+            Message::StreamAbort { xid, subxid } => events.push(Event::StreamAbort { xid, subxid }),
+            Message::Origin { .. } | Message::Type { .. } | Message::Message { .. } => {}
+        }
+        Ok(())
+    }
+
+    fn push(&self, xid: Option<u32>, change: RowChange, events: &mut Vec<Event>) {
+        let stream = match (self.stream_xid, xid) {
+            (Some(top), Some(sub)) => Some((top, sub)),
+            (Some(top), None) => Some((top, top)),
+            (None, _) => None,
+        };
+        events.push(Event::Change { stream, change });
+    }
+
+    fn relation(&mut self, relation: &Relation<'_>) {
+        let table = Arc::new(TableName::new(relation.namespace, relation.name));
+        let mapping = self.mappings.table(&table);
+        let wanted_columns = mapping.map(|m| m.columns()).unwrap_or_default();
+        let shape = RelationShape {
+            names: relation.columns.iter().map(|c| Arc::from(c.name)).collect(),
+            kinds: relation.columns.iter().map(|c| Kind::of(c.type_oid)).collect(),
+            key: relation.columns.iter().map(|c| c.key).collect(),
+            wanted: relation.columns.iter().map(|c| wanted_columns.contains(&c.name)).collect(),
+            mapped: mapping.is_some(),
+            table,
+        };
+        self.relations.insert(relation.id, shape);
+    }
+
+    /// The relation's shape when some mapping covers it.
+    fn mapped(&self, relation: u32) -> Result<Option<&RelationShape>, Error> {
+        match self.relations.get(&relation) {
+            Some(shape) => Ok(shape.mapped.then_some(shape)),
+            None => Err(Error::new(
+                ErrorKind::Protocol,
+                format!("a change for relation {relation}, which no Relation message described"),
+            )),
+        }
+    }
+}
+
+fn shape_change(shape: &RelationShape, op: Op, old: Option<Row>, new: Option<Row>) -> RowChange {
+    RowChange {
+        table: shape.table.clone(),
+        op,
+        old,
+        new,
+    }
+}
+
+impl RelationShape {
+    /// A row from a tuple; `key_only` tuples send NULL for non-key columns,
+    /// which are really not sent at all.
+    fn row(&self, tuple: &Tuple<'_>, key_only: bool) -> Row {
+        let mut values = Vec::with_capacity(self.names.len());
+        for (index, value) in tuple.values().take(self.names.len()).enumerate() {
+            let wanted = self.wanted.get(index).copied().unwrap_or(false);
+            let sent = !key_only || self.key.get(index).copied().unwrap_or(false);
+            values.push(match value {
+                _ if !wanted || !sent => Datum::Missing,
+                Value::Null => Datum::Null,
+                Value::UnchangedToast => Datum::UnchangedToast,
+                Value::Text(text) => self.kinds[index].datum(text),
+                // evictd never asks for binary values.
+                Value::Binary(_) => Datum::Missing,
+            });
+        }
+        // A tuple shorter than the relation (columns added since) leaves
+        // the rest unknown.
+        values.resize(self.names.len(), Datum::Missing);
+        Row::new(self.names.clone(), values)
+    }
+
+    /// The old row of an update that carried none: the key columns of the
+    /// new row, everything else unknown.
+    fn key_columns_of(&self, new: &Row) -> Row {
+        let values = new
+            .columns()
+            .zip(&self.key)
+            .map(|((_, value), &key)| if key { value.clone() } else { Datum::Missing })
+            .collect();
+        Row::new(self.names.clone(), values)
+    }
+}

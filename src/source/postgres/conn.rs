@@ -1,0 +1,453 @@
+//! A Postgres replication connection, on `postgres-protocol` and tokio.
+//!
+//! Upstream tokio-postgres has no replication support, so this speaks the
+//! wire protocol itself: startup with `replication=database`, cleartext, MD5
+//! and SCRAM-SHA-256 authentication, simple queries (IDENTIFY_SYSTEM,
+//! CREATE_REPLICATION_SLOT, START_REPLICATION), then the CopyBoth stream of
+//! XLogData and keepalives, and standby status updates back.
+//!
+//! Reading is cancellation-safe: bytes are appended to a buffer owned by the
+//! connection and whole frames are taken from it, so dropping a `recv`
+//! future (a `select!` branch losing) loses nothing.
+
+use std::str::FromStr as _;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+
+use crate::error::{sqlstate_is_transient, Error, ErrorKind};
+
+/// Microseconds from the Unix epoch to Postgres' epoch (2000-01-01).
+const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+/// What the replication stream delivers.
+#[derive(Debug)]
+pub enum ReplicationMessage {
+    /// WAL data: one pgoutput message starting at `wal_start`.
+    XLogData { wal_start: u64, wal_end: u64, data: Bytes },
+    /// The server's position; `reply` asks for a status update now.
+    Keepalive { wal_end: u64, reply: bool },
+}
+
+/// Rows of a simple query, as text.
+pub type Rows = Vec<Vec<Option<String>>>;
+
+type Reader = Box<dyn AsyncRead + Unpin + Send>;
+type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+
+/// An open replication connection.
+pub struct ReplicationConnection {
+    reader: Reader,
+    writer: Writer,
+    buf: BytesMut,
+    server_version: u32,
+}
+
+/// One backend frame.
+struct Frame {
+    tag: u8,
+    body: Bytes,
+}
+
+impl ReplicationConnection {
+    /// Connects and authenticates with `url` (a `postgres://` URL or
+    /// key=value connection string) in logical replication mode.
+    pub async fn connect(url: &str) -> Result<ReplicationConnection, Error> {
+        let config = tokio_postgres::Config::from_str(url)
+            .map_err(|e| Error::with_source(ErrorKind::Config, "invalid postgres.url", e))?;
+        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "sslmode=require is not supported by the replication connection yet; use sslmode=disable or prefer",
+            ));
+        }
+        let (reader, writer) = open(&config).await?;
+        let mut conn = ReplicationConnection {
+            reader,
+            writer,
+            buf: BytesMut::with_capacity(64 * 1024),
+            server_version: 0,
+        };
+        conn.startup(&config).await?;
+        Ok(conn)
+    }
+
+    /// The server's version as `server_version_num` (e.g. 150004).
+    pub fn server_version(&self) -> u32 {
+        self.server_version
+    }
+
+    async fn startup(&mut self, config: &tokio_postgres::Config) -> Result<(), Error> {
+        let user = config.get_user().unwrap_or("postgres");
+        let database = config.get_dbname().unwrap_or(user);
+        let application = config.get_application_name().unwrap_or("evictd");
+        let mut out = BytesMut::new();
+        let params = [
+            ("user", user),
+            ("database", database),
+            ("replication", "database"),
+            ("application_name", application),
+            ("client_encoding", "UTF8"),
+        ];
+        frontend::startup_message(params.iter().copied(), &mut out).map_err(protocol_io)?;
+        self.send(&out).await?;
+        let password = config.get_password();
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let frame = self.frame().await?;
+            match frame.tag {
+                b'R' => self.authenticate(frame.body, user, password, &mut scram).await?,
+                b'S' => self.parameter(&frame.body),
+                b'K' | b'N' => {}
+                b'Z' => return Ok(()),
+                b'E' => return Err(server_error(&frame.body)),
+                tag => return Err(unexpected(tag, "startup")),
+            }
+        }
+    }
+
+    async fn authenticate(
+        &mut self,
+        mut body: Bytes,
+        user: &str,
+        password: Option<&[u8]>,
+        scram: &mut Option<ScramSha256>,
+    ) -> Result<(), Error> {
+        if body.len() < 4 {
+            return Err(unexpected(b'R', "authentication"));
+        }
+        let code = body.get_u32();
+        let need_password = || {
+            password.ok_or_else(|| {
+                Error::new(ErrorKind::Config, "the server asks for a password; put it in postgres.url")
+            })
+        };
+        let mut out = BytesMut::new();
+        match code {
+            0 => return Ok(()),
+            3 => frontend::password_message(need_password()?, &mut out).map_err(protocol_io)?,
+            5 if body.len() >= 4 => {
+                let salt = [body[0], body[1], body[2], body[3]];
+                let hash = postgres_protocol::authentication::md5_hash(user.as_bytes(), need_password()?, salt);
+                frontend::password_message(hash.as_bytes(), &mut out).map_err(protocol_io)?;
+            }
+            10 => {
+                let offers_scram = body.split(|&b| b == 0).any(|mechanism| mechanism == SCRAM_SHA_256.as_bytes());
+                if !offers_scram {
+                    return Err(Error::new(ErrorKind::Protocol, "the server offers no SASL mechanism evictd supports"));
+                }
+                let client = ScramSha256::new(need_password()?, ChannelBinding::unsupported());
+                frontend::sasl_initial_response(SCRAM_SHA_256, client.message(), &mut out).map_err(protocol_io)?;
+                *scram = Some(client);
+            }
+            11 | 12 => {
+                let client = scram.as_mut().ok_or_else(|| unexpected(b'R', "SASL without a start"))?;
+                if code == 11 {
+                    client.update(&body).map_err(|e| Error::with_source(ErrorKind::Config, "SCRAM authentication failed", e))?;
+                    frontend::sasl_response(client.message(), &mut out).map_err(protocol_io)?;
+                } else {
+                    client.finish(&body).map_err(|e| Error::with_source(ErrorKind::Config, "SCRAM server signature invalid", e))?;
+                    return Ok(());
+                }
+            }
+            other => {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!("the server asks for authentication method {other}, which evictd does not support"),
+                ))
+            }
+        }
+        self.send(&out).await
+    }
+
+    fn parameter(&mut self, body: &[u8]) {
+        let mut parts = body.split(|&b| b == 0);
+        if parts.next() == Some(b"server_version".as_slice()) {
+            let version = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
+            self.server_version = parse_server_version(&version);
+        }
+    }
+
+    /// Runs one simple query and returns its rows as text.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Rows, Error> {
+        let mut out = BytesMut::new();
+        frontend::query(sql, &mut out).map_err(protocol_io)?;
+        self.send(&out).await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            let frame = self.frame().await?;
+            match frame.tag {
+                b'D' => rows.push(data_row(&frame.body)?),
+                b'T' | b'C' | b'I' | b'N' | b'S' => {}
+                b'E' => error = Some(server_error(&frame.body)),
+                b'Z' => return error.map_or(Ok(rows), Err),
+                tag => return Err(unexpected(tag, "a simple query")),
+            }
+        }
+    }
+
+    /// Sends START_REPLICATION and waits for the CopyBoth response.
+    pub async fn start_replication(&mut self, command: &str) -> Result<(), Error> {
+        let mut out = BytesMut::new();
+        frontend::query(command, &mut out).map_err(protocol_io)?;
+        self.send(&out).await?;
+        loop {
+            let frame = self.frame().await?;
+            match frame.tag {
+                // CopyBothResponse: postgres-protocol's parser does not
+                // know this tag, which is why frames are read here.
+                b'W' => return Ok(()),
+                b'N' | b'S' => {}
+                b'E' => {
+                    let error = server_error(&frame.body);
+                    // Drain to ReadyForQuery so the connection stays usable.
+                    while self.frame().await?.tag != b'Z' {}
+                    return Err(error);
+                }
+                tag => return Err(unexpected(tag, "START_REPLICATION")),
+            }
+        }
+    }
+
+    /// The next XLogData or keepalive. Cancellation-safe.
+    pub async fn recv(&mut self) -> Result<ReplicationMessage, Error> {
+        loop {
+            let frame = self.frame().await?;
+            match frame.tag {
+                b'd' => return copy_data(frame.body),
+                b'N' | b'S' => {}
+                b'E' => return Err(server_error(&frame.body)),
+                b'c' => return Err(Error::new(ErrorKind::PostgresConnection, "the server ended the replication stream")),
+                tag => return Err(unexpected(tag, "the replication stream")),
+            }
+        }
+    }
+
+    /// Sends a standby status update: received up to `write`, applied (and
+    /// safe to forget) up to `flush`.
+    pub async fn send_status(&mut self, write: u64, flush: u64, reply: bool) -> Result<(), Error> {
+        let mut payload = BytesMut::with_capacity(34);
+        payload.put_u8(b'r');
+        payload.put_u64(write);
+        payload.put_u64(flush);
+        payload.put_u64(flush);
+        payload.put_i64(pg_now_micros());
+        payload.put_u8(u8::from(reply));
+        let mut out = BytesMut::with_capacity(40);
+        frontend::CopyData::new(&payload[..]).map_err(protocol_io)?.write(&mut out);
+        self.send(&out).await
+    }
+
+    /// Ends the stream cleanly: CopyDone, then wait (briefly) for the server
+    /// to finish.
+    pub async fn finish(&mut self) -> Result<(), Error> {
+        let mut out = BytesMut::new();
+        frontend::copy_done(&mut out);
+        self.send(&out).await?;
+        let drain = async {
+            loop {
+                match self.frame().await?.tag {
+                    b'Z' => return Ok::<_, Error>(()),
+                    b'E' => return Ok(()),
+                    _ => {}
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+        let mut out = BytesMut::new();
+        frontend::terminate(&mut out);
+        let _ = self.send(&out).await;
+        Ok(())
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        self.writer.write_all(bytes).await.map_err(connection_lost)?;
+        self.writer.flush().await.map_err(connection_lost)
+    }
+
+    /// The next whole frame; reads more only when the buffer lacks one.
+    async fn frame(&mut self) -> Result<Frame, Error> {
+        loop {
+            if self.buf.len() >= 5 {
+                let length = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+                if length < 4 {
+                    return Err(Error::new(ErrorKind::Protocol, "a frame with a length below 4"));
+                }
+                if self.buf.len() > length {
+                    let mut frame = self.buf.split_to(length + 1);
+                    let tag = frame[0];
+                    frame.advance(5);
+                    return Ok(Frame { tag, body: frame.freeze() });
+                }
+                self.buf.reserve(length + 1 - self.buf.len());
+            } else {
+                self.buf.reserve(64 * 1024);
+            }
+            let read = self.reader.read_buf(&mut self.buf).await.map_err(connection_lost)?;
+            if read == 0 {
+                return Err(Error::new(ErrorKind::PostgresConnection, "the server closed the connection"));
+            }
+        }
+    }
+}
+
+async fn open(config: &tokio_postgres::Config) -> Result<(Reader, Writer), Error> {
+    let ports = config.get_ports();
+    let mut last_error = None;
+    for (index, host) in config.get_hosts().iter().enumerate() {
+        let port = ports.get(index).or(ports.first()).copied().unwrap_or(5432);
+        let attempt = match host {
+            tokio_postgres::config::Host::Tcp(name) => match tokio::net::TcpStream::connect((name.as_str(), port)).await {
+                Ok(stream) => {
+                    let _ = stream.set_nodelay(true);
+                    let (reader, writer) = stream.into_split();
+                    Ok((Box::new(reader) as Reader, Box::new(writer) as Writer))
+                }
+                Err(error) => Err(error),
+            },
+            tokio_postgres::config::Host::Unix(dir) => {
+                let path = dir.join(format!(".s.PGSQL.{port}"));
+                match tokio::net::UnixStream::connect(path).await {
+                    Ok(stream) => {
+                        let (reader, writer) = stream.into_split();
+                        Ok((Box::new(reader) as Reader, Box::new(writer) as Writer))
+                    }
+                    Err(error) => Err(error),
+                }
+            }
+        };
+        match attempt {
+            Ok(halves) => return Ok(halves),
+            Err(error) => last_error = Some(error),
+        }
+    }
+    Err(match last_error {
+        Some(error) => Error::with_source(ErrorKind::PostgresConnection, "cannot connect to Postgres", error),
+        None => Error::new(ErrorKind::Config, "postgres.url names no host"),
+    })
+}
+
+fn copy_data(mut body: Bytes) -> Result<ReplicationMessage, Error> {
+    let short = || Error::new(ErrorKind::Protocol, "a short CopyData message");
+    match body.first() {
+        Some(b'w') if body.len() >= 25 => {
+            body.advance(1);
+            let wal_start = body.get_u64();
+            let wal_end = body.get_u64();
+            let _send_time = body.get_i64();
+            Ok(ReplicationMessage::XLogData { wal_start, wal_end, data: body })
+        }
+        Some(b'k') if body.len() >= 18 => {
+            body.advance(1);
+            let wal_end = body.get_u64();
+            let _send_time = body.get_i64();
+            Ok(ReplicationMessage::Keepalive { wal_end, reply: body.get_u8() == 1 })
+        }
+        Some(b'w' | b'k') => Err(short()),
+        _ => Err(Error::new(ErrorKind::Protocol, "unknown CopyData message in the replication stream")),
+    }
+}
+
+fn data_row(body: &[u8]) -> Result<Vec<Option<String>>, Error> {
+    let bad = || Error::new(ErrorKind::Protocol, "a malformed DataRow");
+    let mut rest = body;
+    let count = rest.get(..2).ok_or_else(bad)?;
+    let count = u16::from_be_bytes([count[0], count[1]]);
+    rest = &rest[2..];
+    let mut row = Vec::with_capacity(usize::from(count));
+    for _ in 0..count {
+        let length = rest.get(..4).ok_or_else(bad)?;
+        let length = i32::from_be_bytes([length[0], length[1], length[2], length[3]]);
+        rest = &rest[4..];
+        if length < 0 {
+            row.push(None);
+            continue;
+        }
+        let length = usize::try_from(length).map_err(|_| bad())?;
+        let value = rest.get(..length).ok_or_else(bad)?;
+        row.push(Some(String::from_utf8_lossy(value).into_owned()));
+        rest = &rest[length..];
+    }
+    Ok(row)
+}
+
+/// An ErrorResponse as an [`Error`], classified by SQLSTATE.
+fn server_error(body: &[u8]) -> Error {
+    let mut code = String::new();
+    let mut message = String::new();
+    let mut severity = String::new();
+    for field in body.split(|&b| b == 0) {
+        let Some((&kind, value)) = field.split_first() else {
+            continue;
+        };
+        let value = String::from_utf8_lossy(value);
+        match kind {
+            b'C' => code = value.into_owned(),
+            b'M' => message = value.into_owned(),
+            b'V' => severity = value.into_owned(),
+            _ => {}
+        }
+    }
+    let transient = sqlstate_is_transient(&code);
+    Error::new(ErrorKind::PostgresServer { transient }, format!("postgres {severity} {code}: {message}"))
+}
+
+fn unexpected(tag: u8, during: &str) -> Error {
+    Error::new(
+        ErrorKind::Protocol,
+        format!("unexpected message '{}' during {during}", char::from(tag).escape_default()),
+    )
+}
+
+fn protocol_io(error: std::io::Error) -> Error {
+    Error::with_source(ErrorKind::Protocol, "cannot encode a protocol message", error)
+}
+
+fn connection_lost(error: std::io::Error) -> Error {
+    Error::with_source(ErrorKind::PostgresConnection, "the Postgres connection broke", error)
+}
+
+fn parse_server_version(text: &str) -> u32 {
+    let mut parts = text.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty());
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    major * 10_000 + minor
+}
+
+/// Now, in microseconds since the Postgres epoch.
+pub fn pg_now_micros() -> i64 {
+    let since_unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(since_unix.as_micros()).unwrap_or(i64::MAX) - PG_EPOCH_OFFSET_MICROS
+}
+
+/// A Postgres timestamp (microseconds since 2000-01-01) as a `SystemTime`.
+pub fn pg_time(micros: i64) -> SystemTime {
+    let unix = micros.saturating_add(PG_EPOCH_OFFSET_MICROS);
+    match u64::try_from(unix) {
+        Ok(unix) => UNIX_EPOCH + Duration::from_micros(unix),
+        Err(_) => UNIX_EPOCH,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions() {
+        assert_eq!(parse_server_version("15.19 (Debian 15.19-0+deb12u1)"), 150_019);
+        assert_eq!(parse_server_version("13.2"), 130_002);
+    }
+
+    #[test]
+    fn timestamps_round_trip() {
+        let now = pg_now_micros();
+        let back = pg_time(now);
+        let diff = SystemTime::now().duration_since(back).unwrap_or_default();
+        assert!(diff < Duration::from_secs(1));
+    }
+}

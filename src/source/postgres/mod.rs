@@ -1,0 +1,11 @@
+//! The Postgres source: a logical replication slot read with pgoutput.
+//!
+//! - [`conn`]: the replication connection (wire protocol, auth, CopyBoth).
+//! - [`pgoutput`]: the pure message decoder.
+//! - [`changes`]: messages -> row changes and transaction boundaries.
+//! - [`slot`]: creating and inspecting the slot and publication.
+
+pub mod changes;
+pub mod conn;
+pub mod pgoutput;
+pub mod slot;

@@ -1,0 +1,90 @@
+//! The replication slot and publication: created when absent (with
+//! `postgres.create_slot`), and the START_REPLICATION command for the
+//! server's protocol version.
+
+use crate::catalog;
+use crate::config::{PostgresConfig, SecretUrl};
+use crate::error::{Error, ErrorKind};
+use crate::mapping::Mappings;
+
+/// Makes sure the publication and the slot exist, creating them when
+/// allowed. Returns whether the slot was created now.
+pub async fn ensure(config: &PostgresConfig, url: &SecretUrl, mappings: &Mappings) -> Result<bool, Error> {
+    let client = catalog::connect(url)
+        .await
+        .map_err(|e| Error::with_source(ErrorKind::PostgresConnection, "cannot connect to Postgres", e))?;
+    let query_error = |e| Error::with_source(ErrorKind::PostgresConnection, "slot setup query failed", e);
+    let publication = client
+        .query_opt("select 1 from pg_publication where pubname = $1", &[&config.publication])
+        .await
+        .map_err(query_error)?;
+    if publication.is_none() {
+        if !config.create_slot {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!("publication `{}` does not exist and postgres.create_slot = false", config.publication),
+            ));
+        }
+        let tables: Vec<String> = mappings.tables().map(|m| quote_table(&m.table)).collect();
+        let sql = format!("create publication {} for table {}", quote_ident(&config.publication), tables.join(", "));
+        client.batch_execute(&sql).await.map_err(query_error)?;
+        tracing::info!(publication = %config.publication, "created publication");
+    }
+    let slot = client
+        .query_opt(
+            "select plugin, database = current_database() from pg_replication_slots where slot_name = $1",
+            &[&config.slot],
+        )
+        .await
+        .map_err(query_error)?;
+    match slot {
+        Some(row) => {
+            let plugin: Option<String> = row.get(0);
+            let same_database: Option<bool> = row.get(1);
+            if plugin.as_deref() != Some("pgoutput") || same_database != Some(true) {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!("slot `{}` exists but is not a pgoutput slot of this database", config.slot),
+                ));
+            }
+            Ok(false)
+        }
+        None if config.create_slot => {
+            client
+                .query_one("select pg_create_logical_replication_slot($1, 'pgoutput')", &[&config.slot])
+                .await
+                .map_err(query_error)?;
+            tracing::info!(slot = %config.slot, "created replication slot");
+            Ok(true)
+        }
+        None => Err(Error::new(
+            ErrorKind::Config,
+            format!("replication slot `{}` does not exist and postgres.create_slot = false", config.slot),
+        )),
+    }
+}
+
+/// START_REPLICATION for the slot, from its confirmed position, with the
+/// newest pgoutput protocol evictd speaks that the server supports:
+/// version 2 with streaming of large in-progress transactions from PG 14,
+/// version 1 before.
+pub fn start_command(slot: &str, publication: &str, server_version: u32) -> String {
+    let options = if server_version >= 140_000 {
+        "proto_version '2', streaming 'on'"
+    } else {
+        "proto_version '1'"
+    };
+    format!(
+        "START_REPLICATION SLOT {} LOGICAL 0/0 ({options}, publication_names '{}')",
+        quote_ident(slot),
+        publication.replace('\'', "''")
+    )
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn quote_table(table: &crate::change::TableName) -> String {
+    format!("{}.{}", quote_ident(&table.schema), quote_ident(&table.name))
+}
