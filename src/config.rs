@@ -145,7 +145,11 @@ impl fmt::Debug for SecretUrl {
 impl Config {
     /// A Postgres-source configuration with every default, for programs
     /// and tests that build their configuration in code.
-    pub fn with_defaults(postgres_url: SecretUrl, redis_url: SecretUrl, mappings_dir: PathBuf) -> Config {
+    pub fn with_defaults(
+        postgres_url: SecretUrl,
+        redis_url: SecretUrl,
+        mappings_dir: PathBuf,
+    ) -> Config {
         Config {
             source: SourceKind::Postgres,
             postgres: PostgresConfig {

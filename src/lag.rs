@@ -27,7 +27,9 @@ impl Default for LagHistogram {
 impl LagHistogram {
     /// Records the lag of a commit at `commit_time` applied now.
     pub fn record_commit(&mut self, commit_time: SystemTime) {
-        let lag = SystemTime::now().duration_since(commit_time).unwrap_or_default();
+        let lag = SystemTime::now()
+            .duration_since(commit_time)
+            .unwrap_or_default();
         self.record(lag);
     }
 
@@ -51,7 +53,11 @@ impl LagHistogram {
             return Duration::ZERO;
         }
         // Both bounded: q in 0..=1 and total a count.
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss
+        )]
         let rank = ((q.clamp(0.0, 1.0) * self.total as f64).ceil() as u64).max(1);
         let mut seen = 0;
         for (index, count) in self.counts.iter().enumerate() {
@@ -76,7 +82,11 @@ fn bucket(lag: Duration) -> usize {
 }
 
 fn upper_bound(index: usize) -> Duration {
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
     let micros = (FIRST_MICROS * GROWTH.powi(index as i32)) as u64;
     Duration::from_micros(micros)
 }

@@ -17,15 +17,15 @@
 //! - `testkit` (feature `testkit`): throwaway Postgres and Redis for
 //!   integration tests.
 
+pub mod apply;
 pub mod catalog;
 pub mod change;
 pub mod config;
+pub mod error;
+pub mod lag;
 pub mod mapping;
+pub mod pipeline;
 pub mod plan;
+pub mod source;
 #[cfg(feature = "testkit")]
 pub mod testkit;
-pub mod error;
-pub mod source;
-pub mod pipeline;
-pub mod apply;
-pub mod lag;

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use anyhow::bail;
 use clap::{Parser, Subcommand};
 
-use evictd::change::{Datum, Op, Row, RowChange, TableName};
+use evictd::change::{Datum, Lsn, Op, Row, RowChange, TableName};
 use evictd::config::{Config, SecretUrl};
 use evictd::mapping::{self, Diagnostic, Limits, Mappings, NoteKind, Output};
+use evictd::pipeline::Options;
 use evictd::plan::plan_changes;
 
 #[derive(Parser)]
@@ -26,6 +27,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Stream the slot into Redis until SIGTERM or SIGINT.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Consume the slot up to a WAL position, apply everything, and exit.
+    Replay {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// A WAL position like 0/16B3748, or `now` for the current one.
+        #[arg(long)]
+        until_lsn: String,
+    },
     /// Check mappings: offline always, against the database unless --offline.
     Check {
         /// The evictd.toml to take the mappings directory, limits and database from.
@@ -72,9 +86,14 @@ enum Command {
 struct UsageError(String);
 
 fn main() -> ExitCode {
-    init_logging();
     let cli = Cli::parse();
+    init_logging(match cli.command {
+        Command::Run { .. } | Command::Replay { .. } => "info",
+        _ => "warn",
+    });
     let result = match cli.command {
+        Command::Run { config } => run(&config, None),
+        Command::Replay { config, until_lsn } => run(&config, Some(until_lsn)),
         Command::Check {
             config,
             mappings,
@@ -117,13 +136,76 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("EVICTD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// `run`, or `replay` when `until` is given.
+fn run(path: &Path, until: Option<String>) -> anyhow::Result<ExitCode> {
+    let config = Config::load(path).map_err(|error| UsageError(error.to_string()))?;
+    let mappings = match mapping::load_dir(&config.mappings.dir, config.mappings.limits) {
+        Ok(mappings) => Arc::new(mappings),
+        Err(diagnostics) => return Ok(report(&diagnostics)),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let until = match until.as_deref() {
+            None => None,
+            Some("now") => {
+                let url = config
+                    .postgres
+                    .url
+                    .as_ref()
+                    .ok_or_else(|| UsageError("postgres.url is not set".into()))?;
+                let client = evictd::catalog::connect(url).await?;
+                let row = client
+                    .query_one("select pg_current_wal_insert_lsn()::text", &[])
+                    .await?;
+                Some(
+                    Lsn::parse(&row.get::<_, String>(0))
+                        .ok_or_else(|| anyhow::anyhow!("bad LSN from the server"))?,
+                )
+            }
+            Some(text) => Some(Lsn::parse(text).ok_or_else(|| {
+                UsageError(format!(
+                    "--until-lsn: `{text}` is not an LSN like 0/16B3748"
+                ))
+            })?),
+        };
+        let options = Options {
+            until,
+            ..Options::default()
+        };
+        let running = evictd::pipeline::start(&config, mappings, options).await?;
+        let stop = async {
+            let mut terminate =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        let mut acked = running.acked.clone();
+        tokio::select! {
+            signal = stop => {
+                signal?;
+                running.stop();
+            }
+            // replay: the pipeline ends by itself once `until` is acknowledged.
+            _ = acked.wait_for(|acked| until.is_some_and(|until| *acked >= until)) => {}
+        }
+        let ended = running.wait().await?;
+        tracing::info!(?ended, "evictd stopped");
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 struct CheckArgs {

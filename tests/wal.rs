@@ -28,15 +28,310 @@ keys = ["order:{id}", "user:{user_id}:orders"]
 #[tokio::test]
 async fn insert_update_delete_on_several_tables() {
     let mut s = Streaming::start(SHOP, &[("users.toml", USERS), ("orders.toml", ORDERS)]).await;
-    let keys = ["user:1", "user:email:a@x.io", "order:10", "user:1:orders", "user:2", "order:11"];
+    let keys = [
+        "user:1",
+        "user:email:a@x.io",
+        "order:10",
+        "user:1:orders",
+        "user:2",
+        "order:11",
+    ];
     s.seed(&keys).await;
-    s.db.execute("insert into users values (1, 'a@x.io', null)").await;
-    s.db.execute("insert into orders values (10, 1, 'new')").await;
+    s.db.execute("insert into users values (1, 'a@x.io', null)")
+        .await;
+    s.db.execute("insert into orders values (10, 1, 'new')")
+        .await;
     s.sync().await;
     assert_eq!(s.cached(&keys).await, ["user:2", "order:11"]);
     s.seed(&keys).await;
-    s.db.execute("update orders set status = 'paid' where id = 10").await;
+    s.db.execute("update orders set status = 'paid' where id = 10")
+        .await;
     s.db.execute("delete from users where id = 1").await;
     s.sync().await;
     assert_eq!(s.cached(&keys).await, ["user:2", "order:11"]);
+}
+
+#[tokio::test]
+async fn several_tables_in_one_transaction() {
+    let mut s = Streaming::start(SHOP, &[("users.toml", USERS), ("orders.toml", ORDERS)]).await;
+    let keys = [
+        "user:5",
+        "user:email:e@x.io",
+        "order:50",
+        "user:5:orders",
+        "order:51",
+    ];
+    s.seed(&keys).await;
+    s.db.execute("begin; insert into users values (5, 'e@x.io', null); insert into orders values (50, 5, 'new'); commit")
+        .await;
+    s.sync().await;
+    assert_eq!(s.cached(&keys).await, ["order:51"]);
+}
+
+#[tokio::test]
+async fn a_rolled_back_transaction_invalidates_nothing() {
+    let mut s = Streaming::start(SHOP, &[("users.toml", USERS)]).await;
+    let keys = ["user:7", "user:email:r@x.io"];
+    s.seed(&keys).await;
+    s.db.execute("begin; insert into users values (7, 'r@x.io', null); rollback")
+        .await;
+    s.sync().await;
+    assert_eq!(s.cached(&keys).await, keys);
+}
+
+#[tokio::test]
+async fn an_order_moving_between_users_invalidates_both_users() {
+    let mut s = Streaming::start(SHOP, &[("orders.toml", ORDERS)]).await;
+    s.db.execute("insert into orders values (70, 1, 'new')")
+        .await;
+    s.sync().await;
+    let keys = [
+        "order:70",
+        "user:1:orders",
+        "user:2:orders",
+        "user:3:orders",
+    ];
+    s.seed(&keys).await;
+    s.db.execute("update orders set user_id = 2 where id = 70")
+        .await;
+    s.sync().await;
+    assert_eq!(s.cached(&keys).await, ["user:3:orders"]);
+}
+
+#[tokio::test]
+async fn keys_with_colons_and_unicode_in_values() {
+    let mut s = Streaming::start(SHOP, &[("users.toml", USERS)]).await;
+    let keys = [
+        "user:email:a%3Ab@x.io",
+        "user:email:zoë→日本@x.io",
+        "user:email:a:b@x.io",
+    ];
+    s.seed(&keys).await;
+    s.db.execute("insert into users values (1, 'a:b@x.io', null), (2, 'zoë→日本@x.io', null)")
+        .await;
+    s.sync().await;
+    assert_eq!(
+        s.cached(&keys).await,
+        ["user:email:a:b@x.io"],
+        "the raw `:` form is another key"
+    );
+}
+
+#[tokio::test]
+async fn truncate_deletes_every_key_the_table_can_produce() {
+    let mut s = Streaming::start(SHOP, &[("orders.toml", ORDERS), ("users.toml", USERS)]).await;
+    let keys = [
+        "order:1",
+        "order:2",
+        "user:9:orders",
+        "user:1",
+        "orders:other",
+    ];
+    s.seed(&keys).await;
+    s.db.execute("truncate orders").await;
+    s.sync().await;
+    assert_eq!(s.cached(&keys).await, ["user:1", "orders:other"]);
+}
+
+#[tokio::test]
+async fn alter_table_add_column_mid_stream() {
+    let mapping = "[[table]]\nname = \"users\"\nkeys = [\"user:{id}\", \"tier:{tier}\"]\n";
+    let mut s = Streaming::start(SHOP, &[("users.toml", mapping)]).await;
+    s.seed(&["user:1", "user:2", "tier:gold"]).await;
+    // Before the column exists its placeholder is unknown: a pattern.
+    s.db.execute("insert into users values (1, 'a@x.io', null)")
+        .await;
+    s.sync().await;
+    assert_eq!(
+        s.cached(&["user:1", "user:2", "tier:gold"]).await,
+        ["user:2"]
+    );
+    s.seed(&["user:1", "user:2", "tier:gold", "tier:silver"])
+        .await;
+    s.db.execute("alter table users add column tier text; insert into users values (2, 'b@x.io', null, 'gold')").await;
+    s.sync().await;
+    assert_eq!(
+        s.cached(&["user:1", "user:2", "tier:gold", "tier:silver"])
+            .await,
+        ["user:1", "tier:silver"]
+    );
+}
+
+const PROFILE: &str = r#"
+[[table]]
+name = "users"
+keys = ["user:{id}"]
+[[table.refresh]]
+key = "user:{id}:profile"
+columns = ["id", "email", "bio"]
+ttl = "1h"
+"#;
+
+#[tokio::test]
+async fn refresh_writes_the_new_row_through() {
+    let mut s = Streaming::start(SHOP, &[("users.toml", PROFILE)]).await;
+    s.db.execute("insert into users values (3, 'c@x.io', 'hi')")
+        .await;
+    s.sync().await;
+    assert_eq!(
+        s.get("user:3:profile").await.as_deref(),
+        Some(r#"{"id":3,"email":"c@x.io","bio":"hi"}"#)
+    );
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(format!("{}user:3:profile", s.db.prefix))
+        .query_async(&mut s.redis)
+        .await
+        .unwrap();
+    assert!((3590..=3600).contains(&ttl), "{ttl}");
+    s.db.execute("delete from users where id = 3").await;
+    s.sync().await;
+    assert_eq!(s.get("user:3:profile").await, None);
+}
+
+#[tokio::test]
+async fn unchanged_toast_is_taken_from_the_full_old_row() {
+    let mut s = Streaming::start(SHOP, &[("users.toml", PROFILE)]).await;
+    s.db.execute("alter table users alter column bio set storage external")
+        .await;
+    let bio = "x".repeat(100_000);
+    s.db.execute(&format!("insert into users values (4, 'd@x.io', '{bio}')"))
+        .await;
+    s.sync().await;
+    s.db.execute("update users set email = 'd2@x.io' where id = 4")
+        .await;
+    s.sync().await;
+    let profile = s.get("user:4:profile").await.expect("refreshed");
+    assert!(
+        profile.starts_with(r#"{"id":4,"email":"d2@x.io","bio":"xxx"#),
+        "{}",
+        &profile[..40]
+    );
+    assert_eq!(
+        profile.len(),
+        bio.len() + r#"{"id":4,"email":"d2@x.io","bio":""}"#.len()
+    );
+}
+
+#[tokio::test]
+async fn unchanged_toast_without_old_value_falls_back_to_delete() {
+    let mut s = Streaming::start(SHOP, &[("users.toml", PROFILE)]).await;
+    s.db.execute("alter table users replica identity default; alter table users alter column bio set storage external")
+        .await;
+    let bio = "y".repeat(100_000);
+    s.db.execute(&format!("insert into users values (5, 'e@x.io', '{bio}')"))
+        .await;
+    s.sync().await;
+    assert!(s.get("user:5:profile").await.is_some());
+    s.db.execute("update users set email = 'e2@x.io' where id = 5")
+        .await;
+    s.sync().await;
+    assert_eq!(
+        s.get("user:5:profile").await,
+        None,
+        "unknown bio: the key is deleted, not written"
+    );
+}
+
+#[tokio::test]
+async fn tags_delete_their_members() {
+    let mapping = "[[table]]\nname = \"orders\"\ntags = [\"user:{user_id}\"]\n";
+    let mut s = Streaming::start(SHOP, &[("orders.toml", mapping)]).await;
+    let prefix = s.db.prefix.clone();
+    let members = [format!("{prefix}page:a"), format!("{prefix}page:b")];
+    s.seed(&["page:a", "page:b", "page:c"]).await;
+    let _: () = redis::cmd("SADD")
+        .arg(format!("{prefix}tag:user:8"))
+        .arg(&members)
+        .query_async(&mut s.redis)
+        .await
+        .unwrap();
+    s.db.execute("insert into orders values (80, 8, 'new')")
+        .await;
+    s.sync().await;
+    assert_eq!(
+        s.cached(&["page:a", "page:b", "page:c", "tag:user:8"])
+            .await,
+        ["page:c"]
+    );
+}
+
+#[tokio::test]
+async fn a_rolled_back_savepoint_inside_a_streamed_transaction_invalidates_only_committed_rows() {
+    let mapping = "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\n";
+    let mut s = Streaming::start(SHOP, &[("orders.toml", mapping)]).await;
+    let keys: Vec<String> = (1..=6000).map(|id| format!("order:{id}")).collect();
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    s.seed(&keys).await;
+    // Far more than logical_decoding_work_mem (64kB): the server streams it.
+    s.db.execute(
+        "begin;
+         insert into orders select g, 1, 'new' from generate_series(1, 2000) g;
+         savepoint s1;
+         insert into orders select g, 1, 'new' from generate_series(2001, 4000) g;
+         rollback to savepoint s1;
+         insert into orders select g, 1, 'new' from generate_series(4001, 5000) g;
+         commit",
+    )
+    .await;
+    s.sync().await;
+    let left = s.cached(&keys).await;
+    let expected: Vec<String> = (2001..=4000)
+        .chain(5001..=6000)
+        .map(|id| format!("order:{id}"))
+        .collect();
+    assert_eq!(left, expected);
+    let client = s.db.client().await;
+    let streamed: i64 = client
+        .query_one(
+            "select stream_txns from pg_stat_replication_slots where slot_name = $1",
+            &[&s.config.postgres.slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(streamed >= 1, "the transaction was streamed");
+}
+
+#[tokio::test]
+async fn l1_messages_arrive_with_a_gapless_seq() {
+    use futures_util::StreamExt as _;
+    let mut s = Streaming::start(SHOP, &[("orders.toml", ORDERS)]).await;
+    let client = redis::Client::open(support::stack().redis.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+    pubsub.subscribe(&s.config.redis.l1_channel).await.unwrap();
+    for id in 0..30 {
+        s.db.execute(&format!("insert into orders values ({id}, {id}, 'new')"))
+            .await;
+    }
+    s.sync().await;
+    let mut messages = pubsub.on_message();
+    let mut seqs = Vec::new();
+    let mut keys = Vec::new();
+    while keys.len() < 60 {
+        let message = tokio::time::timeout(std::time::Duration::from_secs(5), messages.next())
+            .await
+            .expect("a broadcast")
+            .expect("stream open");
+        let payload: String = message.get_payload().unwrap();
+        let json: serde_json::Value = serde_json::from_str(&payload).unwrap();
+        assert_eq!(json["v"], 1);
+        assert_eq!(json["epoch"], s.evictd.epoch());
+        seqs.push(json["seq"].as_u64().unwrap());
+        keys.extend(
+            json["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|k| k.as_str().unwrap().to_owned()),
+        );
+    }
+    let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
+    assert_eq!(seqs, expected, "one message per batch, seq gapless from 1");
+    assert!(keys.contains(&"order:29".to_owned()) && keys.contains(&"user:29:orders".to_owned()));
+    let last: String = redis::cmd("GET")
+        .arg(format!("{}evictd:l1:last", s.db.prefix))
+        .query_async(&mut s.redis)
+        .await
+        .unwrap();
+    assert_eq!(last, format!("{}:{}", s.evictd.epoch(), seqs.len()));
 }

@@ -51,7 +51,10 @@ impl Broadcast {
             self.next_seq += 1;
             seq
         });
-        pipe.cmd("PUBLISH").arg(&self.channel).arg(self.message(plan, seq)).ignore();
+        pipe.cmd("PUBLISH")
+            .arg(&self.channel)
+            .arg(self.message(plan, seq))
+            .ignore();
         pipe.cmd("SET")
             .arg(format!("{prefix}evictd:l1:last"))
             .arg(format!("{}:{seq}", self.epoch))
@@ -73,7 +76,9 @@ impl Broadcast {
                 Command::Unlink { key, .. } | Command::Set { key, .. } => keys.push(key.as_str()),
                 Command::InvalidateTag { tag, .. } => tags.push(tag.as_str()),
                 Command::UnlinkMatching { pattern, .. } => patterns.push(pattern.as_str()),
-                Command::InvalidateTagsMatching { pattern, .. } => tag_patterns.push(pattern.as_str()),
+                Command::InvalidateTagsMatching { pattern, .. } => {
+                    tag_patterns.push(pattern.as_str())
+                }
             }
         }
         let mut message = serde_json::json!({

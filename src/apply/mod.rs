@@ -14,11 +14,11 @@ use std::time::Duration;
 use rand::Rng as _;
 use tokio::sync::{mpsc, watch};
 
+use self::redis::RedisSink;
 use crate::change::{Checkpoint, Lsn};
 use crate::error::Error;
 use crate::lag::LagHistogram;
 use crate::plan::Plan;
-use self::redis::RedisSink;
 
 /// How far apply has come: what the replication task may acknowledge.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -83,7 +83,9 @@ pub async fn run(
             }
         };
         if let Some(commit_time) = plan.commit_time {
-            lag.lock().unwrap_or_else(std::sync::PoisonError::into_inner).record_commit(commit_time);
+            lag.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .record_commit(commit_time);
         }
         progress.send_modify(|progress| {
             progress.applied_plans += 1;

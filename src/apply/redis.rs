@@ -61,9 +61,13 @@ pub struct RedisSink {
 impl RedisSink {
     pub fn new(url: &str, prefix: &str, broadcast: Broadcast) -> Result<RedisSink, Error> {
         if url.starts_with("redis+cluster") || url.starts_with("rediss+cluster") {
-            return Err(Error::new(ErrorKind::Config, "Redis Cluster is not supported by this build yet"));
+            return Err(Error::new(
+                ErrorKind::Config,
+                "Redis Cluster is not supported by this build yet",
+            ));
         }
-        let client = redis::Client::open(url).map_err(|e| Error::with_source(ErrorKind::Config, "invalid redis.url", e))?;
+        let client = redis::Client::open(url)
+            .map_err(|e| Error::with_source(ErrorKind::Config, "invalid redis.url", e))?;
         Ok(RedisSink {
             client,
             connection: None,
@@ -115,22 +119,31 @@ impl RedisSink {
                 Command::UnlinkMatching { pattern, .. } => {
                     flush_unlinks(&mut pipe, &mut unlinks, &mut stats);
                     self.send(&mut connection, &mut pipe, &mut stats).await?;
-                    stats.keys += self.delete_matching(&mut connection, pattern, &mut stats).await?;
+                    stats.keys += self
+                        .delete_matching(&mut connection, pattern, &mut stats)
+                        .await?;
                 }
                 Command::InvalidateTag { tag, .. } => {
                     flush_unlinks(&mut pipe, &mut unlinks, &mut stats);
                     tags.push(self.tag_set(tag));
                     if tags.len() == TAG_CHUNK {
-                        pipe.cmd("EVAL").arg(TAG_SCRIPT).arg(tags.len()).arg(&tags).ignore();
+                        pipe.cmd("EVAL")
+                            .arg(TAG_SCRIPT)
+                            .arg(tags.len())
+                            .arg(&tags)
+                            .ignore();
                         tags.clear();
                     }
                 }
                 Command::InvalidateTagsMatching { pattern, .. } => {
                     flush_tags(&mut pipe, &mut tags);
                     self.send(&mut connection, &mut pipe, &mut stats).await?;
-                    self.invalidate_tags_matching(&mut connection, pattern, &mut stats).await?;
+                    self.invalidate_tags_matching(&mut connection, pattern, &mut stats)
+                        .await?;
                 }
-                Command::Set { key, value, ttl, .. } => {
+                Command::Set {
+                    key, value, ttl, ..
+                } => {
                     flush_unlinks(&mut pipe, &mut unlinks, &mut stats);
                     flush_tags(&mut pipe, &mut tags);
                     let set = pipe.cmd("SET").arg(self.prefixed(key)).arg(value);
@@ -187,12 +200,19 @@ impl RedisSink {
             let (next, keys): (u64, Vec<String>) = self
                 .query(
                     connection,
-                    redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&full).arg("COUNT").arg(SCAN_COUNT),
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&full)
+                        .arg("COUNT")
+                        .arg(SCAN_COUNT),
                     stats,
                 )
                 .await?;
             if !keys.is_empty() {
-                let removed: u64 = self.query(connection, redis::cmd("UNLINK").arg(&keys), stats).await?;
+                let removed: u64 = self
+                    .query(connection, redis::cmd("UNLINK").arg(&keys), stats)
+                    .await?;
                 deleted += removed;
             }
             if next == 0 {
@@ -214,7 +234,14 @@ impl RedisSink {
             let (next, sets): (u64, Vec<String>) = self
                 .query(
                     connection,
-                    redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&full).arg("COUNT").arg(SCAN_COUNT).arg("TYPE").arg("set"),
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&full)
+                        .arg("COUNT")
+                        .arg(SCAN_COUNT)
+                        .arg("TYPE")
+                        .arg("set"),
                     stats,
                 )
                 .await?;
@@ -283,7 +310,11 @@ fn flush_unlinks(pipe: &mut redis::Pipeline, unlinks: &mut Vec<String>, stats: &
 
 fn flush_tags(pipe: &mut redis::Pipeline, tags: &mut Vec<String>) {
     if !tags.is_empty() {
-        pipe.cmd("EVAL").arg(TAG_SCRIPT).arg(tags.len()).arg(&*tags).ignore();
+        pipe.cmd("EVAL")
+            .arg(TAG_SCRIPT)
+            .arg(tags.len())
+            .arg(&*tags)
+            .ignore();
         tags.clear();
     }
 }

@@ -90,7 +90,10 @@ impl Batcher {
     /// Handles one event; full plans are appended to `ready`.
     pub fn push(&mut self, event: Event, ready: &mut Vec<Plan>) {
         match event {
-            Event::Change { stream: None, change } => {
+            Event::Change {
+                stream: None,
+                change,
+            } => {
                 self.stats.changes += 1;
                 self.out.clear();
                 self.mappings.eval(&change, &mut self.out);
@@ -155,7 +158,9 @@ impl Batcher {
         }
         self.out.clear();
         self.mappings.eval(change, &mut self.out);
-        buffer.actions.extend(self.out.actions.drain(..).map(|action| (subxid, action)));
+        buffer
+            .actions
+            .extend(self.out.actions.drain(..).map(|action| (subxid, action)));
         if buffer.actions.len() > self.limits.max_pending_keys {
             tracing::warn!(
                 xid,

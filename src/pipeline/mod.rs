@@ -79,13 +79,21 @@ impl Running {
     pub async fn wait(self) -> Result<Ended, Error> {
         match self.task.await {
             Ok(result) => result,
-            Err(join) => Err(Error::with_source(ErrorKind::Shutdown, "the pipeline task failed", join)),
+            Err(join) => Err(Error::with_source(
+                ErrorKind::Shutdown,
+                "the pipeline task failed",
+                join,
+            )),
         }
     }
 }
 
 /// Connects everything and starts the tasks on the current runtime.
-pub async fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Result<Running, Error> {
+pub async fn start(
+    config: &Config,
+    mappings: Arc<Mappings>,
+    options: Options,
+) -> Result<Running, Error> {
     let url = config
         .postgres
         .url
@@ -96,7 +104,11 @@ pub async fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -
         tracing::info!(slot = %config.postgres.slot, "streaming from a new slot: changes before now are not replayed");
     }
     let mut conn = ReplicationConnection::connect(url.expose()).await?;
-    let command = slot::start_command(&config.postgres.slot, &config.postgres.publication, conn.server_version());
+    let command = slot::start_command(
+        &config.postgres.slot,
+        &config.postgres.publication,
+        conn.server_version(),
+    );
     conn.start_replication(&command).await?;
     tracing::info!(slot = %config.postgres.slot, server_version = conn.server_version(), "streaming started");
 
@@ -109,7 +121,13 @@ pub async fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -
     let (stop_tx, stop_rx) = watch::channel(false);
     let lag = Arc::new(Mutex::new(LagHistogram::default()));
 
-    let apply_task = tokio::spawn(apply::run(sink, plans_rx, progress_tx, lag.clone(), stop_rx.clone()));
+    let apply_task = tokio::spawn(apply::run(
+        sink,
+        plans_rx,
+        progress_tx,
+        lag.clone(),
+        stop_rx.clone(),
+    ));
     let replication = Replication {
         conn,
         decoder: ChangeDecoder::new(mappings.clone()),
@@ -132,7 +150,11 @@ pub async fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -
         let applied = apply_task.await;
         match (ended, applied) {
             (Err(error), _) | (Ok(_), Ok(Err(error))) => Err(error),
-            (Ok(_), Err(join)) => Err(Error::with_source(ErrorKind::Shutdown, "the apply task failed", join)),
+            (Ok(_), Err(join)) => Err(Error::with_source(
+                ErrorKind::Shutdown,
+                "the apply task failed",
+                join,
+            )),
             (Ok(ended), Ok(Ok(()))) => Ok(ended),
         }
     });

@@ -98,7 +98,9 @@ impl Replication {
             };
             match step {
                 Step::Stop => break Ended::Stopped,
-                Step::Applied(false) => return Err(Error::new(ErrorKind::Redis, "the apply task ended")),
+                Step::Applied(false) => {
+                    return Err(Error::new(ErrorKind::Redis, "the apply task ended"))
+                }
                 Step::Applied(true) => {
                     let flush = self.progress.borrow_and_update().flush_lsn;
                     if flush > confirmed {
@@ -107,12 +109,21 @@ impl Replication {
                     }
                 }
                 Step::Status => self.report(received, confirmed, true).await?,
-                Step::Message(ReplicationMessage::XLogData { wal_start, wal_end, data }) => {
+                Step::Message(ReplicationMessage::XLogData {
+                    wal_start,
+                    wal_end,
+                    data,
+                }) => {
                     tracing::trace!(wal_start = %Lsn(wal_start), wal_end = %Lsn(wal_end), tag = %char::from(data.first().copied().unwrap_or(b'?')), "xlogdata");
                     received = received.max(Lsn(wal_end));
                     let in_stream = self.decoder.in_stream_block();
-                    let message = pgoutput::decode(&data, in_stream)
-                        .map_err(|e| Error::with_source(ErrorKind::Protocol, "cannot decode the replication stream", e))?;
+                    let message = pgoutput::decode(&data, in_stream).map_err(|e| {
+                        Error::with_source(
+                            ErrorKind::Protocol,
+                            "cannot decode the replication stream",
+                            e,
+                        )
+                    })?;
                     self.decoder.handle(message, &mut events)?;
                     for event in events.drain(..) {
                         self.batcher.push(event, &mut cut);
@@ -143,7 +154,9 @@ impl Replication {
     }
 
     async fn report(&mut self, received: Lsn, flush: Lsn, ask_reply: bool) -> Result<(), Error> {
-        self.conn.send_status(received.0.max(flush.0), flush.0, ask_reply).await?;
+        self.conn
+            .send_status(received.0.max(flush.0), flush.0, ask_reply)
+            .await?;
         self.acked.send_if_modified(|acked| {
             let moved = *acked != flush;
             *acked = flush;
@@ -154,7 +167,12 @@ impl Replication {
 
     /// Hands over what is complete, waits (bounded) for apply to finish it,
     /// and sends the final status update before CopyDone.
-    async fn finish(mut self, mut ready: VecDeque<Plan>, received: Lsn, mut confirmed: Lsn) -> Result<(), Error> {
+    async fn finish(
+        mut self,
+        mut ready: VecDeque<Plan>,
+        received: Lsn,
+        mut confirmed: Lsn,
+    ) -> Result<(), Error> {
         ready.extend(self.batcher.take());
         let handover = async {
             for plan in ready {
@@ -170,7 +188,9 @@ impl Replication {
         let drained = self.progress.wait_for(|_| false);
         let _ = tokio::time::timeout(Duration::from_secs(10), drained).await;
         confirmed = confirmed.max(self.progress.borrow().flush_lsn);
-        self.conn.send_status(received.0.max(confirmed.0), confirmed.0, false).await?;
+        self.conn
+            .send_status(received.0.max(confirmed.0), confirmed.0, false)
+            .await?;
         self.acked.send_replace(confirmed);
         tracing::info!(flush_lsn = %confirmed, "sent final standby status update");
         self.conn.finish().await

@@ -23,15 +23,21 @@ impl Evictd {
     /// Loads the mappings of `config.mappings.dir` and starts streaming
     /// (creating the slot and publication when absent).
     pub async fn start(config: &Config) -> Result<Evictd, TestkitError> {
-        let mappings = mapping::load_dir(&config.mappings.dir, config.mappings.limits).map_err(|diagnostics| {
-            let lines: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
-            TestkitError::Start(format!("the mappings do not load:\n{}", lines.join("\n")))
-        })?;
+        let mappings = mapping::load_dir(&config.mappings.dir, config.mappings.limits).map_err(
+            |diagnostics| {
+                let lines: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
+                TestkitError::Start(format!("the mappings do not load:\n{}", lines.join("\n")))
+            },
+        )?;
         Evictd::start_with(config, Arc::new(mappings), Options::default()).await
     }
 
     /// Starts with already loaded mappings and explicit options.
-    pub async fn start_with(config: &Config, mappings: Arc<Mappings>, options: Options) -> Result<Evictd, TestkitError> {
+    pub async fn start_with(
+        config: &Config,
+        mappings: Arc<Mappings>,
+        options: Options,
+    ) -> Result<Evictd, TestkitError> {
         let options = Options {
             // Learn idle progress quickly, so that sync() returns quickly.
             status_interval: options.status_interval.min(Duration::from_millis(20)),
@@ -73,7 +79,9 @@ impl Evictd {
         let outcome = tokio::time::timeout(self.sync_timeout, reached).await;
         match outcome {
             Ok(Ok(())) => Ok(target),
-            Ok(Err(_)) => Err(TestkitError::Start("evictd stopped before reaching the WAL position".into())),
+            Ok(Err(_)) => Err(TestkitError::Start(
+                "evictd stopped before reaching the WAL position".into(),
+            )),
             Err(_) => Err(TestkitError::Start(format!(
                 "sync timed out after {:?}: evictd acknowledged {} of {target}",
                 self.sync_timeout,
@@ -84,7 +92,11 @@ impl Evictd {
 
     /// The commit-to-applied lag seen so far.
     pub fn lag(&self) -> LagHistogram {
-        self.running.lag.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        self.running
+            .lag
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Row changes applied so far.

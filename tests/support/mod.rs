@@ -130,7 +130,9 @@ impl Streaming {
         db.execute(schema).await;
         let dir = mapping_dir(mappings);
         let config = streaming_config(&db, dir.path());
-        let evictd = evictd::testkit::Evictd::start(&config).await.expect("start evictd");
+        let evictd = evictd::testkit::Evictd::start(&config)
+            .await
+            .expect("start evictd");
         Streaming {
             redis: redis_connection().await,
             db,
@@ -144,9 +146,14 @@ impl Streaming {
     pub async fn seed(&mut self, keys: &[&str]) {
         let mut pipe = redis::pipe();
         for key in keys {
-            pipe.cmd("SET").arg(format!("{}{key}", self.db.prefix)).arg("cached").ignore();
+            pipe.cmd("SET")
+                .arg(format!("{}{key}", self.db.prefix))
+                .arg("cached")
+                .ignore();
         }
-        pipe.query_async::<()>(&mut self.redis).await.expect("seed keys");
+        pipe.query_async::<()>(&mut self.redis)
+            .await
+            .expect("seed keys");
     }
 
     /// Which of `keys` are still cached.
@@ -204,5 +211,8 @@ pub async fn redis_connection() -> redis::aio::MultiplexedConnection {
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("EVICTD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
 }

@@ -123,7 +123,9 @@ impl ChangeDecoder {
         match message {
             Message::Begin { .. } => self.in_txn = true,
             Message::Commit {
-                end_lsn, commit_time, ..
+                end_lsn,
+                commit_time,
+                ..
             } => {
                 self.in_txn = false;
                 events.push(Event::Commit {
@@ -135,23 +137,44 @@ impl ChangeDecoder {
             Message::Insert { xid, relation, new } => {
                 if let Some(shape) = self.mapped(relation)? {
                     let new = shape.row(&new, false);
-                    self.push(xid, shape_change(shape, Op::Insert, None, Some(new)), events);
+                    self.push(
+                        xid,
+                        shape_change(shape, Op::Insert, None, Some(new)),
+                        events,
+                    );
                 }
             }
-            Message::Update { xid, relation, old, new } => {
+            Message::Update {
+                xid,
+                relation,
+                old,
+                new,
+            } => {
                 if let Some(shape) = self.mapped(relation)? {
                     let new = shape.row(&new, false);
                     let old = match old {
                         Some((kind, old)) => shape.row(&old, kind == OldKind::Key),
                         None => shape.key_columns_of(&new),
                     };
-                    self.push(xid, shape_change(shape, Op::Update, Some(old), Some(new)), events);
+                    self.push(
+                        xid,
+                        shape_change(shape, Op::Update, Some(old), Some(new)),
+                        events,
+                    );
                 }
             }
-            Message::Delete { xid, relation, old: (kind, old) } => {
+            Message::Delete {
+                xid,
+                relation,
+                old: (kind, old),
+            } => {
                 if let Some(shape) = self.mapped(relation)? {
                     let old = shape.row(&old, kind == OldKind::Key);
-                    self.push(xid, shape_change(shape, Op::Delete, Some(old), None), events);
+                    self.push(
+                        xid,
+                        shape_change(shape, Op::Delete, Some(old), None),
+                        events,
+                    );
                 }
             }
             Message::Truncate { xid, relations, .. } => {
@@ -195,9 +218,17 @@ impl ChangeDecoder {
         let wanted_columns = mapping.map(|m| m.columns()).unwrap_or_default();
         let shape = RelationShape {
             names: relation.columns.iter().map(|c| Arc::from(c.name)).collect(),
-            kinds: relation.columns.iter().map(|c| Kind::of(c.type_oid)).collect(),
+            kinds: relation
+                .columns
+                .iter()
+                .map(|c| Kind::of(c.type_oid))
+                .collect(),
             key: relation.columns.iter().map(|c| c.key).collect(),
-            wanted: relation.columns.iter().map(|c| wanted_columns.contains(&c.name)).collect(),
+            wanted: relation
+                .columns
+                .iter()
+                .map(|c| wanted_columns.contains(&c.name))
+                .collect(),
             mapped: mapping.is_some(),
             table,
         };

@@ -27,7 +27,11 @@ const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 #[derive(Debug)]
 pub enum ReplicationMessage {
     /// WAL data: one pgoutput message starting at `wal_start`.
-    XLogData { wal_start: u64, wal_end: u64, data: Bytes },
+    XLogData {
+        wal_start: u64,
+        wal_end: u64,
+        data: Bytes,
+    },
     /// The server's position; `reply` asks for a status update now.
     Keepalive { wal_end: u64, reply: bool },
 }
@@ -99,7 +103,10 @@ impl ReplicationConnection {
         loop {
             let frame = self.frame().await?;
             match frame.tag {
-                b'R' => self.authenticate(frame.body, user, password, &mut scram).await?,
+                b'R' => {
+                    self.authenticate(frame.body, user, password, &mut scram)
+                        .await?
+                }
                 b'S' => self.parameter(&frame.body),
                 b'K' | b'N' => {}
                 b'Z' => return Ok(()),
@@ -122,7 +129,10 @@ impl ReplicationConnection {
         let code = body.get_u32();
         let need_password = || {
             password.ok_or_else(|| {
-                Error::new(ErrorKind::Config, "the server asks for a password; put it in postgres.url")
+                Error::new(
+                    ErrorKind::Config,
+                    "the server asks for a password; put it in postgres.url",
+                )
             })
         };
         let mut out = BytesMut::new();
@@ -221,7 +231,12 @@ impl ReplicationConnection {
                 b'd' => return copy_data(frame.body),
                 b'N' | b'S' => {}
                 b'E' => return Err(server_error(&frame.body)),
-                b'c' => return Err(Error::new(ErrorKind::PostgresConnection, "the server ended the replication stream")),
+                b'c' => {
+                    return Err(Error::new(
+                        ErrorKind::PostgresConnection,
+                        "the server ended the replication stream",
+                    ))
+                }
                 tag => return Err(unexpected(tag, "the replication stream")),
             }
         }
@@ -238,7 +253,9 @@ impl ReplicationConnection {
         payload.put_i64(pg_now_micros());
         payload.put_u8(u8::from(reply));
         let mut out = BytesMut::with_capacity(40);
-        frontend::CopyData::new(&payload[..]).map_err(protocol_io)?.write(&mut out);
+        frontend::CopyData::new(&payload[..])
+            .map_err(protocol_io)?
+            .write(&mut out);
         self.send(&out).await
     }
 
@@ -265,7 +282,10 @@ impl ReplicationConnection {
     }
 
     async fn send(&mut self, bytes: &[u8]) -> Result<(), Error> {
-        self.writer.write_all(bytes).await.map_err(connection_lost)?;
+        self.writer
+            .write_all(bytes)
+            .await
+            .map_err(connection_lost)?;
         self.writer.flush().await.map_err(connection_lost)
     }
 
@@ -273,23 +293,38 @@ impl ReplicationConnection {
     async fn frame(&mut self) -> Result<Frame, Error> {
         loop {
             if self.buf.len() >= 5 {
-                let length = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+                let length =
+                    u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                        as usize;
                 if length < 4 {
-                    return Err(Error::new(ErrorKind::Protocol, "a frame with a length below 4"));
+                    return Err(Error::new(
+                        ErrorKind::Protocol,
+                        "a frame with a length below 4",
+                    ));
                 }
                 if self.buf.len() > length {
                     let mut frame = self.buf.split_to(length + 1);
                     let tag = frame[0];
                     frame.advance(5);
-                    return Ok(Frame { tag, body: frame.freeze() });
+                    return Ok(Frame {
+                        tag,
+                        body: frame.freeze(),
+                    });
                 }
                 self.buf.reserve(length + 1 - self.buf.len());
             } else {
                 self.buf.reserve(64 * 1024);
             }
-            let read = self.reader.read_buf(&mut self.buf).await.map_err(connection_lost)?;
+            let read = self
+                .reader
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(connection_lost)?;
             if read == 0 {
-                return Err(Error::new(ErrorKind::PostgresConnection, "the server closed the connection"));
+                return Err(Error::new(
+                    ErrorKind::PostgresConnection,
+                    "the server closed the connection",
+                ));
             }
         }
     }
@@ -301,14 +336,16 @@ async fn open(config: &tokio_postgres::Config) -> Result<(Reader, Writer), Error
     for (index, host) in config.get_hosts().iter().enumerate() {
         let port = ports.get(index).or(ports.first()).copied().unwrap_or(5432);
         let attempt = match host {
-            tokio_postgres::config::Host::Tcp(name) => match tokio::net::TcpStream::connect((name.as_str(), port)).await {
-                Ok(stream) => {
-                    let _ = stream.set_nodelay(true);
-                    let (reader, writer) = stream.into_split();
-                    Ok((Box::new(reader) as Reader, Box::new(writer) as Writer))
+            tokio_postgres::config::Host::Tcp(name) => {
+                match tokio::net::TcpStream::connect((name.as_str(), port)).await {
+                    Ok(stream) => {
+                        let _ = stream.set_nodelay(true);
+                        let (reader, writer) = stream.into_split();
+                        Ok((Box::new(reader) as Reader, Box::new(writer) as Writer))
+                    }
+                    Err(error) => Err(error),
                 }
-                Err(error) => Err(error),
-            },
+            }
             tokio_postgres::config::Host::Unix(dir) => {
                 let path = dir.join(format!(".s.PGSQL.{port}"));
                 match tokio::net::UnixStream::connect(path).await {
@@ -326,7 +363,11 @@ async fn open(config: &tokio_postgres::Config) -> Result<(Reader, Writer), Error
         }
     }
     Err(match last_error {
-        Some(error) => Error::with_source(ErrorKind::PostgresConnection, "cannot connect to Postgres", error),
+        Some(error) => Error::with_source(
+            ErrorKind::PostgresConnection,
+            "cannot connect to Postgres",
+            error,
+        ),
         None => Error::new(ErrorKind::Config, "postgres.url names no host"),
     })
 }
@@ -339,16 +380,26 @@ fn copy_data(mut body: Bytes) -> Result<ReplicationMessage, Error> {
             let wal_start = body.get_u64();
             let wal_end = body.get_u64();
             let _send_time = body.get_i64();
-            Ok(ReplicationMessage::XLogData { wal_start, wal_end, data: body })
+            Ok(ReplicationMessage::XLogData {
+                wal_start,
+                wal_end,
+                data: body,
+            })
         }
         Some(b'k') if body.len() >= 18 => {
             body.advance(1);
             let wal_end = body.get_u64();
             let _send_time = body.get_i64();
-            Ok(ReplicationMessage::Keepalive { wal_end, reply: body.get_u8() == 1 })
+            Ok(ReplicationMessage::Keepalive {
+                wal_end,
+                reply: body.get_u8() == 1,
+            })
         }
         Some(b'w' | b'k') => Err(short()),
-        _ => Err(Error::new(ErrorKind::Protocol, "unknown CopyData message in the replication stream")),
+        _ => Err(Error::new(
+            ErrorKind::Protocol,
+            "unknown CopyData message in the replication stream",
+        )),
     }
 }
 
@@ -393,26 +444,42 @@ fn server_error(body: &[u8]) -> Error {
         }
     }
     let transient = sqlstate_is_transient(&code);
-    Error::new(ErrorKind::PostgresServer { transient }, format!("postgres {severity} {code}: {message}"))
+    Error::new(
+        ErrorKind::PostgresServer { transient },
+        format!("postgres {severity} {code}: {message}"),
+    )
 }
 
 fn unexpected(tag: u8, during: &str) -> Error {
     Error::new(
         ErrorKind::Protocol,
-        format!("unexpected message '{}' during {during}", char::from(tag).escape_default()),
+        format!(
+            "unexpected message '{}' during {during}",
+            char::from(tag).escape_default()
+        ),
     )
 }
 
 fn protocol_io(error: std::io::Error) -> Error {
-    Error::with_source(ErrorKind::Protocol, "cannot encode a protocol message", error)
+    Error::with_source(
+        ErrorKind::Protocol,
+        "cannot encode a protocol message",
+        error,
+    )
 }
 
 fn connection_lost(error: std::io::Error) -> Error {
-    Error::with_source(ErrorKind::PostgresConnection, "the Postgres connection broke", error)
+    Error::with_source(
+        ErrorKind::PostgresConnection,
+        "the Postgres connection broke",
+        error,
+    )
 }
 
 fn parse_server_version(text: &str) -> u32 {
-    let mut parts = text.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty());
+    let mut parts = text
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|p| !p.is_empty());
     let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
     let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
     major * 10_000 + minor
@@ -420,7 +487,9 @@ fn parse_server_version(text: &str) -> u32 {
 
 /// Now, in microseconds since the Postgres epoch.
 pub fn pg_now_micros() -> i64 {
-    let since_unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let since_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     i64::try_from(since_unix.as_micros()).unwrap_or(i64::MAX) - PG_EPOCH_OFFSET_MICROS
 }
 
@@ -439,7 +508,10 @@ mod tests {
 
     #[test]
     fn versions() {
-        assert_eq!(parse_server_version("15.19 (Debian 15.19-0+deb12u1)"), 150_019);
+        assert_eq!(
+            parse_server_version("15.19 (Debian 15.19-0+deb12u1)"),
+            150_019
+        );
         assert_eq!(parse_server_version("13.2"), 130_002);
     }
 

@@ -189,7 +189,11 @@ pub fn decode(buf: &[u8], in_stream: bool) -> Result<Message<'_>, DecodeError> {
     }
 }
 
-fn decode_body<'a>(tag: u8, r: &mut Reader<'a>, in_stream: bool) -> Result<Message<'a>, &'static str> {
+fn decode_body<'a>(
+    tag: u8,
+    r: &mut Reader<'a>,
+    in_stream: bool,
+) -> Result<Message<'a>, &'static str> {
     let xid = |r: &mut Reader<'a>| -> Result<Option<u32>, &'static str> {
         if in_stream {
             r.u32().map(Some)
@@ -449,7 +453,10 @@ impl<'a> Reader<'a> {
 
     fn cstr(&mut self) -> Result<&'a str, &'static str> {
         let rest = &self.buf[self.offset..];
-        let end = rest.iter().position(|&b| b == 0).ok_or("unterminated string")?;
+        let end = rest
+            .iter()
+            .position(|&b| b == 0)
+            .ok_or("unterminated string")?;
         let text = std::str::from_utf8(&rest[..end]).map_err(|_| "string is not UTF-8")?;
         self.offset += end + 1;
         Ok(text)
@@ -484,14 +491,26 @@ mod tests {
         buf.extend(tuple_bytes(&[Some("7"), Some("1")]));
         buf.push(b'N');
         buf.extend(tuple_bytes(&[Some("7"), Some("\u{0}toast")]));
-        let Message::Update { relation, old, new, xid } = decode(&buf, false).unwrap() else {
+        let Message::Update {
+            relation,
+            old,
+            new,
+            xid,
+        } = decode(&buf, false).unwrap()
+        else {
             panic!("not an update");
         };
         assert_eq!((relation, xid), (16384, None));
         let (kind, old) = old.unwrap();
         assert_eq!(kind, OldKind::Full);
-        assert_eq!(old.values().collect::<Vec<_>>(), [Value::Text(b"7"), Value::Text(b"1")]);
-        assert_eq!(new.values().collect::<Vec<_>>(), [Value::Text(b"7"), Value::UnchangedToast]);
+        assert_eq!(
+            old.values().collect::<Vec<_>>(),
+            [Value::Text(b"7"), Value::Text(b"1")]
+        );
+        assert_eq!(
+            new.values().collect::<Vec<_>>(),
+            [Value::Text(b"7"), Value::UnchangedToast]
+        );
     }
 
     #[test]
@@ -501,8 +520,18 @@ mod tests {
         buf.extend(1_u32.to_be_bytes());
         buf.push(b'N');
         buf.extend(tuple_bytes(&[None]));
-        assert!(matches!(decode(&buf, true), Ok(Message::Insert { xid: Some(900), relation: 1, .. })));
-        assert!(decode(&buf, false).is_err(), "without the stream flag the bytes do not line up");
+        assert!(matches!(
+            decode(&buf, true),
+            Ok(Message::Insert {
+                xid: Some(900),
+                relation: 1,
+                ..
+            })
+        ));
+        assert!(
+            decode(&buf, false).is_err(),
+            "without the stream flag the bytes do not line up"
+        );
     }
 
     #[test]
@@ -521,7 +550,10 @@ mod tests {
             assert!(decode(&buf[..end], false).is_err(), "prefix of {end} bytes");
         }
         let error = decode(&buf[..5], false).unwrap_err();
-        assert_eq!(error.to_string(), "malformed pgoutput message 'R' at byte 5: unterminated string");
+        assert_eq!(
+            error.to_string(),
+            "malformed pgoutput message 'R' at byte 5: unterminated string"
+        );
     }
 
     #[test]

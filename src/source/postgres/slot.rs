@@ -9,24 +9,43 @@ use crate::mapping::Mappings;
 
 /// Makes sure the publication and the slot exist, creating them when
 /// allowed. Returns whether the slot was created now.
-pub async fn ensure(config: &PostgresConfig, url: &SecretUrl, mappings: &Mappings) -> Result<bool, Error> {
-    let client = catalog::connect(url)
-        .await
-        .map_err(|e| Error::with_source(ErrorKind::PostgresConnection, "cannot connect to Postgres", e))?;
-    let query_error = |e| Error::with_source(ErrorKind::PostgresConnection, "slot setup query failed", e);
+pub async fn ensure(
+    config: &PostgresConfig,
+    url: &SecretUrl,
+    mappings: &Mappings,
+) -> Result<bool, Error> {
+    let client = catalog::connect(url).await.map_err(|e| {
+        Error::with_source(
+            ErrorKind::PostgresConnection,
+            "cannot connect to Postgres",
+            e,
+        )
+    })?;
+    let query_error =
+        |e| Error::with_source(ErrorKind::PostgresConnection, "slot setup query failed", e);
     let publication = client
-        .query_opt("select 1 from pg_publication where pubname = $1", &[&config.publication])
+        .query_opt(
+            "select 1 from pg_publication where pubname = $1",
+            &[&config.publication],
+        )
         .await
         .map_err(query_error)?;
     if publication.is_none() {
         if !config.create_slot {
             return Err(Error::new(
                 ErrorKind::Config,
-                format!("publication `{}` does not exist and postgres.create_slot = false", config.publication),
+                format!(
+                    "publication `{}` does not exist and postgres.create_slot = false",
+                    config.publication
+                ),
             ));
         }
         let tables: Vec<String> = mappings.tables().map(|m| quote_table(&m.table)).collect();
-        let sql = format!("create publication {} for table {}", quote_ident(&config.publication), tables.join(", "));
+        let sql = format!(
+            "create publication {} for table {}",
+            quote_ident(&config.publication),
+            tables.join(", ")
+        );
         client.batch_execute(&sql).await.map_err(query_error)?;
         tracing::info!(publication = %config.publication, "created publication");
     }
@@ -44,14 +63,20 @@ pub async fn ensure(config: &PostgresConfig, url: &SecretUrl, mappings: &Mapping
             if plugin.as_deref() != Some("pgoutput") || same_database != Some(true) {
                 return Err(Error::new(
                     ErrorKind::Config,
-                    format!("slot `{}` exists but is not a pgoutput slot of this database", config.slot),
+                    format!(
+                        "slot `{}` exists but is not a pgoutput slot of this database",
+                        config.slot
+                    ),
                 ));
             }
             Ok(false)
         }
         None if config.create_slot => {
             client
-                .query_one("select pg_create_logical_replication_slot($1, 'pgoutput')", &[&config.slot])
+                .query_one(
+                    "select pg_create_logical_replication_slot($1, 'pgoutput')",
+                    &[&config.slot],
+                )
                 .await
                 .map_err(query_error)?;
             tracing::info!(slot = %config.slot, "created replication slot");
@@ -59,7 +84,10 @@ pub async fn ensure(config: &PostgresConfig, url: &SecretUrl, mappings: &Mapping
         }
         None => Err(Error::new(
             ErrorKind::Config,
-            format!("replication slot `{}` does not exist and postgres.create_slot = false", config.slot),
+            format!(
+                "replication slot `{}` does not exist and postgres.create_slot = false",
+                config.slot
+            ),
         )),
     }
 }
@@ -86,5 +114,9 @@ fn quote_ident(name: &str) -> String {
 }
 
 fn quote_table(table: &crate::change::TableName) -> String {
-    format!("{}.{}", quote_ident(&table.schema), quote_ident(&table.name))
+    format!(
+        "{}.{}",
+        quote_ident(&table.schema),
+        quote_ident(&table.name)
+    )
 }
