@@ -195,12 +195,19 @@ impl Config {
         path: &Path,
         env: Option<HashMap<String, String>>,
     ) -> Result<Config, ConfigError> {
+        // Only EVICTD_<SECTION>__<KEY> variables are settings; others such
+        // as EVICTD_LOG belong to the process, not the config.
+        let env: HashMap<String, String> = env
+            .unwrap_or_else(|| std::env::vars().collect())
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("EVICTD_") && name.contains("__"))
+            .collect();
         let environment = config::Environment::with_prefix("EVICTD")
             .prefix_separator("_")
             .separator("__")
             .list_separator(",")
             .with_list_parse_key("kafka.topics")
-            .source(env);
+            .source(Some(env));
         let file = config::File::from(path).format(config::FileFormat::Toml);
         let layered = config::Config::builder()
             .add_source(file)

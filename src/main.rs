@@ -150,7 +150,12 @@ fn run(path: &Path, until: Option<String>) -> anyhow::Result<ExitCode> {
     let config = Config::load(path).map_err(|error| UsageError(error.to_string()))?;
     let mappings = match mapping::load_dir(&config.mappings.dir, config.mappings.limits) {
         Ok(mappings) => Arc::new(mappings),
-        Err(diagnostics) => return Ok(report(&diagnostics)),
+        Err(diagnostics) => {
+            for diagnostic in &diagnostics {
+                eprintln!("{diagnostic}");
+            }
+            bail!(UsageError(format!("{} problem(s) in the mappings; see `evictd check`", diagnostics.len())));
+        }
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -50,6 +50,8 @@ fn environment_overrides_the_file() {
             ),
             ("EVICTD_BATCH__MAX_WAIT_MS", "7"),
             ("EVICTD_REDIS__PREFIX", "app1:"),
+            ("EVICTD_LOG", "debug"),
+            ("EVICTD_PG_BINDIR", "/usr/lib/postgresql/15/bin"),
         ]),
     )
     .expect("valid");

@@ -1,0 +1,171 @@
+//! The `evictd` process killed with SIGKILL in the middle of a stream:
+//! nothing it acknowledged was unapplied, and after a restart every key of
+//! every committed transaction is invalidated.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use evictd::change::Lsn;
+use support::{evictd, redis_connection, stack, TestDb};
+
+const ROWS: i64 = 3000;
+
+fn write_config(dir: &Path, db: &TestDb) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir.join("mappings")).unwrap();
+    std::fs::write(
+        dir.join("mappings").join("orders.toml"),
+        "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\n",
+    )
+    .unwrap();
+    let config = dir.join("evictd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[postgres]\nurl = \"{}\"\nslot = \"{}\"\n[redis]\nurl = \"{}\"\nprefix = \"{}\"\n[mappings]\ndir = \"mappings\"\n",
+            db.url,
+            db.name,
+            stack().redis.url(),
+            db.prefix
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn spawn_run(config: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_evictd"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("EVICTD_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start evictd run")
+}
+
+async fn slot_state(client: &tokio_postgres::Client, slot: &str) -> (bool, Lsn) {
+    let row = client
+        .query_one(
+            "select active, coalesce(confirmed_flush_lsn, '0/0')::text from pg_replication_slots where slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .expect("slot exists");
+    (row.get(0), Lsn::parse(&row.get::<_, String>(1)).unwrap())
+}
+
+async fn wait_for_slot(client: &tokio_postgres::Client, slot: &str, active: bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let exists = client
+            .query_opt("select active from pg_replication_slots where slot_name = $1", &[&slot])
+            .await
+            .unwrap();
+        if exists.is_some_and(|row| row.get::<_, bool>(0) == active) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "slot {slot} never became active = {active}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn deleted(redis: &mut redis::aio::MultiplexedConnection, prefix: &str, ids: impl Iterator<Item = i64>) -> Vec<i64> {
+    let mut gone = Vec::new();
+    for id in ids {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(format!("{prefix}order:{id}"))
+            .query_async(redis)
+            .await
+            .unwrap();
+        if !exists {
+            gone.push(id);
+        }
+    }
+    gone
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_loses_nothing() {
+    let db = TestDb::new().await;
+    db.execute(&format!(
+        "create table orders (id bigint primary key, status text not null);
+         insert into orders select g, 'new' from generate_series(1, {ROWS}) g;
+         create publication evictd for table orders;"
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db);
+    let mut redis = redis_connection().await;
+    let mut seed = redis::pipe();
+    for id in 1..=ROWS {
+        seed.cmd("SET").arg(format!("{}order:{id}", db.prefix)).arg("cached").ignore();
+    }
+    seed.query_async::<()>(&mut redis).await.unwrap();
+
+    let mut child = spawn_run(&config);
+    let client = db.client().await;
+    wait_for_slot(&client, &db.name, true).await;
+
+    // One transaction per row; remember the WAL position after each commit
+    // (at or past that transaction's end).
+    let writer = db.client().await;
+    let mut commit_positions = Vec::new();
+    for id in 1..=ROWS {
+        writer
+            .batch_execute(&format!("update orders set status = 'paid' where id = {id}"))
+            .await
+            .unwrap();
+        if id % 10 == 0 || id == ROWS {
+            let row = writer.query_one("select pg_current_wal_insert_lsn()::text", &[]).await.unwrap();
+            commit_positions.push((id, Lsn::parse(&row.get::<_, String>(0)).unwrap()));
+        }
+        if id == ROWS / 2 {
+            child.kill().expect("SIGKILL evictd");
+            child.wait().unwrap();
+        }
+    }
+
+    // The slot never acknowledged a transaction whose keys were not gone.
+    wait_for_slot(&client, &db.name, false).await;
+    let (_, confirmed) = slot_state(&client, &db.name).await;
+    let acknowledged: Vec<i64> = commit_positions
+        .iter()
+        .filter(|(_, position)| *position <= confirmed)
+        .map(|(id, _)| *id)
+        .collect();
+    let last_acknowledged = acknowledged.last().copied().unwrap_or(0);
+    let gone = deleted(&mut redis, &db.prefix, 1..=last_acknowledged).await;
+    assert_eq!(gone.len() as i64, last_acknowledged, "acknowledged at {confirmed} but not applied");
+    assert!(last_acknowledged > 0, "evictd acknowledged something before the kill");
+
+    // Restart, replay to now, and every committed transaction is applied.
+    let output = evictd(&["replay", "--config", config.to_str().unwrap(), "--until-lsn", "now"]);
+    assert_eq!(output.status.code(), Some(0), "{}", support::stderr(&output));
+    let gone = deleted(&mut redis, &db.prefix, 1..=ROWS).await;
+    assert_eq!(gone.len() as i64, ROWS, "missing after restart: {} keys", ROWS - gone.len() as i64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_cleanly_with_a_final_status_update() {
+    let db = TestDb::new().await;
+    db.execute("create table orders (id bigint primary key, status text not null); create publication evictd for table orders;")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db);
+    let mut child = spawn_run(&config);
+    let client = db.client().await;
+    wait_for_slot(&client, &db.name, true).await;
+    db.execute("insert into orders values (1, 'new')").await;
+    let target = evictd::testkit::current_wal_lsn(&db.url).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while slot_state(&client, &db.name).await.1 < target {
+        assert!(Instant::now() < deadline, "evictd never acknowledged the insert");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    wait_for_slot(&client, &db.name, false).await;
+}
