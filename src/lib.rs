@@ -28,4 +28,6 @@ pub mod pipeline;
 pub mod plan;
 pub mod source;
 #[cfg(feature = "testkit")]
+pub mod demo;
+#[cfg(feature = "testkit")]
 pub mod testkit;

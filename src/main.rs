@@ -27,6 +27,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// A throwaway Postgres and Redis, the demo schema and mappings, a short
+    /// workload, and what evictd did about each commit.
+    #[cfg(feature = "testkit")]
+    Demo {
+        #[arg(long, default_value = "migrations")]
+        migrations: PathBuf,
+        #[arg(long, default_value = "mappings")]
+        mappings: PathBuf,
+    },
     /// Stream the slot into Redis until SIGTERM or SIGINT.
     Run {
         #[arg(long, short)]
@@ -89,9 +98,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(match cli.command {
         Command::Run { .. } | Command::Replay { .. } => "info",
+        #[cfg(feature = "testkit")]
+        Command::Demo { .. } => "error",
         _ => "warn",
     });
     let result = match cli.command {
+        #[cfg(feature = "testkit")]
+        Command::Demo { migrations, mappings } => demo(&migrations, &mappings),
         Command::Run { config } => run(&config, None),
         Command::Replay { config, until_lsn } => run(&config, Some(until_lsn)),
         Command::Check {
@@ -143,6 +156,16 @@ fn init_logging(default: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+}
+
+#[cfg(feature = "testkit")]
+fn demo(migrations: &Path, mappings: &Path) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match runtime.block_on(evictd::demo::run(migrations, mappings)) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(evictd::demo::DemoError::Mappings(diagnostics)) => Ok(report(&diagnostics)),
+        Err(error) => Err(error.into()),
+    }
 }
 
 /// `run`, or `replay` when `until` is given.

@@ -82,6 +82,11 @@ impl Batcher {
         self.planner.is_empty() && !self.planner.has_checkpoint() && self.streams.is_empty()
     }
 
+    /// Whether a committed transaction waits to be handed out.
+    pub fn has_commit(&self) -> bool {
+        self.planner.has_checkpoint()
+    }
+
     /// Whether a plan is waiting to be taken (actions or a checkpoint).
     pub fn has_pending(&self) -> bool {
         !self.planner.is_empty() || self.planner.has_checkpoint()

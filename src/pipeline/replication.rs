@@ -129,7 +129,14 @@ impl Replication {
                         self.batcher.push(event, &mut cut);
                     }
                     ready.extend(cut.drain(..));
-                    if deadline.is_none() && self.batcher.has_pending() {
+                    if self.batcher.has_commit() && !self.conn.has_buffered_message() {
+                        // Caught up with what the server sent: waiting for
+                        // more would only add latency. Under a backlog the
+                        // buffer is rarely empty and batches grow by
+                        // themselves up to max_keys.
+                        deadline = None;
+                        ready.extend(self.batcher.take());
+                    } else if deadline.is_none() && self.batcher.has_pending() {
                         deadline = Some(Instant::now() + self.max_wait);
                     }
                 }

@@ -242,6 +242,15 @@ impl ReplicationConnection {
         }
     }
 
+    /// Whether a whole message is already buffered, so `recv` would not
+    /// wait for the network.
+    pub fn has_buffered_message(&self) -> bool {
+        self.buf.len() >= 5 && {
+            let length = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+            self.buf.len() > length
+        }
+    }
+
     /// Sends a standby status update: received up to `write`, applied (and
     /// safe to forget) up to `flush`.
     pub async fn send_status(&mut self, write: u64, flush: u64, reply: bool) -> Result<(), Error> {
