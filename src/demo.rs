@@ -44,14 +44,18 @@ const WORKLOAD: &[(&str, &str)] = &[
 
 /// Runs the demo, printing to stdout.
 pub async fn run(migrations: &Path, mappings_dir: &Path) -> Result<(), DemoError> {
-    let mappings = mapping::load_dir(mappings_dir, mapping::Limits::default()).map_err(DemoError::Mappings)?;
+    let mappings =
+        mapping::load_dir(mappings_dir, mapping::Limits::default()).map_err(DemoError::Mappings)?;
     println!("starting a throwaway Postgres and Redis ...");
     let postgres = tokio::task::spawn_blocking(Postgres::start)
         .await
         .map_err(|e| DemoError::Setup(e.to_string()))?
         .map_err(|e| setup("Postgres")(e.to_string()))?;
     let redis = Redis::start().map_err(|e| setup("Redis")(e.to_string()))?;
-    let database = postgres.create_database().await.map_err(|e| setup("database")(e.to_string()))?;
+    let database = postgres
+        .create_database()
+        .await
+        .map_err(|e| setup("database")(e.to_string()))?;
     let url = postgres.url(&database);
     let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
@@ -77,8 +81,12 @@ pub async fn run(migrations: &Path, mappings_dir: &Path) -> Result<(), DemoError
         SecretUrl::parse(&redis.url()).map_err(setup("url"))?,
         mappings_dir.to_path_buf(),
     );
-    let pubsub_client = redis::Client::open(redis.url()).map_err(|e| setup("redis")(e.to_string()))?;
-    let mut pubsub = pubsub_client.get_async_pubsub().await.map_err(|e| setup("subscribe")(e.to_string()))?;
+    let pubsub_client =
+        redis::Client::open(redis.url()).map_err(|e| setup("redis")(e.to_string()))?;
+    let mut pubsub = pubsub_client
+        .get_async_pubsub()
+        .await
+        .map_err(|e| setup("subscribe")(e.to_string()))?;
     pubsub
         .subscribe(&config.redis.l1_channel)
         .await
@@ -93,19 +101,31 @@ pub async fn run(migrations: &Path, mappings_dir: &Path) -> Result<(), DemoError
     let mut messages = pubsub.on_message();
     for (what, sql) in WORKLOAD {
         println!("> {what}\n  {sql}");
-        client.batch_execute(sql).await.map_err(|e| setup("workload")(e.to_string()))?;
+        client
+            .batch_execute(sql)
+            .await
+            .map_err(|e| setup("workload")(e.to_string()))?;
         // Each transaction's invalidations arrive as one L1 message; a
         // transaction that touched no cached key produces none.
         match tokio::time::timeout(Duration::from_millis(300), messages.next()).await {
-            Ok(Some(message)) => print_broadcast(&message.get_payload::<String>().unwrap_or_default()),
+            Ok(Some(message)) => {
+                print_broadcast(&message.get_payload::<String>().unwrap_or_default())
+            }
             _ => println!("  (nothing to invalidate)"),
         }
     }
     drop(messages);
     running.stop();
     let progress = *running.progress.borrow();
-    let lag = running.lag.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-    running.wait().await.map_err(|e| setup("evictd")(e.to_string()))?;
+    let lag = running
+        .lag
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    running
+        .wait()
+        .await
+        .map_err(|e| setup("evictd")(e.to_string()))?;
     println!(
         "\nsummary: {} row changes, {} keys invalidated or refreshed, commit-to-Redis lag p50 {:.1} ms, p99 {:.1} ms",
         progress.changes,
@@ -145,7 +165,12 @@ fn print_broadcast(payload: &str) {
     let list = |field: &str| -> Vec<String> {
         message[field]
             .as_array()
-            .map(|items| items.iter().filter_map(|item| item.as_str().map(str::to_owned)).collect())
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|item| item.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let lsn = message["lsn"].as_str().unwrap_or("-");

@@ -21,13 +21,13 @@ pub mod apply;
 pub mod catalog;
 pub mod change;
 pub mod config;
+#[cfg(feature = "testkit")]
+pub mod demo;
 pub mod error;
 pub mod lag;
 pub mod mapping;
 pub mod pipeline;
 pub mod plan;
 pub mod source;
-#[cfg(feature = "testkit")]
-pub mod demo;
 #[cfg(feature = "testkit")]
 pub mod testkit;

@@ -104,7 +104,10 @@ fn main() -> ExitCode {
     });
     let result = match cli.command {
         #[cfg(feature = "testkit")]
-        Command::Demo { migrations, mappings } => demo(&migrations, &mappings),
+        Command::Demo {
+            migrations,
+            mappings,
+        } => demo(&migrations, &mappings),
         Command::Run { config } => run(&config, None),
         Command::Replay { config, until_lsn } => run(&config, Some(until_lsn)),
         Command::Check {
@@ -160,7 +163,9 @@ fn init_logging(default: &str) {
 
 #[cfg(feature = "testkit")]
 fn demo(migrations: &Path, mappings: &Path) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     match runtime.block_on(evictd::demo::run(migrations, mappings)) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(evictd::demo::DemoError::Mappings(diagnostics)) => Ok(report(&diagnostics)),
@@ -177,7 +182,10 @@ fn run(path: &Path, until: Option<String>) -> anyhow::Result<ExitCode> {
             for diagnostic in &diagnostics {
                 eprintln!("{diagnostic}");
             }
-            bail!(UsageError(format!("{} problem(s) in the mappings; see `evictd check`", diagnostics.len())));
+            bail!(UsageError(format!(
+                "{} problem(s) in the mappings; see `evictd check`",
+                diagnostics.len()
+            )));
         }
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -53,7 +53,10 @@ async fn a_million_row_update_is_applied_with_bounded_memory() {
     let sample = ["order:1", "order:500000", "order:1000000"];
     let mut seed = redis::pipe();
     for key in sample.iter().chain(&["other:1"]) {
-        seed.cmd("SET").arg(format!("{}{key}", db.prefix)).arg("cached").ignore();
+        seed.cmd("SET")
+            .arg(format!("{}{key}", db.prefix))
+            .arg("cached")
+            .ignore();
     }
     seed.query_async::<()>(&mut redis).await.unwrap();
 
@@ -66,7 +69,10 @@ async fn a_million_row_update_is_applied_with_bounded_memory() {
     let client = db.client().await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while client
-        .query_opt("select 1 from pg_replication_slots where slot_name = $1 and active", &[&db.name])
+        .query_opt(
+            "select 1 from pg_replication_slots where slot_name = $1 and active",
+            &[&db.name],
+        )
         .await
         .unwrap()
         .is_none()
@@ -81,7 +87,10 @@ async fn a_million_row_update_is_applied_with_bounded_memory() {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let row = client
-            .query_one("select confirmed_flush_lsn::text from pg_replication_slots where slot_name = $1", &[&db.name])
+            .query_one(
+                "select confirmed_flush_lsn::text from pg_replication_slots where slot_name = $1",
+                &[&db.name],
+            )
             .await
             .unwrap();
         let confirmed = evictd::change::Lsn::parse(&row.get::<_, String>(0)).unwrap();
@@ -93,15 +102,32 @@ async fn a_million_row_update_is_applied_with_bounded_memory() {
     }
     let elapsed = started.elapsed();
     let rss = peak_rss_kib(child.id());
-    eprintln!("1M-row update committed and applied in {elapsed:?}; evictd peak RSS {} MiB", rss / 1024);
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    eprintln!(
+        "1M-row update committed and applied in {elapsed:?}; evictd peak RSS {} MiB",
+        rss / 1024
+    );
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(0));
 
-    assert!(rss < MAX_RSS_KIB, "peak RSS {rss} KiB is over {MAX_RSS_KIB} KiB");
+    assert!(
+        rss < MAX_RSS_KIB,
+        "peak RSS {rss} KiB is over {MAX_RSS_KIB} KiB"
+    );
     for key in sample {
-        let exists: bool = redis::cmd("EXISTS").arg(format!("{}{key}", db.prefix)).query_async(&mut redis).await.unwrap();
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(format!("{}{key}", db.prefix))
+            .query_async(&mut redis)
+            .await
+            .unwrap();
         assert!(!exists, "{key} survived the update");
     }
-    let other: bool = redis::cmd("EXISTS").arg(format!("{}other:1", db.prefix)).query_async(&mut redis).await.unwrap();
+    let other: bool = redis::cmd("EXISTS")
+        .arg(format!("{}other:1", db.prefix))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
     assert!(other, "keys of no mapping are left alone");
 }

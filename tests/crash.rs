@@ -60,18 +60,28 @@ async fn wait_for_slot(client: &tokio_postgres::Client, slot: &str, active: bool
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let exists = client
-            .query_opt("select active from pg_replication_slots where slot_name = $1", &[&slot])
+            .query_opt(
+                "select active from pg_replication_slots where slot_name = $1",
+                &[&slot],
+            )
             .await
             .unwrap();
         if exists.is_some_and(|row| row.get::<_, bool>(0) == active) {
             return;
         }
-        assert!(Instant::now() < deadline, "slot {slot} never became active = {active}");
+        assert!(
+            Instant::now() < deadline,
+            "slot {slot} never became active = {active}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
-async fn deleted(redis: &mut redis::aio::MultiplexedConnection, prefix: &str, ids: impl Iterator<Item = i64>) -> Vec<i64> {
+async fn deleted(
+    redis: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+    ids: impl Iterator<Item = i64>,
+) -> Vec<i64> {
     let mut gone = Vec::new();
     for id in ids {
         let exists: bool = redis::cmd("EXISTS")
@@ -100,11 +110,14 @@ async fn kill_9_mid_stream_loses_nothing() {
     let mut redis = redis_connection().await;
     let mut seed = redis::pipe();
     for id in 1..=ROWS {
-        seed.cmd("SET").arg(format!("{}order:{id}", db.prefix)).arg("cached").ignore();
+        seed.cmd("SET")
+            .arg(format!("{}order:{id}", db.prefix))
+            .arg("cached")
+            .ignore();
     }
     seed.query_async::<()>(&mut redis).await.unwrap();
 
-    let mut child = spawn_run(&config);
+    let child = spawn_run(&config);
     let client = db.client().await;
     wait_for_slot(&client, &db.name, true).await;
 
@@ -112,16 +125,23 @@ async fn kill_9_mid_stream_loses_nothing() {
     // (at or past that transaction's end).
     let writer = db.client().await;
     let mut commit_positions = Vec::new();
+    let mut running = Some(child);
     for id in 1..=ROWS {
         writer
-            .batch_execute(&format!("update orders set status = 'paid' where id = {id}"))
+            .batch_execute(&format!(
+                "update orders set status = 'paid' where id = {id}"
+            ))
             .await
             .unwrap();
         if id % 10 == 0 || id == ROWS {
-            let row = writer.query_one("select pg_current_wal_insert_lsn()::text", &[]).await.unwrap();
+            let row = writer
+                .query_one("select pg_current_wal_insert_lsn()::text", &[])
+                .await
+                .unwrap();
             commit_positions.push((id, Lsn::parse(&row.get::<_, String>(0)).unwrap()));
         }
         if id == ROWS / 2 {
+            let mut child = running.take().expect("still running");
             child.kill().expect("SIGKILL evictd");
             child.wait().unwrap();
         }
@@ -137,14 +157,37 @@ async fn kill_9_mid_stream_loses_nothing() {
         .collect();
     let last_acknowledged = acknowledged.last().copied().unwrap_or(0);
     let gone = deleted(&mut redis, &db.prefix, 1..=last_acknowledged).await;
-    assert_eq!(gone.len() as i64, last_acknowledged, "acknowledged at {confirmed} but not applied");
-    assert!(last_acknowledged > 0, "evictd acknowledged something before the kill");
+    assert_eq!(
+        gone.len() as i64,
+        last_acknowledged,
+        "acknowledged at {confirmed} but not applied"
+    );
+    assert!(
+        last_acknowledged > 0,
+        "evictd acknowledged something before the kill"
+    );
 
     // Restart, replay to now, and every committed transaction is applied.
-    let output = evictd(&["replay", "--config", config.to_str().unwrap(), "--until-lsn", "now"]);
-    assert_eq!(output.status.code(), Some(0), "{}", support::stderr(&output));
+    let output = evictd(&[
+        "replay",
+        "--config",
+        config.to_str().unwrap(),
+        "--until-lsn",
+        "now",
+    ]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        support::stderr(&output)
+    );
     let gone = deleted(&mut redis, &db.prefix, 1..=ROWS).await;
-    assert_eq!(gone.len() as i64, ROWS, "missing after restart: {} keys", ROWS - gone.len() as i64);
+    assert_eq!(
+        gone.len() as i64,
+        ROWS,
+        "missing after restart: {} keys",
+        ROWS - gone.len() as i64
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,10 +204,16 @@ async fn sigterm_stops_cleanly_with_a_final_status_update() {
     let target = evictd::testkit::current_wal_lsn(&db.url).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while slot_state(&client, &db.name).await.1 < target {
-        assert!(Instant::now() < deadline, "evictd never acknowledged the insert");
+        assert!(
+            Instant::now() < deadline,
+            "evictd never acknowledged the insert"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
     wait_for_slot(&client, &db.name, false).await;

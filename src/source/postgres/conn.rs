@@ -246,7 +246,8 @@ impl ReplicationConnection {
     /// wait for the network.
     pub fn has_buffered_message(&self) -> bool {
         self.buf.len() >= 5 && {
-            let length = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+            let length =
+                u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
             self.buf.len() > length
         }
     }

@@ -1,0 +1,26 @@
+# syntax=docker/dockerfile:1
+# Build evictd in a full Rust image, run it from a small Debian image.
+
+FROM rust:1-bookworm AS build
+WORKDIR /src
+# Dependencies first, so that source edits do not rebuild them.
+COPY Cargo.toml Cargo.lock ./
+RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+    && cargo build --release --locked --no-default-features \
+    && rm -rf src
+COPY src ./src
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked --no-default-features
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin evictd
+COPY --from=build /src/target/release/evictd /usr/local/bin/evictd
+COPY mappings /etc/evictd/mappings
+COPY evictd.example.toml /etc/evictd/evictd.toml
+USER evictd
+# /metrics, /healthz, /readyz (admin.listen must bind 0.0.0.0 in a container)
+EXPOSE 9187
+ENTRYPOINT ["/usr/local/bin/evictd"]
+CMD ["run", "--config", "/etc/evictd/evictd.toml"]

@@ -1,0 +1,236 @@
+//! Backlog drain: evictd against `pg_recvlogical` on the same WAL, in one
+//! run on one machine.
+//!
+//! For each scenario a throwaway Postgres gets two fresh pgoutput slots on
+//! the same publication; the workload is written while nobody reads them;
+//! then `pg_recvlogical` drains one slot to /dev/null (decoding only, the
+//! physical limit of one walsender) and evictd drains the other into a
+//! throwaway Redis (decode, map, plan, apply, broadcast, acknowledge).
+//!
+//! - small: 100k single-row update transactions
+//! - big:   one 1M-row update transaction (streamed by the server)
+//!
+//! Run: `cargo bench --bench drain` (prints a table, then one JSON line).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use evictd::change::Lsn;
+use evictd::config::{Config, SecretUrl};
+use evictd::mapping;
+use evictd::pipeline::{self, Options};
+use evictd::testkit::{current_wal_lsn, Postgres, Redis};
+
+struct Scenario {
+    name: &'static str,
+    changes: u64,
+    setup: String,
+    workload: String,
+}
+
+struct Measured {
+    name: &'static str,
+    changes: u64,
+    recvlogical: Duration,
+    evictd: Duration,
+    evictd_peak_rss_kib: u64,
+}
+
+fn scenarios() -> Vec<Scenario> {
+    vec![
+        Scenario {
+            name: "small",
+            changes: 100_000,
+            setup: "create table orders (id bigint primary key, user_id bigint not null, status text not null);
+                    alter table orders replica identity full;
+                    insert into orders select g, g % 1000, 'new' from generate_series(1, 100000) g;"
+                .into(),
+            workload: "do $$ begin for i in 1..100000 loop
+                         update orders set status = 'paid' where id = i; commit;
+                       end loop; end $$;"
+                .into(),
+        },
+        Scenario {
+            name: "big",
+            changes: 1_000_000,
+            setup: "create table orders (id bigint primary key, user_id bigint not null, status text not null);
+                    alter table orders replica identity full;
+                    insert into orders select g, g % 1000, 'new' from generate_series(1, 1000000) g;"
+                .into(),
+            workload: "update orders set status = 'paid';".into(),
+        },
+    ]
+}
+
+const MAPPING: &str =
+    "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\", \"user:{user_id}:orders\"]\n";
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let postgres = tokio::task::spawn_blocking(Postgres::start)
+        .await
+        .unwrap()
+        .expect("start postgres");
+    let redis = Redis::start().expect("start redis");
+    let mappings_dir = tempfile::tempdir().unwrap();
+    std::fs::write(mappings_dir.path().join("orders.toml"), MAPPING).unwrap();
+    let mut results = Vec::new();
+    for scenario in scenarios() {
+        results.push(
+            measure(
+                &postgres,
+                &redis,
+                mappings_dir.path().to_path_buf(),
+                &scenario,
+            )
+            .await,
+        );
+    }
+    println!(
+        "\n{:<8} {:>9} {:>16} {:>16} {:>7} {:>10}",
+        "scenario", "changes", "recvlogical/s", "evictd/s", "ratio", "peak RSS"
+    );
+    let mut json = Vec::new();
+    for m in &results {
+        let recv_rate = m.changes as f64 / m.recvlogical.as_secs_f64();
+        let evictd_rate = m.changes as f64 / m.evictd.as_secs_f64();
+        let ratio = evictd_rate / recv_rate;
+        println!(
+            "{:<8} {:>9} {:>16.0} {:>16.0} {:>6.2}x {:>7} MiB",
+            m.name,
+            m.changes,
+            recv_rate,
+            evictd_rate,
+            ratio,
+            m.evictd_peak_rss_kib / 1024
+        );
+        json.push(serde_json::json!({
+            "scenario": m.name,
+            "changes": m.changes,
+            "pg_recvlogical_seconds": m.recvlogical.as_secs_f64(),
+            "evictd_seconds": m.evictd.as_secs_f64(),
+            "pg_recvlogical_changes_per_second": recv_rate,
+            "evictd_changes_per_second": evictd_rate,
+            "ratio": ratio,
+            "process_peak_rss_kib": m.evictd_peak_rss_kib,
+        }));
+    }
+    println!("{}", serde_json::Value::Array(json));
+}
+
+async fn measure(
+    postgres: &Postgres,
+    redis: &Redis,
+    mappings_dir: PathBuf,
+    scenario: &Scenario,
+) -> Measured {
+    let database = postgres.create_database().await.unwrap();
+    let url = postgres.url(&database);
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client.batch_execute(&scenario.setup).await.unwrap();
+    client
+        .batch_execute("create publication evictd for table orders")
+        .await
+        .unwrap();
+    for slot in ["bench_recv", "bench_evictd"] {
+        client
+            .query_one(
+                &format!(
+                    "select pg_create_logical_replication_slot('{database}_{slot}', 'pgoutput')"
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+    }
+    eprintln!(
+        "{}: writing {} changes with nobody reading ...",
+        scenario.name, scenario.changes
+    );
+    client.batch_execute(&scenario.workload).await.unwrap();
+    client.batch_execute("checkpoint").await.unwrap();
+    let end = current_wal_lsn(&url).await.unwrap();
+
+    eprintln!("{}: pg_recvlogical draining to {end} ...", scenario.name);
+    let started = Instant::now();
+    let status = Command::new(postgres.bin_dir().join("pg_recvlogical"))
+        .args([
+            "-d",
+            &url,
+            "--slot",
+            &format!("{database}_bench_recv"),
+            "--start",
+            "--no-loop",
+        ])
+        .args(["--endpos", &end.to_string(), "-f", "/dev/null"])
+        .args([
+            "-o",
+            "proto_version=2",
+            "-o",
+            "streaming=on",
+            "-o",
+            "publication_names=evictd",
+        ])
+        .status()
+        .expect("run pg_recvlogical");
+    let recvlogical = started.elapsed();
+    assert!(status.success(), "pg_recvlogical failed: {status}");
+
+    eprintln!("{}: evictd draining to {end} ...", scenario.name);
+    let mut config = Config::with_defaults(
+        SecretUrl::parse(&url).unwrap(),
+        SecretUrl::parse(&redis.url()).unwrap(),
+        mappings_dir.clone(),
+    );
+    config.postgres.slot = format!("{database}_bench_evictd");
+    config.postgres.create_slot = false;
+    let mappings = Arc::new(mapping::load_dir(&mappings_dir, config.mappings.limits).unwrap());
+    let options = Options {
+        until: Some(end),
+        ..Options::default()
+    };
+    let started = Instant::now();
+    let running = pipeline::start(&config, mappings, options)
+        .await
+        .expect("start evictd");
+    running.wait().await.expect("evictd drained");
+    let evictd = started.elapsed();
+    let acked = confirmed(&client, &config.postgres.slot).await;
+    assert!(acked >= end, "evictd acknowledged {acked}, short of {end}");
+    Measured {
+        name: scenario.name,
+        changes: scenario.changes,
+        recvlogical,
+        evictd,
+        evictd_peak_rss_kib: peak_rss_kib(),
+    }
+}
+
+async fn confirmed(client: &tokio_postgres::Client, slot: &str) -> Lsn {
+    let row = client
+        .query_one(
+            "select confirmed_flush_lsn::text from pg_replication_slots where slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap();
+    Lsn::parse(&row.get::<_, String>(0)).unwrap()
+}
+
+/// Peak RSS of this process (evictd runs in it; the servers do not).
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmHWM:"))
+                .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
