@@ -6,6 +6,7 @@
 //! plan's Redis commands and broadcast were acknowledged by Redis.
 
 pub mod broadcast;
+pub mod cluster;
 pub mod redis;
 
 use std::sync::{Arc, Mutex};
@@ -14,11 +15,52 @@ use std::time::Duration;
 use rand::Rng as _;
 use tokio::sync::{mpsc, watch};
 
-use self::redis::RedisSink;
+use self::broadcast::Broadcast;
+use self::cluster::ClusterSink;
+use self::redis::{ApplyStats, StandaloneSink};
 use crate::change::{Checkpoint, Lsn};
 use crate::error::Error;
+use crate::error::ErrorKind;
 use crate::lag::LagHistogram;
 use crate::plan::Plan;
+
+/// Where plans go: one Redis, or a Redis Cluster.
+pub enum RedisSink {
+    Standalone(StandaloneSink),
+    Cluster(Box<ClusterSink>),
+}
+
+impl RedisSink {
+    /// A sink for `url`: `redis://` or `rediss://` for one server,
+    /// `redis+cluster://host:port` for a cluster (any node as the seed).
+    pub fn new(url: &str, prefix: &str, broadcast: Broadcast) -> Result<RedisSink, Error> {
+        if url.starts_with("rediss+cluster://") {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "TLS to a Redis Cluster is not supported yet",
+            ));
+        }
+        if url.starts_with("redis+cluster://") {
+            return ClusterSink::new(url, prefix, broadcast)
+                .map(|sink| RedisSink::Cluster(Box::new(sink)));
+        }
+        StandaloneSink::new(url, prefix, broadcast).map(RedisSink::Standalone)
+    }
+
+    pub async fn apply(&mut self, plan: &Plan) -> Result<ApplyStats, Error> {
+        match self {
+            RedisSink::Standalone(sink) => sink.apply(plan).await,
+            RedisSink::Cluster(sink) => sink.apply(plan).await,
+        }
+    }
+
+    pub async fn ping(&mut self) -> Result<(), Error> {
+        match self {
+            RedisSink::Standalone(sink) => sink.ping().await,
+            RedisSink::Cluster(sink) => sink.ping().await,
+        }
+    }
+}
 
 /// How far apply has come: what the replication task may acknowledge.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -25,16 +25,19 @@ const UNLINK_CHUNK: usize = 512;
 /// Tag sets per script call.
 const TAG_CHUNK: usize = 64;
 /// SCAN COUNT hint for pattern deletes.
-const SCAN_COUNT: usize = 1000;
+pub(super) const SCAN_COUNT: usize = 1000;
 
 /// Deletes the members of each tag set in KEYS, then the sets. Members are
-/// full Redis key names, as the application added them.
+/// full Redis key names, as the application added them. A tag key that is
+/// not a set is just deleted, so a stray value can never wedge the stream.
 const TAG_SCRIPT: &str = r"
 local deleted = 0
 for _, tag in ipairs(KEYS) do
-  local members = redis.call('SMEMBERS', tag)
-  for i = 1, #members, 500 do
-    deleted = deleted + redis.call('UNLINK', unpack(members, i, math.min(i + 499, #members)))
+  if redis.call('TYPE', tag).ok == 'set' then
+    local members = redis.call('SMEMBERS', tag)
+    for i = 1, #members, 500 do
+      deleted = deleted + redis.call('UNLINK', unpack(members, i, math.min(i + 499, #members)))
+    end
   end
   redis.call('UNLINK', tag)
 end
@@ -50,7 +53,7 @@ pub struct ApplyStats {
 }
 
 /// A standalone Redis the plans go to.
-pub struct RedisSink {
+pub struct StandaloneSink {
     client: redis::Client,
     connection: Option<MultiplexedConnection>,
     prefix: String,
@@ -58,17 +61,11 @@ pub struct RedisSink {
     timeout: Duration,
 }
 
-impl RedisSink {
-    pub fn new(url: &str, prefix: &str, broadcast: Broadcast) -> Result<RedisSink, Error> {
-        if url.starts_with("redis+cluster") || url.starts_with("rediss+cluster") {
-            return Err(Error::new(
-                ErrorKind::Config,
-                "Redis Cluster is not supported by this build yet",
-            ));
-        }
+impl StandaloneSink {
+    pub fn new(url: &str, prefix: &str, broadcast: Broadcast) -> Result<StandaloneSink, Error> {
         let client = redis::Client::open(url)
             .map_err(|e| Error::with_source(ErrorKind::Config, "invalid redis.url", e))?;
-        Ok(RedisSink {
+        Ok(StandaloneSink {
             client,
             connection: None,
             prefix: prefix.to_owned(),
@@ -293,7 +290,7 @@ impl RedisSink {
 }
 
 /// `pattern` under the literal (glob-escaped) key prefix.
-fn under_prefix(prefix: &str, pattern: &str) -> String {
+pub(super) fn under_prefix(prefix: &str, pattern: &str) -> String {
     let mut full = String::with_capacity(prefix.len() + pattern.len());
     escape_glob(prefix, &mut full);
     full.push_str(pattern);
@@ -320,7 +317,7 @@ fn flush_tags(pipe: &mut redis::Pipeline, tags: &mut Vec<String>) {
 }
 
 /// `seconds` varied at random by up to `jitter_bp` basis points either way.
-fn jittered(seconds: u64, jitter_bp: u32) -> u64 {
+pub(super) fn jittered(seconds: u64, jitter_bp: u32) -> u64 {
     if jitter_bp == 0 {
         return seconds;
     }

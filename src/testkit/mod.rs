@@ -14,7 +14,7 @@ mod redis;
 
 pub use evictd::{current_wal_lsn, Evictd};
 pub use postgres::Postgres;
-pub use redis::{ping as redis_ping, Redis};
+pub use redis::{ping as redis_ping, Redis, RedisCluster};
 
 /// Why a throwaway server could not be started or used.
 #[derive(Debug, thiserror::Error)]

@@ -20,6 +20,11 @@ pub struct Redis {
 
 impl Redis {
     pub fn start() -> Result<Redis, TestkitError> {
+        Redis::start_with(&[])
+    }
+
+    /// Starts with extra `redis-server` arguments.
+    pub fn start_with(extra: &[&str]) -> Result<Redis, TestkitError> {
         let dir = tempfile::Builder::new()
             .prefix("evictd-redis-")
             .tempdir()
@@ -28,7 +33,7 @@ impl Redis {
         let mut last_error = None;
         for _ in 0..3 {
             let port = free_port()?;
-            match spawn(&dir, port) {
+            match spawn(&dir, port, extra) {
                 Ok(child) => return Ok(Redis { dir, port, child }),
                 Err(error) => last_error = Some(error),
             }
@@ -53,7 +58,7 @@ impl Redis {
     }
 }
 
-fn spawn(dir: &TempDir, port: u16) -> Result<Child, TestkitError> {
+fn spawn(dir: &TempDir, port: u16, extra: &[&str]) -> Result<Child, TestkitError> {
     let log = dir.path().join("redis.log");
     let mut child = Command::new("redis-server")
         .args([
@@ -72,6 +77,7 @@ fn spawn(dir: &TempDir, port: u16) -> Result<Child, TestkitError> {
         .arg(dir.path())
         .arg("--logfile")
         .arg(&log)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -119,4 +125,71 @@ impl Drop for Redis {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A throwaway Redis Cluster of masters only, on random ports.
+pub struct RedisCluster {
+    nodes: Vec<Redis>,
+}
+
+impl RedisCluster {
+    /// Starts `masters` cluster-enabled servers and joins them, slots split
+    /// evenly. Waits until every node reports `cluster_state:ok`.
+    pub fn start(masters: usize) -> Result<RedisCluster, TestkitError> {
+        let args = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "2000",
+        ];
+        let nodes = (0..masters)
+            .map(|_| Redis::start_with(&args))
+            .collect::<Result<Vec<_>, _>>()?;
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|node| format!("127.0.0.1:{}", node.port()))
+            .collect();
+        let output = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| TestkitError::io("run redis-cli --cluster create", e))?;
+        if !output.status.success() {
+            return Err(TestkitError::Start(format!(
+                "redis-cli --cluster create failed: {}",
+                String::from_utf8_lossy(&output.stdout)
+            )));
+        }
+        let cluster = RedisCluster { nodes };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !cluster.nodes.iter().all(|node| cluster_ok(node.port())) {
+            if Instant::now() > deadline {
+                return Err(TestkitError::Start(
+                    "the Redis Cluster did not reach cluster_state:ok".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(cluster)
+    }
+
+    /// `redis+cluster://` with the first node as the seed.
+    pub fn url(&self) -> String {
+        format!("redis+cluster://127.0.0.1:{}", self.nodes[0].port())
+    }
+
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(Redis::port).collect()
+    }
+}
+
+fn cluster_ok(port: u16) -> bool {
+    Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "cluster", "info"])
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok"))
 }

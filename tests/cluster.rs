@@ -1,0 +1,129 @@
+//! Against a local 3-master Redis Cluster: keys on every node are deleted,
+//! refreshed, tag sets on one node clear members on others, TRUNCATE scans
+//! every master, and the broadcast still arrives.
+
+mod support;
+
+use evictd::apply::cluster::key_slot;
+use evictd::config::SecretUrl;
+use evictd::testkit::{Evictd, RedisCluster};
+use redis::AsyncCommands as _;
+use support::{mapping_dir, streaming_config, TestDb};
+
+const SCHEMA: &str = "
+    create table orders (id bigint primary key, user_id bigint not null, status text not null);
+    alter table orders replica identity full;
+    create publication evictd for table orders;
+";
+
+const MAPPING: &str = r#"
+[[table]]
+name = "orders"
+keys = ["order:{id}", "user:{user_id}:orders"]
+tags = ["user:{user_id}"]
+
+[[table.refresh]]
+key = "order:{id}:status"
+columns = ["status"]
+"#;
+
+async fn exists(connection: &mut redis::cluster_async::ClusterConnection, key: &str) -> bool {
+    connection.exists(key).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plans_are_applied_across_every_node() {
+    support::init_logging();
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3))
+        .await
+        .unwrap()
+        .expect("start cluster");
+    let db = TestDb::new().await;
+    db.execute(SCHEMA).await;
+    let dir = mapping_dir(&[("orders.toml", MAPPING)]);
+    let mut config = streaming_config(&db, dir.path());
+    config.redis.url = SecretUrl::parse(&cluster.url()).unwrap();
+    let evictd = Evictd::start(&config).await.expect("start evictd");
+
+    let seeds: Vec<String> = cluster
+        .ports()
+        .iter()
+        .map(|port| format!("redis://127.0.0.1:{port}"))
+        .collect();
+    let client = redis::cluster::ClusterClient::new(seeds).unwrap();
+    let mut redis = client.get_async_connection().await.unwrap();
+    let p = &db.prefix;
+    let order_keys: Vec<String> = (1..=30).map(|id| format!("{p}order:{id}")).collect();
+    let slots: std::collections::BTreeSet<u16> = order_keys
+        .iter()
+        .map(|k| key_slot(k.as_bytes()) / 5462)
+        .collect();
+    assert_eq!(slots.len(), 3, "the keys spread over all three masters");
+    for key in &order_keys {
+        let _: () = redis.set(key, "cached").await.unwrap();
+    }
+    let tag_members = [
+        format!("{p}page:a"),
+        format!("{p}page:b"),
+        format!("{p}page:c"),
+    ];
+    for member in &tag_members {
+        let _: () = redis.set(member, "cached").await.unwrap();
+    }
+    let _: () = redis
+        .sadd(format!("{p}tag:user:7"), &tag_members)
+        .await
+        .unwrap();
+    let _: () = redis.set(format!("{p}unrelated"), "cached").await.unwrap();
+
+    db.execute("insert into orders select g, 7, 'new' from generate_series(1, 30) g")
+        .await;
+    evictd.sync().await.unwrap();
+    for key in order_keys.iter().chain(&tag_members) {
+        assert!(!exists(&mut redis, key).await, "{key} survived");
+    }
+    let status: Option<String> = redis.get(format!("{p}order:5:status")).await.unwrap();
+    assert_eq!(status.as_deref(), Some(r#"{"status":"new"}"#));
+    assert!(!exists(&mut redis, &format!("{p}tag:user:7")).await);
+
+    db.execute("truncate orders").await;
+    evictd.sync().await.unwrap();
+    for id in 1..=30 {
+        assert!(
+            !exists(&mut redis, &format!("{p}order:{id}:status")).await,
+            "order:{id}:status survived TRUNCATE"
+        );
+    }
+    assert!(exists(&mut redis, &format!("{p}unrelated")).await);
+    let last: Option<String> = redis.get(format!("{p}evictd:l1:last")).await.unwrap();
+    assert!(last.is_some_and(|last| last.starts_with(evictd.epoch())));
+    evictd.stop().await.unwrap();
+}
+
+#[test]
+fn key_slots_agree_with_the_cluster() {
+    let cluster = RedisCluster::start(3).expect("start cluster");
+    for key in [
+        "foo",
+        "user:1000",
+        "{user1000}.following",
+        "order:42",
+        "zoë→日本",
+    ] {
+        let output = std::process::Command::new("redis-cli")
+            .args([
+                "-p",
+                &cluster.ports()[0].to_string(),
+                "cluster",
+                "keyslot",
+                key,
+            ])
+            .output()
+            .unwrap();
+        let slot: u16 = String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(key_slot(key.as_bytes()), slot, "{key}");
+    }
+}
