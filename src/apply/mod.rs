@@ -26,7 +26,7 @@ use crate::plan::Plan;
 
 /// Where plans go: one Redis, or a Redis Cluster.
 pub enum RedisSink {
-    Standalone(StandaloneSink),
+    Standalone(Box<StandaloneSink>),
     Cluster(Box<ClusterSink>),
 }
 
@@ -44,7 +44,8 @@ impl RedisSink {
             return ClusterSink::new(url, prefix, broadcast)
                 .map(|sink| RedisSink::Cluster(Box::new(sink)));
         }
-        StandaloneSink::new(url, prefix, broadcast).map(RedisSink::Standalone)
+        StandaloneSink::new(url, prefix, broadcast)
+            .map(|sink| RedisSink::Standalone(Box::new(sink)))
     }
 
     pub async fn apply(&mut self, plan: &Plan) -> Result<ApplyStats, Error> {
