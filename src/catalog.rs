@@ -14,6 +14,7 @@ use tokio_postgres::{Client, NoTls};
 use crate::change::Op;
 use crate::config::SecretUrl;
 use crate::mapping::{Diagnostic, Mappings, OriginId, TableMapping};
+use crate::source::postgres::tls::{SslMode, TlsSettings};
 
 /// Why the live checks could not run.
 #[derive(Debug, thiserror::Error)]
@@ -26,24 +27,56 @@ pub enum CatalogError {
     },
     #[error("catalog query failed")]
     Query(#[from] tokio_postgres::Error),
+    #[error("TLS settings of postgres.url: {0}")]
+    Tls(String),
 }
 
 /// Connects for catalog queries; the connection task runs on the current
 /// tokio runtime until the client is dropped.
 pub async fn connect(url: &SecretUrl) -> Result<Client, CatalogError> {
-    let (client, connection) =
-        tokio_postgres::connect(url.expose(), NoTls)
-            .await
-            .map_err(|source| CatalogError::Connect {
-                url: url.to_string(),
-                source,
-            })?;
+    let connect_error = |source| CatalogError::Connect {
+        url: url.to_string(),
+        source,
+    };
+    let (tls, rest) =
+        TlsSettings::from_url(url.expose()).map_err(|e| CatalogError::Tls(e.to_string()))?;
+    let mut config: tokio_postgres::Config = rest.parse().map_err(connect_error)?;
+    config.ssl_mode(match tls.mode {
+        SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+        SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+        SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+            tokio_postgres::config::SslMode::Require
+        }
+    });
+    let client = match tls
+        .client_config()
+        .map_err(|e| CatalogError::Tls(e.to_string()))?
+    {
+        Some(tls_config) => {
+            let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls_config).clone());
+            let (client, connection) = config.connect(connector).await.map_err(connect_error)?;
+            spawn_connection(connection);
+            client
+        }
+        None => {
+            let (client, connection) = config.connect(NoTls).await.map_err(connect_error)?;
+            spawn_connection(connection);
+            client
+        }
+    };
+    Ok(client)
+}
+
+fn spawn_connection<S, T>(connection: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(%error, "catalog connection closed");
         }
     });
-    Ok(client)
 }
 
 /// Runs every live check and returns what is wrong.

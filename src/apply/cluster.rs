@@ -492,6 +492,10 @@ mod tests {
         assert_eq!(key_slot(b"foo"), 12182);
         assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"user1000"));
         assert_eq!(key_slot(b"foo{}{bar}"), key_slot(b"foo{}{bar}"));
-        assert_eq!(key_slot(b"123456789"), 0x31C3, "the CRC16/XMODEM check value");
+        assert_eq!(
+            key_slot(b"123456789"),
+            0x31C3,
+            "the CRC16/XMODEM check value"
+        );
     }
 }

@@ -117,16 +117,14 @@ impl Evictd {
 
 /// `pg_current_wal_insert_lsn()` (everything written so far, durable or not) of the database at `url`.
 pub async fn current_wal_lsn(url: &str) -> Result<Lsn, TestkitError> {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+    let url = crate::config::SecretUrl::parse(url).map_err(TestkitError::Start)?;
+    let client = crate::catalog::connect(&url)
         .await
-        .map_err(TestkitError::Postgres)?;
-    let task = tokio::spawn(connection);
+        .map_err(|e| TestkitError::Start(format!("connect for the WAL position: {e}")))?;
     let row = client
         .query_one("select pg_current_wal_insert_lsn()::text", &[])
         .await
         .map_err(TestkitError::Postgres)?;
-    drop(client);
-    let _ = task.await;
     let text: String = row.get(0);
     Lsn::parse(&text).ok_or_else(|| TestkitError::Start(format!("unexpected LSN `{text}`")))
 }

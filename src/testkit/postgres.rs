@@ -26,6 +26,16 @@ pub struct Postgres {
 impl Postgres {
     /// Starts a new server. Takes a few seconds (initdb).
     pub fn start() -> Result<Postgres, TestkitError> {
+        Postgres::start_with(None)
+    }
+
+    /// Starts a server that also accepts TLS with this PEM certificate
+    /// (chain) and key. It listens on 127.0.0.1 and 127.0.0.2.
+    pub fn start_with_tls(cert_pem: &str, key_pem: &str) -> Result<Postgres, TestkitError> {
+        Postgres::start_with(Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> Result<Postgres, TestkitError> {
         let bin_dir = bin_dir()?;
         let dir = tempfile::Builder::new()
             .prefix("evictd-pg-")
@@ -52,10 +62,37 @@ impl Postgres {
             "--no-sync",
         ]);
         run(&mut initdb, "initdb")?;
+        let mut settings: Vec<String> = SETTINGS.iter().map(|s| (*s).to_owned()).collect();
+        if let Some((cert, key)) = tls {
+            for (name, pem) in [("server.crt", cert), ("server.key", key)] {
+                let path = dir.path().join(name);
+                fs::write(&path, pem).map_err(|e| TestkitError::io("write a TLS file", e))?;
+                run(
+                    Command::new("chmod").arg("600").arg(&path),
+                    "chmod a TLS file",
+                )?;
+                if as_postgres {
+                    run(
+                        Command::new("chown").arg("postgres:postgres").arg(&path),
+                        "chown a TLS file",
+                    )?;
+                }
+                let setting = if name == "server.crt" {
+                    "ssl_cert_file"
+                } else {
+                    "ssl_key_file"
+                };
+                settings.push(format!("{setting}={}", path.display()));
+            }
+            settings.push("ssl=on".into());
+            // A second loopback address, which a certificate for 127.0.0.1
+            // does not name: for tests of host name checks.
+            settings.push("listen_addresses=127.0.0.1,127.0.0.2".into());
+        }
         let mut last_error = None;
         for _ in 0..3 {
             let port = free_port()?;
-            match Postgres::spawn(&bin_dir, dir.path(), port, as_postgres) {
+            match Postgres::spawn(&bin_dir, dir.path(), port, as_postgres, &settings) {
                 Ok((child, postmaster_pid)) => {
                     return Ok(Postgres {
                         dir,
@@ -76,6 +113,7 @@ impl Postgres {
         dir: &Path,
         port: u16,
         as_postgres: bool,
+        settings: &[String],
     ) -> Result<(Child, u32), TestkitError> {
         let log_path = dir.join("postgres.log");
         let log = fs::File::create(&log_path)
@@ -99,7 +137,7 @@ impl Postgres {
             .arg(port.to_string())
             .arg("-c")
             .arg(format!("unix_socket_directories={}", dir.display()))
-            .args(SETTINGS.iter().flat_map(|setting| ["-c", setting]))
+            .args(settings.iter().flat_map(|setting| ["-c", setting.as_str()]))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)

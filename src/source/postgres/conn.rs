@@ -18,6 +18,7 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
+use super::tls::{server_name, TlsSettings};
 use crate::error::{sqlstate_is_transient, Error, ErrorKind};
 
 /// Microseconds from the Unix epoch to Postgres' epoch (2000-01-01).
@@ -60,15 +61,10 @@ impl ReplicationConnection {
     /// Connects and authenticates with `url` (a `postgres://` URL or
     /// key=value connection string) in logical replication mode.
     pub async fn connect(url: &str) -> Result<ReplicationConnection, Error> {
-        let config = tokio_postgres::Config::from_str(url)
+        let (tls, url) = TlsSettings::from_url(url)?;
+        let config = tokio_postgres::Config::from_str(&url)
             .map_err(|e| Error::with_source(ErrorKind::Config, "invalid postgres.url", e))?;
-        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-            return Err(Error::new(
-                ErrorKind::Config,
-                "sslmode=require is not supported by the replication connection yet; use sslmode=disable or prefer",
-            ));
-        }
-        let (reader, writer) = open(&config).await?;
+        let (reader, writer) = open(&config, &tls).await?;
         let mut conn = ReplicationConnection {
             reader,
             writer,
@@ -340,7 +336,10 @@ impl ReplicationConnection {
     }
 }
 
-async fn open(config: &tokio_postgres::Config) -> Result<(Reader, Writer), Error> {
+async fn open(
+    config: &tokio_postgres::Config,
+    tls: &TlsSettings,
+) -> Result<(Reader, Writer), Error> {
     let ports = config.get_ports();
     let mut last_error = None;
     for (index, host) in config.get_hosts().iter().enumerate() {
@@ -350,27 +349,24 @@ async fn open(config: &tokio_postgres::Config) -> Result<(Reader, Writer), Error
                 match tokio::net::TcpStream::connect((name.as_str(), port)).await {
                     Ok(stream) => {
                         let _ = stream.set_nodelay(true);
-                        let (reader, writer) = stream.into_split();
-                        Ok((Box::new(reader) as Reader, Box::new(writer) as Writer))
+                        return negotiate_tls(stream, tls, name).await;
                     }
-                    Err(error) => Err(error),
+                    Err(error) => error,
                 }
             }
+            // As libpq: no TLS over a Unix socket.
             tokio_postgres::config::Host::Unix(dir) => {
                 let path = dir.join(format!(".s.PGSQL.{port}"));
                 match tokio::net::UnixStream::connect(path).await {
                     Ok(stream) => {
                         let (reader, writer) = stream.into_split();
-                        Ok((Box::new(reader) as Reader, Box::new(writer) as Writer))
+                        return Ok((Box::new(reader) as Reader, Box::new(writer) as Writer));
                     }
-                    Err(error) => Err(error),
+                    Err(error) => error,
                 }
             }
         };
-        match attempt {
-            Ok(halves) => return Ok(halves),
-            Err(error) => last_error = Some(error),
-        }
+        last_error = Some(attempt);
     }
     Err(match last_error {
         Some(error) => Error::with_source(
@@ -380,6 +376,48 @@ async fn open(config: &tokio_postgres::Config) -> Result<(Reader, Writer), Error
         ),
         None => Error::new(ErrorKind::Config, "postgres.url names no host"),
     })
+}
+
+/// SSLRequest, then the TLS handshake when the server agrees.
+async fn negotiate_tls(
+    mut stream: tokio::net::TcpStream,
+    tls: &TlsSettings,
+    host: &str,
+) -> Result<(Reader, Writer), Error> {
+    let plain = |stream: tokio::net::TcpStream| {
+        let (reader, writer) = stream.into_split();
+        Ok((Box::new(reader) as Reader, Box::new(writer) as Writer))
+    };
+    let Some(config) = tls.client_config()? else {
+        return plain(stream);
+    };
+    let mut out = BytesMut::new();
+    frontend::ssl_request(&mut out);
+    stream.write_all(&out).await.map_err(connection_lost)?;
+    let answer = stream.read_u8().await.map_err(connection_lost)?;
+    match answer {
+        b'S' => {
+            let connector = tokio_rustls::TlsConnector::from(config);
+            let stream = connector
+                .connect(server_name(host)?, stream)
+                .await
+                .map_err(|e| {
+                    Error::with_source(
+                        ErrorKind::Config,
+                        format!("TLS handshake with Postgres at {host} failed"),
+                        e,
+                    )
+                })?;
+            let (reader, writer) = tokio::io::split(stream);
+            Ok((Box::new(reader) as Reader, Box::new(writer) as Writer))
+        }
+        b'N' if tls.required() => Err(Error::new(
+            ErrorKind::Config,
+            format!("Postgres at {host} does not accept TLS, and sslmode requires it"),
+        )),
+        b'N' => plain(stream),
+        other => Err(unexpected(other, "TLS negotiation")),
+    }
 }
 
 fn copy_data(mut body: Bytes) -> Result<ReplicationMessage, Error> {

@@ -4,8 +4,10 @@
 //! - [`pgoutput`]: the pure message decoder.
 //! - [`changes`]: messages -> row changes and transaction boundaries.
 //! - [`slot`]: creating and inspecting the slot and publication.
+//! - [`tls`]: TLS with libpq's `sslmode` semantics.
 
 pub mod changes;
 pub mod conn;
 pub mod pgoutput;
 pub mod slot;
+pub mod tls;
