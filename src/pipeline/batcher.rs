@@ -204,3 +204,136 @@ impl Batcher {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::change::{Checkpoint, Datum, Lsn, Op, Row};
+    use crate::mapping::{load_str, Limits};
+
+    fn batcher(max_keys: usize, max_pending_keys: usize) -> Batcher {
+        let mappings = load_str(
+            "m.toml",
+            "[[table]]\nname = \"t\"\nkeys = [\"t:{id}\"]\n",
+            Limits::default(),
+        )
+        .unwrap();
+        Batcher::new(
+            Arc::new(mappings),
+            BatchLimits {
+                max_keys,
+                max_pending_keys,
+            },
+        )
+    }
+
+    fn insert(id: u32, stream: Option<(u32, u32)>) -> Event {
+        Event::Change {
+            stream,
+            change: RowChange {
+                table: Arc::new(TableName::new("public", "t")),
+                op: Op::Insert,
+                old: None,
+                new: Some(Row::from_pairs([(
+                    "id",
+                    Datum::Number(id.to_string().into()),
+                )])),
+            },
+        }
+    }
+
+    fn commit(lsn: u64) -> Event {
+        Event::Commit {
+            checkpoint: Checkpoint::Lsn(Lsn(lsn)),
+            commit_time: SystemTime::now(),
+        }
+    }
+
+    fn lines(plan: &Plan) -> Vec<String> {
+        plan.commands.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn a_big_transaction_is_cut_in_chunks_and_only_the_last_carries_the_checkpoint() {
+        let mut batcher = batcher(2, 100);
+        let mut ready = Vec::new();
+        for id in 1..=5 {
+            batcher.push(insert(id, None), &mut ready);
+        }
+        batcher.push(commit(100), &mut ready);
+        ready.extend(batcher.take());
+        let checkpoints: Vec<Option<Checkpoint>> =
+            ready.iter().map(|plan| plan.checkpoint).collect();
+        assert_eq!(checkpoints, [None, None, Some(Checkpoint::Lsn(Lsn(100)))]);
+        let keys: Vec<String> = ready.iter().flat_map(lines).collect();
+        assert_eq!(
+            keys,
+            [
+                "UNLINK t:1",
+                "UNLINK t:2",
+                "UNLINK t:3",
+                "UNLINK t:4",
+                "UNLINK t:5"
+            ]
+        );
+        assert!(batcher.is_idle());
+    }
+
+    #[test]
+    fn streamed_changes_wait_for_their_commit_and_aborted_subtransactions_vanish() {
+        let mut batcher = batcher(100, 100);
+        let mut ready = Vec::new();
+        batcher.push(insert(1, Some((7, 7))), &mut ready);
+        batcher.push(insert(2, Some((7, 8))), &mut ready);
+        batcher.push(insert(3, Some((7, 9))), &mut ready);
+        assert!(batcher.take().is_none(), "nothing before the commit");
+        assert!(!batcher.is_idle(), "an open stream is not idle");
+        batcher.push(Event::StreamAbort { xid: 7, subxid: 8 }, &mut ready);
+        batcher.push(
+            Event::StreamCommit {
+                xid: 7,
+                checkpoint: Checkpoint::Lsn(Lsn(200)),
+                commit_time: SystemTime::now(),
+            },
+            &mut ready,
+        );
+        let plan = batcher.take().expect("the committed stream");
+        assert_eq!(lines(&plan), ["UNLINK t:1", "UNLINK t:3"]);
+        assert_eq!(plan.checkpoint, Some(Checkpoint::Lsn(Lsn(200))));
+        assert_eq!(plan.changes, 3);
+    }
+
+    #[test]
+    fn an_aborted_stream_leaves_nothing() {
+        let mut batcher = batcher(100, 100);
+        let mut ready = Vec::new();
+        batcher.push(insert(1, Some((7, 7))), &mut ready);
+        batcher.push(Event::StreamAbort { xid: 7, subxid: 7 }, &mut ready);
+        assert!(batcher.take().is_none());
+        assert!(batcher.is_idle());
+        assert_eq!(batcher.stats().aborted_streams, 1);
+    }
+
+    #[test]
+    fn a_stream_past_the_pending_bound_invalidates_its_tables_coarsely() {
+        let mut batcher = batcher(100, 3);
+        let mut ready = Vec::new();
+        for id in 1..=10 {
+            batcher.push(insert(id, Some((7, 7))), &mut ready);
+        }
+        batcher.push(
+            Event::StreamCommit {
+                xid: 7,
+                checkpoint: Checkpoint::Lsn(Lsn(300)),
+                commit_time: SystemTime::now(),
+            },
+            &mut ready,
+        );
+        let plan = batcher.take().expect("the coarse plan");
+        assert_eq!(lines(&plan), ["UNLINK MATCH t:*"]);
+        assert_eq!(batcher.stats().coarse_transactions, 1);
+        assert_eq!(plan.changes, 10);
+    }
+}

@@ -73,18 +73,22 @@ impl Evictd {
     /// Waits until evictd has applied and acknowledged everything up to the
     /// database's current WAL position.
     pub async fn sync(&self) -> Result<Lsn, TestkitError> {
+        self.sync_within(self.sync_timeout).await
+    }
+
+    /// [`Evictd::sync`] with its own timeout.
+    pub async fn sync_within(&self, timeout: Duration) -> Result<Lsn, TestkitError> {
         let target = current_wal_lsn(&self.postgres_url).await?;
         let mut acked = self.running.acked.clone();
         let reached = async { acked.wait_for(|acked| *acked >= target).await.map(|_| ()) };
-        let outcome = tokio::time::timeout(self.sync_timeout, reached).await;
+        let outcome = tokio::time::timeout(timeout, reached).await;
         match outcome {
             Ok(Ok(())) => Ok(target),
             Ok(Err(_)) => Err(TestkitError::Start(
                 "evictd stopped before reaching the WAL position".into(),
             )),
             Err(_) => Err(TestkitError::Start(format!(
-                "sync timed out after {:?}: evictd acknowledged {} of {target}",
-                self.sync_timeout,
+                "sync timed out after {timeout:?}: evictd acknowledged {} of {target}",
                 *self.running.acked.borrow()
             ))),
         }

@@ -16,6 +16,7 @@ pub struct Redis {
     dir: TempDir,
     port: u16,
     child: Child,
+    extra: Vec<String>,
 }
 
 impl Redis {
@@ -34,7 +35,15 @@ impl Redis {
         for _ in 0..3 {
             let port = free_port()?;
             match spawn(&dir, port, extra) {
-                Ok(child) => return Ok(Redis { dir, port, child }),
+                Ok(child) => {
+                    let extra = extra.iter().map(|arg| (*arg).to_owned()).collect();
+                    return Ok(Redis {
+                        dir,
+                        port,
+                        child,
+                        extra,
+                    });
+                }
                 Err(error) => last_error = Some(error),
             }
         }
@@ -55,6 +64,20 @@ impl Redis {
 
     pub fn dir(&self) -> &std::path::Path {
         self.dir.path()
+    }
+
+    /// Kills the server (SIGKILL): an outage.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same port, empty.
+    pub fn restart(&mut self) -> Result<(), TestkitError> {
+        self.stop();
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        self.child = spawn(&self.dir, self.port, &extra)?;
+        Ok(())
     }
 }
 

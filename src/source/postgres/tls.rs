@@ -44,12 +44,14 @@ impl SslMode {
             "require" => SslMode::Require,
             "verify-ca" => SslMode::VerifyCa,
             "verify-full" => SslMode::VerifyFull,
-            other => return Err(Error::new(
-                ErrorKind::Config,
-                format!(
+            other => {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
                     "sslmode `{other}` is not disable, prefer, require, verify-ca or verify-full"
                 ),
-            )),
+                ))
+            }
         })
     }
 }
