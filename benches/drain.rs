@@ -195,9 +195,7 @@ async fn measure(
         ..Options::default()
     };
     let started = Instant::now();
-    let running = pipeline::start(&config, mappings, options)
-        .await
-        .expect("start evictd");
+    let running = pipeline::start(&config, mappings, options).expect("start evictd");
     running.wait().await.expect("evictd drained");
     let evictd = started.elapsed();
     let acked = confirmed(&client, &config.postgres.slot).await;

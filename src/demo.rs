@@ -96,8 +96,19 @@ pub async fn run(migrations: &Path, mappings_dir: &Path) -> Result<(), DemoError
         ..Options::default()
     };
     let running = pipeline::start(&config, Arc::new(mappings), options)
-        .await
         .map_err(|e| setup("evictd")(e.to_string()))?;
+    if !running.streaming_within(Duration::from_secs(30)).await {
+        running.stop();
+        let error = running
+            .wait()
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        return Err(DemoError::Setup(format!(
+            "evictd did not start streaming: {error}"
+        )));
+    }
     let mut messages = pubsub.on_message();
     for (what, sql) in WORKLOAD {
         println!("> {what}\n  {sql}");

@@ -15,6 +15,9 @@ pub enum ErrorKind {
     PostgresConnection,
     /// Postgres answered with an error (SQLSTATE in the message).
     PostgresServer { transient: bool },
+    /// The replication slot is streaming to another process (SQLSTATE
+    /// 55006): this process is a standby until it is free.
+    SlotInUse,
     /// Postgres sent something the protocol does not allow.
     Protocol,
     /// Redis could not be reached, or a command failed.
@@ -60,7 +63,7 @@ impl Error {
     /// This is the single place that decides retry versus stop.
     pub fn is_transient(&self) -> bool {
         match self.kind {
-            ErrorKind::PostgresConnection | ErrorKind::Redis => true,
+            ErrorKind::PostgresConnection | ErrorKind::Redis | ErrorKind::SlotInUse => true,
             ErrorKind::PostgresServer { transient } => transient,
             ErrorKind::Config | ErrorKind::Protocol | ErrorKind::Shutdown => false,
         }
@@ -82,9 +85,8 @@ impl std::error::Error for Error {
 }
 
 /// Whether a Postgres SQLSTATE names a condition that may pass: connection
-/// exceptions (08), insufficient resources (53), operator intervention (57,
-/// e.g. admin shutdown) and "object in use" (55006, a slot held by another
-/// process).
+/// exceptions (08), insufficient resources (53) and operator intervention
+/// (57, e.g. admin shutdown). "Object in use" (55006) is [`ErrorKind::SlotInUse`].
 pub fn sqlstate_is_transient(code: &str) -> bool {
-    code.starts_with("08") || code.starts_with("53") || code.starts_with("57") || code == "55006"
+    code.starts_with("08") || code.starts_with("53") || code.starts_with("57")
 }

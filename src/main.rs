@@ -219,7 +219,7 @@ fn run(path: &Path, until: Option<String>) -> anyhow::Result<ExitCode> {
             until,
             ..Options::default()
         };
-        let running = evictd::pipeline::start(&config, mappings, options).await?;
+        let running = evictd::pipeline::start(&config, mappings, options)?;
         let stop = async {
             let mut terminate =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

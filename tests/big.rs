@@ -66,6 +66,7 @@ async fn a_million_row_update_is_applied_with_bounded_memory() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
+    evictd::testkit::reaper::reap_pid(child.id());
     let client = db.client().await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while client

@@ -35,14 +35,17 @@ fn write_config(dir: &Path, db: &TestDb) -> std::path::PathBuf {
     config
 }
 
+/// `evictd run`, stopped by the testkit's reaper if the test dies first.
 fn spawn_run(config: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_evictd"))
+    let child = Command::new(env!("CARGO_BIN_EXE_evictd"))
         .args(["run", "--config", config.to_str().unwrap()])
         .env("EVICTD_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("start evictd run")
+        .expect("start evictd run");
+    evictd::testkit::reaper::reap_pid(child.id());
+    child
 }
 
 async fn slot_state(client: &tokio_postgres::Client, slot: &str) -> (bool, Lsn) {
@@ -217,4 +220,66 @@ async fn sigterm_stops_cleanly_with_a_final_status_update() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
     wait_for_slot(&client, &db.name, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_when_the_active_process_dies() {
+    let db = TestDb::new().await;
+    db.execute("create table orders (id bigint primary key, status text not null); create publication evictd for table orders;")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db);
+    let mut redis = redis_connection().await;
+    let mut seed = redis::pipe();
+    for id in 1..=200 {
+        seed.cmd("SET")
+            .arg(format!("{}order:{id}", db.prefix))
+            .arg("cached")
+            .ignore();
+    }
+    seed.query_async::<()>(&mut redis).await.unwrap();
+    let client = db.client().await;
+
+    let mut active = spawn_run(&config);
+    wait_for_slot(&client, &db.name, true).await;
+    let mut standby = spawn_run(&config);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        standby.try_wait().unwrap().is_none(),
+        "the standby waits instead of exiting"
+    );
+    db.execute("insert into orders select g, 'new' from generate_series(1, 100) g")
+        .await;
+
+    // Kill the active process and keep writing through the switch.
+    active.kill().unwrap();
+    active.wait().unwrap();
+    let killed = Instant::now();
+    for id in 101..=200 {
+        db.execute(&format!("insert into orders values ({id}, 'new')"))
+            .await;
+    }
+    let target = evictd::testkit::current_wal_lsn(&db.url).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while slot_state(&client, &db.name).await.1 < target {
+        assert!(Instant::now() < deadline, "the standby never caught up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took_over = killed.elapsed();
+    assert!(
+        took_over < Duration::from_secs(10),
+        "takeover took {took_over:?}"
+    );
+    let gone = deleted(&mut redis, &db.prefix, 1..=200).await;
+    assert_eq!(
+        gone.len(),
+        200,
+        "missed {} keys across the switch",
+        200 - gone.len()
+    );
+    Command::new("kill")
+        .args(["-TERM", &standby.id().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(standby.wait().unwrap().code(), Some(0));
 }

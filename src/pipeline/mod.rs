@@ -12,6 +12,7 @@
 pub mod batcher;
 pub mod replication;
 
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,17 +20,21 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use self::batcher::{BatchLimits, Batcher};
-use self::replication::{Ended, Replication};
+use self::replication::{Ended, Finished, Replication};
 use crate::apply::broadcast::Broadcast;
-use crate::apply::{self, Progress, RedisSink};
+use crate::apply::{self, Backoff, Progress, RedisSink};
 use crate::change::Lsn;
 use crate::config::Config;
 use crate::error::{Error, ErrorKind};
 use crate::lag::LagHistogram;
 use crate::mapping::Mappings;
+use crate::plan::Plan;
 use crate::source::postgres::changes::ChangeDecoder;
 use crate::source::postgres::conn::ReplicationConnection;
 use crate::source::postgres::slot;
+
+/// How often a standby tries to take the slot over.
+const STANDBY_POLL: Duration = Duration::from_secs(1);
 
 /// Plans queued between the replication and apply tasks.
 const PLAN_CHANNEL_CAPACITY: usize = 4;
@@ -55,8 +60,20 @@ impl Default for Options {
     }
 }
 
+/// Whether the source is streaming, and if not, why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceState {
+    Connecting,
+    Streaming,
+    /// Waiting to reconnect after this error.
+    Interrupted(String),
+    Ended,
+}
+
 /// A running pipeline.
 pub struct Running {
+    /// The source's state, for readiness and for waiting until streaming.
+    pub source: watch::Receiver<SourceState>,
     /// What apply has finished.
     pub progress: watch::Receiver<Progress>,
     /// The flush position last reported to the server.
@@ -68,6 +85,21 @@ pub struct Running {
 }
 
 impl Running {
+    /// Waits until the source streams; `false` when it ended first or
+    /// `timeout` passed.
+    pub async fn streaming_within(&self, timeout: Duration) -> bool {
+        let mut source = self.source.clone();
+        let streaming = async {
+            let state = source
+                .wait_for(|state| matches!(state, SourceState::Streaming | SourceState::Ended))
+                .await;
+            state.is_ok_and(|state| *state == SourceState::Streaming)
+        };
+        tokio::time::timeout(timeout, streaming)
+            .await
+            .unwrap_or(false)
+    }
+
     /// Asks the pipeline to stop: it finishes or abandons the batch in
     /// flight and sends a final status update.
     pub fn stop(&self) {
@@ -87,30 +119,13 @@ impl Running {
     }
 }
 
-/// Connects everything and starts the tasks on the current runtime.
-pub async fn start(
-    config: &Config,
-    mappings: Arc<Mappings>,
-    options: Options,
-) -> Result<Running, Error> {
-    let url = config
-        .postgres
-        .url
-        .clone()
-        .ok_or_else(|| Error::new(ErrorKind::Config, "postgres.url is not set"))?;
-    let created = slot::ensure(&config.postgres, &url, &mappings).await?;
-    if created {
-        tracing::info!(slot = %config.postgres.slot, "streaming from a new slot: changes before now are not replayed");
+/// Starts the tasks on the current tokio runtime (call it from inside
+/// one). Connecting happens in the background, with retries: `wait` reports
+/// what retrying could not fix, `streaming_within` when streaming began.
+pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Result<Running, Error> {
+    if config.postgres.url.is_none() {
+        return Err(Error::new(ErrorKind::Config, "postgres.url is not set"));
     }
-    let mut conn = ReplicationConnection::connect(url.expose()).await?;
-    let command = slot::start_command(
-        &config.postgres.slot,
-        &config.postgres.publication,
-        conn.server_version(),
-    );
-    conn.start_replication(&command).await?;
-    tracing::info!(slot = %config.postgres.slot, server_version = conn.server_version(), "streaming started");
-
     let broadcast = Broadcast::new(&config.redis.l1_channel);
     let epoch = broadcast.epoch().to_owned();
     let sink = RedisSink::new(config.redis.url.expose(), &config.redis.prefix, broadcast)?;
@@ -118,8 +133,8 @@ pub async fn start(
     let (progress_tx, progress_rx) = watch::channel(Progress::default());
     let (acked_tx, acked_rx) = watch::channel(Lsn(0));
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (source_tx, source_rx) = watch::channel(SourceState::Connecting);
     let lag = Arc::new(Mutex::new(LagHistogram::default()));
-
     let apply_task = tokio::spawn(apply::run(
         sink,
         plans_rx,
@@ -127,37 +142,20 @@ pub async fn start(
         lag.clone(),
         stop_rx.clone(),
     ));
-    let replication = Replication {
-        conn,
-        decoder: ChangeDecoder::new(mappings.clone()),
-        batcher: Batcher::new(
-            mappings,
-            BatchLimits {
-                max_keys: config.batch.max_keys,
-                max_pending_keys: options.max_pending_keys,
-            },
-        ),
+    let supervisor = Supervisor {
+        config: config.clone(),
+        mappings,
+        options,
         plans: plans_tx,
+        sent_plans: Arc::new(AtomicU64::new(0)),
         progress: progress_rx.clone(),
-        acked: acked_tx,
-        max_wait: Duration::from_millis(config.batch.max_wait_ms),
-        status_interval: options.status_interval,
-        until: options.until,
+        acked: Arc::new(acked_tx),
+        stop: stop_rx,
+        source: source_tx,
     };
-    let task = tokio::spawn(async move {
-        let ended = replication.run(stop_rx).await;
-        let applied = apply_task.await;
-        match (ended, applied) {
-            (Err(error), _) | (Ok(_), Ok(Err(error))) => Err(error),
-            (Ok(_), Err(join)) => Err(Error::with_source(
-                ErrorKind::Shutdown,
-                "the apply task failed",
-                join,
-            )),
-            (Ok(ended), Ok(Ok(()))) => Ok(ended),
-        }
-    });
+    let task = tokio::spawn(supervisor.run(apply_task));
     Ok(Running {
+        source: source_rx,
         progress: progress_rx,
         acked: acked_rx,
         lag,
@@ -165,4 +163,141 @@ pub async fn start(
         stop: stop_tx,
         task,
     })
+}
+
+/// Runs replication sessions one after another: a transient failure
+/// (Postgres restarted, the walsender killed, the slot held by another
+/// process) ends a session, and after a backoff a new one resumes from the
+/// slot's confirmed position. Apply runs on across sessions.
+struct Supervisor {
+    config: Config,
+    mappings: Arc<Mappings>,
+    options: Options,
+    plans: mpsc::Sender<Plan>,
+    sent_plans: Arc<AtomicU64>,
+    progress: watch::Receiver<Progress>,
+    acked: Arc<watch::Sender<Lsn>>,
+    stop: watch::Receiver<bool>,
+    source: watch::Sender<SourceState>,
+}
+
+impl Supervisor {
+    async fn run(mut self, apply_task: JoinHandle<Result<(), Error>>) -> Result<Ended, Error> {
+        let mut backoff = Backoff::default();
+        let outcome = loop {
+            let session = match self.connect().await {
+                Ok(session) => session,
+                Err(error) => match self.retry_after(error, &mut backoff).await {
+                    Some(fatal) => break fatal,
+                    None => continue,
+                },
+            };
+            backoff = Backoff::default();
+            self.source.send_replace(SourceState::Streaming);
+            match session.run(self.stop.clone()).await {
+                Ok(finished) => break Ok(Some(finished)),
+                Err(error) => {
+                    if let Some(fatal) = self.retry_after(error, &mut backoff).await {
+                        break fatal;
+                    }
+                }
+            }
+        };
+        self.source.send_replace(SourceState::Ended);
+        // Closing the plan channel lets apply finish what it holds and end.
+        drop(self.plans);
+        let apply_result = match tokio::time::timeout(Duration::from_secs(10), apply_task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => Err(Error::with_source(
+                ErrorKind::Shutdown,
+                "the apply task failed",
+                join,
+            )),
+            Err(_) => Ok(()),
+        };
+        let finished = outcome?;
+        apply_result?;
+        let flush = self.progress.borrow().flush_lsn;
+        match finished {
+            Some(finished) => finished.close(flush).await,
+            // Stopped while disconnected: there is no stream to close.
+            None => Ok(Ended::Stopped),
+        }
+    }
+
+    /// Waits out a transient error; returns the error when it is not
+    /// transient, or the clean end when asked to stop meanwhile.
+    async fn retry_after(
+        &mut self,
+        error: Error,
+        backoff: &mut Backoff,
+    ) -> Option<Result<Option<Finished>, Error>> {
+        if *self.stop.borrow() {
+            return Some(Ok(None));
+        }
+        if !error.is_transient() {
+            return Some(Err(error));
+        }
+        let cause = std::error::Error::source(&error)
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        let reason = format!("{error} {cause}").trim_end().to_owned();
+        let repeated = matches!(&*self.source.borrow(), SourceState::Interrupted(previous) if *previous == reason);
+        self.source.send_replace(SourceState::Interrupted(reason));
+        let delay = if error.kind() == ErrorKind::SlotInUse {
+            // A standby: poll often, so that it takes over within a second
+            // or two of the active process going away.
+            if !repeated {
+                tracing::info!(slot = %self.config.postgres.slot, %error, "the slot streams to another process; standing by");
+            }
+            STANDBY_POLL
+        } else {
+            let delay = backoff.next_delay();
+            tracing::warn!(%error, %cause, retry_in = ?delay, "replication interrupted; reconnecting");
+            delay
+        };
+        tokio::select! {
+            _ = self.stop.wait_for(|stop| *stop) => Some(Ok(None)),
+            () = tokio::time::sleep(delay) => None,
+        }
+    }
+
+    async fn connect(&self) -> Result<Replication, Error> {
+        let url = self
+            .config
+            .postgres
+            .url
+            .as_ref()
+            .ok_or_else(|| Error::new(ErrorKind::Config, "postgres.url is not set"))?;
+        let created = slot::ensure(&self.config.postgres, url, &self.mappings).await?;
+        if created {
+            tracing::info!(slot = %self.config.postgres.slot, "streaming from a new slot: changes before now are not replayed");
+        }
+        let mut conn = ReplicationConnection::connect(url.expose()).await?;
+        let command = slot::start_command(
+            &self.config.postgres.slot,
+            &self.config.postgres.publication,
+            conn.server_version(),
+        );
+        conn.start_replication(&command).await?;
+        tracing::info!(slot = %self.config.postgres.slot, server_version = conn.server_version(), "streaming started");
+        Ok(Replication {
+            conn,
+            decoder: ChangeDecoder::new(self.mappings.clone()),
+            batcher: Batcher::new(
+                self.mappings.clone(),
+                BatchLimits {
+                    max_keys: self.config.batch.max_keys,
+                    max_pending_keys: self.options.max_pending_keys,
+                },
+            ),
+            plans: self.plans.clone(),
+            sent_plans: self.sent_plans.clone(),
+            progress: self.progress.clone(),
+            acked: self.acked.clone(),
+            max_wait: Duration::from_millis(self.config.batch.max_wait_ms),
+            status_interval: self.options.status_interval,
+            until: self.options.until,
+        })
+    }
 }

@@ -15,6 +15,8 @@
 //! commands and broadcast were not acknowledged.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -34,9 +36,12 @@ pub struct Replication {
     pub decoder: ChangeDecoder,
     pub batcher: Batcher,
     pub plans: mpsc::Sender<Plan>,
+    /// Plans handed to apply, over every session: compared with
+    /// `Progress::applied_plans` to know that nothing is in flight.
+    pub sent_plans: Arc<AtomicU64>,
     pub progress: watch::Receiver<Progress>,
     /// What was last reported as flushed, for observers (tests, status).
-    pub acked: watch::Sender<Lsn>,
+    pub acked: Arc<watch::Sender<Lsn>>,
     pub max_wait: Duration,
     pub status_interval: Duration,
     /// Stop reading past this position (`evictd replay --until-lsn`).
@@ -44,22 +49,47 @@ pub struct Replication {
 }
 
 /// Why the loop ended without an error.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ended {
     Stopped,
     ReachedUntil,
 }
 
+/// A session that ended cleanly: what is needed for the final status
+/// update once apply has drained.
+pub struct Finished {
+    pub ended: Ended,
+    conn: ReplicationConnection,
+    received: Lsn,
+    confirmed: Lsn,
+    acked: Arc<watch::Sender<Lsn>>,
+}
+
+impl Finished {
+    /// Sends the final standby status update (with everything apply
+    /// finished, `flush`) and ends the stream with CopyDone.
+    pub async fn close(mut self, flush: Lsn) -> Result<Ended, Error> {
+        let confirmed = self.confirmed.max(flush);
+        self.conn
+            .send_status(self.received.0.max(confirmed.0), confirmed.0, false)
+            .await?;
+        self.acked.send_replace(confirmed);
+        tracing::info!(flush_lsn = %confirmed, "sent final standby status update");
+        self.conn.finish().await?;
+        Ok(self.ended)
+    }
+}
+
 impl Replication {
     /// Runs until `stop` turns true, `until` is reached, or an error.
-    pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<Ended, Error> {
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<Finished, Error> {
         let mut ready: VecDeque<Plan> = VecDeque::new();
         let mut events: Vec<Event> = Vec::new();
         let mut cut: Vec<Plan> = Vec::new();
         let mut deadline: Option<Instant> = None;
         let mut received = Lsn(0);
-        let mut confirmed = self.progress.borrow().flush_lsn;
-        let mut sent_plans: u64 = self.progress.borrow().applied_plans;
+        // What an earlier session acknowledged stays acknowledged.
+        let mut confirmed = self.progress.borrow().flush_lsn.max(*self.acked.borrow());
         let mut status = tokio::time::interval(self.status_interval);
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let ended = loop {
@@ -78,8 +108,8 @@ impl Replication {
                 permit = self.plans.reserve(), if !ready.is_empty() => {
                     let permit = permit.map_err(|_| Error::new(ErrorKind::Redis, "the apply task ended"))?;
                     if let Some(plan) = ready.pop_front() {
+                        self.sent_plans.fetch_add(1, Ordering::SeqCst);
                         permit.send(plan);
-                        sent_plans += 1;
                     }
                     continue;
                 }
@@ -146,7 +176,8 @@ impl Replication {
                     let idle = ready.is_empty()
                         && self.batcher.is_idle()
                         && !self.decoder.in_transaction()
-                        && sent_plans == self.progress.borrow().applied_plans;
+                        && self.sent_plans.load(Ordering::SeqCst)
+                            == self.progress.borrow().applied_plans;
                     if idle && Lsn(wal_end) > confirmed {
                         confirmed = Lsn(wal_end);
                         self.report(received, confirmed, false).await?;
@@ -156,11 +187,21 @@ impl Replication {
                 }
             }
         };
-        self.finish(ready, received, confirmed).await?;
-        Ok(ended)
+        self.hand_over(ready).await;
+        Ok(Finished {
+            ended,
+            conn: self.conn,
+            received,
+            confirmed,
+            acked: self.acked,
+        })
     }
 
     async fn report(&mut self, received: Lsn, flush: Lsn, ask_reply: bool) -> Result<(), Error> {
+        debug_assert!(
+            flush >= *self.acked.borrow(),
+            "the flush position never moves back"
+        );
         self.conn
             .send_status(received.0.max(flush.0), flush.0, ask_reply)
             .await?;
@@ -172,35 +213,19 @@ impl Replication {
         Ok(())
     }
 
-    /// Hands over what is complete, waits (bounded) for apply to finish it,
-    /// and sends the final status update before CopyDone.
-    async fn finish(
-        mut self,
-        mut ready: VecDeque<Plan>,
-        received: Lsn,
-        mut confirmed: Lsn,
-    ) -> Result<(), Error> {
+    /// Hands what is pending to apply (bounded wait), so that stopping
+    /// applies what was already read.
+    async fn hand_over(&mut self, mut ready: VecDeque<Plan>) {
         ready.extend(self.batcher.take());
         let handover = async {
             for plan in ready {
+                self.sent_plans.fetch_add(1, Ordering::SeqCst);
                 if self.plans.send(plan).await.is_err() {
                     break;
                 }
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(5), handover).await;
-        // Closing the channel lets apply finish what it holds and end; its
-        // progress channel closes when it has.
-        drop(self.plans);
-        let drained = self.progress.wait_for(|_| false);
-        let _ = tokio::time::timeout(Duration::from_secs(10), drained).await;
-        confirmed = confirmed.max(self.progress.borrow().flush_lsn);
-        self.conn
-            .send_status(received.0.max(confirmed.0), confirmed.0, false)
-            .await?;
-        self.acked.send_replace(confirmed);
-        tracing::info!(flush_lsn = %confirmed, "sent final standby status update");
-        self.conn.finish().await
     }
 }
 

@@ -21,6 +21,8 @@ pub struct Postgres {
     child: Child,
     postmaster_pid: u32,
     bin_dir: PathBuf,
+    as_postgres: bool,
+    settings: Vec<String>,
 }
 
 impl Postgres {
@@ -100,6 +102,8 @@ impl Postgres {
                         child,
                         postmaster_pid,
                         bin_dir,
+                        as_postgres,
+                        settings,
                     })
                 }
                 Err(error) => last_error = Some(error),
@@ -175,6 +179,45 @@ impl Postgres {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Kills the server and every backend at once (SIGKILL to its process
+    /// group): a crash. Committed data survives; recovery runs on restart.
+    pub fn kill(&mut self) {
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.postmaster_pid.to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same port and data directory (after
+    /// [`Postgres::kill`]), waiting until it accepts connections.
+    pub fn restart(&mut self) -> Result<(), TestkitError> {
+        self.kill();
+        // The killed server's lock file still says "ready"; the new server
+        // writes its own.
+        let _ = fs::remove_file(self.data_dir().join("postmaster.pid"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match Postgres::spawn(
+                &self.bin_dir,
+                self.dir.path(),
+                self.port,
+                self.as_postgres,
+                &self.settings,
+            ) {
+                Ok((child, postmaster_pid)) => {
+                    self.child = child;
+                    self.postmaster_pid = postmaster_pid;
+                    return Ok(());
+                }
+                // Backends of the killed server may take a moment to go.
+                Err(error) if Instant::now() > deadline => return Err(error),
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
     }
 
     /// A connection URL for `database` as the superuser `postgres`.

@@ -491,11 +491,14 @@ fn server_error(body: &[u8]) -> Error {
             _ => {}
         }
     }
-    let transient = sqlstate_is_transient(&code);
-    Error::new(
-        ErrorKind::PostgresServer { transient },
-        format!("postgres {severity} {code}: {message}"),
-    )
+    let kind = if code == "55006" {
+        ErrorKind::SlotInUse
+    } else {
+        ErrorKind::PostgresServer {
+            transient: sqlstate_is_transient(&code),
+        }
+    };
+    Error::new(kind, format!("postgres {severity} {code}: {message}"))
 }
 
 fn unexpected(tag: u8, during: &str) -> Error {
