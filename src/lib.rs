@@ -17,6 +17,7 @@
 //! - `testkit` (feature `testkit`): throwaway Postgres and Redis for
 //!   integration tests.
 
+pub mod admin;
 pub mod apply;
 pub mod catalog;
 pub mod change;
@@ -29,5 +30,6 @@ pub mod mapping;
 pub mod pipeline;
 pub mod plan;
 pub mod source;
+pub mod telemetry;
 #[cfg(feature = "testkit")]
 pub mod testkit;

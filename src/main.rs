@@ -219,7 +219,30 @@ fn run(path: &Path, until: Option<String>) -> anyhow::Result<ExitCode> {
             until,
             ..Options::default()
         };
+        // `run` serves the admin endpoint; `replay` is a one-shot tool.
+        let listener = match until {
+            None => {
+                // The recorder must exist before the pipeline records anything.
+                evictd::telemetry::recorder();
+                let listener = tokio::net::TcpListener::bind(config.admin.listen)
+                    .await
+                    .map_err(|e| {
+                        UsageError(format!("admin.listen {}: {e}", config.admin.listen))
+                    })?;
+                Some(listener)
+            }
+            Some(_) => None,
+        };
         let running = evictd::pipeline::start(&config, mappings, options)?;
+        if let Some(listener) = listener {
+            let address = listener.local_addr()?;
+            let admin = evictd::admin::AdminState {
+                source: running.source.clone(),
+                redis: running.redis.clone(),
+            };
+            tokio::spawn(evictd::admin::serve(listener, admin));
+            tracing::info!(%address, "admin endpoint: /metrics /healthz /readyz");
+        }
         let stop = async {
             let mut terminate =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -41,7 +41,7 @@ async fn a_million_row_update_is_applied_with_bounded_memory() {
     std::fs::write(
         &config,
         format!(
-            "[postgres]\nurl = \"{}\"\nslot = \"{}\"\n[redis]\nurl = \"{}\"\nprefix = \"{}\"\n",
+            "[postgres]\nurl = \"{}\"\nslot = \"{}\"\n[redis]\nurl = \"{}\"\nprefix = \"{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
             db.url,
             db.name,
             stack().redis.url(),

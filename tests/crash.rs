@@ -24,7 +24,7 @@ fn write_config(dir: &Path, db: &TestDb) -> std::path::PathBuf {
     std::fs::write(
         &config,
         format!(
-            "[postgres]\nurl = \"{}\"\nslot = \"{}\"\n[redis]\nurl = \"{}\"\nprefix = \"{}\"\n[mappings]\ndir = \"mappings\"\n",
+            "[postgres]\nurl = \"{}\"\nslot = \"{}\"\n[redis]\nurl = \"{}\"\nprefix = \"{}\"\n[mappings]\ndir = \"mappings\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
             db.url,
             db.name,
             stack().redis.url(),

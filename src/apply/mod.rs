@@ -10,7 +10,7 @@ pub mod cluster;
 pub mod redis;
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::Rng as _;
 use tokio::sync::{mpsc, watch};
@@ -23,6 +23,7 @@ use crate::error::Error;
 use crate::error::ErrorKind;
 use crate::lag::LagHistogram;
 use crate::plan::Plan;
+use crate::telemetry;
 
 /// Where plans go: one Redis, or a Redis Cluster.
 pub enum RedisSink {
@@ -97,23 +98,50 @@ impl Backoff {
     }
 }
 
+/// How often an idle apply task checks that Redis answers (for readiness).
+const IDLE_PING: Duration = Duration::from_secs(5);
+
 /// Applies plans until the channel closes (the replication task ended) or
-/// `stop` turns true while a plan cannot be applied.
+/// `stop` turns true while a plan cannot be applied. `redis` says whether
+/// Redis answers (`None`) or why not.
 pub async fn run(
     mut sink: RedisSink,
     mut plans: mpsc::Receiver<Plan>,
     progress: watch::Sender<Progress>,
+    redis: watch::Sender<Option<String>>,
     lag: Arc<Mutex<LagHistogram>>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), Error> {
-    while let Some(plan) = plans.recv().await {
+    let mut ping = tokio::time::interval(IDLE_PING);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let plan = tokio::select! {
+            biased;
+            plan = plans.recv() => match plan {
+                Some(plan) => plan,
+                None => return Ok(()),
+            },
+            _ = ping.tick() => {
+                let state = sink.ping().await.err().map(|error| error.to_string());
+                redis.send_if_modified(|current| replace_if_changed(current, state));
+                continue;
+            }
+        };
+        ping.reset();
+        let started = Instant::now();
         let mut backoff = Backoff::default();
         let stats = loop {
             match sink.apply(&plan).await {
                 Ok(stats) => break stats,
                 Err(error) if error.is_transient() => {
                     let delay = backoff.next_delay();
-                    tracing::warn!(error = %error, cause = ?std::error::Error::source(&error), retry_in = ?delay, "redis apply failed; retrying the batch");
+                    let cause = std::error::Error::source(&error)
+                        .map(ToString::to_string)
+                        .unwrap_or_default();
+                    tracing::warn!(%error, %cause, retry_in = ?delay, "redis apply failed; retrying the batch");
+                    metrics::counter!(telemetry::REDIS_COMMANDS, "outcome" => "error")
+                        .increment(plan.commands.len() as u64);
+                    redis.send_replace(Some(format!("{error} {cause}").trim_end().to_owned()));
                     tokio::select! {
                         biased;
                         // Shutdown while Redis is away: abandon the batch;
@@ -125,11 +153,8 @@ pub async fn run(
                 Err(error) => return Err(error),
             }
         };
-        if let Some(commit_time) = plan.commit_time {
-            lag.lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .record_commit(commit_time);
-        }
+        redis.send_if_modified(|current| replace_if_changed(current, None));
+        record(&plan, stats, started.elapsed(), &lag);
         progress.send_modify(|progress| {
             progress.applied_plans += 1;
             progress.changes += plan.changes;
@@ -140,5 +165,29 @@ pub async fn run(
         });
         tracing::debug!(commands = plan.commands.len(), keys = stats.keys, round_trips = stats.round_trips, checkpoint = ?plan.checkpoint, "applied batch");
     }
-    Ok(())
+}
+
+fn replace_if_changed(current: &mut Option<String>, state: Option<String>) -> bool {
+    let changed = *current != state;
+    *current = state;
+    changed
+}
+
+/// Metrics and the lag histogram for one applied plan.
+fn record(plan: &Plan, stats: ApplyStats, took: Duration, lag: &Mutex<LagHistogram>) {
+    metrics::counter!(telemetry::CHANGES_APPLIED).increment(plan.changes);
+    metrics::counter!(telemetry::KEYS_INVALIDATED).increment(stats.keys);
+    metrics::counter!(telemetry::REDIS_COMMANDS, "outcome" => "ok").increment(stats.commands);
+    #[allow(clippy::cast_precision_loss)]
+    metrics::histogram!(telemetry::BATCH_COMMANDS).record(plan.commands.len() as f64);
+    metrics::histogram!(telemetry::APPLY_DURATION).record(took.as_secs_f64());
+    if let Some(commit_time) = plan.commit_time {
+        let behind = std::time::SystemTime::now()
+            .duration_since(commit_time)
+            .unwrap_or_default();
+        metrics::histogram!(telemetry::COMMIT_TO_APPLY_LAG).record(behind.as_secs_f64());
+        lag.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .record(behind);
+    }
 }

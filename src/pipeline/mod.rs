@@ -32,6 +32,7 @@ use crate::plan::Plan;
 use crate::source::postgres::changes::ChangeDecoder;
 use crate::source::postgres::conn::ReplicationConnection;
 use crate::source::postgres::slot;
+use crate::telemetry;
 
 /// How often a standby tries to take the slot over.
 const STANDBY_POLL: Duration = Duration::from_secs(1);
@@ -74,6 +75,8 @@ pub enum SourceState {
 pub struct Running {
     /// The source's state, for readiness and for waiting until streaming.
     pub source: watch::Receiver<SourceState>,
+    /// Whether Redis answers (`None`) or why not.
+    pub redis: watch::Receiver<Option<String>>,
     /// What apply has finished.
     pub progress: watch::Receiver<Progress>,
     /// The flush position last reported to the server.
@@ -134,11 +137,13 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
     let (acked_tx, acked_rx) = watch::channel(Lsn(0));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (source_tx, source_rx) = watch::channel(SourceState::Connecting);
+    let (redis_tx, redis_rx) = watch::channel(None);
     let lag = Arc::new(Mutex::new(LagHistogram::default()));
     let apply_task = tokio::spawn(apply::run(
         sink,
         plans_rx,
         progress_tx,
+        redis_tx,
         lag.clone(),
         stop_rx.clone(),
     ));
@@ -156,6 +161,7 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
     let task = tokio::spawn(supervisor.run(apply_task));
     Ok(Running {
         source: source_rx,
+        redis: redis_rx,
         progress: progress_rx,
         acked: acked_rx,
         lag,
@@ -194,6 +200,7 @@ impl Supervisor {
             };
             backoff = Backoff::default();
             self.source.send_replace(SourceState::Streaming);
+            metrics::gauge!(telemetry::STREAMING).set(1.0);
             match session.run(self.stop.clone()).await {
                 Ok(finished) => break Ok(Some(finished)),
                 Err(error) => {
@@ -204,6 +211,7 @@ impl Supervisor {
             }
         };
         self.source.send_replace(SourceState::Ended);
+        metrics::gauge!(telemetry::STREAMING).set(0.0);
         // Closing the plan channel lets apply finish what it holds and end.
         drop(self.plans);
         let apply_result = match tokio::time::timeout(Duration::from_secs(10), apply_task).await {

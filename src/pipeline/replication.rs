@@ -14,7 +14,7 @@
 //! It never moves backwards and never passes a transaction whose Redis
 //! commands and broadcast were not acknowledged.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,12 +24,13 @@ use tokio::time::Instant;
 
 use super::batcher::Batcher;
 use crate::apply::Progress;
-use crate::change::Lsn;
+use crate::change::{Lsn, Op, TableName};
 use crate::error::{Error, ErrorKind};
 use crate::plan::Plan;
 use crate::source::postgres::changes::{ChangeDecoder, Event};
 use crate::source::postgres::conn::{ReplicationConnection, ReplicationMessage};
 use crate::source::postgres::pgoutput;
+use crate::telemetry;
 
 pub struct Replication {
     pub conn: ReplicationConnection,
@@ -90,6 +91,8 @@ impl Replication {
         let mut received = Lsn(0);
         // What an earlier session acknowledged stays acknowledged.
         let mut confirmed = self.progress.borrow().flush_lsn.max(*self.acked.borrow());
+        let mut received_counts: HashMap<(Arc<TableName>, Op), u64> = HashMap::new();
+        let mut coarse_reported = 0;
         let mut status = tokio::time::interval(self.status_interval);
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let ended = loop {
@@ -138,7 +141,15 @@ impl Replication {
                         self.report(received, confirmed, false).await?;
                     }
                 }
-                Step::Status => self.report(received, confirmed, true).await?,
+                Step::Status => {
+                    self.report(received, confirmed, true).await?;
+                    coarse_reported = self.record_metrics(
+                        &mut received_counts,
+                        coarse_reported,
+                        received,
+                        confirmed,
+                    );
+                }
                 Step::Message(ReplicationMessage::XLogData {
                     wal_start,
                     wal_end,
@@ -156,6 +167,11 @@ impl Replication {
                     })?;
                     self.decoder.handle(message, &mut events)?;
                     for event in events.drain(..) {
+                        if let Event::Change { change, .. } = &event {
+                            *received_counts
+                                .entry((change.table.clone(), change.op))
+                                .or_default() += 1;
+                        }
                         self.batcher.push(event, &mut cut);
                     }
                     ready.extend(cut.drain(..));
@@ -211,6 +227,29 @@ impl Replication {
             moved
         });
         Ok(())
+    }
+
+    /// Publishes what this session counted since the last call; returns the
+    /// coarse invalidations reported so far.
+    fn record_metrics(
+        &self,
+        received_counts: &mut HashMap<(Arc<TableName>, Op), u64>,
+        coarse_reported: u64,
+        received: Lsn,
+        confirmed: Lsn,
+    ) -> u64 {
+        for ((table, op), count) in received_counts.drain() {
+            metrics::counter!(telemetry::CHANGES_RECEIVED, "table" => table.to_string(), "op" => op.as_str()).increment(count);
+        }
+        let coarse = self.batcher.stats().coarse_transactions;
+        metrics::counter!(telemetry::COARSE_INVALIDATIONS).increment(coarse - coarse_reported);
+        #[allow(clippy::cast_precision_loss)]
+        {
+            metrics::gauge!(telemetry::REPLICATION_LAG_BYTES)
+                .set(received.0.saturating_sub(confirmed.0) as f64);
+            metrics::gauge!(telemetry::ACK_LSN).set(confirmed.0 as f64);
+        }
+        coarse
     }
 
     /// Hands what is pending to apply (bounded wait), so that stopping

@@ -1,0 +1,113 @@
+//! The admin HTTP endpoint (`admin.listen`): `/metrics` (Prometheus text),
+//! `/healthz` (the process answers) and `/readyz` (200 only while the source
+//! streams and Redis answers; 503 with a one-line reason otherwise).
+//!
+//! A deliberately small HTTP/1.1 responder: GET only, one request per
+//! connection, bounded request size and time.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::pipeline::SourceState;
+use crate::telemetry;
+
+/// Largest request head read.
+const MAX_REQUEST: usize = 8 * 1024;
+/// Time allowed to send the request head.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the endpoints report on.
+#[derive(Clone)]
+pub struct AdminState {
+    pub source: watch::Receiver<SourceState>,
+    pub redis: watch::Receiver<Option<String>>,
+}
+
+impl AdminState {
+    /// `Ok` when ready, else the reason.
+    pub fn readiness(&self) -> Result<(), String> {
+        match &*self.source.borrow() {
+            SourceState::Streaming => {}
+            SourceState::Connecting => return Err("source: connecting to Postgres".into()),
+            SourceState::Interrupted(reason) => return Err(format!("source: {reason}")),
+            SourceState::Ended => return Err("source: stopped".into()),
+        }
+        match &*self.redis.borrow() {
+            None => Ok(()),
+            Some(reason) => Err(format!("redis: {reason}")),
+        }
+    }
+}
+
+/// Serves until the listener fails.
+pub async fn serve(listener: TcpListener, state: AdminState) {
+    telemetry::describe();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            if let Err(error) = respond(stream, &state).await {
+                tracing::debug!(%error, "admin request failed");
+            }
+        });
+    }
+}
+
+async fn respond(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let read = async {
+        let mut buf = [0_u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    if tokio::time::timeout(READ_TIMEOUT, read).await.is_err() {
+        return Ok(());
+    }
+    let request = String::from_utf8_lossy(&head);
+    let mut words = request.split_whitespace();
+    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (status, content_type, body) = match (method, path) {
+        ("GET", "/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4",
+            telemetry::recorder().render(),
+        ),
+        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
+        ("GET", "/readyz") => match state.readiness() {
+            Ok(()) => ("200 OK", "text/plain", "ready\n".to_owned()),
+            Err(reason) => (
+                "503 Service Unavailable",
+                "text/plain",
+                format!("not ready: {reason}\n"),
+            ),
+        },
+        ("GET", _) => (
+            "404 Not Found",
+            "text/plain",
+            "not found: try /metrics, /healthz or /readyz\n".to_owned(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "only GET\n".to_owned(),
+        ),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}

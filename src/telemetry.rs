@@ -1,0 +1,101 @@
+//! Metric names, in one place, and the Prometheus recorder.
+//!
+//! Names carry the `evictd_` prefix and a unit suffix; labels are low
+//! cardinality (table, op, outcome), never a key.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Row changes decoded from the source, by `table` and `op`.
+pub const CHANGES_RECEIVED: &str = "evictd_changes_received_total";
+/// Row changes whose batch Redis acknowledged.
+pub const CHANGES_APPLIED: &str = "evictd_changes_applied_total";
+/// Keys deleted or refreshed (exact keys, pattern matches, tag members).
+pub const KEYS_INVALIDATED: &str = "evictd_keys_invalidated_total";
+/// Redis commands sent, by `outcome` (`ok`, `error`: the batch is retried).
+pub const REDIS_COMMANDS: &str = "evictd_redis_commands_total";
+/// Commands per applied batch.
+pub const BATCH_COMMANDS: &str = "evictd_batch_commands";
+/// Time to apply one batch, retries included.
+pub const APPLY_DURATION: &str = "evictd_apply_duration_seconds";
+/// Commit timestamp in Postgres to Redis acknowledgement.
+pub const COMMIT_TO_APPLY_LAG: &str = "evictd_commit_to_apply_lag_seconds";
+/// WAL the server has sent beyond what is acknowledged.
+pub const REPLICATION_LAG_BYTES: &str = "evictd_replication_lag_bytes";
+/// The acknowledged (flush) LSN, as a number.
+pub const ACK_LSN: &str = "evictd_ack_lsn";
+/// 1 while the source streams.
+pub const STREAMING: &str = "evictd_streaming";
+/// Source reconnects after a transient error.
+pub const RECONNECTS: &str = "evictd_reconnects_total";
+/// Transactions applied as a coarse invalidation of their tables.
+pub const COARSE_INVALIDATIONS: &str = "evictd_coarse_invalidations_total";
+
+/// The process-wide recorder; installed on first use.
+pub fn recorder() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let seconds = [
+            0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            30.0,
+        ];
+        let counts = [1.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0];
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+                &seconds,
+            )
+            .and_then(|builder| {
+                builder.set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(BATCH_COMMANDS.into()),
+                    &counts,
+                )
+            })
+            .expect("static bucket lists are valid");
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        // Only fails when another recorder was installed first (a test
+        // harness); the handle then renders nothing, which is harmless.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+/// Describes every metric once, so that `/metrics` carries HELP lines.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        CHANGES_RECEIVED,
+        "Row changes decoded from the source, by table and op"
+    );
+    describe_counter!(
+        CHANGES_APPLIED,
+        "Row changes whose batch Redis acknowledged"
+    );
+    describe_counter!(KEYS_INVALIDATED, "Keys deleted or refreshed");
+    describe_counter!(REDIS_COMMANDS, "Redis commands sent, by outcome");
+    describe_histogram!(BATCH_COMMANDS, "Commands per applied batch");
+    describe_histogram!(
+        APPLY_DURATION,
+        Unit::Seconds,
+        "Time to apply one batch, retries included"
+    );
+    describe_histogram!(
+        COMMIT_TO_APPLY_LAG,
+        Unit::Seconds,
+        "Commit in Postgres to Redis acknowledgement"
+    );
+    describe_gauge!(
+        REPLICATION_LAG_BYTES,
+        Unit::Bytes,
+        "WAL sent by the server beyond the acknowledged position"
+    );
+    describe_gauge!(ACK_LSN, "The acknowledged flush LSN as a number");
+    describe_gauge!(STREAMING, "1 while the source streams");
+    describe_counter!(RECONNECTS, "Source reconnects after a transient error");
+    describe_counter!(
+        COARSE_INVALIDATIONS,
+        "Transactions applied as a coarse invalidation of their tables"
+    );
+}
