@@ -282,6 +282,12 @@ impl Supervisor {
             tracing::info!(slot = %self.config.postgres.slot, "streaming from a new slot: changes before now are not replayed");
         }
         let mut conn = ReplicationConnection::connect(url.expose()).await?;
+        let system = conn.simple_query("IDENTIFY_SYSTEM").await?;
+        if let Some([Some(system_id), Some(timeline), Some(wal_position), ..]) =
+            system.first().map(Vec::as_slice)
+        {
+            tracing::info!(%system_id, %timeline, %wal_position, "connected for replication");
+        }
         let command = slot::start_command(
             &self.config.postgres.slot,
             &self.config.postgres.publication,
