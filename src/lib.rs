@@ -22,6 +22,7 @@ pub mod apply;
 pub mod catalog;
 pub mod change;
 pub mod config;
+pub mod continuity;
 #[cfg(feature = "testkit")]
 pub mod demo;
 pub mod error;

@@ -21,7 +21,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 
 use super::broadcast::Broadcast;
-use super::redis::{jittered, under_prefix, ApplyStats, SCAN_COUNT};
+use super::redis::{jittered, under_prefix, ApplyStats, Record, SCAN_COUNT};
 use crate::error::{Error, ErrorKind};
 use crate::plan::{Command, Plan};
 
@@ -48,6 +48,7 @@ pub struct ClusterSink {
     slots: Option<SlotMap>,
     prefix: String,
     broadcast: Broadcast,
+    record: Option<Record>,
     timeout: Duration,
 }
 
@@ -74,6 +75,7 @@ impl ClusterSink {
             slots: None,
             prefix: prefix.to_owned(),
             broadcast,
+            record: None,
             timeout: Duration::from_secs(10),
         })
     }
@@ -96,6 +98,35 @@ impl ClusterSink {
             })?;
         self.connection = Some(connection.clone());
         Ok(connection)
+    }
+
+    /// Remember each applied checkpoint in `record` from now on.
+    pub fn set_record(&mut self, record: Record) {
+        self.record = Some(record);
+    }
+
+    /// GET `key` (a full key), from the master that owns it.
+    pub async fn get(&mut self, key: &str) -> Result<Option<String>, Error> {
+        let result = async {
+            let connection = self.connection().await?;
+            let slots = self.slot_map().await?;
+            let node =
+                &slots.nodes[usize::from(slots.owner[usize::from(key_slot(key.as_bytes()))])];
+            let value = route(
+                &connection,
+                redis::cmd("GET").arg(key).clone(),
+                node,
+                self.timeout,
+            )
+            .await?;
+            redis::from_redis_value(value)
+                .map_err(|e| Error::with_source(ErrorKind::Redis, "unexpected GET reply", e))
+        }
+        .await;
+        if result.is_err() {
+            self.forget();
+        }
+        result
     }
 
     pub async fn ping(&mut self) -> Result<(), Error> {

@@ -13,11 +13,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::Rng as _;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use self::broadcast::Broadcast;
 use self::cluster::ClusterSink;
-use self::redis::{ApplyStats, StandaloneSink};
+use self::redis::{ApplyStats, Record, StandaloneSink};
 use crate::change::{Checkpoint, Lsn};
 use crate::error::Error;
 use crate::error::ErrorKind;
@@ -62,6 +62,30 @@ impl RedisSink {
             RedisSink::Cluster(sink) => sink.ping().await,
         }
     }
+
+    pub async fn get(&mut self, key: &str) -> Result<Option<String>, Error> {
+        match self {
+            RedisSink::Standalone(sink) => sink.get(key).await,
+            RedisSink::Cluster(sink) => sink.get(key).await,
+        }
+    }
+
+    pub fn set_record(&mut self, record: Record) {
+        match self {
+            RedisSink::Standalone(sink) => sink.set_record(record),
+            RedisSink::Cluster(sink) => sink.set_record(record),
+        }
+    }
+}
+
+/// What the apply task is asked to do, in order.
+pub enum Request {
+    /// Apply a plan (and its broadcast, and the continuity record).
+    Plan(Plan),
+    /// Read a key (the continuity record) and answer.
+    Read(String, oneshot::Sender<Result<Option<String>, Error>>),
+    /// From now on, remember each applied checkpoint in this record.
+    Remember(Record),
 }
 
 /// How far apply has come: what the replication task may acknowledge.
@@ -106,7 +130,7 @@ const IDLE_PING: Duration = Duration::from_secs(5);
 /// Redis answers (`None`) or why not.
 pub async fn run(
     mut sink: RedisSink,
-    mut plans: mpsc::Receiver<Plan>,
+    mut plans: mpsc::Receiver<Request>,
     progress: watch::Sender<Progress>,
     redis: watch::Sender<Option<String>>,
     lag: Arc<Mutex<LagHistogram>>,
@@ -117,8 +141,16 @@ pub async fn run(
     loop {
         let plan = tokio::select! {
             biased;
-            plan = plans.recv() => match plan {
-                Some(plan) => plan,
+            request = plans.recv() => match request {
+                Some(Request::Plan(plan)) => plan,
+                Some(Request::Read(key, answer)) => {
+                    let _ = answer.send(read_with_retry(&mut sink, &key, &mut stop).await);
+                    continue;
+                }
+                Some(Request::Remember(record)) => {
+                    sink.set_record(record);
+                    continue;
+                }
                 None => return Ok(()),
             },
             _ = ping.tick() => {
@@ -164,6 +196,28 @@ pub async fn run(
             }
         });
         tracing::debug!(commands = plan.commands.len(), keys = stats.keys, round_trips = stats.round_trips, checkpoint = ?plan.checkpoint, "applied batch");
+    }
+}
+
+/// Reads `key`, retrying transient errors until `stop`.
+async fn read_with_retry(
+    sink: &mut RedisSink,
+    key: &str,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<Option<String>, Error> {
+    let mut backoff = Backoff::default();
+    loop {
+        match sink.get(key).await {
+            Err(error) if error.is_transient() => {
+                let delay = backoff.next_delay();
+                tracing::warn!(%error, retry_in = ?delay, "cannot read from Redis; retrying");
+                tokio::select! {
+                    _ = stop.wait_for(|stop| *stop) => return Err(error),
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+            result => return result,
+        }
     }
 }
 

@@ -16,6 +16,8 @@ use rand::Rng as _;
 use redis::aio::MultiplexedConnection;
 
 use super::broadcast::Broadcast;
+use crate::change::Checkpoint;
+use crate::continuity::Remembered;
 use crate::error::{Error, ErrorKind};
 use crate::mapping::template::escape_glob;
 use crate::plan::{Command, Plan};
@@ -58,7 +60,23 @@ pub struct StandaloneSink {
     connection: Option<MultiplexedConnection>,
     prefix: String,
     broadcast: Broadcast,
+    record: Option<Record>,
     timeout: Duration,
+}
+
+/// Where the continuity record goes, and the identity it names.
+#[derive(Clone, Debug)]
+pub struct Record {
+    /// The full Redis key (prefix included).
+    pub key: String,
+    pub system_id: String,
+}
+
+impl Record {
+    /// The SET of the record for a plan that acknowledges `checkpoint`.
+    pub fn value(&self, checkpoint: Option<Checkpoint>) -> Option<String> {
+        checkpoint.map(|Checkpoint::Lsn(lsn)| Remembered::encode(&self.system_id, lsn))
+    }
 }
 
 impl StandaloneSink {
@@ -70,6 +88,7 @@ impl StandaloneSink {
             connection: None,
             prefix: prefix.to_owned(),
             broadcast,
+            record: None,
             timeout: Duration::from_secs(10),
         })
     }
@@ -85,6 +104,19 @@ impl StandaloneSink {
             .map_err(|e| Error::with_source(ErrorKind::Redis, "cannot connect to Redis", e))?;
         self.connection = Some(connection.clone());
         Ok(connection)
+    }
+
+    /// Remember each applied checkpoint in `record` from now on.
+    pub fn set_record(&mut self, record: Record) {
+        self.record = Some(record);
+    }
+
+    /// GET `key` (a full key).
+    pub async fn get(&mut self, key: &str) -> Result<Option<String>, Error> {
+        let mut connection = self.connection().await?;
+        let mut stats = ApplyStats::default();
+        self.query(&mut connection, redis::cmd("GET").arg(key), &mut stats)
+            .await
     }
 
     /// Checks that Redis answers (for readiness and start-up).
@@ -155,6 +187,13 @@ impl StandaloneSink {
         flush_unlinks(&mut pipe, &mut unlinks, &mut stats);
         flush_tags(&mut pipe, &mut tags);
         self.broadcast.append(plan, &self.prefix, &mut pipe);
+        if let Some((record, value)) = self
+            .record
+            .as_ref()
+            .and_then(|r| Some((r, r.value(plan.checkpoint)?)))
+        {
+            pipe.cmd("SET").arg(&record.key).arg(value).ignore();
+        }
         self.send(&mut connection, &mut pipe, &mut stats).await?;
         self.broadcast.delivered();
         Ok(stats)

@@ -12,23 +12,28 @@
 pub mod batcher;
 pub mod replication;
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use self::batcher::{BatchLimits, Batcher};
 use self::replication::{Ended, Finished, Replication};
 use crate::apply::broadcast::Broadcast;
-use crate::apply::{self, Backoff, Progress, RedisSink};
+use crate::apply::redis::Record;
+use crate::apply::{self, Backoff, Progress, RedisSink, Request};
+use crate::change::Checkpoint;
 use crate::change::Lsn;
 use crate::config::Config;
+use crate::config::SecretUrl;
+use crate::continuity::{self, Remembered, SlotState, Verdict};
 use crate::error::{Error, ErrorKind};
 use crate::lag::LagHistogram;
 use crate::mapping::Mappings;
-use crate::plan::Plan;
+use crate::mapping::Output;
+use crate::plan::Planner;
 use crate::source::postgres::changes::ChangeDecoder;
 use crate::source::postgres::conn::ReplicationConnection;
 use crate::source::postgres::slot;
@@ -171,6 +176,76 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
     })
 }
 
+impl Supervisor {
+    /// Compares the slot with what evictd remembers applying (see
+    /// [`crate::continuity`]), creates the slot when needed, and when changes
+    /// were lost invalidates every mapped table before streaming.
+    async fn check_continuity(&self, url: &SecretUrl, system_id: &str) -> Result<(), Error> {
+        let postgres = &self.config.postgres;
+        let key = format!(
+            "{}{}",
+            self.config.redis.prefix,
+            continuity::record_key(&postgres.slot)
+        );
+        let (answer, read) = oneshot::channel();
+        self.request(Request::Read(key.clone(), answer)).await?;
+        let remembered = read
+            .await
+            .map_err(|_| Error::new(ErrorKind::Shutdown, "the apply task ended"))??
+            .and_then(|text| Remembered::decode(&text));
+        let state = slot::inspect(postgres, url).await?;
+        let verdict = continuity::judge(remembered.as_ref(), &state, system_id);
+        if matches!(&state, SlotState::Present { wal_status, .. } if wal_status == "lost") {
+            slot::drop_slot(postgres, url).await?;
+        }
+        if slot::ensure(postgres, url, &self.mappings).await? {
+            tracing::info!(slot = %postgres.slot, "created the replication slot: streaming starts from now");
+        }
+        self.request(Request::Remember(Record {
+            key,
+            system_id: system_id.to_owned(),
+        }))
+        .await?;
+        let Verdict::Lost(reason) = verdict else {
+            return Ok(());
+        };
+        tracing::error!(slot = %postgres.slot, %reason, "continuity lost: invalidating every mapped table before streaming");
+        let start = match slot::inspect(postgres, url).await? {
+            SlotState::Present {
+                confirmed_flush, ..
+            } => confirmed_flush,
+            SlotState::Missing => Lsn(0),
+        };
+        let mut planner = Planner::new();
+        let mut out = Output::default();
+        for mapping in self.mappings.tables() {
+            out.clear();
+            self.mappings.eval_coarse(&mapping.table, &mut out);
+            for action in out.actions.drain(..) {
+                planner.push(action);
+            }
+        }
+        planner.commit(Checkpoint::Lsn(start), None);
+        let target = self.sent_plans.fetch_add(1, Ordering::SeqCst) + 1;
+        self.request(Request::Plan(planner.finish())).await?;
+        let mut progress = self.progress.clone();
+        progress
+            .wait_for(|progress| progress.applied_plans >= target)
+            .await
+            .map_err(|_| Error::new(ErrorKind::Shutdown, "the apply task ended"))?;
+        metrics::counter!(telemetry::COARSE_INVALIDATIONS).increment(1);
+        tracing::warn!(slot = %postgres.slot, tables = self.mappings.tables().count(), "coarse invalidation applied; streaming resumes");
+        Ok(())
+    }
+
+    async fn request(&self, request: Request) -> Result<(), Error> {
+        self.plans
+            .send(request)
+            .await
+            .map_err(|_| Error::new(ErrorKind::Shutdown, "the apply task ended"))
+    }
+}
+
 /// Runs replication sessions one after another: a transient failure
 /// (Postgres restarted, the walsender killed, the slot held by another
 /// process) ends a session, and after a backoff a new one resumes from the
@@ -179,7 +254,7 @@ struct Supervisor {
     config: Config,
     mappings: Arc<Mappings>,
     options: Options,
-    plans: mpsc::Sender<Plan>,
+    plans: mpsc::Sender<Request>,
     sent_plans: Arc<AtomicU64>,
     progress: watch::Receiver<Progress>,
     acked: Arc<watch::Sender<Lsn>>,
@@ -277,17 +352,18 @@ impl Supervisor {
             .url
             .as_ref()
             .ok_or_else(|| Error::new(ErrorKind::Config, "postgres.url is not set"))?;
-        let created = slot::ensure(&self.config.postgres, url, &self.mappings).await?;
-        if created {
-            tracing::info!(slot = %self.config.postgres.slot, "streaming from a new slot: changes before now are not replayed");
-        }
         let mut conn = ReplicationConnection::connect(url.expose()).await?;
         let system = conn.simple_query("IDENTIFY_SYSTEM").await?;
-        if let Some([Some(system_id), Some(timeline), Some(wal_position), ..]) =
+        let Some([Some(system_id), Some(timeline), Some(wal_position), ..]) =
             system.first().map(Vec::as_slice)
-        {
-            tracing::info!(%system_id, %timeline, %wal_position, "connected for replication");
-        }
+        else {
+            return Err(Error::new(
+                ErrorKind::Protocol,
+                "IDENTIFY_SYSTEM returned no row",
+            ));
+        };
+        tracing::info!(%system_id, %timeline, %wal_position, "connected for replication");
+        self.check_continuity(url, system_id).await?;
         let command = slot::start_command(
             &self.config.postgres.slot,
             &self.config.postgres.publication,

@@ -9,7 +9,9 @@
 //!   transaction, nothing pending in the batcher, no plan queued or being
 //!   applied. Every transaction that ended before that point was received
 //!   and applied, so acknowledging it loses nothing; it lets the slot
-//!   advance past WAL that holds no published change.
+//!   advance past WAL that holds no published change. Such a position goes
+//!   through apply as an empty plan, so that the continuity record in Redis
+//!   is written before the slot moves.
 //!
 //! It never moves backwards and never passes a transaction whose Redis
 //! commands and broadcast were not acknowledged.
@@ -23,8 +25,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::batcher::Batcher;
-use crate::apply::Progress;
-use crate::change::{Lsn, Op, TableName};
+use crate::apply::{Progress, Request};
+use crate::change::{Checkpoint, Lsn, Op, TableName};
 use crate::error::{Error, ErrorKind};
 use crate::plan::Plan;
 use crate::source::postgres::changes::{ChangeDecoder, Event};
@@ -36,7 +38,7 @@ pub struct Replication {
     pub conn: ReplicationConnection,
     pub decoder: ChangeDecoder,
     pub batcher: Batcher,
-    pub plans: mpsc::Sender<Plan>,
+    pub plans: mpsc::Sender<Request>,
     /// Plans handed to apply, over every session: compared with
     /// `Progress::applied_plans` to know that nothing is in flight.
     pub sent_plans: Arc<AtomicU64>,
@@ -112,7 +114,7 @@ impl Replication {
                     let permit = permit.map_err(|_| Error::new(ErrorKind::Redis, "the apply task ended"))?;
                     if let Some(plan) = ready.pop_front() {
                         self.sent_plans.fetch_add(1, Ordering::SeqCst);
-                        permit.send(plan);
+                        permit.send(Request::Plan(plan));
                     }
                     continue;
                 }
@@ -195,8 +197,12 @@ impl Replication {
                         && self.sent_plans.load(Ordering::SeqCst)
                             == self.progress.borrow().applied_plans;
                     if idle && Lsn(wal_end) > confirmed {
-                        confirmed = Lsn(wal_end);
-                        self.report(received, confirmed, false).await?;
+                        // Acknowledged through apply like any batch, so
+                        // that the continuity record never lags the slot.
+                        ready.push_back(Plan {
+                            checkpoint: Some(Checkpoint::Lsn(Lsn(wal_end))),
+                            ..Plan::default()
+                        });
                     } else if reply {
                         self.report(received, confirmed, false).await?;
                     }
@@ -259,7 +265,7 @@ impl Replication {
         let handover = async {
             for plan in ready {
                 self.sent_plans.fetch_add(1, Ordering::SeqCst);
-                if self.plans.send(plan).await.is_err() {
+                if self.plans.send(Request::Plan(plan)).await.is_err() {
                     break;
                 }
             }

@@ -3,7 +3,9 @@
 //! server's protocol version.
 
 use crate::catalog;
+use crate::change::Lsn;
 use crate::config::{PostgresConfig, SecretUrl};
+use crate::continuity::SlotState;
 use crate::error::{Error, ErrorKind};
 use crate::mapping::Mappings;
 
@@ -90,6 +92,53 @@ pub async fn ensure(
             ),
         )),
     }
+}
+
+/// The slot as the catalog has it.
+pub async fn inspect(config: &PostgresConfig, url: &SecretUrl) -> Result<SlotState, Error> {
+    let client = catalog::connect(url).await.map_err(|e| {
+        Error::with_source(
+            ErrorKind::PostgresConnection,
+            "cannot connect to Postgres",
+            e,
+        )
+    })?;
+    let row = client
+        .query_opt(
+            "select coalesce(confirmed_flush_lsn, '0/0')::text, coalesce(wal_status, '') from pg_replication_slots where slot_name = $1",
+            &[&config.slot],
+        )
+        .await
+        .map_err(|e| Error::with_source(ErrorKind::PostgresConnection, "slot query failed", e))?;
+    Ok(match row {
+        None => SlotState::Missing,
+        Some(row) => SlotState::Present {
+            confirmed_flush: Lsn::parse(&row.get::<_, String>(0)).unwrap_or_default(),
+            wal_status: row.get(1),
+        },
+    })
+}
+
+/// Drops the slot (it must not be streaming).
+pub async fn drop_slot(config: &PostgresConfig, url: &SecretUrl) -> Result<(), Error> {
+    let client = catalog::connect(url).await.map_err(|e| {
+        Error::with_source(
+            ErrorKind::PostgresConnection,
+            "cannot connect to Postgres",
+            e,
+        )
+    })?;
+    client
+        .query_one("select pg_drop_replication_slot($1)", &[&config.slot])
+        .await
+        .map_err(|e| {
+            Error::with_source(
+                ErrorKind::PostgresConnection,
+                "cannot drop the replication slot",
+                e,
+            )
+        })?;
+    Ok(())
 }
 
 /// START_REPLICATION for the slot, from its confirmed position, with the

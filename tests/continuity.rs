@@ -1,0 +1,130 @@
+//! Lost continuity (the slot dropped, or recreated, while evictd was down):
+//! on start evictd invalidates every mapped table before streaming. When
+//! the slot simply continues, it does not.
+
+mod support;
+
+use evictd::config::Config;
+use evictd::testkit::Evictd;
+use support::{mapping_dir, redis_connection, streaming_config, TestDb};
+
+const SCHEMA: &str = "
+    create table orders (id bigint primary key, status text not null);
+    create publication evictd for table orders;
+";
+const MAPPING: &str = "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\n";
+
+struct Setup {
+    db: TestDb,
+    config: Config,
+    redis: redis::aio::MultiplexedConnection,
+    _mappings: tempfile::TempDir,
+}
+
+impl Setup {
+    async fn new() -> Setup {
+        let db = TestDb::new().await;
+        db.execute(SCHEMA).await;
+        let mappings = mapping_dir(&[("orders.toml", MAPPING)]);
+        let config = streaming_config(&db, mappings.path());
+        Setup {
+            db,
+            config,
+            redis: redis_connection().await,
+            _mappings: mappings,
+        }
+    }
+
+    async fn seed(&mut self, keys: &[&str]) {
+        for key in keys {
+            let _: () = redis::cmd("SET")
+                .arg(format!("{}{key}", self.db.prefix))
+                .arg("cached")
+                .query_async(&mut self.redis)
+                .await
+                .unwrap();
+        }
+    }
+
+    async fn cached(&mut self, keys: &[&str]) -> Vec<String> {
+        let mut left = Vec::new();
+        for key in keys {
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(format!("{}{key}", self.db.prefix))
+                .query_async(&mut self.redis)
+                .await
+                .unwrap();
+            if exists {
+                left.push((*key).to_owned());
+            }
+        }
+        left
+    }
+
+    /// Runs evictd until it has applied everything committed so far.
+    async fn run_once(&self) {
+        let evictd = Evictd::start(&self.config).await.expect("start evictd");
+        evictd.sync().await.expect("sync");
+        evictd.stop().await.expect("stop");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_dropped_while_evictd_was_down_invalidates_every_mapped_table() {
+    let mut s = Setup::new().await;
+    s.db.execute("insert into orders values (1, 'new')").await;
+    s.run_once().await;
+    s.seed(&["order:1", "order:2", "order:50", "other:1"]).await;
+    let slot = &s.config.postgres.slot;
+    s.db.execute(&format!(
+        "select pg_drop_replication_slot('{slot}'); update orders set status = 'lost' where id = 1"
+    ))
+    .await;
+    s.run_once().await;
+    assert_eq!(
+        s.cached(&["order:1", "order:2", "order:50", "other:1"])
+            .await,
+        ["other:1"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_recreated_while_evictd_was_down_invalidates_every_mapped_table() {
+    let mut s = Setup::new().await;
+    s.db.execute("insert into orders values (1, 'new')").await;
+    s.run_once().await;
+    s.seed(&["order:1", "order:7"]).await;
+    let slot = &s.config.postgres.slot;
+    s.db.execute(&format!("select pg_drop_replication_slot('{slot}')"))
+        .await;
+    s.db.execute("update orders set status = 'lost' where id = 1")
+        .await;
+    s.db.execute(&format!(
+        "select pg_create_logical_replication_slot('{slot}', 'pgoutput')"
+    ))
+    .await;
+    s.run_once().await;
+    assert_eq!(
+        s.cached(&["order:1", "order:7"]).await,
+        Vec::<String>::new()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_continuous_slot_is_not_invalidated() {
+    let mut s = Setup::new().await;
+    s.db.execute("insert into orders values (1, 'new')").await;
+    s.run_once().await;
+    s.seed(&["order:7", "order:1"]).await;
+    s.db.execute("update orders set status = 'paid' where id = 1")
+        .await;
+    s.run_once().await;
+    assert_eq!(
+        s.cached(&["order:7", "order:1"]).await,
+        ["order:7"],
+        "only the changed row's key went"
+    );
+    // And again with nothing written in between: idle restarts change nothing.
+    s.run_once().await;
+    assert_eq!(s.cached(&["order:7"]).await, ["order:7"]);
+}
