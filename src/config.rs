@@ -43,6 +43,8 @@ pub struct PostgresConfig {
     pub publication: String,
     /// Create the slot and publication when absent.
     pub create_slot: bool,
+    /// Warn (log, `evictd status`) when the slot retains more WAL than this.
+    pub max_retained_wal_mb: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -71,6 +73,9 @@ pub struct MappingsConfig {
 pub struct BatchConfig {
     /// Most distinct keys in one Redis batch.
     pub max_keys: usize,
+    /// Keys a streamed transaction may buffer before it degrades to a
+    /// coarse invalidation of its tables (the memory bound per transaction).
+    pub max_pending_keys: usize,
     /// Longest wait for more transactions before a batch is sent.
     pub max_wait_ms: u64,
 }
@@ -157,6 +162,7 @@ impl Config {
                 slot: "evictd".into(),
                 publication: "evictd".into(),
                 create_slot: true,
+                max_retained_wal_mb: 1024,
             },
             kafka: None,
             redis: RedisConfig {
@@ -170,6 +176,7 @@ impl Config {
             },
             batch: BatchConfig {
                 max_keys: 10_000,
+                max_pending_keys: 100_000,
                 max_wait_ms: 2,
             },
             admin: AdminConfig {
@@ -487,6 +494,7 @@ fn read_postgres(section: &mut Section<'_>, source: Option<SourceKind>) -> Postg
             }
         }),
         create_slot: section.or("create_slot", true),
+        max_retained_wal_mb: section.in_range("max_retained_wal_mb", 1024, 1..=1 << 30),
     }
 }
 
@@ -576,8 +584,10 @@ fn read_mappings(section: &mut Section<'_>, base_dir: &Path) -> MappingsConfig {
 
 fn read_batch(section: &mut Section<'_>) -> BatchConfig {
     let max_keys = section.in_range("max_keys", 10_000, 1..=1_000_000);
+    let max_pending_keys = section.in_range("max_pending_keys", 100_000, 1..=100_000_000);
     BatchConfig {
         max_keys: usize::try_from(max_keys).unwrap_or(usize::MAX),
+        max_pending_keys: usize::try_from(max_pending_keys).unwrap_or(usize::MAX),
         max_wait_ms: section.in_range("max_wait_ms", 2, 0..=60_000),
     }
 }

@@ -27,6 +27,7 @@ pub mod continuity;
 pub mod demo;
 pub mod error;
 pub mod lag;
+pub mod lifecycle;
 pub mod mapping;
 pub mod pipeline;
 pub mod plan;

@@ -67,6 +67,20 @@ enum Command {
         #[arg(long)]
         publication: Option<String>,
     },
+    /// Create the publication and slot; print the REPLICA IDENTITY statements
+    /// the mappings need.
+    Init {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print the SQL without running anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// The slot (active, lag, retained WAL) and what evictd last applied.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Print the commands one change produces, in the order they are sent.
     Explain {
         #[arg(long)]
@@ -109,6 +123,8 @@ fn main() -> ExitCode {
             mappings,
         } => demo(&migrations, &mappings),
         Command::Run { config } => run(&config, None),
+        Command::Init { config, dry_run } => init(&config, dry_run),
+        Command::Status { config } => status(&config),
         Command::Replay { config, until_lsn } => run(&config, Some(until_lsn)),
         Command::Check {
             config,
@@ -171,6 +187,61 @@ fn demo(migrations: &Path, mappings: &Path) -> anyhow::Result<ExitCode> {
         Err(evictd::demo::DemoError::Mappings(diagnostics)) => Ok(report(&diagnostics)),
         Err(error) => Err(error.into()),
     }
+}
+
+fn load(path: &Path) -> anyhow::Result<Result<(Config, Mappings), ExitCode>> {
+    let config = Config::load(path).map_err(|error| UsageError(error.to_string()))?;
+    Ok(
+        match mapping::load_dir(&config.mappings.dir, config.mappings.limits) {
+            Ok(mappings) => Ok((config, mappings)),
+            Err(diagnostics) => Err(report(&diagnostics)),
+        },
+    )
+}
+
+fn init(path: &Path, dry_run: bool) -> anyhow::Result<ExitCode> {
+    let (config, mappings) = match load(path)? {
+        Ok(loaded) => loaded,
+        Err(code) => return Ok(code),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let steps = evictd::lifecycle::init_plan(&config, &mappings).await?;
+        for step in &steps {
+            let state = match (step.needed, step.sql.starts_with("ALTER TABLE"), dry_run) {
+                (false, _, _) => "-- already done",
+                (true, true, _) => "-- run this yourself (it locks the table briefly)",
+                (true, false, true) => "-- would run",
+                (true, false, false) => "-- running",
+            };
+            println!(
+                "{state}: {}
+{}
+",
+                step.why, step.sql
+            );
+        }
+        if !dry_run {
+            evictd::lifecycle::init(&config, &steps).await?;
+            println!("done");
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn status(path: &Path) -> anyhow::Result<ExitCode> {
+    let config = Config::load(path).map_err(|error| UsageError(error.to_string()))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (text, warnings) = runtime.block_on(evictd::lifecycle::status(&config))?;
+    print!("{text}");
+    for warning in &warnings {
+        eprintln!("warning: {warning}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `run`, or `replay` when `until` is given.

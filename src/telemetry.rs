@@ -29,6 +29,8 @@ pub const ACK_LSN: &str = "evictd_ack_lsn";
 pub const STREAMING: &str = "evictd_streaming";
 /// Source reconnects after a transient error.
 pub const RECONNECTS: &str = "evictd_reconnects_total";
+/// WAL the slot keeps on the database server (from restart_lsn).
+pub const SLOT_RETAINED_WAL_BYTES: &str = "evictd_slot_retained_wal_bytes";
 /// Transactions applied as a coarse invalidation of their tables.
 pub const COARSE_INVALIDATIONS: &str = "evictd_coarse_invalidations_total";
 

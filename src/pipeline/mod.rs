@@ -50,8 +50,6 @@ const PLAN_CHANNEL_CAPACITY: usize = 4;
 pub struct Options {
     /// How often a standby status update is sent (and a keepalive asked for).
     pub status_interval: Duration,
-    /// Buffered actions per streamed transaction before it goes coarse.
-    pub max_pending_keys: usize,
     /// Stop once everything up to this position is applied.
     pub until: Option<Lsn>,
 }
@@ -60,7 +58,6 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             status_interval: Duration::from_secs(1),
-            max_pending_keys: 100_000,
             until: None,
         }
     }
@@ -163,6 +160,7 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
         stop: stop_rx,
         source: source_tx,
     };
+    tokio::spawn(watch_retained_wal(config.clone(), supervisor.stop.clone()));
     let task = tokio::spawn(supervisor.run(apply_task));
     Ok(Running {
         source: source_rx,
@@ -243,6 +241,43 @@ impl Supervisor {
             .send(request)
             .await
             .map_err(|_| Error::new(ErrorKind::Shutdown, "the apply task ended"))
+    }
+}
+
+/// How often the slot's retained WAL is checked.
+const RETAINED_WAL_CHECK: Duration = Duration::from_secs(60);
+
+/// Publishes the WAL the slot retains and warns past
+/// `postgres.max_retained_wal_mb`, until stopped.
+async fn watch_retained_wal(config: Config, mut stop: watch::Receiver<bool>) {
+    let Some(url) = config.postgres.url.clone() else {
+        return;
+    };
+    let bound = config.postgres.max_retained_wal_mb.saturating_mul(1 << 20);
+    let mut tick = tokio::time::interval(RETAINED_WAL_CHECK);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => return,
+            _ = tick.tick() => {}
+        }
+        let Ok(client) = crate::catalog::connect(&url).await else {
+            continue;
+        };
+        let row = client
+            .query_opt(
+                "select pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint from pg_replication_slots where slot_name = $1",
+                &[&config.postgres.slot],
+            )
+            .await;
+        let Ok(Some(row)) = row else {
+            continue;
+        };
+        let retained = u64::try_from(row.get::<_, Option<i64>>(0).unwrap_or(0)).unwrap_or(0);
+        #[allow(clippy::cast_precision_loss)]
+        metrics::gauge!(telemetry::SLOT_RETAINED_WAL_BYTES).set(retained as f64);
+        if retained > bound {
+            tracing::warn!(slot = %config.postgres.slot, retained_mb = retained >> 20, max_retained_wal_mb = config.postgres.max_retained_wal_mb, "the slot retains much WAL: evictd is behind or stopped; the database's disk fills");
+        }
     }
 }
 
@@ -378,7 +413,7 @@ impl Supervisor {
                 self.mappings.clone(),
                 BatchLimits {
                     max_keys: self.config.batch.max_keys,
-                    max_pending_keys: self.options.max_pending_keys,
+                    max_pending_keys: self.config.batch.max_pending_keys,
                 },
             ),
             plans: self.plans.clone(),

@@ -1,0 +1,137 @@
+//! `evictd init` and `evictd status` against a real database and Redis.
+
+mod support;
+
+use support::{evictd, stack, stderr, stdout, TestDb};
+
+fn write_config(dir: &std::path::Path, db: &TestDb, extra: &str) -> String {
+    std::fs::create_dir_all(dir.join("mappings")).unwrap();
+    std::fs::write(
+        dir.join("mappings/orders.toml"),
+        "[[table]]\nname = \"orders\"\nkeys = [\"user:{user_id}:orders\"]\n",
+    )
+    .unwrap();
+    let config = dir.join("evictd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[postgres]\nurl = \"{}\"\nslot = \"{}\"\n{extra}\n[redis]\nurl = \"{}\"\nprefix = \"{}\"\n",
+            db.url,
+            db.name,
+            stack().redis.url(),
+            db.prefix
+        ),
+    )
+    .unwrap();
+    config.display().to_string()
+}
+
+#[tokio::test]
+async fn init_creates_the_publication_and_slot_and_advises_replica_identity() {
+    let db = TestDb::new().await;
+    db.execute("create table orders (id bigint primary key, user_id bigint)")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db, "");
+
+    let dry = evictd(&["init", "--config", &config, "--dry-run"]);
+    assert_eq!(dry.status.code(), Some(0), "{}", stderr(&dry));
+    let text = stdout(&dry);
+    assert!(text.contains("-- would run: the mapped tables' changes reach evictd through this publication\nCREATE PUBLICATION evictd FOR TABLE public.orders;"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "SELECT pg_create_logical_replication_slot('{}', 'pgoutput');",
+            db.name
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("ALTER TABLE public.orders REPLICA IDENTITY FULL;"),
+        "{text}"
+    );
+    let client = db.client().await;
+    let slots: i64 = client
+        .query_one(
+            "select count(*) from pg_replication_slots where slot_name = $1",
+            &[&db.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0, "--dry-run changes nothing");
+
+    let real = evictd(&["init", "--config", &config]);
+    assert_eq!(real.status.code(), Some(0), "{}", stderr(&real));
+    let slots: i64 = client
+        .query_one(
+            "select count(*) from pg_replication_slots where slot_name = $1",
+            &[&db.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let publications: i64 = client
+        .query_one(
+            "select count(*) from pg_publication_tables where pubname = 'evictd'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!((slots, publications), (1, 1));
+
+    let again = stdout(&evictd(&["init", "--config", &config]));
+    assert!(
+        again.contains("-- already done: the mapped tables' changes"),
+        "{again}"
+    );
+    assert!(
+        again.contains("-- run this yourself (it locks the table briefly)"),
+        "{again}"
+    );
+}
+
+#[tokio::test]
+async fn status_shows_the_slot_its_lag_and_what_was_applied() {
+    let db = TestDb::new().await;
+    db.execute("create table orders (id bigint primary key, user_id bigint); alter table orders replica identity full; create publication evictd for table orders")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db, "max_retained_wal_mb = 1");
+
+    let missing = evictd(&["status", "--config", &config]);
+    assert_eq!(missing.status.code(), Some(0));
+    assert!(
+        stdout(&missing).contains(&format!("slot {}: missing", db.name)),
+        "{}",
+        stdout(&missing)
+    );
+
+    assert_eq!(
+        evictd(&["init", "--config", &config]).status.code(),
+        Some(0)
+    );
+    db.execute("insert into orders select g, g from generate_series(1, 20000) g")
+        .await;
+    let before = evictd(&["status", "--config", &config]);
+    let text = stdout(&before);
+    assert!(
+        text.contains(&format!(
+            "slot {}: inactive: no evictd is streaming, wal_status reserved",
+            db.name
+        )),
+        "{text}"
+    );
+    assert!(text.contains("redis: no continuity record yet"), "{text}");
+    assert!(
+        stderr(&before).contains("warning: the slot retains"),
+        "{}",
+        stderr(&before)
+    );
+
+    let replay = evictd(&["replay", "--config", &config, "--until-lsn", "now"]);
+    assert_eq!(replay.status.code(), Some(0), "{}", stderr(&replay));
+    let after = stdout(&evictd(&["status", "--config", &config]));
+    assert!(after.contains("redis: last applied 0/"), "{after}");
+    assert!(after.contains("last L1 broadcast (epoch:seq)"), "{after}");
+}
