@@ -56,10 +56,14 @@ pub struct KafkaConfig {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct RedisConfig {
+    /// With the password of `redis.password_file` put in, when given.
     pub url: SecretUrl,
     /// Prepended to every key and tag set.
     pub prefix: String,
     pub l1_channel: String,
+    /// Allow a password over plain `redis://` to a host that is not this
+    /// machine.
+    pub allow_plaintext: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -119,6 +123,32 @@ impl SecretUrl {
     pub fn has_password(&self) -> bool {
         self.0.password().is_some()
     }
+
+    /// The same URL with `password` set.
+    pub fn with_password(&self, password: &str) -> Result<SecretUrl, String> {
+        let mut url = self.0.clone();
+        url.set_password(Some(password))
+            .map_err(|()| "this URL cannot carry a password".to_owned())?;
+        Ok(SecretUrl(url))
+    }
+
+    /// Whether the host is this machine (loopback address or `localhost`).
+    pub fn is_loopback(&self) -> bool {
+        match self.0.host() {
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            // Hosts of non-special schemes (redis://) arrive unparsed.
+            Some(url::Host::Domain(name)) => {
+                name == "localhost"
+                    || name
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+            None => true,
+        }
+    }
 }
 
 impl fmt::Display for SecretUrl {
@@ -169,6 +199,7 @@ impl Config {
                 url: redis_url,
                 prefix: String::new(),
                 l1_channel: "evictd:l1".into(),
+                allow_plaintext: false,
             },
             mappings: MappingsConfig {
                 dir: mappings_dir,
@@ -264,23 +295,23 @@ impl Config {
             root.remove("source"),
             &mut problems,
         ));
+        let base_dir = file.parent().unwrap_or(Path::new("."));
         let postgres = read_postgres(
             &mut Section::new("postgres", file, root.remove("postgres"), &mut problems),
             source,
+            base_dir,
         );
         let kafka = read_kafka(
             &mut Section::new("kafka", file, root.remove("kafka"), &mut problems),
             source,
         );
-        let redis = read_redis(&mut Section::new(
-            "redis",
-            file,
-            root.remove("redis"),
-            &mut problems,
-        ));
+        let redis = read_redis(
+            &mut Section::new("redis", file, root.remove("redis"), &mut problems),
+            base_dir,
+        );
         let mappings = read_mappings(
             &mut Section::new("mappings", file, root.remove("mappings"), &mut problems),
-            file.parent().unwrap_or(Path::new(".")),
+            base_dir,
         );
         let batch = read_batch(&mut Section::new(
             "batch",
@@ -454,7 +485,11 @@ fn read_source(section: &mut Section<'_>) -> Option<SourceKind> {
     kind
 }
 
-fn read_postgres(section: &mut Section<'_>, source: Option<SourceKind>) -> PostgresConfig {
+fn read_postgres(
+    section: &mut Section<'_>,
+    source: Option<SourceKind>,
+    base_dir: &Path,
+) -> PostgresConfig {
     let url_set = section.fields.contains_key("url");
     let url = section.parse("url", None, |text: String| {
         let url = SecretUrl::parse(&text)?;
@@ -465,6 +500,7 @@ fn read_postgres(section: &mut Section<'_>, source: Option<SourceKind>) -> Postg
             )),
         }
     });
+    let url = url.map(|url| password_file(section, base_dir, url));
     if !url_set && source == Some(SourceKind::Postgres) {
         section.problem(
             "url",
@@ -540,18 +576,32 @@ fn read_kafka(section: &mut Section<'_>, source: Option<SourceKind>) -> Option<K
     })
 }
 
-fn read_redis(section: &mut Section<'_>) -> RedisConfig {
+fn read_redis(section: &mut Section<'_>, base_dir: &Path) -> RedisConfig {
     let default_url = SecretUrl::parse("redis://127.0.0.1:6379").expect("a valid default");
+    let url = section.parse("url", default_url.clone(), |text: String| {
+        let url = SecretUrl::parse(&text)?;
+        match url.scheme() {
+            "redis" | "rediss" | "redis+cluster" | "rediss+cluster" => Ok(url),
+            other => Err(format!(
+                "scheme `{other}` is not redis://, rediss:// or redis+cluster://"
+            )),
+        }
+    });
+    let url = password_file(section, base_dir, url);
+    let allow_plaintext = section.or("allow_plaintext", false);
+    let plaintext = matches!(url.scheme(), "redis" | "redis+cluster");
+    if plaintext && url.has_password() && !url.is_loopback() && !allow_plaintext {
+        section.problem(
+            "url",
+            None,
+            format!(
+                "the password would cross the network in plain text to {}: use rediss:// (TLS), or set redis.allow_plaintext = true",
+                url.host().unwrap_or("the server")
+            ),
+        );
+    }
     RedisConfig {
-        url: section.parse("url", default_url.clone(), |text: String| {
-            let url = SecretUrl::parse(&text)?;
-            match url.scheme() {
-                "redis" | "rediss" | "redis+cluster" | "rediss+cluster" => Ok(url),
-                other => Err(format!(
-                    "scheme `{other}` is not redis://, rediss:// or redis+cluster://"
-                )),
-            }
-        }),
+        url,
         prefix: section.or("prefix", String::new()),
         l1_channel: section.parse("l1_channel", "evictd:l1".into(), |channel: String| {
             if channel.is_empty() {
@@ -560,7 +610,41 @@ fn read_redis(section: &mut Section<'_>) -> RedisConfig {
                 Ok(channel)
             }
         }),
+        allow_plaintext,
     }
+}
+
+/// Puts the password read from `password_file` (relative to the config
+/// file) into `url`. A password in both places is a problem: one source of
+/// truth.
+fn password_file(section: &mut Section<'_>, base_dir: &Path, url: SecretUrl) -> SecretUrl {
+    let Some((path, origin)) = section.get::<PathBuf>("password_file") else {
+        return url;
+    };
+    let path = base_dir.join(path);
+    let password = match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim_end_matches(['\n', '\r']).to_owned(),
+        Err(error) => {
+            section.problem(
+                "password_file",
+                origin.as_deref(),
+                format!("cannot read {}: {error}", path.display()),
+            );
+            return url;
+        }
+    };
+    if url.has_password() {
+        section.problem(
+            "password_file",
+            origin.as_deref(),
+            "the url has a password too; keep it in one place",
+        );
+        return url;
+    }
+    url.with_password(&password).unwrap_or_else(|message| {
+        section.problem("password_file", origin.as_deref(), message);
+        url
+    })
 }
 
 fn read_mappings(section: &mut Section<'_>, base_dir: &Path) -> MappingsConfig {

@@ -71,7 +71,7 @@ fn environment_overrides_the_file() {
 
 #[test]
 fn passwords_are_redacted_in_debug_and_display() {
-    let (_dir, path) = write("[postgres]\nurl = \"postgres://evictd:hunter2@db/app?password=hunter3\"\n[redis]\nurl = \"redis://:s3cret@cache:6379\"\n");
+    let (_dir, path) = write("[postgres]\nurl = \"postgres://evictd:hunter2@db/app?password=hunter3\"\n[redis]\nurl = \"redis://:s3cret@cache:6379\"\nallow_plaintext = true\n");
     let config = Config::load_with_env(&path, env(&[])).expect("valid");
     let debug = format!("{config:?}");
     for secret in ["hunter2", "hunter3", "s3cret"] {
@@ -149,4 +149,54 @@ fn a_missing_file_is_a_clear_error() {
         error.problems[0].starts_with("cannot read /nonexistent/evictd.toml"),
         "{error}"
     );
+}
+
+#[test]
+fn passwords_can_come_from_files() {
+    let (dir, path) = write(
+        "[postgres]\nurl = \"postgres://evictd@db/app\"\npassword_file = \"pg.secret\"\n\
+         [redis]\nurl = \"rediss://evictd@cache:6380\"\npassword_file = \"/dev/null\"\n",
+    );
+    std::fs::write(dir.path().join("pg.secret"), "s3cret\n").unwrap();
+    let config = Config::load_with_env(&path, env(&[])).expect("valid");
+    let postgres = config.postgres.url.expect("url");
+    assert_eq!(postgres.expose(), "postgres://evictd:s3cret@db/app");
+    assert_eq!(postgres.to_string(), "postgres://evictd:***@db/app");
+    assert!(!format!("{:?}", config.redis).contains("s3cret"));
+}
+
+#[test]
+fn password_file_problems_are_reported() {
+    let (_dir, path) = write(
+        "[postgres]\nurl = \"postgres://evictd:inline@db/app\"\npassword_file = \"missing.secret\"\n\
+         [redis]\nurl = \"redis://:inline@cache:6379\"\npassword_file = \"/dev/null\"\n",
+    );
+    let error = Config::load_with_env(&path, env(&[])).expect_err("invalid");
+    let text = error.to_string();
+    assert!(
+        text.contains("postgres.password_file: cannot read"),
+        "{text}"
+    );
+    assert!(
+        text.contains("redis.password_file: the url has a password too; keep it in one place"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_plaintext_redis_password_to_another_host_is_refused_unless_allowed() {
+    let (_dir, path) = write("[postgres]\nurl = \"postgres://db/app\"\n[redis]\nurl = \"redis://:pw@cache.internal:6379\"\n");
+    let error = Config::load_with_env(&path, env(&[])).expect_err("refused");
+    assert_eq!(
+        error.problems,
+        ["redis.url: the password would cross the network in plain text to cache.internal: use rediss:// (TLS), or set redis.allow_plaintext = true"]
+    );
+    for allowed in [
+        "[postgres]\nurl = \"postgres://db/app\"\n[redis]\nurl = \"redis://:pw@cache.internal:6379\"\nallow_plaintext = true\n",
+        "[postgres]\nurl = \"postgres://db/app\"\n[redis]\nurl = \"rediss://:pw@cache.internal:6379\"\n",
+        "[postgres]\nurl = \"postgres://db/app\"\n[redis]\nurl = \"redis://:pw@127.0.0.1:6379\"\n",
+    ] {
+        let (_dir, path) = write(allowed);
+        Config::load_with_env(&path, env(&[])).unwrap_or_else(|e| panic!("{allowed}: {e}"));
+    }
 }
