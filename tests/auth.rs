@@ -6,22 +6,21 @@ mod support;
 use evictd::source::postgres::conn::ReplicationConnection;
 use support::stack;
 
-/// Puts rules for two password roles in front of the trust rules, creates
-/// the roles, and reloads the server configuration.
+/// Puts rules for two password roles in front of the trust rules and
+/// creates the roles.
 async fn password_roles() {
     static READY: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
     READY
         .get_or_init(|| async {
-            let postgres = &stack().postgres;
-            let hba = postgres.data_dir().join("pg_hba.conf");
-            let rules = "host all scram_user 127.0.0.1/32 scram-sha-256\n\
-                         host replication scram_user 127.0.0.1/32 scram-sha-256\n\
-                         host all md5_user 127.0.0.1/32 md5\n\
-                         host replication md5_user 127.0.0.1/32 md5\n";
-            let existing = std::fs::read_to_string(&hba).expect("pg_hba.conf");
-            std::fs::write(&hba, format!("{rules}{existing}")).expect("write pg_hba.conf");
+            support::prepend_hba_rules(
+                "host all scram_user 127.0.0.1/32 scram-sha-256\n\
+                 host replication scram_user 127.0.0.1/32 scram-sha-256\n\
+                 host all md5_user 127.0.0.1/32 md5\n\
+                 host replication md5_user 127.0.0.1/32 md5",
+            )
+            .await;
             let (client, connection) =
-                tokio_postgres::connect(&postgres.url("postgres"), tokio_postgres::NoTls)
+                tokio_postgres::connect(&stack().postgres.url("postgres"), tokio_postgres::NoTls)
                     .await
                     .expect("connect");
             tokio::spawn(connection);
@@ -30,8 +29,7 @@ async fn password_roles() {
                     "set password_encryption = 'scram-sha-256';
                      create role scram_user login replication password 's3cret';
                      set password_encryption = 'md5';
-                     create role md5_user login replication password 'hunter2';
-                     select pg_reload_conf();",
+                     create role md5_user login replication password 'hunter2';",
                 )
                 .await
                 .expect("create roles");

@@ -216,3 +216,21 @@ pub fn init_logging() {
         .with_test_writer()
         .try_init();
 }
+
+/// Puts `rules` in front of the throwaway server's pg_hba.conf (its trust
+/// rules) and reloads its configuration.
+pub async fn prepend_hba_rules(rules: &str) {
+    let postgres = &stack().postgres;
+    let hba = postgres.data_dir().join("pg_hba.conf");
+    let existing = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
+    std::fs::write(&hba, format!("{rules}\n{existing}")).expect("write pg_hba.conf");
+    let (client, connection) =
+        tokio_postgres::connect(&postgres.url("postgres"), tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+    tokio::spawn(connection);
+    client
+        .batch_execute("select pg_reload_conf()")
+        .await
+        .expect("reload");
+}
