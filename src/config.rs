@@ -64,6 +64,11 @@ pub struct RedisConfig {
     /// Allow a password over plain `redis://` to a host that is not this
     /// machine.
     pub allow_plaintext: bool,
+    /// TLS files for `rediss://` (PEM): trusted CAs (else the system's),
+    /// and a client certificate and key for mutual TLS.
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -200,6 +205,9 @@ impl Config {
                 prefix: String::new(),
                 l1_channel: "evictd:l1".into(),
                 allow_plaintext: false,
+                ca_file: None,
+                cert_file: None,
+                key_file: None,
             },
             mappings: MappingsConfig {
                 dir: mappings_dir,
@@ -600,8 +608,39 @@ fn read_redis(section: &mut Section<'_>, base_dir: &Path) -> RedisConfig {
             ),
         );
     }
+    let mut tls_file = |key: &'static str| {
+        section.parse(key, None, |path: PathBuf| {
+            let path = base_dir.join(path);
+            if path.is_file() {
+                Ok(Some(path))
+            } else {
+                Err(format!("{} is not a readable file", path.display()))
+            }
+        })
+    };
+    let ca_file = tls_file("ca_file");
+    let cert_file = tls_file("cert_file");
+    let key_file = tls_file("key_file");
+    if cert_file.is_some() != key_file.is_some() {
+        section.problem(
+            "cert_file",
+            None,
+            "cert_file and key_file go together (mutual TLS)",
+        );
+    }
+    let files = ca_file.is_some() || cert_file.is_some();
+    if files && !matches!(url.scheme(), "rediss" | "rediss+cluster") {
+        section.problem(
+            "ca_file",
+            None,
+            "TLS files are set but redis.url is not rediss://",
+        );
+    }
     RedisConfig {
         url,
+        ca_file,
+        cert_file,
+        key_file,
         prefix: section.or("prefix", String::new()),
         l1_channel: section.parse("l1_channel", "evictd:l1".into(), |channel: String| {
             if channel.is_empty() {

@@ -245,7 +245,7 @@ async fn read_redis(config: &Config) -> (Read, Read) {
                 .map_err(|e| e.to_string())?;
             get_all(&mut connection, &keys).await
         } else {
-            let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+            let client = crate::apply::redis::client(&config.redis).map_err(|e| e.to_string())?;
             let mut connection = client
                 .get_multiplexed_async_connection()
                 .await

@@ -19,6 +19,7 @@ use self::broadcast::Broadcast;
 use self::cluster::ClusterSink;
 use self::redis::{ApplyStats, Record, StandaloneSink};
 use crate::change::{Checkpoint, Lsn};
+use crate::config::RedisConfig;
 use crate::error::Error;
 use crate::error::ErrorKind;
 use crate::lag::LagHistogram;
@@ -34,7 +35,8 @@ pub enum RedisSink {
 impl RedisSink {
     /// A sink for `url`: `redis://` or `rediss://` for one server,
     /// `redis+cluster://host:port` for a cluster (any node as the seed).
-    pub fn new(url: &str, prefix: &str, broadcast: Broadcast) -> Result<RedisSink, Error> {
+    pub fn new(config: &RedisConfig, broadcast: Broadcast) -> Result<RedisSink, Error> {
+        let (url, prefix) = (config.url.expose(), config.prefix.as_str());
         if url.starts_with("rediss+cluster://") {
             return Err(Error::new(
                 ErrorKind::Config,
@@ -45,8 +47,7 @@ impl RedisSink {
             return ClusterSink::new(url, prefix, broadcast)
                 .map(|sink| RedisSink::Cluster(Box::new(sink)));
         }
-        StandaloneSink::new(url, prefix, broadcast)
-            .map(|sink| RedisSink::Standalone(Box::new(sink)))
+        StandaloneSink::new(config, broadcast).map(|sink| RedisSink::Standalone(Box::new(sink)))
     }
 
     pub async fn apply(&mut self, plan: &Plan) -> Result<ApplyStats, Error> {

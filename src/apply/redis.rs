@@ -17,6 +17,7 @@ use redis::aio::MultiplexedConnection;
 
 use super::broadcast::Broadcast;
 use crate::change::Checkpoint;
+use crate::config::RedisConfig;
 use crate::continuity::Remembered;
 use crate::error::{Error, ErrorKind};
 use crate::mapping::template::escape_glob;
@@ -79,10 +80,45 @@ impl Record {
     }
 }
 
+/// A client for one Redis server, with the TLS files of `config` for
+/// `rediss://`.
+pub fn client(config: &RedisConfig) -> Result<redis::Client, Error> {
+    let url = config.url.expose();
+    let invalid = |e| Error::with_source(ErrorKind::Config, "invalid redis.url", e);
+    if config.ca_file.is_none() && config.cert_file.is_none() {
+        return redis::Client::open(url).map_err(invalid);
+    }
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| {
+            Error::with_source(
+                ErrorKind::Config,
+                format!("cannot read {}", path.display()),
+                e,
+            )
+        })
+    };
+    let client_tls = match (&config.cert_file, &config.key_file) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read(cert)?,
+            client_key: read(key)?,
+        }),
+        _ => None,
+    };
+    let root_cert = config.ca_file.as_deref().map(read).transpose()?;
+    redis::Client::build_with_tls(
+        url,
+        redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )
+    .map_err(invalid)
+}
+
 impl StandaloneSink {
-    pub fn new(url: &str, prefix: &str, broadcast: Broadcast) -> Result<StandaloneSink, Error> {
-        let client = redis::Client::open(url)
-            .map_err(|e| Error::with_source(ErrorKind::Config, "invalid redis.url", e))?;
+    pub fn new(config: &RedisConfig, broadcast: Broadcast) -> Result<StandaloneSink, Error> {
+        let client = client(config)?;
+        let prefix = &config.prefix;
         Ok(StandaloneSink {
             client,
             connection: None,

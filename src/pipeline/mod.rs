@@ -133,7 +133,7 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
     }
     let broadcast = Broadcast::new(&config.redis.l1_channel);
     let epoch = broadcast.epoch().to_owned();
-    let sink = RedisSink::new(config.redis.url.expose(), &config.redis.prefix, broadcast)?;
+    let sink = RedisSink::new(&config.redis, broadcast)?;
     let (plans_tx, plans_rx) = mpsc::channel(PLAN_CHANNEL_CAPACITY);
     let (progress_tx, progress_rx) = watch::channel(Progress::default());
     let (acked_tx, acked_rx) = watch::channel(Lsn(0));
