@@ -335,3 +335,30 @@ async fn l1_messages_arrive_with_a_gapless_seq() {
         .unwrap();
     assert_eq!(last, format!("{}:{}", s.evictd.epoch(), seqs.len()));
 }
+
+#[tokio::test]
+async fn a_mapped_column_dropped_mid_stream_falls_back_to_a_pattern() {
+    let mapping =
+        "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\", \"status:{status}:orders\"]\n";
+    let mut s = Streaming::start(SHOP, &[("orders.toml", mapping)]).await;
+    let keys = [
+        "order:1",
+        "status:new:orders",
+        "status:paid:orders",
+        "other:1",
+    ];
+    s.seed(&keys).await;
+    s.db.execute("insert into orders values (1, 1, 'new')")
+        .await;
+    s.sync().await;
+    assert_eq!(s.cached(&keys).await, ["status:paid:orders", "other:1"]);
+    s.seed(&keys).await;
+    // The column the second template reads goes away; the next change
+    // cannot render that key, so every key the template can produce goes.
+    s.db.execute(
+        "alter table orders drop column status; update orders set user_id = 2 where id = 1",
+    )
+    .await;
+    s.sync().await;
+    assert_eq!(s.cached(&keys).await, ["other:1"]);
+}

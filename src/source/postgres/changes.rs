@@ -290,3 +290,64 @@ impl RelationShape {
         Row::new(self.names.clone(), values)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mapping::{load_str, Limits};
+    use crate::source::postgres::pgoutput::decode;
+
+    fn decoder() -> ChangeDecoder {
+        let mappings = load_str(
+            "m.toml",
+            "[[table]]\nname = \"t\"\nkeys = [\"t:{id}\"]\n",
+            Limits::default(),
+        )
+        .unwrap();
+        ChangeDecoder::new(Arc::new(mappings))
+    }
+
+    fn insert_for(relation: u32) -> Vec<u8> {
+        let mut buf = vec![b'I'];
+        buf.extend(relation.to_be_bytes());
+        buf.push(b'N');
+        buf.extend(1_u16.to_be_bytes());
+        buf.extend([b't', 0, 0, 0, 1, b'7']);
+        buf
+    }
+
+    #[test]
+    fn a_change_for_an_unknown_relation_is_an_error_not_a_guess() {
+        let mut events = Vec::new();
+        let bytes = insert_for(99);
+        let error = decoder()
+            .handle(decode(&bytes, false).unwrap(), &mut events)
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "a change for relation 99, which no Relation message described"
+        );
+        assert!(!error.is_transient());
+        assert!(events.is_empty());
+    }
+
+    #[test]
+    fn a_tuple_longer_than_its_relation_does_not_panic() {
+        let mut decoder = decoder();
+        let mut relation = vec![b'R'];
+        relation.extend(5_u32.to_be_bytes());
+        relation.extend(b"public\0t\0d");
+        relation.extend(0_u16.to_be_bytes());
+        let mut events = Vec::new();
+        decoder
+            .handle(decode(&relation, false).unwrap(), &mut events)
+            .unwrap();
+        decoder
+            .handle(decode(&insert_for(5), false).unwrap(), &mut events)
+            .unwrap();
+        let [Event::Change { change, .. }] = events.as_slice() else {
+            panic!("{events:?}");
+        };
+        assert_eq!(change.new.as_ref().unwrap().get("id"), &Datum::Missing);
+    }
+}
