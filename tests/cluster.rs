@@ -127,3 +127,71 @@ fn key_slots_agree_with_the_cluster() {
         assert_eq!(key_slot(key.as_bytes()), slot, "{key}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_failover_loses_nothing() {
+    support::init_logging();
+    let mut cluster = tokio::task::spawn_blocking(|| RedisCluster::start_with_replicas(3, 1))
+        .await
+        .unwrap()
+        .expect("start a cluster with replicas");
+    let db = TestDb::new().await;
+    db.execute(SCHEMA).await;
+    let dir = mapping_dir(&[("orders.toml", MAPPING)]);
+    let mut config = streaming_config(&db, dir.path());
+    config.redis.url = SecretUrl::parse(&cluster.url()).unwrap();
+    let evictd = Evictd::start(&config).await.expect("start evictd");
+    db.execute("insert into orders select g, 1, 'new' from generate_series(1, 50) g")
+        .await;
+    evictd.sync().await.unwrap();
+
+    // Kill a master that is not the seed node; its replica takes over.
+    let seed = cluster.ports()[0];
+    let victim = cluster
+        .master_ports()
+        .into_iter()
+        .find(|port| *port != seed)
+        .expect("another master");
+    cluster.kill_node(victim);
+    for id in 51..=100 {
+        db.execute(&format!("insert into orders values ({id}, 1, 'new')"))
+            .await;
+    }
+    let cluster = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while cluster.master_ports().contains(&victim) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the replica never took over"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        assert!(
+            cluster.wait_healthy(std::time::Duration::from_secs(30)),
+            "the cluster did not recover"
+        );
+        cluster
+    })
+    .await
+    .unwrap();
+    evictd.sync().await.expect("caught up after the failover");
+    let seeds: Vec<String> = cluster
+        .master_ports()
+        .iter()
+        .map(|port| format!("redis://127.0.0.1:{port}"))
+        .collect();
+    let client = redis::cluster::ClusterClient::new(seeds).unwrap();
+    let mut redis = client.get_async_connection().await.unwrap();
+    for id in 1..=100 {
+        let status: Option<String> = redis
+            .get(format!("{}order:{id}:status", db.prefix))
+            .await
+            .unwrap();
+        assert_eq!(
+            status.as_deref(),
+            Some(r#"{"status":"new"}"#),
+            "order:{id}:status missing after the failover"
+        );
+    }
+    evictd.stop().await.unwrap();
+}

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use futures_util::future::try_join_all;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 
 use super::broadcast::Broadcast;
 use super::redis::{jittered, under_prefix, ApplyStats, Record, SCAN_COUNT};
@@ -28,11 +28,20 @@ use crate::plan::{Command, Plan};
 /// Returns the members of a tag set, or nothing when the key is not a set.
 const TAG_MEMBERS: &str = "if redis.call('TYPE', KEYS[1]).ok == 'set' then return redis.call('SMEMBERS', KEYS[1]) end return {}";
 
-/// A master and the slot ranges it owns.
+/// A master, and one slot it owns: requests are routed by that slot, so
+/// that the client's own slot map (refreshed on MOVED and on connection
+/// errors) picks the node, which keeps working across failovers.
 #[derive(Clone, Debug)]
 struct Node {
     host: String,
     port: u16,
+    slot: u16,
+}
+
+impl Node {
+    fn route(&self) -> SingleNodeRoutingInfo {
+        SingleNodeRoutingInfo::SpecificNode(Route::new(self.slot, SlotAddr::Master))
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -66,7 +75,13 @@ impl ClusterSink {
             .split(',')
             .map(|node| format!("redis://{node}"))
             .collect();
+        // Few, quick internal retries: a failed batch is retried whole by
+        // apply, with a fresh connection and slot map, which is what gets
+        // past a failover.
         let client = redis::cluster::ClusterClient::builder(nodes)
+            .retries(2)
+            .connection_timeout(Duration::from_secs(1))
+            .response_timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| Error::with_source(ErrorKind::Config, "invalid redis.url", e))?;
         Ok(ClusterSink {
@@ -377,10 +392,7 @@ async fn send_to(
     timeout: Duration,
 ) -> Result<(), Error> {
     let count = pipe.cmd_iter().count();
-    let route = SingleNodeRoutingInfo::ByAddress {
-        host: node.host.clone(),
-        port: node.port,
-    };
+    let route = node.route();
     let mut connection = connection.clone();
     let replies = tokio::time::timeout(timeout, connection.route_pipeline(pipe, 0, count, route))
         .await
@@ -415,10 +427,7 @@ async fn route(
     node: &Node,
     timeout: Duration,
 ) -> Result<redis::Value, Error> {
-    let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-        host: node.host.clone(),
-        port: node.port,
-    });
+    let routing = RoutingInfo::SingleNode(node.route());
     let mut connection = connection.clone();
     tokio::time::timeout(timeout, connection.route_command(cmd, routing))
         .await
@@ -459,6 +468,7 @@ fn parse_slots(reply: redis::Value) -> Result<SlotMap, Error> {
         let node = Node {
             host: redis::from_redis_value(host.clone()).map_err(|_| bad())?,
             port: redis::from_redis_value(port.clone()).map_err(|_| bad())?,
+            slot: start,
         };
         let index = match map
             .nodes

@@ -150,7 +150,7 @@ impl Drop for Redis {
     }
 }
 
-/// A throwaway Redis Cluster of masters only, on random ports.
+/// A throwaway Redis Cluster on random ports.
 pub struct RedisCluster {
     nodes: Vec<Redis>,
 }
@@ -159,6 +159,15 @@ impl RedisCluster {
     /// Starts `masters` cluster-enabled servers and joins them, slots split
     /// evenly. Waits until every node reports `cluster_state:ok`.
     pub fn start(masters: usize) -> Result<RedisCluster, TestkitError> {
+        RedisCluster::start_with_replicas(masters, 0)
+    }
+
+    /// Starts `masters` masters with `replicas` replicas each, so that a
+    /// master can fail over.
+    pub fn start_with_replicas(
+        masters: usize,
+        replicas: usize,
+    ) -> Result<RedisCluster, TestkitError> {
         let args = [
             "--cluster-enabled",
             "yes",
@@ -166,8 +175,11 @@ impl RedisCluster {
             "nodes.conf",
             "--cluster-node-timeout",
             "2000",
+            // Replicas sync at once, so that a failover can happen early.
+            "--repl-diskless-sync-delay",
+            "0",
         ];
-        let nodes = (0..masters)
+        let nodes = (0..masters * (1 + replicas))
             .map(|_| Redis::start_with(&args))
             .collect::<Result<Vec<_>, _>>()?;
         let addresses: Vec<String> = nodes
@@ -177,7 +189,7 @@ impl RedisCluster {
         let output = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addresses)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdin(Stdio::null())
             .output()
             .map_err(|e| TestkitError::io("run redis-cli --cluster create", e))?;
@@ -189,7 +201,11 @@ impl RedisCluster {
         }
         let cluster = RedisCluster { nodes };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !cluster.nodes.iter().all(|node| cluster_ok(node.port())) {
+        while !cluster
+            .nodes
+            .iter()
+            .all(|node| cluster_ok(node.port()) && replica_synced(node.port()))
+        {
             if Instant::now() > deadline {
                 return Err(TestkitError::Start(
                     "the Redis Cluster did not reach cluster_state:ok".into(),
@@ -208,6 +224,66 @@ impl RedisCluster {
     pub fn ports(&self) -> Vec<u16> {
         self.nodes.iter().map(Redis::port).collect()
     }
+
+    /// The ports of the nodes that are masters now.
+    pub fn master_ports(&self) -> Vec<u16> {
+        let Some(seed) = self.nodes.iter().find(|node| cluster_ok(node.port())) else {
+            return Vec::new();
+        };
+        let output = Command::new("redis-cli")
+            .args(["-p", &seed.port().to_string(), "cluster", "nodes"])
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+            .unwrap_or_default();
+        output
+            .lines()
+            .filter(|line| line.contains("master") && !line.contains("fail"))
+            .filter_map(|line| {
+                line.split_whitespace()
+                    .nth(1)?
+                    .split(['@', ':'])
+                    .nth(1)?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    }
+
+    /// Kills the node on `port`: a crash its replica takes over from.
+    pub fn kill_node(&mut self, port: u16) {
+        if let Some(node) = self.nodes.iter_mut().find(|node| node.port() == port) {
+            node.stop();
+        }
+    }
+
+    /// Waits until every live node reports `cluster_state:ok` again.
+    pub fn wait_healthy(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let live: Vec<u16> = self
+                .nodes
+                .iter()
+                .map(Redis::port)
+                .filter(|port| super::redis_ping(*port))
+                .collect();
+            if !live.is_empty() && live.iter().all(|port| cluster_ok(*port)) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+}
+
+/// A master, or a replica whose link to its master is up.
+fn replica_synced(port: u16) -> bool {
+    Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "info", "replication"])
+        .output()
+        .is_ok_and(|out| {
+            let info = String::from_utf8_lossy(&out.stdout);
+            info.contains("role:master") || info.contains("master_link_status:up")
+        })
 }
 
 fn cluster_ok(port: u16) -> bool {
