@@ -23,14 +23,19 @@ fn catalog_error(error: CatalogError) -> Error {
     Error::with_source(ErrorKind::PostgresConnection, "catalog query failed", error)
 }
 
-/// What `init` would do against the database of `config`.
-pub async fn init_plan(config: &Config, mappings: &Mappings) -> Result<Vec<Step>, Error> {
+/// A catalog connection to the database of `config`.
+async fn connect(config: &Config) -> Result<tokio_postgres::Client, Error> {
     let url = config
         .postgres
         .url
         .as_ref()
         .ok_or_else(|| Error::new(ErrorKind::Config, "postgres.url is not set"))?;
-    let client = catalog::connect(url).await.map_err(catalog_error)?;
+    catalog::connect(url).await.map_err(catalog_error)
+}
+
+/// What `init` would do against the database of `config`.
+pub async fn init_plan(config: &Config, mappings: &Mappings) -> Result<Vec<Step>, Error> {
+    let client = connect(config).await?;
     let postgres = &config.postgres;
     let query = |e| Error::with_source(ErrorKind::PostgresConnection, "catalog query failed", e);
     let mut steps = Vec::new();
@@ -93,12 +98,7 @@ pub async fn init_plan(config: &Config, mappings: &Mappings) -> Result<Vec<Step>
 /// Runs the needed steps that create things (not the ALTER TABLEs, which
 /// take a lock on application tables and are left to the operator).
 pub async fn init(config: &Config, steps: &[Step]) -> Result<(), Error> {
-    let url = config
-        .postgres
-        .url
-        .as_ref()
-        .ok_or_else(|| Error::new(ErrorKind::Config, "postgres.url is not set"))?;
-    let client = catalog::connect(url).await.map_err(catalog_error)?;
+    let client = connect(config).await?;
     for step in steps
         .iter()
         .filter(|step| step.needed && !step.sql.starts_with("ALTER TABLE"))
@@ -116,12 +116,7 @@ pub async fn init(config: &Config, steps: &[Step]) -> Result<(), Error> {
 
 /// `evictd status` as text, and whether anything needs attention.
 pub async fn status(config: &Config) -> Result<(String, Vec<String>), Error> {
-    let url = config
-        .postgres
-        .url
-        .as_ref()
-        .ok_or_else(|| Error::new(ErrorKind::Config, "postgres.url is not set"))?;
-    let client = catalog::connect(url).await.map_err(catalog_error)?;
+    let client = connect(config).await?;
     let postgres = &config.postgres;
     let query = |e| Error::with_source(ErrorKind::PostgresConnection, "catalog query failed", e);
     let mut out = String::new();

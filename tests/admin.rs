@@ -3,30 +3,16 @@
 
 mod support;
 
-use std::io::{Read as _, Write as _};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use evictd::testkit::Redis;
-use support::TestDb;
-
-/// GET `path`; (status code, body).
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n")?.1.to_owned();
-    Some((status, body))
-}
+use support::{free_port, http_get, run_config, spawn_run, terminate, TestDb};
 
 /// Polls until `path` answers `status`; returns the body.
 fn wait_for(port: u16, path: &str, status: u16) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        match get(port, path) {
+        match http_get(port, path) {
             Some((code, body)) if code == status => return body,
             other => assert!(
                 Instant::now() < deadline,
@@ -44,45 +30,26 @@ async fn health_readiness_and_metrics() {
     db.execute("create table orders (id bigint primary key, status text not null); create publication evictd for table orders;")
         .await;
     let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("mappings")).unwrap();
-    std::fs::write(
-        dir.path().join("mappings/orders.toml"),
-        "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\n",
-    )
-    .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = dir.path().join("evictd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[postgres]\nurl = \"{}\"\nslot = \"{}\"\n[redis]\nurl = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{port}\"\n",
-            db.url,
-            db.name,
-            redis.url()
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_evictd"))
-        .args(["run", "--config", config.to_str().unwrap()])
-        .env("EVICTD_LOG", "error")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    evictd::testkit::reaper::reap_pid(child.id());
+    let port = free_port();
+    let mapping = "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\n";
+    let config = run_config(
+        dir.path(),
+        &db,
+        &redis.url(),
+        mapping,
+        &format!("127.0.0.1:{port}"),
+    );
+    let child = spawn_run(&config);
 
     assert_eq!(wait_for(port, "/healthz", 200), "ok\n");
     assert_eq!(wait_for(port, "/readyz", 200), "ready\n");
-    assert_eq!(get(port, "/nope").map(|(code, _)| code), Some(404));
+    assert_eq!(http_get(port, "/nope").map(|(code, _)| code), Some(404));
 
     db.execute("insert into orders values (1, 'new'), (2, 'new'), (3, 'new')")
         .await;
     let deadline = Instant::now() + Duration::from_secs(30);
     let metrics = loop {
-        let (_, body) = get(port, "/metrics").expect("metrics");
+        let (_, body) = http_get(port, "/metrics").expect("metrics");
         if body.contains(r#"evictd_changes_received_total{table="public.orders",op="insert"} 3"#) {
             break body;
         }
@@ -111,9 +78,5 @@ async fn health_readiness_and_metrics() {
     redis.restart().expect("restart redis");
     wait_for(port, "/readyz", 200);
 
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    terminate(child);
 }

@@ -3,23 +3,15 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{redis_connection, stack, TestDb};
+use support::{
+    peak_rss_kib, redis_connection, run_config, slot_confirmed, spawn_run, stack, terminate, TestDb,
+};
 
 const ROWS: i64 = 1_000_000;
 /// Peak resident memory allowed to the evictd process.
 const MAX_RSS_KIB: u64 = 64 * 1024;
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_million_row_update_is_applied_with_bounded_memory() {
@@ -31,24 +23,14 @@ async fn a_million_row_update_is_applied_with_bounded_memory() {
     ))
     .await;
     let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("mappings")).unwrap();
-    std::fs::write(
-        dir.path().join("mappings/orders.toml"),
-        "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\n",
-    )
-    .unwrap();
-    let config = dir.path().join("evictd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[postgres]\nurl = \"{}\"\nslot = \"{}\"\n[redis]\nurl = \"{}\"\nprefix = \"{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
-            db.url,
-            db.name,
-            stack().redis.url(),
-            db.prefix
-        ),
-    )
-    .unwrap();
+    let mapping = "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\n";
+    let config = run_config(
+        dir.path(),
+        &db,
+        &stack().redis.url(),
+        mapping,
+        "127.0.0.1:0",
+    );
     let mut redis = redis_connection().await;
     let sample = ["order:1", "order:500000", "order:1000000"];
     let mut seed = redis::pipe();
@@ -60,13 +42,7 @@ async fn a_million_row_update_is_applied_with_bounded_memory() {
     }
     seed.query_async::<()>(&mut redis).await.unwrap();
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_evictd"))
-        .args(["run", "--config", config.to_str().unwrap()])
-        .env("EVICTD_LOG", "error")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    evictd::testkit::reaper::reap_pid(child.id());
+    let child = spawn_run(&config);
     let client = db.client().await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while client
@@ -87,15 +63,7 @@ async fn a_million_row_update_is_applied_with_bounded_memory() {
     let target = evictd::testkit::current_wal_lsn(&db.url).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let row = client
-            .query_one(
-                "select confirmed_flush_lsn::text from pg_replication_slots where slot_name = $1",
-                &[&db.name],
-            )
-            .await
-            .unwrap();
-        let confirmed = evictd::change::Lsn::parse(&row.get::<_, String>(0)).unwrap();
-        if confirmed >= target {
+        if slot_confirmed(&client, &db.name).await >= target {
             break;
         }
         assert!(Instant::now() < deadline, "not applied after 300 s");
@@ -107,11 +75,7 @@ async fn a_million_row_update_is_applied_with_bounded_memory() {
         "1M-row update committed and applied in {elapsed:?}; evictd peak RSS {} MiB",
         rss / 1024
     );
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    terminate(child);
 
     assert!(
         rss < MAX_RSS_KIB,

@@ -5,58 +5,19 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use evictd::change::Lsn;
-use support::{evictd, redis_connection, stack, TestDb};
+use support::{
+    evictd, redis_connection, run_config, slot_confirmed, spawn_run, stack, terminate, TestDb,
+};
 
 const ROWS: i64 = 3000;
 
+const MAPPING: &str = "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\n";
+
 fn write_config(dir: &Path, db: &TestDb) -> std::path::PathBuf {
-    std::fs::create_dir_all(dir.join("mappings")).unwrap();
-    std::fs::write(
-        dir.join("mappings").join("orders.toml"),
-        "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\n",
-    )
-    .unwrap();
-    let config = dir.join("evictd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[postgres]\nurl = \"{}\"\nslot = \"{}\"\n[redis]\nurl = \"{}\"\nprefix = \"{}\"\n[mappings]\ndir = \"mappings\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
-            db.url,
-            db.name,
-            stack().redis.url(),
-            db.prefix
-        ),
-    )
-    .unwrap();
-    config
-}
-
-/// `evictd run`, stopped by the testkit's reaper if the test dies first.
-fn spawn_run(config: &Path) -> Child {
-    let child = Command::new(env!("CARGO_BIN_EXE_evictd"))
-        .args(["run", "--config", config.to_str().unwrap()])
-        .env("EVICTD_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start evictd run");
-    evictd::testkit::reaper::reap_pid(child.id());
-    child
-}
-
-async fn slot_state(client: &tokio_postgres::Client, slot: &str) -> (bool, Lsn) {
-    let row = client
-        .query_one(
-            "select active, coalesce(confirmed_flush_lsn, '0/0')::text from pg_replication_slots where slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .expect("slot exists");
-    (row.get(0), Lsn::parse(&row.get::<_, String>(1)).unwrap())
+    run_config(dir, db, &stack().redis.url(), MAPPING, "127.0.0.1:0")
 }
 
 async fn wait_for_slot(client: &tokio_postgres::Client, slot: &str, active: bool) {
@@ -152,7 +113,7 @@ async fn kill_9_mid_stream_loses_nothing() {
 
     // The slot never acknowledged a transaction whose keys were not gone.
     wait_for_slot(&client, &db.name, false).await;
-    let (_, confirmed) = slot_state(&client, &db.name).await;
+    let confirmed = slot_confirmed(&client, &db.name).await;
     let acknowledged: Vec<i64> = commit_positions
         .iter()
         .filter(|(_, position)| *position <= confirmed)
@@ -200,25 +161,20 @@ async fn sigterm_stops_cleanly_with_a_final_status_update() {
         .await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &db);
-    let mut child = spawn_run(&config);
+    let child = spawn_run(&config);
     let client = db.client().await;
     wait_for_slot(&client, &db.name, true).await;
     db.execute("insert into orders values (1, 'new')").await;
     let target = evictd::testkit::current_wal_lsn(&db.url).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while slot_state(&client, &db.name).await.1 < target {
+    while slot_confirmed(&client, &db.name).await < target {
         assert!(
             Instant::now() < deadline,
             "evictd never acknowledged the insert"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(0));
+    terminate(child);
     wait_for_slot(&client, &db.name, false).await;
 }
 
@@ -261,7 +217,7 @@ async fn a_standby_takes_over_when_the_active_process_dies() {
     }
     let target = evictd::testkit::current_wal_lsn(&db.url).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while slot_state(&client, &db.name).await.1 < target {
+    while slot_confirmed(&client, &db.name).await < target {
         assert!(Instant::now() < deadline, "the standby never caught up");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -277,9 +233,5 @@ async fn a_standby_takes_over_when_the_active_process_dies() {
         "missed {} keys across the switch",
         200 - gone.len()
     );
-    Command::new("kill")
-        .args(["-TERM", &standby.id().to_string()])
-        .status()
-        .unwrap();
-    assert_eq!(standby.wait().unwrap().code(), Some(0));
+    terminate(standby);
 }

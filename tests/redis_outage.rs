@@ -8,7 +8,10 @@ use std::time::Duration;
 use evictd::change::Lsn;
 use evictd::config::SecretUrl;
 use evictd::testkit::{current_wal_lsn, Evictd, Redis};
-use support::{mapping_dir, streaming_config, TestDb};
+use support::{
+    free_port, http_get, mapping_dir, peak_rss_kib, run_config, slot_confirmed, spawn_run,
+    streaming_config, terminate, TestDb,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_acknowledged_while_redis_is_down() {
@@ -71,37 +74,8 @@ async fn nothing_is_acknowledged_while_redis_is_down() {
     evictd.stop().await.unwrap();
 }
 
-/// GET `path` from the admin endpoint; the status code.
 fn status_of(port: u16, path: &str) -> Option<u16> {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    response.split_whitespace().nth(1)?.parse().ok()
-}
-
-async fn slot_confirmed(client: &tokio_postgres::Client, slot: &str) -> Lsn {
-    let row = client
-        .query_one(
-            "select confirmed_flush_lsn::text from pg_replication_slots where slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .unwrap();
-    Lsn::parse(&row.get::<_, String>(0)).unwrap()
-}
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("VmHWM:"))
-                .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
+    http_get(port, path).map(|(status, _)| status)
 }
 
 /// F3: Redis stopped for 20 s under a steady write load. evictd stops
@@ -109,7 +83,6 @@ fn peak_rss_kib(pid: u32) -> u64 {
 /// and applies everything once Redis is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_seconds_without_redis_under_load() {
-    use std::process::{Command, Stdio};
     use std::time::Instant;
 
     let mut redis = Redis::start().expect("redis");
@@ -117,35 +90,16 @@ async fn twenty_seconds_without_redis_under_load() {
     db.execute("create table orders (id bigint primary key, status text not null); create publication evictd for table orders;")
         .await;
     let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("mappings")).unwrap();
-    std::fs::write(
-        dir.path().join("mappings/orders.toml"),
-        "[[table]]\nname = \"orders\"\n[[table.refresh]]\nkey = \"order:{id}\"\ncolumns = [\"status\"]\n",
-    )
-    .unwrap();
-    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = dir.path().join("evictd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[postgres]\nurl = \"{}\"\nslot = \"{}\"\n[redis]\nurl = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n",
-            db.url,
-            db.name,
-            redis.url()
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_evictd"))
-        .args(["run", "--config", config.to_str().unwrap()])
-        .env("EVICTD_LOG", "error")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    evictd::testkit::reaper::reap_pid(child.id());
+    let admin_port = free_port();
+    let mapping = "[[table]]\nname = \"orders\"\n[[table.refresh]]\nkey = \"order:{id}\"\ncolumns = [\"status\"]\n";
+    let config = run_config(
+        dir.path(),
+        &db,
+        &redis.url(),
+        mapping,
+        &format!("127.0.0.1:{admin_port}"),
+    );
+    let child = spawn_run(&config);
     let deadline = Instant::now() + Duration::from_secs(30);
     while status_of(admin_port, "/readyz") != Some(200) {
         assert!(Instant::now() < deadline, "never ready");
@@ -202,11 +156,7 @@ async fn twenty_seconds_without_redis_under_load() {
     assert!(written >= id, "{written} keys for {id} rows");
     let rss = peak_rss_kib(child.id());
     assert!(rss < 64 * 1024, "peak RSS {rss} KiB over 20 s of outage");
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    terminate(child);
     eprintln!(
         "{id} rows written during a 20 s Redis outage; evictd peak RSS {} MiB",
         rss / 1024

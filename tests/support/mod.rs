@@ -234,3 +234,101 @@ pub async fn prepend_hba_rules(rules: &str) {
         .await
         .expect("reload");
 }
+
+/// Writes `dir/mappings/orders.toml` (`mapping`) and `dir/evictd.toml` for
+/// `db`, the Redis at `redis_url` under the test's prefix, and the admin
+/// endpoint on `admin_listen`; returns the config's path.
+pub fn run_config(
+    dir: &Path,
+    db: &TestDb,
+    redis_url: &str,
+    mapping: &str,
+    admin_listen: &str,
+) -> PathBuf {
+    std::fs::create_dir_all(dir.join("mappings")).expect("mappings dir");
+    std::fs::write(dir.join("mappings/orders.toml"), mapping).expect("write mapping");
+    let config = dir.join("evictd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[postgres]\nurl = \"{}\"\nslot = \"{}\"\n[redis]\nurl = \"{redis_url}\"\nprefix = \"{}\"\n\
+             [mappings]\ndir = \"mappings\"\n[admin]\nlisten = \"{admin_listen}\"\n",
+            db.url, db.name, db.prefix
+        ),
+    )
+    .expect("write config");
+    config
+}
+
+/// `evictd run --config`, stopped by the testkit's reaper if the test dies
+/// first.
+pub fn spawn_run(config: &Path) -> std::process::Child {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_evictd"))
+        .args(["run", "--config", config.to_str().expect("utf-8 path")])
+        .env("EVICTD_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("start evictd run");
+    evictd::testkit::reaper::reap_pid(child.id());
+    child
+}
+
+/// Sends SIGTERM and asserts a clean exit.
+pub fn terminate(mut child: std::process::Child) {
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert_eq!(
+        child.wait().expect("wait").code(),
+        Some(0),
+        "evictd exits 0 on SIGTERM"
+    );
+}
+
+/// Peak resident memory of process `pid`, in KiB.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmHWM:"))
+                .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .expect("VmHWM of the process")
+}
+
+/// GET `path` on 127.0.0.1:`port`: (status code, body).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_owned();
+    Some((status, body))
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// The slot's `confirmed_flush_lsn`.
+pub async fn slot_confirmed(client: &tokio_postgres::Client, slot: &str) -> evictd::change::Lsn {
+    let row = client
+        .query_one("select coalesce(confirmed_flush_lsn, '0/0')::text from pg_replication_slots where slot_name = $1", &[&slot])
+        .await
+        .expect("the slot exists");
+    evictd::change::Lsn::parse(&row.get::<_, String>(0)).expect("an LSN")
+}
