@@ -97,18 +97,10 @@ pub async fn run(migrations: &Path, mappings_dir: &Path) -> Result<(), DemoError
     };
     let running = pipeline::start(&config, Arc::new(mappings), options)
         .map_err(|e| setup("evictd")(e.to_string()))?;
-    if !running.streaming_within(Duration::from_secs(30)).await {
-        running.stop();
-        let error = running
-            .wait()
-            .await
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        return Err(DemoError::Setup(format!(
-            "evictd did not start streaming: {error}"
-        )));
-    }
+    let running = running
+        .streaming_within(Duration::from_secs(30))
+        .await
+        .map_err(DemoError::Setup)?;
     let mut messages = pubsub.on_message();
     for (what, sql) in WORKLOAD {
         println!("> {what}\n  {sql}");
@@ -126,17 +118,19 @@ pub async fn run(migrations: &Path, mappings_dir: &Path) -> Result<(), DemoError
         }
     }
     drop(messages);
+    // Stopping applies what was read; the summary is taken after that.
+    let progress = running.progress.clone();
+    let lag = running.lag.clone();
     running.stop();
-    let progress = *running.progress.borrow();
-    let lag = running
-        .lag
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
     running
         .wait()
         .await
         .map_err(|e| setup("evictd")(e.to_string()))?;
+    let progress = *progress.borrow();
+    let lag = lag
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
     println!(
         "\nsummary: {} row changes, {} keys invalidated or refreshed, commit-to-Redis lag p50 {:.1} ms, p99 {:.1} ms",
         progress.changes,

@@ -90,9 +90,10 @@ pub struct Running {
 }
 
 impl Running {
-    /// Waits until the source streams; `false` when it ended first or
-    /// `timeout` passed.
-    pub async fn streaming_within(&self, timeout: Duration) -> bool {
+    /// Waits until the source streams. If it ends first or `timeout`
+    /// passes, stops the pipeline and says why (the state it was in, and the
+    /// error it ended with).
+    pub async fn streaming_within(self, timeout: Duration) -> Result<Running, String> {
         let mut source = self.source.clone();
         let streaming = async {
             let state = source
@@ -100,9 +101,25 @@ impl Running {
                 .await;
             state.is_ok_and(|state| *state == SourceState::Streaming)
         };
-        tokio::time::timeout(timeout, streaming)
+        if tokio::time::timeout(timeout, streaming)
             .await
             .unwrap_or(false)
+        {
+            return Ok(self);
+        }
+        let state = self.source.borrow().clone();
+        self.stop();
+        let error = self
+            .wait()
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        Err(
+            format!("evictd did not start streaming ({state:?}) {error}")
+                .trim_end()
+                .to_owned(),
+        )
     }
 
     /// Asks the pipeline to stop: it finishes or abandons the batch in

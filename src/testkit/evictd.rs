@@ -54,19 +54,10 @@ impl Evictd {
             .map_err(|e| TestkitError::Start(format!("evictd did not start: {e}")))?;
         // Changes committed after start() returns must be seen: wait until
         // the slot exists and streams.
-        if !running.streaming_within(Duration::from_secs(30)).await {
-            let state = running.source.borrow().clone();
-            running.stop();
-            let error = running
-                .wait()
-                .await
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default();
-            return Err(TestkitError::Start(format!(
-                "evictd did not start streaming ({state:?}): {error}"
-            )));
-        }
+        let running = running
+            .streaming_within(Duration::from_secs(30))
+            .await
+            .map_err(TestkitError::Start)?;
         Ok(Evictd {
             running,
             postgres_url,
