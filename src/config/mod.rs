@@ -1,0 +1,352 @@
+//! `evictd.toml`, layered with `EVICTD_<SECTION>__<KEY>` environment
+//! variables.
+//!
+//! Every field is read on its own, so one run reports every problem: unknown
+//! sections and fields (with a suggestion), values of the wrong type, and
+//! values out of range, each naming the key and where it was set. URLs that
+//! may carry passwords are [`SecretUrl`]s, redacted in `Debug` and `Display`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use self::read::{
+    read_admin, read_batch, read_kafka, read_mappings, read_postgres, read_redis, read_source,
+    Section,
+};
+use crate::mapping::diagnostic::did_you_mean;
+use crate::mapping::Limits;
+
+/// The whole configuration, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub source: SourceKind,
+    pub postgres: PostgresConfig,
+    pub kafka: Option<KafkaConfig>,
+    pub redis: RedisConfig,
+    pub mappings: MappingsConfig,
+    pub batch: BatchConfig,
+    pub admin: AdminConfig,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceKind {
+    Postgres,
+    Kafka,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PostgresConfig {
+    /// Required when the source is Postgres; `check` uses it for live checks.
+    pub url: Option<SecretUrl>,
+    pub slot: String,
+    pub publication: String,
+    /// Create the slot and publication when absent.
+    pub create_slot: bool,
+    /// Warn (log, `evictd status`) when the slot retains more WAL than this.
+    pub max_retained_wal_mb: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub topics: Vec<String>,
+    pub group_id: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RedisConfig {
+    /// With the password of `redis.password_file` put in, when given.
+    pub url: SecretUrl,
+    /// Prepended to every key and tag set.
+    pub prefix: String,
+    pub l1_channel: String,
+    /// Allow a password over plain `redis://` to a host that is not this
+    /// machine.
+    pub allow_plaintext: bool,
+    /// TLS files for `rediss://` (PEM): trusted CAs (else the system's),
+    /// and a client certificate and key for mutual TLS.
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct MappingsConfig {
+    /// Relative paths are resolved against the config file's directory.
+    pub dir: PathBuf,
+    pub limits: Limits,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchConfig {
+    /// Most distinct keys in one Redis batch.
+    pub max_keys: usize,
+    /// Keys a streamed transaction may buffer before it degrades to a
+    /// coarse invalidation of its tables (the memory bound per transaction).
+    pub max_pending_keys: usize,
+    /// Longest wait for more transactions before a batch is sent.
+    pub max_wait_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  {}", .problems.join("\n  "))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+/// A URL whose password must never be printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(url::Url);
+
+impl SecretUrl {
+    pub fn parse(text: &str) -> Result<SecretUrl, String> {
+        url::Url::parse(text)
+            .map(SecretUrl)
+            .map_err(|error| format!("not a URL ({error})"))
+    }
+
+    /// The URL with its password, for connecting only.
+    pub fn expose(&self) -> &str {
+        self.0.as_str()
+    }
+
+    pub fn scheme(&self) -> &str {
+        self.0.scheme()
+    }
+
+    pub fn host(&self) -> Option<&str> {
+        self.0.host_str()
+    }
+
+    pub fn has_password(&self) -> bool {
+        self.0.password().is_some()
+    }
+
+    /// The same URL with `password` set.
+    pub fn with_password(&self, password: &str) -> Result<SecretUrl, String> {
+        let mut url = self.0.clone();
+        url.set_password(Some(password))
+            .map_err(|()| "this URL cannot carry a password".to_owned())?;
+        Ok(SecretUrl(url))
+    }
+
+    /// Whether the host is this machine (loopback address or `localhost`).
+    pub fn is_loopback(&self) -> bool {
+        match self.0.host() {
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            // Hosts of non-special schemes (redis://) arrive unparsed.
+            Some(url::Host::Domain(name)) => {
+                name == "localhost"
+                    || name
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+            None => true,
+        }
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut shown = self.0.clone();
+        if shown.password().is_some() {
+            // Setting a password only fails for URLs that cannot have one.
+            let _ = shown.set_password(Some("***"));
+        }
+        let mut query: Vec<(String, String)> = shown.query_pairs().into_owned().collect();
+        if query.iter().any(|(key, _)| key == "password") {
+            for (key, value) in &mut query {
+                if key == "password" {
+                    *value = "***".into();
+                }
+            }
+            shown.query_pairs_mut().clear().extend_pairs(query);
+        }
+        f.write_str(shown.as_str())
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretUrl({self})")
+    }
+}
+
+impl Config {
+    /// A Postgres-source configuration with every default, for programs
+    /// and tests that build their configuration in code.
+    pub fn with_defaults(
+        postgres_url: SecretUrl,
+        redis_url: SecretUrl,
+        mappings_dir: PathBuf,
+    ) -> Config {
+        Config {
+            source: SourceKind::Postgres,
+            postgres: PostgresConfig {
+                url: Some(postgres_url),
+                slot: "evictd".into(),
+                publication: "evictd".into(),
+                create_slot: true,
+                max_retained_wal_mb: 1024,
+            },
+            kafka: None,
+            redis: RedisConfig {
+                url: redis_url,
+                prefix: String::new(),
+                l1_channel: "evictd:l1".into(),
+                allow_plaintext: false,
+                ca_file: None,
+                cert_file: None,
+                key_file: None,
+            },
+            mappings: MappingsConfig {
+                dir: mappings_dir,
+                limits: Limits::default(),
+            },
+            batch: BatchConfig {
+                max_keys: 10_000,
+                max_pending_keys: 100_000,
+                max_wait_ms: 2,
+            },
+            admin: AdminConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], 9187)),
+            },
+        }
+    }
+}
+
+const SECTIONS: &[&str] = &[
+    "source", "postgres", "kafka", "redis", "mappings", "batch", "admin",
+];
+
+impl Config {
+    /// Reads `path` and the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with_env(path, None)
+    }
+
+    /// Reads `path` and `env` (instead of the process environment, when
+    /// given) as `EVICTD_*` variables.
+    pub fn load_with_env(
+        path: &Path,
+        env: Option<HashMap<String, String>>,
+    ) -> Result<Config, ConfigError> {
+        // Only EVICTD_<SECTION>__<KEY> variables are settings; others such
+        // as EVICTD_LOG belong to the process, not the config.
+        let env: HashMap<String, String> = env
+            .unwrap_or_else(|| std::env::vars().collect())
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("EVICTD_") && name.contains("__"))
+            .collect();
+        let environment = config::Environment::with_prefix("EVICTD")
+            .prefix_separator("_")
+            .separator("__")
+            .list_separator(",")
+            .with_list_parse_key("kafka.topics")
+            .source(Some(env));
+        let file = config::File::from(path).format(config::FileFormat::Toml);
+        let layered = config::Config::builder()
+            .add_source(file)
+            .add_source(environment)
+            .build()
+            .map_err(|error| ConfigError {
+                problems: vec![format!("cannot read {}: {error}", path.display())],
+            })?;
+        // `get` keeps each value's origin (the file); deserializing the whole
+        // tree would drop it. The tree is only used for the section names.
+        let names = layered
+            .clone()
+            .try_deserialize::<config::Map<String, config::Value>>();
+        let layered: config::Map<String, config::Value> = names
+            .into_iter()
+            .flat_map(config::Map::into_keys)
+            .map(|name| {
+                let value = match layered.get_table(&name) {
+                    Ok(table) => config::Value::from(table),
+                    Err(_) => config::Value::from(""),
+                };
+                (name, value)
+            })
+            .collect();
+        Config::from_layers(layered, path)
+    }
+
+    fn from_layers(
+        mut root: config::Map<String, config::Value>,
+        file: &Path,
+    ) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let mut unknown: Vec<String> = root
+            .keys()
+            .filter(|key| !SECTIONS.contains(&key.as_str()))
+            .cloned()
+            .collect();
+        unknown.sort();
+        for section in unknown {
+            let help = did_you_mean(&section, SECTIONS)
+                .map_or_else(String::new, |near| format!("; did you mean [{near}]?"));
+            problems.push(format!("unknown section [{section}]{help}"));
+        }
+        let source = read_source(&mut Section::new(
+            "source",
+            file,
+            root.remove("source"),
+            &mut problems,
+        ));
+        let base_dir = file.parent().unwrap_or(Path::new("."));
+        let postgres = read_postgres(
+            &mut Section::new("postgres", file, root.remove("postgres"), &mut problems),
+            source,
+            base_dir,
+        );
+        let kafka = read_kafka(
+            &mut Section::new("kafka", file, root.remove("kafka"), &mut problems),
+            source,
+        );
+        let redis = read_redis(
+            &mut Section::new("redis", file, root.remove("redis"), &mut problems),
+            base_dir,
+        );
+        let mappings = read_mappings(
+            &mut Section::new("mappings", file, root.remove("mappings"), &mut problems),
+            base_dir,
+        );
+        let batch = read_batch(&mut Section::new(
+            "batch",
+            file,
+            root.remove("batch"),
+            &mut problems,
+        ));
+        let admin = read_admin(&mut Section::new(
+            "admin",
+            file,
+            root.remove("admin"),
+            &mut problems,
+        ));
+        if !problems.is_empty() {
+            return Err(ConfigError { problems });
+        }
+        Ok(Config {
+            source: source.unwrap_or(SourceKind::Postgres),
+            postgres,
+            kafka,
+            redis,
+            mappings,
+            batch,
+            admin,
+        })
+    }
+}
+
+mod read;
