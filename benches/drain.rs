@@ -7,10 +7,13 @@
 //! physical limit of one walsender) and evictd drains the other into a
 //! throwaway Redis (decode, map, plan, apply, broadcast, acknowledge).
 //!
-//! - small: 100k single-row update transactions
-//! - big:   one 1M-row update transaction (streamed by the server)
+//! - small:  100k single-row update transactions (B1)
+//! - big:    one 1M-row update transaction, streamed by the server (B2)
+//! - fanout: 20k single-row updates of a table mapped to 10 keys and 2 tags
+//!   per row (B4): Redis commands/s against `redis-benchmark` pipelining
+//!   UNLINK on the same server (B0 for Redis).
 //!
-//! Run: `cargo bench --bench drain` (prints a table, then one JSON line).
+//! Run: `cargo bench --bench drain` (prints tables, then one JSON line).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -26,6 +29,7 @@ use evictd::testkit::{current_wal_lsn, Postgres, Redis};
 struct Scenario {
     name: &'static str,
     changes: u64,
+    mapping: &'static str,
     setup: String,
     workload: String,
 }
@@ -33,6 +37,7 @@ struct Scenario {
 struct Measured {
     name: &'static str,
     changes: u64,
+    commands: u64,
     recvlogical: Duration,
     evictd: Duration,
     evictd_peak_rss_kib: u64,
@@ -43,6 +48,7 @@ fn scenarios() -> Vec<Scenario> {
         Scenario {
             name: "small",
             changes: 100_000,
+            mapping: MAPPING,
             setup: "create table orders (id bigint primary key, user_id bigint not null, status text not null);
                     alter table orders replica identity full;
                     insert into orders select g, g % 1000, 'new' from generate_series(1, 100000) g;"
@@ -55,14 +61,37 @@ fn scenarios() -> Vec<Scenario> {
         Scenario {
             name: "big",
             changes: 1_000_000,
+            mapping: MAPPING,
             setup: "create table orders (id bigint primary key, user_id bigint not null, status text not null);
                     alter table orders replica identity full;
                     insert into orders select g, g % 1000, 'new' from generate_series(1, 1000000) g;"
                 .into(),
             workload: "update orders set status = 'paid';".into(),
         },
+        Scenario {
+            name: "fanout",
+            changes: 20_000,
+            mapping: FANOUT,
+            setup: "create table orders (id bigint primary key, user_id bigint not null, status text not null);
+                    alter table orders replica identity full;
+                    insert into orders select g, g % 1000, 'new' from generate_series(1, 20000) g;"
+                .into(),
+            workload: "do $$ begin for i in 1..20000 loop
+                         update orders set status = 'paid' where id = i; commit;
+                       end loop; end $$;"
+                .into(),
+        },
     ]
 }
+
+/// 10 keys and 2 tags per row (B4).
+const FANOUT: &str = r#"
+[[table]]
+name = "orders"
+keys = ["order:{id}", "order:{id}:a", "order:{id}:b", "order:{id}:c", "order:{id}:d",
+        "order:{id}:e", "order:{id}:f", "order:{id}:g", "user:{user_id}:orders", "status:{status}:{id}"]
+tags = ["user:{user_id}", "order:{id}"]
+"#;
 
 const MAPPING: &str =
     "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\", \"user:{user_id}:orders\"]\n";
@@ -74,20 +103,14 @@ async fn main() {
         .unwrap()
         .expect("start postgres");
     let redis = Redis::start().expect("start redis");
-    let mappings_dir = tempfile::tempdir().unwrap();
-    std::fs::write(mappings_dir.path().join("orders.toml"), MAPPING).unwrap();
     let mut results = Vec::new();
     for scenario in scenarios() {
-        results.push(
-            measure(
-                &postgres,
-                &redis,
-                mappings_dir.path().to_path_buf(),
-                &scenario,
-            )
-            .await,
-        );
+        let mappings_dir = tempfile::tempdir().unwrap();
+        std::fs::write(mappings_dir.path().join("orders.toml"), scenario.mapping).unwrap();
+        results.push(measure(&postgres, &redis, mappings_dir.path().to_path_buf(), &scenario).await);
     }
+    let unlink_baseline = redis_benchmark(&redis, &["UNLINK", "key:__rand_int__"]);
+    let set_baseline = redis_benchmark(&redis, &["SET", "key:__rand_int__", "value"]);
     println!(
         "\n{:<8} {:>9} {:>16} {:>16} {:>7} {:>10}",
         "scenario", "changes", "recvlogical/s", "evictd/s", "ratio", "peak RSS"
@@ -115,6 +138,22 @@ async fn main() {
             "evictd_changes_per_second": evictd_rate,
             "ratio": ratio,
             "process_peak_rss_kib": m.evictd_peak_rss_kib,
+        }));
+    }
+    if let Some(fanout) = results.iter().find(|m| m.name == "fanout") {
+        let rate = fanout.commands as f64 / fanout.evictd.as_secs_f64();
+        println!(
+            "\nfan-out: evictd {rate:.0} Redis commands/s ({} commands for {} changes); redis-benchmark -P 64: UNLINK {unlink_baseline:.0}/s, SET {set_baseline:.0}/s; ratio to UNLINK {:.2}x",
+            fanout.commands,
+            fanout.changes,
+            rate / unlink_baseline
+        );
+        json.push(serde_json::json!({
+            "scenario": "fanout_commands",
+            "evictd_redis_commands_per_second": rate,
+            "redis_benchmark_unlink_per_second": unlink_baseline,
+            "redis_benchmark_set_per_second": set_baseline,
+            "ratio": rate / unlink_baseline,
         }));
     }
     println!("{}", serde_json::Value::Array(json));
@@ -196,13 +235,16 @@ async fn measure(
     };
     let started = Instant::now();
     let running = pipeline::start(&config, mappings, options).expect("start evictd");
+    let progress = running.progress.clone();
     running.wait().await.expect("evictd drained");
     let evictd = started.elapsed();
+    let commands = progress.borrow().commands;
     let acked = confirmed(&client, &config.postgres.slot).await;
     assert!(acked >= end, "evictd acknowledged {acked}, short of {end}");
     Measured {
         name: scenario.name,
         changes: scenario.changes,
+        commands,
         recvlogical,
         evictd,
         evictd_peak_rss_kib: peak_rss_kib(),
@@ -231,4 +273,24 @@ fn peak_rss_kib() -> u64 {
                 .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// Requests per second `redis-benchmark` reaches for `command`, pipelined 64
+/// deep over 50 connections, on the same server.
+fn redis_benchmark(redis: &Redis, command: &[&str]) -> f64 {
+    let output = Command::new("redis-benchmark")
+        .args(["-p", &redis.port().to_string(), "-P", "64", "-n", "2000000", "-r", "1000000", "-q"])
+        .args(command)
+        .output()
+        .expect("run redis-benchmark (package redis-tools)");
+    // Progress lines end in \r; the last line holds the result:
+    // "UNLINK key:__rand_int__: 3703703.50 requests per second, p50=...".
+    let text = String::from_utf8_lossy(&output.stdout).replace('\r', "\n");
+    let words: Vec<&str> = text.split_whitespace().collect();
+    words
+        .windows(3)
+        .rev()
+        .find(|w| w[1] == "requests" && w[2] == "per")
+        .and_then(|w| w[0].parse().ok())
+        .unwrap_or_else(|| panic!("cannot read redis-benchmark output: {text}"))
 }

@@ -96,8 +96,9 @@ pub struct Progress {
     pub applied_plans: u64,
     /// End LSN of the last transaction whose every command was applied.
     pub flush_lsn: Lsn,
-    /// Row changes and keys applied so far.
+    /// Row changes, Redis-level commands and keys applied so far.
     pub changes: u64,
+    pub commands: u64,
     pub keys: u64,
 }
 
@@ -191,6 +192,7 @@ pub async fn run(
         progress.send_modify(|progress| {
             progress.applied_plans += 1;
             progress.changes += plan.changes;
+            progress.commands += plan.commands.len() as u64;
             progress.keys += stats.keys;
             if let Some(Checkpoint::Lsn(lsn)) = plan.checkpoint {
                 progress.flush_lsn = progress.flush_lsn.max(lsn);
