@@ -13,7 +13,8 @@
 //!   per row (B4): Redis commands/s against `redis-benchmark` pipelining
 //!   UNLINK on the same server (B0 for Redis).
 //!
-//! Run: `cargo bench --bench drain` (prints tables, then one JSON line).
+//! Run: `cargo bench --bench drain` (prints tables, then one JSON line);
+//! `EVICTD_BENCH=small,fanout` runs only those scenarios.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -103,11 +104,29 @@ async fn main() {
         .unwrap()
         .expect("start postgres");
     let redis = Redis::start().expect("start redis");
+    // EVICTD_BENCH=fanout (comma-separated names) runs only those.
+    let only: Option<Vec<String>> = std::env::var("EVICTD_BENCH")
+        .ok()
+        .map(|names| names.split(',').map(str::to_owned).collect());
     let mut results = Vec::new();
     for scenario in scenarios() {
+        if only
+            .as_ref()
+            .is_some_and(|only| !only.iter().any(|name| name == scenario.name))
+        {
+            continue;
+        }
         let mappings_dir = tempfile::tempdir().unwrap();
         std::fs::write(mappings_dir.path().join("orders.toml"), scenario.mapping).unwrap();
-        results.push(measure(&postgres, &redis, mappings_dir.path().to_path_buf(), &scenario).await);
+        results.push(
+            measure(
+                &postgres,
+                &redis,
+                mappings_dir.path().to_path_buf(),
+                &scenario,
+            )
+            .await,
+        );
     }
     let unlink_baseline = redis_benchmark(&redis, &["UNLINK", "key:__rand_int__"]);
     let set_baseline = redis_benchmark(&redis, &["SET", "key:__rand_int__", "value"]);
@@ -279,7 +298,17 @@ fn peak_rss_kib() -> u64 {
 /// deep over 50 connections, on the same server.
 fn redis_benchmark(redis: &Redis, command: &[&str]) -> f64 {
     let output = Command::new("redis-benchmark")
-        .args(["-p", &redis.port().to_string(), "-P", "64", "-n", "2000000", "-r", "1000000", "-q"])
+        .args([
+            "-p",
+            &redis.port().to_string(),
+            "-P",
+            "64",
+            "-n",
+            "2000000",
+            "-r",
+            "1000000",
+            "-q",
+        ])
         .args(command)
         .output()
         .expect("run redis-benchmark (package redis-tools)");

@@ -16,6 +16,7 @@ use std::fmt;
 use std::time::SystemTime;
 
 use indexmap::IndexMap;
+use rustc_hash::FxBuildHasher;
 
 use crate::change::Checkpoint;
 use crate::mapping::template::glob_matches;
@@ -95,13 +96,18 @@ enum KeyAction {
     },
 }
 
+/// An insertion-ordered map with a fast, non-cryptographic hash: keys are
+/// rendered from our own database rows, and every key of a batch passes
+/// through here.
+type OrderedMap<V> = IndexMap<String, V, FxBuildHasher>;
+
 /// Accumulates actions in commit order; [`Planner::finish`] yields the plan.
 #[derive(Debug, Default)]
 pub struct Planner {
-    keys: IndexMap<String, KeyAction>,
-    patterns: IndexMap<String, OriginId>,
-    tags: IndexMap<String, OriginId>,
-    tag_patterns: IndexMap<String, OriginId>,
+    keys: OrderedMap<KeyAction>,
+    patterns: OrderedMap<OriginId>,
+    tags: OrderedMap<OriginId>,
+    tag_patterns: OrderedMap<OriginId>,
     checkpoint: Option<Checkpoint>,
     commit_time: Option<SystemTime>,
     changes: u64,

@@ -12,9 +12,12 @@
 //!
 //! Keys are as the mappings render them, without the global key prefix.
 
+use std::fmt::Write as _;
+
 use rand::Rng as _;
 
 use crate::change::Checkpoint;
+use crate::mapping::eval::write_json_string;
 use crate::plan::{Command, Plan};
 
 pub struct Broadcast {
@@ -66,37 +69,89 @@ impl Broadcast {
         self.pending = None;
     }
 
+    /// The JSON message, written directly: a batch can hold thousands of
+    /// keys, and a `serde_json::Value` per key would copy each one twice.
     fn message(&self, plan: &Plan, seq: u64) -> String {
         let mut keys = Vec::new();
         let mut tags = Vec::new();
         let mut patterns = Vec::new();
         let mut tag_patterns = Vec::new();
+        let mut size = 96;
         for command in &plan.commands {
-            match command {
-                Command::Unlink { key, .. } | Command::Set { key, .. } => keys.push(key.as_str()),
-                Command::InvalidateTag { tag, .. } => tags.push(tag.as_str()),
-                Command::UnlinkMatching { pattern, .. } => patterns.push(pattern.as_str()),
-                Command::InvalidateTagsMatching { pattern, .. } => {
-                    tag_patterns.push(pattern.as_str())
-                }
-            }
+            let (list, text) = match command {
+                Command::Unlink { key, .. } | Command::Set { key, .. } => (&mut keys, key),
+                Command::InvalidateTag { tag, .. } => (&mut tags, tag),
+                Command::UnlinkMatching { pattern, .. } => (&mut patterns, pattern),
+                Command::InvalidateTagsMatching { pattern, .. } => (&mut tag_patterns, pattern),
+            };
+            size += text.len() + 3;
+            list.push(text.as_str());
         }
-        let mut message = serde_json::json!({
-            "v": 1,
-            "epoch": self.epoch,
-            "seq": seq,
-            "keys": keys,
-            "tags": tags,
-        });
+        let mut json = String::with_capacity(size);
+        let _ = write!(json, r#"{{"v":1,"epoch":"{}","seq":{seq}"#, self.epoch);
         if let Some(Checkpoint::Lsn(lsn)) = plan.checkpoint {
-            message["lsn"] = lsn.to_string().into();
+            let _ = write!(json, r#","lsn":"{lsn}""#);
         }
+        write_list(&mut json, "keys", &keys);
+        write_list(&mut json, "tags", &tags);
         if !patterns.is_empty() {
-            message["patterns"] = patterns.into();
+            write_list(&mut json, "patterns", &patterns);
         }
         if !tag_patterns.is_empty() {
-            message["tag_patterns"] = tag_patterns.into();
+            write_list(&mut json, "tag_patterns", &tag_patterns);
         }
-        message.to_string()
+        json.push('}');
+        json
+    }
+}
+
+/// Appends `,"name":["a","b"]` with JSON string escaping.
+fn write_list(json: &mut String, name: &str, items: &[&str]) {
+    let _ = write!(json, r#","{name}":["#);
+    for (index, item) in items.iter().enumerate() {
+        if index > 0 {
+            json.push(',');
+        }
+        write_json_string(item, json);
+    }
+    json.push(']');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::change::Lsn;
+    use crate::mapping::OriginId;
+
+    #[test]
+    fn the_message_is_valid_json_with_escaping() {
+        let broadcast = Broadcast::new("evictd:l1");
+        let plan = Plan {
+            commands: vec![
+                Command::Unlink {
+                    key: "user:\"1\"\\x".into(),
+                    origin: OriginId(0),
+                },
+                Command::InvalidateTag {
+                    tag: "user:1".into(),
+                    origin: OriginId(0),
+                },
+                Command::UnlinkMatching {
+                    pattern: "order:*".into(),
+                    origin: OriginId(0),
+                },
+            ],
+            checkpoint: Some(Checkpoint::Lsn(Lsn(0x16B3748))),
+            ..Plan::default()
+        };
+        let message: serde_json::Value =
+            serde_json::from_str(&broadcast.message(&plan, 7)).expect("valid JSON");
+        assert_eq!(
+            message,
+            serde_json::json!({
+                "v": 1, "epoch": broadcast.epoch(), "seq": 7, "lsn": "0/16B3748",
+                "keys": ["user:\"1\"\\x"], "tags": ["user:1"], "patterns": ["order:*"],
+            })
+        );
     }
 }

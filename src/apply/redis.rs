@@ -168,28 +168,23 @@ impl StandaloneSink {
         let mut connection = self.connection().await?;
         let mut stats = ApplyStats::default();
         let mut pipe = redis::pipe();
-        let mut unlinks: Vec<String> = Vec::new();
+        let mut unlinks = Unlinks::new();
         let mut tags: Vec<String> = Vec::new();
         for command in &plan.commands {
             stats.commands += 1;
             match command {
                 Command::Unlink { key, .. } => {
-                    unlinks.push(self.prefixed(key));
-                    if unlinks.len() == UNLINK_CHUNK {
-                        pipe.cmd("UNLINK").arg(&unlinks).ignore();
-                        stats.keys += UNLINK_CHUNK as u64;
-                        unlinks.clear();
-                    }
+                    unlinks.add(&self.prefix, key, &mut pipe, &mut stats);
                 }
                 Command::UnlinkMatching { pattern, .. } => {
-                    flush_unlinks(&mut pipe, &mut unlinks, &mut stats);
+                    unlinks.flush(&mut pipe, &mut stats);
                     self.send(&mut connection, &mut pipe, &mut stats).await?;
                     stats.keys += self
                         .delete_matching(&mut connection, pattern, &mut stats)
                         .await?;
                 }
                 Command::InvalidateTag { tag, .. } => {
-                    flush_unlinks(&mut pipe, &mut unlinks, &mut stats);
+                    unlinks.flush(&mut pipe, &mut stats);
                     tags.push(self.tag_set(tag));
                     if tags.len() == TAG_CHUNK {
                         pipe.cmd("EVAL")
@@ -209,7 +204,7 @@ impl StandaloneSink {
                 Command::Set {
                     key, value, ttl, ..
                 } => {
-                    flush_unlinks(&mut pipe, &mut unlinks, &mut stats);
+                    unlinks.flush(&mut pipe, &mut stats);
                     flush_tags(&mut pipe, &mut tags);
                     let set = pipe.cmd("SET").arg(self.prefixed(key)).arg(value);
                     if let Some(ttl) = ttl {
@@ -220,7 +215,7 @@ impl StandaloneSink {
                 }
             }
         }
-        flush_unlinks(&mut pipe, &mut unlinks, &mut stats);
+        unlinks.flush(&mut pipe, &mut stats);
         flush_tags(&mut pipe, &mut tags);
         self.broadcast.append(plan, &self.prefix, &mut pipe);
         if let Some((record, value)) = self
@@ -372,11 +367,41 @@ pub(super) fn under_prefix(prefix: &str, pattern: &str) -> String {
     full
 }
 
-fn flush_unlinks(pipe: &mut redis::Pipeline, unlinks: &mut Vec<String>, stats: &mut ApplyStats) {
-    if !unlinks.is_empty() {
-        pipe.cmd("UNLINK").arg(&*unlinks).ignore();
-        stats.keys += unlinks.len() as u64;
-        unlinks.clear();
+/// The UNLINK being filled: keys go straight into the command's arguments
+/// through one reused buffer, not into a string each.
+struct Unlinks {
+    cmd: redis::Cmd,
+    count: usize,
+    key: String,
+}
+
+impl Unlinks {
+    fn new() -> Unlinks {
+        Unlinks {
+            cmd: redis::cmd("UNLINK"),
+            count: 0,
+            key: String::with_capacity(128),
+        }
+    }
+
+    fn add(&mut self, prefix: &str, key: &str, pipe: &mut redis::Pipeline, stats: &mut ApplyStats) {
+        self.key.clear();
+        self.key.push_str(prefix);
+        self.key.push_str(key);
+        self.cmd.arg(self.key.as_str());
+        self.count += 1;
+        if self.count == UNLINK_CHUNK {
+            self.flush(pipe, stats);
+        }
+    }
+
+    fn flush(&mut self, pipe: &mut redis::Pipeline, stats: &mut ApplyStats) {
+        if self.count > 0 {
+            let cmd = std::mem::replace(&mut self.cmd, redis::cmd("UNLINK"));
+            pipe.add_command(cmd).ignore();
+            stats.keys += self.count as u64;
+            self.count = 0;
+        }
     }
 }
 

@@ -398,7 +398,8 @@ fn refresh_value<'m>(refresh: &'m Refresh, side: Side<'_>) -> Result<String, &'m
     Ok(json)
 }
 
-fn write_json_string(text: &str, out: &mut String) {
+/// Appends `text` as a JSON string.
+pub fn write_json_string(text: &str, out: &mut String) {
     out.push('"');
     for c in text.chars() {
         match c {
