@@ -1,0 +1,246 @@
+//! B3, live lag: single-row updates committed at a steady rate while evictd
+//! streams, first as fast as the writers go ("max"), then at half of the
+//! rate reached. Lag is read two ways:
+//!
+//! - evictd's own histogram: commit timestamp in Postgres to the moment
+//!   Redis acknowledged the batch;
+//! - an outside probe: every 50 ms a separate connection commits a new
+//!   version of a probe row and polls Redis until the refreshed value shows
+//!   it (what an application would see).
+//!
+//! Run: `cargo bench --bench lag` (prints a table, then one JSON line).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use evictd::config::{Config, SecretUrl};
+use evictd::lag::LagHistogram;
+use evictd::mapping;
+use evictd::pipeline::{self, Options};
+use evictd::testkit::{Postgres, Redis};
+
+const ROWS: i64 = 10_000;
+const PROBE_ID: i64 = ROWS + 1;
+const WRITERS: usize = 2;
+const SECONDS: u64 = 10;
+
+const MAPPING: &str = r#"
+[[table]]
+name = "orders"
+keys = ["order:{id}"]
+
+[[table.refresh]]
+key = "order:{id}:version"
+columns = ["version"]
+"#;
+
+struct Run {
+    name: String,
+    rate: f64,
+    evictd: LagHistogram,
+    probe: LagHistogram,
+    rss_kib: u64,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let postgres = tokio::task::spawn_blocking(Postgres::start)
+        .await
+        .unwrap()
+        .expect("start postgres");
+    let redis = Redis::start().expect("start redis");
+    let max = run(&postgres, &redis, "max", None).await;
+    let half = run(&postgres, &redis, "half", Some(max.rate / 2.0)).await;
+    println!(
+        "\n{:<6} {:>11} {:>12} {:>12} {:>14} {:>12} {:>12} {:>10}",
+        "load",
+        "commits/s",
+        "evictd p50",
+        "evictd p99",
+        "evictd p99.9",
+        "probe p50",
+        "probe p99",
+        "peak RSS"
+    );
+    let mut json = Vec::new();
+    for run in [&max, &half] {
+        let ms = |histogram: &LagHistogram, q: f64| histogram.quantile(q).as_secs_f64() * 1000.0;
+        println!(
+            "{:<6} {:>11.0} {:>9.2} ms {:>9.2} ms {:>11.2} ms {:>9.2} ms {:>9.2} ms {:>6} MiB",
+            run.name,
+            run.rate,
+            ms(&run.evictd, 0.5),
+            ms(&run.evictd, 0.99),
+            ms(&run.evictd, 0.999),
+            ms(&run.probe, 0.5),
+            ms(&run.probe, 0.99),
+            run.rss_kib / 1024
+        );
+        json.push(serde_json::json!({
+            "load": run.name,
+            "commits_per_second": run.rate,
+            "evictd_lag_ms": {"p50": ms(&run.evictd, 0.5), "p99": ms(&run.evictd, 0.99), "p999": ms(&run.evictd, 0.999)},
+            "probe_lag_ms": {"p50": ms(&run.probe, 0.5), "p99": ms(&run.probe, 0.99), "samples": run.probe.count()},
+            "process_peak_rss_kib": run.rss_kib,
+        }));
+    }
+    println!("{}", serde_json::Value::Array(json));
+}
+
+async fn run(postgres: &Postgres, redis: &Redis, name: &str, rate: Option<f64>) -> Run {
+    let database = postgres.create_database().await.unwrap();
+    let url = postgres.url(&database);
+    let admin = connect(&url).await;
+    admin
+        .batch_execute(&format!(
+            "create table orders (id bigint primary key, version bigint not null);
+             alter table orders replica identity full;
+             insert into orders select g, 0 from generate_series(1, {PROBE_ID}) g;
+             create publication evictd for table orders;"
+        ))
+        .await
+        .unwrap();
+    let mappings_dir = tempfile::tempdir().unwrap();
+    std::fs::write(mappings_dir.path().join("orders.toml"), MAPPING).unwrap();
+    let mut config = Config::with_defaults(
+        SecretUrl::parse(&url).unwrap(),
+        SecretUrl::parse(&redis.url()).unwrap(),
+        mappings_dir.path().to_path_buf(),
+    );
+    config.postgres.slot = format!("{database}_lag");
+    config.redis.prefix = format!("{database}:");
+    let mappings =
+        Arc::new(mapping::load_dir(mappings_dir.path(), config.mappings.limits).unwrap());
+    let running = pipeline::start(&config, mappings, Options::default())
+        .expect("start evictd")
+        .streaming_within(Duration::from_secs(30))
+        .await
+        .expect("streaming");
+    eprintln!("{name}: {} s of single-row updates ...", SECONDS);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let commits = Arc::new(AtomicU64::new(0));
+    let mut writers = Vec::new();
+    for writer in 0..WRITERS {
+        let (url, stop, commits) = (url.clone(), stop.clone(), commits.clone());
+        let per_writer = rate.map(|rate| rate / WRITERS as f64);
+        writers.push(tokio::spawn(async move {
+            let client = connect(&url).await;
+            let update = client
+                .prepare("update orders set version = version + 1 where id = $1")
+                .await
+                .unwrap();
+            let started = Instant::now();
+            let mut sent: u64 = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let id = 1 + ((sent as i64 * 7919 + writer as i64 * 104_729) % ROWS);
+                client.execute(&update, &[&id]).await.unwrap();
+                sent += 1;
+                commits.fetch_add(1, Ordering::Relaxed);
+                if let Some(per_writer) = per_writer {
+                    let due = started + Duration::from_secs_f64(sent as f64 / per_writer);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+            }
+        }));
+    }
+    let probe = probe(&url, redis, &config.redis.prefix, stop.clone());
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(SECONDS)).await;
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let probe = probe.await.unwrap();
+    let evictd = running.lag.lock().unwrap().clone();
+    running.stop();
+    running.wait().await.expect("evictd stopped");
+    Run {
+        name: name.to_owned(),
+        rate: commits.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64(),
+        evictd,
+        probe,
+        rss_kib: peak_rss_kib(),
+    }
+}
+
+/// Every 50 ms: commit a new version of the probe row, then poll Redis until
+/// the refreshed value carries it.
+fn probe(
+    url: &str,
+    redis: &Redis,
+    prefix: &str,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<LagHistogram> {
+    let (url, redis_url, key) = (
+        url.to_owned(),
+        redis.url(),
+        format!("{prefix}order:{PROBE_ID}:version"),
+    );
+    tokio::spawn(async move {
+        let client = connect(&url).await;
+        let mut redis = redis::Client::open(redis_url)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let mut histogram = LagHistogram::default();
+        let mut version: i64 = 0;
+        while !stop.load(Ordering::Relaxed) {
+            version += 1;
+            client
+                .execute(
+                    "update orders set version = $1 where id = $2",
+                    &[&version, &PROBE_ID],
+                )
+                .await
+                .unwrap();
+            let committed = Instant::now();
+            let expected = format!(r#"{{"version":{version}}}"#);
+            loop {
+                let value: Option<String> = redis::cmd("GET")
+                    .arg(&key)
+                    .query_async(&mut redis)
+                    .await
+                    .unwrap();
+                if value.as_deref() == Some(expected.as_str()) {
+                    histogram.record(committed.elapsed());
+                    break;
+                }
+                if committed.elapsed() > Duration::from_secs(10) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        histogram
+    })
+}
+
+async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    // Commits wait for the WAL flush, as an application's would.
+    client
+        .batch_execute("set synchronous_commit = on")
+        .await
+        .unwrap();
+    client
+}
+
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmHWM:"))
+                .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
