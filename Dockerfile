@@ -3,8 +3,10 @@
 
 FROM rust:1-bookworm AS build
 WORKDIR /src
-# Dependencies first, so that source edits do not rebuild them.
+# Dependencies first, so that source edits do not rebuild them. The bench
+# sources are declared in Cargo.toml, so they must exist (they are not built).
 COPY Cargo.toml Cargo.lock ./
+COPY benches ./benches
 RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
     && cargo build --release --locked --no-default-features \
     && rm -rf src
