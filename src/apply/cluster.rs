@@ -59,11 +59,24 @@ pub struct ClusterSink {
     broadcast: Broadcast,
     record: Option<Record>,
     timeout: Duration,
+    wait: Wait,
+}
+
+/// WAIT after each node's pipeline: (replicas, timeout in ms).
+#[derive(Clone, Copy, Debug)]
+pub struct Wait {
+    pub replicas: u32,
+    pub timeout_ms: u64,
 }
 
 impl ClusterSink {
     /// `url` is `redis+cluster://host:port` (any node; the rest are found).
-    pub fn new(url: &str, prefix: &str, broadcast: Broadcast) -> Result<ClusterSink, Error> {
+    pub fn new(
+        url: &str,
+        prefix: &str,
+        broadcast: Broadcast,
+        wait: Wait,
+    ) -> Result<ClusterSink, Error> {
         let seed = url.strip_prefix("redis+cluster://").ok_or_else(|| {
             Error::new(
                 ErrorKind::Config,
@@ -92,6 +105,7 @@ impl ClusterSink {
             broadcast,
             record: None,
             timeout: Duration::from_secs(10),
+            wait,
         })
     }
 
@@ -172,7 +186,7 @@ impl ClusterSink {
         let connection = self.connection().await?;
         let slots = self.slot_map().await?;
         let mut stats = ApplyStats::default();
-        let mut phase = Phase::new(&slots);
+        let mut phase = Phase::new(&slots, self.wait);
         let mut tags: Vec<String> = Vec::new();
         for command in &plan.commands {
             stats.commands += 1;
@@ -200,7 +214,7 @@ impl ClusterSink {
                         )
                         .await?;
                     stats.keys += keys.len() as u64;
-                    let mut deletes = Phase::new(&slots);
+                    let mut deletes = Phase::new(&slots, self.wait);
                     for key in keys {
                         deletes.add(&key, |pipe, key| {
                             pipe.cmd("UNLINK").arg(key).ignore();
@@ -249,7 +263,19 @@ impl ClusterSink {
             let node =
                 &slots.nodes[usize::from(slots.owner[usize::from(key_slot(last.as_bytes()))])];
             stats.round_trips += 1;
-            send_to(&connection, node, broadcast, self.timeout).await?;
+            send_to(&connection, node, broadcast, self.timeout, self.wait).await?;
+        }
+        let record = self
+            .record
+            .as_ref()
+            .and_then(|record| Some((record, record.value(plan.checkpoint)?)));
+        if let Some((record, value)) = record {
+            let mut remember = redis::pipe();
+            remember.cmd("SET").arg(&record.key).arg(value).ignore();
+            let node = &slots.nodes
+                [usize::from(slots.owner[usize::from(key_slot(record.key.as_bytes()))])];
+            stats.round_trips += 1;
+            send_to(&connection, node, remember, self.timeout, self.wait).await?;
         }
         Ok(stats)
     }
@@ -276,7 +302,7 @@ impl ClusterSink {
             members.extend(found);
         }
         let count = members.len() as u64;
-        let mut deletes = Phase::new(slots);
+        let mut deletes = Phase::new(slots, self.wait);
         for key in members.iter().chain(&sets) {
             deletes.add(key, |pipe, key| {
                 pipe.cmd("UNLINK").arg(key).ignore();
@@ -350,13 +376,15 @@ impl ClusterSink {
 /// Commands of one phase, one pipeline per node.
 struct Phase<'s> {
     slots: &'s SlotMap,
+    wait: Wait,
     pipes: HashMap<u16, redis::Pipeline>,
 }
 
 impl<'s> Phase<'s> {
-    fn new(slots: &'s SlotMap) -> Phase<'s> {
+    fn new(slots: &'s SlotMap, wait: Wait) -> Phase<'s> {
         Phase {
             slots,
+            wait,
             pipes: HashMap::new(),
         }
     }
@@ -375,9 +403,10 @@ impl<'s> Phase<'s> {
         stats: &mut ApplyStats,
         timeout: Duration,
     ) -> Result<(), Error> {
+        let wait = self.wait;
         let sends = self.pipes.drain().map(|(owner, pipe)| {
             let node = self.slots.nodes[usize::from(owner)].clone();
-            async move { send_to(connection, &node, pipe, timeout).await }
+            async move { send_to(connection, &node, pipe, timeout, wait).await }
         });
         let sends: Vec<_> = sends.collect();
         stats.round_trips += sends.len() as u64;
@@ -388,9 +417,13 @@ impl<'s> Phase<'s> {
 async fn send_to(
     connection: &ClusterConnection,
     node: &Node,
-    pipe: redis::Pipeline,
+    mut pipe: redis::Pipeline,
     timeout: Duration,
+    wait: Wait,
 ) -> Result<(), Error> {
+    if wait.replicas > 0 {
+        pipe.cmd("WAIT").arg(wait.replicas).arg(wait.timeout_ms);
+    }
     let count = pipe.cmd_iter().count();
     let route = node.route();
     let mut connection = connection.clone();
@@ -409,6 +442,21 @@ async fn send_to(
                 e,
             )
         })?;
+    if wait.replicas > 0 {
+        let acknowledged = match replies.last() {
+            Some(redis::Value::Int(count)) => *count,
+            _ => 0,
+        };
+        if acknowledged < i64::from(wait.replicas) {
+            return Err(Error::new(
+                ErrorKind::Redis,
+                format!(
+                    "only {acknowledged} of {} replicas of {}:{} acknowledged the batch",
+                    wait.replicas, node.host, node.port
+                ),
+            ));
+        }
+    }
     for reply in replies {
         if let redis::Value::ServerError(error) = reply {
             return Err(Error::with_source(

@@ -44,7 +44,11 @@ impl RedisSink {
             ));
         }
         if url.starts_with("redis+cluster://") {
-            return ClusterSink::new(url, prefix, broadcast)
+            let wait = cluster::Wait {
+                replicas: config.wait_replicas,
+                timeout_ms: config.wait_timeout_ms,
+            };
+            return ClusterSink::new(url, prefix, broadcast, wait)
                 .map(|sink| RedisSink::Cluster(Box::new(sink)));
         }
         StandaloneSink::new(config, broadcast).map(|sink| RedisSink::Standalone(Box::new(sink)))

@@ -16,6 +16,7 @@ use rand::Rng as _;
 use redis::aio::MultiplexedConnection;
 
 use super::broadcast::Broadcast;
+use super::cluster::Wait;
 use crate::change::Checkpoint;
 use crate::config::RedisConfig;
 use crate::continuity::Remembered;
@@ -63,6 +64,7 @@ pub struct StandaloneSink {
     broadcast: Broadcast,
     record: Option<Record>,
     timeout: Duration,
+    wait: Wait,
 }
 
 /// Where the continuity record goes, and the identity it names.
@@ -126,6 +128,10 @@ impl StandaloneSink {
             broadcast,
             record: None,
             timeout: Duration::from_secs(10),
+            wait: Wait {
+                replicas: config.wait_replicas,
+                timeout_ms: config.wait_timeout_ms,
+            },
         })
     }
 
@@ -241,10 +247,28 @@ impl StandaloneSink {
             return Ok(());
         }
         stats.round_trips += 1;
-        let sent = tokio::time::timeout(self.timeout, pipe.query_async::<()>(connection)).await;
+        if self.wait.replicas > 0 {
+            pipe.cmd("WAIT")
+                .arg(self.wait.replicas)
+                .arg(self.wait.timeout_ms);
+        }
+        let sent =
+            tokio::time::timeout(self.timeout, pipe.query_async::<Vec<i64>>(connection)).await;
         pipe.clear();
         match sent {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(replies)) => {
+                let acknowledged = replies.last().copied().unwrap_or(0);
+                if self.wait.replicas > 0 && acknowledged < i64::from(self.wait.replicas) {
+                    return Err(Error::new(
+                        ErrorKind::Redis,
+                        format!(
+                            "only {acknowledged} of {} replicas acknowledged the batch",
+                            self.wait.replicas
+                        ),
+                    ));
+                }
+                Ok(())
+            }
             Ok(Err(error)) => Err(self.broken(error)),
             Err(_) => {
                 self.connection = None;

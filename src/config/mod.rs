@@ -70,6 +70,11 @@ pub struct RedisConfig {
     pub ca_file: Option<PathBuf>,
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
+    /// Replicas that must have a batch (WAIT) before it is acknowledged:
+    /// without it, a failover can lose writes Redis already confirmed.
+    pub wait_replicas: u32,
+    /// How long WAIT may take before the batch is retried.
+    pub wait_timeout_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -209,6 +214,8 @@ impl Config {
                 ca_file: None,
                 cert_file: None,
                 key_file: None,
+                wait_replicas: 0,
+                wait_timeout_ms: 1000,
             },
             mappings: MappingsConfig {
                 dir: mappings_dir,

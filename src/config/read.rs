@@ -306,8 +306,12 @@ pub(super) fn read_redis(section: &mut Section<'_>, base_dir: &Path) -> RedisCon
             "TLS files are set but redis.url is not rediss://",
         );
     }
+    let wait_replicas = section.in_range("wait_replicas", 0, 0..=16);
+    let wait_timeout_ms = section.in_range("wait_timeout_ms", 1000, 1..=60_000);
     RedisConfig {
         url,
+        wait_replicas: u32::try_from(wait_replicas).unwrap_or(0),
+        wait_timeout_ms,
         ca_file,
         cert_file,
         key_file,
