@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use evictd::change::Lsn;
 use support::{
-    evictd, redis_connection, run_config, slot_confirmed, spawn_run, stack, terminate, TestDb,
+    evictd, free_port, http_get, redis_connection, run_config, slot_confirmed, spawn_run, stack,
+    terminate, TestDb,
 };
 
 const ROWS: i64 = 3000;
@@ -198,8 +199,25 @@ async fn a_standby_takes_over_when_the_active_process_dies() {
 
     let mut active = spawn_run(&config);
     wait_for_slot(&client, &db.name, true).await;
-    let mut standby = spawn_run(&config);
+    // The standby gets an admin port of its own, to ask it why it waits.
+    let standby_dir = tempfile::tempdir().unwrap();
+    let standby_port = free_port();
+    let standby_config = run_config(
+        standby_dir.path(),
+        &db,
+        &stack().redis.url(),
+        MAPPING,
+        &format!("127.0.0.1:{standby_port}"),
+    );
+    let mut standby = spawn_run(&standby_config);
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, reason) = http_get(standby_port, "/readyz").expect("the standby answers /readyz");
+    assert_eq!(status, 503, "a standby is not ready");
+    assert!(
+        reason.starts_with("not ready: source: postgres ERROR 55006: replication slot")
+            && reason.contains("is active for PID"),
+        "{reason}"
+    );
     assert!(
         standby.try_wait().unwrap().is_none(),
         "the standby waits instead of exiting"
