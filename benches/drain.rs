@@ -283,15 +283,7 @@ async fn confirmed(client: &tokio_postgres::Client, slot: &str) -> Lsn {
 
 /// Peak RSS of this process (evictd runs in it; the servers do not).
 fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("VmHWM:"))
-                .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
+    evictd::testkit::peak_rss_kib(std::process::id()).unwrap_or(0)
 }
 
 /// Requests per second `redis-benchmark` reaches for `command`, pipelined 64

@@ -234,13 +234,5 @@ async fn connect(url: &str) -> tokio_postgres::Client {
 }
 
 fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("VmHWM:"))
-                .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
+    evictd::testkit::peak_rss_kib(std::process::id()).unwrap_or(0)
 }

@@ -227,12 +227,7 @@ async fn read_redis(config: &Config) -> (Read, Read) {
     ];
     let url = config.redis.url.expose();
     let read = async {
-        if let Some(seed) = url.strip_prefix("redis+cluster://") {
-            let nodes: Vec<String> = seed
-                .trim_end_matches('/')
-                .split(',')
-                .map(|n| format!("redis://{n}"))
-                .collect();
+        if let Some(nodes) = crate::apply::cluster::seed_nodes(url) {
             let client = redis::cluster::ClusterClient::new(nodes).map_err(|e| e.to_string())?;
             let mut connection = client
                 .get_async_connection()

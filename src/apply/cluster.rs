@@ -77,17 +77,12 @@ impl ClusterSink {
         broadcast: Broadcast,
         wait: Wait,
     ) -> Result<ClusterSink, Error> {
-        let seed = url.strip_prefix("redis+cluster://").ok_or_else(|| {
+        let nodes = seed_nodes(url).ok_or_else(|| {
             Error::new(
                 ErrorKind::Config,
                 "a cluster redis.url starts with redis+cluster://",
             )
         })?;
-        let nodes: Vec<String> = seed
-            .trim_end_matches('/')
-            .split(',')
-            .map(|node| format!("redis://{node}"))
-            .collect();
         // Few, quick internal retries: a failed batch is retried whole by
         // apply, with a fresh connection and slot map, which is what gets
         // past a failover.
@@ -371,6 +366,18 @@ impl ClusterSink {
     fn prefixed(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
     }
+}
+
+/// The seed nodes of a `redis+cluster://host:port[,host:port...]` URL as
+/// `redis://` URLs, or `None` for a URL that is not a cluster's.
+pub fn seed_nodes(url: &str) -> Option<Vec<String>> {
+    let seed = url.strip_prefix("redis+cluster://")?;
+    Some(
+        seed.trim_end_matches('/')
+            .split(',')
+            .map(|node| format!("redis://{node}"))
+            .collect(),
+    )
 }
 
 /// Commands of one phase, one pipeline per node.

@@ -40,6 +40,15 @@ impl TestkitError {
     }
 }
 
+/// Peak resident memory (VmHWM) of process `pid`, in KiB.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 /// A TCP port that was free a moment ago.
 fn free_port() -> Result<u16, TestkitError> {
     let listener = std::net::TcpListener::bind(("127.0.0.1", 0))

@@ -289,15 +289,7 @@ pub fn terminate(mut child: std::process::Child) {
 
 /// Peak resident memory of process `pid`, in KiB.
 pub fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("VmHWM:"))
-                .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .expect("VmHWM of the process")
+    evictd::testkit::peak_rss_kib(pid).expect("VmHWM of the process")
 }
 
 /// GET `path` on 127.0.0.1:`port`: (status code, body).
