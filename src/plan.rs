@@ -170,6 +170,18 @@ impl Planner {
         self.commit_time = commit_time.or(self.commit_time);
     }
 
+    /// Records the commit time of a change whose source acknowledges by
+    /// position rather than by commit (Kafka): the batch's lag is measured
+    /// from the newest one.
+    pub fn note_commit_time(&mut self, commit_time: SystemTime) {
+        self.commit_time = Some(self.commit_time.map_or(commit_time, |t| t.max(commit_time)));
+    }
+
+    /// Row changes counted so far.
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
     /// Whether a commit is waiting to be acknowledged.
     pub fn has_checkpoint(&self) -> bool {
         self.checkpoint.is_some()

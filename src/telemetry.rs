@@ -33,6 +33,13 @@ pub const RECONNECTS: &str = "evictd_reconnects_total";
 pub const SLOT_RETAINED_WAL_BYTES: &str = "evictd_slot_retained_wal_bytes";
 /// Transactions applied as a coarse invalidation of their tables.
 pub const COARSE_INVALIDATIONS: &str = "evictd_coarse_invalidations_total";
+/// Kafka records taken, by `outcome`: `change`, `tombstone`, `ignored`
+/// (not a row change), `skipped`, `dead_letter`, `stopped` (bad records).
+pub const KAFKA_RECORDS: &str = "evictd_kafka_records_total";
+/// Kafka offsets committed to the group (one per partition per commit).
+pub const KAFKA_COMMITS: &str = "evictd_kafka_commits_total";
+/// Partitions this instance holds in its consumer group.
+pub const KAFKA_ASSIGNED_PARTITIONS: &str = "evictd_kafka_assigned_partitions";
 
 /// The process-wide recorder; installed on first use.
 pub fn recorder() -> &'static PrometheusHandle {

@@ -51,8 +51,51 @@ pub struct PostgresConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub struct KafkaConfig {
     pub brokers: String,
+    /// Topic names; an entry starting with `^` is a regular expression
+    /// (librdkafka's convention), matched against every topic.
     pub topics: Vec<String>,
     pub group_id: String,
+    /// What to do with a record that cannot be decoded or names a table no
+    /// mapping covers.
+    pub on_bad_record: BadRecordPolicy,
+    /// Where `on_bad_record = "dead_letter"` sends such records.
+    pub dead_letter_topic: Option<String>,
+    /// Debezium's `unavailable.value.placeholder`.
+    pub unavailable_value_placeholder: String,
+    /// How often stored offsets are committed.
+    pub commit_interval_ms: u64,
+    /// How long a rebalance waits for records in flight of revoked
+    /// partitions to be applied and committed before releasing them.
+    pub drain_timeout_ms: u64,
+    /// librdkafka settings passed through (`security.protocol`,
+    /// `sasl.mechanism`, `ssl.ca.location`, ...), `sasl.password` from
+    /// `sasl_password_file` included. Redacted in `Debug`.
+    pub properties: KafkaProperties,
+}
+
+/// librdkafka settings; values are not printed, since they hold secrets.
+#[derive(Clone, PartialEq, Default)]
+pub struct KafkaProperties(pub Vec<(String, String)>);
+
+impl std::fmt::Debug for KafkaProperties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(key, _)| format!("{key}=***")))
+            .finish()
+    }
+}
+
+/// `kafka.on_bad_record`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BadRecordPolicy {
+    /// Count, log and go on.
+    Skip,
+    /// Produce the raw record to `dead_letter_topic` with the error as a
+    /// header, then go on.
+    DeadLetter,
+    /// Stop consuming at the record (not ready, with the reason) until
+    /// restarted with another policy or a fixed mapping.
+    Stop,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -320,6 +363,7 @@ impl Config {
         let kafka = read_kafka(
             &mut Section::new("kafka", file, root.remove("kafka"), &mut problems),
             source,
+            base_dir,
         );
         let redis = read_redis(
             &mut Section::new("redis", file, root.remove("redis"), &mut problems),

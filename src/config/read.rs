@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 
 use super::{
-    AdminConfig, BatchConfig, KafkaConfig, MappingsConfig, PostgresConfig, RedisConfig, SecretUrl,
-    SourceKind,
+    AdminConfig, BadRecordPolicy, BatchConfig, KafkaConfig, KafkaProperties, MappingsConfig,
+    PostgresConfig, RedisConfig, SecretUrl, SourceKind,
 };
+use crate::source::kafka::debezium::DEFAULT_UNAVAILABLE_PLACEHOLDER;
 use crate::change::is_identifier;
 use crate::mapping::diagnostic::did_you_mean;
 use crate::mapping::Limits;
@@ -212,6 +213,7 @@ pub(super) fn read_postgres(
 pub(super) fn read_kafka(
     section: &mut Section<'_>,
     source: Option<SourceKind>,
+    base_dir: &Path,
 ) -> Option<KafkaConfig> {
     let wanted = source == Some(SourceKind::Kafka);
     if !section.present && !wanted {
@@ -247,12 +249,84 @@ pub(super) fn read_kafka(
     if !brokers_set {
         section.problem("brokers", None, "is required when source.kind = \"kafka\"");
     }
+    let on_bad_record = section.parse(
+        "on_bad_record",
+        BadRecordPolicy::Skip,
+        |policy: String| match policy.as_str() {
+            "skip" => Ok(BadRecordPolicy::Skip),
+            "dead_letter" => Ok(BadRecordPolicy::DeadLetter),
+            "stop" => Ok(BadRecordPolicy::Stop),
+            other => Err(format!(
+                "unknown policy `{other}`; use \"skip\", \"dead_letter\" or \"stop\""
+            )),
+        },
+    );
+    let dead_letter_topic = section.parse("dead_letter_topic", None, |topic: String| {
+        non_empty("the topic name")(topic).map(Some)
+    });
+    if on_bad_record == BadRecordPolicy::DeadLetter && dead_letter_topic.is_none() {
+        section.problem(
+            "dead_letter_topic",
+            None,
+            "is required when on_bad_record = \"dead_letter\"",
+        );
+    }
+    let unavailable_value_placeholder = section.parse(
+        "unavailable_value_placeholder",
+        DEFAULT_UNAVAILABLE_PLACEHOLDER.into(),
+        non_empty("the placeholder"),
+    );
+    let commit_interval_ms = section.in_range("commit_interval_ms", 1000, 10..=60_000);
+    let drain_timeout_ms = section.in_range("drain_timeout_ms", 10_000, 100..=600_000);
+    let mut properties = section.parse(
+        "properties",
+        Vec::new(),
+        |table: std::collections::BTreeMap<String, String>| {
+            match table.keys().find(|key| RESERVED_KAFKA_PROPERTIES.contains(&key.as_str())) {
+                Some(key) => Err(format!(
+                    "`{key}` is set by evictd (offsets are stored only after apply); remove it"
+                )),
+                None => Ok(table.into_iter().collect::<Vec<_>>()),
+            }
+        },
+    );
+    if let Some((path, origin)) = section.get::<PathBuf>("sasl_password_file") {
+        let path = base_dir.join(path);
+        match std::fs::read_to_string(&path) {
+            Ok(password) => properties.push((
+                "sasl.password".to_owned(),
+                password.trim_end_matches(['\r', '\n']).to_owned(),
+            )),
+            Err(error) => section.problem(
+                "sasl_password_file",
+                origin.as_deref(),
+                format!("cannot read {}: {error}", path.display()),
+            ),
+        }
+    }
     Some(KafkaConfig {
         brokers,
         topics,
         group_id,
+        on_bad_record,
+        dead_letter_topic,
+        unavailable_value_placeholder,
+        commit_interval_ms,
+        drain_timeout_ms,
+        properties: KafkaProperties(properties),
     })
 }
+
+/// librdkafka settings evictd owns: acknowledging only what is applied
+/// depends on them.
+const RESERVED_KAFKA_PROPERTIES: &[&str] = &[
+    "bootstrap.servers",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "auto.offset.reset",
+    "enable.partition.eof",
+];
 
 pub(super) fn read_redis(section: &mut Section<'_>, base_dir: &Path) -> RedisConfig {
     let default_url = SecretUrl::parse("redis://127.0.0.1:6379").expect("a valid default");

@@ -10,6 +10,7 @@
 //! never a side effect of reading.
 
 pub mod batcher;
+pub mod kafka;
 pub mod replication;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,7 +27,7 @@ use crate::apply::redis::Record;
 use crate::apply::{self, Backoff, Progress, RedisSink, Request};
 use crate::change::Checkpoint;
 use crate::change::Lsn;
-use crate::config::Config;
+use crate::config::{Config, SourceKind};
 use crate::config::SecretUrl;
 use crate::continuity::{self, Remembered, SlotState, Verdict};
 use crate::error::{Error, ErrorKind};
@@ -145,6 +146,9 @@ impl Running {
 /// one). Connecting happens in the background, with retries: `wait` reports
 /// what retrying could not fix, `streaming_within` when streaming began.
 pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Result<Running, Error> {
+    if config.source == SourceKind::Kafka {
+        return kafka::start(config, mappings, options);
+    }
     if config.postgres.url.is_none() {
         return Err(Error::new(ErrorKind::Config, "postgres.url is not set"));
     }

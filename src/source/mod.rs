@@ -1,4 +1,5 @@
 //! Sources of committed row changes. `postgres` reads logical replication
-//! (pgoutput) directly.
+//! (pgoutput) directly; `kafka` reads Debezium change topics.
 
+pub mod kafka;
 pub mod postgres;

@@ -1,0 +1,467 @@
+//! The librdkafka consumer, on a thread of its own (its calls block, and
+//! rebalance callbacks run inside `poll`).
+//!
+//! Records go to the pipeline as [`Event`]s over a bounded channel, decoded
+//! and checked against the mappings here so that decoding runs beside
+//! planning. Offsets come back as [`Command::Store`] only once the pipeline
+//! has applied them; auto-commit and auto offset store are off, and the
+//! stored offsets of every partition are committed every
+//! `commit_interval_ms`, synchronously before partitions are released and at
+//! shutdown.
+//!
+//! **Rebalances.** When partitions are revoked, the callback asks the
+//! pipeline to drain ([`Event::Drain`]): apply everything already taken and
+//! answer with the offsets that covers, within `drain_timeout_ms`. Those are
+//! committed before the partitions go. When partitions are assigned, each
+//! starts at its committed offset; one without (a new group) starts at the
+//! beginning of the partition; one whose committed offset the broker no
+//! longer holds (retention deleted records evictd had not read) starts at
+//! the beginning too, and is reported as [`Event::Lost`]: the pipeline
+//! invalidates coarsely before anything from it is applied.
+
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use super::debezium::{self, Decoded};
+use crate::config::KafkaConfig;
+use crate::error::{Error, ErrorKind};
+use crate::mapping::Mappings;
+use crate::telemetry;
+
+/// How long one metadata or offset request to the broker may take.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `poll` blocks; commands are served between polls.
+const POLL: Duration = Duration::from_millis(20);
+
+/// A partition of a topic.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Partition {
+    pub topic: Arc<str>,
+    pub partition: i32,
+}
+
+impl std::fmt::Display for Partition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.topic, self.partition)
+    }
+}
+
+/// The offset to commit for a partition: the next record to read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Position {
+    pub partition: Partition,
+    pub next_offset: i64,
+}
+
+/// One record, decoded.
+#[derive(Debug)]
+pub struct Record {
+    pub partition: Partition,
+    pub offset: i64,
+    pub decoded: Result<Decoded, String>,
+    /// The raw key and value of a bad record, for the dead-letter topic.
+    pub raw: Option<(Option<Vec<u8>>, Option<Vec<u8>>)>,
+}
+
+/// What the consumer tells the pipeline, in order.
+#[derive(Debug)]
+pub enum Event {
+    Record(Record),
+    /// Partitions now held (after a rebalance), each with where it starts.
+    Assigned(Vec<Position>),
+    /// Partitions whose committed offset the broker no longer holds: the
+    /// records in between were lost to retention.
+    Lost(Vec<(Partition, String)>),
+    /// Partitions are being revoked: apply everything taken so far and
+    /// answer with the positions that covers.
+    Drain(std_mpsc::Sender<Vec<Position>>),
+    /// The consumer failed for good.
+    Failed(String),
+}
+
+/// What the pipeline tells the consumer.
+#[derive(Debug)]
+pub enum Command {
+    /// These records are applied: store their offsets for the next commit.
+    Store(Vec<Position>),
+    /// Stop fetching every assigned partition (a bad record halted the
+    /// pipeline under `on_bad_record = "stop"`).
+    PauseAll,
+    /// Commit what is stored and end.
+    Stop,
+}
+
+/// The handle the pipeline keeps.
+pub struct ConsumerHandle {
+    pub events: mpsc::Receiver<Event>,
+    pub commands: std_mpsc::Sender<Command>,
+    /// Answers once the thread has committed and is about to close.
+    pub done: std_mpsc::Receiver<()>,
+}
+
+/// librdkafka settings shared by the consumer and the dead-letter producer.
+pub fn client_config(config: &KafkaConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &config.brokers);
+    for (key, value) in &config.properties.0 {
+        client.set(key, value);
+    }
+    client.set_log_level(RDKafkaLogLevel::Warning);
+    client
+}
+
+/// Subscribes and starts the consumer thread.
+pub fn spawn(
+    config: &KafkaConfig,
+    mappings: Arc<Mappings>,
+    capacity: usize,
+) -> Result<ConsumerHandle, Error> {
+    let (events_tx, events) = mpsc::channel(capacity);
+    let (commands, commands_rx) = std_mpsc::channel();
+    let (done_tx, done) = std_mpsc::channel();
+    let context = Context {
+        events: events_tx,
+        commands: Mutex::new(commands_rx),
+        drain_timeout: Duration::from_millis(config.drain_timeout_ms),
+        closing: std::sync::atomic::AtomicBool::new(false),
+    };
+    let consumer: BaseConsumer<Context> = client_config(config)
+        .set("group.id", &config.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        // Never skip silently: a missing offset is handled at assignment.
+        .set("auto.offset.reset", "error")
+        .set("enable.partition.eof", "false")
+        .create_with_context(context)
+        .map_err(|e| Error::with_source(ErrorKind::Config, "cannot create the Kafka consumer", e))?;
+    let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics).map_err(|e| {
+        Error::with_source(
+            ErrorKind::Config,
+            format!("cannot subscribe to {topics:?}"),
+            e,
+        )
+    })?;
+    let worker = Worker {
+        consumer,
+        mappings,
+        placeholder: config.unavailable_value_placeholder.clone(),
+        commit_interval: Duration::from_millis(config.commit_interval_ms),
+        done: done_tx,
+    };
+    std::thread::Builder::new()
+        .name("evictd-kafka".into())
+        .spawn(move || worker.run())
+        .map_err(|e| Error::with_source(ErrorKind::Shutdown, "cannot start the Kafka thread", e))?;
+    Ok(ConsumerHandle {
+        events,
+        commands,
+        done,
+    })
+}
+
+struct Context {
+    events: mpsc::Sender<Event>,
+    commands: Mutex<std_mpsc::Receiver<Command>>,
+    drain_timeout: Duration,
+    /// Set once the worker stops: the final revoke needs no drain.
+    closing: std::sync::atomic::AtomicBool,
+}
+
+impl ClientContext for Context {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => tracing::error!(facility, "librdkafka: {message}"),
+            RDKafkaLogLevel::Warning => tracing::warn!(facility, "librdkafka: {message}"),
+            _ => tracing::debug!(facility, "librdkafka: {message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "kafka client error");
+    }
+}
+
+impl ConsumerContext for Context {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        partitions: &mut TopicPartitionList,
+    ) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let lost = start_positions(consumer, partitions);
+                if !lost.is_empty() {
+                    let _ = self.events.blocking_send(Event::Lost(lost));
+                }
+                let assigned = match consumer.rebalance_protocol() {
+                    RebalanceProtocol::Cooperative => consumer.incremental_assign(partitions),
+                    _ => consumer.assign(partitions),
+                };
+                if let Err(error) = assigned {
+                    tracing::error!(%error, "cannot take the assigned partitions");
+                }
+                let assigned = positions(partitions);
+                #[allow(clippy::cast_precision_loss)]
+                metrics::gauge!(telemetry::KAFKA_ASSIGNED_PARTITIONS).set(assigned.len() as f64);
+                let _ = self.events.blocking_send(Event::Assigned(assigned));
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                if !self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                    self.drain(consumer);
+                }
+                let released = match consumer.rebalance_protocol() {
+                    RebalanceProtocol::Cooperative => consumer.incremental_unassign(partitions),
+                    _ => consumer.unassign(),
+                };
+                if let Err(error) = released {
+                    tracing::warn!(%error, "cannot release the revoked partitions");
+                }
+                metrics::gauge!(telemetry::KAFKA_ASSIGNED_PARTITIONS).set(0.0);
+            }
+            other => {
+                tracing::warn!(error = ?other, "rebalance failed; releasing all partitions");
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+impl Context {
+    /// Before revoked partitions go: the pipeline applies what it took and
+    /// answers; that is committed. Past the bound, the partitions go
+    /// without: their next owner re-reads what was not committed.
+    fn drain(&self, consumer: &BaseConsumer<Self>) {
+        let started = Instant::now();
+        let (answer, answered) = std_mpsc::channel();
+        if self.events.blocking_send(Event::Drain(answer)).is_err() {
+            return;
+        }
+        let applied = answered.recv_timeout(self.drain_timeout);
+        // Offsets the pipeline sent before its answer are older: store them
+        // first so that the answer wins.
+        self.serve_commands(consumer);
+        match applied {
+            Ok(applied) => {
+                store(consumer, &applied);
+                commit(consumer, CommitMode::Sync);
+                tracing::info!(took = ?started.elapsed(), partitions = applied.len(), "rebalance: drained and committed before releasing partitions");
+            }
+            Err(_) => {
+                commit(consumer, CommitMode::Sync);
+                tracing::warn!(bound = ?self.drain_timeout, "rebalance: records in flight were not applied in time; releasing partitions without them (their next owner reads them again)");
+            }
+        }
+    }
+
+    /// Serves queued commands; returns false once asked to stop.
+    fn serve_commands(&self, consumer: &BaseConsumer<Self>) -> bool {
+        let commands = self
+            .commands
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        loop {
+            match commands.try_recv() {
+                Ok(Command::Store(positions)) => store(consumer, &positions),
+                Ok(Command::PauseAll) => {
+                    if let Ok(assignment) = consumer.assignment() {
+                        let _ = consumer.pause(&assignment);
+                    }
+                }
+                Ok(Command::Stop) | Err(std_mpsc::TryRecvError::Disconnected) => return false,
+                Err(std_mpsc::TryRecvError::Empty) => return true,
+            }
+        }
+    }
+}
+
+/// Sets where each assigned partition starts; returns the partitions whose
+/// committed offset is out of the broker's range.
+fn start_positions(
+    consumer: &BaseConsumer<Context>,
+    partitions: &mut TopicPartitionList,
+) -> Vec<(Partition, String)> {
+    let committed = match consumer.committed_offsets(partitions.clone(), BROKER_TIMEOUT) {
+        Ok(committed) => committed,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the group's committed offsets; starting from them when the broker answers");
+            return Vec::new();
+        }
+    };
+    let mut lost = Vec::new();
+    for element in committed.elements() {
+        let (topic, partition) = (element.topic(), element.partition());
+        let start = match element.offset() {
+            Offset::Offset(offset) => {
+                match consumer.fetch_watermarks(topic, partition, BROKER_TIMEOUT) {
+                    Ok((low, high)) if offset < low || offset > high => {
+                        let reason = format!(
+                            "committed offset {offset} is outside {low}..={high}: records were deleted before evictd read them"
+                        );
+                        lost.push((
+                            Partition {
+                                topic: topic.into(),
+                                partition,
+                            },
+                            reason,
+                        ));
+                        Offset::Beginning
+                    }
+                    _ => Offset::Offset(offset),
+                }
+            }
+            // A partition the group never committed: read it all.
+            _ => Offset::Beginning,
+        };
+        let _ = partitions.set_partition_offset(topic, partition, start);
+    }
+    lost
+}
+
+fn positions(partitions: &TopicPartitionList) -> Vec<Position> {
+    partitions
+        .elements()
+        .iter()
+        .map(|element| Position {
+            partition: Partition {
+                topic: element.topic().into(),
+                partition: element.partition(),
+            },
+            next_offset: element.offset().to_raw().unwrap_or(-1),
+        })
+        .collect()
+}
+
+fn store(consumer: &BaseConsumer<Context>, positions: &[Position]) {
+    if positions.is_empty() {
+        return;
+    }
+    let mut list = TopicPartitionList::with_capacity(positions.len());
+    for position in positions {
+        let _ = list.add_partition_offset(
+            &position.partition.topic,
+            position.partition.partition,
+            Offset::Offset(position.next_offset),
+        );
+    }
+    if let Err(error) = consumer.store_offsets(&list) {
+        // Partitions revoked meanwhile: their new owner reads from the last
+        // commit, which is safe.
+        tracing::debug!(%error, "offsets not stored");
+    }
+}
+
+fn commit(consumer: &BaseConsumer<Context>, mode: CommitMode) {
+    match consumer.commit_consumer_state(mode) {
+        Ok(()) => metrics::counter!(telemetry::KAFKA_COMMITS).increment(1),
+        // Nothing stored since the last commit.
+        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        Err(error) => tracing::warn!(%error, "offset commit failed; retried with the next one"),
+    }
+}
+
+struct Worker {
+    consumer: BaseConsumer<Context>,
+    mappings: Arc<Mappings>,
+    placeholder: String,
+    commit_interval: Duration,
+    done: std_mpsc::Sender<()>,
+}
+
+impl Worker {
+    fn run(self) {
+        let context = self.consumer.context().clone();
+        let mut last_commit = Instant::now();
+        loop {
+            if !context.serve_commands(&self.consumer) {
+                break;
+            }
+            if last_commit.elapsed() >= self.commit_interval {
+                commit(&self.consumer, CommitMode::Async);
+                last_commit = Instant::now();
+            }
+            let event = match self.consumer.poll(POLL) {
+                None => continue,
+                Some(Ok(message)) => Event::Record(self.record(&message)),
+                Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset))) => {
+                    // The fetch position fell out of range after assignment:
+                    // place every partition again (reporting what was lost).
+                    match self.consumer.assignment() {
+                        Ok(mut assignment) => {
+                            let lost = start_positions(&self.consumer, &mut assignment);
+                            if !lost.is_empty()
+                                && context.events.blocking_send(Event::Lost(lost)).is_err()
+                            {
+                                break;
+                            }
+                            if let Err(error) = self.consumer.assign(&assignment) {
+                                tracing::error!(%error, "cannot place the partitions again");
+                            }
+                        }
+                        Err(error) => tracing::error!(%error, "cannot read the assignment"),
+                    }
+                    continue;
+                }
+                Some(Err(error @ KafkaError::MessageConsumptionFatal(_))) => {
+                    Event::Failed(format!("the Kafka consumer failed: {error}"))
+                }
+                Some(Err(error)) => {
+                    // librdkafka retries broker and network errors itself.
+                    tracing::warn!(%error, "kafka consume error");
+                    continue;
+                }
+            };
+            let failed = matches!(event, Event::Failed(_));
+            if context.events.blocking_send(event).is_err() || failed {
+                break;
+            }
+        }
+        context
+            .closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        context.serve_commands(&self.consumer);
+        commit(&self.consumer, CommitMode::Sync);
+        let _ = self.done.send(());
+        // Dropping the consumer leaves the group; it may take a while and
+        // happens here, off the async runtime.
+    }
+
+    fn record(&self, message: &rdkafka::message::BorrowedMessage<'_>) -> Record {
+        let decoded = debezium::decode(message.payload(), &self.placeholder).and_then(
+            |decoded| match &decoded {
+                Decoded::Change { change, .. } if self.mappings.table(&change.table).is_none() => {
+                    Err(format!("table {} is not in any mapping", change.table))
+                }
+                _ => Ok(decoded),
+            },
+        );
+        let raw = decoded.is_err().then(|| {
+            (
+                message.key().map(<[u8]>::to_vec),
+                message.payload().map(<[u8]>::to_vec),
+            )
+        });
+        Record {
+            partition: Partition {
+                topic: message.topic().into(),
+                partition: message.partition(),
+            },
+            offset: message.offset(),
+            decoded,
+            raw,
+        }
+    }
+}
