@@ -1,4 +1,4 @@
-//! Throwaway Postgres and Redis for integration tests: ours, and those of
+//! Throwaway Postgres, Redis and Kafka-compatible broker for integration tests: ours, and those of
 //! applications that want to replay the WAL against their own mappings.
 //!
 //! Servers run from the machine's binaries on random free ports, in
@@ -8,11 +8,13 @@
 //! Enabled by the `testkit` cargo feature.
 
 mod evictd;
+mod kafka;
 mod postgres;
 pub mod reaper;
 mod redis;
 
 pub use evictd::{current_wal_lsn, Evictd};
+pub use kafka::{tansu_binary, Kafka, ReadRecord};
 pub use postgres::Postgres;
 pub use redis::{ping as redis_ping, Redis, RedisCluster};
 

@@ -91,6 +91,12 @@ impl ReplicationConnection {
             ("replication", "database"),
             ("application_name", application),
             ("client_encoding", "UTF8"),
+            // pgoutput prints values with the walsender's settings: fix the
+            // ones that change the text of dates and timestamps, so keys do
+            // not depend on the server's defaults (and match what the Kafka
+            // source renders from Debezium's encodings).
+            ("TimeZone", "UTC"),
+            ("DateStyle", "ISO, MDY"),
         ];
         frontend::startup_message(params.iter().copied(), &mut out).map_err(protocol_io)?;
         self.send(&out).await?;

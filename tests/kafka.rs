@@ -1,0 +1,391 @@
+//! The Kafka source against a real Kafka-compatible broker (tansu, started
+//! by the testkit): Debezium envelopes in, the same invalidations out,
+//! offsets committed only after apply.
+
+mod support;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use evictd::config::{BadRecordPolicy, Config, KafkaConfig, KafkaProperties, SecretUrl, SourceKind};
+use evictd::pipeline::{self, Options, Running, SourceState};
+use evictd::testkit::Kafka;
+use support::{init_logging, mapping_dir, redis_connection, stack};
+
+const ORDERS: &str = r#"
+[[table]]
+name = "orders"
+keys = ["order:{id}", "customer:{customer_id}:orders"]
+"#;
+
+const CUSTOMERS: &str = r#"
+[[table]]
+name = "customers"
+keys = ["customer:{id}", "customer:bio:{bio}"]
+"#;
+
+fn kafka() -> &'static Kafka {
+    static KAFKA: OnceLock<Kafka> = OnceLock::new();
+    KAFKA.get_or_init(|| Kafka::start().expect("start the Kafka-compatible broker"))
+}
+
+fn sample(name: &str) -> Vec<u8> {
+    std::fs::read(support::repo_path(&format!("tests/data/debezium/{name}")))
+        .unwrap_or_else(|e| panic!("read sample {name}: {e}"))
+}
+
+/// A topic, group and key prefix of this test's own.
+struct Names {
+    topic: String,
+    group: String,
+    prefix: String,
+}
+
+fn names() -> Names {
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id();
+    Names {
+        topic: format!("dbserver1.public.t{pid}_{n}"),
+        group: format!("evictd-{pid}-{n}"),
+        prefix: format!("k{pid}_{n}:"),
+    }
+}
+
+fn kafka_config(names: &Names, mappings: &Path) -> Config {
+    let mut config = Config::with_defaults(
+        SecretUrl::parse("postgres://unused@127.0.0.1/unused").expect("url"),
+        SecretUrl::parse(&stack().redis.url()).expect("redis url"),
+        mappings.to_path_buf(),
+    );
+    config.source = SourceKind::Kafka;
+    config.kafka = Some(KafkaConfig {
+        brokers: kafka().brokers(),
+        topics: vec![names.topic.clone()],
+        group_id: names.group.clone(),
+        on_bad_record: BadRecordPolicy::Skip,
+        dead_letter_topic: None,
+        unavailable_value_placeholder: "__debezium_unavailable_value".into(),
+        commit_interval_ms: 50,
+        drain_timeout_ms: 10_000,
+        properties: KafkaProperties::default(),
+    });
+    config.redis.prefix = names.prefix.clone();
+    config.redis.l1_channel = format!("{}l1", names.prefix);
+    config
+}
+
+async fn start(config: &Config) -> Running {
+    init_logging();
+    let mappings =
+        evictd::mapping::load_dir(&config.mappings.dir, config.mappings.limits).expect("mappings");
+    pipeline::start(config, Arc::new(mappings), Options::default())
+        .expect("start")
+        .streaming_within(Duration::from_secs(60))
+        .await
+        .expect("evictd streams")
+}
+
+async fn stop(running: Running) {
+    running.stop();
+    running.wait().await.expect("evictd stops cleanly");
+}
+
+struct Cache {
+    redis: redis::aio::MultiplexedConnection,
+    prefix: String,
+}
+
+impl Cache {
+    async fn new(prefix: &str) -> Cache {
+        Cache {
+            redis: redis_connection().await,
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    async fn seed(&mut self, keys: &[&str]) {
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("SET")
+                .arg(format!("{}{key}", self.prefix))
+                .arg("cached")
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut self.redis)
+            .await
+            .expect("seed");
+    }
+
+    async fn cached(&mut self, keys: &[&str]) -> Vec<String> {
+        let mut left = Vec::new();
+        for key in keys {
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(format!("{}{key}", self.prefix))
+                .query_async(&mut self.redis)
+                .await
+                .expect("EXISTS");
+            if exists {
+                left.push((*key).to_owned());
+            }
+        }
+        left
+    }
+}
+
+async fn produce(topic: &str, key: &str, value: Option<&[u8]>) {
+    kafka()
+        .produce(topic, Some(key.as_bytes()), value)
+        .await
+        .expect("produce");
+}
+
+async fn applied(names: &Names) {
+    kafka()
+        .wait_committed(&names.group, &names.topic, Duration::from_secs(30))
+        .await
+        .expect("every record applied and committed");
+}
+
+/// A bare-payload envelope for `orders`.
+fn order(op: &str, before: Option<(i64, i64)>, after: Option<(i64, i64)>) -> Vec<u8> {
+    let row = |row: Option<(i64, i64)>| {
+        row.map_or("null".to_owned(), |(id, customer)| {
+            format!(r#"{{"id":{id},"customer_id":{customer},"status":"new"}}"#)
+        })
+    };
+    format!(
+        r#"{{"before":{},"after":{},"source":{{"schema":"public","table":"orders","ts_ms":1706704500000}},"op":"{op}"}}"#,
+        row(before),
+        row(after)
+    )
+    .into_bytes()
+}
+
+#[tokio::test]
+async fn debezium_events_invalidate_what_the_mappings_name() {
+    let names = names();
+    kafka().create_topic(&names.topic, 1).await.expect("topic");
+    let dir = mapping_dir(&[("orders.toml", ORDERS), ("customers.toml", CUSTOMERS)]);
+    let config = kafka_config(&names, dir.path());
+    let running = start(&config).await;
+    let mut cache = Cache::new(&names.prefix).await;
+    let topic = &names.topic;
+
+    // An update with the schema wrapper that moves the order to another
+    // customer: old and new keys go.
+    let keys = ["order:10", "customer:1:orders", "customer:2:orders", "customer:9:orders"];
+    cache.seed(&keys).await;
+    produce(topic, "10", Some(&sample("update_with_schema.json"))).await;
+    applied(&names).await;
+    assert_eq!(cache.cached(&keys).await, ["customer:9:orders"]);
+
+    // Create, then delete and its tombstone (bare payloads).
+    let keys = ["order:11", "customer:3:orders"];
+    cache.seed(&keys).await;
+    produce(topic, "11", Some(&sample("create.json"))).await;
+    applied(&names).await;
+    assert!(cache.cached(&keys).await.is_empty());
+    cache.seed(&keys).await;
+    produce(topic, "11", Some(&sample("delete.json"))).await;
+    produce(topic, "11", None).await;
+    applied(&names).await;
+    assert!(cache.cached(&keys).await.is_empty());
+
+    // A snapshot read invalidates like an insert.
+    let keys = ["order:12", "customer:4:orders"];
+    cache.seed(&keys).await;
+    produce(topic, "12", Some(&sample("snapshot_read.json"))).await;
+    applied(&names).await;
+    assert!(cache.cached(&keys).await.is_empty());
+
+    // An unavailable (TOASTed) value: every key over that column goes.
+    let keys = ["customer:3", "customer:bio:hello", "customer:bio:other", "order:99"];
+    cache.seed(&keys).await;
+    produce(topic, "3", Some(&sample("toast_update.json"))).await;
+    applied(&names).await;
+    assert_eq!(cache.cached(&keys).await, ["order:99"]);
+
+    // A truncate takes the whole table's keys.
+    let keys = ["customer:1", "customer:7", "customer:bio:x", "order:99"];
+    cache.seed(&keys).await;
+    produce(topic, "t", Some(&sample("truncate.json"))).await;
+    applied(&names).await;
+    assert_eq!(cache.cached(&keys).await, ["order:99"]);
+
+    stop(running).await;
+}
+
+#[tokio::test]
+async fn bad_records_are_skipped_by_default_and_nothing_stalls() {
+    let names = names();
+    kafka().create_topic(&names.topic, 1).await.expect("topic");
+    let dir = mapping_dir(&[("orders.toml", ORDERS)]);
+    let running = start(&kafka_config(&names, dir.path())).await;
+    let mut cache = Cache::new(&names.prefix).await;
+    let keys = ["order:1", "order:2", "order:3"];
+    cache.seed(&keys).await;
+    let topic = &names.topic;
+    produce(topic, "1", Some(&order("c", None, Some((1, 1))))).await;
+    produce(topic, "x", Some(b"{not json")).await;
+    produce(topic, "x", Some(br#"{"hello":"world"}"#)).await;
+    let unmapped = br#"{"after":{"id":1},"source":{"schema":"public","table":"nope"},"op":"c"}"#;
+    produce(topic, "x", Some(unmapped)).await;
+    produce(topic, "2", Some(&order("c", None, Some((2, 1))))).await;
+    applied(&names).await;
+    assert_eq!(cache.cached(&keys).await, ["order:3"]);
+    stop(running).await;
+}
+
+#[tokio::test]
+async fn bad_records_go_to_the_dead_letter_topic_with_the_error() {
+    let names = names();
+    let dead = format!("{}.dead", names.topic);
+    kafka().create_topic(&names.topic, 1).await.expect("topic");
+    kafka().create_topic(&dead, 1).await.expect("dead-letter topic");
+    let dir = mapping_dir(&[("orders.toml", ORDERS)]);
+    let mut config = kafka_config(&names, dir.path());
+    let kafka_config = config.kafka.as_mut().expect("kafka");
+    kafka_config.on_bad_record = BadRecordPolicy::DeadLetter;
+    kafka_config.dead_letter_topic = Some(dead.clone());
+    let running = start(&config).await;
+    let mut cache = Cache::new(&names.prefix).await;
+    cache.seed(&["order:1", "order:2"]).await;
+    let topic = &names.topic;
+    produce(topic, "1", Some(&order("c", None, Some((1, 1))))).await;
+    produce(topic, "bad", Some(b"{not json")).await;
+    produce(topic, "2", Some(&order("c", None, Some((2, 1))))).await;
+    applied(&names).await;
+    assert!(cache.cached(&["order:1", "order:2"]).await.is_empty());
+    let dead_letters = kafka().read_all(&dead).expect("read the dead-letter topic");
+    assert_eq!(dead_letters.len(), 1, "{dead_letters:?}");
+    let record = &dead_letters[0];
+    assert_eq!(record.key.as_deref(), Some(&b"bad"[..]));
+    assert_eq!(record.value.as_deref(), Some(&b"{not json"[..]));
+    let header = |name: &str| {
+        record
+            .headers
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.clone())
+            .unwrap_or_else(|| panic!("header {name} in {:?}", record.headers))
+    };
+    assert!(header("evictd.error").starts_with("not valid JSON"));
+    assert_eq!(header("evictd.topic"), *topic);
+    assert_eq!(header("evictd.offset"), "1");
+    stop(running).await;
+}
+
+#[tokio::test]
+async fn stop_policy_halts_at_the_bad_record_after_applying_what_came_before() {
+    let names = names();
+    kafka().create_topic(&names.topic, 1).await.expect("topic");
+    let dir = mapping_dir(&[("orders.toml", ORDERS)]);
+    let mut config = kafka_config(&names, dir.path());
+    config.kafka.as_mut().expect("kafka").on_bad_record = BadRecordPolicy::Stop;
+    let running = start(&config).await;
+    let mut cache = Cache::new(&names.prefix).await;
+    cache.seed(&["order:1", "order:2"]).await;
+    let topic = &names.topic;
+    produce(topic, "1", Some(&order("c", None, Some((1, 1))))).await;
+    produce(topic, "bad", Some(br#"{"op":"c"}"#)).await;
+    produce(topic, "2", Some(&order("c", None, Some((2, 1))))).await;
+    let mut source = running.source.clone();
+    let reason = tokio::time::timeout(
+        Duration::from_secs(30),
+        source.wait_for(|state| matches!(state, SourceState::Interrupted(_))),
+    )
+    .await
+    .expect("halts")
+    .expect("state")
+    .clone();
+    let SourceState::Interrupted(reason) = reason else {
+        unreachable!()
+    };
+    assert!(
+        reason.contains(&format!("{topic}/0 offset 1")) && reason.contains("no `source` object"),
+        "{reason}"
+    );
+    // The record before it is applied and committed; the one after is not.
+    let committed = async {
+        loop {
+            if kafka().committed(&names.group, topic).expect("committed") == [1] {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), committed)
+        .await
+        .expect("offset 1 committed");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(cache.cached(&["order:1", "order:2"]).await, ["order:2"]);
+    assert_eq!(kafka().committed(&names.group, topic).expect("committed"), [1]);
+    stop(running).await;
+}
+
+#[tokio::test]
+async fn committed_offsets_the_broker_no_longer_has_mean_coarse_invalidation() {
+    let names = names();
+    kafka().create_topic(&names.topic, 1).await.expect("topic");
+    let topic = &names.topic;
+    produce(topic, "1", Some(&order("c", None, Some((1, 1))))).await;
+    produce(topic, "2", Some(&order("c", None, Some((2, 1))))).await;
+    // The group read far beyond what the partition holds now, as after
+    // retention deleted records it had not read.
+    kafka()
+        .commit(&names.group, topic, &[1000])
+        .expect("commit an offset out of range");
+    let mut cache = Cache::new(&names.prefix).await;
+    let keys = ["order:1", "order:77", "customer:5:orders", "other:1"];
+    cache.seed(&keys).await;
+    let dir = mapping_dir(&[("orders.toml", ORDERS)]);
+    let running = start(&kafka_config(&names, dir.path())).await;
+    applied(&names).await;
+    // Every orders key went, not only those of the records read.
+    assert_eq!(cache.cached(&keys).await, ["other:1"]);
+    stop(running).await;
+}
+
+#[tokio::test]
+async fn two_instances_in_one_group_split_the_partitions() {
+    let names = names();
+    kafka().create_topic(&names.topic, 4).await.expect("topic");
+    let dir = mapping_dir(&[("orders.toml", ORDERS)]);
+    let config = kafka_config(&names, dir.path());
+    let first = start(&config).await;
+    let second = start(&config).await;
+    // Wait until the rebalance gave the first one its share again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut source = first.source.clone();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        source.wait_for(|state| *state == SourceState::Streaming),
+    )
+    .await
+    .expect("the first instance streams after the rebalance")
+    .expect("state");
+    let mut cache = Cache::new(&names.prefix).await;
+    let ids: Vec<i64> = (1..=200).collect();
+    let keys: Vec<String> = ids.iter().map(|id| format!("order:{id}")).collect();
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    cache.seed(&keys).await;
+    for id in &ids {
+        produce(&names.topic, &id.to_string(), Some(&order("c", None, Some((*id, 1))))).await;
+    }
+    kafka()
+        .wait_committed(&names.group, &names.topic, Duration::from_secs(60))
+        .await
+        .expect("every partition committed to its end");
+    assert!(cache.cached(&keys).await.is_empty());
+    let (a, b) = (
+        first.progress.borrow().changes,
+        second.progress.borrow().changes,
+    );
+    assert!(a > 0 && b > 0, "both instances applied records: {a} and {b}");
+    assert!(a + b >= 200, "{a} + {b}");
+    stop(first).await;
+    stop(second).await;
+}
