@@ -330,7 +330,7 @@ fn run(path: &Path, until: Option<String>) -> anyhow::Result<ExitCode> {
                 running.stop();
             }
             // replay: the pipeline ends by itself once `until` is acknowledged.
-            _ = acked.wait_for(|acked| until.is_some_and(|until| *acked >= until)) => {}
+            _ = acked.wait_for(|acked| until.is_some_and(|until| *acked >= until)), if until.is_some() => {}
         }
         let ended = running.wait().await?;
         tracing::info!(?ended, "evictd stopped");

@@ -389,3 +389,167 @@ async fn two_instances_in_one_group_split_the_partitions() {
     stop(first).await;
     stop(second).await;
 }
+
+const PRICES: &str = r#"
+[[table]]
+name = "prices"
+keys = ["price:{id}:{price}:{day}:{at}:{at_tz}:{token}:{ok}:{amount}"]
+"#;
+
+/// Subscribes to an L1 channel: the keys of each broadcast that follows.
+async fn l1_messages(channel: &str) -> tokio::sync::mpsc::UnboundedReceiver<Vec<String>> {
+    use futures_util::StreamExt as _;
+    let client = redis::Client::open(stack().redis.url()).expect("redis url");
+    let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+    pubsub.subscribe(channel).await.expect("subscribe");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = pubsub.on_message();
+        while let Some(message) = messages.next().await {
+            let payload: String = message.get_payload().expect("text");
+            let json: serde_json::Value = serde_json::from_str(&payload).expect("json");
+            let keys = json["keys"]
+                .as_array()
+                .expect("keys")
+                .iter()
+                .map(|key| key.as_str().expect("a key").to_owned())
+                .collect();
+            if tx.send(keys).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+async fn next_keys(messages: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<String>>) -> Vec<String> {
+    tokio::time::timeout(Duration::from_secs(30), messages.recv())
+        .await
+        .expect("a broadcast")
+        .expect("the subscription is open")
+}
+
+#[tokio::test]
+async fn debezium_values_render_the_same_keys_as_the_postgres_source() {
+    // The row through logical replication.
+    let schema = "
+        create table prices (id bigint primary key, price numeric(10,2), day date,
+            at timestamp, at_tz timestamptz, token uuid, ok boolean, amount numeric);
+        alter table prices replica identity full;
+        create publication evictd for table prices;
+        set timezone = 'Europe/Berlin';
+    ";
+    let postgres = support::Streaming::start(schema, &[("prices.toml", PRICES)]).await;
+    let mut from_postgres = l1_messages(&postgres.config.redis.l1_channel).await;
+    postgres
+        .db
+        .execute(
+            "set timezone = 'America/New_York';
+             insert into prices values (1, 12.50, '2024-01-31', '2024-01-31 12:34:56.789',
+                '2024-01-31 14:34:56.5+02', '5f0b6f5c-8c1e-4c53-9d42-7f3b0f0c1a2b', true, -0.070)",
+        )
+        .await;
+    postgres.sync().await;
+    let postgres_keys = next_keys(&mut from_postgres).await;
+
+    // The same row as Debezium 2.x encodes it (with the schema wrapper).
+    let names = names();
+    kafka().create_topic(&names.topic, 1).await.expect("topic");
+    let dir = mapping_dir(&[("prices.toml", PRICES)]);
+    let config = kafka_config(&names, dir.path());
+    let mut from_kafka = l1_messages(&config.redis.l1_channel).await;
+    let running = start(&config).await;
+    produce(&names.topic, "1", Some(&sample("types_with_schema.json"))).await;
+    applied(&names).await;
+    let kafka_keys = next_keys(&mut from_kafka).await;
+
+    assert_eq!(kafka_keys, postgres_keys);
+    assert_eq!(
+        postgres_keys,
+        ["price:1:12.50:2024-01-31:2024-01-31%2012%3A34%3A56.789:2024-01-31%2012%3A34%3A56.5+00:5f0b6f5c-8c1e-4c53-9d42-7f3b0f0c1a2b:t:-0.070"]
+    );
+    stop(running).await;
+    postgres.evictd.stop().await.expect("stop");
+}
+
+/// `evictd.toml` for the Kafka source in `dir`, with its mappings.
+fn run_config(dir: &Path, names: &Names, commit_interval_ms: u64, admin: u16) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir.join("mappings")).expect("mappings dir");
+    std::fs::write(dir.join("mappings/orders.toml"), ORDERS).expect("mapping");
+    let path = dir.join("evictd.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[source]\nkind = \"kafka\"\n\
+             [kafka]\nbrokers = \"{}\"\ntopics = [\"{}\"]\ngroup_id = \"{}\"\ncommit_interval_ms = {commit_interval_ms}\n\
+             [kafka.properties]\n\"session.timeout.ms\" = 6000\n\
+             [redis]\nurl = \"{}\"\nprefix = \"{}\"\n\
+             [mappings]\ndir = \"mappings\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n",
+            kafka().brokers(),
+            names.topic,
+            names.group,
+            stack().redis.url(),
+            names.prefix
+        ),
+    )
+    .expect("config");
+    path
+}
+
+async fn ready(admin: u16) {
+    for _ in 0..600 {
+        if support::http_get(admin, "/readyz").is_some_and(|(status, _)| status == 200) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("evictd did not become ready in 60 s");
+}
+
+#[tokio::test]
+async fn kill_9_after_apply_before_commit_re_applies_and_misses_nothing() {
+    let names = names();
+    kafka().create_topic(&names.topic, 1).await.expect("topic");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let admin = support::free_port();
+    // Commits are a minute apart: the kill lands after apply, before commit.
+    let config = run_config(dir.path(), &names, 60_000, admin);
+    let mut evictd = support::spawn_run(&config);
+    ready(admin).await;
+    let mut cache = Cache::new(&names.prefix).await;
+    let first: Vec<String> = (1..=50).map(|id| format!("order:{id}")).collect();
+    let first: Vec<&str> = first.iter().map(String::as_str).collect();
+    cache.seed(&first).await;
+    for id in 1..=50 {
+        produce(&names.topic, &id.to_string(), Some(&order("c", None, Some((id, 1))))).await;
+    }
+    for _ in 0..300 {
+        if cache.cached(&first).await.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(cache.cached(&first).await.is_empty(), "applied before the kill");
+    evictd.kill().expect("kill -9");
+    evictd.wait().expect("reaped");
+    assert_eq!(
+        kafka().committed(&names.group, &names.topic).expect("committed"),
+        [-1],
+        "nothing was committed before the kill"
+    );
+
+    // While it is down: the cache refills, and more changes arrive.
+    let second: Vec<String> = (51..=80).map(|id| format!("order:{id}")).collect();
+    let second: Vec<&str> = second.iter().map(String::as_str).collect();
+    cache.seed(&first).await;
+    cache.seed(&second).await;
+    for id in 51..=80 {
+        produce(&names.topic, &id.to_string(), Some(&order("c", None, Some((id, 1))))).await;
+    }
+    let config = run_config(dir.path(), &names, 50, admin);
+    let evictd = support::spawn_run(&config);
+    applied(&names).await;
+    assert!(cache.cached(&first).await.is_empty(), "re-applied after restart");
+    assert!(cache.cached(&second).await.is_empty(), "none missed");
+    support::terminate(evictd);
+}

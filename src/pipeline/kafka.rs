@@ -70,7 +70,8 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
     let handle = consumer::spawn(&kafka, mappings.clone(), EVENT_CHANNEL_CAPACITY)?;
     let (plans_tx, plans_rx) = mpsc::channel(PLAN_CHANNEL_CAPACITY);
     let (progress_tx, progress_rx) = watch::channel(Progress::default());
-    let (_acked_tx, acked_rx) = watch::channel(Lsn(0));
+    // Kafka progress is committed offsets, not an LSN: this stays at 0.
+    let (acked_tx, acked_rx) = watch::channel(Lsn(0));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (source_tx, source_rx) = watch::channel(SourceState::Connecting);
     let (redis_tx, redis_rx) = watch::channel(None);
@@ -102,7 +103,11 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
         kafka,
         halted: None,
     };
-    let task = tokio::spawn(session.run(handle, stop_rx, apply_task));
+    let task = tokio::spawn(async move {
+        let ended = session.run(handle, stop_rx, apply_task).await;
+        drop(acked_tx);
+        ended
+    });
     Ok(Running {
         source: source_rx,
         redis: redis_rx,
