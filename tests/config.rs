@@ -142,6 +142,65 @@ fn kafka_source_needs_its_section() {
 }
 
 #[test]
+fn kafka_settings_are_checked_and_properties_pass_through() {
+    let (dir, path) = write(
+        "[source]\nkind = \"kafka\"\n[kafka]\nbrokers = \"b:9092\"\ntopics = [\"^dbserver1\\\\..*\"]\n\
+         on_bad_record = \"dead_letter\"\ndead_letter_topic = \"evictd.dead\"\n\
+         sasl_password_file = \"kafka.pass\"\n\
+         [kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\"session.timeout.ms\" = 6000\n",
+    );
+    std::fs::write(dir.path().join("kafka.pass"), "s3cret\n").expect("password file");
+    let config = Config::load_with_env(&path, env(&[])).expect("valid kafka config");
+    let kafka = config.kafka.expect("kafka");
+    assert_eq!(kafka.topics, ["^dbserver1\\..*"]);
+    assert_eq!(kafka.on_bad_record, evictd::config::BadRecordPolicy::DeadLetter);
+    assert_eq!(kafka.dead_letter_topic.as_deref(), Some("evictd.dead"));
+    assert_eq!(kafka.commit_interval_ms, 1000);
+    let properties: Vec<(&str, &str)> = kafka
+        .properties
+        .0
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert_eq!(
+        properties,
+        [
+            ("security.protocol", "SASL_SSL"),
+            ("session.timeout.ms", "6000"),
+            ("sasl.password", "s3cret")
+        ]
+    );
+    assert!(!format!("{:?}", kafka.properties).contains("s3cret"));
+}
+
+#[test]
+fn bad_kafka_settings_are_each_reported() {
+    let (_dir, path) = write(
+        "[source]\nkind = \"kafka\"\n[kafka]\nbrokers = \"b:9092\"\ntopics = [\"t\"]\n\
+         on_bad_record = \"ignore\"\ncommit_interval_ms = 0\n\
+         [kafka.properties]\n\"enable.auto.commit\" = \"true\"\n",
+    );
+    let error = Config::load_with_env(&path, env(&[])).expect_err("invalid");
+    let file = path.display();
+    assert_eq!(
+        error.problems,
+        [
+            format!("kafka.on_bad_record: unknown policy `ignore`; use \"skip\", \"dead_letter\" or \"stop\" (set in {file})"),
+            format!("kafka.commit_interval_ms: 0 is out of range 10..=60000 (set in {file})"),
+            format!("kafka.properties: `enable.auto.commit` is set by evictd (offsets are stored only after apply); remove it (set in {file})"),
+        ]
+    );
+    let (_dir, path) = write(
+        "[source]\nkind = \"kafka\"\n[kafka]\nbrokers = \"b:9092\"\ntopics = [\"t\"]\non_bad_record = \"dead_letter\"\n",
+    );
+    let error = Config::load_with_env(&path, env(&[])).expect_err("invalid");
+    assert_eq!(
+        error.problems,
+        ["kafka.dead_letter_topic: is required when on_bad_record = \"dead_letter\""]
+    );
+}
+
+#[test]
 fn a_missing_file_is_a_clear_error() {
     let error = Config::load_with_env(Path::new("/nonexistent/evictd.toml"), env(&[]))
         .expect_err("missing");

@@ -62,7 +62,12 @@ impl<'p> Section<'p> {
 
     /// The file a value was read from, or else its environment variable.
     fn origin_of(&self, key: &str, value: &config::Value) -> String {
-        match value.origin() {
+        // A table has no origin of its own: its entries do.
+        let entry_origin = match &value.kind {
+            config::ValueKind::Table(table) => table.values().find_map(config::Value::origin),
+            _ => None,
+        };
+        match value.origin().or(entry_origin) {
             Some(origin) if origin != "the environment" => self.file.clone(),
             _ => format!(
                 "EVICTD_{}__{}",
