@@ -204,6 +204,12 @@ fn init(path: &Path, dry_run: bool) -> anyhow::Result<ExitCode> {
         Ok(loaded) => loaded,
         Err(code) => return Ok(code),
     };
+    if config.source == evictd::config::SourceKind::Kafka {
+        println!(
+            "source.kind = \"kafka\": evictd needs no slot or publication; Debezium owns the topics and the consumer group is created on first run"
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -236,7 +242,12 @@ fn status(path: &Path) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (text, warnings) = runtime.block_on(evictd::lifecycle::status(&config))?;
+    let (text, warnings) = match &config.kafka {
+        Some(kafka) if config.source == evictd::config::SourceKind::Kafka => {
+            evictd::source::kafka::consumer::group_status(kafka)?
+        }
+        _ => runtime.block_on(evictd::lifecycle::status(&config))?,
+    };
     print!("{text}");
     for warning in &warnings {
         eprintln!("warning: {warning}");

@@ -153,7 +153,10 @@ fn kafka_settings_are_checked_and_properties_pass_through() {
     let config = Config::load_with_env(&path, env(&[])).expect("valid kafka config");
     let kafka = config.kafka.expect("kafka");
     assert_eq!(kafka.topics, ["^dbserver1\\..*"]);
-    assert_eq!(kafka.on_bad_record, evictd::config::BadRecordPolicy::DeadLetter);
+    assert_eq!(
+        kafka.on_bad_record,
+        evictd::config::BadRecordPolicy::DeadLetter
+    );
     assert_eq!(kafka.dead_letter_topic.as_deref(), Some("evictd.dead"));
     assert_eq!(kafka.commit_interval_ms, 1000);
     let properties: Vec<(&str, &str)> = kafka

@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use evictd::config::{BadRecordPolicy, Config, KafkaConfig, KafkaProperties, SecretUrl, SourceKind};
+use evictd::config::{
+    BadRecordPolicy, Config, KafkaConfig, KafkaProperties, SecretUrl, SourceKind,
+};
 use evictd::pipeline::{self, Options, Running, SourceState};
 use evictd::testkit::Kafka;
 use support::{init_logging, mapping_dir, redis_connection, stack};
@@ -114,9 +116,7 @@ impl Cache {
                 .arg("cached")
                 .ignore();
         }
-        pipe.query_async::<()>(&mut self.redis)
-            .await
-            .expect("seed");
+        pipe.query_async::<()>(&mut self.redis).await.expect("seed");
     }
 
     async fn cached(&mut self, keys: &[&str]) -> Vec<String> {
@@ -176,7 +176,12 @@ async fn debezium_events_invalidate_what_the_mappings_name() {
 
     // An update with the schema wrapper that moves the order to another
     // customer: old and new keys go.
-    let keys = ["order:10", "customer:1:orders", "customer:2:orders", "customer:9:orders"];
+    let keys = [
+        "order:10",
+        "customer:1:orders",
+        "customer:2:orders",
+        "customer:9:orders",
+    ];
     cache.seed(&keys).await;
     produce(topic, "10", Some(&sample("update_with_schema.json"))).await;
     applied(&names).await;
@@ -202,7 +207,12 @@ async fn debezium_events_invalidate_what_the_mappings_name() {
     assert!(cache.cached(&keys).await.is_empty());
 
     // An unavailable (TOASTed) value: every key over that column goes.
-    let keys = ["customer:3", "customer:bio:hello", "customer:bio:other", "order:99"];
+    let keys = [
+        "customer:3",
+        "customer:bio:hello",
+        "customer:bio:other",
+        "order:99",
+    ];
     cache.seed(&keys).await;
     produce(topic, "3", Some(&sample("toast_update.json"))).await;
     applied(&names).await;
@@ -244,7 +254,10 @@ async fn bad_records_go_to_the_dead_letter_topic_with_the_error() {
     let names = names();
     let dead = format!("{}.dead", names.topic);
     kafka().create_topic(&names.topic, 1).await.expect("topic");
-    kafka().create_topic(&dead, 1).await.expect("dead-letter topic");
+    kafka()
+        .create_topic(&dead, 1)
+        .await
+        .expect("dead-letter topic");
     let dir = mapping_dir(&[("orders.toml", ORDERS)]);
     let mut config = kafka_config(&names, dir.path());
     let kafka_config = config.kafka.as_mut().expect("kafka");
@@ -322,7 +335,10 @@ async fn stop_policy_halts_at_the_bad_record_after_applying_what_came_before() {
         .expect("offset 1 committed");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(cache.cached(&["order:1", "order:2"]).await, ["order:2"]);
-    assert_eq!(kafka().committed(&names.group, topic).expect("committed"), [1]);
+    assert_eq!(
+        kafka().committed(&names.group, topic).expect("committed"),
+        [1]
+    );
     stop(running).await;
 }
 
@@ -373,7 +389,12 @@ async fn two_instances_in_one_group_split_the_partitions() {
     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
     cache.seed(&keys).await;
     for id in &ids {
-        produce(&names.topic, &id.to_string(), Some(&order("c", None, Some((*id, 1))))).await;
+        produce(
+            &names.topic,
+            &id.to_string(),
+            Some(&order("c", None, Some((*id, 1)))),
+        )
+        .await;
     }
     kafka()
         .wait_committed(&names.group, &names.topic, Duration::from_secs(60))
@@ -384,7 +405,10 @@ async fn two_instances_in_one_group_split_the_partitions() {
         first.progress.borrow().changes,
         second.progress.borrow().changes,
     );
-    assert!(a > 0 && b > 0, "both instances applied records: {a} and {b}");
+    assert!(
+        a > 0 && b > 0,
+        "both instances applied records: {a} and {b}"
+    );
     assert!(a + b >= 200, "{a} + {b}");
     stop(first).await;
     stop(second).await;
@@ -422,7 +446,9 @@ async fn l1_messages(channel: &str) -> tokio::sync::mpsc::UnboundedReceiver<Vec<
     rx
 }
 
-async fn next_keys(messages: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<String>>) -> Vec<String> {
+async fn next_keys(
+    messages: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<String>>,
+) -> Vec<String> {
     tokio::time::timeout(Duration::from_secs(30), messages.recv())
         .await
         .expect("a broadcast")
@@ -473,7 +499,12 @@ async fn debezium_values_render_the_same_keys_as_the_postgres_source() {
 }
 
 /// `evictd.toml` for the Kafka source in `dir`, with its mappings.
-fn run_config(dir: &Path, names: &Names, commit_interval_ms: u64, admin: u16) -> std::path::PathBuf {
+fn run_config(
+    dir: &Path,
+    names: &Names,
+    commit_interval_ms: u64,
+    admin: u16,
+) -> std::path::PathBuf {
     std::fs::create_dir_all(dir.join("mappings")).expect("mappings dir");
     std::fs::write(dir.join("mappings/orders.toml"), ORDERS).expect("mapping");
     let path = dir.join("evictd.toml");
@@ -521,7 +552,12 @@ async fn kill_9_after_apply_before_commit_re_applies_and_misses_nothing() {
     let first: Vec<&str> = first.iter().map(String::as_str).collect();
     cache.seed(&first).await;
     for id in 1..=50 {
-        produce(&names.topic, &id.to_string(), Some(&order("c", None, Some((id, 1))))).await;
+        produce(
+            &names.topic,
+            &id.to_string(),
+            Some(&order("c", None, Some((id, 1)))),
+        )
+        .await;
     }
     for _ in 0..300 {
         if cache.cached(&first).await.is_empty() {
@@ -529,11 +565,16 @@ async fn kill_9_after_apply_before_commit_re_applies_and_misses_nothing() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(cache.cached(&first).await.is_empty(), "applied before the kill");
+    assert!(
+        cache.cached(&first).await.is_empty(),
+        "applied before the kill"
+    );
     evictd.kill().expect("kill -9");
     evictd.wait().expect("reaped");
     assert_eq!(
-        kafka().committed(&names.group, &names.topic).expect("committed"),
+        kafka()
+            .committed(&names.group, &names.topic)
+            .expect("committed"),
         [-1],
         "nothing was committed before the kill"
     );
@@ -544,12 +585,34 @@ async fn kill_9_after_apply_before_commit_re_applies_and_misses_nothing() {
     cache.seed(&first).await;
     cache.seed(&second).await;
     for id in 51..=80 {
-        produce(&names.topic, &id.to_string(), Some(&order("c", None, Some((id, 1))))).await;
+        produce(
+            &names.topic,
+            &id.to_string(),
+            Some(&order("c", None, Some((id, 1)))),
+        )
+        .await;
     }
     let config = run_config(dir.path(), &names, 50, admin);
     let evictd = support::spawn_run(&config);
     applied(&names).await;
-    assert!(cache.cached(&first).await.is_empty(), "re-applied after restart");
+    assert!(
+        cache.cached(&first).await.is_empty(),
+        "re-applied after restart"
+    );
     assert!(cache.cached(&second).await.is_empty(), "none missed");
     support::terminate(evictd);
+    let status = support::evictd(&["status", "--config", config.to_str().expect("utf-8")]);
+    let text = support::stdout(&status);
+    assert!(
+        status.status.success(),
+        "{text}{}",
+        support::stderr(&status)
+    );
+    assert!(
+        text.contains(&format!(
+            "{}/0: committed 80 of 0..=80, 0 behind",
+            names.topic
+        )),
+        "{text}"
+    );
 }

@@ -11,10 +11,10 @@ use super::{
     AdminConfig, BadRecordPolicy, BatchConfig, KafkaConfig, KafkaProperties, MappingsConfig,
     PostgresConfig, RedisConfig, SecretUrl, SourceKind,
 };
-use crate::source::kafka::debezium::DEFAULT_UNAVAILABLE_PLACEHOLDER;
 use crate::change::is_identifier;
 use crate::mapping::diagnostic::did_you_mean;
 use crate::mapping::Limits;
+use crate::source::kafka::debezium::DEFAULT_UNAVAILABLE_PLACEHOLDER;
 
 /// One section's fields, read one at a time so that each problem is
 /// reported; [`Drop`] reports the fields nobody read as unknown.
@@ -254,18 +254,19 @@ pub(super) fn read_kafka(
     if !brokers_set {
         section.problem("brokers", None, "is required when source.kind = \"kafka\"");
     }
-    let on_bad_record = section.parse(
-        "on_bad_record",
-        BadRecordPolicy::Skip,
-        |policy: String| match policy.as_str() {
-            "skip" => Ok(BadRecordPolicy::Skip),
-            "dead_letter" => Ok(BadRecordPolicy::DeadLetter),
-            "stop" => Ok(BadRecordPolicy::Stop),
-            other => Err(format!(
-                "unknown policy `{other}`; use \"skip\", \"dead_letter\" or \"stop\""
-            )),
-        },
-    );
+    let on_bad_record =
+        section.parse(
+            "on_bad_record",
+            BadRecordPolicy::Skip,
+            |policy: String| match policy.as_str() {
+                "skip" => Ok(BadRecordPolicy::Skip),
+                "dead_letter" => Ok(BadRecordPolicy::DeadLetter),
+                "stop" => Ok(BadRecordPolicy::Stop),
+                other => Err(format!(
+                    "unknown policy `{other}`; use \"skip\", \"dead_letter\" or \"stop\""
+                )),
+            },
+        );
     let dead_letter_topic = section.parse("dead_letter_topic", None, |topic: String| {
         non_empty("the topic name")(topic).map(Some)
     });
@@ -286,13 +287,14 @@ pub(super) fn read_kafka(
     let mut properties = section.parse(
         "properties",
         Vec::new(),
-        |table: std::collections::BTreeMap<String, String>| {
-            match table.keys().find(|key| RESERVED_KAFKA_PROPERTIES.contains(&key.as_str())) {
-                Some(key) => Err(format!(
-                    "`{key}` is set by evictd (offsets are stored only after apply); remove it"
-                )),
-                None => Ok(table.into_iter().collect::<Vec<_>>()),
-            }
+        |table: std::collections::BTreeMap<String, String>| match table
+            .keys()
+            .find(|key| RESERVED_KAFKA_PROPERTIES.contains(&key.as_str()))
+        {
+            Some(key) => Err(format!(
+                "`{key}` is set by evictd (offsets are stored only after apply); remove it"
+            )),
+            None => Ok(table.into_iter().collect::<Vec<_>>()),
         },
     );
     if let Some((path, origin)) = section.get::<PathBuf>("sasl_password_file") {

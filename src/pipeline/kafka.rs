@@ -32,7 +32,9 @@ use crate::lag::LagHistogram;
 use crate::mapping::{Mappings, Output};
 use crate::pipeline::replication::Ended;
 use crate::plan::Planner;
-use crate::source::kafka::consumer::{self, Command, Event, Partition, Position, Record};
+use crate::source::kafka::consumer::{
+    self, Command, Event, Partition, Position, RawRecord, Record,
+};
 use crate::source::kafka::debezium::Decoded;
 use crate::telemetry;
 
@@ -219,7 +221,11 @@ impl Session {
         Ok(ended)
     }
 
-    async fn handle(&mut self, event: Event, stop: &mut watch::Receiver<bool>) -> Result<(), Error> {
+    async fn handle(
+        &mut self,
+        event: Event,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), Error> {
         match event {
             Event::Record(record) => self.record(record, stop).await,
             Event::Assigned(positions) => {
@@ -288,7 +294,10 @@ impl Session {
             Ok(Decoded::Tombstone) => "tombstone",
             Ok(Decoded::NotARowChange) => "ignored",
             Err(reason) => {
-                match self.bad_record(&partition, offset, &reason, raw, stop).await? {
+                match self
+                    .bad_record(&partition, offset, &reason, raw, stop)
+                    .await?
+                {
                     Some(outcome) => outcome,
                     None => return Ok(()),
                 }
@@ -307,7 +316,7 @@ impl Session {
         partition: &Partition,
         offset: i64,
         reason: &str,
-        raw: Option<(Option<Vec<u8>>, Option<Vec<u8>>)>,
+        raw: Option<RawRecord>,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<Option<&'static str>, Error> {
         match self.kafka.on_bad_record {
@@ -316,8 +325,8 @@ impl Session {
                 Ok(Some("skipped"))
             }
             BadRecordPolicy::DeadLetter => {
-                let (key, value) = raw.unwrap_or_default();
-                self.dead_letter(partition, offset, reason, key, value, stop)
+                let raw = raw.unwrap_or_default();
+                self.dead_letter(partition, offset, reason, raw, stop)
                     .await?;
                 tracing::warn!(%partition, offset, %reason, topic = ?self.kafka.dead_letter_topic, "bad record sent to the dead-letter topic");
                 Ok(Some("dead_letter"))
@@ -331,7 +340,8 @@ impl Session {
                 // Everything before it is applied and committed as usual.
                 self.flush().await?;
                 let _ = self.commands.send(Command::PauseAll);
-                self.source.send_replace(SourceState::Interrupted(why.clone()));
+                self.source
+                    .send_replace(SourceState::Interrupted(why.clone()));
                 metrics::gauge!(telemetry::STREAMING).set(0.0);
                 self.halted = Some(why);
                 Ok(None)
@@ -346,8 +356,7 @@ impl Session {
         partition: &Partition,
         offset: i64,
         reason: &str,
-        key: Option<Vec<u8>>,
-        value: Option<Vec<u8>>,
+        raw: RawRecord,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<(), Error> {
         let (Some(producer), Some(topic)) = (&self.dead_letters, &self.kafka.dead_letter_topic)
@@ -376,10 +385,10 @@ impl Session {
                     value: Some(&offset_text),
                 });
             let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers);
-            if let Some(key) = &key {
+            if let Some(key) = &raw.key {
                 record = record.key(key);
             }
-            if let Some(value) = &value {
+            if let Some(value) = &raw.value {
                 record = record.payload(value);
             }
             match producer.send(record, Duration::from_secs(30)).await {
@@ -447,7 +456,8 @@ impl Session {
         if newly.is_empty() {
             return;
         }
-        self.applied.extend(newly.iter().map(|(p, o)| (p.clone(), *o)));
+        self.applied
+            .extend(newly.iter().map(|(p, o)| (p.clone(), *o)));
         let _ = self
             .commands
             .send(Command::Store(newly.into_iter().map(position).collect()));

@@ -89,7 +89,9 @@ impl Kafka {
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if let Ok(Some(status)) = child.try_wait() {
                 let log = std::fs::read_to_string(dir.path().join("tansu.log")).unwrap_or_default();
-                return Err(TestkitError::Start(format!("tansu exited with {status}:\n{log}")));
+                return Err(TestkitError::Start(format!(
+                    "tansu exited with {status}:\n{log}"
+                )));
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
@@ -127,7 +129,10 @@ impl Kafka {
             .map_err(|e| TestkitError::Start(format!("cannot create an admin client: {e}")))?;
         let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
         let results = admin
-            .create_topics([&new], &AdminOptions::new().operation_timeout(Some(CLIENT_TIMEOUT)))
+            .create_topics(
+                [&new],
+                &AdminOptions::new().operation_timeout(Some(CLIENT_TIMEOUT)),
+            )
             .await
             .map_err(|e| TestkitError::Start(format!("cannot create topic {topic}: {e}")))?;
         for result in results {
@@ -268,7 +273,8 @@ impl Kafka {
                         headers
                             .iter()
                             .map(|h| {
-                                let value = h.value.map(String::from_utf8_lossy).unwrap_or_default();
+                                let value =
+                                    h.value.map(String::from_utf8_lossy).unwrap_or_default();
                                 (h.key.to_owned(), value.into_owned())
                             })
                             .collect()

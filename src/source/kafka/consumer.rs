@@ -68,8 +68,15 @@ pub struct Record {
     pub partition: Partition,
     pub offset: i64,
     pub decoded: Result<Decoded, String>,
-    /// The raw key and value of a bad record, for the dead-letter topic.
-    pub raw: Option<(Option<Vec<u8>>, Option<Vec<u8>>)>,
+    /// The raw record when it is bad, for the dead-letter topic.
+    pub raw: Option<RawRecord>,
+}
+
+/// A record's key and value as the broker holds them.
+#[derive(Debug, Default)]
+pub struct RawRecord {
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
 }
 
 /// What the consumer tells the pipeline, in order.
@@ -142,7 +149,9 @@ pub fn spawn(
         .set("auto.offset.reset", "error")
         .set("enable.partition.eof", "false")
         .create_with_context(context)
-        .map_err(|e| Error::with_source(ErrorKind::Config, "cannot create the Kafka consumer", e))?;
+        .map_err(|e| {
+            Error::with_source(ErrorKind::Config, "cannot create the Kafka consumer", e)
+        })?;
     let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).map_err(|e| {
         Error::with_source(
@@ -440,19 +449,20 @@ impl Worker {
     }
 
     fn record(&self, message: &rdkafka::message::BorrowedMessage<'_>) -> Record {
-        let decoded = debezium::decode(message.payload(), &self.placeholder).and_then(
-            |decoded| match &decoded {
-                Decoded::Change { change, .. } if self.mappings.table(&change.table).is_none() => {
-                    Err(format!("table {} is not in any mapping", change.table))
-                }
-                _ => Ok(decoded),
-            },
-        );
-        let raw = decoded.is_err().then(|| {
-            (
-                message.key().map(<[u8]>::to_vec),
-                message.payload().map(<[u8]>::to_vec),
-            )
+        let decoded =
+            debezium::decode(message.payload(), &self.placeholder).and_then(
+                |decoded| match &decoded {
+                    Decoded::Change { change, .. }
+                        if self.mappings.table(&change.table).is_none() =>
+                    {
+                        Err(format!("table {} is not in any mapping", change.table))
+                    }
+                    _ => Ok(decoded),
+                },
+            );
+        let raw = decoded.is_err().then(|| RawRecord {
+            key: message.key().map(<[u8]>::to_vec),
+            value: message.payload().map(<[u8]>::to_vec),
         });
         Record {
             partition: Partition {
@@ -464,4 +474,72 @@ impl Worker {
             raw,
         }
     }
+}
+
+/// `evictd status` for the Kafka source: per partition of each named topic,
+/// the group's committed offset, the partition's range, and the records not
+/// yet applied. Blocking (call it off the async runtime).
+pub fn group_status(config: &KafkaConfig) -> Result<(String, Vec<String>), Error> {
+    use std::fmt::Write as _;
+    let consumer: BaseConsumer = client_config(config)
+        .set("group.id", &config.group_id)
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(|e| Error::with_source(ErrorKind::Config, "cannot create a Kafka client", e))?;
+    let broker = |e| Error::with_source(ErrorKind::Shutdown, "the Kafka broker did not answer", e);
+    let mut out = String::new();
+    let mut warnings = Vec::new();
+    let _ = writeln!(out, "group {} on {}", config.group_id, config.brokers);
+    for topic in &config.topics {
+        if topic.starts_with('^') {
+            let _ = writeln!(out, "topics matching {topic}: listed by name only");
+            continue;
+        }
+        let metadata = consumer
+            .fetch_metadata(Some(topic), BROKER_TIMEOUT)
+            .map_err(broker)?;
+        let partitions = metadata
+            .topics()
+            .first()
+            .map_or(0, |t| t.partitions().len());
+        if partitions == 0 {
+            let _ = writeln!(out, "topic {topic}: missing");
+            warnings.push(format!("topic {topic} does not exist"));
+            continue;
+        }
+        let mut list = TopicPartitionList::new();
+        list.add_partition_range(topic, 0, i32::try_from(partitions).unwrap_or(i32::MAX) - 1);
+        let committed = consumer
+            .committed_offsets(list, BROKER_TIMEOUT)
+            .map_err(broker)?;
+        let mut total_behind = 0;
+        for element in committed.elements() {
+            let partition = element.partition();
+            let (low, high) = consumer
+                .fetch_watermarks(topic, partition, BROKER_TIMEOUT)
+                .map_err(broker)?;
+            let line = match element.offset() {
+                Offset::Offset(offset) if offset < low || offset > high => {
+                    warnings.push(format!(
+                        "{topic}/{partition}: committed offset {offset} is outside {low}..={high}: records were lost; evictd invalidates every mapped table when it takes the partition"
+                    ));
+                    format!("committed {offset}, outside {low}..={high}")
+                }
+                Offset::Offset(offset) => {
+                    total_behind += high - offset;
+                    format!(
+                        "committed {offset} of {low}..={high}, {} behind",
+                        high - offset
+                    )
+                }
+                _ => {
+                    total_behind += high - low;
+                    format!("nothing committed ({low}..={high}: read from the start)")
+                }
+            };
+            let _ = writeln!(out, "  {topic}/{partition}: {line}");
+        }
+        let _ = writeln!(out, "topic {topic}: {total_behind} records not yet applied");
+    }
+    Ok((out, warnings))
 }

@@ -42,7 +42,9 @@ pub fn decode(value: Option<&[u8]>, placeholder: &str) -> Result<Decoded, String
     let json: Value = serde_json::from_slice(value).map_err(|e| format!("not valid JSON: {e}"))?;
     let (payload, schema) = match json {
         Value::Null => return Ok(Decoded::Tombstone),
-        Value::Object(mut object) if object.contains_key("payload") && !object.contains_key("op") => {
+        Value::Object(mut object)
+            if object.contains_key("payload") && !object.contains_key("op") =>
+        {
             let schema = object.remove("schema");
             match object.remove("payload") {
                 Some(Value::Null) => return Ok(Decoded::Tombstone),
@@ -154,7 +156,12 @@ fn op_letter(op: Op) -> &'static str {
 /// `source.schema` + `source.table`, or `source.db` + `source.table` for
 /// sources without schemas (MySQL).
 fn table_of(source: &Map<String, Value>) -> Result<TableName, String> {
-    let text = |key: &str| source.get(key).and_then(Value::as_str).filter(|s| !s.is_empty());
+    let text = |key: &str| {
+        source
+            .get(key)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    };
     let table = text("table").ok_or("not a Debezium envelope: no `source.table`")?;
     let schema = text("schema")
         .or_else(|| text("db"))
@@ -224,7 +231,9 @@ fn datum(value: &Value, schema: Option<&Value>, placeholder: &str) -> Result<Dat
             Datum::Text(values::date_from_days(integer()?).into())
         }
         Some("io.debezium.time.Timestamp" | "org.apache.kafka.connect.data.Timestamp") => {
-            let micros = integer()?.checked_mul(1000).ok_or_else(|| bad("a timestamp"))?;
+            let micros = integer()?
+                .checked_mul(1000)
+                .ok_or_else(|| bad("a timestamp"))?;
             Datum::Text(values::timestamp_from_micros(micros).into())
         }
         Some("io.debezium.time.MicroTimestamp") => {
@@ -297,14 +306,16 @@ mod tests {
 
     #[test]
     fn mysql_style_source_uses_db() {
-        let change = change(r#"{"after":{"id":1},"source":{"db":"shop","table":"users"},"op":"c"}"#);
+        let change =
+            change(r#"{"after":{"id":1},"source":{"db":"shop","table":"users"},"op":"c"}"#);
         assert_eq!(change.table.to_string(), "shop.users");
         assert!(change.old.is_none());
     }
 
     #[test]
     fn snapshot_reads_are_inserts_and_truncates_carry_no_rows() {
-        let read = change(r#"{"after":{"id":1},"source":{"schema":"public","table":"t"},"op":"r"}"#);
+        let read =
+            change(r#"{"after":{"id":1},"source":{"schema":"public","table":"t"},"op":"r"}"#);
         assert_eq!(read.op, Op::Insert);
         let truncate = change(r#"{"source":{"schema":"public","table":"t"},"op":"t"}"#);
         assert_eq!(truncate.op, Op::Truncate);
@@ -325,14 +336,20 @@ mod tests {
     fn tombstones_and_messages() {
         let placeholder = DEFAULT_UNAVAILABLE_PLACEHOLDER;
         assert_eq!(decode(None, placeholder).unwrap(), Decoded::Tombstone);
-        assert_eq!(decode(Some(b"null"), placeholder).unwrap(), Decoded::Tombstone);
+        assert_eq!(
+            decode(Some(b"null"), placeholder).unwrap(),
+            Decoded::Tombstone
+        );
         assert_eq!(
             decode(Some(br#"{"schema":null,"payload":null}"#), placeholder).unwrap(),
             Decoded::Tombstone
         );
         assert_eq!(
-            decode(Some(br#"{"op":"m","source":{"schema":"public","table":""}}"#), placeholder)
-                .unwrap(),
+            decode(
+                Some(br#"{"op":"m","source":{"schema":"public","table":""}}"#),
+                placeholder
+            )
+            .unwrap(),
             Decoded::NotARowChange
         );
     }
@@ -342,9 +359,18 @@ mod tests {
         let placeholder = DEFAULT_UNAVAILABLE_PLACEHOLDER;
         let error = |json: &[u8]| decode(Some(json), placeholder).unwrap_err();
         assert!(error(b"{not json").starts_with("not valid JSON"));
-        assert_eq!(error(b"[1]"), "not a Debezium envelope: the value is not a JSON object");
-        assert_eq!(error(br#"{"id":1}"#), "not a Debezium envelope: no `op` field");
-        assert_eq!(error(br#"{"op":"x","source":{}}"#), "unknown Debezium op `x`");
+        assert_eq!(
+            error(b"[1]"),
+            "not a Debezium envelope: the value is not a JSON object"
+        );
+        assert_eq!(
+            error(br#"{"id":1}"#),
+            "not a Debezium envelope: no `op` field"
+        );
+        assert_eq!(
+            error(br#"{"op":"x","source":{}}"#),
+            "unknown Debezium op `x`"
+        );
         assert_eq!(
             error(br#"{"op":"c","source":{"schema":"public"}}"#),
             "not a Debezium envelope: no `source.table`"
@@ -396,6 +422,9 @@ mod tests {
               {"field":"day","type":"int32","name":"io.debezium.time.Date"}]}]},
           "payload":{"after":{"day":"soon"},"source":{"schema":"public","table":"t"},"op":"c"}}"#;
         let error = decode(Some(json.as_bytes()), DEFAULT_UNAVAILABLE_PLACEHOLDER).unwrap_err();
-        assert_eq!(error, "`after.day`: an integer expected for io.debezium.time.Date");
+        assert_eq!(
+            error,
+            "`after.day`: an integer expected for io.debezium.time.Date"
+        );
     }
 }
