@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, watch};
 use super::{Options, Running, SourceState, PLAN_CHANNEL_CAPACITY};
 use crate::apply::broadcast::Broadcast;
 use crate::apply::{self, Backoff, Progress, RedisSink, Request};
-use crate::change::Lsn;
+use crate::change::{Lsn, Op, TableName};
 use crate::config::{BadRecordPolicy, Config, KafkaConfig};
 use crate::error::{Error, ErrorKind};
 use crate::lag::LagHistogram;
@@ -104,6 +104,8 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
         dead_letters,
         kafka,
         halted: None,
+        received: FxHashMap::default(),
+        outcomes: FxHashMap::default(),
     };
     let task = tokio::spawn(async move {
         let ended = session.run(handle, stop_rx, apply_task).await;
@@ -144,6 +146,9 @@ struct Session {
     kafka: KafkaConfig,
     /// Why the pipeline stopped taking records (`on_bad_record = "stop"`).
     halted: Option<String>,
+    /// Metrics of the pending batch.
+    received: FxHashMap<(Arc<TableName>, Op), u64>,
+    outcomes: FxHashMap<&'static str, u64>,
 }
 
 impl Session {
@@ -288,7 +293,10 @@ impl Session {
                 if let Some(commit_time) = commit_time {
                     self.planner.note_commit_time(commit_time);
                 }
-                metrics::counter!(telemetry::CHANGES_RECEIVED, "table" => change.table.to_string(), "op" => change.op.as_str()).increment(1);
+                *self
+                    .received
+                    .entry((change.table.clone(), change.op))
+                    .or_default() += 1;
                 "change"
             }
             Ok(Decoded::Tombstone) => "tombstone",
@@ -303,7 +311,7 @@ impl Session {
                 }
             }
         };
-        metrics::counter!(telemetry::KAFKA_RECORDS, "outcome" => outcome).increment(1);
+        *self.outcomes.entry(outcome).or_default() += 1;
         self.batch.insert(partition, offset + 1);
         self.batch_started.get_or_insert_with(Instant::now);
         Ok(())
@@ -429,6 +437,14 @@ impl Session {
     /// Sends the pending batch to apply.
     async fn flush(&mut self) -> Result<(), Error> {
         self.batch_started = None;
+        // Counted per batch: a labelled counter per record costs more than
+        // decoding it.
+        for ((table, op), count) in self.received.drain() {
+            metrics::counter!(telemetry::CHANGES_RECEIVED, "table" => table.to_string(), "op" => op.as_str()).increment(count);
+        }
+        for (outcome, count) in self.outcomes.drain() {
+            metrics::counter!(telemetry::KAFKA_RECORDS, "outcome" => outcome).increment(count);
+        }
         if self.planner.is_empty() && self.batch.is_empty() && self.planner.changes() == 0 {
             return Ok(());
         }

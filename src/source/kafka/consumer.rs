@@ -31,7 +31,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
-use super::debezium::{self, Decoded};
+use super::debezium::{Decoded, Decoder};
 use crate::config::KafkaConfig;
 use crate::error::{Error, ErrorKind};
 use crate::mapping::Mappings;
@@ -163,7 +163,7 @@ pub fn spawn(
     let worker = Worker {
         consumer,
         mappings,
-        placeholder: config.unavailable_value_placeholder.clone(),
+        decoder: Decoder::new(&config.unavailable_value_placeholder),
         commit_interval: Duration::from_millis(config.commit_interval_ms),
         done: done_tx,
     };
@@ -385,13 +385,13 @@ fn commit(consumer: &BaseConsumer<Context>, mode: CommitMode) {
 struct Worker {
     consumer: BaseConsumer<Context>,
     mappings: Arc<Mappings>,
-    placeholder: String,
+    decoder: Decoder,
     commit_interval: Duration,
     done: std_mpsc::Sender<()>,
 }
 
 impl Worker {
-    fn run(self) {
+    fn run(mut self) {
         let context = self.consumer.context().clone();
         let mut last_commit = Instant::now();
         loop {
@@ -404,7 +404,9 @@ impl Worker {
             }
             let event = match self.consumer.poll(POLL) {
                 None => continue,
-                Some(Ok(message)) => Event::Record(self.record(&message)),
+                Some(Ok(message)) => {
+                    Event::Record(record(&mut self.decoder, &self.mappings, &message))
+                }
                 Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset))) => {
                     // The fetch position fell out of range after assignment:
                     // place every partition again (reporting what was lost).
@@ -447,32 +449,34 @@ impl Worker {
         // Dropping the consumer leaves the group; it may take a while and
         // happens here, off the async runtime.
     }
+}
 
-    fn record(&self, message: &rdkafka::message::BorrowedMessage<'_>) -> Record {
-        let decoded =
-            debezium::decode(message.payload(), &self.placeholder).and_then(
-                |decoded| match &decoded {
-                    Decoded::Change { change, .. }
-                        if self.mappings.table(&change.table).is_none() =>
-                    {
-                        Err(format!("table {} is not in any mapping", change.table))
-                    }
-                    _ => Ok(decoded),
-                },
-            );
-        let raw = decoded.is_err().then(|| RawRecord {
-            key: message.key().map(<[u8]>::to_vec),
-            value: message.payload().map(<[u8]>::to_vec),
+/// Decodes one message and checks its table against the mappings.
+fn record(
+    decoder: &mut Decoder,
+    mappings: &Mappings,
+    message: &rdkafka::message::BorrowedMessage<'_>,
+) -> Record {
+    let decoded = decoder
+        .decode(message.payload())
+        .and_then(|decoded| match &decoded {
+            Decoded::Change { change, .. } if mappings.table(&change.table).is_none() => {
+                Err(format!("table {} is not in any mapping", change.table))
+            }
+            _ => Ok(decoded),
         });
-        Record {
-            partition: Partition {
-                topic: message.topic().into(),
-                partition: message.partition(),
-            },
-            offset: message.offset(),
-            decoded,
-            raw,
-        }
+    let raw = decoded.is_err().then(|| RawRecord {
+        key: message.key().map(<[u8]>::to_vec),
+        value: message.payload().map(<[u8]>::to_vec),
+    });
+    Record {
+        partition: Partition {
+            topic: message.topic().into(),
+            partition: message.partition(),
+        },
+        offset: message.offset(),
+        decoded,
+        raw,
     }
 }
 

@@ -9,16 +9,24 @@
 //! message) is not a row change and is ignored. A tombstone (no value) after
 //! a delete is skipped.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use serde_json::{Map, Value};
+use rustc_hash::FxHashMap;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::Value;
 
 use super::values;
 use crate::change::{Datum, Op, Row, RowChange, TableName};
 
 /// The default of Debezium's `unavailable.value.placeholder`.
 pub const DEFAULT_UNAVAILABLE_PLACEHOLDER: &str = "__debezium_unavailable_value";
+
+/// Distinct schemas (and tables) remembered before the caches start afresh.
+const CACHE_LIMIT: usize = 1024;
 
 /// What one record holds.
 #[derive(Debug, PartialEq)]
@@ -34,50 +42,254 @@ pub enum Decoded {
     NotARowChange,
 }
 
-/// Decodes one record value. The error says what is wrong with it.
+/// Decodes one record value with a throwaway [`Decoder`]. The error says
+/// what is wrong with it.
 pub fn decode(value: Option<&[u8]>, placeholder: &str) -> Result<Decoded, String> {
-    let Some(value) = value else {
-        return Ok(Decoded::Tombstone);
-    };
-    let json: Value = serde_json::from_slice(value).map_err(|e| format!("not valid JSON: {e}"))?;
-    let (payload, schema) = match json {
-        Value::Null => return Ok(Decoded::Tombstone),
-        Value::Object(mut object)
-            if object.contains_key("payload") && !object.contains_key("op") =>
-        {
-            let schema = object.remove("schema");
-            match object.remove("payload") {
-                Some(Value::Null) => return Ok(Decoded::Tombstone),
-                Some(Value::Object(payload)) => (payload, schema),
-                Some(_) => return Err("not a Debezium envelope: `payload` is not an object".into()),
-                None => unreachable!("checked above"),
+    Decoder::new(placeholder).decode(value)
+}
+
+/// Decodes records, borrowing from each record's bytes rather than building
+/// a JSON tree, and remembering what repeats from record to record: parsed
+/// schemas (by their text), table names and column-name lists.
+pub struct Decoder {
+    placeholder: String,
+    schemas: FxHashMap<Box<str>, Arc<Schema>>,
+    tables: FxHashMap<Box<str>, Arc<TableName>>,
+    columns: FxHashMap<Box<str>, Arc<[Arc<str>]>>,
+    scratch: String,
+}
+
+/// The envelope's top level, or its `payload`: each part left unparsed.
+/// `Some(None)` is a part present as `null`.
+#[derive(Deserialize)]
+struct Parts<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    schema: Option<Option<&'a RawValue>>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    payload: Option<Option<&'a RawValue>>,
+    #[serde(borrow, default)]
+    op: Option<Text<'a>>,
+    #[serde(borrow, default)]
+    before: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    after: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    source: Option<Source<'a>>,
+}
+
+fn present<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Option<&'de RawValue>>, D::Error> {
+    Option::<&RawValue>::deserialize(deserializer).map(Some)
+}
+
+#[derive(Deserialize)]
+struct Source<'a> {
+    #[serde(borrow, default)]
+    schema: Option<Text<'a>>,
+    #[serde(borrow, default)]
+    db: Option<Text<'a>>,
+    #[serde(borrow, default)]
+    table: Option<Text<'a>>,
+    #[serde(default)]
+    ts_ms: Option<u64>,
+}
+
+/// A JSON string, borrowed unless it held escapes.
+#[derive(Debug)]
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TextVisitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for TextVisitor<'a> {
+            type Value = Text<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, text: &'de str) -> Result<Text<'a>, E> {
+                Ok(Text(Cow::Borrowed(text)))
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Text<'a>, E> {
+                Ok(Text(Cow::Owned(text.to_owned())))
             }
         }
-        Value::Object(object) => (object, None),
-        _ => return Err("not a Debezium envelope: the value is not a JSON object".into()),
-    };
-    Envelope {
-        payload,
-        schema: schema.as_ref(),
-        placeholder,
+        deserializer.deserialize_str(TextVisitor(std::marker::PhantomData))
     }
-    .decode()
 }
 
-struct Envelope<'a> {
-    payload: Map<String, Value>,
-    schema: Option<&'a Value>,
-    placeholder: &'a str,
+/// An object's fields in order, values unparsed.
+struct Fields<'a>(Vec<(Text<'a>, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FieldsVisitor;
+        impl<'de> Visitor<'de> for FieldsVisitor {
+            type Value = Fields<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Fields<'de>, M::Error> {
+                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(entry) = map.next_entry::<Text<'de>, &'de RawValue>()? {
+                    fields.push(entry);
+                }
+                Ok(Fields(fields))
+            }
+        }
+        deserializer.deserialize_map(FieldsVisitor)
+    }
 }
 
-impl Envelope<'_> {
-    fn decode(mut self) -> Result<Decoded, String> {
-        let op = match self.payload.get("op") {
-            Some(Value::String(op)) => op.clone(),
-            Some(_) => return Err("not a Debezium envelope: `op` is not a string".into()),
+/// A field's type as the envelope schema declares it.
+#[derive(Debug, Default)]
+struct FieldType {
+    kind: Option<String>,
+    name: Option<String>,
+    scale: Option<u32>,
+}
+
+/// The `before` and `after` field types of one envelope schema.
+#[derive(Debug, Default)]
+struct Schema {
+    before: FxHashMap<String, FieldType>,
+    after: FxHashMap<String, FieldType>,
+}
+
+impl Schema {
+    fn parse(raw: &str) -> Schema {
+        let Ok(schema) = serde_json::from_str::<Value>(raw) else {
+            return Schema::default();
+        };
+        let side = |side: &str| -> FxHashMap<String, FieldType> {
+            let fields = schema
+                .get("fields")
+                .and_then(Value::as_array)
+                .and_then(|fields| {
+                    fields
+                        .iter()
+                        .find(|field| field.get("field").and_then(Value::as_str) == Some(side))
+                })
+                .and_then(|side| side.get("fields"))
+                .and_then(Value::as_array);
+            fields
+                .into_iter()
+                .flatten()
+                .filter_map(|field| {
+                    let text =
+                        |key: &str| field.get(key).and_then(Value::as_str).map(str::to_owned);
+                    let scale = field
+                        .pointer("/parameters/scale")
+                        .and_then(|scale| match scale {
+                            Value::String(text) => text.parse().ok(),
+                            other => other.as_u64().and_then(|n| u32::try_from(n).ok()),
+                        });
+                    Some((
+                        text("field")?,
+                        FieldType {
+                            kind: text("type"),
+                            name: text("name"),
+                            scale,
+                        },
+                    ))
+                })
+                .collect()
+        };
+        Schema {
+            before: side("before"),
+            after: side("after"),
+        }
+    }
+}
+
+/// A JSON value, borrowed where it can be.
+enum Json<'a> {
+    Null,
+    Bool(bool),
+    /// A number's text exactly as sent.
+    Number(&'a str),
+    Str(Cow<'a, str>),
+    /// An object or array (a `VariableScaleDecimal`, say).
+    Compound(Value),
+}
+
+impl<'a> Json<'a> {
+    fn parse(raw: &'a RawValue) -> Result<Json<'a>, String> {
+        let text = raw.get().trim();
+        let invalid = |e: serde_json::Error| format!("invalid JSON value: {e}");
+        Ok(match text.as_bytes().first() {
+            Some(b'n') => Json::Null,
+            Some(b't') => Json::Bool(true),
+            Some(b'f') => Json::Bool(false),
+            Some(b'"') => Json::Str(serde_json::from_str::<Text<'a>>(text).map_err(invalid)?.0),
+            Some(b'{' | b'[') => Json::Compound(serde_json::from_str(text).map_err(invalid)?),
+            _ => Json::Number(text),
+        })
+    }
+}
+
+impl Decoder {
+    pub fn new(placeholder: &str) -> Decoder {
+        Decoder {
+            placeholder: placeholder.to_owned(),
+            schemas: FxHashMap::default(),
+            tables: FxHashMap::default(),
+            columns: FxHashMap::default(),
+            scratch: String::new(),
+        }
+    }
+
+    /// Decodes one record value. The error says what is wrong with it.
+    pub fn decode(&mut self, value: Option<&[u8]>) -> Result<Decoded, String> {
+        let Some(value) = value else {
+            return Ok(Decoded::Tombstone);
+        };
+        let text = std::str::from_utf8(value).map_err(|e| format!("not valid JSON: {e}"))?;
+        let trimmed = text.trim_start();
+        if trimmed.starts_with("null") {
+            serde_json::from_str::<()>(text).map_err(|e| format!("not valid JSON: {e}"))?;
+            return Ok(Decoded::Tombstone);
+        }
+        if !trimmed.starts_with('{') {
+            serde_json::from_str::<de::IgnoredAny>(text)
+                .map_err(|e| format!("not valid JSON: {e}"))?;
+            return Err("not a Debezium envelope: the value is not a JSON object".into());
+        }
+        let top: Parts<'_> = serde_json::from_str(text).map_err(|e| envelope_error(&e))?;
+        let (parts, schema) = match (&top.op, top.payload) {
+            (None, Some(None)) => return Ok(Decoded::Tombstone),
+            (None, Some(Some(payload))) => {
+                if !payload.get().trim_start().starts_with('{') {
+                    return Err("not a Debezium envelope: `payload` is not an object".into());
+                }
+                let parts: Parts<'_> =
+                    serde_json::from_str(payload.get()).map_err(|e| envelope_error(&e))?;
+                let schema = top.schema.flatten().map(|raw| self.schema(raw.get()));
+                (parts, schema)
+            }
+            _ => (top, None),
+        };
+        self.envelope(parts, schema.as_deref())
+    }
+
+    fn schema(&mut self, raw: &str) -> Arc<Schema> {
+        if let Some(schema) = self.schemas.get(raw) {
+            return schema.clone();
+        }
+        if self.schemas.len() >= CACHE_LIMIT {
+            self.schemas.clear();
+        }
+        let schema = Arc::new(Schema::parse(raw));
+        self.schemas.insert(raw.into(), schema.clone());
+        schema
+    }
+
+    fn envelope(&mut self, parts: Parts<'_>, schema: Option<&Schema>) -> Result<Decoded, String> {
+        let op = match &parts.op {
+            Some(Text(op)) => op,
             None => return Err("not a Debezium envelope: no `op` field".into()),
         };
-        let op = match op.as_str() {
+        let op = match &**op {
             "c" | "r" => Op::Insert,
             "u" => Op::Update,
             "d" => Op::Delete,
@@ -85,62 +297,129 @@ impl Envelope<'_> {
             "m" => return Ok(Decoded::NotARowChange),
             other => return Err(format!("unknown Debezium op `{other}`")),
         };
-        let source = match self.payload.remove("source") {
-            Some(Value::Object(source)) => source,
-            _ => return Err("not a Debezium envelope: no `source` object".into()),
-        };
-        let table = table_of(&source)?;
+        let source = parts
+            .source
+            .ok_or("not a Debezium envelope: no `source` object")?;
+        let table = self.table(&source)?;
         let commit_time = source
-            .get("ts_ms")
-            .and_then(Value::as_u64)
+            .ts_ms
             .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
-        let old = self.row("before")?;
-        let new = self.row("after")?;
+        let old = match parts.before {
+            Some(raw) if op != Op::Insert => {
+                self.row(&table, raw, "before", schema.map(|s| &s.before))?
+            }
+            _ => None,
+        };
+        let new = match parts.after {
+            Some(raw) if matches!(op, Op::Insert | Op::Update) => {
+                self.row(&table, raw, "after", schema.map(|s| &s.after))?
+            }
+            _ => None,
+        };
         let missing = |side: &str| format!("a `{}` event without `{side}`", op_letter(op));
         match op {
-            Op::Insert if new.is_none() => return Err(missing("after")),
-            Op::Update if new.is_none() => return Err(missing("after")),
+            Op::Insert | Op::Update if new.is_none() => return Err(missing("after")),
             Op::Delete if old.is_none() => return Err(missing("before")),
             _ => {}
         }
-        let change = RowChange {
-            table: Arc::new(table),
-            op,
-            old: if op == Op::Insert { None } else { old },
-            new: if matches!(op, Op::Insert | Op::Update) {
-                new
-            } else {
-                None
-            },
-        };
         Ok(Decoded::Change {
-            change,
+            change: RowChange {
+                table,
+                op,
+                old,
+                new,
+            },
             commit_time,
         })
     }
 
+    /// `source.schema` + `source.table`, or `source.db` + `source.table` for
+    /// sources without schemas (MySQL).
+    fn table(&mut self, source: &Source<'_>) -> Result<Arc<TableName>, String> {
+        fn text<'s>(field: &'s Option<Text<'_>>) -> Option<&'s str> {
+            field
+                .as_ref()
+                .map(|Text(text)| &**text)
+                .filter(|text| !text.is_empty())
+        }
+        let table = text(&source.table).ok_or("not a Debezium envelope: no `source.table`")?;
+        let schema = text(&source.schema)
+            .or_else(|| text(&source.db))
+            .ok_or("not a Debezium envelope: no `source.schema` or `source.db`")?;
+        self.scratch.clear();
+        self.scratch.push_str(schema);
+        self.scratch.push('.');
+        self.scratch.push_str(table);
+        if let Some(name) = self.tables.get(self.scratch.as_str()) {
+            return Ok(name.clone());
+        }
+        if self.tables.len() >= CACHE_LIMIT {
+            self.tables.clear();
+        }
+        let name = Arc::new(TableName::new(schema, table));
+        self.tables
+            .insert(self.scratch.as_str().into(), name.clone());
+        Ok(name)
+    }
+
     /// The row in `before` or `after`, typed by the schema when there is one.
-    fn row(&self, side: &str) -> Result<Option<Row>, String> {
-        let fields = match self.payload.get(side) {
-            None | Some(Value::Null) => return Ok(None),
-            Some(Value::Object(fields)) => fields,
-            Some(_) => return Err(format!("`{side}` is not an object")),
-        };
-        let types = self.schema.and_then(|schema| field_schemas(schema, side));
-        let mut names = Vec::with_capacity(fields.len());
+    fn row(
+        &mut self,
+        table: &TableName,
+        raw: &RawValue,
+        side: &str,
+        types: Option<&FxHashMap<String, FieldType>>,
+    ) -> Result<Option<Row>, String> {
+        if raw.get().trim_start().starts_with("null") {
+            return Ok(None);
+        }
+        let Fields(fields) =
+            serde_json::from_str(raw.get()).map_err(|_| format!("`{side}` is not an object"))?;
         let mut values = Vec::with_capacity(fields.len());
-        for (name, value) in fields {
-            let schema = types.and_then(|types| {
-                types
-                    .iter()
-                    .find(|field| field.get("field").and_then(Value::as_str) == Some(name))
-            });
-            let datum = datum(value, schema, self.placeholder)
+        for (Text(name), value) in &fields {
+            let field_type = types.and_then(|types| types.get(&**name));
+            let value = Json::parse(value).map_err(|e| format!("`{side}.{name}`: {e}"))?;
+            let datum = datum(value, field_type, &self.placeholder)
                 .map_err(|e| format!("`{side}.{name}`: {e}"))?;
-            names.push(Arc::from(name.as_str()));
             values.push(datum);
         }
-        Ok(Some(Row::new(names.into(), values)))
+        Ok(Some(Row::new(self.column_names(table, &fields), values)))
+    }
+
+    /// The shared column-name list of `table` for these fields.
+    fn column_names(
+        &mut self,
+        table: &TableName,
+        fields: &[(Text<'_>, &RawValue)],
+    ) -> Arc<[Arc<str>]> {
+        use std::fmt::Write as _;
+        self.scratch.clear();
+        let _ = write!(self.scratch, "{table}");
+        for (Text(name), _) in fields {
+            self.scratch.push('\0');
+            self.scratch.push_str(name);
+        }
+        if let Some(names) = self.columns.get(self.scratch.as_str()) {
+            return names.clone();
+        }
+        if self.columns.len() >= CACHE_LIMIT {
+            self.columns.clear();
+        }
+        let names: Arc<[Arc<str>]> = fields
+            .iter()
+            .map(|(Text(name), _)| Arc::from(&**name))
+            .collect();
+        self.columns
+            .insert(self.scratch.as_str().into(), names.clone());
+        names
+    }
+}
+
+fn envelope_error(error: &serde_json::Error) -> String {
+    if error.is_syntax() || error.is_eof() {
+        format!("not valid JSON: {error}")
+    } else {
+        format!("not a Debezium envelope: {error}")
     }
 }
 
@@ -153,39 +432,11 @@ fn op_letter(op: Op) -> &'static str {
     }
 }
 
-/// `source.schema` + `source.table`, or `source.db` + `source.table` for
-/// sources without schemas (MySQL).
-fn table_of(source: &Map<String, Value>) -> Result<TableName, String> {
-    let text = |key: &str| {
-        source
-            .get(key)
-            .and_then(Value::as_str)
-            .filter(|s| !s.is_empty())
-    };
-    let table = text("table").ok_or("not a Debezium envelope: no `source.table`")?;
-    let schema = text("schema")
-        .or_else(|| text("db"))
-        .ok_or("not a Debezium envelope: no `source.schema` or `source.db`")?;
-    Ok(TableName::new(schema, table))
-}
-
-/// The field schemas of the `before`/`after` struct in an envelope schema.
-fn field_schemas<'s>(schema: &'s Value, side: &str) -> Option<&'s Vec<Value>> {
-    let fields = schema.get("fields")?.as_array()?;
-    let side = fields
-        .iter()
-        .find(|field| field.get("field").and_then(Value::as_str) == Some(side))?;
-    side.get("fields")?.as_array()
-}
-
 /// One value in canonical text, typed by its field schema when known.
-fn datum(value: &Value, schema: Option<&Value>, placeholder: &str) -> Result<Datum, String> {
-    if value.is_null() {
-        return Ok(Datum::Null);
-    }
-    let kind = schema.and_then(|s| s.get("type")).and_then(Value::as_str);
-    let name = schema.and_then(|s| s.get("name")).and_then(Value::as_str);
-    if let Value::String(text) = value {
+fn datum(value: Json<'_>, field: Option<&FieldType>, placeholder: &str) -> Result<Datum, String> {
+    let kind = field.and_then(|f| f.kind.as_deref());
+    let name = field.and_then(|f| f.name.as_deref());
+    if let Json::Str(text) = &value {
         if text == placeholder {
             return Ok(Datum::UnchangedToast);
         }
@@ -195,32 +446,40 @@ fn datum(value: &Value, schema: Option<&Value>, placeholder: &str) -> Result<Dat
             return Ok(Datum::UnchangedToast);
         }
     }
+    if matches!(value, Json::Null) {
+        return Ok(Datum::Null);
+    }
     let bad = |what: &str| format!("{what} expected for {}", name.or(kind).unwrap_or("?"));
-    let integer = || value.as_i64().ok_or_else(|| bad("an integer"));
-    let string = || value.as_str().ok_or_else(|| bad("a string"));
+    let integer = || match &value {
+        Json::Number(text) => text.parse::<i64>().map_err(|_| bad("an integer")),
+        _ => Err(bad("an integer")),
+    };
+    let string = || match &value {
+        Json::Str(text) => Ok(&**text),
+        _ => Err(bad("a string")),
+    };
     Ok(match name {
-        Some("org.apache.kafka.connect.data.Decimal") => match value {
-            Value::String(text) => {
+        Some("org.apache.kafka.connect.data.Decimal") => match &value {
+            Json::Str(text) => {
                 let bytes = values::base64_decode(text).ok_or_else(|| bad("base64"))?;
-                let scale = schema
-                    .and_then(|s| s.pointer("/parameters/scale"))
-                    .and_then(|scale| match scale {
-                        Value::String(text) => text.parse().ok(),
-                        other => other.as_u64().and_then(|n| u32::try_from(n).ok()),
-                    })
+                let scale = field
+                    .and_then(|f| f.scale)
                     .ok_or("a Decimal schema without `parameters.scale`")?;
                 Datum::Number(values::decimal_from_bytes(&bytes, scale).into())
             }
-            Value::Number(number) => Datum::Number(number.to_string().into()),
+            Json::Number(text) => Datum::Number((*text).into()),
             _ => return Err(bad("base64 or a number")),
         },
         Some("io.debezium.data.VariableScaleDecimal") => {
-            let scale = value
+            let Json::Compound(object) = &value else {
+                return Err(bad("an object with `scale`"));
+            };
+            let scale = object
                 .get("scale")
                 .and_then(Value::as_u64)
                 .and_then(|n| u32::try_from(n).ok())
                 .ok_or_else(|| bad("an object with `scale`"))?;
-            let bytes = value
+            let bytes = object
                 .get("value")
                 .and_then(Value::as_str)
                 .and_then(values::base64_decode)
@@ -263,14 +522,15 @@ fn datum(value: &Value, schema: Option<&Value>, placeholder: &str) -> Result<Dat
         ),
         Some("io.debezium.data.Json") => Datum::Json(string()?.into()),
         _ => match (kind, value) {
-            (_, Value::Bool(flag)) => Datum::Bool(*flag),
-            (_, Value::Number(number)) => Datum::Number(number.to_string().into()),
-            (Some("bytes"), Value::String(text)) => Datum::Text(
-                values::bytea_hex(&values::base64_decode(text).ok_or_else(|| bad("base64"))?)
+            (_, Json::Bool(flag)) => Datum::Bool(flag),
+            (_, Json::Number(text)) => Datum::Number(text.into()),
+            (Some("bytes"), Json::Str(text)) => Datum::Text(
+                values::bytea_hex(&values::base64_decode(&text).ok_or_else(|| bad("base64"))?)
                     .into(),
             ),
-            (_, Value::String(text)) => Datum::Text(text.as_str().into()),
-            (_, other) => Datum::Json(other.to_string().into()),
+            (_, Json::Str(text)) => Datum::Text(text.into()),
+            (_, Json::Compound(other)) => Datum::Json(other.to_string().into()),
+            (_, Json::Null) => Datum::Null,
         },
     })
 }
@@ -413,6 +673,26 @@ mod tests {
         assert_eq!(text("ok"), "t");
         assert_eq!(text("blob"), "\\xdead");
         assert_eq!(text("token"), "5f0b6f5c-8c1e-4c53-9d42-7f3b0f0c1a2b");
+    }
+
+    #[test]
+    fn one_decoder_across_records_keeps_each_rows_own_columns() {
+        let mut decoder = Decoder::new(DEFAULT_UNAVAILABLE_PLACEHOLDER);
+        let mut decode = |json: &str| match decoder.decode(Some(json.as_bytes())).unwrap() {
+            Decoded::Change { change, .. } => change.new.unwrap(),
+            other => panic!("not a change: {other:?}"),
+        };
+        let a = decode(
+            r#"{"after":{"id":1,"na\u006de":"x\"y"},"source":{"schema":"public","table":"t"},"op":"c"}"#,
+        );
+        let b = decode(r#"{"after":{"id":2},"source":{"schema":"public","table":"t"},"op":"c"}"#);
+        let c = decode(
+            r#"{"after":{"id":3,"name":"z"},"source":{"schema":"public","table":"t"},"op":"c"}"#,
+        );
+        assert_eq!(a.get("name"), &Datum::text("x\"y"));
+        assert_eq!(b.get("name"), &Datum::Missing);
+        assert_eq!(b.get("id"), &Datum::Number("2".into()));
+        assert_eq!(c.get("name"), &Datum::text("z"));
     }
 
     #[test]
