@@ -65,14 +65,14 @@ async fn main() {
         .create()
         .expect("producer");
     let started = Instant::now();
-    let producer = &producer;
+    let producer_ref = &producer;
     let mut pending = Vec::with_capacity(10_000);
     for id in 0..records {
         let key = id.to_string();
         let value = envelope(id);
         pending.push(async move {
             let record = FutureRecord::to(TOPIC).key(&key).payload(&value);
-            producer
+            producer_ref
                 .send(record, Duration::from_secs(60))
                 .await
                 .map(drop)
@@ -88,6 +88,8 @@ async fn main() {
         result.expect("produced");
     }
     eprintln!("B5: produced in {:.1?}", started.elapsed());
+    // Its polling thread would compete for the CPU with what is measured.
+    drop(producer);
     let topic_bytes: u64 = (0..records).map(|id| envelope(id).len() as u64).sum();
 
     let dir = tempfile::tempdir().expect("tempdir");
@@ -118,6 +120,8 @@ async fn main() {
         .expect("baseline");
 
     eprintln!("B5: evictd draining {records} records ...");
+    let metrics = evictd::telemetry::recorder();
+    let cpu_before = thread_cpu();
     let mappings =
         Arc::new(mapping::load_dir(dir.path(), config.mappings.limits).expect("mapping"));
     let running = pipeline::start(&config, mappings, Options::default()).expect("start evictd");
@@ -132,6 +136,7 @@ async fn main() {
         .await
         .expect("all applied");
     let done = Instant::now();
+    let cpu_after = thread_cpu();
     let commands = progress.borrow().commands;
     #[allow(clippy::cast_precision_loss)]
     let evictd_rate = (records - first.1) as f64 / (done - first.0).as_secs_f64();
@@ -150,6 +155,19 @@ async fn main() {
     let rss_kib = evictd::testkit::peak_rss_kib(std::process::id()).unwrap_or(0);
 
     let ratio = evictd_rate / baseline;
+    if std::env::var_os("EVICTD_BENCH_METRICS").is_some() {
+        let mut by_name: std::collections::BTreeMap<String, u64> = Default::default();
+        for (tid, (name, ticks)) in &cpu_after {
+            let before = cpu_before.get(tid).map_or(0, |(_, t)| *t);
+            *by_name.entry(name.clone()).or_default() += ticks - before;
+        }
+        eprintln!("CPU during the evictd drain, by thread (clock ticks): {by_name:?}");
+        for line in metrics.render().lines() {
+            if line.contains("_sum") || line.contains("_count") {
+                eprintln!("{line}");
+            }
+        }
+    }
     println!();
     println!("| B5: {records} Debezium envelopes, {PARTITIONS} partitions | records/s | ratio |");
     println!("| --- | --- | --- |");
@@ -213,4 +231,23 @@ fn baseline_rate(config: &KafkaConfig, records: u64) -> f64 {
     #[allow(clippy::cast_precision_loss)]
     let rate = (records - 1) as f64 / took.as_secs_f64();
     rate
+}
+
+/// utime + stime of each thread of this process, by thread id.
+fn thread_cpu() -> std::collections::HashMap<String, (String, u64)> {
+    let mut threads = std::collections::HashMap::new();
+    for entry in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_owned();
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        let ticks = fields.get(11).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0)
+            + fields.get(12).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
+        threads.insert(entry.file_name().to_string_lossy().into_owned(), (name, ticks));
+    }
+    threads
 }

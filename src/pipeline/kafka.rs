@@ -38,8 +38,8 @@ use crate::source::kafka::consumer::{
 use crate::source::kafka::debezium::Decoded;
 use crate::telemetry;
 
-/// Records decoded ahead of planning.
-const EVENT_CHANNEL_CAPACITY: usize = 4096;
+/// Events (chunks of up to 256 records) decoded ahead of planning.
+const EVENT_CHANNEL_CAPACITY: usize = 64;
 /// How long shutdown waits for the last batch and commit.
 const STOP_BOUND: Duration = Duration::from_secs(10);
 
@@ -232,7 +232,12 @@ impl Session {
         stop: &mut watch::Receiver<bool>,
     ) -> Result<(), Error> {
         match event {
-            Event::Record(record) => self.record(record, stop).await,
+            Event::Records(records) => {
+                for record in records {
+                    self.record(record, stop).await?;
+                }
+                Ok(())
+            }
             Event::Assigned(positions) => {
                 let partitions: Vec<String> = positions
                     .iter()

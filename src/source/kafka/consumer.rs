@@ -41,6 +41,8 @@ use crate::telemetry;
 const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `poll` blocks; commands are served between polls.
 const POLL: Duration = Duration::from_millis(20);
+/// Records handed to the pipeline in one event at most.
+const RECORD_CHUNK: usize = 256;
 
 /// A partition of a topic.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -82,7 +84,9 @@ pub struct RawRecord {
 /// What the consumer tells the pipeline, in order.
 #[derive(Debug)]
 pub enum Event {
-    Record(Record),
+    /// Records in the order they were read (a chunk, to spare a wake-up
+    /// per record).
+    Records(Vec<Record>),
     /// Partitions now held (after a rebalance), each with where it starts.
     Assigned(Vec<Position>),
     /// Partitions whose committed offset the broker no longer holds: the
@@ -137,6 +141,7 @@ pub fn spawn(
     let (done_tx, done) = std_mpsc::channel();
     let context = Context {
         events: events_tx,
+        pending: Mutex::new(Vec::new()),
         commands: Mutex::new(commands_rx),
         drain_timeout: Duration::from_millis(config.drain_timeout_ms),
         closing: std::sync::atomic::AtomicBool::new(false),
@@ -180,6 +185,9 @@ pub fn spawn(
 
 struct Context {
     events: mpsc::Sender<Event>,
+    /// Records read and not yet handed over; always sent before any other
+    /// event, so that order holds across rebalances.
+    pending: Mutex<Vec<Record>>,
     commands: Mutex<std_mpsc::Receiver<Command>>,
     drain_timeout: Duration,
     /// Set once the worker stops: the final revoke needs no drain.
@@ -214,7 +222,7 @@ impl ConsumerContext for Context {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let lost = start_positions(consumer, partitions);
                 if !lost.is_empty() {
-                    let _ = self.events.blocking_send(Event::Lost(lost));
+                    self.send(Event::Lost(lost));
                 }
                 let assigned = match consumer.rebalance_protocol() {
                     RebalanceProtocol::Cooperative => consumer.incremental_assign(partitions),
@@ -226,7 +234,7 @@ impl ConsumerContext for Context {
                 let assigned = positions(partitions);
                 #[allow(clippy::cast_precision_loss)]
                 metrics::gauge!(telemetry::KAFKA_ASSIGNED_PARTITIONS).set(assigned.len() as f64);
-                let _ = self.events.blocking_send(Event::Assigned(assigned));
+                self.send(Event::Assigned(assigned));
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 if !self.closing.load(std::sync::atomic::Ordering::SeqCst) {
@@ -250,13 +258,51 @@ impl ConsumerContext for Context {
 }
 
 impl Context {
+    /// Hands the pending records over, then `event`; false once the
+    /// pipeline is gone.
+    fn send(&self, event: Event) -> bool {
+        self.flush_pending() && self.events.blocking_send(event).is_ok()
+    }
+
+    /// Hands the pending records over; false once the pipeline is gone.
+    fn flush_pending(&self) -> bool {
+        let records = std::mem::take(
+            &mut *self
+                .pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        records.is_empty() || self.events.blocking_send(Event::Records(records)).is_ok()
+    }
+
+    /// Keeps a record for the next hand-over; hands over a full chunk.
+    fn push(&self, record: Record) -> bool {
+        let full = {
+            let mut pending = self
+                .pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            pending.push(record);
+            pending.len() >= RECORD_CHUNK
+        };
+        !full || self.flush_pending()
+    }
+
+    fn has_pending(&self) -> bool {
+        !self
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_empty()
+    }
+
     /// Before revoked partitions go: the pipeline applies what it took and
     /// answers; that is committed. Past the bound, the partitions go
     /// without: their next owner re-reads what was not committed.
     fn drain(&self, consumer: &BaseConsumer<Self>) {
         let started = Instant::now();
         let (answer, answered) = std_mpsc::channel();
-        if self.events.blocking_send(Event::Drain(answer)).is_err() {
+        if !self.send(Event::Drain(answer)) {
             return;
         }
         let applied = answered.recv_timeout(self.drain_timeout);
@@ -402,10 +448,27 @@ impl Worker {
                 commit(&self.consumer, CommitMode::Async);
                 last_commit = Instant::now();
             }
-            let event = match self.consumer.poll(POLL) {
-                None => continue,
+            // While records wait to be handed over, only take what is
+            // already there; hand them over once nothing more is.
+            let wait = if context.has_pending() {
+                Duration::ZERO
+            } else {
+                POLL
+            };
+            let event = match self.consumer.poll(wait) {
+                None => {
+                    if !context.flush_pending() {
+                        break;
+                    }
+                    continue;
+                }
                 Some(Ok(message)) => {
-                    Event::Record(record(&mut self.decoder, &self.mappings, &message))
+                    let record = record(&mut self.decoder, &self.mappings, &message);
+                    drop(message);
+                    if !context.push(record) {
+                        break;
+                    }
+                    continue;
                 }
                 Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset))) => {
                     // The fetch position fell out of range after assignment:
@@ -413,9 +476,7 @@ impl Worker {
                     match self.consumer.assignment() {
                         Ok(mut assignment) => {
                             let lost = start_positions(&self.consumer, &mut assignment);
-                            if !lost.is_empty()
-                                && context.events.blocking_send(Event::Lost(lost)).is_err()
-                            {
+                            if !lost.is_empty() && !context.send(Event::Lost(lost)) {
                                 break;
                             }
                             if let Err(error) = self.consumer.assign(&assignment) {
@@ -436,7 +497,7 @@ impl Worker {
                 }
             };
             let failed = matches!(event, Event::Failed(_));
-            if context.events.blocking_send(event).is_err() || failed {
+            if !context.send(event) || failed {
                 break;
             }
         }
