@@ -236,7 +236,11 @@ fn baseline_rate(config: &KafkaConfig, records: u64) -> f64 {
 /// utime + stime of each thread of this process, by thread id.
 fn thread_cpu() -> std::collections::HashMap<String, (String, u64)> {
     let mut threads = std::collections::HashMap::new();
-    for entry in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+    for entry in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
             continue;
         };
@@ -245,9 +249,18 @@ fn thread_cpu() -> std::collections::HashMap<String, (String, u64)> {
         };
         let name = stat[open + 1..close].to_owned();
         let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
-        let ticks = fields.get(11).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0)
-            + fields.get(12).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
-        threads.insert(entry.file_name().to_string_lossy().into_owned(), (name, ticks));
+        let ticks = fields
+            .get(11)
+            .and_then(|t| t.parse::<u64>().ok())
+            .unwrap_or(0)
+            + fields
+                .get(12)
+                .and_then(|t| t.parse::<u64>().ok())
+                .unwrap_or(0);
+        threads.insert(
+            entry.file_name().to_string_lossy().into_owned(),
+            (name, ticks),
+        );
     }
     threads
 }

@@ -65,14 +65,14 @@ pub struct Decoder {
 struct Parts<'a> {
     #[serde(borrow, default, deserialize_with = "present")]
     schema: Option<Option<&'a RawValue>>,
-    #[serde(borrow, default, deserialize_with = "present")]
-    payload: Option<Option<&'a RawValue>>,
+    #[serde(borrow, default, deserialize_with = "present_payload")]
+    payload: Option<Option<Box<Parts<'a>>>>,
     #[serde(borrow, default)]
     op: Option<Text<'a>>,
     #[serde(borrow, default)]
-    before: Option<&'a RawValue>,
+    before: Option<Fields<'a>>,
     #[serde(borrow, default)]
-    after: Option<&'a RawValue>,
+    after: Option<Fields<'a>>,
     #[serde(borrow, default)]
     source: Option<Source<'a>>,
 }
@@ -81,6 +81,12 @@ fn present<'de, D: Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Option<Option<&'de RawValue>>, D::Error> {
     Option::<&RawValue>::deserialize(deserializer).map(Some)
+}
+
+fn present_payload<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Option<Box<Parts<'de>>>>, D::Error> {
+    Option::<Box<Parts<'de>>>::deserialize(deserializer).map(Some)
 }
 
 #[derive(Deserialize)]
@@ -121,23 +127,23 @@ impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
 /// An object's fields in order, values unparsed.
 struct Fields<'a>(Vec<(Text<'a>, &'a RawValue)>);
 
-impl<'de> Deserialize<'de> for Fields<'de> {
+impl<'de: 'a, 'a> Deserialize<'de> for Fields<'a> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct FieldsVisitor;
-        impl<'de> Visitor<'de> for FieldsVisitor {
-            type Value = Fields<'de>;
+        struct FieldsVisitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for FieldsVisitor<'a> {
+            type Value = Fields<'a>;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("an object")
             }
-            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Fields<'de>, M::Error> {
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Fields<'a>, M::Error> {
                 let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(8));
-                while let Some(entry) = map.next_entry::<Text<'de>, &'de RawValue>()? {
-                    fields.push(entry);
+                while let Some((name, value)) = map.next_entry::<Text<'de>, &'de RawValue>()? {
+                    fields.push((name, value));
                 }
                 Ok(Fields(fields))
             }
         }
-        deserializer.deserialize_map(FieldsVisitor)
+        deserializer.deserialize_map(FieldsVisitor(std::marker::PhantomData))
     }
 }
 
@@ -255,17 +261,12 @@ impl Decoder {
                 .map_err(|e| format!("not valid JSON: {e}"))?;
             return Err("not a Debezium envelope: the value is not a JSON object".into());
         }
-        let top: Parts<'_> = serde_json::from_str(text).map_err(|e| envelope_error(&e))?;
-        let (parts, schema) = match (&top.op, top.payload) {
+        let mut top: Parts<'_> = serde_json::from_str(text).map_err(|e| envelope_error(&e))?;
+        let (parts, schema) = match (&top.op, top.payload.take()) {
             (None, Some(None)) => return Ok(Decoded::Tombstone),
             (None, Some(Some(payload))) => {
-                if !payload.get().trim_start().starts_with('{') {
-                    return Err("not a Debezium envelope: `payload` is not an object".into());
-                }
-                let parts: Parts<'_> =
-                    serde_json::from_str(payload.get()).map_err(|e| envelope_error(&e))?;
                 let schema = top.schema.flatten().map(|raw| self.schema(raw.get()));
-                (parts, schema)
+                (*payload, schema)
             }
             _ => (top, None),
         };
@@ -304,15 +305,15 @@ impl Decoder {
         let commit_time = source
             .ts_ms
             .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
-        let old = match parts.before {
-            Some(raw) if op != Op::Insert => {
-                self.row(&table, raw, "before", schema.map(|s| &s.before))?
+        let old = match &parts.before {
+            Some(fields) if op != Op::Insert => {
+                Some(self.row(&table, fields, "before", schema.map(|s| &s.before))?)
             }
             _ => None,
         };
-        let new = match parts.after {
-            Some(raw) if matches!(op, Op::Insert | Op::Update) => {
-                self.row(&table, raw, "after", schema.map(|s| &s.after))?
+        let new = match &parts.after {
+            Some(fields) if matches!(op, Op::Insert | Op::Update) => {
+                Some(self.row(&table, fields, "after", schema.map(|s| &s.after))?)
             }
             _ => None,
         };
@@ -366,24 +367,19 @@ impl Decoder {
     fn row(
         &mut self,
         table: &TableName,
-        raw: &RawValue,
+        Fields(fields): &Fields<'_>,
         side: &str,
         types: Option<&FxHashMap<String, FieldType>>,
-    ) -> Result<Option<Row>, String> {
-        if raw.get().trim_start().starts_with("null") {
-            return Ok(None);
-        }
-        let Fields(fields) =
-            serde_json::from_str(raw.get()).map_err(|_| format!("`{side}` is not an object"))?;
+    ) -> Result<Row, String> {
         let mut values = Vec::with_capacity(fields.len());
-        for (Text(name), value) in &fields {
+        for (Text(name), value) in fields {
             let field_type = types.and_then(|types| types.get(&**name));
             let value = Json::parse(value).map_err(|e| format!("`{side}.{name}`: {e}"))?;
             let datum = datum(value, field_type, &self.placeholder)
                 .map_err(|e| format!("`{side}.{name}`: {e}"))?;
             values.push(datum);
         }
-        Ok(Some(Row::new(self.column_names(table, &fields), values)))
+        Ok(Row::new(self.column_names(table, fields), values))
     }
 
     /// The shared column-name list of `table` for these fields.
@@ -392,9 +388,10 @@ impl Decoder {
         table: &TableName,
         fields: &[(Text<'_>, &RawValue)],
     ) -> Arc<[Arc<str>]> {
-        use std::fmt::Write as _;
         self.scratch.clear();
-        let _ = write!(self.scratch, "{table}");
+        self.scratch.push_str(&table.schema);
+        self.scratch.push('.');
+        self.scratch.push_str(&table.name);
         for (Text(name), _) in fields {
             self.scratch.push('\0');
             self.scratch.push_str(name);
