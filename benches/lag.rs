@@ -1,6 +1,6 @@
-//! B3, live lag: single-row updates committed at a steady rate while evictd
-//! streams, first as fast as the writers go ("max"), then at half of the
-//! rate reached. Lag is read two ways:
+//! B3, live lag: pgbench commits single-row updates (two clients) while
+//! evictd streams, first as fast as it goes ("max"), then at half of the
+//! rate reached (`pgbench --rate`). Lag is read two ways:
 //!
 //! - evictd's own histogram: commit timestamp in Postgres to the moment
 //!   Redis acknowledged the batch;
@@ -10,7 +10,7 @@
 //!
 //! Run: `cargo bench --bench lag` (prints a table, then one JSON line).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,6 +50,24 @@ async fn main() {
         .unwrap()
         .expect("start postgres");
     let redis = Redis::start().expect("start redis");
+    // EVICTD_BENCH_RATE=N runs only a fixed-rate pass at N commits/s.
+    if let Some(rate) = std::env::var("EVICTD_BENCH_RATE")
+        .ok()
+        .and_then(|r| r.parse().ok())
+    {
+        let fixed = run(&postgres, &redis, "fixed", Some(rate)).await;
+        let ms = |h: &LagHistogram, q: f64| h.quantile(q).as_secs_f64() * 1000.0;
+        println!(
+            "fixed {:.0}/s: evictd p50 {:.2} p99 {:.2} p99.9 {:.2} ms; probe p50 {:.2} p99 {:.2} ms",
+            fixed.rate,
+            ms(&fixed.evictd, 0.5),
+            ms(&fixed.evictd, 0.99),
+            ms(&fixed.evictd, 0.999),
+            ms(&fixed.probe, 0.5),
+            ms(&fixed.probe, 0.99)
+        );
+        return;
+    }
     let max = run(&postgres, &redis, "max", None).await;
     let half = run(&postgres, &redis, "half", Some(max.rate / 2.0)).await;
     println!(
@@ -120,50 +138,69 @@ async fn run(postgres: &Postgres, redis: &Redis, name: &str, rate: Option<f64>) 
     eprintln!("{name}: {} s of single-row updates ...", SECONDS);
 
     let stop = Arc::new(AtomicBool::new(false));
-    let commits = Arc::new(AtomicU64::new(0));
-    let mut writers = Vec::new();
-    for writer in 0..WRITERS {
-        let (url, stop, commits) = (url.clone(), stop.clone(), commits.clone());
-        let per_writer = rate.map(|rate| rate / WRITERS as f64);
-        writers.push(tokio::spawn(async move {
-            let client = connect(&url).await;
-            let update = client
-                .prepare("update orders set version = version + 1 where id = $1")
-                .await
-                .unwrap();
-            let started = Instant::now();
-            let mut sent: u64 = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let id = 1 + ((sent as i64 * 7919 + writer as i64 * 104_729) % ROWS);
-                client.execute(&update, &[&id]).await.unwrap();
-                sent += 1;
-                commits.fetch_add(1, Ordering::Relaxed);
-                if let Some(per_writer) = per_writer {
-                    let due = started + Duration::from_secs_f64(sent as f64 / per_writer);
-                    tokio::time::sleep_until(due.into()).await;
-                }
-            }
-        }));
-    }
     let probe = probe(&url, redis, &config.redis.prefix, stop.clone());
-    let started = Instant::now();
-    tokio::time::sleep(Duration::from_secs(SECONDS)).await;
+    let rate = pgbench(postgres, &url, rate).await;
     stop.store(true, Ordering::Relaxed);
-    let elapsed = started.elapsed();
-    for writer in writers {
-        writer.await.unwrap();
-    }
     let probe = probe.await.unwrap();
     let evictd = running.lag.lock().unwrap().clone();
     running.stop();
     running.wait().await.expect("evictd stopped");
     Run {
         name: name.to_owned(),
-        rate: commits.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64(),
+        rate,
         evictd,
         probe,
         rss_kib: peak_rss_kib(),
     }
+}
+
+/// Runs pgbench for `SECONDS` with `WRITERS` clients, each transaction one
+/// single-row update, at `rate` transactions/s in all (or as fast as it
+/// goes); returns the rate it reached.
+async fn pgbench(postgres: &Postgres, url: &str, rate: Option<f64>) -> f64 {
+    let script = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        script.path(),
+        format!(
+            "\\set id random(1, {ROWS})\nupdate orders set version = version + 1 where id = :id;\n"
+        ),
+    )
+    .unwrap();
+    // EVICTD_BENCH_NICE=N runs pgbench at that niceness, to tell CPU
+    // contention on a small machine from evictd's own latency.
+    let nice = std::env::var("EVICTD_BENCH_NICE").unwrap_or_else(|_| "0".into());
+    let mut command = tokio::process::Command::new("nice");
+    command
+        .args(["-n", &nice])
+        .arg(postgres.bin_dir().join("pgbench"))
+        .args(["--no-vacuum", "--protocol", "prepared"])
+        .args([
+            "--client",
+            &WRITERS.to_string(),
+            "--jobs",
+            &WRITERS.to_string(),
+        ])
+        .args(["--time", &SECONDS.to_string(), "--file"])
+        .arg(script.path());
+    if let Some(rate) = rate {
+        command.args(["--rate", &format!("{rate:.0}")]);
+    }
+    // Commits wait for the WAL flush, as an application's would (the
+    // throwaway server defaults to asynchronous commit).
+    command.env("PGOPTIONS", "-c synchronous_commit=on");
+    let output = command.arg(url).output().await.expect("run pgbench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "pgbench failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("tps = "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|tps| tps.parse().ok())
+        .unwrap_or_else(|| panic!("no tps in pgbench's output: {stdout}"))
 }
 
 /// Every 50 ms: commit a new version of the probe row, then poll Redis until
