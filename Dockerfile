@@ -2,6 +2,8 @@
 # Build evictd in a full Rust image, run it from a small Debian image.
 
 FROM rust:1-bookworm AS build
+# librdkafka (the Kafka source) is built from source: it needs make, perl,
+# pkg-config and the OpenSSL and zlib headers, which this image carries.
 WORKDIR /src
 # Dependencies first, so that source edits do not rebuild them. The bench
 # sources are declared in Cargo.toml, so they must exist (they are not built).
@@ -15,7 +17,7 @@ RUN touch src/main.rs src/lib.rs && cargo build --release --locked --no-default-
 
 FROM debian:bookworm-slim
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates \
+    && apt-get install -y --no-install-recommends ca-certificates libssl3 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin evictd
 COPY --from=build /src/target/release/evictd /usr/local/bin/evictd

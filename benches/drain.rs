@@ -104,6 +104,7 @@ async fn main() {
         .unwrap()
         .expect("start postgres");
     let redis = Redis::start().expect("start redis");
+    evictd::telemetry::recorder();
     // EVICTD_BENCH=fanout (comma-separated names) runs only those.
     let only: Option<Vec<String>> = std::env::var("EVICTD_BENCH")
         .ok()
@@ -252,11 +253,26 @@ async fn measure(
         until: Some(end),
         ..Options::default()
     };
+    let cpu_before = evictd::testkit::ThreadCpu::sample();
     let started = Instant::now();
     let running = pipeline::start(&config, mappings, options).expect("start evictd");
     let progress = running.progress.clone();
     running.wait().await.expect("evictd drained");
     let evictd = started.elapsed();
+    if std::env::var_os("EVICTD_BENCH_METRICS").is_some() {
+        eprintln!(
+            "{}: CPU during the drain by thread (ticks): {:?}",
+            scenario.name,
+            evictd::testkit::ThreadCpu::sample().since(&cpu_before)
+        );
+        for line in evictd::telemetry::recorder().render().lines() {
+            if line.starts_with("evictd_apply_duration_seconds_sum")
+                || line.starts_with("evictd_apply_duration_seconds_count")
+            {
+                eprintln!("{}: {line}", scenario.name);
+            }
+        }
+    }
     let commands = progress.borrow().commands;
     let acked = confirmed(&client, &config.postgres.slot).await;
     assert!(acked >= end, "evictd acknowledged {acked}, short of {end}");

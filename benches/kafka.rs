@@ -121,7 +121,7 @@ async fn main() {
 
     eprintln!("B5: evictd draining {records} records ...");
     let metrics = evictd::telemetry::recorder();
-    let cpu_before = thread_cpu();
+    let cpu_before = evictd::testkit::ThreadCpu::sample();
     let mappings =
         Arc::new(mapping::load_dir(dir.path(), config.mappings.limits).expect("mapping"));
     let running = pipeline::start(&config, mappings, Options::default()).expect("start evictd");
@@ -136,7 +136,7 @@ async fn main() {
         .await
         .expect("all applied");
     let done = Instant::now();
-    let cpu_after = thread_cpu();
+    let cpu_after = evictd::testkit::ThreadCpu::sample();
     let commands = progress.borrow().commands;
     #[allow(clippy::cast_precision_loss)]
     let evictd_rate = (records - first.1) as f64 / (done - first.0).as_secs_f64();
@@ -156,12 +156,10 @@ async fn main() {
 
     let ratio = evictd_rate / baseline;
     if std::env::var_os("EVICTD_BENCH_METRICS").is_some() {
-        let mut by_name: std::collections::BTreeMap<String, u64> = Default::default();
-        for (tid, (name, ticks)) in &cpu_after {
-            let before = cpu_before.get(tid).map_or(0, |(_, t)| *t);
-            *by_name.entry(name.clone()).or_default() += ticks - before;
-        }
-        eprintln!("CPU during the evictd drain, by thread (clock ticks): {by_name:?}");
+        eprintln!(
+            "CPU during the evictd drain, by thread (clock ticks): {:?}",
+            cpu_after.since(&cpu_before)
+        );
         for line in metrics.render().lines() {
             if line.contains("_sum") || line.contains("_count") {
                 eprintln!("{line}");
@@ -231,36 +229,4 @@ fn baseline_rate(config: &KafkaConfig, records: u64) -> f64 {
     #[allow(clippy::cast_precision_loss)]
     let rate = (records - 1) as f64 / took.as_secs_f64();
     rate
-}
-
-/// utime + stime of each thread of this process, by thread id.
-fn thread_cpu() -> std::collections::HashMap<String, (String, u64)> {
-    let mut threads = std::collections::HashMap::new();
-    for entry in std::fs::read_dir("/proc/self/task")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let name = stat[open + 1..close].to_owned();
-        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
-        let ticks = fields
-            .get(11)
-            .and_then(|t| t.parse::<u64>().ok())
-            .unwrap_or(0)
-            + fields
-                .get(12)
-                .and_then(|t| t.parse::<u64>().ok())
-                .unwrap_or(0);
-        threads.insert(
-            entry.file_name().to_string_lossy().into_owned(),
-            (name, ticks),
-        );
-    }
-    threads
 }

@@ -61,3 +61,42 @@ fn free_port() -> Result<u16, TestkitError> {
         .port();
     Ok(port)
 }
+
+/// CPU time (utime + stime, in clock ticks) of each thread of this process,
+/// for benches that want to say which thread bounds a number.
+#[derive(Clone, Debug, Default)]
+pub struct ThreadCpu(std::collections::HashMap<u32, (String, u64)>);
+
+impl ThreadCpu {
+    /// Reads `/proc/self/task/*/stat` (empty where there is no procfs).
+    pub fn sample() -> ThreadCpu {
+        let mut threads = std::collections::HashMap::new();
+        let tasks = std::fs::read_dir("/proc/self/task").into_iter().flatten();
+        for entry in tasks.flatten() {
+            let Ok(tid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+            let field = |i: usize| fields.get(i).and_then(|t| t.parse::<u64>().ok());
+            let ticks = field(11).unwrap_or(0) + field(12).unwrap_or(0);
+            threads.insert(tid, (stat[open + 1..close].to_owned(), ticks));
+        }
+        ThreadCpu(threads)
+    }
+
+    /// Ticks spent since `earlier`, summed by thread name.
+    pub fn since(&self, earlier: &ThreadCpu) -> std::collections::BTreeMap<String, u64> {
+        let mut by_name = std::collections::BTreeMap::new();
+        for (tid, (name, ticks)) in &self.0 {
+            let before = earlier.0.get(tid).map_or(0, |(_, t)| *t);
+            *by_name.entry(name.clone()).or_default() += ticks.saturating_sub(before);
+        }
+        by_name
+    }
+}
