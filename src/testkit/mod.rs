@@ -76,16 +76,9 @@ impl ThreadCpu {
             let Ok(tid) = entry.file_name().to_string_lossy().parse::<u32>() else {
                 continue;
             };
-            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-                continue;
-            };
-            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-                continue;
-            };
-            let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
-            let field = |i: usize| fields.get(i).and_then(|t| t.parse::<u64>().ok());
-            let ticks = field(11).unwrap_or(0) + field(12).unwrap_or(0);
-            threads.insert(tid, (stat[open + 1..close].to_owned(), ticks));
+            if let Some(named) = stat_ticks(&entry.path().join("stat")) {
+                threads.insert(tid, named);
+            }
         }
         ThreadCpu(threads)
     }
@@ -99,4 +92,19 @@ impl ThreadCpu {
         }
         by_name
     }
+}
+
+/// CPU time (utime + stime, in clock ticks) of process `pid` so far; 0 when
+/// it cannot be read.
+pub fn process_cpu_ticks(pid: u32) -> u64 {
+    stat_ticks(std::path::Path::new(&format!("/proc/{pid}/stat"))).map_or(0, |(_, ticks)| ticks)
+}
+
+/// The name and utime + stime of a `/proc/.../stat` file.
+fn stat_ticks(path: &std::path::Path) -> Option<(String, u64)> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let fields: Vec<&str> = stat.get(close + 2..)?.split(' ').collect();
+    let field = |i: usize| fields.get(i).and_then(|t| t.parse::<u64>().ok());
+    Some((stat[open + 1..close].to_owned(), field(11)? + field(12)?))
 }
