@@ -139,8 +139,23 @@ async fn run(postgres: &Postgres, redis: &Redis, name: &str, rate: Option<f64>) 
 
     let stop = Arc::new(AtomicBool::new(false));
     let probe = probe(&url, redis, &config.redis.prefix, stop.clone());
+    let cpu_before = evictd::testkit::cpu_by_process_name();
     let rate = pgbench(postgres, &url, rate).await;
     stop.store(true, Ordering::Relaxed);
+    if std::env::var_os("EVICTD_BENCH_METRICS").is_some() {
+        // pgbench has exited by now, so its CPU is not in the second sample:
+        // the others' is, and what the CPUs could give is 2 x 10 s.
+        let after = evictd::testkit::cpu_by_process_name();
+        let used: Vec<(String, u64)> = after
+            .into_iter()
+            .map(|(name, ticks)| {
+                let before = cpu_before.get(&name).copied().unwrap_or(0);
+                (name, ticks.saturating_sub(before))
+            })
+            .filter(|(_, ticks)| *ticks > 0)
+            .collect();
+        eprintln!("{name}: CPU ticks by process during the run: {used:?}");
+    }
     let probe = probe.await.unwrap();
     let evictd = running.lag.lock().unwrap().clone();
     running.stop();

@@ -100,6 +100,23 @@ pub fn process_cpu_ticks(pid: u32) -> u64 {
     stat_ticks(std::path::Path::new(&format!("/proc/{pid}/stat"))).map_or(0, |(_, ticks)| ticks)
 }
 
+/// CPU time (clock ticks) of every process on the machine, summed by
+/// process name (`postgres`, `pgbench`, `redis-server`, ...): with two
+/// samples, who used the CPU while a bench ran.
+pub fn cpu_by_process_name() -> std::collections::BTreeMap<String, u64> {
+    let mut by_name = std::collections::BTreeMap::new();
+    let processes = std::fs::read_dir("/proc").into_iter().flatten().flatten();
+    for entry in processes {
+        if entry.file_name().to_string_lossy().parse::<u32>().is_err() {
+            continue;
+        }
+        if let Some((name, ticks)) = stat_ticks(&entry.path().join("stat")) {
+            *by_name.entry(name).or_default() += ticks;
+        }
+    }
+    by_name
+}
+
 /// The name and utime + stime of a `/proc/.../stat` file.
 fn stat_ticks(path: &std::path::Path) -> Option<(String, u64)> {
     let stat = std::fs::read_to_string(path).ok()?;
