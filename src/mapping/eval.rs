@@ -401,6 +401,13 @@ fn refresh_value<'m>(refresh: &'m Refresh, side: Side<'_>) -> Result<String, &'m
 /// Appends `text` as a JSON string.
 pub fn write_json_string(text: &str, out: &mut String) {
     out.push('"');
+    // Keys are almost always plain: copy them whole (the L1 message writes
+    // every key of a batch through here).
+    if !text.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.push_str(text);
+        out.push('"');
+        return;
+    }
     for c in text.chars() {
         match c {
             '"' => out.push_str("\\\""),
@@ -468,5 +475,8 @@ mod tests {
         let mut out = String::new();
         write_json_string("a\"b\\c\n\u{1}é", &mut out);
         assert_eq!(out, r#""a\"b\\c\n\u0001é""#);
+        out.clear();
+        write_json_string("order:1:é", &mut out);
+        assert_eq!(out, r#""order:1:é""#);
     }
 }
