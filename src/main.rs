@@ -297,9 +297,15 @@ fn run(path: &Path, until: Option<String>) -> anyhow::Result<ExitCode> {
                 ))
             })?),
         };
+        // `replay` learns it reached a position past the last commit from a
+        // keepalive, asked for with each status update: ask often, so that
+        // it ends promptly rather than at the next whole second.
         let options = Options {
             until,
-            ..Options::default()
+            status_interval: match until {
+                Some(_) => std::time::Duration::from_millis(50),
+                None => Options::default().status_interval,
+            },
         };
         // `run` serves the admin endpoint; `replay` is a one-shot tool.
         let listener = match until {
