@@ -177,11 +177,6 @@ impl Planner {
         self.commit_time = Some(self.commit_time.map_or(commit_time, |t| t.max(commit_time)));
     }
 
-    /// Row changes counted so far.
-    pub fn changes(&self) -> u64 {
-        self.changes
-    }
-
     /// Whether a commit is waiting to be acknowledged.
     pub fn has_checkpoint(&self) -> bool {
         self.checkpoint.is_some()

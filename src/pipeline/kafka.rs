@@ -14,7 +14,7 @@
 //! dead-lettered as configured).
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::message::{Header, OwnedHeaders};
@@ -22,13 +22,11 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, watch};
 
-use super::{Options, Running, SourceState, PLAN_CHANNEL_CAPACITY};
-use crate::apply::broadcast::Broadcast;
-use crate::apply::{self, Backoff, Progress, RedisSink, Request};
-use crate::change::{Lsn, Op, TableName};
+use super::{finish_apply, Options, Running, SourceState, Stages};
+use crate::apply::{Backoff, Progress, Request};
+use crate::change::{Op, TableName};
 use crate::config::{BadRecordPolicy, Config, KafkaConfig};
 use crate::error::{Error, ErrorKind};
-use crate::lag::LagHistogram;
 use crate::mapping::{Mappings, Output};
 use crate::pipeline::replication::Ended;
 use crate::plan::Planner;
@@ -55,9 +53,6 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
             "replay --until-lsn needs the Postgres source",
         ));
     }
-    let broadcast = Broadcast::new(&config.redis.l1_channel);
-    let epoch = broadcast.epoch().to_owned();
-    let sink = RedisSink::new(&config.redis, broadcast)?;
     let dead_letters = match kafka.on_bad_record {
         BadRecordPolicy::DeadLetter => Some(
             consumer::client_config(&kafka)
@@ -69,23 +64,8 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
         ),
         _ => None,
     };
+    let (stages, handles) = Stages::start(config)?;
     let handle = consumer::spawn(&kafka, mappings.clone(), EVENT_CHANNEL_CAPACITY)?;
-    let (plans_tx, plans_rx) = mpsc::channel(PLAN_CHANNEL_CAPACITY);
-    let (progress_tx, progress_rx) = watch::channel(Progress::default());
-    // Kafka progress is committed offsets, not an LSN: this stays at 0.
-    let (acked_tx, acked_rx) = watch::channel(Lsn(0));
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (source_tx, source_rx) = watch::channel(SourceState::Connecting);
-    let (redis_tx, redis_rx) = watch::channel(None);
-    let lag = Arc::new(Mutex::new(LagHistogram::default()));
-    let apply_task = tokio::spawn(apply::run(
-        sink,
-        plans_rx,
-        progress_tx,
-        redis_tx,
-        lag.clone(),
-        stop_rx.clone(),
-    ));
     let session = Session {
         mappings,
         max_keys: config.batch.max_keys,
@@ -97,31 +77,25 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
         in_flight: VecDeque::new(),
         applied: FxHashMap::default(),
         sent_plans: 0,
-        plans: plans_tx,
-        progress: progress_rx.clone(),
+        plans: stages.plans,
+        progress: stages.progress,
         commands: handle.commands.clone(),
-        source: source_tx,
+        source: stages.source,
         dead_letters,
         kafka,
         halted: None,
         received: FxHashMap::default(),
         outcomes: FxHashMap::default(),
     };
+    // Kafka progress is committed offsets, not an LSN: `acked` stays at 0,
+    // and its sender lives as long as the pipeline.
+    let acked = stages.acked;
     let task = tokio::spawn(async move {
-        let ended = session.run(handle, stop_rx, apply_task).await;
-        drop(acked_tx);
+        let ended = session.run(handle, stages.stop, stages.apply_task).await;
+        drop(acked);
         ended
     });
-    Ok(Running {
-        source: source_rx,
-        redis: redis_rx,
-        progress: progress_rx,
-        acked: acked_rx,
-        lag,
-        epoch,
-        stop: stop_tx,
-        task,
-    })
+    Ok(handles.running(task))
 }
 
 struct Session {
@@ -212,15 +186,7 @@ impl Session {
         drop(self.plans);
         let done = handle.done;
         let _ = tokio::task::spawn_blocking(move || done.recv_timeout(STOP_BOUND)).await;
-        let apply_result = match tokio::time::timeout(STOP_BOUND, apply_task).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(join)) => Err(Error::with_source(
-                ErrorKind::Shutdown,
-                "the apply task failed",
-                join,
-            )),
-            Err(_) => Ok(()),
-        };
+        let apply_result = finish_apply(apply_task).await;
         let ended = result?;
         apply_result?;
         Ok(ended)
@@ -265,8 +231,6 @@ impl Session {
                 }
                 let positions = self.applied.drain().map(position).collect();
                 let _ = answer.send(positions);
-                // Partitions may come back at another offset: start afresh.
-                self.batch.clear();
                 Ok(())
             }
             Event::Failed(reason) => Err(Error::new(ErrorKind::Shutdown, reason)),
@@ -450,7 +414,9 @@ impl Session {
         for (outcome, count) in self.outcomes.drain() {
             metrics::counter!(telemetry::KAFKA_RECORDS, "outcome" => outcome).increment(count);
         }
-        if self.planner.is_empty() && self.batch.is_empty() && self.planner.changes() == 0 {
+        // Every record taken is in `batch`; a coarse invalidation is in the
+        // planner without one.
+        if self.planner.is_empty() && self.batch.is_empty() {
             return Ok(());
         }
         let plan = self.planner.finish();

@@ -152,47 +152,118 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
     if config.postgres.url.is_none() {
         return Err(Error::new(ErrorKind::Config, "postgres.url is not set"));
     }
-    let broadcast = Broadcast::new(&config.redis.l1_channel);
-    let epoch = broadcast.epoch().to_owned();
-    let sink = RedisSink::new(&config.redis, broadcast)?;
-    let (plans_tx, plans_rx) = mpsc::channel(PLAN_CHANNEL_CAPACITY);
-    let (progress_tx, progress_rx) = watch::channel(Progress::default());
-    let (acked_tx, acked_rx) = watch::channel(Lsn(0));
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (source_tx, source_rx) = watch::channel(SourceState::Connecting);
-    let (redis_tx, redis_rx) = watch::channel(None);
-    let lag = Arc::new(Mutex::new(LagHistogram::default()));
-    let apply_task = tokio::spawn(apply::run(
-        sink,
-        plans_rx,
-        progress_tx,
-        redis_tx,
-        lag.clone(),
-        stop_rx.clone(),
-    ));
+    let (stages, handles) = Stages::start(config)?;
     let supervisor = Supervisor {
         config: config.clone(),
         mappings,
         options,
-        plans: plans_tx,
+        plans: stages.plans,
         sent_plans: Arc::new(AtomicU64::new(0)),
-        progress: progress_rx.clone(),
-        acked: Arc::new(acked_tx),
-        stop: stop_rx,
-        source: source_tx,
+        progress: stages.progress,
+        acked: Arc::new(stages.acked),
+        stop: stages.stop,
+        source: stages.source,
     };
     tokio::spawn(watch_retained_wal(config.clone(), supervisor.stop.clone()));
-    let task = tokio::spawn(supervisor.run(apply_task));
-    Ok(Running {
-        source: source_rx,
-        redis: redis_rx,
-        progress: progress_rx,
-        acked: acked_rx,
-        lag,
-        epoch,
-        stop: stop_tx,
-        task,
-    })
+    Ok(handles.running(tokio::spawn(supervisor.run(stages.apply_task))))
+}
+
+/// What both sources share: the apply task (with its Redis sink and L1
+/// broadcast) and the ends of the channels around it that the source's
+/// task keeps.
+struct Stages {
+    plans: mpsc::Sender<Request>,
+    progress: watch::Receiver<Progress>,
+    acked: watch::Sender<Lsn>,
+    stop: watch::Receiver<bool>,
+    source: watch::Sender<SourceState>,
+    apply_task: JoinHandle<Result<(), Error>>,
+}
+
+/// The other ends, which [`Running`] hands out.
+struct Handles {
+    source: watch::Receiver<SourceState>,
+    redis: watch::Receiver<Option<String>>,
+    progress: watch::Receiver<Progress>,
+    acked: watch::Receiver<Lsn>,
+    lag: Arc<Mutex<LagHistogram>>,
+    epoch: String,
+    stop: watch::Sender<bool>,
+}
+
+impl Stages {
+    /// Creates the channels and starts the apply task.
+    fn start(config: &Config) -> Result<(Stages, Handles), Error> {
+        let broadcast = Broadcast::new(&config.redis.l1_channel);
+        let epoch = broadcast.epoch().to_owned();
+        let sink = RedisSink::new(&config.redis, broadcast)?;
+        let (plans_tx, plans_rx) = mpsc::channel(PLAN_CHANNEL_CAPACITY);
+        let (progress_tx, progress_rx) = watch::channel(Progress::default());
+        let (acked_tx, acked_rx) = watch::channel(Lsn(0));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (source_tx, source_rx) = watch::channel(SourceState::Connecting);
+        let (redis_tx, redis_rx) = watch::channel(None);
+        let lag = Arc::new(Mutex::new(LagHistogram::default()));
+        let apply_task = tokio::spawn(apply::run(
+            sink,
+            plans_rx,
+            progress_tx,
+            redis_tx,
+            lag.clone(),
+            stop_rx.clone(),
+        ));
+        let stages = Stages {
+            plans: plans_tx,
+            progress: progress_rx.clone(),
+            acked: acked_tx,
+            stop: stop_rx,
+            source: source_tx,
+            apply_task,
+        };
+        let handles = Handles {
+            source: source_rx,
+            redis: redis_rx,
+            progress: progress_rx,
+            acked: acked_rx,
+            lag,
+            epoch,
+            stop: stop_tx,
+        };
+        Ok((stages, handles))
+    }
+}
+
+impl Handles {
+    fn running(self, task: JoinHandle<Result<Ended, Error>>) -> Running {
+        Running {
+            source: self.source,
+            redis: self.redis,
+            progress: self.progress,
+            acked: self.acked,
+            lag: self.lag,
+            epoch: self.epoch,
+            stop: self.stop,
+            task,
+        }
+    }
+}
+
+/// How long the end of a pipeline waits for apply to finish what it holds.
+const APPLY_DRAIN_BOUND: Duration = Duration::from_secs(10);
+
+/// Waits (bounded) for the apply task once the plan channel is closed; its
+/// error, if it failed. Past the bound, what it held is read again on the
+/// next start, since it was never acknowledged.
+async fn finish_apply(apply_task: JoinHandle<Result<(), Error>>) -> Result<(), Error> {
+    match tokio::time::timeout(APPLY_DRAIN_BOUND, apply_task).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(join)) => Err(Error::with_source(
+            ErrorKind::Shutdown,
+            "the apply task failed",
+            join,
+        )),
+        Err(_) => Ok(()),
+    }
 }
 
 impl Supervisor {
@@ -345,15 +416,7 @@ impl Supervisor {
         metrics::gauge!(telemetry::STREAMING).set(0.0);
         // Closing the plan channel lets apply finish what it holds and end.
         drop(self.plans);
-        let apply_result = match tokio::time::timeout(Duration::from_secs(10), apply_task).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(join)) => Err(Error::with_source(
-                ErrorKind::Shutdown,
-                "the apply task failed",
-                join,
-            )),
-            Err(_) => Ok(()),
-        };
+        let apply_result = finish_apply(apply_task).await;
         let finished = outcome?;
         apply_result?;
         let flush = self.progress.borrow().flush_lsn;
