@@ -17,9 +17,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use evictd::config::{
-    BadRecordPolicy, Config, KafkaConfig, KafkaProperties, SecretUrl, SourceKind,
-};
+use evictd::config::{Config, KafkaConfig, SecretUrl, SourceKind};
 use evictd::mapping;
 use evictd::pipeline::{self, Options};
 use evictd::testkit::{Kafka, Redis};
@@ -101,15 +99,8 @@ async fn main() {
     );
     config.source = SourceKind::Kafka;
     let kafka_config = KafkaConfig {
-        brokers: kafka.brokers(),
-        topics: vec![TOPIC.into()],
         group_id: "bench-evictd".into(),
-        on_bad_record: BadRecordPolicy::Skip,
-        dead_letter_topic: None,
-        unavailable_value_placeholder: "__debezium_unavailable_value".into(),
-        commit_interval_ms: 1000,
-        drain_timeout_ms: 10_000,
-        properties: KafkaProperties::default(),
+        ..KafkaConfig::with_defaults(&kafka.brokers(), vec![TOPIC.into()])
     };
     config.kafka = Some(kafka_config.clone());
 
@@ -197,11 +188,8 @@ async fn main() {
 /// Records/s a plain consumer with evictd's client settings reads, from its
 /// first record to its last.
 fn baseline_rate(config: &KafkaConfig, records: u64) -> f64 {
-    let consumer: BaseConsumer = evictd::source::kafka::consumer::client_config(config)
+    let consumer: BaseConsumer = evictd::source::kafka::consumer::consumer_config(config)
         .set("group.id", "bench-baseline")
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false")
         .create()
         .expect("baseline consumer");
     let mut list = TopicPartitionList::new();

@@ -17,6 +17,7 @@ use self::read::{
 };
 use crate::mapping::diagnostic::did_you_mean;
 use crate::mapping::Limits;
+use crate::source::kafka::debezium::DEFAULT_UNAVAILABLE_PLACEHOLDER;
 
 /// The whole configuration, validated.
 #[derive(Clone, Debug, PartialEq)]
@@ -71,6 +72,28 @@ pub struct KafkaConfig {
     /// `sasl.mechanism`, `ssl.ca.location`, ...), `sasl.password` from
     /// `sasl_password_file` included. Redacted in `Debug`.
     pub properties: KafkaProperties,
+}
+
+impl KafkaConfig {
+    pub const DEFAULT_GROUP_ID: &'static str = "evictd";
+    pub const DEFAULT_COMMIT_INTERVAL_MS: u64 = 1000;
+    pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
+
+    /// `brokers` and `topics` with every other setting at its default, as
+    /// an empty `[kafka]` section with just those two would give.
+    pub fn with_defaults(brokers: &str, topics: Vec<String>) -> KafkaConfig {
+        KafkaConfig {
+            brokers: brokers.to_owned(),
+            topics,
+            group_id: Self::DEFAULT_GROUP_ID.into(),
+            on_bad_record: BadRecordPolicy::Skip,
+            dead_letter_topic: None,
+            unavailable_value_placeholder: DEFAULT_UNAVAILABLE_PLACEHOLDER.into(),
+            commit_interval_ms: Self::DEFAULT_COMMIT_INTERVAL_MS,
+            drain_timeout_ms: Self::DEFAULT_DRAIN_TIMEOUT_MS,
+            properties: KafkaProperties::default(),
+        }
+    }
 }
 
 /// librdkafka settings; values are not printed, since they hold secrets.

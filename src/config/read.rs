@@ -250,7 +250,11 @@ pub(super) fn read_kafka(
             Ok(topics)
         }
     });
-    let group_id = section.parse("group_id", "evictd".into(), non_empty("the group id"));
+    let group_id = section.parse(
+        "group_id",
+        KafkaConfig::DEFAULT_GROUP_ID.into(),
+        non_empty("the group id"),
+    );
     if !brokers_set {
         section.problem("brokers", None, "is required when source.kind = \"kafka\"");
     }
@@ -282,8 +286,16 @@ pub(super) fn read_kafka(
         DEFAULT_UNAVAILABLE_PLACEHOLDER.into(),
         non_empty("the placeholder"),
     );
-    let commit_interval_ms = section.in_range("commit_interval_ms", 1000, 10..=60_000);
-    let drain_timeout_ms = section.in_range("drain_timeout_ms", 10_000, 100..=600_000);
+    let commit_interval_ms = section.in_range(
+        "commit_interval_ms",
+        KafkaConfig::DEFAULT_COMMIT_INTERVAL_MS,
+        10..=60_000,
+    );
+    let drain_timeout_ms = section.in_range(
+        "drain_timeout_ms",
+        KafkaConfig::DEFAULT_DRAIN_TIMEOUT_MS,
+        100..=600_000,
+    );
     let mut properties = section.parse(
         "properties",
         Vec::new(),

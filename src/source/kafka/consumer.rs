@@ -130,6 +130,20 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
     client
 }
 
+/// The consumer's settings: the client's, the group, and offsets stored
+/// and committed by evictd alone.
+pub fn consumer_config(config: &KafkaConfig) -> ClientConfig {
+    let mut client = client_config(config);
+    client
+        .set("group.id", &config.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        // Never skip silently: a missing offset is handled at assignment.
+        .set("auto.offset.reset", "error")
+        .set("enable.partition.eof", "false");
+    client
+}
+
 /// Subscribes and starts the consumer thread.
 pub fn spawn(
     config: &KafkaConfig,
@@ -146,13 +160,7 @@ pub fn spawn(
         drain_timeout: Duration::from_millis(config.drain_timeout_ms),
         closing: std::sync::atomic::AtomicBool::new(false),
     };
-    let consumer: BaseConsumer<Context> = client_config(config)
-        .set("group.id", &config.group_id)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        // Never skip silently: a missing offset is handled at assignment.
-        .set("auto.offset.reset", "error")
-        .set("enable.partition.eof", "false")
+    let consumer: BaseConsumer<Context> = consumer_config(config)
         .create_with_context(context)
         .map_err(|e| {
             Error::with_source(ErrorKind::Config, "cannot create the Kafka consumer", e)
@@ -546,9 +554,7 @@ fn record(
 /// yet applied. Blocking (call it off the async runtime).
 pub fn group_status(config: &KafkaConfig) -> Result<(String, Vec<String>), Error> {
     use std::fmt::Write as _;
-    let consumer: BaseConsumer = client_config(config)
-        .set("group.id", &config.group_id)
-        .set("enable.auto.commit", "false")
+    let consumer: BaseConsumer = consumer_config(config)
         .create()
         .map_err(|e| Error::with_source(ErrorKind::Config, "cannot create a Kafka client", e))?;
     let broker = |e| Error::with_source(ErrorKind::Shutdown, "the Kafka broker did not answer", e);
