@@ -107,4 +107,15 @@ pub fn describe() {
         COARSE_INVALIDATIONS,
         "Transactions applied as a coarse invalidation of their tables"
     );
+    describe_gauge!(
+        SLOT_RETAINED_WAL_BYTES,
+        Unit::Bytes,
+        "WAL the slot keeps on the database server"
+    );
+    describe_counter!(KAFKA_RECORDS, "Kafka records taken, by outcome");
+    describe_counter!(KAFKA_COMMITS, "Kafka offset commits to the group");
+    describe_gauge!(
+        KAFKA_ASSIGNED_PARTITIONS,
+        "Kafka partitions this instance holds"
+    );
 }
