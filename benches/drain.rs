@@ -50,39 +50,42 @@ fn scenarios() -> Vec<Scenario> {
             name: "small",
             changes: 100_000,
             mapping: MAPPING,
-            setup: "create table orders (id bigint primary key, user_id bigint not null, status text not null);
-                    alter table orders replica identity full;
-                    insert into orders select g, g % 1000, 'new' from generate_series(1, 100000) g;"
-                .into(),
-            workload: "do $$ begin for i in 1..100000 loop
-                         update orders set status = 'paid' where id = i; commit;
-                       end loop; end $$;"
-                .into(),
+            setup: orders_table(100_000),
+            workload: single_row_transactions(100_000),
         },
         Scenario {
             name: "big",
             changes: 1_000_000,
             mapping: MAPPING,
-            setup: "create table orders (id bigint primary key, user_id bigint not null, status text not null);
-                    alter table orders replica identity full;
-                    insert into orders select g, g % 1000, 'new' from generate_series(1, 1000000) g;"
-                .into(),
+            setup: orders_table(1_000_000),
             workload: "update orders set status = 'paid';".into(),
         },
         Scenario {
             name: "fanout",
             changes: 100_000,
             mapping: FANOUT,
-            setup: "create table orders (id bigint primary key, user_id bigint not null, status text not null);
-                    alter table orders replica identity full;
-                    insert into orders select g, g % 1000, 'new' from generate_series(1, 100000) g;"
-                .into(),
-            workload: "do $$ begin for i in 1..100000 loop
-                         update orders set status = 'paid' where id = i; commit;
-                       end loop; end $$;"
-                .into(),
+            setup: orders_table(100_000),
+            workload: single_row_transactions(100_000),
         },
     ]
+}
+
+/// The `orders` table with `rows` rows, REPLICA IDENTITY FULL.
+fn orders_table(rows: u64) -> String {
+    format!(
+        "create table orders (id bigint primary key, user_id bigint not null, status text not null);
+         alter table orders replica identity full;
+         insert into orders select g, g % 1000, 'new' from generate_series(1, {rows}) g;"
+    )
+}
+
+/// `rows` transactions, each updating one row.
+fn single_row_transactions(rows: u64) -> String {
+    format!(
+        "do $$ begin for i in 1..{rows} loop
+           update orders set status = 'paid' where id = i; commit;
+         end loop; end $$;"
+    )
 }
 
 /// 10 keys and 2 tags per row (B4).

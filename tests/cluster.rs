@@ -27,6 +27,19 @@ key = "order:{id}:status"
 columns = ["status"]
 "#;
 
+/// A test database with the orders schema, and evictd streaming from it
+/// into `cluster` (the mappings' directory lives as long as the caller
+/// keeps it).
+async fn stream_into(cluster: &RedisCluster) -> (TestDb, Evictd, tempfile::TempDir) {
+    let db = TestDb::new().await;
+    db.execute(SCHEMA).await;
+    let dir = mapping_dir(&[("orders.toml", MAPPING)]);
+    let mut config = streaming_config(&db, dir.path());
+    config.redis.url = SecretUrl::parse(&cluster.url()).unwrap();
+    let evictd = Evictd::start(&config).await.expect("start evictd");
+    (db, evictd, dir)
+}
+
 async fn exists(connection: &mut redis::cluster_async::ClusterConnection, key: &str) -> bool {
     connection.exists(key).await.unwrap()
 }
@@ -38,12 +51,7 @@ async fn plans_are_applied_across_every_node() {
         .await
         .unwrap()
         .expect("start cluster");
-    let db = TestDb::new().await;
-    db.execute(SCHEMA).await;
-    let dir = mapping_dir(&[("orders.toml", MAPPING)]);
-    let mut config = streaming_config(&db, dir.path());
-    config.redis.url = SecretUrl::parse(&cluster.url()).unwrap();
-    let evictd = Evictd::start(&config).await.expect("start evictd");
+    let (db, evictd, _mappings) = stream_into(&cluster).await;
 
     let seeds: Vec<String> = cluster
         .ports()
@@ -136,12 +144,7 @@ async fn a_master_failover_loses_nothing() {
         .await
         .unwrap()
         .expect("start a cluster with replicas");
-    let db = TestDb::new().await;
-    db.execute(SCHEMA).await;
-    let dir = mapping_dir(&[("orders.toml", MAPPING)]);
-    let mut config = streaming_config(&db, dir.path());
-    config.redis.url = SecretUrl::parse(&cluster.url()).unwrap();
-    let evictd = Evictd::start(&config).await.expect("start evictd");
+    let (db, evictd, _mappings) = stream_into(&cluster).await;
     db.execute("insert into orders select g, 1, 'new' from generate_series(1, 50) g")
         .await;
     evictd.sync().await.unwrap();

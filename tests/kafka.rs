@@ -9,12 +9,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use evictd::config::{
-    BadRecordPolicy, Config, KafkaConfig, KafkaProperties, SecretUrl, SourceKind,
-};
+use evictd::config::{BadRecordPolicy, Config, KafkaConfig, SecretUrl, SourceKind};
 use evictd::pipeline::{self, Options, Running, SourceState};
 use evictd::testkit::Kafka;
-use support::{init_logging, mapping_dir, redis_connection, stack};
+use support::{init_logging, mapping_dir, stack, Cache};
 
 const ORDERS: &str = r#"
 [[table]]
@@ -64,15 +62,9 @@ fn kafka_config(names: &Names, mappings: &Path) -> Config {
     );
     config.source = SourceKind::Kafka;
     config.kafka = Some(KafkaConfig {
-        brokers: kafka().brokers(),
-        topics: vec![names.topic.clone()],
         group_id: names.group.clone(),
-        on_bad_record: BadRecordPolicy::Skip,
-        dead_letter_topic: None,
-        unavailable_value_placeholder: "__debezium_unavailable_value".into(),
         commit_interval_ms: 50,
-        drain_timeout_ms: 10_000,
-        properties: KafkaProperties::default(),
+        ..KafkaConfig::with_defaults(&kafka().brokers(), vec![names.topic.clone()])
     });
     config.redis.prefix = names.prefix.clone();
     config.redis.l1_channel = format!("{}l1", names.prefix);
@@ -95,46 +87,6 @@ async fn stop(running: Running) {
     running.wait().await.expect("evictd stops cleanly");
 }
 
-struct Cache {
-    redis: redis::aio::MultiplexedConnection,
-    prefix: String,
-}
-
-impl Cache {
-    async fn new(prefix: &str) -> Cache {
-        Cache {
-            redis: redis_connection().await,
-            prefix: prefix.to_owned(),
-        }
-    }
-
-    async fn seed(&mut self, keys: &[&str]) {
-        let mut pipe = redis::pipe();
-        for key in keys {
-            pipe.cmd("SET")
-                .arg(format!("{}{key}", self.prefix))
-                .arg("cached")
-                .ignore();
-        }
-        pipe.query_async::<()>(&mut self.redis).await.expect("seed");
-    }
-
-    async fn cached(&mut self, keys: &[&str]) -> Vec<String> {
-        let mut left = Vec::new();
-        for key in keys {
-            let exists: bool = redis::cmd("EXISTS")
-                .arg(format!("{}{key}", self.prefix))
-                .query_async(&mut self.redis)
-                .await
-                .expect("EXISTS");
-            if exists {
-                left.push((*key).to_owned());
-            }
-        }
-        left
-    }
-}
-
 async fn produce(topic: &str, key: &str, value: Option<&[u8]>) {
     kafka()
         .produce(topic, Some(key.as_bytes()), value)
@@ -147,6 +99,18 @@ async fn applied(names: &Names) {
         .wait_committed(&names.group, &names.topic, Duration::from_secs(30))
         .await
         .expect("every record applied and committed");
+}
+
+/// Produces a create of order `id` (customer 1) for each id, keyed by id.
+async fn create_orders(topic: &str, ids: std::ops::RangeInclusive<i64>) {
+    for id in ids {
+        produce(
+            topic,
+            &id.to_string(),
+            Some(&order("c", None, Some((id, 1)))),
+        )
+        .await;
+    }
 }
 
 /// A bare-payload envelope for `orders`.
@@ -380,14 +344,7 @@ async fn two_instances_in_one_group_split_the_partitions() {
     // drains and commits what it took before its partitions move.
     let topic = names.topic.clone();
     let producing = tokio::spawn(async move {
-        for id in 1..=100 {
-            produce(
-                &topic,
-                &id.to_string(),
-                Some(&order("c", None, Some((id, 1)))),
-            )
-            .await;
-        }
+        create_orders(&topic, 1..=100).await;
     });
     let second = start(&config).await;
     producing.await.expect("produced");
@@ -402,14 +359,7 @@ async fn two_instances_in_one_group_split_the_partitions() {
     .expect("the first instance streams after the rebalance")
     .expect("state");
     let second_before = second.progress.borrow().changes;
-    for id in 101..=200 {
-        produce(
-            &names.topic,
-            &id.to_string(),
-            Some(&order("c", None, Some((id, 1)))),
-        )
-        .await;
-    }
+    create_orders(&names.topic, 101..=200).await;
     kafka()
         .wait_committed(&names.group, &names.topic, Duration::from_secs(60))
         .await
@@ -565,14 +515,7 @@ async fn kill_9_after_apply_before_commit_re_applies_and_misses_nothing() {
     let first: Vec<String> = (1..=50).map(|id| format!("order:{id}")).collect();
     let first: Vec<&str> = first.iter().map(String::as_str).collect();
     cache.seed(&first).await;
-    for id in 1..=50 {
-        produce(
-            &names.topic,
-            &id.to_string(),
-            Some(&order("c", None, Some((id, 1)))),
-        )
-        .await;
-    }
+    create_orders(&names.topic, 1..=50).await;
     for _ in 0..300 {
         if cache.cached(&first).await.is_empty() {
             break;
@@ -598,14 +541,7 @@ async fn kill_9_after_apply_before_commit_re_applies_and_misses_nothing() {
     let second: Vec<&str> = second.iter().map(String::as_str).collect();
     cache.seed(&first).await;
     cache.seed(&second).await;
-    for id in 51..=80 {
-        produce(
-            &names.topic,
-            &id.to_string(),
-            Some(&order("c", None, Some((id, 1)))),
-        )
-        .await;
-    }
+    create_orders(&names.topic, 51..=80).await;
     let config = run_config(dir.path(), &names, 50, admin);
     let evictd = support::spawn_run(&config);
     applied(&names).await;

@@ -26,6 +26,18 @@ fn write_config(dir: &std::path::Path, db: &TestDb, extra: &str) -> String {
     config.display().to_string()
 }
 
+/// How many replication slots are named `name` (0 or 1).
+async fn slot_count(client: &tokio_postgres::Client, name: &str) -> i64 {
+    client
+        .query_one(
+            "select count(*) from pg_replication_slots where slot_name = $1",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 #[tokio::test]
 async fn init_creates_the_publication_and_slot_and_advises_replica_identity() {
     let db = TestDb::new().await;
@@ -50,26 +62,12 @@ async fn init_creates_the_publication_and_slot_and_advises_replica_identity() {
         "{text}"
     );
     let client = db.client().await;
-    let slots: i64 = client
-        .query_one(
-            "select count(*) from pg_replication_slots where slot_name = $1",
-            &[&db.name],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let slots = slot_count(&client, &db.name).await;
     assert_eq!(slots, 0, "--dry-run changes nothing");
 
     let real = evictd(&["init", "--config", &config]);
     assert_eq!(real.status.code(), Some(0), "{}", stderr(&real));
-    let slots: i64 = client
-        .query_one(
-            "select count(*) from pg_replication_slots where slot_name = $1",
-            &[&db.name],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let slots = slot_count(&client, &db.name).await;
     let publications: i64 = client
         .query_one(
             "select count(*) from pg_publication_tables where pubname = 'evictd'",

@@ -179,7 +179,7 @@ async fn refresh_writes_the_new_row_through() {
     );
     let ttl: i64 = redis::cmd("TTL")
         .arg(format!("{}user:3:profile", s.db.prefix))
-        .query_async(&mut s.redis)
+        .query_async(&mut s.cache.redis)
         .await
         .unwrap();
     assert!((3590..=3600).contains(&ttl), "{ttl}");
@@ -242,7 +242,7 @@ async fn tags_delete_their_members() {
     let _: () = redis::cmd("SADD")
         .arg(format!("{prefix}tag:user:8"))
         .arg(&members)
-        .query_async(&mut s.redis)
+        .query_async(&mut s.cache.redis)
         .await
         .unwrap();
     s.db.execute("insert into orders values (80, 8, 'new')")
@@ -330,7 +330,7 @@ async fn l1_messages_arrive_with_a_gapless_seq() {
     assert!(keys.contains(&"order:29".to_owned()) && keys.contains(&"user:29:orders".to_owned()));
     let last: String = redis::cmd("GET")
         .arg(format!("{}evictd:l1:last", s.db.prefix))
-        .query_async(&mut s.redis)
+        .query_async(&mut s.cache.redis)
         .await
         .unwrap();
     assert_eq!(last, format!("{}:{}", s.evictd.epoch(), seqs.len()));

@@ -116,7 +116,7 @@ pub fn mapping_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
 pub struct Streaming {
     pub db: TestDb,
     pub evictd: evictd::testkit::Evictd,
-    pub redis: redis::aio::MultiplexedConnection,
+    pub cache: Cache,
     pub config: evictd::config::Config,
     _mappings: tempfile::TempDir,
 }
@@ -134,7 +134,7 @@ impl Streaming {
             .await
             .expect("start evictd");
         Streaming {
-            redis: redis_connection().await,
+            cache: Cache::new(&db.prefix).await,
             db,
             evictd,
             config,
@@ -142,42 +142,16 @@ impl Streaming {
         }
     }
 
-    /// Caches `keys` (under the test's prefix) as if an application had.
     pub async fn seed(&mut self, keys: &[&str]) {
-        let mut pipe = redis::pipe();
-        for key in keys {
-            pipe.cmd("SET")
-                .arg(format!("{}{key}", self.db.prefix))
-                .arg("cached")
-                .ignore();
-        }
-        pipe.query_async::<()>(&mut self.redis)
-            .await
-            .expect("seed keys");
+        self.cache.seed(keys).await;
     }
 
-    /// Which of `keys` are still cached.
     pub async fn cached(&mut self, keys: &[&str]) -> Vec<String> {
-        let mut left = Vec::new();
-        for key in keys {
-            let exists: bool = redis::cmd("EXISTS")
-                .arg(format!("{}{key}", self.db.prefix))
-                .query_async(&mut self.redis)
-                .await
-                .expect("EXISTS");
-            if exists {
-                left.push((*key).to_owned());
-            }
-        }
-        left
+        self.cache.cached(keys).await
     }
 
     pub async fn get(&mut self, key: &str) -> Option<String> {
-        redis::cmd("GET")
-            .arg(format!("{}{key}", self.db.prefix))
-            .query_async(&mut self.redis)
-            .await
-            .expect("GET")
+        self.cache.get(key).await
     }
 
     pub async fn sync(&self) {
@@ -197,6 +171,59 @@ pub fn streaming_config(db: &TestDb, mappings: &Path) -> evictd::config::Config 
     config.redis.prefix = db.prefix.clone();
     config.redis.l1_channel = format!("{}l1", db.prefix);
     config
+}
+
+/// The shared Redis as an application sees it, under one test's key prefix.
+pub struct Cache {
+    pub redis: redis::aio::MultiplexedConnection,
+    pub prefix: String,
+}
+
+impl Cache {
+    pub async fn new(prefix: &str) -> Cache {
+        Cache {
+            redis: redis_connection().await,
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// Caches `keys` (under the prefix) as if an application had.
+    pub async fn seed(&mut self, keys: &[&str]) {
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("SET")
+                .arg(format!("{}{key}", self.prefix))
+                .arg("cached")
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut self.redis)
+            .await
+            .expect("seed keys");
+    }
+
+    /// Which of `keys` are still cached.
+    pub async fn cached(&mut self, keys: &[&str]) -> Vec<String> {
+        let mut left = Vec::new();
+        for key in keys {
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(format!("{}{key}", self.prefix))
+                .query_async(&mut self.redis)
+                .await
+                .expect("EXISTS");
+            if exists {
+                left.push((*key).to_owned());
+            }
+        }
+        left
+    }
+
+    pub async fn get(&mut self, key: &str) -> Option<String> {
+        redis::cmd("GET")
+            .arg(format!("{}{key}", self.prefix))
+            .query_async(&mut self.redis)
+            .await
+            .expect("GET")
+    }
 }
 
 pub async fn redis_connection() -> redis::aio::MultiplexedConnection {
