@@ -2,8 +2,10 @@
 //! evictd streams, first as fast as it goes ("max"), then at half of the
 //! rate reached (`pgbench --rate`). Lag is read two ways:
 //!
-//! - evictd's own histogram: commit timestamp in Postgres to the moment
-//!   Redis acknowledged the batch;
+//! - evictd's histograms: commit timestamp in Postgres to the moment Redis
+//!   acknowledged the batch ("commit"), and the walsender's send time of
+//!   that commit to the same moment ("sent": evictd's own part, without the
+//!   walsender's decoding and queueing);
 //! - an outside probe: every 50 ms a separate connection commits a new
 //!   version of a probe row and polls Redis until the refreshed value shows
 //!   it (what an application would see).
@@ -15,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use evictd::config::{Config, SecretUrl};
-use evictd::lag::LagHistogram;
+use evictd::lag::{Lag, LagHistogram};
 use evictd::mapping;
 use evictd::pipeline::{self, Options};
 use evictd::testkit::{Postgres, Redis};
@@ -38,7 +40,7 @@ columns = ["version"]
 struct Run {
     name: String,
     rate: f64,
-    evictd: LagHistogram,
+    evictd: Lag,
     probe: LagHistogram,
     rss_kib: u64,
 }
@@ -56,49 +58,51 @@ async fn main() {
         .and_then(|r| r.parse().ok())
     {
         let fixed = run(&postgres, &redis, "fixed", Some(rate)).await;
-        let ms = |h: &LagHistogram, q: f64| h.quantile(q).as_secs_f64() * 1000.0;
-        println!(
-            "fixed {:.0}/s: evictd p50 {:.2} p99 {:.2} p99.9 {:.2} ms; probe p50 {:.2} p99 {:.2} ms",
-            fixed.rate,
-            ms(&fixed.evictd, 0.5),
-            ms(&fixed.evictd, 0.99),
-            ms(&fixed.evictd, 0.999),
-            ms(&fixed.probe, 0.5),
-            ms(&fixed.probe, 0.99)
-        );
+        report(&[fixed]);
         return;
     }
     let max = run(&postgres, &redis, "max", None).await;
     let half = run(&postgres, &redis, "half", Some(max.rate / 2.0)).await;
+    report(&[max, half]);
+}
+
+/// Prints the table (milliseconds) and one JSON line.
+fn report(runs: &[Run]) {
     println!(
-        "\n{:<6} {:>11} {:>12} {:>12} {:>14} {:>12} {:>12} {:>10}",
+        "\n{:<6} {:>9} {:>28} {:>28} {:>18} {:>8}",
         "load",
         "commits/s",
-        "evictd p50",
-        "evictd p99",
-        "evictd p99.9",
-        "probe p50",
-        "probe p99",
-        "peak RSS"
+        "commit->Redis p50/p99/p99.9",
+        "sent->Redis p50/p99/p99.9",
+        "probe p50/p99",
+        "RSS MiB"
     );
+    let ms = |histogram: &LagHistogram, q: f64| histogram.quantile(q).as_secs_f64() * 1000.0;
+    let three = |h: &LagHistogram| {
+        format!(
+            "{:.2} / {:.2} / {:.2}",
+            ms(h, 0.5),
+            ms(h, 0.99),
+            ms(h, 0.999)
+        )
+    };
     let mut json = Vec::new();
-    for run in [&max, &half] {
-        let ms = |histogram: &LagHistogram, q: f64| histogram.quantile(q).as_secs_f64() * 1000.0;
+    for run in runs {
         println!(
-            "{:<6} {:>11.0} {:>9.2} ms {:>9.2} ms {:>11.2} ms {:>9.2} ms {:>9.2} ms {:>6} MiB",
+            "{:<6} {:>9.0} {:>28} {:>28} {:>18} {:>8}",
             run.name,
             run.rate,
-            ms(&run.evictd, 0.5),
-            ms(&run.evictd, 0.99),
-            ms(&run.evictd, 0.999),
-            ms(&run.probe, 0.5),
-            ms(&run.probe, 0.99),
+            three(&run.evictd.commit_to_apply),
+            three(&run.evictd.sent_to_apply),
+            format!("{:.2} / {:.2}", ms(&run.probe, 0.5), ms(&run.probe, 0.99)),
             run.rss_kib / 1024
         );
+        let quantiles = |h: &LagHistogram| serde_json::json!({"p50": ms(h, 0.5), "p99": ms(h, 0.99), "p999": ms(h, 0.999), "batches": h.count()});
         json.push(serde_json::json!({
             "load": run.name,
             "commits_per_second": run.rate,
-            "evictd_lag_ms": {"p50": ms(&run.evictd, 0.5), "p99": ms(&run.evictd, 0.99), "p999": ms(&run.evictd, 0.999)},
+            "evictd_commit_to_apply_ms": quantiles(&run.evictd.commit_to_apply),
+            "evictd_sent_to_apply_ms": quantiles(&run.evictd.sent_to_apply),
             "probe_lag_ms": {"p50": ms(&run.probe, 0.5), "p99": ms(&run.probe, 0.99), "samples": run.probe.count()},
             "process_peak_rss_kib": run.rss_kib,
         }));

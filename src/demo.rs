@@ -130,6 +130,7 @@ pub async fn run(migrations: &Path, mappings_dir: &Path) -> Result<(), DemoError
     let lag = lag
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .commit_to_apply
         .clone();
     println!(
         "\nsummary: {} row changes, {} keys invalidated or refreshed, commit-to-Redis lag p50 {:.1} ms, p99 {:.1} ms",

@@ -1,7 +1,18 @@
-//! Commit-to-applied lag: a fixed-bucket histogram (log scale, 10% wide
+//! Commit-to-applied lag: fixed-bucket histograms (log scale, 10% wide
 //! buckets from 10 µs to ~10 min) cheap enough to record every batch.
 
 use std::time::{Duration, SystemTime};
+
+/// The lag of every applied batch, measured from its oldest transaction.
+#[derive(Clone, Debug, Default)]
+pub struct Lag {
+    /// From the commit in the source to Redis' acknowledgement.
+    pub commit_to_apply: LagHistogram,
+    /// From the source sending that commit to evictd (the walsender's send
+    /// time; Kafka: the record's timestamp) to Redis' acknowledgement:
+    /// evictd's own part, without the source's decoding and queueing.
+    pub sent_to_apply: LagHistogram,
+}
 
 const BUCKETS: usize = 200;
 const FIRST_MICROS: f64 = 10.0;

@@ -80,8 +80,13 @@ impl fmt::Display for Command {
 pub struct Plan {
     pub commands: Vec<Command>,
     pub checkpoint: Option<Checkpoint>,
-    /// Commit time of the newest transaction the checkpoint covers.
+    /// Commit time of the oldest transaction in the batch: the batch's
+    /// lag is that of its stalest change.
     pub commit_time: Option<SystemTime>,
+    /// When the source sent evictd that oldest transaction (the walsender's
+    /// send time of its commit, the Kafka record's timestamp): from here on
+    /// the lag is evictd's own.
+    pub sent_time: Option<SystemTime>,
     /// Row changes the batch covers.
     pub changes: u64,
 }
@@ -110,6 +115,7 @@ pub struct Planner {
     tag_patterns: OrderedMap<OriginId>,
     checkpoint: Option<Checkpoint>,
     commit_time: Option<SystemTime>,
+    sent_time: Option<SystemTime>,
     changes: u64,
 }
 
@@ -167,14 +173,20 @@ impl Planner {
     /// `checkpoint`.
     pub fn commit(&mut self, checkpoint: Checkpoint, commit_time: Option<SystemTime>) {
         self.checkpoint = Some(checkpoint);
-        self.commit_time = commit_time.or(self.commit_time);
+        self.commit_time = self.commit_time.or(commit_time);
     }
 
     /// Records the commit time of a change whose source acknowledges by
     /// position rather than by commit (Kafka): the batch's lag is measured
-    /// from the newest one.
+    /// from the oldest one.
     pub fn note_commit_time(&mut self, commit_time: SystemTime) {
-        self.commit_time = Some(self.commit_time.map_or(commit_time, |t| t.max(commit_time)));
+        self.commit_time = Some(self.commit_time.map_or(commit_time, |t| t.min(commit_time)));
+    }
+
+    /// Records when the source sent the next commit (or, for Kafka, a
+    /// change); the batch keeps the oldest.
+    pub fn note_sent(&mut self, sent_time: SystemTime) {
+        self.sent_time = Some(self.sent_time.map_or(sent_time, |t| t.min(sent_time)));
     }
 
     /// Whether a commit is waiting to be acknowledged.
@@ -224,6 +236,7 @@ impl Planner {
             commands,
             checkpoint: self.checkpoint.take(),
             commit_time: self.commit_time.take(),
+            sent_time: self.sent_time.take(),
             changes: std::mem::take(&mut self.changes),
         }
     }
@@ -301,5 +314,30 @@ mod tests {
             ]
         );
         assert_eq!(plan.changes, 3);
+    }
+
+    #[test]
+    fn a_batch_is_timed_by_its_oldest_transaction() {
+        use crate::change::Lsn;
+        let at = |millis| SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(millis);
+        let mut planner = Planner::new();
+        planner.note_sent(at(15));
+        planner.commit(Checkpoint::Lsn(Lsn(1)), Some(at(10)));
+        planner.note_sent(at(25));
+        planner.commit(Checkpoint::Lsn(Lsn(2)), Some(at(20)));
+        let plan = planner.finish();
+        assert_eq!(plan.checkpoint, Some(Checkpoint::Lsn(Lsn(2))));
+        assert_eq!(
+            (plan.commit_time, plan.sent_time),
+            (Some(at(10)), Some(at(15)))
+        );
+        // The next batch starts afresh.
+        planner.commit(Checkpoint::Lsn(Lsn(3)), Some(at(30)));
+        let plan = planner.finish();
+        assert_eq!((plan.commit_time, plan.sent_time), (Some(at(30)), None));
+        // Kafka notes the commit time per change, in any order.
+        planner.note_commit_time(at(50));
+        planner.note_commit_time(at(40));
+        assert_eq!(planner.finish().commit_time, Some(at(40)));
     }
 }

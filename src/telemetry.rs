@@ -19,8 +19,12 @@ pub const REDIS_COMMANDS: &str = "evictd_redis_commands_total";
 pub const BATCH_COMMANDS: &str = "evictd_batch_commands";
 /// Time to apply one batch, retries included.
 pub const APPLY_DURATION: &str = "evictd_apply_duration_seconds";
-/// Commit timestamp in Postgres to Redis acknowledgement.
+/// Commit timestamp in the source to Redis acknowledgement, per batch from
+/// its oldest transaction.
 pub const COMMIT_TO_APPLY_LAG: &str = "evictd_commit_to_apply_lag_seconds";
+/// The source sending that transaction to Redis acknowledgement: evictd's
+/// own part of the lag.
+pub const SENT_TO_APPLY_LAG: &str = "evictd_sent_to_apply_lag_seconds";
 /// WAL the server has sent beyond what is acknowledged.
 pub const REPLICATION_LAG_BYTES: &str = "evictd_replication_lag_bytes";
 /// The acknowledged (flush) LSN, as a number.
@@ -93,7 +97,12 @@ pub fn describe() {
     describe_histogram!(
         COMMIT_TO_APPLY_LAG,
         Unit::Seconds,
-        "Commit in Postgres to Redis acknowledgement"
+        "Commit in the source to Redis acknowledgement (oldest transaction of each batch)"
+    );
+    describe_histogram!(
+        SENT_TO_APPLY_LAG,
+        Unit::Seconds,
+        "The source sending a transaction to Redis acknowledgement: evictd's own part of the lag"
     );
     describe_gauge!(
         REPLICATION_LAG_BYTES,

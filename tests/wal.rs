@@ -49,6 +49,15 @@ async fn insert_update_delete_on_several_tables() {
     s.db.execute("delete from users where id = 1").await;
     s.sync().await;
     assert_eq!(s.cached(&keys).await, ["user:2", "order:11"]);
+    // Every batch that held a commit was timed from the commit and from
+    // the walsender sending it, which cannot come before the commit.
+    let lag = s.evictd.lag();
+    assert!(lag.commit_to_apply.count() >= 2, "{lag:?}");
+    assert_eq!(lag.sent_to_apply.count(), lag.commit_to_apply.count());
+    assert!(
+        lag.sent_to_apply.max() <= lag.commit_to_apply.max(),
+        "{lag:?}"
+    );
 }
 
 #[tokio::test]

@@ -22,7 +22,7 @@ use crate::change::{Checkpoint, Lsn};
 use crate::config::RedisConfig;
 use crate::error::Error;
 use crate::error::ErrorKind;
-use crate::lag::LagHistogram;
+use crate::lag::Lag;
 use crate::plan::Plan;
 use crate::telemetry;
 
@@ -139,7 +139,7 @@ pub async fn run(
     mut plans: mpsc::Receiver<Request>,
     progress: watch::Sender<Progress>,
     redis: watch::Sender<Option<String>>,
-    lag: Arc<Mutex<LagHistogram>>,
+    lag: Arc<Mutex<Lag>>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let mut ping = tokio::time::interval(IDLE_PING);
@@ -235,20 +235,29 @@ fn replace_if_changed(current: &mut Option<String>, state: Option<String>) -> bo
 }
 
 /// Metrics and the lag histogram for one applied plan.
-fn record(plan: &Plan, stats: ApplyStats, took: Duration, lag: &Mutex<LagHistogram>) {
+fn record(plan: &Plan, stats: ApplyStats, took: Duration, lag: &Mutex<Lag>) {
     metrics::counter!(telemetry::CHANGES_APPLIED).increment(plan.changes);
     metrics::counter!(telemetry::KEYS_INVALIDATED).increment(stats.keys);
     metrics::counter!(telemetry::REDIS_COMMANDS, "outcome" => "ok").increment(stats.commands);
     #[allow(clippy::cast_precision_loss)]
     metrics::histogram!(telemetry::BATCH_COMMANDS).record(plan.commands.len() as f64);
     metrics::histogram!(telemetry::APPLY_DURATION).record(took.as_secs_f64());
+    if plan.commit_time.is_none() && plan.sent_time.is_none() {
+        return;
+    }
+    let now = std::time::SystemTime::now();
+    let since = |time: std::time::SystemTime| now.duration_since(time).unwrap_or_default();
+    let mut lag = lag
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(commit_time) = plan.commit_time {
-        let behind = std::time::SystemTime::now()
-            .duration_since(commit_time)
-            .unwrap_or_default();
+        let behind = since(commit_time);
         metrics::histogram!(telemetry::COMMIT_TO_APPLY_LAG).record(behind.as_secs_f64());
-        lag.lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .record(behind);
+        lag.commit_to_apply.record(behind);
+    }
+    if let Some(sent_time) = plan.sent_time {
+        let behind = since(sent_time);
+        metrics::histogram!(telemetry::SENT_TO_APPLY_LAG).record(behind.as_secs_f64());
+        lag.sent_to_apply.record(behind);
     }
 }

@@ -17,6 +17,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use crate::change::{RowChange, TableName};
 use crate::mapping::{Action, Mappings, Output};
@@ -90,6 +91,11 @@ impl Batcher {
     /// Whether a plan is waiting to be taken (actions or a checkpoint).
     pub fn has_pending(&self) -> bool {
         !self.planner.is_empty() || self.planner.has_checkpoint()
+    }
+
+    /// Records when the source sent the commit pushed next.
+    pub fn note_sent(&mut self, sent_time: SystemTime) {
+        self.planner.note_sent(sent_time);
     }
 
     /// Handles one event; full plans are appended to `ready`.

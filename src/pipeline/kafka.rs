@@ -248,6 +248,7 @@ impl Session {
         let Record {
             partition,
             offset,
+            timestamp,
             decoded,
             raw,
         } = record;
@@ -261,6 +262,9 @@ impl Session {
                 self.planner.push_change(self.out.actions.drain(..));
                 if let Some(commit_time) = commit_time {
                     self.planner.note_commit_time(commit_time);
+                }
+                if let Some(timestamp) = timestamp {
+                    self.planner.note_sent(timestamp);
                 }
                 *self
                     .received

@@ -31,7 +31,7 @@ use crate::config::SecretUrl;
 use crate::config::{Config, SourceKind};
 use crate::continuity::{self, Remembered, SlotState, Verdict};
 use crate::error::{Error, ErrorKind};
-use crate::lag::LagHistogram;
+use crate::lag::Lag;
 use crate::mapping::Mappings;
 use crate::mapping::Output;
 use crate::plan::Planner;
@@ -84,7 +84,7 @@ pub struct Running {
     pub progress: watch::Receiver<Progress>,
     /// The flush position last reported to the server.
     pub acked: watch::Receiver<Lsn>,
-    pub lag: Arc<Mutex<LagHistogram>>,
+    pub lag: Arc<Mutex<Lag>>,
     pub epoch: String,
     stop: watch::Sender<bool>,
     task: JoinHandle<Result<Ended, Error>>,
@@ -186,7 +186,7 @@ struct Handles {
     redis: watch::Receiver<Option<String>>,
     progress: watch::Receiver<Progress>,
     acked: watch::Receiver<Lsn>,
-    lag: Arc<Mutex<LagHistogram>>,
+    lag: Arc<Mutex<Lag>>,
     epoch: String,
     stop: watch::Sender<bool>,
 }
@@ -203,7 +203,7 @@ impl Stages {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (source_tx, source_rx) = watch::channel(SourceState::Connecting);
         let (redis_tx, redis_rx) = watch::channel(None);
-        let lag = Arc::new(Mutex::new(LagHistogram::default()));
+        let lag = Arc::new(Mutex::new(Lag::default()));
         let apply_task = tokio::spawn(apply::run(
             sink,
             plans_rx,

@@ -155,6 +155,7 @@ impl Replication {
                 Step::Message(ReplicationMessage::XLogData {
                     wal_start,
                     wal_end,
+                    send_time,
                     data,
                 }) => {
                     tracing::trace!(wal_start = %Lsn(wal_start), wal_end = %Lsn(wal_end), tag = %char::from(data.first().copied().unwrap_or(b'?')), "xlogdata");
@@ -169,10 +170,16 @@ impl Replication {
                     })?;
                     self.decoder.handle(message, &mut events)?;
                     for event in events.drain(..) {
-                        if let Event::Change { change, .. } = &event {
-                            *received_counts
-                                .entry((change.table.clone(), change.op))
-                                .or_default() += 1;
+                        match &event {
+                            Event::Change { change, .. } => {
+                                *received_counts
+                                    .entry((change.table.clone(), change.op))
+                                    .or_default() += 1;
+                            }
+                            Event::Commit { .. } | Event::StreamCommit { .. } => {
+                                self.batcher.note_sent(send_time);
+                            }
+                            Event::StreamAbort { .. } => {}
                         }
                         self.batcher.push(event, &mut cut);
                     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::TestkitError;
 use crate::change::Lsn;
 use crate::config::Config;
-use crate::lag::LagHistogram;
+use crate::lag::Lag;
 use crate::mapping::{self, Mappings};
 use crate::pipeline::{self, Options, Running};
 
@@ -99,8 +99,8 @@ impl Evictd {
         }
     }
 
-    /// The commit-to-applied lag seen so far.
-    pub fn lag(&self) -> LagHistogram {
+    /// The lag of the batches applied so far.
+    pub fn lag(&self) -> Lag {
         self.running
             .lag
             .lock()

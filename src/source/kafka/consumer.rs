@@ -21,7 +21,7 @@
 
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
@@ -69,6 +69,9 @@ pub struct Position {
 pub struct Record {
     pub partition: Partition,
     pub offset: i64,
+    /// The record's timestamp (the producer's create time or the broker's
+    /// append time), when it has one.
+    pub timestamp: Option<SystemTime>,
     pub decoded: Result<Decoded, String>,
     /// The raw record when it is bad, for the dead-letter topic.
     pub raw: Option<RawRecord>,
@@ -544,6 +547,11 @@ fn record(
             partition: message.partition(),
         },
         offset: message.offset(),
+        timestamp: message
+            .timestamp()
+            .to_millis()
+            .and_then(|millis| u64::try_from(millis).ok())
+            .map(|millis| UNIX_EPOCH + Duration::from_millis(millis)),
         decoded,
         raw,
     }

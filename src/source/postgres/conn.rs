@@ -31,6 +31,8 @@ pub enum ReplicationMessage {
     XLogData {
         wal_start: u64,
         wal_end: u64,
+        /// When the server sent it (its clock).
+        send_time: SystemTime,
         data: Bytes,
     },
     /// The server's position; `reply` asks for a status update now.
@@ -433,10 +435,11 @@ fn copy_data(mut body: Bytes) -> Result<ReplicationMessage, Error> {
             body.advance(1);
             let wal_start = body.get_u64();
             let wal_end = body.get_u64();
-            let _send_time = body.get_i64();
+            let send_time = pg_time(body.get_i64());
             Ok(ReplicationMessage::XLogData {
                 wal_start,
                 wal_end,
+                send_time,
                 data: body,
             })
         }
