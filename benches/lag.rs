@@ -11,6 +11,11 @@
 //!   it (what an application would see).
 //!
 //! Run: `cargo bench --bench lag` (prints a table, then one JSON line).
+//! `EVICTD_BENCH_RATE=N` runs one pass at N commits/s;
+//! `EVICTD_BENCH_NICE=N` runs pgbench at that niceness and
+//! `EVICTD_BENCH_WALSENDER_NICE=N` renices the walsender serving evictd, to
+//! tell CPU contention on a small machine from evictd's own latency;
+//! `EVICTD_BENCH_METRICS=1` prints the CPU each process used.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -139,6 +144,27 @@ async fn run(postgres: &Postgres, redis: &Redis, name: &str, rate: Option<f64>) 
         .streaming_within(Duration::from_secs(30))
         .await
         .expect("streaming");
+    if let Ok(nice) = std::env::var("EVICTD_BENCH_WALSENDER_NICE") {
+        // Raise (or lower) the priority of the walsender serving evictd, to
+        // tell its share of the CPU from evictd's own latency.
+        let pid: i32 = admin
+            .query_one(
+                "select active_pid from pg_replication_slots where slot_name = $1",
+                &[&config.postgres.slot],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let status = std::process::Command::new("renice")
+            .args(["-n", &nice, "-p", &pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("run renice");
+        assert!(
+            status.success(),
+            "renice {nice} of the walsender failed (root only for < 0)"
+        );
+    }
     eprintln!("{name}: {} s of single-row updates ...", SECONDS);
 
     let stop = Arc::new(AtomicBool::new(false));
