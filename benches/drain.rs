@@ -35,13 +35,39 @@ struct Scenario {
     workload: String,
 }
 
+/// One scenario's rounds: each round drains the same WAL once with
+/// `pg_recvlogical` and once with evictd, one after the other, so that the
+/// two rates of a round saw the same machine.
 struct Measured {
     name: &'static str,
     changes: u64,
-    commands: u64,
+    rounds: Vec<Round>,
+    evictd_peak_rss_kib: u64,
+}
+
+struct Round {
     recvlogical: Duration,
     evictd: Duration,
-    evictd_peak_rss_kib: u64,
+    /// Redis commands evictd sent in its drain.
+    commands: u64,
+    /// `redis-benchmark` UNLINK/s right after evictd's drain (fan-out only).
+    unlink_baseline: Option<f64>,
+}
+
+impl Round {
+    fn ratio(&self) -> f64 {
+        self.recvlogical.as_secs_f64() / self.evictd.as_secs_f64()
+    }
+
+    fn commands_per_second(&self) -> f64 {
+        self.commands as f64 / self.evictd.as_secs_f64()
+    }
+}
+
+/// The median of `values` (the upper one of an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }
 
 fn scenarios() -> Vec<Scenario> {
@@ -132,21 +158,26 @@ async fn main() {
             .await,
         );
     }
-    let unlink_baseline = redis_benchmark(&redis, &["UNLINK", "key:__rand_int__"]);
-    let set_baseline = redis_benchmark(&redis, &["SET", "key:__rand_int__", "value"]);
+    report(&results);
+}
+
+/// Prints the table (medians over the rounds) and one JSON line.
+fn report(results: &[Measured]) {
     println!(
-        "\n{:<8} {:>9} {:>16} {:>16} {:>7} {:>10}",
-        "scenario", "changes", "recvlogical/s", "evictd/s", "ratio", "peak RSS"
+        "\n{:<8} {:>9} {:>7} {:>16} {:>16} {:>7} {:>10}",
+        "scenario", "changes", "rounds", "recvlogical/s", "evictd/s", "ratio", "peak RSS"
     );
     let mut json = Vec::new();
-    for m in &results {
-        let recv_rate = m.changes as f64 / m.recvlogical.as_secs_f64();
-        let evictd_rate = m.changes as f64 / m.evictd.as_secs_f64();
-        let ratio = evictd_rate / recv_rate;
+    for m in results {
+        let rate = |took: Duration| m.changes as f64 / took.as_secs_f64();
+        let recv_rate = median(m.rounds.iter().map(|r| rate(r.recvlogical)).collect());
+        let evictd_rate = median(m.rounds.iter().map(|r| rate(r.evictd)).collect());
+        let ratio = median(m.rounds.iter().map(Round::ratio).collect());
         println!(
-            "{:<8} {:>9} {:>16.0} {:>16.0} {:>6.2}x {:>7} MiB",
+            "{:<8} {:>9} {:>7} {:>16.0} {:>16.0} {:>6.2}x {:>7} MiB",
             m.name,
             m.changes,
+            m.rounds.len(),
             recv_rate,
             evictd_rate,
             ratio,
@@ -155,31 +186,58 @@ async fn main() {
         json.push(serde_json::json!({
             "scenario": m.name,
             "changes": m.changes,
-            "pg_recvlogical_seconds": m.recvlogical.as_secs_f64(),
-            "evictd_seconds": m.evictd.as_secs_f64(),
             "pg_recvlogical_changes_per_second": recv_rate,
             "evictd_changes_per_second": evictd_rate,
             "ratio": ratio,
+            "rounds": m.rounds.iter().map(|r| serde_json::json!({
+                "pg_recvlogical_seconds": r.recvlogical.as_secs_f64(),
+                "evictd_seconds": r.evictd.as_secs_f64(),
+                "ratio": r.ratio(),
+            })).collect::<Vec<_>>(),
             "process_peak_rss_kib": m.evictd_peak_rss_kib,
         }));
     }
     if let Some(fanout) = results.iter().find(|m| m.name == "fanout") {
-        let rate = fanout.commands as f64 / fanout.evictd.as_secs_f64();
+        let rounds: Vec<(f64, f64)> = fanout
+            .rounds
+            .iter()
+            .filter_map(|r| Some((r.commands_per_second(), r.unlink_baseline?)))
+            .collect();
+        let rate = median(rounds.iter().map(|(rate, _)| *rate).collect());
+        let baseline = median(rounds.iter().map(|(_, baseline)| *baseline).collect());
+        let ratio = median(rounds.iter().map(|(rate, baseline)| rate / baseline).collect());
         println!(
-            "\nfan-out: evictd {rate:.0} Redis commands/s ({} commands for {} changes); redis-benchmark -P 64: UNLINK {unlink_baseline:.0}/s, SET {set_baseline:.0}/s; ratio to UNLINK {:.2}x",
-            fanout.commands,
+            "\nfan-out: evictd {rate:.0} Redis commands/s ({} commands for {} changes); redis-benchmark -P 64 UNLINK {baseline:.0}/s; ratio {ratio:.2}x (medians of {} rounds; per round: {})",
+            fanout.rounds[0].commands,
             fanout.changes,
-            rate / unlink_baseline
+            rounds.len(),
+            rounds
+                .iter()
+                .map(|(rate, baseline)| format!("{:.2}x", rate / baseline))
+                .collect::<Vec<_>>()
+                .join(" ")
         );
         json.push(serde_json::json!({
             "scenario": "fanout_commands",
             "evictd_redis_commands_per_second": rate,
-            "redis_benchmark_unlink_per_second": unlink_baseline,
-            "redis_benchmark_set_per_second": set_baseline,
-            "ratio": rate / unlink_baseline,
+            "redis_benchmark_unlink_per_second": baseline,
+            "ratio": ratio,
+            "rounds": rounds.iter().map(|(rate, baseline)| serde_json::json!({
+                "evictd_redis_commands_per_second": rate,
+                "redis_benchmark_unlink_per_second": baseline,
+            })).collect::<Vec<_>>(),
         }));
     }
     println!("{}", serde_json::Value::Array(json));
+}
+
+/// Rounds per scenario (`EVICTD_BENCH_ROUNDS`, default 3).
+fn rounds() -> usize {
+    std::env::var("EVICTD_BENCH_ROUNDS")
+        .ok()
+        .and_then(|rounds| rounds.parse().ok())
+        .filter(|rounds| *rounds > 0)
+        .unwrap_or(3)
 }
 
 async fn measure(
@@ -199,16 +257,21 @@ async fn measure(
         .batch_execute("create publication evictd for table orders")
         .await
         .unwrap();
-    for slot in ["bench_recv", "bench_evictd"] {
-        client
-            .query_one(
-                &format!(
-                    "select pg_create_logical_replication_slot('{database}_{slot}', 'pgoutput')"
-                ),
-                &[],
-            )
-            .await
-            .unwrap();
+    let rounds = rounds();
+    // Two slots per round, all created before the workload: every drain
+    // reads the same WAL.
+    for round in 0..rounds {
+        for reader in ["recv", "evictd"] {
+            client
+                .query_one(
+                    &format!(
+                        "select pg_create_logical_replication_slot('{database}_{reader}_{round}', 'pgoutput')"
+                    ),
+                    &[],
+                )
+                .await
+                .unwrap();
+        }
     }
     eprintln!(
         "{}: writing {} changes with nobody reading ...",
@@ -217,18 +280,47 @@ async fn measure(
     client.batch_execute(&scenario.workload).await.unwrap();
     client.batch_execute("checkpoint").await.unwrap();
     let end = current_wal_lsn(&url).await.unwrap();
+    let mut config = Config::with_defaults(
+        SecretUrl::parse(&url).unwrap(),
+        SecretUrl::parse(&redis.url()).unwrap(),
+        mappings_dir.clone(),
+    );
+    config.postgres.create_slot = false;
+    let mappings = Arc::new(mapping::load_dir(&mappings_dir, config.mappings.limits).unwrap());
+    let mut measured = Vec::new();
+    for round in 0..rounds {
+        eprintln!(
+            "{}: round {}: pg_recvlogical, then evictd, draining to {end} ...",
+            scenario.name,
+            round + 1
+        );
+        let recvlogical = recvlogical(postgres, &url, &format!("{database}_recv_{round}"), end);
+        config.postgres.slot = format!("{database}_evictd_{round}");
+        let (evictd, commands) = drain(scenario.name, &config, mappings.clone(), end, redis).await;
+        let acked = confirmed(&client, &config.postgres.slot).await;
+        assert!(acked >= end, "evictd acknowledged {acked}, short of {end}");
+        let unlink_baseline = (scenario.name == "fanout")
+            .then(|| redis_benchmark(redis, &["UNLINK", "key:__rand_int__"]));
+        measured.push(Round {
+            recvlogical,
+            evictd,
+            commands,
+            unlink_baseline,
+        });
+    }
+    Measured {
+        name: scenario.name,
+        changes: scenario.changes,
+        rounds: measured,
+        evictd_peak_rss_kib: peak_rss_kib(),
+    }
+}
 
-    eprintln!("{}: pg_recvlogical draining to {end} ...", scenario.name);
+/// `pg_recvlogical` drains `slot` to /dev/null up to `end`.
+fn recvlogical(postgres: &Postgres, url: &str, slot: &str, end: Lsn) -> Duration {
     let started = Instant::now();
     let status = Command::new(postgres.bin_dir().join("pg_recvlogical"))
-        .args([
-            "-d",
-            &url,
-            "--slot",
-            &format!("{database}_bench_recv"),
-            "--start",
-            "--no-loop",
-        ])
+        .args(["-d", url, "--slot", slot, "--start", "--no-loop"])
         .args(["--endpos", &end.to_string(), "-f", "/dev/null"])
         .args([
             "-o",
@@ -240,18 +332,20 @@ async fn measure(
         ])
         .status()
         .expect("run pg_recvlogical");
-    let recvlogical = started.elapsed();
+    let took = started.elapsed();
     assert!(status.success(), "pg_recvlogical failed: {status}");
+    took
+}
 
-    eprintln!("{}: evictd draining to {end} ...", scenario.name);
-    let mut config = Config::with_defaults(
-        SecretUrl::parse(&url).unwrap(),
-        SecretUrl::parse(&redis.url()).unwrap(),
-        mappings_dir.clone(),
-    );
-    config.postgres.slot = format!("{database}_bench_evictd");
-    config.postgres.create_slot = false;
-    let mappings = Arc::new(mapping::load_dir(&mappings_dir, config.mappings.limits).unwrap());
+/// evictd drains its slot up to `end`: the time it took and the Redis
+/// commands it sent.
+async fn drain(
+    name: &str,
+    config: &Config,
+    mappings: Arc<mapping::Mappings>,
+    end: Lsn,
+    redis: &Redis,
+) -> (Duration, u64) {
     // The end position is past the last commit (it is the WAL insert
     // position), so evictd learns it has reached it from a keepalive, which
     // it asks for with each status update: with the default 1 s interval
@@ -263,14 +357,13 @@ async fn measure(
     let cpu_before = evictd::testkit::ThreadCpu::sample();
     let redis_before = evictd::testkit::process_cpu_ticks(redis.pid());
     let started = Instant::now();
-    let running = pipeline::start(&config, mappings, options).expect("start evictd");
+    let running = pipeline::start(config, mappings, options).expect("start evictd");
     let progress = running.progress.clone();
     running.wait().await.expect("evictd drained");
-    let evictd = started.elapsed();
+    let took = started.elapsed();
     if std::env::var_os("EVICTD_BENCH_METRICS").is_some() {
         eprintln!(
-            "{}: CPU during the drain by thread (ticks): {:?}; redis-server: {}",
-            scenario.name,
+            "{name}: CPU during the drain by thread (ticks): {:?}; redis-server: {}",
             evictd::testkit::ThreadCpu::sample().since(&cpu_before),
             evictd::testkit::process_cpu_ticks(redis.pid()).saturating_sub(redis_before)
         );
@@ -278,21 +371,12 @@ async fn measure(
             if line.starts_with("evictd_apply_duration_seconds_sum")
                 || line.starts_with("evictd_apply_duration_seconds_count")
             {
-                eprintln!("{}: {line}", scenario.name);
+                eprintln!("{name}: {line}");
             }
         }
     }
     let commands = progress.borrow().commands;
-    let acked = confirmed(&client, &config.postgres.slot).await;
-    assert!(acked >= end, "evictd acknowledged {acked}, short of {end}");
-    Measured {
-        name: scenario.name,
-        changes: scenario.changes,
-        commands,
-        recvlogical,
-        evictd,
-        evictd_peak_rss_kib: peak_rss_kib(),
-    }
+    (took, commands)
 }
 
 async fn confirmed(client: &tokio_postgres::Client, slot: &str) -> Lsn {
