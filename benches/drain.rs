@@ -205,7 +205,12 @@ fn report(results: &[Measured]) {
             .collect();
         let rate = median(rounds.iter().map(|(rate, _)| *rate).collect());
         let baseline = median(rounds.iter().map(|(_, baseline)| *baseline).collect());
-        let ratio = median(rounds.iter().map(|(rate, baseline)| rate / baseline).collect());
+        let ratio = median(
+            rounds
+                .iter()
+                .map(|(rate, baseline)| rate / baseline)
+                .collect(),
+        );
         println!(
             "\nfan-out: evictd {rate:.0} Redis commands/s ({} commands for {} changes); redis-benchmark -P 64 UNLINK {baseline:.0}/s; ratio {ratio:.2}x (medians of {} rounds; per round: {})",
             fanout.rounds[0].commands,
@@ -354,18 +359,23 @@ async fn drain(
         until: Some(end),
         status_interval: Duration::from_millis(10),
     };
+    let metrics = std::env::var_os("EVICTD_BENCH_METRICS").is_some();
     let cpu_before = evictd::testkit::ThreadCpu::sample();
     let redis_before = evictd::testkit::process_cpu_ticks(redis.pid());
     let started = Instant::now();
     let running = pipeline::start(config, mappings, options).expect("start evictd");
     let progress = running.progress.clone();
+    // The walsender exits with the drain: sample its CPU while it runs.
+    let walsender = metrics.then(|| tokio::spawn(walsender_ticks(config.clone())));
     running.wait().await.expect("evictd drained");
     let took = started.elapsed();
-    if std::env::var_os("EVICTD_BENCH_METRICS").is_some() {
+    if let Some(walsender) = walsender {
+        walsender.abort();
         eprintln!(
-            "{name}: CPU during the drain by thread (ticks): {:?}; redis-server: {}",
+            "{name}: CPU during the drain (ticks) by evictd thread: {:?}; redis-server: {}; walsender: {}",
             evictd::testkit::ThreadCpu::sample().since(&cpu_before),
-            evictd::testkit::process_cpu_ticks(redis.pid()).saturating_sub(redis_before)
+            evictd::testkit::process_cpu_ticks(redis.pid()).saturating_sub(redis_before),
+            WALSENDER_TICKS.load(std::sync::atomic::Ordering::Relaxed)
         );
         for line in evictd::telemetry::recorder().render().lines() {
             if line.starts_with("evictd_apply_duration_seconds_sum")
@@ -377,6 +387,39 @@ async fn drain(
     }
     let commands = progress.borrow().commands;
     (took, commands)
+}
+
+/// The walsender's CPU ticks, last sampled (the sampling task is aborted
+/// when the drain ends and leaves its reading here).
+static WALSENDER_TICKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Samples the CPU of the walsender serving `config`'s slot every 20 ms
+/// until aborted.
+async fn walsender_ticks(config: Config) -> u64 {
+    WALSENDER_TICKS.store(0, std::sync::atomic::Ordering::Relaxed);
+    let (client, connection) = tokio_postgres::connect(
+        config.postgres.url.as_ref().unwrap().expose(),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    loop {
+        let pid: Option<i32> = client
+            .query_one(
+                "select active_pid from pg_replication_slots where slot_name = $1",
+                &[&config.postgres.slot],
+            )
+            .await
+            .map_or(None, |row| row.get(0));
+        if let Some(pid) = pid.and_then(|pid| u32::try_from(pid).ok()) {
+            let ticks = evictd::testkit::process_cpu_ticks(pid);
+            if ticks > 0 {
+                WALSENDER_TICKS.store(ticks, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn confirmed(client: &tokio_postgres::Client, slot: &str) -> Lsn {
