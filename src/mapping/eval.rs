@@ -205,10 +205,24 @@ impl Mappings {
         out: &mut Output,
     ) {
         let mut previous: Option<usize> = None;
+        // The side that last rendered an exact key: a side with the same
+        // known values renders the same key, so it need not be rendered
+        // (most updates leave the key columns alone).
+        let mut exact: Option<Side<'_>> = None;
         for &side in sides {
+            if let Some(rendered) = exact {
+                let same = template.columns().all(|column| {
+                    let value = rendered.value(column);
+                    value.is_known() && value == side.value(column)
+                });
+                if same {
+                    continue;
+                }
+            }
             let Some(action) = self.render(template, origin, use_, side, out) else {
                 continue;
             };
+            exact = matches!(action, ActionKind::Delete(_) | ActionKind::Tag(_)).then_some(side);
             let repeated = previous
                 .is_some_and(|index| action_text(&out.actions[index].kind) == action_text(&action));
             if !repeated {

@@ -130,28 +130,26 @@ impl Template {
         &self,
         value_of: impl Fn(&str) -> &'r Datum,
     ) -> Result<String, Unrendered<'_>> {
+        // One pass, each value looked up once; a NULL anywhere still wins
+        // over an unavailable value before it.
         let mut unavailable = None;
-        for column in self.columns() {
-            match value_of(column) {
-                Datum::Null => return Err(Unrendered::Null(column)),
-                datum if !datum.is_known() => unavailable = unavailable.or(Some(column)),
-                _ => {}
-            }
-        }
-        if let Some(column) = unavailable {
-            return Err(Unrendered::Unavailable(column));
-        }
         let mut key = String::with_capacity(self.literal_len() + 16);
         for part in self.parts.iter() {
             match part {
                 Part::Literal(text) => key.push_str(text),
-                Part::Column(column) => {
-                    let text = value_of(column).canonical_text().unwrap_or_default();
-                    escape_value(text, &mut key);
-                }
+                Part::Column(column) => match value_of(column) {
+                    Datum::Null => return Err(Unrendered::Null(column)),
+                    datum => match datum.canonical_text() {
+                        Some(text) => escape_value(text, &mut key),
+                        None => unavailable = unavailable.or(Some(&**column)),
+                    },
+                },
             }
         }
-        Ok(key)
+        match unavailable {
+            Some(column) => Err(Unrendered::Unavailable(column)),
+            None => Ok(key),
+        }
     }
 
     /// A Redis glob that matches every key the template can render whose

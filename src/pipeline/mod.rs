@@ -507,6 +507,7 @@ impl Supervisor {
             max_wait: Duration::from_millis(self.config.batch.max_wait_ms),
             status_interval: self.options.status_interval,
             until: self.options.until,
+            scratch: replication::Scratch::default(),
         })
     }
 }

@@ -17,9 +17,11 @@
 //! commands and broadcast were not acknowledged.
 
 use std::collections::{HashMap, VecDeque};
+
+use rustc_hash::FxBuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -49,6 +51,14 @@ pub struct Replication {
     pub status_interval: Duration,
     /// Stop reading past this position (`evictd replay --until-lsn`).
     pub until: Option<Lsn>,
+    pub scratch: Scratch,
+}
+
+/// Buffers reused from message to message.
+#[derive(Default)]
+pub struct Scratch {
+    events: Vec<Event>,
+    cut: Vec<Plan>,
 }
 
 /// Why the loop ended without an error.
@@ -87,13 +97,11 @@ impl Replication {
     /// Runs until `stop` turns true, `until` is reached, or an error.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<Finished, Error> {
         let mut ready: VecDeque<Plan> = VecDeque::new();
-        let mut events: Vec<Event> = Vec::new();
-        let mut cut: Vec<Plan> = Vec::new();
         let mut deadline: Option<Instant> = None;
         let mut received = Lsn(0);
         // What an earlier session acknowledged stays acknowledged.
         let mut confirmed = self.progress.borrow().flush_lsn.max(*self.acked.borrow());
-        let mut received_counts: HashMap<(Arc<TableName>, Op), u64> = HashMap::new();
+        let mut received_counts: ChangeCounts = ChangeCounts::default();
         let mut coarse_reported = 0;
         let mut status = tokio::time::interval(self.status_interval);
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -152,66 +160,59 @@ impl Replication {
                         confirmed,
                     );
                 }
-                Step::Message(ReplicationMessage::XLogData {
-                    wal_start,
-                    wal_end,
-                    send_time,
-                    data,
-                }) => {
-                    tracing::trace!(wal_start = %Lsn(wal_start), wal_end = %Lsn(wal_end), tag = %char::from(data.first().copied().unwrap_or(b'?')), "xlogdata");
-                    received = received.max(Lsn(wal_end));
-                    let in_stream = self.decoder.in_stream_block();
-                    let message = pgoutput::decode(&data, in_stream).map_err(|e| {
-                        Error::with_source(
-                            ErrorKind::Protocol,
-                            "cannot decode the replication stream",
-                            e,
-                        )
-                    })?;
-                    self.decoder.handle(message, &mut events)?;
-                    for event in events.drain(..) {
-                        match &event {
-                            Event::Change { change, .. } => {
-                                *received_counts
-                                    .entry((change.table.clone(), change.op))
-                                    .or_default() += 1;
+                Step::Message(first) => {
+                    let mut next = Some(first);
+                    let mut burst = 0;
+                    while let Some(message) = next.take() {
+                        match message {
+                            ReplicationMessage::XLogData {
+                                wal_start,
+                                wal_end,
+                                send_time,
+                                data,
+                            } => {
+                                tracing::trace!(wal_start = %Lsn(wal_start), wal_end = %Lsn(wal_end), tag = %char::from(data.first().copied().unwrap_or(b'?')), "xlogdata");
+                                received = received.max(Lsn(wal_end));
+                                self.xlogdata(&data, send_time, &mut received_counts, &mut ready)?;
+                                if self.batcher.has_commit() && !self.conn.has_buffered_message() {
+                                    // Caught up with what the server sent: waiting for
+                                    // more would only add latency. Under a backlog the
+                                    // buffer is rarely empty and batches grow by
+                                    // themselves up to max_keys.
+                                    deadline = None;
+                                    ready.extend(self.batcher.take());
+                                } else if deadline.is_none() && self.batcher.has_pending() {
+                                    deadline = Some(Instant::now() + self.max_wait);
+                                }
                             }
-                            Event::Commit { .. } | Event::StreamCommit { .. } => {
-                                self.batcher.note_sent(send_time);
+                            ReplicationMessage::Keepalive { wal_end, reply } => {
+                                tracing::trace!(wal_end = %Lsn(wal_end), reply, "keepalive");
+                                received = received.max(Lsn(wal_end));
+                                let idle = ready.is_empty()
+                                    && self.batcher.is_idle()
+                                    && !self.decoder.in_transaction()
+                                    && self.sent_plans.load(Ordering::SeqCst)
+                                        == self.progress.borrow().applied_plans;
+                                if idle && Lsn(wal_end) > confirmed {
+                                    // Acknowledged through apply like any batch, so
+                                    // that the continuity record never lags the slot.
+                                    ready.push_back(Plan {
+                                        checkpoint: Some(Checkpoint::Lsn(Lsn(wal_end))),
+                                        ..Plan::default()
+                                    });
+                                } else if reply {
+                                    self.report(received, confirmed, false).await?;
+                                }
                             }
-                            Event::StreamAbort { .. } => {}
                         }
-                        self.batcher.push(event, &mut cut);
-                    }
-                    ready.extend(cut.drain(..));
-                    if self.batcher.has_commit() && !self.conn.has_buffered_message() {
-                        // Caught up with what the server sent: waiting for
-                        // more would only add latency. Under a backlog the
-                        // buffer is rarely empty and batches grow by
-                        // themselves up to max_keys.
-                        deadline = None;
-                        ready.extend(self.batcher.take());
-                    } else if deadline.is_none() && self.batcher.has_pending() {
-                        deadline = Some(Instant::now() + self.max_wait);
-                    }
-                }
-                Step::Message(ReplicationMessage::Keepalive { wal_end, reply }) => {
-                    tracing::trace!(wal_end = %Lsn(wal_end), reply, "keepalive");
-                    received = received.max(Lsn(wal_end));
-                    let idle = ready.is_empty()
-                        && self.batcher.is_idle()
-                        && !self.decoder.in_transaction()
-                        && self.sent_plans.load(Ordering::SeqCst)
-                            == self.progress.borrow().applied_plans;
-                    if idle && Lsn(wal_end) > confirmed {
-                        // Acknowledged through apply like any batch, so
-                        // that the continuity record never lags the slot.
-                        ready.push_back(Plan {
-                            checkpoint: Some(Checkpoint::Lsn(Lsn(wal_end))),
-                            ..Plan::default()
-                        });
-                    } else if reply {
-                        self.report(received, confirmed, false).await?;
+                        // Messages already buffered are handled here, not
+                        // through the select: cheaper per message, and
+                        // shutdown, progress and hand-over wait for at most
+                        // BURST of them.
+                        burst += 1;
+                        if ready.is_empty() && burst < BURST {
+                            next = self.conn.try_recv()?;
+                        }
                     }
                 }
             }
@@ -224,6 +225,41 @@ impl Replication {
             confirmed,
             acked: self.acked,
         })
+    }
+
+    /// Decodes one pgoutput message and hands its events to the batcher;
+    /// plans that fill up go to `ready`.
+    fn xlogdata(
+        &mut self,
+        data: &[u8],
+        send_time: SystemTime,
+        counts: &mut ChangeCounts,
+        ready: &mut VecDeque<Plan>,
+    ) -> Result<(), Error> {
+        let in_stream = self.decoder.in_stream_block();
+        let message = pgoutput::decode(data, in_stream).map_err(|e| {
+            Error::with_source(
+                ErrorKind::Protocol,
+                "cannot decode the replication stream",
+                e,
+            )
+        })?;
+        let Scratch { events, cut } = &mut self.scratch;
+        self.decoder.handle(message, events)?;
+        for event in events.drain(..) {
+            match &event {
+                Event::Change { change, .. } => {
+                    *counts.entry((change.table.clone(), change.op)).or_default() += 1;
+                }
+                Event::Commit { .. } | Event::StreamCommit { .. } => {
+                    self.batcher.note_sent(send_time);
+                }
+                Event::StreamAbort { .. } => {}
+            }
+            self.batcher.push(event, cut);
+        }
+        ready.extend(cut.drain(..));
+        Ok(())
     }
 
     async fn report(&mut self, received: Lsn, flush: Lsn, ask_reply: bool) -> Result<(), Error> {
@@ -246,7 +282,7 @@ impl Replication {
     /// coarse invalidations reported so far.
     fn record_metrics(
         &self,
-        received_counts: &mut HashMap<(Arc<TableName>, Op), u64>,
+        received_counts: &mut ChangeCounts,
         coarse_reported: u64,
         received: Lsn,
         confirmed: Lsn,
@@ -282,6 +318,14 @@ impl Replication {
 }
 
 /// What one turn of the loop has to handle.
+/// Changes received per table and operation since the metrics were last
+/// recorded (counted per change: a fast hash).
+type ChangeCounts = HashMap<(Arc<TableName>, Op), u64, FxBuildHasher>;
+
+/// Buffered messages handled in a row before the loop looks at its other
+/// inputs again.
+const BURST: usize = 256;
+
 enum Step {
     Stop,
     /// Apply published progress (`false`: apply is gone).

@@ -231,29 +231,28 @@ impl ReplicationConnection {
     pub async fn recv(&mut self) -> Result<ReplicationMessage, Error> {
         loop {
             let frame = self.frame().await?;
-            match frame.tag {
-                b'd' => return copy_data(frame.body),
-                b'N' | b'S' => {}
-                b'E' => return Err(server_error(&frame.body)),
-                b'c' => {
-                    return Err(Error::new(
-                        ErrorKind::PostgresConnection,
-                        "the server ended the replication stream",
-                    ))
-                }
-                tag => return Err(unexpected(tag, "the replication stream")),
+            if let Some(message) = stream_message(frame)? {
+                return Ok(message);
             }
         }
+    }
+
+    /// The next XLogData or keepalive if a whole one is already buffered:
+    /// works through a burst without waiting on the network.
+    pub fn try_recv(&mut self) -> Result<Option<ReplicationMessage>, Error> {
+        while let Some(frame) = self.buffered_frame()? {
+            if let Some(message) = stream_message(frame)? {
+                return Ok(Some(message));
+            }
+        }
+        Ok(None)
     }
 
     /// Whether a whole message is already buffered, so `recv` would not
     /// wait for the network.
     pub fn has_buffered_message(&self) -> bool {
-        self.buf.len() >= 5 && {
-            let length =
-                u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
-            self.buf.len() > length
-        }
+        self.buffered_length()
+            .is_some_and(|length| self.buf.len() > length)
     }
 
     /// Sends a standby status update: received up to `write`, applied (and
@@ -306,28 +305,12 @@ impl ReplicationConnection {
     /// The next whole frame; reads more only when the buffer lacks one.
     async fn frame(&mut self) -> Result<Frame, Error> {
         loop {
-            if self.buf.len() >= 5 {
-                let length =
-                    u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
-                        as usize;
-                if length < 4 {
-                    return Err(Error::new(
-                        ErrorKind::Protocol,
-                        "a frame with a length below 4",
-                    ));
-                }
-                if self.buf.len() > length {
-                    let mut frame = self.buf.split_to(length + 1);
-                    let tag = frame[0];
-                    frame.advance(5);
-                    return Ok(Frame {
-                        tag,
-                        body: frame.freeze(),
-                    });
-                }
-                self.buf.reserve(length + 1 - self.buf.len());
-            } else {
-                self.buf.reserve(64 * 1024);
+            if let Some(frame) = self.buffered_frame()? {
+                return Ok(frame);
+            }
+            match self.buffered_length() {
+                Some(length) => self.buf.reserve(length + 1 - self.buf.len()),
+                None => self.buf.reserve(64 * 1024),
             }
             let read = self
                 .reader
@@ -341,6 +324,52 @@ impl ReplicationConnection {
                 ));
             }
         }
+    }
+
+    /// The length of the frame at the head of the buffer, once its header
+    /// is there.
+    fn buffered_length(&self) -> Option<usize> {
+        (self.buf.len() >= 5).then(|| {
+            u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize
+        })
+    }
+
+    /// The frame at the head of the buffer, if it is whole.
+    fn buffered_frame(&mut self) -> Result<Option<Frame>, Error> {
+        let Some(length) = self.buffered_length() else {
+            return Ok(None);
+        };
+        if length < 4 {
+            return Err(Error::new(
+                ErrorKind::Protocol,
+                "a frame with a length below 4",
+            ));
+        }
+        if self.buf.len() <= length {
+            return Ok(None);
+        }
+        let mut frame = self.buf.split_to(length + 1);
+        let tag = frame[0];
+        frame.advance(5);
+        Ok(Some(Frame {
+            tag,
+            body: frame.freeze(),
+        }))
+    }
+}
+
+/// What a frame of the replication stream means: a message, nothing (a
+/// notice or parameter status), or the stream's end.
+fn stream_message(frame: Frame) -> Result<Option<ReplicationMessage>, Error> {
+    match frame.tag {
+        b'd' => copy_data(frame.body).map(Some),
+        b'N' | b'S' => Ok(None),
+        b'E' => Err(server_error(&frame.body)),
+        b'c' => Err(Error::new(
+            ErrorKind::PostgresConnection,
+            "the server ended the replication stream",
+        )),
+        tag => Err(unexpected(tag, "the replication stream")),
     }
 }
 
