@@ -262,6 +262,26 @@ async fn tags_delete_their_members() {
             .await,
         ["page:c"]
     );
+
+    // A tag key that is not a set, in the same batch as a real tag set: it
+    // is deleted, and the set's members still are.
+    s.seed(&["page:a", "page:b", "tag:user:9"]).await;
+    let _: () = redis::cmd("SADD")
+        .arg(format!("{prefix}tag:user:8"))
+        .arg(&members)
+        .query_async(&mut s.cache.redis)
+        .await
+        .unwrap();
+    s.db.execute(
+        "begin; insert into orders values (90, 9, 'new'); insert into orders values (81, 8, 'new'); commit",
+    )
+    .await;
+    s.sync().await;
+    assert_eq!(
+        s.cached(&["page:a", "page:b", "page:c", "tag:user:8", "tag:user:9"])
+            .await,
+        ["page:c"]
+    );
 }
 
 #[tokio::test]

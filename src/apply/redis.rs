@@ -32,19 +32,27 @@ const TAG_CHUNK: usize = 64;
 pub(super) const SCAN_COUNT: usize = 1000;
 
 /// Deletes the members of each tag set in KEYS, then the sets. Members are
-/// full Redis key names, as the application added them. A tag key that is
-/// not a set is just deleted, so a stray value can never wedge the stream.
+/// full Redis key names, as the application added them. One SUNION reads
+/// the whole chunk; a tag key that is not a set makes it fail, and then each
+/// tag is looked at on its own: a stray value is just deleted, so it can
+/// never wedge the stream.
 const TAG_SCRIPT: &str = r"
-local deleted = 0
-for _, tag in ipairs(KEYS) do
-  if redis.call('TYPE', tag).ok == 'set' then
-    local members = redis.call('SMEMBERS', tag)
-    for i = 1, #members, 500 do
-      deleted = deleted + redis.call('UNLINK', unpack(members, i, math.min(i + 499, #members)))
+local members = redis.pcall('SUNION', unpack(KEYS))
+if members.err then
+  members = {}
+  for _, tag in ipairs(KEYS) do
+    if redis.call('TYPE', tag).ok == 'set' then
+      for _, member in ipairs(redis.call('SMEMBERS', tag)) do
+        members[#members + 1] = member
+      end
     end
   end
-  redis.call('UNLINK', tag)
 end
+local deleted = 0
+for i = 1, #members, 500 do
+  deleted = deleted + redis.call('UNLINK', unpack(members, i, math.min(i + 499, #members)))
+end
+redis.call('UNLINK', unpack(KEYS))
 return deleted
 ";
 
