@@ -98,6 +98,9 @@ impl Replication {
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<Finished, Error> {
         let mut ready: VecDeque<Plan> = VecDeque::new();
         let mut deadline: Option<Instant> = None;
+        // When the next acknowledgement is due, while one is pending.
+        let mut ack_due: Option<Instant> = None;
+        let mut last_ack = Instant::now();
         let mut received = Lsn(0);
         // What an earlier session acknowledged stays acknowledged.
         let mut confirmed = self.progress.borrow().flush_lsn.max(*self.acked.borrow());
@@ -116,6 +119,7 @@ impl Replication {
                 // Then applied batches: acknowledging promptly lets the
                 // server recycle WAL and keeps reported lag honest.
                 changed = self.progress.changed() => Step::Applied(changed.is_ok()),
+                () = sleep_until(ack_due), if ack_due.is_some() => Step::Ack,
                 // Then hand finished plans to apply; while one waits for
                 // room, nothing new is read (bounded memory).
                 permit = self.plans.reserve(), if !ready.is_empty() => {
@@ -148,10 +152,21 @@ impl Replication {
                     let flush = self.progress.borrow_and_update().flush_lsn;
                     if flush > confirmed {
                         confirmed = flush;
-                        self.report(received, confirmed, false).await?;
+                        // At most one acknowledgement per ACK_INTERVAL: the
+                        // walsender wakes up for each, and under a stream of
+                        // small transactions that costs the CPU it needs to
+                        // decode.
+                        ack_due.get_or_insert(last_ack + ACK_INTERVAL);
                     }
                 }
+                Step::Ack => {
+                    ack_due = None;
+                    last_ack = Instant::now();
+                    self.report(received, confirmed, false).await?;
+                }
                 Step::Status => {
+                    ack_due = None;
+                    last_ack = Instant::now();
                     self.report(received, confirmed, true).await?;
                     coarse_reported = self.record_metrics(
                         &mut received_counts,
@@ -201,6 +216,8 @@ impl Replication {
                                         ..Plan::default()
                                     });
                                 } else if reply {
+                                    ack_due = None;
+                                    last_ack = Instant::now();
                                     self.report(received, confirmed, false).await?;
                                 }
                             }
@@ -322,12 +339,17 @@ impl Replication {
 /// recorded (counted per change: a fast hash).
 type ChangeCounts = HashMap<(Arc<TableName>, Op), u64, FxBuildHasher>;
 
+/// The shortest time between two acknowledgements of applied progress.
+const ACK_INTERVAL: Duration = Duration::from_millis(10);
+
 /// Buffered messages handled in a row before the loop looks at its other
 /// inputs again.
 const BURST: usize = 256;
 
 enum Step {
     Stop,
+    /// A pending acknowledgement is due.
+    Ack,
     /// Apply published progress (`false`: apply is gone).
     Applied(bool),
     Message(ReplicationMessage),
