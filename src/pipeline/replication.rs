@@ -17,12 +17,11 @@
 //! commands and broadcast were not acknowledged.
 
 use std::collections::{HashMap, VecDeque};
-
-use rustc_hash::FxBuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use rustc_hash::FxBuildHasher;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -98,9 +97,7 @@ impl Replication {
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<Finished, Error> {
         let mut ready: VecDeque<Plan> = VecDeque::new();
         let mut deadline: Option<Instant> = None;
-        // When the next acknowledgement is due, while one is pending.
-        let mut ack_due: Option<Instant> = None;
-        let mut last_ack = Instant::now();
+        let mut acks = Acks::new();
         let mut received = Lsn(0);
         // What an earlier session acknowledged stays acknowledged.
         let mut confirmed = self.progress.borrow().flush_lsn.max(*self.acked.borrow());
@@ -116,10 +113,10 @@ impl Replication {
                 biased;
                 // Shutdown first: stop taking input at once.
                 _ = stop.wait_for(|stop| *stop) => Step::Stop,
-                // Then applied batches: acknowledging promptly lets the
-                // server recycle WAL and keeps reported lag honest.
+                // Then applied batches, and acknowledging them once due:
+                // promptly, so that the server can recycle WAL.
                 changed = self.progress.changed() => Step::Applied(changed.is_ok()),
-                () = sleep_until(ack_due), if ack_due.is_some() => Step::Ack,
+                () = sleep_until(acks.due), if acks.due.is_some() => Step::Ack,
                 // Then hand finished plans to apply; while one waits for
                 // room, nothing new is read (bounded memory).
                 permit = self.plans.reserve(), if !ready.is_empty() => {
@@ -152,21 +149,15 @@ impl Replication {
                     let flush = self.progress.borrow_and_update().flush_lsn;
                     if flush > confirmed {
                         confirmed = flush;
-                        // At most one acknowledgement per ACK_INTERVAL: the
-                        // walsender wakes up for each, and under a stream of
-                        // small transactions that costs the CPU it needs to
-                        // decode.
-                        ack_due.get_or_insert(last_ack + ACK_INTERVAL);
+                        acks.pending();
                     }
                 }
                 Step::Ack => {
-                    ack_due = None;
-                    last_ack = Instant::now();
+                    acks.reported();
                     self.report(received, confirmed, false).await?;
                 }
                 Step::Status => {
-                    ack_due = None;
-                    last_ack = Instant::now();
+                    acks.reported();
                     self.report(received, confirmed, true).await?;
                     coarse_reported = self.record_metrics(
                         &mut received_counts,
@@ -216,8 +207,7 @@ impl Replication {
                                         ..Plan::default()
                                     });
                                 } else if reply {
-                                    ack_due = None;
-                                    last_ack = Instant::now();
+                                    acks.reported();
                                     self.report(received, confirmed, false).await?;
                                 }
                             }
@@ -341,6 +331,35 @@ type ChangeCounts = HashMap<(Arc<TableName>, Op), u64, FxBuildHasher>;
 
 /// The shortest time between two acknowledgements of applied progress.
 const ACK_INTERVAL: Duration = Duration::from_millis(10);
+
+/// When applied progress was last reported to the server, and when the next
+/// report is due while one is pending. Reports are at most ACK_INTERVAL
+/// apart: the walsender wakes up for each, and under a stream of small
+/// transactions that costs the CPU it needs to decode.
+struct Acks {
+    last: Instant,
+    due: Option<Instant>,
+}
+
+impl Acks {
+    fn new() -> Acks {
+        Acks {
+            last: Instant::now(),
+            due: None,
+        }
+    }
+
+    /// Applied progress moved: report it once the interval allows.
+    fn pending(&mut self) {
+        self.due.get_or_insert(self.last + ACK_INTERVAL);
+    }
+
+    /// A status update went out with everything applied so far.
+    fn reported(&mut self) {
+        self.last = Instant::now();
+        self.due = None;
+    }
+}
 
 /// Buffered messages handled in a row before the loop looks at its other
 /// inputs again.
