@@ -14,7 +14,9 @@
 //!   is written before the slot moves.
 //!
 //! It never moves backwards and never passes a transaction whose Redis
-//! commands and broadcast were not acknowledged.
+//! commands and broadcast were not acknowledged. Applied progress is
+//! reported at most every `ACK_INTERVAL` (10 ms), since each report wakes
+//! the walsender.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -324,7 +326,6 @@ impl Replication {
     }
 }
 
-/// What one turn of the loop has to handle.
 /// Changes received per table and operation since the metrics were last
 /// recorded (counted per change: a fast hash).
 type ChangeCounts = HashMap<(Arc<TableName>, Op), u64, FxBuildHasher>;
@@ -365,6 +366,7 @@ impl Acks {
 /// inputs again.
 const BURST: usize = 256;
 
+/// What one turn of the loop has to handle.
 enum Step {
     Stop,
     /// A pending acknowledgement is due.
