@@ -18,6 +18,7 @@
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,7 +26,7 @@ use evictd::change::Lsn;
 use evictd::config::{Config, SecretUrl};
 use evictd::mapping;
 use evictd::pipeline::{self, Options};
-use evictd::testkit::{current_wal_lsn, Postgres, Redis};
+use evictd::testkit::{current_wal_lsn, walsender_pid, Postgres, Redis};
 
 struct Scenario {
     name: &'static str,
@@ -293,6 +294,7 @@ async fn measure(
     );
     config.postgres.create_slot = false;
     let mappings = Arc::new(mapping::load_dir(&mappings_dir, config.mappings.limits).unwrap());
+    let fanout = scenario.name == "fanout";
     let mut measured = Vec::new();
     for round in 0..rounds {
         eprintln!(
@@ -300,12 +302,11 @@ async fn measure(
             scenario.name,
             round + 1
         );
-        let fanout = scenario.name == "fanout";
+        let recvlogical = recvlogical(postgres, &url, &format!("{database}_recv_{round}"), end);
         // The Redis baseline runs right before and right after evictd's
         // drain; the faster of the two counts (this shared VM's speed moves
         // from minute to minute, and the ratio should not flatter evictd).
         let unlink_before = fanout.then(|| redis_benchmark(redis, &["UNLINK", "key:__rand_int__"]));
-        let recvlogical = recvlogical(postgres, &url, &format!("{database}_recv_{round}"), end);
         config.postgres.slot = format!("{database}_evictd_{round}");
         let (evictd, commands) = drain(scenario.name, &config, mappings.clone(), end, redis).await;
         let acked = confirmed(&client, &config.postgres.slot).await;
@@ -372,16 +373,20 @@ async fn drain(
     let running = pipeline::start(config, mappings, options).expect("start evictd");
     let progress = running.progress.clone();
     // The walsender exits with the drain: sample its CPU while it runs.
-    let walsender = metrics.then(|| tokio::spawn(walsender_ticks(config.clone())));
+    let walsender = metrics.then(|| {
+        let ticks = Arc::new(AtomicU64::new(0));
+        let sampler = tokio::spawn(sample_walsender(config.clone(), ticks.clone()));
+        (ticks, sampler)
+    });
     running.wait().await.expect("evictd drained");
     let took = started.elapsed();
-    if let Some(walsender) = walsender {
-        walsender.abort();
+    if let Some((walsender_ticks, sampler)) = walsender {
+        sampler.abort();
         eprintln!(
             "{name}: CPU during the drain (ticks) by evictd thread: {:?}; redis-server: {}; walsender: {}",
             evictd::testkit::ThreadCpu::sample().since(&cpu_before),
             evictd::testkit::process_cpu_ticks(redis.pid()).saturating_sub(redis_before),
-            WALSENDER_TICKS.load(std::sync::atomic::Ordering::Relaxed)
+            walsender_ticks.load(Ordering::Relaxed)
         );
         for line in evictd::telemetry::recorder().render().lines() {
             if line.starts_with("evictd_apply_duration_seconds_sum")
@@ -395,14 +400,9 @@ async fn drain(
     (took, commands)
 }
 
-/// The walsender's CPU ticks, last sampled (the sampling task is aborted
-/// when the drain ends and leaves its reading here).
-static WALSENDER_TICKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Samples the CPU of the walsender serving `config`'s slot every 20 ms
-/// until aborted.
-async fn walsender_ticks(config: Config) -> u64 {
-    WALSENDER_TICKS.store(0, std::sync::atomic::Ordering::Relaxed);
+/// Samples the CPU of the walsender serving `config`'s slot into `ticks`
+/// every 20 ms until aborted.
+async fn sample_walsender(config: Config, ticks: Arc<AtomicU64>) {
     let (client, connection) = tokio_postgres::connect(
         config.postgres.url.as_ref().unwrap().expose(),
         tokio_postgres::NoTls,
@@ -411,17 +411,10 @@ async fn walsender_ticks(config: Config) -> u64 {
     .unwrap();
     tokio::spawn(connection);
     loop {
-        let pid: Option<i32> = client
-            .query_one(
-                "select active_pid from pg_replication_slots where slot_name = $1",
-                &[&config.postgres.slot],
-            )
-            .await
-            .map_or(None, |row| row.get(0));
-        if let Some(pid) = pid.and_then(|pid| u32::try_from(pid).ok()) {
-            let ticks = evictd::testkit::process_cpu_ticks(pid);
-            if ticks > 0 {
-                WALSENDER_TICKS.store(ticks, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(Some(pid)) = walsender_pid(&client, &config.postgres.slot).await {
+            let used = evictd::testkit::process_cpu_ticks(pid);
+            if used > 0 {
+                ticks.store(used, Ordering::Relaxed);
             }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -147,14 +147,10 @@ async fn run(postgres: &Postgres, redis: &Redis, name: &str, rate: Option<f64>) 
     if let Ok(nice) = std::env::var("EVICTD_BENCH_WALSENDER_NICE") {
         // Raise (or lower) the priority of the walsender serving evictd, to
         // tell its share of the CPU from evictd's own latency.
-        let pid: i32 = admin
-            .query_one(
-                "select active_pid from pg_replication_slots where slot_name = $1",
-                &[&config.postgres.slot],
-            )
+        let pid = evictd::testkit::walsender_pid(&admin, &config.postgres.slot)
             .await
             .unwrap()
-            .get(0);
+            .expect("a walsender serves evictd once it streams");
         let status = std::process::Command::new("renice")
             .args(["-n", &nice, "-p", &pid.to_string()])
             .stdout(std::process::Stdio::null())

@@ -124,6 +124,23 @@ impl Evictd {
     }
 }
 
+/// The pid of the walsender serving `slot`, while one does.
+pub async fn walsender_pid(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<Option<u32>, TestkitError> {
+    let row = client
+        .query_one(
+            "select active_pid from pg_replication_slots where slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(TestkitError::Postgres)?;
+    Ok(row
+        .get::<_, Option<i32>>(0)
+        .and_then(|pid| u32::try_from(pid).ok()))
+}
+
 /// `pg_current_wal_insert_lsn()` (everything written so far, durable or not) of the database at `url`.
 pub async fn current_wal_lsn(url: &str) -> Result<Lsn, TestkitError> {
     let url = crate::config::SecretUrl::parse(url).map_err(TestkitError::Start)?;

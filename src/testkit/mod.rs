@@ -13,7 +13,7 @@ mod postgres;
 pub mod reaper;
 mod redis;
 
-pub use evictd::{current_wal_lsn, Evictd};
+pub use evictd::{current_wal_lsn, walsender_pid, Evictd};
 pub use kafka::{tansu_binary, Kafka, ReadRecord};
 pub use postgres::Postgres;
 pub use redis::{ping as redis_ping, Redis, RedisCluster};
