@@ -128,3 +128,48 @@ async fn a_continuous_slot_is_not_invalidated() {
     s.run_once().await;
     assert_eq!(s.cached(&["order:7"]).await, ["order:7"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_record_never_moves_backwards() {
+    use evictd::apply::broadcast::Broadcast;
+    use evictd::apply::redis::Record;
+    use evictd::apply::RedisSink;
+    use evictd::change::{Checkpoint, Lsn};
+    use evictd::plan::Planner;
+
+    let mut setup = Setup::new().await;
+    let key = format!("{}evictd:slot:record-test", setup.db.prefix);
+    let mut sink = RedisSink::new(
+        &setup.config.redis,
+        Broadcast::new(&setup.config.redis.l1_channel),
+    )
+    .unwrap();
+    async fn applied(sink: &mut RedisSink, key: &str, system_id: &str, lsn: u64) {
+        sink.set_record(Record {
+            key: key.to_owned(),
+            system_id: system_id.to_owned(),
+        });
+        let mut planner = Planner::new();
+        planner.commit(Checkpoint::Lsn(Lsn(lsn)), None);
+        sink.apply(&planner.finish()).await.unwrap();
+    }
+    applied(&mut sink, &key, "7", 0x1_0000_0200).await;
+    // A batch applied again after a reconnect: the record stays.
+    applied(&mut sink, &key, "7", 0x1_0000_0100).await;
+    applied(&mut sink, &key, "7", 0x0_FFFF_FFFF).await;
+    let record: String = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut setup.redis)
+        .await
+        .unwrap();
+    assert_eq!(record, "7 1/200");
+    applied(&mut sink, &key, "7", 0x1_0000_0300).await;
+    // Another database (restored, failed over): its position replaces it.
+    applied(&mut sink, &key, "8", 0x10).await;
+    let record: String = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut setup.redis)
+        .await
+        .unwrap();
+    assert_eq!(record, "8 0/10");
+}

@@ -102,3 +102,46 @@ async fn a_postgres_crash_right_after_an_ack_loses_nothing() {
     evictd.stop().await.unwrap();
     postgres.kill();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_walsender_kills_under_load_are_not_lost_continuity() {
+    let mut s = Streaming::start(SCHEMA, &[("orders.toml", MAPPING)]).await;
+    // Only a coarse invalidation (`order:*`) deletes this key.
+    s.seed(&["order:sentinel"]).await;
+    let writer = {
+        let client = s.db.client().await;
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let mut id: i64 = 0;
+            while started.elapsed() < std::time::Duration::from_secs(8) {
+                id += 1;
+                client
+                    .execute("insert into orders values ($1, 'new')", &[&id])
+                    .await
+                    .unwrap();
+            }
+            id
+        })
+    };
+    let client = s.db.client().await;
+    let mut killed = 0;
+    for _ in 0..12 {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let row = client
+            .query_one(
+                "select coalesce(bool_or(pg_terminate_backend(active_pid)), false) from pg_replication_slots where slot_name = $1 and active_pid is not null",
+                &[&s.config.postgres.slot],
+            )
+            .await
+            .unwrap();
+        killed += u32::from(row.get::<_, bool>(0));
+    }
+    let written = writer.await.unwrap();
+    s.sync().await;
+    assert!(killed >= 5, "only {killed} walsenders were terminated");
+    assert_eq!(
+        s.cached(&["order:sentinel"]).await,
+        ["order:sentinel"],
+        "a coarse invalidation ran after {killed} walsender kills ({written} inserts)"
+    );
+}

@@ -203,7 +203,7 @@ impl ClusterSink {
                         .scan_masters(
                             &connection,
                             &slots,
-                            &under_prefix(&self.prefix, pattern),
+                            &under_prefix(&self.prefix, "", pattern)?,
                             None,
                             &mut stats,
                         )
@@ -223,7 +223,7 @@ impl ClusterSink {
                 }
                 Command::InvalidateTagsMatching { pattern, .. } => {
                     phase.send(&connection, &mut stats, self.timeout).await?;
-                    let full = under_prefix(&self.prefix, &format!("tag:{pattern}"));
+                    let full = under_prefix(&self.prefix, "tag:", pattern)?;
                     let sets = self
                         .scan_masters(&connection, &slots, &full, Some("set"), &mut stats)
                         .await?;
@@ -260,13 +260,10 @@ impl ClusterSink {
             stats.round_trips += 1;
             send_to(&connection, node, broadcast, self.timeout, self.wait).await?;
         }
-        let record = self
-            .record
-            .as_ref()
-            .and_then(|record| Some((record, record.value(plan.checkpoint)?)));
-        if let Some((record, value)) = record {
+        let record = self.record.as_ref().filter(|_| plan.checkpoint.is_some());
+        if let Some(record) = record {
             let mut remember = redis::pipe();
-            remember.cmd("SET").arg(&record.key).arg(value).ignore();
+            record.append(plan.checkpoint, &mut remember);
             let node = &slots.nodes
                 [usize::from(slots.owner[usize::from(key_slot(record.key.as_bytes()))])];
             stats.round_trips += 1;

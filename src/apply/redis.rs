@@ -83,10 +83,44 @@ pub struct Record {
     pub system_id: String,
 }
 
+/// Sets the continuity record (KEYS[1]) to ARGV[1] unless it already holds
+/// a later position of the same database: a batch applied again after a
+/// reconnect must not move the record backwards, or the next start would
+/// see the slot past it and call continuity lost.
+const RECORD_SCRIPT: &str = r"
+local current = redis.call('GET', KEYS[1])
+if current then
+  local held_system, held_hi, held_lo = string.match(current, '^(%S+) (%x+)/(%x+)$')
+  local new_system, new_hi, new_lo = string.match(ARGV[1], '^(%S+) (%x+)/(%x+)$')
+  if held_system and held_system == new_system then
+    held_hi, held_lo = tonumber(held_hi, 16), tonumber(held_lo, 16)
+    new_hi, new_lo = tonumber(new_hi, 16), tonumber(new_lo, 16)
+    if held_hi > new_hi or (held_hi == new_hi and held_lo > new_lo) then
+      return 0
+    end
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+";
+
 impl Record {
-    /// The SET of the record for a plan that acknowledges `checkpoint`.
+    /// The record's value for a plan that acknowledges `checkpoint`.
     pub fn value(&self, checkpoint: Option<Checkpoint>) -> Option<String> {
         checkpoint.map(|Checkpoint::Lsn(lsn)| Remembered::encode(&self.system_id, lsn))
+    }
+
+    /// Appends the write of the record for a plan that acknowledges
+    /// `checkpoint` (nothing without one). The record only moves forwards.
+    pub fn append(&self, checkpoint: Option<Checkpoint>, pipe: &mut redis::Pipeline) {
+        if let Some(value) = self.value(checkpoint) {
+            pipe.cmd("EVAL")
+                .arg(RECORD_SCRIPT)
+                .arg(1)
+                .arg(&self.key)
+                .arg(value)
+                .ignore();
+        }
     }
 }
 
@@ -232,12 +266,8 @@ impl StandaloneSink {
         unlinks.flush(&mut pipe, &mut stats);
         flush_tags(&mut pipe, &mut tags);
         self.broadcast.append(plan, &self.prefix, &mut pipe);
-        if let Some((record, value)) = self
-            .record
-            .as_ref()
-            .and_then(|r| Some((r, r.value(plan.checkpoint)?)))
-        {
-            pipe.cmd("SET").arg(&record.key).arg(value).ignore();
+        if let Some(record) = &self.record {
+            record.append(plan.checkpoint, &mut pipe);
         }
         self.send(&mut connection, &mut pipe, &mut stats).await?;
         self.broadcast.delivered();
@@ -292,7 +322,7 @@ impl StandaloneSink {
         pattern: &str,
         stats: &mut ApplyStats,
     ) -> Result<u64, Error> {
-        let full = under_prefix(&self.prefix, pattern);
+        let full = under_prefix(&self.prefix, "", pattern)?;
         let mut cursor: u64 = 0;
         let mut deleted = 0;
         loop {
@@ -327,7 +357,7 @@ impl StandaloneSink {
         pattern: &str,
         stats: &mut ApplyStats,
     ) -> Result<(), Error> {
-        let full = under_prefix(&self.prefix, &format!("tag:{pattern}"));
+        let full = under_prefix(&self.prefix, "tag:", pattern)?;
         let mut cursor: u64 = 0;
         loop {
             let (next, sets): (u64, Vec<String>) = self
@@ -391,12 +421,23 @@ impl StandaloneSink {
     }
 }
 
-/// `pattern` under the literal (glob-escaped) key prefix.
-pub(super) fn under_prefix(prefix: &str, pattern: &str) -> String {
-    let mut full = String::with_capacity(prefix.len() + pattern.len());
+/// `pattern` under the literal (glob-escaped) key prefix and `namespace`
+/// (`tag:` for tag sets). A pattern that
+/// starts with a wildcard is refused whatever the prefix: the mappings
+/// refuse templates that could produce one, and this is the last guard
+/// against deleting every key of a Redis.
+pub(super) fn under_prefix(prefix: &str, namespace: &str, pattern: &str) -> Result<String, Error> {
+    if pattern.is_empty() || pattern.starts_with(['*', '?', '[']) {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!("refusing to delete by the pattern `{pattern}`: it has no literal prefix and could match every key"),
+        ));
+    }
+    let mut full = String::with_capacity(prefix.len() + namespace.len() + pattern.len());
     escape_glob(prefix, &mut full);
+    escape_glob(namespace, &mut full);
     full.push_str(pattern);
-    full
+    Ok(full)
 }
 
 /// The UNLINK being filled: keys go straight into the command's arguments
