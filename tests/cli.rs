@@ -258,3 +258,27 @@ fn explain_of_an_unmapped_table_says_so() {
         stderr(&output)
     );
 }
+
+#[test]
+fn check_refuses_a_template_whose_pattern_could_delete_other_keys() {
+    let placeholders = "{id}".repeat(10_000);
+    let dir = mapping_dir(&[(
+        "t.toml",
+        &format!("[[table]]\nname = \"t\"\nkeys = [\"{placeholders}\", \"t{{id}}\"]\n"),
+    )]);
+    let output = evictd(&[
+        "check",
+        "--mappings",
+        dir.path().to_str().unwrap(),
+        "--offline",
+    ]);
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(2), "{text}");
+    assert!(text.contains("t.toml:3:9: error:"), "{text}");
+    assert!(text.contains("has no literal prefix"), "{text}");
+    assert!(
+        text.contains("`t*` also matches other families' keys"),
+        "{text}"
+    );
+    assert!(text.ends_with("2 problems found\n"), "{text}");
+}

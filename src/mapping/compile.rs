@@ -43,7 +43,9 @@ pub fn load_dir(dir: &Path, limits: Limits) -> Result<Mappings, Vec<Diagnostic>>
     })?;
     let mut paths: Vec<PathBuf> = entries
         .filter_map(|entry| entry.ok().map(|entry| entry.path()))
-        .filter(|path| path.extension().is_some_and(|ext| ext == "toml") && path.is_file())
+        // Everything named *.toml but a directory: a broken or looping
+        // symbolic link is reported below, never skipped without a word.
+        .filter(|path| path.extension().is_some_and(|ext| ext == "toml") && !path.is_dir())
         .collect();
     paths.sort();
     if paths.is_empty() {
@@ -58,10 +60,21 @@ pub fn load_dir(dir: &Path, limits: Limits) -> Result<Mappings, Vec<Diagnostic>>
     for path in paths {
         match std::fs::read_to_string(&path) {
             Ok(text) => files.push((path, text)),
-            Err(error) => diagnostics.push(Diagnostic::general(format!(
-                "cannot read {}: {error}",
-                path.display()
-            ))),
+            Err(error) => {
+                let link = path.is_symlink();
+                let diagnostic = Diagnostic::general(format!(
+                    "cannot read {}{}: {error}",
+                    path.display(),
+                    if link { " (a symbolic link)" } else { "" }
+                ));
+                diagnostics.push(if link {
+                    diagnostic.help(
+                        "the link is broken or loops: point it at a mapping file, or remove it",
+                    )
+                } else {
+                    diagnostic
+                });
+            }
         }
     }
     let compiled = load_files(&files, limits);
@@ -346,6 +359,10 @@ impl FileScope<'_, '_> {
                         ),
                         "shorten the template, or raise `mappings.max_key_bytes`",
                     );
+                    return None;
+                }
+                if let Some((message, help)) = template.family_problem() {
+                    self.error(written.span.start, message, help);
                     return None;
                 }
                 Some(template)

@@ -112,6 +112,45 @@ impl Template {
         })
     }
 
+    /// Why the widest pattern this template can fall back to (every
+    /// placeholder unknown: a coarse invalidation, a key over
+    /// `max_key_bytes`) would match more than its own key family, if it
+    /// would. Such a pattern could delete unrelated keys, so the template is
+    /// refused when the mappings load.
+    pub fn family_problem(&self) -> Option<(String, &'static str)> {
+        let prefix = match self.parts.first() {
+            Some(Part::Literal(text)) => &**text,
+            Some(Part::Column(_)) => "",
+            // An empty template does not parse.
+            None => return None,
+        };
+        if self.parts.len() == 1 && !prefix.is_empty() {
+            // No placeholder: the pattern is the key itself.
+            return None;
+        }
+        let pattern = self.pattern(|_| None);
+        let source = shortened(&self.source);
+        if prefix.is_empty() {
+            return Some((
+                format!(
+                    "`{source}` starts with a placeholder: its fallback pattern `{}` has no literal prefix and would delete keys of every family",
+                    shortened(&pattern)
+                ),
+                "start the template with its family's name and a separator, e.g. \"order:{id}\"",
+            ));
+        }
+        if prefix.ends_with(|c: char| c.is_alphanumeric() || c == '_') {
+            return Some((
+                format!(
+                    "`{source}`: its fallback pattern `{}` also matches other families' keys (e.g. `{prefix}s:...`), because the literal prefix `{prefix}` does not end with a separator",
+                    shortened(&pattern)
+                ),
+                "end the literal prefix with a separator such as `:`, e.g. \"order:{id}\"",
+            ));
+        }
+        None
+    }
+
     /// Bytes of literal text: a lower bound of every rendered key's length.
     pub fn literal_len(&self) -> usize {
         self.parts
@@ -175,6 +214,14 @@ impl Template {
             }
         }
         pattern
+    }
+}
+
+/// `text`, cut to 60 characters for a message.
+fn shortened(text: &str) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(60) {
+        Some((end, _)) => format!("{}...", &text[..end]).into(),
+        None => text.into(),
     }
 }
 
@@ -324,5 +371,26 @@ mod tests {
         assert!(!glob_matches(&pattern, "user:a%3Ab:ordersX7"));
         assert!(glob_matches("a*b*c", "aXXbYYc"));
         assert!(!glob_matches("a*b*c", "aXXbYY"));
+    }
+
+    #[test]
+    fn a_fallback_pattern_must_stay_inside_its_key_family() {
+        let refused = |source: &str| Template::parse(source).unwrap().family_problem();
+        for ok in [
+            "order:{id}",
+            "user:{id}:orders",
+            "a-{x}",
+            "categories:tree",
+            "x/{a}{b}",
+        ] {
+            assert_eq!(refused(ok), None, "{ok}");
+        }
+        let (message, _) = refused("{id}").expect("refused");
+        assert!(message.contains("no literal prefix"), "{message}");
+        let many = "{id}".repeat(10_000);
+        assert!(refused(&many).is_some());
+        assert!(refused("order_{id}").is_some());
+        let (message, _) = refused("order{id}").expect("refused");
+        assert!(message.contains("`order*` also matches"), "{message}");
     }
 }
