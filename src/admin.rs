@@ -11,11 +11,14 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::pipeline::schema::{self, Problems};
 use crate::pipeline::SourceState;
 use crate::telemetry;
 
 /// Largest request head read.
 const MAX_REQUEST: usize = 8 * 1024;
+/// The longest wait after a failed accept.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Time allowed to send the request head.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -24,6 +27,7 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct AdminState {
     pub source: watch::Receiver<SourceState>,
     pub redis: watch::Receiver<Option<String>>,
+    pub schema: watch::Receiver<Problems>,
 }
 
 impl AdminState {
@@ -35,9 +39,12 @@ impl AdminState {
             SourceState::Interrupted(reason) => return Err(format!("source: {reason}")),
             SourceState::Ended => return Err("source: stopped".into()),
         }
-        match &*self.redis.borrow() {
+        if let Some(reason) = &*self.redis.borrow() {
+            return Err(format!("redis: {reason}"));
+        }
+        match schema::readiness(&self.schema.borrow()) {
             None => Ok(()),
-            Some(reason) => Err(format!("redis: {reason}")),
+            Some(reason) => Err(reason),
         }
     }
 }
@@ -45,9 +52,25 @@ impl AdminState {
 /// Serves until the listener fails.
 pub async fn serve(listener: TcpListener, state: AdminState) {
     telemetry::describe();
+    let mut failures: u32 = 0;
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                failures = 0;
+                stream
+            }
+            Err(error) => {
+                // Out of file descriptors, typically: retrying at once
+                // would spin a core. Back off (up to a second) and say so.
+                failures = failures.saturating_add(1);
+                let delay =
+                    Duration::from_millis(10_u64 << failures.min(7)).min(ACCEPT_BACKOFF_MAX);
+                if failures == 1 || failures.is_power_of_two() {
+                    tracing::error!(%error, failures, retry_in = ?delay, "the admin endpoint cannot accept connections");
+                }
+                tokio::time::sleep(delay).await;
+                continue;
+            }
         };
         let state = state.clone();
         tokio::spawn(async move {
@@ -62,7 +85,9 @@ async fn respond(mut stream: TcpStream, state: &AdminState) -> std::io::Result<(
     let mut head = Vec::with_capacity(512);
     let read = async {
         let mut buf = [0_u8; 1024];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
+        // A head ends with an empty line; clients that end lines with a
+        // bare LF are answered too.
+        while !head_complete(&head) && head.len() < MAX_REQUEST {
             let n = stream.read(&mut buf).await?;
             if n == 0 {
                 break;
@@ -84,7 +109,15 @@ async fn respond(mut stream: TcpStream, state: &AdminState) -> std::io::Result<(
             "text/plain; version=0.0.4",
             telemetry::recorder().render(),
         ),
-        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
+        ("GET", "/healthz") => match &*state.source.borrow() {
+            // The process is about to exit: it is not healthy.
+            SourceState::Ended => (
+                "503 Service Unavailable",
+                "text/plain",
+                "not healthy: the pipeline has stopped\n".to_owned(),
+            ),
+            _ => ("200 OK", "text/plain", "ok\n".to_owned()),
+        },
         ("GET", "/readyz") => match state.readiness() {
             Ok(()) => ("200 OK", "text/plain", "ready\n".to_owned()),
             Err(reason) => (
@@ -110,4 +143,9 @@ async fn respond(mut stream: TcpStream, state: &AdminState) -> std::io::Result<(
     );
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await
+}
+
+/// Whether `head` holds a whole request head (CRLF or bare LF lines).
+fn head_complete(head: &[u8]) -> bool {
+    head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n")
 }

@@ -8,10 +8,11 @@
 //! rule they concern.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use tokio_postgres::{Client, NoTls};
 
-use crate::change::Op;
+use crate::change::{Op, TableName};
 use crate::config::SecretUrl;
 use crate::mapping::{Diagnostic, Mappings, OriginId, TableMapping};
 use crate::source::postgres::tls::{SslMode, TlsSettings};
@@ -85,16 +86,53 @@ pub async fn check(
     client: &Client,
     publication: &str,
 ) -> Result<Vec<Diagnostic>, CatalogError> {
+    let findings = check_by_table(mappings, client, publication).await?;
+    Ok(findings
+        .tables
+        .into_iter()
+        .flat_map(|(_, diagnostics)| diagnostics)
+        .collect())
+}
+
+/// What the live checks found, grouped for `evictd run`.
+#[derive(Debug, Default)]
+pub struct Findings {
+    /// By subject (`publication <name>`, then each mapped table), in
+    /// mapping order; a subject without problems has an empty list.
+    pub tables: Vec<(String, Vec<Diagnostic>)>,
+    /// The relation OID of each mapped table that exists.
+    pub oids: Vec<(u32, Arc<TableName>)>,
+}
+
+/// Runs every live check; the problems are grouped by what they concern,
+/// so that `run` can report (and later clear) them table by table.
+pub async fn check_by_table(
+    mappings: &Mappings,
+    client: &Client,
+    publication: &str,
+) -> Result<Findings, CatalogError> {
     let mut checker = Checker {
         mappings,
         client,
         diagnostics: Vec::new(),
+        oids: Vec::new(),
     };
     let published = checker.publication(publication).await?;
+    let mut tables = vec![(
+        format!("publication {publication}"),
+        std::mem::take(&mut checker.diagnostics),
+    )];
     for mapping in mappings.tables() {
         checker.table(mapping, publication, published).await?;
+        tables.push((
+            mapping.table.to_string(),
+            std::mem::take(&mut checker.diagnostics),
+        ));
     }
-    Ok(checker.diagnostics)
+    Ok(Findings {
+        tables,
+        oids: checker.oids,
+    })
 }
 
 /// Which ops a publication publishes.
@@ -108,6 +146,7 @@ struct Checker<'a> {
     mappings: &'a Mappings,
     client: &'a Client,
     diagnostics: Vec<Diagnostic>,
+    oids: Vec<(u32, Arc<TableName>)>,
 }
 
 /// What the catalog says about one table.
@@ -195,6 +234,7 @@ impl Checker<'_> {
             return Ok(None);
         };
         let oid: u32 = row.get(0);
+        self.oids.push((oid, mapping.table.clone()));
         let replica_identity = row.get::<_, String>(1).bytes().next().unwrap_or(b'd');
         let columns = self
             .client

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use evictd::change::{Datum, Lsn, Op, Row, RowChange, TableName};
 use evictd::config::{Config, SecretUrl};
 use evictd::mapping::{self, Diagnostic, Limits, Mappings, NoteKind, Output};
-use evictd::pipeline::Options;
+use evictd::pipeline::{Options, SourceState};
 use evictd::plan::plan_changes;
 
 #[derive(Parser)]
@@ -312,6 +312,7 @@ fn run(path: &Path, until: Option<String>) -> anyhow::Result<ExitCode> {
             None => {
                 // The recorder must exist before the pipeline records anything.
                 evictd::telemetry::recorder();
+                tokio::spawn(evictd::telemetry::upkeep());
                 let listener = tokio::net::TcpListener::bind(config.admin.listen)
                     .await
                     .map_err(|e| {
@@ -327,6 +328,7 @@ fn run(path: &Path, until: Option<String>) -> anyhow::Result<ExitCode> {
             let admin = evictd::admin::AdminState {
                 source: running.source.clone(),
                 redis: running.redis.clone(),
+                schema: running.schema.clone(),
             };
             tokio::spawn(evictd::admin::serve(listener, admin));
             tracing::info!(%address, "admin endpoint: /metrics /healthz /readyz");
@@ -341,17 +343,32 @@ fn run(path: &Path, until: Option<String>) -> anyhow::Result<ExitCode> {
             Ok::<_, std::io::Error>(())
         };
         let mut acked = running.acked.clone();
+        let mut source = running.source.clone();
+        let mut signalled = false;
         tokio::select! {
             signal = stop => {
                 signal?;
+                signalled = true;
                 running.stop();
             }
             // replay: the pipeline ends by itself once `until` is acknowledged.
             _ = acked.wait_for(|acked| until.is_some_and(|until| *acked >= until)), if until.is_some() => {}
+            // A pipeline that ends by itself failed: the process must end
+            // too, so that a supervisor restarts it and alerts fire.
+            _ = source.wait_for(|state| *state == SourceState::Ended) => {}
         }
-        let ended = running.wait().await?;
-        tracing::info!(?ended, "evictd stopped");
-        Ok(ExitCode::SUCCESS)
+        match running.wait().await {
+            Ok(ended) if signalled || until.is_some() => {
+                tracing::info!(?ended, "evictd stopped");
+                Ok(ExitCode::SUCCESS)
+            }
+            Ok(ended) => {
+                tracing::error!(?ended, "the pipeline ended without being asked to: exiting");
+                Ok(ExitCode::from(1))
+            }
+            // Logged at ERROR by the pipeline when it happened.
+            Err(error) => Err(error.into()),
+        }
     })
 }
 

@@ -37,6 +37,12 @@ pub const RECONNECTS: &str = "evictd_reconnects_total";
 pub const SLOT_RETAINED_WAL_BYTES: &str = "evictd_slot_retained_wal_bytes";
 /// Transactions applied as a coarse invalidation of their tables.
 pub const COARSE_INVALIDATIONS: &str = "evictd_coarse_invalidations_total";
+/// Problems between the mappings and the live schema, by `table` (a mapped
+/// table, or `publication <name>`); 0 once fixed.
+pub const SCHEMA_PROBLEMS: &str = "evictd_schema_problems";
+/// Keys deleted by pattern because a placeholder's value was unknown or the
+/// key too long, by `table`.
+pub const PATTERN_FALLBACKS: &str = "evictd_pattern_fallbacks_total";
 /// Kafka records taken, by `outcome`: `change`, `tombstone`, `ignored`
 /// (not a row change), `skipped`, `dead_letter`, `stopped` (bad records).
 pub const KAFKA_RECORDS: &str = "evictd_kafka_records_total";
@@ -73,6 +79,21 @@ pub fn recorder() -> &'static PrometheusHandle {
         let _ = metrics::set_global_recorder(recorder);
         handle
     })
+}
+
+/// How often histogram samples are folded into their buckets.
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Folds recorded histogram samples into their buckets every few seconds,
+/// forever. Without it samples pile up until `/metrics` is scraped, so
+/// memory would grow with every batch while nobody scrapes.
+pub async fn upkeep() {
+    let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        recorder().run_upkeep();
+    }
 }
 
 /// Describes every metric once, so that `/metrics` carries HELP lines.
@@ -120,6 +141,14 @@ pub fn describe() {
         SLOT_RETAINED_WAL_BYTES,
         Unit::Bytes,
         "WAL the slot keeps on the database server"
+    );
+    describe_gauge!(
+        SCHEMA_PROBLEMS,
+        "Problems between the mappings and the live schema, by table; 0 once fixed"
+    );
+    describe_counter!(
+        PATTERN_FALLBACKS,
+        "Keys deleted by pattern (a placeholder's value unknown, or the key too long), by table"
     );
     describe_counter!(KAFKA_RECORDS, "Kafka records taken, by outcome");
     describe_counter!(KAFKA_COMMITS, "Kafka offset commits to the group");

@@ -59,6 +59,9 @@ pub struct Batcher {
     out: Output,
     streams: HashMap<u32, StreamBuffer>,
     stats: BatchStats,
+    /// Pattern deletes that stood in for keys, by table, since
+    /// [`Batcher::take_fallbacks`].
+    fallbacks: HashMap<Arc<TableName>, u64>,
 }
 
 impl Batcher {
@@ -70,6 +73,7 @@ impl Batcher {
             out: Output::default(),
             streams: HashMap::new(),
             stats: BatchStats::default(),
+            fallbacks: HashMap::new(),
         }
     }
 
@@ -106,8 +110,7 @@ impl Batcher {
                 change,
             } => {
                 self.stats.changes += 1;
-                self.out.clear();
-                self.mappings.eval(&change, &mut self.out);
+                self.eval(&change);
                 self.planner.push_change(self.out.actions.drain(..));
                 self.cut_if_full(ready);
             }
@@ -147,6 +150,23 @@ impl Batcher {
         }
     }
 
+    /// Pattern deletes that stood in for keys since the last call, by
+    /// table (a placeholder's value unknown, or a key too long).
+    pub fn take_fallbacks(&mut self) -> impl Iterator<Item = (Arc<TableName>, u64)> + '_ {
+        self.fallbacks.drain()
+    }
+
+    /// Evaluates one change into `out`, counting its pattern fallbacks.
+    fn eval(&mut self, change: &RowChange) {
+        self.out.clear();
+        let before = self.out.counts.coarse;
+        self.mappings.eval(change, &mut self.out);
+        let fallbacks = self.out.counts.coarse - before;
+        if fallbacks > 0 {
+            *self.fallbacks.entry(change.table.clone()).or_default() += fallbacks;
+        }
+    }
+
     /// The plan of everything pending, if anything is.
     pub fn take(&mut self) -> Option<Plan> {
         self.has_pending().then(|| self.planner.finish())
@@ -167,8 +187,8 @@ impl Batcher {
         if buffer.coarse {
             return;
         }
-        self.out.clear();
-        self.mappings.eval(change, &mut self.out);
+        self.eval(change);
+        let buffer = self.streams.entry(xid).or_default();
         buffer
             .actions
             .extend(self.out.actions.drain(..).map(|action| (subxid, action)));

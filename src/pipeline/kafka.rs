@@ -22,6 +22,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, watch};
 
+use super::schema::FallbackLog;
 use super::{finish_apply, Options, Running, SourceState, Stages};
 use crate::apply::{Backoff, Progress, Request};
 use crate::change::{Op, TableName};
@@ -86,6 +87,8 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
         halted: None,
         received: FxHashMap::default(),
         outcomes: FxHashMap::default(),
+        fallbacks: FxHashMap::default(),
+        fallback_log: FallbackLog::default(),
     };
     // Kafka progress is committed offsets, not an LSN: `acked` stays at 0,
     // and its sender lives as long as the pipeline.
@@ -123,6 +126,9 @@ struct Session {
     /// Metrics of the pending batch.
     received: FxHashMap<(Arc<TableName>, Op), u64>,
     outcomes: FxHashMap<&'static str, u64>,
+    /// Pattern deletes that stood in for keys in the pending batch, by table.
+    fallbacks: FxHashMap<Arc<TableName>, u64>,
+    fallback_log: FallbackLog,
 }
 
 impl Session {
@@ -170,6 +176,12 @@ impl Session {
                 }
             }
         };
+        if let Err(error) = &result {
+            let cause = std::error::Error::source(error)
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            tracing::error!(%error, %cause, "the pipeline stops: this error is not worth retrying");
+        }
         self.source.send_replace(SourceState::Ended);
         metrics::gauge!(telemetry::STREAMING).set(0.0);
         // Apply what was taken, store it, and let the consumer commit.
@@ -258,7 +270,12 @@ impl Session {
                 commit_time,
             }) => {
                 self.out.clear();
+                let before = self.out.counts.coarse;
                 self.mappings.eval(&change, &mut self.out);
+                let fallbacks = self.out.counts.coarse - before;
+                if fallbacks > 0 {
+                    *self.fallbacks.entry(change.table.clone()).or_default() += fallbacks;
+                }
                 self.planner.push_change(self.out.actions.drain(..));
                 if let Some(commit_time) = commit_time {
                     self.planner.note_commit_time(commit_time);
@@ -418,6 +435,7 @@ impl Session {
         for (outcome, count) in self.outcomes.drain() {
             metrics::counter!(telemetry::KAFKA_RECORDS, "outcome" => outcome).increment(count);
         }
+        self.fallback_log.record(self.fallbacks.drain());
         // Every record taken is in `batch`; a coarse invalidation is in the
         // planner without one.
         if self.planner.is_empty() && self.batch.is_empty() {

@@ -12,6 +12,7 @@
 pub mod batcher;
 pub mod kafka;
 pub mod replication;
+pub mod schema;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,7 @@ use tokio::task::JoinHandle;
 
 use self::batcher::{BatchLimits, Batcher};
 use self::replication::{Ended, Finished, Replication};
+use self::schema::{Problems, SchemaHealth};
 use crate::apply::broadcast::Broadcast;
 use crate::apply::redis::Record;
 use crate::apply::{self, Backoff, Progress, RedisSink, Request};
@@ -35,7 +37,7 @@ use crate::lag::Lag;
 use crate::mapping::Mappings;
 use crate::mapping::Output;
 use crate::plan::Planner;
-use crate::source::postgres::changes::ChangeDecoder;
+use crate::source::postgres::changes::{ChangeDecoder, RelationMemory};
 use crate::source::postgres::conn::ReplicationConnection;
 use crate::source::postgres::slot;
 use crate::telemetry;
@@ -80,6 +82,8 @@ pub struct Running {
     pub source: watch::Receiver<SourceState>,
     /// Whether Redis answers (`None`) or why not.
     pub redis: watch::Receiver<Option<String>>,
+    /// What is wrong between the mappings and the live schema.
+    pub schema: watch::Receiver<Problems>,
     /// What apply has finished.
     pub progress: watch::Receiver<Progress>,
     /// The flush position last reported to the server.
@@ -153,7 +157,15 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
         return Err(Error::new(ErrorKind::Config, "postgres.url is not set"));
     }
     let (stages, handles) = Stages::start(config)?;
+    let url = config.postgres.url.clone().expect("checked above");
+    let schema = stages.schema.clone().with_live_checks(
+        url,
+        config.postgres.publication.clone(),
+        mappings.clone(),
+    );
     let supervisor = Supervisor {
+        schema,
+        memory: RelationMemory::default(),
         config: config.clone(),
         mappings,
         options,
@@ -165,6 +177,12 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
         source: stages.source,
     };
     tokio::spawn(watch_retained_wal(config.clone(), supervisor.stop.clone()));
+    tokio::spawn(
+        supervisor
+            .schema
+            .clone()
+            .watch(SCHEMA_CHECK_INTERVAL, supervisor.stop.clone()),
+    );
     Ok(handles.running(tokio::spawn(supervisor.run(stages.apply_task))))
 }
 
@@ -177,6 +195,7 @@ struct Stages {
     acked: watch::Sender<Lsn>,
     stop: watch::Receiver<bool>,
     source: watch::Sender<SourceState>,
+    schema: SchemaHealth,
     apply_task: JoinHandle<Result<(), Error>>,
 }
 
@@ -184,6 +203,7 @@ struct Stages {
 struct Handles {
     source: watch::Receiver<SourceState>,
     redis: watch::Receiver<Option<String>>,
+    schema: watch::Receiver<Problems>,
     progress: watch::Receiver<Progress>,
     acked: watch::Receiver<Lsn>,
     lag: Arc<Mutex<Lag>>,
@@ -204,6 +224,7 @@ impl Stages {
         let (source_tx, source_rx) = watch::channel(SourceState::Connecting);
         let (redis_tx, redis_rx) = watch::channel(None);
         let lag = Arc::new(Mutex::new(Lag::default()));
+        let (schema, schema_rx) = SchemaHealth::new();
         let apply_task = tokio::spawn(apply::run(
             sink,
             plans_rx,
@@ -218,11 +239,13 @@ impl Stages {
             acked: acked_tx,
             stop: stop_rx,
             source: source_tx,
+            schema,
             apply_task,
         };
         let handles = Handles {
             source: source_rx,
             redis: redis_rx,
+            schema: schema_rx,
             progress: progress_rx,
             acked: acked_rx,
             lag,
@@ -238,6 +261,7 @@ impl Handles {
         Running {
             source: self.source,
             redis: self.redis,
+            schema: self.schema,
             progress: self.progress,
             acked: self.acked,
             lag: self.lag,
@@ -336,6 +360,10 @@ impl Supervisor {
     }
 }
 
+/// How often the live mapping checks run besides a session's start and a
+/// changed Relation message.
+const SCHEMA_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+
 /// How often the slot's retained WAL is checked.
 const RETAINED_WAL_CHECK: Duration = Duration::from_secs(60);
 
@@ -379,6 +407,9 @@ async fn watch_retained_wal(config: Config, mut stop: watch::Receiver<bool>) {
 /// slot's confirmed position. Apply runs on across sessions.
 struct Supervisor {
     config: Config,
+    schema: SchemaHealth,
+    /// Mapped relations by OID, across sessions.
+    memory: RelationMemory,
     mappings: Arc<Mappings>,
     options: Options,
     plans: mpsc::Sender<Request>,
@@ -437,12 +468,13 @@ impl Supervisor {
         if *self.stop.borrow() {
             return Some(Ok(None));
         }
-        if !error.is_transient() {
-            return Some(Err(error));
-        }
         let cause = std::error::Error::source(&error)
             .map(ToString::to_string)
             .unwrap_or_default();
+        if !error.is_transient() {
+            tracing::error!(%error, %cause, "the pipeline stops: this error is not worth retrying");
+            return Some(Err(error));
+        }
         let reason = format!("{error} {cause}").trim_end().to_owned();
         let repeated = matches!(&*self.source.borrow(), SourceState::Interrupted(previous) if *previous == reason);
         self.source.send_replace(SourceState::Interrupted(reason));
@@ -483,6 +515,9 @@ impl Supervisor {
         };
         tracing::info!(%system_id, %timeline, %wal_position, "connected for replication");
         self.check_continuity(url, system_id).await?;
+        // The checks `evictd check` makes, reported table by table; the
+        // OIDs they find let a rename be recognised from the first change.
+        self.memory.seed(self.schema.live_check().await);
         let command = slot::start_command(
             &self.config.postgres.slot,
             &self.config.postgres.publication,
@@ -492,7 +527,9 @@ impl Supervisor {
         tracing::info!(slot = %self.config.postgres.slot, server_version = conn.server_version(), "streaming started");
         Ok(Replication {
             conn,
-            decoder: ChangeDecoder::new(self.mappings.clone()),
+            decoder: ChangeDecoder::with_memory(self.mappings.clone(), self.memory.clone()),
+            schema: self.schema.clone(),
+            fallbacks: schema::FallbackLog::default(),
             batcher: Batcher::new(
                 self.mappings.clone(),
                 BatchLimits {

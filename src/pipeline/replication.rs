@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::batcher::Batcher;
+use super::schema::{FallbackLog, Origin, SchemaHealth};
 use crate::apply::{Progress, Request};
 use crate::change::{Checkpoint, Lsn, Op, TableName};
 use crate::error::{Error, ErrorKind};
@@ -53,6 +54,9 @@ pub struct Replication {
     /// Stop reading past this position (`evictd replay --until-lsn`).
     pub until: Option<Lsn>,
     pub scratch: Scratch,
+    /// Where drift of mapped tables seen in Relation messages goes.
+    pub schema: SchemaHealth,
+    pub fallbacks: FallbackLog,
 }
 
 /// Buffers reused from message to message.
@@ -255,6 +259,13 @@ impl Replication {
         })?;
         let Scratch { events, cut } = &mut self.scratch;
         self.decoder.handle(message, events)?;
+        for change in self.decoder.take_schema_changes() {
+            self.schema
+                .report(&change.table.to_string(), Origin::Stream, change.problem);
+            if change.changed {
+                self.schema.recheck();
+            }
+        }
         for event in events.drain(..) {
             match &event {
                 Event::Change { change, .. } => {
@@ -290,7 +301,7 @@ impl Replication {
     /// Publishes what this session counted since the last call; returns the
     /// coarse invalidations reported so far.
     fn record_metrics(
-        &self,
+        &mut self,
         received_counts: &mut ChangeCounts,
         coarse_reported: u64,
         received: Lsn,
@@ -299,6 +310,7 @@ impl Replication {
         for ((table, op), count) in received_counts.drain() {
             metrics::counter!(telemetry::CHANGES_RECEIVED, "table" => table.to_string(), "op" => op.as_str()).increment(count);
         }
+        self.fallbacks.record(self.batcher.take_fallbacks());
         let coarse = self.batcher.stats().coarse_transactions;
         metrics::counter!(telemetry::COARSE_INVALIDATIONS).increment(coarse - coarse_reported);
         #[allow(clippy::cast_precision_loss)]

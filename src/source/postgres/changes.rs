@@ -12,7 +12,7 @@
 //! new row's key columns, because those are known to be unchanged.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use super::conn::pg_time;
@@ -88,10 +88,46 @@ impl Kind {
     }
 }
 
+/// What the decoders of one pipeline learned of mapped relations, kept
+/// across sessions: relations are followed by OID, so a mapped table that
+/// is renamed is still recognised (and its drift reported).
+#[derive(Clone, Default)]
+pub struct RelationMemory(Arc<Mutex<HashMap<u32, Known>>>);
+
+/// One mapped relation as last seen.
+struct Known {
+    /// The mapped table it is invalidated as.
+    mapped: Arc<TableName>,
+    /// Its name and columns in the last Relation message (`None` when only
+    /// the catalog said so, at start).
+    seen: Option<(TableName, Vec<Arc<str>>)>,
+}
+
+impl RelationMemory {
+    /// Remembers the OIDs the live checks found for mapped tables.
+    pub fn seed(&self, oids: impl IntoIterator<Item = (u32, Arc<TableName>)>) {
+        let mut known = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        for (oid, mapped) in oids {
+            known.entry(oid).or_insert(Known { mapped, seen: None });
+        }
+    }
+}
+
+/// A Relation message for a mapped table: what is wrong with it now (or
+/// `None`), and whether its name or columns changed since it was last seen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SchemaChange {
+    pub table: Arc<TableName>,
+    pub problem: Option<String>,
+    pub changed: bool,
+}
+
 /// Turns pgoutput messages into [`Event`]s.
 pub struct ChangeDecoder {
     mappings: Arc<Mappings>,
     relations: HashMap<u32, RelationShape>,
+    memory: RelationMemory,
+    schema_changes: Vec<SchemaChange>,
     /// The streamed transaction whose block we are in.
     stream_xid: Option<u32>,
     /// Inside Begin..Commit of a regular transaction.
@@ -100,9 +136,16 @@ pub struct ChangeDecoder {
 
 impl ChangeDecoder {
     pub fn new(mappings: Arc<Mappings>) -> ChangeDecoder {
+        ChangeDecoder::with_memory(mappings, RelationMemory::default())
+    }
+
+    /// A decoder that shares what earlier sessions learned of relations.
+    pub fn with_memory(mappings: Arc<Mappings>, memory: RelationMemory) -> ChangeDecoder {
         ChangeDecoder {
             mappings,
             relations: HashMap::new(),
+            memory,
+            schema_changes: Vec::new(),
             stream_xid: None,
             in_txn: false,
         }
@@ -212,12 +255,67 @@ impl ChangeDecoder {
         events.push(Event::Change { stream, change });
     }
 
+    /// The Relation messages of mapped tables seen since the last call.
+    pub fn take_schema_changes(&mut self) -> Vec<SchemaChange> {
+        std::mem::take(&mut self.schema_changes)
+    }
+
     fn relation(&mut self, relation: &Relation<'_>) {
-        let table = Arc::new(TableName::new(relation.namespace, relation.name));
+        let named = TableName::new(relation.namespace, relation.name);
+        let columns: Vec<Arc<str>> = relation.columns.iter().map(|c| Arc::from(c.name)).collect();
+        let mut memory = self.memory.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let known = memory.get(&relation.id);
+        // A mapped table keeps its mapping under a new name (or schema):
+        // its keys do not depend on the name, and missing its changes is
+        // the one thing evictd must not do.
+        let (table, renamed) = match known {
+            Some(known)
+                if self.mappings.table(&named).is_none()
+                    && self.mappings.table(&known.mapped).is_some() =>
+            {
+                (known.mapped.clone(), *known.mapped != named)
+            }
+            _ => (Arc::new(named.clone()), false),
+        };
         let mapping = self.mappings.table(&table);
+        if let Some(mapping) = mapping {
+            let changed = known
+                .and_then(|known| known.seen.as_ref())
+                .is_some_and(|(name, seen)| *name != named || *seen != columns);
+            let mut problems = Vec::new();
+            if renamed {
+                problems.push(format!(
+                    "renamed to {named}: its changes are still invalidated under the mapping of {table}; name {named} in the mappings and restart evictd"
+                ));
+            }
+            let missing: Vec<&str> = mapping
+                .columns()
+                .into_iter()
+                .filter(|column| !columns.iter().any(|c| &**c == *column))
+                .collect();
+            if !missing.is_empty() {
+                problems.push(format!(
+                    "column(s) {} of the mapping are not in {named} any more (dropped or renamed): every change deletes the keys that use them by pattern",
+                    missing.join(", ")
+                ));
+            }
+            self.schema_changes.push(SchemaChange {
+                table: table.clone(),
+                problem: (!problems.is_empty()).then(|| problems.join("; ")),
+                changed,
+            });
+            memory.insert(
+                relation.id,
+                Known {
+                    mapped: table.clone(),
+                    seen: Some((named, columns.clone())),
+                },
+            );
+        }
+        drop(memory);
         let wanted_columns = mapping.map(|m| m.columns()).unwrap_or_default();
         let shape = RelationShape {
-            names: relation.columns.iter().map(|c| Arc::from(c.name)).collect(),
+            names: columns.into(),
             kinds: relation
                 .columns
                 .iter()

@@ -45,6 +45,11 @@ pub type Rows = Vec<Vec<Option<String>>>;
 type Reader = Box<dyn AsyncRead + Unpin + Send>;
 type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 
+/// How much the read buffer asks for at a time.
+const READ_CHUNK: usize = 64 * 1024;
+/// A frame above this size leaves the read buffer reallocated small.
+const RELEASE_AFTER_FRAME: usize = 1 << 20;
+
 /// An open replication connection.
 pub struct ReplicationConnection {
     reader: Reader,
@@ -70,7 +75,7 @@ impl ReplicationConnection {
         let mut conn = ReplicationConnection {
             reader,
             writer,
-            buf: BytesMut::with_capacity(64 * 1024),
+            buf: BytesMut::with_capacity(READ_CHUNK),
             server_version: 0,
         };
         conn.startup(&config).await?;
@@ -310,7 +315,7 @@ impl ReplicationConnection {
             }
             match self.buffered_length() {
                 Some(length) => self.buf.reserve(length + 1 - self.buf.len()),
-                None => self.buf.reserve(64 * 1024),
+                None => self.buf.reserve(READ_CHUNK),
             }
             let read = self
                 .reader
@@ -349,6 +354,14 @@ impl ReplicationConnection {
             return Ok(None);
         }
         let mut frame = self.buf.split_to(length + 1);
+        if frame.len() > RELEASE_AFTER_FRAME {
+            // The buffer grew for one huge message and still shares its
+            // allocation: start a small one, so that the memory goes back
+            // once the frame is dropped instead of being held for good.
+            let mut fresh = BytesMut::with_capacity(READ_CHUNK.max(self.buf.len()));
+            fresh.extend_from_slice(&self.buf);
+            self.buf = fresh;
+        }
         let tag = frame[0];
         frame.advance(5);
         Ok(Some(Frame {

@@ -1,0 +1,216 @@
+//! Schema drift under a running pipeline: what `run` knows is wrong between
+//! the mappings and the live schema, reported loudly (ERROR log, `/readyz`
+//! reason, `evictd_schema_problems{table}`) and cleared when fixed.
+//!
+//! Two origins feed it:
+//! - the live catalog checks of `evictd check`, run when a session starts
+//!   and again whenever a Relation message changes a mapped table;
+//! - the replication stream itself: a mapped relation that changed name or
+//!   lost a column the mappings read (see
+//!   [`crate::source::postgres::changes`]), noticed the moment its Relation
+//!   message arrives.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::change::TableName;
+use crate::config::SecretUrl;
+use crate::mapping::Mappings;
+use crate::telemetry;
+
+/// Where a problem was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Origin {
+    Stream,
+    LiveCheck,
+}
+
+/// Problems by (subject, origin); a subject is a mapped table or
+/// `publication <name>`.
+pub type Problems = BTreeMap<(String, Origin), String>;
+
+/// The pipeline's end of the schema problems; the admin endpoint reads the
+/// other.
+#[derive(Clone)]
+pub struct SchemaHealth {
+    problems: Arc<watch::Sender<Problems>>,
+    live: Option<LiveCheck>,
+}
+
+/// What the live checks need.
+#[derive(Clone)]
+struct LiveCheck {
+    url: SecretUrl,
+    publication: String,
+    mappings: Arc<Mappings>,
+}
+
+impl SchemaHealth {
+    /// A health without live checks (the Kafka source has no catalog).
+    pub fn new() -> (SchemaHealth, watch::Receiver<Problems>) {
+        let (sender, receiver) = watch::channel(Problems::new());
+        let health = SchemaHealth {
+            problems: Arc::new(sender),
+            live: None,
+        };
+        (health, receiver)
+    }
+
+    /// Runs the live checks against `url` from now on.
+    pub fn with_live_checks(
+        mut self,
+        url: SecretUrl,
+        publication: String,
+        mappings: Arc<Mappings>,
+    ) -> SchemaHealth {
+        self.live = Some(LiveCheck {
+            url,
+            publication,
+            mappings,
+        });
+        self
+    }
+
+    /// Sets or clears the problem `subject` has from `origin`. A new or
+    /// changed problem is logged at ERROR, a cleared one at INFO.
+    pub fn report(&self, subject: &str, origin: Origin, problem: Option<String>) {
+        let key = (subject.to_owned(), origin);
+        let mut count = 0;
+        self.problems.send_if_modified(|problems| {
+            let changed = match &problem {
+                Some(problem) if problems.get(&key) != Some(problem) => {
+                    tracing::error!(%subject, ?origin, %problem, "the mappings do not fit the database");
+                    problems.insert(key.clone(), problem.clone());
+                    true
+                }
+                None if problems.remove(&key).is_some() => {
+                    tracing::info!(%subject, ?origin, "schema problem resolved");
+                    true
+                }
+                _ => false,
+            };
+            count = problems.keys().filter(|(s, _)| s == subject).count();
+            changed
+        });
+        #[allow(clippy::cast_precision_loss)]
+        metrics::gauge!(telemetry::SCHEMA_PROBLEMS, "table" => subject.to_owned())
+            .set(count as f64);
+    }
+
+    /// Runs the live catalog checks now and reports each subject's result;
+    /// returns the OIDs of the mapped tables found. A failure to run them
+    /// (the database unreachable) is logged and changes nothing.
+    pub async fn live_check(&self) -> Vec<(u32, Arc<TableName>)> {
+        let Some(live) = &self.live else {
+            return Vec::new();
+        };
+        let findings = async {
+            let client = crate::catalog::connect(&live.url).await?;
+            crate::catalog::check_by_table(&live.mappings, &client, &live.publication).await
+        };
+        match findings.await {
+            Ok(findings) => {
+                for (subject, diagnostics) in &findings.tables {
+                    let problem = (!diagnostics.is_empty()).then(|| {
+                        diagnostics
+                            .iter()
+                            .map(|d| d.message.as_str())
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    });
+                    self.report(subject, Origin::LiveCheck, problem);
+                }
+                findings.oids
+            }
+            Err(error) => {
+                tracing::warn!(%error, "the live mapping checks could not run");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Runs the live checks every `interval` until `stop`, so that drift
+    /// is noticed even while the table sees no changes.
+    pub async fn watch(self, interval: std::time::Duration, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick is immediate; a session start runs the checks.
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|stop| *stop) => return,
+                _ = tick.tick() => {}
+            }
+            self.live_check().await;
+        }
+    }
+
+    /// Runs [`SchemaHealth::live_check`] in the background.
+    pub fn recheck(&self) {
+        if self.live.is_some() {
+            let health = self.clone();
+            tokio::spawn(async move {
+                health.live_check().await;
+            });
+        }
+    }
+}
+
+/// The one-line reason for `/readyz`, when there are problems: every
+/// problem of the first table, and how many other tables have some.
+pub fn readiness(problems: &Problems) -> Option<String> {
+    let ((subject, _), _) = problems.iter().next()?;
+    let first: Vec<&str> = problems
+        .iter()
+        .filter(|((s, _), _)| s == subject)
+        .map(|(_, problem)| problem.as_str())
+        .collect();
+    let mut others: Vec<&str> = problems
+        .keys()
+        .map(|(s, _)| s.as_str())
+        .filter(|s| s != subject)
+        .collect();
+    others.dedup();
+    let mut reason = format!("mappings: {subject}: {}", first.join("; "));
+    if !others.is_empty() {
+        reason.push_str(&format!(
+            " (and {} more: {}; see the log)",
+            others.len(),
+            others.join(", ")
+        ));
+    }
+    Some(reason)
+}
+
+/// How often the pattern fallbacks of one table are logged at most.
+const FALLBACK_WARN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Counts pattern fallbacks per table (`evictd_pattern_fallbacks_total`)
+/// and logs them at WARN, at most once a minute per table.
+#[derive(Default)]
+pub struct FallbackLog {
+    /// Per table: when it was last logged, and what was counted since.
+    tables: std::collections::HashMap<Arc<TableName>, (std::time::Instant, u64)>,
+}
+
+impl FallbackLog {
+    pub fn record(&mut self, fallbacks: impl Iterator<Item = (Arc<TableName>, u64)>) {
+        let now = std::time::Instant::now();
+        for (table, count) in fallbacks {
+            metrics::counter!(telemetry::PATTERN_FALLBACKS, "table" => table.to_string())
+                .increment(count);
+            let (logged, since) = self
+                .tables
+                .entry(table.clone())
+                .or_insert((now - FALLBACK_WARN_INTERVAL, 0));
+            *since += count;
+            if now.duration_since(*logged) >= FALLBACK_WARN_INTERVAL {
+                tracing::warn!(%table, pattern_deletes = *since, "keys of this table were deleted by pattern (SCAN): a placeholder's value was unknown or a key too long; see evictd_pattern_fallbacks_total and `evictd explain`");
+                *logged = now;
+                *since = 0;
+            }
+        }
+    }
+}
