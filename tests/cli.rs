@@ -282,3 +282,40 @@ fn check_refuses_a_template_whose_pattern_could_delete_other_keys() {
     );
     assert!(text.ends_with("2 problems found\n"), "{text}");
 }
+
+#[test]
+fn broken_and_looping_symlinks_in_the_mappings_are_reported() {
+    let dir = mapping_dir(&[(
+        "a.toml",
+        "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\n",
+    )]);
+    std::os::unix::fs::symlink(dir.path().join("gone.toml"), dir.path().join("b.toml")).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("c.toml"), dir.path().join("c.toml")).unwrap();
+    let output = evictd(&[
+        "check",
+        "--mappings",
+        dir.path().to_str().unwrap(),
+        "--offline",
+    ]);
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(2), "{text}");
+    for name in ["b.toml", "c.toml"] {
+        assert!(
+            text.contains(&format!("{name} (a symbolic link): ")),
+            "{name} not reported in:\n{text}"
+        );
+    }
+    assert!(text.contains("the link is broken or loops"), "{text}");
+
+    // Alone, a broken link is reported as itself, not as "no mapping files".
+    std::fs::remove_file(dir.path().join("a.toml")).unwrap();
+    std::fs::remove_file(dir.path().join("c.toml")).unwrap();
+    let text = stdout(&evictd(&[
+        "check",
+        "--mappings",
+        dir.path().to_str().unwrap(),
+        "--offline",
+    ]));
+    assert!(text.contains("b.toml (a symbolic link)"), "{text}");
+    assert!(!text.contains("no mapping files"), "{text}");
+}

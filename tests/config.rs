@@ -262,3 +262,21 @@ fn a_plaintext_redis_password_to_another_host_is_refused_unless_allowed() {
         Config::load_with_env(&path, env(&[])).unwrap_or_else(|e| panic!("{allowed}: {e}"));
     }
 }
+
+#[test]
+fn a_number_too_large_names_its_key_and_line_and_the_path_as_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("evictd.toml");
+    std::fs::write(
+        &path,
+        "[postgres]\nurl = \"postgres://evictd@localhost/shop\"\n\n[batch]\nmax_keys = 99999999999999999999\n",
+    )
+    .unwrap();
+    let error = evictd::config::Config::load(&path).unwrap_err().to_string();
+    let given = path.display().to_string();
+    assert!(
+        error.contains("batch.max_keys: ") && error.contains(&format!("({given}:5:12)")),
+        "{error}"
+    );
+    assert!(!error.contains("../"), "{error}");
+}

@@ -402,3 +402,62 @@ async fn a_huge_value_is_not_held_after_it_was_applied() {
         "RSS stayed at {after} KiB after a 100 MB value (idle: {idle} KiB, peak {peak} KiB)"
     );
 }
+
+/// CPU time of process `pid` so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    evictd::testkit::process_cpu_ticks(pid)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_endpoint_backs_off_when_it_runs_out_of_file_descriptors() {
+    let db = TestDb::new().await;
+    db.execute(SCHEMA).await;
+    let run = Run::start(&db, MAPPING);
+    run.wait_for("/readyz", 200);
+    // Lower the running process' descriptor limit to what it holds now,
+    // and hold connections until accept fails.
+    let pid = run.child.id();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let limit = (open + 4).to_string();
+    let status = std::process::Command::new("prlimit")
+        .args([
+            "--pid",
+            &pid.to_string(),
+            &format!("--nofile={limit}:{limit}"),
+        ])
+        .status()
+        .expect("prlimit");
+    assert!(status.success());
+    let held: Vec<std::net::TcpStream> = (0..32)
+        .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", run.port)).ok())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(3));
+    let spent = cpu_ticks(pid) - before;
+    drop(held);
+    let log = run.log();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("ERROR") && line.contains("cannot accept connections")),
+        "no ERROR line for the failed accepts in:\n{log}"
+    );
+    // Spinning on accept burns a core: ~300 ticks in 3 s.
+    assert!(
+        spent < 60,
+        "{spent} ticks of CPU in 3 s while accept failed"
+    );
+    // Descriptors back: it answers again.
+    let limit = "1024";
+    std::process::Command::new("prlimit")
+        .args([
+            "--pid",
+            &pid.to_string(),
+            &format!("--nofile={limit}:{limit}"),
+        ])
+        .status()
+        .expect("prlimit");
+    run.wait_for("/healthz", 200);
+}

@@ -328,6 +328,17 @@ impl Config {
             .list_separator(",")
             .with_list_parse_key("kafka.topics")
             .source(Some(env));
+        // Read and parse the file first: the layering library names neither
+        // the key nor the line of a TOML error, and shows paths relative to
+        // the working directory rather than as given.
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError {
+            problems: vec![format!("cannot read {}: {error}", path.display())],
+        })?;
+        if let Err(error) = text.parse::<toml::Table>() {
+            return Err(ConfigError {
+                problems: vec![toml_problem(path, &text, &error)],
+            });
+        }
         let file = config::File::from(path).format(config::FileFormat::Toml);
         let layered = config::Config::builder()
             .add_source(file)
@@ -420,6 +431,46 @@ impl Config {
             batch,
             admin,
         })
+    }
+}
+
+/// A TOML syntax or value error as `section.key: message (file:line:column)`,
+/// with the path as given.
+fn toml_problem(path: &Path, text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim_end();
+    // TOML integers are 64-bit; the parser's own words for a bigger one
+    // ("invalid type: integer `...` as i128") do not say that.
+    let message = match message.strip_prefix("invalid type: integer `") {
+        Some(rest) => format!(
+            "{} is too large (integers go up to 9223372036854775807)",
+            rest.split('`').next().unwrap_or(rest)
+        ),
+        None => message.to_owned(),
+    };
+    let Some(start) = error.span().map(|span| span.start.min(text.len())) else {
+        return format!("{}: {message}", path.display());
+    };
+    let before = &text[..start];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    let location = format!("{}:{line}:{column}", path.display());
+    // The key written on that line, under the last [section] above it.
+    let this_line = text[line_start..].lines().next().unwrap_or("");
+    let key = this_line
+        .split_once('=')
+        .map(|(key, _)| key.trim())
+        .filter(|key| !key.is_empty() && !key.starts_with('['));
+    let section = before[..line_start].lines().rev().find_map(|line| {
+        let line = line.trim();
+        line.strip_prefix('[')
+            .and_then(|rest| rest.split_once(']'))
+            .map(|(name, _)| name.trim_matches(['[', ']', ' ']).to_owned())
+    });
+    match (section, key) {
+        (Some(section), Some(key)) => format!("{section}.{key}: {message} ({location})"),
+        (None, Some(key)) => format!("{key}: {message} ({location})"),
+        _ => format!("{location}: {message}"),
     }
 }
 
