@@ -266,12 +266,7 @@ fn check_refuses_a_template_whose_pattern_could_delete_other_keys() {
         "t.toml",
         &format!("[[table]]\nname = \"t\"\nkeys = [\"{placeholders}\", \"t{{id}}\"]\n"),
     )]);
-    let output = evictd(&[
-        "check",
-        "--mappings",
-        dir.path().to_str().unwrap(),
-        "--offline",
-    ]);
+    let output = check_offline(dir.path());
     let text = stdout(&output);
     assert_eq!(output.status.code(), Some(2), "{text}");
     assert!(text.contains("t.toml:3:9: error:"), "{text}");
@@ -291,12 +286,7 @@ fn broken_and_looping_symlinks_in_the_mappings_are_reported() {
     )]);
     std::os::unix::fs::symlink(dir.path().join("gone.toml"), dir.path().join("b.toml")).unwrap();
     std::os::unix::fs::symlink(dir.path().join("c.toml"), dir.path().join("c.toml")).unwrap();
-    let output = evictd(&[
-        "check",
-        "--mappings",
-        dir.path().to_str().unwrap(),
-        "--offline",
-    ]);
+    let output = check_offline(dir.path());
     let text = stdout(&output);
     assert_eq!(output.status.code(), Some(2), "{text}");
     for name in ["b.toml", "c.toml"] {
@@ -310,12 +300,12 @@ fn broken_and_looping_symlinks_in_the_mappings_are_reported() {
     // Alone, a broken link is reported as itself, not as "no mapping files".
     std::fs::remove_file(dir.path().join("a.toml")).unwrap();
     std::fs::remove_file(dir.path().join("c.toml")).unwrap();
-    let text = stdout(&evictd(&[
-        "check",
-        "--mappings",
-        dir.path().to_str().unwrap(),
-        "--offline",
-    ]));
+    let text = stdout(&check_offline(dir.path()));
     assert!(text.contains("b.toml (a symbolic link)"), "{text}");
     assert!(!text.contains("no mapping files"), "{text}");
+}
+
+/// `evictd check --offline --mappings DIR`.
+fn check_offline(dir: &std::path::Path) -> std::process::Output {
+    evictd(&["check", "--mappings", dir.to_str().unwrap(), "--offline"])
 }

@@ -137,7 +137,7 @@ async fn the_record_never_moves_backwards() {
     use evictd::change::{Checkpoint, Lsn};
     use evictd::plan::Planner;
 
-    let mut setup = Setup::new().await;
+    let setup = Setup::new().await;
     let key = format!("{}evictd:slot:record-test", setup.db.prefix);
     let mut sink = RedisSink::new(
         &setup.config.redis,
@@ -157,19 +157,21 @@ async fn the_record_never_moves_backwards() {
     // A batch applied again after a reconnect: the record stays.
     applied(&mut sink, &key, "7", 0x1_0000_0100).await;
     applied(&mut sink, &key, "7", 0x0_FFFF_FFFF).await;
-    let record: String = redis::cmd("GET")
-        .arg(&key)
-        .query_async(&mut setup.redis)
-        .await
-        .unwrap();
-    assert_eq!(record, "7 1/200");
+    let record = || {
+        let mut redis = setup.redis.clone();
+        let key = key.clone();
+        async move {
+            let value: String = redis::cmd("GET")
+                .arg(&key)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            value
+        }
+    };
+    assert_eq!(record().await, "7 1/200");
     applied(&mut sink, &key, "7", 0x1_0000_0300).await;
     // Another database (restored, failed over): its position replaces it.
     applied(&mut sink, &key, "8", 0x10).await;
-    let record: String = redis::cmd("GET")
-        .arg(&key)
-        .query_async(&mut setup.redis)
-        .await
-        .unwrap();
-    assert_eq!(record, "8 0/10");
+    assert_eq!(record().await, "8 0/10");
 }

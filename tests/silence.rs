@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
+use evictd::pipeline::SourceState;
 use support::{free_port, http_get, stack, TestDb};
 
 /// `evictd run` as a process, its log in a file.
@@ -58,21 +59,15 @@ impl Run {
 
     /// Polls `path` until `done(status, body)`; returns the body.
     fn wait_until(&self, path: &str, done: impl Fn(u16, &str) -> bool) -> String {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let answer = http_get(self.port, path);
-            if let Some((code, body)) = &answer {
-                if done(*code, body) {
-                    return body.clone();
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{path} never answered as expected; last: {answer:?}\nlog:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let mut last = None;
+        let (_, body) = within(Duration::from_secs(60), &self.log, || {
+            last = http_get(self.port, path);
+            last.clone().filter(|(code, body)| done(*code, body))
+        })
+        .unwrap_or_else(|log| {
+            panic!("{path} never answered as expected; last: {last:?}\nlog:\n{log}")
+        });
+        body
     }
 
     fn log(&self) -> String {
@@ -81,18 +76,9 @@ impl Run {
 
     /// Waits (bounded) for the process to exit by itself.
     fn exit_within(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "evictd run is still up {timeout:?} later; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let log = self.log.clone();
+        within(timeout, &log, || self.child.try_wait().expect("try_wait"))
+            .unwrap_or_else(|log| panic!("evictd run is still up {timeout:?} later; log:\n{log}"))
     }
 
     /// Resident memory now, in KiB.
@@ -111,6 +97,24 @@ impl Drop for Run {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Polls every 100 ms until `poll` gives a value; past `timeout`, the log.
+fn within<T>(
+    timeout: Duration,
+    log: &Path,
+    mut poll: impl FnMut() -> Option<T>,
+) -> Result<T, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = poll() {
+            return Ok(value);
+        }
+        if Instant::now() >= deadline {
+            return Err(std::fs::read_to_string(log).unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -187,58 +191,59 @@ async fn a_pipeline_that_stops_ends_the_process_with_status_1() {
     assert!(logged.contains("42704"), "{logged}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn healthz_is_not_ok_once_the_pipeline_has_ended() {
-    let (source_tx, source) = tokio::sync::watch::channel(evictd::pipeline::SourceState::Streaming);
-    let (_redis_tx, redis) = tokio::sync::watch::channel(None);
-    let (_schema_tx, schema) = tokio::sync::watch::channel(Default::default());
+/// The admin endpoint alone, on a free port, over a source state the test
+/// controls.
+async fn admin() -> (u16, tokio::sync::watch::Sender<SourceState>) {
+    let (source_tx, source) = tokio::sync::watch::channel(SourceState::Streaming);
+    // The other states never change (a receiver keeps the last value).
+    let (_, redis) = tokio::sync::watch::channel(None);
+    let (_, schema) = tokio::sync::watch::channel(Default::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    tokio::spawn(evictd::admin::serve(
-        listener,
-        evictd::admin::AdminState {
-            source,
-            redis,
-            schema,
-        },
-    ));
-    let get = move |path: &'static str| {
-        tokio::task::spawn_blocking(move || http_get(port, path).expect("an answer"))
+    let state = evictd::admin::AdminState {
+        source,
+        redis,
+        schema,
     };
-    assert_eq!(get("/healthz").await.unwrap(), (200, "ok\n".into()));
-    source_tx.send_replace(evictd::pipeline::SourceState::Ended);
-    let (status, body) = get("/healthz").await.unwrap();
-    assert_eq!(status, 503, "{body}");
-    assert_eq!(get("/readyz").await.unwrap().0, 503);
+    tokio::spawn(evictd::admin::serve(listener, state));
+    (port, source_tx)
 }
 
-#[test]
-fn a_request_with_bare_lf_line_endings_is_answered() {
-    use std::io::{Read as _, Write as _};
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let (_source_tx, source) =
-        tokio::sync::watch::channel(evictd::pipeline::SourceState::Streaming);
-    let (_redis_tx, redis) = tokio::sync::watch::channel(None);
-    let (_schema_tx, schema) = tokio::sync::watch::channel(Default::default());
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let port = listener.local_addr().unwrap().port();
-    runtime.spawn(evictd::admin::serve(
-        listener,
-        evictd::admin::AdminState {
-            source,
-            redis,
-            schema,
-        },
-    ));
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(stream, "GET /healthz HTTP/1.1\nhost: x\n\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("an answer");
+/// `request` sent raw to the endpoint on `port`; the whole answer.
+async fn raw(port: u16, request: &'static str) -> String {
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("an answer");
+        response
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_is_not_ok_once_the_pipeline_has_ended() {
+    let (port, source) = admin().await;
+    let healthz = "GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n";
+    assert!(raw(port, healthz).await.starts_with("HTTP/1.1 200"));
+    source.send_replace(SourceState::Ended);
+    let response = raw(port, healthz).await;
+    assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+    assert!(
+        response.ends_with("the pipeline has stopped\n"),
+        "{response}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_bare_lf_line_endings_is_answered() {
+    let (port, _source) = admin().await;
+    let response = raw(port, "GET /healthz HTTP/1.1\nhost: x\n\n").await;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(response.ends_with("ok\n"), "{response}");
 }

@@ -188,7 +188,13 @@ pub async fn run(
                         () = tokio::time::sleep(delay) => {}
                     }
                 }
-                Err(error) => return Err(error),
+                Err(error) => {
+                    let cause = std::error::Error::source(&error)
+                        .map(ToString::to_string)
+                        .unwrap_or_default();
+                    tracing::error!(%error, %cause, "apply stops: this error is not worth retrying");
+                    return Err(error);
+                }
             }
         };
         redis.send_if_modified(|current| replace_if_changed(current, None));

@@ -198,10 +198,9 @@ impl Session {
         drop(self.plans);
         let done = handle.done;
         let _ = tokio::task::spawn_blocking(move || done.recv_timeout(STOP_BOUND)).await;
-        let apply_result = finish_apply(apply_task).await;
-        let ended = result?;
-        apply_result?;
-        Ok(ended)
+        // When apply failed, its error is the cause of "the apply task ended".
+        finish_apply(apply_task).await?;
+        result
     }
 
     async fn handle(

@@ -448,8 +448,10 @@ impl Supervisor {
         // Closing the plan channel lets apply finish what it holds and end.
         drop(self.plans);
         let apply_result = finish_apply(apply_task).await;
-        let finished = outcome?;
+        // When apply failed, its error is the cause of whatever the
+        // replication side saw ("the apply task ended").
         apply_result?;
+        let finished = outcome?;
         let flush = self.progress.borrow().flush_lsn;
         match finished {
             Some(finished) => finished.close(flush).await,

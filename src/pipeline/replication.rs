@@ -126,7 +126,7 @@ impl Replication {
                 // Then hand finished plans to apply; while one waits for
                 // room, nothing new is read (bounded memory).
                 permit = self.plans.reserve(), if !ready.is_empty() => {
-                    let permit = permit.map_err(|_| Error::new(ErrorKind::Redis, "the apply task ended"))?;
+                    let permit = permit.map_err(|_| Error::new(ErrorKind::Shutdown, "the apply task ended"))?;
                     if let Some(plan) = ready.pop_front() {
                         self.sent_plans.fetch_add(1, Ordering::SeqCst);
                         permit.send(Request::Plan(plan));
@@ -149,7 +149,7 @@ impl Replication {
             match step {
                 Step::Stop => break Ended::Stopped,
                 Step::Applied(false) => {
-                    return Err(Error::new(ErrorKind::Redis, "the apply task ended"))
+                    return Err(Error::new(ErrorKind::Shutdown, "the apply task ended"))
                 }
                 Step::Applied(true) => {
                     let flush = self.progress.borrow_and_update().flush_lsn;
