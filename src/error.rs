@@ -55,6 +55,27 @@ impl Error {
         }
     }
 
+    /// A failed Postgres connection or query, classified by its cause: a
+    /// server error by its SQLSTATE ([`postgres_kind`]), anything else (the
+    /// connection refused, broken or closed) as a connection error.
+    pub fn postgres(message: impl Into<String>, error: tokio_postgres::Error) -> Error {
+        let (kind, message) = described(message.into(), &error);
+        Error::with_source(kind, message, error)
+    }
+
+    /// A catalog connection or query that failed, classified like
+    /// [`Error::postgres`]; bad TLS settings are a config error.
+    pub fn catalog(message: impl Into<String>, error: crate::catalog::CatalogError) -> Error {
+        use crate::catalog::CatalogError;
+        let (kind, message) = match &error {
+            CatalogError::Connect { source, .. } | CatalogError::Query(source) => {
+                described(message.into(), source)
+            }
+            CatalogError::Tls(_) => (ErrorKind::Config, message.into()),
+        };
+        Error::with_source(kind, message, error)
+    }
+
     pub fn kind(&self) -> ErrorKind {
         self.kind
     }
@@ -84,9 +105,77 @@ impl std::error::Error for Error {
     }
 }
 
+/// The kind of a tokio-postgres failure, and `message` with the server's
+/// error in it as the replication connection words one
+/// (`postgres ERROR 42501: permission denied ...`).
+fn described(message: String, error: &tokio_postgres::Error) -> (ErrorKind, String) {
+    match error.as_db_error() {
+        Some(db) => (
+            postgres_kind(Some(db.code().code())),
+            format!(
+                "{message}: postgres {} {}: {}",
+                db.severity(),
+                db.code().code(),
+                db.message()
+            ),
+        ),
+        None => (postgres_kind(None), message),
+    }
+}
+
+/// The kind of a Postgres failure with this SQLSTATE (`None`: no server
+/// answer at all, the connection failed).
+pub fn postgres_kind(sqlstate: Option<&str>) -> ErrorKind {
+    match sqlstate {
+        None => ErrorKind::PostgresConnection,
+        Some("55006") => ErrorKind::SlotInUse,
+        Some(code) => ErrorKind::PostgresServer {
+            transient: sqlstate_is_transient(code),
+        },
+    }
+}
+
 /// Whether a Postgres SQLSTATE names a condition that may pass: connection
-/// exceptions (08), insufficient resources (53) and operator intervention
-/// (57, e.g. admin shutdown). "Object in use" (55006) is [`ErrorKind::SlotInUse`].
+/// exceptions (08), transaction rollbacks such as deadlocks (40),
+/// insufficient resources (53), a lock not available (55P03) and operator
+/// intervention (57, e.g. admin shutdown, the server starting). Everything
+/// else (permissions 42501, authentication 28, a missing object 42704 or
+/// 3D000, ...) does not pass by waiting: the pipeline stops and says so.
+/// "Object in use" (55006) is [`ErrorKind::SlotInUse`].
 pub fn sqlstate_is_transient(code: &str) -> bool {
-    code.starts_with("08") || code.starts_with("53") || code.starts_with("57")
+    ["08", "40", "53", "57"]
+        .iter()
+        .any(|class| code.starts_with(class))
+        || code == "55P03"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgres_failures_are_classified_by_sqlstate() {
+        let cases = [
+            (None, true, "no answer: connection refused or broken"),
+            (Some("08006"), true, "connection failure"),
+            (Some("40P01"), true, "deadlock"),
+            (Some("53300"), true, "too many connections"),
+            (Some("55P03"), true, "lock not available"),
+            (Some("57P01"), true, "admin shutdown"),
+            (Some("57P03"), true, "the server is starting"),
+            (Some("55006"), true, "the slot is in use: stand by"),
+            (Some("42501"), false, "permission denied"),
+            (Some("28P01"), false, "wrong password"),
+            (Some("42704"), false, "publication does not exist"),
+            (Some("3D000"), false, "database does not exist"),
+            (Some("42P01"), false, "table does not exist"),
+            (Some("XX000"), false, "internal error"),
+        ];
+        for (sqlstate, transient, what) in cases {
+            let error = Error::new(postgres_kind(sqlstate), what);
+            assert_eq!(error.is_transient(), transient, "{sqlstate:?}: {what}");
+        }
+        assert_eq!(postgres_kind(Some("55006")), ErrorKind::SlotInUse);
+        assert_eq!(postgres_kind(None), ErrorKind::PostgresConnection);
+    }
 }

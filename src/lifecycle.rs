@@ -20,7 +20,7 @@ pub struct Step {
 }
 
 fn catalog_error(error: CatalogError) -> Error {
-    Error::with_source(ErrorKind::PostgresConnection, "catalog query failed", error)
+    Error::catalog("catalog query failed", error)
 }
 
 /// A catalog connection to the database of `config`.
@@ -37,7 +37,7 @@ async fn connect(config: &Config) -> Result<tokio_postgres::Client, Error> {
 pub async fn init_plan(config: &Config, mappings: &Mappings) -> Result<Vec<Step>, Error> {
     let client = connect(config).await?;
     let postgres = &config.postgres;
-    let query = |e| Error::with_source(ErrorKind::PostgresConnection, "catalog query failed", e);
+    let query = |e| Error::postgres("catalog query failed", e);
     let mut steps = Vec::new();
     let publication = client
         .query_opt(
@@ -103,13 +103,10 @@ pub async fn init(config: &Config, steps: &[Step]) -> Result<(), Error> {
         .iter()
         .filter(|step| step.needed && !step.sql.starts_with("ALTER TABLE"))
     {
-        client.batch_execute(&step.sql).await.map_err(|e| {
-            Error::with_source(
-                ErrorKind::PostgresConnection,
-                format!("`{}` failed", step.sql),
-                e,
-            )
-        })?;
+        client
+            .batch_execute(&step.sql)
+            .await
+            .map_err(|e| Error::postgres(format!("`{}` failed", step.sql), e))?;
     }
     Ok(())
 }
@@ -118,7 +115,7 @@ pub async fn init(config: &Config, steps: &[Step]) -> Result<(), Error> {
 pub async fn status(config: &Config) -> Result<(String, Vec<String>), Error> {
     let client = connect(config).await?;
     let postgres = &config.postgres;
-    let query = |e| Error::with_source(ErrorKind::PostgresConnection, "catalog query failed", e);
+    let query = |e| Error::postgres("catalog query failed", e);
     let mut out = String::new();
     let mut warnings = Vec::new();
     let row = client

@@ -191,6 +191,31 @@ async fn a_pipeline_that_stops_ends_the_process_with_status_1() {
     assert!(logged.contains("42704"), "{logged}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permission_denied_is_not_retried_forever() {
+    let mut db = TestDb::new().await;
+    // No publication, and a role that may replicate but not create one.
+    let role = format!("{}_nopub", db.name);
+    db.execute(&format!(
+        "create table t (id bigint primary key, v text, w text);
+         create role {role} login replication;
+         grant select on t to {role};"
+    ))
+    .await;
+    db.url = db
+        .url
+        .replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    let mut run = Run::start(&db, MAPPING);
+    let status = run.exit_within(Duration::from_secs(60));
+    let log = run.log();
+    assert_eq!(status.code(), Some(1), "log:\n{log}");
+    assert!(
+        log.lines()
+            .any(|line| line.contains("ERROR") && line.contains("42501")),
+        "no ERROR line naming the permission failure in:\n{log}"
+    );
+}
+
 /// The admin endpoint alone, on a free port, over a source state the test
 /// controls.
 async fn admin() -> (u16, tokio::sync::watch::Sender<SourceState>) {
@@ -373,7 +398,7 @@ async fn memory_stays_flat_without_scrapes() {
         "the workload ran too slowly to show anything: {transactions} transactions"
     );
     assert!(
-        rss_now <= rss_then + 2 * 1024,
+        rss_now <= rss_then + 1024,
         "RSS grew from {rss_then} KiB to {rss_now} KiB over {transactions} transactions without a scrape"
     );
 }
@@ -454,15 +479,6 @@ async fn the_admin_endpoint_backs_off_when_it_runs_out_of_file_descriptors() {
         spent < 60,
         "{spent} ticks of CPU in 3 s while accept failed"
     );
-    // Descriptors back: it answers again.
-    let limit = "1024";
-    std::process::Command::new("prlimit")
-        .args([
-            "--pid",
-            &pid.to_string(),
-            &format!("--nofile={limit}:{limit}"),
-        ])
-        .status()
-        .expect("prlimit");
+    // Descriptors back (the held connections closed): it answers again.
     run.wait_for("/healthz", 200);
 }

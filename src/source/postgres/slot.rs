@@ -16,15 +16,10 @@ pub async fn ensure(
     url: &SecretUrl,
     mappings: &Mappings,
 ) -> Result<bool, Error> {
-    let client = catalog::connect(url).await.map_err(|e| {
-        Error::with_source(
-            ErrorKind::PostgresConnection,
-            "cannot connect to Postgres",
-            e,
-        )
-    })?;
-    let query_error =
-        |e| Error::with_source(ErrorKind::PostgresConnection, "slot setup query failed", e);
+    let client = catalog::connect(url)
+        .await
+        .map_err(|e| Error::catalog("cannot connect to Postgres", e))?;
+    let query_error = |e| Error::postgres("slot setup query failed", e);
     let publication = client
         .query_opt(
             "select 1 from pg_publication where pubname = $1",
@@ -96,20 +91,16 @@ pub async fn ensure(
 
 /// The slot as the catalog has it.
 pub async fn inspect(config: &PostgresConfig, url: &SecretUrl) -> Result<SlotState, Error> {
-    let client = catalog::connect(url).await.map_err(|e| {
-        Error::with_source(
-            ErrorKind::PostgresConnection,
-            "cannot connect to Postgres",
-            e,
-        )
-    })?;
+    let client = catalog::connect(url)
+        .await
+        .map_err(|e| Error::catalog("cannot connect to Postgres", e))?;
     let row = client
         .query_opt(
             "select coalesce(confirmed_flush_lsn, '0/0')::text, coalesce(wal_status, '') from pg_replication_slots where slot_name = $1",
             &[&config.slot],
         )
         .await
-        .map_err(|e| Error::with_source(ErrorKind::PostgresConnection, "slot query failed", e))?;
+        .map_err(|e| Error::postgres("slot query failed", e))?;
     Ok(match row {
         None => SlotState::Missing,
         Some(row) => SlotState::Present {
@@ -121,23 +112,13 @@ pub async fn inspect(config: &PostgresConfig, url: &SecretUrl) -> Result<SlotSta
 
 /// Drops the slot (it must not be streaming).
 pub async fn drop_slot(config: &PostgresConfig, url: &SecretUrl) -> Result<(), Error> {
-    let client = catalog::connect(url).await.map_err(|e| {
-        Error::with_source(
-            ErrorKind::PostgresConnection,
-            "cannot connect to Postgres",
-            e,
-        )
-    })?;
+    let client = catalog::connect(url)
+        .await
+        .map_err(|e| Error::catalog("cannot connect to Postgres", e))?;
     client
         .query_one("select pg_drop_replication_slot($1)", &[&config.slot])
         .await
-        .map_err(|e| {
-            Error::with_source(
-                ErrorKind::PostgresConnection,
-                "cannot drop the replication slot",
-                e,
-            )
-        })?;
+        .map_err(|e| Error::postgres("cannot drop the replication slot", e))?;
     Ok(())
 }
 
