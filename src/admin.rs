@@ -11,6 +11,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::config::SourceKind;
 use crate::pipeline::schema::{self, Problems};
 use crate::pipeline::SourceState;
 use crate::telemetry;
@@ -28,6 +29,8 @@ pub struct AdminState {
     pub source: watch::Receiver<SourceState>,
     pub redis: watch::Receiver<Option<String>>,
     pub schema: watch::Receiver<Problems>,
+    /// Which source, to say what "connecting" means.
+    pub kind: SourceKind,
 }
 
 impl AdminState {
@@ -35,7 +38,14 @@ impl AdminState {
     pub fn readiness(&self) -> Result<(), String> {
         match &*self.source.borrow() {
             SourceState::Streaming => {}
-            SourceState::Connecting => return Err("source: connecting to Postgres".into()),
+            SourceState::Connecting => {
+                return Err(match self.kind {
+                    SourceKind::Postgres => "source: connecting to Postgres".into(),
+                    SourceKind::Kafka => {
+                        "source: waiting for Kafka partitions (joining the consumer group)".into()
+                    }
+                })
+            }
             SourceState::Interrupted(reason) => return Err(format!("source: {reason}")),
             SourceState::Ended => return Err("source: stopped".into()),
         }

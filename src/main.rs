@@ -329,6 +329,7 @@ fn run(path: &Path, until: Option<String>) -> anyhow::Result<ExitCode> {
                 source: running.source.clone(),
                 redis: running.redis.clone(),
                 schema: running.schema.clone(),
+                kind: config.source,
             };
             tokio::spawn(evictd::admin::serve(listener, admin));
             tracing::info!(%address, "admin endpoint: /metrics /healthz /readyz");

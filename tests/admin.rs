@@ -70,6 +70,26 @@ async fn health_readiness_and_metrics() {
         );
     }
 
+    // The walsender killed: a reconnect, counted.
+    db.execute(&format!(
+        "select pg_terminate_backend(active_pid) from pg_replication_slots where slot_name = '{}'",
+        db.name
+    ))
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, body) = http_get(port, "/metrics").expect("metrics");
+        if body.contains("evictd_reconnects_total 1") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no reconnect counted in:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_for(port, "/readyz", 200);
+
     // Redis goes away: not ready, with the reason; back: ready again.
     redis.stop();
     db.execute("insert into orders values (4, 'new')").await;

@@ -229,6 +229,7 @@ async fn admin() -> (u16, tokio::sync::watch::Sender<SourceState>) {
         source,
         redis,
         schema,
+        kind: evictd::config::SourceKind::Kafka,
     };
     tokio::spawn(evictd::admin::serve(listener, state));
     (port, source_tx)
@@ -261,6 +262,19 @@ async fn healthz_is_not_ok_once_the_pipeline_has_ended() {
     assert!(response.starts_with("HTTP/1.1 503"), "{response}");
     assert!(
         response.ends_with("the pipeline has stopped\n"),
+        "{response}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_names_the_source_it_waits_for() {
+    let (port, source) = admin().await;
+    source.send_replace(SourceState::Connecting);
+    let response = raw(port, "GET /readyz HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert!(
+        response.ends_with(
+            "not ready: source: waiting for Kafka partitions (joining the consumer group)\n"
+        ),
         "{response}"
     );
 }

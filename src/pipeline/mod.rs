@@ -489,6 +489,7 @@ impl Supervisor {
             STANDBY_POLL
         } else {
             let delay = backoff.next_delay();
+            metrics::counter!(telemetry::RECONNECTS).increment(1);
             tracing::warn!(%error, %cause, retry_in = ?delay, "replication interrupted; reconnecting");
             delay
         };
