@@ -448,4 +448,88 @@ mod tests {
         };
         assert_eq!(change.new.as_ref().unwrap().get("id"), &Datum::Missing);
     }
+
+    /// A Relation message: `columns` of type int8, the first one the key.
+    fn relation_message(id: u32, name: &str, columns: &[&str]) -> Vec<u8> {
+        let mut buf = vec![b'R'];
+        buf.extend(id.to_be_bytes());
+        buf.extend(b"public\0");
+        buf.extend(name.as_bytes());
+        buf.extend(b"\0d");
+        buf.extend(u16::try_from(columns.len()).unwrap().to_be_bytes());
+        for (index, column) in columns.iter().enumerate() {
+            buf.push(u8::from(index == 0));
+            buf.extend(column.as_bytes());
+            buf.push(0);
+            buf.extend(20_u32.to_be_bytes());
+            buf.extend((-1_i32).to_be_bytes());
+        }
+        buf
+    }
+
+    #[test]
+    fn a_renamed_mapped_relation_keeps_its_mapping_and_says_so() {
+        let mut decoder = decoder();
+        let mut events = Vec::new();
+        for message in [
+            relation_message(5, "t", &["id"]),
+            insert_for(5),
+            relation_message(5, "t2", &["id"]),
+            insert_for(5),
+        ] {
+            decoder
+                .handle(decode(&message, false).unwrap(), &mut events)
+                .unwrap();
+        }
+        let tables: Vec<String> = events
+            .iter()
+            .map(|event| match event {
+                Event::Change { change, .. } => change.table.to_string(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(tables, ["public.t", "public.t"]);
+        let changes = decoder.take_schema_changes();
+        assert_eq!(changes.len(), 2);
+        assert_eq!(
+            (changes[0].problem.as_deref(), changes[0].changed),
+            (None, false)
+        );
+        let renamed = changes[1].problem.as_deref().unwrap();
+        assert!(renamed.starts_with("renamed to public.t2"), "{renamed}");
+        assert!(changes[1].changed);
+
+        // A new session of the same pipeline still knows the relation.
+        let mut next = ChangeDecoder::with_memory(decoder.mappings.clone(), decoder.memory.clone());
+        next.handle(
+            decode(&relation_message(5, "t2", &["id"]), false).unwrap(),
+            &mut events,
+        )
+        .unwrap();
+        let changes = next.take_schema_changes();
+        assert!(changes[0]
+            .problem
+            .as_deref()
+            .unwrap()
+            .starts_with("renamed"));
+        assert!(!changes[0].changed);
+    }
+
+    #[test]
+    fn a_mapped_column_missing_from_the_relation_is_a_problem() {
+        let mut decoder = decoder();
+        let mut events = Vec::new();
+        decoder
+            .handle(
+                decode(&relation_message(5, "t", &["other"]), false).unwrap(),
+                &mut events,
+            )
+            .unwrap();
+        let changes = decoder.take_schema_changes();
+        let problem = changes[0].problem.as_deref().unwrap();
+        assert!(
+            problem.starts_with("column(s) id of the mapping"),
+            "{problem}"
+        );
+    }
 }
