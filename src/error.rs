@@ -76,6 +76,13 @@ impl Error {
         Error::with_source(kind, message, error)
     }
 
+    /// The underlying cause's text, or empty: logged beside the error.
+    pub fn cause(&self) -> String {
+        std::error::Error::source(self)
+            .map(ToString::to_string)
+            .unwrap_or_default()
+    }
+
     pub fn kind(&self) -> ErrorKind {
         self.kind
     }

@@ -74,6 +74,16 @@ impl Run {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The first log line at `level` that contains `text`; fails the test
+    /// (showing the log) when there is none.
+    fn logged(&self, level: &str, text: &str) -> String {
+        let log = self.log();
+        log.lines()
+            .find(|line| line.contains(level) && line.contains(text))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no {level} line with `{text}` in:\n{log}"))
+    }
+
     /// Waits (bounded) for the process to exit by itself.
     fn exit_within(&mut self, timeout: Duration) -> ExitStatus {
         let log = self.log.clone();
@@ -172,22 +182,25 @@ const SCHEMA: &str = "create table t (id bigint primary key, v text, w text);
     create publication evictd for table t;
     insert into t values (1, 'a', 'x');";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pipeline_that_stops_ends_the_process_with_status_1() {
+/// A test database with [`SCHEMA`], and `evictd run` on it with
+/// [`MAPPING`], ready.
+async fn ready_run() -> (TestDb, Run) {
     let db = TestDb::new().await;
     db.execute(SCHEMA).await;
-    let mut run = Run::start(&db, MAPPING);
+    let run = Run::start(&db, MAPPING);
     assert_eq!(run.wait_for("/readyz", 200), "ready\n");
+    (db, run)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_that_stops_ends_the_process_with_status_1() {
+    let (db, mut run) = ready_run().await;
 
     db.execute("drop publication evictd; update t set w = 'y' where id = 1")
         .await;
     let status = run.exit_within(Duration::from_secs(60));
-    let log = run.log();
-    assert_eq!(status.code(), Some(1), "log:\n{log}");
-    let logged = log
-        .lines()
-        .find(|line| line.contains("ERROR") && line.contains("the pipeline stops"))
-        .unwrap_or_else(|| panic!("no ERROR line for the fatal error in:\n{log}"));
+    assert_eq!(status.code(), Some(1), "log:\n{}", run.log());
+    let logged = run.logged("ERROR", "the pipeline stops");
     assert!(logged.contains("42704"), "{logged}");
 }
 
@@ -207,13 +220,8 @@ async fn permission_denied_is_not_retried_forever() {
         .replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
     let mut run = Run::start(&db, MAPPING);
     let status = run.exit_within(Duration::from_secs(60));
-    let log = run.log();
-    assert_eq!(status.code(), Some(1), "log:\n{log}");
-    assert!(
-        log.lines()
-            .any(|line| line.contains("ERROR") && line.contains("42501")),
-        "no ERROR line naming the permission failure in:\n{log}"
-    );
+    assert_eq!(status.code(), Some(1), "log:\n{}", run.log());
+    run.logged("ERROR", "42501");
 }
 
 /// The admin endpoint alone, on a free port, over a source state the test
@@ -289,10 +297,7 @@ async fn a_request_with_bare_lf_line_endings_is_answered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renamed_mapped_table_is_still_invalidated_and_reported() {
-    let db = TestDb::new().await;
-    db.execute(SCHEMA).await;
-    let run = Run::start(&db, MAPPING);
-    assert_eq!(run.wait_for("/readyz", 200), "ready\n");
+    let (db, run) = ready_run().await;
     seed(&db, &["t:1", "t:2"]).await;
     db.execute("update t set w = 'y' where id = 1").await;
     gone(&db, "t:1").await;
@@ -306,12 +311,7 @@ async fn a_renamed_mapped_table_is_still_invalidated_and_reported() {
         body.contains("public.t") && body.contains("renamed to public.t2"),
         "{body}"
     );
-    let log = run.log();
-    assert!(
-        log.lines()
-            .any(|line| line.contains("ERROR") && line.contains("renamed to public.t2")),
-        "no ERROR line for the rename in:\n{log}"
-    );
+    run.logged("ERROR", "renamed to public.t2");
     let (_, metrics) = http_get(run.port, "/metrics").expect("metrics");
     assert!(
         metrics.lines().any(
@@ -324,10 +324,7 @@ async fn a_renamed_mapped_table_is_still_invalidated_and_reported() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_mapped_column_is_reported_live_and_at_start() {
-    let db = TestDb::new().await;
-    db.execute(SCHEMA).await;
-    let mut run = Run::start(&db, MAPPING);
-    assert_eq!(run.wait_for("/readyz", 200), "ready\n");
+    let (db, mut run) = ready_run().await;
 
     db.execute("alter table t drop column v; update t set w = 'y' where id = 1")
         .await;
@@ -343,12 +340,7 @@ async fn a_dropped_mapped_column_is_reported_live_and_at_start() {
         metrics.contains(r#"evictd_schema_problems{table="public.t"}"#),
         "{metrics}"
     );
-    let log = run.log();
-    assert!(
-        log.lines()
-            .any(|line| line.contains("WARN") && line.contains("deleted by pattern")),
-        "no WARN line for the pattern fallback in:\n{log}"
-    );
+    run.logged("WARN", "deleted by pattern");
 
     // Started again with the column still gone: not ready from the start.
     run.restart();
@@ -419,10 +411,7 @@ async fn memory_stays_flat_without_scrapes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_huge_value_is_not_held_after_it_was_applied() {
-    let db = TestDb::new().await;
-    db.execute(SCHEMA).await;
-    let run = Run::start(&db, MAPPING);
-    run.wait_for("/readyz", 200);
+    let (db, run) = ready_run().await;
     let idle = run.rss_kib();
     seed(&db, &["t:2"]).await;
     // 100 MB in a column that no mapping reads, as an insert and then as
@@ -454,10 +443,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_endpoint_backs_off_when_it_runs_out_of_file_descriptors() {
-    let db = TestDb::new().await;
-    db.execute(SCHEMA).await;
-    let run = Run::start(&db, MAPPING);
-    run.wait_for("/readyz", 200);
+    let (_db, run) = ready_run().await;
     // Lower the running process' descriptor limit to what it holds now,
     // and hold connections until accept fails.
     let pid = run.child.id();
@@ -482,12 +468,7 @@ async fn the_admin_endpoint_backs_off_when_it_runs_out_of_file_descriptors() {
     std::thread::sleep(Duration::from_secs(3));
     let spent = cpu_ticks(pid) - before;
     drop(held);
-    let log = run.log();
-    assert!(
-        log.lines()
-            .any(|line| line.contains("ERROR") && line.contains("cannot accept connections")),
-        "no ERROR line for the failed accepts in:\n{log}"
-    );
+    run.logged("ERROR", "cannot accept connections");
     // Spinning on accept burns a core: ~300 ticks in 3 s.
     assert!(
         spent < 60,

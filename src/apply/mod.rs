@@ -173,9 +173,7 @@ pub async fn run(
                 Ok(stats) => break stats,
                 Err(error) if error.is_transient() => {
                     let delay = backoff.next_delay();
-                    let cause = std::error::Error::source(&error)
-                        .map(ToString::to_string)
-                        .unwrap_or_default();
+                    let cause = error.cause();
                     tracing::warn!(%error, %cause, retry_in = ?delay, "redis apply failed; retrying the batch");
                     metrics::counter!(telemetry::REDIS_COMMANDS, "outcome" => "error")
                         .increment(plan.commands.len() as u64);
@@ -189,9 +187,7 @@ pub async fn run(
                     }
                 }
                 Err(error) => {
-                    let cause = std::error::Error::source(&error)
-                        .map(ToString::to_string)
-                        .unwrap_or_default();
+                    let cause = error.cause();
                     tracing::error!(%error, %cause, "apply stops: this error is not worth retrying");
                     return Err(error);
                 }

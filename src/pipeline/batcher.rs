@@ -19,6 +19,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use rustc_hash::FxHashMap;
+
 use crate::change::{RowChange, TableName};
 use crate::mapping::{Action, Mappings, Output};
 use crate::plan::{Plan, Planner};
@@ -61,7 +63,27 @@ pub struct Batcher {
     stats: BatchStats,
     /// Pattern deletes that stood in for keys, by table, since
     /// [`Batcher::take_fallbacks`].
-    fallbacks: HashMap<Arc<TableName>, u64>,
+    fallbacks: Fallbacks,
+}
+
+/// Pattern deletes that stood in for keys, by table.
+pub(super) type Fallbacks = FxHashMap<Arc<TableName>, u64>;
+
+/// Evaluates one change into `out` (cleared first), adding its pattern
+/// fallbacks to `fallbacks`: the one place both sources map a change.
+pub(super) fn eval_counting(
+    mappings: &Mappings,
+    change: &RowChange,
+    out: &mut Output,
+    fallbacks: &mut Fallbacks,
+) {
+    out.clear();
+    let before = out.counts.coarse;
+    mappings.eval(change, out);
+    let added = out.counts.coarse - before;
+    if added > 0 {
+        *fallbacks.entry(change.table.clone()).or_default() += added;
+    }
 }
 
 impl Batcher {
@@ -73,7 +95,7 @@ impl Batcher {
             out: Output::default(),
             streams: HashMap::new(),
             stats: BatchStats::default(),
-            fallbacks: HashMap::new(),
+            fallbacks: Fallbacks::default(),
         }
     }
 
@@ -156,15 +178,8 @@ impl Batcher {
         self.fallbacks.drain()
     }
 
-    /// Evaluates one change into `out`, counting its pattern fallbacks.
     fn eval(&mut self, change: &RowChange) {
-        self.out.clear();
-        let before = self.out.counts.coarse;
-        self.mappings.eval(change, &mut self.out);
-        let fallbacks = self.out.counts.coarse - before;
-        if fallbacks > 0 {
-            *self.fallbacks.entry(change.table.clone()).or_default() += fallbacks;
-        }
+        eval_counting(&self.mappings, change, &mut self.out, &mut self.fallbacks);
     }
 
     /// The plan of everything pending, if anything is.

@@ -22,6 +22,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, watch};
 
+use super::batcher::{eval_counting, Fallbacks};
 use super::schema::FallbackLog;
 use super::{finish_apply, Options, Running, SourceState, Stages};
 use crate::apply::{Backoff, Progress, Request};
@@ -87,7 +88,7 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
         halted: None,
         received: FxHashMap::default(),
         outcomes: FxHashMap::default(),
-        fallbacks: FxHashMap::default(),
+        fallbacks: Fallbacks::default(),
         fallback_log: FallbackLog::default(),
     };
     // Kafka progress is committed offsets, not an LSN: `acked` stays at 0,
@@ -127,7 +128,7 @@ struct Session {
     received: FxHashMap<(Arc<TableName>, Op), u64>,
     outcomes: FxHashMap<&'static str, u64>,
     /// Pattern deletes that stood in for keys in the pending batch, by table.
-    fallbacks: FxHashMap<Arc<TableName>, u64>,
+    fallbacks: Fallbacks,
     fallback_log: FallbackLog,
 }
 
@@ -177,9 +178,7 @@ impl Session {
             }
         };
         if let Err(error) = &result {
-            let cause = std::error::Error::source(error)
-                .map(ToString::to_string)
-                .unwrap_or_default();
+            let cause = error.cause();
             tracing::error!(%error, %cause, "the pipeline stops: this error is not worth retrying");
         }
         self.source.send_replace(SourceState::Ended);
@@ -268,13 +267,7 @@ impl Session {
                 change,
                 commit_time,
             }) => {
-                self.out.clear();
-                let before = self.out.counts.coarse;
-                self.mappings.eval(&change, &mut self.out);
-                let fallbacks = self.out.counts.coarse - before;
-                if fallbacks > 0 {
-                    *self.fallbacks.entry(change.table.clone()).or_default() += fallbacks;
-                }
+                eval_counting(&self.mappings, &change, &mut self.out, &mut self.fallbacks);
                 self.planner.push_change(self.out.actions.drain(..));
                 if let Some(commit_time) = commit_time {
                     self.planner.note_commit_time(commit_time);

@@ -470,9 +470,7 @@ impl Supervisor {
         if *self.stop.borrow() {
             return Some(Ok(None));
         }
-        let cause = std::error::Error::source(&error)
-            .map(ToString::to_string)
-            .unwrap_or_default();
+        let cause = error.cause();
         if !error.is_transient() {
             tracing::error!(%error, %cause, "the pipeline stops: this error is not worth retrying");
             return Some(Err(error));
