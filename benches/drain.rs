@@ -135,7 +135,7 @@ async fn main() {
         .unwrap()
         .expect("start postgres");
     let redis = Redis::start().expect("start redis");
-    evictd::telemetry::recorder();
+    evictd::internal::telemetry::recorder();
     // EVICTD_BENCH=fanout (comma-separated names) runs only those.
     let only: Option<Vec<String>> = std::env::var("EVICTD_BENCH")
         .ok()
@@ -388,7 +388,7 @@ async fn drain(
             evictd::testkit::process_cpu_ticks(redis.pid()).saturating_sub(redis_before),
             walsender_ticks.load(Ordering::Relaxed)
         );
-        for line in evictd::telemetry::recorder().render().lines() {
+        for line in evictd::internal::telemetry::recorder().render().lines() {
             if line.starts_with("evictd_apply_duration_seconds_sum")
                 || line.starts_with("evictd_apply_duration_seconds_count")
             {

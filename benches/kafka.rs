@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use evictd::config::{Config, KafkaConfig, SecretUrl, SourceKind};
+use evictd::config::{Config, KafkaConfig, SecretUrl};
 use evictd::mapping;
 use evictd::pipeline::{self, Options};
 use evictd::testkit::{Kafka, Redis};
@@ -92,17 +92,15 @@ async fn main() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("orders.toml"), MAPPING).expect("mapping");
-    let mut config = Config::with_defaults(
-        SecretUrl::parse("postgres://unused@127.0.0.1/unused").expect("url"),
-        SecretUrl::parse(&redis.url()).expect("redis url"),
-        dir.path().to_path_buf(),
-    );
-    config.source = SourceKind::Kafka;
     let kafka_config = KafkaConfig {
         group_id: "bench-evictd".into(),
         ..KafkaConfig::with_defaults(&kafka.brokers(), vec![TOPIC.into()])
     };
-    config.kafka = Some(kafka_config.clone());
+    let config = Config::kafka_with_defaults(
+        kafka_config.clone(),
+        SecretUrl::parse(&redis.url()).expect("redis url"),
+        dir.path().to_path_buf(),
+    );
 
     eprintln!("B5: baseline consumer reading {records} records ...");
     let baseline_config = kafka_config.clone();
@@ -111,7 +109,7 @@ async fn main() {
         .expect("baseline");
 
     eprintln!("B5: evictd draining {records} records ...");
-    let metrics = evictd::telemetry::recorder();
+    let metrics = evictd::internal::telemetry::recorder();
     let cpu_before = evictd::testkit::ThreadCpu::sample();
     let mappings =
         Arc::new(mapping::load_dir(dir.path(), config.mappings.limits).expect("mapping"));
@@ -188,7 +186,7 @@ async fn main() {
 /// Records/s a plain consumer with evictd's client settings reads, from its
 /// first record to its last.
 fn baseline_rate(config: &KafkaConfig, records: u64) -> f64 {
-    let consumer: BaseConsumer = evictd::source::kafka::consumer::consumer_config(config)
+    let consumer: BaseConsumer = evictd::internal::consumer_config(config)
         .set("group.id", "bench-baseline")
         .create()
         .expect("baseline consumer");

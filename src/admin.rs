@@ -5,13 +5,17 @@
 //! A deliberately small HTTP/1.1 responder: GET only, one request per
 //! connection, bounded request size and time.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::config::SourceKind;
+use crate::apply::broadcast::Broadcast;
+use crate::apply::RedisSink;
+use crate::config::{RedisConfig, SourceKind};
+use crate::error::Error;
 use crate::pipeline::schema::{self, Problems};
 use crate::pipeline::SourceState;
 use crate::telemetry;
@@ -27,15 +31,87 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct AdminState {
     pub source: watch::Receiver<SourceState>,
+    /// What apply last saw of Redis (`None`: it answers).
     pub redis: watch::Receiver<Option<String>>,
     pub schema: watch::Receiver<Problems>,
     /// Which source, to say what "connecting" means.
     pub kind: SourceKind,
+    /// A fresh PING per readiness probe; without one, readiness relies on
+    /// apply's state (which an idle pipeline refreshes every 5 s).
+    pub probe: Option<RedisProbe>,
+}
+
+/// Answers "does Redis answer now?" with a PING bounded by
+/// [`PROBE_TIMEOUT`], on a connection of its own, reusing an answer for at
+/// most [`PROBE_CACHE`], so a burst of probes costs one PING.
+#[derive(Clone)]
+pub struct RedisProbe {
+    inner: Arc<tokio::sync::Mutex<ProbeState>>,
+}
+
+struct ProbeState {
+    sink: RedisSink,
+    /// When Redis last answered.
+    answered: Option<Instant>,
+}
+
+/// How long one readiness PING may take.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a PING's answer is reused.
+const PROBE_CACHE: Duration = Duration::from_secs(1);
+
+impl RedisProbe {
+    /// A probe of the Redis (or Cluster) of `config`.
+    pub fn new(config: &RedisConfig) -> Result<RedisProbe, Error> {
+        let sink = RedisSink::new(config, Broadcast::new(&config.l1_channel))?;
+        Ok(RedisProbe {
+            inner: Arc::new(tokio::sync::Mutex::new(ProbeState {
+                sink,
+                answered: None,
+            })),
+        })
+    }
+
+    /// `None` when Redis answered a PING within the last second, else why
+    /// not. Only answers are reused: a failure is asked again at the next
+    /// probe, once on a fresh connection (the one before may have broken
+    /// with a restart), so readiness returns as soon as Redis does.
+    pub async fn check(&self) -> Option<String> {
+        let mut state = self.inner.lock().await;
+        if state.answered.is_some_and(|at| at.elapsed() < PROBE_CACHE) {
+            return None;
+        }
+        let ping = async {
+            match state.sink.ping().await {
+                Ok(()) => Ok(()),
+                // The sink dropped its connection: the retry reconnects.
+                Err(_) => state.sink.ping().await,
+            }
+        };
+        let failure = match tokio::time::timeout(PROBE_TIMEOUT, ping).await {
+            Ok(Ok(())) => None,
+            Ok(Err(error)) => Some(error.reason()),
+            Err(_) => Some(format!("no answer to PING within {PROBE_TIMEOUT:?}")),
+        };
+        state.answered = failure.is_none().then(Instant::now);
+        failure
+    }
 }
 
 impl AdminState {
-    /// `Ok` when ready, else the reason.
-    pub fn readiness(&self) -> Result<(), String> {
+    /// `Ok` when ready, else the reason: the source streams, Redis answers
+    /// (apply's last view, then a fresh PING), the mappings fit the schema.
+    pub async fn readiness(&self) -> Result<(), String> {
+        self.readiness_from_state()?;
+        if let Some(probe) = &self.probe {
+            if let Some(reason) = probe.check().await {
+                return Err(format!("redis: {reason}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn readiness_from_state(&self) -> Result<(), String> {
         match &*self.source.borrow() {
             SourceState::Streaming => {}
             SourceState::Connecting => {
@@ -128,7 +204,7 @@ async fn respond(mut stream: TcpStream, state: &AdminState) -> std::io::Result<(
             ),
             _ => ("200 OK", "text/plain", "ok\n".to_owned()),
         },
-        ("GET", "/readyz") => match state.readiness() {
+        ("GET", "/readyz") => match state.readiness().await {
             Ok(()) => ("200 OK", "text/plain", "ready\n".to_owned()),
             Err(reason) => (
                 "503 Service Unavailable",

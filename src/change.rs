@@ -2,9 +2,11 @@
 //! mapping evaluator reads.
 //!
 //! A [`RowChange`] is one committed row change (or a TRUNCATE) with the old
-//! and new row as far as the source knows them. A [`Txn`] keeps the changes of
-//! one transaction together with its [`Checkpoint`], so that a change and the
-//! position that acknowledges it can never drift apart.
+//! and new row as far as the source knows them. Every source yields the same
+//! [`Event`]s: row changes, then the commit that ends their transaction with
+//! the [`Checkpoint`] that acknowledges it (a WAL position, or the next
+//! offsets of Kafka partitions), so that a change and the position that
+//! acknowledges it can never drift apart.
 //!
 //! Values are kept in their canonical text form (pgoutput's text output), so
 //! one mapping renders the same keys whatever the source. A value the source
@@ -12,6 +14,7 @@
 //! NULL or an empty string: the evaluator must be able to tell "absent" from
 //! "NULL".
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -231,19 +234,85 @@ impl fmt::Display for Lsn {
     }
 }
 
+/// A partition of a Kafka topic.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Partition {
+    pub topic: Arc<str>,
+    pub partition: i32,
+}
+
+impl fmt::Display for Partition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.topic, self.partition)
+    }
+}
+
+/// The next offset to read of each partition: everything before it is
+/// covered.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Offsets(pub BTreeMap<Partition, i64>);
+
+impl Offsets {
+    /// The offsets of one record: its partition's next offset.
+    pub fn after(partition: Partition, offset: i64) -> Offsets {
+        Offsets(BTreeMap::from([(partition, offset + 1)]))
+    }
+
+    /// Takes in a later checkpoint's offsets (never moving one backwards).
+    pub fn absorb(&mut self, later: &Offsets) {
+        for (partition, next) in &later.0 {
+            let entry = self.0.entry(partition.clone()).or_insert(*next);
+            *entry = (*entry).max(*next);
+        }
+    }
+}
+
 /// The position that acknowledges a transaction once it is applied.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Checkpoint {
     /// The transaction's commit `end_lsn` in the Postgres WAL.
     Lsn(Lsn),
+    /// The next offsets of the Kafka partitions the records came from.
+    Offsets(Offsets),
 }
 
-/// The changes of one committed transaction and its checkpoint.
-#[derive(Clone, Debug)]
-pub struct Txn {
-    pub checkpoint: Checkpoint,
-    pub commit_time: Option<SystemTime>,
-    pub changes: Vec<RowChange>,
+impl Checkpoint {
+    /// Takes in the checkpoint of a later transaction: one plan carries the
+    /// checkpoint that covers every transaction in it.
+    pub fn absorb(&mut self, later: Checkpoint) {
+        match (self, later) {
+            (Checkpoint::Offsets(offsets), Checkpoint::Offsets(later)) => offsets.absorb(&later),
+            (this, later) => *this = later,
+        }
+    }
+}
+
+/// What a source yields, in order: changes, and the commits that end their
+/// transactions. Map and plan ([`crate::pipeline`]'s batcher) take these
+/// from every source alike.
+#[derive(Debug, PartialEq)]
+pub enum Event {
+    /// A row change; `stream` is `(xid, subxid)` inside a streamed
+    /// transaction, whose changes must wait for its Stream Commit.
+    Change {
+        stream: Option<(u32, u32)>,
+        change: RowChange,
+    },
+    /// A transaction committed; its changes came before. A source without
+    /// transactions (Kafka) commits after every record.
+    Commit {
+        checkpoint: Checkpoint,
+        commit_time: Option<SystemTime>,
+    },
+    /// A streamed transaction committed.
+    StreamCommit {
+        xid: u32,
+        checkpoint: Checkpoint,
+        commit_time: Option<SystemTime>,
+    },
+    /// A streamed transaction (`subxid == xid`) or one of its
+    /// subtransactions aborted: drop its buffered changes.
+    StreamAbort { xid: u32, subxid: u32 },
 }
 
 #[cfg(test)]
@@ -257,6 +326,22 @@ mod tests {
         assert_eq!(lsn.to_string(), "0/16B3748");
         assert_eq!(Lsn::parse("1/0").unwrap().0, 1 << 32);
         assert_eq!(Lsn::parse("nope"), None);
+    }
+
+    #[test]
+    fn offsets_absorb_later_ones_and_never_move_back() {
+        let p = |n| Partition {
+            topic: "t".into(),
+            partition: n,
+        };
+        let mut checkpoint = Checkpoint::Offsets(Offsets::after(p(0), 9));
+        checkpoint.absorb(Checkpoint::Offsets(Offsets::after(p(1), 4)));
+        checkpoint.absorb(Checkpoint::Offsets(Offsets::after(p(0), 3)));
+        let expected = Offsets(BTreeMap::from([(p(0), 10), (p(1), 5)]));
+        assert_eq!(checkpoint, Checkpoint::Offsets(expected));
+        let mut lsn = Checkpoint::Lsn(Lsn(1));
+        lsn.absorb(Checkpoint::Lsn(Lsn(2)));
+        assert_eq!(lsn, Checkpoint::Lsn(Lsn(2)));
     }
 
     #[test]

@@ -1,6 +1,13 @@
-//! Lost continuity: noticing that the slot no longer holds every change
-//! since the last one evictd applied.
+//! Lost continuity: noticing that the source no longer holds every change
+//! since the last one evictd applied, for both sources. What follows a loss
+//! is the same for both: `Batcher::invalidate_everything` before anything
+//! further is applied.
 //!
+//! Kafka ([`judge_offset`]): a group's committed offset outside what the
+//! partition holds means records were deleted by retention before evictd
+//! read them.
+//!
+//! Postgres ([`judge`]):
 //! With each acknowledged batch evictd remembers, in Redis under
 //! `evictd:slot:<slot>` (and the key prefix), the database's system
 //! identifier and the end LSN it applied. Before streaming it compares that
@@ -71,7 +78,19 @@ pub enum Verdict {
     Lost(String),
 }
 
-/// Decides whether continuity was lost. Pure.
+/// Decides whether a Kafka partition whose group committed `committed`
+/// still holds everything from there: it holds `low..=high`. Pure.
+pub fn judge_offset(committed: i64, low: i64, high: i64) -> Verdict {
+    if committed < low || committed > high {
+        Verdict::Lost(format!(
+            "committed offset {committed} is outside {low}..={high}: records were deleted before evictd read them"
+        ))
+    } else {
+        Verdict::Continuous
+    }
+}
+
+/// Decides whether the Postgres slot lost continuity. Pure.
 pub fn judge(remembered: Option<&Remembered>, slot: &SlotState, system_id: &str) -> Verdict {
     let invalidated = matches!(slot, SlotState::Present { wal_status, .. } if wal_status == "lost");
     if invalidated {
@@ -104,6 +123,22 @@ pub fn judge(remembered: Option<&Remembered>, slot: &SlotState, system_id: &str)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_committed_offset_outside_the_partition_is_lost_continuity() {
+        assert_eq!(judge_offset(5, 0, 10), Verdict::Continuous);
+        assert_eq!(judge_offset(0, 0, 0), Verdict::Continuous);
+        assert_eq!(judge_offset(10, 0, 10), Verdict::Continuous);
+        for (committed, low, high) in [(1000, 0, 2), (3, 4, 9)] {
+            let Verdict::Lost(reason) = judge_offset(committed, low, high) else {
+                panic!("{committed} outside {low}..={high} is a loss");
+            };
+            assert!(
+                reason.contains(&format!("{committed} is outside {low}..={high}")),
+                "{reason}"
+            );
+        }
+    }
 
     fn remembered(lsn: u64) -> Remembered {
         Remembered {

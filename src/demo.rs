@@ -126,7 +126,7 @@ pub async fn run(migrations: &Path, mappings_dir: &Path) -> Result<(), DemoError
         .wait()
         .await
         .map_err(|e| setup("evictd")(e.to_string()))?;
-    let progress = *progress.borrow();
+    let progress = progress.borrow().clone();
     let lag = lag
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -20,8 +20,15 @@ pub enum ErrorKind {
     SlotInUse,
     /// Postgres sent something the protocol does not allow.
     Protocol,
-    /// Redis could not be reached, or a command failed.
+    /// Redis could not be reached, or a command failed; retried.
     Redis,
+    /// Redis refused evictd's credentials or permissions (WRONGPASS,
+    /// NOAUTH, NOPERM): waiting does not fix it.
+    RedisDenied,
+    /// The Kafka client failed (`transient`: a timeout or a broker that is
+    /// down; otherwise authentication, authorization or a fatal consumer
+    /// error).
+    Kafka { transient: bool },
     /// The process is shutting down.
     Shutdown,
 }
@@ -76,11 +83,36 @@ impl Error {
         Error::with_source(kind, message, error)
     }
 
+    /// A failed Redis command or connection, classified by its cause
+    /// ([`redis_kind`]).
+    pub fn redis(message: impl Into<String>, error: redis::RedisError) -> Error {
+        let kind = redis_kind(error.kind(), error.code());
+        Error::with_source(kind, message, error)
+    }
+
+    /// A failed Kafka client call, classified by its cause ([`kafka_kind`]).
+    pub fn kafka(message: impl Into<String>, error: rdkafka::error::KafkaError) -> Error {
+        let kind = match &error {
+            rdkafka::error::KafkaError::ClientCreation(_) => ErrorKind::Config,
+            rdkafka::error::KafkaError::MessageConsumptionFatal(_) => {
+                ErrorKind::Kafka { transient: false }
+            }
+            other => kafka_kind(other.rdkafka_error_code()),
+        };
+        Error::with_source(kind, message, error)
+    }
+
     /// The underlying cause's text, or empty: logged beside the error.
     pub fn cause(&self) -> String {
         std::error::Error::source(self)
             .map(ToString::to_string)
             .unwrap_or_default()
+    }
+
+    /// The error and its cause on one line: what readiness and the logs
+    /// give as the reason.
+    pub fn reason(&self) -> String {
+        format!("{self} {}", self.cause()).trim_end().to_owned()
     }
 
     pub fn kind(&self) -> ErrorKind {
@@ -92,8 +124,11 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self.kind {
             ErrorKind::PostgresConnection | ErrorKind::Redis | ErrorKind::SlotInUse => true,
-            ErrorKind::PostgresServer { transient } => transient,
-            ErrorKind::Config | ErrorKind::Protocol | ErrorKind::Shutdown => false,
+            ErrorKind::PostgresServer { transient } | ErrorKind::Kafka { transient } => transient,
+            ErrorKind::Config
+            | ErrorKind::Protocol
+            | ErrorKind::RedisDenied
+            | ErrorKind::Shutdown => false,
         }
     }
 }
@@ -156,6 +191,43 @@ pub fn sqlstate_is_transient(code: &str) -> bool {
         || code == "55P03"
 }
 
+/// The kind of a Redis failure: refused credentials or permissions stop
+/// the pipeline; everything else (the server down, loading, read-only after
+/// a failover, out of memory, a cluster resharding, a timeout) is retried.
+pub fn redis_kind(kind: redis::ErrorKind, code: Option<&str>) -> ErrorKind {
+    use redis::{ErrorKind as K, ServerErrorKind as S};
+    let denied = matches!(
+        kind,
+        K::AuthenticationFailed | K::InvalidClientConfig | K::Server(S::NoPerm)
+    ) || matches!(code, Some("WRONGPASS" | "NOAUTH" | "NOPERM"));
+    if denied {
+        ErrorKind::RedisDenied
+    } else {
+        ErrorKind::Redis
+    }
+}
+
+/// The kind of a Kafka failure by librdkafka's error code: authentication
+/// and authorization failures, an unknown topic and a fatal client error
+/// stop the pipeline; timeouts, transport failures and anything else
+/// librdkafka reports are retried.
+pub fn kafka_kind(code: Option<rdkafka::types::RDKafkaErrorCode>) -> ErrorKind {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    let fatal = matches!(
+        code,
+        Some(
+            C::Authentication
+                | C::SaslAuthenticationFailed
+                | C::TopicAuthorizationFailed
+                | C::GroupAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::UnknownTopicOrPartition
+                | C::Fatal
+        )
+    );
+    ErrorKind::Kafka { transient: !fatal }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,5 +256,89 @@ mod tests {
         }
         assert_eq!(postgres_kind(Some("55006")), ErrorKind::SlotInUse);
         assert_eq!(postgres_kind(None), ErrorKind::PostgresConnection);
+    }
+
+    #[test]
+    fn redis_failures_are_classified_by_kind_and_code() {
+        use redis::{ErrorKind as K, ServerErrorKind as S};
+        let cases = [
+            (
+                K::Io,
+                None,
+                true,
+                "the server is down or the connection broke",
+            ),
+            (K::Server(S::BusyLoading), None, true, "loading its dataset"),
+            (
+                K::Server(S::ReadOnly),
+                None,
+                true,
+                "a replica after a failover",
+            ),
+            (K::Server(S::ClusterDown), None, true, "the cluster is down"),
+            (K::Server(S::TryAgain), None, true, "resharding"),
+            (K::Extension, Some("OOM"), true, "out of memory"),
+            (
+                K::Server(S::ResponseError),
+                Some("ERR"),
+                true,
+                "max clients",
+            ),
+            (K::AuthenticationFailed, None, false, "wrong password"),
+            (K::Extension, Some("WRONGPASS"), false, "wrong password"),
+            (
+                K::Extension,
+                Some("NOAUTH"),
+                false,
+                "a password is required",
+            ),
+            (
+                K::Server(S::NoPerm),
+                None,
+                false,
+                "the ACL user lacks a command",
+            ),
+            (K::InvalidClientConfig, None, false, "a bad URL"),
+        ];
+        for (kind, code, transient, what) in cases {
+            let error = Error::new(redis_kind(kind, code), what);
+            assert_eq!(error.is_transient(), transient, "{kind:?} {code:?}: {what}");
+        }
+    }
+
+    #[test]
+    fn kafka_failures_are_classified_by_code() {
+        use rdkafka::types::RDKafkaErrorCode as C;
+        let cases = [
+            (None, true, "no code"),
+            (Some(C::OperationTimedOut), true, "a timeout"),
+            (Some(C::RequestTimedOut), true, "a broker timeout"),
+            (Some(C::AllBrokersDown), true, "every broker down"),
+            (Some(C::BrokerTransportFailure), true, "a broken connection"),
+            (Some(C::Authentication), false, "bad credentials"),
+            (
+                Some(C::SaslAuthenticationFailed),
+                false,
+                "bad SASL credentials",
+            ),
+            (
+                Some(C::TopicAuthorizationFailed),
+                false,
+                "no right to the topic",
+            ),
+            (
+                Some(C::GroupAuthorizationFailed),
+                false,
+                "no right to the group",
+            ),
+            (Some(C::UnknownTopicOrPartition), false, "no such topic"),
+            (Some(C::Fatal), false, "a fatal client error"),
+        ];
+        for (code, transient, what) in cases {
+            let error = Error::new(kafka_kind(code), what);
+            assert_eq!(error.is_transient(), transient, "{code:?}: {what}");
+        }
+        let creation = rdkafka::error::KafkaError::ClientCreation("bad".into());
+        assert_eq!(Error::kafka("x", creation).kind(), ErrorKind::Config);
     }
 }

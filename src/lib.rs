@@ -1,37 +1,77 @@
 //! evictd keeps caches exact by following the database's change log.
 //!
-//! It tails Postgres logical replication (pgoutput), maps every committed row
-//! change to cache keys and tags through declarative mapping files, and
-//! deletes or write-through refreshes those entries in Redis.
+//! It tails Postgres logical replication (pgoutput) or Debezium change
+//! topics in Kafka, maps every committed row change to cache keys and tags
+//! through declarative mapping files, and deletes or write-through refreshes
+//! those entries in Redis.
 //!
-//! The major components, one line each (ARCHITECTURE.md has the full map):
+//! The library API (ARCHITECTURE.md has the full map):
 //!
 //! - [`config`]: `evictd.toml` layered with `EVICTD_*` variables; every
 //!   problem reported at once; secrets redacted.
-//! - [`change`]: the source-agnostic model, [`change::RowChange`] and
-//!   [`change::Txn`] with its checkpoint.
+//! - [`change`]: the source-neutral model: [`change::RowChange`], and the
+//!   [`change::Event`]s every source yields with their
+//!   [`change::Checkpoint`].
 //! - [`mapping`]: mapping files -> compiled, immutable rules -> pure
-//!   evaluation of one change into cache actions.
+//!   evaluation of one change into cache actions (for tools).
 //! - [`plan`]: pure batching of actions into ordered, deduplicated commands.
-//! - [`catalog`]: the live checks of mappings against a database's catalog.
-//! - `testkit` (feature `testkit`): throwaway Postgres and Redis for
-//!   integration tests.
+//! - [`pipeline`]: [`pipeline::start`] runs the whole pipeline in-process.
+//! - [`error`]: the runtime error and its retry-or-stop classification.
+//! - `testkit` (feature `testkit`): throwaway Postgres, Redis and Kafka, and
+//!   evictd in-process with `sync()`, for integration tests.
+//!
+//! Everything else is private; [`internal`] re-exports what the `evictd`
+//! binary, the benches and the integration tests use, with no stability
+//! promise.
 
-pub mod admin;
-pub mod apply;
-pub mod catalog;
 pub mod change;
 pub mod config;
-pub mod continuity;
-#[cfg(feature = "testkit")]
-pub mod demo;
 pub mod error;
 pub mod lag;
-pub mod lifecycle;
 pub mod mapping;
 pub mod pipeline;
 pub mod plan;
-pub mod source;
-pub mod telemetry;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+
+mod admin;
+mod apply;
+mod catalog;
+mod continuity;
+mod demo;
+mod lifecycle;
+mod source;
+mod telemetry;
+// Without the feature, only the demo's throwaway servers are used.
+#[cfg(not(feature = "testkit"))]
+#[allow(dead_code, unused_imports)]
+mod testkit;
+
+/// What the `evictd` binary, the benches and the integration tests reach
+/// beyond the library API. Not a stable interface.
+#[doc(hidden)]
+pub mod internal {
+    pub use crate::admin::{serve, AdminState, RedisProbe};
+    pub use crate::apply::broadcast::Broadcast;
+    pub use crate::apply::cluster::key_slot;
+    pub use crate::apply::redis::client as redis_client;
+    pub use crate::apply::shared::Record;
+    pub use crate::apply::RedisSink;
+    pub use crate::source::kafka::consumer::{consumer_config, group_status};
+    pub use crate::source::postgres::conn::ReplicationConnection;
+    pub use crate::source::postgres::control::Control;
+    pub use crate::source::postgres::pgoutput;
+
+    pub mod catalog {
+        pub use crate::catalog::{check, connect};
+    }
+    pub mod demo {
+        pub use crate::demo::{run, DemoError};
+    }
+    pub mod lifecycle {
+        pub use crate::lifecycle::{init, init_plan, status};
+    }
+    pub mod telemetry {
+        pub use crate::telemetry::{recorder, upkeep};
+    }
+}

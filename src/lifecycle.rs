@@ -4,11 +4,11 @@
 
 use std::fmt::Write as _;
 
-use crate::catalog::{self, CatalogError};
 use crate::config::Config;
 use crate::continuity::{self, Remembered};
-use crate::error::{Error, ErrorKind};
+use crate::error::Error;
 use crate::mapping::Mappings;
+use crate::source::postgres::control::{Control, SlotReport};
 
 /// One step of `init`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -19,72 +19,30 @@ pub struct Step {
     pub why: String,
 }
 
-fn catalog_error(error: CatalogError) -> Error {
-    Error::catalog("catalog query failed", error)
-}
-
-/// A catalog connection to the database of `config`.
-async fn connect(config: &Config) -> Result<tokio_postgres::Client, Error> {
-    let url = config
-        .postgres
-        .url
-        .as_ref()
-        .ok_or_else(|| Error::new(ErrorKind::Config, "postgres.url is not set"))?;
-    catalog::connect(url).await.map_err(catalog_error)
-}
-
 /// What `init` would do against the database of `config`.
 pub async fn init_plan(config: &Config, mappings: &Mappings) -> Result<Vec<Step>, Error> {
-    let client = connect(config).await?;
-    let postgres = &config.postgres;
-    let query = |e| Error::postgres("catalog query failed", e);
-    let mut steps = Vec::new();
-    let publication = client
-        .query_opt(
-            "select 1 from pg_publication where pubname = $1",
-            &[&postgres.publication],
-        )
-        .await
-        .map_err(query)?;
-    let tables: Vec<String> = mappings.tables().map(|m| m.table.to_string()).collect();
-    steps.push(Step {
-        sql: format!(
-            "CREATE PUBLICATION {} FOR TABLE {};",
-            postgres.publication,
-            tables.join(", ")
-        ),
-        needed: publication.is_none(),
-        why: "the mapped tables' changes reach evictd through this publication".into(),
-    });
-    let slot = client
-        .query_opt(
-            "select 1 from pg_replication_slots where slot_name = $1",
-            &[&postgres.slot],
-        )
-        .await
-        .map_err(query)?;
-    steps.push(Step {
-        sql: format!(
-            "SELECT pg_create_logical_replication_slot('{}', 'pgoutput');",
-            postgres.slot
-        ),
-        needed: slot.is_none(),
-        why: "the slot keeps every change until evictd has applied it".into(),
-    });
+    let control = Control::connect(&config.postgres).await?;
+    let mut steps = vec![
+        Step {
+            sql: format!("{};", control.create_publication_sql(mappings).await?),
+            needed: !control.publication_exists().await?,
+            why: "the mapped tables' changes reach evictd through this publication".into(),
+        },
+        Step {
+            sql: format!("{};", control.create_slot_sql().await?),
+            needed: !control.slot_exists().await?,
+            why: "the slot keeps every change until evictd has applied it".into(),
+        },
+    ];
     for mapping in mappings.tables() {
-        let identity: Option<String> = client
-            .query_opt(
-                "select c.relreplident::text from pg_class c join pg_namespace n on n.oid = c.relnamespace \
-                 where n.nspname = $1 and c.relname = $2",
-                &[&&*mapping.table.schema, &&*mapping.table.name],
-            )
-            .await
-            .map_err(query)?
-            .map(|row| row.get(0));
+        let identity = control.replica_identity(&mapping.table).await?;
         let reads_old_values = mapping.templates().next().is_some();
         if identity.as_deref() != Some("f") && reads_old_values {
             steps.push(Step {
-                sql: format!("ALTER TABLE {} REPLICA IDENTITY FULL;", mapping.table),
+                sql: format!(
+                    "{};",
+                    control.replica_identity_full_sql(&mapping.table).await?
+                ),
                 needed: true,
                 why: "updates and deletes then carry the whole old row, so keys of the old values are invalidated exactly \
                       (run `evictd check` to see which templates need it)"
@@ -98,12 +56,13 @@ pub async fn init_plan(config: &Config, mappings: &Mappings) -> Result<Vec<Step>
 /// Runs the needed steps that create things (not the ALTER TABLEs, which
 /// take a lock on application tables and are left to the operator).
 pub async fn init(config: &Config, steps: &[Step]) -> Result<(), Error> {
-    let client = connect(config).await?;
+    let control = Control::connect(&config.postgres).await?;
     for step in steps
         .iter()
         .filter(|step| step.needed && !step.sql.starts_with("ALTER TABLE"))
     {
-        client
+        control
+            .client()
             .batch_execute(&step.sql)
             .await
             .map_err(|e| Error::postgres(format!("`{}` failed", step.sql), e))?;
@@ -113,23 +72,11 @@ pub async fn init(config: &Config, steps: &[Step]) -> Result<(), Error> {
 
 /// `evictd status` as text, and whether anything needs attention.
 pub async fn status(config: &Config) -> Result<(String, Vec<String>), Error> {
-    let client = connect(config).await?;
+    let control = Control::connect(&config.postgres).await?;
     let postgres = &config.postgres;
-    let query = |e| Error::postgres("catalog query failed", e);
     let mut out = String::new();
     let mut warnings = Vec::new();
-    let row = client
-        .query_opt(
-            "select active, active_pid, coalesce(confirmed_flush_lsn, '0/0')::text, coalesce(restart_lsn, '0/0')::text,
-                    coalesce(wal_status, ''), pg_current_wal_lsn()::text,
-                    coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint,
-                    coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::bigint
-             from pg_replication_slots where slot_name = $1",
-            &[&postgres.slot],
-        )
-        .await
-        .map_err(query)?;
-    match row {
+    match control.report().await? {
         None => {
             let _ = writeln!(
                 out,
@@ -138,15 +85,19 @@ pub async fn status(config: &Config) -> Result<(String, Vec<String>), Error> {
             );
             warnings.push(format!("slot {} does not exist", postgres.slot));
         }
-        Some(row) => {
-            let active: bool = row.get(0);
-            let pid: Option<i32> = row.get(1);
-            let (confirmed, restart, wal_status, current): (String, String, String, String) =
-                (row.get(2), row.get(3), row.get(4), row.get(5));
-            let (lag, retained): (i64, i64) = (row.get(6), row.get(7));
-            let state = match (active, pid) {
-                (true, Some(pid)) => format!("active (walsender pid {pid})"),
-                _ => "inactive: no evictd is streaming".to_owned(),
+        Some(SlotReport {
+            active_pid,
+            confirmed_flush: confirmed,
+            restart,
+            wal_status,
+            current,
+            lag_bytes: lag,
+            retained_bytes: retained,
+        }) => {
+            let active = active_pid.is_some();
+            let state = match active_pid {
+                Some(pid) => format!("active (walsender pid {pid})"),
+                None => "inactive: no evictd is streaming".to_owned(),
             };
             let _ = writeln!(
                 out,

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 use evictd::change::{Datum, Lsn, Op, Row, RowChange, TableName};
 use evictd::config::{Config, SecretUrl};
+use evictd::internal::Control;
 use evictd::mapping::{self, Diagnostic, Limits, Mappings, NoteKind, Output};
 use evictd::pipeline::{Options, SourceState};
 use evictd::plan::plan_changes;
@@ -29,7 +30,6 @@ struct Cli {
 enum Command {
     /// A throwaway Postgres and Redis, the demo schema and mappings, a short
     /// workload, and what evictd did about each commit.
-    #[cfg(feature = "testkit")]
     Demo {
         #[arg(long, default_value = "migrations")]
         migrations: PathBuf,
@@ -112,12 +112,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(match cli.command {
         Command::Run { .. } | Command::Replay { .. } => "info",
-        #[cfg(feature = "testkit")]
         Command::Demo { .. } => "error",
         _ => "warn",
     });
     let result = match cli.command {
-        #[cfg(feature = "testkit")]
         Command::Demo {
             migrations,
             mappings,
@@ -177,14 +175,13 @@ fn init_logging(default: &str) {
         .init();
 }
 
-#[cfg(feature = "testkit")]
 fn demo(migrations: &Path, mappings: &Path) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    match runtime.block_on(evictd::demo::run(migrations, mappings)) {
+    match runtime.block_on(evictd::internal::demo::run(migrations, mappings)) {
         Ok(()) => Ok(ExitCode::SUCCESS),
-        Err(evictd::demo::DemoError::Mappings(diagnostics)) => Ok(report(&diagnostics)),
+        Err(evictd::internal::demo::DemoError::Mappings(diagnostics)) => Ok(report(&diagnostics)),
         Err(error) => Err(error.into()),
     }
 }
@@ -214,7 +211,7 @@ fn init(path: &Path, dry_run: bool) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let steps = evictd::lifecycle::init_plan(&config, &mappings).await?;
+        let steps = evictd::internal::lifecycle::init_plan(&config, &mappings).await?;
         for step in &steps {
             let state = match (step.needed, step.sql.starts_with("ALTER TABLE"), dry_run) {
                 (false, _, _) => "-- already done",
@@ -230,7 +227,7 @@ fn init(path: &Path, dry_run: bool) -> anyhow::Result<ExitCode> {
             );
         }
         if !dry_run {
-            evictd::lifecycle::init(&config, &steps).await?;
+            evictd::internal::lifecycle::init(&config, &steps).await?;
             println!("done");
         }
         Ok(ExitCode::SUCCESS)
@@ -244,9 +241,9 @@ fn status(path: &Path) -> anyhow::Result<ExitCode> {
         .build()?;
     let (text, warnings) = match &config.kafka {
         Some(kafka) if config.source == evictd::config::SourceKind::Kafka => {
-            evictd::source::kafka::consumer::group_status(kafka)?
+            evictd::internal::group_status(kafka)?
         }
-        _ => runtime.block_on(evictd::lifecycle::status(&config))?,
+        _ => runtime.block_on(evictd::internal::lifecycle::status(&config))?,
     };
     print!("{text}");
     for warning in &warnings {
@@ -282,14 +279,8 @@ fn run(path: &Path, until: Option<String>) -> anyhow::Result<ExitCode> {
                     .url
                     .as_ref()
                     .ok_or_else(|| UsageError("postgres.url is not set".into()))?;
-                let client = evictd::catalog::connect(url).await?;
-                let row = client
-                    .query_one("select pg_current_wal_insert_lsn()::text", &[])
-                    .await?;
-                Some(
-                    Lsn::parse(&row.get::<_, String>(0))
-                        .ok_or_else(|| anyhow::anyhow!("bad LSN from the server"))?,
-                )
+                let control = Control::database(url).await?;
+                Some(control.current_wal_insert_lsn().await?)
             }
             Some(text) => Some(Lsn::parse(text).ok_or_else(|| {
                 UsageError(format!(
@@ -311,8 +302,8 @@ fn run(path: &Path, until: Option<String>) -> anyhow::Result<ExitCode> {
         let listener = match until {
             None => {
                 // The recorder must exist before the pipeline records anything.
-                evictd::telemetry::recorder();
-                tokio::spawn(evictd::telemetry::upkeep());
+                evictd::internal::telemetry::recorder();
+                tokio::spawn(evictd::internal::telemetry::upkeep());
                 let listener = tokio::net::TcpListener::bind(config.admin.listen)
                     .await
                     .map_err(|e| {
@@ -325,13 +316,14 @@ fn run(path: &Path, until: Option<String>) -> anyhow::Result<ExitCode> {
         let running = evictd::pipeline::start(&config, mappings, options)?;
         if let Some(listener) = listener {
             let address = listener.local_addr()?;
-            let admin = evictd::admin::AdminState {
+            let admin = evictd::internal::AdminState {
                 source: running.source.clone(),
                 redis: running.redis.clone(),
                 schema: running.schema.clone(),
                 kind: config.source,
+                probe: Some(evictd::internal::RedisProbe::new(&config.redis)?),
             };
-            tokio::spawn(evictd::admin::serve(listener, admin));
+            tokio::spawn(evictd::internal::serve(listener, admin));
             tracing::info!(%address, "admin endpoint: /metrics /healthz /readyz");
         }
         let stop = async {
@@ -440,8 +432,8 @@ async fn live_check(
     url: &SecretUrl,
     publication: &str,
 ) -> anyhow::Result<Vec<Diagnostic>> {
-    let client = evictd::catalog::connect(url).await?;
-    Ok(evictd::catalog::check(mappings, &client, publication).await?)
+    let client = evictd::internal::catalog::connect(url).await?;
+    Ok(evictd::internal::catalog::check(mappings, &client, publication).await?)
 }
 
 /// Prints every problem and returns exit code 2.

@@ -170,17 +170,17 @@ impl Planner {
     }
 
     /// Marks the end of a transaction: the batch now acknowledges up to
-    /// `checkpoint`.
+    /// `checkpoint` (taken in with the checkpoints before it, see
+    /// [`Checkpoint::absorb`]). The batch's lag is measured from its oldest
+    /// commit (Kafka's partitions are not in commit order among themselves).
     pub fn commit(&mut self, checkpoint: Checkpoint, commit_time: Option<SystemTime>) {
-        self.checkpoint = Some(checkpoint);
-        self.commit_time = self.commit_time.or(commit_time);
-    }
-
-    /// Records the commit time of a change whose source acknowledges by
-    /// position rather than by commit (Kafka): the batch's lag is measured
-    /// from the oldest one.
-    pub fn note_commit_time(&mut self, commit_time: SystemTime) {
-        self.commit_time = Some(self.commit_time.map_or(commit_time, |t| t.min(commit_time)));
+        match &mut self.checkpoint {
+            Some(pending) => pending.absorb(checkpoint),
+            None => self.checkpoint = Some(checkpoint),
+        }
+        if let Some(commit_time) = commit_time {
+            self.commit_time = Some(self.commit_time.map_or(commit_time, |t| t.min(commit_time)));
+        }
     }
 
     /// Records when the source sent the next commit (or, for Kafka, a
@@ -335,9 +335,20 @@ mod tests {
         planner.commit(Checkpoint::Lsn(Lsn(3)), Some(at(30)));
         let plan = planner.finish();
         assert_eq!((plan.commit_time, plan.sent_time), (Some(at(30)), None));
-        // Kafka notes the commit time per change, in any order.
-        planner.note_commit_time(at(50));
-        planner.note_commit_time(at(40));
-        assert_eq!(planner.finish().commit_time, Some(at(40)));
+        // Kafka's commits (one per record) come in any order of time, and
+        // their offsets add up.
+        let partition = |n| crate::change::Partition {
+            topic: "t".into(),
+            partition: n,
+        };
+        let offsets =
+            |n, offset| Checkpoint::Offsets(crate::change::Offsets::after(partition(n), offset));
+        planner.commit(offsets(0, 7), Some(at(50)));
+        planner.commit(offsets(1, 3), Some(at(40)));
+        let plan = planner.finish();
+        assert_eq!(plan.commit_time, Some(at(40)));
+        let mut both = offsets(0, 7);
+        both.absorb(offsets(1, 3));
+        assert_eq!(plan.checkpoint, Some(both));
     }
 }

@@ -89,7 +89,7 @@ impl Broadcast {
         }
         let mut json = String::with_capacity(size);
         let _ = write!(json, r#"{{"v":1,"epoch":"{}","seq":{seq}"#, self.epoch);
-        if let Some(Checkpoint::Lsn(lsn)) = plan.checkpoint {
+        if let Some(Checkpoint::Lsn(lsn)) = &plan.checkpoint {
             let _ = write!(json, r#","lsn":"{lsn}""#);
         }
         write_list(&mut json, "keys", &keys);

@@ -21,7 +21,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 
 use super::broadcast::Broadcast;
-use super::redis::{jittered, under_prefix, ApplyStats, Record, SCAN_COUNT};
+use super::shared::{jittered, under_prefix, ApplyStats, Record, Wait, SCAN_COUNT};
 use crate::error::{Error, ErrorKind};
 use crate::plan::{Command, Plan};
 
@@ -60,13 +60,6 @@ pub struct ClusterSink {
     record: Option<Record>,
     timeout: Duration,
     wait: Wait,
-}
-
-/// WAIT after each node's pipeline: (replicas, timeout in ms).
-#[derive(Clone, Copy, Debug)]
-pub struct Wait {
-    pub replicas: u32,
-    pub timeout_ms: u64,
 }
 
 impl ClusterSink {
@@ -117,9 +110,7 @@ impl ClusterSink {
                     "connecting to the Redis Cluster timed out",
                 )
             })?
-            .map_err(|e| {
-                Error::with_source(ErrorKind::Redis, "cannot connect to the Redis Cluster", e)
-            })?;
+            .map_err(|e| Error::redis("cannot connect to the Redis Cluster", e))?;
         self.connection = Some(connection.clone());
         Ok(connection)
     }
@@ -263,7 +254,7 @@ impl ClusterSink {
         let record = self.record.as_ref().filter(|_| plan.checkpoint.is_some());
         if let Some(record) = record {
             let mut remember = redis::pipe();
-            record.append(plan.checkpoint, &mut remember);
+            record.append(plan.checkpoint.as_ref(), &mut remember);
             let node = &slots.nodes
                 [usize::from(slots.owner[usize::from(key_slot(record.key.as_bytes()))])];
             stats.round_trips += 1;
@@ -354,7 +345,7 @@ impl ClusterSink {
         )
         .await
         .map_err(|_| Error::new(ErrorKind::Redis, "CLUSTER SLOTS timed out"))?
-        .map_err(|e| Error::with_source(ErrorKind::Redis, "CLUSTER SLOTS failed", e))?;
+        .map_err(|e| Error::redis("CLUSTER SLOTS failed", e))?;
         let slots = parse_slots(reply)?;
         self.slots = Some(slots.clone());
         Ok(slots)
@@ -440,8 +431,7 @@ async fn send_to(
             )
         })?
         .map_err(|e| {
-            Error::with_source(
-                ErrorKind::Redis,
+            Error::redis(
                 format!("a pipeline to {}:{} failed", node.host, node.port),
                 e,
             )
@@ -463,8 +453,7 @@ async fn send_to(
     }
     for reply in replies {
         if let redis::Value::ServerError(error) = reply {
-            return Err(Error::with_source(
-                ErrorKind::Redis,
+            return Err(Error::redis(
                 format!("a command on {}:{} failed", node.host, node.port),
                 redis::RedisError::from(error),
             ));
@@ -490,8 +479,7 @@ async fn route(
             )
         })?
         .map_err(|e| {
-            Error::with_source(
-                ErrorKind::Redis,
+            Error::redis(
                 format!("a command to {}:{} failed", node.host, node.port),
                 e,
             )

@@ -8,6 +8,7 @@
 pub mod broadcast;
 pub mod cluster;
 pub mod redis;
+pub mod shared;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,8 +18,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use self::broadcast::Broadcast;
 use self::cluster::ClusterSink;
-use self::redis::{ApplyStats, Record, StandaloneSink};
-use crate::change::{Checkpoint, Lsn};
+use self::redis::StandaloneSink;
+use self::shared::{ApplyStats, Record};
+use crate::change::{Checkpoint, Lsn, Offsets};
 use crate::config::RedisConfig;
 use crate::error::Error;
 use crate::error::ErrorKind;
@@ -44,7 +46,7 @@ impl RedisSink {
             ));
         }
         if url.starts_with("redis+cluster://") {
-            let wait = cluster::Wait {
+            let wait = shared::Wait {
                 replicas: config.wait_replicas,
                 timeout_ms: config.wait_timeout_ms,
             };
@@ -93,17 +95,32 @@ pub enum Request {
     Remember(Record),
 }
 
-/// How far apply has come: what the replication task may acknowledge.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// How far apply has come: the checkpoints the source may acknowledge.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Progress {
     /// Plans applied so far (with or without a checkpoint).
     pub applied_plans: u64,
-    /// End LSN of the last transaction whose every command was applied.
+    /// Postgres: end LSN of the last transaction whose every command was
+    /// applied.
     pub flush_lsn: Lsn,
+    /// Kafka: the next offset of each partition after the last record whose
+    /// every command was applied.
+    pub offsets: Offsets,
     /// Row changes, Redis-level commands and keys applied so far.
     pub changes: u64,
     pub commands: u64,
     pub keys: u64,
+}
+
+impl Progress {
+    /// Takes in the checkpoint of an applied plan.
+    fn absorb(&mut self, checkpoint: Option<&Checkpoint>) {
+        match checkpoint {
+            Some(Checkpoint::Lsn(lsn)) => self.flush_lsn = self.flush_lsn.max(*lsn),
+            Some(Checkpoint::Offsets(offsets)) => self.offsets.absorb(offsets),
+            None => {}
+        }
+    }
 }
 
 /// Exponential backoff with jitter, 50 ms doubling to 5 s.
@@ -177,7 +194,7 @@ pub async fn run(
                     tracing::warn!(%error, %cause, retry_in = ?delay, "redis apply failed; retrying the batch");
                     metrics::counter!(telemetry::REDIS_COMMANDS, "outcome" => "error")
                         .increment(plan.commands.len() as u64);
-                    redis.send_replace(Some(format!("{error} {cause}").trim_end().to_owned()));
+                    redis.send_replace(Some(error.reason()));
                     tokio::select! {
                         biased;
                         // Shutdown while Redis is away: abandon the batch;
@@ -200,9 +217,7 @@ pub async fn run(
             progress.changes += plan.changes;
             progress.commands += plan.commands.len() as u64;
             progress.keys += stats.keys;
-            if let Some(Checkpoint::Lsn(lsn)) = plan.checkpoint {
-                progress.flush_lsn = progress.flush_lsn.max(lsn);
-            }
+            progress.absorb(plan.checkpoint.as_ref());
         });
         tracing::debug!(commands = plan.commands.len(), keys = stats.keys, round_trips = stats.round_trips, checkpoint = ?plan.checkpoint, "applied batch");
     }

@@ -12,24 +12,18 @@
 
 use std::time::Duration;
 
-use rand::Rng as _;
 use redis::aio::MultiplexedConnection;
 
 use super::broadcast::Broadcast;
-use super::cluster::Wait;
-use crate::change::Checkpoint;
+use super::shared::{jittered, under_prefix, ApplyStats, Record, Wait, SCAN_COUNT};
 use crate::config::RedisConfig;
-use crate::continuity::Remembered;
 use crate::error::{Error, ErrorKind};
-use crate::mapping::template::escape_glob;
 use crate::plan::{Command, Plan};
 
 /// Keys per UNLINK command.
 const UNLINK_CHUNK: usize = 512;
 /// Tag sets per script call.
 const TAG_CHUNK: usize = 64;
-/// SCAN COUNT hint for pattern deletes.
-pub(super) const SCAN_COUNT: usize = 1000;
 
 /// Deletes the members of each tag set in KEYS, then the sets. Members are
 /// full Redis key names, as the application added them. One SUNION reads
@@ -56,14 +50,6 @@ redis.call('UNLINK', unpack(KEYS))
 return deleted
 ";
 
-/// What one plan did in Redis.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ApplyStats {
-    pub commands: u64,
-    pub keys: u64,
-    pub round_trips: u64,
-}
-
 /// A standalone Redis the plans go to.
 pub struct StandaloneSink {
     client: redis::Client,
@@ -73,55 +59,6 @@ pub struct StandaloneSink {
     record: Option<Record>,
     timeout: Duration,
     wait: Wait,
-}
-
-/// Where the continuity record goes, and the identity it names.
-#[derive(Clone, Debug)]
-pub struct Record {
-    /// The full Redis key (prefix included).
-    pub key: String,
-    pub system_id: String,
-}
-
-/// Sets the continuity record (KEYS[1]) to ARGV[1] unless it already holds
-/// a later position of the same database: a batch applied again after a
-/// reconnect must not move the record backwards, or the next start would
-/// see the slot past it and call continuity lost.
-const RECORD_SCRIPT: &str = r"
-local current = redis.call('GET', KEYS[1])
-if current then
-  local held_system, held_hi, held_lo = string.match(current, '^(%S+) (%x+)/(%x+)$')
-  local new_system, new_hi, new_lo = string.match(ARGV[1], '^(%S+) (%x+)/(%x+)$')
-  if held_system and held_system == new_system then
-    held_hi, held_lo = tonumber(held_hi, 16), tonumber(held_lo, 16)
-    new_hi, new_lo = tonumber(new_hi, 16), tonumber(new_lo, 16)
-    if held_hi > new_hi or (held_hi == new_hi and held_lo > new_lo) then
-      return 0
-    end
-  end
-end
-redis.call('SET', KEYS[1], ARGV[1])
-return 1
-";
-
-impl Record {
-    /// The record's value for a plan that acknowledges `checkpoint`.
-    pub fn value(&self, checkpoint: Option<Checkpoint>) -> Option<String> {
-        checkpoint.map(|Checkpoint::Lsn(lsn)| Remembered::encode(&self.system_id, lsn))
-    }
-
-    /// Appends the write of the record for a plan that acknowledges
-    /// `checkpoint` (nothing without one). The record only moves forwards.
-    pub fn append(&self, checkpoint: Option<Checkpoint>, pipe: &mut redis::Pipeline) {
-        if let Some(value) = self.value(checkpoint) {
-            pipe.cmd("EVAL")
-                .arg(RECORD_SCRIPT)
-                .arg(1)
-                .arg(&self.key)
-                .arg(value)
-                .ignore();
-        }
-    }
 }
 
 /// A client for one Redis server, with the TLS files of `config` for
@@ -185,7 +122,7 @@ impl StandaloneSink {
         let connection = tokio::time::timeout(self.timeout, connect)
             .await
             .map_err(|_| Error::new(ErrorKind::Redis, "connecting to Redis timed out"))?
-            .map_err(|e| Error::with_source(ErrorKind::Redis, "cannot connect to Redis", e))?;
+            .map_err(|e| Error::redis("cannot connect to Redis", e))?;
         self.connection = Some(connection.clone());
         Ok(connection)
     }
@@ -267,7 +204,7 @@ impl StandaloneSink {
         flush_tags(&mut pipe, &mut tags);
         self.broadcast.append(plan, &self.prefix, &mut pipe);
         if let Some(record) = &self.record {
-            record.append(plan.checkpoint, &mut pipe);
+            record.append(plan.checkpoint.as_ref(), &mut pipe);
         }
         self.send(&mut connection, &mut pipe, &mut stats).await?;
         self.broadcast.delivered();
@@ -406,7 +343,7 @@ impl StandaloneSink {
     /// Forgets the connection so the next attempt reconnects.
     fn broken(&mut self, error: redis::RedisError) -> Error {
         self.connection = None;
-        Error::with_source(ErrorKind::Redis, "a Redis command failed", error)
+        Error::redis("a Redis command failed", error)
     }
 
     fn prefixed(&self, key: &str) -> String {
@@ -419,25 +356,6 @@ impl StandaloneSink {
     fn tag_set(&self, tag: &str) -> String {
         format!("{}tag:{tag}", self.prefix)
     }
-}
-
-/// `pattern` under the literal (glob-escaped) key prefix and `namespace`
-/// (`tag:` for tag sets). A pattern that
-/// starts with a wildcard is refused whatever the prefix: the mappings
-/// refuse templates that could produce one, and this is the last guard
-/// against deleting every key of a Redis.
-pub(super) fn under_prefix(prefix: &str, namespace: &str, pattern: &str) -> Result<String, Error> {
-    if pattern.is_empty() || pattern.starts_with(['*', '?', '[']) {
-        return Err(Error::new(
-            ErrorKind::Config,
-            format!("refusing to delete by the pattern `{pattern}`: it has no literal prefix and could match every key"),
-        ));
-    }
-    let mut full = String::with_capacity(prefix.len() + namespace.len() + pattern.len());
-    escape_glob(prefix, &mut full);
-    escape_glob(namespace, &mut full);
-    full.push_str(pattern);
-    Ok(full)
 }
 
 /// The UNLINK being filled: keys go straight into the command's arguments
@@ -486,31 +404,5 @@ fn flush_tags(pipe: &mut redis::Pipeline, tags: &mut Vec<String>) {
             .arg(&*tags)
             .ignore();
         tags.clear();
-    }
-}
-
-/// `seconds` varied at random by up to `jitter_bp` basis points either way.
-pub(super) fn jittered(seconds: u64, jitter_bp: u32) -> u64 {
-    if jitter_bp == 0 {
-        return seconds;
-    }
-    let spread = seconds.saturating_mul(u64::from(jitter_bp)) / 10_000;
-    let low = seconds.saturating_sub(spread).max(1);
-    let high = seconds.saturating_add(spread);
-    rand::rng().random_range(low..=high)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn jitter_stays_in_range() {
-        for _ in 0..1000 {
-            let ttl = jittered(3600, 1000);
-            assert!((3240..=3960).contains(&ttl), "{ttl}");
-        }
-        assert_eq!(jittered(60, 0), 60);
-        assert!(jittered(1, 9999) >= 1);
     }
 }

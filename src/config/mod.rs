@@ -255,8 +255,8 @@ impl fmt::Debug for SecretUrl {
 }
 
 impl Config {
-    /// A Postgres-source configuration with every default, for programs
-    /// and tests that build their configuration in code.
+    /// The Postgres source at `postgres_url`, with every other setting at
+    /// its default (as a config file with only those three would give).
     pub fn with_defaults(
         postgres_url: SecretUrl,
         redis_url: SecretUrl,
@@ -266,35 +266,99 @@ impl Config {
             source: SourceKind::Postgres,
             postgres: PostgresConfig {
                 url: Some(postgres_url),
-                slot: "evictd".into(),
-                publication: "evictd".into(),
-                create_slot: true,
-                max_retained_wal_mb: 1024,
+                ..PostgresConfig::default()
             },
             kafka: None,
             redis: RedisConfig {
                 url: redis_url,
-                prefix: String::new(),
-                l1_channel: "evictd:l1".into(),
-                allow_plaintext: false,
-                ca_file: None,
-                cert_file: None,
-                key_file: None,
-                wait_replicas: 0,
-                wait_timeout_ms: 1000,
+                ..RedisConfig::default()
             },
             mappings: MappingsConfig {
                 dir: mappings_dir,
                 limits: Limits::default(),
             },
-            batch: BatchConfig {
-                max_keys: 10_000,
-                max_pending_keys: 100_000,
-                max_wait_ms: 2,
+            batch: BatchConfig::default(),
+            admin: AdminConfig::default(),
+        }
+    }
+
+    /// The Kafka source (`kafka`), with every other setting at its default.
+    pub fn kafka_with_defaults(
+        kafka: KafkaConfig,
+        redis_url: SecretUrl,
+        mappings_dir: PathBuf,
+    ) -> Config {
+        Config {
+            source: SourceKind::Kafka,
+            postgres: PostgresConfig::default(),
+            kafka: Some(kafka),
+            redis: RedisConfig {
+                url: redis_url,
+                ..RedisConfig::default()
             },
-            admin: AdminConfig {
-                listen: SocketAddr::from(([127, 0, 0, 1], 9187)),
+            mappings: MappingsConfig {
+                dir: mappings_dir,
+                limits: Limits::default(),
             },
+            batch: BatchConfig::default(),
+            admin: AdminConfig::default(),
+        }
+    }
+}
+
+/// The defaults of each section, written once: a config file that leaves a
+/// key out gets these.
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            url: None,
+            slot: "evictd".into(),
+            publication: "evictd".into(),
+            create_slot: true,
+            max_retained_wal_mb: 1024,
+        }
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: SecretUrl::parse("redis://127.0.0.1:6379").expect("a valid URL"),
+            prefix: String::new(),
+            l1_channel: "evictd:l1".into(),
+            allow_plaintext: false,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            wait_replicas: 0,
+            wait_timeout_ms: 1000,
+        }
+    }
+}
+
+impl Default for MappingsConfig {
+    fn default() -> Self {
+        MappingsConfig {
+            dir: PathBuf::from("mappings"),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_keys: 10_000,
+            max_pending_keys: 100_000,
+            max_wait_ms: 2,
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9187)),
         }
     }
 }

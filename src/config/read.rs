@@ -2,7 +2,6 @@
 //! [`Section`] hands out fields and reports the ones nobody asked for.
 
 use std::fmt;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
@@ -189,9 +188,10 @@ pub(super) fn read_postgres(
             "is required when source.kind = \"postgres\" (or set EVICTD_POSTGRES__URL)",
         );
     }
+    let defaults = PostgresConfig::default();
     PostgresConfig {
         url,
-        slot: section.parse("slot", "evictd".into(), |slot: String| {
+        slot: section.parse("slot", defaults.slot, |slot: String| {
             let valid = !slot.is_empty()
                 && slot.len() <= 63
                 && slot
@@ -201,7 +201,7 @@ pub(super) fn read_postgres(
                 .then_some(slot)
                 .ok_or_else(|| "a slot name is 1-63 of a-z, 0-9 and _".into())
         }),
-        publication: section.parse("publication", "evictd".into(), |name: String| {
+        publication: section.parse("publication", defaults.publication, |name: String| {
             if is_identifier(&name) && name.len() <= 63 {
                 Ok(name)
             } else {
@@ -210,8 +210,12 @@ pub(super) fn read_postgres(
                 ))
             }
         }),
-        create_slot: section.or("create_slot", true),
-        max_retained_wal_mb: section.in_range("max_retained_wal_mb", 1024, 1..=1 << 30),
+        create_slot: section.or("create_slot", defaults.create_slot),
+        max_retained_wal_mb: section.in_range(
+            "max_retained_wal_mb",
+            defaults.max_retained_wal_mb,
+            1..=1 << 30,
+        ),
     }
 }
 
@@ -348,8 +352,8 @@ const RESERVED_KAFKA_PROPERTIES: &[&str] = &[
 ];
 
 pub(super) fn read_redis(section: &mut Section<'_>, base_dir: &Path) -> RedisConfig {
-    let default_url = SecretUrl::parse("redis://127.0.0.1:6379").expect("a valid default");
-    let url = section.parse("url", default_url.clone(), |text: String| {
+    let defaults = RedisConfig::default();
+    let url = section.parse("url", defaults.url, |text: String| {
         let url = SecretUrl::parse(&text)?;
         match url.scheme() {
             "redis" | "rediss" | "redis+cluster" | "rediss+cluster" => Ok(url),
@@ -359,7 +363,7 @@ pub(super) fn read_redis(section: &mut Section<'_>, base_dir: &Path) -> RedisCon
         }
     });
     let url = password_file(section, base_dir, url);
-    let allow_plaintext = section.or("allow_plaintext", false);
+    let allow_plaintext = section.or("allow_plaintext", defaults.allow_plaintext);
     let plaintext = matches!(url.scheme(), "redis" | "redis+cluster");
     if plaintext && url.has_password() && !url.is_loopback() && !allow_plaintext {
         section.problem(
@@ -399,8 +403,8 @@ pub(super) fn read_redis(section: &mut Section<'_>, base_dir: &Path) -> RedisCon
             "TLS files are set but redis.url is not rediss://",
         );
     }
-    let wait_replicas = section.in_range("wait_replicas", 0, 0..=16);
-    let wait_timeout_ms = section.in_range("wait_timeout_ms", 1000, 1..=60_000);
+    let wait_replicas = section.in_range("wait_replicas", defaults.wait_replicas.into(), 0..=16);
+    let wait_timeout_ms = section.in_range("wait_timeout_ms", defaults.wait_timeout_ms, 1..=60_000);
     RedisConfig {
         url,
         wait_replicas: u32::try_from(wait_replicas).unwrap_or(0),
@@ -408,8 +412,8 @@ pub(super) fn read_redis(section: &mut Section<'_>, base_dir: &Path) -> RedisCon
         ca_file,
         cert_file,
         key_file,
-        prefix: section.or("prefix", String::new()),
-        l1_channel: section.parse("l1_channel", "evictd:l1".into(), |channel: String| {
+        prefix: section.or("prefix", defaults.prefix),
+        l1_channel: section.parse("l1_channel", defaults.l1_channel, |channel: String| {
             if channel.is_empty() {
                 Err("the channel name is empty".into())
             } else {
@@ -454,8 +458,9 @@ fn password_file(section: &mut Section<'_>, base_dir: &Path, url: SecretUrl) -> 
 }
 
 pub(super) fn read_mappings(section: &mut Section<'_>, base_dir: &Path) -> MappingsConfig {
-    let dir: PathBuf = section.or("dir", PathBuf::from("mappings"));
-    let defaults = Limits::default();
+    let defaults = MappingsConfig::default();
+    let dir: PathBuf = section.or("dir", defaults.dir);
+    let defaults = defaults.limits;
     let max_key_bytes =
         section.in_range("max_key_bytes", defaults.max_key_bytes as u64, 16..=1 << 20);
     let max_keys_per_change = section.in_range(
@@ -473,19 +478,23 @@ pub(super) fn read_mappings(section: &mut Section<'_>, base_dir: &Path) -> Mappi
 }
 
 pub(super) fn read_batch(section: &mut Section<'_>) -> BatchConfig {
-    let max_keys = section.in_range("max_keys", 10_000, 1..=1_000_000);
-    let max_pending_keys = section.in_range("max_pending_keys", 100_000, 1..=100_000_000);
+    let defaults = BatchConfig::default();
+    let max_keys = section.in_range("max_keys", defaults.max_keys as u64, 1..=1_000_000);
+    let max_pending_keys = section.in_range(
+        "max_pending_keys",
+        defaults.max_pending_keys as u64,
+        1..=100_000_000,
+    );
     BatchConfig {
         max_keys: usize::try_from(max_keys).unwrap_or(usize::MAX),
         max_pending_keys: usize::try_from(max_pending_keys).unwrap_or(usize::MAX),
-        max_wait_ms: section.in_range("max_wait_ms", 2, 0..=60_000),
+        max_wait_ms: section.in_range("max_wait_ms", defaults.max_wait_ms, 0..=60_000),
     }
 }
 
 pub(super) fn read_admin(section: &mut Section<'_>) -> AdminConfig {
-    let default = SocketAddr::from(([127, 0, 0, 1], 9187));
     AdminConfig {
-        listen: section.parse("listen", default, |text: String| {
+        listen: section.parse("listen", AdminConfig::default().listen, |text: String| {
             text.parse()
                 .map_err(|_| format!("`{text}` is not an address like 127.0.0.1:9187"))
         }),

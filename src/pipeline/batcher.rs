@@ -1,9 +1,9 @@
-//! The map and plan stages over a stream of source events: evaluates each
-//! change, buffers streamed transactions until they commit, and cuts the
-//! planner's output into bounded batches.
+//! The map and plan stages over a stream of source events, for every source:
+//! evaluates each change, buffers streamed transactions until they commit,
+//! and cuts the planner's output into bounded batches.
 //!
-//! Pure: events in, [`Plan`]s out; the replication task owns the clock and
-//! the IO.
+//! Pure: [`Event`]s in, [`Plan`]s out; the source's task owns the clock and
+//! the IO (it publishes what the batcher counted, [`Batcher::record_metrics`]).
 //!
 //! **Progress tracking.** A plan carries a checkpoint only when a commit was
 //! pushed into it, and a commit is pushed only after every action of its
@@ -21,10 +21,11 @@ use std::time::SystemTime;
 
 use rustc_hash::FxHashMap;
 
-use crate::change::{RowChange, TableName};
+use super::schema::FallbackLog;
+use crate::change::{Event, Op, RowChange, TableName};
 use crate::mapping::{Action, Mappings, Output};
 use crate::plan::{Plan, Planner};
-use crate::source::postgres::changes::Event;
+use crate::telemetry;
 
 /// Bounds of one batcher.
 #[derive(Clone, Copy, Debug)]
@@ -33,6 +34,16 @@ pub struct BatchLimits {
     pub max_keys: usize,
     /// Buffered actions per streamed transaction before it goes coarse.
     pub max_pending_keys: usize,
+}
+
+impl BatchLimits {
+    /// The limits `[batch]` sets.
+    pub fn of(batch: &crate::config::BatchConfig) -> BatchLimits {
+        BatchLimits {
+            max_keys: batch.max_keys,
+            max_pending_keys: batch.max_pending_keys,
+        }
+    }
 }
 
 /// Counters for metrics and the demo.
@@ -44,13 +55,24 @@ pub struct BatchStats {
     pub aborted_streams: u64,
 }
 
+/// A streamed transaction until it commits: its actions, and per
+/// subtransaction what it changed, so that a subtransaction that aborts
+/// takes its changes, its actions and its overflow with it.
 #[derive(Default)]
 struct StreamBuffer {
     /// (subxid, action) in WAL order.
     actions: Vec<(u32, Action)>,
+    /// Per subtransaction (the top-level xid included).
+    subs: FxHashMap<u32, Sub>,
+}
+
+#[derive(Default)]
+struct Sub {
     changes: u64,
-    /// Tables the transaction touched, for the coarse fallback.
+    /// Tables it touched, for the coarse fallback.
     tables: BTreeSet<Arc<TableName>>,
+    /// Its actions overflowed `max_pending_keys`: they were dropped, and
+    /// if it commits, its tables are invalidated coarsely.
     coarse: bool,
 }
 
@@ -61,29 +83,12 @@ pub struct Batcher {
     out: Output,
     streams: HashMap<u32, StreamBuffer>,
     stats: BatchStats,
-    /// Pattern deletes that stood in for keys, by table, since
-    /// [`Batcher::take_fallbacks`].
-    fallbacks: Fallbacks,
-}
-
-/// Pattern deletes that stood in for keys, by table.
-pub(super) type Fallbacks = FxHashMap<Arc<TableName>, u64>;
-
-/// Evaluates one change into `out` (cleared first), adding its pattern
-/// fallbacks to `fallbacks`: the one place both sources map a change.
-pub(super) fn eval_counting(
-    mappings: &Mappings,
-    change: &RowChange,
-    out: &mut Output,
-    fallbacks: &mut Fallbacks,
-) {
-    out.clear();
-    let before = out.counts.coarse;
-    mappings.eval(change, out);
-    let added = out.counts.coarse - before;
-    if added > 0 {
-        *fallbacks.entry(change.table.clone()).or_default() += added;
-    }
+    /// Since [`Batcher::record_metrics`]: changes received by table and
+    /// operation, and pattern deletes that stood in for keys, by table.
+    received: FxHashMap<(Arc<TableName>, Op), u64>,
+    fallbacks: FxHashMap<Arc<TableName>, u64>,
+    fallback_log: FallbackLog,
+    coarse_reported: u64,
 }
 
 impl Batcher {
@@ -95,10 +100,14 @@ impl Batcher {
             out: Output::default(),
             streams: HashMap::new(),
             stats: BatchStats::default(),
-            fallbacks: Fallbacks::default(),
+            received: FxHashMap::default(),
+            fallbacks: FxHashMap::default(),
+            fallback_log: FallbackLog::default(),
+            coarse_reported: 0,
         }
     }
 
+    #[cfg(test)]
     pub fn stats(&self) -> BatchStats {
         self.stats
     }
@@ -126,6 +135,12 @@ impl Batcher {
 
     /// Handles one event; full plans are appended to `ready`.
     pub fn push(&mut self, event: Event, ready: &mut Vec<Plan>) {
+        if let Event::Change { change, .. } = &event {
+            *self
+                .received
+                .entry((change.table.clone(), change.op))
+                .or_default() += 1;
+        }
         match event {
             Event::Change {
                 stream: None,
@@ -145,7 +160,7 @@ impl Batcher {
                 commit_time,
             } => {
                 self.stats.transactions += 1;
-                self.planner.commit(checkpoint, Some(commit_time));
+                self.planner.commit(checkpoint, commit_time);
                 self.cut_if_full(ready);
             }
             Event::StreamCommit {
@@ -157,7 +172,7 @@ impl Batcher {
                 if let Some(buffer) = self.streams.remove(&xid) {
                     self.release(xid, buffer, ready);
                 }
-                self.planner.commit(checkpoint, Some(commit_time));
+                self.planner.commit(checkpoint, commit_time);
                 self.cut_if_full(ready);
             }
             Event::StreamAbort { xid, subxid } if xid == subxid => {
@@ -167,19 +182,60 @@ impl Batcher {
             Event::StreamAbort { xid, subxid } => {
                 if let Some(buffer) = self.streams.get_mut(&xid) {
                     buffer.actions.retain(|(owner, _)| *owner != subxid);
+                    buffer.subs.remove(&subxid);
                 }
             }
         }
     }
 
-    /// Pattern deletes that stood in for keys since the last call, by
-    /// table (a placeholder's value unknown, or a key too long).
-    pub fn take_fallbacks(&mut self) -> impl Iterator<Item = (Arc<TableName>, u64)> + '_ {
-        self.fallbacks.drain()
+    /// Invalidates every mapped table at once (continuity was lost: changes
+    /// were deleted before evictd read them), ahead of anything pushed
+    /// later; counted as a coarse invalidation.
+    pub fn invalidate_everything(&mut self, ready: &mut Vec<Plan>) {
+        let mappings = self.mappings.clone();
+        self.stats.coarse_transactions += 1;
+        self.invalidate_tables(mappings.tables().map(|mapping| &*mapping.table), ready);
     }
 
+    /// The one coarse invalidation: every key, tag and pattern `tables` can
+    /// render, as patterns.
+    fn invalidate_tables<'t>(
+        &mut self,
+        tables: impl IntoIterator<Item = &'t TableName>,
+        ready: &mut Vec<Plan>,
+    ) {
+        for table in tables {
+            self.out.clear();
+            self.mappings.eval_coarse(table, &mut self.out);
+            for action in self.out.actions.drain(..) {
+                self.planner.push(action);
+            }
+            self.cut_if_full(ready);
+        }
+    }
+
+    /// Publishes what was counted since the last call: changes received by
+    /// table and operation, pattern fallbacks (with a rate-limited WARN),
+    /// and coarse invalidations.
+    pub fn record_metrics(&mut self) {
+        for ((table, op), count) in self.received.drain() {
+            metrics::counter!(telemetry::CHANGES_RECEIVED, "table" => table.to_string(), "op" => op.as_str()).increment(count);
+        }
+        self.fallback_log.record(self.fallbacks.drain());
+        let coarse = self.stats.coarse_transactions;
+        metrics::counter!(telemetry::COARSE_INVALIDATIONS).increment(coarse - self.coarse_reported);
+        self.coarse_reported = coarse;
+    }
+
+    /// Evaluates one change into `out`, counting its pattern fallbacks.
     fn eval(&mut self, change: &RowChange) {
-        eval_counting(&self.mappings, change, &mut self.out, &mut self.fallbacks);
+        self.out.clear();
+        let before = self.out.counts.coarse;
+        self.mappings.eval(change, &mut self.out);
+        let added = self.out.counts.coarse - before;
+        if added > 0 {
+            *self.fallbacks.entry(change.table.clone()).or_default() += added;
+        }
     }
 
     /// The plan of everything pending, if anything is.
@@ -194,12 +250,18 @@ impl Batcher {
     }
 
     fn buffer(&mut self, xid: u32, subxid: u32, change: &RowChange) {
-        let buffer = self.streams.entry(xid).or_default();
-        buffer.changes += 1;
-        if !buffer.tables.contains(&change.table) {
-            buffer.tables.insert(change.table.clone());
+        let sub = self
+            .streams
+            .entry(xid)
+            .or_default()
+            .subs
+            .entry(subxid)
+            .or_default();
+        sub.changes += 1;
+        if !sub.tables.contains(&change.table) {
+            sub.tables.insert(change.table.clone());
         }
-        if buffer.coarse {
+        if sub.coarse {
             return;
         }
         self.eval(change);
@@ -208,40 +270,44 @@ impl Batcher {
             .actions
             .extend(self.out.actions.drain(..).map(|action| (subxid, action)));
         if buffer.actions.len() > self.limits.max_pending_keys {
+            // The subtransaction that grew past the bound goes coarse: its
+            // actions are dropped (the others' stay key by key), and if it
+            // aborts, its overflow goes with it.
+            buffer.actions.retain(|(owner, _)| *owner != subxid);
+            let sub = buffer.subs.entry(subxid).or_default();
+            sub.coarse = true;
             tracing::warn!(
                 xid,
-                pending = buffer.actions.len(),
+                subxid,
                 max_pending_keys = self.limits.max_pending_keys,
-                tables = buffer.tables.len(),
-                "streamed transaction too large to track key by key: it will invalidate its tables coarsely"
+                tables = sub.tables.len(),
+                "streamed transaction too large to track key by key: if this part of it commits, its tables are invalidated coarsely"
             );
-            buffer.actions = Vec::new();
-            buffer.coarse = true;
         }
     }
 
     /// Moves a committed streamed transaction's actions into the planner,
-    /// cutting plans as they fill.
+    /// cutting plans as they fill; the tables of any part that overflowed
+    /// are invalidated coarsely after them (a pattern turns any refresh it
+    /// covers into a delete, so nothing stale is written).
     fn release(&mut self, xid: u32, buffer: StreamBuffer, ready: &mut Vec<Plan>) {
-        self.stats.changes += buffer.changes;
-        if buffer.coarse {
-            self.stats.coarse_transactions += 1;
-            tracing::warn!(xid, tables = ?buffer.tables, "coarse invalidation of the tables a large transaction touched");
-            self.planner.count_changes(buffer.changes);
-            for table in buffer.tables {
-                self.out.clear();
-                self.mappings.eval_coarse(&table, &mut self.out);
-                for action in self.out.actions.drain(..) {
-                    self.planner.push(action);
-                }
-                self.cut_if_full(ready);
-            }
-            return;
-        }
-        self.planner.count_changes(buffer.changes);
+        let changes: u64 = buffer.subs.values().map(|sub| sub.changes).sum();
+        let coarse: BTreeSet<Arc<TableName>> = buffer
+            .subs
+            .values()
+            .filter(|sub| sub.coarse)
+            .flat_map(|sub| sub.tables.iter().cloned())
+            .collect();
+        self.stats.changes += changes;
+        self.planner.count_changes(changes);
         for (_, action) in buffer.actions {
             self.planner.push(action);
             self.cut_if_full(ready);
+        }
+        if !coarse.is_empty() {
+            self.stats.coarse_transactions += 1;
+            tracing::warn!(xid, tables = ?coarse, "coarse invalidation of the tables a large transaction touched");
+            self.invalidate_tables(coarse.iter().map(|table| &**table), ready);
         }
     }
 }
@@ -288,7 +354,7 @@ mod tests {
     fn commit(lsn: u64) -> Event {
         Event::Commit {
             checkpoint: Checkpoint::Lsn(Lsn(lsn)),
-            commit_time: SystemTime::now(),
+            commit_time: Some(SystemTime::now()),
         }
     }
 
@@ -306,7 +372,7 @@ mod tests {
         batcher.push(commit(100), &mut ready);
         ready.extend(batcher.take());
         let checkpoints: Vec<Option<Checkpoint>> =
-            ready.iter().map(|plan| plan.checkpoint).collect();
+            ready.iter().map(|plan| plan.checkpoint.clone()).collect();
         assert_eq!(checkpoints, [None, None, Some(Checkpoint::Lsn(Lsn(100)))]);
         let keys: Vec<String> = ready.iter().flat_map(lines).collect();
         assert_eq!(
@@ -336,14 +402,16 @@ mod tests {
             Event::StreamCommit {
                 xid: 7,
                 checkpoint: Checkpoint::Lsn(Lsn(200)),
-                commit_time: SystemTime::now(),
+                commit_time: Some(SystemTime::now()),
             },
             &mut ready,
         );
         let plan = batcher.take().expect("the committed stream");
         assert_eq!(lines(&plan), ["UNLINK t:1", "UNLINK t:3"]);
         assert_eq!(plan.checkpoint, Some(Checkpoint::Lsn(Lsn(200))));
-        assert_eq!(plan.changes, 3);
+        // Only what committed is counted (the aborted subtransaction's
+        // change is not applied).
+        assert_eq!(plan.changes, 2);
     }
 
     #[test]
@@ -368,7 +436,7 @@ mod tests {
             Event::StreamCommit {
                 xid: 7,
                 checkpoint: Checkpoint::Lsn(Lsn(300)),
-                commit_time: SystemTime::now(),
+                commit_time: Some(SystemTime::now()),
             },
             &mut ready,
         );
@@ -376,5 +444,51 @@ mod tests {
         assert_eq!(lines(&plan), ["UNLINK MATCH t:*"]);
         assert_eq!(batcher.stats().coarse_transactions, 1);
         assert_eq!(plan.changes, 10);
+    }
+
+    fn stream_commit(xid: u32, lsn: u64) -> Event {
+        Event::StreamCommit {
+            xid,
+            checkpoint: Checkpoint::Lsn(Lsn(lsn)),
+            commit_time: Some(SystemTime::now()),
+        }
+    }
+
+    /// Transaction 7 with two changes of its own and eleven in
+    /// subtransaction 8, which pass a bound of 3 pending actions.
+    fn overflowing_stream(ready: &mut Vec<Plan>) -> Batcher {
+        let mut batcher = batcher(100, 3);
+        batcher.push(insert(1, Some((7, 7))), ready);
+        batcher.push(insert(2, Some((7, 7))), ready);
+        for id in 10..=20 {
+            batcher.push(insert(id, Some((7, 8))), ready);
+        }
+        batcher
+    }
+
+    #[test]
+    fn an_overflow_inside_an_aborted_subtransaction_goes_with_it() {
+        let mut ready = Vec::new();
+        let mut batcher = overflowing_stream(&mut ready);
+        batcher.push(Event::StreamAbort { xid: 7, subxid: 8 }, &mut ready);
+        batcher.push(stream_commit(7, 400), &mut ready);
+        let plan = batcher.take().expect("the committed part");
+        assert_eq!(lines(&plan), ["UNLINK t:1", "UNLINK t:2"]);
+        assert_eq!(plan.changes, 2);
+        assert_eq!(batcher.stats().coarse_transactions, 0);
+    }
+
+    #[test]
+    fn only_the_part_that_overflowed_goes_coarse() {
+        let mut ready = Vec::new();
+        let mut batcher = overflowing_stream(&mut ready);
+        batcher.push(stream_commit(7, 500), &mut ready);
+        let plan = batcher.take().expect("the plan");
+        assert_eq!(
+            lines(&plan),
+            ["UNLINK t:1", "UNLINK t:2", "UNLINK MATCH t:*"]
+        );
+        assert_eq!(plan.changes, 13);
+        assert_eq!(batcher.stats().coarse_transactions, 1);
     }
 }

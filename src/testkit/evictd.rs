@@ -1,27 +1,44 @@
-//! evictd running in-process against throwaway (or any) servers, with
-//! `sync()`: wait until everything committed so far is applied.
+//! evictd running in-process against throwaway (or any) servers, on either
+//! source, with `sync()`: wait until everything written so far is applied.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::kafka::Client;
 use super::TestkitError;
-use crate::change::Lsn;
-use crate::config::Config;
+use crate::change::{Checkpoint, Lsn, Offsets, Partition};
+use crate::config::{Config, SourceKind};
 use crate::lag::Lag;
 use crate::mapping::{self, Mappings};
 use crate::pipeline::{self, Options, Running};
+use crate::source::postgres::control::Control;
 
-/// A running evictd pipeline.
+/// A running evictd pipeline, on either source.
 pub struct Evictd {
     running: Running,
-    postgres_url: String,
+    source: Source,
     mappings: Arc<Mappings>,
     sync_timeout: Duration,
 }
 
+/// What [`Evictd::sync`] waits for.
+enum Source {
+    /// The acknowledged position reaches the database's current WAL
+    /// position.
+    Postgres { url: String },
+    /// The group's committed offsets reach the end of every topic.
+    Kafka {
+        client: Client,
+        group: String,
+        topics: Vec<String>,
+    },
+}
+
 impl Evictd {
-    /// Loads the mappings of `config.mappings.dir` and starts streaming
-    /// (creating the slot and publication when absent).
+    /// Loads the mappings of `config.mappings.dir` and starts the source
+    /// `config.source` names: streaming from Postgres (creating the slot and
+    /// publication when absent), or consuming the Kafka topics once the
+    /// group has assigned this member its partitions.
     pub async fn start(config: &Config) -> Result<Evictd, TestkitError> {
         let mappings = mapping::load_dir(&config.mappings.dir, config.mappings.limits).map_err(
             |diagnostics| {
@@ -43,27 +60,46 @@ impl Evictd {
             status_interval: options.status_interval.min(Duration::from_millis(20)),
             ..options
         };
-        let postgres_url = config
-            .postgres
-            .url
-            .as_ref()
-            .ok_or_else(|| TestkitError::Start("postgres.url is not set".into()))?
-            .expose()
-            .to_owned();
+        let source = match (config.source, &config.kafka) {
+            (SourceKind::Postgres, _) => Source::Postgres {
+                url: config
+                    .postgres
+                    .url
+                    .as_ref()
+                    .ok_or_else(|| TestkitError::Start("postgres.url is not set".into()))?
+                    .expose()
+                    .to_owned(),
+            },
+            (SourceKind::Kafka, Some(kafka)) => Source::Kafka {
+                client: Client {
+                    brokers: kafka.brokers.clone(),
+                },
+                group: kafka.group_id.clone(),
+                topics: kafka.topics.clone(),
+            },
+            (SourceKind::Kafka, None) => {
+                return Err(TestkitError::Start("[kafka] is not set".into()))
+            }
+        };
         let running = pipeline::start(config, mappings.clone(), options)
             .map_err(|e| TestkitError::Start(format!("evictd did not start: {e}")))?;
         // Changes committed after start() returns must be seen: wait until
-        // the slot exists and streams.
+        // the slot exists and streams (or the partitions are assigned).
         let running = running
-            .streaming_within(Duration::from_secs(30))
+            .streaming_within(Duration::from_secs(60))
             .await
             .map_err(TestkitError::Start)?;
         Ok(Evictd {
             running,
-            postgres_url,
+            source,
             mappings,
             sync_timeout: Duration::from_secs(30),
         })
+    }
+
+    /// The pipeline itself: its progress, source state, lag.
+    pub fn running(&self) -> &Running {
+        &self.running
     }
 
     pub fn mappings(&self) -> &Mappings {
@@ -75,20 +111,37 @@ impl Evictd {
         &self.running.epoch
     }
 
-    /// Waits until evictd has applied and acknowledged everything up to the
-    /// database's current WAL position.
-    pub async fn sync(&self) -> Result<Lsn, TestkitError> {
+    /// Waits until evictd has applied and acknowledged everything written
+    /// so far: on Postgres, up to the database's current WAL position; on
+    /// Kafka, every record of the topics (the group committed their ends).
+    /// Returns that position.
+    pub async fn sync(&self) -> Result<Checkpoint, TestkitError> {
         self.sync_within(self.sync_timeout).await
     }
 
     /// [`Evictd::sync`] with its own timeout.
-    pub async fn sync_within(&self, timeout: Duration) -> Result<Lsn, TestkitError> {
-        let target = current_wal_lsn(&self.postgres_url).await?;
+    pub async fn sync_within(&self, timeout: Duration) -> Result<Checkpoint, TestkitError> {
+        match &self.source {
+            Source::Postgres { url } => self.sync_postgres(url, timeout).await,
+            Source::Kafka {
+                client,
+                group,
+                topics,
+            } => sync_kafka(client, group, topics, timeout).await,
+        }
+    }
+
+    async fn sync_postgres(
+        &self,
+        url: &str,
+        timeout: Duration,
+    ) -> Result<Checkpoint, TestkitError> {
+        let target = current_wal_lsn(url).await?;
         let mut acked = self.running.acked.clone();
         let reached = async { acked.wait_for(|acked| *acked >= target).await.map(|_| ()) };
         let outcome = tokio::time::timeout(timeout, reached).await;
         match outcome {
-            Ok(Ok(())) => Ok(target),
+            Ok(Ok(())) => Ok(Checkpoint::Lsn(target)),
             Ok(Err(_)) => Err(TestkitError::Start(
                 "evictd stopped before reaching the WAL position".into(),
             )),
@@ -124,6 +177,47 @@ impl Evictd {
     }
 }
 
+/// Waits until `group` committed the end of every partition of `topics`.
+async fn sync_kafka(
+    client: &Client,
+    group: &str,
+    topics: &[String],
+    timeout: Duration,
+) -> Result<Checkpoint, TestkitError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut target = Offsets::default();
+    for topic in topics {
+        if topic.starts_with('^') {
+            return Err(TestkitError::Start(format!(
+                "sync cannot list the topics of the pattern `{topic}`: name the topics"
+            )));
+        }
+        let end = client.end_offsets(topic)?;
+        loop {
+            // Equal, not at least: a group that committed past the end (its
+            // records deleted) has not read what is there now.
+            if client.committed(group, topic)? == end {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                let committed = client.committed(group, topic)?;
+                return Err(TestkitError::Start(format!(
+                    "sync timed out after {timeout:?}: group {group} committed {committed:?} of {topic}, not its end {end:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for (partition, end) in (0..).zip(end) {
+            let partition = Partition {
+                topic: topic.as_str().into(),
+                partition,
+            };
+            target.0.insert(partition, end);
+        }
+    }
+    Ok(Checkpoint::Offsets(target))
+}
+
 /// The pid of the walsender serving `slot`, while one does.
 pub async fn walsender_pid(
     client: &tokio_postgres::Client,
@@ -144,13 +238,11 @@ pub async fn walsender_pid(
 /// `pg_current_wal_insert_lsn()` (everything written so far, durable or not) of the database at `url`.
 pub async fn current_wal_lsn(url: &str) -> Result<Lsn, TestkitError> {
     let url = crate::config::SecretUrl::parse(url).map_err(TestkitError::Start)?;
-    let client = crate::catalog::connect(&url)
+    let control = Control::database(&url)
         .await
         .map_err(|e| TestkitError::Start(format!("connect for the WAL position: {e}")))?;
-    let row = client
-        .query_one("select pg_current_wal_insert_lsn()::text", &[])
+    control
+        .current_wal_insert_lsn()
         .await
-        .map_err(TestkitError::Postgres)?;
-    let text: String = row.get(0);
-    Lsn::parse(&text).ok_or_else(|| TestkitError::Start(format!("unexpected LSN `{text}`")))
+        .map_err(|e| TestkitError::Start(format!("read the WAL position: {e}")))
 }

@@ -54,6 +54,12 @@ pub fn tansu_binary() -> PathBuf {
 }
 
 impl Kafka {
+    pub(crate) fn client(&self) -> Client {
+        Client {
+            brokers: self.brokers(),
+        }
+    }
+
     pub fn start() -> Result<Kafka, TestkitError> {
         let dir = tempfile::Builder::new()
             .prefix("evictd-kafka-")
@@ -125,6 +131,7 @@ impl Kafka {
     pub async fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), TestkitError> {
         let admin: AdminClient<DefaultClientContext> = self
             .client()
+            .config()
             .create()
             .map_err(|e| TestkitError::Start(format!("cannot create an admin client: {e}")))?;
         let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
@@ -183,26 +190,18 @@ impl Kafka {
     /// The offsets `group` committed on each partition of `topic` (-1 where
     /// none), in partition order.
     pub fn committed(&self, group: &str, topic: &str) -> Result<Vec<i64>, TestkitError> {
-        let consumer = self.consumer(group)?;
-        let partitions = self.partition_count(&consumer, topic)?;
-        let mut list = TopicPartitionList::new();
-        list.add_partition_range(topic, 0, partitions - 1);
-        let committed = consumer
-            .committed_offsets(list, CLIENT_TIMEOUT)
-            .map_err(|e| TestkitError::Start(format!("cannot read committed offsets: {e}")))?;
-        let mut offsets: Vec<(i32, i64)> = committed
-            .elements()
-            .iter()
-            .map(|e| (e.partition(), e.offset().to_raw().unwrap_or(-1).max(-1)))
-            .collect();
-        offsets.sort_unstable();
-        Ok(offsets.into_iter().map(|(_, offset)| offset).collect())
+        self.client().committed(group, topic)
+    }
+
+    /// The end (high watermark) of each partition of `topic`.
+    pub fn end_offsets(&self, topic: &str) -> Result<Vec<i64>, TestkitError> {
+        self.client().end_offsets(topic)
     }
 
     /// Commits `offsets` (one per partition, in order) for `group`, as if
     /// it had read that far.
     pub fn commit(&self, group: &str, topic: &str, offsets: &[i64]) -> Result<(), TestkitError> {
-        let consumer = self.consumer(group)?;
+        let consumer = self.client().consumer(group)?;
         let mut list = TopicPartitionList::new();
         for (partition, offset) in (0..).zip(offsets) {
             list.add_partition_offset(topic, partition, Offset::Offset(*offset))
@@ -211,20 +210,6 @@ impl Kafka {
         consumer
             .commit(&list, rdkafka::consumer::CommitMode::Sync)
             .map_err(|e| TestkitError::Start(format!("cannot commit offsets: {e}")))
-    }
-
-    /// The end (high watermark) of each partition of `topic`.
-    pub fn end_offsets(&self, topic: &str) -> Result<Vec<i64>, TestkitError> {
-        let consumer = self.consumer("evictd-testkit-watermarks")?;
-        let partitions = self.partition_count(&consumer, topic)?;
-        (0..partitions)
-            .map(|partition| {
-                consumer
-                    .fetch_watermarks(topic, partition, CLIENT_TIMEOUT)
-                    .map(|(_, high)| high)
-                    .map_err(|e| TestkitError::Start(format!("cannot read watermarks: {e}")))
-            })
-            .collect()
     }
 
     /// Waits until `group` has committed the end of every partition of
@@ -253,7 +238,7 @@ impl Kafka {
 
     /// Reads every record of `topic` from the beginning.
     pub fn read_all(&self, topic: &str) -> Result<Vec<ReadRecord>, TestkitError> {
-        let consumer = self.consumer("evictd-testkit-reader")?;
+        let consumer = self.client().consumer("evictd-testkit-reader")?;
         let end = self.end_offsets(topic)?;
         let mut list = TopicPartitionList::new();
         for partition in 0..i32::try_from(end.len()).unwrap_or(0) {
@@ -291,15 +276,56 @@ impl Kafka {
         }
         Ok(records)
     }
+}
 
-    fn client(&self) -> ClientConfig {
+/// Client calls against any broker list (the testkit's broker, or the one
+/// an [`super::Evictd`] on the Kafka source reads).
+pub(crate) struct Client {
+    pub brokers: String,
+}
+
+impl Client {
+    pub(crate) fn config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
-        config.set("bootstrap.servers", self.brokers());
+        config.set("bootstrap.servers", &self.brokers);
         config
     }
 
-    fn consumer(&self, group: &str) -> Result<BaseConsumer, TestkitError> {
-        self.client()
+    /// The offsets `group` committed on each partition of `topic` (-1 where
+    /// none), in partition order.
+    pub fn committed(&self, group: &str, topic: &str) -> Result<Vec<i64>, TestkitError> {
+        let consumer = self.consumer(group)?;
+        let partitions = self.partition_count(&consumer, topic)?;
+        let mut list = TopicPartitionList::new();
+        list.add_partition_range(topic, 0, partitions - 1);
+        let committed = consumer
+            .committed_offsets(list, CLIENT_TIMEOUT)
+            .map_err(|e| TestkitError::Start(format!("cannot read committed offsets: {e}")))?;
+        let mut offsets: Vec<(i32, i64)> = committed
+            .elements()
+            .iter()
+            .map(|e| (e.partition(), e.offset().to_raw().unwrap_or(-1).max(-1)))
+            .collect();
+        offsets.sort_unstable();
+        Ok(offsets.into_iter().map(|(_, offset)| offset).collect())
+    }
+
+    /// The end (high watermark) of each partition of `topic`.
+    pub fn end_offsets(&self, topic: &str) -> Result<Vec<i64>, TestkitError> {
+        let consumer = self.consumer("evictd-testkit-watermarks")?;
+        let partitions = self.partition_count(&consumer, topic)?;
+        (0..partitions)
+            .map(|partition| {
+                consumer
+                    .fetch_watermarks(topic, partition, CLIENT_TIMEOUT)
+                    .map(|(_, high)| high)
+                    .map_err(|e| TestkitError::Start(format!("cannot read watermarks: {e}")))
+            })
+            .collect()
+    }
+
+    pub(crate) fn consumer(&self, group: &str) -> Result<BaseConsumer, TestkitError> {
+        self.config()
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .create()

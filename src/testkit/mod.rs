@@ -5,17 +5,27 @@
 //! temporary directories. Whatever happens to the test process, a reaper
 //! process stops them and removes their directories (see [`reaper`]).
 //!
-//! Enabled by the `testkit` cargo feature.
+//! Public with the `testkit` cargo feature (off by default; the crate's
+//! own tests and benches turn it on). Without it, only the throwaway
+//! Postgres and Redis of `evictd demo` are compiled.
 
+#[cfg(feature = "testkit")]
 mod evictd;
+#[cfg(feature = "testkit")]
 mod kafka;
 mod postgres;
+#[cfg(feature = "testkit")]
+mod profile;
 pub mod reaper;
 mod redis;
 
+#[cfg(feature = "testkit")]
 pub use evictd::{current_wal_lsn, walsender_pid, Evictd};
+#[cfg(feature = "testkit")]
 pub use kafka::{tansu_binary, Kafka, ReadRecord};
 pub use postgres::Postgres;
+#[cfg(feature = "testkit")]
+pub use profile::{cpu_by_process_name, peak_rss_kib, process_cpu_ticks, ThreadCpu};
 pub use redis::{ping as redis_ping, Redis, RedisCluster};
 
 /// Why a throwaway server could not be started or used.
@@ -42,15 +52,6 @@ impl TestkitError {
     }
 }
 
-/// Peak resident memory (VmHWM) of process `pid`, in KiB.
-pub fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
 /// A TCP port that was free a moment ago.
 fn free_port() -> Result<u16, TestkitError> {
     let listener = std::net::TcpListener::bind(("127.0.0.1", 0))
@@ -60,68 +61,4 @@ fn free_port() -> Result<u16, TestkitError> {
         .map_err(|e| TestkitError::io("find a free port", e))?
         .port();
     Ok(port)
-}
-
-/// CPU time (utime + stime, in clock ticks) of each thread of this process,
-/// for benches that want to say which thread bounds a number.
-#[derive(Clone, Debug, Default)]
-pub struct ThreadCpu(std::collections::HashMap<u32, (String, u64)>);
-
-impl ThreadCpu {
-    /// Reads `/proc/self/task/*/stat` (empty where there is no procfs).
-    pub fn sample() -> ThreadCpu {
-        let mut threads = std::collections::HashMap::new();
-        let tasks = std::fs::read_dir("/proc/self/task").into_iter().flatten();
-        for entry in tasks.flatten() {
-            let Ok(tid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            if let Some(named) = stat_ticks(&entry.path().join("stat")) {
-                threads.insert(tid, named);
-            }
-        }
-        ThreadCpu(threads)
-    }
-
-    /// Ticks spent since `earlier`, summed by thread name.
-    pub fn since(&self, earlier: &ThreadCpu) -> std::collections::BTreeMap<String, u64> {
-        let mut by_name = std::collections::BTreeMap::new();
-        for (tid, (name, ticks)) in &self.0 {
-            let before = earlier.0.get(tid).map_or(0, |(_, t)| *t);
-            *by_name.entry(name.clone()).or_default() += ticks.saturating_sub(before);
-        }
-        by_name
-    }
-}
-
-/// CPU time (utime + stime, in clock ticks) of process `pid` so far; 0 when
-/// it cannot be read.
-pub fn process_cpu_ticks(pid: u32) -> u64 {
-    stat_ticks(std::path::Path::new(&format!("/proc/{pid}/stat"))).map_or(0, |(_, ticks)| ticks)
-}
-
-/// CPU time (clock ticks) of every process on the machine, summed by
-/// process name (`postgres`, `pgbench`, `redis-server`, ...): with two
-/// samples, who used the CPU while a bench ran.
-pub fn cpu_by_process_name() -> std::collections::BTreeMap<String, u64> {
-    let mut by_name = std::collections::BTreeMap::new();
-    let processes = std::fs::read_dir("/proc").into_iter().flatten().flatten();
-    for entry in processes {
-        if entry.file_name().to_string_lossy().parse::<u32>().is_err() {
-            continue;
-        }
-        if let Some((name, ticks)) = stat_ticks(&entry.path().join("stat")) {
-            *by_name.entry(name).or_default() += ticks;
-        }
-    }
-    by_name
-}
-
-/// The name and utime + stime of a `/proc/.../stat` file.
-fn stat_ticks(path: &std::path::Path) -> Option<(String, u64)> {
-    let stat = std::fs::read_to_string(path).ok()?;
-    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
-    let fields: Vec<&str> = stat.get(close + 2..)?.split(' ').collect();
-    let field = |i: usize| fields.get(i).and_then(|t| t.parse::<u64>().ok());
-    Some((stat[open + 1..close].to_owned(), field(11)? + field(12)?))
 }

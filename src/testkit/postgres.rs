@@ -265,8 +265,10 @@ impl Postgres {
 const SETTINGS: &[&str] = &[
     "listen_addresses=127.0.0.1",
     "wal_level=logical",
-    "max_wal_senders=32",
-    "max_replication_slots=32",
+    // One server serves a whole test run: every test's slot stays (tests
+    // end with it inactive), and a few dozen stream at once.
+    "max_wal_senders=64",
+    "max_replication_slots=256",
     "max_connections=200",
     "fsync=off",
     "synchronous_commit=off",

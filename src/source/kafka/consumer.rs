@@ -33,6 +33,7 @@ use tokio::sync::mpsc;
 
 use super::debezium::{Decoded, Decoder};
 use crate::config::KafkaConfig;
+use crate::continuity::{self, Verdict};
 use crate::error::{Error, ErrorKind};
 use crate::mapping::Mappings;
 use crate::telemetry;
@@ -44,18 +45,7 @@ const POLL: Duration = Duration::from_millis(20);
 /// Records handed to the pipeline in one event at most.
 const RECORD_CHUNK: usize = 256;
 
-/// A partition of a topic.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Partition {
-    pub topic: Arc<str>,
-    pub partition: i32,
-}
-
-impl std::fmt::Display for Partition {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.topic, self.partition)
-    }
-}
+pub use crate::change::Partition;
 
 /// The offset to commit for a partition: the next record to read.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -165,9 +155,7 @@ pub fn spawn(
     };
     let consumer: BaseConsumer<Context> = consumer_config(config)
         .create_with_context(context)
-        .map_err(|e| {
-            Error::with_source(ErrorKind::Config, "cannot create the Kafka consumer", e)
-        })?;
+        .map_err(|e| Error::kafka("cannot create the Kafka consumer", e))?;
     let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).map_err(|e| {
         Error::with_source(
@@ -372,11 +360,11 @@ fn start_positions(
         let (topic, partition) = (element.topic(), element.partition());
         let start = match element.offset() {
             Offset::Offset(offset) => {
-                match consumer.fetch_watermarks(topic, partition, BROKER_TIMEOUT) {
-                    Ok((low, high)) if offset < low || offset > high => {
-                        let reason = format!(
-                            "committed offset {offset} is outside {low}..={high}: records were deleted before evictd read them"
-                        );
+                let verdict = consumer
+                    .fetch_watermarks(topic, partition, BROKER_TIMEOUT)
+                    .map(|(low, high)| continuity::judge_offset(offset, low, high));
+                match verdict {
+                    Ok(Verdict::Lost(reason)) => {
                         lost.push((
                             Partition {
                                 topic: topic.into(),
@@ -564,8 +552,8 @@ pub fn group_status(config: &KafkaConfig) -> Result<(String, Vec<String>), Error
     use std::fmt::Write as _;
     let consumer: BaseConsumer = consumer_config(config)
         .create()
-        .map_err(|e| Error::with_source(ErrorKind::Config, "cannot create a Kafka client", e))?;
-    let broker = |e| Error::with_source(ErrorKind::Shutdown, "the Kafka broker did not answer", e);
+        .map_err(|e| Error::kafka("cannot create a Kafka client", e))?;
+    let broker = |e| Error::kafka("the Kafka broker did not answer", e);
     let mut out = String::new();
     let mut warnings = Vec::new();
     let _ = writeln!(out, "group {} on {}", config.group_id, config.brokers);

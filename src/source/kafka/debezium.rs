@@ -44,6 +44,7 @@ pub enum Decoded {
 
 /// Decodes one record value with a throwaway [`Decoder`]. The error says
 /// what is wrong with it.
+#[cfg(test)]
 pub fn decode(value: Option<&[u8]>, placeholder: &str) -> Result<Decoded, String> {
     Decoder::new(placeholder).decode(value)
 }
@@ -486,17 +487,25 @@ fn datum(value: Json<'_>, field: Option<&FieldType>, placeholder: &str) -> Resul
         Some("io.debezium.time.Date" | "org.apache.kafka.connect.data.Date") => {
             Datum::Text(values::date_from_days(integer()?).into())
         }
-        Some("io.debezium.time.Timestamp" | "org.apache.kafka.connect.data.Timestamp") => {
-            let micros = integer()?
-                .checked_mul(1000)
-                .ok_or_else(|| bad("a timestamp"))?;
-            Datum::Text(values::timestamp_from_micros(micros).into())
-        }
-        Some("io.debezium.time.MicroTimestamp") => {
-            Datum::Text(values::timestamp_from_micros(integer()?).into())
-        }
-        Some("io.debezium.time.NanoTimestamp") => {
-            Datum::Text(values::timestamp_from_micros(integer()?.div_euclid(1000)).into())
+        Some(
+            name @ ("io.debezium.time.Timestamp"
+            | "org.apache.kafka.connect.data.Timestamp"
+            | "io.debezium.time.MicroTimestamp"
+            | "io.debezium.time.NanoTimestamp"),
+        ) => {
+            let raw = integer()?;
+            match values::infinite_timestamp(raw) {
+                Some(infinite) => Datum::Text(infinite.into()),
+                None => {
+                    let micros = match name {
+                        "io.debezium.time.MicroTimestamp" => Some(raw),
+                        "io.debezium.time.NanoTimestamp" => Some(raw.div_euclid(1000)),
+                        _ => raw.checked_mul(1000),
+                    };
+                    let micros = micros.ok_or_else(|| bad("a timestamp"))?;
+                    Datum::Text(values::timestamp_from_micros(micros).into())
+                }
+            }
         }
         Some("io.debezium.time.ZonedTimestamp") => Datum::Text(
             values::timestamptz_from_iso(string()?)
@@ -690,6 +699,29 @@ mod tests {
         assert_eq!(b.get("name"), &Datum::Missing);
         assert_eq!(b.get("id"), &Datum::Number("2".into()));
         assert_eq!(c.get("name"), &Datum::text("z"));
+    }
+
+    #[test]
+    fn infinite_timestamps_read_as_postgres_prints_them() {
+        let json = r#"{"schema":{"type":"struct","fields":[
+            {"field":"after","type":"struct","fields":[
+              {"field":"ms","type":"int64","name":"io.debezium.time.Timestamp"},
+              {"field":"us","type":"int64","name":"io.debezium.time.MicroTimestamp"},
+              {"field":"ns","type":"int64","name":"io.debezium.time.NanoTimestamp"},
+              {"field":"neg","type":"int64","name":"io.debezium.time.MicroTimestamp"},
+              {"field":"tz","type":"string","name":"io.debezium.time.ZonedTimestamp"},
+              {"field":"neg_tz","type":"string","name":"io.debezium.time.ZonedTimestamp"}]}]},
+          "payload":{"after":{"ms":9223372036825200000,"us":9223372036825200000,
+              "ns":9223372036825200000,"neg":-9223372036832400000,
+              "tz":"infinity","neg_tz":"-infinity"},
+            "source":{"schema":"public","table":"t"},"op":"c"}}"#;
+        let row = change(json).new.unwrap();
+        let text = |column| row.get(column).canonical_text().unwrap().to_owned();
+        assert_eq!(
+            [text("ms"), text("us"), text("ns"), text("tz")],
+            ["infinity", "infinity", "infinity", "infinity"]
+        );
+        assert_eq!([text("neg"), text("neg_tz")], ["-infinity", "-infinity"]);
     }
 
     #[test]

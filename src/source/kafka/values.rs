@@ -69,6 +69,23 @@ pub fn time_from_micros(micros: i64) -> String {
     time_of_day(micros.rem_euclid(MICROS_PER_DAY))
 }
 
+/// Debezium's encoding of Postgres' `infinity` timestamp (the JDBC
+/// driver's sentinel), the same number in every timestamp precision.
+pub const INFINITY_SENTINEL: i64 = 9_223_372_036_825_200_000;
+/// Debezium's encoding of `-infinity`.
+pub const NEGATIVE_INFINITY_SENTINEL: i64 = -9_223_372_036_832_400_000;
+
+/// `infinity` or `-infinity`, as Postgres prints them, for Debezium's
+/// sentinel numbers (`io.debezium.time.Timestamp`, `MicroTimestamp`,
+/// `NanoTimestamp`: the same number in each).
+pub fn infinite_timestamp(raw: i64) -> Option<&'static str> {
+    match raw {
+        INFINITY_SENTINEL => Some("infinity"),
+        NEGATIVE_INFINITY_SENTINEL => Some("-infinity"),
+        _ => None,
+    }
+}
+
 /// A `timestamp` (without time zone) from microseconds since the epoch.
 pub fn timestamp_from_micros(micros: i64) -> String {
     let days = micros.div_euclid(MICROS_PER_DAY);
@@ -84,6 +101,10 @@ pub fn timestamp_from_micros(micros: i64) -> String {
 /// A `timestamptz` as the walsender prints it in UTC, from Debezium's
 /// ISO-8601 text (`2024-01-31T12:34:56.789Z`, or with an offset).
 pub fn timestamptz_from_iso(text: &str) -> Option<String> {
+    // Debezium sends an infinite timestamptz as the word itself.
+    if matches!(text, "infinity" | "-infinity") {
+        return Some(text.to_owned());
+    }
     let micros = parse_iso_micros(text)?;
     let plain = timestamp_from_micros(micros);
     Some(match plain.strip_suffix(" BC") {

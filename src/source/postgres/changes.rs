@@ -13,38 +13,12 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::SystemTime;
 
 use super::conn::pg_time;
 use super::pgoutput::{Message, OldKind, Relation, Tuple, Value};
-use crate::change::{Checkpoint, Datum, Lsn, Op, Row, RowChange, TableName};
+use crate::change::{Checkpoint, Datum, Event, Lsn, Op, Row, RowChange, TableName};
 use crate::error::{Error, ErrorKind};
 use crate::mapping::Mappings;
-
-/// What one message means for the pipeline.
-#[derive(Debug, PartialEq)]
-pub enum Event {
-    /// A row change; `stream` is `(xid, subxid)` inside a streamed
-    /// transaction, whose changes must wait for its Stream Commit.
-    Change {
-        stream: Option<(u32, u32)>,
-        change: RowChange,
-    },
-    /// A regular transaction committed; its changes came before.
-    Commit {
-        checkpoint: Checkpoint,
-        commit_time: SystemTime,
-    },
-    /// A streamed transaction committed.
-    StreamCommit {
-        xid: u32,
-        checkpoint: Checkpoint,
-        commit_time: SystemTime,
-    },
-    /// A streamed transaction (`subxid == xid`) or one of its
-    /// subtransactions aborted: drop its buffered changes.
-    StreamAbort { xid: u32, subxid: u32 },
-}
 
 /// How one relation's tuples become rows.
 struct RelationShape {
@@ -135,6 +109,7 @@ pub struct ChangeDecoder {
 }
 
 impl ChangeDecoder {
+    #[cfg(test)]
     pub fn new(mappings: Arc<Mappings>) -> ChangeDecoder {
         ChangeDecoder::with_memory(mappings, RelationMemory::default())
     }
@@ -173,7 +148,7 @@ impl ChangeDecoder {
                 self.in_txn = false;
                 events.push(Event::Commit {
                     checkpoint: Checkpoint::Lsn(Lsn(end_lsn)),
-                    commit_time: pg_time(commit_time),
+                    commit_time: Some(pg_time(commit_time)),
                 });
             }
             Message::Relation(relation) => self.relation(&relation),
@@ -238,7 +213,7 @@ impl ChangeDecoder {
             } => events.push(Event::StreamCommit {
                 xid,
                 checkpoint: Checkpoint::Lsn(Lsn(end_lsn)),
-                commit_time: pg_time(commit_time),
+                commit_time: Some(pg_time(commit_time)),
             }),
             Message::StreamAbort { xid, subxid } => events.push(Event::StreamAbort { xid, subxid }),
             Message::Origin { .. } | Message::Type { .. } | Message::Message { .. } => {}

@@ -98,12 +98,16 @@ impl ReplicationConnection {
             ("replication", "database"),
             ("application_name", application),
             ("client_encoding", "UTF8"),
-            // pgoutput prints values with the walsender's settings: fix the
-            // ones that change the text of dates and timestamps, so keys do
-            // not depend on the server's defaults (and match what the Kafka
-            // source renders from Debezium's encodings).
+            // pgoutput prints values with the walsender's settings: fix
+            // every one that changes a value's text (dates, timestamps,
+            // intervals, bytea, floats), so keys do not depend on the
+            // server's or the database's defaults (and match what the
+            // Kafka source renders from Debezium's encodings).
             ("TimeZone", "UTC"),
             ("DateStyle", "ISO, MDY"),
+            ("IntervalStyle", "postgres"),
+            ("bytea_output", "hex"),
+            ("extra_float_digits", "1"),
         ];
         frontend::startup_message(params.iter().copied(), &mut out).map_err(protocol_io)?;
         self.send(&out).await?;

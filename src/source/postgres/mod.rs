@@ -3,11 +3,21 @@
 //! - [`conn`]: the replication connection (wire protocol, auth, CopyBoth).
 //! - [`pgoutput`]: the pure message decoder.
 //! - [`changes`]: messages -> row changes and transaction boundaries.
-//! - [`slot`]: creating and inspecting the slot and publication.
+//! - [`control`]: the control plane (publication, slot, positions,
+//!   retained WAL) for `run`, `init`, `status`, `replay` and the testkit.
+//! - [`slot`]: the START_REPLICATION command.
+//! - [`replication`]: one replication session (read, decode, batch, ack).
+//! - [`supervisor`]: sessions one after another, reconnects, standby,
+//!   continuity, retained WAL.
 //! - [`tls`]: TLS with libpq's `sslmode` semantics.
 
 pub mod changes;
 pub mod conn;
+pub mod control;
 pub mod pgoutput;
+pub mod replication;
 pub mod slot;
+pub mod supervisor;
 pub mod tls;
+
+pub use self::supervisor::start;

@@ -1,14 +1,12 @@
 //! The test stack itself: servers start, tests are isolated, and nothing is
 //! left running or on disk when a test process ends, however it ends.
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::support::{stack, TestDb};
 use evictd::testkit::{redis_ping, Postgres, Redis};
-use support::{stack, TestDb};
 
 #[tokio::test]
 async fn postgres_runs_with_logical_wal_and_tests_get_their_own_database() {
@@ -70,7 +68,7 @@ fn run_child_and_check_cleanup(how: &str) {
     let output = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
-            "child_starts_servers_then_dies",
+            "harness::child_starts_servers_then_dies",
             "--ignored",
             "--nocapture",
             "--test-threads=1",

@@ -1,21 +1,19 @@
 //! Redis goes away while changes commit: nothing is acknowledged until
 //! Redis is back and the batch is applied.
 
-mod support;
-
 use std::time::Duration;
 
-use evictd::change::Lsn;
-use evictd::config::SecretUrl;
-use evictd::testkit::{current_wal_lsn, Evictd, Redis};
-use support::{
+use crate::support::{
     free_port, http_get, mapping_dir, peak_rss_kib, run_config, slot_confirmed, spawn_run,
     streaming_config, terminate, TestDb,
 };
+use evictd::change::Lsn;
+use evictd::config::SecretUrl;
+use evictd::testkit::{current_wal_lsn, Evictd, Redis};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_acknowledged_while_redis_is_down() {
-    support::init_logging();
+    crate::support::init_logging();
     let mut redis = Redis::start().expect("redis");
     let db = TestDb::new().await;
     db.execute(
@@ -32,8 +30,31 @@ async fn nothing_is_acknowledged_while_redis_is_down() {
     redis.stop();
     db.execute("insert into orders values (1, 'new')").await;
     let target = current_wal_lsn(&db.url).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Barrier: the walsender sent the commit, and apply has failed on
+    // Redis since (its state names the error).
     let client = db.client().await;
+    let mut redis_state = evictd.running().redis.clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let sent: Option<String> = client
+            .query_one(
+                "select sent_lsn::text from pg_stat_replication \
+                 where pid = (select active_pid from pg_replication_slots where slot_name = $1)",
+                &[&db.name],
+            )
+            .await
+            .map_or(None, |row| row.get(0));
+        let sent = sent.and_then(|text| Lsn::parse(&text));
+        if sent.is_some_and(|sent| sent >= target) && redis_state.borrow_and_update().is_some() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the change did not reach apply (sent {sent:?}, redis {:?})",
+            *redis_state.borrow()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let confirmed: String = client
         .query_one(
             "select confirmed_flush_lsn::text from pg_replication_slots where slot_name = $1",

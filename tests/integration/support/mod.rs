@@ -3,7 +3,7 @@
 //! reaper when the binary exits, however it exits), a fresh database and key
 //! prefix per test.
 
-#![allow(dead_code)] // each test binary uses a different part of this
+#![allow(dead_code)] // not every helper is used in every configuration
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -125,11 +125,21 @@ impl Streaming {
     /// Runs `schema` (which must create the publication `evictd`, or leave
     /// it to evictd), writes `mappings`, and starts evictd.
     pub async fn start(schema: &str, mappings: &[(&str, &str)]) -> Streaming {
+        Streaming::start_with(schema, mappings, |_| {}).await
+    }
+
+    /// [`Streaming::start`] with the config changed by `adjust` first.
+    pub async fn start_with(
+        schema: &str,
+        mappings: &[(&str, &str)],
+        adjust: impl FnOnce(&mut evictd::config::Config),
+    ) -> Streaming {
         init_logging();
         let db = TestDb::new().await;
         db.execute(schema).await;
         let dir = mapping_dir(mappings);
-        let config = streaming_config(&db, dir.path());
+        let mut config = streaming_config(&db, dir.path());
+        adjust(&mut config);
         let evictd = evictd::testkit::Evictd::start(&config)
             .await
             .expect("start evictd");
@@ -350,4 +360,31 @@ pub async fn slot_confirmed(client: &tokio_postgres::Client, slot: &str) -> evic
         .await
         .expect("the slot exists");
     evictd::change::Lsn::parse(&row.get::<_, String>(0)).expect("an LSN")
+}
+
+/// Waits until a walsender streams from `slot` (`streaming`), or until no
+/// process holds it (`!streaming`). "Active" alone is not enough: the
+/// backend creating a slot holds it too, and a transaction that starts
+/// while the slot is being created is never decoded from it.
+pub async fn wait_for_slot(client: &tokio_postgres::Client, slot: &str, streaming: bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let row = client
+            .query_opt(
+                "select s.active_pid is not null, exists (select 1 from pg_stat_replication r where r.pid = s.active_pid) \
+                 from pg_replication_slots s where s.slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .expect("read the slot");
+        let (held, walsender) = row.map_or((false, false), |row| (row.get(0), row.get(1)));
+        if (streaming && walsender) || (!streaming && !held) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slot {slot} never became streaming = {streaming}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

@@ -18,24 +18,24 @@
 //! reported at most every `ACK_INTERVAL` (10 ms), since each report wakes
 //! the walsender.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use rustc_hash::FxBuildHasher;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::batcher::Batcher;
-use super::schema::{FallbackLog, Origin, SchemaHealth};
+use super::changes::ChangeDecoder;
+use super::conn::{ReplicationConnection, ReplicationMessage};
+use super::pgoutput;
 use crate::apply::{Progress, Request};
-use crate::change::{Checkpoint, Lsn, Op, TableName};
+use crate::change::{Checkpoint, Event, Lsn};
 use crate::error::{Error, ErrorKind};
+use crate::pipeline::batcher::Batcher;
+use crate::pipeline::schema::{Origin, SchemaHealth};
+use crate::pipeline::Ended;
 use crate::plan::Plan;
-use crate::source::postgres::changes::{ChangeDecoder, Event};
-use crate::source::postgres::conn::{ReplicationConnection, ReplicationMessage};
-use crate::source::postgres::pgoutput;
 use crate::telemetry;
 
 pub struct Replication {
@@ -56,7 +56,6 @@ pub struct Replication {
     pub scratch: Scratch,
     /// Where drift of mapped tables seen in Relation messages goes.
     pub schema: SchemaHealth,
-    pub fallbacks: FallbackLog,
 }
 
 /// Buffers reused from message to message.
@@ -64,13 +63,6 @@ pub struct Replication {
 pub struct Scratch {
     events: Vec<Event>,
     cut: Vec<Plan>,
-}
-
-/// Why the loop ended without an error.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Ended {
-    Stopped,
-    ReachedUntil,
 }
 
 /// A session that ended cleanly: what is needed for the final status
@@ -107,8 +99,6 @@ impl Replication {
         let mut received = Lsn(0);
         // What an earlier session acknowledged stays acknowledged.
         let mut confirmed = self.progress.borrow().flush_lsn.max(*self.acked.borrow());
-        let mut received_counts: ChangeCounts = ChangeCounts::default();
-        let mut coarse_reported = 0;
         let mut status = tokio::time::interval(self.status_interval);
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let ended = loop {
@@ -165,12 +155,7 @@ impl Replication {
                 Step::Status => {
                     acks.reported();
                     self.report(received, confirmed, true).await?;
-                    coarse_reported = self.record_metrics(
-                        &mut received_counts,
-                        coarse_reported,
-                        received,
-                        confirmed,
-                    );
+                    self.record_metrics(received, confirmed);
                 }
                 Step::Message(first) => {
                     let mut next = Some(first);
@@ -185,7 +170,7 @@ impl Replication {
                             } => {
                                 tracing::trace!(wal_start = %Lsn(wal_start), wal_end = %Lsn(wal_end), tag = %char::from(data.first().copied().unwrap_or(b'?')), "xlogdata");
                                 received = received.max(Lsn(wal_end));
-                                self.xlogdata(&data, send_time, &mut received_counts, &mut ready)?;
+                                self.xlogdata(&data, send_time, &mut ready)?;
                                 if self.batcher.has_commit() && !self.conn.has_buffered_message() {
                                     // Caught up with what the server sent: waiting for
                                     // more would only add latency. Under a backlog the
@@ -246,7 +231,6 @@ impl Replication {
         &mut self,
         data: &[u8],
         send_time: SystemTime,
-        counts: &mut ChangeCounts,
         ready: &mut VecDeque<Plan>,
     ) -> Result<(), Error> {
         let in_stream = self.decoder.in_stream_block();
@@ -267,14 +251,8 @@ impl Replication {
             }
         }
         for event in events.drain(..) {
-            match &event {
-                Event::Change { change, .. } => {
-                    *counts.entry((change.table.clone(), change.op)).or_default() += 1;
-                }
-                Event::Commit { .. } | Event::StreamCommit { .. } => {
-                    self.batcher.note_sent(send_time);
-                }
-                Event::StreamAbort { .. } => {}
+            if matches!(event, Event::Commit { .. } | Event::StreamCommit { .. }) {
+                self.batcher.note_sent(send_time);
             }
             self.batcher.push(event, cut);
         }
@@ -298,28 +276,15 @@ impl Replication {
         Ok(())
     }
 
-    /// Publishes what this session counted since the last call; returns the
-    /// coarse invalidations reported so far.
-    fn record_metrics(
-        &mut self,
-        received_counts: &mut ChangeCounts,
-        coarse_reported: u64,
-        received: Lsn,
-        confirmed: Lsn,
-    ) -> u64 {
-        for ((table, op), count) in received_counts.drain() {
-            metrics::counter!(telemetry::CHANGES_RECEIVED, "table" => table.to_string(), "op" => op.as_str()).increment(count);
-        }
-        self.fallbacks.record(self.batcher.take_fallbacks());
-        let coarse = self.batcher.stats().coarse_transactions;
-        metrics::counter!(telemetry::COARSE_INVALIDATIONS).increment(coarse - coarse_reported);
+    /// Publishes what this session counted since the last call.
+    fn record_metrics(&mut self, received: Lsn, confirmed: Lsn) {
+        self.batcher.record_metrics();
         #[allow(clippy::cast_precision_loss)]
         {
             metrics::gauge!(telemetry::REPLICATION_LAG_BYTES)
                 .set(received.0.saturating_sub(confirmed.0) as f64);
             metrics::gauge!(telemetry::ACK_LSN).set(confirmed.0 as f64);
         }
-        coarse
     }
 
     /// Hands what is pending to apply (bounded wait), so that stopping
@@ -337,10 +302,6 @@ impl Replication {
         let _ = tokio::time::timeout(Duration::from_secs(5), handover).await;
     }
 }
-
-/// Changes received per table and operation since the metrics were last
-/// recorded (counted per change: a fast hash).
-type ChangeCounts = HashMap<(Arc<TableName>, Op), u64, FxBuildHasher>;
 
 /// The shortest time between two acknowledgements of applied progress.
 const ACK_INTERVAL: Duration = Duration::from_millis(10);

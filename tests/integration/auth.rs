@@ -1,10 +1,8 @@
 //! Password authentication of the replication connection: SCRAM-SHA-256
 //! and MD5, against the throwaway server with pg_hba.conf rules of our own.
 
-mod support;
-
-use evictd::source::postgres::conn::ReplicationConnection;
-use support::stack;
+use crate::support::stack;
+use evictd::internal::ReplicationConnection;
 
 /// Puts rules for two password roles in front of the trust rules and
 /// creates the roles.
@@ -12,7 +10,7 @@ async fn password_roles() {
     static READY: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
     READY
         .get_or_init(|| async {
-            support::prepend_hba_rules(
+            crate::support::prepend_hba_rules(
                 "host all scram_user 127.0.0.1/32 scram-sha-256\n\
                  host replication scram_user 127.0.0.1/32 scram-sha-256\n\
                  host all md5_user 127.0.0.1/32 md5\n\

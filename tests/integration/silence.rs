@@ -3,14 +3,12 @@
 //! whether or not anyone scrapes `/metrics`, and a huge value does not stay
 //! in memory.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
+use crate::support::{free_port, http_get, stack, TestDb};
 use evictd::pipeline::SourceState;
-use support::{free_port, http_get, stack, TestDb};
 
 /// `evictd run` as a process, its log in a file.
 struct Run {
@@ -27,7 +25,7 @@ impl Run {
     fn start(db: &TestDb, mapping: &str) -> Run {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
-        let config = support::run_config(
+        let config = crate::support::run_config(
             dir.path(),
             db,
             &stack().redis.url(),
@@ -155,7 +153,7 @@ fn signal(child: &Child, name: &str) {
 
 /// Waits until `key` (under the test's prefix) is gone from Redis.
 async fn gone(db: &TestDb, key: &str) {
-    let mut redis = support::redis_connection().await;
+    let mut redis = crate::support::redis_connection().await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let exists: bool = redis::cmd("EXISTS")
@@ -172,7 +170,7 @@ async fn gone(db: &TestDb, key: &str) {
 }
 
 async fn seed(db: &TestDb, keys: &[&str]) {
-    let mut cache = support::Cache::new(&db.prefix).await;
+    let mut cache = crate::support::Cache::new(&db.prefix).await;
     cache.seed(keys).await;
 }
 
@@ -233,13 +231,14 @@ async fn admin() -> (u16, tokio::sync::watch::Sender<SourceState>) {
     let (_, schema) = tokio::sync::watch::channel(Default::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let state = evictd::admin::AdminState {
+    let state = evictd::internal::AdminState {
         source,
         redis,
         schema,
         kind: evictd::config::SourceKind::Kafka,
+        probe: None,
     };
-    tokio::spawn(evictd::admin::serve(listener, state));
+    tokio::spawn(evictd::internal::serve(listener, state));
     (port, source_tx)
 }
 
@@ -428,7 +427,7 @@ async fn a_huge_value_is_not_held_after_it_was_applied() {
     // Give the allocator a moment; then the memory must be back.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = run.rss_kib();
-    let peak = support::peak_rss_kib(run.child.id());
+    let peak = crate::support::peak_rss_kib(run.child.id());
     eprintln!("huge value: RSS idle {idle} KiB, peak {peak} KiB, after {after} KiB");
     assert!(
         after < idle + 16 * 1024,

@@ -1,19 +1,19 @@
 //! The pipeline behind the Kafka source: records -> map -> plan -> apply,
 //! and applied offsets back to the consumer.
 //!
-//! One task takes the consumer's [`Event`]s in order, evaluates each change
-//! and plans batches; the apply task (shared with the Postgres path) sends
-//! them to Redis. Each plan sent remembers the next offset of every
-//! partition it covers; once apply reports the plan done, those offsets go
-//! back to the consumer to be stored and committed. Records of one partition
-//! stay in order (Debezium partitions by primary key), so a key's changes are
-//! applied in commit order.
+//! One task takes the consumer's [`Event`]s in order and feeds the shared
+//! [`Batcher`] one change and one commit per record, the commit carrying
+//! the record's next offset as its checkpoint; the apply task (shared with
+//! the Postgres source) sends the plans to Redis and publishes the offsets
+//! it applied in [`Progress`], which go back to the consumer to be stored
+//! and committed. Records of one partition stay in order (Debezium
+//! partitions by primary key), so a key's changes are applied in commit
+//! order.
 //!
 //! **Architecture Invariant:** an offset is stored only after every record
 //! before it in its partition was applied (or, for a bad record, skipped or
 //! dead-lettered as configured).
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,20 +22,16 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, watch};
 
-use super::batcher::{eval_counting, Fallbacks};
-use super::schema::FallbackLog;
-use super::{finish_apply, Options, Running, SourceState, Stages};
+use super::consumer::{self, Command, Event, Position, RawRecord, Record};
+use super::debezium::Decoded;
 use crate::apply::{Backoff, Progress, Request};
-use crate::change::{Op, TableName};
+use crate::change::{Checkpoint, Event as Change, Offsets, Partition};
 use crate::config::{BadRecordPolicy, Config, KafkaConfig};
 use crate::error::{Error, ErrorKind};
-use crate::mapping::{Mappings, Output};
-use crate::pipeline::replication::Ended;
-use crate::plan::Planner;
-use crate::source::kafka::consumer::{
-    self, Command, Event, Partition, Position, RawRecord, Record,
-};
-use crate::source::kafka::debezium::Decoded;
+use crate::mapping::Mappings;
+use crate::pipeline::batcher::{BatchLimits, Batcher};
+use crate::pipeline::{finish_apply, Ended, Options, Running, SourceState, Stages};
+use crate::plan::Plan;
 use crate::telemetry;
 
 /// Events (chunks of up to 256 records) decoded ahead of planning.
@@ -60,25 +56,19 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
             consumer::client_config(&kafka)
                 .set("enable.idempotence", "true")
                 .create::<FutureProducer>()
-                .map_err(|e| {
-                    Error::with_source(ErrorKind::Config, "cannot create the Kafka producer", e)
-                })?,
+                .map_err(|e| Error::kafka("cannot create the Kafka producer", e))?,
         ),
         _ => None,
     };
     let (stages, handles) = Stages::start(config)?;
     let handle = consumer::spawn(&kafka, mappings.clone(), EVENT_CHANNEL_CAPACITY)?;
     let session = Session {
-        mappings,
-        max_keys: config.batch.max_keys,
+        batcher: Batcher::new(mappings, BatchLimits::of(&config.batch)),
+        ready: Vec::new(),
         max_wait: Duration::from_millis(config.batch.max_wait_ms),
-        planner: Planner::new(),
-        out: Output::default(),
-        batch: FxHashMap::default(),
         batch_started: None,
-        in_flight: VecDeque::new(),
-        applied: FxHashMap::default(),
         sent_plans: 0,
+        stored: FxHashMap::default(),
         plans: stages.plans,
         progress: stages.progress,
         commands: handle.commands.clone(),
@@ -86,10 +76,7 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
         dead_letters,
         kafka,
         halted: None,
-        received: FxHashMap::default(),
         outcomes: FxHashMap::default(),
-        fallbacks: Fallbacks::default(),
-        fallback_log: FallbackLog::default(),
     };
     // Kafka progress is committed offsets, not an LSN: `acked` stays at 0,
     // and its sender lives as long as the pipeline.
@@ -103,19 +90,18 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
 }
 
 struct Session {
-    mappings: Arc<Mappings>,
-    max_keys: usize,
+    batcher: Batcher,
+    /// Plans the batcher cut, not yet sent.
+    ready: Vec<Plan>,
     max_wait: Duration,
-    planner: Planner,
-    out: Output,
-    /// Next offset per partition of the records in `planner`.
-    batch: FxHashMap<Partition, i64>,
     batch_started: Option<Instant>,
-    /// Plans sent and not yet applied: their number and what they cover.
-    in_flight: VecDeque<(u64, FxHashMap<Partition, i64>)>,
-    /// Next offset per partition of everything applied.
-    applied: FxHashMap<Partition, i64>,
+    /// Plans handed to apply: once `Progress::applied_plans` reaches it,
+    /// nothing is in flight.
     sent_plans: u64,
+    /// Per partition, the next offset last handed to the consumer to store
+    /// (or where it started when assigned): applied offsets are stored
+    /// only once they pass it.
+    stored: FxHashMap<Partition, i64>,
     plans: mpsc::Sender<Request>,
     progress: watch::Receiver<Progress>,
     commands: std::sync::mpsc::Sender<Command>,
@@ -124,12 +110,8 @@ struct Session {
     kafka: KafkaConfig,
     /// Why the pipeline stopped taking records (`on_bad_record = "stop"`).
     halted: Option<String>,
-    /// Metrics of the pending batch.
-    received: FxHashMap<(Arc<TableName>, Op), u64>,
+    /// Records by outcome in the pending batch (for metrics).
     outcomes: FxHashMap<&'static str, u64>,
-    /// Pattern deletes that stood in for keys in the pending batch, by table.
-    fallbacks: Fallbacks,
-    fallback_log: FallbackLog,
 }
 
 impl Session {
@@ -159,15 +141,16 @@ impl Session {
                     if let Err(error) = self.handle(event, &mut stop_while_handling).await {
                         break Err(error);
                     }
-                    // Hand a batch over once nothing more is waiting and
-                    // apply is idle, or once it is full.
-                    let idle = self.in_flight.is_empty();
-                    if self.planner.len() >= self.max_keys
-                        || (handle.events.is_empty() && idle)
-                    {
-                        if let Err(error) = self.flush().await {
-                            break Err(error);
-                        }
+                    // Hand full plans over at once, and the rest once
+                    // nothing more is waiting and apply is idle.
+                    let idle = self.progress.borrow().applied_plans >= self.sent_plans;
+                    let sent = if handle.events.is_empty() && idle {
+                        self.flush().await
+                    } else {
+                        self.send_ready().await
+                    };
+                    if let Err(error) = sent {
+                        break Err(error);
                     }
                 }
                 () = sleep_until(deadline) => {
@@ -220,6 +203,9 @@ impl Session {
                     .map(|position| position.partition.to_string())
                     .collect();
                 tracing::info!(?partitions, "partitions assigned");
+                for position in positions {
+                    self.stored.insert(position.partition, position.next_offset);
+                }
                 if self.halted.is_some() {
                     let _ = self.commands.send(Command::PauseAll);
                 } else {
@@ -239,11 +225,21 @@ impl Session {
                 if let Ok(result) = applied {
                     result?;
                 }
-                let positions = self.applied.drain().map(position).collect();
+                // Everything applied of the partitions held: the consumer
+                // stores it (again) and commits before they go.
+                let progress = self.progress.borrow();
+                let positions = progress
+                    .offsets
+                    .0
+                    .iter()
+                    .filter(|(partition, _)| self.stored.contains_key(*partition))
+                    .map(|(partition, next)| position((partition.clone(), *next)))
+                    .collect();
+                drop(progress);
                 let _ = answer.send(positions);
                 Ok(())
             }
-            Event::Failed(reason) => Err(Error::new(ErrorKind::Shutdown, reason)),
+            Event::Failed(reason) => Err(Error::new(ErrorKind::Kafka { transient: false }, reason)),
         }
     }
 
@@ -262,23 +258,21 @@ impl Session {
             decoded,
             raw,
         } = record;
+        let mut commit_time = None;
         let outcome = match decoded {
             Ok(Decoded::Change {
                 change,
-                commit_time,
+                commit_time: committed,
             }) => {
-                eval_counting(&self.mappings, &change, &mut self.out, &mut self.fallbacks);
-                self.planner.push_change(self.out.actions.drain(..));
-                if let Some(commit_time) = commit_time {
-                    self.planner.note_commit_time(commit_time);
-                }
                 if let Some(timestamp) = timestamp {
-                    self.planner.note_sent(timestamp);
+                    self.batcher.note_sent(timestamp);
                 }
-                *self
-                    .received
-                    .entry((change.table.clone(), change.op))
-                    .or_default() += 1;
+                commit_time = committed;
+                let change = Change::Change {
+                    stream: None,
+                    change,
+                };
+                self.batcher.push(change, &mut self.ready);
                 "change"
             }
             Ok(Decoded::Tombstone) => "tombstone",
@@ -294,7 +288,13 @@ impl Session {
             }
         };
         *self.outcomes.entry(outcome).or_default() += 1;
-        self.batch.insert(partition, offset + 1);
+        // Each record is a transaction of its own: its offset is covered
+        // once it is applied (or, for a bad record, skipped).
+        let commit = Change::Commit {
+            checkpoint: Checkpoint::Offsets(Offsets::after(partition, offset)),
+            commit_time,
+        };
+        self.batcher.push(commit, &mut self.ready);
         self.batch_started.get_or_insert_with(Instant::now);
         Ok(())
     }
@@ -404,16 +404,8 @@ impl Session {
             tracing::error!(%partition, %reason, "continuity lost: records were deleted before evictd read them; invalidating every mapped table");
         }
         self.flush().await?;
-        for mapping in self.mappings.tables() {
-            self.out.clear();
-            self.mappings.eval_coarse(&mapping.table, &mut self.out);
-            for action in self.out.actions.drain(..) {
-                self.planner.push(action);
-            }
-        }
-        self.flush().await?;
-        metrics::counter!(telemetry::COARSE_INVALIDATIONS).increment(1);
-        Ok(())
+        self.batcher.invalidate_everything(&mut self.ready);
+        self.flush().await
     }
 
     /// Sends the pending batch to apply.
@@ -421,47 +413,41 @@ impl Session {
         self.batch_started = None;
         // Counted per batch: a labelled counter per record costs more than
         // decoding it.
-        for ((table, op), count) in self.received.drain() {
-            metrics::counter!(telemetry::CHANGES_RECEIVED, "table" => table.to_string(), "op" => op.as_str()).increment(count);
-        }
+        self.batcher.record_metrics();
         for (outcome, count) in self.outcomes.drain() {
             metrics::counter!(telemetry::KAFKA_RECORDS, "outcome" => outcome).increment(count);
         }
-        self.fallback_log.record(self.fallbacks.drain());
-        // Every record taken is in `batch`; a coarse invalidation is in the
-        // planner without one.
-        if self.planner.is_empty() && self.batch.is_empty() {
-            return Ok(());
-        }
-        let plan = self.planner.finish();
-        self.sent_plans += 1;
-        self.in_flight
-            .push_back((self.sent_plans, std::mem::take(&mut self.batch)));
-        self.plans
-            .send(Request::Plan(plan))
-            .await
-            .map_err(|_| Error::new(ErrorKind::Shutdown, "the apply task ended"))
+        self.ready.extend(self.batcher.take());
+        self.send_ready().await
     }
 
-    /// Hands the offsets of applied plans to the consumer.
+    /// Sends the plans the batcher cut.
+    async fn send_ready(&mut self) -> Result<(), Error> {
+        for plan in self.ready.drain(..) {
+            self.sent_plans += 1;
+            self.plans
+                .send(Request::Plan(plan))
+                .await
+                .map_err(|_| Error::new(ErrorKind::Shutdown, "the apply task ended"))?;
+        }
+        Ok(())
+    }
+
+    /// Hands the offsets apply reached since the last call to the consumer.
     fn store_applied(&mut self) {
-        let applied_plans = self.progress.borrow().applied_plans;
-        let mut newly = FxHashMap::default();
-        while let Some((number, _)) = self.in_flight.front() {
-            if *number > applied_plans {
-                break;
+        let progress = self.progress.borrow();
+        let mut newly = Vec::new();
+        for (partition, next) in &progress.offsets.0 {
+            let stored = self.stored.entry(partition.clone()).or_insert(i64::MIN);
+            if *next > *stored {
+                *stored = *next;
+                newly.push(position((partition.clone(), *next)));
             }
-            let (_, covered) = self.in_flight.pop_front().expect("checked above");
-            newly.extend(covered);
         }
-        if newly.is_empty() {
-            return;
+        drop(progress);
+        if !newly.is_empty() {
+            let _ = self.commands.send(Command::Store(newly));
         }
-        self.applied
-            .extend(newly.iter().map(|(p, o)| (p.clone(), *o)));
-        let _ = self
-            .commands
-            .send(Command::Store(newly.into_iter().map(position).collect()));
     }
 
     /// Waits until every plan sent is applied, storing as they are.

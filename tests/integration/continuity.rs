@@ -2,11 +2,9 @@
 //! on start evictd invalidates every mapped table before streaming. When
 //! the slot simply continues, it does not.
 
-mod support;
-
+use crate::support::{mapping_dir, redis_connection, streaming_config, TestDb};
 use evictd::config::Config;
 use evictd::testkit::Evictd;
-use support::{mapping_dir, redis_connection, streaming_config, TestDb};
 
 const SCHEMA: &str = "
     create table orders (id bigint primary key, status text not null);
@@ -131,10 +129,10 @@ async fn a_continuous_slot_is_not_invalidated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_record_never_moves_backwards() {
-    use evictd::apply::broadcast::Broadcast;
-    use evictd::apply::redis::Record;
-    use evictd::apply::RedisSink;
     use evictd::change::{Checkpoint, Lsn};
+    use evictd::internal::Broadcast;
+    use evictd::internal::Record;
+    use evictd::internal::RedisSink;
     use evictd::plan::Planner;
 
     let setup = Setup::new().await;

@@ -2,17 +2,15 @@
 //! by the testkit): Debezium envelopes in, the same invalidations out,
 //! offsets committed only after apply.
 
-mod support;
-
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use evictd::config::{BadRecordPolicy, Config, KafkaConfig, SecretUrl, SourceKind};
-use evictd::pipeline::{self, Options, Running, SourceState};
-use evictd::testkit::Kafka;
-use support::{init_logging, mapping_dir, stack, Cache};
+use crate::support::{init_logging, mapping_dir, stack, Cache};
+use evictd::config::{BadRecordPolicy, Config, KafkaConfig, SecretUrl};
+use evictd::pipeline::SourceState;
+use evictd::testkit::{Evictd, Kafka};
 
 const ORDERS: &str = r#"
 [[table]]
@@ -32,8 +30,10 @@ fn kafka() -> &'static Kafka {
 }
 
 fn sample(name: &str) -> Vec<u8> {
-    std::fs::read(support::repo_path(&format!("tests/data/debezium/{name}")))
-        .unwrap_or_else(|e| panic!("read sample {name}: {e}"))
+    std::fs::read(crate::support::repo_path(&format!(
+        "tests/data/debezium/{name}"
+    )))
+    .unwrap_or_else(|e| panic!("read sample {name}: {e}"))
 }
 
 /// A topic, group and key prefix of this test's own.
@@ -55,36 +55,25 @@ fn names() -> Names {
 }
 
 fn kafka_config(names: &Names, mappings: &Path) -> Config {
-    let mut config = Config::with_defaults(
-        SecretUrl::parse("postgres://unused@127.0.0.1/unused").expect("url"),
-        SecretUrl::parse(&stack().redis.url()).expect("redis url"),
-        mappings.to_path_buf(),
-    );
-    config.source = SourceKind::Kafka;
-    config.kafka = Some(KafkaConfig {
+    let kafka = KafkaConfig {
         group_id: names.group.clone(),
         commit_interval_ms: 50,
         ..KafkaConfig::with_defaults(&kafka().brokers(), vec![names.topic.clone()])
-    });
+    };
+    let redis = SecretUrl::parse(&stack().redis.url()).expect("redis url");
+    let mut config = Config::kafka_with_defaults(kafka, redis, mappings.to_path_buf());
     config.redis.prefix = names.prefix.clone();
     config.redis.l1_channel = format!("{}l1", names.prefix);
     config
 }
 
-async fn start(config: &Config) -> Running {
+async fn start(config: &Config) -> Evictd {
     init_logging();
-    let mappings =
-        evictd::mapping::load_dir(&config.mappings.dir, config.mappings.limits).expect("mappings");
-    pipeline::start(config, Arc::new(mappings), Options::default())
-        .expect("start")
-        .streaming_within(Duration::from_secs(60))
-        .await
-        .expect("evictd streams")
+    Evictd::start(config).await.expect("evictd consumes")
 }
 
-async fn stop(running: Running) {
-    running.stop();
-    running.wait().await.expect("evictd stops cleanly");
+async fn stop(evictd: Evictd) {
+    evictd.stop().await.expect("evictd stops cleanly");
 }
 
 async fn produce(topic: &str, key: &str, value: Option<&[u8]>) {
@@ -94,6 +83,8 @@ async fn produce(topic: &str, key: &str, value: Option<&[u8]>) {
         .expect("produce");
 }
 
+/// Waits until the group committed the end of the topic (for an evictd
+/// run as a process; in-process ones have `Evictd::sync`).
 async fn applied(names: &Names) {
     kafka()
         .wait_committed(&names.group, &names.topic, Duration::from_secs(30))
@@ -148,26 +139,38 @@ async fn debezium_events_invalidate_what_the_mappings_name() {
     ];
     cache.seed(&keys).await;
     produce(topic, "10", Some(&sample("update_with_schema.json"))).await;
-    applied(&names).await;
+    running
+        .sync()
+        .await
+        .expect("every record applied and committed");
     assert_eq!(cache.cached(&keys).await, ["customer:9:orders"]);
 
     // Create, then delete and its tombstone (bare payloads).
     let keys = ["order:11", "customer:3:orders"];
     cache.seed(&keys).await;
     produce(topic, "11", Some(&sample("create.json"))).await;
-    applied(&names).await;
+    running
+        .sync()
+        .await
+        .expect("every record applied and committed");
     assert!(cache.cached(&keys).await.is_empty());
     cache.seed(&keys).await;
     produce(topic, "11", Some(&sample("delete.json"))).await;
     produce(topic, "11", None).await;
-    applied(&names).await;
+    running
+        .sync()
+        .await
+        .expect("every record applied and committed");
     assert!(cache.cached(&keys).await.is_empty());
 
     // A snapshot read invalidates like an insert.
     let keys = ["order:12", "customer:4:orders"];
     cache.seed(&keys).await;
     produce(topic, "12", Some(&sample("snapshot_read.json"))).await;
-    applied(&names).await;
+    running
+        .sync()
+        .await
+        .expect("every record applied and committed");
     assert!(cache.cached(&keys).await.is_empty());
 
     // An unavailable (TOASTed) value: every key over that column goes.
@@ -179,14 +182,20 @@ async fn debezium_events_invalidate_what_the_mappings_name() {
     ];
     cache.seed(&keys).await;
     produce(topic, "3", Some(&sample("toast_update.json"))).await;
-    applied(&names).await;
+    running
+        .sync()
+        .await
+        .expect("every record applied and committed");
     assert_eq!(cache.cached(&keys).await, ["order:99"]);
 
     // A truncate takes the whole table's keys.
     let keys = ["customer:1", "customer:7", "customer:bio:x", "order:99"];
     cache.seed(&keys).await;
     produce(topic, "t", Some(&sample("truncate.json"))).await;
-    applied(&names).await;
+    running
+        .sync()
+        .await
+        .expect("every record applied and committed");
     assert_eq!(cache.cached(&keys).await, ["order:99"]);
 
     stop(running).await;
@@ -208,7 +217,10 @@ async fn bad_records_are_skipped_by_default_and_nothing_stalls() {
     let unmapped = br#"{"after":{"id":1},"source":{"schema":"public","table":"nope"},"op":"c"}"#;
     produce(topic, "x", Some(unmapped)).await;
     produce(topic, "2", Some(&order("c", None, Some((2, 1))))).await;
-    applied(&names).await;
+    running
+        .sync()
+        .await
+        .expect("every record applied and committed");
     assert_eq!(cache.cached(&keys).await, ["order:3"]);
     stop(running).await;
 }
@@ -234,7 +246,10 @@ async fn bad_records_go_to_the_dead_letter_topic_with_the_error() {
     produce(topic, "1", Some(&order("c", None, Some((1, 1))))).await;
     produce(topic, "bad", Some(b"{not json")).await;
     produce(topic, "2", Some(&order("c", None, Some((2, 1))))).await;
-    applied(&names).await;
+    running
+        .sync()
+        .await
+        .expect("every record applied and committed");
     assert!(cache.cached(&["order:1", "order:2"]).await.is_empty());
     let dead_letters = kafka().read_all(&dead).expect("read the dead-letter topic");
     assert_eq!(dead_letters.len(), 1, "{dead_letters:?}");
@@ -269,7 +284,7 @@ async fn stop_policy_halts_at_the_bad_record_after_applying_what_came_before() {
     produce(topic, "1", Some(&order("c", None, Some((1, 1))))).await;
     produce(topic, "bad", Some(br#"{"op":"c"}"#)).await;
     produce(topic, "2", Some(&order("c", None, Some((2, 1))))).await;
-    let mut source = running.source.clone();
+    let mut source = running.running().source.clone();
     let reason = tokio::time::timeout(
         Duration::from_secs(30),
         source.wait_for(|state| matches!(state, SourceState::Interrupted(_))),
@@ -323,7 +338,10 @@ async fn committed_offsets_the_broker_no_longer_has_mean_coarse_invalidation() {
     cache.seed(&keys).await;
     let dir = mapping_dir(&[("orders.toml", ORDERS)]);
     let running = start(&kafka_config(&names, dir.path())).await;
-    applied(&names).await;
+    running
+        .sync()
+        .await
+        .expect("every record applied and committed");
     // Every orders key went, not only those of the records read.
     assert_eq!(cache.cached(&keys).await, ["other:1"]);
     stop(running).await;
@@ -350,7 +368,7 @@ async fn two_instances_in_one_group_split_the_partitions() {
     producing.await.expect("produced");
     // Wait until the rebalance gave the first one its share again.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let mut source = first.source.clone();
+    let mut source = first.running().source.clone();
     tokio::time::timeout(
         Duration::from_secs(60),
         source.wait_for(|state| *state == SourceState::Streaming),
@@ -358,17 +376,14 @@ async fn two_instances_in_one_group_split_the_partitions() {
     .await
     .expect("the first instance streams after the rebalance")
     .expect("state");
-    let second_before = second.progress.borrow().changes;
+    let second_before = second.changes_applied();
     create_orders(&names.topic, 101..=200).await;
     kafka()
         .wait_committed(&names.group, &names.topic, Duration::from_secs(60))
         .await
         .expect("every partition committed to its end");
     assert!(cache.cached(&keys).await.is_empty());
-    let (a, b) = (
-        first.progress.borrow().changes,
-        second.progress.borrow().changes,
-    );
+    let (a, b) = (first.changes_applied(), second.changes_applied());
     assert!(
         a > 0 && b > second_before,
         "both instances applied records: {a} and {b}"
@@ -429,7 +444,7 @@ async fn debezium_values_render_the_same_keys_as_the_postgres_source() {
         create publication evictd for table prices;
         set timezone = 'Europe/Berlin';
     ";
-    let postgres = support::Streaming::start(schema, &[("prices.toml", PRICES)]).await;
+    let postgres = crate::support::Streaming::start(schema, &[("prices.toml", PRICES)]).await;
     let mut from_postgres = l1_messages(&postgres.config.redis.l1_channel).await;
     postgres
         .db
@@ -450,7 +465,10 @@ async fn debezium_values_render_the_same_keys_as_the_postgres_source() {
     let mut from_kafka = l1_messages(&config.redis.l1_channel).await;
     let running = start(&config).await;
     produce(&names.topic, "1", Some(&sample("types_with_schema.json"))).await;
-    applied(&names).await;
+    running
+        .sync()
+        .await
+        .expect("every record applied and committed");
     let kafka_keys = next_keys(&mut from_kafka).await;
 
     assert_eq!(kafka_keys, postgres_keys);
@@ -493,7 +511,7 @@ fn run_config(
 
 async fn ready(admin: u16) {
     for _ in 0..600 {
-        if support::http_get(admin, "/readyz").is_some_and(|(status, _)| status == 200) {
+        if crate::support::http_get(admin, "/readyz").is_some_and(|(status, _)| status == 200) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -506,10 +524,10 @@ async fn kill_9_after_apply_before_commit_re_applies_and_misses_nothing() {
     let names = names();
     kafka().create_topic(&names.topic, 1).await.expect("topic");
     let dir = tempfile::tempdir().expect("tempdir");
-    let admin = support::free_port();
+    let admin = crate::support::free_port();
     // Commits are a minute apart: the kill lands after apply, before commit.
     let config = run_config(dir.path(), &names, 60_000, admin);
-    let mut evictd = support::spawn_run(&config);
+    let mut evictd = crate::support::spawn_run(&config);
     ready(admin).await;
     let mut cache = Cache::new(&names.prefix).await;
     let first: Vec<String> = (1..=50).map(|id| format!("order:{id}")).collect();
@@ -543,20 +561,20 @@ async fn kill_9_after_apply_before_commit_re_applies_and_misses_nothing() {
     cache.seed(&second).await;
     create_orders(&names.topic, 51..=80).await;
     let config = run_config(dir.path(), &names, 50, admin);
-    let evictd = support::spawn_run(&config);
+    let evictd = crate::support::spawn_run(&config);
     applied(&names).await;
     assert!(
         cache.cached(&first).await.is_empty(),
         "re-applied after restart"
     );
     assert!(cache.cached(&second).await.is_empty(), "none missed");
-    support::terminate(evictd);
-    let status = support::evictd(&["status", "--config", config.to_str().expect("utf-8")]);
-    let text = support::stdout(&status);
+    crate::support::terminate(evictd);
+    let status = crate::support::evictd(&["status", "--config", config.to_str().expect("utf-8")]);
+    let text = crate::support::stdout(&status);
     assert!(
         status.status.success(),
         "{text}{}",
-        support::stderr(&status)
+        crate::support::stderr(&status)
     );
     assert!(
         text.contains(&format!(

@@ -2,11 +2,9 @@
 //! server crashes right after an acknowledgement. evictd reconnects,
 //! resumes from the slot, and nothing committed is missed.
 
-mod support;
-
+use crate::support::{mapping_dir, redis_connection, stack, Streaming};
 use evictd::config::SecretUrl;
 use evictd::testkit::{Evictd, Postgres};
-use support::{mapping_dir, redis_connection, stack, Streaming};
 
 const SCHEMA: &str = "
     create table orders (id bigint primary key, status text not null);
@@ -41,14 +39,14 @@ async fn a_terminated_walsender_is_reconnected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_crash_right_after_an_ack_loses_nothing() {
-    support::init_logging();
+    crate::support::init_logging();
     let mut postgres = tokio::task::spawn_blocking(Postgres::start)
         .await
         .unwrap()
         .expect("postgres");
     let database = postgres.create_database().await.unwrap();
     let url = postgres.url(&database);
-    let admin = evictd::catalog::connect(&SecretUrl::parse(&url).unwrap())
+    let admin = evictd::internal::catalog::connect(&SecretUrl::parse(&url).unwrap())
         .await
         .unwrap();
     admin.batch_execute(SCHEMA).await.unwrap();
@@ -83,7 +81,7 @@ async fn a_postgres_crash_right_after_an_ack_loses_nothing() {
     })
     .await
     .unwrap();
-    let admin = evictd::catalog::connect(&SecretUrl::parse(&url).unwrap())
+    let admin = evictd::internal::catalog::connect(&SecretUrl::parse(&url).unwrap())
         .await
         .unwrap();
     admin

@@ -2,11 +2,11 @@
 //! Postgres role with REPLICATION and SELECT on the mapped tables only, and
 //! a Redis ACL user limited to evictd's commands, keys and channel.
 
-mod support;
-
+use crate::support::{
+    mapping_dir, prepend_hba_rules, redis_connection, stack, streaming_config, TestDb,
+};
 use evictd::config::SecretUrl;
 use evictd::testkit::Evictd;
-use support::{mapping_dir, prepend_hba_rules, redis_connection, stack, streaming_config, TestDb};
 
 const MAPPING: &str = r#"
 [[table]]
@@ -85,7 +85,7 @@ async fn evictd_runs_as_a_least_privilege_role_and_redis_user() {
     .unwrap();
 
     // The role cannot read what is not mapped.
-    let limited = evictd::catalog::connect(config.postgres.url.as_ref().unwrap())
+    let limited = evictd::internal::catalog::connect(config.postgres.url.as_ref().unwrap())
         .await
         .expect("login as the role");
     let denied = limited

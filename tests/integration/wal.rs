@@ -1,9 +1,7 @@
 //! End to end through real WAL: Postgres commits, evictd streams the slot,
 //! Redis loses exactly the keys the mappings name.
 
-mod support;
-
-use support::Streaming;
+use crate::support::Streaming;
 
 const SHOP: &str = "
     create table users (id bigint primary key, email text not null, bio text);
@@ -314,10 +312,108 @@ async fn a_rolled_back_savepoint_inside_a_streamed_transaction_invalidates_only_
 }
 
 #[tokio::test]
+async fn an_overflow_inside_a_rolled_back_savepoint_does_not_make_the_commit_coarse() {
+    let mapping = "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\n";
+    let mut s = Streaming::start_with(SHOP, &[("orders.toml", mapping)], |config| {
+        config.batch.max_pending_keys = 100;
+    })
+    .await;
+    s.db.execute("insert into orders select g, 1, 'new' from generate_series(1, 3000) g")
+        .await;
+    s.sync().await;
+    let keys: Vec<String> = (1..=3000).map(|id| format!("order:{id}")).collect();
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    s.seed(&keys).await;
+    let applied_before = s.evictd.changes_applied();
+    // The savepoint's 2,000 updates overflow max_pending_keys and are
+    // rolled back; the 5 updates before it commit.
+    s.db.execute(
+        "begin;
+         update orders set status = 'paid' where id <= 5;
+         savepoint s1;
+         update orders set status = 'gone' where id > 1000;
+         rollback to savepoint s1;
+         commit",
+    )
+    .await;
+    s.sync().await;
+    let left = s.cached(&keys).await;
+    let expected: Vec<String> = (6..=3000).map(|id| format!("order:{id}")).collect();
+    assert_eq!(left, expected, "only the committed rows' keys go");
+    assert_eq!(
+        s.evictd.changes_applied() - applied_before,
+        5,
+        "only the committed changes are counted as applied"
+    );
+    let client = s.db.client().await;
+    let streamed: i64 = client
+        .query_one(
+            "select stream_txns from pg_stat_replication_slots where slot_name = $1",
+            &[&s.config.postgres.slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(streamed >= 1, "the transaction was streamed");
+}
+
+#[tokio::test]
+async fn keys_do_not_depend_on_the_databases_output_settings() {
+    use evictd::change::{Datum, Op, Row, RowChange, TableName};
+    use evictd::mapping::{Limits, Output};
+    use evictd::plan::{plan_changes, Command};
+    // Settings that change how Postgres prints intervals, bytea and floats,
+    // set for the database before evictd connects.
+    let schema = "
+        create table vals (id bigint primary key, i interval not null, b bytea not null, f real not null);
+        alter table vals replica identity full;
+        create publication evictd for table vals;
+        do $$ begin
+          execute format('alter database %I set IntervalStyle = %L', current_database(), 'iso_8601');
+          execute format('alter database %I set bytea_output = %L', current_database(), 'escape');
+          execute format('alter database %I set extra_float_digits = %L', current_database(), '0');
+        end $$;";
+    let mapping = "[[table]]\nname = \"vals\"\nkeys = [\"v:{i}:{b}:{f}\"]\n";
+    let mut s = Streaming::start(schema, &[("vals.toml", mapping)]).await;
+    // The key as an application builds it from the canonical text.
+    let mappings = evictd::mapping::load_str("m.toml", mapping, Limits::default()).unwrap();
+    let row = Row::from_pairs([
+        ("id", Datum::Number("1".into())),
+        ("i", Datum::text("1 year 2 mons 3 days 04:05:06.5")),
+        ("b", Datum::text("\\xdeadbeef")),
+        ("f", Datum::Number("3.4028235e+38".into())),
+    ]);
+    let change = RowChange {
+        table: std::sync::Arc::new(TableName::new("public", "vals")),
+        op: Op::Insert,
+        old: None,
+        new: Some(row),
+    };
+    let plan = plan_changes(&mappings, [&change], &mut Output::default());
+    let keys: Vec<String> = plan
+        .commands
+        .iter()
+        .filter_map(|command| match command {
+            Command::Unlink { key, .. } => Some(key.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    s.seed(&keys).await;
+    s.db.execute(
+        "insert into vals values (1, '1 year 2 mons 3 days 4 hours 5 minutes 6.5 seconds', '\\xdeadbeef', 3.4028235e+38)",
+    )
+    .await;
+    s.sync().await;
+    assert_eq!(s.cached(&keys).await, Vec::<String>::new(), "{keys:?}");
+}
+
+#[tokio::test]
 async fn l1_messages_arrive_with_a_gapless_seq() {
     use futures_util::StreamExt as _;
     let mut s = Streaming::start(SHOP, &[("orders.toml", ORDERS)]).await;
-    let client = redis::Client::open(support::stack().redis.url()).unwrap();
+    let client = redis::Client::open(crate::support::stack().redis.url()).unwrap();
     let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
     pubsub.subscribe(&s.config.redis.l1_channel).await.unwrap();
     for id in 0..30 {

@@ -1,12 +1,10 @@
 //! The admin endpoint of `evictd run`: /healthz, /readyz through a Redis
 //! outage, and /metrics after real traffic.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::{free_port, http_get, run_config, spawn_run, terminate, TestDb};
 use evictd::testkit::Redis;
-use support::{free_port, http_get, run_config, spawn_run, terminate, TestDb};
 
 /// Polls until `path` answers `status`; returns the body.
 fn wait_for(port: u16, path: &str, status: u16) -> String {
@@ -95,6 +93,19 @@ async fn health_readiness_and_metrics() {
     db.execute("insert into orders values (4, 'new')").await;
     let body = wait_for(port, "/readyz", 503);
     assert!(body.starts_with("not ready: redis:"), "{body}");
+    redis.restart().expect("restart redis");
+    wait_for(port, "/readyz", 200);
+
+    // Idle (nothing to apply): a probe is answered from a fresh PING, not
+    // from the last idle ping of apply (up to 5 s old).
+    redis.stop();
+    std::thread::sleep(Duration::from_millis(1100));
+    let (status, body) = http_get(port, "/readyz").expect("readyz");
+    assert_eq!(
+        (status, body.starts_with("not ready: redis:")),
+        (503, true),
+        "{body}"
+    );
     redis.restart().expect("restart redis");
     wait_for(port, "/readyz", 200);
 

@@ -1,8 +1,6 @@
 //! `evictd init` and `evictd status` against a real database and Redis.
 
-mod support;
-
-use support::{evictd, stack, stderr, stdout, TestDb};
+use crate::support::{evictd, stack, stderr, stdout, TestDb};
 
 fn write_config(dir: &std::path::Path, db: &TestDb, extra: &str) -> String {
     std::fs::create_dir_all(dir.join("mappings")).unwrap();

@@ -2,16 +2,14 @@
 //! nothing it acknowledged was unapplied, and after a restart every key of
 //! every committed transaction is invalidated.
 
-mod support;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use evictd::change::Lsn;
-use support::{
+use crate::support::{
     evictd, free_port, http_get, redis_connection, run_config, slot_confirmed, spawn_run, stack,
-    terminate, TestDb,
+    terminate, wait_for_slot, TestDb,
 };
+use evictd::change::Lsn;
 
 const ROWS: i64 = 3000;
 
@@ -19,27 +17,6 @@ const MAPPING: &str = "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\n";
 
 fn write_config(dir: &Path, db: &TestDb) -> std::path::PathBuf {
     run_config(dir, db, &stack().redis.url(), MAPPING, "127.0.0.1:0")
-}
-
-async fn wait_for_slot(client: &tokio_postgres::Client, slot: &str, active: bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let exists = client
-            .query_opt(
-                "select active from pg_replication_slots where slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .unwrap();
-        if exists.is_some_and(|row| row.get::<_, bool>(0) == active) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "slot {slot} never became active = {active}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn deleted(
@@ -144,7 +121,7 @@ async fn kill_9_mid_stream_loses_nothing() {
         output.status.code(),
         Some(0),
         "{}",
-        support::stderr(&output)
+        crate::support::stderr(&output)
     );
     let gone = deleted(&mut redis, &db.prefix, 1..=ROWS).await;
     assert_eq!(
@@ -210,8 +187,19 @@ async fn a_standby_takes_over_when_the_active_process_dies() {
         &format!("127.0.0.1:{standby_port}"),
     );
     let mut standby = spawn_run(&standby_config);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (status, reason) = http_get(standby_port, "/readyz").expect("the standby answers /readyz");
+    // Barrier: the standby has tried the slot (its reason names the
+    // server's answer) rather than a fixed wait.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (status, reason) = loop {
+        let answer = http_get(standby_port, "/readyz");
+        let tried = answer
+            .as_ref()
+            .is_some_and(|(_, reason)| !reason.contains("connecting to Postgres"));
+        if tried || Instant::now() > deadline {
+            break answer.expect("the standby answers /readyz");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(status, 503, "a standby is not ready");
     assert!(
         reason.starts_with("not ready: source: postgres ERROR 55006: replication slot")

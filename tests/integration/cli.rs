@@ -1,9 +1,7 @@
 //! The `evictd` command line: exit codes and output of `check` and
 //! `explain`.
 
-mod support;
-
-use support::{evictd, mapping_dir, repo_path, stderr, stdout};
+use crate::support::{evictd, mapping_dir, repo_path, stderr, stdout};
 
 fn demo_mappings() -> String {
     repo_path("mappings").display().to_string()

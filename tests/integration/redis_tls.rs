@@ -1,14 +1,12 @@
 //! `rediss://` with a private CA and a client certificate (mutual TLS),
 //! against a throwaway redis-server that requires client certificates.
 
-mod support;
-
 use std::path::Path;
 
+use crate::support::{mapping_dir, streaming_config, TestDb};
 use evictd::config::SecretUrl;
 use evictd::testkit::{Evictd, Redis};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-use support::{mapping_dir, streaming_config, TestDb};
 
 /// Writes ca.pem, server.pem/server.key and client.pem/client.key.
 fn pki(dir: &Path) {
@@ -109,7 +107,7 @@ async fn evictd_applies_over_mutual_tls() {
     let mut no_cert = config.redis.clone();
     no_cert.cert_file = None;
     no_cert.key_file = None;
-    let client = evictd::apply::redis::client(&no_cert).unwrap();
+    let client = evictd::internal::redis_client(&no_cert).unwrap();
     let refused = async {
         let mut connection = client.get_multiplexed_async_connection().await?;
         redis::cmd("PING")

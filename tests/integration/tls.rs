@@ -1,15 +1,13 @@
 //! TLS to Postgres with libpq's sslmode semantics, against a throwaway
 //! server with a certificate from a throwaway CA.
 
-mod support;
-
 use std::sync::OnceLock;
 
+use crate::support::{mapping_dir, redis_connection, stack};
 use evictd::config::SecretUrl;
-use evictd::source::postgres::conn::ReplicationConnection;
+use evictd::internal::ReplicationConnection;
 use evictd::testkit::{Evictd, Postgres};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-use support::{mapping_dir, redis_connection, stack};
 
 struct Pki {
     ca_pem: String,
@@ -147,7 +145,7 @@ async fn require_encrypts_without_a_ca_and_fails_without_tls() {
 
 #[tokio::test]
 async fn evictd_streams_over_verify_full() {
-    support::init_logging();
+    crate::support::init_logging();
     let ca = ca_file("ca.pem");
     let (postgres, pki) = server();
     assert!(pki.ca_pem.contains("BEGIN CERTIFICATE") && pki.other_ca_pem != pki.ca_pem);
@@ -157,7 +155,7 @@ async fn evictd_streams_over_verify_full() {
         postgres.port()
     );
     let url = format!("{base}?sslmode=verify-full&sslrootcert={ca}");
-    let client = evictd::catalog::connect(&SecretUrl::parse(&url).unwrap())
+    let client = evictd::internal::catalog::connect(&SecretUrl::parse(&url).unwrap())
         .await
         .unwrap();
     client

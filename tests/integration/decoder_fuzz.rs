@@ -1,7 +1,7 @@
 //! The pgoutput decoder is total: arbitrary bytes, and valid messages with
 //! bytes flipped or cut off, decode to a message or an error, never a panic.
 
-use evictd::source::postgres::pgoutput::{decode, Message};
+use evictd::internal::pgoutput::{decode, Message};
 use proptest::prelude::*;
 
 /// A few valid messages to mutate.

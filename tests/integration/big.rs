@@ -1,12 +1,11 @@
 //! One huge transaction through real WAL: a 1M-row update, streamed by the
 //! server, applied with bounded memory.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use support::{
-    peak_rss_kib, redis_connection, run_config, slot_confirmed, spawn_run, stack, terminate, TestDb,
+use crate::support::{
+    peak_rss_kib, redis_connection, run_config, slot_confirmed, spawn_run, stack, terminate,
+    wait_for_slot, TestDb,
 };
 
 const ROWS: i64 = 1_000_000;
@@ -44,19 +43,7 @@ async fn a_million_row_update_is_applied_with_bounded_memory() {
 
     let child = spawn_run(&config);
     let client = db.client().await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client
-        .query_opt(
-            "select 1 from pg_replication_slots where slot_name = $1 and active",
-            &[&db.name],
-        )
-        .await
-        .unwrap()
-        .is_none()
-    {
-        assert!(Instant::now() < deadline, "evictd did not start streaming");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_slot(&client, &db.name, true).await;
 
     let started = Instant::now();
     db.execute("update orders set status = 'paid'").await;

@@ -1,0 +1,322 @@
+//! The Postgres source's supervisor: runs replication sessions one after
+//! another, reconnecting with backoff after transient errors and standing
+//! by while another process holds the slot (apply runs on across
+//! sessions); before each session, the continuity check against the record
+//! in Redis ([`crate::continuity`]); beside them, the retained-WAL watch
+//! and the live schema checks.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use super::changes::{ChangeDecoder, RelationMemory};
+use super::conn::ReplicationConnection;
+use super::control::Control;
+use super::replication::{self, Finished, Replication};
+use super::slot;
+use crate::apply::shared::Record;
+use crate::apply::{Backoff, Progress, Request};
+use crate::change::{Checkpoint, Event, Lsn};
+use crate::config::{Config, SecretUrl};
+use crate::continuity::{self, Remembered, SlotState, Verdict};
+use crate::error::{Error, ErrorKind};
+use crate::mapping::Mappings;
+use crate::pipeline::batcher::{BatchLimits, Batcher};
+use crate::pipeline::schema::SchemaHealth;
+use crate::pipeline::{finish_apply, Ended, Options, Running, SourceState, Stages};
+use crate::telemetry;
+
+/// How often a standby tries to take the slot over.
+const STANDBY_POLL: Duration = Duration::from_secs(1);
+
+/// Starts the Postgres source's supervisor and the apply task.
+pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Result<Running, Error> {
+    let Some(url) = config.postgres.url.clone() else {
+        return Err(Error::new(ErrorKind::Config, "postgres.url is not set"));
+    };
+    let (stages, handles) = Stages::start(config)?;
+    let schema = stages.schema.clone().with_live_checks(
+        url,
+        config.postgres.publication.clone(),
+        mappings.clone(),
+    );
+    let supervisor = Supervisor {
+        schema,
+        memory: RelationMemory::default(),
+        config: config.clone(),
+        mappings,
+        options,
+        plans: stages.plans,
+        sent_plans: Arc::new(AtomicU64::new(0)),
+        progress: stages.progress,
+        acked: Arc::new(stages.acked),
+        stop: stages.stop,
+        source: stages.source,
+    };
+    tokio::spawn(watch_retained_wal(config.clone(), supervisor.stop.clone()));
+    tokio::spawn(
+        supervisor
+            .schema
+            .clone()
+            .watch(SCHEMA_CHECK_INTERVAL, supervisor.stop.clone()),
+    );
+    Ok(handles.running(tokio::spawn(supervisor.run(stages.apply_task))))
+}
+
+impl Supervisor {
+    /// Compares the slot with what evictd remembers applying (see
+    /// [`crate::continuity`]), creates the slot when needed, and when changes
+    /// were lost invalidates every mapped table before streaming.
+    async fn check_continuity(&self, url: &SecretUrl, system_id: &str) -> Result<(), Error> {
+        let postgres = &self.config.postgres;
+        let key = format!(
+            "{}{}",
+            self.config.redis.prefix,
+            continuity::record_key(&postgres.slot)
+        );
+        let (answer, read) = oneshot::channel();
+        self.request(Request::Read(key.clone(), answer)).await?;
+        let remembered = read
+            .await
+            .map_err(|_| Error::new(ErrorKind::Shutdown, "the apply task ended"))??
+            .and_then(|text| Remembered::decode(&text));
+        let control = Control::connect_to(url, &postgres.slot, &postgres.publication).await?;
+        let state = control.inspect().await?;
+        let verdict = continuity::judge(remembered.as_ref(), &state, system_id);
+        if matches!(&state, SlotState::Present { wal_status, .. } if wal_status == "lost") {
+            control.drop_slot().await?;
+        }
+        if control.ensure(&self.mappings, postgres.create_slot).await? {
+            tracing::info!(slot = %postgres.slot, "created the replication slot: streaming starts from now");
+        }
+        self.request(Request::Remember(Record {
+            key,
+            system_id: system_id.to_owned(),
+        }))
+        .await?;
+        let Verdict::Lost(reason) = verdict else {
+            return Ok(());
+        };
+        tracing::error!(slot = %postgres.slot, %reason, "continuity lost: invalidating every mapped table before streaming");
+        let start = match control.inspect().await? {
+            SlotState::Present {
+                confirmed_flush, ..
+            } => confirmed_flush,
+            SlotState::Missing => Lsn(0),
+        };
+        let mut batcher = Batcher::new(self.mappings.clone(), self.limits());
+        let mut ready = Vec::new();
+        batcher.invalidate_everything(&mut ready);
+        let commit = Event::Commit {
+            checkpoint: Checkpoint::Lsn(start),
+            commit_time: None,
+        };
+        batcher.push(commit, &mut ready);
+        ready.extend(batcher.take());
+        for plan in ready {
+            self.sent_plans.fetch_add(1, Ordering::SeqCst);
+            self.request(Request::Plan(plan)).await?;
+        }
+        let target = self.sent_plans.load(Ordering::SeqCst);
+        let mut progress = self.progress.clone();
+        progress
+            .wait_for(|progress| progress.applied_plans >= target)
+            .await
+            .map_err(|_| Error::new(ErrorKind::Shutdown, "the apply task ended"))?;
+        batcher.record_metrics();
+        tracing::warn!(slot = %postgres.slot, tables = self.mappings.tables().count(), "coarse invalidation applied; streaming resumes");
+        Ok(())
+    }
+
+    async fn request(&self, request: Request) -> Result<(), Error> {
+        self.plans
+            .send(request)
+            .await
+            .map_err(|_| Error::new(ErrorKind::Shutdown, "the apply task ended"))
+    }
+}
+
+/// How often the live mapping checks run besides a session's start and a
+/// changed Relation message.
+const SCHEMA_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How often the slot's retained WAL is checked.
+const RETAINED_WAL_CHECK: Duration = Duration::from_secs(60);
+
+/// Publishes the WAL the slot retains and warns past
+/// `postgres.max_retained_wal_mb`, until stopped.
+async fn watch_retained_wal(config: Config, mut stop: watch::Receiver<bool>) {
+    let Some(url) = config.postgres.url.clone() else {
+        return;
+    };
+    let bound = config.postgres.max_retained_wal_mb.saturating_mul(1 << 20);
+    let mut tick = tokio::time::interval(RETAINED_WAL_CHECK);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => return,
+            _ = tick.tick() => {}
+        }
+        let postgres = &config.postgres;
+        let Ok(control) = Control::connect_to(&url, &postgres.slot, &postgres.publication).await
+        else {
+            continue;
+        };
+        let Ok(Some(retained)) = control.retained_wal().await else {
+            continue;
+        };
+        #[allow(clippy::cast_precision_loss)]
+        metrics::gauge!(telemetry::SLOT_RETAINED_WAL_BYTES).set(retained as f64);
+        if retained > bound {
+            tracing::warn!(slot = %config.postgres.slot, retained_mb = retained >> 20, max_retained_wal_mb = config.postgres.max_retained_wal_mb, "the slot retains much WAL: evictd is behind or stopped; the database's disk fills");
+        }
+    }
+}
+
+/// Runs replication sessions one after another: a transient failure
+/// (Postgres restarted, the walsender killed, the slot held by another
+/// process) ends a session, and after a backoff a new one resumes from the
+/// slot's confirmed position. Apply runs on across sessions.
+struct Supervisor {
+    config: Config,
+    schema: SchemaHealth,
+    /// Mapped relations by OID, across sessions.
+    memory: RelationMemory,
+    mappings: Arc<Mappings>,
+    options: Options,
+    plans: mpsc::Sender<Request>,
+    sent_plans: Arc<AtomicU64>,
+    progress: watch::Receiver<Progress>,
+    acked: Arc<watch::Sender<Lsn>>,
+    stop: watch::Receiver<bool>,
+    source: watch::Sender<SourceState>,
+}
+
+impl Supervisor {
+    async fn run(mut self, apply_task: JoinHandle<Result<(), Error>>) -> Result<Ended, Error> {
+        let mut backoff = Backoff::default();
+        let outcome = loop {
+            let session = match self.connect().await {
+                Ok(session) => session,
+                Err(error) => match self.retry_after(error, &mut backoff).await {
+                    Some(fatal) => break fatal,
+                    None => continue,
+                },
+            };
+            backoff = Backoff::default();
+            self.source.send_replace(SourceState::Streaming);
+            metrics::gauge!(telemetry::STREAMING).set(1.0);
+            match session.run(self.stop.clone()).await {
+                Ok(finished) => break Ok(Some(finished)),
+                Err(error) => {
+                    if let Some(fatal) = self.retry_after(error, &mut backoff).await {
+                        break fatal;
+                    }
+                }
+            }
+        };
+        self.source.send_replace(SourceState::Ended);
+        metrics::gauge!(telemetry::STREAMING).set(0.0);
+        // Closing the plan channel lets apply finish what it holds and end.
+        drop(self.plans);
+        let apply_result = finish_apply(apply_task).await;
+        // When apply failed, its error is the cause of whatever the
+        // replication side saw ("the apply task ended").
+        apply_result?;
+        let finished = outcome?;
+        let flush = self.progress.borrow().flush_lsn;
+        match finished {
+            Some(finished) => finished.close(flush).await,
+            // Stopped while disconnected: there is no stream to close.
+            None => Ok(Ended::Stopped),
+        }
+    }
+
+    /// Waits out a transient error; returns the error when it is not
+    /// transient, or the clean end when asked to stop meanwhile.
+    async fn retry_after(
+        &mut self,
+        error: Error,
+        backoff: &mut Backoff,
+    ) -> Option<Result<Option<Finished>, Error>> {
+        if *self.stop.borrow() {
+            return Some(Ok(None));
+        }
+        let cause = error.cause();
+        if !error.is_transient() {
+            tracing::error!(%error, %cause, "the pipeline stops: this error is not worth retrying");
+            return Some(Err(error));
+        }
+        let reason = error.reason();
+        let repeated = matches!(&*self.source.borrow(), SourceState::Interrupted(previous) if *previous == reason);
+        self.source.send_replace(SourceState::Interrupted(reason));
+        let delay = if error.kind() == ErrorKind::SlotInUse {
+            // A standby: poll often, so that it takes over within a second
+            // or two of the active process going away.
+            if !repeated {
+                tracing::info!(slot = %self.config.postgres.slot, %error, "the slot streams to another process; standing by");
+            }
+            STANDBY_POLL
+        } else {
+            let delay = backoff.next_delay();
+            metrics::counter!(telemetry::RECONNECTS).increment(1);
+            tracing::warn!(%error, %cause, retry_in = ?delay, "replication interrupted; reconnecting");
+            delay
+        };
+        tokio::select! {
+            _ = self.stop.wait_for(|stop| *stop) => Some(Ok(None)),
+            () = tokio::time::sleep(delay) => None,
+        }
+    }
+
+    fn limits(&self) -> BatchLimits {
+        BatchLimits::of(&self.config.batch)
+    }
+
+    async fn connect(&self) -> Result<Replication, Error> {
+        let url = self
+            .config
+            .postgres
+            .url
+            .as_ref()
+            .ok_or_else(|| Error::new(ErrorKind::Config, "postgres.url is not set"))?;
+        let mut conn = ReplicationConnection::connect(url.expose()).await?;
+        let system = conn.simple_query("IDENTIFY_SYSTEM").await?;
+        let Some([Some(system_id), Some(timeline), Some(wal_position), ..]) =
+            system.first().map(Vec::as_slice)
+        else {
+            return Err(Error::new(
+                ErrorKind::Protocol,
+                "IDENTIFY_SYSTEM returned no row",
+            ));
+        };
+        tracing::info!(%system_id, %timeline, %wal_position, "connected for replication");
+        self.check_continuity(url, system_id).await?;
+        // The checks `evictd check` makes, reported table by table; the
+        // OIDs they find let a rename be recognised from the first change.
+        self.memory.seed(self.schema.live_check().await);
+        let command = slot::start_command(
+            &self.config.postgres.slot,
+            &self.config.postgres.publication,
+            conn.server_version(),
+        );
+        conn.start_replication(&command).await?;
+        tracing::info!(slot = %self.config.postgres.slot, server_version = conn.server_version(), "streaming started");
+        Ok(Replication {
+            conn,
+            decoder: ChangeDecoder::with_memory(self.mappings.clone(), self.memory.clone()),
+            schema: self.schema.clone(),
+            batcher: Batcher::new(self.mappings.clone(), self.limits()),
+            plans: self.plans.clone(),
+            sent_plans: self.sent_plans.clone(),
+            progress: self.progress.clone(),
+            acked: self.acked.clone(),
+            max_wait: Duration::from_millis(self.config.batch.max_wait_ms),
+            status_interval: self.options.status_interval,
+            until: self.options.until,
+            scratch: replication::Scratch::default(),
+        })
+    }
+}

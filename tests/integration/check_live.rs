@@ -1,0 +1,230 @@
+//! `check` against a real Postgres: each live problem is reported at the
+//! mapping rule it concerns, and a correct setup passes.
+
+use crate::support::{evictd, mapping_dir, repo_path, stdout, TestDb};
+use evictd::config::SecretUrl;
+use evictd::internal::catalog;
+use evictd::mapping::{self, Limits, Mappings};
+
+fn load(text: &str) -> Mappings {
+    mapping::load_str("m.toml", text, Limits::default()).expect("mapping loads")
+}
+
+async fn live_problems(db: &TestDb, mappings: &Mappings) -> Vec<String> {
+    let url = SecretUrl::parse(&db.url).expect("url");
+    let client = catalog::connect(&url).await.expect("connect");
+    catalog::check(mappings, &client, "evictd")
+        .await
+        .expect("checks run")
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+const SCHEMA: &str = "
+    create table orders (id bigint primary key, user_id bigint not null, status text);
+    alter table orders replica identity full;
+    create publication evictd for table orders;
+";
+
+#[tokio::test]
+async fn the_demo_schema_and_mappings_pass() {
+    let db = TestDb::new().await;
+    db.migrate().await;
+    let output = evictd(&[
+        "check",
+        "--mappings",
+        repo_path("mappings").to_str().unwrap(),
+        "--database-url",
+        &db.url,
+    ]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&output),
+        crate::support::stderr(&output)
+    );
+    assert!(
+        stdout(&output).contains("checked against the database"),
+        "{}",
+        stdout(&output)
+    );
+}
+
+/// One live problem: the schema, the mapping, and exactly what `check`
+/// says (nothing, for a setup that is fine).
+struct Case {
+    what: &'static str,
+    schema: &'static str,
+    mapping: &'static str,
+    expected: &'static [&'static str],
+}
+
+const CASES: &[Case] = &[
+    Case {
+        what: "a missing column is reported at its template",
+        schema: SCHEMA,
+        mapping: "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\", \"user:{usr_id}:orders\"]\n",
+        expected: &["m.toml:3:23: error: column `usr_id` does not exist in table public.orders\n  help: did you mean `user_id`?"],
+    },
+    Case {
+        what: "a missing table is reported with a suggestion",
+        schema: SCHEMA,
+        mapping: "[[table]]\nname = \"order\"\nkeys = [\"order:{id}\"]\n",
+        expected: &["m.toml:2:8: error: table public.order does not exist\n  help: did you mean public.orders?"],
+    },
+    Case {
+        what: "a table outside the publication is reported",
+        schema: "create table orders (id bigint primary key);
+                 create publication evictd for table orders;
+                 create table users (id bigint primary key, name text)",
+        mapping: "[[table]]\nname = \"users\"\nkeys = [\"user:{id}\"]\n",
+        expected: &["m.toml:2:8: error: table public.users is not in publication `evictd`\n  help: ALTER PUBLICATION evictd ADD TABLE public.users"],
+    },
+    Case {
+        what: "REPLICA IDENTITY DEFAULT is reported where FULL is needed",
+        schema: "create table orders (id bigint primary key, user_id bigint not null, status text);
+                 create publication evictd for table orders;",
+        mapping: "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\ntags = [\"user:{user_id}\"]\n",
+        expected: &["m.toml:4:9: error: template `user:{user_id}` reads the old value of user_id, which REPLICA IDENTITY DEFAULT of public.orders does not send; updates and deletes would fall back to a pattern delete\n  help: ALTER TABLE public.orders REPLICA IDENTITY FULL"],
+    },
+    Case {
+        what: "under DEFAULT, a mapping that acts on inserts only is fine",
+        schema: "create table orders (id bigint primary key, user_id bigint not null, status text);
+                 create publication evictd for table orders;",
+        mapping: "[[table]]\nname = \"orders\"\nkeys = [\"user:{user_id}\"]\non = [\"insert\"]\n",
+        expected: &[],
+    },
+    Case {
+        what: "under DEFAULT, keys of primary key columns only are fine",
+        schema: "create table orders (id bigint primary key, user_id bigint not null, status text);
+                 create publication evictd for table orders;",
+        mapping: "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\n",
+        expected: &[],
+    },
+    Case {
+        what: "a table without a primary key is reported",
+        schema: "create table events (id bigint, kind text); create publication evictd for table events",
+        mapping: "[[table]]\nname = \"events\"\nkeys = [\"event:{id}\"]\n",
+        expected: &["m.toml:2:8: error: table public.events has no primary key, so REPLICA IDENTITY DEFAULT sends no old row\n  help: ALTER TABLE public.events REPLICA IDENTITY FULL"],
+    },
+    Case {
+        what: "a missing publication is reported",
+        schema: "create table orders (id bigint primary key)",
+        mapping: "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\n",
+        expected: &["error: publication `evictd` does not exist\n  help: CREATE PUBLICATION evictd FOR TABLE public.orders"],
+    },
+    Case {
+        what: "an operation the publication does not publish is reported",
+        schema: "create table orders (id bigint primary key);
+                 create publication evictd for table orders with (publish = 'insert, update, delete')",
+        mapping: "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\n",
+        expected: &["m.toml:2:8: error: publication `evictd` does not publish truncate, which the mapping of public.orders acts on\n  help: ALTER PUBLICATION evictd SET (publish = 'insert, update, delete, truncate'), or remove truncate from `on`"],
+    },
+    Case {
+        what: "a column outside the publication's column list is reported",
+        schema: "create table orders (id bigint primary key, user_id bigint, secret text);
+                 alter table orders replica identity full;
+                 create publication evictd for table orders (id, secret)",
+        mapping: "[[table]]\nname = \"orders\"\nkeys = [\"user:{user_id}\"]\n",
+        expected: &["m.toml:2:8: error: publication `evictd` does not publish column(s) user_id of public.orders\n  help: add them to the publication's column list for public.orders, or drop the column list"],
+    },
+];
+
+#[tokio::test]
+async fn each_live_problem_is_reported_at_the_rule_it_concerns() {
+    let mut failures = Vec::new();
+    for case in CASES {
+        let db = TestDb::new().await;
+        db.execute(case.schema).await;
+        let problems = live_problems(&db, &load(case.mapping)).await;
+        if problems != case.expected {
+            failures.push(format!(
+                "{}:\n  expected {:?}\n  got      {problems:?}",
+                case.what, case.expected
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[tokio::test]
+async fn the_cli_lists_every_live_problem_and_exits_2() {
+    let db = TestDb::new().await;
+    db.execute(SCHEMA).await;
+    db.execute("create table users (id bigint primary key)")
+        .await;
+    let dir = mapping_dir(&[
+        (
+            "orders.toml",
+            "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\", \"x:{nope}\"]\n",
+        ),
+        (
+            "users.toml",
+            "[[table]]\nname = \"users\"\nkeys = [\"user:{id}\"]\n",
+        ),
+    ]);
+    let output = evictd(&[
+        "check",
+        "--mappings",
+        dir.path().to_str().unwrap(),
+        "--database-url",
+        &db.url,
+    ]);
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains(
+            "orders.toml:3:23: error: column `nope` does not exist in table public.orders"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("users.toml:2:8: error: table public.users is not in publication `evictd`"),
+        "{text}"
+    );
+    assert!(text.ends_with("2 problems found\n"), "{text}");
+}
+
+#[tokio::test]
+async fn the_cli_reads_the_database_from_the_config() {
+    let db = TestDb::new().await;
+    db.migrate().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("evictd.toml");
+    let mappings = repo_path("mappings");
+    std::fs::write(
+        &config,
+        format!(
+            "[postgres]\nurl = \"{}\"\n[mappings]\ndir = \"{}\"\n",
+            db.url,
+            mappings.display()
+        ),
+    )
+    .expect("write config");
+    let output = evictd(&["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&output),
+        crate::support::stderr(&output)
+    );
+    let unreachable = "postgres://nobody@127.0.0.1:1/none";
+    let output = evictd(&[
+        "check",
+        "--config",
+        config.to_str().unwrap(),
+        "--database-url",
+        unreachable,
+    ]);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "a runtime failure: {}",
+        crate::support::stderr(&output)
+    );
+    assert!(crate::support::stderr(&output)
+        .contains("cannot connect to Postgres at postgres://nobody@127.0.0.1:1/none"));
+}

@@ -1,0 +1,30 @@
+//! The integration tests, in one binary (one link instead of one per
+//! file): each module is one area, with real Postgres, Redis and a
+//! Kafka-compatible broker started by the testkit. `support` shares one
+//! server pair for the whole run and gives each test its own database and
+//! key prefix.
+
+mod support;
+
+mod admin;
+mod auth;
+mod big;
+mod check_live;
+mod cli;
+mod cluster;
+mod config;
+mod continuity;
+mod crash;
+mod decoder_fuzz;
+mod harness;
+mod kafka;
+mod least_privilege;
+mod lifecycle;
+mod map_plan;
+mod mapping_errors;
+mod reconnect;
+mod redis_outage;
+mod redis_tls;
+mod silence;
+mod tls;
+mod wal;
