@@ -69,7 +69,7 @@ pub mod internal {
         pub use crate::demo::{run, DemoError};
     }
     pub mod lifecycle {
-        pub use crate::lifecycle::{init, init_plan, status};
+        pub use crate::lifecycle::{init, init_plan, kafka_status, status};
     }
     pub mod telemetry {
         pub use crate::telemetry::{recorder, upkeep};

@@ -4,10 +4,12 @@
 
 use std::fmt::Write as _;
 
+use crate::apply::shared::INVALIDATED_KEY;
 use crate::config::Config;
 use crate::continuity::{self, Remembered};
 use crate::error::Error;
 use crate::mapping::Mappings;
+use crate::plan::Mode;
 use crate::source::postgres::control::{Control, SlotReport};
 
 /// One step of `init`.
@@ -134,44 +136,113 @@ pub async fn status(config: &Config) -> Result<(String, Vec<String>), Error> {
             }
         }
     }
-    let (record, last) = read_redis(config).await;
-    match record {
-        Ok(Some(text)) => match Remembered::decode(&text) {
-            Some(remembered) => {
+    let view = read_redis(config).await;
+    match &view {
+        Ok(view) => match &view.record {
+            Some(text) => match Remembered::decode(text) {
+                Some(remembered) => {
+                    let _ = writeln!(
+                        out,
+                        "redis: last applied {} (database system {})",
+                        remembered.applied, remembered.system_id
+                    );
+                }
+                None => {
+                    let _ = writeln!(out, "redis: unreadable continuity record `{text}`");
+                }
+            },
+            None => {
                 let _ = writeln!(
                     out,
-                    "redis: last applied {} (database system {})",
-                    remembered.applied, remembered.system_id
+                    "redis: no continuity record yet (evictd has not applied anything)"
                 );
             }
-            None => {
-                let _ = writeln!(out, "redis: unreadable continuity record `{text}`");
-            }
         },
-        Ok(None) => {
-            let _ = writeln!(
-                out,
-                "redis: no continuity record yet (evictd has not applied anything)"
-            );
-        }
         Err(error) => {
             let _ = writeln!(out, "redis: unreachable ({error})");
             warnings.push("Redis does not answer".into());
         }
     }
-    if let Ok(Some(last)) = last {
-        let _ = writeln!(out, "  last L1 broadcast (epoch:seq) {last}");
+    if let Ok(view) = &view {
+        if let Some(last) = &view.last {
+            let _ = writeln!(out, "  last L1 broadcast (epoch:seq) {last}");
+        }
+        invalidated(&view.invalidated, &mut out, &mut warnings);
     }
     Ok((out, warnings))
 }
 
-type Read = Result<Option<String>, String>;
+/// What `evictd status` shows of Redis for a Kafka source: the keys
+/// invalidated by table and mode.
+pub async fn kafka_status(config: &Config) -> (String, Vec<String>) {
+    let mut out = String::new();
+    let mut warnings = Vec::new();
+    match read_redis(config).await {
+        Ok(view) => invalidated(&view.invalidated, &mut out, &mut warnings),
+        Err(error) => {
+            let _ = writeln!(out, "redis: unreachable ({error})");
+            warnings.push("Redis does not answer".into());
+        }
+    }
+    (out, warnings)
+}
 
-async fn read_redis(config: &Config) -> (Read, Read) {
+/// A table whose invalidated keys were at least this share deleted by
+/// pattern or coarse invalidation (and at least [`MANY_KEYS`] of them) is
+/// warned about.
+const MOSTLY_BROAD: f64 = 0.5;
+const MANY_KEYS: u64 = 100;
+
+/// The totals of `evictd_keys_invalidated_total` kept in Redis, one line
+/// per table, and a warning for each table most of whose keys went by
+/// pattern or coarse invalidation.
+fn invalidated(fields: &[(String, u64)], out: &mut String, warnings: &mut Vec<String>) {
+    let mut tables: std::collections::BTreeMap<&str, [u64; 3]> = Default::default();
+    for (field, keys) in fields {
+        let Some((table, mode)) = field.rsplit_once(' ') else {
+            continue;
+        };
+        let Some(index) = Mode::ALL.iter().position(|m| m.as_str() == mode) else {
+            continue;
+        };
+        tables.entry(table).or_default()[index] += keys;
+    }
+    if tables.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "keys invalidated (since the first batch applied):");
+    for (table, [exact, pattern, coarse]) in tables {
+        let _ = writeln!(
+            out,
+            "  {table}: {exact} key by key, {pattern} by pattern, {coarse} by coarse invalidation"
+        );
+        let broad = pattern + coarse;
+        let total = broad + exact;
+        #[allow(clippy::cast_precision_loss)]
+        if total >= MANY_KEYS && broad as f64 >= MOSTLY_BROAD * total as f64 {
+            warnings.push(format!(
+                "{table}: {broad} of {total} invalidated keys were deleted by pattern or coarse invalidation, not key by key (`evictd check` and `evictd explain` show why: REPLICA IDENTITY, unknown TOAST values, large transactions)"
+            ));
+        }
+    }
+}
+
+/// What `status` reads from Redis.
+struct RedisView {
+    /// The continuity record (Postgres source).
+    record: Option<String>,
+    /// The last L1 `epoch:seq`.
+    last: Option<String>,
+    /// The invalidation totals: (`<table> <mode>`, keys).
+    invalidated: Vec<(String, u64)>,
+}
+
+async fn read_redis(config: &Config) -> Result<RedisView, String> {
     let prefix = &config.redis.prefix;
     let keys = [
         format!("{prefix}{}", continuity::record_key(&config.postgres.slot)),
         format!("{prefix}evictd:l1:last"),
+        format!("{prefix}{INVALIDATED_KEY}"),
     ];
     let url = config.redis.url.expose();
     let read = async {
@@ -181,37 +252,46 @@ async fn read_redis(config: &Config) -> (Read, Read) {
                 .get_async_connection()
                 .await
                 .map_err(|e| e.to_string())?;
-            get_all(&mut connection, &keys).await
+            read_all(&mut connection, &keys).await
         } else {
             let client = crate::apply::redis::client(&config.redis).map_err(|e| e.to_string())?;
             let mut connection = client
                 .get_multiplexed_async_connection()
                 .await
                 .map_err(|e| e.to_string())?;
-            get_all(&mut connection, &keys).await
+            read_all(&mut connection, &keys).await
         }
     };
     match tokio::time::timeout(std::time::Duration::from_secs(5), read).await {
-        Ok(Ok(values)) => (Ok(values[0].clone()), Ok(values[1].clone())),
-        Ok(Err(error)) => (Err(error.clone()), Err(error)),
-        Err(_) => (Err("timed out".into()), Err("timed out".into())),
+        Ok(result) => result,
+        Err(_) => Err("timed out".into()),
     }
 }
 
-async fn get_all(
+/// GETs the record and the last broadcast, HGETALLs the totals.
+async fn read_all(
     connection: &mut impl redis::aio::ConnectionLike,
-    keys: &[String],
-) -> Result<Vec<Option<String>>, String> {
-    let mut values = Vec::with_capacity(keys.len());
-    for key in keys {
-        let value: Option<String> = redis::cmd("GET")
-            .arg(key)
-            .query_async(connection)
-            .await
-            .map_err(|e| e.to_string())?;
-        values.push(value);
-    }
-    Ok(values)
+    [record, last, totals]: &[String; 3],
+) -> Result<RedisView, String> {
+    let get = |key: &String| redis::cmd("GET").arg(key).clone();
+    let record: Option<String> = get(record)
+        .query_async(connection)
+        .await
+        .map_err(|e| e.to_string())?;
+    let last: Option<String> = get(last)
+        .query_async(connection)
+        .await
+        .map_err(|e| e.to_string())?;
+    let invalidated: Vec<(String, u64)> = redis::cmd("HGETALL")
+        .arg(totals)
+        .query_async(connection)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(RedisView {
+        record,
+        last,
+        invalidated,
+    })
 }
 
 /// Bytes in a readable unit.

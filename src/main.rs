@@ -241,7 +241,12 @@ fn status(path: &Path) -> anyhow::Result<ExitCode> {
         .build()?;
     let (text, warnings) = match &config.kafka {
         Some(kafka) if config.source == evictd::config::SourceKind::Kafka => {
-            evictd::internal::group_status(kafka)?
+            let (mut text, mut warnings) = evictd::internal::group_status(kafka)?;
+            let (redis, more) =
+                runtime.block_on(evictd::internal::lifecycle::kafka_status(&config));
+            text.push_str(&redis);
+            warnings.extend(more);
+            (text, warnings)
         }
         _ => runtime.block_on(evictd::internal::lifecycle::status(&config))?,
     };

@@ -13,6 +13,7 @@
 //! **Architecture Invariant:** the planner does no IO and cannot fail.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use indexmap::IndexMap;
@@ -27,12 +28,22 @@ use crate::mapping::{Action, ActionKind, Mappings, OriginId, Output, Ttl};
 pub enum Command {
     /// `UNLINK key`.
     Unlink { key: String, origin: OriginId },
-    /// SCAN for `pattern`, UNLINK what matches.
-    UnlinkMatching { pattern: String, origin: OriginId },
+    /// SCAN for `pattern`, UNLINK what matches. `coarse` when it stands
+    /// for a transaction too large to track key by key (or lost
+    /// continuity), not for one change.
+    UnlinkMatching {
+        pattern: String,
+        origin: OriginId,
+        coarse: bool,
+    },
     /// Delete the members of tag set `tag`, then the set.
     InvalidateTag { tag: String, origin: OriginId },
     /// Invalidate every tag set whose name matches `pattern`.
-    InvalidateTagsMatching { pattern: String, origin: OriginId },
+    InvalidateTagsMatching {
+        pattern: String,
+        origin: OriginId,
+        coarse: bool,
+    },
     /// `SET key value [EX ttl]`.
     Set {
         key: String,
@@ -50,6 +61,43 @@ impl Command {
             | Command::InvalidateTag { origin, .. }
             | Command::InvalidateTagsMatching { origin, .. }
             | Command::Set { origin, .. } => *origin,
+        }
+    }
+
+    /// How the command invalidates, for `evictd_keys_invalidated_total`.
+    pub fn mode(&self) -> Mode {
+        match self {
+            Command::Unlink { .. } | Command::InvalidateTag { .. } | Command::Set { .. } => {
+                Mode::Exact
+            }
+            Command::UnlinkMatching { coarse: true, .. }
+            | Command::InvalidateTagsMatching { coarse: true, .. } => Mode::Coarse,
+            Command::UnlinkMatching { .. } | Command::InvalidateTagsMatching { .. } => {
+                Mode::Pattern
+            }
+        }
+    }
+}
+
+/// How a command invalidates: key by key (`exact`: a rendered key, a tag's
+/// members, a refresh), by a pattern standing for one change (`pattern`:
+/// an unknown placeholder value, a key too long, TRUNCATE), or by the
+/// table-wide patterns of a coarse invalidation (`coarse`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Mode {
+    Exact,
+    Pattern,
+    Coarse,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 3] = [Mode::Exact, Mode::Pattern, Mode::Coarse];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Exact => "exact",
+            Mode::Pattern => "pattern",
+            Mode::Coarse => "coarse",
         }
     }
 }
@@ -89,6 +137,9 @@ pub struct Plan {
     pub sent_time: Option<SystemTime>,
     /// Row changes the batch covers.
     pub changes: u64,
+    /// The table of each origin of the mappings the plan was made with
+    /// (see [`Mappings::origin_tables`]), to count invalidations by table.
+    pub tables: Option<Arc<[Arc<str>]>>,
 }
 
 #[derive(Debug)]
@@ -110,18 +161,28 @@ type OrderedMap<V> = IndexMap<String, V, FxBuildHasher>;
 #[derive(Debug, Default)]
 pub struct Planner {
     keys: OrderedMap<KeyAction>,
-    patterns: OrderedMap<OriginId>,
+    /// Pattern deletes and whether a coarse invalidation asked for them.
+    patterns: OrderedMap<(OriginId, bool)>,
     tags: OrderedMap<OriginId>,
-    tag_patterns: OrderedMap<OriginId>,
+    tag_patterns: OrderedMap<(OriginId, bool)>,
     checkpoint: Option<Checkpoint>,
     commit_time: Option<SystemTime>,
     sent_time: Option<SystemTime>,
     changes: u64,
+    tables: Option<Arc<[Arc<str>]>>,
 }
 
 impl Planner {
     pub fn new() -> Planner {
         Planner::default()
+    }
+
+    /// A planner whose plans name the tables of `mappings`' rules.
+    pub fn for_mappings(mappings: &Mappings) -> Planner {
+        Planner {
+            tables: Some(mappings.origin_tables()),
+            ..Planner::default()
+        }
     }
 
     /// Adds the actions of one change, in the order the evaluator gave them.
@@ -139,6 +200,16 @@ impl Planner {
 
     /// Adds one action, in commit order.
     pub fn push(&mut self, action: Action) {
+        self.push_as(action, false);
+    }
+
+    /// Adds an action of a coarse invalidation (its patterns count as
+    /// `coarse`, see [`Mode`]).
+    pub fn push_coarse(&mut self, action: Action) {
+        self.push_as(action, true);
+    }
+
+    fn push_as(&mut self, action: Action, coarse: bool) {
         let origin = action.origin;
         match action.kind {
             ActionKind::Delete(key) => {
@@ -158,13 +229,16 @@ impl Planner {
                         }
                     }
                 }
-                self.patterns.entry(pattern).or_insert(origin);
+                self.patterns.entry(pattern).or_insert((origin, coarse)).1 |= coarse;
             }
             ActionKind::Tag(tag) => {
                 self.tags.entry(tag).or_insert(origin);
             }
             ActionKind::TagMatching(pattern) => {
-                self.tag_patterns.entry(pattern).or_insert(origin);
+                self.tag_patterns
+                    .entry(pattern)
+                    .or_insert((origin, coarse))
+                    .1 |= coarse;
             }
         }
     }
@@ -219,18 +293,26 @@ impl Planner {
             }
         }
         let patterns = self.patterns.drain(..);
-        commands
-            .extend(patterns.map(|(pattern, origin)| Command::UnlinkMatching { pattern, origin }));
+        commands.extend(
+            patterns.map(|(pattern, (origin, coarse))| Command::UnlinkMatching {
+                pattern,
+                origin,
+                coarse,
+            }),
+        );
         commands.extend(
             self.tags
                 .drain(..)
                 .map(|(tag, origin)| Command::InvalidateTag { tag, origin }),
         );
         let tag_patterns = self.tag_patterns.drain(..);
-        commands.extend(
-            tag_patterns
-                .map(|(pattern, origin)| Command::InvalidateTagsMatching { pattern, origin }),
-        );
+        commands.extend(tag_patterns.map(|(pattern, (origin, coarse))| {
+            Command::InvalidateTagsMatching {
+                pattern,
+                origin,
+                coarse,
+            }
+        }));
         commands.append(&mut refreshes);
         Plan {
             commands,
@@ -238,6 +320,7 @@ impl Planner {
             commit_time: self.commit_time.take(),
             sent_time: self.sent_time.take(),
             changes: std::mem::take(&mut self.changes),
+            tables: self.tables.clone(),
         }
     }
 }
@@ -249,7 +332,7 @@ pub fn plan_changes<'c>(
     changes: impl IntoIterator<Item = &'c crate::change::RowChange>,
     out: &mut Output,
 ) -> Plan {
-    let mut planner = Planner::new();
+    let mut planner = Planner::for_mappings(mappings);
     for change in changes {
         let start = out.actions.len();
         mappings.eval(change, out);
@@ -282,6 +365,36 @@ mod tests {
 
     fn lines(plan: &Plan) -> Vec<String> {
         plan.commands.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn a_pattern_a_coarse_invalidation_asked_for_is_coarse() {
+        let pattern = |pattern: &str, origin: u32| Action {
+            kind: ActionKind::DeleteMatching(pattern.into()),
+            origin: OriginId(origin),
+        };
+        let mut planner = Planner::new();
+        planner.push(delete("a"));
+        planner.push(pattern("order:*", 1));
+        planner.push_coarse(pattern("user:*", 2));
+        // The same pattern from one change, then a coarse invalidation.
+        planner.push(pattern("tag:*", 3));
+        planner.push_coarse(pattern("tag:*", 3));
+        let modes: Vec<(String, Mode)> = planner
+            .finish()
+            .commands
+            .iter()
+            .map(|command| (command.to_string(), command.mode()))
+            .collect();
+        assert_eq!(
+            modes,
+            [
+                ("UNLINK a".to_owned(), Mode::Exact),
+                ("UNLINK MATCH order:*".to_owned(), Mode::Pattern),
+                ("UNLINK MATCH user:*".to_owned(), Mode::Coarse),
+                ("UNLINK MATCH tag:*".to_owned(), Mode::Coarse),
+            ]
+        );
     }
 
     #[test]

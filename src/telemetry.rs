@@ -11,7 +11,9 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 pub const CHANGES_RECEIVED: &str = "evictd_changes_received_total";
 /// Row changes whose batch Redis acknowledged.
 pub const CHANGES_APPLIED: &str = "evictd_changes_applied_total";
-/// Keys deleted or refreshed (exact keys, pattern matches, tag members).
+/// Keys invalidated, by `table` and `mode`: `exact` (key by key: a
+/// rendered key, a tag, a refresh), `pattern` (keys a pattern standing for
+/// one change matched), `coarse` (keys a coarse invalidation matched).
 pub const KEYS_INVALIDATED: &str = "evictd_keys_invalidated_total";
 /// Redis commands sent, by `outcome` (`ok`, `error`: the batch is retried).
 pub const REDIS_COMMANDS: &str = "evictd_redis_commands_total";
@@ -107,7 +109,10 @@ pub fn describe() {
         CHANGES_APPLIED,
         "Row changes whose batch Redis acknowledged"
     );
-    describe_counter!(KEYS_INVALIDATED, "Keys deleted or refreshed");
+    describe_counter!(
+        KEYS_INVALIDATED,
+        "Keys invalidated, by table and mode (exact, pattern, coarse)"
+    );
     describe_counter!(REDIS_COMMANDS, "Redis commands sent, by outcome");
     describe_histogram!(BATCH_COMMANDS, "Commands per applied batch");
     describe_histogram!(

@@ -139,6 +139,7 @@ mod tests {
                 Command::UnlinkMatching {
                     pattern: "order:*".into(),
                     origin: OriginId(0),
+                    coarse: false,
                 },
             ],
             checkpoint: Some(Checkpoint::Lsn(Lsn(0x16B3748))),

@@ -21,7 +21,9 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 
 use super::broadcast::Broadcast;
-use super::shared::{jittered, under_prefix, ApplyStats, Record, Wait, SCAN_COUNT};
+use super::shared::{
+    jittered, under_prefix, ApplyStats, Record, Wait, INVALIDATED_KEY, SCAN_COUNT,
+};
 use crate::error::{Error, ErrorKind};
 use crate::plan::{Command, Plan};
 
@@ -200,6 +202,7 @@ impl ClusterSink {
                         )
                         .await?;
                     stats.keys += keys.len() as u64;
+                    stats.matched.push(keys.len() as u64);
                     let mut deletes = Phase::new(&slots, self.wait);
                     for key in keys {
                         deletes.add(&key, |pipe, key| {
@@ -218,9 +221,11 @@ impl ClusterSink {
                     let sets = self
                         .scan_masters(&connection, &slots, &full, Some("set"), &mut stats)
                         .await?;
-                    stats.keys += self
+                    let deleted = self
                         .invalidate_tags(&connection, &slots, sets, &mut stats)
                         .await?;
+                    stats.keys += deleted;
+                    stats.matched.push(deleted);
                 }
                 Command::Set {
                     key, value, ttl, ..
@@ -242,6 +247,16 @@ impl ClusterSink {
                 .await?;
         }
         phase.send(&connection, &mut stats, self.timeout).await?;
+        stats.count_invalidated(plan);
+        let mut counts = redis::pipe();
+        stats.append_invalidated(&self.prefix, &mut counts);
+        if counts.cmd_iter().next().is_some() {
+            let key = format!("{}{INVALIDATED_KEY}", self.prefix);
+            let node =
+                &slots.nodes[usize::from(slots.owner[usize::from(key_slot(key.as_bytes()))])];
+            stats.round_trips += 1;
+            send_to(&connection, node, counts, self.timeout, self.wait).await?;
+        }
         let last = format!("{}evictd:l1:last", self.prefix);
         let mut broadcast = redis::pipe();
         self.broadcast.append(plan, &self.prefix, &mut broadcast);

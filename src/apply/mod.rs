@@ -211,7 +211,7 @@ pub async fn run(
             }
         };
         redis.send_if_modified(|current| replace_if_changed(current, None));
-        record(&plan, stats, started.elapsed(), &lag);
+        record(&plan, &stats, started.elapsed(), &lag);
         progress.send_modify(|progress| {
             progress.applied_plans += 1;
             progress.changes += plan.changes;
@@ -252,9 +252,11 @@ fn replace_if_changed(current: &mut Option<String>, state: Option<String>) -> bo
 }
 
 /// Metrics and the lag histogram for one applied plan.
-fn record(plan: &Plan, stats: ApplyStats, took: Duration, lag: &Mutex<Lag>) {
+fn record(plan: &Plan, stats: &ApplyStats, took: Duration, lag: &Mutex<Lag>) {
     metrics::counter!(telemetry::CHANGES_APPLIED).increment(plan.changes);
-    metrics::counter!(telemetry::KEYS_INVALIDATED).increment(stats.keys);
+    for (table, mode, keys) in &stats.invalidated {
+        metrics::counter!(telemetry::KEYS_INVALIDATED, "table" => table.to_string(), "mode" => mode.as_str()).increment(*keys);
+    }
     metrics::counter!(telemetry::REDIS_COMMANDS, "outcome" => "ok").increment(stats.commands);
     #[allow(clippy::cast_precision_loss)]
     metrics::histogram!(telemetry::BATCH_COMMANDS).record(plan.commands.len() as f64);

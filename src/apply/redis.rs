@@ -164,9 +164,11 @@ impl StandaloneSink {
                 Command::UnlinkMatching { pattern, .. } => {
                     unlinks.flush(&mut pipe, &mut stats);
                     self.send(&mut connection, &mut pipe, &mut stats).await?;
-                    stats.keys += self
+                    let deleted = self
                         .delete_matching(&mut connection, pattern, &mut stats)
                         .await?;
+                    stats.keys += deleted;
+                    stats.matched.push(deleted);
                 }
                 Command::InvalidateTag { tag, .. } => {
                     unlinks.flush(&mut pipe, &mut stats);
@@ -183,8 +185,11 @@ impl StandaloneSink {
                 Command::InvalidateTagsMatching { pattern, .. } => {
                     flush_tags(&mut pipe, &mut tags);
                     self.send(&mut connection, &mut pipe, &mut stats).await?;
-                    self.invalidate_tags_matching(&mut connection, pattern, &mut stats)
+                    let deleted = self
+                        .invalidate_tags_matching(&mut connection, pattern, &mut stats)
                         .await?;
+                    stats.keys += deleted;
+                    stats.matched.push(deleted);
                 }
                 Command::Set {
                     key, value, ttl, ..
@@ -202,6 +207,8 @@ impl StandaloneSink {
         }
         unlinks.flush(&mut pipe, &mut stats);
         flush_tags(&mut pipe, &mut tags);
+        stats.count_invalidated(plan);
+        stats.append_invalidated(&self.prefix, &mut pipe);
         self.broadcast.append(plan, &self.prefix, &mut pipe);
         if let Some(record) = &self.record {
             record.append(plan.checkpoint.as_ref(), &mut pipe);
@@ -293,9 +300,10 @@ impl StandaloneSink {
         connection: &mut MultiplexedConnection,
         pattern: &str,
         stats: &mut ApplyStats,
-    ) -> Result<(), Error> {
+    ) -> Result<u64, Error> {
         let full = under_prefix(&self.prefix, "tag:", pattern)?;
         let mut cursor: u64 = 0;
+        let mut deleted = 0;
         loop {
             let (next, sets): (u64, Vec<String>) = self
                 .query(
@@ -314,10 +322,11 @@ impl StandaloneSink {
             for chunk in sets.chunks(TAG_CHUNK) {
                 let mut eval = redis::cmd("EVAL");
                 eval.arg(TAG_SCRIPT).arg(chunk.len()).arg(chunk);
-                let _: u64 = self.query(connection, &eval, stats).await?;
+                let members: u64 = self.query(connection, &eval, stats).await?;
+                deleted += members;
             }
             if next == 0 {
-                return Ok(());
+                return Ok(deleted);
             }
             cursor = next;
         }

@@ -2,23 +2,88 @@
 //! and its script, per-plan stats, WAIT settings, TTL jitter, and the
 //! prefix rules for pattern deletes.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use rand::Rng as _;
+use rustc_hash::FxHashMap;
 
 use crate::change::Checkpoint;
 use crate::continuity::Remembered;
 use crate::error::{Error, ErrorKind};
 use crate::mapping::template::escape_glob;
+use crate::mapping::OriginId;
+use crate::plan::{Mode, Plan};
 
 /// SCAN COUNT hint for pattern deletes.
 pub const SCAN_COUNT: usize = 1000;
 
 /// What one plan did in Redis.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ApplyStats {
     pub commands: u64,
     pub keys: u64,
     pub round_trips: u64,
+    /// The keys each pattern command of the plan deleted (the members of
+    /// the matching tag sets, for a tag pattern), in plan order.
+    pub matched: Vec<u64>,
+    /// Keys invalidated by table and mode (see
+    /// [`ApplyStats::count_invalidated`]).
+    pub invalidated: Vec<(Arc<str>, Mode, u64)>,
 }
+
+impl ApplyStats {
+    /// Counts what `plan` invalidated into `invalidated`, by table and
+    /// [`Mode`]: an exact command counts one key (a tag invalidation one,
+    /// whatever its members), a pattern command the keys it matched. Call
+    /// once every command ran.
+    pub fn count_invalidated(&mut self, plan: &Plan) {
+        let mut by_origin: FxHashMap<(OriginId, Mode), u64> = FxHashMap::default();
+        let mut matched = self.matched.iter();
+        for command in &plan.commands {
+            let mode = command.mode();
+            let keys = match mode {
+                Mode::Exact => 1,
+                Mode::Pattern | Mode::Coarse => matched.next().copied().unwrap_or(0),
+            };
+            *by_origin.entry((command.origin(), mode)).or_insert(0) += keys;
+        }
+        let unknown: Arc<str> = Arc::from("?");
+        let mut by_table: BTreeMap<(Arc<str>, Mode), u64> = BTreeMap::new();
+        for ((origin, mode), keys) in by_origin {
+            let table = plan
+                .tables
+                .as_ref()
+                .and_then(|tables| tables.get(origin.0 as usize))
+                .unwrap_or(&unknown);
+            *by_table.entry((table.clone(), mode)).or_insert(0) += keys;
+        }
+        self.invalidated = by_table
+            .into_iter()
+            .map(|((table, mode), keys)| (table, mode, keys))
+            .collect();
+    }
+
+    /// Adds [`ApplyStats::invalidated`] to the running totals `evictd
+    /// status` reads (the hash [`INVALIDATED_KEY`] under `prefix`).
+    pub fn append_invalidated(&self, prefix: &str, pipe: &mut redis::Pipeline) {
+        let key = format!("{prefix}{INVALIDATED_KEY}");
+        for (table, mode, keys) in &self.invalidated {
+            if *keys > 0 {
+                pipe.cmd("HINCRBY")
+                    .arg(&key)
+                    .arg(format!("{table} {}", mode.as_str()))
+                    .arg(*keys)
+                    .ignore();
+            }
+        }
+    }
+}
+
+/// The hash (under the key prefix) where applied batches add up the keys
+/// they invalidated, in fields `<table> <mode>`: what `evictd status`
+/// reports.
+pub const INVALIDATED_KEY: &str = "evictd:invalidated";
 
 /// WAIT after each batch (each node's pipeline, in a Cluster): how many
 /// replicas must have it, and how long that may take.
@@ -114,6 +179,56 @@ pub fn jittered(seconds: u64, jitter_bp: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn invalidated_keys_are_counted_by_table_and_mode() {
+        use crate::plan::Command;
+        let tables: Arc<[Arc<str>]> =
+            vec![Arc::from("public.orders"), Arc::from("public.users")].into();
+        let unlink = |key: &str, origin: u32| Command::Unlink {
+            key: key.into(),
+            origin: OriginId(origin),
+        };
+        let matching = |pattern: &str, origin: u32, coarse: bool| Command::UnlinkMatching {
+            pattern: pattern.into(),
+            origin: OriginId(origin),
+            coarse,
+        };
+        let plan = Plan {
+            commands: vec![
+                unlink("order:1", 0),
+                unlink("order:2", 0),
+                unlink("user:1", 1),
+                matching("order:*:lines", 0, false),
+                matching("user:*", 1, true),
+                matching("order:*", 0, true),
+                unlink("stray", 7),
+            ],
+            tables: Some(tables),
+            ..Plan::default()
+        };
+        let mut stats = ApplyStats {
+            matched: vec![4, 10, 20],
+            ..ApplyStats::default()
+        };
+        stats.count_invalidated(&plan);
+        let counts: Vec<(&str, &str, u64)> = stats
+            .invalidated
+            .iter()
+            .map(|(table, mode, keys)| (&**table, mode.as_str(), *keys))
+            .collect();
+        assert_eq!(
+            counts,
+            [
+                ("?", "exact", 1),
+                ("public.orders", "exact", 2),
+                ("public.orders", "pattern", 4),
+                ("public.orders", "coarse", 20),
+                ("public.users", "exact", 1),
+                ("public.users", "coarse", 10),
+            ]
+        );
+    }
 
     #[test]
     fn jitter_stays_in_range() {

@@ -102,6 +102,7 @@ pub fn load_files(
         tables: HashMap::new(),
         seen: HashMap::new(),
         origins: Vec::new(),
+        origin_tables: Vec::new(),
         diagnostics: Vec::new(),
         limits,
     };
@@ -116,6 +117,7 @@ pub fn load_files(
         Ok(Mappings {
             tables: builder.tables,
             origins: builder.origins,
+            origin_tables: builder.origin_tables.into(),
             files: files.len(),
             limits,
         })
@@ -135,6 +137,8 @@ struct Builder {
     /// Where each table was first named, for duplicate reports.
     seen: HashMap<TableName, Location>,
     origins: Vec<Origin>,
+    /// The table of each origin (`?` for one whose entry had errors).
+    origin_tables: Vec<Arc<str>>,
     diagnostics: Vec<Diagnostic>,
     limits: Limits,
 }
@@ -154,9 +158,14 @@ impl Builder {
             file,
         };
         scope.duplicate(spec);
-        if let Some(mapping) = scope.table(spec) {
+        let mapping = scope.table(spec);
+        let name: Arc<str> = mapping
+            .as_ref()
+            .map_or_else(|| "?".into(), |mapping| mapping.table.to_string().into());
+        self.origin_tables.resize(self.origins.len(), name);
+        if let Some(mapping) = mapping {
             let table = mapping.table.as_ref().clone();
-            scope.builder.tables.insert(table, mapping);
+            self.tables.insert(table, mapping);
         }
     }
 }

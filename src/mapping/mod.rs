@@ -34,6 +34,8 @@ pub use template::Template;
 pub struct Mappings {
     tables: HashMap<TableName, TableMapping>,
     origins: Vec<Origin>,
+    /// The table (`schema.table`) each origin's rule belongs to.
+    origin_tables: Arc<[Arc<str>]>,
     files: usize,
     limits: Limits,
 }
@@ -52,6 +54,12 @@ impl Mappings {
 
     pub fn origin(&self, id: OriginId) -> &Origin {
         &self.origins[id.0 as usize]
+    }
+
+    /// The table each origin belongs to, indexed by [`OriginId`]: plans
+    /// carry it so that what they invalidate is counted by table.
+    pub fn origin_tables(&self) -> Arc<[Arc<str>]> {
+        self.origin_tables.clone()
     }
 
     /// How many mapping files the tables came from.

@@ -94,9 +94,9 @@ pub struct Batcher {
 impl Batcher {
     pub fn new(mappings: Arc<Mappings>, limits: BatchLimits) -> Batcher {
         Batcher {
+            planner: Planner::for_mappings(&mappings),
             mappings,
             limits,
-            planner: Planner::new(),
             out: Output::default(),
             streams: HashMap::new(),
             stats: BatchStats::default(),
@@ -208,7 +208,7 @@ impl Batcher {
             self.out.clear();
             self.mappings.eval_coarse(table, &mut self.out);
             for action in self.out.actions.drain(..) {
-                self.planner.push(action);
+                self.planner.push_coarse(action);
             }
             self.cut_if_full(ready);
         }

@@ -249,11 +249,67 @@ impl RedisCluster {
             .collect()
     }
 
+    /// The port of a replica of the master on `master`.
+    pub fn replica_of(&self, master: u16) -> Option<u16> {
+        let seed = self.nodes.iter().find(|node| cluster_ok(node.port()))?;
+        let output = Command::new("redis-cli")
+            .args(["-p", &seed.port().to_string(), "cluster", "nodes"])
+            .output()
+            .ok()?;
+        let nodes = String::from_utf8_lossy(&output.stdout);
+        // `<id> <ip:port@bus> <flags> <master id or -> ...`
+        let fields: Vec<Vec<&str>> = nodes
+            .lines()
+            .map(|line| line.split_whitespace().collect())
+            .collect();
+        let port_of = |fields: &[&str]| -> Option<u16> {
+            fields.get(1)?.split(['@', ':']).nth(1)?.parse().ok()
+        };
+        let master_id = fields
+            .iter()
+            .find(|fields| port_of(fields) == Some(master))?
+            .first()?;
+        fields
+            .iter()
+            .find(|fields| fields.get(3) == Some(master_id))
+            .and_then(|fields| port_of(fields))
+    }
+
+    /// Whether the node on `port` answers as a master.
+    pub fn is_master(&self, port: u16) -> bool {
+        Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "info", "replication"])
+            .output()
+            .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("role:master"))
+    }
+
     /// Kills the node on `port`: a crash its replica takes over from.
     pub fn kill_node(&mut self, port: u16) {
         if let Some(node) = self.nodes.iter_mut().find(|node| node.port() == port) {
             node.stop();
         }
+    }
+
+    /// Starts a killed node again on its port and with its `nodes.conf`,
+    /// empty: it rejoins the cluster, as a replica of whichever node took
+    /// over its slots.
+    pub fn restart_node(&mut self, port: u16) -> Result<(), TestkitError> {
+        match self.nodes.iter_mut().find(|node| node.port() == port) {
+            Some(node) => node.restart(),
+            None => Err(TestkitError::Start(format!(
+                "no cluster node on port {port}"
+            ))),
+        }
+    }
+
+    /// Whether every live node is a master or a replica whose link to its
+    /// master is up.
+    pub fn replicas_synced(&self) -> bool {
+        self.nodes
+            .iter()
+            .map(Redis::port)
+            .filter(|port| super::redis_ping(*port))
+            .all(replica_synced)
     }
 
     /// Waits until every live node reports `cluster_state:ok` again.

@@ -56,7 +56,7 @@ async fn health_readiness_and_metrics() {
     };
     for expected in [
         "evictd_changes_applied_total 3",
-        "evictd_keys_invalidated_total 3",
+        r#"evictd_keys_invalidated_total{table="public.orders",mode="exact"} 3"#,
         "evictd_streaming 1",
         "evictd_commit_to_apply_lag_seconds_bucket",
         "evictd_replication_lag_bytes",

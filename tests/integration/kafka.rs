@@ -24,7 +24,7 @@ name = "customers"
 keys = ["customer:{id}", "customer:bio:{bio}"]
 "#;
 
-fn kafka() -> &'static Kafka {
+pub(crate) fn kafka() -> &'static Kafka {
     static KAFKA: OnceLock<Kafka> = OnceLock::new();
     KAFKA.get_or_init(|| Kafka::start().expect("start the Kafka-compatible broker"))
 }
@@ -37,13 +37,13 @@ fn sample(name: &str) -> Vec<u8> {
 }
 
 /// A topic, group and key prefix of this test's own.
-struct Names {
-    topic: String,
+pub(crate) struct Names {
+    pub(crate) topic: String,
     group: String,
     prefix: String,
 }
 
-fn names() -> Names {
+pub(crate) fn names() -> Names {
     static NEXT: AtomicU32 = AtomicU32::new(1);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let pid = std::process::id();
@@ -54,7 +54,7 @@ fn names() -> Names {
     }
 }
 
-fn kafka_config(names: &Names, mappings: &Path) -> Config {
+pub(crate) fn kafka_config(names: &Names, mappings: &Path) -> Config {
     let kafka = KafkaConfig {
         group_id: names.group.clone(),
         commit_interval_ms: 50,
@@ -67,16 +67,16 @@ fn kafka_config(names: &Names, mappings: &Path) -> Config {
     config
 }
 
-async fn start(config: &Config) -> Evictd {
+pub(crate) async fn start(config: &Config) -> Evictd {
     init_logging();
     Evictd::start(config).await.expect("evictd consumes")
 }
 
-async fn stop(evictd: Evictd) {
+pub(crate) async fn stop(evictd: Evictd) {
     evictd.stop().await.expect("evictd stops cleanly");
 }
 
-async fn produce(topic: &str, key: &str, value: Option<&[u8]>) {
+pub(crate) async fn produce(topic: &str, key: &str, value: Option<&[u8]>) {
     kafka()
         .produce(topic, Some(key.as_bytes()), value)
         .await
@@ -400,7 +400,9 @@ keys = ["price:{id}:{price}:{day}:{at}:{at_tz}:{token}:{ok}:{amount}"]
 "#;
 
 /// Subscribes to an L1 channel: the keys of each broadcast that follows.
-async fn l1_messages(channel: &str) -> tokio::sync::mpsc::UnboundedReceiver<Vec<String>> {
+pub(crate) async fn l1_messages(
+    channel: &str,
+) -> tokio::sync::mpsc::UnboundedReceiver<Vec<String>> {
     use futures_util::StreamExt as _;
     let client = redis::Client::open(stack().redis.url()).expect("redis url");
     let mut pubsub = client.get_async_pubsub().await.expect("pubsub");

@@ -27,4 +27,5 @@ mod redis_outage;
 mod redis_tls;
 mod silence;
 mod tls;
+mod types;
 mod wal;

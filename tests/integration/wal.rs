@@ -358,6 +358,60 @@ async fn an_overflow_inside_a_rolled_back_savepoint_does_not_make_the_commit_coa
 }
 
 #[tokio::test]
+async fn invalidated_keys_are_counted_by_table_and_mode_and_status_shows_them() {
+    let mapping = "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\n";
+    let mut s = Streaming::start_with(SHOP, &[("orders.toml", mapping)], |config| {
+        config.batch.max_pending_keys = 100;
+    })
+    .await;
+    // Key by key: three inserts.
+    s.db.execute("insert into orders select g, 1, 'new' from generate_series(1, 3) g")
+        .await;
+    s.sync().await;
+    // Coarse: a streamed transaction (far over logical_decoding_work_mem)
+    // over max_pending_keys deletes order:* (the 300 cached orders).
+    let keys: Vec<String> = (1..=300).map(|id| format!("order:{id}")).collect();
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    s.seed(&keys).await;
+    s.db.execute("insert into orders select g, 1, 'new' from generate_series(4, 3000) g")
+        .await;
+    s.sync().await;
+    // By pattern: TRUNCATE deletes order:* (10 cached orders).
+    s.seed(&keys[..10]).await;
+    s.db.execute("truncate orders").await;
+    s.sync().await;
+
+    let totals: std::collections::BTreeMap<String, u64> = redis::cmd("HGETALL")
+        .arg(format!("{}evictd:invalidated", s.config.redis.prefix))
+        .query_async(&mut s.cache.redis)
+        .await
+        .unwrap();
+    let expected: std::collections::BTreeMap<String, u64> = [
+        ("public.orders coarse", 300),
+        ("public.orders exact", 3),
+        ("public.orders pattern", 10),
+    ]
+    .into_iter()
+    .map(|(field, keys)| (field.to_owned(), keys))
+    .collect();
+    assert_eq!(totals, expected);
+
+    let (text, warnings) = evictd::internal::lifecycle::status(&s.config)
+        .await
+        .unwrap();
+    assert!(
+        text.contains("  public.orders: 3 key by key, 10 by pattern, 300 by coarse invalidation\n"),
+        "{text}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.starts_with("public.orders: 310 of 313 invalidated keys were deleted by pattern or coarse invalidation")),
+        "{warnings:?}"
+    );
+}
+
+#[tokio::test]
 async fn keys_do_not_depend_on_the_databases_output_settings() {
     use evictd::change::{Datum, Op, Row, RowChange, TableName};
     use evictd::mapping::{Limits, Output};

@@ -154,6 +154,28 @@ struct FieldType {
     kind: Option<String>,
     name: Option<String>,
     scale: Option<u32>,
+    /// The element type of an array.
+    items: Option<Box<FieldType>>,
+}
+
+impl FieldType {
+    fn parse(field: &Value) -> FieldType {
+        let text = |key: &str| field.get(key).and_then(Value::as_str).map(str::to_owned);
+        let scale = field
+            .pointer("/parameters/scale")
+            .and_then(|scale| match scale {
+                Value::String(text) => text.parse().ok(),
+                other => other.as_u64().and_then(|n| u32::try_from(n).ok()),
+            });
+        FieldType {
+            kind: text("type"),
+            name: text("name"),
+            scale,
+            items: field
+                .get("items")
+                .map(|items| Box::new(FieldType::parse(items))),
+        }
+    }
 }
 
 /// The `before` and `after` field types of one envelope schema.
@@ -183,22 +205,8 @@ impl Schema {
                 .into_iter()
                 .flatten()
                 .filter_map(|field| {
-                    let text =
-                        |key: &str| field.get(key).and_then(Value::as_str).map(str::to_owned);
-                    let scale = field
-                        .pointer("/parameters/scale")
-                        .and_then(|scale| match scale {
-                            Value::String(text) => text.parse().ok(),
-                            other => other.as_u64().and_then(|n| u32::try_from(n).ok()),
-                        });
-                    Some((
-                        text("field")?,
-                        FieldType {
-                            kind: text("type"),
-                            name: text("name"),
-                            scale,
-                        },
-                    ))
+                    let name = field.get("field").and_then(Value::as_str)?;
+                    Some((name.to_owned(), FieldType::parse(field)))
                 })
                 .collect()
         };
@@ -485,8 +493,17 @@ fn datum(value: Json<'_>, field: Option<&FieldType>, placeholder: &str) -> Resul
             Datum::Number(values::decimal_from_bytes(&bytes, scale).into())
         }
         Some("io.debezium.time.Date" | "org.apache.kafka.connect.data.Date") => {
-            Datum::Text(values::date_from_days(integer()?).into())
+            let days = integer()?;
+            match values::infinite_date(days) {
+                Some(infinite) => Datum::Text(infinite.into()),
+                None => Datum::Text(values::date_from_days(days).into()),
+            }
         }
+        Some("io.debezium.time.Interval") => Datum::Text(
+            values::interval_from_iso(string()?)
+                .ok_or_else(|| bad("an ISO-8601 duration"))?
+                .into(),
+        ),
         Some(
             name @ ("io.debezium.time.Timestamp"
             | "org.apache.kafka.connect.data.Timestamp"
@@ -527,7 +544,27 @@ fn datum(value: Json<'_>, field: Option<&FieldType>, placeholder: &str) -> Resul
                 .into(),
         ),
         Some("io.debezium.data.Json") => Datum::Json(string()?.into()),
+        _ if matches!(kind, Some("float" | "double")) => {
+            let text = match &value {
+                Json::Number(text) => text,
+                Json::Str(text) => &**text,
+                _ => return Err(bad("a floating point number")),
+            };
+            Datum::Number(
+                values::float_text(text, kind == Some("float"))
+                    .ok_or_else(|| bad("a floating point number"))?
+                    .into(),
+            )
+        }
         _ => match (kind, value) {
+            (_, Json::Compound(Value::Array(elements))) => Datum::Text(
+                array_text(
+                    &elements,
+                    field.and_then(|f| f.items.as_deref()),
+                    placeholder,
+                )?
+                .into(),
+            ),
             (_, Json::Bool(flag)) => Datum::Bool(flag),
             (_, Json::Number(text)) => Datum::Number(text.into()),
             (Some("bytes"), Json::Str(text)) => Datum::Text(
@@ -539,6 +576,42 @@ fn datum(value: Json<'_>, field: Option<&FieldType>, placeholder: &str) -> Resul
             (_, Json::Null) => Datum::Null,
         },
     })
+}
+
+/// A JSON array as Postgres prints the array (`{1,2}`, `{a,"b c",NULL}`),
+/// each element normalised by the array's item type.
+fn array_text(
+    elements: &[Value],
+    items: Option<&FieldType>,
+    placeholder: &str,
+) -> Result<String, String> {
+    let mut text = String::from("{");
+    for (index, element) in elements.iter().enumerate() {
+        if index > 0 {
+            text.push(',');
+        }
+        let number;
+        let json = match element {
+            Value::Null => Json::Null,
+            Value::Bool(flag) => Json::Bool(*flag),
+            Value::Number(value) => {
+                number = value.to_string();
+                Json::Number(&number)
+            }
+            Value::String(value) => Json::Str(Cow::Borrowed(value)),
+            other => Json::Compound(other.clone()),
+        };
+        match datum(json, items, placeholder)? {
+            // A nested array is written as it is, not quoted.
+            Datum::Text(nested) if matches!(element, Value::Array(_)) => text.push_str(&nested),
+            Datum::UnchangedToast | Datum::Missing => {
+                return Err("an unavailable value inside an array".into())
+            }
+            value => values::push_array_element(&mut text, value.canonical_text()),
+        }
+    }
+    text.push('}');
+    Ok(text)
 }
 
 #[cfg(test)]
@@ -679,6 +752,38 @@ mod tests {
         assert_eq!(text("ok"), "t");
         assert_eq!(text("blob"), "\\xdead");
         assert_eq!(text("token"), "5f0b6f5c-8c1e-4c53-9d42-7f3b0f0c1a2b");
+    }
+
+    #[test]
+    fn floats_intervals_arrays_and_infinite_dates_match_pgoutput_text() {
+        let json = r#"{"schema":{"type":"struct","fields":[
+            {"field":"before","type":"struct","optional":true,"fields":[]},
+            {"field":"after","type":"struct","optional":true,"fields":[
+              {"field":"r","type":"float"},
+              {"field":"d","type":"double"},
+              {"field":"nan","type":"double"},
+              {"field":"iv","type":"string","name":"io.debezium.time.Interval"},
+              {"field":"day","type":"int32","name":"io.debezium.time.Date"},
+              {"field":"ints","type":"array","items":{"type":"int32","optional":true}},
+              {"field":"words","type":"array","items":{"type":"string","optional":true}},
+              {"field":"days","type":"array","items":{"type":"int32","name":"io.debezium.time.Date"}},
+              {"field":"nested","type":"array","items":{"type":"array","items":{"type":"int32"}}}]}]},
+          "payload":{"before":null,"after":{"r":3.4028235E38,"d":1.0E15,"nan":"NaN",
+              "iv":"P-1Y-2M3DT-4H-5M-6S","day":2146033979,"ints":[1,2],
+              "words":["a","b c","",null,"NULL"],"days":[19753,-2147472691],
+              "nested":[[1,2],[3,4]]},
+            "source":{"schema":"public","table":"t"},"op":"c"}}"#;
+        let row = change(json).new.unwrap();
+        let text = |column| row.get(column).canonical_text().unwrap().to_owned();
+        assert_eq!(text("r"), "3.4028235e+38");
+        assert_eq!(text("d"), "1e+15");
+        assert_eq!(text("nan"), "NaN");
+        assert_eq!(text("iv"), "-1 years -2 mons +3 days -04:05:06");
+        assert_eq!(text("day"), "infinity");
+        assert_eq!(text("ints"), "{1,2}");
+        assert_eq!(text("words"), r#"{a,"b c","",NULL,"NULL"}"#);
+        assert_eq!(text("days"), "{2024-01-31,-infinity}");
+        assert_eq!(text("nested"), "{{1,2},{3,4}}");
     }
 
     #[test]

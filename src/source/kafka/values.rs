@@ -86,6 +86,246 @@ pub fn infinite_timestamp(raw: i64) -> Option<&'static str> {
     }
 }
 
+/// Debezium's `io.debezium.time.Date` for `infinity` (`+5877611-06-21` as
+/// days since the epoch; releases before the fix of debezium/dbz#2524 sent
+/// `-5877611-06-21`) and `-infinity` (`-5877611-06-22`). No date Postgres
+/// can store is anywhere near them.
+const INFINITY_DATES: [i64; 2] = [2_146_033_979, -2_147_472_692];
+const NEGATIVE_INFINITY_DATE: i64 = -2_147_472_691;
+
+/// `infinity` or `-infinity`, as Postgres prints them, for Debezium's
+/// sentinel dates.
+pub fn infinite_date(days: i64) -> Option<&'static str> {
+    if INFINITY_DATES.contains(&days) {
+        Some("infinity")
+    } else if days == NEGATIVE_INFINITY_DATE {
+        Some("-infinity")
+    } else {
+        None
+    }
+}
+
+/// A `real` (`single`) or `double precision` as Postgres prints it with
+/// `extra_float_digits` above 0: the shortest text that reads back the same,
+/// in exponent form (`1e+15`, `1.5e-05`) when the decimal exponent is below
+/// -4 or at least 15 (6 for `real`). `text` is what the JSON carries: Java's
+/// `1.0E10`, `-0.0`, or the strings `NaN`, `Infinity`, `-Infinity`.
+pub fn float_text(text: &str, single: bool) -> Option<String> {
+    let scientific = if single {
+        let value: f32 = text.parse().ok()?;
+        special_float(f64::from(value)).map_or_else(|| format!("{value:e}"), str::to_owned)
+    } else {
+        let value: f64 = text.parse().ok()?;
+        special_float(value).map_or_else(|| format!("{value:e}"), str::to_owned)
+    };
+    let Some((mantissa, exponent)) = scientific.split_once('e') else {
+        return Some(scientific);
+    };
+    let exponent: i32 = exponent.parse().ok()?;
+    let (sign, mantissa) = match mantissa.strip_prefix('-') {
+        Some(rest) => ("-", rest),
+        None => ("", mantissa),
+    };
+    let limit = if single { 6 } else { 15 };
+    if !(-4..limit).contains(&exponent) {
+        let exponent_sign = if exponent < 0 { '-' } else { '+' };
+        return Some(format!(
+            "{sign}{mantissa}e{exponent_sign}{:02}",
+            exponent.unsigned_abs()
+        ));
+    }
+    let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+    let point = usize::try_from(exponent + 1).unwrap_or(0);
+    Some(if exponent < 0 {
+        let zeros = "0".repeat(exponent.unsigned_abs() as usize - 1);
+        format!("{sign}0.{zeros}{digits}")
+    } else if digits.len() <= point {
+        format!("{sign}{digits:0<point$}")
+    } else {
+        format!("{sign}{}.{}", &digits[..point], &digits[point..])
+    })
+}
+
+/// Postgres' words for the values a float's digits cannot say; zero keeps its
+/// sign (`-0`).
+fn special_float(value: f64) -> Option<&'static str> {
+    if value.is_nan() {
+        Some("NaN")
+    } else if value.is_infinite() {
+        Some(if value > 0.0 { "Infinity" } else { "-Infinity" })
+    } else if value == 0.0 {
+        Some(if value.is_sign_negative() { "-0" } else { "0" })
+    } else {
+        None
+    }
+}
+
+/// An `interval` as Postgres prints it with `IntervalStyle=postgres`
+/// (`1 year 2 mons 3 days 04:05:06.5`), from the ISO-8601 duration
+/// Debezium sends with `interval.handling.mode=string`
+/// (`P1Y2M3DT4H5M6.5S`, each part signed on its own).
+pub fn interval_from_iso(text: &str) -> Option<String> {
+    let (months, days, micros) = parse_iso_duration(text)?;
+    Some(postgres_interval(months, days, micros))
+}
+
+/// `(months, days, microseconds)` of `PnYnMnWnDTnHnMnS`.
+fn parse_iso_duration(text: &str) -> Option<(i64, i64, i64)> {
+    let rest = text.strip_prefix('P')?;
+    let (date, time) = rest.split_once('T').unwrap_or((rest, ""));
+    if date.is_empty() && time.is_empty() {
+        return None;
+    }
+    let (mut months, mut days, mut micros) = (0i64, 0i64, 0i64);
+    for (number, unit) in duration_parts(date)? {
+        let whole: i64 = number.parse().ok()?;
+        match unit {
+            'Y' => months = months.checked_add(whole.checked_mul(12)?)?,
+            'M' => months = months.checked_add(whole)?,
+            'W' => days = days.checked_add(whole.checked_mul(7)?)?,
+            'D' => days = days.checked_add(whole)?,
+            _ => return None,
+        }
+    }
+    for (number, unit) in duration_parts(time)? {
+        let part = match unit {
+            'H' => number.parse::<i64>().ok()?.checked_mul(3_600_000_000)?,
+            'M' => number.parse::<i64>().ok()?.checked_mul(60_000_000)?,
+            'S' => seconds_to_micros(number)?,
+            _ => return None,
+        };
+        micros = micros.checked_add(part)?;
+    }
+    Some((months, days, micros))
+}
+
+/// The `(number, unit letter)` pairs of one half of a duration.
+fn duration_parts(mut text: &str) -> Option<Vec<(&str, char)>> {
+    let mut parts = Vec::new();
+    while !text.is_empty() {
+        let end = text.find(|c: char| c.is_ascii_alphabetic())?;
+        let unit = text[end..].chars().next()?;
+        if end == 0 {
+            return None;
+        }
+        parts.push((&text[..end], unit));
+        text = &text[end + 1..];
+    }
+    Some(parts)
+}
+
+/// Microseconds of a signed decimal number of seconds, rounded to the
+/// microsecond (Debezium sends up to nine decimals).
+fn seconds_to_micros(number: &str) -> Option<i64> {
+    let (negative, digits) = match number.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, number.strip_prefix('+').unwrap_or(number)),
+    };
+    let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
+    if whole.is_empty() && fraction.is_empty()
+        || !whole
+            .bytes()
+            .chain(fraction.bytes())
+            .all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    let whole: i64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().ok()?
+    };
+    let mut padded: String = fraction.chars().take(7).collect();
+    while padded.len() < 7 {
+        padded.push('0');
+    }
+    let tenths_of_micros: i64 = padded.parse().ok()?;
+    let micros = whole
+        .checked_mul(1_000_000)?
+        .checked_add((tenths_of_micros + 5) / 10)?;
+    Some(if negative { -micros } else { micros })
+}
+
+/// Postgres' `postgres` interval style: years, months and days each with
+/// their own sign (a `+` after a negative part), then `[-]HH:MM:SS[.f]`
+/// when there is time or nothing else.
+fn postgres_interval(months: i64, days: i64, micros: i64) -> String {
+    use std::fmt::Write as _;
+    let mut text = String::new();
+    let mut previous_negative = false;
+    for (value, unit) in [(months / 12, "year"), (months % 12, "mon"), (days, "day")] {
+        if value == 0 {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push(' ');
+        }
+        let plus = if previous_negative && value > 0 {
+            "+"
+        } else {
+            ""
+        };
+        let plural = if value == 1 { "" } else { "s" };
+        let _ = write!(text, "{plus}{value} {unit}{plural}");
+        previous_negative = value < 0;
+    }
+    if text.is_empty() || micros != 0 {
+        if !text.is_empty() {
+            text.push(' ');
+        }
+        if micros < 0 {
+            text.push('-');
+        } else if previous_negative {
+            text.push('+');
+        }
+        let magnitude = micros.unsigned_abs();
+        let seconds = magnitude / 1_000_000;
+        let _ = write!(
+            text,
+            "{:02}:{:02}:{:02}",
+            seconds / 3600,
+            seconds / 60 % 60,
+            seconds % 60
+        );
+        let fraction = magnitude % 1_000_000;
+        if fraction != 0 {
+            let digits = format!(".{fraction:06}");
+            text.push_str(digits.trim_end_matches('0'));
+        }
+    }
+    text
+}
+
+/// One element of a Postgres array literal: `NULL` for a null, and the
+/// text in double quotes (with `"` and `\` escaped) when it is empty, reads
+/// `NULL`, or holds a character the array syntax gives meaning to.
+pub fn push_array_element(out: &mut String, element: Option<&str>) {
+    let Some(text) = element else {
+        out.push_str("NULL");
+        return;
+    };
+    let needs_quotes = text.is_empty()
+        || text.eq_ignore_ascii_case("NULL")
+        || text.chars().any(|c| {
+            matches!(
+                c,
+                '"' | '\\' | '{' | '}' | ',' | ' ' | '\t' | '\n' | '\r' | '\x0B' | '\x0C'
+            )
+        });
+    if !needs_quotes {
+        out.push_str(text);
+        return;
+    }
+    out.push('"');
+    for c in text.chars() {
+        if matches!(c, '"' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+}
+
 /// A `timestamp` (without time zone) from microseconds since the epoch.
 pub fn timestamp_from_micros(micros: i64) -> String {
     let days = micros.div_euclid(MICROS_PER_DAY);
@@ -294,6 +534,102 @@ mod tests {
         );
         assert_eq!(timetz_from_iso("12:34:56Z").unwrap(), "12:34:56+00");
         assert_eq!(timestamptz_from_iso("yesterday"), None);
+    }
+
+    #[test]
+    fn infinite_dates_read_as_postgres_prints_them() {
+        assert_eq!(infinite_date(2_146_033_979), Some("infinity"));
+        assert_eq!(infinite_date(-2_147_472_692), Some("infinity"));
+        assert_eq!(infinite_date(-2_147_472_691), Some("-infinity"));
+        assert_eq!(infinite_date(19_753), None);
+        // The sentinels are the epoch days of the dates Debezium names.
+        assert_eq!(days_from_civil(5_877_611, 6, 21), 2_146_033_979);
+        assert_eq!(days_from_civil(-5_877_611, 6, 21), -2_147_472_692);
+        assert_eq!(days_from_civil(-5_877_611, 6, 22), -2_147_472_691);
+    }
+
+    #[test]
+    fn floats_print_as_postgres_prints_them() {
+        // Each pair as Postgres 15 printed it with extra_float_digits = 1.
+        let doubles = [
+            ("1.0E15", "1e+15"),
+            ("1.0E14", "100000000000000"),
+            ("1.2345678901234568E17", "1.2345678901234568e+17"),
+            ("1.0E-4", "0.0001"),
+            ("1.0E-5", "1e-05"),
+            ("1.5E-5", "1.5e-05"),
+            ("-0.0", "-0"),
+            ("0.0", "0"),
+            ("1.0", "1"),
+            ("12.5", "12.5"),
+            ("-1234.5678", "-1234.5678"),
+            ("4.9E-324", "5e-324"),
+            ("1.7976931348623157E308", "1.7976931348623157e+308"),
+            ("NaN", "NaN"),
+            ("Infinity", "Infinity"),
+            ("-Infinity", "-Infinity"),
+        ];
+        for (json, postgres) in doubles {
+            assert_eq!(float_text(json, false).as_deref(), Some(postgres), "{json}");
+        }
+        let reals = [
+            ("1000000.0", "1e+06"),
+            ("100000.0", "100000"),
+            ("123456.7", "123456.7"),
+            ("3.4028235E38", "3.4028235e+38"),
+            ("1.4E-45", "1e-45"),
+            ("0.1", "0.1"),
+            ("1.2345678E7", "1.2345678e+07"),
+        ];
+        for (json, postgres) in reals {
+            assert_eq!(float_text(json, true).as_deref(), Some(postgres), "{json}");
+        }
+        assert_eq!(float_text("twelve", false), None);
+    }
+
+    #[test]
+    fn intervals_print_in_the_postgres_style() {
+        // Each pair as Postgres 15 printed the interval in both styles.
+        let pairs = [
+            ("P1Y2M3DT4H5M6.5S", "1 year 2 mons 3 days 04:05:06.5"),
+            ("P0Y0M0DT0H0M0S", "00:00:00"),
+            ("PT0S", "00:00:00"),
+            ("P-1Y-2M3DT-4H-5M-6S", "-1 years -2 mons +3 days -04:05:06"),
+            ("P0Y1M-1DT0H0M0S", "1 mon -1 days"),
+            ("PT100H", "100:00:00"),
+            ("PT-0.5S", "-00:00:00.5"),
+            ("P1DT-1S", "1 day -00:00:01"),
+            ("P-1DT1S", "-1 days +00:00:01"),
+            ("P1Y1M", "1 year 1 mon"),
+            ("P2W", "14 days"),
+            ("PT0.000001S", "00:00:00.000001"),
+            ("PT1.000000499S", "00:00:01"),
+        ];
+        for (iso, postgres) in pairs {
+            assert_eq!(interval_from_iso(iso).as_deref(), Some(postgres), "{iso}");
+        }
+        for bad in ["", "P", "1Y", "P1X", "PT1.5H", "PTS", "P1Y2"] {
+            assert_eq!(interval_from_iso(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn array_elements_are_quoted_as_postgres_quotes_them() {
+        let mut text = String::new();
+        for element in [
+            Some("a"),
+            Some("b c"),
+            Some(""),
+            Some("NULL"),
+            Some("x\"y"),
+            Some("a\\b"),
+            None,
+            Some("{}"),
+        ] {
+            push_array_element(&mut text, element);
+            text.push(',');
+        }
+        assert_eq!(text, r#"a,"b c","","NULL","x\"y","a\\b",NULL,"{}","#);
     }
 
     #[test]

@@ -100,7 +100,7 @@ impl ReplicationConnection {
             ("client_encoding", "UTF8"),
             // pgoutput prints values with the walsender's settings: fix
             // every one that changes a value's text (dates, timestamps,
-            // intervals, bytea, floats), so keys do not depend on the
+            // intervals, bytea, floats, money), so keys do not depend on the
             // server's or the database's defaults (and match what the
             // Kafka source renders from Debezium's encodings).
             ("TimeZone", "UTC"),
@@ -108,6 +108,7 @@ impl ReplicationConnection {
             ("IntervalStyle", "postgres"),
             ("bytea_output", "hex"),
             ("extra_float_digits", "1"),
+            ("lc_monetary", "C"),
         ];
         frontend::startup_message(params.iter().copied(), &mut out).map_err(protocol_io)?;
         self.send(&out).await?;
