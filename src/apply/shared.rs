@@ -65,20 +65,33 @@ impl ApplyStats {
     }
 
     /// Adds [`ApplyStats::invalidated`] to the running totals `evictd
-    /// status` reads (the hash [`INVALIDATED_KEY`] under `prefix`).
+    /// status` reads (the hash [`INVALIDATED_KEY`] under `prefix`). A
+    /// script with `pcall`, so that a Redis user not allowed `HINCRBY`
+    /// loses the totals, not the batch.
     pub fn append_invalidated(&self, prefix: &str, pipe: &mut redis::Pipeline) {
-        let key = format!("{prefix}{INVALIDATED_KEY}");
-        for (table, mode, keys) in &self.invalidated {
-            if *keys > 0 {
-                pipe.cmd("HINCRBY")
-                    .arg(&key)
-                    .arg(format!("{table} {}", mode.as_str()))
-                    .arg(*keys)
-                    .ignore();
-            }
+        let counted: Vec<&(Arc<str>, Mode, u64)> = self
+            .invalidated
+            .iter()
+            .filter(|(_, _, keys)| *keys > 0)
+            .collect();
+        if counted.is_empty() {
+            return;
         }
+        let eval = pipe
+            .cmd("EVAL")
+            .arg(TOTALS_SCRIPT)
+            .arg(1)
+            .arg(format!("{prefix}{INVALIDATED_KEY}"));
+        for (table, mode, keys) in counted {
+            eval.arg(format!("{table} {}", mode.as_str())).arg(*keys);
+        }
+        eval.ignore();
     }
 }
+
+/// Adds ARGV's (field, count) pairs to the hash KEYS[1], ignoring errors.
+const TOTALS_SCRIPT: &str =
+    "for i = 1, #ARGV, 2 do redis.pcall('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end return 0";
 
 /// The hash (under the key prefix) where applied batches add up the keys
 /// they invalidated, in fields `<table> <mode>`: what `evictd status`

@@ -249,30 +249,21 @@ impl RedisCluster {
             .collect()
     }
 
-    /// The port of a replica of the master on `master`.
+    /// The port of a replica of the master on `master`, as the master
+    /// itself reports it (`slave0:ip=...,port=...` in INFO replication).
     pub fn replica_of(&self, master: u16) -> Option<u16> {
-        let seed = self.nodes.iter().find(|node| cluster_ok(node.port()))?;
         let output = Command::new("redis-cli")
-            .args(["-p", &seed.port().to_string(), "cluster", "nodes"])
+            .args(["-p", &master.to_string(), "info", "replication"])
             .output()
             .ok()?;
-        let nodes = String::from_utf8_lossy(&output.stdout);
-        // `<id> <ip:port@bus> <flags> <master id or -> ...`
-        let fields: Vec<Vec<&str>> = nodes
-            .lines()
-            .map(|line| line.split_whitespace().collect())
-            .collect();
-        let port_of = |fields: &[&str]| -> Option<u16> {
-            fields.get(1)?.split(['@', ':']).nth(1)?.parse().ok()
-        };
-        let master_id = fields
-            .iter()
-            .find(|fields| port_of(fields) == Some(master))?
-            .first()?;
-        fields
-            .iter()
-            .find(|fields| fields.get(3) == Some(master_id))
-            .and_then(|fields| port_of(fields))
+        let info = String::from_utf8_lossy(&output.stdout);
+        info.lines()
+            .find(|line| line.starts_with("slave0:"))?
+            .split(',')
+            .find_map(|field| field.strip_prefix("port="))?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// Whether the node on `port` answers as a master.
