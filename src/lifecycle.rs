@@ -11,6 +11,7 @@ use crate::error::Error;
 use crate::mapping::Mappings;
 use crate::plan::Mode;
 use crate::source::postgres::control::{Control, SlotReport};
+use evictd_client::protocol::L1_LAST_KEY;
 
 /// One step of `init`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -241,7 +242,7 @@ async fn read_redis(config: &Config) -> Result<RedisView, String> {
     let prefix = &config.redis.prefix;
     let keys = [
         format!("{prefix}{}", continuity::record_key(&config.postgres.slot)),
-        format!("{prefix}evictd:l1:last"),
+        format!("{prefix}{L1_LAST_KEY}"),
         format!("{prefix}{INVALIDATED_KEY}"),
     ];
     let url = config.redis.url.expose();

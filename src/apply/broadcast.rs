@@ -14,6 +14,7 @@
 
 use std::fmt::Write as _;
 
+use evictd_client::protocol::L1_LAST_KEY;
 use rand::Rng as _;
 
 use crate::change::Checkpoint;
@@ -59,7 +60,7 @@ impl Broadcast {
             .arg(self.message(plan, seq))
             .ignore();
         pipe.cmd("SET")
-            .arg(format!("{prefix}evictd:l1:last"))
+            .arg(format!("{prefix}{L1_LAST_KEY}"))
             .arg(format!("{}:{seq}", self.epoch))
             .ignore();
     }
@@ -145,8 +146,24 @@ mod tests {
             checkpoint: Some(Checkpoint::Lsn(Lsn(0x16B3748))),
             ..Plan::default()
         };
-        let message: serde_json::Value =
-            serde_json::from_str(&broadcast.message(&plan, 7)).expect("valid JSON");
+        let text = broadcast.message(&plan, 7);
+        // The one definition of the message the clients read.
+        let typed: evictd_client::protocol::Broadcast =
+            serde_json::from_str(&text).expect("a protocol::Broadcast");
+        assert_eq!(
+            typed,
+            evictd_client::protocol::Broadcast {
+                v: 1,
+                epoch: broadcast.epoch().to_owned(),
+                seq: 7,
+                lsn: Some("0/16B3748".into()),
+                keys: vec!["user:\"1\"\\x".into()],
+                tags: vec!["user:1".into()],
+                patterns: vec!["order:*".into()],
+                tag_patterns: Vec::new(),
+            }
+        );
+        let message: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
         assert_eq!(
             message,
             serde_json::json!({

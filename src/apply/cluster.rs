@@ -21,9 +21,16 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 
 use super::broadcast::Broadcast;
+use evictd_client::protocol::{lease_key, lease_patterns, L1_LAST_KEY, TAG_NAMESPACE};
+
 use super::shared::{
-    jittered, under_prefix, ApplyStats, Record, Wait, INVALIDATED_KEY, SCAN_COUNT,
+    escaped, jittered, under_prefix, ApplyStats, Record, Wait, INVALIDATED_KEY, SCAN_COUNT,
 };
+
+/// `UNLINK key`, for [`Phase::add`].
+fn unlink(pipe: &mut redis::Pipeline, key: &str) {
+    pipe.cmd("UNLINK").arg(key).ignore();
+}
 use crate::error::{Error, ErrorKind};
 use crate::plan::{Command, Plan};
 
@@ -186,9 +193,9 @@ impl ClusterSink {
             match command {
                 Command::Unlink { key, .. } => {
                     stats.keys += 1;
-                    phase.add(&self.prefixed(key), |pipe, key| {
-                        pipe.cmd("UNLINK").arg(key).ignore();
-                    });
+                    let full = self.prefixed(key);
+                    phase.add(&full, unlink);
+                    phase.add(&lease_key(&self.prefix, &full), unlink);
                 }
                 Command::UnlinkMatching { pattern, .. } => {
                     phase.send(&connection, &mut stats, self.timeout).await?;
@@ -204,20 +211,29 @@ impl ClusterSink {
                     stats.keys += keys.len() as u64;
                     stats.matched.push(keys.len() as u64);
                     let mut deletes = Phase::new(&slots, self.wait);
-                    for key in keys {
-                        deletes.add(&key, |pipe, key| {
-                            pipe.cmd("UNLINK").arg(key).ignore();
-                        });
+                    for key in &keys {
+                        deletes.add(key, unlink);
+                    }
+                    // The leases of the keys the pattern covers, cached or
+                    // not: a fill in flight for any of them is void.
+                    let full = under_prefix(&self.prefix, "", pattern)?;
+                    for leases in lease_patterns(&escaped(&self.prefix), &full) {
+                        let found = self
+                            .scan_masters(&connection, &slots, &leases, None, &mut stats)
+                            .await?;
+                        for lease in &found {
+                            deletes.add(lease, unlink);
+                        }
                     }
                     deletes.send(&connection, &mut stats, self.timeout).await?;
                 }
                 Command::InvalidateTag { tag, .. } => {
                     phase.send(&connection, &mut stats, self.timeout).await?;
-                    tags.push(format!("{}tag:{tag}", self.prefix));
+                    tags.push(format!("{}{TAG_NAMESPACE}{tag}", self.prefix));
                 }
                 Command::InvalidateTagsMatching { pattern, .. } => {
                     phase.send(&connection, &mut stats, self.timeout).await?;
-                    let full = under_prefix(&self.prefix, "tag:", pattern)?;
+                    let full = under_prefix(&self.prefix, TAG_NAMESPACE, pattern)?;
                     let sets = self
                         .scan_masters(&connection, &slots, &full, Some("set"), &mut stats)
                         .await?;
@@ -231,13 +247,16 @@ impl ClusterSink {
                     key, value, ttl, ..
                 } => {
                     stats.keys += 1;
-                    phase.add(&self.prefixed(key), |pipe, key| {
+                    let full = self.prefixed(key);
+                    phase.add(&full, |pipe, key| {
                         let set = pipe.cmd("SET").arg(key).arg(value);
                         if let Some(ttl) = ttl {
                             set.arg("EX").arg(jittered(ttl.seconds, ttl.jitter_bp));
                         }
                         set.ignore();
                     });
+                    // A fill racing the refresh must not overwrite it.
+                    phase.add(&lease_key(&self.prefix, &full), unlink);
                 }
             }
         }
@@ -257,7 +276,7 @@ impl ClusterSink {
             stats.round_trips += 1;
             send_to(&connection, node, counts, self.timeout, self.wait).await?;
         }
-        let last = format!("{}evictd:l1:last", self.prefix);
+        let last = format!("{}{L1_LAST_KEY}", self.prefix);
         let mut broadcast = redis::pipe();
         self.broadcast.append(plan, &self.prefix, &mut broadcast);
         if broadcast.cmd_iter().next().is_some() {
@@ -302,9 +321,10 @@ impl ClusterSink {
         let count = members.len() as u64;
         let mut deletes = Phase::new(slots, self.wait);
         for key in members.iter().chain(&sets) {
-            deletes.add(key, |pipe, key| {
-                pipe.cmd("UNLINK").arg(key).ignore();
-            });
+            deletes.add(key, unlink);
+        }
+        for member in &members {
+            deletes.add(&lease_key(&self.prefix, member), unlink);
         }
         deletes.send(connection, stats, self.timeout).await?;
         Ok(count)

@@ -15,7 +15,11 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 
 use super::broadcast::Broadcast;
-use super::shared::{jittered, under_prefix, ApplyStats, Record, Wait, SCAN_COUNT};
+use evictd_client::protocol::{
+    lease_key, lease_patterns, push_lease_key, LEASE_NAMESPACE, TAG_NAMESPACE,
+};
+
+use super::shared::{escaped, jittered, under_prefix, ApplyStats, Record, Wait, SCAN_COUNT};
 use crate::config::RedisConfig;
 use crate::error::{Error, ErrorKind};
 use crate::plan::{Command, Plan};
@@ -30,31 +34,18 @@ const TAG_CHUNK: usize = 64;
 /// the whole chunk; a tag key that is not a set makes it fail, and then each
 /// tag is looked at on its own: a stray value is just deleted, so it can
 /// never wedge the stream.
-const TAG_SCRIPT: &str = r"
-local members = redis.pcall('SUNION', unpack(KEYS))
-if members.err then
-  members = {}
-  for _, tag in ipairs(KEYS) do
-    if redis.call('TYPE', tag).ok == 'set' then
-      for _, member in ipairs(redis.call('SMEMBERS', tag)) do
-        members[#members + 1] = member
-      end
-    end
-  end
-end
-local deleted = 0
-for i = 1, #members, 500 do
-  deleted = deleted + redis.call('UNLINK', unpack(members, i, math.min(i + 499, #members)))
-end
-redis.call('UNLINK', unpack(KEYS))
-return deleted
-";
+/// Tag invalidation: members, their leases, then the sets (KEYS: tag
+/// sets; ARGV[1]: the lease prefix).
+const TAG_SCRIPT: &str = evictd_client::protocol::INVALIDATE_TAGS_SCRIPT;
 
 /// A standalone Redis the plans go to.
 pub struct StandaloneSink {
     client: redis::Client,
     connection: Option<MultiplexedConnection>,
     prefix: String,
+    /// `<prefix>evictd:lease:`: every invalidation deletes the key's lease
+    /// too, which voids a client's fill in flight (docs/PROTOCOL.md).
+    lease_prefix: String,
     broadcast: Broadcast,
     record: Option<Record>,
     timeout: Duration,
@@ -104,6 +95,7 @@ impl StandaloneSink {
             client,
             connection: None,
             prefix: prefix.to_owned(),
+            lease_prefix: format!("{prefix}{LEASE_NAMESPACE}"),
             broadcast,
             record: None,
             timeout: Duration::from_secs(10),
@@ -178,12 +170,13 @@ impl StandaloneSink {
                             .arg(TAG_SCRIPT)
                             .arg(tags.len())
                             .arg(&tags)
+                            .arg(&self.lease_prefix)
                             .ignore();
                         tags.clear();
                     }
                 }
                 Command::InvalidateTagsMatching { pattern, .. } => {
-                    flush_tags(&mut pipe, &mut tags);
+                    flush_tags(&mut pipe, &mut tags, &self.lease_prefix);
                     self.send(&mut connection, &mut pipe, &mut stats).await?;
                     let deleted = self
                         .invalidate_tags_matching(&mut connection, pattern, &mut stats)
@@ -195,18 +188,22 @@ impl StandaloneSink {
                     key, value, ttl, ..
                 } => {
                     unlinks.flush(&mut pipe, &mut stats);
-                    flush_tags(&mut pipe, &mut tags);
-                    let set = pipe.cmd("SET").arg(self.prefixed(key)).arg(value);
+                    flush_tags(&mut pipe, &mut tags, &self.lease_prefix);
+                    let full = self.prefixed(key);
+                    let lease = lease_key(&self.prefix, &full);
+                    let set = pipe.cmd("SET").arg(&full).arg(value);
                     if let Some(ttl) = ttl {
                         set.arg("EX").arg(jittered(ttl.seconds, ttl.jitter_bp));
                     }
                     set.ignore();
+                    // A fill racing the refresh must not overwrite it.
+                    pipe.cmd("UNLINK").arg(lease).ignore();
                     stats.keys += 1;
                 }
             }
         }
         unlinks.flush(&mut pipe, &mut stats);
-        flush_tags(&mut pipe, &mut tags);
+        flush_tags(&mut pipe, &mut tags, &self.lease_prefix);
         stats.count_invalidated(plan);
         stats.append_invalidated(&self.prefix, &mut pipe);
         self.broadcast.append(plan, &self.prefix, &mut pipe);
@@ -267,6 +264,22 @@ impl StandaloneSink {
         stats: &mut ApplyStats,
     ) -> Result<u64, Error> {
         let full = under_prefix(&self.prefix, "", pattern)?;
+        let deleted = self.unlink_matching(connection, &full, stats).await?;
+        // The leases of the keys the pattern covers, cached or not: a fill
+        // in flight for any of them is void.
+        for leases in lease_patterns(&escaped(&self.prefix), &full) {
+            self.unlink_matching(connection, &leases, stats).await?;
+        }
+        Ok(deleted)
+    }
+
+    /// SCAN for the full glob `full` and UNLINK what matches.
+    async fn unlink_matching(
+        &mut self,
+        connection: &mut MultiplexedConnection,
+        full: &str,
+        stats: &mut ApplyStats,
+    ) -> Result<u64, Error> {
         let mut cursor: u64 = 0;
         let mut deleted = 0;
         loop {
@@ -276,7 +289,7 @@ impl StandaloneSink {
                     redis::cmd("SCAN")
                         .arg(cursor)
                         .arg("MATCH")
-                        .arg(&full)
+                        .arg(full)
                         .arg("COUNT")
                         .arg(SCAN_COUNT),
                     stats,
@@ -301,7 +314,7 @@ impl StandaloneSink {
         pattern: &str,
         stats: &mut ApplyStats,
     ) -> Result<u64, Error> {
-        let full = under_prefix(&self.prefix, "tag:", pattern)?;
+        let full = under_prefix(&self.prefix, TAG_NAMESPACE, pattern)?;
         let mut cursor: u64 = 0;
         let mut deleted = 0;
         loop {
@@ -321,7 +334,10 @@ impl StandaloneSink {
                 .await?;
             for chunk in sets.chunks(TAG_CHUNK) {
                 let mut eval = redis::cmd("EVAL");
-                eval.arg(TAG_SCRIPT).arg(chunk.len()).arg(chunk);
+                eval.arg(TAG_SCRIPT)
+                    .arg(chunk.len())
+                    .arg(chunk)
+                    .arg(&self.lease_prefix);
                 let members: u64 = self.query(connection, &eval, stats).await?;
                 deleted += members;
             }
@@ -363,7 +379,7 @@ impl StandaloneSink {
     }
 
     fn tag_set(&self, tag: &str) -> String {
-        format!("{}tag:{tag}", self.prefix)
+        format!("{}{TAG_NAMESPACE}{tag}", self.prefix)
     }
 }
 
@@ -373,6 +389,7 @@ struct Unlinks {
     cmd: redis::Cmd,
     count: usize,
     key: String,
+    lease: String,
 }
 
 impl Unlinks {
@@ -381,6 +398,7 @@ impl Unlinks {
             cmd: redis::cmd("UNLINK"),
             count: 0,
             key: String::with_capacity(128),
+            lease: String::with_capacity(160),
         }
     }
 
@@ -389,6 +407,9 @@ impl Unlinks {
         self.key.push_str(prefix);
         self.key.push_str(key);
         self.cmd.arg(self.key.as_str());
+        self.lease.clear();
+        push_lease_key(prefix, &self.key, &mut self.lease);
+        self.cmd.arg(self.lease.as_str());
         self.count += 1;
         if self.count == UNLINK_CHUNK {
             self.flush(pipe, stats);
@@ -405,12 +426,13 @@ impl Unlinks {
     }
 }
 
-fn flush_tags(pipe: &mut redis::Pipeline, tags: &mut Vec<String>) {
+fn flush_tags(pipe: &mut redis::Pipeline, tags: &mut Vec<String>, lease_prefix: &str) {
     if !tags.is_empty() {
         pipe.cmd("EVAL")
             .arg(TAG_SCRIPT)
             .arg(tags.len())
             .arg(&*tags)
+            .arg(lease_prefix)
             .ignore();
         tags.clear();
     }

@@ -11,6 +11,7 @@ mod auth;
 mod big;
 mod check_live;
 mod cli;
+mod client;
 mod cluster;
 mod config;
 mod continuity;

@@ -1,0 +1,16 @@
+//! The application side of evictd: a cache-aside reader over Redis whose
+//! fills can never undo an invalidation.
+//!
+//! [`Cache::get_or_load`] reads the key; on a miss it takes the key's fill
+//! right (a lease evictd deletes with every invalidation of the key),
+//! registers the key in its tag sets, calls the loader, and stores the
+//! result only if the lease is still its own. A fill that read the
+//! database before a commit whose invalidation evictd already applied is
+//! refused, whichever way evictd invalidated the key (key, tag, pattern,
+//! write-through refresh). `docs/PROTOCOL.md` specifies the protocol for
+//! other languages.
+
+mod cache;
+pub mod protocol;
+
+pub use cache::{Cache, CacheBuilder, Error, Fill, Stats};
