@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::OnceCell;
 
-use crate::protocol::{lease_key, same_slot, FILL_SCRIPT, TAG_NAMESPACE};
+use crate::protocol::{lease_key, same_slot, FILL_SCRIPT, RELEASE_SCRIPT, TAG_NAMESPACE};
 
 /// What a negative entry ("no such row") holds: not valid JSON, so it
 /// cannot be a stored value.
@@ -118,6 +118,7 @@ impl CacheBuilder {
             inner: Arc::new(Inner {
                 redis,
                 fill: redis::Script::new(FILL_SCRIPT),
+                release: redis::Script::new(RELEASE_SCRIPT),
                 options: self,
                 inflight: Mutex::new(HashMap::new()),
                 stats: Stats::default(),
@@ -135,6 +136,7 @@ pub struct Cache {
 struct Inner {
     redis: MultiplexedConnection,
     fill: redis::Script,
+    release: redis::Script,
     options: CacheBuilder,
     /// Loads in flight in this process: one loader per key.
     inflight: Mutex<HashMap<String, Arc<OnceCell<Loaded>>>>,
@@ -424,14 +426,13 @@ impl Cache {
     /// Deletes the lease if it is still `token`'s.
     async fn release(&self, lease: &str, token: &str) -> Result<(), redis::RedisError> {
         let mut redis = self.inner.redis.clone();
-        redis::Script::new(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
-        )
-        .key(lease)
-        .arg(token)
-        .invoke_async::<i64>(&mut redis)
-        .await
-        .map(drop)
+        self.inner
+            .release
+            .key(lease)
+            .arg(token)
+            .invoke_async::<i64>(&mut redis)
+            .await
+            .map(drop)
     }
 }
 

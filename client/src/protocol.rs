@@ -16,6 +16,9 @@ pub const L1_LAST_KEY: &str = "evictd:l1:last";
 /// The fenced fill (KEYS: key, lease; ARGV: token, value, TTL in ms).
 pub const FILL_SCRIPT: &str = include_str!("../lua/fill.lua");
 
+/// Gives a fill right back if still held (KEYS: lease; ARGV: token).
+pub const RELEASE_SCRIPT: &str = include_str!("../lua/release.lua");
+
 /// evictd's tag invalidation on a standalone Redis (KEYS: tag sets; ARGV:
 /// the lease prefix): members, their leases, then the sets.
 pub const INVALIDATE_TAGS_SCRIPT: &str = include_str!("../lua/invalidate_tags.lua");

@@ -199,14 +199,9 @@ impl ClusterSink {
                 }
                 Command::UnlinkMatching { pattern, .. } => {
                     phase.send(&connection, &mut stats, self.timeout).await?;
+                    let full = under_prefix(&self.prefix, "", pattern)?;
                     let keys = self
-                        .scan_masters(
-                            &connection,
-                            &slots,
-                            &under_prefix(&self.prefix, "", pattern)?,
-                            None,
-                            &mut stats,
-                        )
+                        .scan_masters(&connection, &slots, &full, None, &mut stats)
                         .await?;
                     stats.keys += keys.len() as u64;
                     stats.matched.push(keys.len() as u64);
@@ -216,7 +211,6 @@ impl ClusterSink {
                     }
                     // The leases of the keys the pattern covers, cached or
                     // not: a fill in flight for any of them is void.
-                    let full = under_prefix(&self.prefix, "", pattern)?;
                     for leases in lease_patterns(&escaped(&self.prefix), &full) {
                         let found = self
                             .scan_masters(&connection, &slots, &leases, None, &mut stats)

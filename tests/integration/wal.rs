@@ -299,16 +299,10 @@ async fn a_rolled_back_savepoint_inside_a_streamed_transaction_invalidates_only_
         .map(|id| format!("order:{id}"))
         .collect();
     assert_eq!(left, expected);
-    let client = s.db.client().await;
-    let streamed: i64 = client
-        .query_one(
-            "select stream_txns from pg_stat_replication_slots where slot_name = $1",
-            &[&s.config.postgres.slot],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(streamed >= 1, "the transaction was streamed");
+    assert!(
+        streamed_transactions(&s).await >= 1,
+        "the transaction was streamed"
+    );
 }
 
 #[tokio::test]
@@ -345,16 +339,10 @@ async fn an_overflow_inside_a_rolled_back_savepoint_does_not_make_the_commit_coa
         5,
         "only the committed changes are counted as applied"
     );
-    let client = s.db.client().await;
-    let streamed: i64 = client
-        .query_one(
-            "select stream_txns from pg_stat_replication_slots where slot_name = $1",
-            &[&s.config.postgres.slot],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(streamed >= 1, "the transaction was streamed");
+    assert!(
+        streamed_transactions(&s).await >= 1,
+        "the transaction was streamed"
+    );
 }
 
 #[tokio::test]
@@ -532,4 +520,17 @@ async fn a_mapped_column_dropped_mid_stream_falls_back_to_a_pattern() {
     .await;
     s.sync().await;
     assert_eq!(s.cached(&keys).await, ["other:1"]);
+}
+
+/// Transactions the server streamed to the slot of `s` before commit.
+async fn streamed_transactions(s: &Streaming) -> i64 {
+    s.db.client()
+        .await
+        .query_one(
+            "select stream_txns from pg_stat_replication_slots where slot_name = $1",
+            &[&s.config.postgres.slot],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }
