@@ -1,18 +1,22 @@
-//! [`Cache`]: get, get-or-load with fenced fills, single-flight, stampede
-//! waits across processes.
+//! [`Cache`]: get, get-or-load through L1 and Redis with fenced fills,
+//! single-flight, stampede waits across processes, early refresh.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::Rng as _;
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster_async::ClusterConnection;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::OnceCell;
+use tokio::task::AbortHandle;
 
+use crate::l1::{self, L1Bound, L1Options, L1};
+use crate::metrics::{Meter, Stats};
 use crate::protocol::{lease_key, same_slot, FILL_SCRIPT, RELEASE_SCRIPT, TAG_NAMESPACE};
 
 /// What a negative entry ("no such row") holds: not valid JSON, so it
@@ -47,28 +51,20 @@ pub enum Fill {
     Skipped,
 }
 
-/// Counters since the cache was built.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub hits: AtomicU64,
-    pub misses: AtomicU64,
-    pub loads: AtomicU64,
-    pub fills: AtomicU64,
-    pub fenced: AtomicU64,
-    pub stampede_waits: AtomicU64,
-    pub degraded: AtomicU64,
-}
-
 /// Options of a [`Cache`].
 #[derive(Clone, Debug)]
 pub struct CacheBuilder {
-    url: String,
+    nodes: Vec<String>,
+    cluster: bool,
     prefix: String,
     ttl: Option<Duration>,
     jitter: f64,
     negative_ttl: Option<Duration>,
     lease: Duration,
     wait: Duration,
+    l1: Option<L1Options>,
+    early_refresh: f64,
+    stale: Duration,
 }
 
 impl CacheBuilder {
@@ -111,9 +107,80 @@ impl CacheBuilder {
         self
     }
 
+    /// Keeps decoded values in process too (L1), at most `entries` of
+    /// them, evicted as evictd's broadcasts say. Values must be `Clone`.
+    pub fn l1_entries(mut self, entries: u64) -> Self {
+        self.l1_options().bound = L1Bound::Entries(entries);
+        self
+    }
+
+    /// [`CacheBuilder::l1_entries`], bounded by bytes instead: each entry
+    /// weighs its key and its value as stored in Redis, plus 64.
+    pub fn l1_bytes(mut self, bytes: u64) -> Self {
+        self.l1_options().bound = L1Bound::Bytes(bytes);
+        self
+    }
+
+    /// How long an L1 entry lives at most (60 s by default).
+    pub fn l1_ttl(mut self, ttl: Duration) -> Self {
+        self.l1_options().ttl = ttl;
+        self
+    }
+
+    /// The channel evictd broadcasts on (`redis.l1_channel`, by default
+    /// `evictd:l1`).
+    pub fn l1_channel(mut self, channel: impl Into<String>) -> Self {
+        self.l1_options().channel = channel.into();
+        self
+    }
+
+    fn l1_options(&mut self) -> &mut L1Options {
+        self.l1.get_or_insert_with(|| L1Options {
+            bound: L1Bound::Entries(10_000),
+            ttl: Duration::from_secs(60),
+            channel: "evictd:l1".into(),
+        })
+    }
+
+    /// Probabilistic early refresh (XFetch): a read may reload a value
+    /// before its TTL, the more likely the closer it is to expiry and the
+    /// slower loads have been; `beta` 1.0 is the usual choice, 0 turns it
+    /// off. Needs a TTL.
+    pub fn early_refresh(mut self, beta: f64) -> Self {
+        self.early_refresh = beta.max(0.0);
+        self
+    }
+
+    /// Keeps values this long past their TTL: a read in that window gets
+    /// the old value at once while one reader (the holder of the fill
+    /// right) reloads it. Needs a TTL.
+    pub fn stale_while_revalidate(mut self, window: Duration) -> Self {
+        self.stale = window;
+        self
+    }
+
     pub async fn build(self) -> Result<Cache, Error> {
-        let client = redis::Client::open(self.url.as_str())?;
-        let redis = client.get_multiplexed_async_connection().await?;
+        let redis = if self.cluster {
+            let client = redis::cluster::ClusterClient::new(self.nodes.clone())?;
+            Conn::Cluster(client.get_async_connection().await?)
+        } else {
+            let client = redis::Client::open(self.nodes[0].as_str())?;
+            // Reconnects by itself after Redis restarts.
+            Conn::Single(ConnectionManager::new(client).await?)
+        };
+        let meter = Arc::new(Meter::new());
+        let (l1, subscriber) = match &self.l1 {
+            Some(options) => {
+                let l1 = Arc::new(L1::new(options, Arc::clone(&meter)));
+                let task = tokio::spawn(l1::subscribe(
+                    Arc::clone(&l1),
+                    self.nodes.clone(),
+                    options.channel.clone(),
+                ));
+                (Some(l1), Some(task.abort_handle()))
+            }
+            None => (None, None),
+        };
         Ok(Cache {
             inner: Arc::new(Inner {
                 redis,
@@ -121,9 +188,50 @@ impl CacheBuilder {
                 release: redis::Script::new(RELEASE_SCRIPT),
                 options: self,
                 inflight: Mutex::new(HashMap::new()),
-                stats: Stats::default(),
+                meter,
+                l1,
+                subscriber,
+                load_micros: AtomicU64::new(0),
             }),
         })
+    }
+}
+
+/// One connection to a standalone Redis or to a Cluster.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(conn) => conn.req_packed_command(cmd),
+            Conn::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(conn) => conn.get_db(),
+            Conn::Cluster(conn) => conn.get_db(),
+        }
     }
 }
 
@@ -134,41 +242,134 @@ pub struct Cache {
 }
 
 struct Inner {
-    redis: MultiplexedConnection,
+    redis: Conn,
     fill: redis::Script,
     release: redis::Script,
     options: CacheBuilder,
     /// Loads in flight in this process: one loader per key.
     inflight: Mutex<HashMap<String, Arc<OnceCell<Loaded>>>>,
-    stats: Stats,
+    meter: Arc<Meter>,
+    l1: Option<Arc<L1>>,
+    subscriber: Option<AbortHandle>,
+    /// A moving average of loader time, for early refresh.
+    load_micros: AtomicU64,
 }
 
-/// A loaded value as stored (JSON, or [`ABSENT`]) and how its fill ended.
-type Loaded = (Option<String>, Fill);
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(subscriber) = &self.subscriber {
+            subscriber.abort();
+        }
+    }
+}
+
+/// A loaded value as stored (JSON, or [`ABSENT`]), how its fill ended,
+/// and the L1 generation from before it was read (`None`: keep it out of
+/// L1).
+#[derive(Clone)]
+struct Loaded {
+    raw: String,
+    fill: Fill,
+    generation: Option<u64>,
+}
+
+/// What a read of Redis found.
+enum Read {
+    Hit(String),
+    Miss,
+    /// A value this read should reload (early refresh, or past its TTL
+    /// within the stale window).
+    Refresh(Current),
+}
+
+struct Current {
+    raw: String,
+    /// Past its TTL, within the stale window.
+    stale: bool,
+}
 
 impl Cache {
+    /// A cache over the standalone Redis at `url`.
     pub fn builder(url: impl Into<String>) -> CacheBuilder {
+        Cache::builder_for(vec![url.into()], false)
+    }
+
+    /// A cache over a Redis Cluster, given one or more of its nodes.
+    pub fn cluster<I, S>(nodes: I) -> CacheBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Cache::builder_for(nodes.into_iter().map(Into::into).collect(), true)
+    }
+
+    fn builder_for(nodes: Vec<String>, cluster: bool) -> CacheBuilder {
+        assert!(!nodes.is_empty(), "a cache needs at least one Redis node");
         CacheBuilder {
-            url: url.into(),
+            nodes,
+            cluster,
             prefix: String::new(),
             ttl: None,
             jitter: 0.0,
             negative_ttl: None,
             lease: Duration::from_secs(10),
             wait: Duration::from_millis(200),
+            l1: None,
+            early_refresh: 0.0,
+            stale: Duration::ZERO,
         }
     }
 
     pub fn stats(&self) -> &Stats {
-        &self.inner.stats
+        &self.inner.meter.stats
+    }
+
+    /// The last broadcast the L1 tier applied, as `epoch:seq` (the format
+    /// of evictd's `evictd:l1:last`); `None` without L1, before the first
+    /// message and after a flush.
+    pub fn l1_last(&self) -> Option<String> {
+        self.inner.l1.as_ref().and_then(|l1| l1.last())
+    }
+
+    /// Whether the L1 tier is subscribed and serving.
+    pub fn l1_live(&self) -> bool {
+        self.inner.l1.as_ref().is_some_and(|l1| l1.is_live())
+    }
+
+    /// The keys the L1 tier holds (for checks against the database).
+    pub fn l1_keys(&self) -> Vec<String> {
+        self.inner
+            .l1
+            .as_ref()
+            .map(|l1| l1.keys())
+            .unwrap_or_default()
+    }
+
+    /// How many entries the L1 tier holds.
+    pub fn l1_len(&self) -> u64 {
+        self.inner.l1.as_ref().map_or(0, |l1| l1.entry_count())
+    }
+
+    /// What L1 holds for `key`, without reading Redis: `Some(None)` is a
+    /// cached "no row".
+    pub fn l1_peek<T: Clone + 'static>(&self, key: &str) -> Option<Option<T>> {
+        self.inner.l1.as_ref()?.get::<T>(key)
     }
 
     fn full(&self, key: &str) -> String {
         format!("{}{key}", self.inner.options.prefix)
     }
 
-    /// The cached value of `key`, if any (a cached "no row" reads `None`).
-    pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, Error> {
+    /// The cached value of `key`, if any (a cached "no row" reads `None`):
+    /// from L1, else from Redis. A value read here is not kept in L1 (its
+    /// tags are not known); [`Cache::get_or_load`] keeps it.
+    pub async fn get<T>(&self, key: &str) -> Result<Option<T>, Error>
+    where
+        T: DeserializeOwned + Clone + 'static,
+    {
+        if let Some(value) = self.l1_get::<T>(key) {
+            return Ok(value);
+        }
         let mut redis = self.inner.redis.clone();
         let raw: Option<String> = redis::cmd("GET")
             .arg(self.full(key))
@@ -177,25 +378,36 @@ impl Cache {
         decode(key, raw.as_deref())
     }
 
-    /// Deletes `key` (and voids fills in flight for it).
+    /// Deletes `key` from Redis and from this process's L1 (and voids
+    /// fills in flight for it). Other processes' L1 tiers learn of
+    /// evictd's invalidations only.
     pub async fn invalidate(&self, key: &str) -> Result<(), Error> {
         let full = self.full(key);
         let lease = lease_key(&self.inner.options.prefix, &full);
+        if let Some(l1) = &self.inner.l1 {
+            l1.remove(key);
+        }
         let mut redis = self.inner.redis.clone();
-        redis::cmd("UNLINK")
-            .arg(&full)
-            .arg(&lease)
-            .query_async::<()>(&mut redis)
-            .await?;
+        let unlink = |key: &str| redis::cmd("UNLINK").arg(key).clone();
+        if matches!(self.inner.redis, Conn::Cluster(_)) && !same_slot(&full) {
+            // A key whose lease hashes elsewhere: two commands.
+            unlink(&full).query_async::<()>(&mut redis).await?;
+            unlink(&lease).query_async::<()>(&mut redis).await?;
+        } else {
+            unlink(&full)
+                .arg(&lease)
+                .query_async::<()>(&mut redis)
+                .await?;
+        }
         Ok(())
     }
 
-    /// The value of `key`: from Redis, or from `loader` (`Ok(None)`: no
-    /// such row), stored with a fenced fill and registered in the sets of
-    /// `tags`. Concurrent calls for one key in this process share one
-    /// load; across processes, the holder of the fill right loads and the
-    /// others wait up to the stampede wait for its value. With Redis down
-    /// the loader is called and nothing is cached.
+    /// The value of `key`: from L1, from Redis, or from `loader`
+    /// (`Ok(None)`: no such row), stored with a fenced fill and registered
+    /// in the sets of `tags`. Concurrent calls for one key in this process
+    /// share one load; across processes, the holder of the fill right
+    /// loads and the others wait up to the stampede wait for its value.
+    /// With Redis down the loader is called and nothing is cached.
     pub async fn get_or_load<T, E, F, Fut>(
         &self,
         key: &str,
@@ -203,7 +415,7 @@ impl Cache {
         loader: F,
     ) -> Result<Option<T>, Error<E>>
     where
-        T: Serialize + DeserializeOwned,
+        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<T>, E>>,
     {
@@ -221,34 +433,42 @@ impl Cache {
         loader: F,
     ) -> Result<(Option<T>, Option<Fill>), Error<E>>
     where
-        T: Serialize + DeserializeOwned,
+        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<T>, E>>,
     {
-        let stats = &self.inner.stats;
+        if let Some(value) = self.l1_get::<T>(key) {
+            return Ok((value, None));
+        }
+        let meter = &self.inner.meter;
+        // Taken before Redis is read: a broadcast applied from here on
+        // keeps what this read returns out of L1.
+        let seen = self.generation();
         let full = self.full(key);
-        let mut redis = self.inner.redis.clone();
-        match redis::cmd("GET")
-            .arg(&full)
-            .query_async::<Option<String>>(&mut redis)
-            .await
-        {
-            Ok(Some(raw)) => {
-                stats.hits.fetch_add(1, Ordering::Relaxed);
-                return Ok((decode(key, Some(&raw)).map_err(retype)?, None));
+        let current = match self.read(&full).await {
+            Ok(Read::Hit(raw)) => {
+                meter.hit();
+                let value = decode(key, Some(&raw)).map_err(retype)?;
+                self.keep(key, &value, tags, raw.len(), seen);
+                return Ok((value, None));
             }
-            Ok(None) => {
-                stats.misses.fetch_add(1, Ordering::Relaxed);
+            Ok(Read::Refresh(current)) => {
+                meter.hit();
+                Some(current)
+            }
+            Ok(Read::Miss) => {
+                meter.miss();
+                None
             }
             Err(_) => {
                 // Graceful degradation: the database answers, nothing is
                 // cached.
-                stats.degraded.fetch_add(1, Ordering::Relaxed);
-                stats.loads.fetch_add(1, Ordering::Relaxed);
+                meter.degraded();
+                meter.load();
                 let value = loader().await.map_err(Error::Load)?;
                 return Ok((value, Some(Fill::Skipped)));
             }
-        }
+        };
         let cell = {
             let mut inflight = self
                 .inner
@@ -264,7 +484,7 @@ impl Cache {
             .get_or_try_init(move || async move {
                 // Boxed: the fill's Redis round trips and the loader's
                 // future would otherwise make every caller's future large.
-                match Box::pin(self.fill(key_ref, tags, loader)).await {
+                match Box::pin(self.fill(key_ref, tags, loader, current)).await {
                     Ok(loaded) => Ok(loaded),
                     Err(error) => {
                         *failed = Some(error);
@@ -288,7 +508,15 @@ impl Cache {
             }
         }
         match result {
-            Ok((raw, fill)) => Ok((decode(key, raw.as_deref()).map_err(retype)?, Some(fill))),
+            Ok(loaded) => {
+                let value = decode(key, Some(&loaded.raw)).map_err(retype)?;
+                if loaded.fill != Fill::Fenced {
+                    if let Some(seen) = loaded.generation {
+                        self.keep(key, &value, tags, loaded.raw.len(), Some(seen));
+                    }
+                }
+                Ok((value, Some(loaded.fill)))
+            }
             Err(()) => Err(load_error.unwrap_or_else(|| {
                 Error::Redis(redis::RedisError::from((
                     redis::ErrorKind::Io,
@@ -298,21 +526,95 @@ impl Cache {
         }
     }
 
+    fn l1_get<T: Clone + 'static>(&self, key: &str) -> Option<Option<T>> {
+        let value = self.inner.l1.as_ref()?.get::<T>(key)?;
+        self.inner.meter.l1_hit();
+        Some(value)
+    }
+
+    fn generation(&self) -> Option<u64> {
+        self.inner.l1.as_ref().map(|l1| l1.generation())
+    }
+
+    /// Puts a value read at generation `seen` into L1, unless a broadcast
+    /// was applied since.
+    fn keep<T: Clone + Send + Sync + 'static>(
+        &self,
+        key: &str,
+        value: &Option<T>,
+        tags: &[&str],
+        size: usize,
+        seen: Option<u64>,
+    ) {
+        if let (Some(l1), Some(seen)) = (&self.inner.l1, seen) {
+            l1.insert(key, value.clone(), tags, size, seen);
+        }
+    }
+
+    /// Reads `full` from Redis; with early refresh or a stale window, also
+    /// its remaining TTL, to decide whether this read should reload it.
+    async fn read(&self, full: &str) -> redis::RedisResult<Read> {
+        let options = &self.inner.options;
+        let mut redis = self.inner.redis.clone();
+        let refreshing =
+            options.ttl.is_some() && (options.early_refresh > 0.0 || !options.stale.is_zero());
+        if !refreshing {
+            let raw: Option<String> = redis::cmd("GET").arg(full).query_async(&mut redis).await?;
+            return Ok(raw.map_or(Read::Miss, Read::Hit));
+        }
+        let (raw, left): (Option<String>, i64) = redis::pipe()
+            .cmd("GET")
+            .arg(full)
+            .cmd("PTTL")
+            .arg(full)
+            .query_async(&mut redis)
+            .await?;
+        let Some(raw) = raw else {
+            return Ok(Read::Miss);
+        };
+        if left < 0 {
+            // No expiry (a write-through refresh by evictd, say).
+            return Ok(Read::Hit(raw));
+        }
+        let fresh_for = left - i64::try_from(options.stale.as_millis()).unwrap_or(i64::MAX);
+        if fresh_for <= 0 {
+            return Ok(Read::Refresh(Current { raw, stale: true }));
+        }
+        if options.early_refresh > 0.0 {
+            // XFetch: reload early with a probability that grows as the
+            // expiry nears, scaled by how long loads take.
+            let load_ms = self.inner.load_micros.load(Ordering::Relaxed) as f64 / 1000.0;
+            let draw: f64 = rand::rng().random_range(f64::MIN_POSITIVE..1.0);
+            if load_ms * options.early_refresh * -draw.ln() >= fresh_for as f64 {
+                return Ok(Read::Refresh(Current { raw, stale: false }));
+            }
+        }
+        Ok(Read::Hit(raw))
+    }
+
     /// Takes the fill right, registers the tags, loads, and stores if the
-    /// right is still ours. Returns the value as stored.
+    /// right is still ours. With a `current` value (a refresh), a reader
+    /// that does not get the right returns it instead of waiting.
     async fn fill<T, E, F, Fut>(
         &self,
         full: &str,
         tags: &[&str],
         loader: F,
+        current: Option<Current>,
     ) -> Result<Loaded, Error<E>>
     where
         T: Serialize,
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<T>, E>>,
     {
-        let stats = &self.inner.stats;
+        let meter = &self.inner.meter;
         let options = &self.inner.options;
+        let generation = self.generation();
+        let loaded = |raw: String, fill: Fill| Loaded {
+            raw,
+            fill,
+            generation,
+        };
         let mut redis = self.inner.redis.clone();
         let lease = lease_key(&options.prefix, full);
         let token = format!("{:016x}", rand::rng().random::<u64>());
@@ -329,54 +631,60 @@ impl Cache {
         } else {
             Ok(false)
         };
-        match held {
-            Ok(true) => {}
-            Ok(false) => {
-                // Another process fills: wait for its value, briefly.
-                stats.stampede_waits.fetch_add(1, Ordering::Relaxed);
-                if let Some(raw) = self.wait_for(full).await {
-                    stats.hits.fetch_add(1, Ordering::Relaxed);
-                    return Ok((Some(raw), Fill::Skipped));
+        match (held, current) {
+            (Ok(true), current) => {
+                if current.is_some() {
+                    meter.early_refresh();
                 }
-                stats.loads.fetch_add(1, Ordering::Relaxed);
-                let value = loader().await.map_err(Error::Load)?;
-                return Ok((Some(encode(full, value.as_ref())?), Fill::Skipped));
             }
-            Err(_) => {
-                stats.degraded.fetch_add(1, Ordering::Relaxed);
-                stats.loads.fetch_add(1, Ordering::Relaxed);
-                let value = loader().await.map_err(Error::Load)?;
-                return Ok((Some(encode(full, value.as_ref())?), Fill::Skipped));
+            (Ok(false) | Err(_), Some(current)) => {
+                // Another reader refreshes it: serve what is there.
+                if current.stale {
+                    meter.stale_served();
+                }
+                return Ok(loaded(current.raw, Fill::Skipped));
+            }
+            (Ok(false), None) => {
+                // Another process fills: wait for its value, briefly.
+                meter.stampede_wait();
+                if let Some(raw) = self.wait_for(full).await {
+                    meter.hit();
+                    return Ok(loaded(raw, Fill::Skipped));
+                }
+                let raw = self.load(full, loader).await?;
+                meter.skipped();
+                return Ok(loaded(raw, Fill::Skipped));
+            }
+            (Err(_), None) => {
+                meter.degraded();
+                let raw = self.load(full, loader).await?;
+                return Ok(Loaded {
+                    raw,
+                    fill: Fill::Skipped,
+                    generation: None,
+                });
             }
         }
         // Registered before the database is read: a tag invalidation from
         // here on deletes the lease with the key.
-        if !tags.is_empty() {
-            let mut pipe = redis::pipe();
-            for tag in tags {
-                pipe.cmd("SADD")
-                    .arg(format!("{}{TAG_NAMESPACE}{tag}", options.prefix))
-                    .arg(full)
-                    .ignore();
-            }
-            if pipe.query_async::<()>(&mut redis).await.is_err() {
-                stats.degraded.fetch_add(1, Ordering::Relaxed);
-            }
+        if !tags.is_empty() && self.register(full, tags).await.is_err() {
+            meter.degraded();
         }
-        stats.loads.fetch_add(1, Ordering::Relaxed);
-        let value = loader().await.map_err(Error::Load)?;
-        let raw = encode(full, value.as_ref())?;
+        let raw = self.load(full, loader).await?;
         let ttl = if raw == ABSENT {
             if options.negative_ttl.is_none() {
                 // "No row" without negative caching: give the right back.
                 let _ = self.release(&lease, &token).await;
-                return Ok((Some(raw), Fill::Skipped));
+                meter.skipped();
+                return Ok(loaded(raw, Fill::Skipped));
             }
             options.negative_ttl
         } else {
             options.ttl
         };
-        let ttl_ms = ttl.map_or(0, |ttl| millis(jittered(ttl, options.jitter)));
+        let ttl_ms = ttl.map_or(0, |ttl| {
+            millis(jittered(ttl, options.jitter).saturating_add(options.stale))
+        });
         let outcome: Result<i64, _> = self
             .inner
             .fill
@@ -389,19 +697,67 @@ impl Cache {
             .await;
         let fill = match outcome {
             Ok(1) => {
-                stats.fills.fetch_add(1, Ordering::Relaxed);
+                meter.stored();
                 Fill::Stored
             }
             Ok(_) => {
-                stats.fenced.fetch_add(1, Ordering::Relaxed);
+                meter.fenced();
                 Fill::Fenced
             }
             Err(_) => {
-                stats.degraded.fetch_add(1, Ordering::Relaxed);
+                meter.degraded();
+                meter.skipped();
                 Fill::Skipped
             }
         };
-        Ok((Some(raw), fill))
+        Ok(loaded(raw, fill))
+    }
+
+    /// Calls the loader, timing it for early refresh; the value as stored.
+    async fn load<T, E, F, Fut>(&self, full: &str, loader: F) -> Result<String, Error<E>>
+    where
+        T: Serialize,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<T>, E>>,
+    {
+        self.inner.meter.load();
+        let started = Instant::now();
+        let value = loader().await.map_err(Error::Load)?;
+        let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        // An exponential moving average, weight 1/8.
+        let average = &self.inner.load_micros;
+        let before = average.load(Ordering::Relaxed);
+        let after = if before == 0 {
+            took
+        } else {
+            before - before / 8 + took / 8
+        };
+        average.store(after, Ordering::Relaxed);
+        encode(full, value.as_ref())
+    }
+
+    /// Adds `full` to the sets of `tags`: one pipeline on a standalone
+    /// Redis, one command per set on a Cluster (the sets live in other
+    /// slots).
+    async fn register(&self, full: &str, tags: &[&str]) -> redis::RedisResult<()> {
+        let prefix = &self.inner.options.prefix;
+        let mut redis = self.inner.redis.clone();
+        let set = |tag: &str| format!("{prefix}{TAG_NAMESPACE}{tag}");
+        if matches!(self.inner.redis, Conn::Cluster(_)) {
+            for tag in tags {
+                redis::cmd("SADD")
+                    .arg(set(tag))
+                    .arg(full)
+                    .query_async::<()>(&mut redis)
+                    .await?;
+            }
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for tag in tags {
+            pipe.cmd("SADD").arg(set(tag)).arg(full).ignore();
+        }
+        pipe.query_async::<()>(&mut redis).await
     }
 
     /// Polls for the value another process is filling, up to the wait.

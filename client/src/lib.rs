@@ -11,6 +11,10 @@
 //! other languages.
 
 mod cache;
+mod l1;
+mod metrics;
 pub mod protocol;
 
-pub use cache::{Cache, CacheBuilder, Error, Fill, Stats};
+pub use cache::{Cache, CacheBuilder, Error, Fill};
+pub use l1::{FlushReason, L1Bound};
+pub use metrics::Stats;

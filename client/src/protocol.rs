@@ -70,6 +70,49 @@ pub fn same_slot(key: &str) -> bool {
     hash_tag(key).is_some() || !key.contains('}')
 }
 
+/// Whether `key` matches a pattern of a broadcast or of evictd's pattern
+/// deletes: `*` matches any run of characters and a backslash makes the
+/// next character literal (no other glob syntax occurs in them).
+pub fn glob_matches(pattern: &str, key: &str) -> bool {
+    let pattern: Vec<(bool, char)> = {
+        let mut tokens = Vec::with_capacity(pattern.len());
+        let mut chars = pattern.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => tokens.push((false, chars.next().unwrap_or('\\'))),
+                '*' => tokens.push((true, '*')),
+                c => tokens.push((false, c)),
+            }
+        }
+        tokens
+    };
+    let key: Vec<char> = key.chars().collect();
+    // Classic wildcard matching with backtracking to the last star.
+    let (mut p, mut k) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while k < key.len() {
+        match pattern.get(p) {
+            Some(&(true, _)) => {
+                star = Some((p, k));
+                p += 1;
+            }
+            Some(&(false, c)) if c == key[k] => {
+                p += 1;
+                k += 1;
+            }
+            _ => match star {
+                Some((star_p, star_k)) => {
+                    p = star_p + 1;
+                    k = star_k + 1;
+                    star = Some((star_p, star_k + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern[p..].iter().all(|&(wild, _)| wild)
+}
+
 /// One L1 broadcast: what an applied batch invalidated. Keys are as the
 /// mappings render them, without the prefix.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -277,47 +277,10 @@ pub fn escape_glob(text: &str, out: &mut String) {
     }
 }
 
-/// Whether `key` matches a glob made by [`Template::pattern`] (only `*` and
-/// backslash escapes occur in those).
-pub fn glob_matches(pattern: &str, key: &str) -> bool {
-    let pattern: Vec<(bool, char)> = {
-        let mut tokens = Vec::with_capacity(pattern.len());
-        let mut chars = pattern.chars();
-        while let Some(c) = chars.next() {
-            match c {
-                '\\' => tokens.push((false, chars.next().unwrap_or('\\'))),
-                '*' => tokens.push((true, '*')),
-                c => tokens.push((false, c)),
-            }
-        }
-        tokens
-    };
-    let key: Vec<char> = key.chars().collect();
-    // Classic wildcard matching with backtracking to the last star.
-    let (mut p, mut k) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while k < key.len() {
-        match pattern.get(p) {
-            Some(&(true, _)) => {
-                star = Some((p, k));
-                p += 1;
-            }
-            Some(&(false, c)) if c == key[k] => {
-                p += 1;
-                k += 1;
-            }
-            _ => match star {
-                Some((star_p, star_k)) => {
-                    p = star_p + 1;
-                    k = star_k + 1;
-                    star = Some((star_p, star_k + 1));
-                }
-                None => return false,
-            },
-        }
-    }
-    pattern[p..].iter().all(|&(wild, _)| wild)
-}
+/// Whether `key` matches a glob made by [`Template::pattern`]; defined
+/// once in the protocol the clients share, since their L1 applies the same
+/// patterns.
+pub use evictd_client::protocol::glob_matches;
 
 #[cfg(test)]
 mod tests {

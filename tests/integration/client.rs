@@ -4,8 +4,9 @@
 //! evictd invalidates (key, tag, pattern, write-through refresh).
 
 use std::convert::Infallible;
+use std::time::{Duration, Instant};
 
-use evictd_client::{Cache, Fill};
+use evictd_client::{protocol, Cache, Fill};
 use tokio::sync::oneshot;
 
 use crate::support::{stack, Streaming};
@@ -39,7 +40,7 @@ async fn status(s: &Streaming) -> String {
 }
 
 /// The row as the refresh writes it: `{"status": ...}`.
-#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 struct Status {
     status: String,
 }
@@ -50,6 +51,49 @@ async fn cache(s: &Streaming) -> Cache {
         .build()
         .await
         .expect("a cache")
+}
+
+/// A cache with an L1 tier on the test's broadcast channel, subscribed.
+async fn l1_cache(s: &Streaming) -> Cache {
+    let cache = Cache::builder(stack().redis.url())
+        .prefix(s.config.redis.prefix.clone())
+        .l1_entries(1_000)
+        .l1_channel(s.config.redis.l1_channel.clone())
+        .build()
+        .await
+        .expect("a cache");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cache.l1_live() {
+        assert!(
+            Instant::now() < deadline,
+            "the L1 subscriber never went live"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    cache
+}
+
+/// Waits until `cache`'s L1 applied the last broadcast evictd sent.
+async fn l1_caught_up(s: &Streaming, cache: &Cache) {
+    let mut redis = crate::support::redis_connection().await;
+    let last_key = format!("{}{}", s.config.redis.prefix, protocol::L1_LAST_KEY);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let last: Option<String> = redis::cmd("GET")
+            .arg(&last_key)
+            .query_async(&mut redis)
+            .await
+            .expect("GET");
+        if last.is_none() || cache.l1_last() == last {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "L1 at {:?}, evictd at {last:?}",
+            cache.l1_last()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Reads `key` through `cache`, reading the database first and then
@@ -162,6 +206,202 @@ async fn a_fill_cannot_overwrite_a_refresh() {
     assert_eq!(cached.map(|c| c.status).as_deref(), Some("shipped"));
 }
 
+/// Loads `key` into `cache` (L1 and Redis) with the row's status.
+async fn load(s: &Streaming, cache: &Cache, key: &str, tags: &[&str]) -> Option<Status> {
+    cache
+        .get_or_load(key, tags, || async {
+            Ok::<_, Infallible>(Some(Status {
+                status: status(s).await,
+            }))
+        })
+        .await
+        .expect("get_or_load")
+}
+
+#[tokio::test]
+async fn l1_entries_go_with_each_kind_of_broadcast() {
+    let s = Streaming::start(SCHEMA, &[("orders.toml", MAPPING)]).await;
+    let cache = l1_cache(&s).await;
+    let cases = [
+        // (key, tags, write): a key delete, a tag, a pattern (TRUNCATE).
+        (
+            "order:1",
+            &[][..],
+            "update orders set status = 'a' where id = 1",
+        ),
+        (
+            "user:1:page",
+            &["user:1"][..],
+            "insert into orders values (2, 1, 'new')",
+        ),
+        ("order:1", &[][..], "truncate orders"),
+    ];
+    for (key, tags, write) in cases {
+        load(&s, &cache, key, tags).await;
+        assert!(cache.l1_peek::<Status>(key).is_some(), "{key} is in L1");
+        let hits = cache
+            .stats()
+            .l1_hits
+            .load(std::sync::atomic::Ordering::Relaxed);
+        load(&s, &cache, key, tags).await;
+        let after = cache
+            .stats()
+            .l1_hits
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(after, hits + 1, "the second read of {key} is an L1 hit");
+        s.db.execute(write).await;
+        s.sync().await;
+        l1_caught_up(&s, &cache).await;
+        assert!(
+            cache.l1_peek::<Status>(key).is_none(),
+            "{key} left in L1 after `{write}`"
+        );
+        s.db.execute("insert into orders values (1, 1, 'new') on conflict do nothing")
+            .await;
+        s.sync().await;
+        l1_caught_up(&s, &cache).await;
+    }
+}
+
+#[tokio::test]
+async fn l1_is_flushed_on_a_gap_a_new_epoch_or_a_bad_message() {
+    let s = Streaming::start(SCHEMA, &[("orders.toml", MAPPING)]).await;
+    let cache = l1_cache(&s).await;
+    let redis = crate::support::redis_connection().await;
+    let channel = s.config.redis.l1_channel.clone();
+    let publish = |message: String| {
+        let channel = channel.clone();
+        let mut redis = redis.clone();
+        async move {
+            let _: i64 = redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(message)
+                .query_async(&mut redis)
+                .await
+                .expect("PUBLISH");
+        }
+    };
+    let flushes = || {
+        cache
+            .stats()
+            .l1_flushes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let message = |epoch: &str, seq: u64| {
+        format!(r#"{{"v":1,"epoch":"{epoch}","seq":{seq},"keys":["unrelated"],"tags":[]}}"#)
+    };
+    publish(message("e1", 1)).await;
+    let wait_for = |last: &'static str| {
+        let cache = &cache;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while cache.l1_last().as_deref() != Some(last) {
+                assert!(Instant::now() < deadline, "L1 at {:?}", cache.l1_last());
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    wait_for("e1:1").await;
+    for (next, last) in [
+        (message("e1", 2), "e1:2"),   // in order: kept
+        (message("e1", 2), "e1:2"),   // again after a retry: kept
+        (message("e1", 5), "e1:5"),   // a gap: flushed
+        (message("e2", 1), "e2:1"),   // a new epoch: flushed
+        ("{not json".to_owned(), ""), // malformed: flushed
+    ] {
+        load(&s, &cache, "order:1", &[]).await;
+        assert!(cache.l1_peek::<Status>("order:1").is_some());
+        let before = flushes();
+        publish(next).await;
+        if last.is_empty() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while flushes() == before {
+                assert!(Instant::now() < deadline, "a bad message did not flush");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        } else {
+            wait_for(last).await;
+        }
+        let flushed = flushes() > before;
+        assert_eq!(
+            flushed,
+            cache.l1_peek::<Status>("order:1").is_none(),
+            "after {last:?}: flushed {flushed}"
+        );
+        let expect_flush = matches!(last, "e1:5" | "e2:1" | "");
+        assert_eq!(flushed, expect_flush, "after {last:?}");
+    }
+}
+
+#[tokio::test]
+async fn l1_serves_nothing_while_its_subscription_is_down() {
+    // A Redis of its own, so that it can be stopped.
+    let mut redis = evictd::testkit::Redis::start().expect("redis");
+    let cache = Cache::builder(redis.url())
+        .l1_entries(100)
+        .build()
+        .await
+        .expect("a cache");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cache.l1_live() {
+        assert!(Instant::now() < deadline, "never live");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let value: Option<String> = cache
+        .get_or_load("k", &[], || async {
+            Ok::<_, Infallible>(Some("v".to_owned()))
+        })
+        .await
+        .unwrap();
+    assert_eq!(value.as_deref(), Some("v"));
+    assert!(cache.l1_peek::<String>("k").is_some());
+    redis.stop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cache.l1_live() {
+        assert!(Instant::now() < deadline, "still live with Redis gone");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        cache.l1_peek::<String>("k").is_none(),
+        "L1 served while deaf"
+    );
+    // Degraded: the loader answers.
+    let value: Option<String> = cache
+        .get_or_load("k", &[], || async {
+            Ok::<_, Infallible>(Some("db".to_owned()))
+        })
+        .await
+        .unwrap();
+    assert_eq!(value.as_deref(), Some("db"));
+    redis.restart().expect("restart");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cache.l1_live() {
+        assert!(
+            Instant::now() < deadline,
+            "not live again after Redis came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The cache's own connection came back too.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, fill) = cache
+            .get_or_load_traced("k2", &[], || async {
+                Ok::<_, Infallible>(Some("v2".to_owned()))
+            })
+            .await
+            .unwrap();
+        if fill == Some(Fill::Stored) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fills not stored again: {fill:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_cold_key_is_loaded_at_most_once_per_instance() {
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -202,46 +442,68 @@ async fn a_cold_key_is_loaded_at_most_once_per_instance() {
     );
 }
 
-/// Writers and readers for a while, then quiet: every cached entry must
-/// equal the database. Plain GET/SET readers of a second key family, racing
-/// the same way, leave stale entries: the proof that the test can fail
-/// (rounds repeat until they do, at most five).
+/// Writers and readers for a while, then quiet: every cached entry, in
+/// Redis and in each reader's L1, must equal the database. Plain GET/SET
+/// readers of a second key family, racing the same way, leave stale
+/// entries: the proof that the test can fail (rounds repeat until they
+/// do, at most five).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_concurrent_writes_no_fenced_entry_is_stale() {
     let schema = "
         create table orders (id bigint primary key, user_id bigint not null, status text not null);
         alter table orders replica identity full;
         create publication evictd for table orders;
-        insert into orders select g, 1, '0' from generate_series(1, 5) g;
+        insert into orders select g, 1, '0' from generate_series(1, 40) g;
     ";
     let mapping = "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\", \"plain:{id}\"]\n";
     let s = std::sync::Arc::new(Streaming::start(schema, &[("orders.toml", mapping)]).await);
-    let cache = cache(&s).await;
+    let caches = [l1_cache(&s).await, l1_cache(&s).await];
     for round in 1..=5 {
-        let (fenced_stale, plain_stale) = Box::pin(oracle_round(&s, &cache, round)).await;
+        let (fenced_stale, plain_stale) = Box::pin(oracle_round(&s, &caches, round)).await;
         assert!(
             fenced_stale.is_empty(),
             "round {round}: stale fenced entries: {fenced_stale:?}"
         );
         if !plain_stale.is_empty() {
+            let l1_hits: u64 = caches
+                .iter()
+                .map(|c| c.stats().l1_hits.load(std::sync::atomic::Ordering::Relaxed))
+                .sum();
+            let stored: u64 = caches
+                .iter()
+                .map(|c| c.stats().fills.load(std::sync::atomic::Ordering::Relaxed))
+                .sum();
+            let stats: Vec<String> = caches.iter().map(|c| format!("{:?}", c.stats())).collect();
+            eprintln!(
+                "round {round}: {} plain stale; {stats:?}",
+                plain_stale.len()
+            );
+            assert!(
+                l1_hits > 0 && stored > 0,
+                "the readers stored nothing or never read from L1: {stats:?}"
+            );
             return;
         }
     }
     panic!("plain cache-aside left nothing stale in five rounds: the race was not exercised");
 }
 
-/// One round of the oracle: 2 writers, 3 fenced and 6 plain readers for 2
-/// s over 5 rows, a last update of every row as they stop, then `sync()`;
-/// the stale entries of each family as (id, cached, database).
+/// One round of the oracle: 2 writers, 4 fenced readers (over two caches
+/// with L1) and 6 plain readers for 2 s over 40 rows, a last update of every
+/// row as they stop, then `sync()`; the stale entries of each family as
+/// (where, id, cached, database).
 async fn oracle_round(
     s: &std::sync::Arc<Streaming>,
-    cache: &Cache,
+    caches: &[Cache; 2],
     round: u32,
-) -> (Vec<(i64, String, String)>, Vec<(i64, String, String)>) {
+) -> (
+    Vec<(String, i64, String, String)>,
+    Vec<(String, i64, String, String)>,
+) {
     use rand::Rng as _;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    const ROWS: i64 = 5;
+    const ROWS: i64 = 40;
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for writer in 0..2 {
@@ -258,6 +520,9 @@ async fn oracle_round(
                 )
                 .await
                 .expect("update");
+                // Slow enough that most fills find their row unchanged.
+                let pause = rand::rng().random_range(0..4);
+                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
             }
         }));
     }
@@ -272,8 +537,8 @@ async fn oracle_round(
         tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
         Status { status }
     }
-    for _ in 0..3 {
-        let (s, stop, cache) = (s.clone(), stop.clone(), cache.clone());
+    for reader in 0..4 {
+        let (s, stop, cache) = (s.clone(), stop.clone(), caches[reader % 2].clone());
         tasks.push(tokio::spawn(async move {
             let db = s.db.client().await;
             while !stop.load(Ordering::Relaxed) {
@@ -344,7 +609,15 @@ async fn oracle_round(
             if let Some(cached) = cached {
                 let cached: Status = serde_json::from_str(&cached).unwrap();
                 if cached.status != status {
-                    stale.push((id, cached.status, status.clone()));
+                    stale.push(("redis".into(), id, cached.status, status.clone()));
+                }
+            }
+        }
+        for (n, cache) in caches.iter().enumerate() {
+            l1_caught_up(s, cache).await;
+            if let Some(Some(cached)) = cache.l1_peek::<Status>(&format!("order:{id}")) {
+                if cached.status != status {
+                    fenced.push((format!("L1 {n}"), id, cached.status, status.clone()));
                 }
             }
         }

@@ -1,0 +1,475 @@
+//! The in-process tier: a bounded moka cache of decoded values, a local
+//! tag index, and the subscriber that applies evictd's broadcasts to both.
+//!
+//! Exactness rests on two rules. A value is served from L1 only while the
+//! subscription is live (subscribed, and flushed since it last was not).
+//! A value is inserted only if no broadcast applied since the reader began
+//! reading it touched the key (by key, by one of its tags, by pattern):
+//! such a broadcast overtook the read, and what was read may be older than
+//! it. The recent broadcasts are kept for that check (the fence), the last
+//! 4,096 of them; a read older than those is not inserted.
+
+use std::any::Any;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use moka::notification::RemovalCause;
+
+use crate::metrics::Meter;
+use crate::protocol::{glob_matches, Broadcast};
+
+/// How the L1 tier is bounded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L1Bound {
+    /// At most this many entries.
+    Entries(u64),
+    /// At most about this many bytes: key plus value as stored in Redis,
+    /// plus 64 per entry.
+    Bytes(u64),
+}
+
+/// Options of the L1 tier.
+#[derive(Clone, Debug)]
+pub struct L1Options {
+    pub bound: L1Bound,
+    pub ttl: Duration,
+    pub channel: String,
+}
+
+#[derive(Clone)]
+struct Entry {
+    /// An `Option<T>`: `None` is a cached "no row".
+    value: Arc<dyn Any + Send + Sync>,
+    tags: Arc<[String]>,
+    /// Identifies this insertion in the tag index.
+    id: u64,
+    weight: u32,
+}
+
+/// Why the L1 tier was emptied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlushReason {
+    /// The subscription (re)started: messages may have been missed.
+    Subscribed,
+    /// The subscription failed.
+    Disconnected,
+    /// A seq was skipped.
+    Gap,
+    /// evictd restarted (a new epoch).
+    Epoch,
+    /// A message did not parse.
+    Malformed,
+}
+
+impl FlushReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlushReason::Subscribed => "subscribed",
+            FlushReason::Disconnected => "disconnected",
+            FlushReason::Gap => "gap",
+            FlushReason::Epoch => "epoch",
+            FlushReason::Malformed => "malformed",
+        }
+    }
+}
+
+/// The broadcasts applied recently, each with the generation it made.
+#[derive(Default)]
+struct Fence {
+    /// Reads that began before this generation are not inserted.
+    floor: u64,
+    recent: VecDeque<(u64, Broadcast)>,
+}
+
+const FENCE_MESSAGES: usize = 4096;
+
+impl Fence {
+    /// Records `message` as generation `generation`.
+    fn push(&mut self, generation: u64, message: Broadcast) {
+        if self.recent.len() == FENCE_MESSAGES {
+            if let Some((oldest, _)) = self.recent.pop_front() {
+                self.floor = oldest;
+            }
+        }
+        self.recent.push_back((generation, message));
+    }
+
+    /// Whether a value of `key` with `tags`, read from generation `seen`
+    /// on, may be inserted now.
+    fn admits(&self, key: &str, tags: &[&str], seen: u64) -> bool {
+        if seen < self.floor {
+            return false;
+        }
+        for (generation, message) in self.recent.iter().rev() {
+            if *generation <= seen {
+                break;
+            }
+            if touches(message, key, tags) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Whether `message` invalidates `key` or one of `tags`.
+fn touches(message: &Broadcast, key: &str, tags: &[&str]) -> bool {
+    message.keys.iter().any(|k| k == key)
+        || message.patterns.iter().any(|p| glob_matches(p, key))
+        || tags.iter().any(|tag| {
+            message.tags.iter().any(|t| t == tag)
+                || message.tag_patterns.iter().any(|p| glob_matches(p, tag))
+        })
+}
+
+pub(crate) struct L1 {
+    entries: moka::sync::Cache<String, Entry>,
+    /// tag -> key -> the entry id that registered it.
+    tags: Arc<Mutex<HashMap<String, HashMap<String, u64>>>>,
+    /// Held while a broadcast is applied and while a value is inserted.
+    fence: Mutex<Fence>,
+    generation: AtomicU64,
+    live: AtomicBool,
+    next_id: AtomicU64,
+    /// The last applied broadcast, `epoch:seq`.
+    last: Mutex<Option<(String, u64)>>,
+    meter: Arc<Meter>,
+}
+
+impl L1 {
+    pub fn new(options: &L1Options, meter: Arc<Meter>) -> L1 {
+        let tags: Arc<Mutex<HashMap<String, HashMap<String, u64>>>> = Arc::default();
+        let index = Arc::clone(&tags);
+        let listener_meter = Arc::clone(&meter);
+        let mut builder = moka::sync::Cache::builder()
+            .time_to_live(options.ttl)
+            .eviction_listener(move |key: Arc<String>, entry: Entry, cause| {
+                // Drop the index's reference only if it is still this
+                // insertion's: the key may have been inserted again since.
+                let mut tags = lock(&index);
+                for tag in entry.tags.iter() {
+                    if let Some(keys) = tags.get_mut(tag) {
+                        if keys.get(key.as_str()) == Some(&entry.id) {
+                            keys.remove(key.as_str());
+                        }
+                        if keys.is_empty() {
+                            tags.remove(tag);
+                        }
+                    }
+                }
+                drop(tags);
+                if matches!(cause, RemovalCause::Size | RemovalCause::Expired) {
+                    listener_meter.l1_evicted(cause == RemovalCause::Size);
+                }
+            });
+        builder = match options.bound {
+            L1Bound::Entries(entries) => builder.max_capacity(entries),
+            L1Bound::Bytes(bytes) => builder
+                .max_capacity(bytes)
+                .weigher(|_key: &String, entry: &Entry| entry.weight),
+        };
+        L1 {
+            entries: builder.build(),
+            tags,
+            fence: Mutex::new(Fence::default()),
+            generation: AtomicU64::new(0),
+            live: AtomicBool::new(false),
+            next_id: AtomicU64::new(1),
+            last: Mutex::new(None),
+            meter,
+        }
+    }
+
+    /// The value of `key` if L1 holds one of type `T` and may serve it.
+    /// `Some(None)` is a cached "no row".
+    pub fn get<T: Clone + 'static>(&self, key: &str) -> Option<Option<T>> {
+        if !self.live.load(Ordering::Acquire) {
+            return None;
+        }
+        let entry = self.entries.get(key)?;
+        entry.value.downcast_ref::<Option<T>>().cloned()
+    }
+
+    /// Taken before a reader reads Redis or the database; [`L1::insert`]
+    /// stores only if no broadcast applied since touched the key.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub fn insert<T: Send + Sync + 'static>(
+        &self,
+        key: &str,
+        value: Option<T>,
+        tags: &[&str],
+        size: usize,
+        seen: u64,
+    ) -> bool {
+        let fence = lock(&self.fence);
+        if !self.live.load(Ordering::Acquire) || !fence.admits(key, tags, seen) {
+            return false;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if !tags.is_empty() {
+            let mut index = lock(&self.tags);
+            for tag in tags {
+                index
+                    .entry((*tag).to_owned())
+                    .or_default()
+                    .insert(key.to_owned(), id);
+            }
+        }
+        let weight = u32::try_from(key.len() + size + 64).unwrap_or(u32::MAX);
+        let entry = Entry {
+            value: Arc::new(value),
+            tags: tags.iter().map(|tag| (*tag).to_owned()).collect(),
+            id,
+            weight,
+        };
+        // The listener may run here and lock the index: it is not held.
+        self.entries.insert(key.to_owned(), entry);
+        true
+    }
+
+    /// Drops `key` (the application invalidated it).
+    pub fn remove(&self, key: &str) {
+        let mut fence = lock(&self.fence);
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        fence.push(
+            generation,
+            Broadcast {
+                keys: vec![key.to_owned()],
+                ..Broadcast::default()
+            },
+        );
+        self.entries.invalidate(key);
+    }
+
+    /// The last applied broadcast as `epoch:seq` (the format of
+    /// `evictd:l1:last`).
+    pub fn last(&self) -> Option<String> {
+        lock(&self.last)
+            .as_ref()
+            .map(|(epoch, seq)| format!("{epoch}:{seq}"))
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.live.load(Ordering::Acquire)
+    }
+
+    pub fn entry_count(&self) -> u64 {
+        self.entries.run_pending_tasks();
+        self.entries.entry_count()
+    }
+
+    /// Every key L1 could serve now, for checks against the database.
+    pub fn keys(&self) -> Vec<String> {
+        self.entries.iter().map(|(key, _)| (*key).clone()).collect()
+    }
+
+    fn flush(&self, reason: FlushReason, live: bool) {
+        let mut fence = lock(&self.fence);
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        fence.floor = generation;
+        fence.recent.clear();
+        self.live.store(live, Ordering::Release);
+        self.entries.invalidate_all();
+        lock(&self.tags).clear();
+        *lock(&self.last) = None;
+        self.meter.l1_flushed(reason);
+    }
+
+    /// Applies one message from the channel.
+    fn apply(&self, payload: &[u8]) {
+        let message: Broadcast = match serde_json::from_slice(payload) {
+            Ok(message) => message,
+            Err(_) => return self.flush(FlushReason::Malformed, true),
+        };
+        let previous = lock(&self.last).clone();
+        if let Some((epoch, seq)) = previous {
+            if epoch != message.epoch {
+                self.flush(FlushReason::Epoch, true);
+            } else if message.seq > seq + 1 {
+                self.flush(FlushReason::Gap, true);
+            }
+        }
+        let mut fence = lock(&self.fence);
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        for key in &message.keys {
+            self.entries.invalidate(key.as_str());
+        }
+        let mut doomed: Vec<String> = Vec::new();
+        {
+            let mut index = lock(&self.tags);
+            for tag in &message.tags {
+                if let Some(keys) = index.remove(tag.as_str()) {
+                    doomed.extend(keys.into_keys());
+                }
+            }
+            for pattern in &message.tag_patterns {
+                let matching: Vec<String> = index
+                    .keys()
+                    .filter(|tag| glob_matches(pattern, tag))
+                    .cloned()
+                    .collect();
+                for tag in matching {
+                    if let Some(keys) = index.remove(&tag) {
+                        doomed.extend(keys.into_keys());
+                    }
+                }
+            }
+        }
+        for key in &doomed {
+            self.entries.invalidate(key.as_str());
+        }
+        if !message.patterns.is_empty() {
+            for (key, _) in self.entries.iter() {
+                if message
+                    .patterns
+                    .iter()
+                    .any(|pattern| glob_matches(pattern, &key))
+                {
+                    self.entries.invalidate(key.as_str());
+                }
+            }
+        }
+        let mut last = lock(&self.last);
+        let seq = match &*last {
+            Some((epoch, seq)) if *epoch == message.epoch => (*seq).max(message.seq),
+            _ => message.seq,
+        };
+        *last = Some((message.epoch.clone(), seq));
+        fence.push(generation, message);
+    }
+}
+
+/// Follows the broadcast channel for as long as the cache lives: on every
+/// (re)subscription L1 is flushed and then served again; while the
+/// subscription is down L1 serves and stores nothing.
+pub(crate) async fn subscribe(l1: Arc<L1>, urls: Vec<String>, channel: String) {
+    let mut attempt: usize = 0;
+    loop {
+        let url = &urls[attempt % urls.len()];
+        attempt += 1;
+        if let Ok(mut pubsub) = connect(url, &channel).await {
+            l1.flush(FlushReason::Subscribed, true);
+            attempt = 0;
+            let mut messages = pubsub.on_message();
+            while let Some(message) = messages.next().await {
+                l1.apply(message.get_payload_bytes());
+            }
+            drop(messages);
+            l1.flush(FlushReason::Disconnected, false);
+        }
+        let pause = Duration::from_millis(100 * (attempt.min(10) as u64));
+        tokio::time::sleep(pause).await;
+    }
+}
+
+async fn connect(url: &str, channel: &str) -> redis::RedisResult<redis::aio::PubSub> {
+    let client = redis::Client::open(url)?;
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.subscribe(channel).await?;
+    Ok(pubsub)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn l1() -> L1 {
+        let options = L1Options {
+            bound: L1Bound::Entries(100),
+            ttl: Duration::from_secs(60),
+            channel: "c".into(),
+        };
+        let l1 = L1::new(&options, Arc::new(Meter::new()));
+        l1.flush(FlushReason::Subscribed, true);
+        l1
+    }
+
+    fn message(seq: u64, body: &str) -> Vec<u8> {
+        format!(r#"{{"v":1,"epoch":"e","seq":{seq},{body}}}"#).into_bytes()
+    }
+
+    #[test]
+    fn a_read_overtaken_by_a_broadcast_of_its_key_tag_or_pattern_is_not_kept() {
+        let l1 = l1();
+        for (seq, body, key, tags) in [
+            (1, r#""keys":["order:1"]"#, "order:1", &[][..]),
+            (2, r#""tags":["user:1"]"#, "page:1", &["user:1"][..]),
+            (3, r#""patterns":["order:*"]"#, "order:2", &[][..]),
+            (4, r#""tag_patterns":["user:*"]"#, "page:2", &["user:2"][..]),
+        ] {
+            let seen = l1.generation();
+            l1.apply(&message(seq, body));
+            assert!(!l1.insert(key, Some(1u8), tags, 1, seen), "{body}");
+            assert_eq!(l1.get::<u8>(key), None);
+            // A read that began after the broadcast is kept.
+            assert!(l1.insert(key, Some(1u8), tags, 1, l1.generation()));
+            assert_eq!(l1.get::<u8>(key), Some(Some(1)));
+        }
+    }
+
+    #[test]
+    fn a_broadcast_of_something_else_does_not_keep_a_read_out() {
+        let l1 = l1();
+        let seen = l1.generation();
+        l1.apply(&message(1, r#""keys":["order:9"],"tags":["user:9"]"#));
+        assert!(l1.insert("order:1", Some(1u8), &["user:1"], 1, seen));
+    }
+
+    #[test]
+    fn entries_go_with_their_key_tag_or_pattern() {
+        let l1 = l1();
+        let keep =
+            |key: &str, tags: &[&str]| assert!(l1.insert(key, Some(()), tags, 1, l1.generation()));
+        keep("a", &[]);
+        keep("b", &["t"]);
+        keep("c:1", &[]);
+        keep("d", &["u:1"]);
+        keep("e", &["v"]);
+        l1.apply(&message(
+            1,
+            r#""keys":["a"],"tags":["t"],"patterns":["c:*"],"tag_patterns":["u:*"]"#,
+        ));
+        for gone in ["a", "b", "c:1", "d"] {
+            assert_eq!(l1.get::<()>(gone), None, "{gone}");
+        }
+        assert_eq!(l1.get::<()>("e"), Some(Some(())));
+    }
+
+    #[test]
+    fn a_read_older_than_the_fence_remembers_is_not_kept() {
+        let l1 = l1();
+        let seen = l1.generation();
+        for seq in 1..=FENCE_MESSAGES as u64 + 1 {
+            l1.apply(&message(seq, r#""keys":["other"]"#));
+        }
+        assert!(!l1.insert("order:1", Some(1u8), &[], 1, seen));
+    }
+
+    #[test]
+    fn nothing_is_served_or_kept_while_deaf() {
+        let l1 = l1();
+        assert!(l1.insert("a", Some(1u8), &[], 1, l1.generation()));
+        l1.flush(FlushReason::Disconnected, false);
+        assert_eq!(l1.get::<u8>("a"), None);
+        assert!(!l1.insert("a", Some(1u8), &[], 1, l1.generation()));
+    }
+
+    #[test]
+    fn a_value_of_another_type_is_a_miss() {
+        let l1 = l1();
+        assert!(l1.insert("a", Some(1u8), &[], 1, l1.generation()));
+        assert_eq!(l1.get::<String>("a"), None);
+    }
+}
