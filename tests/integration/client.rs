@@ -125,14 +125,18 @@ async fn held_fill(
                 .await
         }
     };
-    let (result, ()) = tokio::join!(reader, async {
-        read_rx.await.expect("the reader read");
+    let (result, read) = tokio::join!(reader, async {
+        if read_rx.await.is_err() {
+            return false;
+        }
         if let Some(write) = write {
             s.db.execute(write).await;
             s.sync().await;
         }
         resume_tx.send(()).expect("the reader waits");
+        true
     });
+    assert!(read, "{key}: the loader was not called: {result:?}");
     let (value, fill) = result.expect("get_or_load");
     (fill.expect("a miss, so a fill"), value.expect("a row"))
 }
@@ -623,4 +627,145 @@ async fn oracle_round(
         }
     }
     (fenced, plain)
+}
+
+/// The four interleavings against a 3-master Redis Cluster, with the
+/// client's L1 on: every fill that read before the commit is refused, and
+/// no L1 keeps what it read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_every_kind_of_invalidation_voids_a_fill_in_flight() {
+    let cluster = tokio::task::spawn_blocking(|| evictd::testkit::RedisCluster::start(3))
+        .await
+        .unwrap()
+        .expect("start cluster");
+    let url = cluster.url();
+    let s = Streaming::start_with(SCHEMA, &[("orders.toml", MAPPING)], |config| {
+        config.redis.url = evictd::config::SecretUrl::parse(&url).unwrap();
+    })
+    .await;
+    let nodes: Vec<String> = cluster
+        .ports()
+        .iter()
+        .map(|port| format!("redis://127.0.0.1:{port}"))
+        .collect();
+    let cache = Cache::cluster(nodes)
+        .prefix(s.config.redis.prefix.clone())
+        .l1_entries(100)
+        .l1_channel(s.config.redis.l1_channel.clone())
+        .build()
+        .await
+        .expect("a cluster cache");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cache.l1_live() {
+        assert!(
+            Instant::now() < deadline,
+            "the L1 subscriber never went live"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (fill, _) = held_fill(&s, &cache, "order:1", &["user:1"], None).await;
+    assert_eq!(fill, Fill::Stored, "a quiet fill is stored on a Cluster");
+    cache.invalidate("order:1").await.unwrap();
+    for (key, tags, write) in [
+        (
+            "order:1",
+            &[][..],
+            "update orders set status = 'paid' where id = 1",
+        ),
+        (
+            "user:1:page",
+            &["user:1"][..],
+            "insert into orders values (2, 1, 'new')",
+        ),
+        (
+            "order:1:status",
+            &[][..],
+            "update orders set status = 'shipped' where id = 1",
+        ),
+        ("order:1", &[][..], "truncate orders"),
+    ] {
+        // Cold, whatever an earlier write refreshed.
+        cache.invalidate(key).await.unwrap();
+        let (fill, _) = held_fill(&s, &cache, key, tags, Some(write)).await;
+        assert_eq!(fill, Fill::Fenced, "{key} after `{write}`");
+        assert!(cache.l1_peek::<Status>(key).is_none(), "{key} in L1");
+        if key == "order:1:status" {
+            // What evictd wrote stays: Cluster-wide GET.
+            let refreshed: Option<Status> = cache.get(key).await.unwrap();
+            assert_eq!(refreshed.map(|r| r.status).as_deref(), Some("shipped"));
+        }
+    }
+}
+
+#[tokio::test]
+async fn stale_values_are_served_while_one_reader_reloads_and_early_refresh_reloads_before_expiry()
+{
+    use std::sync::atomic::Ordering;
+    let prefix = format!("swr{}:", rand::random::<u32>());
+    let stale = Cache::builder(stack().redis.url())
+        .prefix(prefix.clone())
+        .ttl(Duration::from_millis(300))
+        .stale_while_revalidate(Duration::from_secs(30))
+        .build()
+        .await
+        .unwrap();
+    let value =
+        |text: &'static str| move || async move { Ok::<_, Infallible>(Some(text.to_owned())) };
+    let first: Option<String> = stale.get_or_load("k", &[], value("v1")).await.unwrap();
+    assert_eq!(first.as_deref(), Some("v1"));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Past its TTL, inside the window: someone else holds the fill right,
+    // so this read gets the old value at once.
+    let mut redis = crate::support::redis_connection().await;
+    let lease = protocol::lease_key(&prefix, &format!("{prefix}k"));
+    let () = redis::cmd("SET")
+        .arg(&lease)
+        .arg("another")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let served: Option<String> = stale.get_or_load("k", &[], value("v2")).await.unwrap();
+    assert_eq!(served.as_deref(), Some("v1"));
+    assert_eq!(stale.stats().stale_served.load(Ordering::Relaxed), 1);
+    assert_eq!(stale.stats().loads.load(Ordering::Relaxed), 1);
+    // With the right free, the reader reloads.
+    let () = redis::cmd("DEL")
+        .arg(&lease)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let reloaded: Option<String> = stale.get_or_load("k", &[], value("v2")).await.unwrap();
+    assert_eq!(reloaded.as_deref(), Some("v2"));
+    assert_eq!(stale.stats().early_refreshes.load(Ordering::Relaxed), 1);
+    let cached: Option<String> = stale.get("k").await.unwrap();
+    assert_eq!(cached.as_deref(), Some("v2"));
+
+    // Early refresh: loads take ~50 ms and beta is huge, so a read of a
+    // value with a minute left reloads it.
+    let early = Cache::builder(stack().redis.url())
+        .prefix(prefix.clone())
+        .ttl(Duration::from_secs(60))
+        .early_refresh(10_000.0)
+        .build()
+        .await
+        .unwrap();
+    let slow = |text: &'static str| {
+        move || async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok::<_, Infallible>(Some(text.to_owned()))
+        }
+    };
+    let _: Option<String> = early.get_or_load("e", &[], slow("e1")).await.unwrap();
+    let refreshed: Option<String> = early.get_or_load("e", &[], slow("e2")).await.unwrap();
+    assert_eq!(refreshed.as_deref(), Some("e2"));
+    assert_eq!(early.stats().early_refreshes.load(Ordering::Relaxed), 1);
+    // Off (beta 0), the same read is a plain hit.
+    let plain = Cache::builder(stack().redis.url())
+        .prefix(prefix.clone())
+        .ttl(Duration::from_secs(60))
+        .build()
+        .await
+        .unwrap();
+    let hit: Option<String> = plain.get_or_load("e", &[], slow("e3")).await.unwrap();
+    assert_eq!(hit.as_deref(), Some("e2"));
 }
