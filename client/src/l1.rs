@@ -39,11 +39,13 @@ pub struct L1Options {
     pub channel: String,
 }
 
-#[derive(Clone)]
-struct Entry {
+/// One entry, behind one `Arc`: moka clones it on every hit.
+type Entry = Arc<Stored>;
+
+struct Stored {
     /// An `Option<T>`: `None` is a cached "no row".
-    value: Arc<dyn Any + Send + Sync>,
-    tags: Arc<[String]>,
+    value: Box<dyn Any + Send + Sync>,
+    tags: Box<[String]>,
     /// Identifies this insertion in the tag index.
     id: u64,
     weight: u32,
@@ -222,12 +224,12 @@ impl L1 {
             }
         }
         let weight = u32::try_from(key.len() + size + 64).unwrap_or(u32::MAX);
-        let entry = Entry {
-            value: Arc::new(value),
+        let entry = Arc::new(Stored {
+            value: Box::new(value),
             tags: tags.iter().map(|tag| (*tag).to_owned()).collect(),
             id,
             weight,
-        };
+        });
         // The listener may run here and lock the index: it is not held.
         self.entries.insert(key.to_owned(), entry);
         true
