@@ -769,3 +769,85 @@ async fn stale_values_are_served_while_one_reader_reloads_and_early_refresh_relo
     let hit: Option<String> = plain.get_or_load("e", &[], slow("e3")).await.unwrap();
     assert_eq!(hit.as_deref(), Some("e2"));
 }
+
+/// Runs the Python client (`client/python/evictd_cache.py`, written from
+/// `docs/PROTOCOL.md`) for `key`: it reads the row, is held while `write`
+/// commits and evictd applies it, then fills. Returns its fill outcome.
+async fn python_fill(s: &Streaming, key: &str, tags: &[&str], write: Option<&str>) -> String {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut child = tokio::process::Command::new("python3")
+        .arg(format!("{root}/client/python/evictd_cache.py"))
+        .arg(stack().redis.port().to_string())
+        .arg(&s.config.redis.prefix)
+        .arg(key)
+        .arg(tags.join(","))
+        .arg(format!("{root}/client/lua"))
+        .arg("--")
+        .args(["psql", &s.db.url, "-Atc"])
+        .arg("select json_build_object('status', status) from orders where id = 1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 runs");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let read = lines.next_line().await.unwrap().expect("the client read");
+    assert!(read.starts_with("read "), "{read}");
+    if let Some(write) = write {
+        s.db.execute(write).await;
+        s.sync().await;
+    }
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"go\n").await.unwrap();
+    let fill = lines.next_line().await.unwrap().expect("the client filled");
+    assert!(child.wait().await.unwrap().success());
+    fill.strip_prefix("fill ").unwrap_or(&fill).to_owned()
+}
+
+#[tokio::test]
+async fn a_python_client_written_from_the_protocol_page_is_fenced_too() {
+    let s = Streaming::start(SCHEMA, &[("orders.toml", MAPPING)]).await;
+    let cache = cache(&s).await;
+    assert_eq!(
+        python_fill(&s, "order:1", &["user:1"], None).await,
+        "stored"
+    );
+    let cached: Option<Status> = cache.get("order:1").await.unwrap();
+    assert_eq!(cached.map(|c| c.status).as_deref(), Some("new"));
+    cache.invalidate("order:1").await.unwrap();
+    for (key, tags, write) in [
+        (
+            "order:1",
+            &[][..],
+            "update orders set status = 'paid' where id = 1",
+        ),
+        (
+            "user:1:page",
+            &["user:1"][..],
+            "insert into orders values (2, 1, 'new')",
+        ),
+        (
+            "order:1:status",
+            &[][..],
+            "update orders set status = 'shipped' where id = 1",
+        ),
+        ("order:1", &[][..], "truncate orders"),
+    ] {
+        cache.invalidate(key).await.unwrap();
+        let fill = python_fill(&s, key, tags, Some(write)).await;
+        assert_eq!(fill, "fenced", "{key} after `{write}`");
+        let cached: Option<Status> = cache.get(key).await.unwrap();
+        if key == "order:1:status" {
+            assert_eq!(cached.map(|c| c.status).as_deref(), Some("shipped"));
+        } else {
+            assert_eq!(cached, None, "{key} after `{write}`");
+        }
+        // The next read loads what was committed (a fresh fill stores).
+        if write != "truncate orders" && key == "order:1" {
+            assert_eq!(python_fill(&s, key, tags, None).await, "stored");
+            let cached: Option<Status> = cache.get(key).await.unwrap();
+            assert_eq!(cached.map(|c| c.status).as_deref(), Some("paid"));
+        }
+    }
+}

@@ -1,0 +1,181 @@
+"""A cache-aside reader with fenced fills, written from docs/PROTOCOL.md
+alone: the keys, the fill right (lease), tag registration and the fill
+script. Standard library only (it speaks RESP itself), standalone Redis.
+
+Used as a library:
+
+    cache = Cache("127.0.0.1", 6379, prefix="app:")
+    value, outcome = cache.get_or_load("order:7", ["user:1"], load_order)
+
+`load_order()` returns the row's value as a string, or None for "no row".
+`outcome` is None on a hit, else "stored", "fenced" or "skipped".
+
+Run as a program it is the test driver of tests/integration/client.rs:
+
+    python3 evictd_cache.py PORT PREFIX KEY TAGS LUA_DIR -- LOADER...
+
+It reads KEY through the cache; LOADER (a command printing the row) is the
+database read. After the read it prints `read <value>` and waits for a line
+on stdin before its fill, then prints `fill <outcome>`.
+"""
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+
+LEASE_NAMESPACE = "evictd:lease:"
+TAG_NAMESPACE = "tag:"
+
+
+class RedisError(Exception):
+    pass
+
+
+class Redis:
+    """A minimal RESP2 connection: one command, one reply."""
+
+    def __init__(self, host, port):
+        self.sock = socket.create_connection((host, port))
+        self.reader = self.sock.makefile("rb")
+
+    def call(self, *args):
+        out = [b"*%d\r\n" % len(args)]
+        for arg in args:
+            if isinstance(arg, int):
+                arg = str(arg)
+            if isinstance(arg, str):
+                arg = arg.encode()
+            out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+        self.sock.sendall(b"".join(out))
+        return self._reply()
+
+    def _reply(self):
+        line = self.reader.readline()
+        if not line:
+            raise RedisError("connection closed")
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise RedisError(rest.decode())
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            size = int(rest)
+            if size < 0:
+                return None
+            data = self.reader.read(size + 2)[:-2]
+            return data.decode()
+        if kind == b"*":
+            count = int(rest)
+            if count < 0:
+                return None
+            return [self._reply() for _ in range(count)]
+        raise RedisError("unexpected reply %r" % line)
+
+
+def hash_tag(key):
+    """The part of `key` Redis Cluster hashes, or None."""
+    start = key.find("{")
+    if start < 0:
+        return None
+    end = key.find("}", start + 1)
+    if end < 0 or end == start + 1:
+        return None
+    return key[start + 1:end]
+
+
+def lease_key(prefix, full_key):
+    """The lease of a full key, in the key's Cluster slot."""
+    if hash_tag(full_key) is not None:
+        return prefix + LEASE_NAMESPACE + full_key
+    return prefix + LEASE_NAMESPACE + "{" + full_key + "}"
+
+
+class Cache:
+    def __init__(self, host, port, prefix="", ttl_ms=0, lease_ms=10_000,
+                 wait_ms=200, lua_dir=None):
+        self.redis = Redis(host, port)
+        self.prefix = prefix
+        self.ttl_ms = ttl_ms
+        self.lease_ms = lease_ms
+        self.wait_ms = wait_ms
+        lua_dir = lua_dir or os.path.join(os.path.dirname(__file__), "..", "lua")
+        with open(os.path.join(lua_dir, "fill.lua")) as f:
+            self.fill_script = f.read()
+        with open(os.path.join(lua_dir, "release.lua")) as f:
+            self.release_script = f.read()
+
+    def _script(self, script, keys, args):
+        sha = self.redis.call("SCRIPT", "LOAD", script)
+        try:
+            return self.redis.call("EVALSHA", sha, len(keys), *keys, *args)
+        except RedisError as error:
+            if not str(error).startswith("NOSCRIPT"):
+                raise
+            return self.redis.call("EVAL", script, len(keys), *keys, *args)
+
+    def get_or_load(self, key, tags, loader, before_fill=None):
+        full = self.prefix + key
+        # 1. GET: a value is a hit.
+        try:
+            value = self.redis.call("GET", full)
+        except (RedisError, OSError):
+            return loader(), "skipped"  # degraded: read, cache nothing
+        if value is not None:
+            return value, None
+        # 2. Take the fill right.
+        lease = lease_key(self.prefix, full)
+        token = secrets.token_hex(8)
+        if self.redis.call("SET", lease, token, "NX", "PX", self.lease_ms) is None:
+            # Another reader fills: poll briefly, else read without storing.
+            import time
+            deadline = time.monotonic() + self.wait_ms / 1000
+            pause = 0.002
+            while time.monotonic() < deadline:
+                time.sleep(pause)
+                pause = min(pause * 2, 0.025)
+                value = self.redis.call("GET", full)
+                if value is not None:
+                    return value, "skipped"
+            return loader(), "skipped"
+        # 3. Register the tags before reading the database.
+        for tag in tags:
+            self.redis.call("SADD", self.prefix + TAG_NAMESPACE + tag, full)
+        # 4. Read the database.
+        value = loader()
+        if before_fill is not None:
+            before_fill(value)
+        if value is None:
+            self._script(self.release_script, [lease], [token])
+            return None, "skipped"
+        # 5. Store, fenced.
+        stored = self._script(self.fill_script, [full, lease],
+                              [token, value, self.ttl_ms])
+        return value, "stored" if stored == 1 else "fenced"
+
+
+def main(argv):
+    split = argv.index("--")
+    port, prefix, key, tags, lua_dir = argv[1:split]
+    loader_command = argv[split + 1:]
+    tags = [tag for tag in tags.split(",") if tag]
+    cache = Cache("127.0.0.1", int(port), prefix=prefix, lua_dir=lua_dir)
+
+    def loader():
+        out = subprocess.run(loader_command, check=True, capture_output=True, text=True)
+        row = out.stdout.strip()
+        return row or None
+
+    def hold(value):
+        print("read", value, flush=True)
+        sys.stdin.readline()
+
+    value, outcome = cache.get_or_load(key, tags, loader, before_fill=hold)
+    print("fill", outcome or "hit", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
