@@ -2,7 +2,8 @@
 -- sets. Used by evictd on a standalone Redis (in a Cluster the members
 -- live on other nodes, and evictd deletes them node by node).
 --
--- KEYS the tag sets; ARGV[1] the lease key prefix (`<prefix>evictd:lease:`)
+-- KEYS the tag sets; ARGV[1] the lease key prefix (`<prefix>evictd:lease:`),
+-- or empty to leave leases alone (evictd's `redis.fill_leases = false`)
 -- Returns how many member keys were deleted.
 local lease_prefix = ARGV[1]
 local function lease(key)
@@ -30,11 +31,13 @@ local deleted = 0
 for i = 1, #members, 500 do
   local last = math.min(i + 499, #members)
   deleted = deleted + redis.call('UNLINK', unpack(members, i, last))
-  local leases = {}
-  for j = i, last do
-    leases[#leases + 1] = lease(members[j])
+  if lease_prefix ~= '' then
+    local leases = {}
+    for j = i, last do
+      leases[#leases + 1] = lease(members[j])
+    end
+    redis.call('UNLINK', unpack(leases))
   end
-  redis.call('UNLINK', unpack(leases))
 end
 redis.call('UNLINK', unpack(KEYS))
 return deleted

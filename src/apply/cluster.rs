@@ -65,6 +65,8 @@ pub struct ClusterSink {
     connection: Option<ClusterConnection>,
     slots: Option<SlotMap>,
     prefix: String,
+    /// Delete each invalidated key's fill lease (`redis.fill_leases`).
+    leases: bool,
     broadcast: Broadcast,
     record: Option<Record>,
     timeout: Duration,
@@ -76,6 +78,7 @@ impl ClusterSink {
     pub fn new(
         url: &str,
         prefix: &str,
+        leases: bool,
         broadcast: Broadcast,
         wait: Wait,
     ) -> Result<ClusterSink, Error> {
@@ -99,6 +102,7 @@ impl ClusterSink {
             connection: None,
             slots: None,
             prefix: prefix.to_owned(),
+            leases,
             broadcast,
             record: None,
             timeout: Duration::from_secs(10),
@@ -195,7 +199,9 @@ impl ClusterSink {
                     stats.keys += 1;
                     let full = self.prefixed(key);
                     phase.add(&full, unlink);
-                    phase.add(&lease_key(&self.prefix, &full), unlink);
+                    if self.leases {
+                        phase.add(&lease_key(&self.prefix, &full), unlink);
+                    }
                 }
                 Command::UnlinkMatching { pattern, .. } => {
                     phase.send(&connection, &mut stats, self.timeout).await?;
@@ -250,7 +256,9 @@ impl ClusterSink {
                         set.ignore();
                     });
                     // A fill racing the refresh must not overwrite it.
-                    phase.add(&lease_key(&self.prefix, &full), unlink);
+                    if self.leases {
+                        phase.add(&lease_key(&self.prefix, &full), unlink);
+                    }
                 }
             }
         }
@@ -317,7 +325,7 @@ impl ClusterSink {
         for key in members.iter().chain(&sets) {
             deletes.add(key, unlink);
         }
-        for member in &members {
+        for member in members.iter().filter(|_| self.leases) {
             deletes.add(&lease_key(&self.prefix, member), unlink);
         }
         deletes.send(connection, stats, self.timeout).await?;

@@ -45,6 +45,7 @@ pub struct StandaloneSink {
     prefix: String,
     /// `<prefix>evictd:lease:`: every invalidation deletes the key's lease
     /// too, which voids a client's fill in flight (docs/PROTOCOL.md).
+    /// Empty with `redis.fill_leases = false`.
     lease_prefix: String,
     broadcast: Broadcast,
     record: Option<Record>,
@@ -95,7 +96,11 @@ impl StandaloneSink {
             client,
             connection: None,
             prefix: prefix.to_owned(),
-            lease_prefix: format!("{prefix}{LEASE_NAMESPACE}"),
+            lease_prefix: if config.fill_leases {
+                format!("{prefix}{LEASE_NAMESPACE}")
+            } else {
+                String::new()
+            },
             broadcast,
             record: None,
             timeout: Duration::from_secs(10),
@@ -151,7 +156,8 @@ impl StandaloneSink {
             stats.commands += 1;
             match command {
                 Command::Unlink { key, .. } => {
-                    unlinks.add(&self.prefix, key, &mut pipe, &mut stats);
+                    let leases = !self.lease_prefix.is_empty();
+                    unlinks.add(&self.prefix, key, leases, &mut pipe, &mut stats);
                 }
                 Command::UnlinkMatching { pattern, .. } => {
                     unlinks.flush(&mut pipe, &mut stats);
@@ -197,7 +203,9 @@ impl StandaloneSink {
                     }
                     set.ignore();
                     // A fill racing the refresh must not overwrite it.
-                    pipe.cmd("UNLINK").arg(lease).ignore();
+                    if !self.lease_prefix.is_empty() {
+                        pipe.cmd("UNLINK").arg(lease).ignore();
+                    }
                     stats.keys += 1;
                 }
             }
@@ -267,8 +275,10 @@ impl StandaloneSink {
         let deleted = self.unlink_matching(connection, &full, stats).await?;
         // The leases of the keys the pattern covers, cached or not: a fill
         // in flight for any of them is void.
-        for leases in lease_patterns(&escaped(&self.prefix), &full) {
-            self.unlink_matching(connection, &leases, stats).await?;
+        if !self.lease_prefix.is_empty() {
+            for leases in lease_patterns(&escaped(&self.prefix), &full) {
+                self.unlink_matching(connection, &leases, stats).await?;
+            }
         }
         Ok(deleted)
     }
@@ -402,14 +412,23 @@ impl Unlinks {
         }
     }
 
-    fn add(&mut self, prefix: &str, key: &str, pipe: &mut redis::Pipeline, stats: &mut ApplyStats) {
+    fn add(
+        &mut self,
+        prefix: &str,
+        key: &str,
+        leases: bool,
+        pipe: &mut redis::Pipeline,
+        stats: &mut ApplyStats,
+    ) {
         self.key.clear();
         self.key.push_str(prefix);
         self.key.push_str(key);
         self.cmd.arg(self.key.as_str());
-        self.lease.clear();
-        push_lease_key(prefix, &self.key, &mut self.lease);
-        self.cmd.arg(self.lease.as_str());
+        if leases {
+            self.lease.clear();
+            push_lease_key(prefix, &self.key, &mut self.lease);
+            self.cmd.arg(self.lease.as_str());
+        }
         self.count += 1;
         if self.count == UNLINK_CHUNK {
             self.flush(pipe, stats);

@@ -407,6 +407,25 @@ async fn l1_serves_nothing_while_its_subscription_is_down() {
 }
 
 #[tokio::test]
+async fn with_fill_leases_off_a_racing_fill_is_stored_stale() {
+    // What the switch gives up: evictd no longer voids fills in flight.
+    let s = Streaming::start_with(SCHEMA, &[("orders.toml", MAPPING)], |config| {
+        config.redis.fill_leases = false;
+    })
+    .await;
+    let cache = cache(&s).await;
+    let write = "update orders set status = 'paid' where id = 1";
+    let (fill, value) = held_fill(&s, &cache, "order:1", &[], Some(write)).await;
+    assert_eq!((fill, value.status.as_str()), (Fill::Stored, "new"));
+    let cached: Option<Status> = cache.get("order:1").await.unwrap();
+    assert_eq!(
+        cached.map(|c| c.status).as_deref(),
+        Some("new"),
+        "stale, as documented"
+    );
+}
+
+#[tokio::test]
 async fn a_cold_key_is_loaded_at_most_once_per_instance() {
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::Arc;
