@@ -666,9 +666,14 @@ impl Cache {
             }
         }
         // Registered before the database is read: a tag invalidation from
-        // here on deletes the lease with the key.
+        // here on deletes the lease with the key. A key is never stored
+        // without its tags: if they cannot be registered, nothing is.
         if !tags.is_empty() && self.register(full, tags).await.is_err() {
             meter.degraded();
+            let _ = self.release(&lease, &token).await;
+            let raw = self.load(full, loader).await?;
+            meter.skipped();
+            return Ok(loaded(raw, Fill::Skipped));
         }
         let raw = self.load(full, loader).await?;
         let ttl = if raw == ABSENT {
