@@ -9,6 +9,9 @@ WORKDIR /src
 # sources are declared in Cargo.toml, so they must exist (they are not built).
 COPY Cargo.toml Cargo.lock ./
 COPY benches ./benches
+# The client crate is a workspace member and a dependency (the protocol it
+# shares with evictd, its Lua scripts): copied whole, it changes rarely.
+COPY client ./client
 RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
     && cargo build --release --locked --no-default-features \
     && rm -rf src

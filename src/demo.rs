@@ -36,7 +36,7 @@ const WORKLOAD: &[(&str, &str)] = &[
     ("the order moves from Ada to Bob", "update orders set user_id = 2 where id = 100"),
     ("the product moves to another category", "update products set category_id = 2 where id = 10"),
     ("Bob changes his name", "update users set name = 'Robert' where id = 2"),
-    ("a note nobody caches (filtered by `changed`)", "update users set created_at = now() where id = 1"),
+    ("a column no mapping watches (`created_at`, filtered by `changed`)", "update users set created_at = now() where id = 1"),
     ("a rolled-back order", "begin; insert into orders (id, user_id) values (101, 1); rollback"),
     ("two orders in one transaction", "insert into orders (id, user_id, total) values (102, 1, 5), (103, 2, 7)"),
     ("an order is cancelled", "delete from orders where id = 102"),

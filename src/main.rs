@@ -110,11 +110,15 @@ struct UsageError(String);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(match cli.command {
+    let logging = init_logging(match cli.command {
         Command::Run { .. } | Command::Replay { .. } => "info",
         Command::Demo { .. } => "error",
         _ => "warn",
     });
+    if let Err(error) = logging {
+        eprintln!("error: {error}");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Demo {
             migrations,
@@ -166,13 +170,29 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(default: &str) {
+/// Logs to stderr: text, coloured only on a terminal and without
+/// `NO_COLOR`, or one JSON object per line with `EVICTD_LOG_FORMAT=json`.
+fn init_logging(default: &str) -> Result<(), UsageError> {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_env("EVICTD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match std::env::var("EVICTD_LOG_FORMAT").as_deref() {
+        Err(_) | Ok("" | "text") => {
+            let no_color = std::env::var_os("NO_COLOR").is_some_and(|value| !value.is_empty());
+            logs.with_ansi(std::io::stderr().is_terminal() && !no_color)
+                .init();
+        }
+        Ok("json") => logs.json().init(),
+        Ok(other) => {
+            return Err(UsageError(format!(
+                "EVICTD_LOG_FORMAT is `{other}`: it is `text` (the default) or `json`"
+            )))
+        }
+    }
+    Ok(())
 }
 
 fn demo(migrations: &Path, mappings: &Path) -> anyhow::Result<ExitCode> {

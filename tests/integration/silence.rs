@@ -23,6 +23,11 @@ impl Run {
     /// Writes a config for `db` with `mapping` as `mappings/t.toml` and
     /// starts `evictd run`.
     fn start(db: &TestDb, mapping: &str) -> Run {
+        Run::start_with_env(db, mapping, &[])
+    }
+
+    /// [`Run::start`] with more environment variables.
+    fn start_with_env(db: &TestDb, mapping: &str, env: &[(&str, &str)]) -> Run {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let config = crate::support::run_config(
@@ -33,7 +38,7 @@ impl Run {
             &format!("127.0.0.1:{port}"),
         );
         let log = dir.path().join("evictd.log");
-        let child = spawn(&config, &log);
+        let child = spawn(&config, &log, env);
         Run {
             child,
             port,
@@ -47,7 +52,7 @@ impl Run {
     fn restart(&mut self) {
         signal(&self.child, "TERM");
         let _ = self.child.wait();
-        self.child = spawn(&self.config, &self.log);
+        self.child = spawn(&self.config, &self.log, &[]);
     }
 
     /// Polls `path` until it answers `status`; returns the body.
@@ -126,7 +131,7 @@ fn within<T>(
     }
 }
 
-fn spawn(config: &Path, log: &Path) -> Child {
+fn spawn(config: &Path, log: &Path, extra_env: &[(&str, &str)]) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -135,7 +140,7 @@ fn spawn(config: &Path, log: &Path) -> Child {
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_evictd"))
         .args(["run", "--config", config.to_str().expect("utf-8 path")])
         .env("EVICTD_LOG", "info")
-        .env("NO_COLOR", "1")
+        .envs(extra_env.iter().copied())
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn()
@@ -475,4 +480,45 @@ async fn the_admin_endpoint_backs_off_when_it_runs_out_of_file_descriptors() {
     );
     // Descriptors back (the held connections closed): it answers again.
     run.wait_for("/healthz", 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_to_a_file_carry_no_colour_codes() {
+    let (_db, run) = ready_run().await;
+    let log = run.log();
+    assert!(log.contains("INFO"), "nothing logged:\n{log}");
+    assert!(!log.contains('\x1b'), "colour codes in a log file:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line() {
+    let db = TestDb::new().await;
+    db.execute(SCHEMA).await;
+    let run = Run::start_with_env(&db, MAPPING, &[("EVICTD_LOG_FORMAT", "json")]);
+    assert_eq!(run.wait_for("/readyz", 200), "ready\n");
+    let log = run.log();
+    let mut lines = 0;
+    for line in log.lines().filter(|line| !line.is_empty()) {
+        let object: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|error| panic!("not JSON ({error}): {line}"));
+        assert!(
+            object["level"].is_string() && object["fields"].is_object(),
+            "{line}"
+        );
+        lines += 1;
+    }
+    assert!(lines > 0, "nothing logged");
+}
+
+#[test]
+fn an_unknown_log_format_is_refused_with_exit_2() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_evictd"))
+        .args(["check", "--mappings", "mappings"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("EVICTD_LOG_FORMAT", "xml")
+        .output()
+        .expect("run evictd");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("EVICTD_LOG_FORMAT is `xml`"), "{stderr}");
 }
