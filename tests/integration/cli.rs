@@ -307,3 +307,84 @@ fn broken_and_looping_symlinks_in_the_mappings_are_reported() {
 fn check_offline(dir: &std::path::Path) -> std::process::Output {
     evictd(&["check", "--mappings", dir.to_str().unwrap(), "--offline"])
 }
+
+/// The `rust-version` both crates declare is the true minimum: the newest
+/// `rust-version` among the locked dependencies they build with on this
+/// platform (normal and build dependencies, not dev-dependencies).
+#[test]
+fn the_declared_rust_version_is_what_the_locked_dependencies_need() {
+    let output = std::process::Command::new(env!("CARGO"))
+        .args(["metadata", "--format-version", "1", "--locked", "--offline"])
+        .args([
+            "--filter-platform",
+            &format!("{}-unknown-linux-gnu", std::env::consts::ARCH),
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo metadata");
+    assert!(
+        output.status.success(),
+        "{}",
+        crate::support::stderr(&output)
+    );
+    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let packages: std::collections::HashMap<&str, &serde_json::Value> = metadata["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["id"].as_str().unwrap(), p))
+        .collect();
+    let nodes: std::collections::HashMap<&str, &serde_json::Value> = metadata["resolve"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["id"].as_str().unwrap(), n))
+        .collect();
+    let version = |text: &str| -> Vec<u32> {
+        let mut parts: Vec<u32> = text.split('.').map(|n| n.parse().unwrap()).collect();
+        parts.resize(3, 0);
+        parts
+    };
+    let ours: Vec<&serde_json::Value> = packages
+        .values()
+        .filter(|p| p["source"].is_null())
+        .copied()
+        .collect();
+    let mut stack: Vec<&str> = ours.iter().map(|p| p["id"].as_str().unwrap()).collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut needed = (vec![0], String::new());
+    while let Some(id) = stack.pop() {
+        if !seen.insert(id) {
+            continue;
+        }
+        let package = packages[id];
+        if !package["source"].is_null() {
+            if let Some(rust) = package["rust_version"].as_str() {
+                if version(rust) > needed.0 {
+                    needed = (version(rust), package["name"].as_str().unwrap().to_owned());
+                }
+            }
+        }
+        for dep in nodes[id]["deps"].as_array().unwrap() {
+            let normal_or_build = dep["dep_kinds"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|kind| kind["kind"].is_null() || kind["kind"] == "build");
+            if normal_or_build {
+                stack.push(dep["pkg"].as_str().unwrap());
+            }
+        }
+    }
+    for package in ours {
+        let declared = package["rust_version"].as_str().expect("a rust-version");
+        assert_eq!(
+            version(declared),
+            needed.0,
+            "{} declares rust-version {declared}; the locked dependencies need {:?} ({})",
+            package["name"],
+            needed.0,
+            needed.1
+        );
+    }
+}
