@@ -29,6 +29,37 @@ key = "order:{id}:status"
 columns = ["status"]
 "#;
 
+/// One held fill per kind of invalidation, in an order that leaves each
+/// write's row as the next expects: (key, tags, the write in between) for a
+/// key delete, a tag, a write-through refresh and a pattern (TRUNCATE).
+const INTERLEAVINGS: &[(&str, &[&str], &str)] = &[
+    (
+        "order:1",
+        &[],
+        "update orders set status = 'paid' where id = 1",
+    ),
+    (
+        "user:1:page",
+        &["user:1"],
+        "insert into orders values (2, 1, 'new')",
+    ),
+    (
+        "order:1:status",
+        &[],
+        "update orders set status = 'shipped' where id = 1",
+    ),
+    ("order:1", &[], "truncate orders"),
+];
+
+/// Waits until `cache`'s L1 subscriber is live, up to `timeout`.
+async fn live(cache: &Cache, timeout: Duration, failure: &str) {
+    let deadline = Instant::now() + timeout;
+    while !cache.l1_live() {
+        assert!(Instant::now() < deadline, "{failure}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// The row's status, read from the database.
 async fn status(s: &Streaming) -> String {
     s.db.client()
@@ -62,14 +93,12 @@ async fn l1_cache(s: &Streaming) -> Cache {
         .build()
         .await
         .expect("a cache");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cache.l1_live() {
-        assert!(
-            Instant::now() < deadline,
-            "the L1 subscriber never went live"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    live(
+        &cache,
+        Duration::from_secs(10),
+        "the L1 subscriber never went live",
+    )
+    .await;
     cache
 }
 
@@ -346,11 +375,7 @@ async fn l1_serves_nothing_while_its_subscription_is_down() {
         .build()
         .await
         .expect("a cache");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cache.l1_live() {
-        assert!(Instant::now() < deadline, "never live");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    live(&cache, Duration::from_secs(10), "never live").await;
     let value: Option<String> = cache
         .get_or_load("k", &[], || async {
             Ok::<_, Infallible>(Some("v".to_owned()))
@@ -378,14 +403,12 @@ async fn l1_serves_nothing_while_its_subscription_is_down() {
         .unwrap();
     assert_eq!(value.as_deref(), Some("db"));
     redis.restart().expect("restart");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !cache.l1_live() {
-        assert!(
-            Instant::now() < deadline,
-            "not live again after Redis came back"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    live(
+        &cache,
+        Duration::from_secs(20),
+        "not live again after Redis came back",
+    )
+    .await;
     // The cache's own connection came back too.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -674,35 +697,16 @@ async fn on_a_cluster_every_kind_of_invalidation_voids_a_fill_in_flight() {
         .build()
         .await
         .expect("a cluster cache");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cache.l1_live() {
-        assert!(
-            Instant::now() < deadline,
-            "the L1 subscriber never went live"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    live(
+        &cache,
+        Duration::from_secs(10),
+        "the L1 subscriber never went live",
+    )
+    .await;
     let (fill, _) = held_fill(&s, &cache, "order:1", &["user:1"], None).await;
     assert_eq!(fill, Fill::Stored, "a quiet fill is stored on a Cluster");
     cache.invalidate("order:1").await.unwrap();
-    for (key, tags, write) in [
-        (
-            "order:1",
-            &[][..],
-            "update orders set status = 'paid' where id = 1",
-        ),
-        (
-            "user:1:page",
-            &["user:1"][..],
-            "insert into orders values (2, 1, 'new')",
-        ),
-        (
-            "order:1:status",
-            &[][..],
-            "update orders set status = 'shipped' where id = 1",
-        ),
-        ("order:1", &[][..], "truncate orders"),
-    ] {
+    for &(key, tags, write) in INTERLEAVINGS {
         // Cold, whatever an earlier write refreshed.
         cache.invalidate(key).await.unwrap();
         let (fill, _) = held_fill(&s, &cache, key, tags, Some(write)).await;
@@ -835,24 +839,7 @@ async fn a_python_client_written_from_the_protocol_page_is_fenced_too() {
     let cached: Option<Status> = cache.get("order:1").await.unwrap();
     assert_eq!(cached.map(|c| c.status).as_deref(), Some("new"));
     cache.invalidate("order:1").await.unwrap();
-    for (key, tags, write) in [
-        (
-            "order:1",
-            &[][..],
-            "update orders set status = 'paid' where id = 1",
-        ),
-        (
-            "user:1:page",
-            &["user:1"][..],
-            "insert into orders values (2, 1, 'new')",
-        ),
-        (
-            "order:1:status",
-            &[][..],
-            "update orders set status = 'shipped' where id = 1",
-        ),
-        ("order:1", &[][..], "truncate orders"),
-    ] {
+    for &(key, tags, write) in INTERLEAVINGS {
         cache.invalidate(key).await.unwrap();
         let fill = python_fill(&s, key, tags, Some(write)).await;
         assert_eq!(fill, "fenced", "{key} after `{write}`");
