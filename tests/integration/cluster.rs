@@ -166,7 +166,18 @@ async fn a_master_failover_loses_nothing() {
         .into_iter()
         .find(|port| *port != seed)
         .expect("another master");
-    let heir = cluster.replica_of(victim).expect("the master's replica");
+    // The master reports its replica once it has attached: wait for it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let heir = loop {
+        if let Some(heir) = cluster.replica_of(victim) {
+            break heir;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the master's replica never attached"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
     cluster.kill_node(victim);
     for id in 51..=100 {
         db.execute(&format!("insert into orders values ({id}, 1, 'new')"))
