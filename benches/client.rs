@@ -5,8 +5,8 @@
 //!   of the same value type;
 //! - an L2 hit (`get_or_load` served by Redis, decoded) against a bare
 //!   `GET` over the same kind of connection;
-//! - a cold read filled with fencing (`GET`, `SET NX` of the lease, the
-//!   fill script) against plain cache-aside (`GET`, `SET`).
+//! - a cold read filled with fencing (`GET`, `SET NX` of the lease into
+//!   the key, the fill script) against plain cache-aside (`GET`, `SET`).
 //!
 //! Each pair alternates over three rounds; the ratio is the median of the
 //! rounds' ratios. Run: `cargo bench --bench client` (a table, then one

@@ -13,9 +13,8 @@
 //!   per row (B4): Redis commands/s against `redis-benchmark` pipelining
 //!   UNLINK on the same server (B0 for Redis).
 //!
-//! Each round also drains a third slot with `redis.fill_leases = false`
-//! (no lease deletes: what fencing costs; the order of the two evictd
-//! drains alternates by round).
+//! Fencing (docs/PROTOCOL.md) adds no command to these drains: a fill's
+//! lease lives in the cache key, so evictd's deletes void it as they are.
 //!
 //! Run: `cargo bench --bench drain` (prints tables, then one JSON line);
 //! `EVICTD_BENCH=small,fanout` runs only those scenarios.
@@ -53,8 +52,6 @@ struct Measured {
 struct Round {
     recvlogical: Duration,
     evictd: Duration,
-    /// The same drain with `redis.fill_leases = false`.
-    without_leases: Duration,
     /// Redis commands evictd sent in its drain.
     commands: u64,
     /// `redis-benchmark` UNLINK/s, the faster of a run right before and
@@ -65,11 +62,6 @@ struct Round {
 impl Round {
     fn ratio(&self) -> f64 {
         self.recvlogical.as_secs_f64() / self.evictd.as_secs_f64()
-    }
-
-    /// Rate with lease deletes over the rate without.
-    fn fencing(&self) -> f64 {
-        self.without_leases.as_secs_f64() / self.evictd.as_secs_f64()
     }
 
     fn commands_per_second(&self) -> f64 {
@@ -177,16 +169,8 @@ async fn main() {
 /// Prints the table (medians over the rounds) and one JSON line.
 fn report(results: &[Measured]) {
     println!(
-        "\n{:<8} {:>9} {:>7} {:>16} {:>16} {:>7} {:>16} {:>9} {:>10}",
-        "scenario",
-        "changes",
-        "rounds",
-        "recvlogical/s",
-        "evictd/s",
-        "ratio",
-        "no-leases/s",
-        "fencing",
-        "peak RSS"
+        "\n{:<8} {:>9} {:>7} {:>16} {:>16} {:>7} {:>10}",
+        "scenario", "changes", "rounds", "recvlogical/s", "evictd/s", "ratio", "peak RSS"
     );
     let mut json = Vec::new();
     for m in results {
@@ -194,18 +178,14 @@ fn report(results: &[Measured]) {
         let recv_rate = median(m.rounds.iter().map(|r| rate(r.recvlogical)).collect());
         let evictd_rate = median(m.rounds.iter().map(|r| rate(r.evictd)).collect());
         let ratio = median(m.rounds.iter().map(Round::ratio).collect());
-        let plain_rate = median(m.rounds.iter().map(|r| rate(r.without_leases)).collect());
-        let fencing = median(m.rounds.iter().map(Round::fencing).collect());
         println!(
-            "{:<8} {:>9} {:>7} {:>16.0} {:>16.0} {:>6.2}x {:>16.0} {:>8.2}x {:>7} MiB",
+            "{:<8} {:>9} {:>7} {:>16.0} {:>16.0} {:>6.2}x {:>7} MiB",
             m.name,
             m.changes,
             m.rounds.len(),
             recv_rate,
             evictd_rate,
             ratio,
-            plain_rate,
-            fencing,
             m.evictd_peak_rss_kib / 1024
         );
         json.push(serde_json::json!({
@@ -214,14 +194,10 @@ fn report(results: &[Measured]) {
             "pg_recvlogical_changes_per_second": recv_rate,
             "evictd_changes_per_second": evictd_rate,
             "ratio": ratio,
-            "without_leases_changes_per_second": plain_rate,
-            "fencing_ratio": fencing,
             "rounds": m.rounds.iter().map(|r| serde_json::json!({
                 "pg_recvlogical_seconds": r.recvlogical.as_secs_f64(),
                 "evictd_seconds": r.evictd.as_secs_f64(),
-                "without_leases_seconds": r.without_leases.as_secs_f64(),
                 "ratio": r.ratio(),
-                "fencing_ratio": r.fencing(),
             })).collect::<Vec<_>>(),
             "process_peak_rss_kib": m.evictd_peak_rss_kib,
         }));
@@ -295,7 +271,7 @@ async fn measure(
     // Two slots per round, all created before the workload: every drain
     // reads the same WAL.
     for round in 0..rounds {
-        for reader in ["recv", "evictd", "plain"] {
+        for reader in ["recv", "evictd"] {
             client
                 .query_one(
                     &format!(
@@ -334,34 +310,15 @@ async fn measure(
         // drain; the faster of the two counts (this shared VM's speed moves
         // from minute to minute, and the ratio should not flatter evictd).
         let unlink_before = fanout.then(|| redis_benchmark(redis, &["UNLINK", "key:__rand_int__"]));
-        let mut evictd = Duration::ZERO;
-        let mut commands = 0;
-        let mut without_leases = Duration::ZERO;
-        let order = if round % 2 == 0 {
-            [true, false]
-        } else {
-            [false, true]
-        };
-        for leases in order {
-            config.redis.fill_leases = leases;
-            let reader = if leases { "evictd" } else { "plain" };
-            config.postgres.slot = format!("{database}_{reader}_{round}");
-            let (took, sent) = drain(scenario.name, &config, mappings.clone(), end, redis).await;
-            let acked = confirmed(&client, &config.postgres.slot).await;
-            assert!(acked >= end, "evictd acknowledged {acked}, short of {end}");
-            if leases {
-                (evictd, commands) = (took, sent);
-            } else {
-                without_leases = took;
-            }
-        }
-        config.redis.fill_leases = true;
+        config.postgres.slot = format!("{database}_evictd_{round}");
+        let (evictd, commands) = drain(scenario.name, &config, mappings.clone(), end, redis).await;
+        let acked = confirmed(&client, &config.postgres.slot).await;
+        assert!(acked >= end, "evictd acknowledged {acked}, short of {end}");
         let unlink_baseline = unlink_before
             .map(|before| before.max(redis_benchmark(redis, &["UNLINK", "key:__rand_int__"])));
         measured.push(Round {
             recvlogical,
             evictd,
-            without_leases,
             commands,
             unlink_baseline,
         });

@@ -1,15 +1,20 @@
--- A fenced fill: store the value only while the fill right (the lease) is
--- still the caller's. evictd deletes the lease with every invalidation of
--- the key (delete, refresh, tag, pattern), so a fill that read the
--- database before such an invalidation is refused.
+-- A fenced fill: store the value only while the key still holds the
+-- caller's lease. The lease lives in the key itself (a bare lease, or a
+-- cached value being reloaded wrapped in one), so every way evictd
+-- invalidates the key (UNLINK, a write-through SET, a tag's members, a
+-- pattern SCAN) removes it, and a fill that read the database before that
+-- invalidation is refused.
 --
--- KEYS[1] the cache key, KEYS[2] its lease key (same Cluster slot)
--- ARGV[1] the lease token, ARGV[2] the value, ARGV[3] TTL in ms (0: none)
+-- KEYS[1] the cache key
+-- ARGV[1] the lease (`\0evictd:lease:` followed by the caller's token),
+-- ARGV[2] the value, ARGV[3] its TTL in ms (0: none)
 -- Returns 1 when stored, 0 when refused.
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then
+local current = redis.call('GET', KEYS[1])
+local lease = ARGV[1]
+if current ~= lease and (not current
+    or string.sub(current, 1, #lease + 1) ~= lease .. '\0') then
   return 0
 end
-redis.call('DEL', KEYS[2])
 local ttl = tonumber(ARGV[3])
 if ttl > 0 then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)

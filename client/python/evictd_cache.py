@@ -1,6 +1,6 @@
 """A cache-aside reader with fenced fills, written from docs/PROTOCOL.md
-alone: the keys, the fill right (lease), tag registration and the fill
-script. Standard library only (it speaks RESP itself), standalone Redis.
+alone: the keys, the fill right (a lease kept in the key itself), tag
+registration and the fill script. Standard library only (it speaks RESP itself), standalone Redis.
 
 Used as a library:
 
@@ -25,7 +25,7 @@ import socket
 import subprocess
 import sys
 
-LEASE_NAMESPACE = "evictd:lease:"
+LEASE = "\0evictd:lease:"
 TAG_NAMESPACE = "tag:"
 
 
@@ -76,22 +76,15 @@ class Redis:
         raise RedisError("unexpected reply %r" % line)
 
 
-def hash_tag(key):
-    """The part of `key` Redis Cluster hashes, or None."""
-    start = key.find("{")
-    if start < 0:
-        return None
-    end = key.find("}", start + 1)
-    if end < 0 or end == start + 1:
-        return None
-    return key[start + 1:end]
-
-
-def lease_key(prefix, full_key):
-    """The lease of a full key, in the key's Cluster slot."""
-    if hash_tag(full_key) is not None:
-        return prefix + LEASE_NAMESPACE + full_key
-    return prefix + LEASE_NAMESPACE + "{" + full_key + "}"
+def parse(raw):
+    """What a key holds: ("value", v), ("loading", None) for a bare lease,
+    or ("reloading", v) for a value wrapped in a lease."""
+    if not raw.startswith(LEASE):
+        return "value", raw
+    _token, sep, value = raw[len(LEASE):].partition("\0")
+    if sep:
+        return "reloading", value
+    return "loading", None
 
 
 class Cache:
@@ -119,17 +112,19 @@ class Cache:
 
     def get_or_load(self, key, tags, loader, before_fill=None):
         full = self.prefix + key
-        # 1. GET: a value is a hit.
+        # 1. GET: a value (bare, or wrapped in another reader's lease) is a
+        # hit.
         try:
-            value = self.redis.call("GET", full)
+            raw = self.redis.call("GET", full)
         except (RedisError, OSError):
             return loader(), "skipped"  # degraded: read, cache nothing
-        if value is not None:
-            return value, None
-        # 2. Take the fill right.
-        lease = lease_key(self.prefix, full)
-        token = secrets.token_hex(8)
-        if self.redis.call("SET", lease, token, "NX", "PX", self.lease_ms) is None:
+        if raw is not None:
+            kind, value = parse(raw)
+            if kind != "loading":
+                return value, None
+        # 2. Take the fill right: a bare lease in the key, only if empty.
+        lease = LEASE + secrets.token_hex(8)
+        if self.redis.call("SET", full, lease, "NX", "PX", self.lease_ms) is None:
             # Another reader fills: poll briefly, else read without storing.
             import time
             deadline = time.monotonic() + self.wait_ms / 1000
@@ -137,9 +132,11 @@ class Cache:
             while time.monotonic() < deadline:
                 time.sleep(pause)
                 pause = min(pause * 2, 0.025)
-                value = self.redis.call("GET", full)
-                if value is not None:
-                    return value, "skipped"
+                raw = self.redis.call("GET", full)
+                if raw is not None:
+                    kind, value = parse(raw)
+                    if kind != "loading":
+                        return value, "skipped"
             return loader(), "skipped"
         # 3. Register the tags before reading the database.
         for tag in tags:
@@ -149,11 +146,10 @@ class Cache:
         if before_fill is not None:
             before_fill(value)
         if value is None:
-            self._script(self.release_script, [lease], [token])
+            self._script(self.release_script, [full], [lease])
             return None, "skipped"
         # 5. Store, fenced.
-        stored = self._script(self.fill_script, [full, lease],
-                              [token, value, self.ttl_ms])
+        stored = self._script(self.fill_script, [full], [lease, value, self.ttl_ms])
         return value, "stored" if stored == 1 else "fenced"
 
 

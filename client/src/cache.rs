@@ -17,7 +17,9 @@ use tokio::task::AbortHandle;
 
 use crate::l1::{self, L1Bound, L1Options, L1};
 use crate::metrics::{Meter, Stats};
-use crate::protocol::{lease_key, same_slot, FILL_SCRIPT, RELEASE_SCRIPT, TAG_NAMESPACE};
+use crate::protocol::{
+    lease, Stored, FILL_SCRIPT, LEASE, RELEASE_SCRIPT, RELOAD_SCRIPT, TAG_NAMESPACE,
+};
 
 /// What a negative entry ("no such row") holds: not valid JSON, so it
 /// cannot be a stored value.
@@ -47,7 +49,7 @@ pub enum Fill {
     /// loader ran. The loaded value is returned but not cached.
     Fenced,
     /// Not attempted: another process holds the fill right and did not
-    /// store in time, Redis failed, or the key cannot be fenced.
+    /// store in time, or Redis failed.
     Skipped,
 }
 
@@ -186,6 +188,7 @@ impl CacheBuilder {
                 redis,
                 fill: redis::Script::new(FILL_SCRIPT),
                 release: redis::Script::new(RELEASE_SCRIPT),
+                reload: redis::Script::new(RELOAD_SCRIPT),
                 options: self,
                 inflight: Mutex::new(HashMap::new()),
                 meter,
@@ -245,6 +248,7 @@ struct Inner {
     redis: Conn,
     fill: redis::Script,
     release: redis::Script,
+    reload: redis::Script,
     options: CacheBuilder,
     /// Loads in flight in this process: one loader per key.
     inflight: Mutex<HashMap<String, Arc<OnceCell<Loaded>>>>,
@@ -276,6 +280,7 @@ struct Loaded {
 /// What a read of Redis found.
 enum Read {
     Hit(String),
+    /// No value (nothing, or another reader's lease: it is loading).
     Miss,
     /// A value this read should reload (early refresh, or past its TTL
     /// within the stale window).
@@ -375,30 +380,25 @@ impl Cache {
             .arg(self.full(key))
             .query_async(&mut redis)
             .await?;
-        decode(key, raw.as_deref())
+        let value = raw.as_deref().and_then(|raw| match Stored::parse(raw) {
+            Stored::Value(value) | Stored::Reloading(value) => Some(value),
+            Stored::Loading => None,
+        });
+        decode(key, value)
     }
 
     /// Deletes `key` from Redis and from this process's L1 (and voids
-    /// fills in flight for it). Other processes' L1 tiers learn of
-    /// evictd's invalidations only.
+    /// fills in flight for it: their lease goes with the key). Other
+    /// processes' L1 tiers learn of evictd's invalidations only.
     pub async fn invalidate(&self, key: &str) -> Result<(), Error> {
-        let full = self.full(key);
-        let lease = lease_key(&self.inner.options.prefix, &full);
         if let Some(l1) = &self.inner.l1 {
             l1.remove(key);
         }
         let mut redis = self.inner.redis.clone();
-        let unlink = |key: &str| redis::cmd("UNLINK").arg(key).clone();
-        if matches!(self.inner.redis, Conn::Cluster(_)) && !same_slot(&full) {
-            // A key whose lease hashes elsewhere: two commands.
-            unlink(&full).query_async::<()>(&mut redis).await?;
-            unlink(&lease).query_async::<()>(&mut redis).await?;
-        } else {
-            unlink(&full)
-                .arg(&lease)
-                .query_async::<()>(&mut redis)
-                .await?;
-        }
+        redis::cmd("UNLINK")
+            .arg(self.full(key))
+            .query_async::<()>(&mut redis)
+            .await?;
         Ok(())
     }
 
@@ -560,7 +560,14 @@ impl Cache {
             options.ttl.is_some() && (options.early_refresh > 0.0 || !options.stale.is_zero());
         if !refreshing {
             let raw: Option<String> = redis::cmd("GET").arg(full).query_async(&mut redis).await?;
-            return Ok(raw.map_or(Read::Miss, Read::Hit));
+            return Ok(match raw {
+                None => Read::Miss,
+                Some(raw) => match Stored::parse(&raw) {
+                    Stored::Value(_) => Read::Hit(raw),
+                    Stored::Reloading(value) => Read::Hit(value.to_owned()),
+                    Stored::Loading => Read::Miss,
+                },
+            });
         }
         let (raw, left): (Option<String>, i64) = redis::pipe()
             .cmd("GET")
@@ -572,11 +579,22 @@ impl Cache {
         let Some(raw) = raw else {
             return Ok(Read::Miss);
         };
+        let fresh_for = left - i64::try_from(options.stale.as_millis()).unwrap_or(i64::MAX);
+        let raw = match Stored::parse(&raw) {
+            Stored::Value(_) => raw,
+            Stored::Loading => return Ok(Read::Miss),
+            Stored::Reloading(value) => {
+                // Another reader reloads it: serve the value meanwhile.
+                if left >= 0 && fresh_for <= 0 {
+                    self.inner.meter.stale_served();
+                }
+                return Ok(Read::Hit(value.to_owned()));
+            }
+        };
         if left < 0 {
             // No expiry (a write-through refresh by evictd, say).
             return Ok(Read::Hit(raw));
         }
-        let fresh_for = left - i64::try_from(options.stale.as_millis()).unwrap_or(i64::MAX);
         if fresh_for <= 0 {
             return Ok(Read::Refresh(Current { raw, stale: true }));
         }
@@ -616,20 +634,29 @@ impl Cache {
             generation,
         };
         let mut redis = self.inner.redis.clone();
-        let lease = lease_key(&options.prefix, full);
-        let token = format!("{:016x}", rand::rng().random::<u64>());
-        let held = if same_slot(full) {
-            redis::cmd("SET")
+        let lease = lease(&format!("{:016x}", rand::rng().random::<u64>()));
+        let held = match &current {
+            // A first fill: the bare lease, only where there is no value.
+            None => redis::cmd("SET")
+                .arg(full)
                 .arg(&lease)
-                .arg(&token)
                 .arg("NX")
                 .arg("PX")
                 .arg(millis(options.lease))
                 .query_async::<Option<String>>(&mut redis)
                 .await
-                .map(|reply| reply.is_some())
-        } else {
-            Ok(false)
+                .map(|reply| reply.is_some()),
+            // A reload: the lease wraps the value, which readers keep
+            // getting meanwhile.
+            Some(_) => self
+                .inner
+                .reload
+                .key(full)
+                .arg(&lease)
+                .arg(LEASE)
+                .invoke_async::<i64>(&mut redis)
+                .await
+                .map(|taken| taken == 1),
         };
         match (held, current) {
             (Ok(true), current) => {
@@ -666,11 +693,11 @@ impl Cache {
             }
         }
         // Registered before the database is read: a tag invalidation from
-        // here on deletes the lease with the key. A key is never stored
+        // here on deletes the key, and the lease in it. A key is never stored
         // without its tags: if they cannot be registered, nothing is.
         if !tags.is_empty() && self.register(full, tags).await.is_err() {
             meter.degraded();
-            let _ = self.release(&lease, &token).await;
+            let _ = self.release(full, &lease).await;
             let raw = self.load(full, loader).await?;
             meter.skipped();
             return Ok(loaded(raw, Fill::Skipped));
@@ -679,7 +706,7 @@ impl Cache {
         let ttl = if raw == ABSENT {
             if options.negative_ttl.is_none() {
                 // "No row" without negative caching: give the right back.
-                let _ = self.release(&lease, &token).await;
+                let _ = self.release(full, &lease).await;
                 meter.skipped();
                 return Ok(loaded(raw, Fill::Skipped));
             }
@@ -694,8 +721,7 @@ impl Cache {
             .inner
             .fill
             .key(full)
-            .key(&lease)
-            .arg(&token)
+            .arg(&lease)
             .arg(&raw)
             .arg(ttl_ms)
             .invoke_async(&mut redis)
@@ -778,19 +804,23 @@ impl Cache {
                 .query_async::<Option<String>>(&mut redis)
                 .await
             {
-                return Some(raw);
+                match Stored::parse(&raw) {
+                    Stored::Value(_) => return Some(raw),
+                    Stored::Reloading(value) => return Some(value.to_owned()),
+                    Stored::Loading => {}
+                }
             }
         }
         None
     }
 
-    /// Deletes the lease if it is still `token`'s.
-    async fn release(&self, lease: &str, token: &str) -> Result<(), redis::RedisError> {
+    /// Deletes `full` if it still holds `lease` (bare or wrapped).
+    async fn release(&self, full: &str, lease: &str) -> Result<(), redis::RedisError> {
         let mut redis = self.inner.redis.clone();
         self.inner
             .release
-            .key(lease)
-            .arg(token)
+            .key(full)
+            .arg(lease)
             .invoke_async::<i64>(&mut redis)
             .await
             .map(drop)

@@ -2,9 +2,10 @@
 //! fills can never undo an invalidation.
 //!
 //! [`Cache::get_or_load`] reads the key; on a miss it takes the key's fill
-//! right (a lease evictd deletes with every invalidation of the key),
-//! registers the key in its tag sets, calls the loader, and stores the
-//! result only if the lease is still its own. A fill that read the
+//! right (a lease written into the key itself, so that whatever evictd
+//! does to invalidate the key removes it), registers the key in its tag
+//! sets, calls the loader, and stores the result only if the key still
+//! holds its lease. A fill that read the
 //! database before a commit whose invalidation evictd already applied is
 //! refused, whichever way evictd invalidated the key (key, tag, pattern,
 //! write-through refresh). `docs/PROTOCOL.md` specifies the protocol for

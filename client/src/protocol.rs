@@ -7,67 +7,58 @@ use serde::{Deserialize, Serialize};
 /// Tag sets live at `<prefix>tag:<name>`; their members are full keys.
 pub const TAG_NAMESPACE: &str = "tag:";
 
-/// Lease keys live at `<prefix>evictd:lease:...` (see [`lease_key`]).
-pub const LEASE_NAMESPACE: &str = "evictd:lease:";
+/// What every fill lease starts with. A lease lives in the cache key
+/// itself: bare (`LEASE` + token) while the first fill loads, or wrapped
+/// around the cached value (`LEASE` + token + `\0` + value) while a
+/// reader reloads it. So whatever evictd does to the key to invalidate it
+/// removes the lease too, and evictd needs no command of its own for
+/// fencing.
+pub const LEASE: &str = "\u{0}evictd:lease:";
 
 /// The key holding the last broadcast's `epoch:seq`, under the prefix.
 pub const L1_LAST_KEY: &str = "evictd:l1:last";
 
-/// The fenced fill (KEYS: key, lease; ARGV: token, value, TTL in ms).
+/// The fenced fill (KEYS: key; ARGV: lease, value, TTL in ms).
 pub const FILL_SCRIPT: &str = include_str!("../lua/fill.lua");
 
-/// Gives a fill right back if still held (KEYS: lease; ARGV: token).
+/// Gives a fill right back: deletes the key while it holds the lease
+/// (KEYS: key; ARGV: lease).
 pub const RELEASE_SCRIPT: &str = include_str!("../lua/release.lua");
 
-/// evictd's tag invalidation on a standalone Redis (KEYS: tag sets; ARGV:
-/// the lease prefix): members, their leases, then the sets.
+/// Takes the right to reload a cached value by wrapping it in a lease
+/// (KEYS: key; ARGV: lease, [`LEASE`]).
+pub const RELOAD_SCRIPT: &str = include_str!("../lua/reload.lua");
+
+/// evictd's tag invalidation on a standalone Redis (KEYS: tag sets):
+/// the members, then the sets.
 pub const INVALIDATE_TAGS_SCRIPT: &str = include_str!("../lua/invalidate_tags.lua");
 
-/// The part of `key` Redis Cluster hashes: the first `{...}` with
-/// something inside, if there is one.
-pub fn hash_tag(key: &str) -> Option<&str> {
-    let open = key.find('{')?;
-    let close = key[open + 1..].find('}')? + open + 1;
-    (close > open + 1).then(|| &key[open + 1..close])
+/// What a cache key holds, as a reader sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stored<'a> {
+    /// A value.
+    Value(&'a str),
+    /// A bare lease: a reader is loading the first value.
+    Loading,
+    /// A value a reader is reloading: serve it meanwhile.
+    Reloading(&'a str),
 }
 
-/// The lease (fill right) of the full key `key` (prefix included), in the
-/// same Cluster slot: `<prefix>evictd:lease:<key>` when the key has a hash
-/// tag of its own, else `<prefix>evictd:lease:{<key>}`. A key holding a
-/// `}` but no hash tag has its lease elsewhere ([`same_slot`] tells).
-pub fn lease_key(prefix: &str, key: &str) -> String {
-    let mut lease = String::with_capacity(prefix.len() + LEASE_NAMESPACE.len() + key.len() + 2);
-    push_lease_key(prefix, key, &mut lease);
-    lease
-}
-
-/// [`lease_key`] appended to `out`.
-pub fn push_lease_key(prefix: &str, key: &str, out: &mut String) {
-    out.push_str(prefix);
-    out.push_str(LEASE_NAMESPACE);
-    if hash_tag(key).is_some() {
-        out.push_str(key);
-    } else {
-        out.push('{');
-        out.push_str(key);
-        out.push('}');
+impl<'a> Stored<'a> {
+    pub fn parse(raw: &'a str) -> Self {
+        let Some(rest) = raw.strip_prefix(LEASE) else {
+            return Stored::Value(raw);
+        };
+        match rest.split_once('\u{0}') {
+            Some((_token, value)) => Stored::Reloading(value),
+            None => Stored::Loading,
+        }
     }
 }
 
-/// The two glob patterns that match the leases of the keys `pattern` (a
-/// full-key glob, prefix included and escaped) matches: the braced form
-/// and the form of keys with their own hash tag.
-pub fn lease_patterns(escaped_prefix: &str, pattern: &str) -> [String; 2] {
-    [
-        format!("{escaped_prefix}{LEASE_NAMESPACE}{{{pattern}}}"),
-        format!("{escaped_prefix}{LEASE_NAMESPACE}{pattern}"),
-    ]
-}
-
-/// Whether `key`'s lease shares its Cluster slot (false only for a key
-/// with a `}` and no hash tag).
-pub fn same_slot(key: &str) -> bool {
-    hash_tag(key).is_some() || !key.contains('}')
+/// The lease of the token `token`.
+pub fn lease(token: &str) -> String {
+    format!("{LEASE}{token}")
 }
 
 /// Whether `key` matches a pattern of a broadcast or of evictd's pattern
@@ -141,33 +132,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hash_tags_as_redis_cluster_reads_them() {
-        assert_eq!(hash_tag("user:{42}:orders"), Some("42"));
-        assert_eq!(hash_tag("{a}{b}"), Some("a"));
-        assert_eq!(hash_tag("{}x{y}"), None);
-        assert_eq!(hash_tag("order:1"), None);
-        assert_eq!(hash_tag("a{b"), None);
-    }
-
-    #[test]
-    fn leases_hash_like_their_keys() {
+    fn a_reader_tells_values_from_leases() {
+        assert_eq!(Stored::parse("{\"a\":1}"), Stored::Value("{\"a\":1}"));
         assert_eq!(
-            lease_key("app:", "app:order:1"),
-            "app:evictd:lease:{app:order:1}"
+            Stored::parse("\u{0}evictd:absent"),
+            Stored::Value("\u{0}evictd:absent")
         );
+        assert_eq!(Stored::parse(&lease("00ff")), Stored::Loading);
+        let wrapped = format!("{}\u{0}{{\"a\":1}}", lease("00ff"));
+        assert_eq!(Stored::parse(&wrapped), Stored::Reloading("{\"a\":1}"));
+        let wrapped_absent = format!("{}\u{0}\u{0}evictd:absent", lease("00ff"));
         assert_eq!(
-            lease_key("", "user:{42}:orders"),
-            "evictd:lease:user:{42}:orders"
-        );
-        assert!(same_slot("order:1"));
-        assert!(same_slot("user:{42}"));
-        assert!(!same_slot("a}b"));
-        assert_eq!(
-            lease_patterns("app:", "app:order:*"),
-            [
-                "app:evictd:lease:{app:order:*}",
-                "app:evictd:lease:app:order:*"
-            ]
+            Stored::parse(&wrapped_absent),
+            Stored::Reloading("\u{0}evictd:absent")
         );
     }
 }

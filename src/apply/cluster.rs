@@ -21,10 +21,10 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 
 use super::broadcast::Broadcast;
-use evictd_client::protocol::{lease_key, lease_patterns, L1_LAST_KEY, TAG_NAMESPACE};
+use evictd_client::protocol::{L1_LAST_KEY, TAG_NAMESPACE};
 
 use super::shared::{
-    escaped, jittered, under_prefix, ApplyStats, Record, Wait, INVALIDATED_KEY, SCAN_COUNT,
+    jittered, under_prefix, ApplyStats, Record, Wait, INVALIDATED_KEY, SCAN_COUNT,
 };
 
 /// `UNLINK key`, for [`Phase::add`].
@@ -65,8 +65,6 @@ pub struct ClusterSink {
     connection: Option<ClusterConnection>,
     slots: Option<SlotMap>,
     prefix: String,
-    /// Delete each invalidated key's fill lease (`redis.fill_leases`).
-    leases: bool,
     broadcast: Broadcast,
     record: Option<Record>,
     timeout: Duration,
@@ -78,7 +76,6 @@ impl ClusterSink {
     pub fn new(
         url: &str,
         prefix: &str,
-        leases: bool,
         broadcast: Broadcast,
         wait: Wait,
     ) -> Result<ClusterSink, Error> {
@@ -102,7 +99,6 @@ impl ClusterSink {
             connection: None,
             slots: None,
             prefix: prefix.to_owned(),
-            leases,
             broadcast,
             record: None,
             timeout: Duration::from_secs(10),
@@ -197,11 +193,7 @@ impl ClusterSink {
             match command {
                 Command::Unlink { key, .. } => {
                     stats.keys += 1;
-                    let full = self.prefixed(key);
-                    phase.add(&full, unlink);
-                    if self.leases {
-                        phase.add(&lease_key(&self.prefix, &full), unlink);
-                    }
+                    phase.add(&self.prefixed(key), unlink);
                 }
                 Command::UnlinkMatching { pattern, .. } => {
                     phase.send(&connection, &mut stats, self.timeout).await?;
@@ -214,16 +206,6 @@ impl ClusterSink {
                     let mut deletes = Phase::new(&slots, self.wait);
                     for key in &keys {
                         deletes.add(key, unlink);
-                    }
-                    // The leases of the keys the pattern covers, cached or
-                    // not: a fill in flight for any of them is void.
-                    for leases in lease_patterns(&escaped(&self.prefix), &full) {
-                        let found = self
-                            .scan_masters(&connection, &slots, &leases, None, &mut stats)
-                            .await?;
-                        for lease in &found {
-                            deletes.add(lease, unlink);
-                        }
                     }
                     deletes.send(&connection, &mut stats, self.timeout).await?;
                 }
@@ -247,18 +229,15 @@ impl ClusterSink {
                     key, value, ttl, ..
                 } => {
                     stats.keys += 1;
-                    let full = self.prefixed(key);
-                    phase.add(&full, |pipe, key| {
+                    // Overwrites a fill lease too: a fill racing the
+                    // refresh cannot overwrite it.
+                    phase.add(&self.prefixed(key), |pipe, key| {
                         let set = pipe.cmd("SET").arg(key).arg(value);
                         if let Some(ttl) = ttl {
                             set.arg("EX").arg(jittered(ttl.seconds, ttl.jitter_bp));
                         }
                         set.ignore();
                     });
-                    // A fill racing the refresh must not overwrite it.
-                    if self.leases {
-                        phase.add(&lease_key(&self.prefix, &full), unlink);
-                    }
                 }
             }
         }
@@ -324,9 +303,6 @@ impl ClusterSink {
         let mut deletes = Phase::new(slots, self.wait);
         for key in members.iter().chain(&sets) {
             deletes.add(key, unlink);
-        }
-        for member in members.iter().filter(|_| self.leases) {
-            deletes.add(&lease_key(&self.prefix, member), unlink);
         }
         deletes.send(connection, stats, self.timeout).await?;
         Ok(count)

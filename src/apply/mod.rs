@@ -50,7 +50,7 @@ impl RedisSink {
                 replicas: config.wait_replicas,
                 timeout_ms: config.wait_timeout_ms,
             };
-            return ClusterSink::new(url, prefix, config.fill_leases, broadcast, wait)
+            return ClusterSink::new(url, prefix, broadcast, wait)
                 .map(|sink| RedisSink::Cluster(Box::new(sink)));
         }
         StandaloneSink::new(config, broadcast).map(|sink| RedisSink::Standalone(Box::new(sink)))

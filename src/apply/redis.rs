@@ -15,11 +15,9 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 
 use super::broadcast::Broadcast;
-use evictd_client::protocol::{
-    lease_key, lease_patterns, push_lease_key, LEASE_NAMESPACE, TAG_NAMESPACE,
-};
+use evictd_client::protocol::TAG_NAMESPACE;
 
-use super::shared::{escaped, jittered, under_prefix, ApplyStats, Record, Wait, SCAN_COUNT};
+use super::shared::{jittered, under_prefix, ApplyStats, Record, Wait, SCAN_COUNT};
 use crate::config::RedisConfig;
 use crate::error::{Error, ErrorKind};
 use crate::plan::{Command, Plan};
@@ -34,8 +32,6 @@ const TAG_CHUNK: usize = 64;
 /// the whole chunk; a tag key that is not a set makes it fail, and then each
 /// tag is looked at on its own: a stray value is just deleted, so it can
 /// never wedge the stream.
-/// Tag invalidation: members, their leases, then the sets (KEYS: tag
-/// sets; ARGV[1]: the lease prefix).
 const TAG_SCRIPT: &str = evictd_client::protocol::INVALIDATE_TAGS_SCRIPT;
 
 /// A standalone Redis the plans go to.
@@ -43,10 +39,6 @@ pub struct StandaloneSink {
     client: redis::Client,
     connection: Option<MultiplexedConnection>,
     prefix: String,
-    /// `<prefix>evictd:lease:`: every invalidation deletes the key's lease
-    /// too, which voids a client's fill in flight (docs/PROTOCOL.md).
-    /// Empty with `redis.fill_leases = false`.
-    lease_prefix: String,
     broadcast: Broadcast,
     record: Option<Record>,
     timeout: Duration,
@@ -96,11 +88,6 @@ impl StandaloneSink {
             client,
             connection: None,
             prefix: prefix.to_owned(),
-            lease_prefix: if config.fill_leases {
-                format!("{prefix}{LEASE_NAMESPACE}")
-            } else {
-                String::new()
-            },
             broadcast,
             record: None,
             timeout: Duration::from_secs(10),
@@ -156,8 +143,7 @@ impl StandaloneSink {
             stats.commands += 1;
             match command {
                 Command::Unlink { key, .. } => {
-                    let leases = !self.lease_prefix.is_empty();
-                    unlinks.add(&self.prefix, key, leases, &mut pipe, &mut stats);
+                    unlinks.add(&self.prefix, key, &mut pipe, &mut stats);
                 }
                 Command::UnlinkMatching { pattern, .. } => {
                     unlinks.flush(&mut pipe, &mut stats);
@@ -176,13 +162,12 @@ impl StandaloneSink {
                             .arg(TAG_SCRIPT)
                             .arg(tags.len())
                             .arg(&tags)
-                            .arg(&self.lease_prefix)
                             .ignore();
                         tags.clear();
                     }
                 }
                 Command::InvalidateTagsMatching { pattern, .. } => {
-                    flush_tags(&mut pipe, &mut tags, &self.lease_prefix);
+                    flush_tags(&mut pipe, &mut tags);
                     self.send(&mut connection, &mut pipe, &mut stats).await?;
                     let deleted = self
                         .invalidate_tags_matching(&mut connection, pattern, &mut stats)
@@ -194,24 +179,20 @@ impl StandaloneSink {
                     key, value, ttl, ..
                 } => {
                     unlinks.flush(&mut pipe, &mut stats);
-                    flush_tags(&mut pipe, &mut tags, &self.lease_prefix);
-                    let full = self.prefixed(key);
-                    let lease = lease_key(&self.prefix, &full);
-                    let set = pipe.cmd("SET").arg(&full).arg(value);
+                    flush_tags(&mut pipe, &mut tags);
+                    // Overwrites a fill lease too: a fill racing the
+                    // refresh cannot overwrite it.
+                    let set = pipe.cmd("SET").arg(self.prefixed(key)).arg(value);
                     if let Some(ttl) = ttl {
                         set.arg("EX").arg(jittered(ttl.seconds, ttl.jitter_bp));
                     }
                     set.ignore();
-                    // A fill racing the refresh must not overwrite it.
-                    if !self.lease_prefix.is_empty() {
-                        pipe.cmd("UNLINK").arg(lease).ignore();
-                    }
                     stats.keys += 1;
                 }
             }
         }
         unlinks.flush(&mut pipe, &mut stats);
-        flush_tags(&mut pipe, &mut tags, &self.lease_prefix);
+        flush_tags(&mut pipe, &mut tags);
         stats.count_invalidated(plan);
         stats.append_invalidated(&self.prefix, &mut pipe);
         self.broadcast.append(plan, &self.prefix, &mut pipe);
@@ -272,24 +253,6 @@ impl StandaloneSink {
         stats: &mut ApplyStats,
     ) -> Result<u64, Error> {
         let full = under_prefix(&self.prefix, "", pattern)?;
-        let deleted = self.unlink_matching(connection, &full, stats).await?;
-        // The leases of the keys the pattern covers, cached or not: a fill
-        // in flight for any of them is void.
-        if !self.lease_prefix.is_empty() {
-            for leases in lease_patterns(&escaped(&self.prefix), &full) {
-                self.unlink_matching(connection, &leases, stats).await?;
-            }
-        }
-        Ok(deleted)
-    }
-
-    /// SCAN for the full glob `full` and UNLINK what matches.
-    async fn unlink_matching(
-        &mut self,
-        connection: &mut MultiplexedConnection,
-        full: &str,
-        stats: &mut ApplyStats,
-    ) -> Result<u64, Error> {
         let mut cursor: u64 = 0;
         let mut deleted = 0;
         loop {
@@ -299,7 +262,7 @@ impl StandaloneSink {
                     redis::cmd("SCAN")
                         .arg(cursor)
                         .arg("MATCH")
-                        .arg(full)
+                        .arg(&full)
                         .arg("COUNT")
                         .arg(SCAN_COUNT),
                     stats,
@@ -344,10 +307,7 @@ impl StandaloneSink {
                 .await?;
             for chunk in sets.chunks(TAG_CHUNK) {
                 let mut eval = redis::cmd("EVAL");
-                eval.arg(TAG_SCRIPT)
-                    .arg(chunk.len())
-                    .arg(chunk)
-                    .arg(&self.lease_prefix);
+                eval.arg(TAG_SCRIPT).arg(chunk.len()).arg(chunk);
                 let members: u64 = self.query(connection, &eval, stats).await?;
                 deleted += members;
             }
@@ -399,7 +359,6 @@ struct Unlinks {
     cmd: redis::Cmd,
     count: usize,
     key: String,
-    lease: String,
 }
 
 impl Unlinks {
@@ -408,27 +367,14 @@ impl Unlinks {
             cmd: redis::cmd("UNLINK"),
             count: 0,
             key: String::with_capacity(128),
-            lease: String::with_capacity(160),
         }
     }
 
-    fn add(
-        &mut self,
-        prefix: &str,
-        key: &str,
-        leases: bool,
-        pipe: &mut redis::Pipeline,
-        stats: &mut ApplyStats,
-    ) {
+    fn add(&mut self, prefix: &str, key: &str, pipe: &mut redis::Pipeline, stats: &mut ApplyStats) {
         self.key.clear();
         self.key.push_str(prefix);
         self.key.push_str(key);
         self.cmd.arg(self.key.as_str());
-        if leases {
-            self.lease.clear();
-            push_lease_key(prefix, &self.key, &mut self.lease);
-            self.cmd.arg(self.lease.as_str());
-        }
         self.count += 1;
         if self.count == UNLINK_CHUNK {
             self.flush(pipe, stats);
@@ -445,13 +391,12 @@ impl Unlinks {
     }
 }
 
-fn flush_tags(pipe: &mut redis::Pipeline, tags: &mut Vec<String>, lease_prefix: &str) {
+fn flush_tags(pipe: &mut redis::Pipeline, tags: &mut Vec<String>) {
     if !tags.is_empty() {
         pipe.cmd("EVAL")
             .arg(TAG_SCRIPT)
             .arg(tags.len())
             .arg(&*tags)
-            .arg(lease_prefix)
             .ignore();
         tags.clear();
     }

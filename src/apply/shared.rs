@@ -178,13 +178,6 @@ pub fn under_prefix(prefix: &str, namespace: &str, pattern: &str) -> Result<Stri
     Ok(full)
 }
 
-/// `text` with its glob characters escaped.
-pub fn escaped(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    escape_glob(text, &mut out);
-    out
-}
-
 /// `seconds` varied at random by up to `jitter_bp` basis points either way.
 pub fn jittered(seconds: u64, jitter_bp: u32) -> u64 {
     if jitter_bp == 0 {

@@ -128,9 +128,6 @@ pub struct RedisConfig {
     /// Prepended to every key and tag set.
     pub prefix: String,
     pub l1_channel: String,
-    /// Delete each invalidated key's fill lease too (the client crate's
-    /// fenced fills, docs/PROTOCOL.md). Off only where no client fills.
-    pub fill_leases: bool,
     /// Allow a password over plain `redis://` to a host that is not this
     /// machine.
     pub allow_plaintext: bool,
@@ -329,7 +326,6 @@ impl Default for RedisConfig {
             url: SecretUrl::parse("redis://127.0.0.1:6379").expect("a valid URL"),
             prefix: String::new(),
             l1_channel: "evictd:l1".into(),
-            fill_leases: true,
             allow_plaintext: false,
             ca_file: None,
             cert_file: None,

@@ -420,7 +420,6 @@ pub(super) fn read_redis(section: &mut Section<'_>, base_dir: &Path) -> RedisCon
                 Ok(channel)
             }
         }),
-        fill_leases: section.or("fill_leases", defaults.fill_leases),
         allow_plaintext,
     }
 }

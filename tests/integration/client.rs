@@ -239,6 +239,37 @@ async fn a_fill_cannot_overwrite_a_refresh() {
     assert_eq!(cached.map(|c| c.status).as_deref(), Some("shipped"));
 }
 
+#[tokio::test]
+async fn a_reload_of_a_cached_value_is_voided_like_a_first_fill() {
+    // Past its TTL, inside the stale window, a read takes the right to
+    // reload the value (its lease wraps the value) and loads; every kind of
+    // invalidation in between voids that reload too.
+    let s = Streaming::start(SCHEMA, &[("orders.toml", MAPPING)]).await;
+    let cache = Cache::builder(stack().redis.url())
+        .prefix(s.config.redis.prefix.clone())
+        .ttl(Duration::from_millis(200))
+        .stale_while_revalidate(Duration::from_secs(60))
+        .build()
+        .await
+        .expect("a cache");
+    for &(key, tags, write) in INTERLEAVINGS {
+        // Cold, whatever an earlier write refreshed.
+        cache.invalidate(key).await.unwrap();
+        let (fill, _) = held_fill(&s, &cache, key, tags, None).await;
+        assert_eq!(fill, Fill::Stored, "{key}: the first fill");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (fill, _) = held_fill(&s, &cache, key, tags, Some(write)).await;
+        assert_eq!(fill, Fill::Fenced, "{key}: a reload across `{write}`");
+        let after: Option<Status> = cache.get(key).await.unwrap();
+        let refreshed = (key == "order:1:status").then(|| "shipped".to_owned());
+        assert_eq!(
+            after.map(|a| a.status),
+            refreshed,
+            "{key}: what is cached after `{write}`"
+        );
+    }
+}
+
 /// Loads `key` into `cache` (L1 and Redis) with the row's status.
 async fn load(s: &Streaming, cache: &Cache, key: &str, tags: &[&str]) -> Option<Status> {
     cache
@@ -427,25 +458,6 @@ async fn l1_serves_nothing_while_its_subscription_is_down() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-#[tokio::test]
-async fn with_fill_leases_off_a_racing_fill_is_stored_stale() {
-    // What the switch gives up: evictd no longer voids fills in flight.
-    let s = Streaming::start_with(SCHEMA, &[("orders.toml", MAPPING)], |config| {
-        config.redis.fill_leases = false;
-    })
-    .await;
-    let cache = cache(&s).await;
-    let write = "update orders set status = 'paid' where id = 1";
-    let (fill, value) = held_fill(&s, &cache, "order:1", &[], Some(write)).await;
-    assert_eq!((fill, value.status.as_str()), (Fill::Stored, "new"));
-    let cached: Option<Status> = cache.get("order:1").await.unwrap();
-    assert_eq!(
-        cached.map(|c| c.status).as_deref(),
-        Some("new"),
-        "stale, as documented"
-    );
 }
 
 #[tokio::test]
@@ -737,13 +749,16 @@ async fn stale_values_are_served_while_one_reader_reloads_and_early_refresh_relo
     let first: Option<String> = stale.get_or_load("k", &[], value("v1")).await.unwrap();
     assert_eq!(first.as_deref(), Some("v1"));
     tokio::time::sleep(Duration::from_millis(400)).await;
-    // Past its TTL, inside the window: someone else holds the fill right,
-    // so this read gets the old value at once.
+    // Past its TTL, inside the window: another reader holds the right to
+    // reload it (its lease wraps the value), so this read gets the old
+    // value at once.
     let mut redis = crate::support::redis_connection().await;
-    let lease = protocol::lease_key(&prefix, &format!("{prefix}k"));
+    let key = format!("{prefix}k");
+    let wrapped = format!("{}\u{0}\"v1\"", protocol::lease("another"));
     let () = redis::cmd("SET")
-        .arg(&lease)
-        .arg("another")
+        .arg(&key)
+        .arg(&wrapped)
+        .arg("KEEPTTL")
         .query_async(&mut redis)
         .await
         .unwrap();
@@ -751,9 +766,12 @@ async fn stale_values_are_served_while_one_reader_reloads_and_early_refresh_relo
     assert_eq!(served.as_deref(), Some("v1"));
     assert_eq!(stale.stats().stale_served.load(Ordering::Relaxed), 1);
     assert_eq!(stale.stats().loads.load(Ordering::Relaxed), 1);
-    // With the right free, the reader reloads.
-    let () = redis::cmd("DEL")
-        .arg(&lease)
+    // That reader never stores: its lease is still there. Unwrapped (the
+    // right free), the next read takes it and reloads.
+    let () = redis::cmd("SET")
+        .arg(&key)
+        .arg("\"v1\"")
+        .arg("KEEPTTL")
         .query_async(&mut redis)
         .await
         .unwrap();
