@@ -63,7 +63,10 @@ const PROBE_CACHE: Duration = Duration::from_secs(1);
 impl RedisProbe {
     /// A probe of the Redis (or Cluster) of `config`.
     pub fn new(config: &RedisConfig) -> Result<RedisProbe, Error> {
-        let sink = RedisSink::new(config, Broadcast::new(&config.l1_channel))?;
+        let sink = RedisSink::new(
+            config,
+            Broadcast::new(&config.l1_channel, config.l1_log_len),
+        )?;
         Ok(RedisProbe {
             inner: Arc::new(tokio::sync::Mutex::new(ProbeState {
                 sink,

@@ -136,11 +136,22 @@ impl CacheBuilder {
         self
     }
 
+    /// How long L1 keeps serving after its subscription dropped (none by
+    /// default: it serves nothing while it cannot hear evictd). Within the
+    /// bound a value is at most that much older than an invalidation it
+    /// missed; on reconnecting L1 replays what it missed from evictd's
+    /// broadcast log.
+    pub fn l1_serve_disconnected(mut self, bound: Duration) -> Self {
+        self.l1_options().serve_disconnected = bound;
+        self
+    }
+
     fn l1_options(&mut self) -> &mut L1Options {
         self.l1.get_or_insert_with(|| L1Options {
             bound: L1Bound::Entries(10_000),
             ttl: Duration::from_secs(60),
             channel: "evictd:l1".into(),
+            serve_disconnected: Duration::ZERO,
         })
     }
 
@@ -178,6 +189,7 @@ impl CacheBuilder {
                     Arc::clone(&l1),
                     self.nodes.clone(),
                     options.channel.clone(),
+                    l1::Log::new(redis.clone(), &self.prefix),
                 ));
                 (Some(l1), Some(task.abort_handle()))
             }

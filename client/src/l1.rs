@@ -8,18 +8,23 @@
 //! such a broadcast overtook the read, and what was read may be older than
 //! it. The recent broadcasts are kept for that check (the fence), the last
 //! 4,096 of them; a read older than those is not inserted.
+//!
+//! A message missed (a gap in seq, a new epoch, a dropped subscription) is
+//! replayed from evictd's broadcast log; L1 is flushed only when the log no
+//! longer reaches back to the last message applied.
 
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
 use moka::notification::RemovalCause;
+use redis::aio::ConnectionLike;
 
 use crate::metrics::Meter;
-use crate::protocol::{glob_matches, Broadcast};
+use crate::protocol::{glob_matches, Broadcast, L1_LAST_KEY, L1_LOG_FIELD, L1_LOG_KEY};
 
 /// How the L1 tier is bounded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,6 +42,9 @@ pub struct L1Options {
     pub bound: L1Bound,
     pub ttl: Duration,
     pub channel: String,
+    /// How long after the subscription dropped L1 still serves (0: not
+    /// at all).
+    pub serve_disconnected: Duration,
 }
 
 /// One entry, behind one `Arc`: moka clones it on every hit.
@@ -54,13 +62,12 @@ struct Stored {
 /// Why the L1 tier was emptied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlushReason {
-    /// The subscription (re)started: messages may have been missed.
+    /// The subscription (re)started and the broadcast log no longer
+    /// reaches back to the last message applied.
     Subscribed,
-    /// The subscription failed.
-    Disconnected,
-    /// A seq was skipped.
+    /// A seq was skipped, further back than the log reaches.
     Gap,
-    /// evictd restarted (a new epoch).
+    /// evictd restarted (a new epoch), and the log does not reach back.
     Epoch,
     /// A message did not parse.
     Malformed,
@@ -70,7 +77,6 @@ impl FlushReason {
     pub fn as_str(self) -> &'static str {
         match self {
             FlushReason::Subscribed => "subscribed",
-            FlushReason::Disconnected => "disconnected",
             FlushReason::Gap => "gap",
             FlushReason::Epoch => "epoch",
             FlushReason::Malformed => "malformed",
@@ -138,6 +144,9 @@ pub(crate) struct L1 {
     next_id: AtomicU64,
     /// The last applied broadcast, `epoch:seq`.
     last: Mutex<Option<(String, u64)>>,
+    /// Since when the subscription is down, while L1 may still serve.
+    down_since: Mutex<Option<Instant>>,
+    serve_disconnected: Duration,
     meter: Arc<Meter>,
 }
 
@@ -181,6 +190,8 @@ impl L1 {
             live: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             last: Mutex::new(None),
+            down_since: Mutex::new(None),
+            serve_disconnected: options.serve_disconnected,
             meter,
         }
     }
@@ -188,7 +199,7 @@ impl L1 {
     /// The value of `key` if L1 holds one of type `T` and may serve it.
     /// `Some(None)` is a cached "no row".
     pub fn get<T: Clone + 'static>(&self, key: &str) -> Option<Option<T>> {
-        if !self.live.load(Ordering::Acquire) {
+        if !self.serving() {
             return None;
         }
         let entry = self.entries.get(key)?;
@@ -261,6 +272,15 @@ impl L1 {
         self.live.load(Ordering::Acquire)
     }
 
+    /// Live, or down for less than `serve_disconnected`.
+    fn serving(&self) -> bool {
+        if self.live.load(Ordering::Acquire) {
+            return true;
+        }
+        !self.serve_disconnected.is_zero()
+            && lock(&self.down_since).is_some_and(|since| since.elapsed() < self.serve_disconnected)
+    }
+
     pub fn entry_count(&self) -> u64 {
         self.entries.run_pending_tasks();
         self.entries.entry_count()
@@ -277,26 +297,124 @@ impl L1 {
         fence.floor = generation;
         fence.recent.clear();
         self.live.store(live, Ordering::Release);
+        *lock(&self.down_since) = None;
         self.entries.invalidate_all();
         lock(&self.tags).clear();
         *lock(&self.last) = None;
         self.meter.l1_flushed(reason);
     }
 
-    /// Applies one message from the channel.
-    fn apply(&self, payload: &[u8]) {
+    /// The subscription dropped: serve nothing (or only within
+    /// `serve_disconnected`) and store nothing until it is back.
+    fn disconnected(&self) {
+        let _fence = lock(&self.fence);
+        if self.live.swap(false, Ordering::AcqRel) {
+            *lock(&self.down_since) = Some(Instant::now());
+        }
+    }
+
+    /// Serving again, with every message since the last one applied.
+    fn resumed(&self) {
+        let _fence = lock(&self.fence);
+        if let Some(since) = lock(&self.down_since).take() {
+            self.meter.l1_disconnected(since.elapsed());
+        }
+        self.live.store(true, Ordering::Release);
+    }
+
+    fn position(&self) -> Option<(String, u64)> {
+        lock(&self.last).clone()
+    }
+
+    /// Whether `message` comes right after what was applied (or is one
+    /// applied already).
+    fn follows(&self, message: &Broadcast) -> bool {
+        match &*lock(&self.last) {
+            None => true,
+            Some((epoch, seq)) => *epoch == message.epoch && message.seq <= seq + 1,
+        }
+    }
+
+    /// Catches up from the log after the subscription (re)started: replays
+    /// what was missed, or flushes when the log does not reach back.
+    async fn resume<C: ConnectionLike>(&self, log: &mut Log<C>) {
+        match self.position() {
+            Some(position) => {
+                // evictd's last message first: everything up to it is in
+                // the log read after it (logged before published), and
+                // everything after it arrives on the channel.
+                let read = async {
+                    let target = log.last().await?;
+                    let missed = log.since(&position).await?;
+                    Ok::<_, redis::RedisError>((target, missed))
+                };
+                match read.await {
+                    Ok((target, Some(missed))) => {
+                        self.replay(missed);
+                        let reached = match (target, self.position()) {
+                            (None, _) => true,
+                            (Some((epoch, seq)), Some((at_epoch, at_seq))) => {
+                                epoch == at_epoch && at_seq >= seq
+                            }
+                            (Some(_), None) => false,
+                        };
+                        if reached {
+                            self.resumed();
+                        } else {
+                            self.flush(FlushReason::Subscribed, true);
+                        }
+                    }
+                    _ => self.flush(FlushReason::Subscribed, true),
+                }
+            }
+            None => {
+                // Nothing applied yet: start from evictd's last message
+                // (anything published after it arrives on the channel).
+                self.flush(FlushReason::Subscribed, true);
+                if let Ok(Some(last)) = log.last().await {
+                    let mut position = lock(&self.last);
+                    if position.is_none() {
+                        *position = Some(last);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies one message from the channel; a gap or a new epoch first
+    /// replays what was missed from the log (or flushes).
+    async fn receive<C: ConnectionLike>(&self, payload: &[u8], log: &mut Log<C>) {
         let message: Broadcast = match serde_json::from_slice(payload) {
             Ok(message) => message,
             Err(_) => return self.flush(FlushReason::Malformed, true),
         };
-        let previous = lock(&self.last).clone();
-        if let Some((epoch, seq)) = previous {
-            if epoch != message.epoch {
+        if let Some(position) = self.position().filter(|_| !self.follows(&message)) {
+            // Serve nothing until the missed messages are applied.
+            self.live.store(false, Ordering::Release);
+            if let Ok(Some(missed)) = log.since(&position).await {
+                self.replay(missed);
+            }
+            if self.follows(&message) {
+                self.live.store(true, Ordering::Release);
+            } else if position.0 != message.epoch {
                 self.flush(FlushReason::Epoch, true);
-            } else if message.seq > seq + 1 {
+            } else {
                 self.flush(FlushReason::Gap, true);
             }
         }
+        self.apply_message(message);
+    }
+
+    fn replay(&self, missed: Vec<Broadcast>) {
+        self.meter.l1_replayed(missed.len());
+        for message in missed {
+            self.apply_message(message);
+        }
+    }
+
+    /// Applies one message: drops what it invalidates, records it in the
+    /// fence, and moves the position.
+    fn apply_message(&self, message: Broadcast) {
         let mut fence = lock(&self.fence);
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         for key in &message.keys {
@@ -347,26 +465,139 @@ impl L1 {
     }
 }
 
-/// Follows the broadcast channel for as long as the cache lives: on every
-/// (re)subscription L1 is flushed and then served again; while the
-/// subscription is down L1 serves and stores nothing.
-pub(crate) async fn subscribe(l1: Arc<L1>, urls: Vec<String>, channel: String) {
+/// Follows the broadcast channel for as long as the cache lives. On every
+/// (re)subscription L1 catches up from the log (or is flushed) before it
+/// serves again; while the subscription is down it stores nothing and
+/// serves only within `serve_disconnected`.
+pub(crate) async fn subscribe<C: ConnectionLike>(
+    l1: Arc<L1>,
+    urls: Vec<String>,
+    channel: String,
+    mut log: Log<C>,
+) {
     let mut attempt: usize = 0;
     loop {
         let url = &urls[attempt % urls.len()];
         attempt += 1;
         if let Ok(mut pubsub) = connect(url, &channel).await {
-            l1.flush(FlushReason::Subscribed, true);
             attempt = 0;
+            l1.resume(&mut log).await;
             let mut messages = pubsub.on_message();
             while let Some(message) = messages.next().await {
-                l1.apply(message.get_payload_bytes());
+                l1.receive(message.get_payload_bytes(), &mut log).await;
             }
             drop(messages);
-            l1.flush(FlushReason::Disconnected, false);
+            l1.disconnected();
         }
         let pause = Duration::from_millis(100 * (attempt.min(10) as u64));
         tokio::time::sleep(pause).await;
+    }
+}
+
+/// Entries read from the log per round trip.
+const REPLAY_CHUNK: usize = 1000;
+
+/// `newest_first` in order, if it continues `position` without a gap:
+/// within an epoch each seq at most one past the one before (a message may
+/// be there twice), and a new epoch starting at 1.
+fn contiguous(
+    position: &(String, u64),
+    mut newest_first: Vec<Broadcast>,
+) -> Option<Vec<Broadcast>> {
+    newest_first.reverse();
+    let (mut epoch, mut seq) = (position.0.as_str(), position.1);
+    for message in &newest_first {
+        let next = if message.epoch == epoch {
+            message.seq <= seq + 1
+        } else {
+            message.seq == 1
+        };
+        if !next {
+            return None;
+        }
+        if message.epoch != epoch || message.seq > seq {
+            (epoch, seq) = (message.epoch.as_str(), message.seq);
+        }
+    }
+    Some(newest_first)
+}
+
+/// evictd's broadcast log (`evictd:l1:log`) and last message
+/// (`evictd:l1:last`), read over the cache's own connection.
+pub(crate) struct Log<C> {
+    connection: C,
+    log_key: String,
+    last_key: String,
+}
+
+impl<C: ConnectionLike> Log<C> {
+    pub fn new(connection: C, prefix: &str) -> Log<C> {
+        Log {
+            connection,
+            log_key: format!("{prefix}{L1_LOG_KEY}"),
+            last_key: format!("{prefix}{L1_LAST_KEY}"),
+        }
+    }
+
+    /// The messages after `position` (oldest first), or `None` when the log
+    /// does not reach back to it.
+    async fn since(
+        &mut self,
+        position: &(String, u64),
+    ) -> redis::RedisResult<Option<Vec<Broadcast>>> {
+        let (epoch, seq) = position;
+        let mut missed: Vec<Broadcast> = Vec::new();
+        let mut end = "+".to_owned();
+        loop {
+            let entries: Vec<(String, Vec<String>)> = redis::cmd("XREVRANGE")
+                .arg(&self.log_key)
+                .arg(&end)
+                .arg("-")
+                .arg("COUNT")
+                .arg(REPLAY_CHUNK)
+                .query_async(&mut self.connection)
+                .await?;
+            for (id, fields) in &entries {
+                end = format!("({id}");
+                let text = fields
+                    .chunks(2)
+                    .find(|pair| pair[0] == L1_LOG_FIELD)
+                    .and_then(|pair| pair.get(1));
+                let Some(Ok(message)) = text.map(|text| serde_json::from_str::<Broadcast>(text))
+                else {
+                    // An entry that does not parse: the log cannot be
+                    // trusted to be whole.
+                    return Ok(None);
+                };
+                if message.epoch == *epoch && message.seq <= *seq {
+                    return Ok(contiguous(position, missed));
+                }
+                missed.push(message);
+            }
+            if entries.len() < REPLAY_CHUNK {
+                // The log's oldest entry: enough if it is the very next one.
+                let next = missed
+                    .last()
+                    .is_some_and(|oldest| oldest.epoch == *epoch && oldest.seq == seq + 1);
+                return Ok(if next {
+                    contiguous(position, missed)
+                } else {
+                    None
+                });
+            }
+        }
+    }
+
+    /// evictd's last message, `(epoch, seq)`.
+    async fn last(&mut self) -> redis::RedisResult<Option<(String, u64)>> {
+        let last: Option<String> = redis::cmd("GET")
+            .arg(&self.last_key)
+            .query_async(&mut self.connection)
+            .await?;
+        Ok(last.and_then(|last| {
+            let (epoch, seq) = last.rsplit_once(':')?;
+            Some((epoch.to_owned(), seq.parse().ok()?))
+        }))
     }
 }
 
@@ -392,14 +623,16 @@ mod tests {
             bound: L1Bound::Entries(100),
             ttl: Duration::from_secs(60),
             channel: "c".into(),
+            serve_disconnected: Duration::ZERO,
         };
         let l1 = L1::new(&options, Arc::new(Meter::new()));
         l1.flush(FlushReason::Subscribed, true);
         l1
     }
 
-    fn message(seq: u64, body: &str) -> Vec<u8> {
-        format!(r#"{{"v":1,"epoch":"e","seq":{seq},{body}}}"#).into_bytes()
+    fn message(seq: u64, body: &str) -> Broadcast {
+        serde_json::from_str(&format!(r#"{{"v":1,"epoch":"e","seq":{seq},{body}}}"#))
+            .expect("a message")
     }
 
     #[test]
@@ -412,7 +645,7 @@ mod tests {
             (4, r#""tag_patterns":["user:*"]"#, "page:2", &["user:2"][..]),
         ] {
             let seen = l1.generation();
-            l1.apply(&message(seq, body));
+            l1.apply_message(message(seq, body));
             assert!(!l1.insert(key, Some(1u8), tags, 1, seen), "{body}");
             assert_eq!(l1.get::<u8>(key), None);
             // A read that began after the broadcast is kept.
@@ -425,7 +658,7 @@ mod tests {
     fn a_broadcast_of_something_else_does_not_keep_a_read_out() {
         let l1 = l1();
         let seen = l1.generation();
-        l1.apply(&message(1, r#""keys":["order:9"],"tags":["user:9"]"#));
+        l1.apply_message(message(1, r#""keys":["order:9"],"tags":["user:9"]"#));
         assert!(l1.insert("order:1", Some(1u8), &["user:1"], 1, seen));
     }
 
@@ -439,7 +672,7 @@ mod tests {
         keep("c:1", &[]);
         keep("d", &["u:1"]);
         keep("e", &["v"]);
-        l1.apply(&message(
+        l1.apply_message(message(
             1,
             r#""keys":["a"],"tags":["t"],"patterns":["c:*"],"tag_patterns":["u:*"]"#,
         ));
@@ -454,7 +687,7 @@ mod tests {
         let l1 = l1();
         let seen = l1.generation();
         for seq in 1..=FENCE_MESSAGES as u64 + 1 {
-            l1.apply(&message(seq, r#""keys":["other"]"#));
+            l1.apply_message(message(seq, r#""keys":["other"]"#));
         }
         assert!(!l1.insert("order:1", Some(1u8), &[], 1, seen));
     }
@@ -463,9 +696,56 @@ mod tests {
     fn nothing_is_served_or_kept_while_deaf() {
         let l1 = l1();
         assert!(l1.insert("a", Some(1u8), &[], 1, l1.generation()));
-        l1.flush(FlushReason::Disconnected, false);
+        l1.disconnected();
         assert_eq!(l1.get::<u8>("a"), None);
         assert!(!l1.insert("a", Some(1u8), &[], 1, l1.generation()));
+        // Back with nothing missed: the entry is served again.
+        l1.resumed();
+        assert_eq!(l1.get::<u8>("a"), Some(Some(1)));
+    }
+
+    #[test]
+    fn while_deaf_entries_are_served_only_within_the_bound() {
+        let mut options = L1Options {
+            bound: L1Bound::Entries(100),
+            ttl: Duration::from_secs(60),
+            channel: "c".into(),
+            serve_disconnected: Duration::from_millis(50),
+        };
+        let l1 = L1::new(&options, Arc::new(Meter::new()));
+        l1.flush(FlushReason::Subscribed, true);
+        assert!(l1.insert("a", Some(1u8), &[], 1, l1.generation()));
+        l1.disconnected();
+        assert_eq!(l1.get::<u8>("a"), Some(Some(1)), "within the bound");
+        assert!(!l1.insert("b", Some(1u8), &[], 1, l1.generation()));
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(l1.get::<u8>("a"), None, "past the bound");
+        options.serve_disconnected = Duration::ZERO;
+        let l1 = L1::new(&options, Arc::new(Meter::new()));
+        l1.flush(FlushReason::Subscribed, true);
+        assert!(l1.insert("a", Some(1u8), &[], 1, l1.generation()));
+        l1.disconnected();
+        assert_eq!(l1.get::<u8>("a"), None, "a zero bound serves nothing");
+    }
+
+    #[test]
+    fn a_replay_must_continue_the_position_without_a_gap() {
+        let at = |epoch: &str, seq: u64| {
+            let mut m = message(seq, r#""keys":[]"#);
+            m.epoch = epoch.into();
+            m
+        };
+        let position = ("e".to_owned(), 4);
+        let replay = |newest_first: Vec<Broadcast>| contiguous(&position, newest_first).is_some();
+        assert!(replay(vec![]));
+        assert!(replay(vec![at("e", 6), at("e", 5)]));
+        assert!(replay(vec![at("e", 5), at("e", 5)]), "a message twice");
+        assert!(
+            replay(vec![at("f", 2), at("f", 1), at("e", 5)]),
+            "a restart"
+        );
+        assert!(!replay(vec![at("e", 7), at("e", 5)]), "6 is missing");
+        assert!(!replay(vec![at("f", 2)]), "a new epoch from 2");
     }
 
     #[test]

@@ -35,6 +35,12 @@ pub struct Stats {
     pub l1_evictions: AtomicU64,
     /// Times the whole L1 tier was emptied.
     pub l1_flushes: AtomicU64,
+    /// Times L1 caught up from evictd's broadcast log instead of flushing.
+    pub l1_replays: AtomicU64,
+    /// Messages applied from the log.
+    pub l1_replayed: AtomicU64,
+    /// Time the L1 subscription was down, in milliseconds.
+    pub l1_disconnected_ms: AtomicU64,
 }
 
 pub(crate) struct Meter {
@@ -135,6 +141,24 @@ impl Meter {
         } else {
             self.evicted_age.increment(1);
         }
+    }
+
+    pub fn l1_replayed(&self, messages: usize) {
+        let messages = messages as u64;
+        self.stats.l1_replays.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .l1_replayed
+            .fetch_add(messages, Ordering::Relaxed);
+        counter!("evictd_client_l1_replays_total").increment(1);
+        counter!("evictd_client_l1_replayed_messages_total").increment(messages);
+    }
+
+    pub fn l1_disconnected(&self, down: std::time::Duration) {
+        let ms = u64::try_from(down.as_millis()).unwrap_or(u64::MAX);
+        self.stats
+            .l1_disconnected_ms
+            .fetch_add(ms, Ordering::Relaxed);
+        metrics::histogram!("evictd_client_l1_disconnected_seconds").record(down.as_secs_f64());
     }
 
     pub fn l1_flushed(&self, reason: FlushReason) {

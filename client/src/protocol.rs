@@ -18,6 +18,14 @@ pub const LEASE: &str = "\u{0}evictd:lease:";
 /// The key holding the last broadcast's `epoch:seq`, under the prefix.
 pub const L1_LAST_KEY: &str = "evictd:l1:last";
 
+/// The broadcast log, under the prefix: a Redis Stream holding the recent
+/// broadcasts (field `m`, the message as published), appended before each
+/// is published, so that a subscriber that missed some replays them.
+pub const L1_LOG_KEY: &str = "evictd:l1:log";
+
+/// The field of a log entry that holds the message.
+pub const L1_LOG_FIELD: &str = "m";
+
 /// The fenced fill (KEYS: key; ARGV: lease, value, TTL in ms).
 pub const FILL_SCRIPT: &str = include_str!("../lua/fill.lua");
 

@@ -11,10 +11,15 @@
 //! twice, never a gap.
 //!
 //! Keys are as the mappings render them, without the global key prefix.
+//!
+//! Each message is also appended to the broadcast log (`evictd:l1:log`, a
+//! Stream bounded by `redis.l1_log_len` entries), before it is published:
+//! a subscriber that sees a gap, a new epoch or reconnects replays what it
+//! missed from there, and flushes only when the log no longer reaches back.
 
 use std::fmt::Write as _;
 
-use evictd_client::protocol::L1_LAST_KEY;
+use evictd_client::protocol::{L1_LAST_KEY, L1_LOG_FIELD, L1_LOG_KEY};
 use rand::Rng as _;
 
 use crate::change::Checkpoint;
@@ -23,6 +28,8 @@ use crate::plan::{Command, Plan};
 
 pub struct Broadcast {
     channel: String,
+    /// Entries the log keeps (about: trimmed with `~`); 0: no log.
+    log_len: u64,
     epoch: String,
     next_seq: u64,
     /// The seq of the plan being applied, kept across retries.
@@ -30,10 +37,11 @@ pub struct Broadcast {
 }
 
 impl Broadcast {
-    pub fn new(channel: &str) -> Broadcast {
+    pub fn new(channel: &str, log_len: u64) -> Broadcast {
         let epoch: u64 = rand::rng().random();
         Broadcast {
             channel: channel.to_owned(),
+            log_len,
             epoch: format!("{epoch:016x}"),
             next_seq: 1,
             pending: None,
@@ -44,25 +52,64 @@ impl Broadcast {
         &self.epoch
     }
 
-    /// Appends PUBLISH and the `last` SET for `plan` to `pipe`, unless the
-    /// plan invalidates nothing.
-    pub fn append(&mut self, plan: &Plan, prefix: &str, pipe: &mut redis::Pipeline) {
+    /// The message of `plan`, with its seq; `None` when the plan
+    /// invalidates nothing.
+    pub fn prepare(&mut self, plan: &Plan) -> Option<Message> {
         if plan.commands.is_empty() {
-            return;
+            return None;
         }
         let seq = *self.pending.get_or_insert_with(|| {
             let seq = self.next_seq;
             self.next_seq += 1;
             seq
         });
+        Some(Message {
+            seq,
+            text: self.message(plan, seq),
+        })
+    }
+
+    /// The log's key under `prefix`.
+    pub fn log_key(prefix: &str) -> String {
+        format!("{prefix}{L1_LOG_KEY}")
+    }
+
+    /// Appends the message to the log (XADD, trimmed to about
+    /// `redis.l1_log_len`): before it is published, so that whoever sees
+    /// it published can find it and its predecessors there.
+    pub fn append_log(&self, message: &Message, prefix: &str, pipe: &mut redis::Pipeline) {
+        if self.log_len == 0 {
+            return;
+        }
+        pipe.cmd("XADD")
+            .arg(Broadcast::log_key(prefix))
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.log_len)
+            .arg("*")
+            .arg(L1_LOG_FIELD)
+            .arg(&message.text)
+            .ignore();
+    }
+
+    /// Appends PUBLISH and the `last` SET of the message to `pipe`.
+    pub fn append_publish(&self, message: &Message, prefix: &str, pipe: &mut redis::Pipeline) {
         pipe.cmd("PUBLISH")
             .arg(&self.channel)
-            .arg(self.message(plan, seq))
+            .arg(&message.text)
             .ignore();
         pipe.cmd("SET")
             .arg(format!("{prefix}{L1_LAST_KEY}"))
-            .arg(format!("{}:{seq}", self.epoch))
+            .arg(format!("{}:{}", self.epoch, message.seq))
             .ignore();
+    }
+
+    /// Both, in order, to one pipeline (a standalone Redis).
+    pub fn append(&mut self, plan: &Plan, prefix: &str, pipe: &mut redis::Pipeline) {
+        if let Some(message) = self.prepare(plan) {
+            self.append_log(&message, prefix, pipe);
+            self.append_publish(&message, prefix, pipe);
+        }
     }
 
     /// The plan's message was delivered: the next plan gets the next seq.
@@ -106,6 +153,12 @@ impl Broadcast {
     }
 }
 
+/// One plan's broadcast.
+pub struct Message {
+    seq: u64,
+    text: String,
+}
+
 /// Appends `,"name":["a","b"]` with JSON string escaping.
 fn write_list(json: &mut String, name: &str, items: &[&str]) {
     let _ = write!(json, r#","{name}":["#);
@@ -126,7 +179,7 @@ mod tests {
 
     #[test]
     fn the_message_is_valid_json_with_escaping() {
-        let broadcast = Broadcast::new("evictd:l1");
+        let broadcast = Broadcast::new("evictd:l1", 0);
         let plan = Plan {
             commands: vec![
                 Command::Unlink {

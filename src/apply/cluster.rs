@@ -258,8 +258,25 @@ impl ClusterSink {
             send_to(&connection, node, counts, self.timeout, self.wait).await?;
         }
         let last = format!("{}{L1_LAST_KEY}", self.prefix);
+        let message = self.broadcast.prepare(plan);
+        let mut log = redis::pipe();
+        if let Some(message) = &message {
+            self.broadcast.append_log(message, &self.prefix, &mut log);
+        }
+        if log.cmd_iter().next().is_some() {
+            // The log first: a subscriber that sees the message published
+            // finds it there.
+            let key = Broadcast::log_key(&self.prefix);
+            let node =
+                &slots.nodes[usize::from(slots.owner[usize::from(key_slot(key.as_bytes()))])];
+            stats.round_trips += 1;
+            send_to(&connection, node, log, self.timeout, self.wait).await?;
+        }
         let mut broadcast = redis::pipe();
-        self.broadcast.append(plan, &self.prefix, &mut broadcast);
+        if let Some(message) = &message {
+            self.broadcast
+                .append_publish(message, &self.prefix, &mut broadcast);
+        }
         if broadcast.cmd_iter().next().is_some() {
             let node =
                 &slots.nodes[usize::from(slots.owner[usize::from(key_slot(last.as_bytes()))])];

@@ -128,6 +128,9 @@ pub struct RedisConfig {
     /// Prepended to every key and tag set.
     pub prefix: String,
     pub l1_channel: String,
+    /// Broadcasts the log (`evictd:l1:log`) keeps for subscribers to
+    /// replay; 0: no log.
+    pub l1_log_len: u64,
     /// Allow a password over plain `redis://` to a host that is not this
     /// machine.
     pub allow_plaintext: bool,
@@ -326,6 +329,7 @@ impl Default for RedisConfig {
             url: SecretUrl::parse("redis://127.0.0.1:6379").expect("a valid URL"),
             prefix: String::new(),
             l1_channel: "evictd:l1".into(),
+            l1_log_len: 10_000,
             allow_plaintext: false,
             ca_file: None,
             cert_file: None,

@@ -420,6 +420,7 @@ pub(super) fn read_redis(section: &mut Section<'_>, base_dir: &Path) -> RedisCon
                 Ok(channel)
             }
         }),
+        l1_log_len: section.in_range("l1_log_len", defaults.l1_log_len, 0..=10_000_000),
         allow_plaintext,
     }
 }

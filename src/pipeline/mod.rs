@@ -185,7 +185,7 @@ pub(crate) struct Handles {
 impl Stages {
     /// Creates the channels and starts the apply task.
     pub fn start(config: &Config) -> Result<(Stages, Handles), Error> {
-        let broadcast = Broadcast::new(&config.redis.l1_channel);
+        let broadcast = Broadcast::new(&config.redis.l1_channel, config.redis.l1_log_len);
         let epoch = broadcast.epoch().to_owned();
         let sink = RedisSink::new(&config.redis, broadcast)?;
         let (plans_tx, plans_rx) = mpsc::channel(PLAN_CHANNEL_CAPACITY);

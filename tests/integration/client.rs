@@ -875,3 +875,176 @@ async fn a_python_client_written_from_the_protocol_page_is_fenced_too() {
         }
     }
 }
+
+/// evictd streaming `SCHEMA` into `redis_url`, restartable: its database,
+/// config and mappings.
+struct Restartable {
+    db: crate::support::TestDb,
+    config: evictd::config::Config,
+    _mappings: tempfile::TempDir,
+}
+
+impl Restartable {
+    async fn new(redis_url: &str, log_len: u64) -> Restartable {
+        let db = crate::support::TestDb::new().await;
+        db.execute(SCHEMA).await;
+        let mappings = crate::support::mapping_dir(&[("orders.toml", MAPPING)]);
+        let mut config = crate::support::streaming_config(&db, mappings.path());
+        config.redis.url = evictd::config::SecretUrl::parse(redis_url).unwrap();
+        config.redis.l1_log_len = log_len;
+        Restartable {
+            db,
+            config,
+            _mappings: mappings,
+        }
+    }
+
+    async fn start(&self) -> evictd::testkit::Evictd {
+        evictd::testkit::Evictd::start(&self.config)
+            .await
+            .expect("start evictd")
+    }
+
+    async fn write(&self, evictd: &evictd::testkit::Evictd, status: &str) {
+        self.db
+            .execute(&format!(
+                "update orders set status = '{status}' where id = 1"
+            ))
+            .await;
+        evictd.sync().await.expect("sync");
+    }
+
+    /// A cache with L1 on this evictd's channel, live.
+    async fn l1_cache(&self, redis_url: &str) -> Cache {
+        let cache = Cache::builder(redis_url)
+            .prefix(self.config.redis.prefix.clone())
+            .l1_entries(100)
+            .l1_channel(self.config.redis.l1_channel.clone())
+            .build()
+            .await
+            .expect("a cache");
+        live(&cache, Duration::from_secs(10), "never live").await;
+        cache
+    }
+
+    /// Waits until `cache`'s L1 applied evictd's last broadcast and is live.
+    async fn caught_up(&self, redis_url: &str, cache: &Cache) {
+        let client = redis::Client::open(redis_url).unwrap();
+        let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+        let last_key = format!("{}{}", self.config.redis.prefix, protocol::L1_LAST_KEY);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let last: Option<String> = redis::cmd("GET")
+                .arg(&last_key)
+                .query_async(&mut redis)
+                .await
+                .expect("GET");
+            if cache.l1_live() && cache.l1_last() == last {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "L1 at {:?} (live {}), evictd at {last:?}",
+                cache.l1_last(),
+                cache.l1_live()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Loads order 1 through `cache` and checks that L1 keeps it.
+    async fn load(&self, cache: &Cache) {
+        let db = self.db.client().await;
+        let _: Option<Status> = cache
+            .get_or_load("order:1", &[], || async move {
+                let status: String = db
+                    .query_one("select status from orders where id = 1", &[])
+                    .await
+                    .expect("the order")
+                    .get(0);
+                Ok::<_, Infallible>(Some(Status { status }))
+            })
+            .await
+            .unwrap();
+        assert!(cache.l1_peek::<Status>("order:1").is_some(), "in L1");
+    }
+}
+
+fn counted(counter: &std::sync::atomic::AtomicU64) -> u64 {
+    counter.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[tokio::test]
+async fn a_dropped_subscription_replays_what_it_missed_instead_of_flushing() {
+    let redis = evictd::testkit::Redis::start().expect("redis");
+    let url = redis.url();
+    let r = Restartable::new(&url, 10_000).await;
+    let evictd = r.start().await;
+    r.write(&evictd, "a").await;
+    let cache = r.l1_cache(&url).await;
+    r.caught_up(&url, &cache).await;
+    r.load(&cache).await;
+    let flushes = counted(&cache.stats().l1_flushes);
+    let replays = counted(&cache.stats().l1_replays);
+    // The cache's subscriber is this Redis's only pub/sub client: kill it,
+    // and commit while it reconnects.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(killed, 1, "the subscriber");
+    r.write(&evictd, "b").await;
+    r.caught_up(&url, &cache).await;
+    assert!(
+        cache.l1_peek::<Status>("order:1").is_none(),
+        "order:1 is stale in L1"
+    );
+    assert_eq!(counted(&cache.stats().l1_flushes), flushes, "flushed");
+    assert!(counted(&cache.stats().l1_replays) > replays, "no replay");
+    evictd.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_restarted_evictd_is_replayed_from_the_log_or_flushed_without_one() {
+    let redis = evictd::testkit::Redis::start().expect("redis");
+    let url = redis.url();
+    for log_len in [10_000, 0] {
+        let r = Restartable::new(&url, log_len).await;
+        let evictd = r.start().await;
+        r.write(&evictd, "a").await;
+        let cache = r.l1_cache(&url).await;
+        r.caught_up(&url, &cache).await;
+        r.load(&cache).await;
+        let flushes = counted(&cache.stats().l1_flushes);
+        let replayed = counted(&cache.stats().l1_replayed);
+        evictd.stop().await.unwrap();
+        // A new epoch, and two broadcasts of it.
+        let evictd = r.start().await;
+        assert_ne!(
+            Some(evictd.epoch()),
+            cache.l1_last().as_deref().and_then(|l| l.split(':').next())
+        );
+        r.write(&evictd, "b").await;
+        r.write(&evictd, "c").await;
+        r.caught_up(&url, &cache).await;
+        assert!(
+            cache.l1_peek::<Status>("order:1").is_none(),
+            "log {log_len}: order:1 is stale in L1"
+        );
+        if log_len > 0 {
+            assert_eq!(counted(&cache.stats().l1_flushes), flushes, "flushed");
+            assert!(
+                counted(&cache.stats().l1_replayed) > replayed,
+                "nothing replayed"
+            );
+        } else {
+            assert!(counted(&cache.stats().l1_flushes) > flushes, "not flushed");
+        }
+        evictd.stop().await.unwrap();
+    }
+}

@@ -139,7 +139,10 @@ async fn the_record_never_moves_backwards() {
     let key = format!("{}evictd:slot:record-test", setup.db.prefix);
     let mut sink = RedisSink::new(
         &setup.config.redis,
-        Broadcast::new(&setup.config.redis.l1_channel),
+        Broadcast::new(
+            &setup.config.redis.l1_channel,
+            setup.config.redis.l1_log_len,
+        ),
     )
     .unwrap();
     async fn applied(sink: &mut RedisSink, key: &str, system_id: &str, lsn: u64) {
