@@ -42,6 +42,7 @@ mod demo;
 mod lifecycle;
 mod source;
 mod telemetry;
+mod watch;
 // Without the feature, only the demo's throwaway servers are used.
 #[cfg(not(feature = "testkit"))]
 #[allow(dead_code, unused_imports)]
@@ -73,5 +74,8 @@ pub mod internal {
     }
     pub mod telemetry {
         pub use crate::telemetry::{recorder, upkeep};
+    }
+    pub mod watch {
+        pub use crate::watch::{line, watch, Filter};
     }
 }

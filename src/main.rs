@@ -81,6 +81,22 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Print what evictd applies, batch by batch (its L1 broadcasts): the
+    /// recent ones from the broadcast log, then each new one. Runs until
+    /// interrupted.
+    Watch {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only batches that invalidated this key (by name or pattern).
+        #[arg(long)]
+        key: Option<String>,
+        /// Only batches with changes of this mapped table.
+        #[arg(long)]
+        table: Option<String>,
+        /// How many recent batches to print first.
+        #[arg(long, default_value_t = 10)]
+        backlog: usize,
+    },
     /// Print the commands one change produces, in the order they are sent.
     Explain {
         #[arg(long)]
@@ -127,6 +143,12 @@ fn main() -> ExitCode {
         Command::Run { config } => run(&config, None),
         Command::Init { config, dry_run } => init(&config, dry_run),
         Command::Status { config } => status(&config),
+        Command::Watch {
+            config,
+            key,
+            table,
+            backlog,
+        } => watch(&config, key, table, backlog),
         Command::Replay { config, until_lsn } => run(&config, Some(until_lsn)),
         Command::Check {
             config,
@@ -274,6 +296,23 @@ fn status(path: &Path) -> anyhow::Result<ExitCode> {
     for warning in &warnings {
         eprintln!("warning: {warning}");
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn watch(
+    path: &Path,
+    key: Option<String>,
+    table: Option<String>,
+    backlog: usize,
+) -> anyhow::Result<ExitCode> {
+    use evictd::internal::watch;
+    let config = Config::load(path).map_err(|error| UsageError(error.to_string()))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let filter = watch::Filter { key, table };
+    let mut out = std::io::stdout();
+    runtime.block_on(watch::watch(&config.redis, &filter, backlog, &mut out))?;
     Ok(ExitCode::SUCCESS)
 }
 

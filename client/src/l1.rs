@@ -497,6 +497,12 @@ pub(crate) async fn subscribe<C: ConnectionLike>(
 /// Entries read from the log per round trip.
 const REPLAY_CHUNK: usize = 1000;
 
+/// The message a log entry's fields hold.
+fn logged(fields: &[String]) -> Option<&str> {
+    let pair = fields.chunks(2).find(|pair| pair[0] == L1_LOG_FIELD)?;
+    pair.get(1).map(String::as_str)
+}
+
 /// `newest_first` in order, if it continues `position` without a gap:
 /// within an epoch each seq at most one past the one before (a message may
 /// be there twice), and a new epoch starting at 1.
@@ -523,8 +529,8 @@ fn contiguous(
 }
 
 /// evictd's broadcast log (`evictd:l1:log`) and last message
-/// (`evictd:l1:last`), read over the cache's own connection.
-pub(crate) struct Log<C> {
+/// (`evictd:l1:last`), read over any connection (the cache's own, for L1).
+pub struct Log<C> {
     connection: C,
     log_key: String,
     last_key: String,
@@ -540,8 +546,8 @@ impl<C: ConnectionLike> Log<C> {
     }
 
     /// The messages after `position` (oldest first), or `None` when the log
-    /// does not reach back to it.
-    async fn since(
+    /// does not reach back to it or they have a gap.
+    pub async fn since(
         &mut self,
         position: &(String, u64),
     ) -> redis::RedisResult<Option<Vec<Broadcast>>> {
@@ -559,11 +565,7 @@ impl<C: ConnectionLike> Log<C> {
                 .await?;
             for (id, fields) in &entries {
                 end = format!("({id}");
-                let text = fields
-                    .chunks(2)
-                    .find(|pair| pair[0] == L1_LOG_FIELD)
-                    .and_then(|pair| pair.get(1));
-                let Some(Ok(message)) = text.map(|text| serde_json::from_str::<Broadcast>(text))
+                let Some(Ok(message)) = logged(fields).map(serde_json::from_str::<Broadcast>)
                 else {
                     // An entry that does not parse: the log cannot be
                     // trusted to be whole.
@@ -588,8 +590,27 @@ impl<C: ConnectionLike> Log<C> {
         }
     }
 
+    /// The newest `count` messages, oldest first (an entry that does not
+    /// parse is left out).
+    pub async fn recent(&mut self, count: usize) -> redis::RedisResult<Vec<Broadcast>> {
+        let entries: Vec<(String, Vec<String>)> = redis::cmd("XREVRANGE")
+            .arg(&self.log_key)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut self.connection)
+            .await?;
+        let mut messages: Vec<Broadcast> = entries
+            .iter()
+            .filter_map(|(_, fields)| serde_json::from_str(logged(fields)?).ok())
+            .collect();
+        messages.reverse();
+        Ok(messages)
+    }
+
     /// evictd's last message, `(epoch, seq)`.
-    async fn last(&mut self) -> redis::RedisResult<Option<(String, u64)>> {
+    pub async fn last(&mut self) -> redis::RedisResult<Option<(String, u64)>> {
         let last: Option<String> = redis::cmd("GET")
             .arg(&self.last_key)
             .query_async(&mut self.connection)

@@ -17,5 +17,5 @@ mod metrics;
 pub mod protocol;
 
 pub use cache::{Cache, CacheBuilder, Error, Fill};
-pub use l1::{FlushReason, L1Bound};
+pub use l1::{FlushReason, L1Bound, Log};
 pub use metrics::Stats;

@@ -133,6 +133,10 @@ pub struct Broadcast {
     pub patterns: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tag_patterns: Vec<String>,
+    /// The mapped tables whose changes the batch invalidated for (for
+    /// people watching; a cache needs only the lists above).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tables: Vec<String>,
 }
 
 #[cfg(test)]

@@ -124,8 +124,18 @@ impl Broadcast {
         let mut tags = Vec::new();
         let mut patterns = Vec::new();
         let mut tag_patterns = Vec::new();
+        let mut tables: Vec<&str> = Vec::new();
         let mut size = 96;
         for command in &plan.commands {
+            let table = plan
+                .tables
+                .as_ref()
+                .and_then(|tables| tables.get(command.origin().0 as usize));
+            if let Some(table) = table {
+                if !tables.contains(&&**table) {
+                    tables.push(table);
+                }
+            }
             let (list, text) = match command {
                 Command::Unlink { key, .. } | Command::Set { key, .. } => (&mut keys, key),
                 Command::InvalidateTag { tag, .. } => (&mut tags, tag),
@@ -147,6 +157,9 @@ impl Broadcast {
         }
         if !tag_patterns.is_empty() {
             write_list(&mut json, "tag_patterns", &tag_patterns);
+        }
+        if !tables.is_empty() {
+            write_list(&mut json, "tables", &tables);
         }
         json.push('}');
         json
@@ -214,6 +227,7 @@ mod tests {
                 tags: vec!["user:1".into()],
                 patterns: vec!["order:*".into()],
                 tag_patterns: Vec::new(),
+                tables: Vec::new(),
             }
         );
         let message: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");

@@ -1,4 +1,4 @@
-//! `evictd init` and `evictd status` against a real database and Redis.
+//! `evictd init`, `evictd status` and `evictd watch` against a real database and Redis.
 
 use crate::support::{evictd, stack, stderr, stdout, TestDb};
 
@@ -130,4 +130,109 @@ async fn status_shows_the_slot_its_lag_and_what_was_applied() {
     let after = stdout(&evictd(&["status", "--config", &config]));
     assert!(after.contains("redis: last applied 0/"), "{after}");
     assert!(after.contains("last L1 broadcast (epoch:seq)"), "{after}");
+}
+
+/// `evictd watch` on `config` with `args`, its stdout read line by line.
+struct Watcher {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Watcher {
+    fn start(config: &std::path::Path, args: &[&str]) -> Watcher {
+        use tokio::io::AsyncBufReadExt as _;
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_evictd"))
+            .arg("watch")
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("run evictd watch");
+        let stdout = child.stdout.take().expect("stdout");
+        Watcher {
+            child,
+            lines: tokio::io::BufReader::new(stdout).lines(),
+        }
+    }
+
+    /// The next line within `within`, if any.
+    async fn next(&mut self, within: std::time::Duration) -> Option<String> {
+        tokio::time::timeout(within, self.lines.next_line())
+            .await
+            .ok()
+            .and_then(|line| line.expect("read stdout"))
+    }
+}
+
+#[tokio::test]
+async fn watch_prints_each_applied_batch_within_a_second_filtered_by_key_and_table() {
+    use std::time::Duration;
+    let schema = "
+        create table orders (id bigint primary key, status text not null);
+        create table users (id bigint primary key, name text not null);
+        create publication evictd for table orders, users;
+        insert into orders values (1, 'new'), (2, 'new');
+    ";
+    let mappings = [(
+        "shop.toml",
+        "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\n\n[[table]]\nname = \"users\"\nkeys = [\"user:{id}\"]\n",
+    )];
+    let s = crate::support::Streaming::start(schema, &mappings).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("evictd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[postgres]\nurl = \"{}\"\n[redis]\nurl = \"{}\"\nprefix = \"{}\"\nl1_channel = \"{}\"\n",
+            s.db.url,
+            stack().redis.url(),
+            s.config.redis.prefix,
+            s.config.redis.l1_channel
+        ),
+    )
+    .unwrap();
+    // A first batch, in the log before the watchers start: the backlog.
+    s.db.execute("update orders set status = 'a' where id = 1")
+        .await;
+    s.sync().await;
+    let mut by_key = Watcher::start(&config, &["--key", "order:1"]);
+    let mut by_table = Watcher::start(&config, &["--table", "public.users"]);
+    let backlog = by_key
+        .next(Duration::from_secs(20))
+        .await
+        .expect("the backlog");
+    assert!(backlog.contains("keys=order:1"), "{backlog}");
+    assert!(backlog.contains("tables=public.orders"), "{backlog}");
+    // Subscribed once the backlog is out; give the table watcher as long.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // One batch each (synced in between), so that each is a line.
+    for write in [
+        "update orders set status = 'b' where id = 2",
+        "insert into users values (7, 'ann')",
+        "update orders set status = 'c' where id = 1",
+    ] {
+        s.db.execute(write).await;
+        s.sync().await;
+    }
+    let line = by_key
+        .next(Duration::from_secs(1))
+        .await
+        .expect("order:1 within a second");
+    assert!(line.contains("keys=order:1"), "{line}");
+    assert!(!line.contains("order:2"), "{line}");
+    let line = by_table
+        .next(Duration::from_secs(1))
+        .await
+        .expect("users within a second");
+    assert!(
+        line.contains("tables=public.users") && line.contains("keys=user:7"),
+        "{line}"
+    );
+    // Nothing else matched: order 2's batch and the users batch were left out.
+    assert_eq!(by_key.next(Duration::from_millis(300)).await, None);
+    assert_eq!(by_table.next(Duration::from_millis(300)).await, None);
+    by_key.child.kill().await.ok();
+    by_table.child.kill().await.ok();
 }
