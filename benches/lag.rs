@@ -8,7 +8,12 @@
 //!   walsender's decoding and queueing);
 //! - an outside probe: every 50 ms a separate connection commits a new
 //!   version of a probe row and polls Redis until the refreshed value shows
-//!   it (what an application would see).
+//!   it (what an application would see);
+//! - read-your-writes: every 50 ms another connection commits a new version
+//!   of a second row, reads its commit position and waits with the client
+//!   crate's `Cache::wait_applied` (L1 on): from the commit's return to
+//!   `wait_applied`'s, against the probe above (polling Redis) in the same
+//!   run.
 //!
 //! Run: `cargo bench --bench lag` (prints a table, then one JSON line).
 //! `EVICTD_BENCH_RATE=N` runs one pass at N commits/s;
@@ -29,6 +34,8 @@ use evictd::testkit::{Postgres, Redis};
 
 const ROWS: i64 = 10_000;
 const PROBE_ID: i64 = ROWS + 1;
+/// The row the read-your-writes writer commits.
+const RYW_ID: i64 = ROWS + 2;
 const WRITERS: usize = 2;
 const SECONDS: u64 = 10;
 
@@ -47,6 +54,7 @@ struct Run {
     rate: f64,
     evictd: Lag,
     probe: LagHistogram,
+    wait_applied: LagHistogram,
     rss_kib: u64,
 }
 
@@ -74,12 +82,13 @@ async fn main() {
 /// Prints the table (milliseconds) and one JSON line.
 fn report(runs: &[Run]) {
     println!(
-        "\n{:<6} {:>9} {:>28} {:>28} {:>18} {:>8}",
+        "\n{:<6} {:>9} {:>28} {:>28} {:>18} {:>20} {:>8}",
         "load",
         "commits/s",
         "commit->Redis p50/p99/p99.9",
         "sent->Redis p50/p99/p99.9",
         "probe p50/p99",
+        "wait_applied p50/p99",
         "RSS MiB"
     );
     let ms = |histogram: &LagHistogram, q: f64| histogram.quantile(q).as_secs_f64() * 1000.0;
@@ -94,12 +103,17 @@ fn report(runs: &[Run]) {
     let mut json = Vec::new();
     for run in runs {
         println!(
-            "{:<6} {:>9.0} {:>28} {:>28} {:>18} {:>8}",
+            "{:<6} {:>9.0} {:>28} {:>28} {:>18} {:>20} {:>8}",
             run.name,
             run.rate,
             three(&run.evictd.commit_to_apply),
             three(&run.evictd.sent_to_apply),
             format!("{:.2} / {:.2}", ms(&run.probe, 0.5), ms(&run.probe, 0.99)),
+            format!(
+                "{:.2} / {:.2}",
+                ms(&run.wait_applied, 0.5),
+                ms(&run.wait_applied, 0.99)
+            ),
             run.rss_kib / 1024
         );
         let quantiles = |h: &LagHistogram| serde_json::json!({"p50": ms(h, 0.5), "p99": ms(h, 0.99), "p999": ms(h, 0.999), "batches": h.count()});
@@ -109,6 +123,7 @@ fn report(runs: &[Run]) {
             "evictd_commit_to_apply_ms": quantiles(&run.evictd.commit_to_apply),
             "evictd_sent_to_apply_ms": quantiles(&run.evictd.sent_to_apply),
             "probe_lag_ms": {"p50": ms(&run.probe, 0.5), "p99": ms(&run.probe, 0.99), "samples": run.probe.count()},
+            "wait_applied_ms": {"p50": ms(&run.wait_applied, 0.5), "p99": ms(&run.wait_applied, 0.99), "samples": run.wait_applied.count()},
             "process_peak_rss_kib": run.rss_kib,
         }));
     }
@@ -123,7 +138,7 @@ async fn run(postgres: &Postgres, redis: &Redis, name: &str, rate: Option<f64>) 
         .batch_execute(&format!(
             "create table orders (id bigint primary key, version bigint not null);
              alter table orders replica identity full;
-             insert into orders select g, 0 from generate_series(1, {PROBE_ID}) g;
+             insert into orders select g, 0 from generate_series(1, {RYW_ID}) g;
              create publication evictd for table orders;"
         ))
         .await
@@ -165,6 +180,7 @@ async fn run(postgres: &Postgres, redis: &Redis, name: &str, rate: Option<f64>) 
 
     let stop = Arc::new(AtomicBool::new(false));
     let probe = probe(&url, redis, &config.redis.prefix, stop.clone());
+    let wait_applied = read_your_writes(&url, redis, &config, stop.clone());
     let cpu_before = evictd::testkit::cpu_by_process_name();
     let rate = pgbench(postgres, &url, rate).await;
     stop.store(true, Ordering::Relaxed);
@@ -183,6 +199,7 @@ async fn run(postgres: &Postgres, redis: &Redis, name: &str, rate: Option<f64>) 
         eprintln!("{name}: CPU ticks by process during the run: {used:?}");
     }
     let probe = probe.await.unwrap();
+    let wait_applied = wait_applied.await.unwrap();
     let evictd = running.lag.lock().unwrap().clone();
     running.stop();
     running.wait().await.expect("evictd stopped");
@@ -191,6 +208,7 @@ async fn run(postgres: &Postgres, redis: &Redis, name: &str, rate: Option<f64>) 
         rate,
         evictd,
         probe,
+        wait_applied,
         rss_kib: peak_rss_kib(),
     }
 }
@@ -292,6 +310,45 @@ fn probe(
                 }
                 tokio::time::sleep(Duration::from_micros(200)).await;
             }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        histogram
+    })
+}
+
+/// Every 50 ms: commit, read the commit position, `wait_applied` through a
+/// cache with L1; the time from the commit's return to `wait_applied`'s.
+fn read_your_writes(
+    url: &str,
+    redis: &Redis,
+    config: &Config,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<LagHistogram> {
+    let url = url.to_owned();
+    let cache = evictd_client::Cache::builder(redis.url())
+        .prefix(config.redis.prefix.clone())
+        .slot(config.postgres.slot.clone())
+        .l1_entries(1_000)
+        .l1_channel(config.redis.l1_channel.clone());
+    tokio::spawn(async move {
+        let client = connect(&url).await;
+        let cache = cache.build().await.expect("a cache");
+        let mut histogram = LagHistogram::default();
+        let mut version: i64 = 0;
+        while !stop.load(Ordering::Relaxed) {
+            version += 1;
+            client
+                .execute(
+                    "update orders set version = $1 where id = $2",
+                    &[&version, &RYW_ID],
+                )
+                .await
+                .unwrap();
+            let committed = Instant::now();
+            let position = evictd_client::commit_position(&client).await.unwrap();
+            // A timeout counts as the 10 s it took.
+            let _ = cache.wait_applied(position, Duration::from_secs(10)).await;
+            histogram.record(committed.elapsed());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         histogram

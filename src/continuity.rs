@@ -55,7 +55,7 @@ impl Remembered {
 
 /// The Redis key of the record (without the key prefix).
 pub fn record_key(slot: &str) -> String {
-    format!("evictd:slot:{slot}")
+    format!("{}{slot}", evictd_client::protocol::SLOT_RECORD_NAMESPACE)
 }
 
 /// What the catalog says about the slot.

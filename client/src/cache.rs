@@ -18,7 +18,8 @@ use tokio::task::AbortHandle;
 use crate::l1::{self, L1Bound, L1Options, L1};
 use crate::metrics::{Meter, Stats};
 use crate::protocol::{
-    lease, Stored, FILL_SCRIPT, LEASE, RELEASE_SCRIPT, RELOAD_SCRIPT, TAG_NAMESPACE,
+    lease, record_position, Position, Stored, FILL_SCRIPT, L1_LAST_KEY, LEASE, RELEASE_SCRIPT,
+    RELOAD_SCRIPT, SLOT_RECORD_NAMESPACE, TAG_NAMESPACE,
 };
 
 /// What a negative entry ("no such row") holds: not valid JSON, so it
@@ -38,6 +39,16 @@ pub enum Error<E = std::convert::Infallible> {
     },
     #[error("the loader failed: {0}")]
     Load(E),
+    /// [`Cache::wait_applied`] timed out.
+    #[error("evictd had applied through {applied} after {waited:?}, {behind} bytes of WAL short of {wanted}{l1}")]
+    Behind {
+        wanted: Position,
+        applied: Position,
+        behind: u64,
+        waited: Duration,
+        /// Set when Redis had it but this process's L1 had not heard yet.
+        l1: &'static str,
+    },
 }
 
 /// How a fill ended, for tests and metrics.
@@ -67,9 +78,17 @@ pub struct CacheBuilder {
     l1: Option<L1Options>,
     early_refresh: f64,
     stale: Duration,
+    slot: String,
 }
 
 impl CacheBuilder {
+    /// The replication slot evictd streams from (`postgres.slot`, by
+    /// default `evictd`): [`Cache::wait_applied`] reads its record.
+    pub fn slot(mut self, slot: impl Into<String>) -> Self {
+        self.slot = slot.into();
+        self
+    }
+
     /// The key prefix evictd is configured with (`redis.prefix`).
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
@@ -334,6 +353,99 @@ impl Cache {
             l1: None,
             early_refresh: 0.0,
             stale: Duration::ZERO,
+            slot: "evictd".into(),
+        }
+    }
+
+    /// Waits until evictd has applied the Postgres WAL through `position`
+    /// (read right after your commit, e.g. with [`commit_position`]), so
+    /// that a read through this cache sees your write: Redis holds nothing
+    /// older, and with L1 on, this process's L1 has applied the broadcasts
+    /// up to it. Learns it from L1's broadcasts while they flow, else from
+    /// evictd's continuity record (polled every 10 ms). Fails with
+    /// [`Error::Behind`], saying how far behind evictd is, after `timeout`.
+    /// For the Postgres source only (the Kafka source has no WAL position).
+    pub async fn wait_applied(&self, position: Position, timeout: Duration) -> Result<(), Error> {
+        let started = Instant::now();
+        let prefix = &self.inner.options.prefix;
+        let record_key = format!("{prefix}{SLOT_RECORD_NAMESPACE}{}", self.inner.options.slot);
+        let last_key = format!("{prefix}{L1_LAST_KEY}");
+        let mut redis = self.inner.redis.clone();
+        let mut applied = Position(0);
+        // With L1: the broadcast evictd had published when Redis was known
+        // to be there, which L1 must have applied too.
+        let mut l1_target: Option<(String, u64)> = None;
+        let mut read_redis = true;
+        loop {
+            let l1 = self.inner.l1.as_deref();
+            let mut changed = std::pin::pin!(l1.map(L1::changed));
+            if let Some(changed) = changed.as_mut().as_pin_mut() {
+                changed.enable();
+            }
+            if let Some(l1) = l1 {
+                applied = applied.max(l1.applied());
+                if applied >= position {
+                    return Ok(());
+                }
+            }
+            if read_redis && l1_target.is_none() {
+                let record: Option<String> = redis::cmd("GET")
+                    .arg(&record_key)
+                    .query_async(&mut redis)
+                    .await?;
+                if let Some(at) = record.as_deref().and_then(record_position) {
+                    applied = applied.max(at);
+                }
+                if applied >= position {
+                    let Some(l1) = l1 else {
+                        return Ok(());
+                    };
+                    // Read after the record: evictd sets it after
+                    // publishing the batch's broadcast.
+                    let last: Option<String> = redis::cmd("GET")
+                        .arg(&last_key)
+                        .query_async(&mut redis)
+                        .await?;
+                    let Some(target) = last.and_then(|last| {
+                        let (epoch, seq) = last.rsplit_once(':')?;
+                        Some((epoch.to_owned(), seq.parse().ok()?))
+                    }) else {
+                        return Ok(());
+                    };
+                    if l1.reached(&target) {
+                        return Ok(());
+                    }
+                    l1_target = Some(target);
+                }
+            }
+            if let (Some(l1), Some(target)) = (l1, &l1_target) {
+                if l1.reached(target) {
+                    return Ok(());
+                }
+            }
+            let waited = started.elapsed();
+            if waited >= timeout {
+                return Err(Error::Behind {
+                    wanted: position,
+                    applied,
+                    behind: position.0.saturating_sub(applied.0),
+                    waited,
+                    l1: if l1_target.is_some() {
+                        " (Redis had it; this process's L1 had not applied its broadcast)"
+                    } else {
+                        ""
+                    },
+                });
+            }
+            let tick = (timeout - waited).min(Duration::from_millis(10));
+            read_redis = match changed.as_mut().as_pin_mut() {
+                // A broadcast arrived: look at it before Redis.
+                Some(changed) => tokio::time::timeout(tick, changed).await.is_err(),
+                None => {
+                    tokio::time::sleep(tick).await;
+                    true
+                }
+            };
         }
     }
 
@@ -839,6 +951,22 @@ impl Cache {
     }
 }
 
+/// The WAL position of the database `client` is connected to, read right
+/// after a commit on it: give it to [`Cache::wait_applied`] to read your
+/// own write. (`pg_current_wal_insert_lsn()`: at or past the end of every
+/// commit record written before it, even under `synchronous_commit = off`,
+/// where the write position may still be behind the commit.)
+#[cfg(feature = "postgres")]
+pub async fn commit_position(
+    client: &tokio_postgres::Client,
+) -> Result<Position, tokio_postgres::Error> {
+    let row = client
+        .query_one("select pg_current_wal_insert_lsn()::text", &[])
+        .await?;
+    let text: String = row.get(0);
+    Ok(text.parse().unwrap_or_default())
+}
+
 /// A loaded value as stored: its JSON, or [`ABSENT`] for "no row".
 fn encode<T: Serialize, E>(key: &str, value: Option<&T>) -> Result<String, Error<E>> {
     match value {
@@ -869,6 +997,19 @@ fn retype<E>(error: Error) -> Error<E> {
         Error::Redis(error) => Error::Redis(error),
         Error::Decode { key, source } => Error::Decode { key, source },
         Error::Load(never) => match never {},
+        Error::Behind {
+            wanted,
+            applied,
+            behind,
+            waited,
+            l1,
+        } => Error::Behind {
+            wanted,
+            applied,
+            behind,
+            waited,
+            l1,
+        },
     }
 }
 

@@ -24,7 +24,7 @@ use moka::notification::RemovalCause;
 use redis::aio::ConnectionLike;
 
 use crate::metrics::Meter;
-use crate::protocol::{glob_matches, Broadcast, L1_LAST_KEY, L1_LOG_FIELD, L1_LOG_KEY};
+use crate::protocol::{glob_matches, Broadcast, Position, L1_LAST_KEY, L1_LOG_FIELD, L1_LOG_KEY};
 
 /// How the L1 tier is bounded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,6 +147,10 @@ pub(crate) struct L1 {
     /// Since when the subscription is down, while L1 may still serve.
     down_since: Mutex<Option<Instant>>,
     serve_disconnected: Duration,
+    /// The highest WAL position a broadcast applied here acknowledged.
+    applied: AtomicU64,
+    /// Woken by every message applied and every flush.
+    changed: tokio::sync::Notify,
     meter: Arc<Meter>,
 }
 
@@ -192,6 +196,8 @@ impl L1 {
             last: Mutex::new(None),
             down_since: Mutex::new(None),
             serve_disconnected: options.serve_disconnected,
+            applied: AtomicU64::new(0),
+            changed: tokio::sync::Notify::new(),
             meter,
         }
     }
@@ -302,6 +308,7 @@ impl L1 {
         lock(&self.tags).clear();
         *lock(&self.last) = None;
         self.meter.l1_flushed(reason);
+        self.changed.notify_waiters();
     }
 
     /// The subscription dropped: serve nothing (or only within
@@ -324,6 +331,23 @@ impl L1 {
 
     fn position(&self) -> Option<(String, u64)> {
         lock(&self.last).clone()
+    }
+
+    /// The highest WAL position the broadcasts applied here acknowledged.
+    pub fn applied(&self) -> Position {
+        Position(self.applied.load(Ordering::Acquire))
+    }
+
+    /// Whether the last message applied is `last` (`epoch`, `seq`) or later.
+    pub fn reached(&self, last: &(String, u64)) -> bool {
+        lock(&self.last)
+            .as_ref()
+            .is_some_and(|(epoch, seq)| *epoch == last.0 && *seq >= last.1)
+    }
+
+    /// Completes after the next message applied or flush.
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
     }
 
     /// Whether `message` comes right after what was applied (or is one
@@ -461,7 +485,17 @@ impl L1 {
             _ => message.seq,
         };
         *last = Some((message.epoch.clone(), seq));
+        drop(last);
+        if let Some(lsn) = message
+            .lsn
+            .as_deref()
+            .and_then(|lsn| lsn.parse::<Position>().ok())
+        {
+            self.applied.fetch_max(lsn.0, Ordering::AcqRel);
+        }
         fence.push(generation, message);
+        drop(fence);
+        self.changed.notify_waiters();
     }
 }
 

@@ -16,6 +16,9 @@ mod l1;
 mod metrics;
 pub mod protocol;
 
+#[cfg(feature = "postgres")]
+pub use cache::commit_position;
 pub use cache::{Cache, CacheBuilder, Error, Fill};
 pub use l1::{FlushReason, L1Bound, Log};
 pub use metrics::Stats;
+pub use protocol::Position;

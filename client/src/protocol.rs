@@ -26,6 +26,38 @@ pub const L1_LOG_KEY: &str = "evictd:l1:log";
 /// The field of a log entry that holds the message.
 pub const L1_LOG_FIELD: &str = "m";
 
+/// The Postgres source's continuity record lives at `<prefix>evictd:slot:`
+/// followed by the slot's name: `<system id> <WAL position>`, the position
+/// evictd applied and acknowledged through (moved also while idle).
+pub const SLOT_RECORD_NAMESPACE: &str = "evictd:slot:";
+
+/// A WAL position, written as Postgres writes one: `16/B374D848`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position(pub u64);
+
+impl std::str::FromStr for Position {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("`{text}` is not a WAL position like 0/16B3748");
+        let (high, low) = text.trim().split_once('/').ok_or_else(bad)?;
+        let high = u32::from_str_radix(high, 16).map_err(|_| bad())?;
+        let low = u32::from_str_radix(low, 16).map_err(|_| bad())?;
+        Ok(Position((u64::from(high) << 32) | u64::from(low)))
+    }
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+    }
+}
+
+/// The position a continuity record holds (`<system id> <position>`).
+pub fn record_position(record: &str) -> Option<Position> {
+    record.split_once(' ')?.1.parse().ok()
+}
+
 /// The fenced fill (KEYS: key; ARGV: lease, value, TTL in ms).
 pub const FILL_SCRIPT: &str = include_str!("../lua/fill.lua");
 
@@ -142,6 +174,19 @@ pub struct Broadcast {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn positions_read_and_print_as_postgres_writes_them() {
+        let position: Position = "16/B374D848".parse().unwrap();
+        assert_eq!(position, Position(0x16_B374_D848));
+        assert_eq!(position.to_string(), "16/B374D848");
+        assert!("0/1".parse::<Position>().unwrap() < "1/0".parse().unwrap());
+        assert!("16B3748".parse::<Position>().is_err());
+        assert_eq!(
+            record_position("7310 0/16B3748"),
+            Some(Position(0x16B_3748))
+        );
+    }
 
     #[test]
     fn a_reader_tells_values_from_leases() {

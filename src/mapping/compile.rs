@@ -448,28 +448,16 @@ impl FileScope<'_, '_> {
             }
             return None;
         };
-        let help = "write a duration of whole seconds, e.g. \"30s\", \"15m\", \"1h\"";
-        match humantime::parse_duration(&ttl.value) {
-            Ok(duration) if duration.subsec_nanos() == 0 && duration.as_secs() > 0 => Some(Ttl {
-                seconds: duration.as_secs(),
+        match parse_ttl(&ttl.value) {
+            Ok(seconds) => Some(Ttl {
+                seconds,
                 jitter_bp: jitter_bp.unwrap_or(0),
             }),
-            Ok(_) => {
+            Err(why) => {
                 self.error(
                     ttl.span.start,
-                    format!(
-                        "ttl `{}` is not a whole number of seconds of at least 1s",
-                        ttl.value
-                    ),
-                    help,
-                );
-                None
-            }
-            Err(error) => {
-                self.error(
-                    ttl.span.start,
-                    format!("bad ttl `{}`: {error}", ttl.value),
-                    help,
+                    format!("bad ttl `{}`: {why}", ttl.value),
+                    TTL_HELP,
                 );
                 None
             }
@@ -505,5 +493,95 @@ fn string_quote_len(text: &str, span: &Range<usize>) -> usize {
         3
     } else {
         1
+    }
+}
+
+/// The longest TTL a mapping may give: 365 days.
+const MAX_TTL_SECONDS: u64 = 365 * 24 * 3600;
+
+const TTL_HELP: &str = "write whole numbers with the units s, m, h and d, largest first, from 1s to 365d: e.g. \"30s\", \"15m\", \"1h30m\", \"7d\"";
+
+/// A mapping's TTL in seconds: whole numbers with units `s`, `m`, `h`, `d`,
+/// each unit at most once and largest first (`30s`, `15m`, `1h30m`, `7d`),
+/// from 1 s to 365 d. Else why not.
+fn parse_ttl(text: &str) -> Result<u64, String> {
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err("it is empty".into());
+    }
+    let mut total: u64 = 0;
+    let mut previous_unit = u64::MAX;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(format!("`{rest}` does not start with a whole number"));
+        }
+        let number: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| "the number is too large".to_owned())?;
+        rest = rest[digits..].trim_start();
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = rest[..unit_len].trim_end();
+        let seconds = match unit {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            "" => return Err(format!("`{number}` has no unit")),
+            "ms" | "us" | "µs" | "ns" => return Err("a TTL is whole seconds".into()),
+            other => return Err(format!("`{other}` is not a unit")),
+        };
+        if seconds >= previous_unit {
+            return Err("give each unit once, largest first".into());
+        }
+        previous_unit = seconds;
+        total = number
+            .checked_mul(seconds)
+            .and_then(|part| total.checked_add(part))
+            .filter(|total| *total <= MAX_TTL_SECONDS)
+            .ok_or_else(|| "it is longer than 365d".to_owned())?;
+        rest = rest[unit_len..].trim_start();
+    }
+    if total == 0 {
+        return Err("it must be at least 1s".into());
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod ttl_tests {
+    use super::parse_ttl;
+
+    #[test]
+    fn the_ttl_grammar() {
+        for (text, seconds) in [
+            ("30s", 30),
+            ("15m", 900),
+            ("1h30m", 5400),
+            ("1h 30m", 5400),
+            ("7d", 604_800),
+            ("365d", 31_536_000),
+        ] {
+            assert_eq!(parse_ttl(text), Ok(seconds), "{text}");
+        }
+        for (text, why) in [
+            (
+                "five minutes",
+                "`five minutes` does not start with a whole number",
+            ),
+            ("5", "`5` has no unit"),
+            ("5ms", "a TTL is whole seconds"),
+            ("100y", "`y` is not a unit"),
+            ("366d", "it is longer than 365d"),
+            ("30m1h", "give each unit once, largest first"),
+            ("0s", "it must be at least 1s"),
+            ("", "it is empty"),
+        ] {
+            assert_eq!(parse_ttl(text), Err(why.to_owned()), "{text}");
+        }
     }
 }

@@ -1048,3 +1048,71 @@ async fn a_restarted_evictd_is_replayed_from_the_log_or_flushed_without_one() {
         evictd.stop().await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn after_wait_applied_a_read_through_a_warm_l1_sees_the_commit() {
+    // 1,000 rounds: commit, read the commit position, wait_applied on a
+    // cache whose L1 holds the row from the round before, read: always
+    // the committed value.
+    let s = Streaming::start(SCHEMA, &[("orders.toml", MAPPING)]).await;
+    let reader = Cache::builder(stack().redis.url())
+        .prefix(s.config.redis.prefix.clone())
+        .slot(s.config.postgres.slot.clone())
+        .l1_entries(100)
+        .l1_channel(s.config.redis.l1_channel.clone())
+        .build()
+        .await
+        .expect("a cache");
+    live(&reader, Duration::from_secs(10), "never live").await;
+    let writer = s.db.client().await;
+    let db = s.db.client().await;
+    let mut from_l1 = 0;
+    for round in 0..1_000 {
+        let status = format!("s{round}");
+        writer
+            .execute("update orders set status = $1 where id = 1", &[&status])
+            .await
+            .unwrap();
+        let position = evictd_client::commit_position(&writer).await.unwrap();
+        reader
+            .wait_applied(position, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|error| panic!("round {round}: {error}"));
+        let l1_before = reader.l1_peek::<Status>("order:1").is_some();
+        let read: Option<Status> = reader
+            .get_or_load("order:1", &[], || async {
+                let status: String = db
+                    .query_one("select status from orders where id = 1", &[])
+                    .await
+                    .expect("the order")
+                    .get(0);
+                Ok::<_, Infallible>(Some(Status { status }))
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            read.map(|r| r.status),
+            Some(status),
+            "round {round}: a read after wait_applied (from L1: {l1_before}, at {position}, L1 at {:?})",
+            reader.l1_last()
+        );
+        from_l1 += usize::from(l1_before);
+        // Warm for the next round.
+        assert!(
+            reader.l1_peek::<Status>("order:1").is_some(),
+            "round {round}: not in L1"
+        );
+    }
+    // Each round's commit invalidated the entry: L1 never had it at read.
+    assert_eq!(from_l1, 0);
+    // A position evictd cannot have reached: a timeout that says how far.
+    let far = evictd_client::Position(u64::MAX >> 1);
+    let error = reader
+        .wait_applied(far, Duration::from_millis(100))
+        .await
+        .expect_err("a position in the future");
+    assert!(
+        error.to_string().contains("bytes of WAL short of"),
+        "{error}"
+    );
+}

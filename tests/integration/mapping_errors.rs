@@ -166,7 +166,7 @@ const REFRESH_HEAD: &str =
 fn bad_duration() {
     check(
         &format!("{REFRESH_HEAD}ttl = \"soon\"\n"),
-        "m.toml:6:7: error: bad ttl `soon`: expected number at 0\n  help: write a duration of whole seconds, e.g. \"30s\", \"15m\", \"1h\"",
+        "m.toml:6:7: error: bad ttl `soon`: `soon` does not start with a whole number\n  help: write whole numbers with the units s, m, h and d, largest first, from 1s to 365d: e.g. \"30s\", \"15m\", \"1h30m\", \"7d\"",
     );
 }
 
@@ -174,7 +174,7 @@ fn bad_duration() {
 fn sub_second_duration() {
     check(
         &format!("{REFRESH_HEAD}ttl = \"1500ms\"\n"),
-        "m.toml:6:7: error: ttl `1500ms` is not a whole number of seconds of at least 1s\n  help: write a duration of whole seconds, e.g. \"30s\", \"15m\", \"1h\"",
+        "m.toml:6:7: error: bad ttl `1500ms`: a TTL is whole seconds\n  help: write whole numbers with the units s, m, h and d, largest first, from 1s to 365d: e.g. \"30s\", \"15m\", \"1h30m\", \"7d\"",
     );
 }
 

@@ -39,6 +39,9 @@ fn server() -> &'static (Postgres, Pki) {
         let postgres = Postgres::start_with_tls(&cert.pem(), &key.serialize_pem())
             .expect("start a TLS postgres");
         let dir = tempfile::tempdir().unwrap();
+        // Held in a static, whose destructor never runs: the reaper removes
+        // the directory when the test process ends.
+        evictd::testkit::reaper::reap_dir(dir.path());
         std::fs::write(dir.path().join("ca.pem"), &ca_pem).unwrap();
         std::fs::write(dir.path().join("other.pem"), &other_ca_pem).unwrap();
         (
