@@ -60,6 +60,7 @@ async fn evictd_runs_as_a_least_privilege_role_and_redis_user() {
                 "+smembers",
                 "+type",
                 "+publish",
+                "+xadd",
                 "+cluster|slots",
             ][..],
         )
