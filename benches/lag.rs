@@ -277,43 +277,65 @@ fn probe(
     );
     tokio::spawn(async move {
         let client = connect(&url).await;
-        let mut redis = redis::Client::open(redis_url)
+        let redis = redis::Client::open(redis_url)
             .unwrap()
             .get_multiplexed_async_connection()
             .await
             .unwrap();
-        let mut histogram = LagHistogram::default();
-        let mut version: i64 = 0;
-        while !stop.load(Ordering::Relaxed) {
-            version += 1;
-            client
-                .execute(
-                    "update orders set version = $1 where id = $2",
-                    &[&version, &PROBE_ID],
-                )
-                .await
-                .unwrap();
-            let committed = Instant::now();
-            let expected = format!(r#"{{"version":{version}}}"#);
-            loop {
-                let value: Option<String> = redis::cmd("GET")
-                    .arg(&key)
-                    .query_async(&mut redis)
-                    .await
-                    .unwrap();
-                if value.as_deref() == Some(expected.as_str()) {
-                    histogram.record(committed.elapsed());
-                    break;
+        commit_every_50ms(&client, PROBE_ID, &stop, |version, committed| {
+            let (mut redis, key) = (redis.clone(), &key);
+            async move {
+                let expected = format!(r#"{{"version":{version}}}"#);
+                loop {
+                    let value: Option<String> = redis::cmd("GET")
+                        .arg(key)
+                        .query_async(&mut redis)
+                        .await
+                        .unwrap();
+                    if value.as_deref() == Some(expected.as_str()) {
+                        return true;
+                    }
+                    if committed.elapsed() > Duration::from_secs(10) {
+                        return false;
+                    }
+                    tokio::time::sleep(Duration::from_micros(200)).await;
                 }
-                if committed.elapsed() > Duration::from_secs(10) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_micros(200)).await;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        histogram
+        })
+        .await
     })
+}
+
+/// Until `stop`, every 50 ms: commits a new version of row `id`, then
+/// records how long `seen(version, committed)` took from the commit's
+/// return (unless it gave up and said false).
+async fn commit_every_50ms<F>(
+    client: &tokio_postgres::Client,
+    id: i64,
+    stop: &AtomicBool,
+    mut seen: impl FnMut(i64, Instant) -> F,
+) -> LagHistogram
+where
+    F: std::future::Future<Output = bool>,
+{
+    let mut histogram = LagHistogram::default();
+    let mut version: i64 = 0;
+    while !stop.load(Ordering::Relaxed) {
+        version += 1;
+        client
+            .execute(
+                "update orders set version = $1 where id = $2",
+                &[&version, &id],
+            )
+            .await
+            .unwrap();
+        let committed = Instant::now();
+        if seen(version, committed).await {
+            histogram.record(committed.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    histogram
 }
 
 /// Every 50 ms: commit, read the commit position, `wait_applied` through a
@@ -333,25 +355,16 @@ fn read_your_writes(
     tokio::spawn(async move {
         let client = connect(&url).await;
         let cache = cache.build().await.expect("a cache");
-        let mut histogram = LagHistogram::default();
-        let mut version: i64 = 0;
-        while !stop.load(Ordering::Relaxed) {
-            version += 1;
-            client
-                .execute(
-                    "update orders set version = $1 where id = $2",
-                    &[&version, &RYW_ID],
-                )
-                .await
-                .unwrap();
-            let committed = Instant::now();
-            let position = evictd_client::commit_position(&client).await.unwrap();
-            // A timeout counts as the 10 s it took.
-            let _ = cache.wait_applied(position, Duration::from_secs(10)).await;
-            histogram.record(committed.elapsed());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        histogram
+        commit_every_50ms(&client, RYW_ID, &stop, |_, _| {
+            let (client, cache) = (&client, &cache);
+            async move {
+                let position = evictd_client::commit_position(client).await.unwrap();
+                // A timeout counts as the 10 s it took.
+                let _ = cache.wait_applied(position, Duration::from_secs(10)).await;
+                true
+            }
+        })
+        .await
     })
 }
 

@@ -310,6 +310,10 @@ fn watch(
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let table = table
+        .map(|table| TableName::parse(&table))
+        .transpose()
+        .map_err(|error| UsageError(format!("--table: {error}")))?;
     let filter = watch::Filter { key, table };
     let mut out = std::io::stdout();
     runtime.block_on(watch::watch(&config.redis, &filter, backlog, &mut out))?;

@@ -11,6 +11,7 @@ use futures_util::StreamExt as _;
 use redis::aio::ConnectionLike;
 
 use crate::apply::cluster::seed_nodes;
+use crate::change::TableName;
 use crate::config::RedisConfig;
 use crate::error::Error;
 
@@ -19,9 +20,8 @@ use crate::error::Error;
 pub struct Filter {
     /// Batches that invalidated this key (by name or by a pattern).
     pub key: Option<String>,
-    /// Batches with changes of this mapped table (`orders` or
-    /// `public.orders`).
-    pub table: Option<String>,
+    /// Batches with changes of this mapped table.
+    pub table: Option<TableName>,
 }
 
 impl Filter {
@@ -30,24 +30,14 @@ impl Filter {
             message.keys.iter().any(|k| k == key)
                 || message.patterns.iter().any(|p| glob_matches(p, key))
         });
-        let table = self
-            .table
-            .as_deref()
-            .is_none_or(|wanted| message.tables.iter().any(|table| same_table(table, wanted)));
+        let table = self.table.as_ref().is_none_or(|wanted| {
+            message
+                .tables
+                .iter()
+                .any(|table| TableName::parse(table).is_ok_and(|table| table == *wanted))
+        });
         key && table
     }
-}
-
-/// `orders`, `public.orders` and `"public"."orders"` name one table.
-fn same_table(a: &str, b: &str) -> bool {
-    let bare = |name: &str| -> String {
-        let name = name.replace('"', "");
-        match name.split_once('.') {
-            Some(("public", table)) => table.to_owned(),
-            _ => name,
-        }
-    };
-    bare(a) == bare(b)
 }
 
 /// One line per batch: `epoch:seq lsn=.. tables=.. keys=.. tags=..
@@ -208,7 +198,7 @@ mod tests {
         );
         let filter = |key: Option<&str>, table: Option<&str>| Filter {
             key: key.map(Into::into),
-            table: table.map(Into::into),
+            table: table.map(|table| TableName::parse(table).unwrap()),
         };
         assert!(filter(None, None).admits(&m));
         assert!(filter(Some("order:1"), None).admits(&m));

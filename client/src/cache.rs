@@ -18,8 +18,8 @@ use tokio::task::AbortHandle;
 use crate::l1::{self, L1Bound, L1Options, L1};
 use crate::metrics::{Meter, Stats};
 use crate::protocol::{
-    lease, record_position, Position, Stored, FILL_SCRIPT, L1_LAST_KEY, LEASE, RELEASE_SCRIPT,
-    RELOAD_SCRIPT, SLOT_RECORD_NAMESPACE, TAG_NAMESPACE,
+    lease, record_position, Position, Stored, FILL_SCRIPT, LEASE, RELEASE_SCRIPT, RELOAD_SCRIPT,
+    SLOT_RECORD_NAMESPACE, TAG_NAMESPACE,
 };
 
 /// What a negative entry ("no such row") holds: not valid JSON, so it
@@ -369,8 +369,8 @@ impl Cache {
         let started = Instant::now();
         let prefix = &self.inner.options.prefix;
         let record_key = format!("{prefix}{SLOT_RECORD_NAMESPACE}{}", self.inner.options.slot);
-        let last_key = format!("{prefix}{L1_LAST_KEY}");
         let mut redis = self.inner.redis.clone();
+        let mut log = l1::Log::new(redis.clone(), prefix);
         let mut applied = Position(0);
         // With L1: the broadcast evictd had published when Redis was known
         // to be there, which L1 must have applied too.
@@ -402,14 +402,7 @@ impl Cache {
                     };
                     // Read after the record: evictd sets it after
                     // publishing the batch's broadcast.
-                    let last: Option<String> = redis::cmd("GET")
-                        .arg(&last_key)
-                        .query_async(&mut redis)
-                        .await?;
-                    let Some(target) = last.and_then(|last| {
-                        let (epoch, seq) = last.rsplit_once(':')?;
-                        Some((epoch.to_owned(), seq.parse().ok()?))
-                    }) else {
+                    let Some(target) = log.last().await? else {
                         return Ok(());
                     };
                     if l1.reached(&target) {

@@ -62,12 +62,27 @@ async fn live(cache: &Cache, timeout: Duration, failure: &str) {
 
 /// The row's status, read from the database.
 async fn status(s: &Streaming) -> String {
-    s.db.client()
-        .await
-        .query_one("select status from orders where id = 1", &[])
+    row_status(&s.db.client().await).await
+}
+
+/// The row's status, read over `db`.
+async fn row_status(db: &tokio_postgres::Client) -> String {
+    db.query_one("select status from orders where id = 1", &[])
         .await
         .expect("the order")
         .get(0)
+}
+
+/// Reads order 1 through `cache`, loading it over `db` on a miss.
+async fn read_order(cache: &Cache, db: &tokio_postgres::Client) -> Option<Status> {
+    cache
+        .get_or_load("order:1", &[], || async {
+            Ok::<_, Infallible>(Some(Status {
+                status: row_status(db).await,
+            }))
+        })
+        .await
+        .expect("get_or_load")
 }
 
 /// The row as the refresh writes it: `{"status": ...}`.
@@ -954,18 +969,7 @@ impl Restartable {
 
     /// Loads order 1 through `cache` and checks that L1 keeps it.
     async fn load(&self, cache: &Cache) {
-        let db = self.db.client().await;
-        let _: Option<Status> = cache
-            .get_or_load("order:1", &[], || async move {
-                let status: String = db
-                    .query_one("select status from orders where id = 1", &[])
-                    .await
-                    .expect("the order")
-                    .get(0);
-                Ok::<_, Infallible>(Some(Status { status }))
-            })
-            .await
-            .unwrap();
+        read_order(cache, &self.db.client().await).await;
         assert!(cache.l1_peek::<Status>("order:1").is_some(), "in L1");
     }
 }
@@ -1079,17 +1083,7 @@ async fn after_wait_applied_a_read_through_a_warm_l1_sees_the_commit() {
             .await
             .unwrap_or_else(|error| panic!("round {round}: {error}"));
         let l1_before = reader.l1_peek::<Status>("order:1").is_some();
-        let read: Option<Status> = reader
-            .get_or_load("order:1", &[], || async {
-                let status: String = db
-                    .query_one("select status from orders where id = 1", &[])
-                    .await
-                    .expect("the order")
-                    .get(0);
-                Ok::<_, Infallible>(Some(Status { status }))
-            })
-            .await
-            .unwrap();
+        let read = read_order(&reader, &db).await;
         assert_eq!(
             read.map(|r| r.status),
             Some(status),
