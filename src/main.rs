@@ -582,10 +582,10 @@ fn describe(mappings: &Mappings, change: &RowChange, note: &NoteKind) -> String 
             format!("`{template}` skipped: {column} is NULL")
         }
         NoteKind::Unavailable { template, column } => {
-            format!("`{template}`: the value of {column} is not known, so a pattern is deleted")
+            format!("`{template}`: the value of {column} is not known, so its pattern is used (a MATCH command below)")
         }
         NoteKind::KeyTooLong { template, bytes } => {
-            format!("`{template}` rendered {bytes} bytes, over max_key_bytes: a pattern is deleted")
+            format!("`{template}` rendered {bytes} bytes, over max_key_bytes, so its pattern is used (a MATCH command below)")
         }
         NoteKind::RefreshFallback { key, column } => {
             format!("refresh of {key} deletes it instead: {column} is not known (unchanged TOAST)")

@@ -4,7 +4,8 @@
 //! Within a batch each key gets one command, decided by the last action on it
 //! in commit order (a refresh then a delete is a delete; a delete then a
 //! refresh is a refresh). Commands go out in a fixed order: exact deletes,
-//! pattern deletes, tag invalidations, tag patterns, then refreshes last, so
+//! namespace bumps, pattern deletes, namespace bumps by pattern, tag
+//! invalidations, tag patterns, then refreshes last, so
 //! that no delete of the batch can remove a value the batch just wrote. A
 //! refresh that an *later* pattern delete of the batch would have removed
 //! (TRUNCATE after an update) becomes a delete, because pattern deletes run
@@ -44,6 +45,15 @@ pub enum Command {
         origin: OriginId,
         coarse: bool,
     },
+    /// Bump the namespace version counter `key` if it exists (see
+    /// [`evictd_client::protocol::BUMP_SCRIPT`]).
+    Bump { key: String, origin: OriginId },
+    /// SCAN for counters matching `pattern`, bump each.
+    BumpMatching {
+        pattern: String,
+        origin: OriginId,
+        coarse: bool,
+    },
     /// `SET key value [EX ttl]`.
     Set {
         key: String,
@@ -60,6 +70,8 @@ impl Command {
             | Command::UnlinkMatching { origin, .. }
             | Command::InvalidateTag { origin, .. }
             | Command::InvalidateTagsMatching { origin, .. }
+            | Command::Bump { origin, .. }
+            | Command::BumpMatching { origin, .. }
             | Command::Set { origin, .. } => *origin,
         }
     }
@@ -67,14 +79,16 @@ impl Command {
     /// How the command invalidates, for `evictd_keys_invalidated_total`.
     pub fn mode(&self) -> Mode {
         match self {
-            Command::Unlink { .. } | Command::InvalidateTag { .. } | Command::Set { .. } => {
-                Mode::Exact
-            }
+            Command::Unlink { .. }
+            | Command::InvalidateTag { .. }
+            | Command::Bump { .. }
+            | Command::Set { .. } => Mode::Exact,
             Command::UnlinkMatching { coarse: true, .. }
-            | Command::InvalidateTagsMatching { coarse: true, .. } => Mode::Coarse,
-            Command::UnlinkMatching { .. } | Command::InvalidateTagsMatching { .. } => {
-                Mode::Pattern
-            }
+            | Command::InvalidateTagsMatching { coarse: true, .. }
+            | Command::BumpMatching { coarse: true, .. } => Mode::Coarse,
+            Command::UnlinkMatching { .. }
+            | Command::InvalidateTagsMatching { .. }
+            | Command::BumpMatching { .. } => Mode::Pattern,
         }
     }
 }
@@ -109,6 +123,8 @@ impl fmt::Display for Command {
             Command::UnlinkMatching { pattern, .. } => write!(f, "UNLINK MATCH {pattern}"),
             Command::InvalidateTag { tag, .. } => write!(f, "TAG {tag}"),
             Command::InvalidateTagsMatching { pattern, .. } => write!(f, "TAG MATCH {pattern}"),
+            Command::Bump { key, .. } => write!(f, "BUMP {key}"),
+            Command::BumpMatching { pattern, .. } => write!(f, "BUMP MATCH {pattern}"),
             Command::Set {
                 key, value, ttl, ..
             } => {
@@ -145,6 +161,8 @@ pub struct Plan {
 #[derive(Debug)]
 enum KeyAction {
     Delete(OriginId),
+    /// A namespace counter to bump (its key is a counter's).
+    Bump(OriginId),
     Refresh {
         value: String,
         ttl: Option<Ttl>,
@@ -165,6 +183,7 @@ pub struct Planner {
     patterns: OrderedMap<(OriginId, bool)>,
     tags: OrderedMap<OriginId>,
     tag_patterns: OrderedMap<(OriginId, bool)>,
+    bump_patterns: OrderedMap<(OriginId, bool)>,
     checkpoint: Option<Checkpoint>,
     commit_time: Option<SystemTime>,
     sent_time: Option<SystemTime>,
@@ -240,6 +259,16 @@ impl Planner {
                     .or_insert((origin, coarse))
                     .1 |= coarse;
             }
+            ActionKind::Bump(key) => {
+                // A bump is idempotent within a batch: once is enough.
+                self.keys.insert(key, KeyAction::Bump(origin));
+            }
+            ActionKind::BumpMatching(pattern) => {
+                self.bump_patterns
+                    .entry(pattern)
+                    .or_insert((origin, coarse))
+                    .1 |= coarse;
+            }
         }
     }
 
@@ -270,7 +299,11 @@ impl Planner {
 
     /// Distinct keys, tags and patterns pending: the batch size bound.
     pub fn len(&self) -> usize {
-        self.keys.len() + self.patterns.len() + self.tags.len() + self.tag_patterns.len()
+        self.keys.len()
+            + self.patterns.len()
+            + self.tags.len()
+            + self.tag_patterns.len()
+            + self.bump_patterns.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -281,9 +314,11 @@ impl Planner {
     pub fn finish(&mut self) -> Plan {
         let mut commands = Vec::with_capacity(self.len());
         let mut refreshes = Vec::new();
+        let mut bumps = Vec::new();
         for (key, action) in self.keys.drain(..) {
             match action {
                 KeyAction::Delete(origin) => commands.push(Command::Unlink { key, origin }),
+                KeyAction::Bump(origin) => bumps.push(Command::Bump { key, origin }),
                 KeyAction::Refresh { value, ttl, origin } => refreshes.push(Command::Set {
                     key,
                     value,
@@ -292,9 +327,18 @@ impl Planner {
                 }),
             }
         }
+        commands.append(&mut bumps);
         let patterns = self.patterns.drain(..);
         commands.extend(
             patterns.map(|(pattern, (origin, coarse))| Command::UnlinkMatching {
+                pattern,
+                origin,
+                coarse,
+            }),
+        );
+        let bump_patterns = self.bump_patterns.drain(..);
+        commands.extend(
+            bump_patterns.map(|(pattern, (origin, coarse))| Command::BumpMatching {
                 pattern,
                 origin,
                 coarse,

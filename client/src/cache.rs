@@ -18,8 +18,8 @@ use tokio::task::AbortHandle;
 use crate::l1::{self, L1Bound, L1Options, L1};
 use crate::metrics::{Meter, Stats};
 use crate::protocol::{
-    lease, record_position, Position, Stored, FILL_SCRIPT, LEASE, RELEASE_SCRIPT, RELOAD_SCRIPT,
-    SLOT_RECORD_NAMESPACE, TAG_NAMESPACE,
+    lease, record_position, version_key, versioned_key, Position, Stored, FILL_SCRIPT, LEASE,
+    RELEASE_SCRIPT, RELOAD_SCRIPT, SLOT_RECORD_NAMESPACE, TAG_NAMESPACE, VERSION_SCRIPT,
 };
 
 /// What a negative entry ("no such row") holds: not valid JSON, so it
@@ -220,6 +220,7 @@ impl CacheBuilder {
                 fill: redis::Script::new(FILL_SCRIPT),
                 release: redis::Script::new(RELEASE_SCRIPT),
                 reload: redis::Script::new(RELOAD_SCRIPT),
+                version: redis::Script::new(VERSION_SCRIPT),
                 options: self,
                 inflight: Mutex::new(HashMap::new()),
                 meter,
@@ -280,6 +281,7 @@ struct Inner {
     fill: redis::Script,
     release: redis::Script,
     reload: redis::Script,
+    version: redis::Script,
     options: CacheBuilder,
     /// Loads in flight in this process: one loader per key.
     inflight: Mutex<HashMap<String, Arc<OnceCell<Loaded>>>>,
@@ -480,6 +482,72 @@ impl Cache {
 
     fn full(&self, key: &str) -> String {
         format!("{}{key}", self.inner.options.prefix)
+    }
+
+    /// The current version of `namespace` (one a mapping's `versions = [...]`
+    /// renders, e.g. `user:7`): from L1, else from its counter in Redis,
+    /// which is created when there is none. evictd bumps it on every change
+    /// the mapping covers, and the broadcast of the bump drops it from
+    /// every L1.
+    pub async fn version(&self, namespace: &str) -> Result<u64, Error> {
+        let counter = version_key(namespace);
+        if let Some(Some(version)) = self.inner.l1.as_ref().and_then(|l1| l1.get(&counter)) {
+            return Ok(version);
+        }
+        // Taken before Redis is read: a bump broadcast from here on keeps
+        // what this read returns out of L1.
+        let seen = self.generation();
+        // A new counter starts at the clock, above any version a counter
+        // of this name held before it was deleted or evicted.
+        let start = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |since| u64::try_from(since.as_micros()).unwrap_or(u64::MAX));
+        let mut redis = self.inner.redis.clone();
+        let version: u64 = self
+            .inner
+            .version
+            .key(self.full(&counter))
+            .arg(start)
+            .invoke_async(&mut redis)
+            .await?;
+        self.keep(&counter, &Some(version), &[], 8, seen);
+        Ok(version)
+    }
+
+    /// `key` under the current version of `namespace`
+    /// (`<namespace>@<version>:<key>`, e.g. `user:7@1733216400000001:orders`),
+    /// to read and fill like any key: after evictd bumps the namespace,
+    /// no reader composes that key again, so everything cached under the
+    /// namespace is gone at once, in Redis and in every L1. A fill that
+    /// raced the bump lands under the old version, where nobody reads.
+    pub async fn versioned(&self, namespace: &str, key: &str) -> Result<String, Error> {
+        let version = self.version(namespace).await?;
+        Ok(versioned_key(namespace, version, key))
+    }
+
+    /// [`Cache::get_or_load`] of `key` under the current version of
+    /// `namespace` (see [`Cache::versioned`]). With Redis down the loader
+    /// is called and nothing is cached.
+    pub async fn get_or_load_in<T, E, F, Fut>(
+        &self,
+        namespace: &str,
+        key: &str,
+        tags: &[&str],
+        loader: F,
+    ) -> Result<Option<T>, Error<E>>
+    where
+        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<T>, E>>,
+    {
+        match self.versioned(namespace, key).await {
+            Ok(key) => self.get_or_load(&key, tags, loader).await,
+            Err(_) => {
+                self.inner.meter.degraded();
+                self.inner.meter.load();
+                loader().await.map_err(Error::Load)
+            }
+        }
     }
 
     /// The cached value of `key`, if any (a cached "no row" reads `None`):

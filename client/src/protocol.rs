@@ -31,6 +31,24 @@ pub const L1_LOG_FIELD: &str = "m";
 /// evictd applied and acknowledged through (moved also while idle).
 pub const SLOT_RECORD_NAMESPACE: &str = "evictd:slot:";
 
+/// Namespace version counters live at `<prefix>evictd:ns:` followed by
+/// the namespace (`evictd:ns:user:7`). A mapping's `versions = [...]`
+/// makes evictd bump the counter of each namespace a change touches; a
+/// reader composes every key under the namespace with the counter's
+/// value (see [`versioned_key`]), so a bump leaves everything cached under
+/// the namespace behind at once.
+pub const VERSION_NAMESPACE: &str = "evictd:ns:";
+
+/// The counter of `namespace`, without the prefix.
+pub fn version_key(namespace: &str) -> String {
+    format!("{VERSION_NAMESPACE}{namespace}")
+}
+
+/// `key` under `namespace` at `version`: `user:7@3:orders`.
+pub fn versioned_key(namespace: &str, version: u64, key: &str) -> String {
+    format!("{namespace}@{version}:{key}")
+}
+
 /// A WAL position, written as Postgres writes one: `16/B374D848`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Position(pub u64);
@@ -72,6 +90,18 @@ pub const RELOAD_SCRIPT: &str = include_str!("../lua/reload.lua");
 /// evictd's tag invalidation on a standalone Redis (KEYS: tag sets):
 /// the members, then the sets.
 pub const INVALIDATE_TAGS_SCRIPT: &str = include_str!("../lua/invalidate_tags.lua");
+
+/// evictd's bump of a namespace counter (KEYS: counter): INCR, only if it
+/// exists. A counter that does not exist has nothing cached under it (a
+/// reader creates it, with [`VERSION_SCRIPT`], before composing a key
+/// with it), and creating it would leave a key behind per namespace ever
+/// changed. Returns the new version, or 0. Sent with every bump, so it is
+/// kept short.
+pub const BUMP_SCRIPT: &str = include_str!("../lua/bump.lua");
+
+/// A reader's read of a namespace counter, creating it at ARGV[1] (the
+/// clock in microseconds) when there is none (KEYS: counter).
+pub const VERSION_SCRIPT: &str = include_str!("../lua/version.lua");
 
 /// What a cache key holds, as a reader sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -21,7 +21,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 
 use super::broadcast::Broadcast;
-use evictd_client::protocol::{L1_LAST_KEY, TAG_NAMESPACE};
+use evictd_client::protocol::{BUMP_SCRIPT, L1_LAST_KEY, TAG_NAMESPACE};
 
 use super::shared::{
     jittered, under_prefix, ApplyStats, Record, Wait, INVALIDATED_KEY, SCAN_COUNT,
@@ -30,6 +30,11 @@ use super::shared::{
 /// `UNLINK key`, for [`Phase::add`].
 fn unlink(pipe: &mut redis::Pipeline, key: &str) {
     pipe.cmd("UNLINK").arg(key).ignore();
+}
+
+/// Bumps the namespace counter `key` if it exists, for [`Phase::add`].
+fn bump(pipe: &mut redis::Pipeline, key: &str) {
+    pipe.cmd("EVAL").arg(BUMP_SCRIPT).arg(1).arg(key).ignore();
 }
 use crate::error::{Error, ErrorKind};
 use crate::plan::{Command, Plan};
@@ -208,6 +213,24 @@ impl ClusterSink {
                         deletes.add(key, unlink);
                     }
                     deletes.send(&connection, &mut stats, self.timeout).await?;
+                }
+                Command::Bump { key, .. } => {
+                    stats.keys += 1;
+                    phase.add(&self.prefixed(key), bump);
+                }
+                Command::BumpMatching { pattern, .. } => {
+                    phase.send(&connection, &mut stats, self.timeout).await?;
+                    let full = under_prefix(&self.prefix, "", pattern)?;
+                    let counters = self
+                        .scan_masters(&connection, &slots, &full, Some("string"), &mut stats)
+                        .await?;
+                    stats.keys += counters.len() as u64;
+                    stats.matched.push(counters.len() as u64);
+                    let mut bumps = Phase::new(&slots, self.wait);
+                    for counter in &counters {
+                        bumps.add(counter, bump);
+                    }
+                    bumps.send(&connection, &mut stats, self.timeout).await?;
                 }
                 Command::InvalidateTag { tag, .. } => {
                     phase.send(&connection, &mut stats, self.timeout).await?;

@@ -1,21 +1,23 @@
 //! Sends a [`Plan`] to Redis, and its L1 broadcast with it.
 //!
 //! One plan becomes as few round trips as its commands allow: exact deletes
-//! (variadic UNLINK), tag invalidations (one Lua script per chunk of tags),
-//! refreshes (SET with EX and jitter) and the broadcast (PUBLISH, and SET of
-//! `evictd:l1:last`) go in one pipeline, in that order. Pattern deletes
-//! (TRUNCATE, coarse fallbacks) need SCAN round trips and split the
-//! pipeline, keeping the plan's order.
+//! (variadic UNLINK), namespace bumps (a short script each), tag
+//! invalidations (one Lua script per chunk of tags), refreshes (SET with EX
+//! and jitter) and the broadcast (PUBLISH, and SET of `evictd:l1:last`) go
+//! in one pipeline, in that order. Pattern deletes (TRUNCATE, coarse
+//! fallbacks) need SCAN round trips and split the pipeline, keeping the
+//! plan's order.
 //!
-//! Every command is idempotent, so a plan that failed half-way is simply
-//! sent again.
+//! A plan that failed half-way is simply sent again: every command is
+//! idempotent but a bump, and a second bump only leaves one more version
+//! behind.
 
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 
 use super::broadcast::Broadcast;
-use evictd_client::protocol::TAG_NAMESPACE;
+use evictd_client::protocol::{BUMP_SCRIPT, TAG_NAMESPACE};
 
 use super::shared::{jittered, under_prefix, ApplyStats, Record, Wait, SCAN_COUNT};
 use crate::config::RedisConfig;
@@ -154,6 +156,23 @@ impl StandaloneSink {
                     stats.keys += deleted;
                     stats.matched.push(deleted);
                 }
+                Command::Bump { key, .. } => {
+                    pipe.cmd("EVAL")
+                        .arg(BUMP_SCRIPT)
+                        .arg(1)
+                        .arg(self.prefixed(key))
+                        .ignore();
+                    stats.keys += 1;
+                }
+                Command::BumpMatching { pattern, .. } => {
+                    unlinks.flush(&mut pipe, &mut stats);
+                    self.send(&mut connection, &mut pipe, &mut stats).await?;
+                    let bumped = self
+                        .bump_matching(&mut connection, pattern, &mut stats)
+                        .await?;
+                    stats.keys += bumped;
+                    stats.matched.push(bumped);
+                }
                 Command::InvalidateTag { tag, .. } => {
                     unlinks.flush(&mut pipe, &mut stats);
                     tags.push(self.tag_set(tag));
@@ -245,6 +264,28 @@ impl StandaloneSink {
         }
     }
 
+    /// One SCAN page: the next cursor and the keys matching `full` (of
+    /// `kind`, when given).
+    async fn scan_page(
+        &mut self,
+        connection: &mut MultiplexedConnection,
+        cursor: u64,
+        full: &str,
+        kind: Option<&str>,
+        stats: &mut ApplyStats,
+    ) -> Result<(u64, Vec<String>), Error> {
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(cursor)
+            .arg("MATCH")
+            .arg(full)
+            .arg("COUNT")
+            .arg(SCAN_COUNT);
+        if let Some(kind) = kind {
+            scan.arg("TYPE").arg(kind);
+        }
+        self.query(connection, &scan, stats).await
+    }
+
     /// SCAN for `pattern` under the prefix and UNLINK what matches.
     async fn delete_matching(
         &mut self,
@@ -256,17 +297,8 @@ impl StandaloneSink {
         let mut cursor: u64 = 0;
         let mut deleted = 0;
         loop {
-            let (next, keys): (u64, Vec<String>) = self
-                .query(
-                    connection,
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(&full)
-                        .arg("COUNT")
-                        .arg(SCAN_COUNT),
-                    stats,
-                )
+            let (next, keys) = self
+                .scan_page(connection, cursor, &full, None, stats)
                 .await?;
             if !keys.is_empty() {
                 let removed: u64 = self
@@ -276,6 +308,40 @@ impl StandaloneSink {
             }
             if next == 0 {
                 return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
+
+    /// SCAN for namespace counters matching `pattern` under the prefix and
+    /// bump each. Returns how many there were.
+    async fn bump_matching(
+        &mut self,
+        connection: &mut MultiplexedConnection,
+        pattern: &str,
+        stats: &mut ApplyStats,
+    ) -> Result<u64, Error> {
+        let full = under_prefix(&self.prefix, "", pattern)?;
+        let mut cursor: u64 = 0;
+        let mut bumped = 0;
+        loop {
+            let (next, counters) = self
+                .scan_page(connection, cursor, &full, Some("string"), stats)
+                .await?;
+            if !counters.is_empty() {
+                let mut pipe = redis::pipe();
+                for counter in &counters {
+                    pipe.cmd("EVAL")
+                        .arg(BUMP_SCRIPT)
+                        .arg(1)
+                        .arg(counter)
+                        .ignore();
+                }
+                self.send(connection, &mut pipe, stats).await?;
+                bumped += counters.len() as u64;
+            }
+            if next == 0 {
+                return Ok(bumped);
             }
             cursor = next;
         }
@@ -291,19 +357,8 @@ impl StandaloneSink {
         let mut cursor: u64 = 0;
         let mut deleted = 0;
         loop {
-            let (next, sets): (u64, Vec<String>) = self
-                .query(
-                    connection,
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(&full)
-                        .arg("COUNT")
-                        .arg(SCAN_COUNT)
-                        .arg("TYPE")
-                        .arg("set"),
-                    stats,
-                )
+            let (next, sets) = self
+                .scan_page(connection, cursor, &full, Some("set"), stats)
                 .await?;
             for chunk in sets.chunks(TAG_CHUNK) {
                 let mut eval = redis::cmd("EVAL");

@@ -230,6 +230,7 @@ impl FileScope<'_, '_> {
         let changed = self.changed(spec.changed.as_ref());
         let keys = self.rules(&spec.keys, "keys");
         let tags = self.rules(&spec.tags, "tags");
+        let versions = self.rules(&spec.versions, "versions");
         let refresh: Vec<Refresh> = spec
             .refresh
             .iter()
@@ -237,16 +238,17 @@ impl FileScope<'_, '_> {
             .collect();
         if spec.keys.is_empty()
             && spec.tags.is_empty()
+            && spec.versions.is_empty()
             && spec.refresh.is_empty()
             && !spec.malformed
         {
             self.error(
                 name.span.start,
                 format!("table {table} maps nothing"),
-                "give it `keys`, `tags` or a [[table.refresh]]",
+                "give it `keys`, `tags`, `versions` or a [[table.refresh]]",
             );
         }
-        let renderings = 2 * (keys.len() + tags.len() + refresh.len());
+        let renderings = 2 * (keys.len() + tags.len() + versions.len() + refresh.len());
         if renderings > self.builder.limits.max_keys_per_change {
             self.error(
                 name.span.start,
@@ -267,6 +269,7 @@ impl FileScope<'_, '_> {
             changed,
             keys,
             tags,
+            versions,
             refresh,
         })
     }
@@ -356,6 +359,17 @@ impl FileScope<'_, '_> {
     }
 
     fn template(&mut self, written: &Located<String>) -> Option<Template> {
+        if written.value.starts_with(RESERVED) {
+            self.error(
+                written.span.start,
+                format!(
+                    "`{}` is under `{RESERVED}`, where evictd keeps its own keys",
+                    written.value
+                ),
+                "give the family another name, e.g. \"app:...\"",
+            );
+            return None;
+        }
         match Template::parse(&written.value) {
             Ok(template) => {
                 let max = self.builder.limits.max_key_bytes;
@@ -495,6 +509,10 @@ fn string_quote_len(text: &str, span: &Range<usize>) -> usize {
         1
     }
 }
+
+/// Where evictd keeps its own keys (the broadcast log, namespace counters,
+/// continuity records): no mapping may render a key there.
+const RESERVED: &str = "evictd:";
 
 /// The longest TTL a mapping may give: 365 days.
 const MAX_TTL_SECONDS: u64 = 365 * 24 * 3600;

@@ -16,6 +16,7 @@ use std::fmt::Write as _;
 
 use super::template::{Template, Unrendered};
 use super::{Mappings, OriginId, Refresh, TableMapping, Ttl};
+use evictd_client::protocol::VERSION_NAMESPACE;
 use crate::change::{Datum, Op, Row, RowChange, TableName};
 
 /// One thing to do to the cache, and the rule it came from.
@@ -35,6 +36,11 @@ pub enum ActionKind {
     Tag(String),
     /// Invalidate every tag set whose name matches this glob.
     TagMatching(String),
+    /// Bump this namespace version counter (a full counter key,
+    /// `evictd:ns:<namespace>`, without the prefix).
+    Bump(String),
+    /// Bump every namespace counter matching this glob (SCAN + bump).
+    BumpMatching(String),
     /// Write `value` (a JSON object) to `key`.
     Refresh {
         key: String,
@@ -152,6 +158,7 @@ impl<'c> Side<'c> {
 enum Use {
     Key,
     Tag,
+    Version,
 }
 
 impl Mappings {
@@ -189,6 +196,9 @@ impl Mappings {
         for rule in &mapping.tags {
             self.render_all(&rule.template, rule.origin, Use::Tag, sides, out);
         }
+        for rule in &mapping.versions {
+            self.render_all(&rule.template, rule.origin, Use::Version, sides, out);
+        }
         for refresh in &mapping.refresh {
             self.refresh(refresh, change.op, sides, out);
         }
@@ -222,7 +232,11 @@ impl Mappings {
             let Some(action) = self.render(template, origin, use_, side, out) else {
                 continue;
             };
-            exact = matches!(action, ActionKind::Delete(_) | ActionKind::Tag(_)).then_some(side);
+            exact = matches!(
+                action,
+                ActionKind::Delete(_) | ActionKind::Tag(_) | ActionKind::Bump(_)
+            )
+            .then_some(side);
             let repeated = previous
                 .is_some_and(|index| action_text(&out.actions[index].kind) == action_text(&action));
             if !repeated {
@@ -242,13 +256,15 @@ impl Mappings {
         side: Side<'_>,
         out: &mut Output,
     ) -> Option<ActionKind> {
-        let exact = |key| match use_ {
+        let exact = |key: String| match use_ {
             Use::Key => ActionKind::Delete(key),
             Use::Tag => ActionKind::Tag(key),
+            Use::Version => ActionKind::Bump(format!("{VERSION_NAMESPACE}{key}")),
         };
-        let matching = |pattern| match use_ {
+        let matching = |pattern: String| match use_ {
             Use::Key => ActionKind::DeleteMatching(pattern),
             Use::Tag => ActionKind::TagMatching(pattern),
+            Use::Version => ActionKind::BumpMatching(format!("{VERSION_NAMESPACE}{pattern}")),
         };
         match template.render(|column| side.value(column)) {
             Ok(key) if key.len() > self.limits().max_key_bytes => {
@@ -337,7 +353,8 @@ impl Mappings {
         }
     }
 
-    /// Every key, refresh key and tag the table's templates can produce.
+    /// Every key, refresh key, tag and namespace the table's templates can
+    /// produce.
     fn truncate(&self, mapping: &TableMapping, out: &mut Output) {
         for rule in &mapping.keys {
             out.push(
@@ -357,6 +374,13 @@ impl Mappings {
                 ActionKind::TagMatching(rule.template.pattern(|_| None)),
             );
         }
+        for rule in &mapping.versions {
+            let pattern = rule.template.pattern(|_| None);
+            out.push(
+                rule.origin,
+                ActionKind::BumpMatching(format!("{VERSION_NAMESPACE}{pattern}")),
+            );
+        }
     }
 }
 
@@ -366,6 +390,8 @@ fn action_text(action: &ActionKind) -> &str {
         | ActionKind::DeleteMatching(text)
         | ActionKind::Tag(text)
         | ActionKind::TagMatching(text)
+        | ActionKind::Bump(text)
+        | ActionKind::BumpMatching(text)
         | ActionKind::Refresh { key: text, .. } => text,
     }
 }

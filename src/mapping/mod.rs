@@ -83,6 +83,9 @@ pub struct TableMapping {
     pub changed: Option<Box<[Box<str>]>>,
     pub keys: Vec<Rule>,
     pub tags: Vec<Rule>,
+    /// `versions = [...]`: namespaces whose version counter each change
+    /// bumps (see [`evictd_client::protocol::VERSION_NAMESPACE`]).
+    pub versions: Vec<Rule>,
     pub refresh: Vec<Refresh>,
 }
 
@@ -104,10 +107,10 @@ impl TableMapping {
         columns
     }
 
-    /// Every key and tag template with its origin: these are rendered from
-    /// the old row on updates and deletes.
+    /// Every key, tag and namespace template with its origin: these are
+    /// rendered from the old row on updates and deletes.
     pub fn templates(&self) -> impl Iterator<Item = (&Template, OriginId)> {
-        let rules = self.keys.iter().chain(&self.tags);
+        let rules = self.keys.iter().chain(&self.tags).chain(&self.versions);
         rules
             .map(|rule| (&rule.template, rule.origin))
             .chain(self.refresh.iter().map(|r| (&r.key, r.origin)))

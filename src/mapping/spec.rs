@@ -26,6 +26,8 @@ pub struct TableSpec {
     pub name: Option<Located<String>>,
     pub keys: Vec<Located<String>>,
     pub tags: Vec<Located<String>>,
+    /// Namespaces whose version each change bumps.
+    pub versions: Vec<Located<String>>,
     pub on: Option<Located<Vec<Located<String>>>>,
     pub changed: Option<Located<Vec<Located<String>>>>,
     pub refresh: Vec<RefreshSpec>,
@@ -44,7 +46,7 @@ pub struct RefreshSpec {
     pub jitter: Option<Located<String>>,
 }
 
-const TABLE_FIELDS: &[&str] = &["name", "keys", "tags", "on", "changed", "refresh"];
+const TABLE_FIELDS: &[&str] = &["name", "keys", "tags", "versions", "on", "changed", "refresh"];
 const REFRESH_FIELDS: &[&str] = &["key", "columns", "ttl", "jitter"];
 
 /// Reads one mapping file. Problems go to `diagnostics`; what could be read
@@ -119,6 +121,7 @@ impl Reader<'_, '_> {
             name: None,
             keys: Vec::new(),
             tags: Vec::new(),
+            versions: Vec::new(),
             on: None,
             changed: None,
             refresh: Vec::new(),
@@ -130,6 +133,9 @@ impl Reader<'_, '_> {
                 "name" => spec.name = self.string(key, value),
                 "keys" => spec.keys = self.strings(key, value).map_or_else(Vec::new, |l| l.value),
                 "tags" => spec.tags = self.strings(key, value).map_or_else(Vec::new, |l| l.value),
+                "versions" => {
+                    spec.versions = self.strings(key, value).map_or_else(Vec::new, |l| l.value);
+                }
                 "on" => spec.on = self.strings(key, value),
                 "changed" => spec.changed = self.strings(key, value),
                 "refresh" => spec.refresh = self.refreshes(key, value),

@@ -1110,3 +1110,106 @@ async fn after_wait_applied_a_read_through_a_warm_l1_sees_the_commit() {
         "{error}"
     );
 }
+
+const VERSIONED: &str = r#"
+[[table]]
+name = "orders"
+versions = ["user:{user_id}"]
+"#;
+
+/// The keys an application caches under user 1's namespace.
+const UNDER_USER_1: [&str; 3] = ["orders", "profile", "page:2"];
+
+/// Reads `key` under `namespace` through `cache`, loading the row's status.
+async fn load_in(s: &Streaming, cache: &Cache, namespace: &str, key: &str) -> Option<Status> {
+    cache
+        .get_or_load_in(namespace, key, &[], || async {
+            Ok::<_, Infallible>(Some(Status {
+                status: status(s).await,
+            }))
+        })
+        .await
+        .expect("get_or_load_in")
+}
+
+#[tokio::test]
+async fn a_namespace_bump_leaves_everything_under_it_behind_in_redis_and_every_l1() {
+    let s = Streaming::start(SCHEMA, &[("orders.toml", VERSIONED)]).await;
+    let plain = cache(&s).await;
+    let (a, b) = (l1_cache(&s).await, l1_cache(&s).await);
+    let caches = [&plain, &a, &b];
+    for cache in caches {
+        for key in UNDER_USER_1 {
+            let value = load_in(&s, cache, "user:1", key).await;
+            assert_eq!(value.map(|v| v.status).as_deref(), Some("new"));
+        }
+    }
+    let before = plain.version("user:1").await.unwrap();
+    for cache in [&a, &b] {
+        assert_eq!(cache.version("user:1").await.unwrap(), before);
+        let key = cache.versioned("user:1", "orders").await.unwrap();
+        assert!(cache.l1_peek::<Status>(&key).is_some(), "{key} in L1");
+    }
+
+    s.db.execute("update orders set status = 'paid' where id = 1")
+        .await;
+    s.sync().await;
+    l1_caught_up(&s, &a).await;
+    l1_caught_up(&s, &b).await;
+    let after = plain.version("user:1").await.unwrap();
+    assert!(after > before, "bumped: {before} -> {after}");
+    for cache in caches {
+        assert_eq!(cache.version("user:1").await.unwrap(), after);
+        for key in UNDER_USER_1 {
+            let composed = cache.versioned("user:1", key).await.unwrap();
+            assert_eq!(composed, format!("user:1@{after}:{key}"));
+            assert!(cache.l1_peek::<Status>(&composed).is_none(), "{composed}");
+            assert_eq!(cache.get::<Status>(&composed).await.unwrap(), None);
+        }
+    }
+    // (They share one Redis: the first load fills it for the others.)
+    for cache in caches {
+        for key in UNDER_USER_1 {
+            let value = load_in(&s, cache, "user:1", key).await;
+            assert_eq!(value.map(|v| v.status).as_deref(), Some("paid"));
+        }
+    }
+
+    // A fill that read the row before a commit and stores after its bump
+    // lands under the old version, where no reader looks.
+    let raced = plain.versioned("user:1", "summary").await.unwrap();
+    let write = "update orders set status = 'shipped' where id = 1";
+    let (_, loaded) = held_fill(&s, &plain, &raced, &[], Some(write)).await;
+    assert_eq!(loaded.status, "paid");
+    l1_caught_up(&s, &a).await;
+    l1_caught_up(&s, &b).await;
+    for cache in caches {
+        let now = cache.versioned("user:1", "summary").await.unwrap();
+        assert_ne!(now, raced);
+        let value = load_in(&s, cache, "user:1", "summary").await;
+        assert_eq!(value.map(|v| v.status).as_deref(), Some("shipped"));
+    }
+
+    // TRUNCATE bumps every namespace by pattern.
+    let before = plain.version("user:1").await.unwrap();
+    s.db.execute("truncate orders").await;
+    s.sync().await;
+    assert!(plain.version("user:1").await.unwrap() > before);
+
+    // evictd bumps only counters a reader created: a namespace nobody
+    // read leaves no key behind.
+    s.db.execute("insert into orders values (5, 2, 'new')").await;
+    s.sync().await;
+    let mut redis = crate::support::redis_connection().await;
+    let counter = format!(
+        "{}{}",
+        s.config.redis.prefix,
+        protocol::version_key("user:2")
+    );
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(&counter)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(!exists, "{counter} was created");
+}

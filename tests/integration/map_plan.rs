@@ -827,3 +827,48 @@ fn origins_point_at_the_rule() {
         ["m/orders.toml:4", "m/orders.toml:4", "m/orders.toml:5"]
     );
 }
+
+// ---- namespace versions -----------------------------------------------------
+
+const VERSIONED: &str = r#"
+[[table]]
+name = "orders"
+keys = ["order:{id}"]
+versions = ["user:{user_id}"]
+"#;
+
+#[test]
+fn a_change_bumps_the_namespaces_of_its_old_and_new_row_once_per_batch() {
+    check(
+        VERSIONED,
+        &[
+            insert("orders", &[("id", "7"), ("user_id", "1")]),
+            update(
+                "orders",
+                &[("id", "7"), ("user_id", "1")],
+                &[("id", "7"), ("user_id", "2")],
+            ),
+        ],
+        "
+        UNLINK order:7
+        BUMP evictd:ns:user:1
+        BUMP evictd:ns:user:2
+    ",
+    );
+}
+
+#[test]
+fn an_unknown_namespace_value_or_truncate_bumps_by_pattern() {
+    check(
+        VERSIONED,
+        &[
+            delete("orders", &[("id", "7")]),
+            truncate("orders"),
+        ],
+        "
+        UNLINK order:7
+        UNLINK MATCH order:*
+        BUMP MATCH evictd:ns:user:*
+    ",
+    );
+}

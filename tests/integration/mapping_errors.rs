@@ -35,7 +35,7 @@ fn bad_toml() {
 fn unknown_field_in_table() {
     check(
         "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\nchanged_columns = [\"a\"]\n",
-        "m.toml:4:1: error: unknown field `changed_columns` in [[table]]\n  help: known fields: name, keys, tags, on, changed, refresh",
+        "m.toml:4:1: error: unknown field `changed_columns` in [[table]]\n  help: known fields: name, keys, tags, versions, on, changed, refresh",
     );
 }
 
@@ -341,5 +341,13 @@ fn missing_and_empty_directories() {
             "error: no mapping files (*.toml) in {}\n  help: add a file such as orders.toml with a [[table]] section",
             empty.path().display()
         )
+    );
+}
+
+#[test]
+fn evictds_own_key_space_is_reserved() {
+    check(
+        "[[table]]\nname = \"orders\"\nversions = [\"evictd:{id}\"]\n",
+        "m.toml:3:13: error: `evictd:{id}` is under `evictd:`, where evictd keeps its own keys\n  help: give the family another name, e.g. \"app:...\"",
     );
 }
