@@ -708,7 +708,12 @@ async fn on_a_cluster_every_kind_of_invalidation_voids_a_fill_in_flight() {
         .unwrap()
         .expect("start cluster");
     let url = cluster.url();
-    let s = Streaming::start_with(SCHEMA, &[("orders.toml", MAPPING)], |config| {
+    // The test mapping, with user 1's namespace versioned too.
+    let mapping = MAPPING.replace(
+        "tags = [\"user:{user_id}\"]",
+        "tags = [\"user:{user_id}\"]\nversions = [\"user:{user_id}\"]",
+    );
+    let s = Streaming::start_with(SCHEMA, &[("orders.toml", &mapping)], |config| {
         config.redis.url = evictd::config::SecretUrl::parse(&url).unwrap();
     })
     .await;
@@ -743,6 +748,25 @@ async fn on_a_cluster_every_kind_of_invalidation_voids_a_fill_in_flight() {
             // What evictd wrote stays: Cluster-wide GET.
             let refreshed: Option<Status> = cache.get(key).await.unwrap();
             assert_eq!(refreshed.map(|r| r.status).as_deref(), Some("shipped"));
+        }
+    }
+    // Namespace bumps, exact and by pattern, on the counter's node.
+    for write in [
+        "insert into orders values (9, 1, 'new')",
+        "truncate orders",
+    ] {
+        let before = cache.version("user:1").await.unwrap();
+        s.db.execute(write).await;
+        s.sync().await;
+        // Through L1, once the broadcast of the bump arrives.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let after = cache.version("user:1").await.unwrap();
+            if after > before {
+                break;
+            }
+            assert!(Instant::now() < deadline, "`{write}` left {before}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 }

@@ -222,7 +222,7 @@ fn refresh_key_that_is_also_a_delete_key() {
 fn table_that_maps_nothing() {
     check(
         "[[table]]\nname = \"orders\"\non = [\"insert\"]\n",
-        "m.toml:2:8: error: table public.orders maps nothing\n  help: give it `keys`, `tags` or a [[table.refresh]]",
+        "m.toml:2:8: error: table public.orders maps nothing\n  help: give it `keys`, `tags`, `versions` or a [[table.refresh]]",
     );
 }
 
