@@ -18,9 +18,16 @@ use tokio::task::AbortHandle;
 use crate::l1::{self, L1Bound, L1Options, L1};
 use crate::metrics::{Meter, Stats};
 use crate::protocol::{
-    lease, record_position, version_key, versioned_key, Position, Stored, FILL_SCRIPT, LEASE,
-    RELEASE_SCRIPT, RELOAD_SCRIPT, SLOT_RECORD_NAMESPACE, TAG_NAMESPACE, VERSION_SCRIPT,
+    compose_versioned, lease, record_position, version_key, versioned_key, Position, Stored,
+    FILL_SCRIPT, LEASE, RELEASE_SCRIPT, RELOAD_SCRIPT, SLOT_RECORD_NAMESPACE, TAG_NAMESPACE,
+    VERSION_SCRIPT,
 };
+
+thread_local! {
+    /// The versioned key an L1 lookup composes (see
+    /// [`Cache::get_or_load_in`]).
+    static COMPOSED: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
 
 /// What a negative entry ("no such row") holds: not valid JSON, so it
 /// cannot be a stored value.
@@ -490,10 +497,10 @@ impl Cache {
     /// the mapping covers, and the broadcast of the bump drops it from
     /// every L1.
     pub async fn version(&self, namespace: &str) -> Result<u64, Error> {
-        let counter = version_key(namespace);
-        if let Some(Some(version)) = self.inner.l1.as_ref().and_then(|l1| l1.get(&counter)) {
+        if let Some(version) = self.inner.l1.as_ref().and_then(|l1| l1.version(namespace)) {
             return Ok(version);
         }
+        let counter = version_key(namespace);
         // Taken before Redis is read: a bump broadcast from here on keeps
         // what this read returns out of L1.
         let seen = self.generation();
@@ -501,7 +508,9 @@ impl Cache {
         // of this name held before it was deleted or evicted.
         let start = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |since| u64::try_from(since.as_micros()).unwrap_or(u64::MAX));
+            .map_or(1, |since| {
+                u64::try_from(since.as_micros()).unwrap_or(u64::MAX)
+            });
         let mut redis = self.inner.redis.clone();
         let version: u64 = self
             .inner
@@ -510,7 +519,9 @@ impl Cache {
             .arg(start)
             .invoke_async(&mut redis)
             .await?;
-        self.keep(&counter, &Some(version), &[], 8, seen);
+        if let (Some(l1), Some(seen)) = (&self.inner.l1, seen) {
+            l1.insert_version(namespace, version, seen);
+        }
         Ok(version)
     }
 
@@ -540,6 +551,17 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<T>, E>>,
     {
+        // An L1 hit composes the key in a reused buffer: no allocation.
+        let l1 = self.inner.l1.as_ref();
+        if let Some(version) = l1.and_then(|l1| l1.version(namespace)) {
+            let hit = COMPOSED.with_borrow_mut(|composed| {
+                compose_versioned(composed, namespace, version, key);
+                self.l1_get::<T>(composed)
+            });
+            if let Some(value) = hit {
+                return Ok(value);
+            }
+        }
         match self.versioned(namespace, key).await {
             Ok(key) => self.get_or_load(&key, tags, loader).await,
             Err(_) => {

@@ -16,7 +16,7 @@
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
@@ -24,7 +24,10 @@ use moka::notification::RemovalCause;
 use redis::aio::ConnectionLike;
 
 use crate::metrics::Meter;
-use crate::protocol::{glob_matches, Broadcast, Position, L1_LAST_KEY, L1_LOG_FIELD, L1_LOG_KEY};
+use crate::protocol::{
+    glob_matches, version_key, Broadcast, Position, L1_LAST_KEY, L1_LOG_FIELD, L1_LOG_KEY,
+    VERSION_NAMESPACE,
+};
 
 /// How the L1 tier is bounded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,8 +136,37 @@ fn touches(message: &Broadcast, key: &str, tags: &[&str]) -> bool {
         })
 }
 
+/// Namespace versions L1 holds at most; past that it starts over.
+const MAX_VERSIONS: usize = 100_000;
+
+/// The last version a thread read from an L1: a request reads several
+/// keys under one namespace, and this spares each but the first the
+/// shared map's lock and hash.
+struct LastVersion {
+    /// Which L1 ([`L1::id`]).
+    l1: u64,
+    /// The L1's generation when it was read: valid while it is the same.
+    generation: u64,
+    namespace: Box<str>,
+    version: u64,
+}
+
+thread_local! {
+    static LAST_VERSION: std::cell::RefCell<Option<LastVersion>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Tells L1 tiers apart (an address can be reused).
+static NEXT_L1: AtomicU64 = AtomicU64::new(1);
+
 pub(crate) struct L1 {
+    /// Unique per process.
+    id: u64,
     entries: moka::sync::Cache<String, Entry>,
+    /// namespace -> its version: beside the entries, not among them, as
+    /// every versioned read looks one up first. Kept and dropped by the
+    /// same rules as entries (the counter's key is what broadcasts name).
+    versions: RwLock<HashMap<Box<str>, u64>>,
     /// tag -> key -> the entry id that registered it.
     tags: Arc<Mutex<HashMap<String, HashMap<String, u64>>>>,
     /// Held while a broadcast is applied and while a value is inserted.
@@ -187,7 +219,9 @@ impl L1 {
                 .weigher(|_key: &String, entry: &Entry| entry.weight),
         };
         L1 {
+            id: NEXT_L1.fetch_add(1, Ordering::Relaxed),
             entries: builder.build(),
+            versions: RwLock::default(),
             tags,
             fence: Mutex::new(Fence::default()),
             generation: AtomicU64::new(0),
@@ -210,6 +244,84 @@ impl L1 {
         }
         let entry = self.entries.get(key)?;
         entry.value.downcast_ref::<Option<T>>().cloned()
+    }
+
+    /// The version of `namespace`, if L1 holds it and may serve it.
+    pub fn version(&self, namespace: &str) -> Option<u64> {
+        if !self.serving() {
+            return None;
+        }
+        // The generation before the map: every drop of a version happens
+        // before the generation moves on, so a version read here is
+        // current for as long as the generation stays where it was.
+        let generation = self.generation.load(Ordering::Acquire);
+        let remembered = LAST_VERSION.with_borrow(|last| {
+            last.as_ref()
+                .filter(|last| {
+                    last.l1 == self.id
+                        && last.generation == generation
+                        && *last.namespace == *namespace
+                })
+                .map(|last| last.version)
+        });
+        if remembered.is_some() {
+            return remembered;
+        }
+        let version = read(&self.versions).get(namespace).copied()?;
+        LAST_VERSION.with_borrow_mut(|last| {
+            *last = Some(LastVersion {
+                l1: self.id,
+                generation,
+                namespace: namespace.into(),
+                version,
+            });
+        });
+        Some(version)
+    }
+
+    /// Keeps the version of `namespace` read at generation `seen`, unless
+    /// a broadcast applied since bumped it (see [`L1::insert`]).
+    pub fn insert_version(&self, namespace: &str, version: u64, seen: u64) -> bool {
+        let fence = lock(&self.fence);
+        if !self.live.load(Ordering::Acquire) || !fence.admits(&version_key(namespace), &[], seen) {
+            return false;
+        }
+        let mut versions = write(&self.versions);
+        if versions.len() >= MAX_VERSIONS && !versions.contains_key(namespace) {
+            versions.clear();
+        }
+        versions.insert(namespace.into(), version);
+        true
+    }
+
+    /// Drops the versions `message` bumped, by counter key or pattern.
+    fn drop_versions(&self, message: &Broadcast) {
+        let keys = message
+            .keys
+            .iter()
+            .filter_map(|key| key.strip_prefix(VERSION_NAMESPACE));
+        let patterns: Vec<&str> = message
+            .patterns
+            .iter()
+            .filter(|pattern| pattern.starts_with(VERSION_NAMESPACE))
+            .map(String::as_str)
+            .collect();
+        let mut keys = keys.peekable();
+        if keys.peek().is_none() && patterns.is_empty() {
+            return;
+        }
+        let mut versions = write(&self.versions);
+        for namespace in keys {
+            versions.remove(namespace);
+        }
+        if !patterns.is_empty() {
+            versions.retain(|namespace, _| {
+                let counter = version_key(namespace);
+                !patterns
+                    .iter()
+                    .any(|pattern| glob_matches(pattern, &counter))
+            });
+        }
     }
 
     /// Taken before a reader reads Redis or the database; [`L1::insert`]
@@ -255,14 +367,13 @@ impl L1 {
     /// Drops `key` (the application invalidated it).
     pub fn remove(&self, key: &str) {
         let mut fence = lock(&self.fence);
+        let message = Broadcast {
+            keys: vec![key.to_owned()],
+            ..Broadcast::default()
+        };
+        self.drop_versions(&message);
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
-        fence.push(
-            generation,
-            Broadcast {
-                keys: vec![key.to_owned()],
-                ..Broadcast::default()
-            },
-        );
+        fence.push(generation, message);
         self.entries.invalidate(key);
     }
 
@@ -299,6 +410,7 @@ impl L1 {
 
     fn flush(&self, reason: FlushReason, live: bool) {
         let mut fence = lock(&self.fence);
+        write(&self.versions).clear();
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         fence.floor = generation;
         fence.recent.clear();
@@ -440,6 +552,7 @@ impl L1 {
     /// fence, and moves the position.
     fn apply_message(&self, message: Broadcast) {
         let mut fence = lock(&self.fence);
+        self.drop_versions(&message);
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         for key in &message.keys {
             self.entries.invalidate(key.as_str());
@@ -669,6 +782,16 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -688,6 +811,34 @@ mod tests {
     fn message(seq: u64, body: &str) -> Broadcast {
         serde_json::from_str(&format!(r#"{{"v":1,"epoch":"e","seq":{seq},{body}}}"#))
             .expect("a message")
+    }
+
+    #[test]
+    fn versions_go_with_their_counter_and_are_fenced_like_entries() {
+        let l1 = l1();
+        let seen = l1.generation();
+        assert!(l1.insert_version("user:1", 5, seen));
+        assert!(l1.insert_version("user:2", 5, seen));
+        assert_eq!(l1.version("user:1"), Some(5));
+        l1.apply_message(message(1, r#""keys":["evictd:ns:user:1"]"#));
+        assert_eq!(
+            (l1.version("user:1"), l1.version("user:2")),
+            (None, Some(5))
+        );
+        // A read from before the bump's broadcast is not kept.
+        assert!(!l1.insert_version("user:1", 5, seen));
+        assert!(l1.insert_version("user:1", 6, l1.generation()));
+        l1.apply_message(message(2, r#""patterns":["evictd:ns:user:*"]"#));
+        assert_eq!((l1.version("user:1"), l1.version("user:2")), (None, None));
+        // Read once more before each drop: the thread's last read goes too.
+        assert!(l1.insert_version("user:3", 1, l1.generation()));
+        assert_eq!(l1.version("user:3"), Some(1));
+        l1.remove("evictd:ns:user:3");
+        assert_eq!(l1.version("user:3"), None);
+        assert!(l1.insert_version("user:3", 2, l1.generation()));
+        assert_eq!(l1.version("user:3"), Some(2));
+        l1.flush(FlushReason::Gap, true);
+        assert_eq!(l1.version("user:3"), None);
     }
 
     #[test]

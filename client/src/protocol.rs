@@ -46,7 +46,33 @@ pub fn version_key(namespace: &str) -> String {
 
 /// `key` under `namespace` at `version`: `user:7@3:orders`.
 pub fn versioned_key(namespace: &str, version: u64, key: &str) -> String {
-    format!("{namespace}@{version}:{key}")
+    let mut composed = String::new();
+    compose_versioned(&mut composed, namespace, version, key);
+    composed
+}
+
+/// [`versioned_key`] into `out` (cleared first), to reuse its buffer:
+/// every versioned read composes one.
+pub fn compose_versioned(out: &mut String, namespace: &str, version: u64, key: &str) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = version;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    let digits = std::str::from_utf8(&digits[at..]).expect("ASCII digits");
+    out.clear();
+    out.reserve(namespace.len() + digits.len() + key.len() + 2);
+    out.push_str(namespace);
+    out.push('@');
+    out.push_str(digits);
+    out.push(':');
+    out.push_str(key);
 }
 
 /// A WAL position, written as Postgres writes one: `16/B374D848`.
@@ -204,6 +230,19 @@ pub struct Broadcast {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn versioned_keys_compose_namespace_version_and_key() {
+        for (version, composed) in [
+            (0, "user:7@0:orders"),
+            (9, "user:7@9:orders"),
+            (1_733_216_400_000_001, "user:7@1733216400000001:orders"),
+            (u64::MAX, "user:7@18446744073709551615:orders"),
+        ] {
+            assert_eq!(versioned_key("user:7", version, "orders"), composed);
+        }
+        assert_eq!(version_key("user:7"), "evictd:ns:user:7");
+    }
 
     #[test]
     fn positions_read_and_print_as_postgres_writes_them() {

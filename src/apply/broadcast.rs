@@ -139,12 +139,13 @@ impl Broadcast {
             let (list, text) = match command {
                 // A bumped counter is a key like any other: L1 forgets
                 // the version it cached.
-                Command::Unlink { key, .. } | Command::Set { key, .. } | Command::Bump { key, .. } => {
-                    (&mut keys, key)
-                }
+                Command::Unlink { key, .. }
+                | Command::Set { key, .. }
+                | Command::Bump { key, .. } => (&mut keys, key),
                 Command::InvalidateTag { tag, .. } => (&mut tags, tag),
-                Command::UnlinkMatching { pattern, .. }
-                | Command::BumpMatching { pattern, .. } => (&mut patterns, pattern),
+                Command::UnlinkMatching { pattern, .. } | Command::BumpMatching { pattern, .. } => {
+                    (&mut patterns, pattern)
+                }
                 Command::InvalidateTagsMatching { pattern, .. } => (&mut tag_patterns, pattern),
             };
             size += text.len() + 3;

@@ -16,8 +16,8 @@ use std::fmt::Write as _;
 
 use super::template::{Template, Unrendered};
 use super::{Mappings, OriginId, Refresh, TableMapping, Ttl};
-use evictd_client::protocol::VERSION_NAMESPACE;
 use crate::change::{Datum, Op, Row, RowChange, TableName};
+use evictd_client::protocol::VERSION_NAMESPACE;
 
 /// One thing to do to the cache, and the rule it came from.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -46,7 +46,9 @@ pub struct RefreshSpec {
     pub jitter: Option<Located<String>>,
 }
 
-const TABLE_FIELDS: &[&str] = &["name", "keys", "tags", "versions", "on", "changed", "refresh"];
+const TABLE_FIELDS: &[&str] = &[
+    "name", "keys", "tags", "versions", "on", "changed", "refresh",
+];
 const REFRESH_FIELDS: &[&str] = &["key", "columns", "ttl", "jitter"];
 
 /// Reads one mapping file. Problems go to `diagnostics`; what could be read

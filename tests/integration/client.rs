@@ -751,10 +751,7 @@ async fn on_a_cluster_every_kind_of_invalidation_voids_a_fill_in_flight() {
         }
     }
     // Namespace bumps, exact and by pattern, on the counter's node.
-    for write in [
-        "insert into orders values (9, 1, 'new')",
-        "truncate orders",
-    ] {
+    for write in ["insert into orders values (9, 1, 'new')", "truncate orders"] {
         let before = cache.version("user:1").await.unwrap();
         s.db.execute(write).await;
         s.sync().await;
@@ -1222,7 +1219,8 @@ async fn a_namespace_bump_leaves_everything_under_it_behind_in_redis_and_every_l
 
     // evictd bumps only counters a reader created: a namespace nobody
     // read leaves no key behind.
-    s.db.execute("insert into orders values (5, 2, 'new')").await;
+    s.db.execute("insert into orders values (5, 2, 'new')")
+        .await;
     s.sync().await;
     let mut redis = crate::support::redis_connection().await;
     let counter = format!(

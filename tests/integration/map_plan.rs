@@ -861,10 +861,7 @@ fn a_change_bumps_the_namespaces_of_its_old_and_new_row_once_per_batch() {
 fn an_unknown_namespace_value_or_truncate_bumps_by_pattern() {
     check(
         VERSIONED,
-        &[
-            delete("orders", &[("id", "7")]),
-            truncate("orders"),
-        ],
+        &[delete("orders", &[("id", "7")]), truncate("orders")],
         "
         UNLINK order:7
         UNLINK MATCH order:*
