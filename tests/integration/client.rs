@@ -476,6 +476,54 @@ async fn l1_serves_nothing_while_its_subscription_is_down() {
 }
 
 #[tokio::test]
+async fn with_serve_disconnected_l1_serves_for_at_most_the_bound_after_the_drop() {
+    let bound = Duration::from_millis(400);
+    let mut redis = evictd::testkit::Redis::start().expect("redis");
+    let cache = Cache::builder(redis.url())
+        .l1_entries(100)
+        .l1_serve_disconnected(bound)
+        .build()
+        .await
+        .expect("a cache");
+    live(&cache, Duration::from_secs(10), "never live").await;
+    let read = |answer: &'static str| {
+        let cache = cache.clone();
+        async move {
+            cache
+                .get_or_load("k", &[], || async move {
+                    Ok::<_, Infallible>(Some(answer.to_owned()))
+                })
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(read("v").await.as_deref(), Some("v"));
+    redis.stop();
+    let dropped = Instant::now();
+    // Every 5 ms for three times the bound: what L1 holds ("v") until the
+    // bound has passed, the loader ("db") from then on.
+    let mut last_from_l1 = None;
+    while dropped.elapsed() < 3 * bound {
+        if read("db").await.as_deref() == Some("v") {
+            last_from_l1 = Some(dropped.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let last_from_l1 = last_from_l1.expect("L1 served within the bound");
+    // The bound runs from when the subscriber saw the drop, a moment
+    // after Redis went.
+    assert!(
+        last_from_l1 <= bound + Duration::from_millis(150),
+        "L1 served {last_from_l1:?} after the drop, bound {bound:?}"
+    );
+    assert!(
+        last_from_l1 >= bound / 2,
+        "L1 stopped serving after {last_from_l1:?}, well within the bound"
+    );
+    assert!(cache.stats().l1_hits.load(std::sync::atomic::Ordering::Relaxed) > 1);
+}
+
+#[tokio::test]
 async fn a_cold_key_is_loaded_at_most_once_per_instance() {
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::Arc;
