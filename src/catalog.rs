@@ -414,11 +414,16 @@ impl Checker<'_> {
                     if unsent.is_empty() {
                         continue;
                     }
+                    let fallback = if mapping.versions.iter().any(|rule| rule.origin == origin) {
+                        "bump"
+                    } else {
+                        "delete"
+                    };
                     self.report(
                         origin,
                         format!(
                             "template `{}` reads the old value of {}, which REPLICA IDENTITY {kind} of {table} does not send; \
-                             updates and deletes would fall back to a pattern delete",
+                             updates and deletes would fall back to a pattern {fallback}",
                             template.source(),
                             unsent.join(", ")
                         ),

@@ -69,6 +69,19 @@ const CASES: &[Case] = &[
         expected: &["m.toml:3:23: error: column `usr_id` does not exist in table public.orders\n  help: did you mean `user_id`?"],
     },
     Case {
+        what: "a missing column of a namespace is reported at its template",
+        schema: SCHEMA,
+        mapping: "[[table]]\nname = \"orders\"\nversions = [\"user:{usr_id}\"]\n",
+        expected: &["m.toml:3:13: error: column `usr_id` does not exist in table public.orders\n  help: did you mean `user_id`?"],
+    },
+    Case {
+        what: "a namespace under REPLICA IDENTITY DEFAULT falls back to a pattern bump",
+        schema: "create table orders (id bigint primary key, user_id bigint not null, status text);
+                 create publication evictd for table orders;",
+        mapping: "[[table]]\nname = \"orders\"\nversions = [\"user:{user_id}\"]\n",
+        expected: &["m.toml:3:13: error: template `user:{user_id}` reads the old value of user_id, which REPLICA IDENTITY DEFAULT of public.orders does not send; updates and deletes would fall back to a pattern bump\n  help: ALTER TABLE public.orders REPLICA IDENTITY FULL"],
+    },
+    Case {
         what: "a missing table is reported with a suggestion",
         schema: SCHEMA,
         mapping: "[[table]]\nname = \"order\"\nkeys = [\"order:{id}\"]\n",

@@ -520,7 +520,13 @@ async fn with_serve_disconnected_l1_serves_for_at_most_the_bound_after_the_drop(
         last_from_l1 >= bound / 2,
         "L1 stopped serving after {last_from_l1:?}, well within the bound"
     );
-    assert!(cache.stats().l1_hits.load(std::sync::atomic::Ordering::Relaxed) > 1);
+    assert!(
+        cache
+            .stats()
+            .l1_hits
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 1
+    );
 }
 
 #[tokio::test]
