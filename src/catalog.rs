@@ -290,20 +290,11 @@ impl Checker<'_> {
             uses.extend(template.columns().map(|column| (column, origin)));
         }
         for refresh in &mapping.refresh {
-            uses.extend(
-                refresh
-                    .columns
-                    .iter()
-                    .map(|column| (&**column, refresh.origin)),
-            );
+            let columns = refresh.columns.iter().map(|column| &**column);
+            uses.extend(columns.zip(refresh.column_origins.iter().copied()));
         }
-        uses.extend(
-            mapping
-                .changed
-                .iter()
-                .flatten()
-                .map(|column| (&**column, mapping.origin)),
-        );
+        let changed = mapping.changed.iter().flatten().map(|column| &**column);
+        uses.extend(changed.zip(mapping.changed_origins.iter().copied()));
         uses.dedup();
         let known: Vec<&str> = facts.columns.iter().map(String::as_str).collect();
         for (column, origin) in uses {

@@ -228,6 +228,10 @@ impl FileScope<'_, '_> {
         let origin = self.origin(name.span.start);
         let on = self.ops(spec.on.as_ref());
         let changed = self.changed(spec.changed.as_ref());
+        let changed_origins = spec
+            .changed
+            .as_ref()
+            .map_or_else(Box::default, |changed| self.element_origins(&changed.value));
         let keys = self.rules(&spec.keys, "keys");
         let tags = self.rules(&spec.tags, "tags");
         let versions = self.rules(&spec.versions, "versions");
@@ -267,6 +271,7 @@ impl FileScope<'_, '_> {
             origin,
             on,
             changed,
+            changed_origins,
             keys,
             tags,
             versions,
@@ -333,6 +338,15 @@ impl FileScope<'_, '_> {
             }
         }
         columns.iter().map(|c| c.value.as_str().into()).collect()
+    }
+
+    /// Where each element of a list was written, for checks that find a
+    /// problem with one of them later (a column the table lacks).
+    fn element_origins(&mut self, elements: &[Located<String>]) -> Box<[OriginId]> {
+        elements
+            .iter()
+            .map(|element| self.origin(element.span.start))
+            .collect()
     }
 
     fn rules(&mut self, templates: &[Located<String>], field: &str) -> Vec<Rule> {
@@ -442,9 +456,14 @@ impl FileScope<'_, '_> {
         };
         let ttl = self.ttl(spec);
         let origin = self.origin(key.span.start);
+        let column_origins = spec
+            .columns
+            .as_ref()
+            .map_or_else(Box::default, |columns| self.element_origins(&columns.value));
         Some(Refresh {
             key: template?,
             columns,
+            column_origins,
             ttl,
             origin,
         })

@@ -81,6 +81,8 @@ pub struct TableMapping {
     pub on: OpSet,
     /// `changed = [...]`: updates that change none of these are skipped.
     pub changed: Option<Box<[Box<str>]>>,
+    /// Where each of `changed` was written.
+    pub changed_origins: Box<[OriginId]>,
     pub keys: Vec<Rule>,
     pub tags: Vec<Rule>,
     /// `versions = [...]`: namespaces whose version counter each change
@@ -130,6 +132,8 @@ pub struct Rule {
 pub struct Refresh {
     pub key: Template,
     pub columns: Box<[Box<str>]>,
+    /// Where each of `columns` was written.
+    pub column_origins: Box<[OriginId]>,
     pub ttl: Option<Ttl>,
     pub origin: OriginId,
 }

@@ -82,6 +82,18 @@ const CASES: &[Case] = &[
         expected: &["m.toml:3:13: error: template `user:{user_id}` reads the old value of user_id, which REPLICA IDENTITY DEFAULT of public.orders does not send; updates and deletes would fall back to a pattern bump\n  help: ALTER TABLE public.orders REPLICA IDENTITY FULL"],
     },
     Case {
+        what: "a missing column of `changed` is reported at its element",
+        schema: SCHEMA,
+        mapping: "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\nchanged = [\"status\", \"stauts\"]\n",
+        expected: &["m.toml:4:22: error: column `stauts` does not exist in table public.orders\n  help: did you mean `status`?"],
+    },
+    Case {
+        what: "a missing column of a refresh's `columns` is reported at its element",
+        schema: SCHEMA,
+        mapping: "[[table]]\nname = \"orders\"\n[[table.refresh]]\nkey = \"order:{id}\"\ncolumns = [\"id\",\n  \"user\"]\n",
+        expected: &["m.toml:6:3: error: column `user` does not exist in table public.orders\n  help: columns of public.orders: id, user_id, status"],
+    },
+    Case {
         what: "a missing table is reported with a suggestion",
         schema: SCHEMA,
         mapping: "[[table]]\nname = \"order\"\nkeys = [\"order:{id}\"]\n",
