@@ -116,6 +116,14 @@ enum Command {
         /// A column of the new row that is an unchanged TOAST value (repeatable).
         #[arg(long = "unchanged", value_name = "COLUMN")]
         unchanged: Vec<String>,
+        /// The table's REPLICA IDENTITY, `full` or `default`: what the
+        /// old row of an update or delete holds (default: the --old given).
+        #[arg(long, value_parser = ["full", "default"])]
+        identity: Option<String>,
+        /// The table's key columns, which REPLICA IDENTITY DEFAULT sends
+        /// (with --identity default; repeatable or comma-separated).
+        #[arg(long = "key", value_name = "COLUMN", value_delimiter = ',')]
+        key: Vec<String>,
     },
 }
 
@@ -170,13 +178,19 @@ fn main() -> ExitCode {
             old,
             new,
             unchanged,
+            identity,
+            key,
         } => explain(
             &mappings,
             &table,
             &op,
-            old.as_deref(),
-            new.as_deref(),
-            &unchanged,
+            Rows {
+                old: old.as_deref(),
+                new: new.as_deref(),
+                unchanged: &unchanged,
+                identity: identity.as_deref(),
+                key: &key,
+            },
         ),
     };
     match result {
@@ -514,38 +528,69 @@ fn report(diagnostics: &[Diagnostic]) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn explain(
-    dir: &Path,
-    table: &str,
-    op: &str,
-    old: Option<&str>,
-    new: Option<&str>,
-    unchanged: &[String],
-) -> anyhow::Result<ExitCode> {
+/// What `explain` was told of the change's rows.
+struct Rows<'a> {
+    old: Option<&'a str>,
+    new: Option<&'a str>,
+    unchanged: &'a [String],
+    /// `full` or `default`, if given.
+    identity: Option<&'a str>,
+    /// The key columns, for `default`.
+    key: &'a [String],
+}
+
+fn explain(dir: &Path, table: &str, op: &str, rows: Rows<'_>) -> anyhow::Result<ExitCode> {
     let mappings = match mapping::load_dir(dir, Limits::default()) {
         Ok(mappings) => mappings,
         Err(diagnostics) => return Ok(report(&diagnostics)),
     };
     let table = TableName::parse(table).map_err(|e| UsageError(format!("--table: {e}")))?;
+    if mappings.table(&table).is_none() {
+        let tables: Vec<String> = mappings.tables().map(|t| t.table.to_string()).collect();
+        let names: Vec<&str> = tables.iter().map(String::as_str).collect();
+        let help = match mapping::diagnostic::did_you_mean(&table.to_string(), &names) {
+            Some(near) => format!("did you mean {near}?"),
+            None => format!("mapped: {}", tables.join(", ")),
+        };
+        bail!(UsageError(format!(
+            "--table: {table} is not mapped; {help}"
+        )));
+    }
     let op = Op::parse(op).ok_or_else(|| {
         UsageError(format!(
             "--op: unknown op `{op}`; use insert, update, delete or truncate"
         ))
     })?;
-    let old = old
+    let old = rows
+        .old
         .map(|json| row_from_json("--old", json, &[]))
         .transpose()?;
-    let new = new
-        .map(|json| row_from_json("--new", json, unchanged))
+    let new = rows
+        .new
+        .map(|json| row_from_json("--new", json, rows.unchanged))
         .transpose()?;
-    match (op, &old, &new) {
-        (Op::Insert | Op::Update, _, None) => bail!(UsageError(format!("--op {op} needs --new"))),
-        (Op::Delete, None, _) => bail!(UsageError("--op delete needs --old".into())),
-        (Op::Update, None, _) => {
-            eprintln!("note: no --old: the old row is unknown, as under REPLICA IDENTITY DEFAULT")
-        }
-        _ => {}
+    if matches!(op, Op::Insert | Op::Update) && new.is_none() {
+        bail!(UsageError(format!("--op {op} needs --new")));
     }
+    let old = match (rows.identity, op) {
+        (_, Op::Insert | Op::Truncate) => old,
+        (Some("default"), _) => {
+            if rows.key.is_empty() {
+                bail!(UsageError(
+                    "--identity default needs --key COLUMN,...: the table's primary key".into()
+                ));
+            }
+            Some(default_identity_old(op, old, new.as_ref(), rows.key)?)
+        }
+        (_, Op::Delete) if old.is_none() => {
+            bail!(UsageError("--op delete needs --old".into()))
+        }
+        (_, Op::Update) if old.is_none() => bail!(UsageError(
+            "--op update needs --old (the old row, as REPLICA IDENTITY FULL sends it), or --identity default --key COLUMN,... to see what an update without one does"
+                .into()
+        )),
+        _ => old,
+    };
     let change = RowChange {
         table: Arc::new(table),
         op,
@@ -555,7 +600,11 @@ fn explain(
     let mut out = Output::with_notes();
     let plan = plan_changes(&mappings, [&change], &mut out);
     for note in &out.notes {
-        eprintln!("note: {}", describe(&mappings, &change, &note.kind));
+        let default = rows.identity == Some("default");
+        eprintln!(
+            "note: {}",
+            describe(&mappings, &change, default, &note.kind)
+        );
     }
     for command in &plan.commands {
         println!(
@@ -566,7 +615,44 @@ fn explain(
     Ok(ExitCode::SUCCESS)
 }
 
-fn describe(mappings: &Mappings, change: &RowChange, note: &NoteKind) -> String {
+/// The old row the pipeline sees under REPLICA IDENTITY DEFAULT with
+/// `key`: the old key columns when the source sends them (a delete, an
+/// update that changed the key), else the new row's key columns (an
+/// update that kept its key sends no old row). Nothing else is known.
+fn default_identity_old(
+    op: Op,
+    old: Option<Row>,
+    new: Option<&Row>,
+    key: &[String],
+) -> anyhow::Result<Row> {
+    let key_of = |row: &Row| {
+        Row::from_pairs(
+            key.iter()
+                .map(|column| (column.as_str(), row.get(column).clone())),
+        )
+    };
+    match (op, old, new) {
+        (_, Some(old), _) => {
+            eprintln!(
+                "note: under REPLICA IDENTITY DEFAULT the old row holds only the key ({})",
+                key.join(", ")
+            );
+            Ok(key_of(&old))
+        }
+        (Op::Update, None, Some(new)) => {
+            eprintln!(
+                "note: under REPLICA IDENTITY DEFAULT an update that keeps its key sends no old row: the old row is the new row's key ({})",
+                key.join(", ")
+            );
+            Ok(key_of(new))
+        }
+        _ => bail!(UsageError(format!("--op {op} needs --old"))),
+    }
+}
+
+/// A note of the evaluator in words; `default`: the old row is as REPLICA
+/// IDENTITY DEFAULT sends it.
+fn describe(mappings: &Mappings, change: &RowChange, default: bool, note: &NoteKind) -> String {
     match note {
         NoteKind::Unmapped => {
             let tables: Vec<String> = mappings.tables().map(|t| t.table.to_string()).collect();
@@ -582,15 +668,55 @@ fn describe(mappings: &Mappings, change: &RowChange, note: &NoteKind) -> String 
             format!("`{template}` skipped: {column} is NULL")
         }
         NoteKind::Unavailable { template, column } => {
-            format!("`{template}`: the value of {column} is not known, so its pattern is used (a MATCH command below)")
+            format!(
+                "`{template}`: {}, so its pattern is used (a MATCH command below)",
+                unknown(change, default, column)
+            )
         }
         NoteKind::KeyTooLong { template, bytes } => {
             format!("`{template}` rendered {bytes} bytes, over max_key_bytes, so its pattern is used (a MATCH command below)")
         }
         NoteKind::RefreshFallback { key, column } => {
-            format!("refresh of {key} deletes it instead: {column} is not known (unchanged TOAST)")
+            // A refresh's value comes from the new row only.
+            let new_only = RowChange {
+                old: None,
+                ..change.clone()
+            };
+            format!(
+                "refresh of {key} deletes it instead: {}",
+                unknown(&new_only, default, column)
+            )
         }
     }
+}
+
+/// Why the value of `column` is not known, for a note.
+fn unknown(change: &RowChange, default: bool, column: &str) -> String {
+    let new = change.new.as_ref().map(|row| row.get(column));
+    let old = change.old.as_ref().map(|row| row.get(column));
+    if new == Some(&Datum::UnchangedToast) {
+        return format!(
+            "{column} is an unchanged TOAST value (--unchanged), which the source does not send"
+        );
+    }
+    let old_missing = change.old.is_some() && old == Some(&Datum::Missing);
+    if default && old_missing {
+        return format!("REPLICA IDENTITY DEFAULT does not send the old {column}");
+    }
+    let mut missing = Vec::new();
+    if old_missing {
+        missing.push("--old");
+    }
+    if change.new.is_some() && new == Some(&Datum::Missing) {
+        missing.push("--new");
+    }
+    if missing.is_empty() {
+        return format!("the value of {column} is not known");
+    }
+    format!(
+        "{column} is not in {} (give it; mark an unchanged TOAST value with --unchanged {column})",
+        missing.join(" or ")
+    )
 }
 
 /// A row from a JSON object; `unchanged` columns become unchanged TOAST.

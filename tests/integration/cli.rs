@@ -172,7 +172,7 @@ fn explain_notes_fallbacks_on_stderr() {
     );
     assert!(
         stderr(&output).contains(
-            "note: refresh of user:1:card deletes it instead: name is not known (unchanged TOAST)"
+            "note: refresh of user:1:card deletes it instead: name is an unchanged TOAST value (--unchanged), which the source does not send"
         ),
         "{}",
         stderr(&output)
@@ -182,7 +182,7 @@ fn explain_notes_fallbacks_on_stderr() {
 #[test]
 fn explain_rejects_bad_input_with_exit_2() {
     let mappings = demo_mappings();
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 8] = [
         (
             &["--table", "orders", "--op", "upsert", "--new", "{}"],
             "--op: unknown op `upsert`",
@@ -202,6 +202,27 @@ fn explain_rejects_bad_input_with_exit_2() {
         (
             &["--table", "a.b.c", "--op", "truncate"],
             "--table: `a.b.c` is not `table` or `schema.table`",
+        ),
+        (
+            &["--table", "orderz", "--op", "truncate"],
+            "--table: public.orderz is not mapped; did you mean public.orders?",
+        ),
+        (
+            &["--table", "orders", "--op", "update", "--new", "{}"],
+            "--op update needs --old (the old row, as REPLICA IDENTITY FULL sends it), or --identity default --key COLUMN,...",
+        ),
+        (
+            &[
+                "--table",
+                "orders",
+                "--op",
+                "update",
+                "--new",
+                "{}",
+                "--identity",
+                "default",
+            ],
+            "--identity default needs --key COLUMN,...",
         ),
     ];
     for (args, expected) in cases {
@@ -238,7 +259,7 @@ fn explain_with_broken_mappings_lists_them_and_exits_2() {
 }
 
 #[test]
-fn explain_of_an_unmapped_table_says_so() {
+fn explain_of_an_unmapped_table_says_so_and_exits_2() {
     let output = evictd(&[
         "explain",
         "--mappings",
@@ -248,10 +269,90 @@ fn explain_of_an_unmapped_table_says_so() {
         "--op",
         "truncate",
     ]);
-    assert_eq!(output.status.code(), Some(0));
+    assert_eq!(output.status.code(), Some(2));
     assert_eq!(stdout(&output), "");
     assert!(
-        stderr(&output).contains("public.audit_log is not mapped"),
+        stderr(&output).contains("public.audit_log is not mapped; mapped: public."),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn explain_shows_what_replica_identity_default_sends() {
+    let new = r#"{"id": 7, "user_id": 2, "status": "new", "total": "12.50"}"#;
+    let run = |extra: &[&str]| {
+        let mappings = demo_mappings();
+        let mut args = vec![
+            "explain",
+            "--mappings",
+            &mappings,
+            "--table",
+            "orders",
+            "--op",
+            "update",
+            "--new",
+            new,
+            "--identity",
+            "default",
+            "--key",
+            "id",
+        ];
+        args.extend_from_slice(extra);
+        let output = evictd(&args);
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        let lines: Vec<String> = stdout(&output)
+            .lines()
+            .map(|line| line.split("  #").next().unwrap_or_default().to_owned())
+            .collect();
+        (lines, stderr(&output))
+    };
+    // An update that keeps its key: the old row is the key, so the key
+    // built from it is exact and the user's keys fall back to patterns.
+    let (lines, notes) = run(&[]);
+    assert_eq!(
+        lines,
+        [
+            "UNLINK user:2:orders",
+            "UNLINK order:7",
+            "UNLINK MATCH user:*:orders",
+            "TAG user:2",
+            "TAG MATCH user:*",
+            r#"SET order:7:summary {"id":7,"user_id":2,"status":"new","total":"12.50"} EX 900"#,
+        ]
+    );
+    assert!(
+        notes.contains("an update that keeps its key sends no old row")
+            && notes.contains("REPLICA IDENTITY DEFAULT does not send the old user_id"),
+        "{notes}"
+    );
+    // An old row given under DEFAULT is cut down to its key.
+    let (lines, _) = run(&["--old", r#"{"id": 6, "user_id": 1}"#]);
+    assert!(lines.contains(&"UNLINK order:6".to_owned()), "{lines:?}");
+    assert!(
+        !lines.contains(&"UNLINK user:1:orders".to_owned()),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn explain_says_which_value_was_not_given() {
+    let output = evictd(&[
+        "explain",
+        "--mappings",
+        &demo_mappings(),
+        "--table",
+        "orders",
+        "--op",
+        "insert",
+        "--new",
+        r#"{"id": 7, "user_id": 2, "status": "new"}"#,
+    ]);
+    assert_eq!(output.status.code(), Some(0));
+    assert!(
+        stderr(&output).contains(
+            "note: refresh of order:7:summary deletes it instead: total is not in --new (give it; mark an unchanged TOAST value with --unchanged total)"
+        ),
         "{}",
         stderr(&output)
     );
