@@ -73,13 +73,40 @@ pub async fn init(config: &Config, steps: &[Step]) -> Result<(), Error> {
     Ok(())
 }
 
-/// `evictd status` as text, and whether anything needs attention.
-pub async fn status(config: &Config) -> Result<(String, Vec<String>), Error> {
+/// What `evictd status` found: as text, as JSON (`status --json`), and
+/// what needs attention.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub text: String,
+    pub json: serde_json::Map<String, serde_json::Value>,
+    pub warnings: Vec<String>,
+}
+
+impl Report {
+    /// Appends `other` (text, fields and warnings).
+    pub fn extend(&mut self, other: Report) {
+        self.text.push_str(&other.text);
+        self.json.extend(other.json);
+        self.warnings.extend(other.warnings);
+    }
+
+    /// The JSON object, with the warnings.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut json = self.json.clone();
+        json.insert("warnings".into(), serde_json::json!(self.warnings));
+        serde_json::Value::Object(json)
+    }
+}
+
+/// `evictd status` of the Postgres source.
+pub async fn status(config: &Config) -> Result<Report, Error> {
     let control = Control::connect(&config.postgres).await?;
     let postgres = &config.postgres;
-    let mut out = String::new();
-    let mut warnings = Vec::new();
-    match control.report().await? {
+    let mut report = Report::default();
+    report.json.insert("source".into(), "postgres".into());
+    let out = &mut report.text;
+    let warnings = &mut report.warnings;
+    let slot = match control.report().await? {
         None => {
             let _ = writeln!(
                 out,
@@ -87,6 +114,7 @@ pub async fn status(config: &Config) -> Result<(String, Vec<String>), Error> {
                 postgres.slot
             );
             warnings.push(format!("slot {} does not exist", postgres.slot));
+            serde_json::json!({"name": postgres.slot, "exists": false})
         }
         Some(SlotReport {
             active_pid,
@@ -135,57 +163,96 @@ pub async fn status(config: &Config) -> Result<(String, Vec<String>), Error> {
                     postgres.max_retained_wal_mb
                 ));
             }
+            serde_json::json!({
+                "name": postgres.slot,
+                "exists": true,
+                "active": active,
+                "walsender_pid": active_pid,
+                "wal_status": wal_status,
+                "confirmed_flush_lsn": confirmed.to_string(),
+                "current_lsn": current.to_string(),
+                "lag_bytes": lag,
+                "restart_lsn": restart.to_string(),
+                "retained_bytes": retained,
+            })
         }
-    }
+    };
+    report.json.insert("slot".into(), slot);
     let view = read_redis(config).await;
+    let mut redis = serde_json::Map::new();
+    let out = &mut report.text;
     match &view {
-        Ok(view) => match &view.record {
-            Some(text) => match Remembered::decode(text) {
-                Some(remembered) => {
+        Ok(view) => {
+            redis.insert("reachable".into(), true.into());
+            match &view.record {
+                Some(text) => match Remembered::decode(text) {
+                    Some(remembered) => {
+                        let _ = writeln!(
+                            out,
+                            "redis: last applied {} (database system {})",
+                            remembered.applied, remembered.system_id
+                        );
+                        redis.insert("last_applied".into(), remembered.applied.to_string().into());
+                        redis.insert("system_id".into(), remembered.system_id.to_string().into());
+                    }
+                    None => {
+                        let _ = writeln!(out, "redis: unreadable continuity record `{text}`");
+                        redis.insert("unreadable_record".into(), text.as_str().into());
+                    }
+                },
+                None => {
                     let _ = writeln!(
                         out,
-                        "redis: last applied {} (database system {})",
-                        remembered.applied, remembered.system_id
+                        "redis: no continuity record yet (evictd has not applied anything)"
                     );
                 }
-                None => {
-                    let _ = writeln!(out, "redis: unreadable continuity record `{text}`");
-                }
-            },
-            None => {
-                let _ = writeln!(
-                    out,
-                    "redis: no continuity record yet (evictd has not applied anything)"
-                );
             }
-        },
+        }
         Err(error) => {
             let _ = writeln!(out, "redis: unreachable ({error})");
-            warnings.push("Redis does not answer".into());
+            report.warnings.push("Redis does not answer".into());
+            redis.insert("reachable".into(), false.into());
+            redis.insert("error".into(), error.as_str().into());
         }
     }
     if let Ok(view) = &view {
         if let Some(last) = &view.last {
             let _ = writeln!(out, "  last L1 broadcast (epoch:seq) {last}");
+            redis.insert("last_broadcast".into(), last.as_str().into());
         }
-        invalidated(&view.invalidated, &mut out, &mut warnings);
+        report
+            .json
+            .insert("redis".into(), serde_json::Value::Object(redis));
+        invalidated(&view.invalidated, &mut report);
+    } else {
+        report
+            .json
+            .insert("redis".into(), serde_json::Value::Object(redis));
     }
-    Ok((out, warnings))
+    Ok(report)
 }
 
 /// What `evictd status` shows of Redis for a Kafka source: the keys
 /// invalidated by table and mode.
-pub async fn kafka_status(config: &Config) -> (String, Vec<String>) {
-    let mut out = String::new();
-    let mut warnings = Vec::new();
+pub async fn kafka_status(config: &Config) -> Report {
+    let mut report = Report::default();
     match read_redis(config).await {
-        Ok(view) => invalidated(&view.invalidated, &mut out, &mut warnings),
+        Ok(view) => {
+            report
+                .json
+                .insert("redis".into(), serde_json::json!({"reachable": true}));
+            invalidated(&view.invalidated, &mut report);
+        }
         Err(error) => {
-            let _ = writeln!(out, "redis: unreachable ({error})");
-            warnings.push("Redis does not answer".into());
+            let _ = writeln!(report.text, "redis: unreachable ({error})");
+            report.warnings.push("Redis does not answer".into());
+            report.json.insert(
+                "redis".into(),
+                serde_json::json!({"reachable": false, "error": error}),
+            );
         }
     }
-    (out, warnings)
+    report
 }
 
 /// A table whose invalidated keys were at least this share deleted by
@@ -197,7 +264,7 @@ const MANY_KEYS: u64 = 100;
 /// The totals of `evictd_keys_invalidated_total` kept in Redis, one line
 /// per table, and a warning for each table most of whose keys went by
 /// pattern or coarse invalidation.
-fn invalidated(fields: &[(String, u64)], out: &mut String, warnings: &mut Vec<String>) {
+fn invalidated(fields: &[(String, u64)], report: &mut Report) {
     let mut tables: std::collections::BTreeMap<&str, [u64; 3]> = Default::default();
     for (field, keys) in fields {
         let Some((table, mode)) = field.rsplit_once(' ') else {
@@ -208,9 +275,20 @@ fn invalidated(fields: &[(String, u64)], out: &mut String, warnings: &mut Vec<St
         };
         tables.entry(table).or_default()[index] += keys;
     }
+    let json: serde_json::Map<String, serde_json::Value> = tables
+        .iter()
+        .map(|(table, [exact, pattern, coarse])| {
+            let counts = serde_json::json!({"exact": exact, "pattern": pattern, "coarse": coarse});
+            ((*table).to_owned(), counts)
+        })
+        .collect();
+    report
+        .json
+        .insert("invalidated".into(), serde_json::Value::Object(json));
     if tables.is_empty() {
         return;
     }
+    let out = &mut report.text;
     let _ = writeln!(out, "keys invalidated (since the first batch applied):");
     for (table, [exact, pattern, coarse]) in tables {
         let _ = writeln!(
@@ -221,7 +299,7 @@ fn invalidated(fields: &[(String, u64)], out: &mut String, warnings: &mut Vec<St
         let total = broad + exact;
         #[allow(clippy::cast_precision_loss)]
         if total >= MANY_KEYS && broad as f64 >= MOSTLY_BROAD * total as f64 {
-            warnings.push(format!(
+            report.warnings.push(format!(
                 "{table}: {broad} of {total} invalidated keys were deleted by pattern or coarse invalidation, not key by key (`evictd check` and `evictd explain` show why: REPLICA IDENTITY, unknown TOAST values, large transactions)"
             ));
         }

@@ -66,6 +66,9 @@ enum Command {
         /// Publication the mapped tables must be in (default: the config's, or "evictd").
         #[arg(long)]
         publication: Option<String>,
+        /// `text` (default), or `json`: one object on stdout for scripts.
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        format: String,
     },
     /// Create the publication and slot; print the REPLICA IDENTITY statements
     /// the mappings need.
@@ -80,6 +83,9 @@ enum Command {
     Status {
         #[arg(long, short)]
         config: PathBuf,
+        /// One JSON object on stdout (warnings included) instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Print what evictd applies, batch by batch (its L1 broadcasts): the
     /// recent ones from the broadcast log, then each new one. Runs until
@@ -150,7 +156,7 @@ fn main() -> ExitCode {
         } => demo(&migrations, &mappings),
         Command::Run { config } => run(&config, None),
         Command::Init { config, dry_run } => init(&config, dry_run),
-        Command::Status { config } => status(&config),
+        Command::Status { config, json } => status(&config, json),
         Command::Watch {
             config,
             key,
@@ -164,7 +170,9 @@ fn main() -> ExitCode {
             offline,
             database_url,
             publication,
+            format,
         } => check(CheckArgs {
+            json: format == "json",
             config,
             mappings,
             offline,
@@ -290,24 +298,25 @@ fn init(path: &Path, dry_run: bool) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn status(path: &Path) -> anyhow::Result<ExitCode> {
+fn status(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let config = Config::load(path).map_err(|error| UsageError(error.to_string()))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (text, warnings) = match &config.kafka {
+    let report = match &config.kafka {
         Some(kafka) if config.source == evictd::config::SourceKind::Kafka => {
-            let (mut text, mut warnings) = evictd::internal::group_status(kafka)?;
-            let (redis, more) =
-                runtime.block_on(evictd::internal::lifecycle::kafka_status(&config));
-            text.push_str(&redis);
-            warnings.extend(more);
-            (text, warnings)
+            let mut report = evictd::internal::group_status(kafka)?;
+            report.extend(runtime.block_on(evictd::internal::lifecycle::kafka_status(&config)));
+            report
         }
         _ => runtime.block_on(evictd::internal::lifecycle::status(&config))?,
     };
-    print!("{text}");
-    for warning in &warnings {
+    if json {
+        println!("{}", report.to_json());
+        return Ok(ExitCode::SUCCESS);
+    }
+    print!("{}", report.text);
+    for warning in &report.warnings {
         eprintln!("warning: {warning}");
     }
     Ok(ExitCode::SUCCESS)
@@ -448,6 +457,7 @@ fn run(path: &Path, until: Option<String>) -> anyhow::Result<ExitCode> {
 }
 
 struct CheckArgs {
+    json: bool,
     config: Option<PathBuf>,
     mappings: Option<PathBuf>,
     offline: bool,
@@ -470,6 +480,7 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         .map_or_else(Limits::default, |c| c.mappings.limits);
     let mappings = match mapping::load_dir(&dir, limits) {
         Ok(mappings) => mappings,
+        Err(diagnostics) if args.json => return Ok(check_json(None, false, &diagnostics)),
         Err(diagnostics) => return Ok(report(&diagnostics)),
     };
     let url = match (&args.database_url, &config) {
@@ -490,6 +501,9 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
             if !args.offline {
                 eprintln!("note: live checks skipped: no database URL (give --config or --database-url, or --offline)");
             }
+            if args.json {
+                return Ok(check_json(Some(&mappings), false, &[]));
+            }
             println!("ok: {summary} (offline checks)");
             return Ok(ExitCode::SUCCESS);
         }
@@ -502,11 +516,45 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?
         .block_on(live_check(&mappings, &url, &publication))?;
+    if args.json {
+        return Ok(check_json(Some(&mappings), true, &diagnostics));
+    }
     if !diagnostics.is_empty() {
         return Ok(report(&diagnostics));
     }
     println!("ok: {summary}, checked against the database");
     Ok(ExitCode::SUCCESS)
+}
+
+/// `check --format json`: one object, and exit 2 when there are problems.
+/// `mappings` is `None` when they did not load.
+fn check_json(mappings: Option<&Mappings>, live: bool, diagnostics: &[Diagnostic]) -> ExitCode {
+    let problems: Vec<serde_json::Value> = diagnostics
+        .iter()
+        .map(|diagnostic| {
+            let location = diagnostic.location.as_ref();
+            serde_json::json!({
+                "file": location.map(|l| l.file.display().to_string()),
+                "line": location.map(|l| l.line),
+                "column": location.map(|l| l.column),
+                "message": diagnostic.message,
+                "help": diagnostic.help,
+            })
+        })
+        .collect();
+    let report = serde_json::json!({
+        "ok": diagnostics.is_empty(),
+        "tables": mappings.map(|m| m.tables().map(|t| t.table.to_string()).collect::<Vec<_>>()),
+        "files": mappings.map(Mappings::file_count),
+        "live": live,
+        "problems": problems,
+    });
+    println!("{report}");
+    if diagnostics.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    }
 }
 
 async fn live_check(

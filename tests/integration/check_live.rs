@@ -210,6 +210,45 @@ async fn the_cli_lists_every_live_problem_and_exits_2() {
         "{text}"
     );
     assert!(text.ends_with("2 problems found\n"), "{text}");
+
+    // The same for scripts and CI.
+    let output = evictd(&[
+        "check",
+        "--mappings",
+        dir.path().to_str().unwrap(),
+        "--database-url",
+        &db.url,
+        "--format",
+        "json",
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    assert_eq!((&json["ok"], &json["live"]), (&false.into(), &true.into()));
+    let problems: Vec<(String, u64, u64)> = json["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let file = p["file"].as_str().unwrap();
+            let name = file.rsplit('/').next().unwrap().to_owned();
+            (
+                name,
+                p["line"].as_u64().unwrap(),
+                p["column"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        problems,
+        [
+            ("orders.toml".to_owned(), 3, 23),
+            ("users.toml".to_owned(), 2, 8)
+        ]
+    );
+    assert_eq!(
+        json["problems"][0]["message"],
+        "column `nope` does not exist in table public.orders"
+    );
 }
 
 #[tokio::test]

@@ -18,6 +18,43 @@ fn check_offline_passes_on_the_demo_mappings() {
 }
 
 #[test]
+fn check_speaks_json_for_scripts() {
+    let output = evictd(&[
+        "check",
+        "--mappings",
+        &demo_mappings(),
+        "--offline",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(output.status.code(), Some(0));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    assert_eq!(json["ok"], true);
+    assert_eq!(json["files"], 3);
+    assert_eq!(json["tables"].as_array().unwrap().len(), 4);
+    assert_eq!(json["problems"], serde_json::json!([]));
+    let dir = mapping_dir(&[("m.toml", "[[table]]\nname = \"t\"\nkeys = [\"{\"]\n")]);
+    let output = evictd(&[
+        "check",
+        "--mappings",
+        dir.path().to_str().unwrap(),
+        "--offline",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    assert_eq!(json["ok"], false);
+    let problem = &json["problems"][0];
+    assert_eq!(
+        (&problem["line"], &problem["column"]),
+        (&3.into(), &10.into())
+    );
+    assert_eq!(problem["message"], "unclosed `{` in template");
+    assert!(problem["help"].is_string());
+}
+
+#[test]
 fn check_without_a_database_says_live_checks_were_skipped() {
     let output = evictd(&["check", "--mappings", &demo_mappings()]);
     assert_eq!(output.status.code(), Some(0));

@@ -585,4 +585,21 @@ async fn kill_9_after_apply_before_commit_re_applies_and_misses_nothing() {
         )),
         "{text}"
     );
+    let json = crate::support::evictd(&[
+        "status",
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--json",
+    ]);
+    let json: serde_json::Value =
+        serde_json::from_str(&crate::support::stdout(&json)).expect("JSON");
+    assert_eq!(json["source"], "kafka");
+    let topic = &json["group"]["topics"][0];
+    assert_eq!(topic["topic"], names.topic.as_str());
+    assert_eq!(topic["behind"], 0);
+    assert_eq!(
+        topic["partitions"][0],
+        serde_json::json!({"partition": 0, "committed": 80, "low": 0, "high": 80})
+    );
+    assert_eq!(json["redis"]["reachable"], true);
 }

@@ -130,6 +130,34 @@ async fn status_shows_the_slot_its_lag_and_what_was_applied() {
     let after = stdout(&evictd(&["status", "--config", &config]));
     assert!(after.contains("redis: last applied 0/"), "{after}");
     assert!(after.contains("last L1 broadcast (epoch:seq)"), "{after}");
+
+    // The same for scripts: one JSON object, warnings in it.
+    let json = evictd(&["status", "--config", &config, "--json"]);
+    assert_eq!(json.status.code(), Some(0));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&json)).expect("JSON");
+    assert_eq!(json["source"], "postgres");
+    assert_eq!(json["slot"]["name"], db.name.as_str());
+    assert_eq!(json["slot"]["exists"], true);
+    assert_eq!(json["slot"]["active"], false);
+    assert!(
+        json["slot"]["retained_bytes"].as_i64().unwrap() > 0,
+        "{json}"
+    );
+    assert!(
+        json["redis"]["last_applied"]
+            .as_str()
+            .unwrap()
+            .starts_with("0/"),
+        "{json}"
+    );
+    assert!(json["redis"]["last_broadcast"].is_string(), "{json}");
+    let warnings = json["warnings"].as_array().unwrap();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("is not being read")),
+        "{json}"
+    );
 }
 
 /// `evictd watch` on `config` with `args`, its stdout read line by line.

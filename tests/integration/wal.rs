@@ -384,9 +384,20 @@ async fn invalidated_keys_are_counted_by_table_and_mode_and_status_shows_them() 
     .collect();
     assert_eq!(totals, expected);
 
-    let (text, warnings) = evictd::internal::lifecycle::status(&s.config)
+    let report = evictd::internal::lifecycle::status(&s.config)
         .await
         .unwrap();
+    let (text, warnings) = (&report.text, &report.warnings);
+    // The same for scripts (`status --json`).
+    let json = report.to_json();
+    assert_eq!(
+        json["invalidated"]["public.orders"],
+        serde_json::json!({"exact": 3, "pattern": 10, "coarse": 300})
+    );
+    assert_eq!(json["source"], "postgres");
+    assert_eq!(json["slot"]["exists"], true);
+    assert_eq!(json["redis"]["reachable"], true);
+    assert!(json["warnings"][0].as_str().is_some(), "{json}");
     assert!(
         text.contains("  public.orders: 3 key by key, 10 by pattern, 300 by coarse invalidation\n"),
         "{text}"

@@ -35,6 +35,7 @@ use super::debezium::{Decoded, Decoder};
 use crate::config::KafkaConfig;
 use crate::continuity::{self, Verdict};
 use crate::error::{Error, ErrorKind};
+use crate::lifecycle::Report;
 use crate::mapping::Mappings;
 use crate::telemetry;
 
@@ -548,7 +549,7 @@ fn record(
 /// `evictd status` for the Kafka source: per partition of each named topic,
 /// the group's committed offset, the partition's range, and the records not
 /// yet applied. Blocking (call it off the async runtime).
-pub fn group_status(config: &KafkaConfig) -> Result<(String, Vec<String>), Error> {
+pub fn group_status(config: &KafkaConfig) -> Result<Report, Error> {
     use std::fmt::Write as _;
     let consumer: BaseConsumer = consumer_config(config)
         .create()
@@ -556,10 +557,12 @@ pub fn group_status(config: &KafkaConfig) -> Result<(String, Vec<String>), Error
     let broker = |e| Error::kafka("the Kafka broker did not answer", e);
     let mut out = String::new();
     let mut warnings = Vec::new();
+    let mut topics = Vec::new();
     let _ = writeln!(out, "group {} on {}", config.group_id, config.brokers);
     for topic in &config.topics {
         if topic.starts_with('^') {
             let _ = writeln!(out, "topics matching {topic}: listed by name only");
+            topics.push(serde_json::json!({"pattern": topic}));
             continue;
         }
         let metadata = consumer
@@ -572,6 +575,7 @@ pub fn group_status(config: &KafkaConfig) -> Result<(String, Vec<String>), Error
         if partitions == 0 {
             let _ = writeln!(out, "topic {topic}: missing");
             warnings.push(format!("topic {topic} does not exist"));
+            topics.push(serde_json::json!({"topic": topic, "exists": false}));
             continue;
         }
         let mut list = TopicPartitionList::new();
@@ -580,11 +584,19 @@ pub fn group_status(config: &KafkaConfig) -> Result<(String, Vec<String>), Error
             .committed_offsets(list, BROKER_TIMEOUT)
             .map_err(broker)?;
         let mut total_behind = 0;
+        let mut partitions = Vec::new();
         for element in committed.elements() {
             let partition = element.partition();
             let (low, high) = consumer
                 .fetch_watermarks(topic, partition, BROKER_TIMEOUT)
                 .map_err(broker)?;
+            let committed = match element.offset() {
+                Offset::Offset(offset) => Some(offset),
+                _ => None,
+            };
+            partitions.push(serde_json::json!({
+                "partition": partition, "committed": committed, "low": low, "high": high,
+            }));
             let line = match element.offset() {
                 Offset::Offset(offset) if offset < low || offset > high => {
                     warnings.push(format!(
@@ -607,6 +619,19 @@ pub fn group_status(config: &KafkaConfig) -> Result<(String, Vec<String>), Error
             let _ = writeln!(out, "  {topic}/{partition}: {line}");
         }
         let _ = writeln!(out, "topic {topic}: {total_behind} records not yet applied");
+        topics.push(serde_json::json!({
+            "topic": topic, "exists": true, "behind": total_behind, "partitions": partitions,
+        }));
     }
-    Ok((out, warnings))
+    let mut json = serde_json::Map::new();
+    json.insert("source".into(), "kafka".into());
+    json.insert(
+        "group".into(),
+        serde_json::json!({"id": config.group_id, "brokers": config.brokers, "topics": topics}),
+    );
+    Ok(Report {
+        text: out,
+        json,
+        warnings,
+    })
 }
