@@ -28,8 +28,21 @@ pub use postgres::Postgres;
 pub use profile::{cpu_by_process_name, peak_rss_kib, process_cpu_ticks, ThreadCpu};
 pub use redis::{ping as redis_ping, Redis, RedisCluster};
 
-/// Why a throwaway server could not be started or used.
-#[derive(Debug, thiserror::Error)]
+/// The crates the testkit's API speaks, at the versions it was built
+/// with: a test that uses them from here never has to guess which
+/// versions match (`#[evictd::testkit::deps::tokio::test(crate =
+/// "evictd::testkit::deps::tokio")]`).
+#[cfg(feature = "testkit")]
+pub mod deps {
+    pub use ::redis;
+    pub use ::tokio;
+    pub use ::tokio_postgres;
+}
+
+/// Why a throwaway server could not be started or used. Its `Debug` is
+/// its message, so that `.unwrap()` in a test prints it as the CLI would
+/// (a mapping error with its lines, not an escaped string).
+#[derive(thiserror::Error)]
 pub enum TestkitError {
     #[error("cannot {what}")]
     Io {
@@ -41,6 +54,18 @@ pub enum TestkitError {
     Start(String),
     #[error("postgres")]
     Postgres(#[source] tokio_postgres::Error),
+}
+
+impl std::fmt::Debug for TestkitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self}")?;
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
 }
 
 impl TestkitError {

@@ -238,6 +238,22 @@ impl Postgres {
         self.dir.path().join("data")
     }
 
+    /// Runs `sql` (one or more statements) in `database`.
+    pub async fn execute(&self, database: &str, sql: &str) -> Result<(), TestkitError> {
+        let (client, connection) =
+            tokio_postgres::connect(&self.url(database), tokio_postgres::NoTls)
+                .await
+                .map_err(TestkitError::Postgres)?;
+        let task = tokio::spawn(connection);
+        let result = client
+            .batch_execute(sql)
+            .await
+            .map_err(TestkitError::Postgres);
+        drop(client);
+        let _ = task.await;
+        result
+    }
+
     /// Creates a fresh, uniquely named database and returns its name.
     pub async fn create_database(&self) -> Result<String, TestkitError> {
         static NEXT: AtomicU32 = AtomicU32::new(1);

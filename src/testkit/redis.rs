@@ -66,6 +66,29 @@ impl Redis {
         self.dir.path()
     }
 
+    /// The value of `key`, if any.
+    pub async fn get(&self, key: &str) -> Result<Option<String>, TestkitError> {
+        self.query(::redis::cmd("GET").arg(key)).await
+    }
+
+    /// Sets `key` to `value`, as an application caching it would.
+    pub async fn set(&self, key: &str, value: &str) -> Result<(), TestkitError> {
+        self.query(::redis::cmd("SET").arg(key).arg(value)).await
+    }
+
+    async fn query<T: ::redis::FromRedisValue>(
+        &self,
+        command: &::redis::Cmd,
+    ) -> Result<T, TestkitError> {
+        let failed = |e: ::redis::RedisError| TestkitError::Start(format!("redis: {e}"));
+        let client = ::redis::Client::open(self.url()).map_err(failed)?;
+        let mut connection = client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(failed)?;
+        command.query_async(&mut connection).await.map_err(failed)
+    }
+
     /// Kills the server (SIGKILL): an outage.
     pub fn stop(&mut self) {
         let _ = self.child.kill();

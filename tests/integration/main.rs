@@ -27,6 +27,7 @@ mod reconnect;
 mod redis_outage;
 mod redis_tls;
 mod silence;
+mod testkit_example;
 mod tls;
 mod types;
 mod wal;
