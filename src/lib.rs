@@ -70,7 +70,7 @@ pub mod internal {
         pub use crate::demo::{run, DemoError};
     }
     pub mod lifecycle {
-        pub use crate::lifecycle::{init, init_plan, kafka_status, status};
+        pub use crate::lifecycle::{init, init_plan, kafka_status, status, ReplayProgress};
     }
     pub mod telemetry {
         pub use crate::telemetry::{recorder, upkeep};

@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 
 use crate::apply::shared::INVALIDATED_KEY;
+use crate::change::Lsn;
 use crate::config::Config;
 use crate::continuity::{self, Remembered};
 use crate::error::Error;
@@ -374,6 +375,54 @@ async fn read_all(
     })
 }
 
+/// Where a `replay` stands, for its progress line and summary.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ReplayProgress {
+    /// Where it started (the first position applied) and stops.
+    pub from: Lsn,
+    pub until: Lsn,
+    /// The last position applied.
+    pub at: Lsn,
+    pub changes: u64,
+    pub elapsed: std::time::Duration,
+}
+
+impl ReplayProgress {
+    /// The progress line a terminal shows, rewritten in place:
+    /// position, rate and what is left.
+    pub fn line(&self) -> String {
+        let seconds = self.elapsed.as_secs_f64().max(0.001);
+        let done = self.at.0.saturating_sub(self.from.0);
+        let left = self.until.0.saturating_sub(self.at.0);
+        #[allow(clippy::cast_precision_loss)]
+        let (rate, changes_rate) = (done as f64 / seconds, self.changes as f64 / seconds);
+        let eta = if rate > 0.0 {
+            #[allow(clippy::cast_precision_loss)]
+            let eta = left as f64 / rate;
+            format!(", ~{eta:.0} s left")
+        } else {
+            String::new()
+        };
+        #[allow(clippy::cast_possible_wrap)]
+        let (left, rate) = (bytes(left as i64), bytes(rate as i64));
+        format!(
+            "replay: at {} of {}, {left} of WAL left, {rate}/s, {changes_rate:.0} changes/s{eta}",
+            self.at, self.until
+        )
+    }
+
+    /// The one line printed when it is done.
+    pub fn summary(&self) -> String {
+        let seconds = self.elapsed.as_secs_f64();
+        #[allow(clippy::cast_precision_loss)]
+        let rate = self.changes as f64 / seconds.max(0.001);
+        format!(
+            "replayed {} changes through {} in {seconds:.1} s ({rate:.0} changes/s)",
+            self.changes, self.until
+        )
+    }
+}
+
 /// Bytes in a readable unit.
 fn bytes(count: i64) -> String {
     const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
@@ -394,6 +443,25 @@ fn bytes(count: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replay_progress_reads_as_position_rate_and_what_is_left() {
+        let progress = ReplayProgress {
+            from: Lsn(0),
+            until: Lsn(40 << 20),
+            at: Lsn(10 << 20),
+            changes: 50_000,
+            elapsed: std::time::Duration::from_secs(5),
+        };
+        assert_eq!(
+            progress.line(),
+            "replay: at 0/A00000 of 0/2800000, 30.0 MiB of WAL left, 2.0 MiB/s, 10000 changes/s, ~15 s left"
+        );
+        assert_eq!(
+            progress.summary(),
+            "replayed 50000 changes through 0/2800000 in 5.0 s (10000 changes/s)"
+        );
+    }
 
     #[test]
     fn readable_bytes() {

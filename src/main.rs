@@ -429,6 +429,10 @@ fn run(path: &Path, until: Option<String>) -> anyhow::Result<ExitCode> {
         let mut acked = running.acked.clone();
         let mut source = running.source.clone();
         let mut signalled = false;
+        let (finished, finish) = tokio::sync::oneshot::channel::<bool>();
+        let reporter = until.map(|until| {
+            tokio::spawn(replay_progress(running.progress.clone(), until, finish))
+        });
         tokio::select! {
             signal = stop => {
                 signal?;
@@ -441,7 +445,12 @@ fn run(path: &Path, until: Option<String>) -> anyhow::Result<ExitCode> {
             // too, so that a supervisor restarts it and alerts fire.
             _ = source.wait_for(|state| *state == SourceState::Ended) => {}
         }
-        match running.wait().await {
+        let ended = running.wait().await;
+        if let Some(reporter) = reporter {
+            let _ = finished.send(ended.is_ok() && !signalled);
+            let _ = reporter.await;
+        }
+        match ended {
             Ok(ended) if signalled || until.is_some() => {
                 tracing::info!(?ended, "evictd stopped");
                 Ok(ExitCode::SUCCESS)
@@ -454,6 +463,53 @@ fn run(path: &Path, until: Option<String>) -> anyhow::Result<ExitCode> {
             Err(error) => Err(error.into()),
         }
     })
+}
+
+/// `replay`'s progress: on a terminal, a line on stderr rewritten twice a
+/// second (position, rate, what is left); when it is done, one summary
+/// line on stdout (`finish` says whether it completed).
+async fn replay_progress(
+    progress: tokio::sync::watch::Receiver<evictd::pipeline::Progress>,
+    until: Lsn,
+    mut finish: tokio::sync::oneshot::Receiver<bool>,
+) {
+    use std::io::{IsTerminal as _, Write as _};
+    let terminal = std::io::stderr().is_terminal();
+    let started = std::time::Instant::now();
+    let mut from: Option<Lsn> = None;
+    let snapshot = |from: &mut Option<Lsn>| {
+        let now = progress.borrow().clone();
+        let at = now.flush_lsn;
+        if from.is_none() && at.0 > 0 {
+            *from = Some(at);
+        }
+        evictd::internal::lifecycle::ReplayProgress {
+            from: from.unwrap_or(at),
+            until,
+            at,
+            changes: now.changes,
+            elapsed: started.elapsed(),
+        }
+    };
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    let completed = loop {
+        tokio::select! {
+            completed = &mut finish => break completed.unwrap_or(false),
+            _ = tick.tick() => {
+                let now = snapshot(&mut from);
+                if terminal && now.at.0 > 0 {
+                    eprint!("\r\x1b[2K{}", now.line());
+                    let _ = std::io::stderr().flush();
+                }
+            }
+        }
+    };
+    if terminal {
+        eprint!("\r\x1b[2K");
+    }
+    if completed {
+        println!("{}", snapshot(&mut from).summary());
+    }
 }
 
 struct CheckArgs {

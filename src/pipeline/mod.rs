@@ -28,7 +28,8 @@ use tokio::task::JoinHandle;
 
 use self::schema::{Problems, SchemaHealth};
 use crate::apply::broadcast::Broadcast;
-use crate::apply::{self, Progress, RedisSink, Request};
+pub use crate::apply::Progress;
+use crate::apply::{self, RedisSink, Request};
 use crate::change::Lsn;
 use crate::config::{Config, SourceKind};
 use crate::error::{Error, ErrorKind};
