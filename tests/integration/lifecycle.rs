@@ -133,7 +133,11 @@ async fn status_shows_the_slot_its_lag_and_what_was_applied() {
         summary.starts_with("replayed 20000 changes through 0/") && summary.lines().count() == 1,
         "{summary}"
     );
-    assert!(!stderr(&replay).contains("replay: at"), "{}", stderr(&replay));
+    assert!(
+        !stderr(&replay).contains("replay: at"),
+        "{}",
+        stderr(&replay)
+    );
     let after = stdout(&evictd(&["status", "--config", &config]));
     assert!(after.contains("redis: last applied 0/"), "{after}");
     assert!(after.contains("last L1 broadcast (epoch:seq)"), "{after}");

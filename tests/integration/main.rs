@@ -17,6 +17,7 @@ mod config;
 mod continuity;
 mod crash;
 mod decoder_fuzz;
+mod deploy;
 mod harness;
 mod kafka;
 mod least_privilege;
