@@ -151,7 +151,7 @@ impl StandaloneSink {
                     unlinks.flush(&mut pipe, &mut stats);
                     self.send(&mut connection, &mut pipe, &mut stats).await?;
                     let deleted = self
-                        .delete_matching(&mut connection, pattern, &mut stats)
+                        .act_on_matching(&mut connection, pattern, Matching::Unlink, &mut stats)
                         .await?;
                     stats.keys += deleted;
                     stats.matched.push(deleted);
@@ -168,7 +168,7 @@ impl StandaloneSink {
                     unlinks.flush(&mut pipe, &mut stats);
                     self.send(&mut connection, &mut pipe, &mut stats).await?;
                     let bumped = self
-                        .bump_matching(&mut connection, pattern, &mut stats)
+                        .act_on_matching(&mut connection, pattern, Matching::Bump, &mut stats)
                         .await?;
                     stats.keys += bumped;
                     stats.matched.push(bumped);
@@ -286,62 +286,49 @@ impl StandaloneSink {
         self.query(connection, &scan, stats).await
     }
 
-    /// SCAN for `pattern` under the prefix and UNLINK what matches.
-    async fn delete_matching(
+    /// SCAN for `pattern` under the prefix and act on what matches: UNLINK
+    /// the keys, or bump the namespace counters. Returns how many matched
+    /// (for deletes, how many were still there).
+    async fn act_on_matching(
         &mut self,
         connection: &mut MultiplexedConnection,
         pattern: &str,
+        action: Matching,
         stats: &mut ApplyStats,
     ) -> Result<u64, Error> {
         let full = under_prefix(&self.prefix, "", pattern)?;
+        let kind = match action {
+            Matching::Unlink => None,
+            Matching::Bump => Some("string"),
+        };
         let mut cursor: u64 = 0;
-        let mut deleted = 0;
+        let mut matched = 0;
         loop {
             let (next, keys) = self
-                .scan_page(connection, cursor, &full, None, stats)
+                .scan_page(connection, cursor, &full, kind, stats)
                 .await?;
             if !keys.is_empty() {
-                let removed: u64 = self
-                    .query(connection, redis::cmd("UNLINK").arg(&keys), stats)
-                    .await?;
-                deleted += removed;
+                matched += match action {
+                    Matching::Unlink => {
+                        let unlink = redis::cmd("UNLINK").arg(&keys).clone();
+                        self.query::<u64>(connection, &unlink, stats).await?
+                    }
+                    Matching::Bump => {
+                        let mut pipe = redis::pipe();
+                        for counter in &keys {
+                            pipe.cmd("EVAL")
+                                .arg(BUMP_SCRIPT)
+                                .arg(1)
+                                .arg(counter)
+                                .ignore();
+                        }
+                        self.send(connection, &mut pipe, stats).await?;
+                        keys.len() as u64
+                    }
+                };
             }
             if next == 0 {
-                return Ok(deleted);
-            }
-            cursor = next;
-        }
-    }
-
-    /// SCAN for namespace counters matching `pattern` under the prefix and
-    /// bump each. Returns how many there were.
-    async fn bump_matching(
-        &mut self,
-        connection: &mut MultiplexedConnection,
-        pattern: &str,
-        stats: &mut ApplyStats,
-    ) -> Result<u64, Error> {
-        let full = under_prefix(&self.prefix, "", pattern)?;
-        let mut cursor: u64 = 0;
-        let mut bumped = 0;
-        loop {
-            let (next, counters) = self
-                .scan_page(connection, cursor, &full, Some("string"), stats)
-                .await?;
-            if !counters.is_empty() {
-                let mut pipe = redis::pipe();
-                for counter in &counters {
-                    pipe.cmd("EVAL")
-                        .arg(BUMP_SCRIPT)
-                        .arg(1)
-                        .arg(counter)
-                        .ignore();
-                }
-                self.send(connection, &mut pipe, stats).await?;
-                bumped += counters.len() as u64;
-            }
-            if next == 0 {
-                return Ok(bumped);
+                return Ok(matched);
             }
             cursor = next;
         }
@@ -406,6 +393,13 @@ impl StandaloneSink {
     fn tag_set(&self, tag: &str) -> String {
         format!("{}{TAG_NAMESPACE}{tag}", self.prefix)
     }
+}
+
+/// What [`StandaloneSink::act_on_matching`] does to each match.
+#[derive(Clone, Copy)]
+enum Matching {
+    Unlink,
+    Bump,
 }
 
 /// The UNLINK being filled: keys go straight into the command's arguments
