@@ -80,6 +80,7 @@ pub enum Verdict {
 
 /// Decides whether a Kafka partition whose group committed `committed`
 /// still holds everything from there: it holds `low..=high`. Pure.
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))]
 pub fn judge_offset(committed: i64, low: i64, high: i64) -> Verdict {
     if committed < low || committed > high {
         Verdict::Lost(format!(

@@ -91,6 +91,7 @@ impl Error {
     }
 
     /// A failed Kafka client call, classified by its cause ([`kafka_kind`]).
+    #[cfg(feature = "kafka")]
     pub fn kafka(message: impl Into<String>, error: rdkafka::error::KafkaError) -> Error {
         let kind = match &error {
             rdkafka::error::KafkaError::ClientCreation(_) => ErrorKind::Config,
@@ -211,6 +212,7 @@ pub fn redis_kind(kind: redis::ErrorKind, code: Option<&str>) -> ErrorKind {
 /// and authorization failures, an unknown topic and a fatal client error
 /// stop the pipeline; timeouts, transport failures and anything else
 /// librdkafka reports are retried.
+#[cfg(feature = "kafka")]
 pub fn kafka_kind(code: Option<rdkafka::types::RDKafkaErrorCode>) -> ErrorKind {
     use rdkafka::types::RDKafkaErrorCode as C;
     let fatal = matches!(
@@ -307,6 +309,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "kafka")]
     fn kafka_failures_are_classified_by_code() {
         use rdkafka::types::RDKafkaErrorCode as C;
         let cases = [

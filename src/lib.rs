@@ -58,6 +58,7 @@ pub mod internal {
     pub use crate::apply::redis::client as redis_client;
     pub use crate::apply::shared::Record;
     pub use crate::apply::RedisSink;
+    #[cfg(feature = "kafka")]
     pub use crate::source::kafka::consumer::{consumer_config, group_status};
     pub use crate::source::postgres::conn::ReplicationConnection;
     pub use crate::source::postgres::control::Control;

@@ -304,11 +304,16 @@ fn status(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     let report = match &config.kafka {
+        #[cfg(feature = "kafka")]
         Some(kafka) if config.source == evictd::config::SourceKind::Kafka => {
             let mut report = evictd::internal::group_status(kafka)?;
             report.extend(runtime.block_on(evictd::internal::lifecycle::kafka_status(&config)));
             report
         }
+        #[cfg(not(feature = "kafka"))]
+        Some(_) if config.source == evictd::config::SourceKind::Kafka => bail!(UsageError(
+            "source.kind = \"kafka\", but this evictd was built without the `kafka` feature".into()
+        )),
         _ => runtime.block_on(evictd::internal::lifecycle::status(&config))?,
     };
     if json {

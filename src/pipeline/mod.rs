@@ -35,7 +35,9 @@ use crate::config::{Config, SourceKind};
 use crate::error::{Error, ErrorKind};
 use crate::lag::Lag;
 use crate::mapping::Mappings;
-use crate::source::{kafka, postgres};
+#[cfg(feature = "kafka")]
+use crate::source::kafka;
+use crate::source::postgres;
 
 /// Plans queued between the replication and apply tasks.
 const PLAN_CHANNEL_CAPACITY: usize = 4;
@@ -154,7 +156,16 @@ impl Running {
 pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Result<Running, Error> {
     match config.source {
         SourceKind::Postgres => postgres::start(config, mappings, options),
+        #[cfg(feature = "kafka")]
         SourceKind::Kafka => kafka::start(config, mappings, options),
+        #[cfg(not(feature = "kafka"))]
+        SourceKind::Kafka => {
+            drop((mappings, options));
+            Err(Error::new(
+                ErrorKind::Config,
+                "source.kind = \"kafka\", but this evictd was built without the `kafka` feature",
+            ))
+        }
     }
 }
 

@@ -4,9 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(feature = "kafka")]
 use super::kafka::Client;
 use super::TestkitError;
-use crate::change::{Checkpoint, Lsn, Offsets, Partition};
+use crate::change::{Checkpoint, Lsn};
+#[cfg(feature = "kafka")]
+use crate::change::{Offsets, Partition};
 use crate::config::{Config, SourceKind};
 use crate::lag::Lag;
 use crate::mapping::{self, Mappings};
@@ -27,6 +30,7 @@ enum Source {
     /// position.
     Postgres { url: String },
     /// The group's committed offsets reach the end of every topic.
+    #[cfg(feature = "kafka")]
     Kafka {
         client: Client,
         group: String,
@@ -70,6 +74,7 @@ impl Evictd {
                     .expose()
                     .to_owned(),
             },
+            #[cfg(feature = "kafka")]
             (SourceKind::Kafka, Some(kafka)) => Source::Kafka {
                 client: Client {
                     brokers: kafka.brokers.clone(),
@@ -77,8 +82,15 @@ impl Evictd {
                 group: kafka.group_id.clone(),
                 topics: kafka.topics.clone(),
             },
+            #[cfg(feature = "kafka")]
             (SourceKind::Kafka, None) => {
                 return Err(TestkitError::Start("[kafka] is not set".into()))
+            }
+            #[cfg(not(feature = "kafka"))]
+            (SourceKind::Kafka, _) => {
+                return Err(TestkitError::Start(
+                    "the Kafka source needs evictd's `kafka` feature".into(),
+                ))
             }
         };
         let running = pipeline::start(config, mappings.clone(), options)
@@ -123,6 +135,7 @@ impl Evictd {
     pub async fn sync_within(&self, timeout: Duration) -> Result<Checkpoint, TestkitError> {
         match &self.source {
             Source::Postgres { url } => self.sync_postgres(url, timeout).await,
+            #[cfg(feature = "kafka")]
             Source::Kafka {
                 client,
                 group,
@@ -178,6 +191,7 @@ impl Evictd {
 }
 
 /// Waits until `group` committed the end of every partition of `topics`.
+#[cfg(feature = "kafka")]
 async fn sync_kafka(
     client: &Client,
     group: &str,

@@ -11,7 +11,7 @@
 
 #[cfg(feature = "testkit")]
 mod evictd;
-#[cfg(feature = "testkit")]
+#[cfg(all(feature = "testkit", feature = "kafka"))]
 mod kafka;
 mod postgres;
 #[cfg(feature = "testkit")]
@@ -21,7 +21,7 @@ mod redis;
 
 #[cfg(feature = "testkit")]
 pub use evictd::{current_wal_lsn, walsender_pid, Evictd};
-#[cfg(feature = "testkit")]
+#[cfg(all(feature = "testkit", feature = "kafka"))]
 pub use kafka::{tansu_binary, Kafka, ReadRecord};
 pub use postgres::Postgres;
 #[cfg(feature = "testkit")]
