@@ -2,8 +2,9 @@
 # Build evictd in a full Rust image, run it from a small Debian image.
 
 FROM rust:1-bookworm AS build
-# librdkafka (the Kafka source) is built from source: it needs make, perl,
-# pkg-config and the OpenSSL and zlib headers, which this image carries.
+# librdkafka (the Kafka source, the default `kafka` feature) is built from
+# source: it needs make, perl, pkg-config and the OpenSSL and zlib headers,
+# which this image carries.
 WORKDIR /src
 # Dependencies first, so that source edits do not rebuild them. The bench
 # sources are declared in Cargo.toml, so they must exist (they are not built).
@@ -13,10 +14,10 @@ COPY benches ./benches
 # shares with evictd, its Lua scripts): copied whole, it changes rarely.
 COPY client ./client
 RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
-    && cargo build --release --locked --no-default-features \
+    && cargo build --release --locked \
     && rm -rf src
 COPY src ./src
-RUN touch src/main.rs src/lib.rs && cargo build --release --locked --no-default-features
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked
 
 FROM debian:bookworm-slim
 RUN apt-get update \
