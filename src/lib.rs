@@ -36,6 +36,7 @@ pub mod testkit;
 
 mod admin;
 mod apply;
+mod audit;
 mod catalog;
 mod continuity;
 mod demo;

@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 
 use crate::apply::shared::INVALIDATED_KEY;
+use crate::audit::Outcome;
 use crate::change::Lsn;
 use crate::config::Config;
 use crate::continuity::{self, Remembered};
@@ -225,6 +226,7 @@ pub async fn status(config: &Config) -> Result<Report, Error> {
             .json
             .insert("redis".into(), serde_json::Value::Object(redis));
         invalidated(&view.invalidated, &mut report);
+        consistency(&view.checks, &mut report);
     } else {
         report
             .json
@@ -243,6 +245,7 @@ pub async fn kafka_status(config: &Config) -> Report {
                 .json
                 .insert("redis".into(), serde_json::json!({"reachable": true}));
             invalidated(&view.invalidated, &mut report);
+            consistency(&view.checks, &mut report);
         }
         Err(error) => {
             let _ = writeln!(report.text, "redis: unreachable ({error})");
@@ -315,6 +318,8 @@ struct RedisView {
     last: Option<String>,
     /// The invalidation totals: (`<table> <mode>`, keys).
     invalidated: Vec<(String, u64)>,
+    /// The consistency checks per minute and outcome.
+    checks: Vec<(String, u64)>,
 }
 
 async fn read_redis(config: &Config) -> Result<RedisView, String> {
@@ -323,24 +328,13 @@ async fn read_redis(config: &Config) -> Result<RedisView, String> {
         format!("{prefix}{}", continuity::record_key(&config.postgres.slot)),
         format!("{prefix}{L1_LAST_KEY}"),
         format!("{prefix}{INVALIDATED_KEY}"),
+        format!("{prefix}{}", crate::audit::CHECKS_KEY),
     ];
-    let url = config.redis.url.expose();
     let read = async {
-        if let Some(nodes) = crate::apply::cluster::seed_nodes(url) {
-            let client = redis::cluster::ClusterClient::new(nodes).map_err(|e| e.to_string())?;
-            let mut connection = client
-                .get_async_connection()
-                .await
-                .map_err(|e| e.to_string())?;
-            read_all(&mut connection, &keys).await
-        } else {
-            let client = crate::apply::redis::client(&config.redis).map_err(|e| e.to_string())?;
-            let mut connection = client
-                .get_multiplexed_async_connection()
-                .await
-                .map_err(|e| e.to_string())?;
-            read_all(&mut connection, &keys).await
-        }
+        let mut connection = crate::audit::connect_redis(&config.redis)
+            .await
+            .map_err(|e| e.to_string())?;
+        read_all(&mut connection, &keys).await
     };
     match tokio::time::timeout(std::time::Duration::from_secs(5), read).await {
         Ok(result) => result,
@@ -348,10 +342,11 @@ async fn read_redis(config: &Config) -> Result<RedisView, String> {
     }
 }
 
-/// GETs the record and the last broadcast, HGETALLs the totals.
+/// GETs the record and the last broadcast, HGETALLs the totals and the
+/// consistency checks.
 async fn read_all(
     connection: &mut impl redis::aio::ConnectionLike,
-    [record, last, totals]: &[String; 3],
+    [record, last, totals, checks]: &[String; 4],
 ) -> Result<RedisView, String> {
     let get = |key: &String| redis::cmd("GET").arg(key).clone();
     let record: Option<String> = get(record)
@@ -368,11 +363,59 @@ async fn read_all(
         .query_async(connection)
         .await
         .unwrap_or_default();
+    let checks: Vec<(String, u64)> = redis::cmd("HGETALL")
+        .arg(checks)
+        .query_async(connection)
+        .await
+        .unwrap_or_default();
     Ok(RedisView {
         record,
         last,
         invalidated,
+        checks,
     })
+}
+
+/// The consistency checks of the last hour (`[audit]`), in nines.
+fn consistency(fields: &[(String, u64)], report: &mut Report) {
+    let sums = crate::audit::last_hour(fields);
+    let count = |outcome| sums.get(&outcome).copied().unwrap_or(0);
+    let (consistent, stale, unverifiable) = (
+        count(Outcome::Consistent),
+        count(Outcome::Stale),
+        count(Outcome::Unverifiable),
+    );
+    let checks = consistent + stale + unverifiable;
+    let nines = crate::audit::nines(consistent, stale);
+    report.json.insert(
+        "consistency".into(),
+        serde_json::json!({
+            "window_minutes": 60,
+            "checks": checks,
+            "consistent": consistent,
+            "stale": stale,
+            "unverifiable": unverifiable,
+            "nines": nines,
+        }),
+    );
+    let out = &mut report.text;
+    if checks == 0 {
+        let _ = writeln!(
+            out,
+            "consistency (last hour): no checks ([audit] enabled = true turns the checker on)"
+        );
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "consistency (last hour): {checks} checks: {consistent} consistent, {stale} stale, {unverifiable} unverifiable; {} nines",
+        nines.as_deref().unwrap_or("no verified checks, so no")
+    );
+    if stale > 0 {
+        report.warnings.push(format!(
+            "{stale} stale cache entries found in the last hour (the log's \"stale cache entry\" lines name them)"
+        ));
+    }
 }
 
 /// Where a `replay` stands, for its progress line and summary.

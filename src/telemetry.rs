@@ -52,6 +52,13 @@ pub const KAFKA_RECORDS: &str = "evictd_kafka_records_total";
 pub const KAFKA_COMMITS: &str = "evictd_kafka_commits_total";
 /// Partitions this instance holds in its consumer group.
 pub const KAFKA_ASSIGNED_PARTITIONS: &str = "evictd_kafka_assigned_partitions";
+/// Consistency checks of sampled invalidations, by `outcome`:
+/// `consistent`, `stale`, `unverifiable` (`[audit]`).
+pub const CONSISTENCY_CHECKS: &str = "evictd_consistency_checks_total";
+/// Samples dropped because the checker's queue was full.
+pub const CONSISTENCY_DROPPED: &str = "evictd_consistency_samples_dropped_total";
+/// Samples waiting for their check.
+pub const CONSISTENCY_QUEUE: &str = "evictd_consistency_queue_depth";
 
 /// The process-wide recorder; installed on first use.
 pub fn recorder() -> &'static PrometheusHandle {
@@ -154,6 +161,18 @@ pub fn describe() {
     describe_counter!(
         PATTERN_FALLBACKS,
         "Keys deleted by pattern (a placeholder's value unknown, or the key too long), by table"
+    );
+    describe_counter!(
+        CONSISTENCY_CHECKS,
+        "Consistency checks of sampled invalidations, by outcome (consistent, stale, unverifiable)"
+    );
+    describe_counter!(
+        CONSISTENCY_DROPPED,
+        "Consistency samples dropped because the checker's queue was full"
+    );
+    describe_gauge!(
+        CONSISTENCY_QUEUE,
+        "Consistency samples waiting for their check"
     );
     describe_counter!(KAFKA_RECORDS, "Kafka records taken, by outcome");
     describe_counter!(KAFKA_COMMITS, "Kafka offset commits to the group");

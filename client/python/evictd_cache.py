@@ -26,6 +26,7 @@ import subprocess
 import sys
 
 LEASE = "\0evictd:lease:"
+STAMPED = "\0evictd:at:"
 TAG_NAMESPACE = "tag:"
 
 
@@ -76,14 +77,23 @@ class Redis:
         raise RedisError("unexpected reply %r" % line)
 
 
+def unstamp(value):
+    """The value without the apply stamp a fill may have recorded in it."""
+    if value.startswith(STAMPED):
+        stamp, sep, rest = value[len(STAMPED):].partition("\0")
+        if sep and stamp.isdigit():
+            return rest
+    return value
+
+
 def parse(raw):
     """What a key holds: ("value", v), ("loading", None) for a bare lease,
     or ("reloading", v) for a value wrapped in a lease."""
     if not raw.startswith(LEASE):
-        return "value", raw
+        return "value", unstamp(raw)
     _token, sep, value = raw[len(LEASE):].partition("\0")
     if sep:
-        return "reloading", value
+        return "reloading", unstamp(value)
     return "loading", None
 
 

@@ -18,9 +18,9 @@ use tokio::task::AbortHandle;
 use crate::l1::{self, L1Bound, L1Options, L1};
 use crate::metrics::{Meter, Stats};
 use crate::protocol::{
-    compose_versioned, lease, record_position, version_key, versioned_key, Position, Stored,
-    FILL_SCRIPT, LEASE, RELEASE_SCRIPT, RELOAD_SCRIPT, SLOT_RECORD_NAMESPACE, TAG_NAMESPACE,
-    VERSION_SCRIPT,
+    compose_versioned, lease, record_position, stamped, version_key, versioned_key, Position,
+    Stored, AUDIT_STAMP_KEY, FILL_SCRIPT, LEASE, RELEASE_SCRIPT, RELOAD_SCRIPT,
+    SLOT_RECORD_NAMESPACE, TAG_NAMESPACE, VERSION_SCRIPT,
 };
 
 thread_local! {
@@ -86,6 +86,7 @@ pub struct CacheBuilder {
     early_refresh: f64,
     stale: Duration,
     slot: String,
+    record_fills: bool,
 }
 
 impl CacheBuilder {
@@ -181,6 +182,16 @@ impl CacheBuilder {
         })
     }
 
+    /// Record in each stored value the apply stamp the fill read (see
+    /// [`crate::protocol::AUDIT_STAMP_KEY`]), so that evictd's consistency
+    /// checker can verify it: one more `GET` per fill, and values that
+    /// other readers of the same keys must take apart (every reader of this
+    /// crate and of `docs/PROTOCOL.md` does). Off by default.
+    pub fn record_fills(mut self, on: bool) -> Self {
+        self.record_fills = on;
+        self
+    }
+
     /// Probabilistic early refresh (XFetch): a read may reload a value
     /// before its TTL, the more likely the closer it is to expiry and the
     /// slower loads have been; `beta` 1.0 is the usual choice, 0 turns it
@@ -201,11 +212,11 @@ impl CacheBuilder {
     pub async fn build(self) -> Result<Cache, Error> {
         let redis = if self.cluster {
             let client = redis::cluster::ClusterClient::new(self.nodes.clone())?;
-            Conn::Cluster(client.get_async_connection().await?)
+            Connection::Cluster(client.get_async_connection().await?)
         } else {
             let client = redis::Client::open(self.nodes[0].as_str())?;
             // Reconnects by itself after Redis restarts.
-            Conn::Single(ConnectionManager::new(client).await?)
+            Connection::Single(ConnectionManager::new(client).await?)
         };
         let meter = Arc::new(Meter::new());
         let (l1, subscriber) = match &self.l1 {
@@ -239,21 +250,23 @@ impl CacheBuilder {
     }
 }
 
-/// One connection to a standalone Redis or to a Cluster.
+/// One connection to a standalone Redis (reconnecting by itself) or to a
+/// Cluster: what a [`Cache`] reads and fills through, and what evictd's
+/// own readers use.
 #[derive(Clone)]
-enum Conn {
+pub enum Connection {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
 }
 
-impl ConnectionLike for Conn {
+impl ConnectionLike for Connection {
     fn req_packed_command<'a>(
         &'a mut self,
         cmd: &'a redis::Cmd,
     ) -> redis::RedisFuture<'a, redis::Value> {
         match self {
-            Conn::Single(conn) => conn.req_packed_command(cmd),
-            Conn::Cluster(conn) => conn.req_packed_command(cmd),
+            Connection::Single(conn) => conn.req_packed_command(cmd),
+            Connection::Cluster(conn) => conn.req_packed_command(cmd),
         }
     }
 
@@ -264,15 +277,15 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
         match self {
-            Conn::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Connection::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
-            Conn::Single(conn) => conn.get_db(),
-            Conn::Cluster(conn) => conn.get_db(),
+            Connection::Single(conn) => conn.get_db(),
+            Connection::Cluster(conn) => conn.get_db(),
         }
     }
 }
@@ -284,7 +297,7 @@ pub struct Cache {
 }
 
 struct Inner {
-    redis: Conn,
+    redis: Connection,
     fill: redis::Script,
     release: redis::Script,
     reload: redis::Script,
@@ -363,6 +376,7 @@ impl Cache {
             early_refresh: 0.0,
             stale: Duration::ZERO,
             slot: "evictd".into(),
+            record_fills: false,
         }
     }
 
@@ -770,8 +784,7 @@ impl Cache {
             return Ok(match raw {
                 None => Read::Miss,
                 Some(raw) => match Stored::parse(&raw) {
-                    Stored::Value(_) => Read::Hit(raw),
-                    Stored::Reloading(value) => Read::Hit(value.to_owned()),
+                    Stored::Value(value) | Stored::Reloading(value) => Read::Hit(value.to_owned()),
                     Stored::Loading => Read::Miss,
                 },
             });
@@ -788,7 +801,7 @@ impl Cache {
         };
         let fresh_for = left - i64::try_from(options.stale.as_millis()).unwrap_or(i64::MAX);
         let raw = match Stored::parse(&raw) {
-            Stored::Value(_) => raw,
+            Stored::Value(value) => value.to_owned(),
             Stored::Loading => return Ok(Read::Miss),
             Stored::Reloading(value) => {
                 // Another reader reloads it: serve the value meanwhile.
@@ -899,6 +912,18 @@ impl Cache {
                 });
             }
         }
+        // Read after the lease is ours and before the database: a stamp at
+        // or past an invalidation's proves this fill loads after it.
+        let stamp = if options.record_fills {
+            redis::cmd("GET")
+                .arg(format!("{}{AUDIT_STAMP_KEY}", options.prefix))
+                .query_async::<Option<u64>>(&mut redis)
+                .await
+                .ok()
+                .flatten()
+        } else {
+            None
+        };
         // Registered before the database is read: a tag invalidation from
         // here on deletes the key, and the lease in it. A key is never stored
         // without its tags: if they cannot be registered, nothing is.
@@ -924,12 +949,16 @@ impl Cache {
         let ttl_ms = ttl.map_or(0, |ttl| {
             millis(jittered(ttl, options.jitter).saturating_add(options.stale))
         });
+        let stored = match stamp {
+            Some(stamp) => std::borrow::Cow::Owned(stamped(stamp, &raw)),
+            None => std::borrow::Cow::Borrowed(raw.as_str()),
+        };
         let outcome: Result<i64, _> = self
             .inner
             .fill
             .key(full)
             .arg(&lease)
-            .arg(&raw)
+            .arg(stored.as_ref())
             .arg(ttl_ms)
             .invoke_async(&mut redis)
             .await;
@@ -981,7 +1010,7 @@ impl Cache {
         let prefix = &self.inner.options.prefix;
         let mut redis = self.inner.redis.clone();
         let set = |tag: &str| format!("{prefix}{TAG_NAMESPACE}{tag}");
-        if matches!(self.inner.redis, Conn::Cluster(_)) {
+        if matches!(self.inner.redis, Connection::Cluster(_)) {
             for tag in tags {
                 redis::cmd("SADD")
                     .arg(set(tag))
@@ -1012,8 +1041,9 @@ impl Cache {
                 .await
             {
                 match Stored::parse(&raw) {
-                    Stored::Value(_) => return Some(raw),
-                    Stored::Reloading(value) => return Some(value.to_owned()),
+                    Stored::Value(value) | Stored::Reloading(value) => {
+                        return Some(value.to_owned())
+                    }
                     Stored::Loading => {}
                 }
             }

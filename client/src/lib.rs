@@ -18,7 +18,7 @@ pub mod protocol;
 
 #[cfg(feature = "postgres")]
 pub use cache::commit_position;
-pub use cache::{Cache, CacheBuilder, Error, Fill};
+pub use cache::{Cache, CacheBuilder, Connection, Error, Fill};
 pub use l1::{FlushReason, L1Bound, Log};
 pub use metrics::Stats;
 pub use protocol::Position;

@@ -129,6 +129,38 @@ pub const BUMP_SCRIPT: &str = include_str!("../lua/bump.lua");
 /// clock in microseconds) when there is none (KEYS: counter).
 pub const VERSION_SCRIPT: &str = include_str!("../lua/version.lua");
 
+/// The apply stamp (with the prefix in front): while evictd's consistency
+/// checker runs, evictd sets it before applying each batch to a number that
+/// grows with every batch (microseconds of evictd's clock, kept above the
+/// stamp it found). A fill that reads it after taking its lease and before
+/// reading the database records it in the value it stores (see
+/// [`stamped`]), which lets the checker tell a value loaded after an
+/// invalidation from one loaded before it.
+pub const AUDIT_STAMP_KEY: &str = "evictd:audit:stamp";
+
+/// The start of a value that records the apply stamp its fill read:
+/// `\0evictd:at:STAMP\0VALUE`, `STAMP` in decimal.
+pub const STAMPED: &str = "\u{0}evictd:at:";
+
+/// `value` recording the apply stamp `stamp`.
+pub fn stamped(stamp: u64, value: &str) -> String {
+    format!("{STAMPED}{stamp}\u{0}{value}")
+}
+
+/// The apply stamp a stored value records, if any, and the value itself.
+pub fn split_stamp(raw: &str) -> (Option<u64>, &str) {
+    let Some(rest) = raw.strip_prefix(STAMPED) else {
+        return (None, raw);
+    };
+    match rest.split_once('\u{0}') {
+        Some((stamp, value)) => match stamp.parse() {
+            Ok(stamp) => (Some(stamp), value),
+            Err(_) => (None, raw),
+        },
+        None => (None, raw),
+    }
+}
+
 /// What a cache key holds, as a reader sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stored<'a> {
@@ -141,14 +173,25 @@ pub enum Stored<'a> {
 }
 
 impl<'a> Stored<'a> {
+    /// What `raw` holds; a value's recorded apply stamp is left out.
     pub fn parse(raw: &'a str) -> Self {
         let Some(rest) = raw.strip_prefix(LEASE) else {
-            return Stored::Value(raw);
+            return Stored::Value(split_stamp(raw).1);
         };
         match rest.split_once('\u{0}') {
-            Some((_token, value)) => Stored::Reloading(value),
+            Some((_token, value)) => Stored::Reloading(split_stamp(value).1),
             None => Stored::Loading,
         }
+    }
+
+    /// The apply stamp recorded with the value `raw` holds (wrapped in a
+    /// lease or not).
+    pub fn stamp(raw: &str) -> Option<u64> {
+        let value = match raw.strip_prefix(LEASE) {
+            Some(rest) => rest.split_once('\u{0}')?.1,
+            None => raw,
+        };
+        split_stamp(value).0
     }
 }
 
@@ -265,6 +308,16 @@ mod tests {
             Stored::Value("\u{0}evictd:absent")
         );
         assert_eq!(Stored::parse(&lease("00ff")), Stored::Loading);
+        let recorded = stamped(1_733_216_400_000_001, "{\"a\":1}");
+        assert_eq!(Stored::parse(&recorded), Stored::Value("{\"a\":1}"));
+        assert_eq!(Stored::stamp(&recorded), Some(1_733_216_400_000_001));
+        let reloading = format!("{}\u{0}{recorded}", lease("00ff"));
+        assert_eq!(Stored::parse(&reloading), Stored::Reloading("{\"a\":1}"));
+        assert_eq!(Stored::stamp(&reloading), Some(1_733_216_400_000_001));
+        assert_eq!(Stored::stamp("{\"a\":1}"), None);
+        // Not a number: the value is taken whole.
+        let odd = format!("{STAMPED}x\u{0}v");
+        assert_eq!(Stored::parse(&odd), Stored::Value(&odd));
         let wrapped = format!("{}\u{0}{{\"a\":1}}", lease("00ff"));
         assert_eq!(Stored::parse(&wrapped), Stored::Reloading("{\"a\":1}"));
         let wrapped_absent = format!("{}\u{0}\u{0}evictd:absent", lease("00ff"));

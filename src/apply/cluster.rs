@@ -134,22 +134,21 @@ impl ClusterSink {
         self.record = Some(record);
     }
 
-    /// GET `key` (a full key), from the master that owns it.
-    pub async fn get(&mut self, key: &str) -> Result<Option<String>, Error> {
+    /// Runs `command`, which reads or writes the one (full) key `key`, on
+    /// the master that owns it.
+    pub async fn on_key<T: redis::FromRedisValue>(
+        &mut self,
+        command: &redis::Cmd,
+        key: &str,
+    ) -> Result<T, Error> {
         let result = async {
             let connection = self.connection().await?;
             let slots = self.slot_map().await?;
             let node =
                 &slots.nodes[usize::from(slots.owner[usize::from(key_slot(key.as_bytes()))])];
-            let value = route(
-                &connection,
-                redis::cmd("GET").arg(key).clone(),
-                node,
-                self.timeout,
-            )
-            .await?;
+            let value = route(&connection, command.clone(), node, self.timeout).await?;
             redis::from_redis_value(value)
-                .map_err(|e| Error::with_source(ErrorKind::Redis, "unexpected GET reply", e))
+                .map_err(|e| Error::with_source(ErrorKind::Redis, "unexpected Redis reply", e))
         }
         .await;
         if result.is_err() {

@@ -20,6 +20,7 @@ use self::broadcast::Broadcast;
 use self::cluster::ClusterSink;
 use self::redis::StandaloneSink;
 use self::shared::{ApplyStats, Record};
+use crate::audit::Sampler;
 use crate::change::{Checkpoint, Lsn, Offsets};
 use crate::config::RedisConfig;
 use crate::error::Error;
@@ -70,10 +71,25 @@ impl RedisSink {
         }
     }
 
+    /// GET `key` (a full key).
     pub async fn get(&mut self, key: &str) -> Result<Option<String>, Error> {
+        self.on_key(::redis::cmd("GET").arg(key), key).await
+    }
+
+    /// SET `key` (a full key) to `value`.
+    pub async fn set(&mut self, key: &str, value: &str) -> Result<(), Error> {
+        self.on_key(::redis::cmd("SET").arg(key).arg(value), key)
+            .await
+    }
+
+    async fn on_key<T: ::redis::FromRedisValue>(
+        &mut self,
+        command: &::redis::Cmd,
+        key: &str,
+    ) -> Result<T, Error> {
         match self {
-            RedisSink::Standalone(sink) => sink.get(key).await,
-            RedisSink::Cluster(sink) => sink.get(key).await,
+            RedisSink::Standalone(sink) => sink.on_key(command, key).await,
+            RedisSink::Cluster(sink) => sink.on_key(command, key).await,
         }
     }
 
@@ -158,6 +174,7 @@ pub async fn run(
     redis: watch::Sender<Option<String>>,
     lag: Arc<Mutex<Lag>>,
     mut stop: watch::Receiver<bool>,
+    mut audit: Option<Sampler>,
 ) -> Result<(), Error> {
     let mut ping = tokio::time::interval(IDLE_PING);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -185,8 +202,10 @@ pub async fn run(
         ping.reset();
         let started = Instant::now();
         let mut backoff = Backoff::default();
+        // With the checker on, the batch's apply stamp goes first, once.
+        let mut stamp = None;
         let stats = loop {
-            match sink.apply(&plan).await {
+            match attempt(&mut sink, &plan, audit.as_mut(), &mut stamp).await {
                 Ok(stats) => break stats,
                 Err(error) if error.is_transient() => {
                     let delay = backoff.next_delay();
@@ -211,6 +230,9 @@ pub async fn run(
             }
         };
         redis.send_if_modified(|current| replace_if_changed(current, None));
+        if let (Some(audit), Some(stamp)) = (&audit, stamp) {
+            audit.offer(&plan, stamp);
+        }
         record(&plan, &stats, started.elapsed(), &lag);
         progress.send_modify(|progress| {
             progress.applied_plans += 1;
@@ -221,6 +243,23 @@ pub async fn run(
         });
         tracing::debug!(commands = plan.commands.len(), keys = stats.keys, round_trips = stats.round_trips, checkpoint = ?plan.checkpoint, "applied batch");
     }
+}
+
+/// One attempt at `plan`: its apply stamp first if the checker wants one
+/// and none was written yet (a retry keeps the first: fills that read it
+/// may already have loaded), then its commands.
+async fn attempt(
+    sink: &mut RedisSink,
+    plan: &Plan,
+    audit: Option<&mut Sampler>,
+    stamp: &mut Option<u64>,
+) -> Result<ApplyStats, Error> {
+    if let Some(audit) = audit {
+        if stamp.is_none() && !plan.commands.is_empty() {
+            *stamp = Some(audit.write_stamp(sink).await?);
+        }
+    }
+    sink.apply(plan).await
 }
 
 /// Reads `key`, retrying transient errors until `stop`.

@@ -118,12 +118,15 @@ impl StandaloneSink {
         self.record = Some(record);
     }
 
-    /// GET `key` (a full key).
-    pub async fn get(&mut self, key: &str) -> Result<Option<String>, Error> {
+    /// Runs `command`, which reads or writes the one (full) key `_key`.
+    pub async fn on_key<T: redis::FromRedisValue>(
+        &mut self,
+        command: &redis::Cmd,
+        _key: &str,
+    ) -> Result<T, Error> {
         let mut connection = self.connection().await?;
         let mut stats = ApplyStats::default();
-        self.query(&mut connection, redis::cmd("GET").arg(key), &mut stats)
-            .await
+        self.query(&mut connection, command, &mut stats).await
     }
 
     /// Checks that Redis answers (for readiness and start-up).

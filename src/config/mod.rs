@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use self::read::{
-    read_admin, read_batch, read_kafka, read_mappings, read_postgres, read_redis, read_source,
-    Section,
+    read_admin, read_audit, read_batch, read_kafka, read_mappings, read_postgres, read_redis,
+    read_source, Section,
 };
 use crate::mapping::diagnostic::did_you_mean;
 use crate::mapping::Limits;
@@ -29,6 +29,7 @@ pub struct Config {
     pub mappings: MappingsConfig,
     pub batch: BatchConfig,
     pub admin: AdminConfig,
+    pub audit: AuditConfig,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -169,6 +170,18 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
 }
 
+/// `[audit]`: the continuous consistency checker (see `src/audit.rs`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AuditConfig {
+    pub enabled: bool,
+    /// The share of invalidated keys checked, in (0, 1].
+    pub sample: f64,
+    /// How long after its invalidation a key is checked.
+    pub delay_ms: u64,
+    /// Most samples waiting for their check; more are dropped and counted.
+    pub queue: usize,
+}
+
 /// Every problem found in a configuration.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration:\n  {}", .problems.join("\n  "))]
@@ -282,6 +295,7 @@ impl Config {
             },
             batch: BatchConfig::default(),
             admin: AdminConfig::default(),
+            audit: AuditConfig::default(),
         }
     }
 
@@ -305,6 +319,7 @@ impl Config {
             },
             batch: BatchConfig::default(),
             admin: AdminConfig::default(),
+            audit: AuditConfig::default(),
         }
     }
 }
@@ -359,6 +374,17 @@ impl Default for BatchConfig {
     }
 }
 
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            enabled: false,
+            sample: 0.01,
+            delay_ms: 5_000,
+            queue: 10_000,
+        }
+    }
+}
+
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
@@ -368,7 +394,7 @@ impl Default for AdminConfig {
 }
 
 const SECTIONS: &[&str] = &[
-    "source", "postgres", "kafka", "redis", "mappings", "batch", "admin",
+    "source", "postgres", "kafka", "redis", "mappings", "batch", "admin", "audit",
 ];
 
 impl Config {
@@ -487,6 +513,12 @@ impl Config {
             root.remove("admin"),
             &mut problems,
         ));
+        let audit = read_audit(&mut Section::new(
+            "audit",
+            file,
+            root.remove("audit"),
+            &mut problems,
+        ));
         if !problems.is_empty() {
             return Err(ConfigError { problems });
         }
@@ -498,6 +530,7 @@ impl Config {
             mappings,
             batch,
             admin,
+            audit,
         })
     }
 }

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 
 use super::{
-    AdminConfig, BadRecordPolicy, BatchConfig, KafkaConfig, KafkaProperties, MappingsConfig,
-    PostgresConfig, RedisConfig, SecretUrl, SourceKind,
+    AdminConfig, AuditConfig, BadRecordPolicy, BatchConfig, KafkaConfig, KafkaProperties,
+    MappingsConfig, PostgresConfig, RedisConfig, SecretUrl, SourceKind,
 };
 use crate::change::is_identifier;
 use crate::mapping::diagnostic::did_you_mean;
@@ -499,5 +499,24 @@ pub(super) fn read_admin(section: &mut Section<'_>) -> AdminConfig {
             text.parse()
                 .map_err(|_| format!("`{text}` is not an address like 127.0.0.1:9187"))
         }),
+    }
+}
+
+pub(super) fn read_audit(section: &mut Section<'_>) -> AuditConfig {
+    let defaults = AuditConfig::default();
+    let queue = section.in_range("queue", defaults.queue as u64, 1..=1_000_000);
+    AuditConfig {
+        enabled: section.or("enabled", defaults.enabled),
+        sample: section.parse("sample", defaults.sample, |share: f64| {
+            if share > 0.0 && share <= 1.0 {
+                Ok(share)
+            } else {
+                Err(format!(
+                    "{share} is not a share in (0, 1], like 0.01 for 1%"
+                ))
+            }
+        }),
+        delay_ms: section.in_range("delay_ms", defaults.delay_ms, 0..=3_600_000),
+        queue: usize::try_from(queue).unwrap_or(usize::MAX),
     }
 }

@@ -412,6 +412,14 @@ fn is_unchanged(mapping: &TableMapping, old: Option<&Row>, new: &Row) -> bool {
         })
 }
 
+/// The key and value `refresh` writes for `row` (as a new row), or `None`
+/// when a value it needs is not known or NULL in the key.
+pub(crate) fn render_refresh(refresh: &Refresh, row: &Row) -> Option<(String, String)> {
+    let side = Side::New(row, None);
+    let key = refresh.key.render(|column| side.value(column)).ok()?;
+    refresh_value(refresh, side).ok().map(|value| (key, value))
+}
+
 /// The JSON object of the refresh's columns, or the first column whose value
 /// is not known.
 fn refresh_value<'m>(refresh: &'m Refresh, side: Side<'_>) -> Result<String, &'m str> {

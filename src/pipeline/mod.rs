@@ -196,7 +196,7 @@ pub(crate) struct Handles {
 
 impl Stages {
     /// Creates the channels and starts the apply task.
-    pub fn start(config: &Config) -> Result<(Stages, Handles), Error> {
+    pub fn start(config: &Config, mappings: &Arc<Mappings>) -> Result<(Stages, Handles), Error> {
         let broadcast = Broadcast::new(&config.redis.l1_channel, config.redis.l1_log_len);
         let epoch = broadcast.epoch().to_owned();
         let sink = RedisSink::new(&config.redis, broadcast)?;
@@ -208,6 +208,12 @@ impl Stages {
         let (redis_tx, redis_rx) = watch::channel(None);
         let lag = Arc::new(Mutex::new(Lag::default()));
         let (schema, schema_rx) = SchemaHealth::new();
+        let audit = crate::audit::start(
+            config,
+            Arc::clone(mappings),
+            progress_rx.clone(),
+            stop_rx.clone(),
+        );
         let apply_task = tokio::spawn(apply::run(
             sink,
             plans_rx,
@@ -215,6 +221,7 @@ impl Stages {
             redis_tx,
             lag.clone(),
             stop_rx.clone(),
+            audit,
         ));
         let stages = Stages {
             plans: plans_tx,

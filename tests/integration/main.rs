@@ -7,6 +7,7 @@
 mod support;
 
 mod admin;
+mod audit;
 mod auth;
 mod big;
 mod check_live;

@@ -60,7 +60,7 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
         ),
         _ => None,
     };
-    let (stages, handles) = Stages::start(config)?;
+    let (stages, handles) = Stages::start(config, &mappings)?;
     let handle = consumer::spawn(&kafka, mappings.clone(), EVENT_CHANNEL_CAPACITY)?;
     let session = Session {
         batcher: Batcher::new(mappings, BatchLimits::of(&config.batch)),

@@ -62,6 +62,13 @@ impl Kind {
     }
 }
 
+/// A column's value in Postgres' text output as the decoder turns it into a
+/// [`Datum`], by the column's type: for readers of the database that must
+/// see rows as the stream does (the consistency checker, `evictd audit`).
+pub(crate) fn datum_of(type_oid: u32, text: &str) -> Datum {
+    Kind::of(type_oid).datum(text.as_bytes())
+}
+
 /// What the decoders of one pipeline learned of mapped relations, kept
 /// across sessions: relations are followed by OID, so a mapped table that
 /// is renamed is still recognised (and its drift reported).

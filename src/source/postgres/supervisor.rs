@@ -37,7 +37,7 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
     let Some(url) = config.postgres.url.clone() else {
         return Err(Error::new(ErrorKind::Config, "postgres.url is not set"));
     };
-    let (stages, handles) = Stages::start(config)?;
+    let (stages, handles) = Stages::start(config, &mappings)?;
     let schema = stages.schema.clone().with_live_checks(
         url,
         config.postgres.publication.clone(),
