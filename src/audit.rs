@@ -31,9 +31,9 @@ use tokio::sync::{mpsc, watch};
 use crate::apply::{Progress, RedisSink};
 use crate::change::{Checkpoint, Datum, Lsn, Row, TableName};
 use crate::config::{AuditConfig, Config, SecretUrl, SourceKind};
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::mapping::eval::render_refresh;
-use crate::mapping::{Mappings, OriginId, Refresh};
+use crate::mapping::{Mappings, OriginId, Refresh, TableMapping};
 use crate::plan::{Command, Plan};
 use crate::source::postgres::changes::datum_of;
 use crate::telemetry;
@@ -213,11 +213,11 @@ struct Checker {
 }
 
 /// What a check found, and why.
-struct Verdict {
-    outcome: Outcome,
-    why: String,
+pub struct Verdict {
+    pub outcome: Outcome,
+    pub why: String,
     /// The row's identity, when the check read it.
-    row: Option<String>,
+    pub row: Option<String>,
 }
 
 impl Verdict {
@@ -347,63 +347,433 @@ impl Checker {
             Ok(table) => table,
             Err(why) => return Verdict::new(Outcome::Unverifiable, why),
         };
-        let read = || database.render(&table, refresh, &filter);
-        let mut verdict = Verdict::new(Outcome::Unverifiable, "the row kept changing");
-        verdict.row = Some(filter.clone());
-        for _ in 0..3 {
-            let (expected, lsn) = match read().await {
-                Ok(read) => read,
-                Err(why) => return Verdict::new(Outcome::Unverifiable, why),
-            };
-            let mut progress = self.progress.clone();
-            let caught_up = tokio::time::timeout(APPLIED_WAIT, async {
-                progress
-                    .wait_for(|progress| progress.flush_lsn >= lsn)
-                    .await
-                    .is_ok()
-            })
-            .await;
-            if caught_up != Ok(true) {
-                verdict.why =
-                    format!("evictd had not applied through {lsn} within {APPLIED_WAIT:?}");
-                return verdict;
-            }
-            let held = match get_value(&mut redis, full).await {
-                Ok(None) => {
-                    verdict.outcome = Outcome::Consistent;
-                    verdict.why = "absent".into();
-                    return verdict;
+        let progress = self.progress.clone();
+        let applied = |lsn: Lsn| {
+            let mut progress = progress.clone();
+            async move {
+                let caught_up = tokio::time::timeout(APPLIED_WAIT, async {
+                    progress
+                        .wait_for(|progress| progress.flush_lsn >= lsn)
+                        .await
+                        .is_ok()
+                })
+                .await;
+                match caught_up {
+                    Ok(true) => Ok(()),
+                    _ => Err(format!(
+                        "evictd had not applied through {lsn} within {APPLIED_WAIT:?}"
+                    )),
                 }
-                Ok(Some(held)) => held,
-                Err(why) => return Verdict::new(Outcome::Unverifiable, why),
-            };
-            if Some(&held) == expected.as_ref() {
+            }
+        };
+        let target = Target {
+            table: &table,
+            refresh,
+            filter: &filter,
+            full,
+        };
+        verify_refresh(database, &mut redis, &target, applied).await
+    }
+}
+
+/// A refresh key to verify and the row it stands for.
+pub struct Target<'a> {
+    pub table: &'a TableName,
+    pub refresh: &'a Refresh,
+    /// Selects the row (see [`key_filter`]).
+    pub filter: &'a str,
+    /// The key with the prefix.
+    pub full: &'a str,
+}
+
+/// Whether a refresh key holds what its row renders: read the row, wait
+/// until evictd `applied` everything committed before that read, read the
+/// key; a difference is stale only if the row did not change meanwhile
+/// (else again, three times at most).
+pub async fn verify_refresh<F>(
+    database: &Database,
+    redis: &mut Connection,
+    target: &Target<'_>,
+    applied: impl Fn(Lsn) -> F,
+) -> Verdict
+where
+    F: std::future::Future<Output = Result<(), String>>,
+{
+    let read = || database.render(target.table, target.refresh, target.filter);
+    let mut verdict = Verdict::new(Outcome::Unverifiable, "the row kept changing");
+    verdict.row = Some(target.filter.to_owned());
+    for _ in 0..3 {
+        let (expected, lsn) = match read().await {
+            Ok(read) => read,
+            Err(why) => return Verdict::new(Outcome::Unverifiable, why),
+        };
+        if let Err(why) = applied(lsn).await {
+            verdict.why = why;
+            return verdict;
+        }
+        let held = match get_value(redis, target.full).await {
+            Ok(None) => {
                 verdict.outcome = Outcome::Consistent;
-                verdict.why = "equals the row".into();
+                verdict.why = "absent".into();
                 return verdict;
             }
-            let again = match read().await {
-                Ok((again, _)) => again,
-                Err(why) => return Verdict::new(Outcome::Unverifiable, why),
+            Ok(Some(held)) => held,
+            Err(why) => return Verdict::new(Outcome::Unverifiable, why),
+        };
+        if Some(&held) == expected.as_ref() {
+            verdict.outcome = Outcome::Consistent;
+            verdict.why = "equals the row".into();
+            return verdict;
+        }
+        let again = match read().await {
+            Ok((again, _)) => again,
+            Err(why) => return Verdict::new(Outcome::Unverifiable, why),
+        };
+        if Some(&held) == again.as_ref() {
+            verdict.outcome = Outcome::Consistent;
+            verdict.why = "equals the row after a later change".into();
+            return verdict;
+        }
+        if again == expected {
+            verdict.outcome = Outcome::Stale;
+            verdict.why = match expected {
+                Some(expected) => format!("holds {held}, but the row renders {expected}"),
+                None => format!("holds {held}, but the row is gone"),
             };
-            if Some(&held) == again.as_ref() {
-                verdict.outcome = Outcome::Consistent;
-                verdict.why = "equals the row after a later change".into();
-                return verdict;
-            }
-            if again == expected {
-                verdict.outcome = Outcome::Stale;
-                verdict.why = match expected {
-                    Some(expected) => {
-                        format!("holds {held}, but the row renders {expected}")
+            return verdict;
+        }
+    }
+    verdict
+}
+
+/// Rows `evictd audit` reads per round trip.
+const SWEEP_PAGE: u64 = 500;
+
+/// What `evictd audit` found for one refresh of one table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SweepLine {
+    pub table: String,
+    /// The refresh's key template.
+    pub key: String,
+    pub rows: u64,
+    pub consistent: u64,
+    /// Keys Redis does not hold (expired, evicted, never written): not
+    /// stale, nothing to serve.
+    pub absent: u64,
+    pub stale: u64,
+    pub unverifiable: u64,
+}
+
+/// A stale entry `evictd audit` found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finding {
+    pub key: String,
+    pub table: String,
+    /// The row, as the SQL condition that selects it.
+    pub row: String,
+    pub why: String,
+}
+
+/// What `evictd audit` found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Sweep {
+    pub lines: Vec<SweepLine>,
+    pub stale: Vec<Finding>,
+    /// Why some entries could not be decided (one example per reason).
+    pub unverifiable: Vec<Finding>,
+}
+
+/// `evictd audit`: every row of each mapped table with refreshes (or of
+/// `only`, at most `limit` rows a table) rendered as its refreshes would
+/// write it and compared with Redis. A difference is confirmed as
+/// [`verify_refresh`] does, waiting for evictd's continuity record (up to
+/// [`APPLIED_WAIT`]) to pass what the row's read saw; `progress` hears
+/// about each page.
+pub async fn sweep(
+    config: &Config,
+    mappings: &Mappings,
+    only: Option<&TableName>,
+    limit: Option<u64>,
+    mut progress: impl FnMut(&SweepLine),
+) -> Result<Sweep, Error> {
+    let Some(url) = config.postgres.url.clone() else {
+        return Err(Error::new(
+            ErrorKind::Config,
+            "evictd audit reads the mapped tables from Postgres: postgres.url is not set",
+        ));
+    };
+    let tables: Vec<&TableMapping> = mappings
+        .tables()
+        .filter(|mapping| !mapping.refresh.is_empty())
+        .filter(|mapping| only.is_none_or(|only| *mapping.table == *only))
+        .collect();
+    if let Some(only) = only {
+        if tables.is_empty() {
+            let why = match mappings.table(only) {
+                Some(_) => format!("{only} has no [[table.refresh]] entries: nothing to compare"),
+                None => format!("{only} is not mapped"),
+            };
+            return Err(Error::new(ErrorKind::Config, why));
+        }
+    }
+    let mut database = Database::new(url);
+    let mut redis = connect_redis(&config.redis).await?;
+    let record = format!(
+        "{}{}",
+        config.redis.prefix,
+        crate::continuity::record_key(&config.postgres.slot)
+    );
+    let reader = redis.clone();
+    let applied = |lsn: Lsn| {
+        let mut redis = reader.clone();
+        let record = record.clone();
+        async move { record_passes(&mut redis, &record, lsn).await }
+    };
+    let mut sweep = Sweep::default();
+    for mapping in tables {
+        let table = &*mapping.table;
+        database.learn(table).await;
+        let columns: Vec<&str> = {
+            let mut columns: Vec<&str> = Vec::new();
+            for refresh in &mapping.refresh {
+                for column in refresh_columns(refresh) {
+                    if !columns.contains(&column) {
+                        columns.push(column);
                     }
-                    None => format!("holds {held}, but the row is gone"),
-                };
-                return verdict;
+                }
+            }
+            columns
+        };
+        let mut lines: Vec<SweepLine> = mapping
+            .refresh
+            .iter()
+            .map(|refresh| SweepLine {
+                table: table.to_string(),
+                key: refresh.key.source().to_owned(),
+                ..SweepLine::default()
+            })
+            .collect();
+        let select = format!(
+            "select {} from {}{}",
+            columns
+                .iter()
+                .map(|c| quote_ident(c))
+                .collect::<Vec<_>>()
+                .join(", "),
+            quote_table(table),
+            limit.map_or_else(String::new, |limit| format!(" limit {limit}"))
+        );
+        database
+            .query(&format!(
+                "begin isolation level repeatable read read only; declare evictd_audit no scroll cursor for {select}"
+            ))
+            .await
+            .map_err(|why| sweep_error(table, &why))?;
+        loop {
+            let texts = database
+                .query(&format!("fetch {SWEEP_PAGE} from evictd_audit"))
+                .await
+                .map_err(|why| sweep_error(table, &why))?;
+            if texts.is_empty() {
+                break;
+            }
+            let rows = database
+                .rows(table, &columns, texts)
+                .map_err(|why| sweep_error(table, &why))?;
+            for (refresh, line) in mapping.refresh.iter().zip(&mut lines) {
+                let rendered: Vec<Option<(String, String)>> = rows
+                    .iter()
+                    .map(|row| render_refresh(refresh, row))
+                    .collect();
+                let held = futures_util::future::join_all(rendered.iter().map(|rendered| {
+                    let mut redis = redis.clone();
+                    let prefix = &config.redis.prefix;
+                    async move {
+                        match rendered {
+                            Some((key, _)) => {
+                                get_value(&mut redis, &format!("{prefix}{key}")).await
+                            }
+                            None => Ok(None),
+                        }
+                    }
+                }))
+                .await;
+                for (row, (rendered, held)) in rows.iter().zip(rendered.iter().zip(held)) {
+                    line.rows += 1;
+                    let Some((key, expected)) = rendered else {
+                        line.unverifiable += 1;
+                        note_once(
+                            &mut sweep.unverifiable,
+                            table,
+                            "-",
+                            "a row whose refresh cannot be rendered (NULL in its key)",
+                        );
+                        continue;
+                    };
+                    match held {
+                        Ok(None) => line.absent += 1,
+                        Ok(Some(held)) if held == *expected => line.consistent += 1,
+                        Ok(Some(_)) => {
+                            // Perhaps a change in flight: confirm as the
+                            // checker does.
+                            let Some(filter) = row_filter(refresh, row) else {
+                                line.unverifiable += 1;
+                                continue;
+                            };
+                            let full = format!("{}{key}", config.redis.prefix);
+                            let target = Target {
+                                table,
+                                refresh,
+                                filter: &filter,
+                                full: &full,
+                            };
+                            let verdict =
+                                verify_refresh(&database, &mut redis, &target, applied).await;
+                            match verdict.outcome {
+                                Outcome::Consistent => line.consistent += 1,
+                                Outcome::Stale => {
+                                    line.stale += 1;
+                                    sweep.stale.push(Finding {
+                                        key: key.clone(),
+                                        table: table.to_string(),
+                                        row: filter,
+                                        why: verdict.why,
+                                    });
+                                }
+                                Outcome::Unverifiable => {
+                                    line.unverifiable += 1;
+                                    note_once(&mut sweep.unverifiable, table, key, &verdict.why);
+                                }
+                            }
+                        }
+                        Err(why) => {
+                            line.unverifiable += 1;
+                            note_once(&mut sweep.unverifiable, table, key, &why);
+                        }
+                    }
+                }
+                progress(line);
             }
         }
-        verdict
+        database
+            .query("close evictd_audit; commit")
+            .await
+            .map_err(|why| sweep_error(table, &why))?;
+        sweep.lines.extend(lines);
     }
+    Ok(sweep)
+}
+
+/// The summary table `evictd audit` prints, one line per refresh.
+pub fn table_text(sweep: &Sweep) -> String {
+    let header = [
+        "table",
+        "key",
+        "rows",
+        "consistent",
+        "absent",
+        "stale",
+        "unverifiable",
+    ];
+    let mut rows: Vec<[String; 7]> = vec![header.map(str::to_owned)];
+    for line in &sweep.lines {
+        rows.push([
+            line.table.clone(),
+            line.key.clone(),
+            line.rows.to_string(),
+            line.consistent.to_string(),
+            line.absent.to_string(),
+            line.stale.to_string(),
+            line.unverifiable.to_string(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..7)
+        .map(|column| rows.iter().map(|row| row[column].len()).max().unwrap_or(0))
+        .collect();
+    let mut text = String::new();
+    for row in &rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(column, (cell, width))| {
+                if column < 2 {
+                    format!("{cell:<width$}")
+                } else {
+                    format!("{cell:>width$}")
+                }
+            })
+            .collect();
+        text.push_str(cells.join("  ").trim_end());
+        text.push('\n');
+    }
+    text
+}
+
+fn sweep_error(table: &TableName, why: &str) -> Error {
+    Error::new(
+        ErrorKind::PostgresServer { transient: false },
+        format!("cannot read {table}: {why}"),
+    )
+}
+
+/// Keeps the first entry of each reason.
+fn note_once(notes: &mut Vec<Finding>, table: &TableName, key: &str, why: &str) {
+    if notes.iter().any(|note| note.why == why) {
+        return;
+    }
+    notes.push(Finding {
+        key: key.to_owned(),
+        table: table.to_string(),
+        row: String::new(),
+        why: why.to_owned(),
+    });
+}
+
+/// Waits until the continuity record `record` is at or past `lsn`.
+async fn record_passes(redis: &mut Connection, record: &str, lsn: Lsn) -> Result<(), String> {
+    let deadline = Instant::now() + APPLIED_WAIT;
+    loop {
+        let text: Option<String> = redis::cmd("GET")
+            .arg(record)
+            .query_async(redis)
+            .await
+            .map_err(|error| format!("GET failed: {error}"))?;
+        let applied = text
+            .as_deref()
+            .and_then(crate::continuity::Remembered::decode)
+            .map(|remembered| remembered.applied);
+        if applied >= Some(lsn) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "evictd had not applied through {lsn} within {APPLIED_WAIT:?} (is evictd run streaming?)"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The SQL condition that selects `row` by the refresh key's columns.
+fn row_filter(refresh: &Refresh, row: &Row) -> Option<String> {
+    let mut filter = String::new();
+    for column in refresh.key.columns() {
+        let text = row.get(column).canonical_text()?;
+        if !filter.is_empty() {
+            filter.push_str(" and ");
+        }
+        filter.push_str(&format!(
+            "{} = {}",
+            quote_ident(column),
+            quote_literal(text)
+        ));
+    }
+    Some(if filter.is_empty() {
+        "true".into()
+    } else {
+        filter
+    })
 }
 
 /// The check of a deleted key: see the module's documentation.

@@ -103,6 +103,18 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         backlog: usize,
     },
+    /// Compare every write-through refresh in Redis with its row in the
+    /// database; exit 1 if any is stale.
+    Audit {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this mapped table (`table` or `schema.table`).
+        #[arg(long)]
+        table: Option<String>,
+        /// At most this many rows per table.
+        #[arg(long)]
+        limit: Option<u64>,
+    },
     /// Print the commands one change produces, in the order they are sent.
     Explain {
         #[arg(long)]
@@ -164,6 +176,11 @@ fn main() -> ExitCode {
             backlog,
         } => watch(&config, key, table, backlog),
         Command::Replay { config, until_lsn } => run(&config, Some(until_lsn)),
+        Command::Audit {
+            config,
+            table,
+            limit,
+        } => audit(&config, table.as_deref(), limit),
         Command::Check {
             config,
             mappings,
@@ -325,6 +342,72 @@ fn status(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
         eprintln!("warning: {warning}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn audit(path: &Path, table: Option<&str>, limit: Option<u64>) -> anyhow::Result<ExitCode> {
+    use evictd::internal::audit;
+    use std::io::IsTerminal as _;
+    let (config, mappings) = match load(path)? {
+        Ok(loaded) => loaded,
+        Err(code) => return Ok(code),
+    };
+    let table = table
+        .map(evictd::change::TableName::parse)
+        .transpose()
+        .map_err(|why| UsageError(format!("--table: {why}")))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let terminal = std::io::stderr().is_terminal();
+    let show = |line: &audit::SweepLine| {
+        if terminal {
+            eprint!(
+                "\r\x1b[2Kaudit: {} {}: {} rows, {} stale",
+                line.table, line.key, line.rows, line.stale
+            );
+        }
+    };
+    let sweep = runtime
+        .block_on(audit::sweep(
+            &config,
+            &mappings,
+            table.as_ref(),
+            limit,
+            show,
+        ))
+        .map_err(|error| {
+            if error.kind() == evictd::error::ErrorKind::Config {
+                anyhow::Error::new(UsageError(error.to_string()))
+            } else {
+                anyhow::Error::new(error)
+            }
+        })?;
+    if terminal {
+        eprint!("\r\x1b[2K");
+    }
+    print!("{}", audit::table_text(&sweep));
+    for finding in &sweep.stale {
+        println!(
+            "stale: {} ({} where {}): {}",
+            finding.key, finding.table, finding.row, finding.why
+        );
+    }
+    for finding in &sweep.unverifiable {
+        println!(
+            "unverifiable: {} ({}): {}",
+            finding.key, finding.table, finding.why
+        );
+    }
+    let compared: u64 = sweep.lines.iter().map(|line| line.rows).sum();
+    println!(
+        "audit: {compared} entries compared, {} stale",
+        sweep.stale.len()
+    );
+    Ok(if sweep.stale.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn watch(

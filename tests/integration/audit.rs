@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use evictd_client::{protocol, Cache};
 
-use crate::support::{stack, Streaming};
+use crate::support::{self, stack, Streaming};
 
 const SCHEMA: &str = "
     create table orders (id bigint primary key, user_id bigint not null, status text not null);
@@ -185,5 +185,81 @@ async fn a_burst_overflows_the_checkers_queue_without_holding_the_pipeline_back(
         "evictd_consistency_samples_dropped_total",
     ) - dropped_before;
     assert!(dropped >= 900, "{dropped} samples dropped");
+    s.evictd.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_passes_a_clean_cache_and_names_a_corrupted_refresh() {
+    let mut s = Streaming::start(SCHEMA, &[("orders.toml", MAPPING)]).await;
+    let db = s.db.client().await;
+    db.batch_execute("update orders set status = 'paid'")
+        .await
+        .expect("update");
+    s.sync().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = support::run_config(
+        dir.path(),
+        &s.db,
+        &stack().redis.url(),
+        MAPPING,
+        "127.0.0.1:0",
+    );
+    let config = config.to_str().expect("utf-8 path").to_owned();
+    let audit = |args: &[&str]| {
+        let mut all = vec!["audit", "--config", &config];
+        all.extend_from_slice(args);
+        support::evictd(&all)
+    };
+
+    let clean = tokio::task::block_in_place(|| audit(&[]));
+    let out = support::stdout(&clean);
+    assert_eq!(
+        clean.status.code(),
+        Some(0),
+        "{out}{}",
+        support::stderr(&clean)
+    );
+    assert!(
+        out.contains(
+            "public.orders  order:{id}:summary     5           5       0      0             0"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.ends_with("audit: 5 entries compared, 0 stale\n"),
+        "{out}"
+    );
+
+    plant(&mut s, "order:3:summary", r#"{"id":3,"status":"new"}"#).await;
+    let corrupted = tokio::task::block_in_place(|| audit(&["--table", "orders"]));
+    let out = support::stdout(&corrupted);
+    assert_eq!(
+        corrupted.status.code(),
+        Some(1),
+        "{out}{}",
+        support::stderr(&corrupted)
+    );
+    assert!(
+        out.contains(r#"stale: order:3:summary (public.orders where "id" = '3'): holds {"id":3,"status":"new"}, but the row renders {"id":3,"status":"paid"}"#),
+        "{out}"
+    );
+    assert!(
+        out.ends_with("audit: 5 entries compared, 1 stale\n"),
+        "{out}"
+    );
+
+    let limited = tokio::task::block_in_place(|| audit(&["--limit", "2"]));
+    assert!(
+        support::stdout(&limited).contains("audit: 2 entries compared"),
+        "{}",
+        support::stdout(&limited)
+    );
+    let unmapped = tokio::task::block_in_place(|| audit(&["--table", "nope"]));
+    assert_eq!(unmapped.status.code(), Some(2));
+    assert!(
+        support::stderr(&unmapped).contains("error: public.nope is not mapped"),
+        "{}",
+        support::stderr(&unmapped)
+    );
     s.evictd.stop().await.expect("stop");
 }
