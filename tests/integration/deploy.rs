@@ -72,7 +72,7 @@ fn the_alert_rules_pass_promtool_and_their_unit_tests() {
         stderr(&check)
     );
     assert!(
-        stdout(&check).contains("SUCCESS: 9 rules found"),
+        stdout(&check).contains("SUCCESS: 11 rules found"),
         "{}",
         stdout(&check)
     );
