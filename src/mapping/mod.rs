@@ -12,6 +12,7 @@
 //! the mapping files in [`compile::load_dir`].
 
 pub mod compile;
+pub mod condition;
 pub mod diagnostic;
 pub mod eval;
 pub mod spec;
