@@ -868,6 +868,35 @@ fn describe(mappings: &Mappings, change: &RowChange, default: bool, note: &NoteK
         NoteKind::KeyTooLong { template, bytes } => {
             format!("`{template}` rendered {bytes} bytes, over max_key_bytes, so its pattern is used (a MATCH command below)")
         }
+        NoteKind::ConditionNotMet { condition, row } => {
+            format!("the {row} row does not match `when = \"{condition}\"`: nothing is rendered from it for what that condition governs")
+        }
+        NoteKind::ConditionUnknown {
+            condition,
+            row,
+            column,
+        } => {
+            let side = RowChange {
+                old: if *row == "old" {
+                    change.old.clone()
+                } else {
+                    None
+                },
+                new: if *row == "new" {
+                    change.new.clone()
+                } else {
+                    None
+                },
+                ..change.clone()
+            };
+            format!(
+                "`when = \"{condition}\"` is taken as true for the {row} row: {}",
+                unknown(&side, default, column)
+            )
+        }
+        NoteKind::KeyUnchanged { template } => {
+            format!("`{template}` skipped: the update changes none of its `changed` columns")
+        }
         NoteKind::RefreshFallback { key, column } => {
             // A refresh's value comes from the new row only.
             let new_only = RowChange {

@@ -6,8 +6,9 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::condition::Condition;
 use super::diagnostic::{did_you_mean, Diagnostic, Location, SourceFile};
-use super::spec::{self, Located, RefreshSpec, TableSpec};
+use super::spec::{self, KeySpec, Located, RefreshSpec, TableSpec};
 use super::template::Template;
 use super::{Mappings, Origin, OriginId, Refresh, Rule, TableMapping, Ttl};
 use crate::change::{is_identifier, Op, OpSet, TableName};
@@ -232,7 +233,8 @@ impl FileScope<'_, '_> {
             .changed
             .as_ref()
             .map_or_else(Box::default, |changed| self.element_origins(&changed.value));
-        let keys = self.rules(&spec.keys, "keys");
+        let keys = self.key_rules(&spec.keys);
+        let when = spec.when.as_ref().and_then(|when| self.condition(when));
         let tags = self.rules(&spec.tags, "tags");
         let versions = self.rules(&spec.versions, "versions");
         let refresh: Vec<Refresh> = spec
@@ -276,6 +278,7 @@ impl FileScope<'_, '_> {
             tags,
             versions,
             refresh,
+            when,
         })
     }
 
@@ -367,9 +370,73 @@ impl FileScope<'_, '_> {
                 continue;
             }
             let origin = self.origin(written.span.start);
-            rules.push(Rule { template, origin });
+            rules.push(Rule {
+                template,
+                origin,
+                changed: None,
+                when: None,
+            });
         }
         rules
+    }
+
+    /// `keys`: templates, each with its own `changed` and `when` in the
+    /// table form.
+    fn key_rules(&mut self, keys: &[KeySpec]) -> Vec<Rule> {
+        let mut rules: Vec<Rule> = Vec::with_capacity(keys.len());
+        for (index, key) in keys.iter().enumerate() {
+            let Some(written) = &key.template else {
+                self.error(
+                    key.span.start,
+                    "a key table has no `template`",
+                    "add `template = \"...\"`, the key to delete",
+                );
+                continue;
+            };
+            let changed = self.changed(key.changed.as_ref());
+            let when = key.when.as_ref().and_then(|when| self.condition(when));
+            let Some(template) = self.template(written) else {
+                continue;
+            };
+            let twice = keys[..index].iter().any(|earlier| {
+                earlier
+                    .template
+                    .as_ref()
+                    .is_some_and(|earlier| earlier.value == written.value)
+            });
+            if twice {
+                self.error(
+                    written.span.start,
+                    format!("`{}` is listed twice in `keys`", written.value),
+                    "remove the duplicate, or merge the two into one key table",
+                );
+                continue;
+            }
+            let origin = self.origin(written.span.start);
+            rules.push(Rule {
+                template,
+                origin,
+                changed,
+                when,
+            });
+        }
+        rules
+    }
+
+    /// A `when` condition, or its error at the offending character.
+    fn condition(&mut self, written: &Located<String>) -> Option<Condition> {
+        match Condition::parse(&written.value) {
+            Ok(condition) => Some(condition),
+            Err(error) => {
+                let quote = string_quote_len(self.file.text, &written.span);
+                self.error(
+                    written.span.start + quote + error.offset,
+                    format!("in `when`: {}", error.message),
+                    error.help,
+                );
+                None
+            }
+        }
     }
 
     fn template(&mut self, written: &Located<String>) -> Option<Template> {
@@ -416,7 +483,7 @@ impl FileScope<'_, '_> {
         }
     }
 
-    fn refresh(&mut self, spec: &RefreshSpec, delete_keys: &[Located<String>]) -> Option<Refresh> {
+    fn refresh(&mut self, spec: &RefreshSpec, delete_keys: &[KeySpec]) -> Option<Refresh> {
         let Some(key) = &spec.key else {
             self.error(
                 spec.span.start,
@@ -426,7 +493,11 @@ impl FileScope<'_, '_> {
             return None;
         };
         let template = self.template(key);
-        if delete_keys.iter().any(|delete| delete.value == key.value) {
+        let when = spec.when.as_ref().and_then(|when| self.condition(when));
+        let deleted = delete_keys
+            .iter()
+            .filter_map(|delete| delete.template.as_ref());
+        if deleted.into_iter().any(|delete| delete.value == key.value) {
             self.error(
                 key.span.start,
                 format!("refresh key `{}` is also a delete key in `keys`", key.value),
@@ -466,6 +537,7 @@ impl FileScope<'_, '_> {
             column_origins,
             ttl,
             origin,
+            when,
         })
     }
 

@@ -14,6 +14,7 @@
 
 use std::fmt::Write as _;
 
+use super::condition::{Condition, Truth};
 use super::template::{Template, Unrendered};
 use super::{Mappings, OriginId, Refresh, TableMapping, Ttl};
 use crate::change::{Datum, Op, Row, RowChange, TableName};
@@ -79,6 +80,20 @@ pub enum NoteKind {
     KeyTooLong { template: Box<str>, bytes: usize },
     /// A refresh value column was unknown: the key is deleted instead.
     RefreshFallback { key: Box<str>, column: Box<str> },
+    /// A row version did not match a `when`: what it governs was not
+    /// rendered from that version.
+    ConditionNotMet {
+        condition: Box<str>,
+        row: &'static str,
+    },
+    /// A `when` read a value the change does not carry: taken as a match.
+    ConditionUnknown {
+        condition: Box<str>,
+        row: &'static str,
+        column: Box<str>,
+    },
+    /// An update changed none of a key's own `changed` columns.
+    KeyUnchanged { template: Box<str> },
 }
 
 /// Counts of the evaluator's fallbacks, kept whether or not notes are.
@@ -89,6 +104,10 @@ pub struct NoteCounts {
     pub null_skipped: u64,
     pub coarse: u64,
     pub refresh_fallbacks: u64,
+    /// Row versions a `when` left out.
+    pub condition_skipped: u64,
+    /// `when`s taken as a match because a value was not known.
+    pub condition_unknown: u64,
 }
 
 /// Where [`Mappings::eval`] writes; reuse one across changes.
@@ -139,6 +158,19 @@ enum Side<'c> {
 }
 
 impl<'c> Side<'c> {
+    fn is_old(self) -> bool {
+        matches!(self, Side::Old(_))
+    }
+
+    /// `old` or `new`, for notes.
+    fn name(self) -> &'static str {
+        if self.is_old() {
+            "old"
+        } else {
+            "new"
+        }
+    }
+
     fn value(self, column: &str) -> &'c Datum {
         match self {
             Side::Old(old) => old.map_or(&Datum::Missing, |row| row.get(column)),
@@ -190,7 +222,29 @@ impl Mappings {
             // sends that): act on what is known of the old row.
             _ => &[Side::Old(old)],
         };
+        let mut matching = [Side::Old(None); 2];
+        let sides = match &mapping.when {
+            None => sides,
+            Some(when) => keep_matching(when, mapping.origin, sides, &mut matching, out),
+        };
+        if sides.is_empty() {
+            return;
+        }
         for rule in &mapping.keys {
+            if let (Some(changed), Op::Update, Some(new)) = (&rule.changed, change.op, new) {
+                if unchanged(changed, old, new) {
+                    out.counts.filtered += 1;
+                    out.note(rule.origin, || NoteKind::KeyUnchanged {
+                        template: rule.template.source().into(),
+                    });
+                    continue;
+                }
+            }
+            let mut matching = [Side::Old(None); 2];
+            let sides = match &rule.when {
+                None => sides,
+                Some(when) => keep_matching(when, rule.origin, sides, &mut matching, out),
+            };
             self.render_all(&rule.template, rule.origin, Use::Key, sides, out);
         }
         for rule in &mapping.tags {
@@ -200,7 +254,12 @@ impl Mappings {
             self.render_all(&rule.template, rule.origin, Use::Version, sides, out);
         }
         for refresh in &mapping.refresh {
-            self.refresh(refresh, change.op, sides, out);
+            let mut matching = [Side::Old(None); 2];
+            let sides = match &refresh.when {
+                None => sides,
+                Some(when) => keep_matching(when, refresh.origin, sides, &mut matching, out),
+            };
+            self.refresh(refresh, sides, out);
         }
     }
 
@@ -297,14 +356,10 @@ impl Mappings {
         }
     }
 
-    fn refresh(&self, refresh: &Refresh, op: Op, sides: &[Side<'_>], out: &mut Output) {
+    fn refresh(&self, refresh: &Refresh, sides: &[Side<'_>], out: &mut Output) {
         let origin = refresh.origin;
-        let (old_side, new_side) = match (op, sides) {
-            (Op::Update, &[old, new]) => (Some(old), Some(new)),
-            (Op::Insert, &[new]) => (None, Some(new)),
-            (_, &[old]) => (Some(old), None),
-            _ => return,
-        };
+        let old_side = sides.iter().copied().find(|side| side.is_old());
+        let new_side = sides.iter().copied().find(|side| !side.is_old());
         let old_action =
             old_side.and_then(|side| self.render(&refresh.key, origin, Use::Key, side, out));
         let new_key =
@@ -396,12 +451,55 @@ fn action_text(action: &ActionKind) -> &str {
     }
 }
 
+/// Whether an update is known to have changed none of the mapping's
+/// `changed`.
+fn is_unchanged(mapping: &TableMapping, old: Option<&Row>, new: &Row) -> bool {
+    mapping
+        .changed
+        .as_ref()
+        .is_some_and(|changed| unchanged(changed, old, new))
+}
+
+/// The row versions of `sides` that match `when` (or whose match is not
+/// known: never skip an invalidation on a guess), kept in `kept`.
+fn keep_matching<'k, 'c>(
+    when: &Condition,
+    origin: OriginId,
+    sides: &[Side<'c>],
+    kept: &'k mut [Side<'c>; 2],
+    out: &mut Output,
+) -> &'k [Side<'c>] {
+    let mut count = 0;
+    for &side in sides {
+        let (truth, missing) = when.eval(|column| side.value(column));
+        match truth {
+            Truth::True => {}
+            Truth::Unknown => {
+                out.counts.condition_unknown += 1;
+                out.note(origin, || NoteKind::ConditionUnknown {
+                    condition: when.source().into(),
+                    row: side.name(),
+                    column: missing.unwrap_or("?").into(),
+                });
+            }
+            Truth::False | Truth::Null => {
+                out.counts.condition_skipped += 1;
+                out.note(origin, || NoteKind::ConditionNotMet {
+                    condition: when.source().into(),
+                    row: side.name(),
+                });
+                continue;
+            }
+        }
+        kept[count] = side;
+        count += 1;
+    }
+    &kept[..count]
+}
+
 /// Whether an update is known to have changed none of `changed`. A column
 /// whose old value is unknown counts as changed.
-fn is_unchanged(mapping: &TableMapping, old: Option<&Row>, new: &Row) -> bool {
-    let Some(changed) = &mapping.changed else {
-        return false;
-    };
+fn unchanged(changed: &[Box<str>], old: Option<&Row>, new: &Row) -> bool {
     let old = Side::Old(old);
     changed
         .iter()

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use crate::change::{OpSet, TableName};
 
 pub use compile::{load_dir, load_str, Limits};
+pub use condition::Condition;
 pub use diagnostic::{Diagnostic, Location};
 pub use eval::{Action, ActionKind, Note, NoteKind, Output};
 pub use template::Template;
@@ -90,6 +91,8 @@ pub struct TableMapping {
     /// bumps (see [`evictd_client::protocol::VERSION_NAMESPACE`]).
     pub versions: Vec<Rule>,
     pub refresh: Vec<Refresh>,
+    /// `when = "..."`: the row versions every rule of the entry acts on.
+    pub when: Option<Condition>,
 }
 
 impl TableMapping {
@@ -104,10 +107,37 @@ impl TableMapping {
                     .iter()
                     .flat_map(|r| r.columns.iter().map(|c| &**c)),
             )
+            .chain(self.condition_columns())
+            .chain(
+                self.keys
+                    .iter()
+                    .flat_map(|rule| rule.changed.iter().flatten().map(|c| &**c)),
+            )
             .collect();
         columns.sort_unstable();
         columns.dedup();
         columns
+    }
+
+    /// Every column a `when` of the entry, its keys or its refreshes reads.
+    pub fn condition_columns(&self) -> impl Iterator<Item = &str> {
+        self.conditions()
+            .flat_map(|(condition, _)| condition.columns())
+    }
+
+    /// Every condition with the origin of what it governs (the entry's
+    /// for the entry's own).
+    pub fn conditions(&self) -> impl Iterator<Item = (&Condition, OriginId)> {
+        let own = self.when.iter().map(|when| (when, self.origin));
+        let keys = self
+            .keys
+            .iter()
+            .filter_map(|rule| rule.when.as_ref().map(|when| (when, rule.origin)));
+        let refreshes = self
+            .refresh
+            .iter()
+            .filter_map(|r| r.when.as_ref().map(|when| (when, r.origin)));
+        own.chain(keys).chain(refreshes)
     }
 
     /// Every key, tag and namespace template with its origin: these are
@@ -125,6 +155,11 @@ impl TableMapping {
 pub struct Rule {
     pub template: Template,
     pub origin: OriginId,
+    /// A key's own `changed` (the key table form): updates that change
+    /// none of these leave the key alone.
+    pub changed: Option<Box<[Box<str>]>>,
+    /// A key's own `when`: row versions that do not match leave it alone.
+    pub when: Option<Condition>,
 }
 
 /// A write-through refresh: `key` is SET to a JSON object of `columns` of the
@@ -137,6 +172,10 @@ pub struct Refresh {
     pub column_origins: Box<[OriginId]>,
     pub ttl: Option<Ttl>,
     pub origin: OriginId,
+    /// `when = "..."`: only a new row that matches is written; an old one
+    /// that matches has its key deleted when the key moves or the row
+    /// stops matching.
+    pub when: Option<Condition>,
 }
 
 /// A refresh's expiry: `seconds`, varied at random by up to `jitter_bp`

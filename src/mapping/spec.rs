@@ -24,16 +24,30 @@ pub struct Located<T> {
 pub struct TableSpec {
     pub span: Range<usize>,
     pub name: Option<Located<String>>,
-    pub keys: Vec<Located<String>>,
+    /// `keys = [...]` (strings, or inline tables) and `[[table.key]]`
+    /// sections, in the order written.
+    pub keys: Vec<KeySpec>,
     pub tags: Vec<Located<String>>,
     /// Namespaces whose version each change bumps.
     pub versions: Vec<Located<String>>,
     pub on: Option<Located<Vec<Located<String>>>>,
     pub changed: Option<Located<Vec<Located<String>>>>,
     pub refresh: Vec<RefreshSpec>,
+    /// `when = "..."`: the row versions the whole entry acts on.
+    pub when: Option<Located<String>>,
     /// A field had the wrong type (already reported): checks that depend on
     /// what the entry holds as a whole are skipped.
     pub malformed: bool,
+}
+
+/// One key: a template, and in the table form its own `changed` and
+/// `when`.
+#[derive(Clone, Debug)]
+pub struct KeySpec {
+    pub span: Range<usize>,
+    pub template: Option<Located<String>>,
+    pub changed: Option<Located<Vec<Located<String>>>>,
+    pub when: Option<Located<String>>,
 }
 
 /// One `[[table.refresh]]` entry.
@@ -44,12 +58,14 @@ pub struct RefreshSpec {
     pub columns: Option<Located<Vec<Located<String>>>>,
     pub ttl: Option<Located<String>>,
     pub jitter: Option<Located<String>>,
+    pub when: Option<Located<String>>,
 }
 
 const TABLE_FIELDS: &[&str] = &[
-    "name", "keys", "tags", "versions", "on", "changed", "refresh",
+    "name", "keys", "key", "tags", "versions", "on", "changed", "when", "refresh",
 ];
-const REFRESH_FIELDS: &[&str] = &["key", "columns", "ttl", "jitter"];
+const KEY_FIELDS: &[&str] = &["template", "changed", "when"];
+const REFRESH_FIELDS: &[&str] = &["key", "columns", "ttl", "jitter", "when"];
 
 /// Reads one mapping file. Problems go to `diagnostics`; what could be read
 /// is returned, so later checks still run on the rest.
@@ -127,13 +143,16 @@ impl Reader<'_, '_> {
             on: None,
             changed: None,
             refresh: Vec::new(),
+            when: None,
             malformed: false,
         };
         let errors_before = self.diagnostics.len();
         for (key, value) in table.iter() {
             match key.get_ref().as_ref() {
                 "name" => spec.name = self.string(key, value),
-                "keys" => spec.keys = self.strings(key, value).map_or_else(Vec::new, |l| l.value),
+                "keys" => spec.keys.extend(self.keys(key, value)),
+                "key" => spec.keys.extend(self.key_sections(key, value)),
+                "when" => spec.when = self.string(key, value),
                 "tags" => spec.tags = self.strings(key, value).map_or_else(Vec::new, |l| l.value),
                 "versions" => {
                     spec.versions = self.strings(key, value).map_or_else(Vec::new, |l| l.value);
@@ -177,9 +196,11 @@ impl Reader<'_, '_> {
                 columns: None,
                 ttl: None,
                 jitter: None,
+                when: None,
             };
             for (field, value) in table.iter() {
                 match field.get_ref().as_ref() {
+                    "when" => spec.when = self.string(field, value),
                     "key" => spec.key = self.string(field, value),
                     "columns" => spec.columns = self.strings(field, value),
                     "ttl" => spec.ttl = self.string(field, value),
@@ -190,6 +211,86 @@ impl Reader<'_, '_> {
             refreshes.push(spec);
         }
         refreshes
+    }
+
+    /// `keys = [...]`: each a template, or an inline table like a
+    /// `[[table.key]]` section.
+    fn keys(
+        &mut self,
+        key: &Spanned<std::borrow::Cow<'_, str>>,
+        value: &Spanned<DeValue<'_>>,
+    ) -> Vec<KeySpec> {
+        let DeValue::Array(items) = value.get_ref() else {
+            self.wrong_type(
+                key,
+                "an array of strings",
+                "write a list, e.g. [\"a\", \"b\"]",
+            );
+            return Vec::new();
+        };
+        let mut keys = Vec::with_capacity(items.len());
+        for item in items.iter() {
+            match item.get_ref() {
+                DeValue::String(text) => keys.push(KeySpec {
+                    span: item.span(),
+                    template: Some(Located {
+                        value: text.to_string(),
+                        span: item.span(),
+                    }),
+                    changed: None,
+                    when: None,
+                }),
+                DeValue::Table(table) => keys.push(self.key_table(table, item.span())),
+                other => self.error(
+                    item.span().start,
+                    format!(
+                        "`keys` must hold templates or tables, found a {}",
+                        other.type_str()
+                    ),
+                    "put each template in double quotes, or write { template = \"...\", when = \"...\" }",
+                ),
+            }
+        }
+        keys
+    }
+
+    /// `[[table.key]]` sections.
+    fn key_sections(
+        &mut self,
+        key: &Spanned<std::borrow::Cow<'_, str>>,
+        value: &Spanned<DeValue<'_>>,
+    ) -> Vec<KeySpec> {
+        let help = "write each as a `[[table.key]]` section";
+        let DeValue::Array(entries) = value.get_ref() else {
+            self.wrong_type(key, "an array of tables", help);
+            return Vec::new();
+        };
+        let mut keys = Vec::new();
+        for entry in entries.iter() {
+            match entry.get_ref() {
+                DeValue::Table(table) => keys.push(self.key_table(table, entry.span())),
+                _ => self.wrong_type(key, "an array of tables", help),
+            }
+        }
+        keys
+    }
+
+    fn key_table(&mut self, table: &DeTable<'_>, span: Range<usize>) -> KeySpec {
+        let mut spec = KeySpec {
+            span,
+            template: None,
+            changed: None,
+            when: None,
+        };
+        for (field, value) in table.iter() {
+            match field.get_ref().as_ref() {
+                "template" => spec.template = self.string(field, value),
+                "changed" => spec.changed = self.strings(field, value),
+                "when" => spec.when = self.string(field, value),
+                _ => self.unknown_field(field, KEY_FIELDS, "in a key table"),
+            }
+        }
+        spec
     }
 
     fn string(

@@ -869,3 +869,203 @@ fn an_unknown_namespace_value_or_truncate_bumps_by_pattern() {
     ",
     );
 }
+
+// ---- conditions and key tables ---------------------------------------------
+
+const CONDITIONAL: &str = r#"
+[[table]]
+name = "orders"
+when = "status <> 'draft'"
+keys = [
+    "order:{id}",
+    { template = "user:{user_id}:big_orders", when = "total > 100" },
+]
+tags = ["user:{user_id}"]
+
+[[table.key]]
+template = "listing:{user_id}"
+changed = ["status", "user_id"]
+
+[[table.refresh]]
+key = "order:{id}:card"
+columns = ["id", "total"]
+when = "total >= 50 and note is null"
+"#;
+
+fn order(
+    id: &str,
+    user: &str,
+    status: &str,
+    total: &str,
+    note: &str,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("id", id.to_owned()),
+        ("user_id", user.to_owned()),
+        ("status", status.to_owned()),
+        ("total", total.to_owned()),
+        ("note", note.to_owned()),
+    ]
+}
+
+fn pairs<'a>(row: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    row.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+#[test]
+fn an_entry_condition_skips_row_versions_that_do_not_match() {
+    // A draft matches nothing: no command at all.
+    check(
+        CONDITIONAL,
+        &[insert(
+            "orders",
+            &pairs(&order("1", "5", "draft", "500", "NULL")),
+        )],
+        "",
+    );
+    // Leaving the condition invalidates what the old row rendered; the new
+    // row renders nothing.
+    check(
+        CONDITIONAL,
+        &[update(
+            "orders",
+            &pairs(&order("1", "5", "paid", "500", "NULL")),
+            &pairs(&order("1", "5", "draft", "500", "NULL")),
+        )],
+        "
+        UNLINK order:1
+        UNLINK user:5:big_orders
+        UNLINK listing:5
+        UNLINK order:1:card
+        TAG user:5
+    ",
+    );
+    // Entering it: only the new row's keys, and its refresh is written.
+    check(
+        CONDITIONAL,
+        &[update(
+            "orders",
+            &pairs(&order("1", "5", "draft", "500", "NULL")),
+            &pairs(&order("1", "6", "paid", "500", "NULL")),
+        )],
+        r#"
+        UNLINK order:1
+        UNLINK user:6:big_orders
+        UNLINK listing:6
+        TAG user:6
+        SET order:1:card {"id":1,"total":500}
+    "#,
+    );
+}
+
+#[test]
+fn a_key_condition_is_evaluated_on_the_old_and_the_new_row_separately() {
+    // total 500 -> 20 and user 5 -> 6: the old row matches `total > 100`
+    // (user 5's key goes), the new one does not (user 6's stays).
+    check(
+        CONDITIONAL,
+        &[update(
+            "orders",
+            &pairs(&order("1", "5", "paid", "500", "NULL")),
+            &pairs(&order("1", "6", "paid", "20", "NULL")),
+        )],
+        "
+        UNLINK order:1
+        UNLINK user:5:big_orders
+        UNLINK listing:5
+        UNLINK listing:6
+        UNLINK order:1:card
+        TAG user:5
+        TAG user:6
+    ",
+    );
+}
+
+#[test]
+fn a_key_with_its_own_changed_is_skipped_by_updates_that_leave_them_alone() {
+    // Only the total changed: listing:5 (changed = status, user_id) stays.
+    check(
+        CONDITIONAL,
+        &[update(
+            "orders",
+            &pairs(&order("1", "5", "paid", "500", "NULL")),
+            &pairs(&order("1", "5", "paid", "600", "NULL")),
+        )],
+        r#"
+        UNLINK order:1
+        UNLINK user:5:big_orders
+        TAG user:5
+        SET order:1:card {"id":1,"total":600}
+    "#,
+    );
+}
+
+#[test]
+fn a_refresh_condition_writes_only_a_matching_new_row() {
+    // A note appears: the refresh's condition no longer holds, so the key
+    // is deleted instead of written (and listing:5, whose `changed`
+    // columns stayed, is left alone).
+    check(
+        CONDITIONAL,
+        &[update(
+            "orders",
+            &pairs(&order("1", "5", "paid", "60", "NULL")),
+            &pairs(&order("1", "5", "paid", "60", "gift")),
+        )],
+        "
+        UNLINK order:1
+        UNLINK order:1:card
+        TAG user:5
+    ",
+    );
+    // Neither row matches: the refresh does nothing.
+    check(
+        CONDITIONAL,
+        &[insert(
+            "orders",
+            &pairs(&order("2", "5", "paid", "10", "NULL")),
+        )],
+        "
+        UNLINK order:2
+        UNLINK listing:5
+        TAG user:5
+    ",
+    );
+}
+
+#[test]
+fn a_condition_on_a_value_the_change_does_not_carry_is_taken_as_true() {
+    // The old row under REPLICA IDENTITY DEFAULT holds only the key: its
+    // status is unknown, so the entry acts on it (never miss an
+    // invalidation); the new draft does not match.
+    let old = row(&[("id", "1")]);
+    let new = row(&pairs(&order("1", "5", "draft", "500", "NULL")));
+    let mut output = Output::with_notes();
+    let mappings = mapping::load_str("test.toml", CONDITIONAL, Limits::default()).unwrap();
+    mappings.eval(
+        &change("orders", Op::Update, Some(old.clone()), Some(new.clone())),
+        &mut output,
+    );
+    let notes: Vec<String> = output
+        .notes
+        .iter()
+        .map(|n| format!("{:?}", n.kind))
+        .collect();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("ConditionUnknown") && n.contains("status")),
+        "{notes:?}"
+    );
+    check(
+        CONDITIONAL,
+        &[change("orders", Op::Update, Some(old), Some(new))],
+        "
+        UNLINK order:1
+        UNLINK order:1:card
+        UNLINK MATCH user:*:big_orders
+        UNLINK MATCH listing:*
+        TAG MATCH user:*
+    ",
+    );
+}

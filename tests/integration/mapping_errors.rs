@@ -35,7 +35,7 @@ fn bad_toml() {
 fn unknown_field_in_table() {
     check(
         "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\nchanged_columns = [\"a\"]\n",
-        "m.toml:4:1: error: unknown field `changed_columns` in [[table]]\n  help: known fields: name, keys, tags, versions, on, changed, refresh",
+        "m.toml:4:1: error: unknown field `changed_columns` in [[table]]\n  help: known fields: name, keys, key, tags, versions, on, changed, when, refresh",
     );
 }
 
@@ -51,7 +51,7 @@ fn misspelt_field_gets_a_suggestion() {
 fn unknown_field_in_refresh() {
     check(
         "[[table]]\nname = \"o\"\n[[table.refresh]]\nkey = \"o:{id}\"\ncolumns = [\"id\"]\nexpiry = \"1h\"\n",
-        "m.toml:6:1: error: unknown field `expiry` in [[table.refresh]]\n  help: known fields: key, columns, ttl, jitter",
+        "m.toml:6:1: error: unknown field `expiry` in [[table.refresh]]\n  help: known fields: key, columns, ttl, jitter, when",
     );
 }
 
@@ -75,7 +75,7 @@ fn wrong_type() {
 fn wrong_item_type() {
     check(
         "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\", 7]\n",
-        "m.toml:3:23: error: `keys` must be an array of strings, found a integer\n  help: put each entry in double quotes",
+        "m.toml:3:23: error: `keys` must hold templates or tables, found a integer\n  help: put each template in double quotes, or write { template = \"...\", when = \"...\" }",
     );
 }
 
@@ -230,7 +230,7 @@ fn table_that_maps_nothing() {
 fn duplicate_template() {
     check(
         "[[table]]\nname = \"orders\"\nkeys = [\"o:{id}\", \"o:{id}\"]\n",
-        "m.toml:3:19: error: `o:{id}` is listed twice in `keys`\n  help: remove the duplicate",
+        "m.toml:3:19: error: `o:{id}` is listed twice in `keys`\n  help: remove the duplicate, or merge the two into one key table",
     );
 }
 
@@ -349,5 +349,33 @@ fn evictds_own_key_space_is_reserved() {
     check(
         "[[table]]\nname = \"orders\"\nversions = [\"evictd:{id}\"]\n",
         "m.toml:3:13: error: `evictd:{id}` is under `evictd:`, where evictd keeps its own keys\n  help: give the family another name, e.g. \"app:...\"",
+    );
+}
+
+#[test]
+fn a_condition_that_does_not_parse_is_located_at_its_character() {
+    check(
+        "[[table]]\nname = \"orders\"\nkeys = [\"o:{id}\"]\nwhen = \"status = 'paid' and total >> 5\"\n",
+        "m.toml:4:36: error: in `when`: expected a value, found `>`\n  help: compare with a number, 'text' in single quotes, true or false (columns cannot be compared with each other)",
+    );
+    check(
+        "[[table]]\nname = \"orders\"\n[[table.refresh]]\nkey = \"o:{id}\"\ncolumns = [\"id\"]\nwhen = \"note = null\"\n",
+        "m.toml:6:16: error: in `when`: a comparison with null is never true\n  help: write `column is null` or `column is not null`",
+    );
+}
+
+#[test]
+fn a_key_table_needs_a_template_and_knows_its_fields() {
+    check(
+        "[[table]]\nname = \"orders\"\n[[table.key]]\nwhen = \"total > 1\"\n",
+        "m.toml:3:1: error: a key table has no `template`\n  help: add `template = \"...\"`, the key to delete",
+    );
+    check(
+        "[[table]]\nname = \"orders\"\nkeys = [{ template = \"o:{id}\", where = \"total > 1\" }]\n",
+        "m.toml:3:32: error: unknown field `where` in a key table\n  help: did you mean `when`?",
+    );
+    check(
+        "[[table]]\nname = \"orders\"\n[[table.key]]\ntemplate = \"o:{id}\"\nchanged = []\n",
+        "m.toml:5:11: error: `changed` is empty, so every update would be skipped\n  help: list the columns whose change matters, or remove `changed`",
     );
 }
