@@ -295,6 +295,18 @@ impl Checker<'_> {
         }
         let changed = mapping.changed.iter().flatten().map(|column| &**column);
         uses.extend(changed.zip(mapping.changed_origins.iter().copied()));
+        for (condition, origin) in mapping.conditions() {
+            uses.extend(
+                condition
+                    .columns()
+                    .into_iter()
+                    .map(|column| (column, origin)),
+            );
+        }
+        for rule in &mapping.keys {
+            let changed = rule.changed.iter().flatten().map(|column| &**column);
+            uses.extend(changed.map(|column| (column, rule.origin)));
+        }
         uses.dedup();
         let known: Vec<&str> = facts.columns.iter().map(String::as_str).collect();
         for (column, origin) in uses {
@@ -416,6 +428,25 @@ impl Checker<'_> {
                             "template `{}` reads the old value of {}, which REPLICA IDENTITY {kind} of {table} does not send; \
                              updates and deletes would fall back to a pattern {fallback}",
                             template.source(),
+                            unsent.join(", ")
+                        ),
+                        fix.clone(),
+                    );
+                }
+                for (condition, origin) in mapping.conditions() {
+                    let unsent: Vec<&str> = condition
+                        .columns()
+                        .into_iter()
+                        .filter(|c| !facts.identity_columns.contains(*c))
+                        .collect();
+                    if unsent.is_empty() {
+                        continue;
+                    }
+                    self.report(
+                        origin,
+                        format!(
+                            "`when = \"{condition}\"` reads the old value of {}, which REPLICA IDENTITY {kind} of {table} does not send; \
+                             on updates and deletes it is taken as true for the old row (nothing is missed, more may be invalidated)",
                             unsent.join(", ")
                         ),
                         fix.clone(),

@@ -155,6 +155,16 @@ const CASES: &[Case] = &[
         mapping: "[[table]]\nname = \"orders\"\nkeys = [\"user:{user_id}\"]\n",
         expected: &["m.toml:2:8: error: publication `evictd` does not publish column(s) user_id of public.orders\n  help: add them to the publication's column list for public.orders, or drop the column list"],
     },
+    Case {
+        what: "a condition's unknown column and its old value under DEFAULT are reported",
+        schema: "create table orders (id bigint primary key, status text);
+                 create publication evictd for table orders",
+        mapping: "[[table]]\nname = \"orders\"\nkeys = [{ template = \"order:{id}\", when = \"stauts = 'paid'\" }]\n",
+        expected: &[
+            "m.toml:3:22: error: column `stauts` does not exist in table public.orders\n  help: did you mean `status`?",
+            "m.toml:3:22: error: `when = \"stauts = 'paid'\"` reads the old value of stauts, which REPLICA IDENTITY DEFAULT of public.orders does not send; on updates and deletes it is taken as true for the old row (nothing is missed, more may be invalidated)\n  help: ALTER TABLE public.orders REPLICA IDENTITY FULL",
+        ],
+    },
 ];
 
 #[tokio::test]

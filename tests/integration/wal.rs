@@ -545,3 +545,53 @@ async fn streamed_transactions(s: &Streaming) -> i64 {
         .unwrap()
         .get(0)
 }
+
+#[tokio::test]
+async fn a_row_leaving_and_entering_a_condition_through_real_wal() {
+    const LISTED: &str = r#"
+[[table]]
+name = "orders"
+keys = ["order:{id}", { template = "user:{user_id}:open_orders", when = "status in ('new', 'paid')" }]
+
+[[table.refresh]]
+key = "order:{id}:open"
+columns = ["id", "status"]
+when = "status <> 'shipped'"
+"#;
+    let mut s = Streaming::start(SHOP, &[("orders.toml", LISTED)]).await;
+    s.db.execute("insert into users values (1, 'a@x.io', null)")
+        .await;
+    s.db.execute("insert into orders values (10, 1, 'new')")
+        .await;
+    s.sync().await;
+    assert_eq!(
+        s.get("order:10:open").await.as_deref(),
+        Some(r#"{"id":10,"status":"new"}"#)
+    );
+    let keys = ["order:10", "user:1:open_orders"];
+    // Leaving both conditions: the old row matched, so its keys go and the
+    // refresh key is deleted rather than rewritten.
+    s.seed(&keys).await;
+    s.db.execute("update orders set status = 'shipped' where id = 10")
+        .await;
+    s.sync().await;
+    assert!(s.cached(&keys).await.is_empty());
+    assert_eq!(s.get("order:10:open").await, None);
+    // Outside the key's condition on both sides: only order:10 goes, and the
+    // refresh (status <> 'shipped' holds again) is written.
+    s.seed(&keys).await;
+    s.db.execute("update orders set status = 'returned' where id = 10")
+        .await;
+    s.sync().await;
+    assert_eq!(s.cached(&keys).await, ["user:1:open_orders"]);
+    assert_eq!(
+        s.get("order:10:open").await.as_deref(),
+        Some(r#"{"id":10,"status":"returned"}"#)
+    );
+    // Entering the key's condition again.
+    s.seed(&keys).await;
+    s.db.execute("update orders set status = 'paid' where id = 10")
+        .await;
+    s.sync().await;
+    assert!(s.cached(&keys).await.is_empty());
+}
