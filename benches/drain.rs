@@ -12,6 +12,9 @@
 //! - fanout: 100k single-row updates of a table mapped to 10 keys and 2 tags
 //!   per row (B4): Redis commands/s against `redis-benchmark` pipelining
 //!   UNLINK on the same server (B0 for Redis).
+//! - fanout_when: the same with a `when` condition on the entry and on
+//!   every key, each matching (the evaluator's cost of conditions, against
+//!   `fanout` in the same run).
 //!
 //! Fencing (docs/PROTOCOL.md) adds no command to these drains: a fill's
 //! lease lives in the cache key, so evictd's deletes void it as they are.
@@ -98,6 +101,13 @@ fn scenarios() -> Vec<Scenario> {
             setup: orders_table(100_000),
             workload: single_row_transactions(100_000),
         },
+        Scenario {
+            name: "fanout_when",
+            changes: 100_000,
+            mapping: FANOUT_WHEN,
+            setup: orders_table(100_000),
+            workload: single_row_transactions(100_000),
+        },
     ]
 }
 
@@ -128,6 +138,80 @@ keys = ["order:{id}", "order:{id}:a", "order:{id}:b", "order:{id}:c", "order:{id
 tags = ["user:{user_id}", "order:{id}"]
 "#;
 
+/// The pure core alone (map + plan of 100k single-row updates), FANOUT
+/// against FANOUT_WHEN alternated over five rounds: what conditions cost
+/// the evaluator, without the noise of Postgres and Redis.
+fn evaluator_with_conditions() {
+    use evictd::change::{Datum, Op, Row, RowChange, TableName};
+    let table = Arc::new(TableName::new("public", "orders"));
+    let names: Arc<[Arc<str>]> = ["id", "user_id", "status"].map(Arc::from).into();
+    let row = |id: u64, status: &str| {
+        Row::new(
+            names.clone(),
+            vec![
+                Datum::Number(id.to_string().into()),
+                Datum::Number((id % 1000).to_string().into()),
+                Datum::text(status),
+            ],
+        )
+    };
+    let changes: Vec<RowChange> = (1..=100_000)
+        .map(|id| RowChange {
+            table: table.clone(),
+            op: Op::Update,
+            old: Some(row(id, "new")),
+            new: Some(row(id, "paid")),
+        })
+        .collect();
+    let load = |text: &str| {
+        mapping::load_str("orders.toml", text, mapping::Limits::default()).expect("loads")
+    };
+    let (plain, when) = (load(FANOUT), load(FANOUT_WHEN));
+    let time = |mappings: &mapping::Mappings| {
+        let started = Instant::now();
+        for chunk in changes.chunks(1000) {
+            let plan = evictd::plan::plan_changes(mappings, chunk, &mut mapping::Output::default());
+            std::hint::black_box(plan);
+        }
+        changes.len() as f64 / started.elapsed().as_secs_f64()
+    };
+    let mut ratios = Vec::new();
+    let (mut plain_rates, mut when_rates) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        let (p, w) = (time(&plain), time(&when));
+        plain_rates.push(p);
+        when_rates.push(w);
+        ratios.push(w / p);
+    }
+    println!(
+        "evaluator: map + plan of fan-out updates at {:.0} changes/s with a `when` on the entry and every key, {:.0} without; ratio {:.2}x (medians of 5 alternated rounds: {})",
+        median(when_rates),
+        median(plain_rates),
+        median(ratios.clone()),
+        ratios.iter().map(|r| format!("{r:.2}x")).collect::<Vec<_>>().join(" ")
+    );
+}
+
+/// FANOUT with a condition on the entry and on every key, all true.
+const FANOUT_WHEN: &str = r#"
+[[table]]
+name = "orders"
+when = "status <> 'draft' and id > 0"
+keys = [
+    { template = "order:{id}", when = "user_id >= 0" },
+    { template = "order:{id}:a", when = "status in ('new', 'paid')" },
+    { template = "order:{id}:b", when = "id is not null" },
+    { template = "order:{id}:c", when = "user_id < 1000000" },
+    { template = "order:{id}:d", when = "not status = 'draft'" },
+    { template = "order:{id}:e", when = "id >= 1 or status = 'x'" },
+    { template = "order:{id}:f", when = "user_id <> -1" },
+    { template = "order:{id}:g", when = "status <> 'void'" },
+    { template = "user:{user_id}:orders", when = "user_id >= 0" },
+    { template = "status:{status}:{id}", when = "status is not null" },
+]
+tags = ["user:{user_id}", "order:{id}"]
+"#;
+
 const MAPPING: &str =
     "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\", \"user:{user_id}:orders\"]\n";
 
@@ -139,6 +223,12 @@ async fn main() {
         .expect("start postgres");
     let redis = Redis::start().expect("start redis");
     evictd::internal::telemetry::recorder();
+    if std::env::var("EVICTD_BENCH")
+        .map(|only| only.split(',').any(|name| name == "fanout_when"))
+        .unwrap_or(true)
+    {
+        evaluator_with_conditions();
+    }
     // EVICTD_BENCH=fanout (comma-separated names) runs only those.
     let only: Option<Vec<String>> = std::env::var("EVICTD_BENCH")
         .ok()
@@ -201,6 +291,24 @@ fn report(results: &[Measured]) {
             })).collect::<Vec<_>>(),
             "process_peak_rss_kib": m.evictd_peak_rss_kib,
         }));
+    }
+    let by_name = |name: &str| results.iter().find(|m| m.name == name);
+    if let (Some(plain), Some(when)) = (by_name("fanout"), by_name("fanout_when")) {
+        let rate = |m: &Measured| {
+            median(
+                m.rounds
+                    .iter()
+                    .map(|r| m.changes as f64 / r.evictd.as_secs_f64())
+                    .collect(),
+            )
+        };
+        let ratio = rate(when) / rate(plain);
+        println!(
+            "\nconditions: fan-out with a `when` on the entry and every key drains at {:.0} changes/s against {:.0} without; ratio {ratio:.2}x (medians)",
+            rate(when),
+            rate(plain)
+        );
+        json.push(serde_json::json!({"scenario": "conditions", "fanout_when_over_fanout": ratio}));
     }
     if let Some(fanout) = results.iter().find(|m| m.name == "fanout") {
         let rounds: Vec<(f64, f64)> = fanout

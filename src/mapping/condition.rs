@@ -66,10 +66,58 @@ enum CompareOp {
 
 #[derive(Clone, Debug)]
 enum Literal {
-    /// As written.
-    Number(Box<str>),
-    Text(Box<str>),
+    /// As written, and as a number (parsed once, at load).
+    Number(Box<str>, Number),
+    /// As written, and as a number when it reads as one (`'100'` against
+    /// a numeric column compares as 100, as in Postgres).
+    Text(Box<str>, Option<Number>),
     Bool(bool),
+}
+
+/// A literal's numeric value: exact for a plain decimal, and as a float
+/// for values that are not plain decimals (exponents, NaN, infinities).
+#[derive(Clone, Debug)]
+struct Number {
+    decimal: Option<(bool, Box<str>, Box<str>)>,
+    float: f64,
+}
+
+impl Number {
+    fn parse(text: &str) -> Option<Number> {
+        let float = parse_float(text)?;
+        let decimal = Decimal::parse(text).map(|decimal| {
+            (
+                decimal.negative,
+                decimal.integer.into(),
+                decimal.fraction.into(),
+            )
+        });
+        Some(Number { decimal, float })
+    }
+
+    /// `value` (a number column's text) against this number.
+    fn compare_with(&self, value: &str) -> Option<Ordering> {
+        if let (Some(value), Some((negative, integer, fraction))) =
+            (Decimal::parse(value), &self.decimal)
+        {
+            return Some(value.cmp(&Decimal {
+                negative: *negative,
+                integer,
+                fraction,
+            }));
+        }
+        compare_floats(parse_float(value)?, self.float)
+    }
+}
+
+/// Postgres orders NaN above every number, and equal to itself.
+fn compare_floats(a: f64, b: f64) -> Option<Ordering> {
+    Some(match (a.is_nan(), b.is_nan()) {
+        (true, true) => Ordering::Equal,
+        (true, false) => Ordering::Greater,
+        (false, true) => Ordering::Less,
+        _ => a.partial_cmp(&b)?,
+    })
 }
 
 /// A condition's value on one row version: SQL's three values, and
@@ -164,8 +212,16 @@ impl Expr {
         missing: &mut Option<&'e str>,
     ) -> Truth {
         match self {
-            Expr::Or(a, b) => or(a.eval(value_of, missing), b.eval(value_of, missing)),
-            Expr::And(a, b) => and(a.eval(value_of, missing), b.eval(value_of, missing)),
+            // True decides an `or` and False an `and` whatever the other
+            // side is: it is not evaluated.
+            Expr::Or(a, b) => match a.eval(value_of, missing) {
+                Truth::True => Truth::True,
+                first => or(first, b.eval(value_of, missing)),
+            },
+            Expr::And(a, b) => match a.eval(value_of, missing) {
+                Truth::False => Truth::False,
+                first => and(first, b.eval(value_of, missing)),
+            },
             Expr::Not(a) => match a.eval(value_of, missing) {
                 Truth::True => Truth::False,
                 Truth::False => Truth::True,
@@ -252,15 +308,16 @@ impl CompareOp {
 fn compare(value: &Datum, literal: &Literal) -> Ordering {
     let text = value.canonical_text().unwrap_or("");
     match (value, literal) {
-        (Datum::Number(_), Literal::Number(number) | Literal::Text(number)) => {
-            compare_numbers(text, number).unwrap_or_else(|| text.cmp(number))
-        }
+        (Datum::Number(_), Literal::Number(written, number))
+        | (Datum::Number(_), Literal::Text(written, Some(number))) => number
+            .compare_with(text)
+            .unwrap_or_else(|| text.cmp(written)),
         (Datum::Bool(value), Literal::Bool(literal)) => value.cmp(literal),
-        (Datum::Bool(value), Literal::Text(literal)) => match parse_bool(literal) {
+        (Datum::Bool(value), Literal::Text(written, _)) => match parse_bool(written) {
             Some(literal) => value.cmp(&literal),
-            None => text.cmp(literal),
+            None => text.cmp(written),
         },
-        (_, Literal::Number(number) | Literal::Text(number)) => text.cmp(number),
+        (_, Literal::Number(written, _) | Literal::Text(written, _)) => text.cmp(written),
         (_, Literal::Bool(literal)) => text.cmp(if *literal { "true" } else { "false" }),
     }
 }
@@ -274,27 +331,8 @@ fn parse_bool(text: &str) -> Option<bool> {
     }
 }
 
-/// Two numbers in Postgres' text: exactly for plain decimals (any
-/// length), through `f64` for exponents, `NaN` and infinities; `None` when
-/// either is not a number.
-fn compare_numbers(a: &str, b: &str) -> Option<Ordering> {
-    match (Decimal::parse(a), Decimal::parse(b)) {
-        (Some(a), Some(b)) => Some(a.cmp(&b)),
-        _ => {
-            let (a, b) = (parse_float(a)?, parse_float(b)?);
-            // Postgres orders NaN above every number, and equal to itself.
-            Some(match (a.is_nan(), b.is_nan()) {
-                (true, true) => Ordering::Equal,
-                (true, false) => Ordering::Greater,
-                (false, true) => Ordering::Less,
-                _ => a.partial_cmp(&b)?,
-            })
-        }
-    }
-}
-
 fn parse_float(text: &str) -> Option<f64> {
-    match text.trim() {
+    match text {
         "NaN" => Some(f64::NAN),
         "Infinity" => Some(f64::INFINITY),
         "-Infinity" => Some(f64::NEG_INFINITY),
@@ -313,7 +351,6 @@ struct Decimal<'t> {
 
 impl<'t> Decimal<'t> {
     fn parse(text: &'t str) -> Option<Decimal<'t>> {
-        let text = text.trim();
         let (negative, digits) = match text.as_bytes().first()? {
             b'-' => (true, &text[1..]),
             b'+' => (false, &text[1..]),
@@ -695,8 +732,18 @@ impl Parser<'_> {
     fn literal(&mut self) -> Result<Literal, ConditionError> {
         let token = self.next();
         match token.as_ref().map(|t| &t.kind) {
-            Some(TokenKind::Number(number)) => Ok(Literal::Number(number.as_str().into())),
-            Some(TokenKind::Text(text)) => Ok(Literal::Text(text.as_str().into())),
+            Some(TokenKind::Number(number)) => {
+                let parsed = Number::parse(number).ok_or_else(|| ConditionError {
+                    offset: token.as_ref().map_or(self.end, |t| t.offset),
+                    message: format!("`{number}` is not a number"),
+                    help: "write numbers like 100, -2.5 or 1e6".into(),
+                })?;
+                Ok(Literal::Number(number.as_str().into(), parsed))
+            }
+            Some(TokenKind::Text(text)) => Ok(Literal::Text(
+                text.as_str().into(),
+                Number::parse(text.trim()),
+            )),
             Some(TokenKind::Word(word)) if word.eq_ignore_ascii_case("true") => {
                 Ok(Literal::Bool(true))
             }
