@@ -269,7 +269,7 @@ const MANY_KEYS: u64 = 100;
 /// per table, and a warning for each table most of whose keys went by
 /// pattern or coarse invalidation.
 fn invalidated(fields: &[(String, u64)], report: &mut Report) {
-    let mut tables: std::collections::BTreeMap<&str, [u64; 3]> = Default::default();
+    let mut tables: std::collections::BTreeMap<&str, [u64; 4]> = Default::default();
     for (field, keys) in fields {
         let Some((table, mode)) = field.rsplit_once(' ') else {
             continue;
@@ -281,8 +281,8 @@ fn invalidated(fields: &[(String, u64)], report: &mut Report) {
     }
     let json: serde_json::Map<String, serde_json::Value> = tables
         .iter()
-        .map(|(table, [exact, pattern, coarse])| {
-            let counts = serde_json::json!({"exact": exact, "pattern": pattern, "coarse": coarse});
+        .map(|(table, [exact, pattern, coarse, prefix])| {
+            let counts = serde_json::json!({"exact": exact, "pattern": pattern, "coarse": coarse, "prefix": prefix});
             ((*table).to_owned(), counts)
         })
         .collect();
@@ -294,10 +294,16 @@ fn invalidated(fields: &[(String, u64)], report: &mut Report) {
     }
     let out = &mut report.text;
     let _ = writeln!(out, "keys invalidated (since the first batch applied):");
-    for (table, [exact, pattern, coarse]) in tables {
+    for (table, [exact, pattern, coarse, prefix]) in tables {
+        // Prefix deletes are what a mapping asked for: not broad.
+        let prefixed = if prefix > 0 {
+            format!(", {prefix} by prefix")
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             out,
-            "  {table}: {exact} key by key, {pattern} by pattern, {coarse} by coarse invalidation"
+            "  {table}: {exact} key by key, {pattern} by pattern, {coarse} by coarse invalidation{prefixed}"
         );
         let broad = pattern + coarse;
         let total = broad + exact;

@@ -609,6 +609,20 @@ struct CheckArgs {
     publication: Option<String>,
 }
 
+/// A warning (not a problem) per `prefixes` entry: each change walks the
+/// whole keyspace of every master.
+fn warn_about_prefixes(mappings: &Mappings) {
+    for mapping in mappings.tables() {
+        for rule in &mapping.prefixes {
+            eprintln!(
+                "{}: warning: prefix `{}` deletes by SCAN, which walks every key of every master for each change; on a large keyspace prefer `tags` or `versions`",
+                mappings.origin(rule.origin).location,
+                rule.template.source()
+            );
+        }
+    }
+}
+
 fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let config = match &args.config {
         Some(path) => Some(Config::load(path).map_err(|error| UsageError(error.to_string()))?),
@@ -639,6 +653,9 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         mappings.tables().count(),
         mappings.file_count()
     );
+    if !args.json {
+        warn_about_prefixes(&mappings);
+    }
     let url = match url {
         Some(url) if !args.offline => url,
         _ => {

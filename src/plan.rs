@@ -36,6 +36,8 @@ pub enum Command {
         pattern: String,
         origin: OriginId,
         coarse: bool,
+        /// A mapping's `prefixes` entry, not a fallback.
+        prefix: bool,
     },
     /// Delete the members of tag set `tag`, then the set.
     InvalidateTag { tag: String, origin: OriginId },
@@ -86,6 +88,7 @@ impl Command {
             Command::UnlinkMatching { coarse: true, .. }
             | Command::InvalidateTagsMatching { coarse: true, .. }
             | Command::BumpMatching { coarse: true, .. } => Mode::Coarse,
+            Command::UnlinkMatching { prefix: true, .. } => Mode::Prefix,
             Command::UnlinkMatching { .. }
             | Command::InvalidateTagsMatching { .. }
             | Command::BumpMatching { .. } => Mode::Pattern,
@@ -102,16 +105,19 @@ pub enum Mode {
     Exact,
     Pattern,
     Coarse,
+    /// A mapping's `prefixes`: every key under a rendered prefix.
+    Prefix,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 3] = [Mode::Exact, Mode::Pattern, Mode::Coarse];
+    pub const ALL: [Mode; 4] = [Mode::Exact, Mode::Pattern, Mode::Coarse, Mode::Prefix];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Exact => "exact",
             Mode::Pattern => "pattern",
             Mode::Coarse => "coarse",
+            Mode::Prefix => "prefix",
         }
     }
 }
@@ -180,7 +186,9 @@ type OrderedMap<V> = IndexMap<String, V, FxBuildHasher>;
 pub struct Planner {
     keys: OrderedMap<KeyAction>,
     /// Pattern deletes and whether a coarse invalidation asked for them.
-    patterns: OrderedMap<(OriginId, bool)>,
+    /// Each pattern's origin, whether it stands for a coarse invalidation
+    /// and whether for a prefix.
+    patterns: OrderedMap<(OriginId, bool, bool)>,
     tags: OrderedMap<OriginId>,
     tag_patterns: OrderedMap<(OriginId, bool)>,
     bump_patterns: OrderedMap<(OriginId, bool)>,
@@ -228,6 +236,24 @@ impl Planner {
         self.push_as(action, true);
     }
 
+    fn push_pattern(&mut self, pattern: String, origin: OriginId, coarse: bool, prefix: bool) {
+        // Pattern deletes run before refreshes: a refresh this pattern
+        // follows in commit order must not survive it.
+        for (key, action) in &mut self.keys {
+            if let KeyAction::Refresh { origin, .. } = action {
+                if glob_matches(&pattern, key) {
+                    *action = KeyAction::Delete(*origin);
+                }
+            }
+        }
+        let entry = self
+            .patterns
+            .entry(pattern)
+            .or_insert((origin, coarse, prefix));
+        entry.1 |= coarse;
+        entry.2 &= prefix && !entry.1;
+    }
+
     fn push_as(&mut self, action: Action, coarse: bool) {
         let origin = action.origin;
         match action.kind {
@@ -239,16 +265,10 @@ impl Planner {
                     .insert(key, KeyAction::Refresh { value, ttl, origin });
             }
             ActionKind::DeleteMatching(pattern) => {
-                // Pattern deletes run before refreshes: a refresh this
-                // pattern follows in commit order must not survive it.
-                for (key, action) in &mut self.keys {
-                    if let KeyAction::Refresh { origin, .. } = action {
-                        if glob_matches(&pattern, key) {
-                            *action = KeyAction::Delete(*origin);
-                        }
-                    }
-                }
-                self.patterns.entry(pattern).or_insert((origin, coarse)).1 |= coarse;
+                self.push_pattern(pattern, origin, coarse, false)
+            }
+            ActionKind::DeletePrefix(pattern) => {
+                self.push_pattern(pattern, origin, coarse, !coarse)
             }
             ActionKind::Tag(tag) => {
                 self.tags.entry(tag).or_insert(origin);
@@ -329,13 +349,14 @@ impl Planner {
         }
         commands.append(&mut bumps);
         let patterns = self.patterns.drain(..);
-        commands.extend(
-            patterns.map(|(pattern, (origin, coarse))| Command::UnlinkMatching {
+        commands.extend(patterns.map(|(pattern, (origin, coarse, prefix))| {
+            Command::UnlinkMatching {
                 pattern,
                 origin,
                 coarse,
-            }),
-        );
+                prefix,
+            }
+        }));
         let bump_patterns = self.bump_patterns.drain(..);
         commands.extend(
             bump_patterns.map(|(pattern, (origin, coarse))| Command::BumpMatching {

@@ -52,6 +52,9 @@ pub const KAFKA_RECORDS: &str = "evictd_kafka_records_total";
 pub const KAFKA_COMMITS: &str = "evictd_kafka_commits_total";
 /// Partitions this instance holds in its consumer group.
 pub const KAFKA_ASSIGNED_PARTITIONS: &str = "evictd_kafka_assigned_partitions";
+/// Prefix deletes applied (a mapping's `prefixes`: SCAN on every master),
+/// by `table`; the keys they deleted are `keys_invalidated{mode="prefix"}`.
+pub const PREFIX_DELETES: &str = "evictd_prefix_deletes_total";
 /// Consistency checks of sampled invalidations, by `outcome`:
 /// `consistent`, `stale`, `unverifiable` (`[audit]`).
 pub const CONSISTENCY_CHECKS: &str = "evictd_consistency_checks_total";
@@ -161,6 +164,10 @@ pub fn describe() {
     describe_counter!(
         PATTERN_FALLBACKS,
         "Keys deleted by pattern (a placeholder's value unknown, or the key too long), by table"
+    );
+    describe_counter!(
+        PREFIX_DELETES,
+        "Prefix deletes applied (SCAN on every master), by table"
     );
     describe_counter!(
         CONSISTENCY_CHECKS,

@@ -213,6 +213,7 @@ mod tests {
                     pattern: "order:*".into(),
                     origin: OriginId(0),
                     coarse: false,
+                    prefix: false,
                 },
             ],
             checkpoint: Some(Checkpoint::Lsn(Lsn(0x16B3748))),

@@ -26,7 +26,7 @@ use crate::config::RedisConfig;
 use crate::error::Error;
 use crate::error::ErrorKind;
 use crate::lag::Lag;
-use crate::plan::Plan;
+use crate::plan::{Command, Plan};
 use crate::telemetry;
 
 /// Where plans go: one Redis, or a Redis Cluster.
@@ -297,6 +297,21 @@ fn record(plan: &Plan, stats: &ApplyStats, took: Duration, lag: &Mutex<Lag>) {
         metrics::counter!(telemetry::KEYS_INVALIDATED, "table" => table.to_string(), "mode" => mode.as_str()).increment(*keys);
     }
     metrics::counter!(telemetry::REDIS_COMMANDS, "outcome" => "ok").increment(stats.commands);
+    for command in &plan.commands {
+        if let Command::UnlinkMatching {
+            prefix: true,
+            origin,
+            ..
+        } = command
+        {
+            let table = plan
+                .tables
+                .as_ref()
+                .and_then(|tables| tables.get(origin.0 as usize))
+                .map_or_else(|| "?".to_owned(), ToString::to_string);
+            metrics::counter!(telemetry::PREFIX_DELETES, "table" => table).increment(1);
+        }
+    }
     #[allow(clippy::cast_precision_loss)]
     metrics::histogram!(telemetry::BATCH_COMMANDS).record(plan.commands.len() as f64);
     metrics::histogram!(telemetry::APPLY_DURATION).record(took.as_secs_f64());

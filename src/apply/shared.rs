@@ -44,7 +44,7 @@ impl ApplyStats {
             let mode = command.mode();
             let keys = match mode {
                 Mode::Exact => 1,
-                Mode::Pattern | Mode::Coarse => matched.next().copied().unwrap_or(0),
+                Mode::Pattern | Mode::Coarse | Mode::Prefix => matched.next().copied().unwrap_or(0),
             };
             *by_origin.entry((command.origin(), mode)).or_insert(0) += keys;
         }
@@ -206,6 +206,7 @@ mod tests {
             pattern: pattern.into(),
             origin: OriginId(origin),
             coarse,
+            prefix: false,
         };
         let plan = Plan {
             commands: vec![

@@ -237,6 +237,16 @@ impl FileScope<'_, '_> {
         let when = spec.when.as_ref().and_then(|when| self.condition(when));
         let tags = self.rules(&spec.tags, "tags");
         let versions = self.rules(&spec.versions, "versions");
+        let prefixes = self.rules(&spec.prefixes, "prefixes");
+        for (rule, written) in prefixes.iter().zip(&spec.prefixes) {
+            if !rule.template.ends_with_separator() {
+                self.error(
+                    written.span.start,
+                    format!("prefix `{}` does not end with a separator", written.value),
+                    format!("end it with one, e.g. \"{}:\": without, its SCAN would also delete keys that merely start with the same text (`user:1` matches `user:10...`)", written.value),
+                );
+            }
+        }
         let refresh: Vec<Refresh> = spec
             .refresh
             .iter()
@@ -245,16 +255,18 @@ impl FileScope<'_, '_> {
         if spec.keys.is_empty()
             && spec.tags.is_empty()
             && spec.versions.is_empty()
+            && spec.prefixes.is_empty()
             && spec.refresh.is_empty()
             && !spec.malformed
         {
             self.error(
                 name.span.start,
                 format!("table {table} maps nothing"),
-                "give it `keys`, `tags`, `versions` or a [[table.refresh]]",
+                "give it `keys`, `tags`, `versions`, `prefixes` or a [[table.refresh]]",
             );
         }
-        let renderings = 2 * (keys.len() + tags.len() + versions.len() + refresh.len());
+        let renderings =
+            2 * (keys.len() + tags.len() + versions.len() + prefixes.len() + refresh.len());
         if renderings > self.builder.limits.max_keys_per_change {
             self.error(
                 name.span.start,
@@ -277,6 +289,7 @@ impl FileScope<'_, '_> {
             keys,
             tags,
             versions,
+            prefixes,
             refresh,
             when,
         })

@@ -15,7 +15,7 @@
 use std::fmt::Write as _;
 
 use super::condition::{Condition, Truth};
-use super::template::{Template, Unrendered};
+use super::template::{escape_glob, Template, Unrendered};
 use super::{Mappings, OriginId, Refresh, TableMapping, Ttl};
 use crate::change::{Datum, Op, Row, RowChange, TableName};
 use evictd_client::protocol::VERSION_NAMESPACE;
@@ -33,6 +33,9 @@ pub enum ActionKind {
     Delete(String),
     /// Delete every key matching this glob (SCAN + UNLINK).
     DeleteMatching(String),
+    /// Delete every key under a mapping's `prefixes` entry: this glob (the
+    /// rendered prefix and `*`), by SCAN + UNLINK.
+    DeletePrefix(String),
     /// Delete the members of this tag set and the set.
     Tag(String),
     /// Invalidate every tag set whose name matches this glob.
@@ -191,6 +194,7 @@ enum Use {
     Key,
     Tag,
     Version,
+    Prefix,
 }
 
 impl Mappings {
@@ -253,6 +257,9 @@ impl Mappings {
         for rule in &mapping.versions {
             self.render_all(&rule.template, rule.origin, Use::Version, sides, out);
         }
+        for rule in &mapping.prefixes {
+            self.render_all(&rule.template, rule.origin, Use::Prefix, sides, out);
+        }
         for refresh in &mapping.refresh {
             let mut matching = [Side::Old(None); 2];
             let sides = match &refresh.when {
@@ -293,7 +300,10 @@ impl Mappings {
             };
             exact = matches!(
                 action,
-                ActionKind::Delete(_) | ActionKind::Tag(_) | ActionKind::Bump(_)
+                ActionKind::Delete(_)
+                    | ActionKind::Tag(_)
+                    | ActionKind::Bump(_)
+                    | ActionKind::DeletePrefix(_)
             )
             .then_some(side);
             let repeated = previous
@@ -319,11 +329,18 @@ impl Mappings {
             Use::Key => ActionKind::Delete(key),
             Use::Tag => ActionKind::Tag(key),
             Use::Version => ActionKind::Bump(format!("{VERSION_NAMESPACE}{key}")),
+            Use::Prefix => {
+                let mut pattern = String::with_capacity(key.len() + 1);
+                escape_glob(&key, &mut pattern);
+                pattern.push('*');
+                ActionKind::DeletePrefix(pattern)
+            }
         };
         let matching = |pattern: String| match use_ {
             Use::Key => ActionKind::DeleteMatching(pattern),
             Use::Tag => ActionKind::TagMatching(pattern),
             Use::Version => ActionKind::BumpMatching(format!("{VERSION_NAMESPACE}{pattern}")),
+            Use::Prefix => ActionKind::DeletePrefix(format!("{pattern}*")),
         };
         match template.render(|column| side.value(column)) {
             Ok(key) if key.len() > self.limits().max_key_bytes => {
@@ -429,6 +446,10 @@ impl Mappings {
                 ActionKind::TagMatching(rule.template.pattern(|_| None)),
             );
         }
+        for rule in &mapping.prefixes {
+            let pattern = rule.template.pattern(|_| None);
+            out.push(rule.origin, ActionKind::DeletePrefix(format!("{pattern}*")));
+        }
         for rule in &mapping.versions {
             let pattern = rule.template.pattern(|_| None);
             out.push(
@@ -443,6 +464,7 @@ fn action_text(action: &ActionKind) -> &str {
     match action {
         ActionKind::Delete(text)
         | ActionKind::DeleteMatching(text)
+        | ActionKind::DeletePrefix(text)
         | ActionKind::Tag(text)
         | ActionKind::TagMatching(text)
         | ActionKind::Bump(text)

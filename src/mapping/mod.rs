@@ -90,6 +90,9 @@ pub struct TableMapping {
     /// `versions = [...]`: namespaces whose version counter each change
     /// bumps (see [`evictd_client::protocol::VERSION_NAMESPACE`]).
     pub versions: Vec<Rule>,
+    /// `prefixes = [...]`: every key under each rendered prefix is deleted
+    /// (SCAN on every master).
+    pub prefixes: Vec<Rule>,
     pub refresh: Vec<Refresh>,
     /// `when = "..."`: the row versions every rule of the entry acts on.
     pub when: Option<Condition>,
@@ -143,7 +146,12 @@ impl TableMapping {
     /// Every key, tag and namespace template with its origin: these are
     /// rendered from the old row on updates and deletes.
     pub fn templates(&self) -> impl Iterator<Item = (&Template, OriginId)> {
-        let rules = self.keys.iter().chain(&self.tags).chain(&self.versions);
+        let rules = self
+            .keys
+            .iter()
+            .chain(&self.tags)
+            .chain(&self.versions)
+            .chain(&self.prefixes);
         rules
             .map(|rule| (&rule.template, rule.origin))
             .chain(self.refresh.iter().map(|r| (&r.key, r.origin)))

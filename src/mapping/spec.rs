@@ -30,6 +30,8 @@ pub struct TableSpec {
     pub tags: Vec<Located<String>>,
     /// Namespaces whose version each change bumps.
     pub versions: Vec<Located<String>>,
+    /// Prefixes under which every key is deleted.
+    pub prefixes: Vec<Located<String>>,
     pub on: Option<Located<Vec<Located<String>>>>,
     pub changed: Option<Located<Vec<Located<String>>>>,
     pub refresh: Vec<RefreshSpec>,
@@ -62,7 +64,7 @@ pub struct RefreshSpec {
 }
 
 const TABLE_FIELDS: &[&str] = &[
-    "name", "keys", "key", "tags", "versions", "on", "changed", "when", "refresh",
+    "name", "keys", "key", "tags", "versions", "prefixes", "on", "changed", "when", "refresh",
 ];
 const KEY_FIELDS: &[&str] = &["template", "changed", "when"];
 const REFRESH_FIELDS: &[&str] = &["key", "columns", "ttl", "jitter", "when"];
@@ -140,6 +142,7 @@ impl Reader<'_, '_> {
             keys: Vec::new(),
             tags: Vec::new(),
             versions: Vec::new(),
+            prefixes: Vec::new(),
             on: None,
             changed: None,
             refresh: Vec::new(),
@@ -156,6 +159,9 @@ impl Reader<'_, '_> {
                 "tags" => spec.tags = self.strings(key, value).map_or_else(Vec::new, |l| l.value),
                 "versions" => {
                     spec.versions = self.strings(key, value).map_or_else(Vec::new, |l| l.value);
+                }
+                "prefixes" => {
+                    spec.prefixes = self.strings(key, value).map_or_else(Vec::new, |l| l.value);
                 }
                 "on" => spec.on = self.strings(key, value),
                 "changed" => spec.changed = self.strings(key, value),

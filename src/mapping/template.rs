@@ -151,6 +151,19 @@ impl Template {
         None
     }
 
+    /// Whether the template ends with literal text whose last character is
+    /// a separator (not a letter, digit or `_`): what a prefix needs, so
+    /// that `user:{id}:` cannot match the keys of another id.
+    pub fn ends_with_separator(&self) -> bool {
+        match self.parts.last() {
+            Some(Part::Literal(text)) => text
+                .chars()
+                .next_back()
+                .is_some_and(|c| !c.is_alphanumeric() && c != '_'),
+            _ => false,
+        }
+    }
+
     /// Bytes of literal text: a lower bound of every rendered key's length.
     pub fn literal_len(&self) -> usize {
         self.parts

@@ -19,6 +19,7 @@ const MAPPING: &str = r#"
 name = "orders"
 keys = ["order:{id}", "user:{user_id}:orders"]
 tags = ["user:{user_id}"]
+prefixes = ["user:{user_id}:page:"]
 
 [[table.refresh]]
 key = "order:{id}:status"
@@ -81,13 +82,24 @@ async fn plans_are_applied_across_every_node() {
         .await
         .unwrap();
     let _: () = redis.set(format!("{p}unrelated"), "cached").await.unwrap();
+    // Keys under user 7's prefix, on every master; user 8's stay.
+    let pages: Vec<String> = (1..=30).map(|n| format!("{p}user:7:page:{n}")).collect();
+    for key in &pages {
+        let _: () = redis.set(key, "cached").await.unwrap();
+    }
+    let other = format!("{p}user:8:page:1");
+    let _: () = redis.set(&other, "cached").await.unwrap();
 
     db.execute("insert into orders select g, 7, 'new' from generate_series(1, 30) g")
         .await;
     evictd.sync().await.unwrap();
-    for key in order_keys.iter().chain(&tag_members) {
+    for key in order_keys.iter().chain(&tag_members).chain(&pages) {
         assert!(!exists(&mut redis, key).await, "{key} survived");
     }
+    assert!(
+        exists(&mut redis, &other).await,
+        "another user's prefix went too"
+    );
     let status: Option<String> = redis.get(format!("{p}order:5:status")).await.unwrap();
     assert_eq!(status.as_deref(), Some(r#"{"status":"new"}"#));
     assert!(!exists(&mut redis, &format!("{p}tag:user:7")).await);

@@ -1069,3 +1069,62 @@ fn a_condition_on_a_value_the_change_does_not_carry_is_taken_as_true() {
     ",
     );
 }
+
+// ---- prefixes ----------------------------------------------------------------
+
+const PREFIXED: &str = r#"
+[[table]]
+name = "users"
+keys = ["user:{id}"]
+prefixes = ["user:{id}:", "team:{team_id}:user:{id}:"]
+"#;
+
+#[test]
+fn a_prefix_deletes_every_key_under_the_rendered_prefix() {
+    check(
+        PREFIXED,
+        &[update(
+            "users",
+            &[("id", "7"), ("team_id", "1")],
+            &[("id", "7"), ("team_id", "2")],
+        )],
+        "
+        UNLINK user:7
+        UNLINK MATCH user:7:*
+        UNLINK MATCH team:1:user:7:*
+        UNLINK MATCH team:2:user:7:*
+    ",
+    );
+}
+
+#[test]
+fn a_prefix_escapes_glob_characters_skips_nulls_and_widens_unknowns() {
+    check(
+        PREFIXED,
+        &[insert("users", &[("id", "a*b"), ("team_id", "NULL")])],
+        "
+        UNLINK a%2Ab
+        UNLINK MATCH user:a%2Ab:*
+    "
+        .replace("UNLINK a%2Ab", "UNLINK user:a%2Ab")
+        .as_str(),
+    );
+    check(
+        PREFIXED,
+        &[delete("users", &[("id", "7"), ("team_id", "TOAST")])],
+        "
+        UNLINK user:7
+        UNLINK MATCH user:7:*
+        UNLINK MATCH team:*:user:7:*
+    ",
+    );
+    check(
+        PREFIXED,
+        &[truncate("users")],
+        "
+        UNLINK MATCH user:*
+        UNLINK MATCH user:*:*
+        UNLINK MATCH team:*:user:*:*
+    ",
+    );
+}

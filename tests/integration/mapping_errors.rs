@@ -35,7 +35,7 @@ fn bad_toml() {
 fn unknown_field_in_table() {
     check(
         "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\nchanged_columns = [\"a\"]\n",
-        "m.toml:4:1: error: unknown field `changed_columns` in [[table]]\n  help: known fields: name, keys, key, tags, versions, on, changed, when, refresh",
+        "m.toml:4:1: error: unknown field `changed_columns` in [[table]]\n  help: known fields: name, keys, key, tags, versions, prefixes, on, changed, when, refresh",
     );
 }
 
@@ -222,7 +222,7 @@ fn refresh_key_that_is_also_a_delete_key() {
 fn table_that_maps_nothing() {
     check(
         "[[table]]\nname = \"orders\"\non = [\"insert\"]\n",
-        "m.toml:2:8: error: table public.orders maps nothing\n  help: give it `keys`, `tags`, `versions` or a [[table.refresh]]",
+        "m.toml:2:8: error: table public.orders maps nothing\n  help: give it `keys`, `tags`, `versions`, `prefixes` or a [[table.refresh]]",
     );
 }
 
@@ -377,5 +377,13 @@ fn a_key_table_needs_a_template_and_knows_its_fields() {
     check(
         "[[table]]\nname = \"orders\"\n[[table.key]]\ntemplate = \"o:{id}\"\nchanged = []\n",
         "m.toml:5:11: error: `changed` is empty, so every update would be skipped\n  help: list the columns whose change matters, or remove `changed`",
+    );
+}
+
+#[test]
+fn a_prefix_must_end_with_a_separator() {
+    check(
+        "[[table]]\nname = \"users\"\nprefixes = [\"user:{id}\"]\n",
+        "m.toml:3:13: error: prefix `user:{id}` does not end with a separator\n  help: end it with one, e.g. \"user:{id}:\": without, its SCAN would also delete keys that merely start with the same text (`user:1` matches `user:10...`)",
     );
 }

@@ -595,3 +595,37 @@ when = "status <> 'shipped'"
     s.sync().await;
     assert!(s.cached(&keys).await.is_empty());
 }
+
+#[tokio::test]
+async fn a_prefix_delete_through_real_wal() {
+    const PREFIXED: &str = r#"
+[[table]]
+name = "users"
+keys = ["user:{id}"]
+prefixes = ["user:{id}:"]
+"#;
+    let mut s = Streaming::start(SHOP, &[("users.toml", PREFIXED)]).await;
+    let keys = [
+        "user:1",
+        "user:1:orders",
+        "user:1:page:a",
+        "user:1:x:y:z",
+        "user:10:orders",
+        "user:2:orders",
+    ];
+    s.seed(&keys).await;
+    s.db.execute("insert into users values (1, 'a@x.io', null)")
+        .await;
+    s.sync().await;
+    assert_eq!(s.cached(&keys).await, ["user:10:orders", "user:2:orders"]);
+    let status = evictd::internal::lifecycle::status(&s.config)
+        .await
+        .expect("status");
+    assert!(
+        status.text.contains(
+            "  public.users: 1 key by key, 0 by pattern, 0 by coarse invalidation, 3 by prefix\n"
+        ),
+        "{}",
+        status.text
+    );
+}
