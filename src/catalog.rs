@@ -152,6 +152,8 @@ struct Checker<'a> {
 /// What the catalog says about one table.
 struct TableFacts {
     columns: Vec<String>,
+    /// The columns of type json or jsonb (or a domain over them).
+    json_columns: BTreeSet<String>,
     replica_identity: u8,
     identity_columns: BTreeSet<String>,
 }
@@ -246,6 +248,18 @@ impl Checker<'_> {
             .iter()
             .map(|row| row.get(0))
             .collect();
+        let json_columns = self
+            .client
+            .query(
+                "select attname::text from pg_attribute \
+                 where attrelid = $1 and attnum > 0 and not attisdropped \
+                 and coalesce((select typbasetype from pg_type where oid = atttypid and typtype = 'd'), atttypid) in ('json'::regtype, 'jsonb'::regtype)",
+                &[&oid],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
         let identity_columns = self
             .client
             .query(
@@ -260,6 +274,7 @@ impl Checker<'_> {
             .collect();
         Ok(Some(TableFacts {
             columns,
+            json_columns,
             replica_identity,
             identity_columns,
         }))
@@ -309,6 +324,26 @@ impl Checker<'_> {
         }
         uses.dedup();
         let known: Vec<&str> = facts.columns.iter().map(String::as_str).collect();
+        for (template, origin) in mapping.templates() {
+            for column in template.json_columns() {
+                if known.contains(&column) && !facts.json_columns.contains(column) {
+                    let json: Vec<&str> = facts.json_columns.iter().map(String::as_str).collect();
+                    self.report(
+                        origin,
+                        format!(
+                            "`{}` reaches into `{column}` with a json path, but {column} of {} is not json or jsonb",
+                            template.source(),
+                            mapping.table
+                        ),
+                        if json.is_empty() {
+                            format!("{} has no json column: use `{{{column}}}` without a path", mapping.table)
+                        } else {
+                            format!("json columns of {}: {}", mapping.table, json.join(", "))
+                        },
+                    );
+                }
+            }
+        }
         for (column, origin) in uses {
             if known.contains(&column) {
                 continue;

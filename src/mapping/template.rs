@@ -1,5 +1,10 @@
 //! Key and tag templates: literal text with `{column}` placeholders.
 //!
+//! A placeholder may reach into a json/jsonb column (`{payload.items.0.id}`:
+//! object fields and array indexes) and end with one transform
+//! (`{email|lower}`: `lower`, `upper`, `trim`, `date`, `hour`, `month`,
+//! `hash`).
+//!
 //! A template is parsed once, at load time, into literal parts and column
 //! references. Rendering percent-encodes every value's `%`, `:`, `{`, `}`,
 //! `*`, `?`, `[`, `]` and whitespace, so a value can neither collide with
@@ -18,7 +23,139 @@ pub struct Template {
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Part {
     Literal(Box<str>),
-    Column(Box<str>),
+    Column(Placeholder),
+}
+
+/// `{column.path|transform}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Placeholder {
+    column: Box<str>,
+    /// Fields (or array indexes) into a json/jsonb value.
+    path: Box<[Box<str>]>,
+    transform: Option<Transform>,
+}
+
+/// What a placeholder does to its value before it is escaped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transform {
+    Lower,
+    Upper,
+    Trim,
+    /// `YYYY-MM-DD` of a date or timestamp.
+    Date,
+    /// `YYYY-MM-DD HH` of a timestamp.
+    Hour,
+    /// `YYYY-MM` of a date or timestamp.
+    Month,
+    /// 16 lowercase hex digits of the value's 64-bit FNV-1a hash.
+    Hash,
+}
+
+impl Transform {
+    pub const NAMES: [&'static str; 7] =
+        ["lower", "upper", "trim", "date", "hour", "month", "hash"];
+
+    fn parse(name: &str) -> Option<Transform> {
+        Some(match name {
+            "lower" => Transform::Lower,
+            "upper" => Transform::Upper,
+            "trim" => Transform::Trim,
+            "date" => Transform::Date,
+            "hour" => Transform::Hour,
+            "month" => Transform::Month,
+            "hash" => Transform::Hash,
+            _ => return None,
+        })
+    }
+
+    /// `text` transformed; `None` when a truncation does not apply (not a
+    /// date or timestamp).
+    fn apply(self, text: &str) -> Option<std::borrow::Cow<'_, str>> {
+        let prefix = |len: usize| {
+            let date_like = text.len() >= len
+                && text.as_bytes()[..len.min(10)].iter().enumerate().all(
+                    |(index, byte)| match index {
+                        4 | 7 => *byte == b'-',
+                        _ => byte.is_ascii_digit(),
+                    },
+                );
+            date_like.then(|| std::borrow::Cow::Borrowed(&text[..len]))
+        };
+        match self {
+            Transform::Lower => Some(text.to_lowercase().into()),
+            Transform::Upper => Some(text.to_uppercase().into()),
+            Transform::Trim => Some(text.trim().into()),
+            Transform::Date => prefix(10),
+            Transform::Month => prefix(7),
+            Transform::Hour => prefix(13).filter(|hour| {
+                hour.as_bytes()[10] == b' ' && hour.as_bytes()[11..].iter().all(u8::is_ascii_digit)
+            }),
+            Transform::Hash => Some(format!("{:016x}", fnv1a(text.as_bytes())).into()),
+        }
+    }
+}
+
+/// 64-bit FNV-1a: small, stable across platforms and releases, and easy to
+/// compute in any language (the README gives its constants).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in bytes {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+impl Placeholder {
+    /// The text the placeholder renders from `datum`: `Err(true)` for NULL
+    /// (or a json path that leads nowhere, or a truncation of a value that
+    /// is not a date), `Err(false)` when the value is not known.
+    fn text<'d>(&self, datum: &'d Datum) -> Result<std::borrow::Cow<'d, str>, bool> {
+        if let Datum::Null = datum {
+            return Err(true);
+        }
+        let text = datum.canonical_text().ok_or(false)?;
+        let text: std::borrow::Cow<'d, str> = if self.path.is_empty() {
+            text.into()
+        } else {
+            json_path(text, &self.path).ok_or(true)?.into()
+        };
+        match self.transform {
+            None => Ok(text),
+            Some(transform) => match text {
+                std::borrow::Cow::Borrowed(text) => transform.apply(text).ok_or(true),
+                std::borrow::Cow::Owned(text) => transform
+                    .apply(&text)
+                    .map(|out| std::borrow::Cow::Owned(out.into_owned()))
+                    .ok_or(true),
+            },
+        }
+    }
+}
+
+/// The value at `path` in the JSON `text`, as text (a string without its
+/// quotes, a number or boolean as written, an object or array as compact
+/// JSON); `None` for null or a path that is not there.
+fn json_path(text: &str, path: &[Box<str>]) -> Option<String> {
+    let mut value: serde_json::Value = serde_json::from_str(text).ok()?;
+    for step in path {
+        value = match value {
+            serde_json::Value::Object(mut fields) => fields.remove(&**step)?,
+            serde_json::Value::Array(mut items) => {
+                let index: usize = step.parse().ok()?;
+                if index >= items.len() {
+                    return None;
+                }
+                items.swap_remove(index)
+            }
+            _ => return None,
+        };
+    }
+    match value {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(text) => Some(text),
+        other => Some(other.to_string()),
+    }
 }
 
 /// A template syntax error at a byte offset inside the template text.
@@ -26,7 +163,7 @@ enum Part {
 pub struct TemplateError {
     pub offset: usize,
     pub message: String,
-    pub help: &'static str,
+    pub help: String,
 }
 
 /// Why a template did not render to a key.
@@ -44,7 +181,7 @@ impl Template {
             return Err(TemplateError {
                 offset: 0,
                 message: "template is empty".into(),
-                help: "write the key, e.g. \"order:{id}\"",
+                help: "write the key, e.g. \"order:{id}\"".into(),
             });
         }
         let mut parts = Vec::new();
@@ -67,15 +204,15 @@ impl Template {
                             offset,
                             message: "unclosed `{` in template".into(),
                             help:
-                                "close the placeholder with `}`, or write `{{` for a literal brace",
+                                "close the placeholder with `}`, or write `{{` for a literal brace"
+                                    .into(),
                         });
                     };
-                    let column = &source[start..end];
-                    check_column(column, offset)?;
+                    let placeholder = placeholder(&source[start..end], offset)?;
                     if !literal.is_empty() {
                         parts.push(Part::Literal(std::mem::take(&mut literal).into()));
                     }
-                    parts.push(Part::Column(column.into()));
+                    parts.push(Part::Column(placeholder));
                     while rest.peek().is_some_and(|&(next, _)| next <= end) {
                         rest.next();
                     }
@@ -84,7 +221,7 @@ impl Template {
                     return Err(TemplateError {
                         offset,
                         message: "unmatched `}` in template".into(),
-                        help: "write `}}` for a literal brace",
+                        help: "write `}}` for a literal brace".into(),
                     })
                 }
                 c => literal.push(c),
@@ -107,8 +244,16 @@ impl Template {
     /// The columns the template reads, in order of appearance.
     pub fn columns(&self) -> impl Iterator<Item = &str> {
         self.parts.iter().filter_map(|part| match part {
-            Part::Column(column) => Some(&**column),
+            Part::Column(placeholder) => Some(&*placeholder.column),
             Part::Literal(_) => None,
+        })
+    }
+
+    /// The columns the template reaches into with a json path.
+    pub fn json_columns(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|part| match part {
+            Part::Column(placeholder) if !placeholder.path.is_empty() => Some(&*placeholder.column),
+            _ => None,
         })
     }
 
@@ -189,13 +334,13 @@ impl Template {
         for part in self.parts.iter() {
             match part {
                 Part::Literal(text) => key.push_str(text),
-                Part::Column(column) => match value_of(column) {
-                    Datum::Null => return Err(Unrendered::Null(column)),
-                    datum => match datum.canonical_text() {
-                        Some(text) => escape_value(text, &mut key),
-                        None => unavailable = unavailable.or(Some(&**column)),
-                    },
-                },
+                Part::Column(placeholder) => {
+                    match placeholder.text(value_of(&placeholder.column)) {
+                        Ok(text) => escape_value(&text, &mut key),
+                        Err(true) => return Err(Unrendered::Null(&placeholder.column)),
+                        Err(false) => unavailable = unavailable.or(Some(&*placeholder.column)),
+                    }
+                }
             }
         }
         match unavailable {
@@ -212,18 +357,24 @@ impl Template {
         for part in self.parts.iter() {
             match part {
                 Part::Literal(text) => escape_glob(text, &mut pattern),
-                Part::Column(column) => match value_of(column) {
-                    Some(text) => {
-                        let mut escaped = String::with_capacity(text.len());
-                        escape_value(text, &mut escaped);
-                        escape_glob(&escaped, &mut pattern);
-                    }
-                    None => {
-                        if !pattern.ends_with('*') || pattern.ends_with("\\*") {
-                            pattern.push('*');
+                Part::Column(placeholder) => {
+                    let datum = value_of(&placeholder.column).map(|text| Datum::Text(text.into()));
+                    match datum
+                        .as_ref()
+                        .and_then(|datum| placeholder.text(datum).ok())
+                    {
+                        Some(text) => {
+                            let mut escaped = String::with_capacity(text.len());
+                            escape_value(&text, &mut escaped);
+                            escape_glob(&escaped, &mut pattern);
+                        }
+                        None => {
+                            if !pattern.ends_with('*') || pattern.ends_with("\\*") {
+                                pattern.push('*');
+                            }
                         }
                     }
-                },
+                }
             }
         }
         pattern
@@ -238,22 +389,65 @@ fn shortened(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-fn check_column(column: &str, brace_offset: usize) -> Result<(), TemplateError> {
-    if column.is_empty() {
+/// `column`, `column.path.0`, `column|transform` or both.
+fn placeholder(text: &str, brace_offset: usize) -> Result<Placeholder, TemplateError> {
+    if text.is_empty() {
         return Err(TemplateError {
             offset: brace_offset,
             message: "empty placeholder `{}`".into(),
-            help: "name a column inside the braces, e.g. `{id}`",
+            help: "name a column inside the braces, e.g. `{id}`".into(),
         });
     }
+    let (reference, transform) = match text.split_once('|') {
+        Some((reference, name)) => {
+            let name = name.trim();
+            let Some(transform) = Transform::parse(name) else {
+                let help = match crate::mapping::diagnostic::did_you_mean(name, &Transform::NAMES) {
+                    Some(near) => format!("did you mean `{near}`?"),
+                    None => format!("transforms: {}", Transform::NAMES.join(", ")),
+                };
+                return Err(TemplateError {
+                    offset: brace_offset + 1 + reference.len() + 1,
+                    message: format!("unknown transform `{name}` in `{{{text}}}`"),
+                    help,
+                });
+            };
+            (reference, Some(transform))
+        }
+        None => (text, None),
+    };
+    let mut steps = reference.split('.');
+    let column = steps.next().unwrap_or("");
     if !is_identifier(column) {
         return Err(TemplateError {
             offset: brace_offset,
-            message: format!("`{{{column}}}` is not a column placeholder"),
-            help: "a placeholder holds one column name: letters, digits, `_`, `$`, not starting with a digit",
+            message: format!("`{{{text}}}` is not a column placeholder"),
+            help: "a placeholder holds one column name (letters, digits, `_`, `$`, not starting with a digit), then optionally `.field` steps into a json column and one `|transform`".into(),
         });
     }
-    Ok(())
+    let path: Vec<Box<str>> = steps.map(Box::from).collect();
+    if let Some(bad) = path.iter().find(|step| {
+        step.is_empty()
+            || !step
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'$')
+    }) {
+        let what = if bad.is_empty() {
+            "an empty step".to_owned()
+        } else {
+            format!("`{bad}`")
+        };
+        return Err(TemplateError {
+            offset: brace_offset,
+            message: format!("`{{{text}}}`: {what} is not a json field or array index"),
+            help: "write the path as `.field` and `.0` steps, e.g. `{payload.items.0.id}`".into(),
+        });
+    }
+    Ok(Placeholder {
+        column: column.into(),
+        path: path.into(),
+        transform,
+    })
 }
 
 /// Bytes that are percent-encoded in rendered values.

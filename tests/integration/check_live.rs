@@ -156,6 +156,14 @@ const CASES: &[Case] = &[
         expected: &["m.toml:2:8: error: publication `evictd` does not publish column(s) user_id of public.orders\n  help: add them to the publication's column list for public.orders, or drop the column list"],
     },
     Case {
+        what: "a json path into a column that is not json is reported; into jsonb it is fine",
+        schema: "create table orders (id bigint primary key, note text, payload jsonb);
+                 alter table orders replica identity full;
+                 create publication evictd for table orders",
+        mapping: "[[table]]\nname = \"orders\"\nkeys = [\"a:{note.x}\", \"b:{payload.items.0}\"]\n",
+        expected: &["m.toml:3:9: error: `a:{note.x}` reaches into `note` with a json path, but note of public.orders is not json or jsonb\n  help: json columns of public.orders: payload"],
+    },
+    Case {
         what: "a condition's unknown column and its old value under DEFAULT are reported",
         schema: "create table orders (id bigint primary key, status text);
                  create publication evictd for table orders",

@@ -1128,3 +1128,100 @@ fn a_prefix_escapes_glob_characters_skips_nulls_and_widens_unknowns() {
     ",
     );
 }
+
+// ---- transforms and json paths ---------------------------------------------
+
+const TRANSFORMED: &str = r#"
+[[table]]
+name = "products"
+keys = [
+    "product:email:{email|lower}",
+    "product:sku:{sku|upper}",
+    "product:name:{name|trim}",
+    "product:day:{created_at|date}",
+    "product:hour:{created_at|hour}",
+    "product:month:{created_at|month}",
+    "product:slug:{payload.slug}",
+    "product:item:{payload.items.0.id}",
+    "product:title:{title|hash}",
+]
+"#;
+
+fn product(payload: &str, created_at: &str) -> Row {
+    let mut pairs: Vec<(&str, Datum)> = vec![
+        ("email", Datum::text("Ann@Example.COM")),
+        ("sku", Datum::text("ab-12")),
+        ("name", Datum::text("  Red shoes ")),
+        ("created_at", datum(created_at)),
+        ("title", Datum::text("hello")),
+    ];
+    pairs.push(("payload", Datum::Json(payload.into())));
+    Row::from_pairs(pairs)
+}
+
+#[test]
+fn transforms_and_json_paths_render_what_they_say() {
+    let row = product(
+        r#"{"slug": "red-shoes", "items": [{"id": 42}, {"id": 7}]}"#,
+        "2024-01-31 12:34:56.5+00",
+    );
+    check(
+        TRANSFORMED,
+        &[change("products", Op::Insert, None, Some(row))],
+        "
+        UNLINK product:email:ann@example.com
+        UNLINK product:sku:AB-12
+        UNLINK product:name:Red%20shoes
+        UNLINK product:day:2024-01-31
+        UNLINK product:hour:2024-01-31%2012
+        UNLINK product:month:2024-01
+        UNLINK product:slug:red-shoes
+        UNLINK product:item:42
+        UNLINK product:title:a430d84680aabd0b
+    ",
+    );
+}
+
+#[test]
+fn a_missing_json_path_or_a_value_that_is_no_date_renders_no_key() {
+    // No `slug`, an empty `items`, and a created_at that is not a
+    // timestamp: those keys do not exist, like a NULL placeholder's.
+    let row = product(r#"{"items": []}"#, "soon");
+    check(
+        TRANSFORMED,
+        &[change("products", Op::Insert, None, Some(row))],
+        "
+        UNLINK product:email:ann@example.com
+        UNLINK product:sku:AB-12
+        UNLINK product:name:Red%20shoes
+        UNLINK product:title:a430d84680aabd0b
+    ",
+    );
+}
+
+#[test]
+fn an_unknown_value_under_a_transform_widens_to_its_pattern() {
+    let mut row = product(r#"{"slug": "x"}"#, "2024-01-31");
+    row = Row::from_pairs(
+        row.columns()
+            .map(|(name, value)| match name {
+                "email" | "payload" => (name, Datum::UnchangedToast),
+                _ => (name, value.clone()),
+            })
+            .collect::<Vec<_>>(),
+    );
+    check(
+        TRANSFORMED,
+        &[change("products", Op::Delete, Some(row), None)],
+        "
+        UNLINK product:sku:AB-12
+        UNLINK product:name:Red%20shoes
+        UNLINK product:day:2024-01-31
+        UNLINK product:month:2024-01
+        UNLINK product:title:a430d84680aabd0b
+        UNLINK MATCH product:email:*
+        UNLINK MATCH product:slug:*
+        UNLINK MATCH product:item:*
+    ",
+    );
+}

@@ -123,7 +123,7 @@ fn unmatched_closing_brace() {
 fn placeholder_that_is_not_a_column() {
     check(
         "[[table]]\nname = \"orders\"\nkeys = [\"order:{user id}\"]\n",
-        "m.toml:3:16: error: `{user id}` is not a column placeholder\n  help: a placeholder holds one column name: letters, digits, `_`, `$`, not starting with a digit",
+        "m.toml:3:16: error: `{user id}` is not a column placeholder\n  help: a placeholder holds one column name (letters, digits, `_`, `$`, not starting with a digit), then optionally `.field` steps into a json column and one `|transform`",
     );
 }
 
@@ -385,5 +385,17 @@ fn a_prefix_must_end_with_a_separator() {
     check(
         "[[table]]\nname = \"users\"\nprefixes = [\"user:{id}\"]\n",
         "m.toml:3:13: error: prefix `user:{id}` does not end with a separator\n  help: end it with one, e.g. \"user:{id}:\": without, its SCAN would also delete keys that merely start with the same text (`user:1` matches `user:10...`)",
+    );
+}
+
+#[test]
+fn an_unknown_transform_or_a_bad_json_path_is_located_with_a_suggestion() {
+    check(
+        "[[table]]\nname = \"users\"\nkeys = [\"user:{email|lowr}\"]\n",
+        "m.toml:3:22: error: unknown transform `lowr` in `{email|lowr}`\n  help: did you mean `lower`?",
+    );
+    check(
+        "[[table]]\nname = \"users\"\nkeys = [\"user:{payload..slug}\"]\n",
+        "m.toml:3:15: error: `{payload..slug}`: an empty step is not a json field or array index\n  help: write the path as `.field` and `.0` steps, e.g. `{payload.items.0.id}`",
     );
 }

@@ -392,7 +392,7 @@ async fn invalidated_keys_are_counted_by_table_and_mode_and_status_shows_them() 
     let json = report.to_json();
     assert_eq!(
         json["invalidated"]["public.orders"],
-        serde_json::json!({"exact": 3, "pattern": 10, "coarse": 300})
+        serde_json::json!({"exact": 3, "pattern": 10, "coarse": 300, "prefix": 0})
     );
     assert_eq!(json["source"], "postgres");
     assert_eq!(json["slot"]["exists"], true);
