@@ -474,10 +474,24 @@ pub struct Finding {
     pub why: String,
 }
 
+/// What `evictd audit` found of the values clients filled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FillSweep {
+    /// Cache values read (not evictd's own keys or tag sets).
+    pub values: u64,
+    /// Of those, values whose fill recorded an apply stamp.
+    pub recorded: u64,
+    /// Logged invalidations carrying an apply stamp, compared against.
+    pub invalidations: u64,
+    pub stale: u64,
+}
+
 /// What `evictd audit` found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Sweep {
     pub lines: Vec<SweepLine>,
+    /// The client fills, when the whole keyspace was swept (no `--table`).
+    pub fills: Option<FillSweep>,
     pub stale: Vec<Finding>,
     /// Why some entries could not be decided (one example per reason).
     pub unverifiable: Vec<Finding>,
@@ -661,7 +675,106 @@ pub async fn sweep(
             .map_err(|why| sweep_error(table, &why))?;
         sweep.lines.extend(lines);
     }
+    // On a Cluster the fills are left to the continuous checker.
+    if only.is_none() && matches!(redis, Connection::Single(_)) {
+        sweep.fills = Some(sweep_fills(config, &mut redis, &mut sweep.stale).await?);
+    }
     Ok(sweep)
+}
+
+/// Client fills against the broadcast log: a value whose fill recorded an
+/// apply stamp below that of a logged invalidation of its key (by key or
+/// by pattern) was loaded before that invalidation and stored after it.
+/// Reaches as far back as the log (`redis.l1_log_len`) and the stamps in
+/// it (batches applied while the checker ran); tag invalidations are not
+/// compared (a filled key's tags are not known once its tag set is gone).
+async fn sweep_fills(
+    config: &Config,
+    redis: &mut Connection,
+    stale: &mut Vec<Finding>,
+) -> Result<FillSweep, Error> {
+    let prefix = &config.redis.prefix;
+    let mut log = evictd_client::Log::new(redis.clone(), prefix);
+    let count = usize::try_from(config.redis.l1_log_len.min(1_000_000)).unwrap_or(1_000_000);
+    let messages = log
+        .recent(count)
+        .await
+        .map_err(|e| Error::redis("cannot read the broadcast log", e))?;
+    let mut by_key: HashMap<String, u64> = HashMap::new();
+    let mut by_pattern: Vec<(String, u64)> = Vec::new();
+    let mut found = FillSweep::default();
+    for message in &messages {
+        let Some(stamp) = message.stamp else {
+            continue;
+        };
+        found.invalidations += 1;
+        for key in &message.keys {
+            let at = by_key.entry(key.clone()).or_default();
+            *at = (*at).max(stamp);
+        }
+        by_pattern.extend(message.patterns.iter().map(|p| (p.clone(), stamp)));
+    }
+    let mut glob = String::new();
+    crate::mapping::template::escape_glob(prefix, &mut glob);
+    glob.push('*');
+    let own = format!("{prefix}evictd:");
+    let tags = format!("{prefix}{}", evictd_client::protocol::TAG_NAMESPACE);
+    let keys = scan_all(redis, &glob).await?;
+    for full in keys {
+        if full.starts_with(&own) || full.starts_with(&tags) {
+            continue;
+        }
+        let raw: Option<String> = redis::cmd("GET")
+            .arg(&full)
+            .query_async(redis)
+            .await
+            .unwrap_or(None);
+        let Some(raw) = raw else { continue };
+        found.values += 1;
+        let Some(recorded) = Stored::stamp(&raw) else {
+            continue;
+        };
+        found.recorded += 1;
+        let key = &full[prefix.len()..];
+        let invalidated = by_pattern
+            .iter()
+            .filter(|(pattern, _)| evictd_client::protocol::glob_matches(pattern, key))
+            .map(|(_, stamp)| *stamp)
+            .chain(by_key.get(key).copied())
+            .max();
+        if let Some(invalidated) = invalidated.filter(|at| *at > recorded) {
+            found.stale += 1;
+            stale.push(Finding {
+                key: key.to_owned(),
+                table: "-".into(),
+                row: "-".into(),
+                why: format!("holds a fill that read apply stamp {recorded}, before the invalidation at stamp {invalidated} in the broadcast log: it was loaded before the change and stored after its invalidation"),
+            });
+        }
+    }
+    Ok(found)
+}
+
+/// Every key matching `glob` on a standalone Redis.
+async fn scan_all(redis: &mut Connection, glob: &str) -> Result<Vec<String>, Error> {
+    let mut keys = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, page): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(glob)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(redis)
+            .await
+            .map_err(|e| Error::redis("cannot SCAN the keyspace", e))?;
+        keys.extend(page);
+        if next == 0 {
+            return Ok(keys);
+        }
+        cursor = next;
+    }
 }
 
 /// The summary table `evictd audit` prints, one line per refresh.

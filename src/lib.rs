@@ -66,7 +66,7 @@ pub mod internal {
     pub use crate::source::postgres::pgoutput;
 
     pub mod audit {
-        pub use crate::audit::{sweep, table_text, Finding, Sweep, SweepLine};
+        pub use crate::audit::{sweep, table_text, FillSweep, Finding, Sweep, SweepLine};
     }
     pub mod catalog {
         pub use crate::catalog::{check, connect};

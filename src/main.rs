@@ -387,15 +387,25 @@ fn audit(path: &Path, table: Option<&str>, limit: Option<u64>) -> anyhow::Result
     }
     print!("{}", audit::table_text(&sweep));
     for finding in &sweep.stale {
-        println!(
-            "stale: {} ({} where {}): {}",
-            finding.key, finding.table, finding.row, finding.why
-        );
+        if finding.table == "-" {
+            println!("stale: {} (a client fill): {}", finding.key, finding.why);
+        } else {
+            println!(
+                "stale: {} ({} where {}): {}",
+                finding.key, finding.table, finding.row, finding.why
+            );
+        }
     }
     for finding in &sweep.unverifiable {
         println!(
             "unverifiable: {} ({}): {}",
             finding.key, finding.table, finding.why
+        );
+    }
+    if let Some(fills) = &sweep.fills {
+        println!(
+            "client fills: {} values, {} recorded an apply stamp, compared with {} stamped invalidations in the broadcast log: {} stale",
+            fills.values, fills.recorded, fills.invalidations, fills.stale
         );
     }
     let compared: u64 = sweep.lines.iter().map(|line| line.rows).sum();

@@ -162,6 +162,9 @@ pub struct Plan {
     /// The table of each origin of the mappings the plan was made with
     /// (see [`Mappings::origin_tables`]), to count invalidations by table.
     pub tables: Option<Arc<[Arc<str>]>>,
+    /// The apply stamp written before the plan's commands, while the
+    /// consistency checker runs (set by the apply task; in the broadcast).
+    pub stamp: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -386,6 +389,7 @@ impl Planner {
             sent_time: self.sent_time.take(),
             changes: std::mem::take(&mut self.changes),
             tables: self.tables.clone(),
+            stamp: None,
         }
     }
 }

@@ -268,6 +268,10 @@ pub struct Broadcast {
     /// people watching; a cache needs only the lists above).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tables: Vec<String>,
+    /// The batch's apply stamp (see [`AUDIT_STAMP_KEY`]), while evictd's
+    /// consistency checker runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stamp: Option<u64>,
 }
 
 #[cfg(test)]

@@ -167,6 +167,9 @@ impl Broadcast {
         if !tables.is_empty() {
             write_list(&mut json, "tables", &tables);
         }
+        if let Some(stamp) = plan.stamp {
+            let _ = write!(json, r#","stamp":{stamp}"#);
+        }
         json.push('}');
         json
     }
@@ -235,6 +238,7 @@ mod tests {
                 patterns: vec!["order:*".into()],
                 tag_patterns: Vec::new(),
                 tables: Vec::new(),
+                stamp: None,
             }
         );
         let message: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");

@@ -179,7 +179,7 @@ pub async fn run(
     let mut ping = tokio::time::interval(IDLE_PING);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let plan = tokio::select! {
+        let mut plan = tokio::select! {
             biased;
             request = plans.recv() => match request {
                 Some(Request::Plan(plan)) => plan,
@@ -205,7 +205,7 @@ pub async fn run(
         // With the checker on, the batch's apply stamp goes first, once.
         let mut stamp = None;
         let stats = loop {
-            match attempt(&mut sink, &plan, audit.as_mut(), &mut stamp).await {
+            match attempt(&mut sink, &mut plan, audit.as_mut(), &mut stamp).await {
                 Ok(stats) => break stats,
                 Err(error) if error.is_transient() => {
                     let delay = backoff.next_delay();
@@ -250,13 +250,14 @@ pub async fn run(
 /// may already have loaded), then its commands.
 async fn attempt(
     sink: &mut RedisSink,
-    plan: &Plan,
+    plan: &mut Plan,
     audit: Option<&mut Sampler>,
     stamp: &mut Option<u64>,
 ) -> Result<ApplyStats, Error> {
     if let Some(audit) = audit {
         if stamp.is_none() && !plan.commands.is_empty() {
             *stamp = Some(audit.write_stamp(sink).await?);
+            plan.stamp = *stamp;
         }
     }
     sink.apply(plan).await

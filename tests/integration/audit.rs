@@ -263,3 +263,63 @@ async fn audit_passes_a_clean_cache_and_names_a_corrupted_refresh() {
     );
     s.evictd.stop().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_compares_recorded_fills_with_the_stamped_broadcast_log() {
+    let mut s = audited(60_000, 1_000).await;
+    let db = s.db.client().await;
+    let cache = Cache::builder(stack().redis.url())
+        .prefix(s.db.prefix.clone())
+        .record_fills(true)
+        .build()
+        .await
+        .expect("a cache");
+    db.batch_execute("update orders set user_id = 2 where id = 5")
+        .await
+        .expect("update");
+    s.sync().await;
+    let before = apply_stamp(&mut s).await;
+    db.batch_execute(
+        "update orders set status = 'paid' where id = 1;
+         update orders set status = 'paid' where id = 2;",
+    )
+    .await
+    .expect("updates");
+    s.sync().await;
+    // A correct refill, and a value loaded before order 2's change stored
+    // after its invalidation.
+    cache
+        .get_or_load("order:1", &[], || async {
+            Ok::<_, Infallible>(Some("paid".to_owned()))
+        })
+        .await
+        .expect("get_or_load");
+    plant(&mut s, "order:2", &protocol::stamped(before, "\"new\"")).await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = support::run_config(
+        dir.path(),
+        &s.db,
+        &stack().redis.url(),
+        MAPPING,
+        "127.0.0.1:0",
+    );
+    let output = tokio::task::block_in_place(|| {
+        support::evictd(&["audit", "--config", config.to_str().expect("utf-8")])
+    });
+    let out = support::stdout(&output);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{out}{}",
+        support::stderr(&output)
+    );
+    assert!(
+        out.contains(&format!("stale: order:2 (a client fill): holds a fill that read apply stamp {before}, before the invalidation at stamp")),
+        "{out}"
+    );
+    assert!(!out.contains("stale: order:1 "), "{out}");
+    assert!(out.contains(", 2 recorded an apply stamp, "), "{out}");
+    assert!(out.contains(": 1 stale\n"), "{out}");
+    s.evictd.stop().await.expect("stop");
+}
