@@ -332,19 +332,19 @@ impl Checker {
                 "refreshes are checked against Postgres, which a Kafka source does not read",
             );
         };
-        let refresh = TableName::parse(&sample.table).ok().and_then(|table| {
-            let mapping = self.mappings.table(&table)?;
-            mapping.refresh.iter().find(|r| r.origin == sample.origin)
-        });
+        let table = match TableName::parse(&sample.table) {
+            Ok(table) => table,
+            Err(why) => return Verdict::new(Outcome::Unverifiable, why),
+        };
+        let refresh = self
+            .mappings
+            .table(&table)
+            .and_then(|mapping| mapping.refresh.iter().find(|r| r.origin == sample.origin));
         let Some(refresh) = refresh else {
             return Verdict::new(Outcome::Unverifiable, "the refresh is no longer mapped");
         };
         let filter = match key_filter(refresh, written) {
             Ok(filter) => filter,
-            Err(why) => return Verdict::new(Outcome::Unverifiable, why),
-        };
-        let table = match TableName::parse(&sample.table) {
-            Ok(table) => table,
             Err(why) => return Verdict::new(Outcome::Unverifiable, why),
         };
         let progress = self.progress.clone();
@@ -870,23 +870,12 @@ async fn record_passes(redis: &mut Connection, record: &str, lsn: Lsn) -> Result
 
 /// The SQL condition that selects `row` by the refresh key's columns.
 fn row_filter(refresh: &Refresh, row: &Row) -> Option<String> {
-    let mut filter = String::new();
-    for column in refresh.key.columns() {
-        let text = row.get(column).canonical_text()?;
-        if !filter.is_empty() {
-            filter.push_str(" and ");
-        }
-        filter.push_str(&format!(
-            "{} = {}",
-            quote_ident(column),
-            quote_literal(text)
-        ));
-    }
-    Some(if filter.is_empty() {
-        "true".into()
-    } else {
-        filter
-    })
+    let values = refresh
+        .key
+        .columns()
+        .map(|column| Some((column, row.get(column).canonical_text()?)))
+        .collect::<Option<Vec<_>>>()?;
+    Some(equalities(values))
 }
 
 /// The check of a deleted key: see the module's documentation.
@@ -954,8 +943,7 @@ pub async fn connect_redis(config: &crate::config::RedisConfig) -> Result<Connec
 fn key_filter(refresh: &Refresh, written: &str) -> Result<String, String> {
     let value: serde_json::Map<String, serde_json::Value> = serde_json::from_str(written)
         .map_err(|e| format!("the refresh value is not a JSON object: {e}"))?;
-    let mut filter = String::new();
-    for column in refresh.key.columns() {
+    let values = refresh.key.columns().map(|column| {
         let text = match value.get(column) {
             None => {
                 return Err(format!(
@@ -967,19 +955,29 @@ fn key_filter(refresh: &Refresh, written: &str) -> Result<String, String> {
             Some(serde_json::Value::Number(number)) => number.to_string(),
             Some(_) => return Err(format!("`{column}` is not a scalar in the refresh value")),
         };
-        if !filter.is_empty() {
-            filter.push_str(" and ");
-        }
-        filter.push_str(&format!(
-            "{} = {}",
-            quote_ident(column),
-            quote_literal(&text)
-        ));
+        Ok((column, text))
+    });
+    Ok(equalities(values.collect::<Result<Vec<_>, String>>()?))
+}
+
+/// `"a" = '1' and "b" = 'x'` (or `true` for no column): the SQL condition
+/// that each column equals its text.
+fn equalities<T: AsRef<str>>(values: impl IntoIterator<Item = (impl AsRef<str>, T)>) -> String {
+    let conditions: Vec<String> = values
+        .into_iter()
+        .map(|(column, text)| {
+            format!(
+                "{} = {}",
+                quote_ident(column.as_ref()),
+                quote_literal(text.as_ref())
+            )
+        })
+        .collect();
+    if conditions.is_empty() {
+        "true".into()
+    } else {
+        conditions.join(" and ")
     }
-    if filter.is_empty() {
-        filter.push_str("true");
-    }
-    Ok(filter)
 }
 
 pub fn quote_ident(name: &str) -> String {
