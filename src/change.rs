@@ -298,6 +298,15 @@ pub enum Event {
         stream: Option<(u32, u32)>,
         change: RowChange,
     },
+    /// An invalidation the transaction asked for in SQL (a logical
+    /// decoding message with evictd's prefix): its content, applied in
+    /// order with the row changes around it; `stream` as for changes. A
+    /// non-transactional message comes outside any transaction and is
+    /// applied at once.
+    Message {
+        stream: Option<(u32, u32)>,
+        content: Box<[u8]>,
+    },
     /// A transaction committed; its changes came before. A source without
     /// transactions (Kafka) commits after every record.
     Commit {

@@ -45,7 +45,8 @@ pub const SCHEMA_PROBLEMS: &str = "evictd_schema_problems";
 /// Keys deleted by pattern because a placeholder's value was unknown or the
 /// key too long, by `table`.
 pub const PATTERN_FALLBACKS: &str = "evictd_pattern_fallbacks_total";
-/// Kafka records taken, by `outcome`: `change`, `tombstone`, `ignored`
+/// Kafka records taken, by `outcome`: `change`, `message` (an invalidation
+/// from SQL), `tombstone`, `ignored`
 /// (not a row change), `skipped`, `dead_letter`, `stopped` (bad records).
 pub const KAFKA_RECORDS: &str = "evictd_kafka_records_total";
 /// Kafka offsets committed to the group (one per partition per commit).
@@ -55,6 +56,12 @@ pub const KAFKA_ASSIGNED_PARTITIONS: &str = "evictd_kafka_assigned_partitions";
 /// Prefix deletes applied (a mapping's `prefixes`: SCAN on every master),
 /// by `table`; the keys they deleted are `keys_invalidated{mode="prefix"}`.
 pub const PREFIX_DELETES: &str = "evictd_prefix_deletes_total";
+/// Invalidations from SQL messages, by `outcome` (applied, malformed,
+/// disabled).
+pub const SQL_MESSAGES: &str = "evictd_sql_messages_total";
+/// Reloads of the mapping files under `evictd run`, by `outcome` (applied,
+/// invalid).
+pub const MAPPING_RELOADS: &str = "evictd_mapping_reloads_total";
 /// Consistency checks of sampled invalidations, by `outcome`:
 /// `consistent`, `stale`, `unverifiable` (`[audit]`).
 pub const CONSISTENCY_CHECKS: &str = "evictd_consistency_checks_total";
@@ -168,6 +175,14 @@ pub fn describe() {
     describe_counter!(
         PREFIX_DELETES,
         "Prefix deletes applied (SCAN on every master), by table"
+    );
+    describe_counter!(
+        SQL_MESSAGES,
+        "Invalidations from SQL messages, by outcome (applied, malformed, disabled)"
+    );
+    describe_counter!(
+        MAPPING_RELOADS,
+        "Reloads of the mapping files, by outcome (applied, invalid)"
     );
     describe_counter!(
         CONSISTENCY_CHECKS,

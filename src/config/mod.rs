@@ -152,6 +152,11 @@ pub struct MappingsConfig {
     /// Relative paths are resolved against the config file's directory.
     pub dir: PathBuf,
     pub limits: Limits,
+    /// Apply invalidations from SQL messages (`pg_logical_emit_message`
+    /// with prefix `evictd`, Debezium's message events).
+    pub sql_messages: bool,
+    /// Reload the mappings when a file in `dir` changes (and on SIGHUP).
+    pub watch: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -291,7 +296,7 @@ impl Config {
             },
             mappings: MappingsConfig {
                 dir: mappings_dir,
-                limits: Limits::default(),
+                ..MappingsConfig::default()
             },
             batch: BatchConfig::default(),
             admin: AdminConfig::default(),
@@ -315,7 +320,7 @@ impl Config {
             },
             mappings: MappingsConfig {
                 dir: mappings_dir,
-                limits: Limits::default(),
+                ..MappingsConfig::default()
             },
             batch: BatchConfig::default(),
             admin: AdminConfig::default(),
@@ -360,6 +365,8 @@ impl Default for MappingsConfig {
         MappingsConfig {
             dir: PathBuf::from("mappings"),
             limits: Limits::default(),
+            sql_messages: false,
+            watch: true,
         }
     }
 }

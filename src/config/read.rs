@@ -459,9 +459,11 @@ fn password_file(section: &mut Section<'_>, base_dir: &Path, url: SecretUrl) -> 
 }
 
 pub(super) fn read_mappings(section: &mut Section<'_>, base_dir: &Path) -> MappingsConfig {
-    let defaults = MappingsConfig::default();
-    let dir: PathBuf = section.or("dir", defaults.dir);
-    let defaults = defaults.limits;
+    let all_defaults = MappingsConfig::default();
+    let dir: PathBuf = section.or("dir", all_defaults.dir);
+    let sql_messages = section.or("sql_messages", all_defaults.sql_messages);
+    let watch = section.or("watch", all_defaults.watch);
+    let defaults = all_defaults.limits;
     let max_key_bytes =
         section.in_range("max_key_bytes", defaults.max_key_bytes as u64, 16..=1 << 20);
     let max_keys_per_change = section.in_range(
@@ -475,6 +477,8 @@ pub(super) fn read_mappings(section: &mut Section<'_>, base_dir: &Path) -> Mappi
             max_key_bytes: usize::try_from(max_key_bytes).unwrap_or(usize::MAX),
             max_keys_per_change: usize::try_from(max_keys_per_change).unwrap_or(usize::MAX),
         },
+        sql_messages,
+        watch,
     }
 }
 

@@ -115,6 +115,17 @@ pub fn load_files(
         }
     }
     if builder.diagnostics.is_empty() {
+        // The last origin stands for invalidations from SQL messages.
+        builder.origins.push(Origin {
+            location: Location {
+                file: Path::new(super::message::ORIGIN_FILE).into(),
+                line: 0,
+                column: 0,
+            },
+        });
+        builder
+            .origin_tables
+            .push(super::message::ORIGIN_TABLE.into());
         Ok(Mappings {
             tables: builder.tables,
             origins: builder.origins,

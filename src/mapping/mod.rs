@@ -15,6 +15,7 @@ pub mod compile;
 pub mod condition;
 pub mod diagnostic;
 pub mod eval;
+pub mod message;
 pub mod spec;
 pub mod template;
 
@@ -56,6 +57,11 @@ impl Mappings {
 
     pub fn origin(&self, id: OriginId) -> &Origin {
         &self.origins[id.0 as usize]
+    }
+
+    /// The origin of invalidations from SQL messages (see [`message`]).
+    pub fn message_origin(&self) -> OriginId {
+        OriginId(u32::try_from(self.origins.len() - 1).unwrap_or(u32::MAX))
     }
 
     /// The table each origin belongs to, indexed by [`OriginId`]: plans

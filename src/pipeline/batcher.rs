@@ -23,25 +23,50 @@ use rustc_hash::FxHashMap;
 
 use super::schema::FallbackLog;
 use crate::change::{Event, Op, RowChange, TableName};
-use crate::mapping::{Action, Mappings, Output};
+use crate::mapping::{message, Action, Mappings, Output};
 use crate::plan::{Plan, Planner};
 use crate::telemetry;
 
-/// Bounds of one batcher.
+/// Bounds and switches of one batcher.
 #[derive(Clone, Copy, Debug)]
 pub struct BatchLimits {
     /// Distinct keys per plan before it is cut.
     pub max_keys: usize,
     /// Buffered actions per streamed transaction before it goes coarse.
     pub max_pending_keys: usize,
+    /// Whether invalidations from SQL messages are applied
+    /// (`mappings.sql_messages`).
+    pub sql_messages: bool,
 }
 
 impl BatchLimits {
-    /// The limits `[batch]` sets.
-    pub fn of(batch: &crate::config::BatchConfig) -> BatchLimits {
+    /// The limits `[batch]` sets, and `mappings.sql_messages`.
+    pub fn of(config: &crate::config::Config) -> BatchLimits {
         BatchLimits {
-            max_keys: batch.max_keys,
-            max_pending_keys: batch.max_pending_keys,
+            max_keys: config.batch.max_keys,
+            max_pending_keys: config.batch.max_pending_keys,
+            sql_messages: config.mappings.sql_messages,
+        }
+    }
+}
+
+/// What became of SQL messages, the `outcome` of
+/// `evictd_sql_messages_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MessageOutcome {
+    Applied,
+    /// Skipped: its content is not a valid invalidation.
+    Malformed,
+    /// Skipped: `mappings.sql_messages` is off.
+    Disabled,
+}
+
+impl MessageOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageOutcome::Applied => "applied",
+            MessageOutcome::Malformed => "malformed",
+            MessageOutcome::Disabled => "disabled",
         }
     }
 }
@@ -89,6 +114,10 @@ pub struct Batcher {
     fallbacks: FxHashMap<Arc<TableName>, u64>,
     fallback_log: FallbackLog,
     coarse_reported: u64,
+    /// SQL messages by outcome since [`Batcher::record_metrics`].
+    messages: FxHashMap<MessageOutcome, u64>,
+    /// Whether a message was skipped because they are off (warned once).
+    warned_disabled: bool,
 }
 
 impl Batcher {
@@ -104,6 +133,8 @@ impl Batcher {
             fallbacks: FxHashMap::default(),
             fallback_log: FallbackLog::default(),
             coarse_reported: 0,
+            messages: FxHashMap::default(),
+            warned_disabled: false,
         }
     }
 
@@ -155,6 +186,29 @@ impl Batcher {
                 stream: Some((xid, subxid)),
                 change,
             } => self.buffer(xid, subxid, &change),
+            Event::Message {
+                stream: None,
+                content,
+            } => {
+                if self.message(&content) {
+                    for action in self.out.actions.drain(..) {
+                        self.planner.push(action);
+                    }
+                    self.cut_if_full(ready);
+                }
+            }
+            Event::Message {
+                stream: Some((xid, subxid)),
+                content,
+            } => {
+                if self.message(&content) {
+                    let buffer = self.streams.entry(xid).or_default();
+                    buffer.subs.entry(subxid).or_default();
+                    buffer
+                        .actions
+                        .extend(self.out.actions.drain(..).map(|action| (subxid, action)));
+                }
+            }
             Event::Commit {
                 checkpoint,
                 commit_time,
@@ -225,6 +279,42 @@ impl Batcher {
         let coarse = self.stats.coarse_transactions;
         metrics::counter!(telemetry::COARSE_INVALIDATIONS).increment(coarse - self.coarse_reported);
         self.coarse_reported = coarse;
+        for (outcome, count) in self.messages.drain() {
+            metrics::counter!(telemetry::SQL_MESSAGES, "outcome" => outcome.as_str())
+                .increment(count);
+        }
+    }
+
+    /// Parses an invalidation from SQL into `out`; whether it is to be
+    /// applied. One that is malformed, or arrives while they are off, is
+    /// skipped with a logged reason and counted: it never stops the stream.
+    fn message(&mut self, content: &[u8]) -> bool {
+        self.out.clear();
+        let outcome = if !self.limits.sql_messages {
+            if !self.warned_disabled {
+                self.warned_disabled = true;
+                tracing::warn!(
+                    "an invalidation from SQL (a message with prefix `evictd`) was skipped: mappings.sql_messages is off; set it to true to apply them"
+                );
+            }
+            MessageOutcome::Disabled
+        } else {
+            let origin = self.mappings.message_origin();
+            let limits = self.mappings.limits();
+            match message::parse(content, limits, origin, &mut self.out.actions) {
+                Ok(()) => MessageOutcome::Applied,
+                Err(reason) => {
+                    tracing::warn!(
+                        %reason,
+                        content = %String::from_utf8_lossy(&content[..content.len().min(200)]),
+                        "skipped a malformed invalidation from SQL"
+                    );
+                    MessageOutcome::Malformed
+                }
+            }
+        };
+        *self.messages.entry(outcome).or_default() += 1;
+        outcome == MessageOutcome::Applied
     }
 
     /// Evaluates one change into `out`, counting its pattern fallbacks.
@@ -272,8 +362,12 @@ impl Batcher {
         if buffer.actions.len() > self.limits.max_pending_keys {
             // The subtransaction that grew past the bound goes coarse: its
             // actions are dropped (the others' stay key by key), and if it
-            // aborts, its overflow goes with it.
-            buffer.actions.retain(|(owner, _)| *owner != subxid);
+            // aborts, its overflow goes with it. What SQL messages asked
+            // for stays: no table's coarse invalidation covers it.
+            let from_sql = self.mappings.message_origin();
+            buffer
+                .actions
+                .retain(|(owner, action)| *owner != subxid || action.origin == from_sql);
             let sub = buffer.subs.entry(subxid).or_default();
             sub.coarse = true;
             tracing::warn!(
@@ -332,6 +426,7 @@ mod tests {
             BatchLimits {
                 max_keys,
                 max_pending_keys,
+                sql_messages: true,
             },
         )
     }

@@ -603,3 +603,45 @@ async fn kill_9_after_apply_before_commit_re_applies_and_misses_nothing() {
     );
     assert_eq!(json["redis"]["reachable"], true);
 }
+
+/// A Debezium message event (`op` "m") as the Postgres connector writes
+/// it for `pg_logical_emit_message`, content in base64.
+fn message_event(prefix: &str, base64_content: &str) -> Vec<u8> {
+    format!(
+        r#"{{"op":"m","ts_ms":1706704500000,"source":{{"connector":"postgresql","name":"dbserver1","txId":771,"lsn":24023128,"ts_ms":1706704500000}},"message":{{"prefix":"{prefix}","content":"{base64_content}"}}}}"#
+    )
+    .into_bytes()
+}
+
+#[tokio::test]
+async fn debezium_message_events_are_invalidations_from_sql() {
+    let names = names();
+    kafka().create_topic(&names.topic, 1).await.expect("topic");
+    let dir = mapping_dir(&[("orders.toml", ORDERS)]);
+    let mut config = kafka_config(&names, dir.path());
+    config.mappings.sql_messages = true;
+    let running = start(&config).await;
+    let mut cache = Cache::new(&names.prefix).await;
+    let keys = ["user:1", "feed:1:a", "feed:10:a", "team:7", "order:1"];
+    cache.seed(&keys).await;
+    let topic = &names.topic;
+    // {"keys":["user:1"],"prefixes":["feed:1:"]}
+    let content = "eyJrZXlzIjpbInVzZXI6MSJdLCJwcmVmaXhlcyI6WyJmZWVkOjE6Il19";
+    produce(topic, "m1", Some(&message_event("evictd", content))).await;
+    // {"keys":["team:7"]} under another prefix: not evictd's.
+    produce(
+        topic,
+        "m2",
+        Some(&message_event("other", "eyJrZXlzIjpbInRlYW06NyJdfQ==")),
+    )
+    .await;
+    // Malformed content: skipped, and the stream goes on.
+    produce(topic, "m3", Some(&message_event("evictd", "bm9wZQ=="))).await;
+    produce(topic, "1", Some(&order("c", None, Some((1, 1))))).await;
+    running
+        .sync()
+        .await
+        .expect("every record applied and committed");
+    assert_eq!(cache.cached(&keys).await, ["feed:10:a", "team:7"]);
+    stop(running).await;
+}

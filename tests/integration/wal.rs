@@ -629,3 +629,132 @@ prefixes = ["user:{id}:"]
         status.text
     );
 }
+
+/// `migrations/`'s wrapper of `pg_logical_emit_message`, as users install it.
+const INVALIDATE_FUNCTION: &str = include_str!("../../migrations/0002_evictd_invalidate.sql");
+
+#[tokio::test]
+async fn invalidations_from_sql_follow_their_transaction() {
+    let recorder = evictd::internal::telemetry::recorder();
+    let schema = format!("{SHOP}\n{INVALIDATE_FUNCTION}");
+    let mut s = Streaming::start_with(&schema, &[("orders.toml", ORDERS)], |config| {
+        config.mappings.sql_messages = true;
+    })
+    .await;
+    let keys = [
+        "committed:1",
+        "rolled_back:1",
+        "at_once:1",
+        "feed:1:a",
+        "feed:1:b:c",
+        "feed:10:a",
+        "order:5",
+        "after_bad:1",
+        "other_prefix:1",
+        "streamed:1",
+        "streamed_rolled_back:1",
+    ];
+    s.seed(&keys).await;
+    // Committed with a row change: both the mapped key and the message's.
+    s.db.execute(
+        "begin;
+         insert into orders values (5, 1, 'new');
+         select evictd_invalidate(keys => array['committed:1'], prefixes => array['feed:1:']);
+         commit",
+    )
+    .await;
+    // Rolled back: the message goes with the transaction.
+    s.db.execute("begin; select evictd_invalidate(keys => array['rolled_back:1']); rollback")
+        .await;
+    // Non-transactional: applied although its transaction rolled back.
+    s.db.execute(
+        "begin;
+         select evictd_invalidate(keys => array['at_once:1'], transactional => false);
+         rollback",
+    )
+    .await;
+    // Malformed ones are skipped and the stream goes on; other prefixes
+    // belong to someone else.
+    s.db.execute(
+        "select pg_logical_emit_message(true, 'evictd', 'not json');
+         select pg_logical_emit_message(true, 'evictd', '{\"keys\": [\"evictd:l1:log\"]}');
+         select pg_logical_emit_message(true, 'other', '{\"keys\": [\"other_prefix:1\"]}');
+         select evictd_invalidate(keys => array['after_bad:1'])",
+    )
+    .await;
+    s.sync().await;
+    assert_eq!(
+        s.cached(&keys).await,
+        [
+            "rolled_back:1",
+            "feed:10:a",
+            "other_prefix:1",
+            "streamed:1",
+            "streamed_rolled_back:1"
+        ]
+    );
+    // Inside transactions large enough to be streamed before they commit.
+    s.db.execute(
+        "begin;
+         insert into orders select g, 1, 'new' from generate_series(100, 2100) g;
+         select evictd_invalidate(keys => array['streamed_rolled_back:1']);
+         rollback",
+    )
+    .await;
+    s.db.execute(
+        "begin;
+         insert into orders select g, 1, 'new' from generate_series(3000, 5000) g;
+         select evictd_invalidate(keys => array['streamed:1']);
+         commit",
+    )
+    .await;
+    s.sync().await;
+    assert_eq!(
+        s.cached(&keys).await,
+        [
+            "rolled_back:1",
+            "feed:10:a",
+            "other_prefix:1",
+            "streamed_rolled_back:1"
+        ]
+    );
+    assert!(
+        streamed_transactions(&s).await >= 1,
+        "the large transactions were streamed"
+    );
+    // Counted at the next status tick (every second).
+    let counted = async {
+        loop {
+            let metrics = recorder.render();
+            if [
+                r#"evictd_sql_messages_total{outcome="malformed"}"#,
+                r#"evictd_sql_messages_total{outcome="applied"}"#,
+            ]
+            .iter()
+            .all(|line| metrics.contains(line))
+            {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), counted)
+        .await
+        .expect("evictd_sql_messages_total counts applied and malformed messages");
+}
+
+#[tokio::test]
+async fn invalidations_from_sql_are_skipped_while_off() {
+    let schema = format!("{SHOP}\n{INVALIDATE_FUNCTION}");
+    let mut s = Streaming::start(&schema, &[("orders.toml", ORDERS)]).await;
+    s.seed(&["message:1", "order:1"]).await;
+    s.db.execute(
+        "begin;
+         select evictd_invalidate(keys => array['message:1']);
+         insert into orders values (1, 1, 'new');
+         commit",
+    )
+    .await;
+    s.sync().await;
+    assert_eq!(s.cached(&["message:1", "order:1"]).await, ["message:1"]);
+}

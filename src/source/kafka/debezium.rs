@@ -38,7 +38,11 @@ pub enum Decoded {
     },
     /// A null value: Kafka's tombstone after a delete, for log compaction.
     Tombstone,
-    /// A well-formed event that is not a row change (`op = "m"`).
+    /// A logical decoding message with evictd's prefix (`op = "m"`,
+    /// `pg_logical_emit_message(..., 'evictd', ...)`): its content.
+    Message(Vec<u8>),
+    /// A well-formed event that is not a row change: a message with
+    /// another prefix.
     NotARowChange,
 }
 
@@ -76,6 +80,19 @@ struct Parts<'a> {
     after: Option<Fields<'a>>,
     #[serde(borrow, default)]
     source: Option<Source<'a>>,
+    #[serde(borrow, default)]
+    message: Option<MessagePart<'a>>,
+}
+
+/// A message event's `message`: its prefix and content (bytes, which
+/// Kafka Connect's JSON converter writes as base64, or as hex under
+/// `binary.handling.mode=hex`).
+#[derive(Deserialize)]
+struct MessagePart<'a> {
+    #[serde(borrow, default)]
+    prefix: Option<Text<'a>>,
+    #[serde(borrow, default)]
+    content: Option<Text<'a>>,
 }
 
 fn present<'de, D: Deserializer<'de>>(
@@ -304,7 +321,7 @@ impl Decoder {
             "u" => Op::Update,
             "d" => Op::Delete,
             "t" => Op::Truncate,
-            "m" => return Ok(Decoded::NotARowChange),
+            "m" => return message(parts.message),
             other => return Err(format!("unknown Debezium op `{other}`")),
         };
         let source = parts
@@ -427,6 +444,52 @@ fn envelope_error(error: &serde_json::Error) -> String {
     } else {
         format!("not a Debezium envelope: {error}")
     }
+}
+
+/// A message event: evictd's own with its content decoded, any other
+/// passed over.
+fn message(part: Option<MessagePart<'_>>) -> Result<Decoded, String> {
+    let part = part.ok_or("a message event (`op` \"m\") without `message`")?;
+    if part.prefix.as_ref().map(|p| &*p.0) != Some(crate::mapping::message::PREFIX) {
+        return Ok(Decoded::NotARowChange);
+    }
+    let content = part
+        .content
+        .ok_or("an evictd message event without `message.content`")?;
+    bytes(&content.0)
+        .map(Decoded::Message)
+        .ok_or_else(|| {
+            "an evictd message event whose `message.content` is neither base64 nor hex (set Debezium's binary.handling.mode to bytes, base64 or hex)".into()
+        })
+}
+
+/// Bytes as Kafka Connect writes them in JSON: base64 (standard or URL-safe
+/// alphabet, padded or not), or hex.
+fn bytes(text: &str) -> Option<Vec<u8>> {
+    use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+    use base64::engine::DecodePaddingMode;
+    use base64::{alphabet, Engine};
+    let lenient =
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+    let standard = GeneralPurpose::new(&alphabet::STANDARD, lenient);
+    let url_safe = GeneralPurpose::new(&alphabet::URL_SAFE, lenient);
+    // Hex first: JSON content (`{`, `[`) in hex starts `7b` or `5b`, which
+    // base64 would also accept as something else.
+    hex(text)
+        .filter(|bytes| matches!(bytes.first(), Some(b'{' | b'[')))
+        .or_else(|| standard.decode(text).ok())
+        .or_else(|| url_safe.decode(text).ok())
+        .or_else(|| hex(text))
+}
+
+fn hex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|at| u8::from_str_radix(text.get(at..at + 2)?, 16).ok())
+        .collect()
 }
 
 fn op_letter(op: Op) -> &'static str {
@@ -685,11 +748,41 @@ mod tests {
         );
         assert_eq!(
             decode(
-                Some(br#"{"op":"m","source":{"schema":"public","table":""}}"#),
+                Some(br#"{"op":"m","source":{"schema":"public","table":""},"message":{"prefix":"other","content":"eA=="}}"#),
                 placeholder
             )
             .unwrap(),
             Decoded::NotARowChange
+        );
+    }
+
+    #[test]
+    fn evictd_message_events_carry_their_content() {
+        let placeholder = DEFAULT_UNAVAILABLE_PLACEHOLDER;
+        let content = br#"{"keys":["user:1"]}"#;
+        // base64 (Kafka Connect's JSON form of bytes), URL-safe and hex.
+        for encoded in [
+            "eyJrZXlzIjpbInVzZXI6MSJdfQ==",
+            "eyJrZXlzIjpbInVzZXI6MSJdfQ",
+            "7b226b657973223a5b22757365723a31225d7d",
+        ] {
+            let event = format!(
+                r#"{{"schema":{{}},"payload":{{"op":"m","ts_ms":1,"source":{{"txId":7}},"message":{{"prefix":"evictd","content":"{encoded}"}}}}}}"#
+            );
+            assert_eq!(
+                decode(Some(event.as_bytes()), placeholder).unwrap(),
+                Decoded::Message(content.to_vec()),
+                "{encoded}"
+            );
+        }
+        let error = |json: &str| decode(Some(json.as_bytes()), placeholder).unwrap_err();
+        assert_eq!(
+            error(r#"{"op":"m","source":{}}"#),
+            "a message event (`op` \"m\") without `message`"
+        );
+        assert!(
+            error(r#"{"op":"m","message":{"prefix":"evictd","content":"%%"}}"#)
+                .contains("neither base64 nor hex")
         );
     }
 

@@ -63,7 +63,7 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
     let (stages, handles) = Stages::start(config, &mappings)?;
     let handle = consumer::spawn(&kafka, mappings.clone(), EVENT_CHANNEL_CAPACITY)?;
     let session = Session {
-        batcher: Batcher::new(mappings, BatchLimits::of(&config.batch)),
+        batcher: Batcher::new(mappings, BatchLimits::of(config)),
         ready: Vec::new(),
         max_wait: Duration::from_millis(config.batch.max_wait_ms),
         batch_started: None,
@@ -274,6 +274,14 @@ impl Session {
                 };
                 self.batcher.push(change, &mut self.ready);
                 "change"
+            }
+            Ok(Decoded::Message(content)) => {
+                let message = Change::Message {
+                    stream: None,
+                    content: content.into(),
+                };
+                self.batcher.push(message, &mut self.ready);
+                "message"
             }
             Ok(Decoded::Tombstone) => "tombstone",
             Ok(Decoded::NotARowChange) => "ignored",

@@ -18,7 +18,7 @@ use super::conn::pg_time;
 use super::pgoutput::{Message, OldKind, Relation, Tuple, Value};
 use crate::change::{Checkpoint, Datum, Event, Lsn, Op, Row, RowChange, TableName};
 use crate::error::{Error, ErrorKind};
-use crate::mapping::Mappings;
+use crate::mapping::{message, Mappings};
 
 /// How one relation's tuples become rows.
 struct RelationShape {
@@ -223,18 +223,41 @@ impl ChangeDecoder {
                 commit_time: Some(pg_time(commit_time)),
             }),
             Message::StreamAbort { xid, subxid } => events.push(Event::StreamAbort { xid, subxid }),
+            Message::Message {
+                xid,
+                transactional,
+                prefix,
+                content,
+                ..
+            } if prefix == message::PREFIX => {
+                let stream = if transactional {
+                    self.stream_of(xid)
+                } else {
+                    None
+                };
+                events.push(Event::Message {
+                    stream,
+                    content: content.into(),
+                });
+            }
             Message::Origin { .. } | Message::Type { .. } | Message::Message { .. } => {}
         }
         Ok(())
     }
 
     fn push(&self, xid: Option<u32>, change: RowChange, events: &mut Vec<Event>) {
-        let stream = match (self.stream_xid, xid) {
+        let stream = self.stream_of(xid);
+        events.push(Event::Change { stream, change });
+    }
+
+    /// The (transaction, subtransaction) of a message inside a streamed
+    /// block.
+    fn stream_of(&self, xid: Option<u32>) -> Option<(u32, u32)> {
+        match (self.stream_xid, xid) {
             (Some(top), Some(sub)) => Some((top, sub)),
             (Some(top), None) => Some((top, top)),
             (None, _) => None,
-        };
-        events.push(Event::Change { stream, change });
+        }
     }
 
     /// The Relation messages of mapped tables seen since the last call.

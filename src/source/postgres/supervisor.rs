@@ -272,7 +272,7 @@ impl Supervisor {
     }
 
     fn limits(&self) -> BatchLimits {
-        BatchLimits::of(&self.config.batch)
+        BatchLimits::of(&self.config)
     }
 
     async fn connect(&self) -> Result<Replication, Error> {
@@ -297,10 +297,21 @@ impl Supervisor {
         // The checks `evictd check` makes, reported table by table; the
         // OIDs they find let a rename be recognised from the first change.
         self.memory.seed(self.schema.live_check().await);
+        let messages = self.config.mappings.sql_messages;
+        if messages && conn.server_version() < 140_000 {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "mappings.sql_messages needs PostgreSQL 14 or later (pgoutput's `messages` option); the server is version {}",
+                    conn.server_version()
+                ),
+            ));
+        }
         let command = slot::start_command(
             &self.config.postgres.slot,
             &self.config.postgres.publication,
             conn.server_version(),
+            messages,
         );
         conn.start_replication(&command).await?;
         tracing::info!(slot = %self.config.postgres.slot, server_version = conn.server_version(), "streaming started");
