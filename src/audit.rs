@@ -80,6 +80,9 @@ pub struct Sample {
     refreshed: Option<String>,
     origin: OriginId,
     table: Arc<str>,
+    /// The origin tables of the mappings the plan was made with: `origin`
+    /// means something only under those (a reload makes new ones).
+    made_with: Option<Arc<[Arc<str>]>>,
     /// The apply stamp written before the batch's commands.
     stamp: u64,
     checkpoint: Option<Checkpoint>,
@@ -139,6 +142,7 @@ impl Sampler {
                 refreshed: refreshed.cloned(),
                 origin,
                 table,
+                made_with: plan.tables.clone(),
                 stamp,
                 checkpoint: plan.checkpoint.clone(),
                 applied,
@@ -156,7 +160,7 @@ impl Sampler {
 /// task, and the checker's task, which ends with the pipeline.
 pub fn start(
     config: &Config,
-    mappings: Arc<Mappings>,
+    mappings: watch::Receiver<Arc<Mappings>>,
     progress: watch::Receiver<Progress>,
     stop: watch::Receiver<bool>,
 ) -> Option<Sampler> {
@@ -207,7 +211,8 @@ struct Checker {
     redis: Option<Connection>,
     /// The database refreshes are checked against (Postgres source only).
     database: Option<Database>,
-    mappings: Arc<Mappings>,
+    /// The mappings in effect (a reload replaces them).
+    mappings: watch::Receiver<Arc<Mappings>>,
     progress: watch::Receiver<Progress>,
     tally: Tally,
 }
@@ -336,8 +341,18 @@ impl Checker {
             Ok(table) => table,
             Err(why) => return Verdict::new(Outcome::Unverifiable, why),
         };
-        let refresh = self
-            .mappings
+        let mappings = self.mappings.borrow().clone();
+        let same_set = sample
+            .made_with
+            .as_ref()
+            .is_some_and(|tables| Arc::ptr_eq(tables, &mappings.origin_tables()));
+        if !same_set {
+            return Verdict::new(
+                Outcome::Unverifiable,
+                "the mappings were reloaded since the refresh was written",
+            );
+        }
+        let refresh = mappings
             .table(&table)
             .and_then(|mapping| mapping.refresh.iter().find(|r| r.origin == sample.origin));
         let Some(refresh) = refresh else {

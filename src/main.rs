@@ -515,6 +515,15 @@ fn run(path: &Path, until: Option<String>) -> anyhow::Result<ExitCode> {
             tokio::spawn(evictd::internal::serve(listener, admin));
             tracing::info!(%address, "admin endpoint: /metrics /healthz /readyz");
         }
+        // SIGHUP: read, check and apply the mapping files now.
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let reload = running.reload_handle();
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the mappings");
+                reload.reload();
+            }
+        });
         let stop = async {
             let mut terminate =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -35,6 +35,32 @@ impl Default for Limits {
 
 /// Loads every `*.toml` file of `dir`, in name order.
 pub fn load_dir(dir: &Path, limits: Limits) -> Result<Mappings, Vec<Diagnostic>> {
+    let DirFiles {
+        files,
+        mut diagnostics,
+    } = read_dir(dir)?;
+    let compiled = load_files(&files, limits);
+    match (compiled, diagnostics.is_empty()) {
+        (Ok(mappings), true) => Ok(mappings),
+        (Ok(_), false) => Err(diagnostics),
+        (Err(mut more), _) => {
+            diagnostics.append(&mut more);
+            Err(diagnostics)
+        }
+    }
+}
+
+/// The mapping files of a directory as read: (path, text) in name order,
+/// and what could not be read.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct DirFiles {
+    pub files: Vec<(PathBuf, String)>,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// Reads every `*.toml` file of `dir`, in name order: the IO half of
+/// [`load_dir`] (live reload compares what it read before compiling).
+pub fn read_dir(dir: &Path) -> Result<DirFiles, Vec<Diagnostic>> {
     let entries = std::fs::read_dir(dir).map_err(|error| {
         vec![Diagnostic::general(format!(
             "cannot read the mappings directory {}: {error}",
@@ -78,15 +104,7 @@ pub fn load_dir(dir: &Path, limits: Limits) -> Result<Mappings, Vec<Diagnostic>>
             }
         }
     }
-    let compiled = load_files(&files, limits);
-    match (compiled, diagnostics.is_empty()) {
-        (Ok(mappings), true) => Ok(mappings),
-        (Ok(_), false) => Err(diagnostics),
-        (Err(mut more), _) => {
-            diagnostics.append(&mut more);
-            Err(diagnostics)
-        }
-    }
+    Ok(DirFiles { files, diagnostics })
 }
 
 /// Loads one mapping file's text; `path` is only used in locations.

@@ -143,6 +143,22 @@ impl Batcher {
         self.stats
     }
 
+    /// Whether a streamed transaction is open (begun, neither committed nor
+    /// aborted): mappings may change only when none is.
+    pub fn has_open_streams(&self) -> bool {
+        !self.streams.is_empty()
+    }
+
+    /// Maps every event from now on with `mappings` (a reload). What is
+    /// pending is cut into a plan first, since its origins belong to the
+    /// old set. Call it between transactions with no streamed one open.
+    pub fn set_mappings(&mut self, mappings: Arc<Mappings>, ready: &mut Vec<Plan>) {
+        debug_assert!(self.streams.is_empty(), "no streamed transaction is open");
+        ready.extend(self.take());
+        self.planner = Planner::for_mappings(&mappings);
+        self.mappings = mappings;
+    }
+
     /// Nothing pending and no streamed transaction open: every event seen
     /// so far is in a plan already handed out.
     pub fn is_idle(&self) -> bool {

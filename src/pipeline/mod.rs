@@ -18,12 +18,13 @@
 //! schema health behind `/readyz` ([`schema`]).
 
 pub(crate) mod batcher;
+pub(crate) mod reload;
 pub(crate) mod schema;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 
 use self::schema::{Problems, SchemaHealth};
@@ -94,7 +95,11 @@ pub struct Running {
     pub acked: watch::Receiver<Lsn>,
     pub lag: Arc<Mutex<Lag>>,
     pub epoch: String,
+    /// The mappings in effect (a reload replaces them at a transaction
+    /// boundary).
+    pub mappings: watch::Receiver<Arc<Mappings>>,
     stop: watch::Sender<bool>,
+    reload: Arc<Notify>,
     task: JoinHandle<Result<Ended, Error>>,
 }
 
@@ -131,6 +136,19 @@ impl Running {
         )
     }
 
+    /// Asks for the mapping files to be read, checked and, if they pass,
+    /// put in effect now (SIGHUP under `evictd run`), whether or not they
+    /// changed; the outcome is logged and counted in
+    /// `evictd_mapping_reloads_total`.
+    pub fn reload(&self) {
+        self.reload.notify_one();
+    }
+
+    /// What asks for a reload, for a task of its own (a signal handler).
+    pub fn reload_handle(&self) -> ReloadHandle {
+        ReloadHandle(self.reload.clone())
+    }
+
     /// Asks the pipeline to stop: it finishes or abandons the batch in
     /// flight and sends a final status update.
     pub fn stop(&self) {
@@ -147,6 +165,16 @@ impl Running {
                 join,
             )),
         }
+    }
+}
+
+/// Asks a running pipeline to reload its mappings (see [`Running::reload`]).
+#[derive(Clone)]
+pub struct ReloadHandle(Arc<Notify>);
+
+impl ReloadHandle {
+    pub fn reload(&self) {
+        self.0.notify_one();
     }
 }
 
@@ -178,7 +206,10 @@ pub(crate) struct Stages {
     pub acked: watch::Sender<Lsn>,
     pub stop: watch::Receiver<bool>,
     pub source: watch::Sender<SourceState>,
+    /// With the Postgres source, runs the live catalog checks.
     pub schema: SchemaHealth,
+    /// The mappings in effect; the reloader sends new ones.
+    pub mappings: watch::Receiver<Arc<Mappings>>,
     pub apply_task: JoinHandle<Result<(), Error>>,
 }
 
@@ -191,12 +222,15 @@ pub(crate) struct Handles {
     acked: watch::Receiver<Lsn>,
     lag: Arc<Mutex<Lag>>,
     epoch: String,
+    mappings: watch::Receiver<Arc<Mappings>>,
     stop: watch::Sender<bool>,
+    reload: Arc<Notify>,
 }
 
 impl Stages {
-    /// Creates the channels and starts the apply task.
-    pub fn start(config: &Config, mappings: &Arc<Mappings>) -> Result<(Stages, Handles), Error> {
+    /// Creates the channels and starts the apply task and the mappings'
+    /// reloader.
+    pub fn start(config: &Config, mappings: Arc<Mappings>) -> Result<(Stages, Handles), Error> {
         let broadcast = Broadcast::new(&config.redis.l1_channel, config.redis.l1_log_len);
         let epoch = broadcast.epoch().to_owned();
         let sink = RedisSink::new(&config.redis, broadcast)?;
@@ -207,10 +241,27 @@ impl Stages {
         let (source_tx, source_rx) = watch::channel(SourceState::Connecting);
         let (redis_tx, redis_rx) = watch::channel(None);
         let lag = Arc::new(Mutex::new(Lag::default()));
+        let (live_tx, live_rx) = watch::channel(mappings);
         let (schema, schema_rx) = SchemaHealth::new();
+        let schema = match (&config.source, &config.postgres.url) {
+            (SourceKind::Postgres, Some(url)) => schema.with_live_checks(
+                url.clone(),
+                config.postgres.publication.clone(),
+                live_rx.clone(),
+            ),
+            _ => schema,
+        };
+        let reload = Arc::new(Notify::new());
+        reload::spawn(
+            config,
+            live_tx,
+            schema.clone(),
+            reload.clone(),
+            stop_rx.clone(),
+        );
         let audit = crate::audit::start(
             config,
-            Arc::clone(mappings),
+            live_rx.clone(),
             progress_rx.clone(),
             stop_rx.clone(),
         );
@@ -230,6 +281,7 @@ impl Stages {
             stop: stop_rx,
             source: source_tx,
             schema,
+            mappings: live_rx.clone(),
             apply_task,
         };
         let handles = Handles {
@@ -240,7 +292,9 @@ impl Stages {
             acked: acked_rx,
             lag,
             epoch,
+            mappings: live_rx,
             stop: stop_tx,
+            reload,
         };
         Ok((stages, handles))
     }
@@ -256,7 +310,9 @@ impl Handles {
             acked: self.acked,
             lag: self.lag,
             epoch: self.epoch,
+            mappings: self.mappings,
             stop: self.stop,
+            reload: self.reload,
             task,
         }
     }

@@ -44,7 +44,8 @@ pub struct SchemaHealth {
 struct LiveCheck {
     url: SecretUrl,
     publication: String,
-    mappings: Arc<Mappings>,
+    /// The running mappings (a reload replaces them).
+    mappings: watch::Receiver<Arc<Mappings>>,
 }
 
 impl SchemaHealth {
@@ -63,7 +64,7 @@ impl SchemaHealth {
         mut self,
         url: SecretUrl,
         publication: String,
-        mappings: Arc<Mappings>,
+        mappings: watch::Receiver<Arc<Mappings>>,
     ) -> SchemaHealth {
         self.live = Some(LiveCheck {
             url,
@@ -106,12 +107,27 @@ impl SchemaHealth {
         let Some(live) = &self.live else {
             return Vec::new();
         };
+        let mappings = live.mappings.borrow().clone();
         let findings = async {
             let client = crate::catalog::connect(&live.url).await?;
-            crate::catalog::check_by_table(&live.mappings, &client, &live.publication).await
+            crate::catalog::check_by_table(&mappings, &client, &live.publication).await
         };
         match findings.await {
             Ok(findings) => {
+                // A table a reload stopped mapping has no problems any more.
+                let gone: Vec<String> = self
+                    .problems
+                    .borrow()
+                    .keys()
+                    .filter(|(subject, origin)| {
+                        *origin == Origin::LiveCheck
+                            && !findings.tables.iter().any(|(s, _)| s == subject)
+                    })
+                    .map(|(subject, _)| subject.clone())
+                    .collect();
+                for subject in gone {
+                    self.report(&subject, Origin::LiveCheck, None);
+                }
                 for (subject, diagnostics) in &findings.tables {
                     let problem = (!diagnostics.is_empty()).then(|| {
                         diagnostics

@@ -20,7 +20,6 @@ use crate::source::postgres::control::Control;
 pub struct Evictd {
     running: Running,
     source: Source,
-    mappings: Arc<Mappings>,
     sync_timeout: Duration,
 }
 
@@ -93,7 +92,7 @@ impl Evictd {
                 ))
             }
         };
-        let running = pipeline::start(config, mappings.clone(), options)
+        let running = pipeline::start(config, mappings, options)
             .map_err(|e| TestkitError::Start(format!("evictd did not start: {e}")))?;
         // Changes committed after start() returns must be seen: wait until
         // the slot exists and streams (or the partitions are assigned).
@@ -104,7 +103,6 @@ impl Evictd {
         Ok(Evictd {
             running,
             source,
-            mappings,
             sync_timeout: Duration::from_secs(30),
         })
     }
@@ -114,8 +112,9 @@ impl Evictd {
         &self.running
     }
 
-    pub fn mappings(&self) -> &Mappings {
-        &self.mappings
+    /// The mappings in effect (a reload replaces them).
+    pub fn mappings(&self) -> Arc<Mappings> {
+        self.running.mappings.borrow().clone()
     }
 
     /// The L1 broadcast epoch of this run.
@@ -127,6 +126,13 @@ impl Evictd {
     /// so far: on Postgres, up to the database's current WAL position; on
     /// Kafka, every record of the topics (the group committed their ends).
     /// Returns that position.
+    /// Reads, checks and applies the mapping files now (what SIGHUP does
+    /// under `evictd run`); the files are also watched, see
+    /// `mappings.watch`.
+    pub fn reload_mappings(&self) {
+        self.running.reload();
+    }
+
     pub async fn sync(&self) -> Result<Checkpoint, TestkitError> {
         self.sync_within(self.sync_timeout).await
     }

@@ -28,6 +28,7 @@ mod mapping_errors;
 mod reconnect;
 mod redis_outage;
 mod redis_tls;
+mod reload;
 mod silence;
 mod testkit_example;
 mod tls;

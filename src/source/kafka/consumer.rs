@@ -141,7 +141,7 @@ pub fn consumer_config(config: &KafkaConfig) -> ClientConfig {
 /// Subscribes and starts the consumer thread.
 pub fn spawn(
     config: &KafkaConfig,
-    mappings: Arc<Mappings>,
+    mappings: tokio::sync::watch::Receiver<Arc<Mappings>>,
     capacity: usize,
 ) -> Result<ConsumerHandle, Error> {
     let (events_tx, events) = mpsc::channel(capacity);
@@ -430,7 +430,8 @@ fn commit(consumer: &BaseConsumer<Context>, mode: CommitMode) {
 
 struct Worker {
     consumer: BaseConsumer<Context>,
-    mappings: Arc<Mappings>,
+    /// The mappings in effect (a reload replaces them).
+    mappings: tokio::sync::watch::Receiver<Arc<Mappings>>,
     decoder: Decoder,
     commit_interval: Duration,
     done: std_mpsc::Sender<()>,
@@ -463,7 +464,8 @@ impl Worker {
                     continue;
                 }
                 Some(Ok(message)) => {
-                    let record = record(&mut self.decoder, &self.mappings, &message);
+                    let mappings = self.mappings.borrow().clone();
+                    let record = record(&mut self.decoder, &mappings, &message);
                     drop(message);
                     if !context.push(record) {
                         break;

@@ -60,10 +60,13 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
         ),
         _ => None,
     };
-    let (stages, handles) = Stages::start(config, &mappings)?;
-    let handle = consumer::spawn(&kafka, mappings.clone(), EVENT_CHANNEL_CAPACITY)?;
+    let (stages, handles) = Stages::start(config, mappings.clone())?;
+    let handle = consumer::spawn(&kafka, stages.mappings.clone(), EVENT_CHANNEL_CAPACITY)?;
+    let mut live = stages.mappings;
+    live.mark_unchanged();
     let session = Session {
         batcher: Batcher::new(mappings, BatchLimits::of(config)),
+        mappings: live,
         ready: Vec::new(),
         max_wait: Duration::from_millis(config.batch.max_wait_ms),
         batch_started: None,
@@ -91,6 +94,9 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
 
 struct Session {
     batcher: Batcher,
+    /// The mappings in effect: a reload is taken between records (each is
+    /// a transaction of its own).
+    mappings: watch::Receiver<Arc<Mappings>>,
     /// Plans the batcher cut, not yet sent.
     ready: Vec<Plan>,
     max_wait: Duration,
@@ -250,6 +256,11 @@ impl Session {
     ) -> Result<(), Error> {
         if self.halted.is_some() {
             return Ok(());
+        }
+        if self.mappings.has_changed().unwrap_or(false) {
+            let mappings = self.mappings.borrow_and_update().clone();
+            self.batcher.set_mappings(mappings, &mut self.ready);
+            tracing::info!("the reloaded mappings are in effect");
         }
         let Record {
             partition,

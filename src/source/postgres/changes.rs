@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::conn::pg_time;
-use super::pgoutput::{Message, OldKind, Relation, Tuple, Value};
+use super::pgoutput::{Column, Message, OldKind, Relation, Tuple, Value};
 use crate::change::{Checkpoint, Datum, Event, Lsn, Op, Row, RowChange, TableName};
 use crate::error::{Error, ErrorKind};
 use crate::mapping::{message, Mappings};
@@ -30,6 +30,55 @@ struct RelationShape {
     wanted: Vec<bool>,
     /// Whether any mapping covers the table at all.
     mapped: bool,
+    /// The Relation message it was made from, to be made again under
+    /// other mappings.
+    described: Described,
+}
+
+/// An owned copy of a Relation message.
+struct Described {
+    id: u32,
+    namespace: Box<str>,
+    name: Box<str>,
+    replica_identity: u8,
+    /// (name, type OID, type modifier, part of the key)
+    columns: Vec<(Box<str>, u32, i32, bool)>,
+}
+
+impl Described {
+    fn of(relation: &Relation<'_>) -> Described {
+        Described {
+            id: relation.id,
+            namespace: relation.namespace.into(),
+            name: relation.name.into(),
+            replica_identity: relation.replica_identity,
+            columns: relation
+                .columns
+                .iter()
+                .map(|c| (c.name.into(), c.type_oid, c.type_modifier, c.key))
+                .collect(),
+        }
+    }
+
+    fn relation(&self) -> Relation<'_> {
+        Relation {
+            xid: None,
+            id: self.id,
+            namespace: &self.namespace,
+            name: &self.name,
+            replica_identity: self.replica_identity,
+            columns: self
+                .columns
+                .iter()
+                .map(|(name, type_oid, type_modifier, key)| Column {
+                    key: *key,
+                    name,
+                    type_oid: *type_oid,
+                    type_modifier: *type_modifier,
+                })
+                .collect(),
+        }
+    }
 }
 
 /// How a column's text becomes a [`Datum`].
@@ -334,8 +383,24 @@ impl ChangeDecoder {
                 .collect(),
             mapped: mapping.is_some(),
             table,
+            described: Described::of(relation),
         };
         self.relations.insert(relation.id, shape);
+    }
+
+    /// Decodes with `mappings` from now on (a reload): every relation seen
+    /// so far is made again, so that a newly mapped table's changes are
+    /// decoded and an unmapped one's are not. Call it between transactions.
+    pub fn set_mappings(&mut self, mappings: Arc<Mappings>) {
+        self.mappings = mappings;
+        let described: Vec<Described> = self
+            .relations
+            .drain()
+            .map(|(_, shape)| shape.described)
+            .collect();
+        for relation in &described {
+            self.relation(&relation.relation());
+        }
     }
 
     /// The relation's shape when some mapping covers it.

@@ -281,6 +281,42 @@ impl Control {
         }
     }
 
+    /// Adds those of `tables` that exist and are not in the publication
+    /// to it (nothing for a publication `FOR ALL TABLES`, or one that does
+    /// not exist); returns the tables added.
+    pub async fn add_to_publication(&self, tables: &[&TableName]) -> Result<Vec<TableName>, Error> {
+        let setup_error = |e| Error::postgres("cannot add a table to the publication", e);
+        let all_tables = self
+            .client
+            .query_opt(
+                "select puballtables from pg_publication where pubname = $1",
+                &[&self.publication],
+            )
+            .await
+            .map_err(query_error)?
+            .map(|row| row.get::<_, bool>(0));
+        if all_tables != Some(false) {
+            return Ok(Vec::new());
+        }
+        let mut added = Vec::new();
+        for table in tables {
+            let row = self
+                .client
+                .query_one(
+                    "select to_regclass(format('%I.%I', $2::text, $3::text)) is not null                        and not exists (select 1 from pg_publication_tables                                        where pubname = $1 and schemaname = $2 and tablename = $3),                      format('ALTER PUBLICATION %I ADD TABLE %I.%I', $1::text, $2::text, $3::text)",
+                    &[&self.publication, &&*table.schema, &&*table.name],
+                )
+                .await
+                .map_err(query_error)?;
+            if row.get::<_, bool>(0) {
+                let sql: String = row.get(1);
+                self.client.batch_execute(&sql).await.map_err(setup_error)?;
+                added.push((*table).clone());
+            }
+        }
+        Ok(added)
+    }
+
     /// Drops the slot (it must not be streaming).
     pub async fn drop_slot(&self) -> Result<(), Error> {
         self.client

@@ -32,6 +32,7 @@ use super::pgoutput;
 use crate::apply::{Progress, Request};
 use crate::change::{Checkpoint, Event, Lsn};
 use crate::error::{Error, ErrorKind};
+use crate::mapping::Mappings;
 use crate::pipeline::batcher::Batcher;
 use crate::pipeline::schema::{Origin, SchemaHealth};
 use crate::pipeline::Ended;
@@ -56,6 +57,8 @@ pub struct Replication {
     pub scratch: Scratch,
     /// Where drift of mapped tables seen in Relation messages goes.
     pub schema: SchemaHealth,
+    /// The mappings in effect: a reload is taken between transactions.
+    pub mappings: watch::Receiver<Arc<Mappings>>,
 }
 
 /// Buffers reused from message to message.
@@ -234,6 +237,19 @@ impl Replication {
         ready: &mut VecDeque<Plan>,
     ) -> Result<(), Error> {
         let in_stream = self.decoder.in_stream_block();
+        let Scratch { events, cut } = &mut self.scratch;
+        // A reload is taken between transactions, with no streamed one
+        // open, so that no transaction is mapped by two sets.
+        if !in_stream
+            && !self.decoder.in_transaction()
+            && !self.batcher.has_open_streams()
+            && self.mappings.has_changed().unwrap_or(false)
+        {
+            let mappings = self.mappings.borrow_and_update().clone();
+            self.batcher.set_mappings(mappings.clone(), cut);
+            self.decoder.set_mappings(mappings);
+            tracing::info!("the reloaded mappings are in effect");
+        }
         let message = pgoutput::decode(data, in_stream).map_err(|e| {
             Error::with_source(
                 ErrorKind::Protocol,
@@ -241,7 +257,6 @@ impl Replication {
                 e,
             )
         })?;
-        let Scratch { events, cut } = &mut self.scratch;
         self.decoder.handle(message, events)?;
         for change in self.decoder.take_schema_changes() {
             self.schema

@@ -34,20 +34,15 @@ const STANDBY_POLL: Duration = Duration::from_secs(1);
 
 /// Starts the Postgres source's supervisor and the apply task.
 pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Result<Running, Error> {
-    let Some(url) = config.postgres.url.clone() else {
+    if config.postgres.url.is_none() {
         return Err(Error::new(ErrorKind::Config, "postgres.url is not set"));
-    };
-    let (stages, handles) = Stages::start(config, &mappings)?;
-    let schema = stages.schema.clone().with_live_checks(
-        url,
-        config.postgres.publication.clone(),
-        mappings.clone(),
-    );
+    }
+    let (stages, handles) = Stages::start(config, mappings)?;
     let supervisor = Supervisor {
-        schema,
+        schema: stages.schema,
         memory: RelationMemory::default(),
         config: config.clone(),
-        mappings,
+        mappings: stages.mappings,
         options,
         plans: stages.plans,
         sent_plans: Arc::new(AtomicU64::new(0)),
@@ -89,7 +84,8 @@ impl Supervisor {
         if matches!(&state, SlotState::Present { wal_status, .. } if wal_status == "lost") {
             control.drop_slot().await?;
         }
-        if control.ensure(&self.mappings, postgres.create_slot).await? {
+        let mappings = self.mappings.borrow().clone();
+        if control.ensure(&mappings, postgres.create_slot).await? {
             tracing::info!(slot = %postgres.slot, "created the replication slot: streaming starts from now");
         }
         self.request(Request::Remember(Record {
@@ -107,7 +103,7 @@ impl Supervisor {
             } => confirmed_flush,
             SlotState::Missing => Lsn(0),
         };
-        let mut batcher = Batcher::new(self.mappings.clone(), self.limits());
+        let mut batcher = Batcher::new(mappings.clone(), self.limits());
         let mut ready = Vec::new();
         batcher.invalidate_everything(&mut ready);
         let commit = Event::Commit {
@@ -127,7 +123,7 @@ impl Supervisor {
             .await
             .map_err(|_| Error::new(ErrorKind::Shutdown, "the apply task ended"))?;
         batcher.record_metrics();
-        tracing::warn!(slot = %postgres.slot, tables = self.mappings.tables().count(), "coarse invalidation applied; streaming resumes");
+        tracing::warn!(slot = %postgres.slot, tables = mappings.tables().count(), "coarse invalidation applied; streaming resumes");
         Ok(())
     }
 
@@ -184,7 +180,8 @@ struct Supervisor {
     schema: SchemaHealth,
     /// Mapped relations by OID, across sessions.
     memory: RelationMemory,
-    mappings: Arc<Mappings>,
+    /// The mappings in effect; each session starts with the newest.
+    mappings: watch::Receiver<Arc<Mappings>>,
     options: Options,
     plans: mpsc::Sender<Request>,
     sent_plans: Arc<AtomicU64>,
@@ -315,11 +312,14 @@ impl Supervisor {
         );
         conn.start_replication(&command).await?;
         tracing::info!(slot = %self.config.postgres.slot, server_version = conn.server_version(), "streaming started");
+        let mut live = self.mappings.clone();
+        let mappings = live.borrow_and_update().clone();
         Ok(Replication {
             conn,
-            decoder: ChangeDecoder::with_memory(self.mappings.clone(), self.memory.clone()),
+            decoder: ChangeDecoder::with_memory(mappings.clone(), self.memory.clone()),
             schema: self.schema.clone(),
-            batcher: Batcher::new(self.mappings.clone(), self.limits()),
+            batcher: Batcher::new(mappings, self.limits()),
+            mappings: live,
             plans: self.plans.clone(),
             sent_plans: self.sent_plans.clone(),
             progress: self.progress.clone(),
