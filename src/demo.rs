@@ -40,6 +40,8 @@ const WORKLOAD: &[(&str, &str)] = &[
     ("a rolled-back order", "begin; insert into orders (id, user_id) values (101, 1); rollback"),
     ("two orders in one transaction", "insert into orders (id, user_id, total) values (102, 1, 5), (103, 2, 7)"),
     ("an order is cancelled", "delete from orders where id = 102"),
+    ("the order ships (it leaves `when`: Bob's open orders go once more)", "update orders set status = 'shipped' where id = 100"),
+    ("an invalidation from SQL, in the application's transaction", "begin; update products set price = 35 where id = 10; select evictd_invalidate(keys => array['report:sales'], prefixes => array['search:books:']); commit"),
 ];
 
 /// Runs the demo, printing to stdout.
@@ -76,11 +78,12 @@ pub async fn run(migrations: &Path, mappings_dir: &Path) -> Result<(), DemoError
         mappings_dir.display()
     );
 
-    let config = Config::with_defaults(
+    let mut config = Config::with_defaults(
         SecretUrl::parse(&url).map_err(setup("url"))?,
         SecretUrl::parse(&redis.url()).map_err(setup("url"))?,
         mappings_dir.to_path_buf(),
     );
+    config.mappings.sql_messages = true;
     let pubsub_client =
         redis::Client::open(redis.url()).map_err(|e| setup("redis")(e.to_string()))?;
     let mut pubsub = pubsub_client

@@ -834,10 +834,18 @@ fn explain(dir: &Path, table: &str, op: &str, rows: Rows<'_>) -> anyhow::Result<
             describe(&mappings, &change, default, &note.kind)
         );
     }
+    let mapping = mappings.table(&change.table);
     for command in &plan.commands {
+        let origin = command.origin();
+        let deciders = mapping.map(|m| m.deciders(origin)).unwrap_or_default();
+        let decided = if deciders.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", deciders.join("; "))
+        };
         println!(
-            "{command}  # {}",
-            mappings.origin(command.origin()).file_line()
+            "{command}  # {}{decided}",
+            mappings.origin(origin).file_line()
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -149,6 +149,34 @@ impl TableMapping {
         own.chain(keys).chain(refreshes)
     }
 
+    /// What shaped the commands of the rule written at `origin`, as
+    /// written: the conditions that govern it (the entry's, then its own)
+    /// and the placeholders that transform their value or reach into json.
+    /// For `explain`.
+    pub fn deciders(&self, origin: OriginId) -> Vec<String> {
+        let own = self
+            .keys
+            .iter()
+            .find(|rule| rule.origin == origin)
+            .and_then(|rule| rule.when.as_ref())
+            .or_else(|| {
+                self.refresh
+                    .iter()
+                    .find(|r| r.origin == origin)
+                    .and_then(|r| r.when.as_ref())
+            });
+        let conditions = self
+            .when
+            .iter()
+            .chain(own)
+            .map(|when| format!("when \"{}\"", when.source()));
+        let shaped = self
+            .templates()
+            .filter(|(_, at)| *at == origin)
+            .flat_map(|(template, _)| template.shaped());
+        conditions.chain(shaped).collect()
+    }
+
     /// Every key, tag and namespace template with its origin: these are
     /// rendered from the old row on updates and deletes.
     pub fn templates(&self) -> impl Iterator<Item = (&Template, OriginId)> {

@@ -55,6 +55,19 @@ impl Transform {
     pub const NAMES: [&'static str; 7] =
         ["lower", "upper", "trim", "date", "hour", "month", "hash"];
 
+    /// The name a placeholder writes it with.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transform::Lower => "lower",
+            Transform::Upper => "upper",
+            Transform::Trim => "trim",
+            Transform::Date => "date",
+            Transform::Hour => "hour",
+            Transform::Month => "month",
+            Transform::Hash => "hash",
+        }
+    }
+
     fn parse(name: &str) -> Option<Transform> {
         Some(match name {
             "lower" => Transform::Lower,
@@ -239,6 +252,30 @@ impl Template {
     /// The template as written.
     pub fn source(&self) -> &str {
         &self.source
+    }
+
+    /// Placeholders that shape their value (a transform or a json path),
+    /// as written (`{email|lower}`, `{payload.slug}`), for `explain`.
+    pub fn shaped(&self) -> Vec<String> {
+        self.parts
+            .iter()
+            .filter_map(|part| match part {
+                Part::Column(p) if p.transform.is_some() || !p.path.is_empty() => {
+                    let mut text = format!("{{{}", p.column);
+                    for step in &*p.path {
+                        text.push('.');
+                        text.push_str(step);
+                    }
+                    if let Some(transform) = p.transform {
+                        text.push('|');
+                        text.push_str(transform.name());
+                    }
+                    text.push('}');
+                    Some(text)
+                }
+                _ => None,
+            })
+            .collect()
     }
 
     /// The columns the template reads, in order of appearance.

@@ -154,6 +154,8 @@ fn explain_an_order_moving_between_users_prints_both_users_keys() {
         "UNLINK user:1:orders  # MAPPINGS/orders.toml:6",
         "UNLINK user:2:orders  # MAPPINGS/orders.toml:6",
         "UNLINK order:7  # MAPPINGS/orders.toml:6",
+        r#"UNLINK user:1:open_orders  # MAPPINGS/orders.toml:19 (when "status in ('new', 'paid')")"#,
+        r#"UNLINK user:2:open_orders  # MAPPINGS/orders.toml:19 (when "status in ('new', 'paid')")"#,
         "TAG user:1  # MAPPINGS/orders.toml:7",
         "TAG user:2  # MAPPINGS/orders.toml:7",
         r#"SET order:7:summary {"id":7,"user_id":2,"status":"new","total":"12.50"} EX 900  # MAPPINGS/orders.toml:11"#,
@@ -352,7 +354,9 @@ fn explain_shows_what_replica_identity_default_sends() {
         [
             "UNLINK user:2:orders",
             "UNLINK order:7",
+            "UNLINK user:2:open_orders",
             "UNLINK MATCH user:*:orders",
+            "UNLINK MATCH user:*:open_orders",
             "TAG user:2",
             "TAG MATCH user:*",
             r#"SET order:7:summary {"id":7,"user_id":2,"status":"new","total":"12.50"} EX 900"#,
@@ -360,7 +364,10 @@ fn explain_shows_what_replica_identity_default_sends() {
     );
     assert!(
         notes.contains("an update that keeps its key sends no old row")
-            && notes.contains("REPLICA IDENTITY DEFAULT does not send the old user_id"),
+            && notes.contains("REPLICA IDENTITY DEFAULT does not send the old user_id")
+            && notes.contains(
+                "`when = \"status in ('new', 'paid')\"` is taken as true for the old row"
+            ),
         "{notes}"
     );
     // An old row given under DEFAULT is cut down to its key.
@@ -525,4 +532,42 @@ fn the_declared_rust_version_is_what_the_locked_dependencies_need() {
             needed.1
         );
     }
+}
+
+#[test]
+fn explain_names_the_transform_and_the_json_path_behind_a_key() {
+    let dir = mapping_dir(&[(
+        "m.toml",
+        "[[table]]\nname = \"events\"\nkeys = [\"user:email:{email|lower}\", \"event:{payload.slug}\"]\nwhen = \"kind <> 'noise'\"\n",
+    )]);
+    let output = evictd(&[
+        "explain",
+        "--mappings",
+        dir.path().to_str().unwrap(),
+        "--table",
+        "events",
+        "--op",
+        "insert",
+        "--new",
+        r#"{"id": 1, "email": "Ada@Example.com", "kind": "signup", "payload": {"slug": "launch"}}"#,
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let lines: Vec<String> = stdout(&output)
+        .lines()
+        .map(|line| {
+            line.split_once("  # ")
+                .map(|(command, at)| {
+                    let decided = at.split_once(' ').map_or("", |(_, decided)| decided);
+                    format!("{command} {decided}")
+                })
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            r#"UNLINK user:email:ada@example.com (when "kind <> 'noise'"; {email|lower})"#,
+            r#"UNLINK event:launch (when "kind <> 'noise'"; {payload.slug})"#,
+        ]
+    );
 }
