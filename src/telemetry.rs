@@ -56,6 +56,8 @@ pub const KAFKA_ASSIGNED_PARTITIONS: &str = "evictd_kafka_assigned_partitions";
 /// Prefix deletes applied (a mapping's `prefixes`: SCAN on every master),
 /// by `table`; the keys they deleted are `keys_invalidated{mode="prefix"}`.
 pub const PREFIX_DELETES: &str = "evictd_prefix_deletes_total";
+/// SCAN calls made by pattern, prefix and coarse invalidations.
+pub const SCAN_PAGES: &str = "evictd_scan_pages_total";
 /// Invalidations from SQL messages, by `outcome` (applied, malformed,
 /// disabled).
 pub const SQL_MESSAGES: &str = "evictd_sql_messages_total";
@@ -175,6 +177,10 @@ pub fn describe() {
     describe_counter!(
         PREFIX_DELETES,
         "Prefix deletes applied (SCAN on every master), by table"
+    );
+    describe_counter!(
+        SCAN_PAGES,
+        "SCAN calls of pattern, prefix and coarse invalidations (COUNT 1000 each, on every master)"
     );
     describe_counter!(
         SQL_MESSAGES,

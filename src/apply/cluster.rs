@@ -370,6 +370,7 @@ impl ClusterSink {
                     scan.arg("TYPE").arg(kind);
                 }
                 stats.round_trips += 1;
+                stats.scan_pages += 1;
                 let value = route(connection, scan, node, self.timeout).await?;
                 let (next, keys): (u64, Vec<String>) =
                     redis::from_redis_value(value).map_err(|e| {

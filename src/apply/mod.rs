@@ -298,6 +298,7 @@ fn record(plan: &Plan, stats: &ApplyStats, took: Duration, lag: &Mutex<Lag>) {
         metrics::counter!(telemetry::KEYS_INVALIDATED, "table" => table.to_string(), "mode" => mode.as_str()).increment(*keys);
     }
     metrics::counter!(telemetry::REDIS_COMMANDS, "outcome" => "ok").increment(stats.commands);
+    metrics::counter!(telemetry::SCAN_PAGES).increment(stats.scan_pages);
     for command in &plan.commands {
         if let Command::UnlinkMatching {
             prefix: true,

@@ -286,6 +286,7 @@ impl StandaloneSink {
         if let Some(kind) = kind {
             scan.arg("TYPE").arg(kind);
         }
+        stats.scan_pages += 1;
         self.query(connection, &scan, stats).await
     }
 

@@ -24,6 +24,9 @@ pub struct ApplyStats {
     pub commands: u64,
     pub keys: u64,
     pub round_trips: u64,
+    /// SCAN calls of pattern, prefix and coarse invalidations (each looks
+    /// at about SCAN_COUNT keys).
+    pub scan_pages: u64,
     /// The keys each pattern command of the plan deleted (the members of
     /// the matching tag sets, for a tag pattern), in plan order.
     pub matched: Vec<u64>,

@@ -598,6 +598,7 @@ when = "status <> 'shipped'"
 
 #[tokio::test]
 async fn a_prefix_delete_through_real_wal() {
+    let recorder = evictd::internal::telemetry::recorder();
     const PREFIXED: &str = r#"
 [[table]]
 name = "users"
@@ -618,6 +619,13 @@ prefixes = ["user:{id}:"]
         .await;
     s.sync().await;
     assert_eq!(s.cached(&keys).await, ["user:10:orders", "user:2:orders"]);
+    // The keyspace the prefix walked is counted.
+    let pages: u64 = recorder
+        .render()
+        .lines()
+        .find_map(|line| line.strip_prefix("evictd_scan_pages_total ")?.parse().ok())
+        .unwrap_or(0);
+    assert!(pages >= 1, "evictd_scan_pages_total {pages}");
     let status = evictd::internal::lifecycle::status(&s.config)
         .await
         .expect("status");
