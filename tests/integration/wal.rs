@@ -766,3 +766,51 @@ async fn invalidations_from_sql_are_skipped_while_off() {
     s.sync().await;
     assert_eq!(s.cached(&["message:1", "order:1"]).await, ["message:1"]);
 }
+
+#[tokio::test]
+async fn json_paths_and_transforms_through_real_wal() {
+    const SCHEMA: &str = "
+        create table events (
+            id bigint primary key,
+            email text not null,
+            payload jsonb,
+            doc json,
+            created_at timestamptz not null
+        );
+        alter table events replica identity full;
+        create publication evictd for table events;
+    ";
+    const EVENTS: &str = r#"
+[[table]]
+name = "events"
+keys = [
+    "event:{payload.slug}",
+    "item:{payload.items.0.id}",
+    "doc:{doc.meta.kind|upper}",
+    "user:email:{email|lower}",
+    "day:{created_at|date}",
+    "title:{payload.title|hash}",
+]
+"#;
+    let mut s = Streaming::start(SCHEMA, &[("events.toml", EVENTS)]).await;
+    let keys = [
+        "event:launch",
+        "item:42",
+        "doc:NOTE",
+        "user:email:ada@example.com",
+        "day:2024-01-31",
+        "title:a430d84680aabd0b",
+        "event:other",
+    ];
+    s.seed(&keys).await;
+    s.db.execute(
+        r#"set timezone = 'Europe/Berlin';
+           insert into events values (1, 'Ada@Example.COM',
+             '{"slug": "launch", "items": [{"id": 42}], "title": "hello"}',
+             '{"meta": {"kind": "note"}}',
+             '2024-01-31 23:30:00+00')"#,
+    )
+    .await;
+    s.sync().await;
+    assert_eq!(s.cached(&keys).await, ["event:other"]);
+}
