@@ -41,6 +41,7 @@ mod catalog;
 mod continuity;
 mod demo;
 mod lifecycle;
+mod purge;
 mod source;
 mod telemetry;
 mod watch;

@@ -848,6 +848,21 @@ fn explain(dir: &Path, table: &str, op: &str, rows: Rows<'_>) -> anyhow::Result<
             mappings.origin(origin).file_line()
         );
     }
+    // CDN purges go out after Redis applied the commands above.
+    let purges = plan
+        .purges
+        .all
+        .map(|origin| ("PURGE ALL".to_owned(), origin))
+        .into_iter()
+        .chain(
+            plan.purges
+                .keys
+                .iter()
+                .map(|(key, origin)| (format!("PURGE {key}"), *origin)),
+        );
+    for (purge, origin) in purges {
+        println!("{purge}  # {}", mappings.origin(origin).file_line());
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -165,6 +165,24 @@ pub struct Plan {
     /// The apply stamp written before the plan's commands, while the
     /// consistency checker runs (set by the apply task; in the broadcast).
     pub stamp: Option<u64>,
+    /// What the CDN targets purge once Redis applied the commands.
+    pub purges: Purges,
+}
+
+/// The surrogate keys a plan purges at every CDN target.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Purges {
+    /// Each key with the origin that rendered it, in plan order.
+    pub keys: Vec<(String, OriginId)>,
+    /// Purge everything instead (a surrogate key's value was not known,
+    /// or TRUNCATE), with the origin that asked.
+    pub all: Option<OriginId>,
+}
+
+impl Purges {
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.all.is_none()
+    }
 }
 
 #[derive(Debug)]
@@ -195,6 +213,10 @@ pub struct Planner {
     tags: OrderedMap<OriginId>,
     tag_patterns: OrderedMap<(OriginId, bool)>,
     bump_patterns: OrderedMap<(OriginId, bool)>,
+    /// Surrogate keys to purge at the CDN targets, and whether to purge
+    /// everything there instead (with the origin that asked).
+    purges: OrderedMap<OriginId>,
+    purge_all: Option<OriginId>,
     checkpoint: Option<Checkpoint>,
     commit_time: Option<SystemTime>,
     sent_time: Option<SystemTime>,
@@ -292,6 +314,12 @@ impl Planner {
                     .or_insert((origin, coarse))
                     .1 |= coarse;
             }
+            ActionKind::Purge(key) => {
+                self.purges.entry(key).or_insert(origin);
+            }
+            ActionKind::PurgeAll => {
+                self.purge_all.get_or_insert(origin);
+            }
         }
     }
 
@@ -327,6 +355,8 @@ impl Planner {
             + self.tags.len()
             + self.tag_patterns.len()
             + self.bump_patterns.len()
+            + self.purges.len()
+            + usize::from(self.purge_all.is_some())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -382,8 +412,20 @@ impl Planner {
             }
         }));
         commands.append(&mut refreshes);
+        let purge_all = self.purge_all.take();
+        let purges = self.purges.drain(..);
+        let purges = Purges {
+            // Purging everything covers every key.
+            keys: if purge_all.is_some() {
+                Vec::new()
+            } else {
+                purges.collect()
+            },
+            all: purge_all,
+        };
         Plan {
             commands,
+            purges,
             checkpoint: self.checkpoint.take(),
             commit_time: self.commit_time.take(),
             sent_time: self.sent_time.take(),

@@ -56,6 +56,18 @@ pub const KAFKA_ASSIGNED_PARTITIONS: &str = "evictd_kafka_assigned_partitions";
 /// Prefix deletes applied (a mapping's `prefixes`: SCAN on every master),
 /// by `table`; the keys they deleted are `keys_invalidated{mode="prefix"}`.
 pub const PREFIX_DELETES: &str = "evictd_prefix_deletes_total";
+/// CDN purge requests a target accepted, by `target`.
+pub const PURGES: &str = "evictd_purges_total";
+/// Surrogate keys purged, by `target`.
+pub const PURGE_KEYS: &str = "evictd_purge_keys_total";
+/// Purge requests that failed (each retry counts), by `target`.
+pub const PURGE_FAILURES: &str = "evictd_purge_failures_total";
+/// Purge requests a `best_effort` target gave up on, by `target`.
+pub const PURGE_DROPPED: &str = "evictd_purge_dropped_total";
+/// Time a target took to accept a purge request, by `target`.
+pub const PURGE_DURATION: &str = "evictd_purge_duration_seconds";
+/// Keys of the batch being purged still waiting at a target, by `target`.
+pub const PURGE_QUEUE_KEYS: &str = "evictd_purge_queue_keys";
 /// SCAN calls made by pattern, prefix and coarse invalidations.
 pub const SCAN_PAGES: &str = "evictd_scan_pages_total";
 /// Invalidations from SQL messages, by `outcome` (applied, malformed,
@@ -177,6 +189,25 @@ pub fn describe() {
     describe_counter!(
         PREFIX_DELETES,
         "Prefix deletes applied (SCAN on every master), by table"
+    );
+    describe_counter!(PURGES, "CDN purge requests a target accepted, by target");
+    describe_counter!(PURGE_KEYS, "Surrogate keys purged, by target");
+    describe_counter!(
+        PURGE_FAILURES,
+        "Purge requests that failed (each retry counts), by target"
+    );
+    describe_counter!(
+        PURGE_DROPPED,
+        "Purge requests a best_effort target gave up on, by target"
+    );
+    describe_histogram!(
+        PURGE_DURATION,
+        Unit::Seconds,
+        "Time a target took to accept a purge request, by target"
+    );
+    describe_gauge!(
+        PURGE_QUEUE_KEYS,
+        "Keys of the batch being purged still waiting at a target, by target"
     );
     describe_counter!(
         SCAN_PAGES,

@@ -161,6 +161,15 @@ impl Backoff {
     }
 }
 
+/// What apply does beside Redis, when configured.
+#[derive(Default)]
+pub struct Extras {
+    /// The consistency checker's side: stamps and samples (`[audit]`).
+    pub audit: Option<Sampler>,
+    /// The CDN targets, purged after Redis (`[[purge]]`).
+    pub purger: Option<crate::purge::Purger>,
+}
+
 /// How often an idle apply task checks that Redis answers (for readiness).
 const IDLE_PING: Duration = Duration::from_secs(5);
 
@@ -174,8 +183,12 @@ pub async fn run(
     redis: watch::Sender<Option<String>>,
     lag: Arc<Mutex<Lag>>,
     mut stop: watch::Receiver<bool>,
-    mut audit: Option<Sampler>,
+    extras: Extras,
 ) -> Result<(), Error> {
+    let Extras {
+        mut audit,
+        mut purger,
+    } = extras;
     let mut ping = tokio::time::interval(IDLE_PING);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -230,6 +243,14 @@ pub async fn run(
             }
         };
         redis.send_if_modified(|current| replace_if_changed(current, None));
+        // The CDN tier after Redis: a page refilled now reads the new L2.
+        if let Some(purger) = purger.as_mut() {
+            if !purger.purge(&plan.purges, &stop).await {
+                // Stopped while a target refused: not acknowledged, so the
+                // plan is read again on the next start.
+                return Ok(());
+            }
+        }
         if let (Some(audit), Some(stamp)) = (&audit, stamp) {
             audit.offer(&plan, stamp);
         }

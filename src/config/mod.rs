@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use self::read::{
-    read_admin, read_audit, read_batch, read_kafka, read_mappings, read_postgres, read_redis,
-    read_source, Section,
+    read_admin, read_audit, read_batch, read_kafka, read_mappings, read_postgres, read_purges,
+    read_redis, read_source, Section,
 };
 use crate::mapping::diagnostic::did_you_mean;
 use crate::mapping::Limits;
@@ -30,6 +30,115 @@ pub struct Config {
     pub batch: BatchConfig,
     pub admin: AdminConfig,
     pub audit: AuditConfig,
+    /// `[[purge]]`: CDN targets purged by surrogate key (see `src/purge/`).
+    pub purge: Vec<PurgeTarget>,
+}
+
+/// One `[[purge]]` target.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PurgeTarget {
+    /// Its label in metrics and logs (default: the kind); unique.
+    pub name: String,
+    pub kind: PurgeKind,
+    /// Varnish: where PURGE requests go; webhook: where it POSTs; Fastly
+    /// and Cloudflare: the API's base URL (the public one by default).
+    pub url: String,
+    /// Soft purge (Varnish `xkey.softpurge`, `Fastly-Soft-Purge: 1`).
+    pub soft: bool,
+    pub service_id: Option<String>,
+    pub zone_id: Option<String>,
+    /// The API token (Fastly, Cloudflare).
+    pub token: Option<Secret>,
+    /// The webhook's HMAC key.
+    pub secret: Option<Secret>,
+    /// Failures are counted, logged and dropped after `retries` attempts
+    /// instead of holding the acknowledgement back.
+    pub best_effort: bool,
+    /// Keys per request, at most the provider's limit.
+    pub max_keys: usize,
+    /// Requests per second, at most.
+    pub rate: f64,
+    pub timeout_ms: u64,
+    /// Attempts per request of a `best_effort` target.
+    pub retries: u32,
+}
+
+/// Which API a purge target speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PurgeKind {
+    Varnish,
+    Fastly,
+    Cloudflare,
+    Webhook,
+}
+
+impl PurgeKind {
+    pub fn parse(text: &str) -> Option<PurgeKind> {
+        Some(match text {
+            "varnish" => PurgeKind::Varnish,
+            "fastly" => PurgeKind::Fastly,
+            "cloudflare" => PurgeKind::Cloudflare,
+            "webhook" => PurgeKind::Webhook,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PurgeKind::Varnish => "varnish",
+            PurgeKind::Fastly => "fastly",
+            PurgeKind::Cloudflare => "cloudflare",
+            PurgeKind::Webhook => "webhook",
+        }
+    }
+
+    /// The most keys one request may carry: Fastly's and Cloudflare's
+    /// documented limits; for Varnish, what keeps the header short.
+    pub fn max_keys_limit(self) -> usize {
+        match self {
+            PurgeKind::Varnish => 100,
+            PurgeKind::Fastly => 256,
+            PurgeKind::Cloudflare => 100,
+            PurgeKind::Webhook => 10_000,
+        }
+    }
+
+    /// The public API, for the providers that have one.
+    pub fn default_url(self) -> Option<&'static str> {
+        match self {
+            PurgeKind::Fastly => Some("https://api.fastly.com"),
+            PurgeKind::Cloudflare => Some("https://api.cloudflare.com/client/v4"),
+            PurgeKind::Varnish | PurgeKind::Webhook => None,
+        }
+    }
+}
+
+/// A credential kept out of the config file: read when used, so that a
+/// rotated file takes effect without a restart.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Secret {
+    File(PathBuf),
+    Env(String),
+}
+
+impl Secret {
+    /// The credential, trimmed of surrounding whitespace.
+    pub fn read(&self) -> Result<String, String> {
+        let text = match self {
+            Secret::File(path) => std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?,
+            Secret::Env(name) => std::env::var(name)
+                .map_err(|_| format!("the environment variable {name} is not set"))?,
+        };
+        let text = text.trim();
+        if text.is_empty() {
+            return Err(match self {
+                Secret::File(path) => format!("{} is empty", path.display()),
+                Secret::Env(name) => format!("{name} is empty"),
+            });
+        }
+        Ok(text.to_owned())
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -301,6 +410,7 @@ impl Config {
             batch: BatchConfig::default(),
             admin: AdminConfig::default(),
             audit: AuditConfig::default(),
+            purge: Vec::new(),
         }
     }
 
@@ -325,6 +435,7 @@ impl Config {
             batch: BatchConfig::default(),
             admin: AdminConfig::default(),
             audit: AuditConfig::default(),
+            purge: Vec::new(),
         }
     }
 }
@@ -401,7 +512,7 @@ impl Default for AdminConfig {
 }
 
 const SECTIONS: &[&str] = &[
-    "source", "postgres", "kafka", "redis", "mappings", "batch", "admin", "audit",
+    "source", "postgres", "kafka", "redis", "mappings", "batch", "admin", "audit", "purge",
 ];
 
 impl Config {
@@ -457,9 +568,10 @@ impl Config {
             .into_iter()
             .flat_map(config::Map::into_keys)
             .map(|name| {
-                let value = match layered.get_table(&name) {
-                    Ok(table) => config::Value::from(table),
-                    Err(_) => config::Value::from(""),
+                let value = match (layered.get_table(&name), layered.get_array(&name)) {
+                    (Ok(table), _) => config::Value::from(table),
+                    (_, Ok(array)) => config::Value::from(array),
+                    _ => config::Value::from(""),
                 };
                 (name, value)
             })
@@ -526,6 +638,7 @@ impl Config {
             root.remove("audit"),
             &mut problems,
         ));
+        let purge = read_purges(root.remove("purge"), file, base_dir, &mut problems);
         if !problems.is_empty() {
             return Err(ConfigError { problems });
         }
@@ -538,6 +651,7 @@ impl Config {
             batch,
             admin,
             audit,
+            purge,
         })
     }
 }

@@ -8,7 +8,8 @@ use serde::de::DeserializeOwned;
 
 use super::{
     AdminConfig, AuditConfig, BadRecordPolicy, BatchConfig, KafkaConfig, KafkaProperties,
-    MappingsConfig, PostgresConfig, RedisConfig, SecretUrl, SourceKind,
+    MappingsConfig, PostgresConfig, PurgeKind, PurgeTarget, RedisConfig, Secret, SecretUrl,
+    SourceKind,
 };
 use crate::change::is_identifier;
 use crate::mapping::diagnostic::did_you_mean;
@@ -18,7 +19,7 @@ use crate::source::kafka::debezium::DEFAULT_UNAVAILABLE_PLACEHOLDER;
 /// One section's fields, read one at a time so that each problem is
 /// reported; [`Drop`] reports the fields nobody read as unknown.
 pub(super) struct Section<'p> {
-    name: &'static str,
+    name: String,
     /// The config file as the user named it.
     file: String,
     fields: config::Map<String, config::Value>,
@@ -29,11 +30,12 @@ pub(super) struct Section<'p> {
 
 impl<'p> Section<'p> {
     pub(super) fn new(
-        name: &'static str,
+        name: impl Into<String>,
         file: &Path,
         value: Option<config::Value>,
         problems: &'p mut Vec<String>,
     ) -> Self {
+        let name = name.into();
         let present = value.is_some();
         let fields = match value.map(config::Value::into_table) {
             Some(Ok(fields)) => fields,
@@ -70,7 +72,7 @@ impl<'p> Section<'p> {
             Some(origin) if origin != "the environment" => self.file.clone(),
             _ => format!(
                 "EVICTD_{}__{}",
-                self.name.to_uppercase(),
+                self.name.to_uppercase().replace(['[', ']'], "_"),
                 key.to_uppercase()
             ),
         }
@@ -110,6 +112,12 @@ impl<'p> Section<'p> {
             }),
             None => default,
         }
+    }
+
+    /// Reports that `key`, which must be set, is not.
+    fn require(&mut self, key: &'static str, what: &str) {
+        self.problems
+            .push(format!("{}.{key}: required: {what}", self.name));
     }
 
     fn or<T: DeserializeOwned>(&mut self, key: &'static str, default: T) -> T {
@@ -504,6 +512,142 @@ pub(super) fn read_admin(section: &mut Section<'_>) -> AdminConfig {
                 .map_err(|_| format!("`{text}` is not an address like 127.0.0.1:9187"))
         }),
     }
+}
+
+/// `[[purge]]`: the CDN targets, each its own section (`purge[0]`, ...).
+pub(super) fn read_purges(
+    value: Option<config::Value>,
+    file: &Path,
+    base_dir: &Path,
+    problems: &mut Vec<String>,
+) -> Vec<PurgeTarget> {
+    let Some(value) = value else {
+        return Vec::new();
+    };
+    let entries = match value.into_array() {
+        Ok(entries) => entries,
+        Err(_) => {
+            problems.push(
+                "[[purge]] must be an array of tables: write `[[purge]]`, not `[purge]`".into(),
+            );
+            return Vec::new();
+        }
+    };
+    let mut targets: Vec<PurgeTarget> = Vec::new();
+    for (index, entry) in entries.into_iter().enumerate() {
+        let mut section = Section::new(format!("purge[{index}]"), file, Some(entry), problems);
+        if let Some(target) = read_purge(&mut section, base_dir) {
+            targets.push(target);
+        }
+    }
+    let mut names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+    names.sort_unstable();
+    for pair in names.windows(2) {
+        if pair[0] == pair[1] {
+            problems.push(format!(
+                "[[purge]]: two targets are named `{}`; give each a `name` of its own",
+                pair[0]
+            ));
+        }
+    }
+    targets
+}
+
+fn read_purge(section: &mut Section<'_>, base_dir: &Path) -> Option<PurgeTarget> {
+    let kind = section.parse("kind", None, |kind: String| {
+        PurgeKind::parse(&kind).map(Some).ok_or_else(|| {
+            format!("unknown purge target `{kind}`; use \"varnish\", \"fastly\", \"cloudflare\" or \"webhook\"")
+        })
+    });
+    let Some(kind) = kind else {
+        section.require(
+            "kind",
+            "the kind of target: \"varnish\", \"fastly\", \"cloudflare\" or \"webhook\"",
+        );
+        return None;
+    };
+    let limit = kind.max_keys_limit();
+    let url = section.parse(
+        "url",
+        kind.default_url().map(str::to_owned),
+        |url: String| {
+            url::Url::parse(&url)
+                .map_err(|e| format!("`{url}` is not a URL ({e})"))
+                .and_then(|parsed| match parsed.scheme() {
+                    "http" | "https" => Ok(Some(url)),
+                    other => Err(format!("`{url}`: use http:// or https://, not {other}://")),
+                })
+        },
+    );
+    if url.is_none() {
+        section.require("url", "where purges go, e.g. http://127.0.0.1:6081/");
+    }
+    let path = |section: &mut Section<'_>, key: &'static str| -> Option<PathBuf> {
+        section
+            .or::<Option<PathBuf>>(key, None)
+            .map(|p| base_dir.join(p))
+    };
+    let token_file = path(section, "token_file");
+    let token_env: Option<String> = section.or("token_env", None);
+    let secret_file = path(section, "secret_file");
+    let secret_env: Option<String> = section.or("secret_env", None);
+    let service_id: Option<String> = section.or("service_id", None);
+    let zone_id: Option<String> = section.or("zone_id", None);
+    match kind {
+        PurgeKind::Fastly if service_id.is_none() => {
+            section.require("service_id", "the Fastly service whose cache is purged")
+        }
+        PurgeKind::Cloudflare if zone_id.is_none() => {
+            section.require("zone_id", "the Cloudflare zone whose cache is purged")
+        }
+        _ => {}
+    }
+    let token = match (kind, token_file, token_env) {
+        (PurgeKind::Fastly | PurgeKind::Cloudflare, None, None) => {
+            section.require(
+                "token_file",
+                "the API token: `token_file = \"...\"` or `token_env = \"VARIABLE\"`",
+            );
+            None
+        }
+        (_, Some(file), _) => Some(Secret::File(file)),
+        (_, None, Some(env)) => Some(Secret::Env(env)),
+        (_, None, None) => None,
+    };
+    let secret = match (kind, secret_file, secret_env) {
+        (PurgeKind::Webhook, None, None) => {
+            section.require("secret_file", "the HMAC key the webhook's requests are signed with: `secret_file = \"...\"` or `secret_env = \"VARIABLE\"`");
+            None
+        }
+        (_, Some(file), _) => Some(Secret::File(file)),
+        (_, None, Some(env)) => Some(Secret::Env(env)),
+        (_, None, None) => None,
+    };
+    let max_keys = section.in_range("max_keys", limit as u64, 1..=limit as u64);
+    let rate = section.parse("rate", 10.0, |rate: f64| {
+        if rate > 0.0 && rate <= 10_000.0 {
+            Ok(rate)
+        } else {
+            Err(format!(
+                "{rate} is not a rate in (0, 10000] requests per second"
+            ))
+        }
+    });
+    Some(PurgeTarget {
+        name: section.or("name", kind.as_str().to_owned()),
+        kind,
+        url: url?,
+        soft: section.or("soft", false),
+        service_id,
+        zone_id,
+        token,
+        secret,
+        best_effort: section.or("best_effort", false),
+        max_keys: usize::try_from(max_keys).unwrap_or(limit),
+        rate,
+        timeout_ms: section.in_range("timeout_ms", 5_000, 100..=120_000),
+        retries: u32::try_from(section.in_range("retries", 5, 1..=1_000)).unwrap_or(5),
+    })
 }
 
 pub(super) fn read_audit(section: &mut Section<'_>) -> AuditConfig {

@@ -276,6 +276,7 @@ impl FileScope<'_, '_> {
                 );
             }
         }
+        let surrogate_keys = self.rules(&spec.surrogate_keys, "surrogate_keys");
         let refresh: Vec<Refresh> = spec
             .refresh
             .iter()
@@ -285,17 +286,23 @@ impl FileScope<'_, '_> {
             && spec.tags.is_empty()
             && spec.versions.is_empty()
             && spec.prefixes.is_empty()
+            && spec.surrogate_keys.is_empty()
             && spec.refresh.is_empty()
             && !spec.malformed
         {
             self.error(
                 name.span.start,
                 format!("table {table} maps nothing"),
-                "give it `keys`, `tags`, `versions`, `prefixes` or a [[table.refresh]]",
+                "give it `keys`, `tags`, `versions`, `prefixes`, `surrogate_keys` or a [[table.refresh]]",
             );
         }
-        let renderings =
-            2 * (keys.len() + tags.len() + versions.len() + prefixes.len() + refresh.len());
+        let renderings = 2
+            * (keys.len()
+                + tags.len()
+                + versions.len()
+                + prefixes.len()
+                + surrogate_keys.len()
+                + refresh.len());
         if renderings > self.builder.limits.max_keys_per_change {
             self.error(
                 name.span.start,
@@ -319,6 +326,7 @@ impl FileScope<'_, '_> {
             tags,
             versions,
             prefixes,
+            surrogate_keys,
             refresh,
             when,
         })

@@ -45,6 +45,11 @@ pub enum ActionKind {
     Bump(String),
     /// Bump every namespace counter matching this glob (SCAN + bump).
     BumpMatching(String),
+    /// Purge this surrogate key from every CDN target.
+    Purge(String),
+    /// Purge everything cached at every CDN target: a surrogate key's value
+    /// was not known (or TRUNCATE), and a CDN has no pattern purge.
+    PurgeAll,
     /// Write `value` (a JSON object) to `key`.
     Refresh {
         key: String,
@@ -195,6 +200,7 @@ enum Use {
     Tag,
     Version,
     Prefix,
+    Surrogate,
 }
 
 impl Mappings {
@@ -260,6 +266,9 @@ impl Mappings {
         for rule in &mapping.prefixes {
             self.render_all(&rule.template, rule.origin, Use::Prefix, sides, out);
         }
+        for rule in &mapping.surrogate_keys {
+            self.render_all(&rule.template, rule.origin, Use::Surrogate, sides, out);
+        }
         for refresh in &mapping.refresh {
             let mut matching = [Side::Old(None); 2];
             let sides = match &refresh.when {
@@ -304,6 +313,7 @@ impl Mappings {
                     | ActionKind::Tag(_)
                     | ActionKind::Bump(_)
                     | ActionKind::DeletePrefix(_)
+                    | ActionKind::Purge(_)
             )
             .then_some(side);
             let repeated = previous
@@ -335,12 +345,17 @@ impl Mappings {
                 pattern.push('*');
                 ActionKind::DeletePrefix(pattern)
             }
+            Use::Surrogate => ActionKind::Purge(key),
         };
         let matching = |pattern: String| match use_ {
             Use::Key => ActionKind::DeleteMatching(pattern),
             Use::Tag => ActionKind::TagMatching(pattern),
             Use::Version => ActionKind::BumpMatching(format!("{VERSION_NAMESPACE}{pattern}")),
             Use::Prefix => ActionKind::DeletePrefix(format!("{pattern}*")),
+            Use::Surrogate => {
+                drop(pattern);
+                ActionKind::PurgeAll
+            }
         };
         match template.render(|column| side.value(column)) {
             Ok(key) if key.len() > self.limits().max_key_bytes => {
@@ -457,6 +472,9 @@ impl Mappings {
                 ActionKind::BumpMatching(format!("{VERSION_NAMESPACE}{pattern}")),
             );
         }
+        if let Some(rule) = mapping.surrogate_keys.first() {
+            out.push(rule.origin, ActionKind::PurgeAll);
+        }
     }
 }
 
@@ -469,7 +487,9 @@ fn action_text(action: &ActionKind) -> &str {
         | ActionKind::TagMatching(text)
         | ActionKind::Bump(text)
         | ActionKind::BumpMatching(text)
+        | ActionKind::Purge(text)
         | ActionKind::Refresh { key: text, .. } => text,
+        ActionKind::PurgeAll => "",
     }
 }
 

@@ -99,6 +99,9 @@ pub struct TableMapping {
     /// `prefixes = [...]`: every key under each rendered prefix is deleted
     /// (SCAN on every master).
     pub prefixes: Vec<Rule>,
+    /// `surrogate_keys = [...]`: CDN surrogate keys (cache tags) purged
+    /// after Redis applied the change (see `crate::purge`).
+    pub surrogate_keys: Vec<Rule>,
     pub refresh: Vec<Refresh>,
     /// `when = "..."`: the row versions every rule of the entry acts on.
     pub when: Option<Condition>,
@@ -185,7 +188,8 @@ impl TableMapping {
             .iter()
             .chain(&self.tags)
             .chain(&self.versions)
-            .chain(&self.prefixes);
+            .chain(&self.prefixes)
+            .chain(&self.surrogate_keys);
         rules
             .map(|rule| (&rule.template, rule.origin))
             .chain(self.refresh.iter().map(|r| (&r.key, r.origin)))

@@ -32,6 +32,8 @@ pub struct TableSpec {
     pub versions: Vec<Located<String>>,
     /// Prefixes under which every key is deleted.
     pub prefixes: Vec<Located<String>>,
+    /// CDN surrogate keys (cache tags) purged on every change.
+    pub surrogate_keys: Vec<Located<String>>,
     pub on: Option<Located<Vec<Located<String>>>>,
     pub changed: Option<Located<Vec<Located<String>>>>,
     pub refresh: Vec<RefreshSpec>,
@@ -64,7 +66,17 @@ pub struct RefreshSpec {
 }
 
 const TABLE_FIELDS: &[&str] = &[
-    "name", "keys", "key", "tags", "versions", "prefixes", "on", "changed", "when", "refresh",
+    "name",
+    "keys",
+    "key",
+    "tags",
+    "versions",
+    "prefixes",
+    "surrogate_keys",
+    "on",
+    "changed",
+    "when",
+    "refresh",
 ];
 const KEY_FIELDS: &[&str] = &["template", "changed", "when"];
 const REFRESH_FIELDS: &[&str] = &["key", "columns", "ttl", "jitter", "when"];
@@ -143,6 +155,7 @@ impl Reader<'_, '_> {
             tags: Vec::new(),
             versions: Vec::new(),
             prefixes: Vec::new(),
+            surrogate_keys: Vec::new(),
             on: None,
             changed: None,
             refresh: Vec::new(),
@@ -162,6 +175,10 @@ impl Reader<'_, '_> {
                 }
                 "prefixes" => {
                     spec.prefixes = self.strings(key, value).map_or_else(Vec::new, |l| l.value);
+                }
+                "surrogate_keys" => {
+                    spec.surrogate_keys =
+                        self.strings(key, value).map_or_else(Vec::new, |l| l.value);
                 }
                 "on" => spec.on = self.strings(key, value),
                 "changed" => spec.changed = self.strings(key, value),

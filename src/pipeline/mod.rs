@@ -265,6 +265,7 @@ impl Stages {
             progress_rx.clone(),
             stop_rx.clone(),
         );
+        let purger = crate::purge::Purger::new(&config.purge)?;
         let apply_task = tokio::spawn(apply::run(
             sink,
             plans_rx,
@@ -272,7 +273,7 @@ impl Stages {
             redis_tx,
             lag.clone(),
             stop_rx.clone(),
-            audit,
+            apply::Extras { audit, purger },
         ));
         let stages = Stages {
             plans: plans_tx,

@@ -25,6 +25,7 @@ mod least_privilege;
 mod lifecycle;
 mod map_plan;
 mod mapping_errors;
+mod purge;
 mod reconnect;
 mod redis_outage;
 mod redis_tls;

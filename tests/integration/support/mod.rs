@@ -12,6 +12,8 @@ use std::sync::OnceLock;
 
 use evictd::testkit::{Postgres, Redis};
 
+pub mod web;
+
 pub struct Stack {
     pub postgres: Postgres,
     pub redis: Redis,
