@@ -571,3 +571,46 @@ fn explain_names_the_transform_and_the_json_path_behind_a_key() {
         ]
     );
 }
+
+#[test]
+fn explain_prints_the_cdn_purges_after_the_redis_commands() {
+    let dir = mapping_dir(&[(
+        "m.toml",
+        "[[table]]\nname = \"products\"\nkeys = [\"product:{id}\"]\nsurrogate_keys = [\"product-{id}\", \"category-{category_id}\"]\n",
+    )]);
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "explain",
+            "--mappings",
+            dir.path().to_str().unwrap(),
+            "--table",
+            "products",
+            "--op",
+            "update",
+            "--new",
+            r#"{"id": 1, "category_id": 2}"#,
+        ];
+        args.extend_from_slice(extra);
+        let output = evictd(&args);
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        stdout(&output)
+            .lines()
+            .map(|line| line.split("  #").next().unwrap_or_default().to_owned())
+            .collect::<Vec<_>>()
+    };
+    // An FK move purges the old and the new category's pages.
+    assert_eq!(
+        run(&["--old", r#"{"id": 1, "category_id": 1}"#]),
+        [
+            "UNLINK product:1",
+            "PURGE product-1",
+            "PURGE category-1",
+            "PURGE category-2"
+        ]
+    );
+    // The old category is not known: a CDN has no pattern purge.
+    assert_eq!(
+        run(&["--identity", "default", "--key", "id"]),
+        ["UNLINK product:1", "PURGE ALL"]
+    );
+}

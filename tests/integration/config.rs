@@ -280,3 +280,62 @@ fn a_number_too_large_names_its_key_and_line_and_the_path_as_given() {
     );
     assert!(!error.contains("../"), "{error}");
 }
+
+#[test]
+fn purge_targets_are_read_and_every_problem_named() {
+    let (_dir, path) = write(
+        "[postgres]\nurl = \"postgres://u@h/db\"\n\
+         [[purge]]\nkind = \"varnish\"\nurl = \"http://127.0.0.1:6081/\"\nsoft = true\n\
+         [[purge]]\nkind = \"fastly\"\nservice_id = \"S\"\ntoken_file = \"fastly-token\"\nmax_keys = 100\n\
+         [[purge]]\nkind = \"webhook\"\nname = \"hook\"\nurl = \"https://hooks.example.com/x\"\nsecret_env = \"HOOK_SECRET\"\nbest_effort = true\n",
+    );
+    let config = Config::load_with_env(&path, env(&[])).expect("valid purge targets");
+    let names: Vec<(&str, &str)> = config
+        .purge
+        .iter()
+        .map(|t| (t.name.as_str(), t.url.as_str()))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("varnish", "http://127.0.0.1:6081/"),
+            ("fastly", "https://api.fastly.com"),
+            ("hook", "https://hooks.example.com/x"),
+        ]
+    );
+    assert!(config.purge[0].soft);
+    assert_eq!(config.purge[1].max_keys, 100);
+    assert_eq!(
+        config.purge[1].token,
+        Some(evictd::config::Secret::File(
+            path.parent().unwrap().join("fastly-token")
+        ))
+    );
+    assert!(config.purge[2].best_effort);
+
+    let (_dir, path) = write(
+        "[postgres]\nurl = \"postgres://u@h/db\"\n\
+         [[purge]]\nkind = \"akamai\"\n\
+         [[purge]]\nkind = \"fastly\"\nmax_keys = 300\nrate = 0\n\
+         [[purge]]\nkind = \"webhook\"\nurl = \"ftp://x/\"\n\
+         [[purge]]\nkind = \"varnish\"\nurl = \"http://a/\"\n[[purge]]\nkind = \"varnish\"\nurl = \"http://b/\"\nsoft = \"maybe\"\n",
+    );
+    let error = Config::load_with_env(&path, env(&[])).expect_err("invalid");
+    let file = path.display();
+    assert_eq!(
+        error.problems,
+        [
+            format!("purge[0].kind: unknown purge target `akamai`; use \"varnish\", \"fastly\", \"cloudflare\" or \"webhook\" (set in {file})"),
+            "purge[0].kind: required: the kind of target: \"varnish\", \"fastly\", \"cloudflare\" or \"webhook\"".to_owned(),
+            "purge[1].service_id: required: the Fastly service whose cache is purged".to_owned(),
+            "purge[1].token_file: required: the API token: `token_file = \"...\"` or `token_env = \"VARIABLE\"`".to_owned(),
+            format!("purge[1].max_keys: 300 is out of range 1..=256 (set in {file})"),
+            format!("purge[1].rate: 0 is not a rate in (0, 10000] requests per second (set in {file})"),
+            format!("purge[2].url: `ftp://x/`: use http:// or https://, not ftp:// (set in {file})"),
+            "purge[2].url: required: where purges go, e.g. http://127.0.0.1:6081/".to_owned(),
+            "purge[2].secret_file: required: the HMAC key the webhook's requests are signed with: `secret_file = \"...\"` or `secret_env = \"VARIABLE\"`".to_owned(),
+            format!("purge[4].soft: invalid type: string \"maybe\", expected a boolean (set in {file})"),
+            "[[purge]]: two targets are named `varnish`; give each a `name` of its own".to_owned(),
+        ]
+    );
+}
