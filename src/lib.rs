@@ -44,6 +44,7 @@ mod lifecycle;
 mod purge;
 mod source;
 mod telemetry;
+mod warm;
 mod watch;
 // Without the feature, only the demo's throwaway servers are used.
 #[cfg(not(feature = "testkit"))]
@@ -80,6 +81,9 @@ pub mod internal {
     }
     pub mod telemetry {
         pub use crate::telemetry::{recorder, upkeep};
+    }
+    pub mod warm {
+        pub use crate::warm::{warm, Summary, WarmOptions};
     }
     pub mod watch {
         pub use crate::watch::{line, watch, Filter};

@@ -115,6 +115,21 @@ enum Command {
         #[arg(long)]
         limit: Option<u64>,
     },
+    /// Fill the write-through refresh keys from the database before
+    /// traffic does, never over a value and never with an older one.
+    Warm {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this mapped table (`table` or `schema.table`).
+        #[arg(long)]
+        table: Option<String>,
+        /// At most this many rows per table (and per [[table.warm]] query).
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Keys per second at most (0: no limit); default `warm.rate`.
+        #[arg(long)]
+        rate: Option<u64>,
+    },
     /// Print the commands one change produces, in the order they are sent.
     Explain {
         #[arg(long)]
@@ -181,6 +196,12 @@ fn main() -> ExitCode {
             table,
             limit,
         } => audit(&config, table.as_deref(), limit),
+        Command::Warm {
+            config,
+            table,
+            limit,
+            rate,
+        } => warm(&config, table.as_deref(), limit, rate),
         Command::Check {
             config,
             mappings,
@@ -341,6 +362,42 @@ fn status(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
     for warning in &report.warnings {
         eprintln!("warning: {warning}");
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn warm(
+    path: &Path,
+    table: Option<&str>,
+    limit: Option<u64>,
+    rate: Option<u64>,
+) -> anyhow::Result<ExitCode> {
+    let (config, mappings) = match load(path)? {
+        Ok(loaded) => loaded,
+        Err(code) => return Ok(code),
+    };
+    let table = table
+        .map(evictd::change::TableName::parse)
+        .transpose()
+        .map_err(|why| UsageError(format!("--table: {why}")))?;
+    let options = evictd::internal::warm::WarmOptions {
+        table,
+        limit,
+        rate: rate.unwrap_or(config.warm.rate),
+        progress: true,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let summary = runtime
+        .block_on(evictd::internal::warm::warm(&config, &mappings, &options))
+        .map_err(|error| {
+            if error.kind() == evictd::error::ErrorKind::Config {
+                anyhow::Error::new(UsageError(error.to_string()))
+            } else {
+                anyhow::Error::new(error)
+            }
+        })?;
+    println!("{}", summary.text());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -514,6 +571,32 @@ fn run(path: &Path, until: Option<String>) -> anyhow::Result<ExitCode> {
             };
             tokio::spawn(evictd::internal::serve(listener, admin));
             tracing::info!(%address, "admin endpoint: /metrics /healthz /readyz");
+        }
+        if config.warm.on_start && until.is_none() {
+            // Once streaming: from then on every change is invalidated
+            // behind the fills, which never overwrite a value.
+            let (config, mappings) = (config.clone(), running.mappings.clone());
+            let mut streaming = running.source.clone();
+            tokio::spawn(async move {
+                if streaming
+                    .wait_for(|state| *state == SourceState::Streaming)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let mappings = mappings.borrow().clone();
+                let options = evictd::internal::warm::WarmOptions {
+                    table: None,
+                    limit: None,
+                    rate: config.warm.rate,
+                    progress: false,
+                };
+                match evictd::internal::warm::warm(&config, &mappings, &options).await {
+                    Ok(summary) => tracing::info!(summary = %summary.text(), "warmed the caches on start"),
+                    Err(error) => tracing::error!(%error, "warming on start failed; the caches fill as they are read"),
+                }
+            });
         }
         // SIGHUP: read, check and apply the mapping files now.
         let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use self::read::{
     read_admin, read_audit, read_batch, read_kafka, read_mappings, read_postgres, read_purges,
-    read_redis, read_source, Section,
+    read_redis, read_source, read_warm, Section,
 };
 use crate::mapping::diagnostic::did_you_mean;
 use crate::mapping::Limits;
@@ -32,6 +32,25 @@ pub struct Config {
     pub audit: AuditConfig,
     /// `[[purge]]`: CDN targets purged by surrogate key (see `src/purge/`).
     pub purge: Vec<PurgeTarget>,
+    pub warm: WarmConfig,
+}
+
+/// `[warm]`: cache warming (`evictd warm`, and on start).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WarmConfig {
+    /// `evictd run` warms once streaming began.
+    pub on_start: bool,
+    /// Keys per second at most (0: no limit).
+    pub rate: u64,
+}
+
+impl Default for WarmConfig {
+    fn default() -> Self {
+        WarmConfig {
+            on_start: false,
+            rate: 10_000,
+        }
+    }
 }
 
 /// One `[[purge]]` target.
@@ -411,6 +430,7 @@ impl Config {
             admin: AdminConfig::default(),
             audit: AuditConfig::default(),
             purge: Vec::new(),
+            warm: WarmConfig::default(),
         }
     }
 
@@ -436,6 +456,7 @@ impl Config {
             admin: AdminConfig::default(),
             audit: AuditConfig::default(),
             purge: Vec::new(),
+            warm: WarmConfig::default(),
         }
     }
 }
@@ -512,7 +533,7 @@ impl Default for AdminConfig {
 }
 
 const SECTIONS: &[&str] = &[
-    "source", "postgres", "kafka", "redis", "mappings", "batch", "admin", "audit", "purge",
+    "source", "postgres", "kafka", "redis", "mappings", "batch", "admin", "audit", "purge", "warm",
 ];
 
 impl Config {
@@ -639,6 +660,12 @@ impl Config {
             &mut problems,
         ));
         let purge = read_purges(root.remove("purge"), file, base_dir, &mut problems);
+        let warm = read_warm(&mut Section::new(
+            "warm",
+            file,
+            root.remove("warm"),
+            &mut problems,
+        ));
         if !problems.is_empty() {
             return Err(ConfigError { problems });
         }
@@ -652,6 +679,7 @@ impl Config {
             admin,
             audit,
             purge,
+            warm,
         })
     }
 }

@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use super::{
     AdminConfig, AuditConfig, BadRecordPolicy, BatchConfig, KafkaConfig, KafkaProperties,
     MappingsConfig, PostgresConfig, PurgeKind, PurgeTarget, RedisConfig, Secret, SecretUrl,
-    SourceKind,
+    SourceKind, WarmConfig,
 };
 use crate::change::is_identifier;
 use crate::mapping::diagnostic::did_you_mean;
@@ -648,6 +648,14 @@ fn read_purge(section: &mut Section<'_>, base_dir: &Path) -> Option<PurgeTarget>
         timeout_ms: section.in_range("timeout_ms", 5_000, 100..=120_000),
         retries: u32::try_from(section.in_range("retries", 5, 1..=1_000)).unwrap_or(5),
     })
+}
+
+pub(super) fn read_warm(section: &mut Section<'_>) -> WarmConfig {
+    let defaults = WarmConfig::default();
+    WarmConfig {
+        on_start: section.or("on_start", defaults.on_start),
+        rate: section.in_range("rate", defaults.rate, 0..=10_000_000),
+    }
 }
 
 pub(super) fn read_audit(section: &mut Section<'_>) -> AuditConfig {

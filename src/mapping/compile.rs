@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use super::condition::Condition;
 use super::diagnostic::{did_you_mean, Diagnostic, Location, SourceFile};
-use super::spec::{self, KeySpec, Located, RefreshSpec, TableSpec};
+use super::spec::{self, KeySpec, Located, RefreshSpec, TableSpec, WarmSpec};
 use super::template::Template;
-use super::{Mappings, Origin, OriginId, Refresh, Rule, TableMapping, Ttl};
+use super::{Mappings, Origin, OriginId, Refresh, Rule, TableMapping, Ttl, Warm};
 use crate::change::{is_identifier, Op, OpSet, TableName};
 
 /// Bounds on what one change may render.
@@ -277,6 +277,7 @@ impl FileScope<'_, '_> {
             }
         }
         let surrogate_keys = self.rules(&spec.surrogate_keys, "surrogate_keys");
+        let warm: Vec<Warm> = spec.warm.iter().map(|w| self.warm(w, spec)).collect();
         let refresh: Vec<Refresh> = spec
             .refresh
             .iter()
@@ -328,8 +329,41 @@ impl FileScope<'_, '_> {
             prefixes,
             surrogate_keys,
             refresh,
+            warm,
             when,
         })
+    }
+
+    fn warm(&mut self, spec: &WarmSpec, table: &TableSpec) -> Warm {
+        if table.refresh.is_empty() {
+            self.error(
+                spec.span.start,
+                "[[table.warm]] on an entry with no [[table.refresh]]: there is nothing to warm",
+                "add a [[table.refresh]] section, or remove the [[table.warm]] one",
+            );
+        }
+        if spec.order_by.is_some() && spec.limit.is_none() {
+            self.error(
+                spec.span.start,
+                "[[table.warm]] has `order_by` but no `limit`",
+                "add `limit = N`: an ordered warm reads its rows in one query",
+            );
+        }
+        for text in [&spec.filter, &spec.order_by].into_iter().flatten() {
+            if text.value.contains(';') {
+                self.error(
+                    text.span.start,
+                    "a [[table.warm]] clause may not contain `;`",
+                    "write one SQL condition or ordering",
+                );
+            }
+        }
+        Warm {
+            filter: spec.filter.as_ref().map(|f| f.value.clone()),
+            order_by: spec.order_by.as_ref().map(|o| o.value.clone()),
+            limit: spec.limit.as_ref().map(|l| l.value),
+            origin: self.origin(spec.span.start),
+        }
     }
 
     fn ops(&mut self, on: Option<&Located<Vec<Located<String>>>>) -> OpSet {

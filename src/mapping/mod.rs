@@ -103,6 +103,9 @@ pub struct TableMapping {
     /// after Redis applied the change (see `crate::purge`).
     pub surrogate_keys: Vec<Rule>,
     pub refresh: Vec<Refresh>,
+    /// `[[table.warm]]`: the rows `evictd warm` fills (none: the whole
+    /// table).
+    pub warm: Vec<Warm>,
     /// `when = "..."`: the row versions every rule of the entry acts on.
     pub when: Option<Condition>,
 }
@@ -206,6 +209,18 @@ pub struct Rule {
     pub changed: Option<Box<[Box<str>]>>,
     /// A key's own `when`: row versions that do not match leave it alone.
     pub when: Option<Condition>,
+}
+
+/// A `[[table.warm]]` query: SQL the database runs as written (the
+/// mapping files are the operator's own).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Warm {
+    /// `where = "..."`: a condition on the table's rows.
+    pub filter: Option<String>,
+    /// `order_by = "..."` (with `limit`): the rows that matter most first.
+    pub order_by: Option<String>,
+    pub limit: Option<u64>,
+    pub origin: OriginId,
 }
 
 /// A write-through refresh: `key` is SET to a JSON object of `columns` of the

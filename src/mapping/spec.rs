@@ -37,6 +37,8 @@ pub struct TableSpec {
     pub on: Option<Located<Vec<Located<String>>>>,
     pub changed: Option<Located<Vec<Located<String>>>>,
     pub refresh: Vec<RefreshSpec>,
+    /// `[[table.warm]]`: which rows `evictd warm` fills first.
+    pub warm: Vec<WarmSpec>,
     /// `when = "..."`: the row versions the whole entry acts on.
     pub when: Option<Located<String>>,
     /// A field had the wrong type (already reported): checks that depend on
@@ -65,6 +67,17 @@ pub struct RefreshSpec {
     pub when: Option<Located<String>>,
 }
 
+/// One `[[table.warm]]` entry: the rows `evictd warm` reads.
+#[derive(Clone, Debug)]
+pub struct WarmSpec {
+    pub span: Range<usize>,
+    pub filter: Option<Located<String>>,
+    pub order_by: Option<Located<String>>,
+    pub limit: Option<Located<u64>>,
+}
+
+const WARM_FIELDS: &[&str] = &["where", "order_by", "limit"];
+
 const TABLE_FIELDS: &[&str] = &[
     "name",
     "keys",
@@ -77,6 +90,7 @@ const TABLE_FIELDS: &[&str] = &[
     "changed",
     "when",
     "refresh",
+    "warm",
 ];
 const KEY_FIELDS: &[&str] = &["template", "changed", "when"];
 const REFRESH_FIELDS: &[&str] = &["key", "columns", "ttl", "jitter", "when"];
@@ -159,6 +173,7 @@ impl Reader<'_, '_> {
             on: None,
             changed: None,
             refresh: Vec::new(),
+            warm: Vec::new(),
             when: None,
             malformed: false,
         };
@@ -183,6 +198,7 @@ impl Reader<'_, '_> {
                 "on" => spec.on = self.strings(key, value),
                 "changed" => spec.changed = self.strings(key, value),
                 "refresh" => spec.refresh = self.refreshes(key, value),
+                "warm" => spec.warm = self.warms(key, value),
                 _ => self.unknown_field(key, TABLE_FIELDS, "in [[table]]"),
             }
         }
@@ -234,6 +250,69 @@ impl Reader<'_, '_> {
             refreshes.push(spec);
         }
         refreshes
+    }
+
+    fn warms(
+        &mut self,
+        key: &Spanned<std::borrow::Cow<'_, str>>,
+        value: &Spanned<DeValue<'_>>,
+    ) -> Vec<WarmSpec> {
+        let DeValue::Array(entries) = value.get_ref() else {
+            self.wrong_type(
+                key,
+                "an array of tables",
+                "write each as a `[[table.warm]]` section",
+            );
+            return Vec::new();
+        };
+        let mut warms = Vec::new();
+        for entry in entries.iter() {
+            let DeValue::Table(table) = entry.get_ref() else {
+                self.wrong_type(
+                    key,
+                    "an array of tables",
+                    "write each as a `[[table.warm]]` section",
+                );
+                continue;
+            };
+            let mut spec = WarmSpec {
+                span: entry.span(),
+                filter: None,
+                order_by: None,
+                limit: None,
+            };
+            for (field, value) in table.iter() {
+                match field.get_ref().as_ref() {
+                    "where" => spec.filter = self.string(field, value),
+                    "order_by" => spec.order_by = self.string(field, value),
+                    "limit" => match value.get_ref() {
+                        DeValue::Integer(integer) => {
+                            match u64::from_str_radix(integer.as_str(), integer.radix()) {
+                                Ok(limit) if limit > 0 => {
+                                    spec.limit = Some(Located {
+                                        value: limit,
+                                        span: value.span(),
+                                    });
+                                }
+                                _ => self.wrong_type(
+                                    field,
+                                    "a positive integer",
+                                    "write how many rows to warm, e.g. 1000",
+                                ),
+                            }
+                        }
+                        _ => self.wrong_type(
+                            field,
+                            "a positive integer",
+                            "write how many rows to warm, e.g. 1000",
+                        ),
+                    },
+                    _ => self.unknown_field(field, WARM_FIELDS, "in [[table.warm]]"),
+                }
+            }
+            warms.push(spec);
+        }
+        warms
     }
 
     /// `keys = [...]`: each a template, or an inline table like a

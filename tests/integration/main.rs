@@ -35,3 +35,4 @@ mod testkit_example;
 mod tls;
 mod types;
 mod wal;
+mod warm;

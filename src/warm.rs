@@ -1,0 +1,522 @@
+//! Cache warming: `evictd warm` (and `[warm] on_start`) fills the
+//! write-through refresh keys of the mapped tables from the database before
+//! traffic needs them, the whole table page by page in primary-key order,
+//! or the rows a `[[table.warm]]` query names first.
+//!
+//! It never overwrites a value, and never stores one older than the
+//! database: it fills the way a client does (`docs/PROTOCOL.md`). For each
+//! page it renders the keys from the rows, takes a fill lease on each key
+//! that holds nothing (`SET NX`; a key that holds a value, evictd's or a
+//! client's, is left alone), reads those rows again, and stores each value
+//! with `fill.lua`, which refuses if anything invalidated the key since the
+//! lease was taken. So a change committed while warming, and applied by a
+//! running `evictd run`, is never overwritten by what warming read before
+//! it.
+
+use std::collections::HashMap;
+use std::io::IsTerminal as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use evictd_client::protocol::{lease, FILL_SCRIPT, RELEASE_SCRIPT};
+use evictd_client::Connection;
+use rand::Rng as _;
+
+use crate::audit::{connect_redis, quote_ident, quote_table, Database};
+use crate::change::{Op, Row, RowChange, TableName};
+use crate::config::Config;
+use crate::error::{Error, ErrorKind};
+use crate::mapping::{ActionKind, Mappings, Output, TableMapping, Ttl, Warm};
+
+/// Rows read per page.
+pub const PAGE: usize = 500;
+
+/// How long a warming lease holds a key (longer than a page takes).
+const LEASE_MS: u64 = 30_000;
+
+/// What to warm and how fast.
+#[derive(Clone, Debug)]
+pub struct WarmOptions {
+    /// Only this table.
+    pub table: Option<TableName>,
+    /// At most this many rows per table (and per `[[table.warm]]` query).
+    pub limit: Option<u64>,
+    /// Keys per second at most; 0: as fast as it goes.
+    pub rate: u64,
+    /// Show a progress line on standard error (when it is a terminal).
+    pub progress: bool,
+}
+
+/// What warming did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub tables: usize,
+    pub rows: u64,
+    /// Keys filled.
+    pub filled: u64,
+    /// Keys left alone: they held a value (or another reader's lease).
+    pub present: u64,
+    /// Keys whose fill was refused: a change invalidated them meanwhile.
+    pub fenced: u64,
+    /// Keys given back: the row went away or renders another key now.
+    pub released: u64,
+    pub elapsed: Duration,
+}
+
+impl Summary {
+    /// One line for people.
+    pub fn text(&self) -> String {
+        #[allow(clippy::cast_precision_loss)]
+        let rate = self.filled as f64 / self.elapsed.as_secs_f64().max(0.001);
+        format!(
+            "warmed {} keys from {} rows of {} table(s) in {:.1} s ({rate:.0} keys/s); {} already cached, {} changed meanwhile (left to evictd), {} rows gone or moved",
+            self.filled,
+            self.rows,
+            self.tables,
+            self.elapsed.as_secs_f64(),
+            self.present,
+            self.fenced,
+            self.released
+        )
+    }
+}
+
+/// Warms every mapped table with refreshes (or `options.table`).
+pub async fn warm(
+    config: &Config,
+    mappings: &Mappings,
+    options: &WarmOptions,
+) -> Result<Summary, Error> {
+    let Some(url) = config.postgres.url.clone() else {
+        return Err(Error::new(
+            ErrorKind::Config,
+            "evictd warm reads the mapped tables from Postgres: postgres.url is not set",
+        ));
+    };
+    let tables: Vec<&TableMapping> = mappings
+        .tables()
+        .filter(|mapping| !mapping.refresh.is_empty())
+        .filter(|mapping| {
+            options
+                .table
+                .as_ref()
+                .is_none_or(|only| *mapping.table == *only)
+        })
+        .collect();
+    if let Some(only) = &options.table {
+        if tables.is_empty() {
+            let why = match mappings.table(only) {
+                Some(_) => format!("{only} has no [[table.refresh]] entries: nothing to warm"),
+                None => format!("{only} is not mapped"),
+            };
+            return Err(Error::new(ErrorKind::Config, why));
+        }
+    }
+    let started = Instant::now();
+    let mut warmer = Warmer {
+        database: Database::new(url),
+        redis: connect_redis(&config.redis).await?,
+        prefix: config.redis.prefix.clone(),
+        token: format!("{:016x}", rand::rng().random::<u64>()),
+        fill: redis::Script::new(FILL_SCRIPT),
+        release: redis::Script::new(RELEASE_SCRIPT),
+        pace: Pace::new(options.rate),
+        progress: options.progress && std::io::stderr().is_terminal(),
+        summary: Summary::default(),
+    };
+    for mapping in tables {
+        warmer.summary.tables += 1;
+        warmer.table(mappings, mapping, options.limit).await?;
+    }
+    if warmer.progress {
+        eprintln!();
+    }
+    warmer.summary.elapsed = started.elapsed();
+    Ok(warmer.summary)
+}
+
+struct Warmer {
+    database: Database,
+    redis: Connection,
+    prefix: String,
+    /// Leases are this token and a counter: unique per key and run.
+    token: String,
+    fill: redis::Script,
+    release: redis::Script,
+    pace: Pace,
+    progress: bool,
+    summary: Summary,
+}
+
+/// What one rendered refresh key needs to be filled.
+struct Fill {
+    value: String,
+    ttl: Option<Ttl>,
+}
+
+impl Warmer {
+    async fn table(
+        &mut self,
+        mappings: &Mappings,
+        mapping: &TableMapping,
+        limit: Option<u64>,
+    ) -> Result<(), Error> {
+        let table = &*mapping.table;
+        self.database.learn(table).await;
+        let key_columns = self.primary_key(table).await?;
+        let mut columns: Vec<&str> = mapping.columns();
+        for column in &key_columns {
+            if !columns.contains(&column.as_str()) {
+                columns.push(column);
+            }
+        }
+        let keys = Keys {
+            names: &key_columns,
+            positions: key_columns
+                .iter()
+                .filter_map(|k| columns.iter().position(|c| c == k))
+                .collect(),
+        };
+        let queries: Vec<Option<&Warm>> = if mapping.warm.is_empty() {
+            vec![None]
+        } else {
+            mapping.warm.iter().map(Some).collect()
+        };
+        for query in queries {
+            let limit = match (limit, query.and_then(|q| q.limit)) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let filter = query.and_then(|q| q.filter.as_deref());
+            match query.and_then(|q| q.order_by.as_deref()) {
+                Some(order_by) => {
+                    let select = format!(
+                        "{} order by {order_by} limit {}",
+                        self.select(table, &columns, filter),
+                        limit.unwrap_or(u64::MAX >> 1)
+                    );
+                    let texts = self.query(table, &select).await?;
+                    for page in texts.chunks(PAGE) {
+                        self.page(mappings, table, &columns, &keys, page.to_vec())
+                            .await?;
+                    }
+                }
+                None => {
+                    self.by_key(mappings, table, &columns, &keys, filter, limit)
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole table (or `filter`'s rows) in primary-key order, page by
+    /// page (keyset pagination: each page starts after the last key).
+    async fn by_key(
+        &mut self,
+        mappings: &Mappings,
+        table: &TableName,
+        columns: &[&str],
+        keys: &Keys<'_>,
+        filter: Option<&str>,
+        limit: Option<u64>,
+    ) -> Result<(), Error> {
+        let key_list = keys.list();
+        let mut after: Option<Vec<Option<String>>> = None;
+        let mut left = limit.unwrap_or(u64::MAX);
+        while left > 0 {
+            let page = usize::try_from(left).unwrap_or(PAGE).min(PAGE);
+            let after_clause = after
+                .as_ref()
+                .map(|last| format!("({key_list}) > ({})", literals(&keys.of(last))));
+            let condition = match (filter, after_clause) {
+                (Some(filter), Some(after)) => Some(format!("({filter}) and {after}")),
+                (Some(filter), None) => Some(format!("({filter})")),
+                (None, after) => after,
+            };
+            let select = format!(
+                "{} order by {key_list} limit {page}",
+                self.select(table, columns, condition.as_deref())
+            );
+            let texts = self.query(table, &select).await?;
+            let Some(last) = texts.last() else {
+                break;
+            };
+            after = Some(last.clone());
+            left = left.saturating_sub(texts.len() as u64);
+            let full = texts.len() == page;
+            self.page(mappings, table, columns, keys, texts).await?;
+            if !full {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// One page: lease the keys its rows render, read the rows again, and
+    /// fill what the leases still guard.
+    async fn page(
+        &mut self,
+        mappings: &Mappings,
+        table: &TableName,
+        columns: &[&str],
+        keys: &Keys<'_>,
+        texts: Vec<Vec<Option<String>>>,
+    ) -> Result<(), Error> {
+        let row_keys: Vec<Vec<Option<String>>> = texts.iter().map(|row| keys.of(row)).collect();
+        let rows = self.rows(table, columns, texts)?;
+        self.summary.rows += rows.len() as u64;
+        let rendered = render(mappings, table, &rows);
+        // Leases first, on keys that hold nothing.
+        let leases: Vec<(String, String)> = rendered
+            .keys()
+            .enumerate()
+            .map(|(index, key)| (key.clone(), lease(&format!("{}{index:x}", self.token))))
+            .collect();
+        self.pace.wait(leases.len()).await;
+        let taken = futures_util::future::join_all(leases.iter().map(|(key, lease)| {
+            let mut redis = self.redis.clone();
+            let full = format!("{}{key}", self.prefix);
+            async move {
+                redis::cmd("SET")
+                    .arg(full)
+                    .arg(lease)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(LEASE_MS)
+                    .query_async::<Option<String>>(&mut redis)
+                    .await
+            }
+        }))
+        .await;
+        let mut held = Vec::new();
+        for ((key, lease), taken) in leases.into_iter().zip(taken) {
+            match taken.map_err(|e| redis_error(&e))? {
+                Some(_) => held.push((key, lease)),
+                None => self.summary.present += 1,
+            }
+        }
+        if held.is_empty() {
+            return Ok(());
+        }
+        // The rows again, read after the leases: what is stored is at
+        // least as new as the leases, which any invalidation removes.
+        let select = self.select(
+            table,
+            columns,
+            Some(&format!(
+                "({}) in ({})",
+                keys.list(),
+                row_keys
+                    .iter()
+                    .map(|key| format!("({})", literals(key)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        );
+        let texts = self.query(table, &select).await?;
+        let rows = self.rows(table, columns, texts)?;
+        let fresh = render(mappings, table, &rows);
+        let results = futures_util::future::join_all(held.iter().map(|(key, lease)| {
+            let mut redis = self.redis.clone();
+            let full = format!("{}{key}", self.prefix);
+            let fill = fresh.get(key);
+            let (fill_script, release_script) = (&self.fill, &self.release);
+            async move {
+                match fill {
+                    Some(fill) => {
+                        let ttl_ms = fill.ttl.map_or(0, |ttl| {
+                            crate::apply::shared::jittered(ttl.seconds, ttl.jitter_bp)
+                                .saturating_mul(1000)
+                        });
+                        fill_script
+                            .key(full)
+                            .arg(lease)
+                            .arg(&fill.value)
+                            .arg(ttl_ms)
+                            .invoke_async::<i64>(&mut redis)
+                            .await
+                            .map(|stored| {
+                                if stored == 1 {
+                                    Done::Filled
+                                } else {
+                                    Done::Fenced
+                                }
+                            })
+                    }
+                    None => release_script
+                        .key(full)
+                        .arg(lease)
+                        .invoke_async::<i64>(&mut redis)
+                        .await
+                        .map(|_| Done::Released),
+                }
+            }
+        }))
+        .await;
+        for result in results {
+            match result.map_err(|e| redis_error(&e))? {
+                Done::Filled => self.summary.filled += 1,
+                Done::Fenced => self.summary.fenced += 1,
+                Done::Released => self.summary.released += 1,
+            }
+        }
+        if self.progress {
+            eprint!(
+                "\r{table}: {} rows, {} keys filled, {} already cached   ",
+                self.summary.rows, self.summary.filled, self.summary.present
+            );
+        }
+        Ok(())
+    }
+
+    fn select(&self, table: &TableName, columns: &[&str], condition: Option<&str>) -> String {
+        format!(
+            "select {} from {}{}",
+            columns
+                .iter()
+                .map(|c| quote_ident(c))
+                .collect::<Vec<_>>()
+                .join(", "),
+            quote_table(table),
+            condition.map_or_else(String::new, |c| format!(" where {c}"))
+        )
+    }
+
+    async fn query(&self, table: &TableName, sql: &str) -> Result<Vec<Vec<Option<String>>>, Error> {
+        self.database
+            .query(sql)
+            .await
+            .map_err(|why| Error::new(ErrorKind::Protocol, format!("warming {table}: {why}")))
+    }
+
+    fn rows(
+        &self,
+        table: &TableName,
+        columns: &[&str],
+        texts: Vec<Vec<Option<String>>>,
+    ) -> Result<Vec<Row>, Error> {
+        self.database
+            .rows(table, columns, texts)
+            .map_err(|why| Error::new(ErrorKind::Protocol, format!("warming {table}: {why}")))
+    }
+
+    /// The table's primary key columns, in key order.
+    async fn primary_key(&self, table: &TableName) -> Result<Vec<String>, Error> {
+        let sql = format!(
+            "select a.attname from pg_index i join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey) \
+             where i.indrelid = {}::regclass and i.indisprimary order by array_position(i.indkey::int2[], a.attnum)",
+            literals(&[Some(quote_table(table))])
+        );
+        let rows = self.query(table, &sql).await?;
+        let columns: Vec<String> = rows
+            .into_iter()
+            .filter_map(|row| row.into_iter().next().flatten())
+            .collect();
+        if columns.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!("{table} has no primary key: evictd warm reads a table page by page in primary-key order"),
+            ));
+        }
+        Ok(columns)
+    }
+}
+
+/// The primary key: its columns, and where they are in a page's rows.
+struct Keys<'k> {
+    names: &'k [String],
+    positions: Vec<usize>,
+}
+
+impl Keys<'_> {
+    fn list(&self) -> String {
+        self.names
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The key values of one row as read.
+    fn of(&self, row: &[Option<String>]) -> Vec<Option<String>> {
+        self.positions.iter().map(|&at| row[at].clone()).collect()
+    }
+}
+
+enum Done {
+    Filled,
+    Fenced,
+    Released,
+}
+
+/// The refresh keys `rows` render as inserts (conditions included), with
+/// their values and TTLs.
+fn render(mappings: &Mappings, table: &TableName, rows: &[Row]) -> HashMap<String, Fill> {
+    let table = Arc::new(table.clone());
+    let mut out = Output::default();
+    let mut fills = HashMap::with_capacity(rows.len());
+    for row in rows {
+        out.clear();
+        let change = RowChange {
+            table: table.clone(),
+            op: Op::Insert,
+            old: None,
+            new: Some(row.clone()),
+        };
+        mappings.eval(&change, &mut out);
+        for action in out.actions.drain(..) {
+            if let ActionKind::Refresh { key, value, ttl } = action.kind {
+                fills.insert(key, Fill { value, ttl });
+            }
+        }
+    }
+    fills
+}
+
+/// SQL literals of text values, comma-separated (NULL as `null`).
+fn literals(values: &[Option<String>]) -> String {
+    values
+        .iter()
+        .map(|value| match value {
+            Some(text) => format!("'{}'", text.replace('\'', "''")),
+            None => "null".to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn redis_error(error: &redis::RedisError) -> Error {
+    Error::new(ErrorKind::Redis, format!("warming: Redis failed: {error}"))
+}
+
+/// Paces warming at `rate` keys per second.
+struct Pace {
+    rate: u64,
+    started: Instant,
+    done: u64,
+}
+
+impl Pace {
+    fn new(rate: u64) -> Pace {
+        Pace {
+            rate,
+            started: Instant::now(),
+            done: 0,
+        }
+    }
+
+    /// Waits until `keys` more keys keep within the rate.
+    async fn wait(&mut self, keys: usize) {
+        self.done += keys as u64;
+        if self.rate == 0 {
+            return;
+        }
+        #[allow(clippy::cast_precision_loss)]
+        let due = Duration::from_secs_f64(self.done as f64 / self.rate as f64);
+        let elapsed = self.started.elapsed();
+        if due > elapsed {
+            tokio::time::sleep(due - elapsed).await;
+        }
+    }
+}

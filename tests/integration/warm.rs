@@ -1,0 +1,213 @@
+//! Cache warming: the refresh keys filled from the database with the right
+//! values and TTLs, values already cached left alone, `[[table.warm]]`
+//! queries, and warming beside a streaming evictd under writes with
+//! nothing stale afterwards.
+
+use std::time::Duration;
+
+use evictd::internal::warm::{warm, WarmOptions};
+
+use crate::support::{mapping_dir, redis_connection, streaming_config, Streaming, TestDb};
+
+const SCHEMA: &str = "
+    create table products (id bigint primary key, name text not null, price numeric(8, 2) not null, status text not null);
+    alter table products replica identity full;
+    create publication evictd for table products;
+";
+
+const PRODUCTS: &str = r#"
+[[table]]
+name = "products"
+keys = ["product:{id}"]
+
+[[table.refresh]]
+key = "product:{id}:card"
+columns = ["id", "name", "price"]
+ttl = "1h"
+
+[[table.refresh]]
+key = "live:{id}"
+columns = ["id"]
+when = "status = 'live'"
+"#;
+
+fn options() -> WarmOptions {
+    WarmOptions {
+        table: None,
+        limit: None,
+        rate: 0,
+        progress: false,
+    }
+}
+
+fn card(id: i64) -> String {
+    format!(r#"{{"id":{id},"name":"p{id}","price":{id}.50}}"#)
+}
+
+async fn get(prefix: &str, key: &str) -> Option<String> {
+    let mut redis = redis_connection().await;
+    redis::cmd("GET")
+        .arg(format!("{prefix}{key}"))
+        .query_async(&mut redis)
+        .await
+        .expect("GET")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warming_fills_the_rendered_refresh_keys_and_leaves_cached_values_alone() {
+    let db = TestDb::new().await;
+    db.execute(SCHEMA).await;
+    db.execute(
+        "insert into products select g, 'p' || g, g + 0.5, case when g % 2 = 0 then 'live' else 'draft' end
+         from generate_series(1, 1200) g",
+    )
+    .await;
+    let dir = mapping_dir(&[("products.toml", PRODUCTS)]);
+    let config = streaming_config(&db, dir.path());
+    let mappings = evictd::mapping::load_dir(dir.path(), config.mappings.limits).expect("mappings");
+    let mut redis = redis_connection().await;
+    // A value already there (newer, as far as warming can tell): kept.
+    let _: () = redis::cmd("SET")
+        .arg(format!("{}product:5:card", db.prefix))
+        .arg("newer")
+        .query_async(&mut redis)
+        .await
+        .expect("SET");
+    let summary = warm(&config, &mappings, &options()).await.expect("warm");
+    assert_eq!(
+        (
+            summary.tables,
+            summary.rows,
+            summary.filled,
+            summary.present
+        ),
+        (1, 1200, 1199 + 600, 1)
+    );
+    assert_eq!(
+        get(&db.prefix, "product:5:card").await.as_deref(),
+        Some("newer")
+    );
+    for id in [1, 2, 600, 1199, 1200] {
+        assert_eq!(
+            get(&db.prefix, &format!("product:{id}:card")).await,
+            Some(card(id))
+        );
+        let live = get(&db.prefix, &format!("live:{id}")).await;
+        assert_eq!(
+            live,
+            (id % 2 == 0).then(|| format!(r#"{{"id":{id}}}"#)),
+            "live:{id}"
+        );
+    }
+    // The refresh's TTL.
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(format!("{}product:7:card", db.prefix))
+        .query_async(&mut redis)
+        .await
+        .expect("TTL");
+    assert!((3590..=3600).contains(&ttl), "TTL {ttl}");
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(format!("{}live:8", db.prefix))
+        .query_async(&mut redis)
+        .await
+        .expect("TTL");
+    assert_eq!(ttl, -1, "no ttl on that refresh");
+    // A second run finds everything cached.
+    let again = warm(&config, &mappings, &options()).await.expect("warm");
+    assert_eq!((again.filled, again.present), (0, 1200 + 600));
+    let only = WarmOptions {
+        table: Some(evictd::change::TableName::new("public", "nope")),
+        ..options()
+    };
+    let error = warm(&config, &mappings, &only).await.expect_err("unmapped");
+    assert_eq!(error.to_string(), "public.nope is not mapped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_query_fills_the_rows_it_names() {
+    let db = TestDb::new().await;
+    db.execute(SCHEMA).await;
+    db.execute(
+        "insert into products select g, 'p' || g, g + 0.5, case when g % 2 = 0 then 'live' else 'draft' end
+         from generate_series(1, 100) g",
+    )
+    .await;
+    let mapping = format!(
+        "{PRODUCTS}\n[[table.warm]]\nwhere = \"status = 'live'\"\norder_by = \"price desc\"\nlimit = 3\n"
+    );
+    let dir = mapping_dir(&[("products.toml", &mapping)]);
+    let config = streaming_config(&db, dir.path());
+    let mappings = evictd::mapping::load_dir(dir.path(), config.mappings.limits).expect("mappings");
+    let summary = warm(&config, &mappings, &options()).await.expect("warm");
+    assert_eq!((summary.rows, summary.filled), (3, 6));
+    for id in 1..=100 {
+        let cached = get(&db.prefix, &format!("product:{id}:card"))
+            .await
+            .is_some();
+        assert_eq!(cached, [96, 98, 100].contains(&id), "product:{id}:card");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warming_beside_a_streaming_evictd_under_writes_leaves_nothing_stale() {
+    let mut s = Streaming::start(SCHEMA, &[("products.toml", PRODUCTS)]).await;
+    s.db.execute(
+        "insert into products select g, 'p' || g, g + 0.5, 'live' from generate_series(1, 3000) g",
+    )
+    .await;
+    s.sync().await;
+    let writer = {
+        let client = s.db.client().await;
+        tokio::spawn(async move {
+            for round in 0..150_i64 {
+                let id = (round * 37) % 3000 + 1;
+                client
+                    .batch_execute(&format!(
+                        "update products set name = 'renamed{round}', status = case when status = 'live' then 'draft' else 'live' end where id = {id};
+                         delete from products where id = {};
+                         update products set price = price + 1 where id between {id} and {id} + 20",
+                        (round * 53) % 3000 + 1
+                    ))
+                    .await
+                    .expect("write");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let mappings = s.evictd.mappings();
+    let mut passes = 0;
+    while !writer.is_finished() {
+        warm(&s.config, &mappings, &options()).await.expect("warm");
+        passes += 1;
+    }
+    writer.await.expect("writer");
+    warm(&s.config, &mappings, &options()).await.expect("warm");
+    s.sync().await;
+    assert!(passes >= 1);
+    // Every refresh key equals its row, and deleted rows left no key.
+    let sweep = evictd::internal::audit::sweep(&s.config, &mappings, None, None, |_| {})
+        .await
+        .expect("sweep");
+    assert!(sweep.stale.is_empty(), "{:?}", sweep.stale);
+    let gone: Vec<i64> = s
+        .db
+        .client()
+        .await
+        .query(
+            "select g from generate_series(1, 3000) g where not exists (select 1 from products where id = g)",
+            &[],
+        )
+        .await
+        .expect("deleted ids")
+        .iter()
+        .map(|row| row.get::<_, i32>(0).into())
+        .collect();
+    assert!(!gone.is_empty());
+    for id in gone {
+        assert_eq!(
+            s.get(&format!("product:{id}:card")).await,
+            None,
+            "product {id} was deleted"
+        );
+    }
+}
