@@ -35,7 +35,7 @@ fn bad_toml() {
 fn unknown_field_in_table() {
     check(
         "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\nchanged_columns = [\"a\"]\n",
-        "m.toml:4:1: error: unknown field `changed_columns` in [[table]]\n  help: known fields: name, keys, key, tags, versions, prefixes, on, changed, when, refresh",
+        "m.toml:4:1: error: unknown field `changed_columns` in [[table]]\n  help: known fields: name, keys, key, tags, versions, prefixes, surrogate_keys, on, changed, when, refresh, warm",
     );
 }
 
@@ -222,7 +222,7 @@ fn refresh_key_that_is_also_a_delete_key() {
 fn table_that_maps_nothing() {
     check(
         "[[table]]\nname = \"orders\"\non = [\"insert\"]\n",
-        "m.toml:2:8: error: table public.orders maps nothing\n  help: give it `keys`, `tags`, `versions`, `prefixes` or a [[table.refresh]]",
+        "m.toml:2:8: error: table public.orders maps nothing\n  help: give it `keys`, `tags`, `versions`, `prefixes`, `surrogate_keys` or a [[table.refresh]]",
     );
 }
 
@@ -397,5 +397,20 @@ fn an_unknown_transform_or_a_bad_json_path_is_located_with_a_suggestion() {
     check(
         "[[table]]\nname = \"users\"\nkeys = [\"user:{payload..slug}\"]\n",
         "m.toml:3:15: error: `{payload..slug}`: an empty step is not a json field or array index\n  help: write the path as `.field` and `.0` steps, e.g. `{payload.items.0.id}`",
+    );
+}
+
+#[test]
+fn a_warm_section_needs_refreshes_and_a_limit_to_order() {
+    assert_eq!(
+        errors(
+            "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\n\n[[table.warm]]\norder_by = \"total desc\"\nlimit = 0\nlimits = 1\n"
+        ),
+        [
+            "m.toml:5:1: error: [[table.warm]] on an entry with no [[table.refresh]]: there is nothing to warm\n  help: add a [[table.refresh]] section, or remove the [[table.warm]] one",
+            "m.toml:5:1: error: [[table.warm]] has `order_by` but no `limit`\n  help: add `limit = N`: an ordered warm reads its rows in one query",
+            "m.toml:7:1: error: `limit` must be a positive integer\n  help: write how many rows to warm, e.g. 1000",
+            "m.toml:8:1: error: unknown field `limits` in [[table.warm]]\n  help: did you mean `limit`?",
+        ]
     );
 }

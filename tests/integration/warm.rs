@@ -211,3 +211,54 @@ async fn warming_beside_a_streaming_evictd_under_writes_leaves_nothing_stale() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evictd_warm_prints_a_summary_and_refuses_an_unmapped_table() {
+    let db = TestDb::new().await;
+    db.execute(SCHEMA).await;
+    db.execute("insert into products values (1, 'p1', 1.5, 'live'), (2, 'p2', 2.5, 'draft')")
+        .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = crate::support::run_config(
+        dir.path(),
+        &db,
+        &crate::support::stack().redis.url(),
+        PRODUCTS,
+        "127.0.0.1:0",
+    );
+    let config = config.to_str().unwrap().to_owned();
+    let output = tokio::task::spawn_blocking(move || {
+        let warmed = crate::support::evictd(&["warm", "--config", &config, "--rate", "100"]);
+        let unmapped = crate::support::evictd(&["warm", "--config", &config, "--table", "nope"]);
+        (warmed, unmapped)
+    })
+    .await
+    .expect("evictd");
+    let (warmed, unmapped) = output;
+    assert_eq!(
+        warmed.status.code(),
+        Some(0),
+        "{}",
+        crate::support::stderr(&warmed)
+    );
+    let text = crate::support::stdout(&warmed);
+    assert!(
+        text.starts_with("warmed 3 keys from 2 rows of 1 table(s) in "),
+        "{text}"
+    );
+    assert!(text.contains("0 already cached"), "{text}");
+    assert_eq!(unmapped.status.code(), Some(2));
+    assert!(
+        crate::support::stderr(&unmapped).contains("public.nope is not mapped"),
+        "{}",
+        crate::support::stderr(&unmapped)
+    );
+    assert_eq!(
+        get(&db.prefix, "product:1:card").await,
+        Some(card_of(1, "p1", "1.50"))
+    );
+}
+
+fn card_of(id: i64, name: &str, price: &str) -> String {
+    format!(r#"{{"id":{id},"name":"{name}","price":{price}}}"#)
+}
