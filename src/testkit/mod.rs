@@ -18,6 +18,7 @@ mod postgres;
 mod profile;
 pub mod reaper;
 mod redis;
+mod varnish;
 
 #[cfg(feature = "testkit")]
 pub use evictd::{current_wal_lsn, walsender_pid, Evictd};
@@ -27,6 +28,7 @@ pub use postgres::Postgres;
 #[cfg(feature = "testkit")]
 pub use profile::{cpu_by_process_name, peak_rss_kib, process_cpu_ticks, ThreadCpu};
 pub use redis::{ping as redis_ping, Redis, RedisCluster};
+pub use varnish::Varnish;
 
 /// The crates the testkit's API speaks, at the versions it was built
 /// with: a test that uses them from here never has to guess which

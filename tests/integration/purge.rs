@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use evictd::config::{PurgeKind, PurgeTarget, Secret};
 use futures_util::FutureExt as _;
 
-use crate::support::web::{get, Answer, Handler, Received, Server, Varnish};
+use evictd::testkit::Varnish;
+
+use crate::support::web::{get, Answer, Handler, Received, Server};
 use crate::support::{redis_connection, Streaming};
 
 const SCHEMA: &str = "
@@ -116,7 +118,7 @@ async fn varnish_pages_are_purged_by_surrogate_key_after_redis() {
     db.execute("insert into products values (1, 1, 'old'), (2, 2, 'other')")
         .await;
     let app = application(db.url.clone(), db.prefix.clone()).await;
-    let varnish = Varnish::start(app.port);
+    let varnish = Varnish::start(app.port).expect("start varnishd");
     let dir = crate::support::mapping_dir(&[("products.toml", PRODUCTS)]);
     let mut config = crate::support::streaming_config(&db, dir.path());
     config.purge = vec![target(PurgeKind::Varnish, varnish.url("/"))];

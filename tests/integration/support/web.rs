@@ -1,12 +1,9 @@
 //! HTTP for the purge tests: a tiny server whose answers a closure decides
 //! (the application behind Varnish, a webhook receiver, stand-ins for the
-//! Fastly and Cloudflare APIs), a client, and a throwaway Varnish with the
-//! VCL from `deploy/varnish/`.
+//! Fastly and Cloudflare APIs), and a client.
 
-use std::os::unix::process::CommandExt as _;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -206,77 +203,4 @@ pub async fn get(url: &str) -> (u16, String) {
         body.to_owned()
     };
     (status, body)
-}
-
-/// A throwaway `varnishd` with `deploy/varnish/evictd.vcl` in front of the
-/// application on `backend_port`; killed on drop (and by the reaper).
-pub struct Varnish {
-    pub port: u16,
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Varnish {
-    pub fn start(backend_port: u16) -> Varnish {
-        let dir = tempfile::Builder::new()
-            .prefix("evictd-varnish-")
-            .tempdir()
-            .expect("tempdir");
-        evictd::testkit::reaper::reap_dir(dir.path());
-        let vcl = std::fs::read_to_string(super::repo_path("deploy/varnish/evictd.vcl"))
-            .expect("read the VCL")
-            .replace("\"8080\"", &format!("\"{backend_port}\""));
-        let vcl_path = dir.path().join("evictd.vcl");
-        std::fs::write(&vcl_path, vcl).expect("write the VCL");
-        let port = super::free_port();
-        let child = Command::new(varnishd())
-            .args(["-F", "-j", "none", "-T", "none", "-s", "malloc,32m"])
-            .arg("-n")
-            .arg(dir.path().join("work"))
-            .arg("-a")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("-f")
-            .arg(&vcl_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect("start varnishd (install it with scripts/bootstrap)");
-        // The manager's worker shares its process group.
-        evictd::testkit::reaper::reap_group(child.id());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "varnishd did not listen in 30 s");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Varnish {
-            port,
-            child,
-            _dir: dir,
-        }
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-}
-
-impl Drop for Varnish {
-    fn drop(&mut self) {
-        // The whole group: the manager and its worker.
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.child.id())])
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
-fn varnishd() -> String {
-    for candidate in ["/usr/sbin/varnishd", "/usr/local/sbin/varnishd"] {
-        if std::path::Path::new(candidate).exists() {
-            return candidate.to_owned();
-        }
-    }
-    "varnishd".to_owned()
 }

@@ -1,0 +1,222 @@
+//! B8, the cache's edges: warming and CDN purges.
+//!
+//! - **Warming.** `ROWS` products with a write-through refresh each. Each
+//!   round times `evictd::internal::warm::warm` (no rate cap) into an empty
+//!   Redis, and, as the baseline, a plain pipelined `SET` of the same keys
+//!   and values in batches of the same size (500) over one connection:
+//!   what writing those values costs without reading the database, taking
+//!   leases or fencing. Target: warming >= 0.7x the baseline's keys/s.
+//! - **Purges.** evictd streams `TRANSACTIONS` transactions of `PER_TX`
+//!   product updates each, every product with two surrogate keys, once
+//!   with a local Varnish (the shipped VCL, xkey) as a purge target and,
+//!   as the baseline, once without: the drain rate with the purges
+//!   against without, and the surrogate keys purged per second.
+//!
+//! Rounds alternate the two sides of each pair; the medians are reported.
+//! Run: `cargo bench --bench edges` (a table, then one JSON line).
+
+use std::time::{Duration, Instant};
+
+use evictd::config::{Config, PurgeKind, PurgeTarget, SecretUrl};
+use evictd::testkit::{Evictd, Postgres, Redis, Varnish};
+
+const ROWS: i64 = 100_000;
+const ROUNDS: usize = 3;
+const PAGE: usize = 500;
+const TRANSACTIONS: i64 = 200;
+const PER_TX: i64 = 100;
+
+const MAPPING: &str = r#"
+[[table]]
+name = "products"
+keys = ["product:{id}"]
+surrogate_keys = ["product-{id}", "category-{category_id}"]
+
+[[table.refresh]]
+key = "product:{id}:card"
+columns = ["id", "name", "price"]
+ttl = "1h"
+"#;
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    eprintln!("load average before: {}", load.trim());
+    let postgres = Postgres::start().expect("start postgres");
+    let redis = Redis::start().expect("start redis");
+    let database = postgres.create_database().await.expect("database");
+    let url = postgres.url(&database);
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!(
+            "create table products (id bigint primary key, category_id bigint not null, name text not null, price numeric(8, 2) not null);
+             alter table products replica identity full;
+             insert into products select g, g % 50, 'product ' || g, g % 1000 + 0.99 from generate_series(1, {ROWS}) g;
+             create publication evictd for table products;"
+        ))
+        .await
+        .expect("schema");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("products.toml"), MAPPING).expect("mapping");
+    let mut config = Config::with_defaults(
+        SecretUrl::parse(&url).expect("url"),
+        SecretUrl::parse(&redis.url()).expect("url"),
+        dir.path().to_path_buf(),
+    );
+    config.redis.prefix = "b:".into();
+    let mappings = evictd::mapping::load_dir(dir.path(), config.mappings.limits).expect("mappings");
+    let mut redis_conn = redis::Client::open(redis.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+
+    // The values warming writes, for the baseline.
+    let values: Vec<(String, String)> = client
+        .query(
+            "select id, name, price::text from products order by id",
+            &[],
+        )
+        .await
+        .expect("rows")
+        .iter()
+        .map(|row| {
+            let (id, name, price): (i64, String, String) = (row.get(0), row.get(1), row.get(2));
+            (
+                format!("b:product:{id}:card"),
+                format!(r#"{{"id":{id},"name":"{name}","price":{price}}}"#),
+            )
+        })
+        .collect();
+    let options = evictd::internal::warm::WarmOptions {
+        table: None,
+        limit: None,
+        rate: 0,
+        progress: false,
+    };
+    let (mut warm_rates, mut set_rates) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let _: () = redis::cmd("FLUSHDB")
+            .query_async(&mut redis_conn)
+            .await
+            .unwrap();
+        let started = Instant::now();
+        for page in values.chunks(PAGE) {
+            let mut pipe = redis::pipe();
+            for (key, value) in page {
+                pipe.cmd("SET")
+                    .arg(key)
+                    .arg(value)
+                    .arg("EX")
+                    .arg(3600)
+                    .ignore();
+            }
+            let _: () = pipe.query_async(&mut redis_conn).await.unwrap();
+        }
+        #[allow(clippy::cast_precision_loss)]
+        set_rates.push(values.len() as f64 / started.elapsed().as_secs_f64());
+        let _: () = redis::cmd("FLUSHDB")
+            .query_async(&mut redis_conn)
+            .await
+            .unwrap();
+        let summary = evictd::internal::warm::warm(&config, &mappings, &options)
+            .await
+            .expect("warm");
+        assert_eq!(summary.filled, u64::try_from(ROWS).unwrap());
+        #[allow(clippy::cast_precision_loss)]
+        warm_rates.push(summary.filled as f64 / summary.elapsed.as_secs_f64());
+    }
+    let (warm_rate, set_rate) = (median(warm_rates), median(set_rates));
+
+    // Purges: the same updates drained with and without a Varnish target.
+    let app = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let varnish = Varnish::start(app.local_addr().unwrap().port()).expect("start varnishd");
+    let (mut with_rates, mut without_rates, mut purge_rates) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        for purging in [true, false] {
+            let mut config = config.clone();
+            config.postgres.slot = format!("bench_{round}_{purging}");
+            if purging {
+                config.purge = vec![PurgeTarget {
+                    name: "varnish".into(),
+                    kind: PurgeKind::Varnish,
+                    url: varnish.url("/"),
+                    soft: false,
+                    service_id: None,
+                    zone_id: None,
+                    token: None,
+                    secret: None,
+                    best_effort: false,
+                    max_keys: 100,
+                    rate: 10_000.0,
+                    timeout_ms: 5_000,
+                    retries: 5,
+                }];
+            }
+            let evictd = Evictd::start(&config).await.expect("evictd");
+            let started = Instant::now();
+            for tx in 0..TRANSACTIONS {
+                let first = (tx * PER_TX) % ROWS + 1;
+                client
+                    .batch_execute(&format!(
+                        "update products set price = price + 1 where id between {first} and {}",
+                        first + PER_TX - 1
+                    ))
+                    .await
+                    .expect("update");
+            }
+            evictd
+                .sync_within(Duration::from_secs(300))
+                .await
+                .expect("drained");
+            let took = started.elapsed().as_secs_f64();
+            evictd.stop().await.expect("stop");
+            #[allow(clippy::cast_precision_loss)]
+            let changes = (TRANSACTIONS * PER_TX) as f64;
+            if purging {
+                with_rates.push(changes / took);
+                // Each change purges its product and its category.
+                purge_rates.push(changes * 2.0 / took);
+            } else {
+                without_rates.push(changes / took);
+            }
+        }
+    }
+    let (with, without, purged) = (
+        median(with_rates),
+        median(without_rates),
+        median(purge_rates),
+    );
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    eprintln!("load average after: {}", load.trim());
+    println!("| measure | evictd | baseline | ratio | target |");
+    println!("| --- | --- | --- | --- | --- |");
+    println!(
+        "| warming, keys/s ({ROWS} keys) vs pipelined SET | {warm_rate:.0} | {set_rate:.0} | {:.2}x | >= 0.7x |",
+        warm_rate / set_rate
+    );
+    println!(
+        "| drain with a Varnish purge target vs without, changes/s | {with:.0} | {without:.0} | {:.2}x | |",
+        with / without
+    );
+    println!("| surrogate keys purged per second (Varnish) | {purged:.0} | | | |");
+    println!(
+        "{}",
+        serde_json::json!({
+            "warm_keys_per_s": warm_rate,
+            "pipelined_set_keys_per_s": set_rate,
+            "warm_over_set": warm_rate / set_rate,
+            "drain_with_purge": with,
+            "drain_without_purge": without,
+            "purged_keys_per_s": purged,
+        })
+    );
+}
