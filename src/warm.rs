@@ -124,6 +124,7 @@ pub async fn warm(
         progress: options.progress && std::io::stderr().is_terminal(),
         summary: Summary::default(),
     };
+    warmer.load_scripts().await?;
     for mapping in tables {
         warmer.summary.tables += 1;
         warmer.table(mappings, mapping, options.limit).await?;
@@ -197,8 +198,17 @@ impl Warmer {
                     );
                     let texts = self.query(table, &select).await?;
                     for page in texts.chunks(PAGE) {
-                        self.page(mappings, table, &columns, &keys, page.to_vec())
+                        let filled = self
+                            .page(
+                                mappings,
+                                table,
+                                &columns,
+                                &keys,
+                                page.to_vec(),
+                                Reread::Listed,
+                            )
                             .await?;
+                        self.record(table, filled).await;
                     }
                 }
                 None => {
@@ -221,151 +231,260 @@ impl Warmer {
         filter: Option<&str>,
         limit: Option<u64>,
     ) -> Result<(), Error> {
-        let key_list = keys.list();
-        let mut after: Option<Vec<Option<String>>> = None;
         let mut left = limit.unwrap_or(u64::MAX);
-        while left > 0 {
-            let page = usize::try_from(left).unwrap_or(PAGE).min(PAGE);
-            let after_clause = after
-                .as_ref()
-                .map(|last| format!("({key_list}) > ({})", literals(&keys.of(last))));
-            let condition = match (filter, after_clause) {
-                (Some(filter), Some(after)) => Some(format!("({filter}) and {after}")),
-                (Some(filter), None) => Some(format!("({filter})")),
-                (None, after) => after,
-            };
-            let select = format!(
-                "{} order by {key_list} limit {page}",
-                self.select(table, columns, condition.as_deref())
-            );
-            let texts = self.query(table, &select).await?;
-            let Some(last) = texts.last() else {
+        let mut next = Some(
+            self.key_page(table, columns, keys, filter, None, left)
+                .await?,
+        );
+        // Each page is filled while the next one is read.
+        while let Some(texts) = next.take() {
+            let Some(last) = texts.last().cloned() else {
                 break;
             };
-            after = Some(last.clone());
+            let size = usize::try_from(left).unwrap_or(PAGE).min(PAGE);
             left = left.saturating_sub(texts.len() as u64);
-            let full = texts.len() == page;
-            self.page(mappings, table, columns, keys, texts).await?;
-            if !full {
-                break;
-            }
+            let more = texts.len() == size && left > 0;
+            let (filled, following) = tokio::join!(
+                self.page(mappings, table, columns, keys, texts, Reread::Range),
+                async {
+                    if more {
+                        self.key_page(table, columns, keys, filter, Some(&last), left)
+                            .await
+                            .map(Some)
+                    } else {
+                        Ok(None)
+                    }
+                }
+            );
+            self.record(table, filled?).await;
+            next = following?;
         }
         Ok(())
     }
 
-    /// One page: lease the keys its rows render, read the rows again, and
-    /// fill what the leases still guard.
-    async fn page(
-        &mut self,
-        mappings: &Mappings,
+    /// The page of at most `left` (and [`PAGE`]) rows after `after` in key
+    /// order.
+    async fn key_page(
+        &self,
         table: &TableName,
         columns: &[&str],
         keys: &Keys<'_>,
-        texts: Vec<Vec<Option<String>>>,
-    ) -> Result<(), Error> {
-        let row_keys: Vec<Vec<Option<String>>> = texts.iter().map(|row| keys.of(row)).collect();
-        let rows = self.rows(table, columns, texts)?;
-        self.summary.rows += rows.len() as u64;
-        let rendered = render(mappings, table, &rows);
-        // Leases first, on keys that hold nothing.
-        let leases: Vec<(String, String)> = rendered
-            .keys()
-            .enumerate()
-            .map(|(index, key)| (key.clone(), lease(&format!("{}{index:x}", self.token))))
-            .collect();
-        self.pace.wait(leases.len()).await;
-        let taken = futures_util::future::join_all(leases.iter().map(|(key, lease)| {
-            let mut redis = self.redis.clone();
-            let full = format!("{}{key}", self.prefix);
-            async move {
-                redis::cmd("SET")
-                    .arg(full)
-                    .arg(lease)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(LEASE_MS)
-                    .query_async::<Option<String>>(&mut redis)
-                    .await
-            }
-        }))
-        .await;
-        let mut held = Vec::new();
-        for ((key, lease), taken) in leases.into_iter().zip(taken) {
-            match taken.map_err(|e| redis_error(&e))? {
-                Some(_) => held.push((key, lease)),
-                None => self.summary.present += 1,
-            }
-        }
-        if held.is_empty() {
-            return Ok(());
-        }
-        // The rows again, read after the leases: what is stored is at
-        // least as new as the leases, which any invalidation removes.
-        let select = self.select(
-            table,
-            columns,
-            Some(&format!(
-                "({}) in ({})",
-                keys.list(),
-                row_keys
-                    .iter()
-                    .map(|key| format!("({})", literals(key)))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )),
+        filter: Option<&str>,
+        after: Option<&[Option<String>]>,
+        left: u64,
+    ) -> Result<Vec<Vec<Option<String>>>, Error> {
+        let key_list = keys.list();
+        let page = usize::try_from(left).unwrap_or(PAGE).min(PAGE);
+        let after_clause =
+            after.map(|last| format!("({key_list}) > ({})", literals(&keys.of(last))));
+        let condition = match (filter, after_clause) {
+            (Some(filter), Some(after)) => Some(format!("({filter}) and {after}")),
+            (Some(filter), None) => Some(format!("({filter})")),
+            (None, after) => after,
+        };
+        let select = format!(
+            "{} order by {key_list} limit {page}",
+            self.select(table, columns, condition.as_deref())
         );
-        let texts = self.query(table, &select).await?;
-        let rows = self.rows(table, columns, texts)?;
-        let fresh = render(mappings, table, &rows);
-        let results = futures_util::future::join_all(held.iter().map(|(key, lease)| {
-            let mut redis = self.redis.clone();
-            let full = format!("{}{key}", self.prefix);
-            let fill = fresh.get(key);
-            let (fill_script, release_script) = (&self.fill, &self.release);
-            async move {
-                match fill {
-                    Some(fill) => {
-                        let ttl_ms = fill.ttl.map_or(0, |ttl| {
-                            crate::apply::shared::jittered(ttl.seconds, ttl.jitter_bp)
-                                .saturating_mul(1000)
-                        });
-                        fill_script
-                            .key(full)
-                            .arg(lease)
-                            .arg(&fill.value)
-                            .arg(ttl_ms)
-                            .invoke_async::<i64>(&mut redis)
-                            .await
-                            .map(|stored| {
-                                if stored == 1 {
-                                    Done::Filled
-                                } else {
-                                    Done::Fenced
-                                }
-                            })
-                    }
-                    None => release_script
-                        .key(full)
-                        .arg(lease)
-                        .invoke_async::<i64>(&mut redis)
-                        .await
-                        .map(|_| Done::Released),
-                }
-            }
-        }))
-        .await;
-        for result in results {
-            match result.map_err(|e| redis_error(&e))? {
-                Done::Filled => self.summary.filled += 1,
-                Done::Fenced => self.summary.fenced += 1,
-                Done::Released => self.summary.released += 1,
-            }
-        }
+        self.query(table, &select).await
+    }
+
+    /// Adds a page's counts, paces, and shows progress.
+    async fn record(&mut self, table: &TableName, page: Summary) {
+        let summary = &mut self.summary;
+        summary.rows += page.rows;
+        summary.filled += page.filled;
+        summary.present += page.present;
+        summary.fenced += page.fenced;
+        summary.released += page.released;
+        let keys = page.filled + page.present + page.fenced + page.released;
+        self.pace
+            .wait(usize::try_from(keys).unwrap_or(usize::MAX))
+            .await;
         if self.progress {
             eprint!(
                 "\r{table}: {} rows, {} keys filled, {} already cached   ",
                 self.summary.rows, self.summary.filled, self.summary.present
             );
+        }
+    }
+
+    /// One page: lease the keys its rows render, read the rows again, and
+    /// fill what the leases still guard. `reread` selects the page's rows
+    /// again (by key range when the page is a key range).
+    async fn page(
+        &self,
+        mappings: &Mappings,
+        table: &TableName,
+        columns: &[&str],
+        keys: &Keys<'_>,
+        texts: Vec<Vec<Option<String>>>,
+        reread: Reread,
+    ) -> Result<Summary, Error> {
+        let mut summary = Summary::default();
+        let condition = match reread {
+            Reread::Range => {
+                let (Some(first), Some(last)) = (texts.first(), texts.last()) else {
+                    return Ok(summary);
+                };
+                format!(
+                    "({list}) >= ({}) and ({list}) <= ({})",
+                    literals(&keys.of(first)),
+                    literals(&keys.of(last)),
+                    list = keys.list()
+                )
+            }
+            Reread::Listed => format!(
+                "({}) in ({})",
+                keys.list(),
+                texts
+                    .iter()
+                    .map(|row| format!("({})", literals(&keys.of(row))))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        let rows = self.rows(table, columns, texts)?;
+        summary.rows += rows.len() as u64;
+        let rendered = render(mappings, table, &rows);
+        // Leases first, on keys that hold nothing.
+        let leases: Vec<(String, String)> = rendered
+            .into_keys()
+            .enumerate()
+            .map(|(index, key)| {
+                let lease = lease(&format!("{}{index:x}", self.token));
+                (key, lease)
+            })
+            .collect();
+        let commands: Vec<redis::Cmd> = leases
+            .iter()
+            .map(|(key, lease)| {
+                let mut command = redis::cmd("SET");
+                command
+                    .arg(format!("{}{key}", self.prefix))
+                    .arg(lease)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(LEASE_MS);
+                command
+            })
+            .collect();
+        let taken: Vec<Option<String>> = self.all(commands).await?;
+        let mut held = Vec::new();
+        for ((key, lease), taken) in leases.into_iter().zip(taken) {
+            match taken {
+                Some(_) => held.push((key, lease)),
+                None => summary.present += 1,
+            }
+        }
+        if held.is_empty() {
+            return Ok(summary);
+        }
+        // The rows again, read after the leases: what is stored is at
+        // least as new as the leases, which any invalidation removes.
+        let select = self.select(table, columns, Some(&condition));
+        let texts = self.query(table, &select).await?;
+        let rows = self.rows(table, columns, texts)?;
+        let fresh = render(mappings, table, &rows);
+        let commands: Vec<redis::Cmd> = held
+            .iter()
+            .map(|(key, lease)| {
+                let full = format!("{}{key}", self.prefix);
+                match fresh.get(key) {
+                    Some(fill) => {
+                        let ttl_ms = fill.ttl.map_or(0, |ttl| {
+                            crate::apply::shared::jittered(ttl.seconds, ttl.jitter_bp)
+                                .saturating_mul(1000)
+                        });
+                        let mut command = redis::cmd("EVALSHA");
+                        command
+                            .arg(self.fill.get_hash())
+                            .arg(1)
+                            .arg(full)
+                            .arg(lease)
+                            .arg(&fill.value)
+                            .arg(ttl_ms);
+                        command
+                    }
+                    None => {
+                        let mut command = redis::cmd("EVALSHA");
+                        command
+                            .arg(self.release.get_hash())
+                            .arg(1)
+                            .arg(full)
+                            .arg(lease)
+                            .arg("");
+                        command
+                    }
+                }
+            })
+            .collect();
+        let done: Vec<i64> = self.all(commands).await?;
+        for ((key, _), stored) in held.iter().zip(done) {
+            match (fresh.contains_key(key), stored) {
+                (true, 1) => summary.filled += 1,
+                (true, _) => summary.fenced += 1,
+                (false, _) => summary.released += 1,
+            }
+        }
+        Ok(summary)
+    }
+
+    /// Runs `commands`, in one pipeline on a single Redis (concurrently on
+    /// a Cluster, where each goes to its key's master). Scripts are called
+    /// by hash: [`Warmer::load_scripts`] loaded them.
+    async fn all<T: redis::FromRedisValue>(
+        &self,
+        commands: Vec<redis::Cmd>,
+    ) -> Result<Vec<T>, Error> {
+        match &self.redis {
+            Connection::Single(_) => {
+                let mut pipe = redis::pipe();
+                for command in commands {
+                    pipe.add_command(command);
+                }
+                let mut redis = self.redis.clone();
+                pipe.query_async(&mut redis)
+                    .await
+                    .map_err(|e| redis_error(&e))
+            }
+            Connection::Cluster(_) => {
+                let results = futures_util::future::join_all(commands.into_iter().map(|command| {
+                    let mut redis = self.redis.clone();
+                    async move { command.query_async::<T>(&mut redis).await }
+                }))
+                .await;
+                results
+                    .into_iter()
+                    .map(|result| result.map_err(|e| redis_error(&e)))
+                    .collect()
+            }
+        }
+    }
+
+    /// Loads the fill and release scripts (on every master of a Cluster).
+    async fn load_scripts(&self) -> Result<(), Error> {
+        for source in [FILL_SCRIPT, RELEASE_SCRIPT] {
+            let mut command = redis::cmd("SCRIPT");
+            command.arg("LOAD").arg(source);
+            match self.redis.clone() {
+                Connection::Single(mut single) => {
+                    command
+                        .query_async::<String>(&mut single)
+                        .await
+                        .map_err(|e| redis_error(&e))?;
+                }
+                Connection::Cluster(mut cluster) => {
+                    let routing = redis::cluster_routing::RoutingInfo::MultiNode((
+                        redis::cluster_routing::MultipleNodeRoutingInfo::AllMasters,
+                        None,
+                    ));
+                    cluster
+                        .route_command(command, routing)
+                        .await
+                        .map_err(|e| redis_error(&e))?;
+                }
+            }
         }
         Ok(())
     }
@@ -444,10 +563,13 @@ impl Keys<'_> {
     }
 }
 
-enum Done {
-    Filled,
-    Fenced,
-    Released,
+/// How a page's rows are selected again after the leases.
+#[derive(Clone, Copy)]
+enum Reread {
+    /// A page of a primary-key walk: its key range.
+    Range,
+    /// Rows in any order: their keys, listed.
+    Listed,
 }
 
 /// The refresh keys `rows` render as inserts (conditions included), with
