@@ -13,8 +13,9 @@
 //!   per row (B4): Redis commands/s against `redis-benchmark` pipelining
 //!   UNLINK on the same server (B0 for Redis).
 //! - fanout_when: the same with a `when` condition on the entry and on
-//!   every key, each matching (the evaluator's cost of conditions, against
-//!   `fanout` in the same run).
+//!   every key, each matching, and a transform on every placeholder
+//!   (`|trim`, `|lower`: the same keys as `fanout`): the evaluator's cost
+//!   of conditions and transforms, against `fanout` in the same run.
 //!
 //! Fencing (docs/PROTOCOL.md) adds no command to these drains: a fill's
 //! lease lives in the cache key, so evictd's deletes void it as they are.
@@ -198,18 +199,18 @@ const FANOUT_WHEN: &str = r#"
 name = "orders"
 when = "status <> 'draft' and id > 0"
 keys = [
-    { template = "order:{id}", when = "user_id >= 0" },
-    { template = "order:{id}:a", when = "status in ('new', 'paid')" },
-    { template = "order:{id}:b", when = "id is not null" },
-    { template = "order:{id}:c", when = "user_id < 1000000" },
-    { template = "order:{id}:d", when = "not status = 'draft'" },
-    { template = "order:{id}:e", when = "id >= 1 or status = 'x'" },
-    { template = "order:{id}:f", when = "user_id <> -1" },
-    { template = "order:{id}:g", when = "status <> 'void'" },
-    { template = "user:{user_id}:orders", when = "user_id >= 0" },
-    { template = "status:{status}:{id}", when = "status is not null" },
+    { template = "order:{id|trim}", when = "user_id >= 0" },
+    { template = "order:{id|trim}:a", when = "status in ('new', 'paid')" },
+    { template = "order:{id|trim}:b", when = "id is not null" },
+    { template = "order:{id|trim}:c", when = "user_id < 1000000" },
+    { template = "order:{id|trim}:d", when = "not status = 'draft'" },
+    { template = "order:{id|trim}:e", when = "id >= 1 or status = 'x'" },
+    { template = "order:{id|trim}:f", when = "user_id <> -1" },
+    { template = "order:{id|trim}:g", when = "status <> 'void'" },
+    { template = "user:{user_id|trim}:orders", when = "user_id >= 0" },
+    { template = "status:{status|lower}:{id|trim}", when = "status is not null" },
 ]
-tags = ["user:{user_id}", "order:{id}"]
+tags = ["user:{user_id|trim}", "order:{id|trim}"]
 "#;
 
 const MAPPING: &str =
