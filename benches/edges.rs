@@ -181,19 +181,8 @@ async fn main() {
             config.postgres.slot = format!("bench_{round}_{purging}");
             if purging {
                 config.purge = vec![PurgeTarget {
-                    name: "varnish".into(),
-                    kind: PurgeKind::Varnish,
-                    url: varnish.url("/"),
-                    soft: false,
-                    service_id: None,
-                    zone_id: None,
-                    token: None,
-                    secret: None,
-                    best_effort: false,
-                    max_keys: 100,
                     rate: 10_000.0,
-                    timeout_ms: 5_000,
-                    retries: 5,
+                    ..PurgeTarget::with_defaults(PurgeKind::Varnish, varnish.url("/"))
                 }];
             }
             let evictd = Evictd::start(&config).await.expect("evictd");

@@ -525,26 +525,7 @@ pub async fn sweep(
     limit: Option<u64>,
     mut progress: impl FnMut(&SweepLine),
 ) -> Result<Sweep, Error> {
-    let Some(url) = config.postgres.url.clone() else {
-        return Err(Error::new(
-            ErrorKind::Config,
-            "evictd audit reads the mapped tables from Postgres: postgres.url is not set",
-        ));
-    };
-    let tables: Vec<&TableMapping> = mappings
-        .tables()
-        .filter(|mapping| !mapping.refresh.is_empty())
-        .filter(|mapping| only.is_none_or(|only| *mapping.table == *only))
-        .collect();
-    if let Some(only) = only {
-        if tables.is_empty() {
-            let why = match mappings.table(only) {
-                Some(_) => format!("{only} has no [[table.refresh]] entries: nothing to compare"),
-                None => format!("{only} is not mapped"),
-            };
-            return Err(Error::new(ErrorKind::Config, why));
-        }
-    }
+    let (url, tables) = refreshed_tables(config, mappings, only, "audit", "compare")?;
     let mut database = Database::new(url);
     let mut redis = connect_redis(&config.redis).await?;
     let record = format!(
@@ -583,13 +564,8 @@ pub async fn sweep(
             })
             .collect();
         let select = format!(
-            "select {} from {}{}",
-            columns
-                .iter()
-                .map(|c| quote_ident(c))
-                .collect::<Vec<_>>()
-                .join(", "),
-            quote_table(table),
+            "{}{}",
+            select_columns(table, &columns),
             limit.map_or_else(String::new, |limit| format!(" limit {limit}"))
         );
         database
@@ -695,6 +671,41 @@ pub async fn sweep(
         sweep.fills = Some(sweep_fills(config, &mut redis, &mut sweep.stale).await?);
     }
     Ok(sweep)
+}
+
+/// The database to read and the mapped tables with refreshes (or `only`,
+/// which must be one), for a command (`audit`, `warm`) that reads them;
+/// `doing` says what there would be nothing of.
+pub fn refreshed_tables<'m>(
+    config: &Config,
+    mappings: &'m Mappings,
+    only: Option<&TableName>,
+    command: &str,
+    doing: &str,
+) -> Result<(SecretUrl, Vec<&'m TableMapping>), Error> {
+    let Some(url) = config.postgres.url.clone() else {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "evictd {command} reads the mapped tables from Postgres: postgres.url is not set"
+            ),
+        ));
+    };
+    let tables: Vec<&TableMapping> = mappings
+        .tables()
+        .filter(|mapping| !mapping.refresh.is_empty())
+        .filter(|mapping| only.is_none_or(|only| *mapping.table == *only))
+        .collect();
+    if let Some(only) = only {
+        if tables.is_empty() {
+            let why = match mappings.table(only) {
+                Some(_) => format!("{only} has no [[table.refresh]] entries: nothing to {doing}"),
+                None => format!("{only} is not mapped"),
+            };
+            return Err(Error::new(ErrorKind::Config, why));
+        }
+    }
+    Ok((url, tables))
 }
 
 /// Client fills against the broadcast log: a value whose fill recorded an
@@ -1003,6 +1014,19 @@ pub fn quote_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
+/// `select "a", "b" from "schema"."table"`.
+pub fn select_columns(table: &TableName, columns: &[&str]) -> String {
+    format!(
+        "select {} from {}",
+        columns
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", "),
+        quote_table(table)
+    )
+}
+
 pub fn quote_table(table: &TableName) -> String {
     format!(
         "{}.{}",
@@ -1141,15 +1165,7 @@ impl Database {
         filter: &str,
     ) -> Result<(Option<String>, Lsn), String> {
         let columns = refresh_columns(refresh);
-        let select = format!(
-            "select {} from {} where {filter} limit 2",
-            columns
-                .iter()
-                .map(|c| quote_ident(c))
-                .collect::<Vec<_>>()
-                .join(", "),
-            quote_table(table)
-        );
+        let select = format!("{} where {filter} limit 2", select_columns(table, &columns));
         let texts = self.query(&select).await?;
         let lsn = self
             .query("select pg_current_wal_insert_lsn()::text")

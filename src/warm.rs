@@ -22,7 +22,9 @@ use evictd_client::protocol::{lease, FILL_SCRIPT, RELEASE_SCRIPT};
 use evictd_client::Connection;
 use rand::Rng as _;
 
-use crate::audit::{connect_redis, quote_ident, quote_table, Database};
+use crate::audit::{
+    connect_redis, quote_ident, quote_table, refreshed_tables, select_columns, Database,
+};
 use crate::change::{Op, Row, RowChange, TableName};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind};
@@ -87,31 +89,7 @@ pub async fn warm(
     mappings: &Mappings,
     options: &WarmOptions,
 ) -> Result<Summary, Error> {
-    let Some(url) = config.postgres.url.clone() else {
-        return Err(Error::new(
-            ErrorKind::Config,
-            "evictd warm reads the mapped tables from Postgres: postgres.url is not set",
-        ));
-    };
-    let tables: Vec<&TableMapping> = mappings
-        .tables()
-        .filter(|mapping| !mapping.refresh.is_empty())
-        .filter(|mapping| {
-            options
-                .table
-                .as_ref()
-                .is_none_or(|only| *mapping.table == *only)
-        })
-        .collect();
-    if let Some(only) = &options.table {
-        if tables.is_empty() {
-            let why = match mappings.table(only) {
-                Some(_) => format!("{only} has no [[table.refresh]] entries: nothing to warm"),
-                None => format!("{only} is not mapped"),
-            };
-            return Err(Error::new(ErrorKind::Config, why));
-        }
-    }
+    let (url, tables) = refreshed_tables(config, mappings, options.table.as_ref(), "warm", "warm")?;
     let started = Instant::now();
     let mut warmer = Warmer {
         database: Database::new(url),
@@ -491,13 +469,8 @@ impl Warmer {
 
     fn select(&self, table: &TableName, columns: &[&str], condition: Option<&str>) -> String {
         format!(
-            "select {} from {}{}",
-            columns
-                .iter()
-                .map(|c| quote_ident(c))
-                .collect::<Vec<_>>()
-                .join(", "),
-            quote_table(table),
+            "{}{}",
+            select_columns(table, columns),
             condition.map_or_else(String::new, |c| format!(" where {c}"))
         )
     }

@@ -82,6 +82,28 @@ pub struct PurgeTarget {
     pub retries: u32,
 }
 
+impl PurgeTarget {
+    /// A target of `kind` at `url`, every other setting at its default
+    /// (named after its kind, no credentials).
+    pub fn with_defaults(kind: PurgeKind, url: String) -> PurgeTarget {
+        PurgeTarget {
+            name: kind.as_str().to_owned(),
+            kind,
+            url,
+            soft: false,
+            service_id: None,
+            zone_id: None,
+            token: None,
+            secret: None,
+            best_effort: false,
+            max_keys: kind.max_keys_limit(),
+            rate: 10.0,
+            timeout_ms: 5_000,
+            retries: 5,
+        }
+    }
+}
+
 /// Which API a purge target speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PurgeKind {

@@ -30,19 +30,10 @@ surrogate_keys = ["product-{id}", "category-{category_id}"]
 
 fn target(kind: PurgeKind, url: String) -> PurgeTarget {
     PurgeTarget {
-        name: kind.as_str().to_owned(),
-        kind,
-        url,
-        soft: false,
-        service_id: None,
-        zone_id: None,
-        token: None,
-        secret: None,
-        best_effort: false,
-        max_keys: kind.max_keys_limit(),
         rate: 100.0,
         timeout_ms: 2_000,
         retries: 3,
+        ..PurgeTarget::with_defaults(kind, url)
     }
 }
 
