@@ -522,3 +522,41 @@ fn an_unknown_log_format_is_refused_with_exit_2() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("EVICTD_LOG_FORMAT is `xml`"), "{stderr}");
 }
+
+/// The value of the counter line `name` in a `/metrics` body.
+fn counter_in(body: &str, name: &str) -> u64 {
+    body.lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evictd_run_reloads_an_edited_mapping_and_on_sighup_and_says_so() {
+    let (db, run) = ready_run().await;
+    let mappings = run.config.parent().expect("config dir").join("mappings");
+    let applied = r#"evictd_mapping_reloads_total{outcome="applied"}"#;
+    let invalid = r#"evictd_mapping_reloads_total{outcome="invalid"}"#;
+    // A broken edit is refused, logged, counted; the running set stays.
+    std::fs::write(mappings.join("broken.toml"), "[[table]\n").expect("write");
+    run.wait_until("/metrics", |_, body| counter_in(body, invalid) == 1);
+    run.logged("ERROR", "mapping reload refused");
+    std::fs::remove_file(mappings.join("broken.toml")).expect("remove");
+    run.wait_until("/metrics", |_, body| counter_in(body, applied) == 1);
+    // An edit that adds a key takes effect.
+    std::fs::write(
+        mappings.join("orders.toml"),
+        "[[table]]\nname = \"t\"\nkeys = [\"t:{id}\", \"tv:{v}\", \"tw:{w}\"]\n",
+    )
+    .expect("write");
+    run.wait_until("/metrics", |_, body| counter_in(body, applied) == 2);
+    let summary = run.logged("INFO", "changes=changed: public.t");
+    assert!(summary.contains("mappings reloaded"), "{summary}");
+    seed(&db, &["tw:y"]).await;
+    db.execute("update t set w = 'y' where id = 1").await;
+    db.execute("update t set w = 'z' where id = 1").await;
+    gone(&db, "tw:y").await;
+    // SIGHUP reloads the unchanged files on request.
+    signal(&run.child, "HUP");
+    run.wait_until("/metrics", |_, body| counter_in(body, applied) == 3);
+    run.logged("INFO", "SIGHUP: reloading the mappings");
+}
