@@ -464,21 +464,14 @@ fn message(part: Option<MessagePart<'_>>) -> Result<Decoded, String> {
 }
 
 /// Bytes as Kafka Connect writes them in JSON: base64 (standard or URL-safe
-/// alphabet, padded or not), or hex.
+/// alphabet, padded or not, as [`values::base64_decode`] reads them), or
+/// hex.
 fn bytes(text: &str) -> Option<Vec<u8>> {
-    use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
-    use base64::engine::DecodePaddingMode;
-    use base64::{alphabet, Engine};
-    let lenient =
-        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
-    let standard = GeneralPurpose::new(&alphabet::STANDARD, lenient);
-    let url_safe = GeneralPurpose::new(&alphabet::URL_SAFE, lenient);
     // Hex first: JSON content (`{`, `[`) in hex starts `7b` or `5b`, which
     // base64 would also accept as something else.
     hex(text)
         .filter(|bytes| matches!(bytes.first(), Some(b'{' | b'[')))
-        .or_else(|| standard.decode(text).ok())
-        .or_else(|| url_safe.decode(text).ok())
+        .or_else(|| values::base64_decode(text))
         .or_else(|| hex(text))
 }
 
