@@ -390,15 +390,19 @@ fn warm(
         .build()?;
     let summary = runtime
         .block_on(evictd::internal::warm::warm(&config, &mappings, &options))
-        .map_err(|error| {
-            if error.kind() == evictd::error::ErrorKind::Config {
-                anyhow::Error::new(UsageError(error.to_string()))
-            } else {
-                anyhow::Error::new(error)
-            }
-        })?;
+        .map_err(usage_if_config)?;
     println!("{}", summary.text());
     Ok(ExitCode::SUCCESS)
+}
+
+/// A config error (an unmapped table, a missing URL) as a usage error
+/// (exit 2); anything else as it is.
+fn usage_if_config(error: evictd::error::Error) -> anyhow::Error {
+    if error.kind() == evictd::error::ErrorKind::Config {
+        anyhow::Error::new(UsageError(error.to_string()))
+    } else {
+        anyhow::Error::new(error)
+    }
 }
 
 fn audit(path: &Path, table: Option<&str>, limit: Option<u64>) -> anyhow::Result<ExitCode> {
@@ -432,13 +436,7 @@ fn audit(path: &Path, table: Option<&str>, limit: Option<u64>) -> anyhow::Result
             limit,
             show,
         ))
-        .map_err(|error| {
-            if error.kind() == evictd::error::ErrorKind::Config {
-                anyhow::Error::new(UsageError(error.to_string()))
-            } else {
-                anyhow::Error::new(error)
-            }
-        })?;
+        .map_err(usage_if_config)?;
     if terminal {
         eprint!("\r\x1b[2K");
     }

@@ -35,19 +35,7 @@ impl Default for Limits {
 
 /// Loads every `*.toml` file of `dir`, in name order.
 pub fn load_dir(dir: &Path, limits: Limits) -> Result<Mappings, Vec<Diagnostic>> {
-    let DirFiles {
-        files,
-        mut diagnostics,
-    } = read_dir(dir)?;
-    let compiled = load_files(&files, limits);
-    match (compiled, diagnostics.is_empty()) {
-        (Ok(mappings), true) => Ok(mappings),
-        (Ok(_), false) => Err(diagnostics),
-        (Err(mut more), _) => {
-            diagnostics.append(&mut more);
-            Err(diagnostics)
-        }
-    }
+    read_dir(dir)?.compile(limits)
 }
 
 /// The mapping files of a directory as read: (path, text) in name order,
@@ -56,6 +44,18 @@ pub fn load_dir(dir: &Path, limits: Limits) -> Result<Mappings, Vec<Diagnostic>>
 pub struct DirFiles {
     pub files: Vec<(PathBuf, String)>,
     pub diagnostics: Vec<Diagnostic>,
+}
+
+impl DirFiles {
+    /// The mappings of the files read, or every problem: the files that
+    /// could not be read and those of the ones that were.
+    pub fn compile(&self, limits: Limits) -> Result<Mappings, Vec<Diagnostic>> {
+        match (load_files(&self.files, limits), self.diagnostics.is_empty()) {
+            (Ok(mappings), true) => Ok(mappings),
+            (Ok(_), false) => Err(self.diagnostics.clone()),
+            (Err(more), _) => Err(self.diagnostics.iter().cloned().chain(more).collect()),
+        }
+    }
 }
 
 /// Reads every `*.toml` file of `dir`, in name order: the IO half of

@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use crate::change::{OpSet, TableName};
 
-pub use compile::{load_dir, load_files, load_str, read_dir, DirFiles, Limits};
+pub use compile::{load_dir, load_str, read_dir, DirFiles, Limits};
 pub use condition::Condition;
 pub use diagnostic::{Diagnostic, Location};
 pub use eval::{Action, ActionKind, Note, NoteKind, Output};

@@ -99,7 +99,7 @@ pub struct Running {
     /// boundary).
     pub mappings: watch::Receiver<Arc<Mappings>>,
     stop: watch::Sender<bool>,
-    reload: Arc<Notify>,
+    reload: ReloadHandle,
     task: JoinHandle<Result<Ended, Error>>,
 }
 
@@ -141,12 +141,12 @@ impl Running {
     /// changed; the outcome is logged and counted in
     /// `evictd_mapping_reloads_total`.
     pub fn reload(&self) {
-        self.reload.notify_one();
+        self.reload.reload();
     }
 
     /// What asks for a reload, for a task of its own (a signal handler).
     pub fn reload_handle(&self) -> ReloadHandle {
-        ReloadHandle(self.reload.clone())
+        self.reload.clone()
     }
 
     /// Asks the pipeline to stop: it finishes or abandons the batch in
@@ -313,7 +313,7 @@ impl Handles {
             epoch: self.epoch,
             mappings: self.mappings,
             stop: self.stop,
-            reload: self.reload,
+            reload: ReloadHandle(self.reload),
             task,
         }
     }

@@ -126,10 +126,7 @@ impl Reloader {
             );
             Outcome::Invalid
         };
-        if !files.diagnostics.is_empty() {
-            return refuse(&files.diagnostics);
-        }
-        let new = match mapping::load_files(&files.files, self.config.mappings.limits) {
+        let new = match files.compile(self.config.mappings.limits) {
             Ok(new) => new,
             Err(diagnostics) => return refuse(&diagnostics),
         };
