@@ -215,22 +215,13 @@ async fn catalog_problems(
 
 /// Which tables a reload adds, removes and changes, for the log.
 fn summary(current: &Mappings, new: &Mappings) -> String {
-    let names = |mappings: &Mappings| -> BTreeSet<String> {
-        mappings.tables().map(|m| m.table.to_string()).collect()
+    let tables = |mappings| -> BTreeSet<&TableName> {
+        Mappings::tables(mappings).map(|m| &*m.table).collect()
     };
-    let (before, after) = (names(current), names(new));
-    let changed: Vec<&String> = after
+    let (before, after) = (tables(current), tables(new));
+    let changed = after
         .intersection(&before)
-        .filter(|name| {
-            let table = TableName::parse(name).ok();
-            let pick = |mappings: &Mappings| {
-                table
-                    .as_ref()
-                    .and_then(|t| mappings.table(t))
-                    .map(signature)
-            };
-            pick(current) != pick(new)
-        })
+        .filter(|table| current.table(table).map(signature) != new.table(table).map(signature))
         .collect();
     let mut text = String::new();
     for (label, list) in [
@@ -239,7 +230,7 @@ fn summary(current: &Mappings, new: &Mappings) -> String {
         ("changed", changed),
     ] {
         if !list.is_empty() {
-            let names: Vec<&str> = list.iter().map(|name| name.as_str()).collect();
+            let names: Vec<String> = list.iter().map(ToString::to_string).collect();
             let _ = write!(
                 text,
                 "{}{label}: {}",
