@@ -219,7 +219,7 @@ impl Warmer {
             let Some(last) = texts.last().cloned() else {
                 break;
             };
-            let size = usize::try_from(left).unwrap_or(PAGE).min(PAGE);
+            let size = page_size(left);
             left = left.saturating_sub(texts.len() as u64);
             let more = texts.len() == size && left > 0;
             let (filled, following) = tokio::join!(
@@ -252,7 +252,7 @@ impl Warmer {
         left: u64,
     ) -> Result<Vec<Vec<Option<String>>>, Error> {
         let key_list = keys.list();
-        let page = usize::try_from(left).unwrap_or(PAGE).min(PAGE);
+        let page = page_size(left);
         let after_clause =
             after.map(|last| format!("({key_list}) > ({})", literals(&keys.of(last))));
         let condition = match (filter, after_clause) {
@@ -567,6 +567,11 @@ fn render(mappings: &Mappings, table: &TableName, rows: &[Row]) -> HashMap<Strin
         }
     }
     fills
+}
+
+/// Rows in the next key page when `left` rows may still be warmed.
+fn page_size(left: u64) -> usize {
+    usize::try_from(left).unwrap_or(PAGE).min(PAGE)
 }
 
 /// SQL literals of text values, comma-separated (NULL as `null`).
