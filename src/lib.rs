@@ -83,7 +83,8 @@ pub mod internal {
         pub use crate::telemetry::{recorder, upkeep};
     }
     pub mod warm {
-        pub use crate::warm::{warm, Summary, WarmOptions};
+        pub use crate::apply::shared::EPOCH_KEY;
+        pub use crate::warm::{warm, Summary, WarmOptions, ONE_PASS_SCRIPT};
     }
     pub mod watch {
         pub use crate::watch::{line, watch, Filter};

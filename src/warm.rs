@@ -4,21 +4,33 @@
 //! or the rows a `[[table.warm]]` query names first.
 //!
 //! It never overwrites a value, and never stores one older than the
-//! database: it fills the way a client does (`docs/PROTOCOL.md`). For each
-//! page it renders the keys from the rows, takes a fill lease on each key
-//! that holds nothing (`SET NX`; a key that holds a value, evictd's or a
-//! client's, is left alone), reads those rows again, and stores each value
-//! with `fill.lua`, which refuses if anything invalidated the key since the
-//! lease was taken. So a change committed while warming, and applied by a
-//! running `evictd run`, is never overwritten by what warming read before
-//! it.
+//! database. Each page's keys are rendered from its rows, and a key that
+//! holds a value (evictd's or a client's, or another reader's lease) is
+//! left alone. The values are stored one of two ways:
+//!
+//! - **In one pass**, on a standalone Redis. Before the page's rows are
+//!   read, warming reads evictd's apply epoch
+//!   ([`crate::apply::shared::EPOCH_KEY`], incremented ahead of every
+//!   batch's invalidations). One script then checks that the epoch is
+//!   unchanged and stores every value with `SET NX`. An unchanged epoch
+//!   means no invalidation was applied since before the read, so any change
+//!   the read missed is applied later, over the stored value.
+//! - **With leases**, when the epoch moved (evictd applied a batch
+//!   meanwhile) and always on a Cluster: the way a client fills
+//!   (`docs/PROTOCOL.md`). A fill lease on each key that holds nothing
+//!   (`SET NX`), the rows read again, and each value stored with
+//!   `fill.lua`, which refuses if anything invalidated the key since the
+//!   lease was taken.
+//!
+//! Either way a change committed while warming, and applied by a running
+//! `evictd run`, is never overwritten by what warming read before it.
 
 use std::collections::HashMap;
 use std::io::IsTerminal as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use evictd_client::protocol::{lease, FILL_SCRIPT, RELEASE_SCRIPT};
+use evictd_client::protocol::{lease, stamped, AUDIT_STAMP_KEY, FILL_SCRIPT, RELEASE_SCRIPT};
 use evictd_client::Connection;
 use rand::Rng as _;
 
@@ -35,6 +47,34 @@ pub const PAGE: usize = 500;
 
 /// How long a warming lease holds a key (longer than a page takes).
 const LEASE_MS: u64 = 30_000;
+
+/// The one-pass fill of a page.
+///
+/// KEYS[1] the apply epoch, KEYS[2..] the cache keys; ARGV[1] the epoch as
+/// read before the page's rows were ('' when there was none), then a value
+/// and a TTL in ms (0: none) per key. Stores each value where its key holds
+/// nothing. Returns how many it stored, or -1, storing nothing, when the
+/// epoch moved: evictd applied a batch since, which may have invalidated a
+/// key before this script could store what the read found.
+pub const ONE_PASS_SCRIPT: &str = r"
+if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then
+  return -1
+end
+local stored = 0
+for i = 2, #KEYS do
+  local ttl = tonumber(ARGV[2 * i - 1])
+  local set
+  if ttl > 0 then
+    set = redis.call('SET', KEYS[i], ARGV[2 * i - 2], 'NX', 'PX', ttl)
+  else
+    set = redis.call('SET', KEYS[i], ARGV[2 * i - 2], 'NX')
+  end
+  if set then
+    stored = stored + 1
+  end
+end
+return stored
+";
 
 /// What to warm and how fast.
 #[derive(Clone, Debug)]
@@ -62,6 +102,10 @@ pub struct Summary {
     pub fenced: u64,
     /// Keys given back: the row went away or renders another key now.
     pub released: u64,
+    /// Pages stored in one pass (no batch was applied while they were
+    /// read), and pages that took leases and a second read.
+    pub one_pass_pages: u64,
+    pub leased_pages: u64,
     pub elapsed: Duration,
 }
 
@@ -71,14 +115,16 @@ impl Summary {
         #[allow(clippy::cast_precision_loss)]
         let rate = self.filled as f64 / self.elapsed.as_secs_f64().max(0.001);
         format!(
-            "warmed {} keys from {} rows of {} table(s) in {:.1} s ({rate:.0} keys/s); {} already cached, {} changed meanwhile (left to evictd), {} rows gone or moved",
+            "warmed {} keys from {} rows of {} table(s) in {:.1} s ({rate:.0} keys/s); {} already cached, {} changed meanwhile (left to evictd), {} rows gone or moved; {} pages in one pass, {} with leases",
             self.filled,
             self.rows,
             self.tables,
             self.elapsed.as_secs_f64(),
             self.present,
             self.fenced,
-            self.released
+            self.released,
+            self.one_pass_pages,
+            self.leased_pages
         )
     }
 }
@@ -95,9 +141,12 @@ pub async fn warm(
         database: Database::new(url),
         redis: connect_redis(&config.redis).await?,
         prefix: config.redis.prefix.clone(),
+        epoch_key: format!("{}{}", config.redis.prefix, crate::apply::shared::EPOCH_KEY),
+        stamp_key: format!("{}{AUDIT_STAMP_KEY}", config.redis.prefix),
         token: format!("{:016x}", rand::rng().random::<u64>()),
         fill: redis::Script::new(FILL_SCRIPT),
         release: redis::Script::new(RELEASE_SCRIPT),
+        one_pass: redis::Script::new(ONE_PASS_SCRIPT),
         pace: Pace::new(options.rate),
         progress: options.progress && std::io::stderr().is_terminal(),
         summary: Summary::default(),
@@ -118,10 +167,14 @@ struct Warmer {
     database: Database,
     redis: Connection,
     prefix: String,
+    /// The full names of the apply epoch and the audit's apply stamp.
+    epoch_key: String,
+    stamp_key: String,
     /// Leases are this token and a counter: unique per key and run.
     token: String,
     fill: redis::Script,
     release: redis::Script,
+    one_pass: redis::Script,
     pace: Pace,
     progress: bool,
     summary: Summary,
@@ -131,6 +184,34 @@ struct Warmer {
 struct Fill {
     value: String,
     ttl: Option<Ttl>,
+}
+
+impl Fill {
+    /// The TTL to store with, jittered, in ms (0: none).
+    fn ttl_ms(&self) -> u64 {
+        self.ttl.map_or(0, |ttl| {
+            crate::apply::shared::jittered(ttl.seconds, ttl.jitter_bp).saturating_mul(1000)
+        })
+    }
+
+    /// The value to store: recording the apply stamp read before the rows,
+    /// when evictd's consistency checker writes one (`[audit]`).
+    fn stored(&self, stamp: Option<u64>) -> std::borrow::Cow<'_, str> {
+        match stamp {
+            Some(stamp) => stamped(stamp, &self.value).into(),
+            None => self.value.as_str().into(),
+        }
+    }
+}
+
+/// What was read from Redis just before a page's rows.
+#[derive(Clone, Debug, Default)]
+struct Before {
+    /// The apply epoch ('' when there is none yet); `None` on a Cluster,
+    /// where the epoch is not kept and every page takes leases.
+    epoch: Option<String>,
+    /// The audit's apply stamp, when there is one.
+    stamp: Option<u64>,
 }
 
 impl Warmer {
@@ -174,14 +255,15 @@ impl Warmer {
                         self.select(table, &columns, filter),
                         limit.unwrap_or(u64::MAX >> 1)
                     );
+                    let before = self.before().await?;
                     let texts = self.query(table, &select).await?;
                     for page in texts.chunks(PAGE) {
                         let filled = self
                             .page(
                                 mappings,
                                 table,
-                                &columns,
-                                &keys,
+                                (&columns, &keys),
+                                &before,
                                 page.to_vec(),
                                 Reread::Listed,
                             )
@@ -215,7 +297,7 @@ impl Warmer {
                 .await?,
         );
         // Each page is filled while the next one is read.
-        while let Some(texts) = next.take() {
+        while let Some((before, texts)) = next.take() {
             let Some(last) = texts.last().cloned() else {
                 break;
             };
@@ -223,7 +305,14 @@ impl Warmer {
             left = left.saturating_sub(texts.len() as u64);
             let more = texts.len() == size && left > 0;
             let (filled, following) = tokio::join!(
-                self.page(mappings, table, columns, keys, texts, Reread::Range),
+                self.page(
+                    mappings,
+                    table,
+                    (columns, keys),
+                    &before,
+                    texts,
+                    Reread::Range
+                ),
                 async {
                     if more {
                         self.key_page(table, columns, keys, filter, Some(&last), left)
@@ -241,7 +330,7 @@ impl Warmer {
     }
 
     /// The page of at most `left` (and [`PAGE`]) rows after `after` in key
-    /// order.
+    /// order, and what Redis held just before it was read.
     async fn key_page(
         &self,
         table: &TableName,
@@ -250,7 +339,7 @@ impl Warmer {
         filter: Option<&str>,
         after: Option<&[Option<String>]>,
         left: u64,
-    ) -> Result<Vec<Vec<Option<String>>>, Error> {
+    ) -> Result<(Before, Vec<Vec<Option<String>>>), Error> {
         let key_list = keys.list();
         let page = page_size(left);
         let after_clause =
@@ -264,7 +353,37 @@ impl Warmer {
             "{} order by {key_list} limit {page}",
             self.select(table, columns, condition.as_deref())
         );
-        self.query(table, &select).await
+        let before = self.before().await?;
+        Ok((before, self.query(table, &select).await?))
+    }
+
+    /// The apply epoch and stamp, read before a page's rows are.
+    async fn before(&self) -> Result<Before, Error> {
+        match self.redis.clone() {
+            Connection::Single(mut single) => {
+                let (epoch, stamp): (Option<String>, Option<String>) = redis::cmd("MGET")
+                    .arg(&self.epoch_key)
+                    .arg(&self.stamp_key)
+                    .query_async(&mut single)
+                    .await
+                    .map_err(|e| redis_error(&e))?;
+                Ok(Before {
+                    epoch: Some(epoch.unwrap_or_default()),
+                    stamp: stamp.and_then(|stamp| stamp.parse().ok()),
+                })
+            }
+            Connection::Cluster(mut cluster) => {
+                let stamp: Option<String> = redis::cmd("GET")
+                    .arg(&self.stamp_key)
+                    .query_async(&mut cluster)
+                    .await
+                    .map_err(|e| redis_error(&e))?;
+                Ok(Before {
+                    epoch: None,
+                    stamp: stamp.and_then(|stamp| stamp.parse().ok()),
+                })
+            }
+        }
     }
 
     /// Adds a page's counts, paces, and shows progress.
@@ -275,6 +394,8 @@ impl Warmer {
         summary.present += page.present;
         summary.fenced += page.fenced;
         summary.released += page.released;
+        summary.one_pass_pages += page.one_pass_pages;
+        summary.leased_pages += page.leased_pages;
         let keys = page.filled + page.present + page.fenced + page.released;
         self.pace
             .wait(usize::try_from(keys).unwrap_or(usize::MAX))
@@ -287,15 +408,16 @@ impl Warmer {
         }
     }
 
-    /// One page: lease the keys its rows render, read the rows again, and
-    /// fill what the leases still guard. `reread` selects the page's rows
-    /// again (by key range when the page is a key range).
+    /// One page: in one pass when the epoch read `before` it still holds;
+    /// else lease the keys its rows render, read the rows again, and fill
+    /// what the leases still guard. `reread` selects the page's rows again
+    /// (by key range when the page is a key range).
     async fn page(
         &self,
         mappings: &Mappings,
         table: &TableName,
-        columns: &[&str],
-        keys: &Keys<'_>,
+        (columns, keys): (&[&str], &Keys<'_>),
+        before: &Before,
         texts: Vec<Vec<Option<String>>>,
         reread: Reread,
     ) -> Result<Summary, Error> {
@@ -325,6 +447,15 @@ impl Warmer {
         let rows = self.rows(table, columns, texts)?;
         summary.rows += rows.len() as u64;
         let rendered = render(mappings, table, &rows);
+        if let Some(epoch) = &before.epoch {
+            if let Some(stored) = self.one_pass(&rendered, epoch, before.stamp).await? {
+                summary.filled = stored;
+                summary.present = rendered.len() as u64 - stored;
+                summary.one_pass_pages = 1;
+                return Ok(summary);
+            }
+        }
+        summary.leased_pages = 1;
         // Leases first, on keys that hold nothing.
         let leases: Vec<(String, String)> = rendered
             .into_keys()
@@ -370,18 +501,14 @@ impl Warmer {
                 let full = format!("{}{key}", self.prefix);
                 match fresh.get(key) {
                     Some(fill) => {
-                        let ttl_ms = fill.ttl.map_or(0, |ttl| {
-                            crate::apply::shared::jittered(ttl.seconds, ttl.jitter_bp)
-                                .saturating_mul(1000)
-                        });
                         let mut command = redis::cmd("EVALSHA");
                         command
                             .arg(self.fill.get_hash())
                             .arg(1)
                             .arg(full)
                             .arg(lease)
-                            .arg(&fill.value)
-                            .arg(ttl_ms);
+                            .arg(&*fill.stored(before.stamp))
+                            .arg(fill.ttl_ms());
                         command
                     }
                     None => {
@@ -406,6 +533,37 @@ impl Warmer {
             }
         }
         Ok(summary)
+    }
+
+    /// Stores `fills` where their keys hold nothing, unless the apply epoch
+    /// moved from `epoch`: how many were stored, or `None` (nothing was).
+    async fn one_pass(
+        &self,
+        fills: &HashMap<String, Fill>,
+        epoch: &str,
+        stamp: Option<u64>,
+    ) -> Result<Option<u64>, Error> {
+        if fills.is_empty() {
+            return Ok(Some(0));
+        }
+        let fills: Vec<(&String, &Fill)> = fills.iter().collect();
+        let mut command = redis::cmd("EVALSHA");
+        command
+            .arg(self.one_pass.get_hash())
+            .arg(fills.len() + 1)
+            .arg(&self.epoch_key);
+        for (key, _) in &fills {
+            command.arg(format!("{}{key}", self.prefix));
+        }
+        command.arg(epoch);
+        for (_, fill) in &fills {
+            command.arg(&*fill.stored(stamp)).arg(fill.ttl_ms());
+        }
+        let stored: i64 = command
+            .query_async(&mut self.redis.clone())
+            .await
+            .map_err(|e| redis_error(&e))?;
+        Ok(u64::try_from(stored).ok())
     }
 
     /// Runs `commands`, in one pipeline on a single Redis (concurrently on
@@ -440,9 +598,9 @@ impl Warmer {
         }
     }
 
-    /// Loads the fill and release scripts (on every master of a Cluster).
+    /// Loads the scripts (on every master of a Cluster).
     async fn load_scripts(&self) -> Result<(), Error> {
-        for source in [FILL_SCRIPT, RELEASE_SCRIPT] {
+        for source in [FILL_SCRIPT, RELEASE_SCRIPT, ONE_PASS_SCRIPT] {
             let mut command = redis::cmd("SCRIPT");
             command.arg("LOAD").arg(source);
             match self.redis.clone() {

@@ -1,16 +1,17 @@
 //! Sends a [`Plan`] to Redis, and its L1 broadcast with it.
 //!
-//! One plan becomes as few round trips as its commands allow: exact deletes
-//! (variadic UNLINK), namespace bumps (a short script each), tag
-//! invalidations (one Lua script per chunk of tags), refreshes (SET with EX
-//! and jitter) and the broadcast (PUBLISH, and SET of `evictd:l1:last`) go
-//! in one pipeline, in that order. Pattern deletes (TRUNCATE, coarse
-//! fallbacks) need SCAN round trips and split the pipeline, keeping the
-//! plan's order.
+//! One plan becomes as few round trips as its commands allow: the apply
+//! epoch (`INCR`, see [`EPOCH_KEY`]), exact deletes (variadic UNLINK),
+//! namespace bumps (a short script each), tag invalidations (one Lua script
+//! per chunk of tags), refreshes (SET with EX and jitter) and the broadcast
+//! (PUBLISH, and SET of `evictd:l1:last`) go in one pipeline, in that
+//! order. Pattern deletes (TRUNCATE, coarse fallbacks) need SCAN round
+//! trips and split the pipeline, keeping the plan's order.
 //!
 //! A plan that failed half-way is simply sent again: every command is
-//! idempotent but a bump, and a second bump only leaves one more version
-//! behind.
+//! idempotent but a bump and the epoch, and a second bump only leaves one
+//! more version behind (a second epoch step only sends a warming page the
+//! long way).
 
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use redis::aio::MultiplexedConnection;
 use super::broadcast::Broadcast;
 use evictd_client::protocol::{BUMP_SCRIPT, TAG_NAMESPACE};
 
-use super::shared::{jittered, under_prefix, ApplyStats, Record, Wait, SCAN_COUNT};
+use super::shared::{jittered, under_prefix, ApplyStats, Record, Wait, EPOCH_KEY, SCAN_COUNT};
 use crate::config::RedisConfig;
 use crate::error::{Error, ErrorKind};
 use crate::plan::{Command, Plan};
@@ -45,6 +46,8 @@ pub struct StandaloneSink {
     record: Option<Record>,
     timeout: Duration,
     wait: Wait,
+    /// The full name of the apply epoch ([`EPOCH_KEY`]).
+    epoch_key: String,
 }
 
 /// A client for one Redis server, with the TLS files of `config` for
@@ -97,6 +100,7 @@ impl StandaloneSink {
                 replicas: config.wait_replicas,
                 timeout_ms: config.wait_timeout_ms,
             },
+            epoch_key: format!("{prefix}{EPOCH_KEY}"),
         })
     }
 
@@ -144,6 +148,10 @@ impl StandaloneSink {
         let mut pipe = redis::pipe();
         let mut unlinks = Unlinks::new();
         let mut tags: Vec<String> = Vec::new();
+        if !plan.commands.is_empty() {
+            // Ahead of every invalidation: see EPOCH_KEY.
+            pipe.cmd("INCR").arg(&self.epoch_key).ignore();
+        }
         for command in &plan.commands {
             stats.commands += 1;
             match command {

@@ -18,6 +18,14 @@ use crate::plan::{Mode, Plan};
 /// SCAN COUNT hint for pattern deletes.
 pub const SCAN_COUNT: usize = 1000;
 
+/// The apply epoch (with the prefix in front): on a standalone Redis, each
+/// batch with commands increments it ahead of them, in the same pipeline.
+/// A writer that read it before reading the database, and finds it
+/// unchanged in the script that stores what it read, knows that no
+/// invalidation was applied in between (warming's one-pass fill,
+/// `src/warm.rs`).
+pub const EPOCH_KEY: &str = "evictd:epoch";
+
 /// What one plan did in Redis.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ApplyStats {

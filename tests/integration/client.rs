@@ -872,11 +872,14 @@ async fn stale_values_are_served_while_one_reader_reloads_and_early_refresh_relo
     assert_eq!(cached.as_deref(), Some("v2"));
 
     // Early refresh: loads take ~50 ms and beta is huge, so a read of a
-    // value with a minute left reloads it.
+    // value with 10 s left reloads it. XFetch draws: it reloads when
+    // 50 ms * beta * -ln(draw) >= 10 s, which with beta 1e7 fails only for
+    // a draw above 0.99998 (beta 1e4 with a minute left missed one time in
+    // nine).
     let early = Cache::builder(stack().redis.url())
         .prefix(prefix.clone())
-        .ttl(Duration::from_secs(60))
-        .early_refresh(10_000.0)
+        .ttl(Duration::from_secs(10))
+        .early_refresh(10_000_000.0)
         .build()
         .await
         .unwrap();

@@ -83,6 +83,8 @@ async fn warming_fills_the_rendered_refresh_keys_and_leaves_cached_values_alone(
         ),
         (1, 1200, 1199 + 600, 1)
     );
+    // Nothing streams: every page (three of 500 rows at most) in one pass.
+    assert_eq!((summary.one_pass_pages, summary.leased_pages), (3, 0));
     assert_eq!(
         get(&db.prefix, "product:5:card").await.as_deref(),
         Some("newer")
@@ -115,6 +117,7 @@ async fn warming_fills_the_rendered_refresh_keys_and_leaves_cached_values_alone(
     // A second run finds everything cached.
     let again = warm(&config, &mappings, &options()).await.expect("warm");
     assert_eq!((again.filled, again.present), (0, 1200 + 600));
+    assert_eq!((again.one_pass_pages, again.leased_pages), (3, 0));
     let only = WarmOptions {
         table: Some(evictd::change::TableName::new("public", "nope")),
         ..options()
@@ -156,34 +159,62 @@ async fn warming_beside_a_streaming_evictd_under_writes_leaves_nothing_stale() {
     )
     .await;
     s.sync().await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let client = s.db.client().await;
+        let stop = stop.clone();
         tokio::spawn(async move {
-            for round in 0..150_i64 {
+            let mut round = 0_i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && round < 2_000 {
                 let id = (round * 37) % 3000 + 1;
                 client
                     .batch_execute(&format!(
                         "update products set name = 'renamed{round}', status = case when status = 'live' then 'draft' else 'live' end where id = {id};
                          delete from products where id = {};
                          update products set price = price + 1 where id between {id} and {id} + 20",
-                        (round * 53) % 3000 + 1
+                        (round * 1117) % 3000 + 1
                     ))
                     .await
                     .expect("write");
+                round += 1;
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
+            round
         })
     };
     let mappings = s.evictd.mappings();
-    let mut passes = 0;
-    while !writer.is_finished() {
-        warm(&s.config, &mappings, &options()).await.expect("warm");
-        passes += 1;
+    let (mut filled, mut leased) = (0, 0);
+    for _ in 0..3 {
+        // Evicted (as by memory pressure or TTLs): evictd's write-through
+        // refreshes filled them all, so warming finds them gone and fills
+        // while the writer's changes stream.
+        evict(&s.config.redis.prefix).await;
+        // Paced, so a page read ahead waits ~50 ms before it is stored: a
+        // row deleted or a condition turned false meanwhile (evictd's
+        // delete finds nothing to delete) is what the fencing must catch.
+        // What the last pass stored stays to be checked.
+        let paced = WarmOptions {
+            rate: 20_000,
+            ..options()
+        };
+        let pass = warm(&s.config, &mappings, &paced).await.expect("warm");
+        filled += pass.filled;
+        leased += pass.leased_pages;
     }
-    writer.await.expect("writer");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = writer.await.expect("writer");
+    assert!(rounds >= 20, "the writer wrote {rounds} rounds");
     warm(&s.config, &mappings, &options()).await.expect("warm");
     s.sync().await;
-    assert!(passes >= 1);
+    assert!(filled >= 6_000, "warming filled {filled} keys");
+    // Pages read ahead while evictd applied batches took leases; with
+    // nothing streaming, every page goes in one pass.
+    assert!(leased >= 1, "no page took leases");
+    let last = warm(&s.config, &mappings, &options()).await.expect("warm");
+    assert_eq!(
+        (last.one_pass_pages, last.leased_pages),
+        (last.rows.div_ceil(500), 0)
+    );
     // Every refresh key equals its row, and deleted rows left no key.
     let sweep = evictd::internal::audit::sweep(&s.config, &mappings, None, None, |_| {})
         .await
@@ -261,4 +292,120 @@ async fn evictd_warm_prints_a_summary_and_refuses_an_unmapped_table() {
 
 fn card_of(id: i64, name: &str, price: &str) -> String {
     format!(r#"{{"id":{id},"name":"{name}","price":{price}}}"#)
+}
+
+/// The one-pass fill's script against a real Redis, and the epoch it reads
+/// moving with every batch a streaming evictd applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_pass_fill_stores_only_while_no_batch_was_applied_since_the_read() {
+    use evictd::internal::warm::EPOCH_KEY;
+    let s = Streaming::start(SCHEMA, &[("products.toml", PRODUCTS)]).await;
+    let prefix = s.config.redis.prefix.clone();
+    let epoch_key = format!("{prefix}{EPOCH_KEY}");
+    let mut redis = redis_connection().await;
+    let epoch = || epoch_of(&epoch_key);
+    let one_pass = |read: String, keys: Vec<(&'static str, &'static str, u64)>| {
+        one_pass_fill(&prefix, &epoch_key, read, keys)
+    };
+    // Read before a batch: a change and its invalidation land afterwards.
+    let read = epoch().await;
+    s.db.execute("insert into products values (1, 'p1', 1.5, 'live')")
+        .await;
+    s.sync().await;
+    let moved = epoch().await;
+    assert_ne!(read, moved, "evictd steps the epoch with each batch");
+    // What was read before that batch is refused: nothing stored.
+    assert_eq!(one_pass(read, vec![("fresh:1", "old", 0)]).await, -1);
+    assert_eq!(get(&prefix, "fresh:1").await, None);
+    // Read after it, with nothing applied since: stored where the key
+    // holds nothing (with the TTL), a key that holds a value left alone.
+    assert_eq!(
+        one_pass(
+            moved.clone(),
+            vec![("fresh:1", "new", 60_000), ("product:1:card", "older", 0),]
+        )
+        .await,
+        1
+    );
+    assert_eq!(get(&prefix, "fresh:1").await.as_deref(), Some("new"));
+    assert_eq!(
+        get(&prefix, "product:1:card").await,
+        Some(card_of(1, "p1", "1.50")),
+        "evictd's refresh stays"
+    );
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(format!("{prefix}fresh:1"))
+        .query_async(&mut redis)
+        .await
+        .expect("PTTL");
+    assert!((50_000..=60_000).contains(&ttl), "PTTL {ttl}");
+    // A transaction that changes nothing mapped applies no commands and
+    // leaves the epoch where it was.
+    s.db.execute("create table unmapped (id int); insert into unmapped values (1)")
+        .await;
+    s.sync().await;
+    assert_eq!(epoch().await, moved);
+}
+
+async fn epoch_of(key: &str) -> String {
+    let mut redis = redis_connection().await;
+    redis::cmd("GET")
+        .arg(key)
+        .query_async::<Option<String>>(&mut redis)
+        .await
+        .expect("GET")
+        .unwrap_or_default()
+}
+
+/// Runs warming's one-pass script: `keys` are (key, value, TTL in ms).
+async fn one_pass_fill(
+    prefix: &str,
+    epoch_key: &str,
+    read: String,
+    keys: Vec<(&str, &str, u64)>,
+) -> i64 {
+    let mut command = redis::cmd("EVAL");
+    command
+        .arg(evictd::internal::warm::ONE_PASS_SCRIPT)
+        .arg(keys.len() + 1)
+        .arg(epoch_key);
+    for (key, _, _) in &keys {
+        command.arg(format!("{prefix}{key}"));
+    }
+    command.arg(read);
+    for (_, value, ttl) in &keys {
+        command.arg(*value).arg(*ttl);
+    }
+    let mut redis = redis_connection().await;
+    command.query_async(&mut redis).await.expect("EVAL")
+}
+
+/// Deletes every cached product key (`product:*`, `live:*`) under `prefix`.
+async fn evict(prefix: &str) {
+    let mut redis = redis_connection().await;
+    for pattern in ["product:*", "live:*"] {
+        let mut cursor = 0_u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}{pattern}"))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut redis)
+                .await
+                .expect("SCAN");
+            if !keys.is_empty() {
+                let _: i64 = redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async(&mut redis)
+                    .await
+                    .expect("UNLINK");
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
 }
