@@ -3,7 +3,7 @@
 //! - **Warming.** `ROWS` products with a write-through refresh each. Each
 //!   round times `evictd::internal::warm::warm` (no rate cap) into an empty
 //!   Redis, and, as the baseline, a plain pipelined `SET` of the same keys
-//!   and values in batches of the same size (500) over one connection:
+//!   and values in batches of the same size (1000) over one connection:
 //!   what writing those values costs without reading the database, taking
 //!   leases or fencing. Target: warming >= 0.7x the baseline's keys/s.
 //!   A second baseline is a naive warmer: the same primary-key pages read
@@ -24,7 +24,10 @@ use evictd::testkit::{Evictd, Postgres, Redis, Varnish};
 
 const ROWS: i64 = 100_000;
 const ROUNDS: usize = 3;
-const PAGE: usize = 500;
+/// Warming rounds: each takes about half a second, so more of them.
+const WARM_ROUNDS: usize = 9;
+/// Rows per page, as warming reads them (`evictd::internal::warm::PAGE`).
+const PAGE: usize = evictd::internal::warm::PAGE;
 const TRANSACTIONS: i64 = 200;
 const PER_TX: i64 = 100;
 
@@ -105,7 +108,7 @@ async fn main() {
         progress: false,
     };
     let (mut warm_rates, mut set_rates, mut naive_rates) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
+    for _ in 0..WARM_ROUNDS {
         // A naive warmer: the same pages read, rendered and SET, without
         // leases or fencing (what a warming script usually does).
         let _: () = redis::cmd("FLUSHDB")
@@ -117,8 +120,8 @@ async fn main() {
         loop {
             let rows = client
                 .query(
-                    "select id, name, price::text from products where id > $1 order by id limit 500",
-                    &[&after],
+                    "select id, name, price::text from products where id > $1 order by id limit $2",
+                    &[&after, &(PAGE as i64)],
                 )
                 .await
                 .expect("page");

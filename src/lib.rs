@@ -84,7 +84,7 @@ pub mod internal {
     }
     pub mod warm {
         pub use crate::apply::shared::EPOCH_KEY;
-        pub use crate::warm::{warm, Summary, WarmOptions, ONE_PASS_SCRIPT};
+        pub use crate::warm::{warm, Summary, WarmOptions, PAGE};
     }
     pub mod watch {
         pub use crate::watch::{line, watch, Filter};

@@ -9,12 +9,13 @@
 //! left alone. The values are stored one of two ways:
 //!
 //! - **In one pass**, on a standalone Redis. Before the page's rows are
-//!   read, warming reads evictd's apply epoch
+//!   read, warming `WATCH`es evictd's apply epoch
 //!   ([`crate::apply::shared::EPOCH_KEY`], incremented ahead of every
-//!   batch's invalidations). One script then checks that the epoch is
-//!   unchanged and stores every value with `SET NX`. An unchanged epoch
-//!   means no invalidation was applied since before the read, so any change
-//!   the read missed is applied later, over the stored value.
+//!   batch's invalidations) on a connection of its own. One transaction
+//!   (`MULTI`, `SET NX` each value, `EXEC`) then stores the page, and Redis
+//!   refuses it if the epoch moved. An unmoved epoch means no invalidation
+//!   was applied since before the read, so any change the read missed is
+//!   applied later, over the stored value.
 //! - **With leases**, when the epoch moved (evictd applied a batch
 //!   meanwhile) and always on a Cluster: the way a client fills
 //!   (`docs/PROTOCOL.md`). A fill lease on each key that holds nothing
@@ -25,56 +26,32 @@
 //! Either way a change committed while warming, and applied by a running
 //! `evictd run`, is never overwritten by what warming read before it.
 
-use std::collections::HashMap;
 use std::io::IsTerminal as _;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use evictd_client::protocol::{lease, stamped, AUDIT_STAMP_KEY, FILL_SCRIPT, RELEASE_SCRIPT};
 use evictd_client::Connection;
 use rand::Rng as _;
+use rustc_hash::FxHashMap;
 
 use crate::audit::{
     connect_redis, quote_ident, quote_table, refreshed_tables, select_columns, Database,
 };
-use crate::change::{Op, Row, RowChange, TableName};
+use crate::change::{Row, TableName};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind};
 use crate::mapping::{ActionKind, Mappings, Output, TableMapping, Ttl, Warm};
 
 /// Rows read per page.
-pub const PAGE: usize = 500;
+pub const PAGE: usize = 1000;
 
 /// How long a warming lease holds a key (longer than a page takes).
 const LEASE_MS: u64 = 30_000;
 
-/// The one-pass fill of a page.
-///
-/// KEYS[1] the apply epoch, KEYS[2..] the cache keys; ARGV[1] the epoch as
-/// read before the page's rows were ('' when there was none), then a value
-/// and a TTL in ms (0: none) per key. Stores each value where its key holds
-/// nothing. Returns how many it stored, or -1, storing nothing, when the
-/// epoch moved: evictd applied a batch since, which may have invalidated a
-/// key before this script could store what the read found.
-pub const ONE_PASS_SCRIPT: &str = r"
-if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then
-  return -1
-end
-local stored = 0
-for i = 2, #KEYS do
-  local ttl = tonumber(ARGV[2 * i - 1])
-  local set
-  if ttl > 0 then
-    set = redis.call('SET', KEYS[i], ARGV[2 * i - 2], 'NX', 'PX', ttl)
-  else
-    set = redis.call('SET', KEYS[i], ARGV[2 * i - 2], 'NX')
-  end
-  if set then
-    stored = stored + 1
-  end
-end
-return stored
-";
+/// Pages in flight at once (one filled while the next is read), each on
+/// its own connection for the one-pass fill: a `WATCH` belongs to the
+/// connection.
+const IN_FLIGHT: usize = 2;
 
 /// What to warm and how fast.
 #[derive(Clone, Debug)]
@@ -137,16 +114,29 @@ pub async fn warm(
 ) -> Result<Summary, Error> {
     let (url, tables) = refreshed_tables(config, mappings, options.table.as_ref(), "warm", "warm")?;
     let started = Instant::now();
+    let redis = connect_redis(&config.redis).await?;
+    let mut fences = Vec::new();
+    if let Connection::Single(_) = redis {
+        let client = crate::apply::redis::client(&config.redis)?;
+        for _ in 0..IN_FLIGHT {
+            fences.push(tokio::sync::Mutex::new(
+                client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .map_err(|e| redis_error(&e))?,
+            ));
+        }
+    }
     let mut warmer = Warmer {
         database: Database::new(url),
-        redis: connect_redis(&config.redis).await?,
+        redis,
+        fences,
         prefix: config.redis.prefix.clone(),
         epoch_key: format!("{}{}", config.redis.prefix, crate::apply::shared::EPOCH_KEY),
         stamp_key: format!("{}{AUDIT_STAMP_KEY}", config.redis.prefix),
         token: format!("{:016x}", rand::rng().random::<u64>()),
         fill: redis::Script::new(FILL_SCRIPT),
         release: redis::Script::new(RELEASE_SCRIPT),
-        one_pass: redis::Script::new(ONE_PASS_SCRIPT),
         pace: Pace::new(options.rate),
         progress: options.progress && std::io::stderr().is_terminal(),
         summary: Summary::default(),
@@ -166,6 +156,9 @@ pub async fn warm(
 struct Warmer {
     database: Database,
     redis: Connection,
+    /// Connections of the one-pass fills, one per page in flight; none on
+    /// a Cluster (there every page takes leases).
+    fences: Vec<tokio::sync::Mutex<redis::aio::MultiplexedConnection>>,
     prefix: String,
     /// The full names of the apply epoch and the audit's apply stamp.
     epoch_key: String,
@@ -174,7 +167,6 @@ struct Warmer {
     token: String,
     fill: redis::Script,
     release: redis::Script,
-    one_pass: redis::Script,
     pace: Pace,
     progress: bool,
     summary: Summary,
@@ -204,12 +196,12 @@ impl Fill {
     }
 }
 
-/// What was read from Redis just before a page's rows.
-#[derive(Clone, Debug, Default)]
+/// What was done in Redis just before a page's rows were read.
+#[derive(Clone, Copy, Debug, Default)]
 struct Before {
-    /// The apply epoch ('' when there is none yet); `None` on a Cluster,
-    /// where the epoch is not kept and every page takes leases.
-    epoch: Option<String>,
+    /// The fence connection that `WATCH`es the apply epoch for this page;
+    /// `None` on a Cluster, or for a page that must take leases.
+    fence: Option<usize>,
     /// The audit's apply stamp, when there is one.
     stamp: Option<u64>,
 }
@@ -255,19 +247,21 @@ impl Warmer {
                         self.select(table, &columns, filter),
                         limit.unwrap_or(u64::MAX >> 1)
                     );
-                    let before = self.before().await?;
+                    let mut before = self.before(0).await?;
                     let texts = self.query(table, &select).await?;
                     for page in texts.chunks(PAGE) {
-                        let filled = self
-                            .page(
-                                mappings,
-                                table,
-                                (&columns, &keys),
-                                &before,
-                                page.to_vec(),
-                                Reread::Listed,
-                            )
-                            .await?;
+                        let page = self.prepare(
+                            mappings,
+                            table,
+                            (&columns, &keys),
+                            before,
+                            page.to_vec(),
+                            Reread::Listed,
+                        )?;
+                        let filled = self.page(mappings, table, &columns, page).await?;
+                        // The watch ends with the first page's transaction:
+                        // the rest of what the query read take leases.
+                        before.fence = None;
                         self.record(table, filled).await;
                     }
                 }
@@ -292,54 +286,47 @@ impl Warmer {
         limit: Option<u64>,
     ) -> Result<(), Error> {
         let mut left = limit.unwrap_or(u64::MAX);
-        let mut next = Some(
-            self.key_page(table, columns, keys, filter, None, left)
-                .await?,
-        );
-        // Each page is filled while the next one is read.
-        while let Some((before, texts)) = next.take() {
-            let Some(last) = texts.last().cloned() else {
+        let mut slot = 0;
+        let walk = (mappings, table, (columns, keys), filter);
+        let mut next = Some(self.key_page(walk, None, left, slot).await?);
+        // Each page is stored while the next one is read and rendered: the
+        // next read goes out first, and its rows are decoded and rendered
+        // while Redis stores this page.
+        while let Some(KeyPage { last, len, page }) = next.take() {
+            let Some(last) = last else {
                 break;
             };
             let size = page_size(left);
-            left = left.saturating_sub(texts.len() as u64);
-            let more = texts.len() == size && left > 0;
-            let (filled, following) = tokio::join!(
-                self.page(
-                    mappings,
-                    table,
-                    (columns, keys),
-                    &before,
-                    texts,
-                    Reread::Range
-                ),
+            left = left.saturating_sub(len as u64);
+            let more = len == size && left > 0;
+            let (following, filled) = tokio::join!(
                 async {
                     if more {
-                        self.key_page(table, columns, keys, filter, Some(&last), left)
-                            .await
-                            .map(Some)
+                        let slot = (slot + 1) % IN_FLIGHT;
+                        self.key_page(walk, Some(&last), left, slot).await.map(Some)
                     } else {
                         Ok(None)
                     }
-                }
+                },
+                self.page(mappings, table, columns, page),
             );
             self.record(table, filled?).await;
             next = following?;
+            slot = (slot + 1) % IN_FLIGHT;
         }
         Ok(())
     }
 
     /// The page of at most `left` (and [`PAGE`]) rows after `after` in key
-    /// order, and what Redis held just before it was read.
+    /// order, read (after what [`Warmer::before`] does in Redis, on the
+    /// fence connection `slot`) and rendered.
     async fn key_page(
         &self,
-        table: &TableName,
-        columns: &[&str],
-        keys: &Keys<'_>,
-        filter: Option<&str>,
+        (mappings, table, (columns, keys), filter): Walk<'_>,
         after: Option<&[Option<String>]>,
         left: u64,
-    ) -> Result<(Before, Vec<Vec<Option<String>>>), Error> {
+        slot: usize,
+    ) -> Result<KeyPage, Error> {
         let key_list = keys.list();
         let page = page_size(left);
         let after_clause =
@@ -353,37 +340,52 @@ impl Warmer {
             "{} order by {key_list} limit {page}",
             self.select(table, columns, condition.as_deref())
         );
-        let before = self.before().await?;
-        Ok((before, self.query(table, &select).await?))
+        let before = self.before(slot).await?;
+        let texts = self.query(table, &select).await?;
+        Ok(KeyPage {
+            last: texts.last().cloned(),
+            len: texts.len(),
+            page: self.prepare(
+                mappings,
+                table,
+                (columns, keys),
+                before,
+                texts,
+                Reread::Range,
+            )?,
+        })
     }
 
-    /// The apply epoch and stamp, read before a page's rows are.
-    async fn before(&self) -> Result<Before, Error> {
-        match self.redis.clone() {
-            Connection::Single(mut single) => {
-                let (epoch, stamp): (Option<String>, Option<String>) = redis::cmd("MGET")
+    /// Before a page's rows are read: `WATCH` the apply epoch on the fence
+    /// connection `slot` (on a standalone Redis), and read the apply stamp.
+    async fn before(&self, slot: usize) -> Result<Before, Error> {
+        let stamp: Option<String> = match self.fences.get(slot) {
+            Some(fence) => {
+                // UNWATCH first: a page that was read but never stored
+                // (an empty query) left its watch behind.
+                let (stamp,): (Option<String>,) = redis::pipe()
+                    .cmd("UNWATCH")
+                    .ignore()
+                    .cmd("WATCH")
                     .arg(&self.epoch_key)
+                    .ignore()
+                    .cmd("GET")
                     .arg(&self.stamp_key)
-                    .query_async(&mut single)
+                    .query_async(&mut *fence.lock().await)
                     .await
                     .map_err(|e| redis_error(&e))?;
-                Ok(Before {
-                    epoch: Some(epoch.unwrap_or_default()),
-                    stamp: stamp.and_then(|stamp| stamp.parse().ok()),
-                })
+                stamp
             }
-            Connection::Cluster(mut cluster) => {
-                let stamp: Option<String> = redis::cmd("GET")
-                    .arg(&self.stamp_key)
-                    .query_async(&mut cluster)
-                    .await
-                    .map_err(|e| redis_error(&e))?;
-                Ok(Before {
-                    epoch: None,
-                    stamp: stamp.and_then(|stamp| stamp.parse().ok()),
-                })
-            }
-        }
+            None => redis::cmd("GET")
+                .arg(&self.stamp_key)
+                .query_async(&mut self.redis.clone())
+                .await
+                .map_err(|e| redis_error(&e))?,
+        };
+        Ok(Before {
+            fence: (slot < self.fences.len()).then_some(slot),
+            stamp: stamp.and_then(|stamp| stamp.parse().ok()),
+        })
     }
 
     /// Adds a page's counts, paces, and shows progress.
@@ -408,33 +410,26 @@ impl Warmer {
         }
     }
 
-    /// One page: in one pass when the epoch read `before` it still holds;
-    /// else lease the keys its rows render, read the rows again, and fill
-    /// what the leases still guard. `reread` selects the page's rows again
-    /// (by key range when the page is a key range).
-    async fn page(
+    /// A page as read: its rows decoded and rendered, and how to select
+    /// them again (`reread`: by key range when the page is a key range).
+    fn prepare(
         &self,
         mappings: &Mappings,
         table: &TableName,
         (columns, keys): (&[&str], &Keys<'_>),
-        before: &Before,
+        before: Before,
         texts: Vec<Vec<Option<String>>>,
         reread: Reread,
-    ) -> Result<Summary, Error> {
-        let mut summary = Summary::default();
-        let condition = match reread {
-            Reread::Range => {
-                let (Some(first), Some(last)) = (texts.first(), texts.last()) else {
-                    return Ok(summary);
-                };
-                format!(
-                    "({list}) >= ({}) and ({list}) <= ({})",
-                    literals(&keys.of(first)),
-                    literals(&keys.of(last)),
-                    list = keys.list()
-                )
-            }
-            Reread::Listed => format!(
+    ) -> Result<Prepared, Error> {
+        let condition = match (reread, texts.first(), texts.last()) {
+            (_, None, _) | (_, _, None) => String::new(),
+            (Reread::Range, Some(first), Some(last)) => format!(
+                "({list}) >= ({}) and ({list}) <= ({})",
+                literals(&keys.of(first)),
+                literals(&keys.of(last)),
+                list = keys.list()
+            ),
+            (Reread::Listed, _, _) => format!(
                 "({}) in ({})",
                 keys.list(),
                 texts
@@ -445,10 +440,39 @@ impl Warmer {
             ),
         };
         let rows = self.rows(table, columns, texts)?;
-        summary.rows += rows.len() as u64;
-        let rendered = render(mappings, table, &rows);
-        if let Some(epoch) = &before.epoch {
-            if let Some(stored) = self.one_pass(&rendered, epoch, before.stamp).await? {
+        Ok(Prepared {
+            before,
+            condition,
+            rows: rows.len() as u64,
+            rendered: render(mappings, table, rows),
+        })
+    }
+
+    /// One page: in one pass when the epoch watched before it was read did
+    /// not move; else lease the keys its rows render, read the rows again,
+    /// and fill what the leases still guard.
+    async fn page(
+        &self,
+        mappings: &Mappings,
+        table: &TableName,
+        columns: &[&str],
+        page: Prepared,
+    ) -> Result<Summary, Error> {
+        let Prepared {
+            before,
+            condition,
+            rows,
+            rendered,
+        } = page;
+        let mut summary = Summary {
+            rows,
+            ..Summary::default()
+        };
+        if rows == 0 {
+            return Ok(summary);
+        }
+        if let Some(slot) = before.fence {
+            if let Some(stored) = self.one_pass(slot, &rendered, before.stamp).await? {
                 summary.filled = stored;
                 summary.present = rendered.len() as u64 - stored;
                 summary.one_pass_pages = 1;
@@ -494,7 +518,7 @@ impl Warmer {
         let select = self.select(table, columns, Some(&condition));
         let texts = self.query(table, &select).await?;
         let rows = self.rows(table, columns, texts)?;
-        let fresh = render(mappings, table, &rows);
+        let fresh = render(mappings, table, rows);
         let commands: Vec<redis::Cmd> = held
             .iter()
             .map(|(key, lease)| {
@@ -535,35 +559,43 @@ impl Warmer {
         Ok(summary)
     }
 
-    /// Stores `fills` where their keys hold nothing, unless the apply epoch
-    /// moved from `epoch`: how many were stored, or `None` (nothing was).
+    /// Stores `fills` where their keys hold nothing, in one transaction on
+    /// the fence connection `slot`, which Redis refuses if the apply epoch
+    /// it watches moved: how many were stored, or `None` (nothing was).
     async fn one_pass(
         &self,
-        fills: &HashMap<String, Fill>,
-        epoch: &str,
+        slot: usize,
+        fills: &FxHashMap<String, Fill>,
         stamp: Option<u64>,
     ) -> Result<Option<u64>, Error> {
+        let mut fence = self.fences[slot].lock().await;
         if fills.is_empty() {
+            let () = redis::cmd("UNWATCH")
+                .query_async(&mut *fence)
+                .await
+                .map_err(|e| redis_error(&e))?;
             return Ok(Some(0));
         }
-        let fills: Vec<(&String, &Fill)> = fills.iter().collect();
-        let mut command = redis::cmd("EVALSHA");
-        command
-            .arg(self.one_pass.get_hash())
-            .arg(fills.len() + 1)
-            .arg(&self.epoch_key);
-        for (key, _) in &fills {
-            command.arg(format!("{}{key}", self.prefix));
+        let mut transaction = redis::pipe();
+        transaction.atomic();
+        for (key, fill) in fills {
+            let set = transaction
+                .cmd("SET")
+                .arg(format!("{}{key}", self.prefix))
+                .arg(&*fill.stored(stamp))
+                .arg("NX");
+            match fill.ttl_ms() {
+                0 => {}
+                ttl => {
+                    set.arg("PX").arg(ttl);
+                }
+            }
         }
-        command.arg(epoch);
-        for (_, fill) in &fills {
-            command.arg(&*fill.stored(stamp)).arg(fill.ttl_ms());
-        }
-        let stored: i64 = command
-            .query_async(&mut self.redis.clone())
+        let stored: Option<Vec<Option<redis::Value>>> = transaction
+            .query_async(&mut *fence)
             .await
             .map_err(|e| redis_error(&e))?;
-        Ok(u64::try_from(stored).ok())
+        Ok(stored.map(|stored| stored.iter().flatten().count() as u64))
     }
 
     /// Runs `commands`, in one pipeline on a single Redis (concurrently on
@@ -600,7 +632,7 @@ impl Warmer {
 
     /// Loads the scripts (on every master of a Cluster).
     async fn load_scripts(&self) -> Result<(), Error> {
-        for source in [FILL_SCRIPT, RELEASE_SCRIPT, ONE_PASS_SCRIPT] {
+        for source in [FILL_SCRIPT, RELEASE_SCRIPT] {
             let mut command = redis::cmd("SCRIPT");
             command.arg("LOAD").arg(source);
             match self.redis.clone() {
@@ -694,6 +726,32 @@ impl Keys<'_> {
     }
 }
 
+/// What a walk in key order reads: the mappings, the table, its columns
+/// and key, and the filter of a `[[table.warm]]` query.
+type Walk<'w> = (
+    &'w Mappings,
+    &'w TableName,
+    (&'w [&'w str], &'w Keys<'w>),
+    Option<&'w str>,
+);
+
+/// A page of a walk in key order: its last row as read (where the next
+/// page starts), its length, and the page.
+struct KeyPage {
+    last: Option<Vec<Option<String>>>,
+    len: usize,
+    page: Prepared,
+}
+
+/// A page read and rendered, to be stored.
+struct Prepared {
+    before: Before,
+    /// The SQL condition that selects the page's rows again.
+    condition: String,
+    rows: u64,
+    rendered: FxHashMap<String, Fill>,
+}
+
 /// How a page's rows are selected again after the leases.
 #[derive(Clone, Copy)]
 enum Reread {
@@ -705,19 +763,12 @@ enum Reread {
 
 /// The refresh keys `rows` render as inserts (conditions included), with
 /// their values and TTLs.
-fn render(mappings: &Mappings, table: &TableName, rows: &[Row]) -> HashMap<String, Fill> {
-    let table = Arc::new(table.clone());
+fn render(mappings: &Mappings, table: &TableName, rows: Vec<Row>) -> FxHashMap<String, Fill> {
     let mut out = Output::default();
-    let mut fills = HashMap::with_capacity(rows.len());
+    let mut fills = FxHashMap::with_capacity_and_hasher(rows.len(), Default::default());
     for row in rows {
         out.clear();
-        let change = RowChange {
-            table: table.clone(),
-            op: Op::Insert,
-            old: None,
-            new: Some(row.clone()),
-        };
-        mappings.eval(&change, &mut out);
+        mappings.eval_refreshes(table, &row, &mut out);
         for action in out.actions.drain(..) {
             if let ActionKind::Refresh { key, value, ttl } = action.kind {
                 fills.insert(key, Fill { value, ttl });

@@ -269,6 +269,31 @@ impl Mappings {
         for rule in &mapping.surrogate_keys {
             self.render_all(&rule.template, rule.origin, Use::Surrogate, sides, out);
         }
+        self.refreshes(mapping, sides, out);
+    }
+
+    /// Appends the refreshes `eval` would append for `row` inserted into
+    /// `table`, and nothing else: what warming stores.
+    pub fn eval_refreshes(&self, table: &TableName, row: &Row, out: &mut Output) {
+        let Some(mapping) = self.table(table) else {
+            return;
+        };
+        if !mapping.on.contains(Op::Insert) {
+            return;
+        }
+        let sides = &[Side::New(row, None)];
+        let mut matching = [Side::Old(None); 2];
+        let sides = match &mapping.when {
+            None => sides,
+            Some(when) => keep_matching(when, mapping.origin, sides, &mut matching, out),
+        };
+        if !sides.is_empty() {
+            self.refreshes(mapping, sides, out);
+        }
+    }
+
+    /// Each refresh of `mapping` whose condition holds, on `sides`.
+    fn refreshes(&self, mapping: &TableMapping, sides: &[Side<'_>], out: &mut Output) {
         for refresh in &mapping.refresh {
             let mut matching = [Side::Old(None); 2];
             let sides = match &refresh.when {

@@ -40,6 +40,11 @@ fn options() -> WarmOptions {
     }
 }
 
+/// The pages warming reads `rows` rows in.
+fn pages(rows: u64) -> u64 {
+    rows.div_ceil(evictd::internal::warm::PAGE as u64)
+}
+
 fn card(id: i64) -> String {
     format!(r#"{{"id":{id},"name":"p{id}","price":{id}.50}}"#)
 }
@@ -83,8 +88,11 @@ async fn warming_fills_the_rendered_refresh_keys_and_leaves_cached_values_alone(
         ),
         (1, 1200, 1199 + 600, 1)
     );
-    // Nothing streams: every page (three of 500 rows at most) in one pass.
-    assert_eq!((summary.one_pass_pages, summary.leased_pages), (3, 0));
+    // Nothing streams: every page (of PAGE rows at most) in one pass.
+    assert_eq!(
+        (summary.one_pass_pages, summary.leased_pages),
+        (pages(1200), 0)
+    );
     assert_eq!(
         get(&db.prefix, "product:5:card").await.as_deref(),
         Some("newer")
@@ -117,7 +125,7 @@ async fn warming_fills_the_rendered_refresh_keys_and_leaves_cached_values_alone(
     // A second run finds everything cached.
     let again = warm(&config, &mappings, &options()).await.expect("warm");
     assert_eq!((again.filled, again.present), (0, 1200 + 600));
-    assert_eq!((again.one_pass_pages, again.leased_pages), (3, 0));
+    assert_eq!((again.one_pass_pages, again.leased_pages), (pages(1200), 0));
     let only = WarmOptions {
         table: Some(evictd::change::TableName::new("public", "nope")),
         ..options()
@@ -213,7 +221,7 @@ async fn warming_beside_a_streaming_evictd_under_writes_leaves_nothing_stale() {
     let last = warm(&s.config, &mappings, &options()).await.expect("warm");
     assert_eq!(
         (last.one_pass_pages, last.leased_pages),
-        (last.rows.div_ceil(500), 0)
+        (pages(last.rows), 0)
     );
     // Every refresh key equals its row, and deleted rows left no key.
     let sweep = evictd::internal::audit::sweep(&s.config, &mappings, None, None, |_| {})
@@ -294,57 +302,33 @@ fn card_of(id: i64, name: &str, price: &str) -> String {
     format!(r#"{{"id":{id},"name":"{name}","price":{price}}}"#)
 }
 
-/// The one-pass fill's script against a real Redis, and the epoch it reads
-/// moving with every batch a streaming evictd applies.
+/// The apply epoch that warming's one-pass fills watch: a streaming evictd
+/// steps it with every batch that changes anything in Redis, and only then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_one_pass_fill_stores_only_while_no_batch_was_applied_since_the_read() {
+async fn evictd_steps_the_apply_epoch_with_every_batch_it_applies() {
     use evictd::internal::warm::EPOCH_KEY;
     let s = Streaming::start(SCHEMA, &[("products.toml", PRODUCTS)]).await;
-    let prefix = s.config.redis.prefix.clone();
-    let epoch_key = format!("{prefix}{EPOCH_KEY}");
-    let mut redis = redis_connection().await;
-    let epoch = || epoch_of(&epoch_key);
-    let one_pass = |read: String, keys: Vec<(&'static str, &'static str, u64)>| {
-        one_pass_fill(&prefix, &epoch_key, read, keys)
-    };
-    // Read before a batch: a change and its invalidation land afterwards.
-    let read = epoch().await;
+    let epoch_key = format!("{}{EPOCH_KEY}", s.config.redis.prefix);
+    let before = epoch_of(&epoch_key).await;
     s.db.execute("insert into products values (1, 'p1', 1.5, 'live')")
         .await;
     s.sync().await;
-    let moved = epoch().await;
-    assert_ne!(read, moved, "evictd steps the epoch with each batch");
-    // What was read before that batch is refused: nothing stored.
-    assert_eq!(one_pass(read, vec![("fresh:1", "old", 0)]).await, -1);
-    assert_eq!(get(&prefix, "fresh:1").await, None);
-    // Read after it, with nothing applied since: stored where the key
-    // holds nothing (with the TTL), a key that holds a value left alone.
-    assert_eq!(
-        one_pass(
-            moved.clone(),
-            vec![("fresh:1", "new", 60_000), ("product:1:card", "older", 0),]
-        )
-        .await,
-        1
+    let moved = epoch_of(&epoch_key).await;
+    assert_ne!(before, moved, "a batch steps the epoch");
+    s.db.execute("update products set price = 2.5 where id = 1")
+        .await;
+    s.sync().await;
+    let again = epoch_of(&epoch_key).await;
+    assert!(
+        again.parse::<u64>().unwrap() > moved.parse::<u64>().unwrap(),
+        "{again} after {moved}"
     );
-    assert_eq!(get(&prefix, "fresh:1").await.as_deref(), Some("new"));
-    assert_eq!(
-        get(&prefix, "product:1:card").await,
-        Some(card_of(1, "p1", "1.50")),
-        "evictd's refresh stays"
-    );
-    let ttl: i64 = redis::cmd("PTTL")
-        .arg(format!("{prefix}fresh:1"))
-        .query_async(&mut redis)
-        .await
-        .expect("PTTL");
-    assert!((50_000..=60_000).contains(&ttl), "PTTL {ttl}");
     // A transaction that changes nothing mapped applies no commands and
     // leaves the epoch where it was.
     s.db.execute("create table unmapped (id int); insert into unmapped values (1)")
         .await;
     s.sync().await;
-    assert_eq!(epoch().await, moved);
+    assert_eq!(epoch_of(&epoch_key).await, again);
 }
 
 async fn epoch_of(key: &str) -> String {
@@ -355,29 +339,6 @@ async fn epoch_of(key: &str) -> String {
         .await
         .expect("GET")
         .unwrap_or_default()
-}
-
-/// Runs warming's one-pass script: `keys` are (key, value, TTL in ms).
-async fn one_pass_fill(
-    prefix: &str,
-    epoch_key: &str,
-    read: String,
-    keys: Vec<(&str, &str, u64)>,
-) -> i64 {
-    let mut command = redis::cmd("EVAL");
-    command
-        .arg(evictd::internal::warm::ONE_PASS_SCRIPT)
-        .arg(keys.len() + 1)
-        .arg(epoch_key);
-    for (key, _, _) in &keys {
-        command.arg(format!("{prefix}{key}"));
-    }
-    command.arg(read);
-    for (_, value, ttl) in &keys {
-        command.arg(*value).arg(*ttl);
-    }
-    let mut redis = redis_connection().await;
-    command.query_async(&mut redis).await.expect("EVAL")
 }
 
 /// Deletes every cached product key (`product:*`, `live:*`) under `prefix`.
