@@ -2,7 +2,7 @@
 //!
 //! - **Warming.** `ROWS` products with a write-through refresh each. Each
 //!   round times `evictd::internal::warm::warm` (no rate cap) into an empty
-//!   Redis, and, as the baseline, a plain pipelined `SET` of the same keys
+//!   Redis, on a current-thread runtime as `evictd warm` runs it, and, as the baseline, a plain pipelined `SET` of the same keys
 //!   and values in batches of the same size (1000) over one connection:
 //!   what writing those values costs without reading the database, taking
 //!   leases or fencing. Target: warming >= 0.7x the baseline's keys/s.
@@ -164,9 +164,20 @@ async fn main() {
             .query_async(&mut redis_conn)
             .await
             .unwrap();
-        let summary = evictd::internal::warm::warm(&config, &mappings, &options)
-            .await
-            .expect("warm");
+        // On a runtime of its own thread, as `evictd warm` runs it.
+        let summary = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("runtime")
+                        .block_on(evictd::internal::warm::warm(&config, &mappings, &options))
+                })
+                .join()
+                .expect("warm thread")
+        })
+        .expect("warm");
         assert_eq!(summary.filled, u64::try_from(ROWS).unwrap());
         #[allow(clippy::cast_precision_loss)]
         warm_rates.push(summary.filled as f64 / summary.elapsed.as_secs_f64());

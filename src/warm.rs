@@ -48,10 +48,13 @@ pub const PAGE: usize = 1000;
 /// How long a warming lease holds a key (longer than a page takes).
 const LEASE_MS: u64 = 30_000;
 
-/// Pages in flight at once (one filled while the next is read), each on
+/// Rows decoded and rendered between two yields (see [`Warmer::prepare`]).
+const RENDER_SLICE: usize = 125;
+
+/// Pages in flight at once (one stored, one waiting, one read), each on
 /// its own connection for the one-pass fill: a `WATCH` belongs to the
 /// connection.
-const IN_FLIGHT: usize = 2;
+const IN_FLIGHT: usize = 3;
 
 /// What to warm and how fast.
 #[derive(Clone, Debug)]
@@ -137,20 +140,56 @@ pub async fn warm(
         token: format!("{:016x}", rand::rng().random::<u64>()),
         fill: redis::Script::new(FILL_SCRIPT),
         release: redis::Script::new(RELEASE_SCRIPT),
+    };
+    let mut tally = Tally {
         pace: Pace::new(options.rate),
         progress: options.progress && std::io::stderr().is_terminal(),
         summary: Summary::default(),
     };
     warmer.load_scripts().await?;
     for mapping in tables {
-        warmer.summary.tables += 1;
-        warmer.table(mappings, mapping, options.limit).await?;
+        tally.summary.tables += 1;
+        warmer
+            .table(mappings, mapping, options.limit, &mut tally)
+            .await?;
     }
-    if warmer.progress {
+    if tally.progress {
         eprintln!();
     }
-    warmer.summary.elapsed = started.elapsed();
-    Ok(warmer.summary)
+    tally.summary.elapsed = started.elapsed();
+    Ok(tally.summary)
+}
+
+/// What warming did so far, how fast it may go on, and whether it shows
+/// its progress.
+struct Tally {
+    pace: Pace,
+    progress: bool,
+    summary: Summary,
+}
+
+impl Tally {
+    /// Adds a page's counts, paces, and shows progress.
+    async fn record(&mut self, table: &TableName, page: Summary) {
+        let summary = &mut self.summary;
+        summary.rows += page.rows;
+        summary.filled += page.filled;
+        summary.present += page.present;
+        summary.fenced += page.fenced;
+        summary.released += page.released;
+        summary.one_pass_pages += page.one_pass_pages;
+        summary.leased_pages += page.leased_pages;
+        let keys = page.filled + page.present + page.fenced + page.released;
+        self.pace
+            .wait(usize::try_from(keys).unwrap_or(usize::MAX))
+            .await;
+        if self.progress {
+            eprint!(
+                "\r{table}: {} rows, {} keys filled, {} already cached   ",
+                self.summary.rows, self.summary.filled, self.summary.present
+            );
+        }
+    }
 }
 
 struct Warmer {
@@ -167,9 +206,6 @@ struct Warmer {
     token: String,
     fill: redis::Script,
     release: redis::Script,
-    pace: Pace,
-    progress: bool,
-    summary: Summary,
 }
 
 /// What one rendered refresh key needs to be filled.
@@ -212,6 +248,7 @@ impl Warmer {
         mappings: &Mappings,
         mapping: &TableMapping,
         limit: Option<u64>,
+        tally: &mut Tally,
     ) -> Result<(), Error> {
         let table = &*mapping.table;
         self.database.learn(table).await;
@@ -250,24 +287,26 @@ impl Warmer {
                     let mut before = self.before(0).await?;
                     let texts = self.query(table, &select).await?;
                     for page in texts.chunks(PAGE) {
-                        let page = self.prepare(
-                            mappings,
-                            table,
-                            (&columns, &keys),
-                            before,
-                            page.to_vec(),
-                            Reread::Listed,
-                        )?;
+                        let page = self
+                            .prepare(
+                                mappings,
+                                table,
+                                (&columns, &keys),
+                                before,
+                                page.to_vec(),
+                                Reread::Listed,
+                            )
+                            .await?;
                         let filled = self.page(mappings, table, &columns, page).await?;
                         // The watch ends with the first page's transaction:
                         // the rest of what the query read take leases.
                         before.fence = None;
-                        self.record(table, filled).await;
+                        tally.record(table, filled).await;
                     }
                 }
                 None => {
-                    self.by_key(mappings, table, &columns, &keys, filter, limit)
-                        .await?;
+                    let walk = (mappings, table, (&columns[..], &keys), filter);
+                    self.by_key(walk, limit, tally).await?;
                 }
             }
         }
@@ -276,44 +315,48 @@ impl Warmer {
 
     /// The whole table (or `filter`'s rows) in primary-key order, page by
     /// page (keyset pagination: each page starts after the last key).
+    ///
+    /// Two loops run side by side: one reads and renders pages, one stores
+    /// them, with one page waiting between them. So Redis stores a page
+    /// while the next is read, and the one after that is ready when it is
+    /// done. At most [`IN_FLIGHT`] pages hold a fence connection at once:
+    /// the reader starts a page only once the page before the waiting one
+    /// was stored.
     async fn by_key(
-        &mut self,
-        mappings: &Mappings,
-        table: &TableName,
-        columns: &[&str],
-        keys: &Keys<'_>,
-        filter: Option<&str>,
+        &self,
+        walk: Walk<'_>,
         limit: Option<u64>,
+        tally: &mut Tally,
     ) -> Result<(), Error> {
-        let mut left = limit.unwrap_or(u64::MAX);
-        let mut slot = 0;
-        let walk = (mappings, table, (columns, keys), filter);
-        let mut next = Some(self.key_page(walk, None, left, slot).await?);
-        // Each page is stored while the next one is read and rendered: the
-        // next read goes out first, and its rows are decoded and rendered
-        // while Redis stores this page.
-        while let Some(KeyPage { last, len, page }) = next.take() {
-            let Some(last) = last else {
-                break;
-            };
-            let size = page_size(left);
-            left = left.saturating_sub(len as u64);
-            let more = len == size && left > 0;
-            let (following, filled) = tokio::join!(
-                async {
-                    if more {
-                        let slot = (slot + 1) % IN_FLIGHT;
-                        self.key_page(walk, Some(&last), left, slot).await.map(Some)
-                    } else {
-                        Ok(None)
-                    }
-                },
-                self.page(mappings, table, columns, page),
-            );
-            self.record(table, filled?).await;
-            next = following?;
-            slot = (slot + 1) % IN_FLIGHT;
-        }
+        let (pages, mut ready) = tokio::sync::mpsc::channel::<Prepared>(1);
+        let table = walk.1;
+        let reader = async move {
+            let mut left = limit.unwrap_or(u64::MAX);
+            let mut after: Option<Vec<Option<String>>> = None;
+            for page in 0.. {
+                let size = page_size(left);
+                let read = self
+                    .key_page(walk, after.as_deref(), left, page % IN_FLIGHT)
+                    .await?;
+                left = left.saturating_sub(read.len as u64);
+                if read.len == 0 || pages.send(read.page).await.is_err() {
+                    break;
+                }
+                if read.len < size || left == 0 {
+                    break;
+                }
+                after = read.last;
+            }
+            Ok::<(), Error>(())
+        };
+        let storer = async {
+            while let Some(page) = ready.recv().await {
+                let filled = self.page(walk.0, table, walk.2 .0, page).await?;
+                tally.record(table, filled).await;
+            }
+            Ok(())
+        };
+        tokio::try_join!(reader, storer)?;
         Ok(())
     }
 
@@ -345,14 +388,16 @@ impl Warmer {
         Ok(KeyPage {
             last: texts.last().cloned(),
             len: texts.len(),
-            page: self.prepare(
-                mappings,
-                table,
-                (columns, keys),
-                before,
-                texts,
-                Reread::Range,
-            )?,
+            page: self
+                .prepare(
+                    mappings,
+                    table,
+                    (columns, keys),
+                    before,
+                    texts,
+                    Reread::Range,
+                )
+                .await?,
         })
     }
 
@@ -388,31 +433,12 @@ impl Warmer {
         })
     }
 
-    /// Adds a page's counts, paces, and shows progress.
-    async fn record(&mut self, table: &TableName, page: Summary) {
-        let summary = &mut self.summary;
-        summary.rows += page.rows;
-        summary.filled += page.filled;
-        summary.present += page.present;
-        summary.fenced += page.fenced;
-        summary.released += page.released;
-        summary.one_pass_pages += page.one_pass_pages;
-        summary.leased_pages += page.leased_pages;
-        let keys = page.filled + page.present + page.fenced + page.released;
-        self.pace
-            .wait(usize::try_from(keys).unwrap_or(usize::MAX))
-            .await;
-        if self.progress {
-            eprint!(
-                "\r{table}: {} rows, {} keys filled, {} already cached   ",
-                self.summary.rows, self.summary.filled, self.summary.present
-            );
-        }
-    }
-
     /// A page as read: its rows decoded and rendered, and how to select
     /// them again (`reread`: by key range when the page is a key range).
-    fn prepare(
+    /// It yields between slices of rows, so that on a single thread the
+    /// reply to the page being stored meanwhile is taken in without
+    /// waiting for the whole page to render.
+    async fn prepare(
         &self,
         mappings: &Mappings,
         table: &TableName,
@@ -439,13 +465,23 @@ impl Warmer {
                     .join(", ")
             ),
         };
-        let rows = self.rows(table, columns, texts)?;
-        Ok(Prepared {
+        let mut prepared = Prepared {
             before,
             condition,
-            rows: rows.len() as u64,
-            rendered: render(mappings, table, rows),
-        })
+            rows: texts.len() as u64,
+            rendered: FxHashMap::with_capacity_and_hasher(texts.len(), Default::default()),
+        };
+        let mut texts = texts.into_iter();
+        loop {
+            let slice: Vec<_> = texts.by_ref().take(RENDER_SLICE).collect();
+            if slice.is_empty() {
+                break;
+            }
+            let rows = self.rows(table, columns, slice)?;
+            render(mappings, table, rows, &mut prepared.rendered);
+            tokio::task::yield_now().await;
+        }
+        Ok(prepared)
     }
 
     /// One page: in one pass when the epoch watched before it was read did
@@ -518,7 +554,8 @@ impl Warmer {
         let select = self.select(table, columns, Some(&condition));
         let texts = self.query(table, &select).await?;
         let rows = self.rows(table, columns, texts)?;
-        let fresh = render(mappings, table, rows);
+        let mut fresh = FxHashMap::default();
+        render(mappings, table, rows, &mut fresh);
         let commands: Vec<redis::Cmd> = held
             .iter()
             .map(|(key, lease)| {
@@ -761,11 +798,15 @@ enum Reread {
     Listed,
 }
 
-/// The refresh keys `rows` render as inserts (conditions included), with
-/// their values and TTLs.
-fn render(mappings: &Mappings, table: &TableName, rows: Vec<Row>) -> FxHashMap<String, Fill> {
+/// Adds the refresh keys `rows` render as inserts (conditions included),
+/// with their values and TTLs, to `fills`.
+fn render(
+    mappings: &Mappings,
+    table: &TableName,
+    rows: Vec<Row>,
+    fills: &mut FxHashMap<String, Fill>,
+) {
     let mut out = Output::default();
-    let mut fills = FxHashMap::with_capacity_and_hasher(rows.len(), Default::default());
     for row in rows {
         out.clear();
         mappings.eval_refreshes(table, &row, &mut out);
@@ -775,7 +816,6 @@ fn render(mappings: &Mappings, table: &TableName, rows: Vec<Row>) -> FxHashMap<S
             }
         }
     }
-    fills
 }
 
 /// Rows in the next key page when `left` rows may still be warmed.
