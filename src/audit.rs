@@ -1135,25 +1135,29 @@ impl Database {
             .get(table)
             .ok_or_else(|| format!("cannot read the columns of {table}"))?;
         let names: Arc<[Arc<str>]> = columns.iter().map(|c| Arc::from(*c)).collect();
-        texts
+        let oids = columns
+            .iter()
+            .map(|column| {
+                types
+                    .get(*column)
+                    .copied()
+                    .ok_or_else(|| format!("{table} has no column `{column}`"))
+            })
+            .collect::<Result<Vec<u32>, String>>()?;
+        Ok(texts
             .into_iter()
             .map(|texts| {
-                let values = columns
+                let values = oids
                     .iter()
                     .zip(texts)
-                    .map(|(column, text)| {
-                        let oid = types
-                            .get(*column)
-                            .ok_or_else(|| format!("{table} has no column `{column}`"))?;
-                        Ok(match text {
-                            Some(text) => datum_of(*oid, &text),
-                            None => Datum::Null,
-                        })
+                    .map(|(&oid, text)| match text {
+                        Some(text) => datum_of(oid, &text),
+                        None => Datum::Null,
                     })
-                    .collect::<Result<Vec<Datum>, String>>()?;
-                Ok(Row::new(names.clone(), values))
+                    .collect();
+                Row::new(names.clone(), values)
             })
-            .collect()
+            .collect())
     }
 
     /// The value `refresh` renders from the row of `table` matching

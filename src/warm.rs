@@ -806,10 +806,13 @@ fn render(
     rows: Vec<Row>,
     fills: &mut FxHashMap<String, Fill>,
 ) {
+    let Some(mapping) = mappings.table(table) else {
+        return;
+    };
     let mut out = Output::default();
     for row in rows {
         out.clear();
-        mappings.eval_refreshes(table, &row, &mut out);
+        mappings.eval_refreshes(mapping, &row, &mut out);
         for action in out.actions.drain(..) {
             if let ActionKind::Refresh { key, value, ttl } = action.kind {
                 fills.insert(key, Fill { value, ttl });

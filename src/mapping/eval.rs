@@ -273,11 +273,9 @@ impl Mappings {
     }
 
     /// Appends the refreshes `eval` would append for `row` inserted into
-    /// `table`, and nothing else: what warming stores.
-    pub fn eval_refreshes(&self, table: &TableName, row: &Row, out: &mut Output) {
-        let Some(mapping) = self.table(table) else {
-            return;
-        };
+    /// the table of `mapping` (one of these mappings), and nothing else:
+    /// what warming stores.
+    pub fn eval_refreshes(&self, mapping: &TableMapping, row: &Row, out: &mut Output) {
         if !mapping.on.contains(Op::Insert) {
             return;
         }
