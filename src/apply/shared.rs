@@ -20,10 +20,10 @@ pub const SCAN_COUNT: usize = 1000;
 
 /// The apply epoch (with the prefix in front): on a standalone Redis, each
 /// batch with commands increments it ahead of them, in the same pipeline.
-/// A writer that read it before reading the database, and finds it
-/// unchanged in the script that stores what it read, knows that no
-/// invalidation was applied in between (warming's one-pass fill,
-/// `src/warm.rs`).
+/// A writer that `WATCH`es it before reading the database, and stores
+/// what it read in a transaction that Redis carries out only while it is
+/// unchanged, knows that no invalidation was applied in between (warming's
+/// one-pass fill, `src/warm.rs`).
 pub const EPOCH_KEY: &str = "evictd:epoch";
 
 /// What one plan did in Redis.
