@@ -19,7 +19,7 @@
 //!
 //! Fencing (docs/PROTOCOL.md) adds no command to these drains: a fill's
 //! lease lives in the cache key, so evictd's deletes void it as they are.
-//! The apply epoch (warming's one-pass check) adds one `INCR` per batch.
+//! The apply epoch (warming's one-pass check) adds one `SET` per batch.
 //!
 //! Run: `cargo bench --bench drain` (prints tables, then one JSON line);
 //! `EVICTD_BENCH=small,fanout` runs only those scenarios.

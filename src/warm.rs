@@ -10,7 +10,7 @@
 //!
 //! - **In one pass**, on a standalone Redis. Before the page's rows are
 //!   read, warming `WATCH`es evictd's apply epoch
-//!   ([`crate::apply::shared::EPOCH_KEY`], incremented ahead of every
+//!   ([`crate::apply::shared::EPOCH_KEY`], written ahead of every
 //!   batch's invalidations) on a connection of its own. One transaction
 //!   (`MULTI`, `SET NX` each value, `EXEC`) then stores the page, and Redis
 //!   refuses it if the epoch moved. An unmoved epoch means no invalidation

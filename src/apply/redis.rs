@@ -1,7 +1,7 @@
 //! Sends a [`Plan`] to Redis, and its L1 broadcast with it.
 //!
 //! One plan becomes as few round trips as its commands allow: the apply
-//! epoch (`INCR`, see [`EPOCH_KEY`]), exact deletes (variadic UNLINK),
+//! epoch (`SET`, see [`EPOCH_KEY`]), exact deletes (variadic UNLINK),
 //! namespace bumps (a short script each), tag invalidations (one Lua script
 //! per chunk of tags), refreshes (SET with EX and jitter) and the broadcast
 //! (PUBLISH, and SET of `evictd:l1:last`) go in one pipeline, in that
@@ -9,9 +9,8 @@
 //! trips and split the pipeline, keeping the plan's order.
 //!
 //! A plan that failed half-way is simply sent again: every command is
-//! idempotent but a bump and the epoch, and a second bump only leaves one
-//! more version behind (a second epoch step only sends a warming page the
-//! long way).
+//! idempotent but a bump, and a second bump only leaves one more version
+//! behind.
 
 use std::time::Duration;
 
@@ -46,8 +45,10 @@ pub struct StandaloneSink {
     record: Option<Record>,
     timeout: Duration,
     wait: Wait,
-    /// The full name of the apply epoch ([`EPOCH_KEY`]).
+    /// The full name of the apply epoch ([`EPOCH_KEY`]), and the batches
+    /// with commands this sink sent (what it writes there).
     epoch_key: String,
+    epochs: u64,
 }
 
 /// A client for one Redis server, with the TLS files of `config` for
@@ -101,6 +102,7 @@ impl StandaloneSink {
                 timeout_ms: config.wait_timeout_ms,
             },
             epoch_key: format!("{prefix}{EPOCH_KEY}"),
+            epochs: 0,
         })
     }
 
@@ -150,7 +152,11 @@ impl StandaloneSink {
         let mut tags: Vec<String> = Vec::new();
         if !plan.commands.is_empty() {
             // Ahead of every invalidation: see EPOCH_KEY.
-            pipe.cmd("INCR").arg(&self.epoch_key).ignore();
+            self.epochs += 1;
+            pipe.cmd("SET")
+                .arg(&self.epoch_key)
+                .arg(self.epochs)
+                .ignore();
         }
         for command in &plan.commands {
             stats.commands += 1;

@@ -19,7 +19,9 @@ use crate::plan::{Mode, Plan};
 pub const SCAN_COUNT: usize = 1000;
 
 /// The apply epoch (with the prefix in front): on a standalone Redis, each
-/// batch with commands increments it ahead of them, in the same pipeline.
+/// batch with commands writes it (`SET`, the count of such batches the
+/// process sent) ahead of them, in the same pipeline. The write is what
+/// counts, not the value; `SET` is in the least-privilege ACL already.
 /// A writer that `WATCH`es it before reading the database, and stores
 /// what it read in a transaction that Redis carries out only while it is
 /// unchanged, knows that no invalidation was applied in between (warming's
