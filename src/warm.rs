@@ -266,6 +266,12 @@ impl Warmer {
                 .filter_map(|k| columns.iter().position(|c| c == k))
                 .collect(),
         };
+        let walk = Walk {
+            mappings,
+            table,
+            columns: &columns,
+            keys: &keys,
+        };
         let queries: Vec<Option<&Warm>> = if mapping.warm.is_empty() {
             vec![None]
         } else {
@@ -288,26 +294,16 @@ impl Warmer {
                     let texts = self.query(table, &select).await?;
                     for page in texts.chunks(PAGE) {
                         let page = self
-                            .prepare(
-                                mappings,
-                                table,
-                                (&columns, &keys),
-                                before,
-                                page.to_vec(),
-                                Reread::Listed,
-                            )
+                            .prepare(walk, before, page.to_vec(), Reread::Listed)
                             .await?;
-                        let filled = self.page(mappings, table, &columns, page).await?;
+                        let filled = self.page(walk, page).await?;
                         // The watch ends with the first page's transaction:
                         // the rest of what the query read take leases.
                         before.fence = None;
                         tally.record(table, filled).await;
                     }
                 }
-                None => {
-                    let walk = (mappings, table, (&columns[..], &keys), filter);
-                    self.by_key(walk, limit, tally).await?;
-                }
+                None => self.by_key(walk, filter, limit, tally).await?,
             }
         }
         Ok(())
@@ -325,34 +321,35 @@ impl Warmer {
     async fn by_key(
         &self,
         walk: Walk<'_>,
+        filter: Option<&str>,
         limit: Option<u64>,
         tally: &mut Tally,
     ) -> Result<(), Error> {
         let (pages, mut ready) = tokio::sync::mpsc::channel::<Prepared>(1);
-        let table = walk.1;
         let reader = async move {
             let mut left = limit.unwrap_or(u64::MAX);
             let mut after: Option<Vec<Option<String>>> = None;
             for page in 0.. {
-                let size = page_size(left);
-                let read = self
-                    .key_page(walk, after.as_deref(), left, page % IN_FLIGHT)
+                let size = page_size(left) as u64;
+                let (last, read) = self
+                    .key_page(walk, filter, after.as_deref(), left, page % IN_FLIGHT)
                     .await?;
-                left = left.saturating_sub(read.len as u64);
-                if read.len == 0 || pages.send(read.page).await.is_err() {
+                let rows = read.rows;
+                left = left.saturating_sub(rows);
+                if rows == 0 || pages.send(read).await.is_err() {
                     break;
                 }
-                if read.len < size || left == 0 {
+                if rows < size || left == 0 {
                     break;
                 }
-                after = read.last;
+                after = last;
             }
             Ok::<(), Error>(())
         };
         let storer = async {
             while let Some(page) = ready.recv().await {
-                let filled = self.page(walk.0, table, walk.2 .0, page).await?;
-                tally.record(table, filled).await;
+                let filled = self.page(walk, page).await?;
+                tally.record(walk.table, filled).await;
             }
             Ok(())
         };
@@ -360,16 +357,24 @@ impl Warmer {
         Ok(())
     }
 
-    /// The page of at most `left` (and [`PAGE`]) rows after `after` in key
-    /// order, read (after what [`Warmer::before`] does in Redis, on the
-    /// fence connection `slot`) and rendered.
+    /// The page of at most `left` (and [`PAGE`]) rows of `filter` after
+    /// `after` in key order, read (after what [`Warmer::before`] does in
+    /// Redis, on the fence connection `slot`) and rendered; and its last
+    /// row as read, where the next page starts.
     async fn key_page(
         &self,
-        (mappings, table, (columns, keys), filter): Walk<'_>,
+        walk: Walk<'_>,
+        filter: Option<&str>,
         after: Option<&[Option<String>]>,
         left: u64,
         slot: usize,
-    ) -> Result<KeyPage, Error> {
+    ) -> Result<(Option<Vec<Option<String>>>, Prepared), Error> {
+        let Walk {
+            table,
+            columns,
+            keys,
+            ..
+        } = walk;
         let key_list = keys.list();
         let page = page_size(left);
         let after_clause =
@@ -385,26 +390,15 @@ impl Warmer {
         );
         let before = self.before(slot).await?;
         let texts = self.query(table, &select).await?;
-        Ok(KeyPage {
-            last: texts.last().cloned(),
-            len: texts.len(),
-            page: self
-                .prepare(
-                    mappings,
-                    table,
-                    (columns, keys),
-                    before,
-                    texts,
-                    Reread::Range,
-                )
-                .await?,
-        })
+        let last = texts.last().cloned();
+        let page = self.prepare(walk, before, texts, Reread::Range).await?;
+        Ok((last, page))
     }
 
     /// Before a page's rows are read: `WATCH` the apply epoch on the fence
     /// connection `slot` (on a standalone Redis), and read the apply stamp.
     async fn before(&self, slot: usize) -> Result<Before, Error> {
-        let stamp: Option<String> = match self.fences.get(slot) {
+        let (fence, stamp): (Option<usize>, Option<String>) = match self.fences.get(slot) {
             Some(fence) => {
                 // UNWATCH first: a page that was read but never stored
                 // (an empty query) left its watch behind.
@@ -419,16 +413,19 @@ impl Warmer {
                     .query_async(&mut *fence.lock().await)
                     .await
                     .map_err(|e| redis_error(&e))?;
-                stamp
+                (Some(slot), stamp)
             }
-            None => redis::cmd("GET")
-                .arg(&self.stamp_key)
-                .query_async(&mut self.redis.clone())
-                .await
-                .map_err(|e| redis_error(&e))?,
+            None => (
+                None,
+                redis::cmd("GET")
+                    .arg(&self.stamp_key)
+                    .query_async(&mut self.redis.clone())
+                    .await
+                    .map_err(|e| redis_error(&e))?,
+            ),
         };
         Ok(Before {
-            fence: (slot < self.fences.len()).then_some(slot),
+            fence,
             stamp: stamp.and_then(|stamp| stamp.parse().ok()),
         })
     }
@@ -440,13 +437,17 @@ impl Warmer {
     /// waiting for the whole page to render.
     async fn prepare(
         &self,
-        mappings: &Mappings,
-        table: &TableName,
-        (columns, keys): (&[&str], &Keys<'_>),
+        walk: Walk<'_>,
         before: Before,
         texts: Vec<Vec<Option<String>>>,
         reread: Reread,
     ) -> Result<Prepared, Error> {
+        let Walk {
+            mappings,
+            table,
+            columns,
+            keys,
+        } = walk;
         let condition = match (reread, texts.first(), texts.last()) {
             (_, None, _) | (_, _, None) => String::new(),
             (Reread::Range, Some(first), Some(last)) => format!(
@@ -487,13 +488,13 @@ impl Warmer {
     /// One page: in one pass when the epoch watched before it was read did
     /// not move; else lease the keys its rows render, read the rows again,
     /// and fill what the leases still guard.
-    async fn page(
-        &self,
-        mappings: &Mappings,
-        table: &TableName,
-        columns: &[&str],
-        page: Prepared,
-    ) -> Result<Summary, Error> {
+    async fn page(&self, walk: Walk<'_>, page: Prepared) -> Result<Summary, Error> {
+        let Walk {
+            mappings,
+            table,
+            columns,
+            ..
+        } = walk;
         let Prepared {
             before,
             condition,
@@ -605,14 +606,12 @@ impl Warmer {
         fills: &FxHashMap<String, Fill>,
         stamp: Option<u64>,
     ) -> Result<Option<u64>, Error> {
-        let mut fence = self.fences[slot].lock().await;
         if fills.is_empty() {
-            let () = redis::cmd("UNWATCH")
-                .query_async(&mut *fence)
-                .await
-                .map_err(|e| redis_error(&e))?;
+            // Nothing to store: the watch is left to the next
+            // `Warmer::before` on this connection, which ends it first.
             return Ok(Some(0));
         }
+        let mut fence = self.fences[slot].lock().await;
         let mut transaction = redis::pipe();
         transaction.atomic();
         for (key, fill) in fills {
@@ -763,21 +762,14 @@ impl Keys<'_> {
     }
 }
 
-/// What a walk in key order reads: the mappings, the table, its columns
-/// and key, and the filter of a `[[table.warm]]` query.
-type Walk<'w> = (
-    &'w Mappings,
-    &'w TableName,
-    (&'w [&'w str], &'w Keys<'w>),
-    Option<&'w str>,
-);
-
-/// A page of a walk in key order: its last row as read (where the next
-/// page starts), its length, and the page.
-struct KeyPage {
-    last: Option<Vec<Option<String>>>,
-    len: usize,
-    page: Prepared,
+/// What the pages of one table are read, rendered and stored with.
+#[derive(Clone, Copy)]
+struct Walk<'w> {
+    mappings: &'w Mappings,
+    table: &'w TableName,
+    /// The columns read, key columns included.
+    columns: &'w [&'w str],
+    keys: &'w Keys<'w>,
 }
 
 /// A page read and rendered, to be stored.
