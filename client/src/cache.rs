@@ -1074,10 +1074,41 @@ pub async fn commit_position(
     client: &tokio_postgres::Client,
 ) -> Result<Position, tokio_postgres::Error> {
     let row = client
-        .query_one("select pg_current_wal_insert_lsn()::text", &[])
+        .query_one(
+            "select pg_current_wal_insert_lsn()::text, current_setting('wal_block_size')::int8, \
+             (select setting::int8 from pg_settings where name = 'wal_segment_size')",
+            &[],
+        )
         .await?;
     let text: String = row.get(0);
-    Ok(text.parse().unwrap_or_default())
+    let (block, segment): (i64, i64) = (row.get(1), row.get(2));
+    let position: Position = text.parse().unwrap_or_default();
+    Ok(before_page_header(
+        position,
+        u64::try_from(block).unwrap_or(0),
+        u64::try_from(segment).unwrap_or(0),
+    ))
+}
+
+/// `position` moved back over a WAL page header it sits just past. When
+/// the last record ends exactly at a page boundary, the insert position
+/// is after the next page's header, but the commit's end (what evictd
+/// reports applied) is the boundary itself, and no further WAL may come
+/// to carry evictd past the header. Headers are 24 bytes, 40 on the first
+/// page of a segment (64-bit builds); with no record bytes before them on
+/// their page, the boundary is still at or past every record's end.
+#[cfg(any(feature = "postgres", test))]
+fn before_page_header(position: Position, block: u64, segment: u64) -> Position {
+    const SHORT: u64 = 24;
+    const LONG: u64 = 40;
+    let Position(lsn) = position;
+    if segment > 0 && lsn % segment == LONG {
+        Position(lsn - LONG)
+    } else if block > 0 && lsn % block == SHORT && (segment == 0 || lsn % segment != SHORT) {
+        Position(lsn - SHORT)
+    } else {
+        position
+    }
 }
 
 /// A loaded value as stored: its JSON, or [`ABSENT`] for "no row".
@@ -1138,4 +1169,29 @@ fn jittered(ttl: Duration, share: f64) -> Duration {
     }
     let factor = rand::rng().random_range((1.0 - share)..=(1.0 + share));
     ttl.mul_f64(factor).max(Duration::from_millis(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_position_just_past_a_wal_page_header_moves_back_to_the_boundary() {
+        let (block, segment) = (8192, 16 << 20);
+        let at = |lsn| before_page_header(Position(lsn), block, segment).0;
+        // Past a page's short header: the boundary (what evictd reports).
+        assert_eq!(at(0x21DA_0018), 0x21DA_0000);
+        // Past a segment's long header.
+        assert_eq!(at(0x2200_0028), 0x2200_0000);
+        // Inside a page, or past record bytes: as it is.
+        assert_eq!(at(0x21DA_0040), 0x21DA_0040);
+        assert_eq!(at(0x21DA_0028), 0x21DA_0028);
+        assert_eq!(at(0x21DA_1018), 0x21DA_0000 + 0x1018);
+        assert_eq!(at(0x21DA_2018), 0x21DA_2000);
+        // Sizes not known: as it is.
+        assert_eq!(
+            before_page_header(Position(0x21DA_0018), 0, 0).0,
+            0x21DA_0018
+        );
+    }
 }
