@@ -31,7 +31,9 @@ use std::time::{Duration, Instant};
 
 use evictd_client::protocol::{lease, stamped, AUDIT_STAMP_KEY, FILL_SCRIPT, RELEASE_SCRIPT};
 use evictd_client::Connection;
+use futures_util::StreamExt as _;
 use rand::Rng as _;
+use redis::aio::MultiplexedConnection;
 use rustc_hash::FxHashMap;
 
 use crate::audit::{
@@ -51,10 +53,14 @@ const LEASE_MS: u64 = 30_000;
 /// Rows decoded and rendered between two yields (see [`Warmer::prepare`]).
 const RENDER_SLICE: usize = 125;
 
-/// Pages in flight at once (one stored, one waiting, one read), each on
-/// its own connection for the one-pass fill: a `WATCH` belongs to the
-/// connection.
-const IN_FLIGHT: usize = 3;
+/// Pages stored at once: while Redis runs one page's transaction, the
+/// next is encoded and sent.
+const STORING: usize = 2;
+
+/// Connections for one-pass fills: one for each page stored, waiting and
+/// read at once, so that in the steady state the reader never waits for
+/// one (see [`Fences`]).
+const IN_FLIGHT: usize = STORING + 2;
 
 /// What to warm and how fast.
 #[derive(Clone, Debug)]
@@ -118,18 +124,22 @@ pub async fn warm(
     let (url, tables) = refreshed_tables(config, mappings, options.table.as_ref(), "warm", "warm")?;
     let started = Instant::now();
     let redis = connect_redis(&config.redis).await?;
-    let mut fences = Vec::new();
-    if let Connection::Single(_) = redis {
-        let client = crate::apply::redis::client(&config.redis)?;
-        for _ in 0..IN_FLIGHT {
-            fences.push(tokio::sync::Mutex::new(
-                client
-                    .get_multiplexed_async_connection()
-                    .await
-                    .map_err(|e| redis_error(&e))?,
-            ));
+    let fences = match redis {
+        Connection::Single(_) => {
+            let client = crate::apply::redis::client(&config.redis)?;
+            let mut connections = Vec::new();
+            for _ in 0..IN_FLIGHT {
+                connections.push(
+                    client
+                        .get_multiplexed_async_connection()
+                        .await
+                        .map_err(|e| redis_error(&e))?,
+                );
+            }
+            Some(Fences::new(connections))
         }
-    }
+        Connection::Cluster(_) => None,
+    };
     let mut warmer = Warmer {
         database: Database::new(url),
         redis,
@@ -195,9 +205,9 @@ impl Tally {
 struct Warmer {
     database: Database,
     redis: Connection,
-    /// Connections of the one-pass fills, one per page in flight; none on
-    /// a Cluster (there every page takes leases).
-    fences: Vec<tokio::sync::Mutex<redis::aio::MultiplexedConnection>>,
+    /// Connections of the one-pass fills; none on a Cluster (there every
+    /// page takes leases).
+    fences: Option<Fences>,
     prefix: String,
     /// The full names of the apply epoch and the audit's apply stamp.
     epoch_key: String,
@@ -233,13 +243,57 @@ impl Fill {
 }
 
 /// What was done in Redis just before a page's rows were read.
-#[derive(Clone, Copy, Debug, Default)]
-struct Before {
-    /// The fence connection that `WATCH`es the apply epoch for this page;
-    /// `None` on a Cluster, or for a page that must take leases.
-    fence: Option<usize>,
+struct Before<'f> {
+    /// The connection that `WATCH`es the apply epoch for this page; `None`
+    /// on a Cluster, or for a page that must take leases.
+    fence: Option<Fence<'f>>,
     /// The audit's apply stamp, when there is one.
     stamp: Option<u64>,
+}
+
+/// The connections one-pass fills `WATCH` the apply epoch on. A `WATCH`
+/// belongs to its connection, so each is lent to one page at a time: from
+/// before the page's rows are read until its transaction ran, or the page
+/// was dropped. A page read while every connection is lent waits for one.
+struct Fences {
+    free: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<MultiplexedConnection>>,
+    give_back: tokio::sync::mpsc::UnboundedSender<MultiplexedConnection>,
+}
+
+/// A connection lent to one page; it goes back when dropped.
+struct Fence<'f> {
+    connection: MultiplexedConnection,
+    fences: &'f Fences,
+}
+
+impl Fences {
+    fn new(connections: Vec<MultiplexedConnection>) -> Fences {
+        let (give_back, free) = tokio::sync::mpsc::unbounded_channel();
+        for connection in connections {
+            // The receiver is alive: it is in `free` below.
+            let _ = give_back.send(connection);
+        }
+        Fences {
+            free: tokio::sync::Mutex::new(free),
+            give_back,
+        }
+    }
+
+    /// The next free connection, once there is one.
+    async fn take(&self) -> Option<Fence<'_>> {
+        let connection = self.free.lock().await.recv().await?;
+        Some(Fence {
+            connection,
+            fences: self,
+        })
+    }
+}
+
+impl Drop for Fence<'_> {
+    fn drop(&mut self) {
+        // Its watch, if any, is ended by the next page's `UNWATCH`.
+        let _ = self.fences.give_back.send(self.connection.clone());
+    }
 }
 
 impl Warmer {
@@ -290,16 +344,18 @@ impl Warmer {
                         self.select(table, &columns, filter),
                         limit.unwrap_or(u64::MAX >> 1)
                     );
-                    let mut before = self.before(0).await?;
+                    let first = self.before().await?;
+                    let stamp = first.stamp;
+                    let mut first = Some(first);
                     let texts = self.query(table, &select).await?;
                     for page in texts.chunks(PAGE) {
+                        // The watch ends with the first page's transaction:
+                        // the rest of what the query read take leases.
+                        let before = first.take().unwrap_or(Before { fence: None, stamp });
                         let page = self
                             .prepare(walk, before, page.to_vec(), Reread::Listed)
                             .await?;
                         let filled = self.page(walk, page).await?;
-                        // The watch ends with the first page's transaction:
-                        // the rest of what the query read take leases.
-                        before.fence = None;
                         tally.record(table, filled).await;
                     }
                 }
@@ -313,11 +369,9 @@ impl Warmer {
     /// page (keyset pagination: each page starts after the last key).
     ///
     /// Two loops run side by side: one reads and renders pages, one stores
-    /// them, with one page waiting between them. So Redis stores a page
-    /// while the next is read, and the one after that is ready when it is
-    /// done. At most [`IN_FLIGHT`] pages hold a fence connection at once:
-    /// the reader starts a page only once the page before the waiting one
-    /// was stored.
+    /// them ([`STORING`] at once, each on the connection it watched on),
+    /// with one page waiting between them. So Redis runs a page's
+    /// transaction while the next is sent and the one after is read.
     async fn by_key(
         &self,
         walk: Walk<'_>,
@@ -325,15 +379,13 @@ impl Warmer {
         limit: Option<u64>,
         tally: &mut Tally,
     ) -> Result<(), Error> {
-        let (pages, mut ready) = tokio::sync::mpsc::channel::<Prepared>(1);
+        let (pages, mut ready) = tokio::sync::mpsc::channel::<Prepared<'_>>(1);
         let reader = async move {
             let mut left = limit.unwrap_or(u64::MAX);
             let mut after: Option<Vec<Option<String>>> = None;
-            for page in 0.. {
+            loop {
                 let size = page_size(left) as u64;
-                let (last, read) = self
-                    .key_page(walk, filter, after.as_deref(), left, page % IN_FLIGHT)
-                    .await?;
+                let (last, read) = self.key_page(walk, filter, after.as_deref(), left).await?;
                 let rows = read.rows;
                 left = left.saturating_sub(rows);
                 if rows == 0 || pages.send(read).await.is_err() {
@@ -347,9 +399,19 @@ impl Warmer {
             Ok::<(), Error>(())
         };
         let storer = async {
-            while let Some(page) = ready.recv().await {
-                let filled = self.page(walk, page).await?;
-                tally.record(walk.table, filled).await;
+            let mut storing = futures_util::stream::FuturesOrdered::new();
+            let mut open = true;
+            loop {
+                tokio::select! {
+                    page = ready.recv(), if open && storing.len() < STORING => match page {
+                        Some(page) => storing.push_back(self.page(walk, page)),
+                        None => open = false,
+                    },
+                    Some(filled) = storing.next(), if !storing.is_empty() => {
+                        tally.record(walk.table, filled?).await;
+                    }
+                    else => break,
+                }
             }
             Ok(())
         };
@@ -359,16 +421,15 @@ impl Warmer {
 
     /// The page of at most `left` (and [`PAGE`]) rows of `filter` after
     /// `after` in key order, read (after what [`Warmer::before`] does in
-    /// Redis, on the fence connection `slot`) and rendered; and its last
-    /// row as read, where the next page starts.
+    /// Redis) and rendered; and its last row as read, where the next page
+    /// starts.
     async fn key_page(
         &self,
         walk: Walk<'_>,
         filter: Option<&str>,
         after: Option<&[Option<String>]>,
         left: u64,
-        slot: usize,
-    ) -> Result<(Option<Vec<Option<String>>>, Prepared), Error> {
+    ) -> Result<(Option<Vec<Option<String>>>, Prepared<'_>), Error> {
         let Walk {
             table,
             columns,
@@ -388,18 +449,23 @@ impl Warmer {
             "{} order by {key_list} limit {page}",
             self.select(table, columns, condition.as_deref())
         );
-        let before = self.before(slot).await?;
+        let before = self.before().await?;
         let texts = self.query(table, &select).await?;
         let last = texts.last().cloned();
         let page = self.prepare(walk, before, texts, Reread::Range).await?;
         Ok((last, page))
     }
 
-    /// Before a page's rows are read: `WATCH` the apply epoch on the fence
-    /// connection `slot` (on a standalone Redis), and read the apply stamp.
-    async fn before(&self, slot: usize) -> Result<Before, Error> {
-        let (fence, stamp): (Option<usize>, Option<String>) = match self.fences.get(slot) {
-            Some(fence) => {
+    /// Before a page's rows are read: `WATCH` the apply epoch on a fence
+    /// connection of the page's own (on a standalone Redis), and read the
+    /// apply stamp.
+    async fn before(&self) -> Result<Before<'_>, Error> {
+        let fence = match &self.fences {
+            Some(fences) => fences.take().await,
+            None => None,
+        };
+        let (fence, stamp): (Option<Fence<'_>>, Option<String>) = match fence {
+            Some(mut fence) => {
                 // UNWATCH first: a page that was read but never stored
                 // (an empty query) left its watch behind.
                 let (stamp,): (Option<String>,) = redis::pipe()
@@ -410,10 +476,10 @@ impl Warmer {
                     .ignore()
                     .cmd("GET")
                     .arg(&self.stamp_key)
-                    .query_async(&mut *fence.lock().await)
+                    .query_async(&mut fence.connection)
                     .await
                     .map_err(|e| redis_error(&e))?;
-                (Some(slot), stamp)
+                (Some(fence), stamp)
             }
             None => (
                 None,
@@ -435,13 +501,13 @@ impl Warmer {
     /// It yields between slices of rows, so that on a single thread the
     /// reply to the page being stored meanwhile is taken in without
     /// waiting for the whole page to render.
-    async fn prepare(
+    async fn prepare<'f>(
         &self,
         walk: Walk<'_>,
-        before: Before,
+        before: Before<'f>,
         texts: Vec<Vec<Option<String>>>,
         reread: Reread,
-    ) -> Result<Prepared, Error> {
+    ) -> Result<Prepared<'f>, Error> {
         let Walk {
             mappings,
             table,
@@ -488,7 +554,7 @@ impl Warmer {
     /// One page: in one pass when the epoch watched before it was read did
     /// not move; else lease the keys its rows render, read the rows again,
     /// and fill what the leases still guard.
-    async fn page(&self, walk: Walk<'_>, page: Prepared) -> Result<Summary, Error> {
+    async fn page(&self, walk: Walk<'_>, page: Prepared<'_>) -> Result<Summary, Error> {
         let Walk {
             mappings,
             table,
@@ -508,8 +574,11 @@ impl Warmer {
         if rows == 0 {
             return Ok(summary);
         }
-        if let Some(slot) = before.fence {
-            if let Some(stored) = self.one_pass(slot, &rendered, before.stamp).await? {
+        if let Some(mut fence) = before.fence {
+            let stored = self
+                .one_pass(&mut fence.connection, &rendered, before.stamp)
+                .await?;
+            if let Some(stored) = stored {
                 summary.filled = stored;
                 summary.present = rendered.len() as u64 - stored;
                 summary.one_pass_pages = 1;
@@ -598,11 +667,11 @@ impl Warmer {
     }
 
     /// Stores `fills` where their keys hold nothing, in one transaction on
-    /// the fence connection `slot`, which Redis refuses if the apply epoch
+    /// the page's fence connection, which Redis refuses if the apply epoch
     /// it watches moved: how many were stored, or `None` (nothing was).
     async fn one_pass(
         &self,
-        slot: usize,
+        fence: &mut MultiplexedConnection,
         fills: &FxHashMap<String, Fill>,
         stamp: Option<u64>,
     ) -> Result<Option<u64>, Error> {
@@ -611,7 +680,6 @@ impl Warmer {
             // `Warmer::before` on this connection, which ends it first.
             return Ok(Some(0));
         }
-        let mut fence = self.fences[slot].lock().await;
         let mut transaction = redis::pipe();
         transaction.atomic();
         for (key, fill) in fills {
@@ -628,7 +696,7 @@ impl Warmer {
             }
         }
         let stored: Option<Vec<Option<redis::Value>>> = transaction
-            .query_async(&mut *fence)
+            .query_async(fence)
             .await
             .map_err(|e| redis_error(&e))?;
         Ok(stored.map(|stored| stored.iter().flatten().count() as u64))
@@ -773,8 +841,8 @@ struct Walk<'w> {
 }
 
 /// A page read and rendered, to be stored.
-struct Prepared {
-    before: Before,
+struct Prepared<'f> {
+    before: Before<'f>,
     /// The SQL condition that selects the page's rows again.
     condition: String,
     rows: u64,
