@@ -1,11 +1,13 @@
 //! evictd running with the least privileges README.md documents: a
 //! Postgres role with REPLICATION and SELECT on the mapped tables only, and
-//! a Redis ACL user limited to evictd's commands, keys and channel.
+//! a Redis ACL user limited to evictd's commands, keys and channel; and
+//! `evictd warm` as the same role and user.
 
 use crate::support::{
     mapping_dir, prepend_hba_rules, redis_connection, stack, streaming_config, TestDb,
 };
 use evictd::config::SecretUrl;
+use evictd::internal::warm::{warm, WarmOptions};
 use evictd::testkit::Evictd;
 
 const MAPPING: &str = r#"
@@ -144,6 +146,50 @@ async fn evictd_runs_as_a_least_privilege_role_and_redis_user() {
         .unwrap();
     assert!(!status, "TRUNCATE's SCAN + UNLINK works under the ACL");
     evictd.stop().await.unwrap();
+
+    // Warming, as the same role and the same user with the commands the
+    // README adds for it.
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&user)
+        .arg(
+            &[
+                "+watch",
+                "+unwatch",
+                "+multi",
+                "+exec",
+                "+evalsha",
+                "+script|load",
+            ][..],
+        )
+        .query_async(&mut admin)
+        .await
+        .expect("allow warming's commands");
+    writer
+        .batch_execute("insert into orders values (2, 5, 'paid'), (3, 6, 'new')")
+        .await
+        .unwrap();
+    let mappings = evictd::mapping::load_dir(dir.path(), config.mappings.limits).expect("mappings");
+    let options = WarmOptions {
+        table: None,
+        limit: None,
+        rate: 0,
+        progress: false,
+    };
+    let summary = warm(&config, &mappings, &options)
+        .await
+        .expect("warming with least privileges");
+    assert_eq!(
+        (summary.filled, summary.one_pass_pages),
+        (2, 1),
+        "{summary:?}"
+    );
+    let status: Option<String> = redis::cmd("GET")
+        .arg(format!("{prefix}order:2:status"))
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(status.as_deref(), Some(r#"{"status":"paid"}"#));
 
     // And the Redis user really is limited.
     let mut limited_redis = redis::Client::open(config.redis.url.expose())
