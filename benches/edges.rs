@@ -47,6 +47,36 @@ columns = ["id", "name", "price"]
 ttl = "1h"
 "#;
 
+/// `SET`s `values` in pipelines of a page each, `in_flight` pipelines at
+/// once: keys per second.
+async fn set_pages(
+    conn: &redis::aio::MultiplexedConnection,
+    values: &[(String, String)],
+    in_flight: usize,
+) -> f64 {
+    let started = Instant::now();
+    let mut pages = futures_util::stream::iter(values.chunks(PAGE).map(|page| {
+        let mut pipe = redis::pipe();
+        for (key, value) in page {
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg("EX")
+                .arg(3600)
+                .ignore();
+        }
+        let mut conn = conn.clone();
+        async move { pipe.query_async::<()>(&mut conn).await }
+    }))
+    .buffered(in_flight);
+    while let Some(done) = pages.next().await {
+        done.expect("SET");
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let rate = values.len() as f64 / started.elapsed().as_secs_f64();
+    rate
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -150,47 +180,12 @@ async fn main() {
             .query_async(&mut redis_conn)
             .await
             .unwrap();
-        let started = Instant::now();
-        for page in values.chunks(PAGE) {
-            let mut pipe = redis::pipe();
-            for (key, value) in page {
-                pipe.cmd("SET")
-                    .arg(key)
-                    .arg(value)
-                    .arg("EX")
-                    .arg(3600)
-                    .ignore();
-            }
-            let _: () = pipe.query_async(&mut redis_conn).await.unwrap();
-        }
-        #[allow(clippy::cast_precision_loss)]
-        set_rates.push(values.len() as f64 / started.elapsed().as_secs_f64());
+        set_rates.push(set_pages(&redis_conn, &values, 1).await);
         let _: () = redis::cmd("FLUSHDB")
             .query_async(&mut redis_conn)
             .await
             .unwrap();
-        let started = Instant::now();
-        let conn = redis_conn.clone();
-        let mut in_flight = futures_util::stream::iter(values.chunks(PAGE).map(|page| {
-            let mut pipe = redis::pipe();
-            for (key, value) in page {
-                pipe.cmd("SET")
-                    .arg(key)
-                    .arg(value)
-                    .arg("EX")
-                    .arg(3600)
-                    .ignore();
-            }
-            let mut conn = conn.clone();
-            async move { pipe.query_async::<()>(&mut conn).await }
-        }))
-        .buffered(2);
-        while let Some(done) = in_flight.next().await {
-            done.unwrap();
-        }
-        drop(in_flight);
-        #[allow(clippy::cast_precision_loss)]
-        overlapped_rates.push(values.len() as f64 / started.elapsed().as_secs_f64());
+        overlapped_rates.push(set_pages(&redis_conn, &values, 2).await);
         let _: () = redis::cmd("FLUSHDB")
             .query_async(&mut redis_conn)
             .await
