@@ -68,6 +68,8 @@ pub const PURGE_DROPPED: &str = "evictd_purge_dropped_total";
 pub const PURGE_DURATION: &str = "evictd_purge_duration_seconds";
 /// Keys of the batch being purged still waiting at a target, by `target`.
 pub const PURGE_QUEUE_KEYS: &str = "evictd_purge_queue_keys";
+/// Batches Redis applied whose purges wait behind the one being purged.
+pub const PURGE_QUEUE_BATCHES: &str = "evictd_purge_queue_batches";
 /// SCAN calls made by pattern, prefix and coarse invalidations.
 pub const SCAN_PAGES: &str = "evictd_scan_pages_total";
 /// Invalidations from SQL messages, by `outcome` (applied, malformed,
@@ -208,6 +210,10 @@ pub fn describe() {
     describe_gauge!(
         PURGE_QUEUE_KEYS,
         "Keys of the batch being purged still waiting at a target, by target"
+    );
+    describe_gauge!(
+        PURGE_QUEUE_BATCHES,
+        "Batches applied to Redis whose purges wait behind the batch being purged"
     );
     describe_counter!(
         SCAN_PAGES,

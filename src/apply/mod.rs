@@ -1,9 +1,13 @@
 //! The apply stage: plans to Redis (and the L1 broadcast), in order, each
 //! retried with backoff until it succeeds. Only then does the progress the
-//! replication task acknowledges move.
+//! replication task acknowledges move; with CDN targets (`[[purge]]`),
+//! only once they also accepted the plan's purges. Those go out from a
+//! purge stage beside apply, in plan order, so Redis applies the next plan
+//! while the CDN purges this one.
 //!
 //! **Architecture Invariant:** progress moves after, and only after, a
-//! plan's Redis commands and broadcast were acknowledged by Redis.
+//! plan's Redis commands and broadcast were acknowledged by Redis (and its
+//! purges accepted by every target that is not `best_effort`).
 
 pub mod broadcast;
 pub mod cluster;
@@ -173,22 +177,114 @@ pub struct Extras {
 /// How often an idle apply task checks that Redis answers (for readiness).
 const IDLE_PING: Duration = Duration::from_secs(5);
 
+/// Plans applied to Redis that may wait for their purges at once: Redis
+/// runs that far ahead of a slow CDN, no further.
+const PURGE_QUEUE: usize = 8;
+
+/// A plan Redis applied, as far as its progress and its purges go.
+struct Applied {
+    changes: u64,
+    commands: u64,
+    keys: u64,
+    checkpoint: Option<Checkpoint>,
+    purges: crate::plan::Purges,
+}
+
+/// Where an applied plan goes next.
+enum Next {
+    /// Its progress is published at once.
+    Publish(watch::Sender<Progress>),
+    /// To the purge stage, which publishes it once its purges went out.
+    Purge(mpsc::Sender<Applied>),
+}
+
+impl Applied {
+    fn publish(&self, progress: &watch::Sender<Progress>) {
+        progress.send_modify(|progress| {
+            progress.applied_plans += 1;
+            progress.changes += self.changes;
+            progress.commands += self.commands;
+            progress.keys += self.keys;
+            progress.absorb(self.checkpoint.as_ref());
+        });
+    }
+}
+
 /// Applies plans until the channel closes (the replication task ended) or
 /// `stop` turns true while a plan cannot be applied. `redis` says whether
 /// Redis answers (`None`) or why not.
 pub async fn run(
-    mut sink: RedisSink,
-    mut plans: mpsc::Receiver<Request>,
+    sink: RedisSink,
+    plans: mpsc::Receiver<Request>,
     progress: watch::Sender<Progress>,
     redis: watch::Sender<Option<String>>,
     lag: Arc<Mutex<Lag>>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     extras: Extras,
 ) -> Result<(), Error> {
-    let Extras {
-        mut audit,
-        mut purger,
-    } = extras;
+    let Extras { audit, purger } = extras;
+    let Some(purger) = purger else {
+        let next = Next::Publish(progress);
+        return apply(sink, plans, next, redis, lag, stop, audit).await;
+    };
+    let (queue, queued) = mpsc::channel(PURGE_QUEUE);
+    let applying = apply(
+        sink,
+        plans,
+        Next::Purge(queue),
+        redis,
+        lag,
+        stop.clone(),
+        audit,
+    );
+    let purging = purge(purger, queued, progress, stop);
+    tokio::pin!(applying, purging);
+    tokio::select! {
+        // Apply ended (its input did, or it was stopped): the purges of
+        // what it applied still go out, and are published.
+        result = &mut applying => {
+            result?;
+            purging.await
+        }
+        // Stopped while a target refused: nothing after is acknowledged.
+        result = &mut purging => result,
+    }
+}
+
+/// The purge stage: each applied plan's purges, in order, then its
+/// progress.
+async fn purge(
+    mut purger: crate::purge::Purger,
+    mut queued: mpsc::Receiver<Applied>,
+    progress: watch::Sender<Progress>,
+    stop: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let waiting = metrics::gauge!(telemetry::PURGE_QUEUE_BATCHES);
+    while let Some(applied) = queued.recv().await {
+        #[allow(clippy::cast_precision_loss)]
+        waiting.set(queued.len() as f64);
+        if !purger.purge(&applied.purges, &stop).await {
+            // Stopped while a target refused: not acknowledged, so the
+            // plan is read again on the next start.
+            return Ok(());
+        }
+        applied.publish(&progress);
+    }
+    waiting.set(0.0);
+    Ok(())
+}
+
+/// Applies plans to Redis until the channel closes or `stop` turns true
+/// while a plan cannot be applied, handing each applied plan to `next`.
+async fn apply(
+    mut sink: RedisSink,
+    mut plans: mpsc::Receiver<Request>,
+    next: Next,
+    redis: watch::Sender<Option<String>>,
+    lag: Arc<Mutex<Lag>>,
+    mut stop: watch::Receiver<bool>,
+    mut audit: Option<Sampler>,
+) -> Result<(), Error> {
     let mut ping = tokio::time::interval(IDLE_PING);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -243,26 +339,29 @@ pub async fn run(
             }
         };
         redis.send_if_modified(|current| replace_if_changed(current, None));
-        // The CDN tier after Redis: a page refilled now reads the new L2.
-        if let Some(purger) = purger.as_mut() {
-            if !purger.purge(&plan.purges, &stop).await {
-                // Stopped while a target refused: not acknowledged, so the
-                // plan is read again on the next start.
-                return Ok(());
-            }
-        }
         if let (Some(audit), Some(stamp)) = (&audit, stamp) {
             audit.offer(&plan, stamp);
         }
         record(&plan, &stats, started.elapsed(), &lag);
-        progress.send_modify(|progress| {
-            progress.applied_plans += 1;
-            progress.changes += plan.changes;
-            progress.commands += plan.commands.len() as u64;
-            progress.keys += stats.keys;
-            progress.absorb(plan.checkpoint.as_ref());
-        });
         tracing::debug!(commands = plan.commands.len(), keys = stats.keys, round_trips = stats.round_trips, checkpoint = ?plan.checkpoint, "applied batch");
+        let applied = Applied {
+            changes: plan.changes,
+            commands: plan.commands.len() as u64,
+            keys: stats.keys,
+            checkpoint: plan.checkpoint.take(),
+            purges: std::mem::take(&mut plan.purges),
+        };
+        match &next {
+            Next::Publish(progress) => applied.publish(progress),
+            // The CDN tier after Redis: a page refilled once the purge went
+            // out reads the new L2.
+            Next::Purge(queue) => {
+                if queue.send(applied).await.is_err() {
+                    // The purge stage stopped.
+                    return Ok(());
+                }
+            }
+        }
     }
 }
 

@@ -1,10 +1,12 @@
 //! Against a local 3-master Redis Cluster: keys on every node are deleted,
 //! refreshed, tag sets on one node clear members on others, TRUNCATE scans
-//! every master, and the broadcast still arrives.
+//! every master, and the broadcast still arrives; warming fills every
+//! master through leases.
 
 use crate::support::{mapping_dir, streaming_config, TestDb};
 use evictd::config::SecretUrl;
 use evictd::internal::key_slot;
+use evictd::internal::warm::{warm, WarmOptions};
 use evictd::testkit::{Evictd, RedisCluster};
 use redis::AsyncCommands as _;
 
@@ -243,4 +245,68 @@ async fn a_master_failover_loses_nothing() {
         );
     }
     evictd.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warming_a_cluster_fills_every_master_with_leases() {
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3))
+        .await
+        .unwrap()
+        .expect("start cluster");
+    let (db, evictd, dir) = stream_into(&cluster).await;
+    db.execute("insert into orders select g, g % 4, 'new' from generate_series(1, 30) g")
+        .await;
+    evictd.sync().await.unwrap();
+    evictd.stop().await.unwrap();
+
+    let seeds: Vec<String> = cluster
+        .ports()
+        .iter()
+        .map(|port| format!("redis://127.0.0.1:{port}"))
+        .collect();
+    let client = redis::cluster::ClusterClient::new(seeds).unwrap();
+    let mut redis = client.get_async_connection().await.unwrap();
+    let p = &db.prefix;
+    // An empty cache but for one value an application stored.
+    for id in 1..=30 {
+        let _: () = redis.del(format!("{p}order:{id}:status")).await.unwrap();
+    }
+    let _: () = redis
+        .set(format!("{p}order:7:status"), "the application's")
+        .await
+        .unwrap();
+    db.execute("update orders set status = 'paid' where id <= 10")
+        .await;
+
+    let mut config = streaming_config(&db, dir.path());
+    config.redis.url = SecretUrl::parse(&cluster.url()).unwrap();
+    let mappings = evictd::mapping::load_dir(dir.path(), config.mappings.limits).expect("mappings");
+    let options = WarmOptions {
+        table: None,
+        limit: None,
+        rate: 0,
+        progress: false,
+    };
+    let summary = warm(&config, &mappings, &options)
+        .await
+        .expect("warming a cluster");
+    assert_eq!(
+        (
+            summary.filled,
+            summary.present,
+            summary.one_pass_pages,
+            summary.leased_pages
+        ),
+        (29, 1, 0, 1),
+        "on a Cluster every page takes leases: {summary:?}"
+    );
+    for id in 1..=30 {
+        let value: Option<String> = redis.get(format!("{p}order:{id}:status")).await.unwrap();
+        let expected = match id {
+            7 => "the application's",
+            1..=10 => r#"{"status":"paid"}"#,
+            _ => r#"{"status":"new"}"#,
+        };
+        assert_eq!(value.as_deref(), Some(expected), "order:{id}:status");
+    }
 }

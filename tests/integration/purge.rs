@@ -197,7 +197,8 @@ fn webhook_target(url: String, secret_file: &std::path::Path) -> PurgeTarget {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_signed_webhook_gets_the_keys_after_redis_and_holds_the_ack_while_down() {
+async fn a_signed_webhook_gets_the_keys_after_redis_and_holds_the_ack_while_down_as_redis_goes_on()
+{
     let secret_dir = tempfile::tempdir().expect("tempdir");
     let secret_file = secret_dir.path().join("secret");
     std::fs::write(&secret_file, "s3cret\n").expect("write the secret");
@@ -208,13 +209,32 @@ async fn a_signed_webhook_gets_the_keys_after_redis_and_holds_the_ack_while_down
         config.purge = vec![webhook_target(url.clone(), &secret_file)];
     })
     .await;
-    s.seed(&["product:1"]).await;
+    s.seed(&["product:1", "product:2"]).await;
     s.db.execute("insert into products values (1, 7, 'a')")
         .await;
     // Nothing is acknowledged while the receiver is down.
     assert!(
         s.evictd.sync_within(Duration::from_secs(2)).await.is_err(),
         "acknowledged before the webhook accepted the purge"
+    );
+    // Redis goes on with the batches after (their purges wait in order),
+    // and those are not acknowledged either.
+    s.db.execute("insert into products values (2, 8, 'b')")
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !s.cached(&["product:2"]).await.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Redis waited for the purge before it"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        s.evictd
+            .sync_within(Duration::from_millis(500))
+            .await
+            .is_err(),
+        "a later batch acknowledged before the purge before it"
     );
     // The receiver comes up; at each request it checks that Redis already
     // dropped the key.
@@ -238,7 +258,7 @@ async fn a_signed_webhook_gets_the_keys_after_redis_and_holds_the_ack_while_down
     let receiver = Server::start_on(port, handler).await;
     s.sync().await;
     let requests = receiver.requests();
-    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_eq!(requests.len(), 2, "{requests:?}");
     let request = &requests[0];
     assert_eq!(
         (request.method.as_str(), request.path.as_str()),
@@ -251,8 +271,13 @@ async fn a_signed_webhook_gets_the_keys_after_redis_and_holds_the_ack_while_down
         serde_json::json!({"surrogate_keys": ["product-1", "category-7"], "purge_all": false})
     );
     assert_eq!(
+        requests[1].json(),
+        serde_json::json!({"surrogate_keys": ["product-2", "category-8"], "purge_all": false}),
+        "in order"
+    );
+    assert_eq!(
         *redis_state.lock().unwrap(),
-        [false],
+        [false, false],
         "Redis was invalidated first"
     );
 }
