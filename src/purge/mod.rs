@@ -51,7 +51,7 @@ struct Target {
 /// One request's worth of purging.
 #[derive(Clone, Copy, Debug)]
 enum Batch<'k> {
-    Keys(&'k [String]),
+    Keys(&'k [&'k str]),
     All,
 }
 
@@ -100,7 +100,7 @@ impl Purger {
         if purges.is_empty() {
             return true;
         }
-        let keys: Vec<String> = purges.keys.iter().map(|(key, _)| key.clone()).collect();
+        let keys: Vec<&str> = purges.keys.iter().map(|(key, _)| key.as_str()).collect();
         let all = purges.all.is_some();
         let results = futures_util::future::join_all(
             self.targets
@@ -119,7 +119,7 @@ impl Target {
 
     /// Every batch of `keys` (or everything), each retried until accepted;
     /// `false` if stopped first.
-    async fn purge(&mut self, keys: &[String], all: bool, mut stop: watch::Receiver<bool>) -> bool {
+    async fn purge(&mut self, keys: &[&str], all: bool, mut stop: watch::Receiver<bool>) -> bool {
         let batches: Vec<Batch<'_>> = if all {
             vec![Batch::All]
         } else {
