@@ -3,10 +3,10 @@
 //! every master, and the broadcast still arrives; warming fills every
 //! master through leases.
 
-use crate::support::{mapping_dir, streaming_config, TestDb};
+use crate::support::{mapping_dir, streaming_config, warm_everything, TestDb};
 use evictd::config::SecretUrl;
 use evictd::internal::key_slot;
-use evictd::internal::warm::{warm, WarmOptions};
+use evictd::internal::warm::warm;
 use evictd::testkit::{Evictd, RedisCluster};
 use redis::AsyncCommands as _;
 
@@ -41,6 +41,16 @@ async fn stream_into(cluster: &RedisCluster) -> (TestDb, Evictd, tempfile::TempD
     (db, evictd, dir)
 }
 
+async fn connect(cluster: &RedisCluster) -> redis::cluster_async::ClusterConnection {
+    let seeds: Vec<String> = cluster
+        .ports()
+        .iter()
+        .map(|port| format!("redis://127.0.0.1:{port}"))
+        .collect();
+    let client = redis::cluster::ClusterClient::new(seeds).unwrap();
+    client.get_async_connection().await.unwrap()
+}
+
 async fn exists(connection: &mut redis::cluster_async::ClusterConnection, key: &str) -> bool {
     connection.exists(key).await.unwrap()
 }
@@ -54,13 +64,7 @@ async fn plans_are_applied_across_every_node() {
         .expect("start cluster");
     let (db, evictd, _mappings) = stream_into(&cluster).await;
 
-    let seeds: Vec<String> = cluster
-        .ports()
-        .iter()
-        .map(|port| format!("redis://127.0.0.1:{port}"))
-        .collect();
-    let client = redis::cluster::ClusterClient::new(seeds).unwrap();
-    let mut redis = client.get_async_connection().await.unwrap();
+    let mut redis = connect(&cluster).await;
     let p = &db.prefix;
     let order_keys: Vec<String> = (1..=30).map(|id| format!("{p}order:{id}")).collect();
     let slots: std::collections::BTreeSet<u16> = order_keys
@@ -259,13 +263,7 @@ async fn warming_a_cluster_fills_every_master_with_leases() {
     evictd.sync().await.unwrap();
     evictd.stop().await.unwrap();
 
-    let seeds: Vec<String> = cluster
-        .ports()
-        .iter()
-        .map(|port| format!("redis://127.0.0.1:{port}"))
-        .collect();
-    let client = redis::cluster::ClusterClient::new(seeds).unwrap();
-    let mut redis = client.get_async_connection().await.unwrap();
+    let mut redis = connect(&cluster).await;
     let p = &db.prefix;
     // An empty cache but for one value an application stored.
     for id in 1..=30 {
@@ -281,13 +279,7 @@ async fn warming_a_cluster_fills_every_master_with_leases() {
     let mut config = streaming_config(&db, dir.path());
     config.redis.url = SecretUrl::parse(&cluster.url()).unwrap();
     let mappings = evictd::mapping::load_dir(dir.path(), config.mappings.limits).expect("mappings");
-    let options = WarmOptions {
-        table: None,
-        limit: None,
-        rate: 0,
-        progress: false,
-    };
-    let summary = warm(&config, &mappings, &options)
+    let summary = warm(&config, &mappings, &warm_everything())
         .await
         .expect("warming a cluster");
     assert_eq!(

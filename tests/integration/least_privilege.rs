@@ -4,10 +4,11 @@
 //! `evictd warm` as the same role and user.
 
 use crate::support::{
-    mapping_dir, prepend_hba_rules, redis_connection, stack, streaming_config, TestDb,
+    mapping_dir, prepend_hba_rules, redis_connection, stack, streaming_config, warm_everything,
+    TestDb,
 };
 use evictd::config::SecretUrl;
-use evictd::internal::warm::{warm, WarmOptions};
+use evictd::internal::warm::warm;
 use evictd::testkit::Evictd;
 
 const MAPPING: &str = r#"
@@ -170,13 +171,7 @@ async fn evictd_runs_as_a_least_privilege_role_and_redis_user() {
         .await
         .unwrap();
     let mappings = evictd::mapping::load_dir(dir.path(), config.mappings.limits).expect("mappings");
-    let options = WarmOptions {
-        table: None,
-        limit: None,
-        rate: 0,
-        progress: false,
-    };
-    let summary = warm(&config, &mappings, &options)
+    let summary = warm(&config, &mappings, &warm_everything())
         .await
         .expect("warming with least privileges");
     assert_eq!(

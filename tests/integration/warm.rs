@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use evictd::internal::warm::{warm, WarmOptions};
 
-use crate::support::{mapping_dir, redis_connection, streaming_config, Streaming, TestDb};
+use crate::support::{
+    mapping_dir, redis_connection, streaming_config, warm_everything, Streaming, TestDb,
+};
 
 const SCHEMA: &str = "
     create table products (id bigint primary key, name text not null, price numeric(8, 2) not null, status text not null);
@@ -30,15 +32,6 @@ key = "live:{id}"
 columns = ["id"]
 when = "status = 'live'"
 "#;
-
-fn options() -> WarmOptions {
-    WarmOptions {
-        table: None,
-        limit: None,
-        rate: 0,
-        progress: false,
-    }
-}
 
 /// The pages warming reads `rows` rows in.
 fn pages(rows: u64) -> u64 {
@@ -78,7 +71,9 @@ async fn warming_fills_the_rendered_refresh_keys_and_leaves_cached_values_alone(
         .query_async(&mut redis)
         .await
         .expect("SET");
-    let summary = warm(&config, &mappings, &options()).await.expect("warm");
+    let summary = warm(&config, &mappings, &warm_everything())
+        .await
+        .expect("warm");
     assert_eq!(
         (
             summary.tables,
@@ -123,12 +118,14 @@ async fn warming_fills_the_rendered_refresh_keys_and_leaves_cached_values_alone(
         .expect("TTL");
     assert_eq!(ttl, -1, "no ttl on that refresh");
     // A second run finds everything cached.
-    let again = warm(&config, &mappings, &options()).await.expect("warm");
+    let again = warm(&config, &mappings, &warm_everything())
+        .await
+        .expect("warm");
     assert_eq!((again.filled, again.present), (0, 1200 + 600));
     assert_eq!((again.one_pass_pages, again.leased_pages), (pages(1200), 0));
     let only = WarmOptions {
         table: Some(evictd::change::TableName::new("public", "nope")),
-        ..options()
+        ..warm_everything()
     };
     let error = warm(&config, &mappings, &only).await.expect_err("unmapped");
     assert_eq!(error.to_string(), "public.nope is not mapped");
@@ -149,7 +146,9 @@ async fn a_warm_query_fills_the_rows_it_names() {
     let dir = mapping_dir(&[("products.toml", &mapping)]);
     let config = streaming_config(&db, dir.path());
     let mappings = evictd::mapping::load_dir(dir.path(), config.mappings.limits).expect("mappings");
-    let summary = warm(&config, &mappings, &options()).await.expect("warm");
+    let summary = warm(&config, &mappings, &warm_everything())
+        .await
+        .expect("warm");
     assert_eq!((summary.rows, summary.filled), (3, 6));
     for id in 1..=100 {
         let cached = get(&db.prefix, &format!("product:{id}:card"))
@@ -203,7 +202,7 @@ async fn warming_beside_a_streaming_evictd_under_writes_leaves_nothing_stale() {
         // What the last pass stored stays to be checked.
         let paced = WarmOptions {
             rate: 20_000,
-            ..options()
+            ..warm_everything()
         };
         let pass = warm(&s.config, &mappings, &paced).await.expect("warm");
         filled += pass.filled;
@@ -212,13 +211,17 @@ async fn warming_beside_a_streaming_evictd_under_writes_leaves_nothing_stale() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let rounds = writer.await.expect("writer");
     assert!(rounds >= 20, "the writer wrote {rounds} rounds");
-    warm(&s.config, &mappings, &options()).await.expect("warm");
+    warm(&s.config, &mappings, &warm_everything())
+        .await
+        .expect("warm");
     s.sync().await;
     assert!(filled >= 6_000, "warming filled {filled} keys");
     // Pages read ahead while evictd applied batches took leases; with
     // nothing streaming, every page goes in one pass.
     assert!(leased >= 1, "no page took leases");
-    let last = warm(&s.config, &mappings, &options()).await.expect("warm");
+    let last = warm(&s.config, &mappings, &warm_everything())
+        .await
+        .expect("warm");
     assert_eq!(
         (last.one_pass_pages, last.leased_pages),
         (pages(last.rows), 0)

@@ -347,6 +347,17 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 }
 
 /// A port that was free a moment ago.
+/// Warming options for every mapped table, without a limit or a rate cap,
+/// and without a progress line.
+pub fn warm_everything() -> evictd::internal::warm::WarmOptions {
+    evictd::internal::warm::WarmOptions {
+        table: None,
+        limit: None,
+        rate: 0,
+        progress: false,
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
