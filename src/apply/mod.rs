@@ -198,6 +198,41 @@ enum Next {
     Purge(mpsc::Sender<Applied>),
 }
 
+/// Where the plan being applied goes once Redis applied it.
+enum Then<'n> {
+    Publish(&'n watch::Sender<Progress>),
+    /// Its room in the purge stage's queue, reserved before Redis.
+    Queue(mpsc::Permit<'n, Applied>, &'n mpsc::Sender<Applied>),
+}
+
+impl Next {
+    /// Where the next plan goes; with a purge stage, room in its queue is
+    /// reserved first, so that Redis runs at most [`PURGE_QUEUE`] plans
+    /// ahead of the purges. `None` once the purge stage stopped.
+    async fn reserve(&self) -> Option<Then<'_>> {
+        match self {
+            Next::Publish(progress) => Some(Then::Publish(progress)),
+            Next::Purge(queue) => Some(Then::Queue(queue.reserve().await.ok()?, queue)),
+        }
+    }
+}
+
+impl Then<'_> {
+    fn deliver(self, applied: Applied) {
+        match self {
+            Then::Publish(progress) => applied.publish(progress),
+            // The CDN tier after Redis: a page refilled once the purge went
+            // out reads the new L2.
+            Then::Queue(room, queue) => {
+                room.send(applied);
+                #[allow(clippy::cast_precision_loss)]
+                metrics::gauge!(telemetry::PURGE_QUEUE_BATCHES)
+                    .set((queue.max_capacity() - queue.capacity()) as f64);
+            }
+        }
+    }
+}
+
 impl Applied {
     fn publish(&self, progress: &watch::Sender<Progress>) {
         progress.send_modify(|progress| {
@@ -309,6 +344,10 @@ async fn apply(
             }
         };
         ping.reset();
+        let Some(then) = next.reserve().await else {
+            // The purge stage stopped.
+            return Ok(());
+        };
         let started = Instant::now();
         let mut backoff = Backoff::default();
         // With the checker on, the batch's apply stamp goes first, once.
@@ -351,17 +390,7 @@ async fn apply(
             checkpoint: plan.checkpoint.take(),
             purges: std::mem::take(&mut plan.purges),
         };
-        match &next {
-            Next::Publish(progress) => applied.publish(progress),
-            // The CDN tier after Redis: a page refilled once the purge went
-            // out reads the new L2.
-            Next::Purge(queue) => {
-                if queue.send(applied).await.is_err() {
-                    // The purge stage stopped.
-                    return Ok(());
-                }
-            }
-        }
+        then.deliver(applied);
     }
 }
 
