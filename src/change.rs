@@ -305,6 +305,9 @@ pub enum Event {
     /// applied at once.
     Message {
         stream: Option<(u32, u32)>,
+        /// Where the source read it, for logs: `lsn 0/16B3748` (and its
+        /// `xid`), or `topic/partition offset N`.
+        position: Box<str>,
         content: Box<[u8]>,
     },
     /// A transaction committed; its changes came before. A source without

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 
-use crate::config::{Config, SecretUrl};
+use crate::config::{Config, Secret, SecretUrl};
+use crate::mapping::message::AllowList;
 use crate::mapping::{self, Diagnostic};
 use crate::pipeline::{self, Options};
 use crate::testkit::{Postgres, Redis};
@@ -83,7 +84,28 @@ pub async fn run(migrations: &Path, mappings_dir: &Path) -> Result<(), DemoError
         SecretUrl::parse(&redis.url()).map_err(setup("url"))?,
         mappings_dir.to_path_buf(),
     );
+    // Invalidations from SQL, signed with a secret of this run's (the
+    // database and evictd share it) and bounded to what the workload names.
+    let secret: String = (0..32)
+        .map(|_| char::from_digit(rand::random_range(0..16), 16).unwrap_or('0'))
+        .collect();
+    client
+        .execute(
+            "insert into evictd.message_secret (secret) values ($1)",
+            &[&secret],
+        )
+        .await
+        .map_err(|e| setup("message secret")(e.to_string()))?;
+    let secret_dir = tempfile::tempdir().map_err(|e| setup("message secret")(e.to_string()))?;
+    let secret_file = secret_dir.path().join("sql_messages_secret");
+    std::fs::write(&secret_file, &secret).map_err(|e| setup("message secret")(e.to_string()))?;
     config.mappings.sql_messages = true;
+    config.mappings.sql_messages_secrets = vec![Secret::File(secret_file)];
+    config.mappings.sql_messages_allow = Some(AllowList {
+        keys: vec!["report:*".into()],
+        tags: Vec::new(),
+        prefixes: vec!["search:*".into()],
+    });
     let pubsub_client =
         redis::Client::open(redis.url()).map_err(|e| setup("redis")(e.to_string()))?;
     let mut pubsub = pubsub_client

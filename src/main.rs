@@ -723,6 +723,25 @@ fn warn_about_prefixes(mappings: &Mappings) {
     }
 }
 
+/// Warns when invalidations from SQL are on but not authenticated, and
+/// when a message secret cannot be read.
+fn warn_about_sql_messages(config: &Config) {
+    let mappings = &config.mappings;
+    if !mappings.sql_messages {
+        return;
+    }
+    if mappings.sql_messages_secrets.is_empty() {
+        eprintln!("warning: {}", evictd::mapping::message::UNSIGNED_WARNING);
+    }
+    for secret in &mappings.sql_messages_secrets {
+        if let Err(reason) = secret.read() {
+            eprintln!(
+                "warning: mappings.sql_messages_secret: {reason}: evictd run will refuse to start"
+            );
+        }
+    }
+}
+
 fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let config = match &args.config {
         Some(path) => Some(Config::load(path).map_err(|error| UsageError(error.to_string()))?),
@@ -755,6 +774,9 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     );
     if !args.json {
         warn_about_prefixes(&mappings);
+        if let Some(config) = &config {
+            warn_about_sql_messages(config);
+        }
     }
     let url = match url {
         Some(url) if !args.offline => url,

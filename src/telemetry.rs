@@ -73,7 +73,7 @@ pub const PURGE_QUEUE_BATCHES: &str = "evictd_purge_queue_batches";
 /// SCAN calls made by pattern, prefix and coarse invalidations.
 pub const SCAN_PAGES: &str = "evictd_scan_pages_total";
 /// Invalidations from SQL messages, by `outcome` (applied, malformed,
-/// disabled).
+/// disabled, unauthenticated, not_allowed).
 pub const SQL_MESSAGES: &str = "evictd_sql_messages_total";
 /// Reloads of the mapping files under `evictd run`, by `outcome` (applied,
 /// invalid).
@@ -221,8 +221,13 @@ pub fn describe() {
     );
     describe_counter!(
         SQL_MESSAGES,
-        "Invalidations from SQL messages, by outcome (applied, malformed, disabled)"
+        "Invalidations from SQL messages, by outcome (applied, malformed, disabled, unauthenticated, not_allowed)"
     );
+    // Present at 0 from the start, so that the first refusal is an
+    // increase a rate or increase() sees.
+    for outcome in crate::pipeline::batcher::MessageOutcome::ALL {
+        metrics::counter!(SQL_MESSAGES, "outcome" => outcome.as_str()).increment(0);
+    }
     describe_counter!(
         MAPPING_RELOADS,
         "Reloads of the mapping files, by outcome (applied, invalid)"

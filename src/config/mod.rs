@@ -305,6 +305,12 @@ pub struct MappingsConfig {
     /// Apply invalidations from SQL messages (`pg_logical_emit_message`
     /// with prefix `evictd`, Debezium's message events).
     pub sql_messages: bool,
+    /// The secrets messages must be signed with, the current one first and
+    /// the previous one during a rotation; none: messages are not
+    /// authenticated (`check` warns).
+    pub sql_messages_secrets: Vec<Secret>,
+    /// What messages may name; `None`: what the mappings render.
+    pub sql_messages_allow: Option<crate::mapping::message::AllowList>,
     /// Reload the mappings when a file in `dir` changes (and on SIGHUP).
     pub watch: bool,
 }
@@ -520,6 +526,8 @@ impl Default for MappingsConfig {
             dir: PathBuf::from("mappings"),
             limits: Limits::default(),
             sql_messages: false,
+            sql_messages_secrets: Vec::new(),
+            sql_messages_allow: None,
             watch: true,
         }
     }

@@ -470,6 +470,46 @@ pub(super) fn read_mappings(section: &mut Section<'_>, base_dir: &Path) -> Mappi
     let all_defaults = MappingsConfig::default();
     let dir: PathBuf = section.or("dir", all_defaults.dir);
     let sql_messages = section.or("sql_messages", all_defaults.sql_messages);
+    let mut sql_messages_secrets = Vec::new();
+    for (file_key, env_key) in [
+        ("sql_messages_secret_file", "sql_messages_secret_env"),
+        (
+            "sql_messages_previous_secret_file",
+            "sql_messages_previous_secret_env",
+        ),
+    ] {
+        let file: Option<PathBuf> = section.or(file_key, None);
+        let env: Option<String> = section.or(env_key, None);
+        let secret = match (file, env) {
+            (Some(_), Some(_)) => {
+                section.problem(file_key, None, format!("set it or {env_key}, not both"));
+                continue;
+            }
+            (Some(file), None) => Secret::File(base_dir.join(file)),
+            (None, Some(env)) => Secret::Env(env),
+            (None, None) => continue,
+        };
+        if sql_messages_secrets.is_empty() && file_key.contains("previous") {
+            section.problem(
+                file_key,
+                None,
+                "a previous secret without a current one: set sql_messages_secret_file (or _env) to the secret evictd_invalidate() signs with now",
+            );
+        }
+        sql_messages_secrets.push(secret);
+    }
+    let sql_messages_allow = section.parse(
+        "sql_messages_allow",
+        None,
+        |list: crate::mapping::message::AllowList| {
+            let problems = list.problems();
+            if problems.is_empty() {
+                Ok(Some(list))
+            } else {
+                Err(problems.join("; "))
+            }
+        },
+    );
     let watch = section.or("watch", all_defaults.watch);
     let defaults = all_defaults.limits;
     let max_key_bytes =
@@ -486,6 +526,8 @@ pub(super) fn read_mappings(section: &mut Section<'_>, base_dir: &Path) -> Mappi
             max_keys_per_change: usize::try_from(max_keys_per_change).unwrap_or(usize::MAX),
         },
         sql_messages,
+        sql_messages_secrets,
+        sql_messages_allow,
         watch,
     }
 }

@@ -346,6 +346,21 @@ impl Template {
         }
     }
 
+    /// The literal text before the first placeholder, and whether there is
+    /// a placeholder at all: every key the template renders starts with
+    /// that text (and is exactly it when there is none).
+    pub fn literal_head(&self) -> (&str, bool) {
+        let head = match self.parts.first() {
+            Some(Part::Literal(text)) => text,
+            _ => "",
+        };
+        let placeholders = self
+            .parts
+            .iter()
+            .any(|part| matches!(part, Part::Column(_)));
+        (head, placeholders)
+    }
+
     /// Bytes of literal text: a lower bound of every rendered key's length.
     pub fn literal_len(&self) -> usize {
         self.parts

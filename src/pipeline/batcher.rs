@@ -23,12 +23,13 @@ use rustc_hash::FxHashMap;
 
 use super::schema::FallbackLog;
 use crate::change::{Event, Op, RowChange, TableName};
+use crate::mapping::message::{AllowList, Refusal, Scope, Secrets};
 use crate::mapping::{message, Action, Mappings, Output};
 use crate::plan::{Plan, Planner};
 use crate::telemetry;
 
 /// Bounds and switches of one batcher.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct BatchLimits {
     /// Distinct keys per plan before it is cut.
     pub max_keys: usize,
@@ -37,15 +38,24 @@ pub struct BatchLimits {
     /// Whether invalidations from SQL messages are applied
     /// (`mappings.sql_messages`).
     pub sql_messages: bool,
+    /// The secrets messages must be signed with (read when the pipeline
+    /// started); none: messages are not authenticated.
+    pub secrets: Secrets,
+    /// What messages may name (`mappings.sql_messages_allow`); `None`: what
+    /// the mappings in effect render.
+    pub allow: Option<Arc<AllowList>>,
 }
 
 impl BatchLimits {
-    /// The limits `[batch]` sets, and `mappings.sql_messages`.
-    pub fn of(config: &crate::config::Config) -> BatchLimits {
+    /// The limits `[batch]` sets, `mappings.sql_messages` and its allow
+    /// list, and the message secrets as read.
+    pub fn of(config: &crate::config::Config, secrets: Secrets) -> BatchLimits {
         BatchLimits {
             max_keys: config.batch.max_keys,
             max_pending_keys: config.batch.max_pending_keys,
             sql_messages: config.mappings.sql_messages,
+            secrets,
+            allow: config.mappings.sql_messages_allow.clone().map(Arc::new),
         }
     }
 }
@@ -59,6 +69,10 @@ pub enum MessageOutcome {
     Malformed,
     /// Skipped: `mappings.sql_messages` is off.
     Disabled,
+    /// Skipped: unsigned, or signed with no configured secret.
+    Unauthenticated,
+    /// Skipped: it names what `mappings.sql_messages_allow` does not allow.
+    NotAllowed,
 }
 
 impl MessageOutcome {
@@ -67,8 +81,19 @@ impl MessageOutcome {
             MessageOutcome::Applied => "applied",
             MessageOutcome::Malformed => "malformed",
             MessageOutcome::Disabled => "disabled",
+            MessageOutcome::Unauthenticated => "unauthenticated",
+            MessageOutcome::NotAllowed => "not_allowed",
         }
     }
+
+    /// Every outcome, so that each is exported from the start.
+    pub const ALL: [MessageOutcome; 5] = [
+        MessageOutcome::Applied,
+        MessageOutcome::Malformed,
+        MessageOutcome::Disabled,
+        MessageOutcome::Unauthenticated,
+        MessageOutcome::NotAllowed,
+    ];
 }
 
 /// Counters for metrics and the demo.
@@ -118,11 +143,15 @@ pub struct Batcher {
     messages: FxHashMap<MessageOutcome, u64>,
     /// Whether a message was skipped because they are off (warned once).
     warned_disabled: bool,
+    /// What messages may name under the mappings in effect.
+    scope: Scope,
 }
 
 impl Batcher {
     pub fn new(mappings: Arc<Mappings>, limits: BatchLimits) -> Batcher {
+        let scope = message_scope(&limits, &mappings);
         Batcher {
+            scope,
             planner: Planner::for_mappings(&mappings),
             mappings,
             limits,
@@ -156,6 +185,7 @@ impl Batcher {
         debug_assert!(self.streams.is_empty(), "no streamed transaction is open");
         ready.extend(self.take());
         self.planner = Planner::for_mappings(&mappings);
+        self.scope = message_scope(&self.limits, &mappings);
         self.mappings = mappings;
     }
 
@@ -204,9 +234,10 @@ impl Batcher {
             } => self.buffer(xid, subxid, &change),
             Event::Message {
                 stream: None,
+                position,
                 content,
             } => {
-                if self.message(&content) {
+                if self.message(&content, &position) {
                     for action in self.out.actions.drain(..) {
                         self.planner.push(action);
                     }
@@ -215,9 +246,10 @@ impl Batcher {
             }
             Event::Message {
                 stream: Some((xid, subxid)),
+                position,
                 content,
             } => {
-                if self.message(&content) {
+                if self.message(&content, &position) {
                     let buffer = self.streams.entry(xid).or_default();
                     buffer.subs.entry(subxid).or_default();
                     buffer
@@ -302,14 +334,17 @@ impl Batcher {
     }
 
     /// Parses an invalidation from SQL into `out`; whether it is to be
-    /// applied. One that is malformed, or arrives while they are off, is
-    /// skipped with a logged reason and counted: it never stops the stream.
-    fn message(&mut self, content: &[u8]) -> bool {
+    /// applied. One that is malformed, unauthenticated, names what it may
+    /// not, or arrives while they are off, is skipped with a logged reason
+    /// (and `position`, where the source read it) and counted: it never
+    /// stops the stream.
+    fn message(&mut self, content: &[u8], position: &str) -> bool {
         self.out.clear();
         let outcome = if !self.limits.sql_messages {
             if !self.warned_disabled {
                 self.warned_disabled = true;
                 tracing::warn!(
+                    position,
                     "an invalidation from SQL (a message with prefix `evictd`) was skipped: mappings.sql_messages is off; set it to true to apply them"
                 );
             }
@@ -317,15 +352,27 @@ impl Batcher {
         } else {
             let origin = self.mappings.message_origin();
             let limits = self.mappings.limits();
-            match message::parse(content, limits, origin, &mut self.out.actions) {
+            let policy = message::Policy {
+                secrets: &self.limits.secrets,
+                scope: &self.scope,
+            };
+            match message::parse(content, policy, limits, origin, &mut self.out.actions) {
                 Ok(()) => MessageOutcome::Applied,
-                Err(reason) => {
+                Err(refusal) => {
+                    let (outcome, what) = match refusal {
+                        Refusal::Malformed(_) => (MessageOutcome::Malformed, "malformed"),
+                        Refusal::Unauthenticated(_) => {
+                            (MessageOutcome::Unauthenticated, "unauthenticated")
+                        }
+                        Refusal::NotAllowed(_) => (MessageOutcome::NotAllowed, "not allowed"),
+                    };
                     tracing::warn!(
-                        %reason,
+                        position,
+                        reason = refusal.reason(),
                         content = %String::from_utf8_lossy(&content[..content.len().min(200)]),
-                        "skipped a malformed invalidation from SQL"
+                        "skipped an invalidation from SQL ({what}): nothing of it was invalidated"
                     );
-                    MessageOutcome::Malformed
+                    outcome
                 }
             }
         };
@@ -422,6 +469,14 @@ impl Batcher {
     }
 }
 
+/// What messages may name: the allow list, or what `mappings` render.
+fn message_scope(limits: &BatchLimits, mappings: &Mappings) -> Scope {
+    match &limits.allow {
+        Some(list) => Scope::listed(list),
+        None => Scope::rendered_by(mappings),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::SystemTime;
@@ -443,6 +498,8 @@ mod tests {
                 max_keys,
                 max_pending_keys,
                 sql_messages: true,
+                secrets: Secrets::default(),
+                allow: None,
             },
         )
     }

@@ -32,9 +32,10 @@ use crate::apply::broadcast::Broadcast;
 pub use crate::apply::Progress;
 use crate::apply::{self, RedisSink, Request};
 use crate::change::Lsn;
-use crate::config::{Config, SourceKind};
+use crate::config::{Config, MappingsConfig, SourceKind};
 use crate::error::{Error, ErrorKind};
 use crate::lag::Lag;
+use crate::mapping::message::{self, Secrets};
 use crate::mapping::Mappings;
 #[cfg(feature = "kafka")]
 use crate::source::kafka;
@@ -210,6 +211,8 @@ pub(crate) struct Stages {
     pub schema: SchemaHealth,
     /// The mappings in effect; the reloader sends new ones.
     pub mappings: watch::Receiver<Arc<Mappings>>,
+    /// The secrets SQL messages must be signed with, as read at start.
+    pub secrets: Secrets,
     pub apply_task: JoinHandle<Result<(), Error>>,
 }
 
@@ -231,6 +234,7 @@ impl Stages {
     /// Creates the channels and starts the apply task and the mappings'
     /// reloader.
     pub fn start(config: &Config, mappings: Arc<Mappings>) -> Result<(Stages, Handles), Error> {
+        let secrets = read_message_secrets(&config.mappings)?;
         let broadcast = Broadcast::new(&config.redis.l1_channel, config.redis.l1_log_len);
         let epoch = broadcast.epoch().to_owned();
         let sink = RedisSink::new(&config.redis, broadcast)?;
@@ -283,6 +287,7 @@ impl Stages {
             source: source_tx,
             schema,
             mappings: live_rx.clone(),
+            secrets,
             apply_task,
         };
         let handles = Handles {
@@ -317,6 +322,29 @@ impl Handles {
             task,
         }
     }
+}
+
+/// Reads the secrets SQL messages are signed with
+/// (`mappings.sql_messages_secret_*`); one that cannot be read is a config
+/// error, and with messages on but no secret, a WARN says they are not
+/// authenticated.
+pub fn read_message_secrets(config: &MappingsConfig) -> Result<Secrets, Error> {
+    let secrets = config
+        .sql_messages_secrets
+        .iter()
+        .map(|secret| {
+            secret.read().map_err(|reason| {
+                Error::new(
+                    ErrorKind::Config,
+                    format!("mappings.sql_messages_secret: {reason}"),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if config.sql_messages && secrets.is_empty() {
+        tracing::warn!("{}", message::UNSIGNED_WARNING);
+    }
+    Ok(Secrets::new(&secrets))
 }
 
 /// How long the end of a pipeline waits for apply to finish what it holds.

@@ -613,35 +613,74 @@ fn message_event(prefix: &str, base64_content: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// Bytes as Debezium writes them under `binary.handling.mode=hex`.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 #[tokio::test]
 async fn debezium_message_events_are_invalidations_from_sql() {
     let names = names();
     kafka().create_topic(&names.topic, 1).await.expect("topic");
     let dir = mapping_dir(&[("orders.toml", ORDERS)]);
+    let secret = dir.path().join("secret.txt");
+    std::fs::write(&secret, "kafka-secret\n").expect("write the secret");
     let mut config = kafka_config(&names, dir.path());
     config.mappings.sql_messages = true;
+    config.mappings.sql_messages_secrets = vec![evictd::config::Secret::File(secret)];
     let running = start(&config).await;
     let mut cache = Cache::new(&names.prefix).await;
-    let keys = ["user:1", "feed:1:a", "feed:10:a", "team:7", "order:1"];
+    let keys = [
+        "customer:2:orders",
+        "order:5:items:a",
+        "order:50:a",
+        "order:2",
+        "team:7",
+        "order:1",
+    ];
     cache.seed(&keys).await;
     let topic = &names.topic;
-    // {"keys":["user:1"],"prefixes":["feed:1:"]}
-    let content = "eyJrZXlzIjpbInVzZXI6MSJdLCJwcmVmaXhlcyI6WyJmZWVkOjE6Il19";
-    produce(topic, "m1", Some(&message_event("evictd", content))).await;
-    // {"keys":["team:7"]} under another prefix: not evictd's.
+    let signed = |body: &str| evictd::mapping::message::sign(b"kafka-secret", body);
+    // Signed (hex content, as binary.handling.mode=hex writes it).
+    let content = signed(r#"{"keys":["customer:2:orders"],"prefixes":["order:5:"]}"#);
+    produce(
+        topic,
+        "m1",
+        Some(&message_event("evictd", &hex(content.as_bytes()))),
+    )
+    .await;
+    // {"keys":["order:50:a"]} under another prefix: not evictd's.
     produce(
         topic,
         "m2",
-        Some(&message_event("other", "eyJrZXlzIjpbInRlYW06NyJdfQ==")),
+        Some(&message_event("other", "eyJrZXlzIjpbIm9yZGVyOjUwOmEiXX0=")),
+    )
+    .await;
+    // {"keys":["order:2"]} unsigned: any role could have emitted it.
+    produce(
+        topic,
+        "m3",
+        Some(&message_event("evictd", "eyJrZXlzIjpbIm9yZGVyOjIiXX0=")),
+    )
+    .await;
+    // Signed, but `team:7` is nothing the mappings render.
+    let content = signed(r#"{"keys":["team:7"]}"#);
+    produce(
+        topic,
+        "m4",
+        Some(&message_event("evictd", &hex(content.as_bytes()))),
     )
     .await;
     // Malformed content: skipped, and the stream goes on.
-    produce(topic, "m3", Some(&message_event("evictd", "bm9wZQ=="))).await;
+    produce(topic, "m5", Some(&message_event("evictd", "bm9wZQ=="))).await;
     produce(topic, "1", Some(&order("c", None, Some((1, 1))))).await;
     running
         .sync()
         .await
         .expect("every record applied and committed");
-    assert_eq!(cache.cached(&keys).await, ["feed:10:a", "team:7"]);
+    assert_eq!(
+        cache.cached(&keys).await,
+        ["order:50:a", "order:2", "team:7"]
+    );
     stop(running).await;
 }

@@ -560,3 +560,64 @@ async fn evictd_run_reloads_an_edited_mapping_and_on_sighup_and_says_so() {
     run.wait_until("/metrics", |_, body| counter_in(body, applied) == 3);
     run.logged("INFO", "SIGHUP: reloading the mappings");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsigned_sql_message_is_refused_counted_and_logged_with_its_position() {
+    let db = TestDb::new().await;
+    db.execute(SCHEMA).await;
+    db.execute(include_str!("../../migrations/0002_evictd_invalidate.sql"))
+        .await;
+    db.execute("insert into evictd.message_secret (secret) values ('s3cret')")
+        .await;
+    seed(&db, &["t:1", "t:9"]).await;
+    let run = Run::start_with_env(
+        &db,
+        MAPPING,
+        &[
+            ("EVICTD_MAPPINGS__SQL_MESSAGES", "true"),
+            (
+                "EVICTD_MAPPINGS__SQL_MESSAGES_SECRET_ENV",
+                "EVICTD_TEST_MESSAGE_SECRET",
+            ),
+            ("EVICTD_TEST_MESSAGE_SECRET", "s3cret"),
+        ],
+    );
+    run.wait_for("/readyz", 200);
+    let unauthenticated = r#"evictd_sql_messages_total{outcome="unauthenticated"}"#;
+    // Exported at 0 before any message, so the first refusal is an increase.
+    let metrics = run.wait_for("/metrics", 200);
+    assert!(
+        metrics.contains(&format!("{unauthenticated} 0")),
+        "{metrics}"
+    );
+    // Anyone can emit it; only evictd_invalidate() signs.
+    db.execute(
+        r#"select pg_logical_emit_message(true, 'evictd', '{"keys": ["t:9"]}');
+           select evictd_invalidate(keys => array['t:1']);"#,
+    )
+    .await;
+    gone(&db, "t:1").await;
+    let mut cache = crate::support::Cache::new(&db.prefix).await;
+    assert_eq!(cache.cached(&["t:1", "t:9"]).await, ["t:9"]);
+    let line = run.logged("WARN", "skipped an invalidation from SQL (unauthenticated)");
+    assert!(
+        line.contains("position=\"lsn ") || line.contains("position=lsn"),
+        "{line}"
+    );
+    assert!(line.contains("the message is not signed"), "{line}");
+    run.wait_until("/metrics", |_, body| counter_in(body, unauthenticated) == 1);
+
+    // `check` warns when messages are on without a secret.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_evictd"))
+        .args(["check", "--offline", "--config"])
+        .arg(&run.config)
+        .env("EVICTD_MAPPINGS__SQL_MESSAGES", "true")
+        .output()
+        .expect("run evictd check");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: mappings.sql_messages is on without a secret"),
+        "{stderr}"
+    );
+}

@@ -2,6 +2,7 @@
 //! Redis loses exactly the keys the mappings name.
 
 use crate::support::Streaming;
+use evictd::config::Secret;
 
 const SHOP: &str = "
     create table users (id bigint primary key, email text not null, bio text);
@@ -647,6 +648,7 @@ async fn invalidations_from_sql_follow_their_transaction() {
     let schema = format!("{SHOP}\n{INVALIDATE_FUNCTION}");
     let mut s = Streaming::start_with(&schema, &[("orders.toml", ORDERS)], |config| {
         config.mappings.sql_messages = true;
+        config.mappings.sql_messages_allow = Some(allow_everything());
     })
     .await;
     let keys = [
@@ -749,6 +751,180 @@ async fn invalidations_from_sql_follow_their_transaction() {
     tokio::time::timeout(std::time::Duration::from_secs(10), counted)
         .await
         .expect("evictd_sql_messages_total counts applied and malformed messages");
+}
+
+/// `mappings.sql_messages_allow` that lets messages name anything.
+fn allow_everything() -> evictd::mapping::message::AllowList {
+    evictd::mapping::message::AllowList {
+        keys: vec!["*".into()],
+        tags: vec!["*".into()],
+        prefixes: vec!["*".into()],
+    }
+}
+
+/// `evictd_sql_messages_total{outcome}` as the recorder shows it now.
+fn sql_messages(outcome: &str) -> u64 {
+    let metrics = evictd::internal::telemetry::recorder().render();
+    let series = format!("evictd_sql_messages_total{{outcome=\"{outcome}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&series))
+        .map_or(0, |value| value.trim().parse().expect("a counter"))
+}
+
+/// Waits (10 s at most) until `outcome` was counted `at_least` times: the
+/// batcher publishes its counts at the next status tick.
+async fn counted(outcome: &str, at_least: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while sql_messages(outcome) < at_least {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "evictd_sql_messages_total{{outcome=\"{outcome}\"}} stayed below {at_least}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Connects to the test's database as `role` (the server trusts local
+/// logins).
+async fn connect_as(db: &crate::support::TestDb, role: &str) -> tokio_postgres::Client {
+    let url = format!(
+        "postgres://{role}@127.0.0.1:{}/{}",
+        crate::support::stack().postgres.port(),
+        db.name
+    );
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect as {role}: {e}"));
+    tokio::spawn(connection);
+    client
+}
+
+#[tokio::test]
+async fn only_signed_messages_naming_what_is_allowed_are_applied() {
+    evictd::internal::telemetry::recorder();
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let current = secrets.path().join("current");
+    std::fs::write(&current, "current-secret\n").expect("write the secret");
+    let schema = format!(
+        "{SHOP}\n{INVALIDATE_FUNCTION}\n
+         insert into evictd.message_secret (secret) values ('current-secret');"
+    );
+    let secret_file = current.clone();
+    let mut s = Streaming::start_with(&schema, &[("orders.toml", ORDERS)], |config| {
+        config.mappings.sql_messages = true;
+        config.mappings.sql_messages_secrets = vec![Secret::File(secret_file)];
+    })
+    .await;
+    // Roles are the server's, not the database's: named after the database.
+    let app = format!("{}_app", s.db.name);
+    let nobody = format!("{}_nobody", s.db.name);
+    s.db.execute(&format!(
+        "create role {app} login; create role {nobody} login;
+         grant execute on function evictd_invalidate(text[], text[], text[], boolean) to {app};"
+    ))
+    .await;
+    let keys = ["order:1", "order:2", "order:3", "user:1:orders", "report:1"];
+    s.seed(&keys).await;
+    let unauthenticated = sql_messages("unauthenticated");
+    let not_allowed = sql_messages("not_allowed");
+    let applied = sql_messages("applied");
+
+    // A role with no grant at all can emit the message itself, unsigned
+    // or with a made-up signature: nothing is invalidated.
+    let outsider = connect_as(&s.db, &nobody).await;
+    outsider
+        .batch_execute(
+            r#"select pg_logical_emit_message(true, 'evictd', '{"prefixes": ["order:"]}');
+               select pg_logical_emit_message(true, 'evictd', '{"body": "{\"keys\": [\"order:1\"]}", "hmac_sha256": "00000000000000000000000000000000000000000000000000000000000000ff"}');"#,
+        )
+        .await
+        .expect("pg_logical_emit_message is executable by everyone");
+    let denied = outsider
+        .batch_execute("select evictd_invalidate(keys => array['order:2'])")
+        .await
+        .expect_err("no EXECUTE on evictd_invalidate");
+    assert!(
+        format!("{denied:?}").contains("permission denied"),
+        "{denied:?}"
+    );
+    let denied = outsider
+        .batch_execute("select * from evictd.message_secret")
+        .await
+        .expect_err("the secret is not readable");
+    assert!(
+        format!("{denied:?}").contains("permission denied"),
+        "{denied:?}"
+    );
+
+    // The granted role's messages are signed and applied, within what the
+    // mappings render (order:..., user:...:orders); a key outside it is not.
+    let granted = connect_as(&s.db, &app).await;
+    granted
+        .batch_execute(
+            "select evictd_invalidate(keys => array['order:3'], prefixes => array['user:1:']);
+             select evictd_invalidate(keys => array['report:1']);",
+        )
+        .await
+        .expect("the granted role calls evictd_invalidate");
+    s.sync().await;
+    assert_eq!(s.cached(&keys).await, ["order:1", "order:2", "report:1"]);
+    counted("unauthenticated", unauthenticated + 2).await;
+    counted("not_allowed", not_allowed + 1).await;
+    counted("applied", applied + 1).await;
+}
+
+#[tokio::test]
+async fn a_secret_rotation_loses_no_message() {
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let (old, new) = (secrets.path().join("old"), secrets.path().join("new"));
+    std::fs::write(&old, "old-secret").expect("write");
+    std::fs::write(&new, "new-secret").expect("write");
+    let schema = format!(
+        "{SHOP}\n{INVALIDATE_FUNCTION}\n
+         insert into evictd.message_secret (secret) values ('old-secret');"
+    );
+    let old_only = old.clone();
+    let mut s = Streaming::start_with(&schema, &[("orders.toml", ORDERS)], |config| {
+        config.mappings.sql_messages = true;
+        config.mappings.sql_messages_secrets = vec![Secret::File(old_only)];
+    })
+    .await;
+    let keys = ["order:1", "order:2", "order:3", "order:4"];
+    s.seed(&keys).await;
+    s.db.execute("select evictd_invalidate(keys => array['order:1'])")
+        .await;
+    s.sync().await;
+    assert_eq!(s.cached(&keys).await, ["order:2", "order:3", "order:4"]);
+    // Step 1: evictd takes the new secret and the old one. Meanwhile the
+    // old secret still signs, and messages wait in the slot.
+    let mut config = s.config.clone();
+    config.mappings.sql_messages_secrets = vec![Secret::File(new.clone()), Secret::File(old)];
+    s.evictd.stop().await.expect("stop");
+    s.db.execute("select evictd_invalidate(keys => array['order:2'])")
+        .await;
+    // Step 2: the database signs with the new secret.
+    s.db.execute(
+        "insert into evictd.message_secret (secret) values ('new-secret')
+           on conflict (only_row) do update set secret = excluded.secret;
+         select evictd_invalidate(keys => array['order:3']);",
+    )
+    .await;
+    s.evictd = evictd::testkit::Evictd::start(&config)
+        .await
+        .expect("start");
+    s.sync().await;
+    assert_eq!(s.cached(&keys).await, ["order:4"]);
+    // Step 3: the old secret is dropped; the new one still verifies.
+    config.mappings.sql_messages_secrets = vec![Secret::File(new)];
+    s.evictd.stop().await.expect("stop");
+    s.evictd = evictd::testkit::Evictd::start(&config)
+        .await
+        .expect("start");
+    s.db.execute("select evictd_invalidate(keys => array['order:4'])")
+        .await;
+    s.sync().await;
+    assert!(s.cached(&keys).await.is_empty());
 }
 
 #[tokio::test]

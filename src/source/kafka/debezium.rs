@@ -21,6 +21,7 @@ use serde_json::Value;
 
 use super::values;
 use crate::change::{Datum, Op, Row, RowChange, TableName};
+use crate::mapping::message::hex;
 
 /// The default of Debezium's `unavailable.value.placeholder`.
 pub const DEFAULT_UNAVAILABLE_PLACEHOLDER: &str = "__debezium_unavailable_value";
@@ -473,16 +474,6 @@ fn bytes(text: &str) -> Option<Vec<u8>> {
         .filter(|bytes| matches!(bytes.first(), Some(b'{' | b'[')))
         .or_else(|| values::base64_decode(text))
         .or_else(|| hex(text))
-}
-
-fn hex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|at| u8::from_str_radix(text.get(at..at + 2)?, 16).ok())
-        .collect()
 }
 
 fn op_letter(op: Op) -> &'static str {

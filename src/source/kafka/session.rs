@@ -65,7 +65,7 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
     let mut live = stages.mappings;
     live.mark_unchanged();
     let session = Session {
-        batcher: Batcher::new(mappings, BatchLimits::of(config)),
+        batcher: Batcher::new(mappings, BatchLimits::of(config, stages.secrets)),
         mappings: live,
         ready: Vec::new(),
         max_wait: Duration::from_millis(config.batch.max_wait_ms),
@@ -289,6 +289,7 @@ impl Session {
             Ok(Decoded::Message(content)) => {
                 let message = Change::Message {
                     stream: None,
+                    position: format!("{partition} offset {offset}").into(),
                     content: content.into(),
                 };
                 self.batcher.push(message, &mut self.ready);

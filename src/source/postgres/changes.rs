@@ -162,6 +162,8 @@ pub struct ChangeDecoder {
     stream_xid: Option<u32>,
     /// Inside Begin..Commit of a regular transaction.
     in_txn: bool,
+    /// That transaction's xid, for logs.
+    txn_xid: Option<u32>,
 }
 
 impl ChangeDecoder {
@@ -179,6 +181,7 @@ impl ChangeDecoder {
             schema_changes: Vec::new(),
             stream_xid: None,
             in_txn: false,
+            txn_xid: None,
         }
     }
 
@@ -195,7 +198,10 @@ impl ChangeDecoder {
     /// Handles one message, appending what it means to `events`.
     pub fn handle(&mut self, message: Message<'_>, events: &mut Vec<Event>) -> Result<(), Error> {
         match message {
-            Message::Begin { .. } => self.in_txn = true,
+            Message::Begin { xid, .. } => {
+                self.in_txn = true;
+                self.txn_xid = Some(xid);
+            }
             Message::Commit {
                 end_lsn,
                 commit_time,
@@ -275,17 +281,22 @@ impl ChangeDecoder {
             Message::Message {
                 xid,
                 transactional,
+                lsn,
                 prefix,
                 content,
-                ..
             } if prefix == message::PREFIX => {
                 let stream = if transactional {
                     self.stream_of(xid)
                 } else {
                     None
                 };
+                let position = match xid.or(self.txn_xid) {
+                    Some(xid) if transactional => format!("lsn {} xid {xid}", Lsn(lsn)),
+                    _ => format!("lsn {}", Lsn(lsn)),
+                };
                 events.push(Event::Message {
                     stream,
+                    position: position.into(),
                     content: content.into(),
                 });
             }

@@ -23,6 +23,7 @@ use crate::change::{Checkpoint, Event, Lsn};
 use crate::config::{Config, SecretUrl};
 use crate::continuity::{self, Remembered, SlotState, Verdict};
 use crate::error::{Error, ErrorKind};
+use crate::mapping::message::Secrets;
 use crate::mapping::Mappings;
 use crate::pipeline::batcher::{BatchLimits, Batcher};
 use crate::pipeline::schema::SchemaHealth;
@@ -50,6 +51,7 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
         acked: Arc::new(stages.acked),
         stop: stages.stop,
         source: stages.source,
+        secrets: stages.secrets,
     };
     tokio::spawn(watch_retained_wal(config.clone(), supervisor.stop.clone()));
     tokio::spawn(
@@ -189,6 +191,8 @@ struct Supervisor {
     acked: Arc<watch::Sender<Lsn>>,
     stop: watch::Receiver<bool>,
     source: watch::Sender<SourceState>,
+    /// The secrets SQL messages must be signed with.
+    secrets: Secrets,
 }
 
 impl Supervisor {
@@ -269,7 +273,7 @@ impl Supervisor {
     }
 
     fn limits(&self) -> BatchLimits {
-        BatchLimits::of(&self.config)
+        BatchLimits::of(&self.config, self.secrets.clone())
     }
 
     async fn connect(&self) -> Result<Replication, Error> {
