@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use evictd::config::{Config, SourceKind};
+use evictd::config::{Config, Secret, SourceKind};
+use evictd::mapping::message::AllowList;
 
 fn write(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -337,5 +338,66 @@ fn purge_targets_are_read_and_every_problem_named() {
             format!("purge[4].soft: invalid type: string \"maybe\", expected a boolean (set in {file})"),
             "[[purge]]: two targets are named `varnish`; give each a `name` of its own".to_owned(),
         ]
+    );
+}
+
+#[test]
+fn sql_message_secrets_and_allowed_patterns_are_read_and_checked() {
+    let (dir, path) = write(
+        "[postgres]\nurl = \"postgres://evictd@db/app\"\n\
+         [mappings]\nsql_messages = true\nsql_messages_secret_file = \"new.secret\"\n\
+         sql_messages_previous_secret_env = \"OLD_SECRET\"\n\
+         [mappings.sql_messages_allow]\nkeys = [\"report:*\"]\nprefixes = [\"search:*\"]\n",
+    );
+    let config = Config::load_with_env(&path, env(&[])).expect("valid");
+    assert_eq!(
+        config.mappings.sql_messages_secrets,
+        [
+            Secret::File(dir.path().join("new.secret")),
+            Secret::Env("OLD_SECRET".into())
+        ]
+    );
+    assert_eq!(
+        config.mappings.sql_messages_allow,
+        Some(AllowList {
+            keys: vec!["report:*".into()],
+            tags: vec![],
+            prefixes: vec!["search:*".into()],
+        })
+    );
+
+    let (_dir, path) = write(
+        "[postgres]\nurl = \"postgres://evictd@db/app\"\n\
+         [mappings]\nsql_messages_secret_file = \"a\"\nsql_messages_secret_env = \"B\"\n\
+         sql_messages_allow = { keys = [\"\"], table = [\"x\"] }\n",
+    );
+    let error = Config::load_with_env(&path, env(&[])).expect_err("invalid");
+    let text = error.problems.join("\n");
+    assert!(
+        text.contains(
+            "mappings.sql_messages_secret_file: set it or sql_messages_secret_env, not both"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("mappings.sql_messages_allow: ") && text.contains("unknown field `table`"),
+        "{text}"
+    );
+
+    let (_dir, path) = write(
+        "[postgres]\nurl = \"postgres://evictd@db/app\"\n\
+         [mappings]\nsql_messages_previous_secret_file = \"old\"\nsql_messages_allow = { keys = [\"\"] }\n",
+    );
+    let error = Config::load_with_env(&path, env(&[])).expect_err("invalid");
+    let text = error.problems.join("\n");
+    assert!(
+        text.contains(
+            "mappings.sql_messages_previous_secret_file: a previous secret without a current one"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("mappings.sql_messages_allow: keys[0] is empty"),
+        "{text}"
     );
 }
