@@ -496,6 +496,10 @@ fn watch(
     Ok(ExitCode::SUCCESS)
 }
 
+/// How long `run` may take to stop after SIGTERM or SIGINT before it exits
+/// anyway (the README's shutdown bound).
+const SHUTDOWN_BOUND: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// `run`, or `replay` when `until` is given.
 fn run(path: &Path, until: Option<String>) -> anyhow::Result<ExitCode> {
     let config = Config::load(path).map_err(|error| UsageError(error.to_string()))?;
@@ -514,7 +518,7 @@ fn run(path: &Path, until: Option<String>) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         let until = match until.as_deref() {
             None => None,
             Some("now") => {
@@ -633,7 +637,22 @@ fn run(path: &Path, until: Option<String>) -> anyhow::Result<ExitCode> {
             // too, so that a supervisor restarts it and alerts fire.
             _ = source.wait_for(|state| *state == SourceState::Ended) => {}
         }
-        let ended = running.wait().await;
+        let ended = if signalled {
+            // Whatever the pipeline is waiting on, a signal ends the process
+            // within the bound; what was not acknowledged is read again.
+            match tokio::time::timeout(SHUTDOWN_BOUND, running.wait()).await {
+                Ok(ended) => ended,
+                Err(_) => {
+                    tracing::error!(
+                        bound = ?SHUTDOWN_BOUND,
+                        "the pipeline did not stop within the shutdown bound: exiting; what was not acknowledged is read again on the next start"
+                    );
+                    return Ok(ExitCode::from(1));
+                }
+            }
+        } else {
+            running.wait().await
+        };
         if let Some(reporter) = reporter {
             let _ = finished.send(ended.is_ok() && !signalled);
             let _ = reporter.await;
@@ -650,7 +669,11 @@ fn run(path: &Path, until: Option<String>) -> anyhow::Result<ExitCode> {
             // Logged at ERROR by the pipeline when it happened.
             Err(error) => Err(error.into()),
         }
-    })
+    });
+    // Blocking work still running (a file read on a hung file system) must
+    // not hold the exit past the bound.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    result
 }
 
 /// `replay`'s progress: on a terminal, a line on stderr rewritten twice a

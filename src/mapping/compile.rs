@@ -44,6 +44,10 @@ pub fn load_dir(dir: &Path, limits: Limits) -> Result<Mappings, Vec<Diagnostic>>
 pub struct DirFiles {
     pub files: Vec<(PathBuf, String)>,
     pub diagnostics: Vec<Diagnostic>,
+    /// The process ran short of a resource while reading (file
+    /// descriptors, memory): what is missing is no problem of the files,
+    /// and a reread may succeed.
+    pub shortage: bool,
 }
 
 impl DirFiles {
@@ -61,13 +65,25 @@ impl DirFiles {
 /// Reads every `*.toml` file of `dir`, in name order: the IO half of
 /// [`load_dir`] (live reload compares what it read before compiling).
 pub fn read_dir(dir: &Path) -> Result<DirFiles, Vec<Diagnostic>> {
-    let entries = std::fs::read_dir(dir).map_err(|error| {
-        vec![Diagnostic::general(format!(
-            "cannot read the mappings directory {}: {error}",
-            dir.display()
-        ))
-        .help("point `mappings.dir` (or --mappings) at the directory of *.toml mapping files")]
-    })?;
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) => {
+            let diagnostic = Diagnostic::general(format!(
+                "cannot read the mappings directory {}: {error}",
+                dir.display()
+            ));
+            if is_shortage(&error) {
+                return Ok(DirFiles {
+                    files: Vec::new(),
+                    diagnostics: vec![diagnostic],
+                    shortage: true,
+                });
+            }
+            return Err(vec![diagnostic.help(
+                "point `mappings.dir` (or --mappings) at the directory of *.toml mapping files",
+            )]);
+        }
+    };
     let mut paths: Vec<PathBuf> = entries
         .filter_map(|entry| entry.ok().map(|entry| entry.path()))
         // Everything named *.toml but a directory: a broken or looping
@@ -84,27 +100,108 @@ pub fn read_dir(dir: &Path) -> Result<DirFiles, Vec<Diagnostic>> {
     }
     let mut files = Vec::with_capacity(paths.len());
     let mut diagnostics = Vec::new();
+    let mut shortage = false;
     for path in paths {
-        match std::fs::read_to_string(&path) {
+        match read_regular(&path) {
             Ok(text) => files.push((path, text)),
-            Err(error) => {
-                let link = path.is_symlink();
-                let diagnostic = Diagnostic::general(format!(
-                    "cannot read {}{}: {error}",
-                    path.display(),
-                    if link { " (a symbolic link)" } else { "" }
-                ));
-                diagnostics.push(if link {
-                    diagnostic.help(
-                        "the link is broken or loops: point it at a mapping file, or remove it",
-                    )
-                } else {
-                    diagnostic
-                });
+            Err((diagnostic, short)) => {
+                shortage |= short;
+                diagnostics.push(diagnostic);
             }
         }
     }
-    Ok(DirFiles { files, diagnostics })
+    Ok(DirFiles {
+        files,
+        diagnostics,
+        shortage,
+    })
+}
+
+/// `open(2)`'s `O_NONBLOCK` on Linux: opening a FIFO for reading then
+/// returns at once instead of waiting for a writer.
+const O_NONBLOCK: i32 = 0o4000;
+
+/// The text of `path` if it is a regular file (or a link to one). A FIFO,
+/// socket or device is reported by name and kind, never opened in a way
+/// that could block: a FIFO named `*.toml` would otherwise stop the whole
+/// process until something writes to it.
+fn read_regular(path: &Path) -> Result<String, (Diagnostic, bool)> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let link = path.is_symlink();
+    let cannot_read = |error: std::io::Error| {
+        let diagnostic = Diagnostic::general(format!(
+            "cannot read {}{}: {error}",
+            path.display(),
+            if link { " (a symbolic link)" } else { "" }
+        ));
+        let shortage = is_shortage(&error);
+        if link && !shortage {
+            (
+                diagnostic
+                    .help("the link is broken or loops: point it at a mapping file, or remove it"),
+                false,
+            )
+        } else {
+            (diagnostic, shortage)
+        }
+    };
+    let not_regular = |file_type: std::fs::FileType| {
+        let kind = file_kind(file_type);
+        let diagnostic = Diagnostic::general(format!(
+            "{}{} is {kind}, not a regular file",
+            path.display(),
+            if link { " (a symbolic link)" } else { "" }
+        ))
+        .help("only regular *.toml files are read as mappings: remove it, rename it or move it out of the directory");
+        (diagnostic, false)
+    };
+    // stat first: it names a socket, which open() refuses with ENXIO.
+    let metadata = std::fs::metadata(path).map_err(cannot_read)?;
+    if !metadata.is_file() {
+        return Err(not_regular(metadata.file_type()));
+    }
+    // Non-blocking, and checked again on the open file: the path may have
+    // been replaced by a FIFO since.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(O_NONBLOCK)
+        .open(path)
+        .map_err(cannot_read)?;
+    let metadata = file.metadata().map_err(cannot_read)?;
+    if !metadata.is_file() {
+        return Err(not_regular(metadata.file_type()));
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(cannot_read)?;
+    Ok(text)
+}
+
+/// Whether `error` is the process running short (of file descriptors, its
+/// own or the system's, or of memory) rather than a problem of the file.
+fn is_shortage(error: &std::io::Error) -> bool {
+    const ENOMEM: i32 = 12;
+    const ENFILE: i32 = 23;
+    const EMFILE: i32 = 24;
+    matches!(error.raw_os_error(), Some(ENOMEM | ENFILE | EMFILE))
+}
+
+/// What a directory entry that is not a regular file is, in words.
+fn file_kind(file_type: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    if file_type.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if file_type.is_socket() {
+        "a socket"
+    } else if file_type.is_char_device() {
+        "a character device"
+    } else if file_type.is_block_device() {
+        "a block device"
+    } else if file_type.is_dir() {
+        "a directory"
+    } else {
+        "not a file"
+    }
 }
 
 /// Loads one mapping file's text; `path` is only used in locations.

@@ -39,13 +39,16 @@ pub(crate) fn spawn(
     requests: Arc<Notify>,
     stop: watch::Receiver<bool>,
 ) {
-    let reloader = Reloader {
-        loaded: read(&config.mappings.dir),
-        config: config.clone(),
-        live,
-        schema,
-    };
-    tokio::spawn(reloader.run(requests, stop));
+    let config = config.clone();
+    tokio::spawn(async move {
+        let reloader = Reloader {
+            loaded: read(&config.mappings.dir).await,
+            config,
+            live,
+            schema,
+        };
+        reloader.run(requests, stop).await;
+    });
 }
 
 struct Reloader {
@@ -75,11 +78,22 @@ impl Outcome {
 }
 
 /// The directory as read, a directory that cannot be read included (its
-/// error is then the one diagnostic).
-fn read(dir: &std::path::Path) -> DirFiles {
-    mapping::read_dir(dir).unwrap_or_else(|diagnostics| DirFiles {
-        files: Vec::new(),
-        diagnostics,
+/// error is then the one diagnostic). Read on a blocking thread: a slow
+/// or hung file system must not stop the runtime that applies changes.
+async fn read(dir: &std::path::Path) -> DirFiles {
+    let dir = dir.to_path_buf();
+    let read = tokio::task::spawn_blocking(move || {
+        mapping::read_dir(&dir).unwrap_or_else(|diagnostics| DirFiles {
+            files: Vec::new(),
+            diagnostics,
+            shortage: false,
+        })
+    });
+    read.await.unwrap_or_else(|error| DirFiles {
+        diagnostics: vec![mapping::Diagnostic::general(format!(
+            "reading the mappings directory failed: {error}"
+        ))],
+        ..DirFiles::default()
     })
 }
 
@@ -91,13 +105,29 @@ impl Reloader {
         // a row agree, so that an editor's save in several writes is read
         // whole.
         let mut previous: Option<DirFiles> = None;
+        // Whether the last read ran short of descriptors (warned once).
+        let mut short = false;
         loop {
             let requested = tokio::select! {
                 _ = stop.wait_for(|stop| *stop) => return,
                 () = requests.notified() => true,
                 _ = tick.tick(), if self.config.mappings.watch => false,
             };
-            let files = read(&self.config.mappings.dir);
+            let files = read(&self.config.mappings.dir).await;
+            if files.shortage {
+                // Not a problem of the files: no reload is tried or refused.
+                if !short {
+                    let reasons: Vec<String> =
+                        files.diagnostics.iter().map(ToString::to_string).collect();
+                    tracing::warn!(
+                        reason = %reasons.join("; "),
+                        "cannot read the mapping files now (the process is short of file descriptors or memory); the running mappings stay, and the files are read again at the next poll"
+                    );
+                }
+                short = true;
+                continue;
+            }
+            short = false;
             if requested {
                 tracing::info!(dir = %self.config.mappings.dir.display(), "reloading the mappings on request");
             } else if files == self.loaded || previous.as_ref() != Some(&files) {

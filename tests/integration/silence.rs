@@ -621,3 +621,128 @@ async fn an_unsigned_sql_message_is_refused_counted_and_logged_with_its_position
         "{stderr}"
     );
 }
+
+/// Makes a FIFO at `path`.
+fn mkfifo(path: &Path) {
+    let status = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("mkfifo");
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_or_socket_in_the_mappings_directory_is_named_and_never_blocks() {
+    let (db, mut run) = ready_run().await;
+    let mappings = run.config.parent().expect("config dir").join("mappings");
+    // Added while running: the reload is refused with the file named, and
+    // the process goes on serving and applying.
+    mkfifo(&mappings.join("pipe.toml"));
+    let _socket =
+        std::os::unix::net::UnixListener::bind(mappings.join("sock.toml")).expect("bind a socket");
+    let invalid = r#"evictd_mapping_reloads_total{outcome="invalid"}"#;
+    run.wait_until("/metrics", |_, body| counter_in(body, invalid) >= 1);
+    let line = run.logged(
+        "ERROR",
+        "pipe.toml is a FIFO (named pipe), not a regular file",
+    );
+    assert!(line.contains("mapping reload refused"), "{line}");
+    run.logged("ERROR", "sock.toml is a socket, not a regular file");
+    run.wait_for("/healthz", 200);
+    seed(&db, &["t:1"]).await;
+    db.execute("update t set w = 'fifo' where id = 1").await;
+    gone(&db, "t:1").await;
+    // SIGTERM ends it, promptly.
+    signal(&run.child, "TERM");
+    let status = run.exit_within(Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0), "log:\n{}", run.log());
+
+    // Present at start: `run` and `check` name them and exit 2 at once.
+    for args in [
+        &["run", "--config"][..],
+        &["check", "--offline", "--config"][..],
+    ] {
+        let started = Instant::now();
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_evictd"))
+            .args(args)
+            .arg(&run.config)
+            .output()
+            .expect("run evictd");
+        // `check` reports on stdout, `run` on stderr.
+        let stderr = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{args:?} took {:?}",
+            started.elapsed()
+        );
+        assert!(
+            stderr.contains("pipe.toml is a FIFO (named pipe), not a regular file"),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("sock.toml is a socket, not a regular file"),
+            "{stderr}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_descriptors_is_not_a_refused_reload() {
+    let (_db, run) = ready_run().await;
+    let mappings = run.config.parent().expect("config dir").join("mappings");
+    let pid = run.child.id().to_string();
+    // The soft limit only: raising a hard limit needs a privilege.
+    let nofile = |limit: &str| {
+        let status = std::process::Command::new("prlimit")
+            .args(["--pid", &pid, &format!("--nofile={limit}:")])
+            .status()
+            .expect("prlimit");
+        assert!(status.success());
+    };
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let soft = limits
+        .lines()
+        .find_map(|line| line.strip_prefix("Max open files"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the soft limit")
+        .to_owned();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    // A few descriptors to spare, taken by connections to the admin
+    // endpoint until accept fails: not one is left. Then an edit the
+    // watcher must read.
+    nofile(&(open + 4).to_string());
+    let held: Vec<std::net::TcpStream> = (0..32)
+        .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", run.port)).ok())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(
+        mappings.join("orders.toml"),
+        "[[table]]\nname = \"t\"\nkeys = [\"t:{id}\", \"tv:{v}\", \"tw:{w}\"]\n",
+    )
+    .expect("write");
+    within(Duration::from_secs(30), &run.log, || {
+        run.log()
+            .contains("cannot read the mapping files now")
+            .then_some(())
+    })
+    .unwrap_or_else(|log| panic!("no WARN about the shortage:\n{log}"));
+    drop(held);
+    nofile(&soft);
+    // Descriptors back: the edit is applied, and nothing was refused.
+    let applied = r#"evictd_mapping_reloads_total{outcome="applied"}"#;
+    let body = run.wait_until("/metrics", |_, body| counter_in(body, applied) == 1);
+    let invalid = r#"evictd_mapping_reloads_total{outcome="invalid"}"#;
+    assert_eq!(counter_in(&body, invalid), 0, "{body}");
+    assert!(
+        !run.log().contains("mapping reload refused"),
+        "{}",
+        run.log()
+    );
+}
