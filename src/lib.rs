@@ -80,7 +80,7 @@ pub mod internal {
         pub use crate::lifecycle::{init, init_plan, kafka_status, status, ReplayProgress};
     }
     pub mod telemetry {
-        pub use crate::telemetry::{recorder, upkeep};
+        pub use crate::telemetry::{recorder, upkeep, LogSink};
     }
     pub mod warm {
         pub use crate::apply::shared::EPOCH_KEY;

@@ -165,6 +165,16 @@ enum Command {
 #[error("{0}")]
 struct UsageError(String);
 
+/// `eprintln!` that never panics: a message stderr cannot take (a full
+/// disk, a closed pipe) is dropped, so that the exit status stays the one
+/// the command chose.
+macro_rules! eprintln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let logging = init_logging(match cli.command {
@@ -260,7 +270,8 @@ fn init_logging(default: &str) -> Result<(), UsageError> {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(evictd::internal::telemetry::LogSink)
+        .log_internal_errors(false);
     match std::env::var("EVICTD_LOG_FORMAT").as_deref() {
         Err(_) | Ok("" | "text") => {
             let no_color = std::env::var_os("NO_COLOR").is_some_and(|value| !value.is_empty());

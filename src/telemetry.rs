@@ -17,6 +17,9 @@ pub const CHANGES_APPLIED: &str = "evictd_changes_applied_total";
 pub const KEYS_INVALIDATED: &str = "evictd_keys_invalidated_total";
 /// Redis commands sent, by `outcome` (`ok`, `error`: the batch is retried).
 pub const REDIS_COMMANDS: &str = "evictd_redis_commands_total";
+/// Failed attempts to apply a batch to Redis (each retry counts, whatever
+/// the batch holds): what `EvictdRedisFailing` watches.
+pub const REDIS_FAILURES: &str = "evictd_redis_failures_total";
 /// Commands per applied batch.
 pub const BATCH_COMMANDS: &str = "evictd_batch_commands";
 /// Time to apply one batch, retries included.
@@ -86,6 +89,43 @@ pub const CONSISTENCY_DROPPED: &str = "evictd_consistency_samples_dropped_total"
 /// Samples waiting for their check.
 pub const CONSISTENCY_QUEUE: &str = "evictd_consistency_queue_depth";
 
+/// Log lines dropped because stderr could not take them (a full disk, a
+/// closed pipe): logging never stops evictd.
+pub const LOG_LINES_DROPPED: &str = "evictd_log_lines_dropped_total";
+
+/// The log sink: stderr, where a line that cannot be written is dropped
+/// and counted ([`LOG_LINES_DROPPED`]) instead of failing (the standard
+/// `eprintln!` panics, which would end the process).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LogSink;
+
+impl<'w> tracing_subscriber::fmt::MakeWriter<'w> for LogSink {
+    type Writer = LogLine;
+
+    fn make_writer(&'w self) -> LogLine {
+        LogLine
+    }
+}
+
+/// One log line on its way to stderr (see [`LogSink`]).
+#[derive(Debug)]
+pub struct LogLine;
+
+impl std::io::Write for LogLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // The formatter hands over each line whole.
+        if std::io::stderr().write_all(buf).is_err() {
+            metrics::counter!(LOG_LINES_DROPPED).increment(1);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
 /// The process-wide recorder; installed on first use.
 pub fn recorder() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -147,6 +187,10 @@ pub fn describe() {
         "Keys invalidated, by table and mode (exact, pattern, coarse)"
     );
     describe_counter!(REDIS_COMMANDS, "Redis commands sent, by outcome");
+    describe_counter!(
+        REDIS_FAILURES,
+        "Failed attempts to apply a batch to Redis (each retry counts)"
+    );
     describe_histogram!(BATCH_COMMANDS, "Commands per applied batch");
     describe_histogram!(
         APPLY_DURATION,
@@ -244,10 +288,61 @@ pub fn describe() {
         CONSISTENCY_QUEUE,
         "Consistency samples waiting for their check"
     );
+    describe_counter!(
+        LOG_LINES_DROPPED,
+        "Log lines dropped because stderr could not take them"
+    );
+    zero_counters();
     describe_counter!(KAFKA_RECORDS, "Kafka records taken, by outcome");
     describe_counter!(KAFKA_COMMITS, "Kafka offset commits to the group");
     describe_gauge!(
         KAFKA_ASSIGNED_PARTITIONS,
         "Kafka partitions this instance holds"
     );
+}
+
+/// Exports every counter whose labels are known up front at 0, so that
+/// `increase()` and `rate()` see its first event (a series that appears at
+/// 1 has no earlier sample to grow from). Counters by table are exported
+/// as the mappings load ([`zero_table_counters`]), by target as the purge
+/// targets start, and the Kafka source's as it starts.
+fn zero_counters() {
+    use metrics::counter;
+    for name in [
+        CHANGES_APPLIED,
+        RECONNECTS,
+        COARSE_INVALIDATIONS,
+        SCAN_PAGES,
+        CONSISTENCY_DROPPED,
+        REDIS_FAILURES,
+        LOG_LINES_DROPPED,
+    ] {
+        counter!(name).increment(0);
+    }
+    for outcome in ["ok", "error"] {
+        counter!(REDIS_COMMANDS, "outcome" => outcome).increment(0);
+    }
+    for outcome in ["applied", "invalid"] {
+        counter!(MAPPING_RELOADS, "outcome" => outcome).increment(0);
+    }
+    for outcome in ["consistent", "stale", "unverifiable"] {
+        counter!(CONSISTENCY_CHECKS, "outcome" => outcome).increment(0);
+    }
+}
+
+/// Exports the counters by table of every mapped table at 0 (see
+/// [`zero_counters`]).
+pub fn zero_table_counters(tables: impl IntoIterator<Item = String>) {
+    use metrics::counter;
+    for table in tables {
+        for op in crate::change::Op::ALL {
+            counter!(CHANGES_RECEIVED, "table" => table.clone(), "op" => op.as_str()).increment(0);
+        }
+        for mode in crate::plan::Mode::ALL {
+            counter!(KEYS_INVALIDATED, "table" => table.clone(), "mode" => mode.as_str())
+                .increment(0);
+        }
+        counter!(PATTERN_FALLBACKS, "table" => table.clone()).increment(0);
+        counter!(PREFIX_DELETES, "table" => table).increment(0);
+    }
 }

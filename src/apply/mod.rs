@@ -361,6 +361,9 @@ async fn apply(
                     tracing::warn!(%error, %cause, retry_in = ?delay, "redis apply failed; retrying the batch");
                     metrics::counter!(telemetry::REDIS_COMMANDS, "outcome" => "error")
                         .increment(plan.commands.len() as u64);
+                    // An attempt, whatever the batch holds: an empty
+                    // (progress-only) batch at the head fails too.
+                    metrics::counter!(telemetry::REDIS_FAILURES).increment(1);
                     redis.send_replace(Some(error.reason()));
                     tokio::select! {
                         biased;

@@ -150,6 +150,7 @@ pub struct Batcher {
 impl Batcher {
     pub fn new(mappings: Arc<Mappings>, limits: BatchLimits) -> Batcher {
         let scope = message_scope(&limits, &mappings);
+        telemetry::zero_table_counters(mappings.tables().map(|m| m.table.to_string()));
         Batcher {
             scope,
             planner: Planner::for_mappings(&mappings),
@@ -186,6 +187,7 @@ impl Batcher {
         ready.extend(self.take());
         self.planner = Planner::for_mappings(&mappings);
         self.scope = message_scope(&self.limits, &mappings);
+        telemetry::zero_table_counters(mappings.tables().map(|m| m.table.to_string()));
         self.mappings = mappings;
     }
 

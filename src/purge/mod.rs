@@ -83,6 +83,14 @@ impl Purger {
                         ),
                     )
                 })?;
+                for counter in [
+                    telemetry::PURGES,
+                    telemetry::PURGE_KEYS,
+                    telemetry::PURGE_FAILURES,
+                    telemetry::PURGE_DROPPED,
+                ] {
+                    metrics::counter!(counter, "target" => config.name.clone()).increment(0);
+                }
                 Ok(Target {
                     config: config.clone(),
                     base,

@@ -183,3 +183,96 @@ async fn twenty_seconds_without_redis_under_load() {
         rss / 1024
     );
 }
+
+/// The value of the series `name` in a `/metrics` body.
+fn series(body: &str, name: &str) -> Option<u64> {
+    body.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// An outage while the batch at the head holds no command (a change no
+/// key follows, progress only): the failed commands stay flat, so the
+/// alert watches failed attempts, which grow (its expression,
+/// `rate(evictd_redis_failures_total[5m]) > 0`, goes positive).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_behind_an_empty_batch_counts_failed_attempts() {
+    use std::time::Instant;
+
+    let redis = Redis::start().expect("redis");
+    let db = TestDb::new().await;
+    db.execute(
+        "create table t (id bigint primary key, v text, w text);
+         alter table t replica identity full;
+         create publication evictd for table t;
+         insert into t values (1, 'a', 'x');",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin_port = free_port();
+    // Updates of `w` render no key: their batch carries progress only.
+    let mapping = "[[table]]\nname = \"t\"\nkeys = [\"t:{id}\"]\nchanged = [\"v\"]\n";
+    let config = run_config(
+        dir.path(),
+        &db,
+        &redis.url(),
+        mapping,
+        &format!("127.0.0.1:{admin_port}"),
+    );
+    let child = spawn_run(&config);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status_of(admin_port, "/readyz") != Some(200) {
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let metrics = || http_get(admin_port, "/metrics").expect("/metrics").1;
+    let errors = r#"evictd_redis_commands_total{outcome="error"}"#;
+    let failures = "evictd_redis_failures_total";
+    let before = metrics();
+    assert_eq!(series(&before, errors), Some(0), "{before}");
+    assert_eq!(series(&before, failures), Some(0), "{before}");
+
+    // Redis refuses every write (out of memory, nothing to evict).
+    let mut admin = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "maxmemory-policy", "noeviction", "maxmemory", "1"][..])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    db.execute("update t set w = 'y' where id = 1").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    loop {
+        let body = metrics();
+        let count = series(&body, failures).unwrap_or(0);
+        seen.push(count);
+        if count >= 3 {
+            assert_eq!(series(&body, errors), Some(0), "no command failed: {body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "failed attempts did not grow during the outage: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "maxmemory", "0"][..])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let target = current_wal_lsn(&db.url).await.unwrap();
+    let client = db.client().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while slot_confirmed(&client, &db.name).await < target {
+        assert!(
+            Instant::now() < deadline,
+            "not acknowledged after the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    terminate(child);
+}

@@ -746,3 +746,102 @@ async fn running_out_of_descriptors_is_not_a_refused_reload() {
         run.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_counter_is_exported_at_zero_from_the_start() {
+    let (_db, run) = ready_run().await;
+    let body = run.wait_for("/metrics", 200);
+    for series in [
+        "evictd_reconnects_total",
+        r#"evictd_redis_commands_total{outcome="error"}"#,
+        "evictd_redis_failures_total",
+        r#"evictd_mapping_reloads_total{outcome="invalid"}"#,
+        r#"evictd_mapping_reloads_total{outcome="applied"}"#,
+        r#"evictd_pattern_fallbacks_total{table="public.t"}"#,
+        r#"evictd_prefix_deletes_total{table="public.t"}"#,
+        r#"evictd_keys_invalidated_total{table="public.t",mode="coarse"}"#,
+        r#"evictd_changes_received_total{table="public.t",op="truncate"}"#,
+        r#"evictd_sql_messages_total{outcome="malformed"}"#,
+        r#"evictd_consistency_checks_total{outcome="stale"}"#,
+        "evictd_coarse_invalidations_total",
+        "evictd_log_lines_dropped_total",
+    ] {
+        assert!(
+            body.lines().any(|line| line == format!("{series} 0")),
+            "{series} is not exported at 0:\n{body}"
+        );
+    }
+}
+
+/// `evictd run` with its stderr on `stderr`, its admin endpoint on `port`.
+fn spawn_with_stderr(config: &Path, stderr: std::process::Stdio) -> Child {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_evictd"))
+        .args(["run", "--config", config.to_str().expect("utf-8 path")])
+        .env("EVICTD_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("start evictd run");
+    evictd::testkit::reaper::reap_pid(child.id());
+    child
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_sink_that_cannot_be_written_never_stops_invalidations() {
+    for sink in ["/dev/full", "a closed pipe"] {
+        let db = TestDb::new().await;
+        db.execute(SCHEMA).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let config = crate::support::run_config(
+            dir.path(),
+            &db,
+            &stack().redis.url(),
+            MAPPING,
+            &format!("127.0.0.1:{port}"),
+        );
+        let mut child = if sink == "/dev/full" {
+            let full = std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/full")
+                .expect("/dev/full");
+            spawn_with_stderr(&config, full.into())
+        } else {
+            let mut child = spawn_with_stderr(&config, std::process::Stdio::piped());
+            drop(child.stderr.take());
+            child
+        };
+        let dropped = "evictd_log_lines_dropped_total";
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready = http_get(port, "/readyz").is_some_and(|(status, _)| status == 200);
+            if ready {
+                break;
+            }
+            assert!(
+                child.try_wait().expect("try_wait").is_none(),
+                "{sink}: evictd run exited: {:?}",
+                child.try_wait()
+            );
+            assert!(Instant::now() < deadline, "{sink}: never ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        seed(&db, &["t:1"]).await;
+        // Each change logs nothing by itself; a reload logs several lines.
+        signal(&child, "HUP");
+        db.execute("update t set w = 'sink' where id = 1").await;
+        gone(&db, "t:1").await;
+        let (_, body) = http_get(port, "/metrics").expect("/metrics");
+        assert!(counter_in(&body, dropped) > 0, "{sink}: {body}");
+        assert!(
+            child.try_wait().expect("try_wait").is_none(),
+            "{sink}: it exited"
+        );
+        signal(&child, "TERM");
+        let status = within(Duration::from_secs(30), Path::new("/dev/null"), || {
+            child.try_wait().expect("try_wait")
+        })
+        .expect("evictd run stops on SIGTERM");
+        assert_eq!(status.code(), Some(0), "{sink}");
+    }
+}

@@ -61,6 +61,18 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
         _ => None,
     };
     let (stages, handles) = Stages::start(config, mappings.clone())?;
+    for outcome in [
+        "change",
+        "message",
+        "tombstone",
+        "ignored",
+        "skipped",
+        "dead_letter",
+        "stopped",
+    ] {
+        metrics::counter!(telemetry::KAFKA_RECORDS, "outcome" => outcome).increment(0);
+    }
+    metrics::counter!(telemetry::KAFKA_COMMITS).increment(0);
     let handle = consumer::spawn(&kafka, stages.mappings.clone(), EVENT_CHANNEL_CAPACITY)?;
     let mut live = stages.mappings;
     live.mark_unchanged();
