@@ -478,6 +478,7 @@ async fn drain(
     let options = Options {
         until: Some(end),
         status_interval: Duration::from_millis(10),
+        ..Options::default()
     };
     let metrics = std::env::var_os("EVICTD_BENCH_METRICS").is_some();
     let cpu_before = evictd::testkit::ThreadCpu::sample();

@@ -120,6 +120,17 @@ impl Error {
         self.kind
     }
 
+    /// The way out, where one error has a known one: a publication that
+    /// does not exist at the slot's position (dropped, perhaps created
+    /// again: the slot still decodes from before it existed, so every
+    /// start fails the same way).
+    pub fn help(&self) -> Option<&'static str> {
+        let text = self.reason();
+        (text.contains("42704") && text.contains("publication")).then_some(
+            "if the publication was dropped (and created again), the slot decodes from before it existed and every start fails like this: create it if it is missing, then run `evictd init --reset-slot --config <file>`, which re-creates the slot and invalidates every mapped table coarsely (the changes in between cannot be read); see the README, \"When something goes wrong\"",
+        )
+    }
+
     /// Whether trying again later (reconnecting, resending) can succeed.
     /// This is the single place that decides retry versus stop.
     pub fn is_transient(&self) -> bool {

@@ -77,7 +77,9 @@ pub mod internal {
         pub use crate::demo::{run, DemoError};
     }
     pub mod lifecycle {
-        pub use crate::lifecycle::{init, init_plan, kafka_status, status, ReplayProgress};
+        pub use crate::lifecycle::{
+            init, init_plan, kafka_status, reset_slot, status, ReplayProgress,
+        };
     }
     pub mod telemetry {
         pub use crate::telemetry::{recorder, upkeep, LogSink};

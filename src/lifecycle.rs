@@ -9,7 +9,7 @@ use crate::audit::Outcome;
 use crate::change::Lsn;
 use crate::config::Config;
 use crate::continuity::{self, Remembered};
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::mapping::Mappings;
 use crate::plan::Mode;
 use crate::source::postgres::control::{Control, SlotReport};
@@ -72,6 +72,31 @@ pub async fn init(config: &Config, steps: &[Step]) -> Result<(), Error> {
             .await
             .map_err(|e| Error::postgres(format!("`{}` failed", step.sql), e))?;
     }
+    Ok(())
+}
+
+/// `evictd init --reset-slot`, its Postgres half: drops the slot and
+/// creates it anew (with the publication, if that is missing), so that
+/// it decodes from now. The caller then invalidates every mapped table
+/// coarsely, which covers the changes the old slot could not deliver.
+/// Refused while a process streams from the slot.
+pub async fn reset_slot(config: &Config, mappings: &Mappings) -> Result<(), Error> {
+    let control = Control::connect(&config.postgres).await?;
+    match control.report().await? {
+        Some(SlotReport {
+            active_pid: Some(pid),
+            ..
+        }) => return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "the replication slot {} streams to PID {pid}: stop every evictd run on it first",
+                config.postgres.slot
+            ),
+        )),
+        Some(_) => control.drop_slot().await?,
+        None => {}
+    }
+    control.ensure(mappings, true).await?;
     Ok(())
 }
 

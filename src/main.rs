@@ -78,6 +78,12 @@ enum Command {
         /// Print the SQL without running anything.
         #[arg(long)]
         dry_run: bool,
+        /// Drop the replication slot and create it anew, then invalidate
+        /// every mapped table coarsely and apply up to now: the way out when
+        /// the slot cannot decode (its publication was dropped and created
+        /// again). Stop `evictd run` first.
+        #[arg(long)]
+        reset_slot: bool,
     },
     /// The slot (active, lag, retained WAL) and what evictd last applied.
     Status {
@@ -191,8 +197,12 @@ fn main() -> ExitCode {
             migrations,
             mappings,
         } => demo(&migrations, &mappings),
-        Command::Run { config } => run(&config, None),
-        Command::Init { config, dry_run } => init(&config, dry_run),
+        Command::Run { config } => run(&config, None, false),
+        Command::Init {
+            config,
+            dry_run,
+            reset_slot,
+        } => init(&config, dry_run, reset_slot),
         Command::Status { config, json } => status(&config, json),
         Command::Watch {
             config,
@@ -200,7 +210,7 @@ fn main() -> ExitCode {
             table,
             backlog,
         } => watch(&config, key, table, backlog),
-        Command::Replay { config, until_lsn } => run(&config, Some(until_lsn)),
+        Command::Replay { config, until_lsn } => run(&config, Some(until_lsn), false),
         Command::Audit {
             config,
             table,
@@ -309,16 +319,42 @@ fn load(path: &Path) -> anyhow::Result<Result<(Config, Mappings), ExitCode>> {
     )
 }
 
-fn init(path: &Path, dry_run: bool) -> anyhow::Result<ExitCode> {
+fn init(path: &Path, dry_run: bool, reset_slot: bool) -> anyhow::Result<ExitCode> {
     let (config, mappings) = match load(path)? {
         Ok(loaded) => loaded,
         Err(code) => return Ok(code),
     };
     if config.source == evictd::config::SourceKind::Kafka {
+        if reset_slot {
+            bail!(UsageError(
+                "--reset-slot: source.kind = \"kafka\" has no slot".into()
+            ));
+        }
         println!(
             "source.kind = \"kafka\": evictd needs no slot or publication; Debezium owns the topics and the consumer group is created on first run"
         );
         return Ok(ExitCode::SUCCESS);
+    }
+    if reset_slot {
+        let slot = &config.postgres.slot;
+        if dry_run {
+            println!(
+                "-- would run: drop the replication slot {slot} and create it anew (and the publication if it is missing), then invalidate every mapped table ({}) coarsely and apply everything up to now",
+                mappings.tables().count()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(evictd::internal::lifecycle::reset_slot(&config, &mappings))?;
+        println!("re-created the replication slot {slot}: changes are kept from now on");
+        println!("invalidating every mapped table coarsely (what changed before now is not in the slot) ...");
+        let code = run(path, Some("now".into()), true)?;
+        if code == ExitCode::SUCCESS {
+            println!("done: the caches hold nothing older than the new slot; start evictd run");
+        }
+        return Ok(code);
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -511,8 +547,9 @@ fn watch(
 /// anyway (the README's shutdown bound).
 const SHUTDOWN_BOUND: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// `run`, or `replay` when `until` is given.
-fn run(path: &Path, until: Option<String>) -> anyhow::Result<ExitCode> {
+/// `run`, or `replay` when `until` is given; `reset`: the slot was just
+/// re-created, so every mapped table is invalidated coarsely first.
+fn run(path: &Path, until: Option<String>, reset: bool) -> anyhow::Result<ExitCode> {
     let config = Config::load(path).map_err(|error| UsageError(error.to_string()))?;
     let mappings = match mapping::load_dir(&config.mappings.dir, config.mappings.limits) {
         Ok(mappings) => Arc::new(mappings),
@@ -556,6 +593,7 @@ fn run(path: &Path, until: Option<String>) -> anyhow::Result<ExitCode> {
                 Some(_) => std::time::Duration::from_millis(50),
                 None => Options::default().status_interval,
             },
+            reset,
         };
         // `run` serves the admin endpoint; `replay` is a one-shot tool.
         let listener = match until {

@@ -51,6 +51,10 @@ pub struct Options {
     pub status_interval: Duration,
     /// Stop once everything up to this position is applied.
     pub until: Option<Lsn>,
+    /// The Postgres slot was re-created on purpose (`evictd init
+    /// --reset-slot`): invalidate every mapped table coarsely before
+    /// streaming, whatever the continuity record says.
+    pub reset: bool,
 }
 
 impl Default for Options {
@@ -58,6 +62,7 @@ impl Default for Options {
         Options {
             status_interval: Duration::from_secs(1),
             until: None,
+            reset: false,
         }
     }
 }

@@ -845,3 +845,53 @@ async fn a_log_sink_that_cannot_be_written_never_stops_invalidations() {
         assert_eq!(status.code(), Some(0), "{sink}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_dropped_and_created_again_is_recovered_by_reset_slot() {
+    let (db, mut run) = ready_run().await;
+    seed(&db, &["t:1", "tv:a", "tv:b", "tv:c"]).await;
+    // Each its own transaction (a multi-statement query is one): a change
+    // while the publication is gone, then the publication back.
+    db.execute("drop publication evictd").await;
+    db.execute("update t set v = 'b' where id = 1").await;
+    db.execute("create publication evictd for table t").await;
+    let status = run.exit_within(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "log:\n{}", run.log());
+    let line = run.logged("ERROR", "the pipeline stops");
+    assert!(line.contains("42704"), "{line}");
+    assert!(line.contains("evictd init --reset-slot"), "{line}");
+    // Every start fails the same way: the slot decodes from before the
+    // publication existed.
+    run.restart();
+    run.exit_within(Duration::from_secs(60));
+    // The way out the error names.
+    db.execute("update t set v = 'c' where id = 1").await;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_evictd"))
+        .args(["init", "--reset-slot", "--config"])
+        .arg(&run.config)
+        .output()
+        .expect("evictd init --reset-slot");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("re-created the replication slot"),
+        "{stdout}"
+    );
+    // Nothing missed: what changed while the slot could not decode is gone.
+    let mut cache = crate::support::Cache::new(&db.prefix).await;
+    assert!(
+        cache
+            .cached(&["t:1", "tv:a", "tv:b", "tv:c"])
+            .await
+            .is_empty(),
+        "{stdout}{stderr}"
+    );
+    // And `run` streams again from the new slot.
+    run.restart();
+    assert_eq!(run.wait_for("/readyz", 200), "ready\n");
+    seed(&db, &["tv:d"]).await;
+    db.execute("update t set v = 'd' where id = 1").await;
+    db.execute("update t set v = 'e' where id = 1").await;
+    gone(&db, "tv:d").await;
+}

@@ -5,7 +5,7 @@
 //! in Redis ([`crate::continuity`]); beside them, the retained-WAL watch
 //! and the live schema checks.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,6 +52,7 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
         stop: stages.stop,
         source: stages.source,
         secrets: stages.secrets,
+        reset_pending: AtomicBool::new(options.reset),
     };
     tokio::spawn(watch_retained_wal(config.clone(), supervisor.stop.clone()));
     tokio::spawn(
@@ -82,7 +83,11 @@ impl Supervisor {
             .and_then(|text| Remembered::decode(&text));
         let control = Control::connect_to(url, &postgres.slot, &postgres.publication).await?;
         let state = control.inspect().await?;
-        let verdict = continuity::judge(remembered.as_ref(), &state, system_id);
+        let verdict = if self.reset_pending.load(Ordering::SeqCst) {
+            Verdict::Lost("the slot was re-created by `evictd init --reset-slot`".into())
+        } else {
+            continuity::judge(remembered.as_ref(), &state, system_id)
+        };
         if matches!(&state, SlotState::Present { wal_status, .. } if wal_status == "lost") {
             control.drop_slot().await?;
         }
@@ -125,6 +130,7 @@ impl Supervisor {
             .await
             .map_err(|_| Error::new(ErrorKind::Shutdown, "the apply task ended"))?;
         batcher.record_metrics();
+        self.reset_pending.store(false, Ordering::SeqCst);
         tracing::warn!(slot = %postgres.slot, tables = mappings.tables().count(), "coarse invalidation applied; streaming resumes");
         Ok(())
     }
@@ -193,6 +199,9 @@ struct Supervisor {
     source: watch::Sender<SourceState>,
     /// The secrets SQL messages must be signed with.
     secrets: Secrets,
+    /// The slot was re-created on purpose (`Options::reset`): invalidate
+    /// every mapped table before the first session streams.
+    reset_pending: AtomicBool,
 }
 
 impl Supervisor {
@@ -247,7 +256,14 @@ impl Supervisor {
         }
         let cause = error.cause();
         if !error.is_transient() {
-            tracing::error!(%error, %cause, "the pipeline stops: this error is not worth retrying");
+            match error.help() {
+                Some(help) => {
+                    tracing::error!(%error, %cause, help, "the pipeline stops: this error is not worth retrying")
+                }
+                None => {
+                    tracing::error!(%error, %cause, "the pipeline stops: this error is not worth retrying")
+                }
+            }
             return Some(Err(error));
         }
         let reason = error.reason();
