@@ -138,6 +138,27 @@ impl AdminState {
     }
 }
 
+/// The longest reason `/readyz` gives; the log has the whole error.
+const MAX_REASON: usize = 300;
+
+/// `reason` on one line of at most [`MAX_REASON`] bytes: a Redis pipeline
+/// error lists every failed command, which would make a probe's answer
+/// kilobytes long.
+fn one_line(reason: &str) -> String {
+    let line: String = reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if line.len() <= MAX_REASON {
+        return line;
+    }
+    let mut end = MAX_REASON;
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{} ... (the log has the whole error)", &line[..end])
+}
+
 /// Serves until the listener fails.
 pub async fn serve(listener: TcpListener, state: AdminState) {
     telemetry::describe();
@@ -212,7 +233,7 @@ async fn respond(mut stream: TcpStream, state: &AdminState) -> std::io::Result<(
             Err(reason) => (
                 "503 Service Unavailable",
                 "text/plain",
-                format!("not ready: {reason}\n"),
+                format!("not ready: {}\n", one_line(&reason)),
             ),
         },
         ("GET", _) => (
@@ -237,4 +258,19 @@ async fn respond(mut stream: TcpStream, state: &AdminState) -> std::io::Result<(
 /// Whether `head` holds a whole request head (CRLF or bare LF lines).
 fn head_complete(head: &[u8]) -> bool {
     head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_readiness_reason_is_one_bounded_line() {
+        assert_eq!(one_line("redis: down"), "redis: down");
+        assert_eq!(one_line("a\nb\tc"), "a b c");
+        let long = format!("redis: {}", "é".repeat(2000));
+        let line = one_line(&long);
+        assert!(line.len() <= MAX_REASON + 40, "{}", line.len());
+        assert!(line.ends_with("... (the log has the whole error)"));
+    }
 }

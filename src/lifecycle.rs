@@ -86,13 +86,15 @@ pub async fn reset_slot(config: &Config, mappings: &Mappings) -> Result<(), Erro
         Some(SlotReport {
             active_pid: Some(pid),
             ..
-        }) => return Err(Error::new(
-            ErrorKind::Config,
-            format!(
+        }) => {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
                 "the replication slot {} streams to PID {pid}: stop every evictd run on it first",
                 config.postgres.slot
             ),
-        )),
+            ))
+        }
         Some(_) => control.drop_slot().await?,
         None => {}
     }

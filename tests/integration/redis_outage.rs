@@ -253,6 +253,12 @@ async fn an_outage_behind_an_empty_batch_counts_failed_attempts() {
             assert_eq!(series(&body, errors), Some(0), "no command failed: {body}");
             break;
         }
+        // The reason names the failure in one short line (the Redis error
+        // lists every refused command; the log has it whole).
+        if let Some((503, reason)) = http_get(admin_port, "/readyz") {
+            assert_eq!(reason.lines().count(), 1, "{reason}");
+            assert!(reason.len() < 400, "{} bytes: {reason}", reason.len());
+        }
         assert!(
             Instant::now() < deadline,
             "failed attempts did not grow during the outage: {seen:?}"

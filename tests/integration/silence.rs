@@ -895,3 +895,23 @@ async fn a_publication_dropped_and_created_again_is_recovered_by_reset_slot() {
     db.execute("update t set v = 'e' where id = 1").await;
     gone(&db, "tv:d").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_a_replica_identity_change_at_its_next_change() {
+    let (db, run) = ready_run().await;
+    // The live checks run every minute; a changed Relation message runs
+    // them at once, so both directions show within seconds.
+    let started = Instant::now();
+    db.execute("alter table t replica identity nothing").await;
+    db.execute("insert into t values (2, 'b', 'x')").await;
+    let reason = run.wait_for("/readyz", 503);
+    assert!(reason.contains("REPLICA IDENTITY NOTHING"), "{reason}");
+    db.execute("alter table t replica identity full").await;
+    db.execute("insert into t values (3, 'c', 'x')").await;
+    run.wait_for("/readyz", 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "readiness took {:?} to follow",
+        started.elapsed()
+    );
+}

@@ -128,9 +128,9 @@ pub struct RelationMemory(Arc<Mutex<HashMap<u32, Known>>>);
 struct Known {
     /// The mapped table it is invalidated as.
     mapped: Arc<TableName>,
-    /// Its name and columns in the last Relation message (`None` when only
-    /// the catalog said so, at start).
-    seen: Option<(TableName, Vec<Arc<str>>)>,
+    /// Its name, columns and replica identity in the last Relation message
+    /// (`None` when only the catalog said so, at start).
+    seen: Option<(TableName, Vec<Arc<str>>, u8)>,
 }
 
 impl RelationMemory {
@@ -144,7 +144,9 @@ impl RelationMemory {
 }
 
 /// A Relation message for a mapped table: what is wrong with it now (or
-/// `None`), and whether its name or columns changed since it was last seen.
+/// `None`), and whether it is new to this process or its name, columns or
+/// replica identity changed since it was last seen (the live checks then
+/// run again at once).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SchemaChange {
     pub table: Arc<TableName>,
@@ -344,9 +346,16 @@ impl ChangeDecoder {
         };
         let mapping = self.mappings.table(&table);
         if let Some(mapping) = mapping {
-            let changed = known
-                .and_then(|known| known.seen.as_ref())
-                .is_some_and(|(name, seen)| *name != named || *seen != columns);
+            // The first Relation message of a table in this process counts
+            // as a change too: the catalog may have changed since the
+            // checks at start (a replica identity set and undone), and
+            // waiting for the next minute's check would leave /readyz wrong.
+            let changed =
+                known
+                    .and_then(|known| known.seen.as_ref())
+                    .is_none_or(|(name, seen, identity)| {
+                        *name != named || *seen != columns || *identity != relation.replica_identity
+                    });
             let mut problems = Vec::new();
             if renamed {
                 problems.push(format!(
@@ -373,7 +382,7 @@ impl ChangeDecoder {
                 relation.id,
                 Known {
                     mapped: table.clone(),
-                    seen: Some((named, columns.clone())),
+                    seen: Some((named, columns.clone(), relation.replica_identity)),
                 },
             );
         }
@@ -532,11 +541,18 @@ mod tests {
 
     /// A Relation message: `columns` of type int8, the first one the key.
     fn relation_message(id: u32, name: &str, columns: &[&str]) -> Vec<u8> {
+        relation_with_identity(id, name, columns, b'd')
+    }
+
+    /// A Relation message with replica identity `identity` (`d`, `n`, `f`,
+    /// `i`).
+    fn relation_with_identity(id: u32, name: &str, columns: &[&str], identity: u8) -> Vec<u8> {
         let mut buf = vec![b'R'];
         buf.extend(id.to_be_bytes());
         buf.extend(b"public\0");
         buf.extend(name.as_bytes());
-        buf.extend(b"\0d");
+        buf.push(0);
+        buf.push(identity);
         buf.extend(u16::try_from(columns.len()).unwrap().to_be_bytes());
         for (index, column) in columns.iter().enumerate() {
             buf.push(u8::from(index == 0));
@@ -546,6 +562,26 @@ mod tests {
             buf.extend((-1_i32).to_be_bytes());
         }
         buf
+    }
+
+    #[test]
+    fn a_changed_replica_identity_is_a_schema_change() {
+        let mut decoder = decoder();
+        let mut events = Vec::new();
+        for identity in [b'n', b'n', b'f'] {
+            let message = relation_with_identity(5, "t", &["id"], identity);
+            decoder
+                .handle(decode(&message, false).unwrap(), &mut events)
+                .unwrap();
+        }
+        let changed: Vec<bool> = decoder
+            .take_schema_changes()
+            .iter()
+            .map(|change| change.changed)
+            .collect();
+        // First seen, the same again, then `REPLICA IDENTITY NOTHING`
+        // undone: the live checks run again at once the first and last time.
+        assert_eq!(changed, [true, false, true]);
     }
 
     #[test]
@@ -574,7 +610,7 @@ mod tests {
         assert_eq!(changes.len(), 2);
         assert_eq!(
             (changes[0].problem.as_deref(), changes[0].changed),
-            (None, false)
+            (None, true)
         );
         let renamed = changes[1].problem.as_deref().unwrap();
         assert!(renamed.starts_with("renamed to public.t2"), "{renamed}");
