@@ -81,6 +81,36 @@ where
 }
 
 /// Runs every live check and returns what is wrong.
+/// The type category (`pg_type.typcategory`: `N` numeric, `B` boolean,
+/// ...) of each column of `table`, domains resolved to their base type:
+/// what `explain --config` evaluates given values as.
+pub async fn column_categories(
+    client: &Client,
+    table: &TableName,
+) -> Result<Vec<(String, char)>, CatalogError> {
+    let rows = client
+        .query(
+            "select a.attname::text, t.typcategory::text
+             from pg_attribute a
+             join pg_class c on c.oid = a.attrelid
+             join pg_namespace n on n.oid = c.relnamespace
+             join pg_type t on t.oid = coalesce(
+                 (select typbasetype from pg_type where oid = a.atttypid and typtype = 'd'),
+                 a.atttypid)
+             where n.nspname = $1 and c.relname = $2 and a.attnum > 0 and not a.attisdropped",
+            &[&&*table.schema, &&*table.name],
+        )
+        .await
+        .map_err(CatalogError::Query)?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let category: String = row.get(1);
+            (row.get(0), category.chars().next().unwrap_or('X'))
+        })
+        .collect())
+}
+
 pub async fn check(
     mappings: &Mappings,
     client: &Client,

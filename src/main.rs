@@ -163,6 +163,11 @@ enum Command {
         /// (with --identity default; repeatable or comma-separated).
         #[arg(long = "key", value_name = "COLUMN", value_delimiter = ',')]
         key: Vec<String>,
+        /// Take the column types from the database of this config (as
+        /// `check` does): each given value is evaluated as its column's
+        /// type, as `run` does, whatever JSON type it was given in.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -246,6 +251,7 @@ fn main() -> ExitCode {
             unchanged,
             identity,
             key,
+            config,
         } => explain(
             &mappings,
             &table,
@@ -253,6 +259,7 @@ fn main() -> ExitCode {
             Rows {
                 old: old.as_deref(),
                 new: new.as_deref(),
+                config: config.as_deref(),
                 unchanged: &unchanged,
                 identity: identity.as_deref(),
                 key: &key,
@@ -795,6 +802,42 @@ fn warn_about_prefixes(mappings: &Mappings) {
     }
 }
 
+/// A warning per rule whose own `changed` names a column the entry's
+/// `changed` leaves out: the entry skips an update of that column alone,
+/// so the rule never fires for it.
+fn warn_about_narrowed_changed(mappings: &Mappings) {
+    for mapping in mappings.tables() {
+        let Some(entry) = &mapping.changed else {
+            continue;
+        };
+        let rules = mapping
+            .keys
+            .iter()
+            .map(|rule| ("key", rule))
+            .chain(mapping.tags.iter().map(|rule| ("tag", rule)))
+            .chain(mapping.versions.iter().map(|rule| ("namespace", rule)))
+            .chain(mapping.prefixes.iter().map(|rule| ("prefix", rule)))
+            .chain(
+                mapping
+                    .surrogate_keys
+                    .iter()
+                    .map(|rule| ("surrogate key", rule)),
+            );
+        for (kind, rule) in rules {
+            let Some(own) = &rule.changed else {
+                continue;
+            };
+            for column in own.iter().filter(|column| !entry.contains(column)) {
+                eprintln!(
+                    "{}: warning: {kind} `{}` names changed column {column}, which the entry's changed leaves out: the entry skips an update of {column} alone, so this {kind} never fires for it; add {column} to the entry's `changed`",
+                    mappings.origin(rule.origin).location,
+                    rule.template.source()
+                );
+            }
+        }
+    }
+}
+
 /// Warns when invalidations from SQL are on but not authenticated, and
 /// when a message secret cannot be read.
 fn warn_about_sql_messages(config: &Config) {
@@ -846,6 +889,7 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     );
     if !args.json {
         warn_about_prefixes(&mappings);
+        warn_about_narrowed_changed(&mappings);
         if let Some(config) = &config {
             warn_about_sql_messages(config);
         }
@@ -935,6 +979,8 @@ fn report(diagnostics: &[Diagnostic]) -> ExitCode {
 struct Rows<'a> {
     old: Option<&'a str>,
     new: Option<&'a str>,
+    /// The config whose database gives the column types.
+    config: Option<&'a Path>,
     unchanged: &'a [String],
     /// `full` or `default`, if given.
     identity: Option<&'a str>,
@@ -964,14 +1010,19 @@ fn explain(dir: &Path, table: &str, op: &str, rows: Rows<'_>) -> anyhow::Result<
             "--op: unknown op `{op}`; use insert, update, delete or truncate"
         ))
     })?;
+    let types = ColumnTypes::of(rows.config, &mappings, &table)?;
+    let mut notes = Vec::new();
     let old = rows
         .old
-        .map(|json| row_from_json("--old", json, &[]))
+        .map(|json| row_from_json("--old", json, &[], &types, &mut notes))
         .transpose()?;
     let new = rows
         .new
-        .map(|json| row_from_json("--new", json, rows.unchanged))
+        .map(|json| row_from_json("--new", json, rows.unchanged, &types, &mut notes))
         .transpose()?;
+    for note in notes {
+        eprintln!("note: {note}");
+    }
     if matches!(op, Op::Insert | Op::Update) && new.is_none() {
         bail!(UsageError(format!("--op {op} needs --new")));
     }
@@ -1090,8 +1141,8 @@ fn describe(mappings: &Mappings, change: &RowChange, default: bool, note: &NoteK
         }
         NoteKind::OpNotMapped(op) => format!("{op} is not in the mapping's `on`"),
         NoteKind::Unchanged => "the update changes none of the `changed` columns".into(),
-        NoteKind::NullPlaceholder { template, column } => {
-            format!("`{template}` skipped: {column} is NULL")
+        NoteKind::NullPlaceholder { why, template, .. } => {
+            format!("`{template}` skipped: {why}")
         }
         NoteKind::Unavailable { template, column } => {
             format!(
@@ -1175,17 +1226,106 @@ fn unknown(change: &RowChange, default: bool, column: &str) -> String {
 }
 
 /// A row from a JSON object; `unchanged` columns become unchanged TOAST.
-fn row_from_json(flag: &str, json: &str, unchanged: &[String]) -> anyhow::Result<Row> {
-    let value: serde_json::Value =
+/// What `explain` knows of the table's column types: the database's (with
+/// `--config`), or offline only which columns a condition compares with a
+/// number literal.
+enum ColumnTypes {
+    Database(Vec<(String, char)>),
+    Offline(Vec<String>),
+}
+
+impl ColumnTypes {
+    fn of(config: Option<&Path>, mappings: &Mappings, table: &TableName) -> anyhow::Result<Self> {
+        let Some(path) = config else {
+            let numeric = mappings
+                .table(table)
+                .map(|mapping| {
+                    mapping
+                        .conditions()
+                        .flat_map(|(condition, _)| condition.numeric_columns())
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default();
+            return Ok(ColumnTypes::Offline(numeric));
+        };
+        let config = Config::load(path).map_err(|error| UsageError(error.to_string()))?;
+        let url = config
+            .postgres
+            .url
+            .ok_or_else(|| UsageError("--config: postgres.url is not set".into()))?;
+        let categories = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(async {
+                let client = evictd::internal::catalog::connect(&url).await?;
+                evictd::internal::catalog::column_categories(&client, table).await
+            })?;
+        if categories.is_empty() {
+            bail!(UsageError(format!(
+                "--config: {table} is not in the database"
+            )));
+        }
+        Ok(ColumnTypes::Database(categories))
+    }
+
+    /// `datum` as its column's type: a string for a numeric column is a
+    /// number (`"12.50"` compares as 12.50), a number or boolean for a text
+    /// column is its text; `note` says when a string was taken as a number
+    /// offline.
+    fn typed(&self, column: &str, datum: Datum, note: &mut Vec<String>) -> Datum {
+        let is_number = |text: &str| text.trim().parse::<f64>().is_ok();
+        match (self, datum) {
+            (ColumnTypes::Database(categories), datum) => {
+                let category = categories
+                    .iter()
+                    .find(|(name, _)| name == column)
+                    .map(|(_, category)| *category);
+                match (category, datum) {
+                    (Some('N'), Datum::Text(text)) if is_number(&text) => {
+                        Datum::Number(text.trim().into())
+                    }
+                    (Some('B'), Datum::Text(text)) => match &*text.to_ascii_lowercase() {
+                        "t" | "true" => Datum::Bool(true),
+                        "f" | "false" => Datum::Bool(false),
+                        _ => Datum::Text(text),
+                    },
+                    (Some('S' | 'E' | 'U' | 'D'), Datum::Number(text)) => Datum::Text(text),
+                    (_, datum) => datum,
+                }
+            }
+            (ColumnTypes::Offline(numeric), Datum::Text(text))
+                if is_number(&text) && numeric.iter().any(|name| name == column) =>
+            {
+                note.push(format!(
+                    "{column}: \"{text}\" was taken as a number, as a condition compares it with one (give --config to take the column types from the database)"
+                ));
+                Datum::Number(text.trim().into())
+            }
+            (_, datum) => datum,
+        }
+    }
+}
+
+fn row_from_json(
+    flag: &str,
+    json: &str,
+    unchanged: &[String],
+    types: &ColumnTypes,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<Row> {
+    let value: Box<serde_json::value::RawValue> =
         serde_json::from_str(json).map_err(|e| UsageError(format!("{flag}: not JSON: {e}")))?;
-    let serde_json::Value::Object(object) = value else {
-        bail!(UsageError(format!(
-            "{flag}: expected a JSON object of column -> value"
-        )));
-    };
+    let object: std::collections::BTreeMap<String, Box<serde_json::value::RawValue>> =
+        serde_json::from_str(value.get()).map_err(|_| {
+            UsageError(format!("{flag}: expected a JSON object of column -> value"))
+        })?;
     let mut pairs: Vec<(String, Datum)> = object
         .into_iter()
-        .map(|(column, value)| (column, datum_from_json(value)))
+        .map(|(column, value)| {
+            let datum = types.typed(&column, datum_from_json(&value), notes);
+            (column, datum)
+        })
         .collect();
     for column in unchanged {
         match pairs.iter_mut().find(|(name, _)| name == column) {
@@ -1200,12 +1340,20 @@ fn row_from_json(flag: &str, json: &str, unchanged: &[String]) -> anyhow::Result
     ))
 }
 
-fn datum_from_json(value: serde_json::Value) -> Datum {
-    match value {
-        serde_json::Value::Null => Datum::Null,
-        serde_json::Value::Bool(value) => Datum::Bool(value),
-        serde_json::Value::Number(number) => Datum::Number(number.to_string().into()),
-        serde_json::Value::String(text) => Datum::Text(text.into()),
-        other => Datum::Json(other.to_string().into()),
+/// A value given in JSON: a number keeps its text as written (`12.50`
+/// stays `12.50`, as a numeric column's text would), an object or array is
+/// a json column's text as written.
+fn datum_from_json(value: &serde_json::value::RawValue) -> Datum {
+    let json = value.get().trim();
+    match json.as_bytes().first() {
+        Some(b'n') => Datum::Null,
+        Some(b't') => Datum::Bool(true),
+        Some(b'f') => Datum::Bool(false),
+        Some(b'"') => serde_json::from_str::<String>(json).map_or_else(
+            |_| Datum::Text(json.into()),
+            |text| Datum::Text(text.into()),
+        ),
+        Some(b'{' | b'[') => Datum::Json(json.into()),
+        _ => Datum::Number(json.into()),
     }
 }

@@ -173,6 +173,15 @@ impl Condition {
         columns
     }
 
+    /// The columns compared with a number literal (`total >= 100`, `n in
+    /// (1, 2)`): `explain` takes a string given for one of them as a
+    /// number, as the column's type would be.
+    pub fn numeric_columns(&self) -> Vec<&str> {
+        let mut columns = Vec::new();
+        self.expr.numeric_columns(&mut columns);
+        columns
+    }
+
     /// The condition on the row whose values `value_of` gives; with
     /// `Unknown`, the first column whose value was not known.
     pub fn eval<'r>(&self, value_of: impl Fn(&str) -> &'r Datum) -> (Truth, Option<&str>) {
@@ -203,6 +212,22 @@ impl Expr {
                     out.push(column);
                 }
             }
+        }
+    }
+
+    fn numeric_columns<'e>(&'e self, out: &mut Vec<&'e str>) {
+        let numeric = |literal: &Literal| matches!(literal, Literal::Number(..));
+        match self {
+            Expr::Or(a, b) | Expr::And(a, b) => {
+                a.numeric_columns(out);
+                b.numeric_columns(out);
+            }
+            Expr::Not(a) => a.numeric_columns(out),
+            Expr::Compare {
+                column, literal, ..
+            } if numeric(literal) => out.push(column),
+            Expr::In { column, list, .. } if list.iter().any(numeric) => out.push(column),
+            Expr::Compare { .. } | Expr::In { .. } | Expr::IsNull { .. } => {}
         }
     }
 

@@ -78,6 +78,9 @@ pub enum NoteKind {
     NullPlaceholder {
         template: Box<str>,
         column: Box<str>,
+        /// Why, in words: `payload is NULL`, or which step of a json path
+        /// was missing, or what was no date.
+        why: Box<str>,
     },
     /// A placeholder's value was unknown: a pattern was used instead.
     Unavailable {
@@ -390,11 +393,12 @@ impl Mappings {
                 Some(matching(template.pattern(|_| None)))
             }
             Ok(key) => Some(exact(key)),
-            Err(Unrendered::Null(column)) => {
+            Err(Unrendered::Null(column, absent)) => {
                 out.counts.null_skipped += 1;
                 out.note(origin, || NoteKind::NullPlaceholder {
                     template: template.source().into(),
                     column: column.into(),
+                    why: absent.to_string().into(),
                 });
                 None
             }

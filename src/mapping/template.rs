@@ -84,27 +84,65 @@ impl Transform {
     /// `text` transformed; `None` when a truncation does not apply (not a
     /// date or timestamp).
     fn apply(self, text: &str) -> Option<std::borrow::Cow<'_, str>> {
-        let prefix = |len: usize| {
-            let date_like = text.len() >= len
-                && text.as_bytes()[..len.min(10)].iter().enumerate().all(
-                    |(index, byte)| match index {
-                        4 | 7 => *byte == b'-',
-                        _ => byte.is_ascii_digit(),
-                    },
-                );
-            date_like.then(|| std::borrow::Cow::Borrowed(&text[..len]))
-        };
         match self {
             Transform::Lower => Some(text.to_lowercase().into()),
             Transform::Upper => Some(text.to_uppercase().into()),
             Transform::Trim => Some(text.trim().into()),
-            Transform::Date => prefix(10),
-            Transform::Month => prefix(7),
-            Transform::Hour => prefix(13).filter(|hour| {
-                hour.as_bytes()[10] == b' ' && hour.as_bytes()[11..].iter().all(u8::is_ascii_digit)
-            }),
+            Transform::Date => truncate(text, Truncation::Day),
+            Transform::Month => truncate(text, Truncation::Month),
+            Transform::Hour => truncate(text, Truncation::Hour),
             Transform::Hash => Some(format!("{:016x}", fnv1a(text.as_bytes())).into()),
         }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Truncation {
+    Month,
+    Day,
+    Hour,
+}
+
+/// The leading `YYYY-MM` / `YYYY-MM-DD` / `YYYY-MM-DD HH` of a date or
+/// timestamp as Postgres writes it, whatever follows (minutes, a time
+/// zone), with ` BC` appended when the text ends with it: the year has four
+/// digits or more (`12024-01-31`), and a BC date never renders like the AD
+/// one (`0044-03-15 BC`). `None` for text that does not start so.
+fn truncate(text: &str, to: Truncation) -> Option<std::borrow::Cow<'_, str>> {
+    let bytes = text.as_bytes();
+    let year = bytes.iter().take_while(|b| b.is_ascii_digit()).count();
+    if year < 4 {
+        return None;
+    }
+    let digits = |at: usize, sep: u8| {
+        bytes.get(at) == Some(&sep)
+            && bytes
+                .get(at + 1..at + 3)
+                .is_some_and(|two| two.iter().all(u8::is_ascii_digit))
+    };
+    let month_end = year + 3;
+    if !digits(year, b'-') {
+        return None;
+    }
+    let end = match to {
+        Truncation::Month => month_end,
+        Truncation::Day | Truncation::Hour => {
+            if !digits(month_end, b'-') {
+                return None;
+            }
+            let day_end = month_end + 3;
+            match to {
+                Truncation::Hour if digits(day_end, b' ') => day_end + 3,
+                Truncation::Hour => return None,
+                _ => day_end,
+            }
+        }
+    };
+    let head = &text[..end];
+    if text.ends_with(" BC") {
+        Some(format!("{head} BC").into())
+    } else {
+        Some(head.into())
     }
 }
 
@@ -119,55 +157,124 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
     hash
 }
 
+/// Why a placeholder has no text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Miss {
+    /// The column is NULL.
+    Null,
+    /// The json path leads nowhere: step `0` (counted from 0) is not there.
+    PathMissing(usize),
+    /// The json path ends at a JSON null.
+    JsonNull,
+    /// A date truncation of a value that is no date.
+    NotADate,
+    /// The value is not known (unchanged TOAST, not sent).
+    Unknown,
+}
+
 impl Placeholder {
-    /// The text the placeholder renders from `datum`: `Err(true)` for NULL
-    /// (or a json path that leads nowhere, or a truncation of a value that
-    /// is not a date), `Err(false)` when the value is not known.
-    fn text<'d>(&self, datum: &'d Datum) -> Result<std::borrow::Cow<'d, str>, bool> {
+    /// The text the placeholder renders from `datum`, or why there is none.
+    fn text<'d>(&self, datum: &'d Datum) -> Result<std::borrow::Cow<'d, str>, Miss> {
         if let Datum::Null = datum {
-            return Err(true);
+            return Err(Miss::Null);
         }
-        let text = datum.canonical_text().ok_or(false)?;
+        let text = datum.canonical_text().ok_or(Miss::Unknown)?;
         let text: std::borrow::Cow<'d, str> = if self.path.is_empty() {
             text.into()
         } else {
-            json_path(text, &self.path).ok_or(true)?.into()
+            json_path(text, &self.path)?.into()
         };
         match self.transform {
             None => Ok(text),
             Some(transform) => match text {
-                std::borrow::Cow::Borrowed(text) => transform.apply(text).ok_or(true),
+                std::borrow::Cow::Borrowed(text) => transform.apply(text).ok_or(Miss::NotADate),
                 std::borrow::Cow::Owned(text) => transform
                     .apply(&text)
                     .map(|out| std::borrow::Cow::Owned(out.into_owned()))
-                    .ok_or(true),
+                    .ok_or(Miss::NotADate),
             },
         }
     }
+
+    /// `column.path` as written.
+    fn path_text(&self, steps: usize) -> String {
+        let mut text = self.column.to_string();
+        for step in self.path.iter().take(steps) {
+            text.push('.');
+            text.push_str(step);
+        }
+        text
+    }
 }
 
-/// The value at `path` in the JSON `text`, as text (a string without its
-/// quotes, a number or boolean as written, an object or array as compact
-/// JSON); `None` for null or a path that is not there.
-fn json_path(text: &str, path: &[Box<str>]) -> Option<String> {
-    let mut value: serde_json::Value = serde_json::from_str(text).ok()?;
-    for step in path {
-        value = match value {
-            serde_json::Value::Object(mut fields) => fields.remove(&**step)?,
-            serde_json::Value::Array(mut items) => {
-                let index: usize = step.parse().ok()?;
-                if index >= items.len() {
-                    return None;
-                }
-                items.swap_remove(index)
+/// The value at `path` in the JSON `text`, as text: a string without its
+/// quotes (escapes resolved), anything else exactly as it stands in `text`
+/// (a number's digits, an object or array with its spacing and key order).
+/// That is Postgres' own `column #>> path`: for `jsonb` the text Postgres
+/// gives (numbers as their numeric text, `1.50` stays `1.50`, objects with
+/// its key order and spacing), for `json` the text as written. `None` for
+/// null or a path that is not there; of duplicate keys the last counts, as
+/// in Postgres.
+fn json_path(text: &str, path: &[Box<str>]) -> Result<String, Miss> {
+    use serde_json::value::RawValue;
+    let mut value: &RawValue = serde_json::from_str(text).map_err(|_| Miss::PathMissing(0))?;
+    for (at, step) in path.iter().enumerate() {
+        let json = value.get();
+        let missing = Miss::PathMissing(at);
+        value = match json.trim_start().as_bytes().first() {
+            Some(b'{') => {
+                let fields: Vec<(String, &RawValue)> =
+                    serde_json::from_str::<ObjectEntries<'_>>(json)
+                        .map_err(|_| missing)?
+                        .0;
+                fields
+                    .into_iter()
+                    .rev()
+                    .find(|(name, _)| name == &**step)
+                    .ok_or(missing)?
+                    .1
             }
-            _ => return None,
+            Some(b'[') => {
+                let index: usize = step.parse().map_err(|_| missing)?;
+                let items: Vec<&RawValue> = serde_json::from_str(json).map_err(|_| missing)?;
+                *items.get(index).ok_or(missing)?
+            }
+            _ => return Err(missing),
         };
     }
-    match value {
-        serde_json::Value::Null => None,
-        serde_json::Value::String(text) => Some(text),
-        other => Some(other.to_string()),
+    let json = value.get().trim();
+    match json.as_bytes().first() {
+        Some(b'n') => Err(Miss::JsonNull),
+        Some(b'"') => serde_json::from_str(json).map_err(|_| Miss::JsonNull),
+        _ => Ok(json.to_owned()),
+    }
+}
+
+/// An object's entries in order, duplicates kept.
+struct ObjectEntries<'a>(Vec<(String, &'a serde_json::value::RawValue)>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for ObjectEntries<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> serde::de::Visitor<'de> for Entries {
+            type Value = ObjectEntries<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> Result<Self::Value, M::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    entries.push(entry);
+                }
+                Ok(ObjectEntries(entries))
+            }
+        }
+        deserializer.deserialize_map(Entries)
     }
 }
 
@@ -182,10 +289,46 @@ pub struct TemplateError {
 /// Why a template did not render to a key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Unrendered<'t> {
-    /// A placeholder's value is NULL: the key does not exist.
-    Null(&'t str),
+    /// A placeholder has no value (NULL, a json path that leads nowhere, a
+    /// date truncation of no date): the key does not exist. The placeholder
+    /// as written (`payload.items.0`), and why.
+    Null(&'t str, Absent<'t>),
     /// A placeholder's value is not known (unchanged TOAST, not sent).
     Unavailable(&'t str),
+}
+
+/// Why a placeholder has no value; its `Display` says it in words (for
+/// `explain`), only when asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Absent<'t> {
+    placeholder: &'t Placeholder,
+    miss: Miss,
+}
+
+impl std::fmt::Display for Absent<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let placeholder = self.placeholder;
+        match self.miss {
+            Miss::Null | Miss::Unknown => write!(f, "{} is NULL", placeholder.column),
+            Miss::PathMissing(at) => write!(
+                f,
+                "{} is not NULL, but it has no `{}`",
+                placeholder.column,
+                placeholder.path_text(at + 1)
+            ),
+            Miss::JsonNull => write!(
+                f,
+                "`{}` is JSON null",
+                placeholder.path_text(placeholder.path.len())
+            ),
+            Miss::NotADate => write!(
+                f,
+                "`{}` is no date or timestamp, so |{} gives nothing",
+                placeholder.path_text(placeholder.path.len()),
+                placeholder.transform.map_or("", Transform::name)
+            ),
+        }
+    }
 }
 
 impl Template {
@@ -389,8 +532,15 @@ impl Template {
                 Part::Column(placeholder) => {
                     match placeholder.text(value_of(&placeholder.column)) {
                         Ok(text) => escape_value(&text, &mut key),
-                        Err(true) => return Err(Unrendered::Null(&placeholder.column)),
-                        Err(false) => unavailable = unavailable.or(Some(&*placeholder.column)),
+                        Err(Miss::Unknown) => {
+                            unavailable = unavailable.or(Some(&*placeholder.column));
+                        }
+                        Err(miss) => {
+                            return Err(Unrendered::Null(
+                                &placeholder.column,
+                                Absent { placeholder, miss },
+                            ))
+                        }
                     }
                 }
             }
@@ -561,6 +711,94 @@ mod tests {
         );
         assert_eq!(render("k:{a}", "héllo→"), "k:héllo→");
         assert_eq!(render("k:{a}", ""), "k:");
+    }
+
+    #[test]
+    fn json_paths_render_the_text_as_it_stands_never_through_a_float() {
+        let at = |text: &str, path: &str| {
+            let path: Vec<Box<str>> = path.split('.').map(Box::from).collect();
+            json_path(text, &path)
+        };
+        assert_eq!(at(r#"{"n": 1.50}"#, "n"), Ok("1.50".into()));
+        assert_eq!(at(r#"{"n": 1E2}"#, "n"), Ok("1E2".into()));
+        assert_eq!(at(r#"{"n": 0.000001}"#, "n"), Ok("0.000001".into()));
+        assert_eq!(
+            at(r#"{"n": 12345678901234567890.123}"#, "n"),
+            Ok("12345678901234567890.123".into())
+        );
+        assert_eq!(
+            at(r#"{"o": {"b": 1,  "a": [1, 2.0]}}"#, "o"),
+            Ok(r#"{"b": 1,  "a": [1, 2.0]}"#.into())
+        );
+        assert_eq!(at(r#"{"o": {"a": [1, 2.0]}}"#, "o.a.1"), Ok("2.0".into()));
+        assert_eq!(at(r#"{"s": "a\u00e9\"b"}"#, "s"), Ok("aé\"b".into()));
+        assert_eq!(at(r#"{"t": true}"#, "t"), Ok("true".into()));
+        // Of duplicate keys the last counts, as in Postgres.
+        assert_eq!(at(r#"{"a": 1, "a": 2}"#, "a"), Ok("2".into()));
+        assert_eq!(at(r#"{"a": null}"#, "a"), Err(Miss::JsonNull));
+        assert_eq!(at(r#"{"a": {"b": 1}}"#, "a.c"), Err(Miss::PathMissing(1)));
+        assert_eq!(at(r#"{"a": [1]}"#, "a.3"), Err(Miss::PathMissing(1)));
+        assert_eq!(at(r#"{"a": 1}"#, "b.c"), Err(Miss::PathMissing(0)));
+    }
+
+    #[test]
+    fn date_truncations_keep_long_years_and_bc() {
+        let cut = |text: &str, to: Truncation| truncate(text, to).map(|c| c.into_owned());
+        assert_eq!(
+            cut("2024-01-31", Truncation::Day).as_deref(),
+            Some("2024-01-31")
+        );
+        assert_eq!(
+            cut("12024-01-31", Truncation::Day).as_deref(),
+            Some("12024-01-31")
+        );
+        assert_eq!(
+            cut("0044-03-15 BC", Truncation::Day).as_deref(),
+            Some("0044-03-15 BC")
+        );
+        assert_eq!(
+            cut("0044-03-15 10:00:00+00 BC", Truncation::Hour).as_deref(),
+            Some("0044-03-15 10 BC")
+        );
+        assert_eq!(
+            cut("0044-03-15 BC", Truncation::Month).as_deref(),
+            Some("0044-03 BC")
+        );
+        assert_eq!(
+            cut("2024-01-31 12:34:56.5+00", Truncation::Hour).as_deref(),
+            Some("2024-01-31 12")
+        );
+        assert_eq!(cut("2024-01-31", Truncation::Hour), None);
+        assert_eq!(cut("infinity", Truncation::Day), None);
+        assert_eq!(cut("soon", Truncation::Month), None);
+        assert_eq!(cut("024-01-31", Truncation::Day), None);
+        assert_eq!(cut("2024-1-31", Truncation::Day), None);
+    }
+
+    #[test]
+    fn a_missing_value_says_why() {
+        let template = Template::parse("k:{payload.items.3.id}").unwrap();
+        let datum = Datum::Json(r#"{"items": [1]}"#.into());
+        match template.render(|_| &datum) {
+            Err(Unrendered::Null(column, why)) => {
+                assert_eq!(column, "payload");
+                assert_eq!(
+                    why.to_string(),
+                    "payload is not NULL, but it has no `payload.items.3`"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let template = Template::parse("k:{d|date}").unwrap();
+        let datum = Datum::text("soon");
+        let why = template.render(|_| &datum).unwrap_err();
+        assert!(matches!(why, Unrendered::Null("d", _)));
+        if let Unrendered::Null(_, why) = why {
+            assert_eq!(
+                why.to_string(),
+                "`d` is no date or timestamp, so |date gives nothing"
+            );
+        }
     }
 
     #[test]

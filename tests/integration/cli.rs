@@ -614,3 +614,95 @@ fn explain_prints_the_cdn_purges_after_the_redis_commands() {
         ["UNLINK product:1", "PURGE ALL"]
     );
 }
+
+#[test]
+fn check_warns_when_a_keys_changed_names_a_column_the_entry_leaves_out() {
+    let dir = mapping_dir(&[(
+        "orders.toml",
+        r#"
+[[table]]
+name = "orders"
+changed = ["total"]
+keys = [{ template = "order:{id}:status", changed = ["status"] }, "order:{id}"]
+"#,
+    )]);
+    let output = check_offline(dir.path());
+    let text = stderr(&output);
+    assert!(output.status.success(), "{text}");
+    assert!(
+        text.contains("orders.toml:5:")
+            && text.contains("warning: key `order:{id}:status` names changed column status, which the entry's changed leaves out"),
+        "{text}"
+    );
+    assert!(!text.contains("`order:{id}` names"), "{text}");
+}
+
+#[test]
+fn explain_evaluates_a_number_given_as_a_string_as_a_number_and_says_so() {
+    let dir = mapping_dir(&[(
+        "orders.toml",
+        r#"
+[[table]]
+name = "orders"
+keys = ["order:{id}", { template = "user:{user_id}:big", when = "total >= 100" }]
+"#,
+    )]);
+    let output = evictd(&[
+        "explain",
+        "--mappings",
+        dir.path().to_str().unwrap(),
+        "--table",
+        "orders",
+        "--op",
+        "insert",
+        "--new",
+        r#"{"id": 1, "user_id": 1, "total": "12.50"}"#,
+    ]);
+    let (out, err) = (stdout(&output), stderr(&output));
+    assert!(output.status.success(), "{out}{err}");
+    assert!(out.contains("UNLINK order:1"), "{out}");
+    assert!(!out.contains("user:1:big"), "12.50 is not >= 100: {out}");
+    assert!(
+        err.contains(r#"note: total: "12.50" was taken as a number"#),
+        "{err}"
+    );
+    // A number keeps its text: 12.50, not 12.5.
+    let output = evictd(&[
+        "explain",
+        "--mappings",
+        dir.path().to_str().unwrap(),
+        "--table",
+        "orders",
+        "--op",
+        "insert",
+        "--new",
+        r#"{"id": 12.50, "user_id": 1, "total": 250}"#,
+    ]);
+    let out = stdout(&output);
+    assert!(out.contains("UNLINK order:12.50"), "{out}");
+    assert!(out.contains("UNLINK user:1:big"), "{out}");
+}
+
+#[test]
+fn explain_says_which_step_of_a_json_path_was_missing() {
+    let dir = mapping_dir(&[(
+        "events.toml",
+        "[[table]]\nname = \"events\"\nkeys = [\"item:{payload.items.3.id}\"]\n",
+    )]);
+    let output = evictd(&[
+        "explain",
+        "--mappings",
+        dir.path().to_str().unwrap(),
+        "--table",
+        "events",
+        "--op",
+        "insert",
+        "--new",
+        r#"{"payload": {"items": [{"id": 1}]}}"#,
+    ]);
+    let err = stderr(&output);
+    assert!(
+        err.contains("`item:{payload.items.3.id}` skipped: payload is not NULL, but it has no `payload.items.3`"),
+        "{err}"
+    );
+}

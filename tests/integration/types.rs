@@ -300,6 +300,49 @@ const COLUMNS: &[Column] = &[
         ],
     ),
     column(
+        "jn",
+        "json",
+        r#""type":"string","name":"io.debezium.data.Json""#,
+        [
+            (
+                "{\"n\": 1E2, \"o\": {\"b\": 1,  \"a\": [1.50]}}",
+                r#""{\"n\": 1E2, \"o\": {\"b\": 1,  \"a\": [1.50]}}""#,
+                "{\"n\": 1E2, \"o\": {\"b\": 1,  \"a\": [1.50]}}",
+            ),
+            (
+                "{\"n\": 12345678901234567890.123}",
+                r#""{\"n\": 12345678901234567890.123}""#,
+                "{\"n\": 12345678901234567890.123}",
+            ),
+        ],
+    ),
+    column(
+        "jbn",
+        "jsonb",
+        r#""type":"string","name":"io.debezium.data.Json""#,
+        [
+            (
+                "{\"n\": 1.50, \"o\": {\"b\": 1, \"aa\": 2, \"a\": 0.000001}}",
+                r#""{\"n\": 1.50, \"o\": {\"a\": 0.000001, \"b\": 1, \"aa\": 2}}""#,
+                "{\"n\": 1.50, \"o\": {\"a\": 0.000001, \"b\": 1, \"aa\": 2}}",
+            ),
+            (
+                "{\"n\": 12345678901234567890.999}",
+                r#""{\"n\": 12345678901234567890.999}""#,
+                "{\"n\": 12345678901234567890.999}",
+            ),
+        ],
+    ),
+    column(
+        "df",
+        "date",
+        r#""type":"int32","name":"io.debezium.time.Date""#,
+        [
+            ("12024-01-31", "3672178", "12024-01-31"),
+            ("0001-01-01 BC", "-719528", "0001-01-01 BC"),
+        ],
+    ),
+    column(
         "ai",
         "integer[]",
         r#""type":"array","items":{"type":"int32","optional":true}"#,
@@ -349,11 +392,38 @@ const COLUMNS: &[Column] = &[
     ),
 ];
 
-/// The mapping: one key per column, `ty:{id}:<column>:{<column>}`.
+/// Placeholders that shape a column's value (a json path, a date
+/// truncation), and what each row renders, as the README's type table
+/// says: a json value as Postgres' own text of it (`#>>`), numbers never
+/// through a float; a date's year of any length, BC kept. `None`: no key
+/// (a path that leads nowhere, infinity is no date).
+const SHAPED: &[(&str, [Option<&str>; 2])] = &[
+    ("jn.n", [Some("1E2"), Some("12345678901234567890.123")]),
+    ("jn.o", [Some("{\"b\": 1,  \"a\": [1.50]}"), None]),
+    ("jn.o.a.0", [Some("1.50"), None]),
+    ("jbn.n", [Some("1.50"), Some("12345678901234567890.999")]),
+    (
+        "jbn.o",
+        [Some("{\"a\": 0.000001, \"b\": 1, \"aa\": 2}"), None],
+    ),
+    ("jbn.o.a", [Some("0.000001"), None]),
+    ("d|date", [Some("2024-01-31"), None]),
+    ("d2|date", [Some("0044-03-15 BC"), None]),
+    ("df|date", [Some("12024-01-31"), Some("0001-01-01 BC")]),
+    ("df|month", [Some("12024-01"), Some("0001-01 BC")]),
+];
+
+/// The mapping: one key per column, `ty:{id}:<column>:{<column>}`, and one
+/// per shaped placeholder, `sh:{id}:<placeholder>:{<placeholder>}`.
 fn mapping() -> String {
     let keys: Vec<String> = COLUMNS
         .iter()
         .map(|c| format!("\"ty:{{id}}:{0}:{{{0}}}\"", c.name))
+        .chain(
+            SHAPED
+                .iter()
+                .map(|(placeholder, _)| format!("\"sh:{{id}}:{placeholder}:{{{placeholder}}}\"")),
+        )
         .collect();
     format!(
         "[[table]]\nname = \"typed\"\nkeys = [{}]\n",
@@ -380,6 +450,11 @@ fn expected_keys() -> BTreeSet<String> {
     for (row, id) in [1, 2].into_iter().enumerate() {
         for c in COLUMNS {
             keys.insert(format!("ty:{id}:{}:{}", c.name, encoded(c.rows[row].2)));
+        }
+        for (placeholder, rendered) in SHAPED {
+            if let Some(text) = rendered[row] {
+                keys.insert(format!("sh:{id}:{placeholder}:{}", encoded(text)));
+            }
         }
     }
     keys
@@ -463,7 +538,11 @@ async fn every_type_renders_the_same_keys_from_both_sources() {
         columns.join(", ")
     );
     let mapping = mapping();
-    let postgres = Streaming::start(&schema, &[("typed.toml", &mapping)]).await;
+    // A key per column and per shaped placeholder, old and new row.
+    let limits = |config: &mut evictd::config::Config| {
+        config.mappings.limits.max_keys_per_change = 256;
+    };
+    let postgres = Streaming::start_with(&schema, &[("typed.toml", &mapping)], limits).await;
     let mut from_postgres = l1_messages(&postgres.config.redis.l1_channel).await;
     let rows: Vec<String> = [1, 2]
         .into_iter()
@@ -492,7 +571,8 @@ async fn every_type_renders_the_same_keys_from_both_sources() {
     let names = names();
     kafka().create_topic(&names.topic, 1).await.expect("topic");
     let dir = mapping_dir(&[("typed.toml", &mapping)]);
-    let config = kafka_config(&names, dir.path());
+    let mut config = kafka_config(&names, dir.path());
+    limits(&mut config);
     let mut from_kafka = l1_messages(&config.redis.l1_channel).await;
     let running = start(&config).await;
     for (row, id) in [1, 2].into_iter().enumerate() {

@@ -990,3 +990,193 @@ keys = [
     s.sync().await;
     assert_eq!(s.cached(&keys).await, ["event:other"]);
 }
+
+/// A table whose keys shape values (json numbers and objects, far and BC
+/// dates) and whose conditions compare numbers, for `explain` against
+/// `run`.
+const DOCS: &str = "
+    create table docs (
+        id bigint primary key,
+        total numeric(10,2),
+        status text,
+        payload jsonb,
+        d date
+    );
+    alter table docs replica identity full;
+    create publication evictd for table docs;
+";
+
+const DOCS_MAPPING: &str = r#"
+[[table]]
+name = "docs"
+keys = [
+    "doc:{id}",
+    "doc:n:{payload.n}",
+    "doc:o:{payload.o}",
+    "doc:day:{d|date}",
+    "doc:month:{d|month}",
+    { template = "doc:big:{id}", when = "total >= 100" },
+    { template = "doc:open:{status}", when = "status <> 'done' and total < 99.995" },
+]
+"#;
+
+/// One random row: values as Postgres prints them (jsonb already in its
+/// own text), and as `explain` is given them (numbers as strings, as the
+/// README's example does).
+fn random_doc(rng: &mut impl rand::Rng, id: u32) -> ([String; 4], String) {
+    fn pick(rng: &mut impl rand::Rng, options: &[Option<&'static str>]) -> Option<&'static str> {
+        options[rng.random_range(0..options.len())]
+    }
+    let total = pick(
+        rng,
+        &[
+            Some("12.50"),
+            Some("100.00"),
+            Some("99.99"),
+            Some("250.10"),
+            None,
+        ],
+    );
+    let status = pick(rng, &[Some("new"), Some("done"), None]);
+    let payload = pick(
+        rng,
+        &[
+            Some(r#"{"n": 1.50}"#),
+            Some(r#"{"n": 100}"#),
+            Some(r#"{"n": 12345678901234567890.123}"#),
+            Some(r#"{"o": {"a": 1, "b": [1, 2.0]}}"#),
+            Some(r#"{"m": 1}"#),
+            None,
+        ],
+    );
+    let d = pick(
+        rng,
+        &[
+            Some("2024-01-31"),
+            Some("12024-01-31"),
+            Some("0044-03-15 BC"),
+            None,
+        ],
+    );
+    let sql = |value: Option<&str>| value.map_or("null".to_owned(), |v| format!("'{v}'"));
+    // `total, status, payload, d` as SQL literals.
+    let values = [total, status, payload, d].map(sql);
+    // Written out, not through serde_json::Value: its numbers are floats.
+    let string = |value: Option<&str>| value.map_or("null".to_owned(), |v| format!("\"{v}\""));
+    let json = format!(
+        r#"{{"id": {id}, "total": {}, "status": {}, "payload": {}, "d": {}}}"#,
+        string(total),
+        string(status),
+        payload.unwrap_or("null"),
+        string(d)
+    );
+    (values, json)
+}
+
+/// The exact keys an `explain` prints (`UNLINK key  # file:line`).
+fn explained_keys(stdout: &str) -> std::collections::BTreeSet<String> {
+    stdout
+        .lines()
+        .filter_map(|line| line.strip_prefix("UNLINK "))
+        .filter(|rest| !rest.starts_with("MATCH "))
+        .map(|rest| rest.split("  #").next().unwrap_or(rest).trim().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn explain_prints_what_run_applies_for_random_changes() {
+    use futures_util::StreamExt as _;
+    use rand::{Rng as _, SeedableRng as _};
+
+    let s = Streaming::start(DOCS, &[("docs.toml", DOCS_MAPPING)]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = crate::support::run_config(
+        dir.path(),
+        &s.db,
+        &crate::support::stack().redis.url(),
+        DOCS_MAPPING,
+        "127.0.0.1:0",
+    );
+    let mappings = config.parent().unwrap().join("mappings");
+    let client = redis::Client::open(crate::support::stack().redis.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+    pubsub.subscribe(&s.config.redis.l1_channel).await.unwrap();
+    let mut messages = pubsub.on_message();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(34);
+    let mut rows: std::collections::HashMap<u32, String> = Default::default();
+    for round in 0..40 {
+        let id = rng.random_range(1..5);
+        let (op, sql, old, new) = match rows.get(&id).cloned() {
+            None => {
+                let ([total, status, payload, d], json) = random_doc(&mut rng, id);
+                let sql =
+                    format!("insert into docs values ({id}, {total}, {status}, {payload}, {d})");
+                ("insert", sql, None, Some(json))
+            }
+            Some(old) if rng.random_bool(0.25) => {
+                let sql = format!("delete from docs where id = {id}");
+                ("delete", sql, Some(old), None)
+            }
+            Some(old) => {
+                let ([total, status, payload, d], json) = random_doc(&mut rng, id);
+                let sql = format!(
+                    "update docs set total = {total}, status = {status}, payload = {payload}, d = {d} where id = {id}"
+                );
+                ("update", sql, Some(old), Some(json))
+            }
+        };
+        match &new {
+            Some(json) => rows.insert(id, json.clone()),
+            None => rows.remove(&id),
+        };
+        s.db.execute(&sql).await;
+        s.sync().await;
+        // What run applied: the keys of this transaction's broadcast (none
+        // when it invalidated nothing).
+        let mut applied = std::collections::BTreeSet::new();
+        if let Ok(Some(message)) =
+            tokio::time::timeout(std::time::Duration::from_millis(300), messages.next()).await
+        {
+            let payload: String = message.get_payload().unwrap();
+            let json: serde_json::Value = serde_json::from_str(&payload).unwrap();
+            applied.extend(
+                json["keys"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|k| k.as_str().unwrap().to_owned()),
+            );
+        }
+        let mut args = vec![
+            "explain".to_owned(),
+            "--mappings".into(),
+            mappings.display().to_string(),
+            "--table".into(),
+            "docs".into(),
+            "--op".into(),
+            op.into(),
+            "--config".into(),
+            config.display().to_string(),
+        ];
+        for (flag, row) in [("--old", &old), ("--new", &new)] {
+            if let Some(row) = row {
+                args.push(flag.into());
+                args.push(row.clone());
+            }
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let output = crate::support::evictd(&args);
+        let stdout = crate::support::stdout(&output);
+        assert!(
+            output.status.success(),
+            "{stdout}{}",
+            crate::support::stderr(&output)
+        );
+        assert_eq!(
+            explained_keys(&stdout),
+            applied,
+            "round {round}: {sql}\nexplain:\n{stdout}{}",
+            crate::support::stderr(&output)
+        );
+    }
+}
