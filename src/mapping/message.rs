@@ -241,7 +241,8 @@ pub struct Policy<'p> {
     pub scope: &'p Scope,
 }
 
-/// A message's content: the bare invalidation, or a signed envelope of it.
+/// A message's content: the bare invalidation (the lists), or a signed
+/// envelope of it (`body` and `hmac_sha256`), whose body is the lists.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Content {
@@ -255,18 +256,6 @@ struct Content {
     body: Option<String>,
     #[serde(default)]
     hmac_sha256: Option<String>,
-}
-
-/// The invalidation itself (a signed envelope's `body`).
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Body {
-    #[serde(default)]
-    keys: Option<Vec<String>>,
-    #[serde(default)]
-    tags: Option<Vec<String>>,
-    #[serde(default)]
-    prefixes: Option<Vec<String>>,
 }
 
 const NOT_AN_INVALIDATION: &str =
@@ -327,7 +316,7 @@ pub fn parse(
 
 /// The invalidation a message carries, once its signature verifies (or,
 /// without secrets, as it comes).
-fn authenticate(content: &[u8], secrets: &Secrets) -> Result<Body, Refusal> {
+fn authenticate(content: &[u8], secrets: &Secrets) -> Result<Content, Refusal> {
     let unauthenticated = |why: &str| {
         Refusal::Unauthenticated(format!(
             "{why}; with mappings.sql_messages_secret set, only messages signed by evictd_invalidate() are applied"
@@ -342,7 +331,7 @@ fn authenticate(content: &[u8], secrets: &Secrets) -> Result<Body, Refusal> {
             )))
         }
     };
-    let parsed: Content = match serde_json::from_str(text) {
+    let mut parsed: Content = match serde_json::from_str(text) {
         Ok(parsed) => parsed,
         Err(_) if !secrets.is_empty() => {
             return Err(unauthenticated("the content is not a signed envelope"))
@@ -350,15 +339,11 @@ fn authenticate(content: &[u8], secrets: &Secrets) -> Result<Body, Refusal> {
         Err(e) => return Err(Refusal::Malformed(format!("{NOT_AN_INVALIDATION}: {e}"))),
     };
     let lists = parsed.keys.is_some() || parsed.tags.is_some() || parsed.prefixes.is_some();
-    let body = match (parsed.body, parsed.hmac_sha256) {
+    let body = match (parsed.body.take(), parsed.hmac_sha256.take()) {
         (None, None) if !secrets.is_empty() => {
             return Err(unauthenticated("the message is not signed"))
         }
-        (None, None) => Body {
-            keys: parsed.keys,
-            tags: parsed.tags,
-            prefixes: parsed.prefixes,
-        },
+        (None, None) => parsed,
         (Some(body), Some(signature)) if !lists => {
             if !secrets.is_empty() {
                 let tag = hex(&signature).filter(|tag| tag.len() == 32);
@@ -373,8 +358,14 @@ fn authenticate(content: &[u8], secrets: &Secrets) -> Result<Body, Refusal> {
                     ));
                 }
             }
-            serde_json::from_str(&body)
-                .map_err(|e| Refusal::Malformed(format!("`body`: {NOT_AN_INVALIDATION}: {e}")))?
+            let inner: Content = serde_json::from_str(&body)
+                .map_err(|e| Refusal::Malformed(format!("`body`: {NOT_AN_INVALIDATION}: {e}")))?;
+            if inner.body.is_some() || inner.hmac_sha256.is_some() {
+                return Err(Refusal::Malformed(
+                    "`body` holds another envelope: it is the object of `keys`, `tags` and `prefixes`".into(),
+                ));
+            }
+            inner
         }
         _ if !secrets.is_empty() => {
             return Err(unauthenticated("the content is not a signed envelope"))
@@ -471,6 +462,17 @@ mod tests {
         Ok(actions.into_iter().map(|action| action.kind).collect())
     }
 
+    /// Parses without secrets, naming anything.
+    fn parse_open(content: &[u8], actions: &mut Vec<Action>) -> Result<(), Refusal> {
+        let secrets = Secrets::default();
+        let scope = scope_all();
+        let policy = Policy {
+            secrets: &secrets,
+            scope: &scope,
+        };
+        parse(content, policy, Limits::default(), OriginId(0), actions)
+    }
+
     fn parsed(content: &str) -> Result<Vec<ActionKind>, String> {
         parsed_with(content, &Secrets::default(), &scope_all()).map_err(|r| r.reason().to_owned())
     }
@@ -533,18 +535,7 @@ mod tests {
         assert!(error(&format!(r#"{{"keys": [{many}]}}"#)).contains("more than the 10000"));
         assert!(error(r#"{"body": "{}", "hmac_sha256": "00", "keys": []}"#)
             .starts_with("a signed message is exactly `body` and `hmac_sha256`"));
-        let mut actions = Vec::new();
-        let refusal = parse(
-            &[0xff],
-            Policy {
-                secrets: &Secrets::default(),
-                scope: &scope_all(),
-            },
-            Limits::default(),
-            OriginId(0),
-            &mut actions,
-        )
-        .unwrap_err();
+        let refusal = parse_open(&[0xff], &mut Vec::new()).unwrap_err();
         assert!(refusal.reason().starts_with("the content is not UTF-8"));
     }
 
@@ -665,16 +656,7 @@ prefixes = ["feed:{user_id}:"]
     #[test]
     fn nothing_is_appended_on_error() {
         let mut actions = Vec::new();
-        let _ = parse(
-            br#"{"keys": ["a", ""]}"#,
-            Policy {
-                secrets: &Secrets::default(),
-                scope: &scope_all(),
-            },
-            Limits::default(),
-            OriginId(0),
-            &mut actions,
-        );
+        let _ = parse_open(br#"{"keys": ["a", ""]}"#, &mut actions);
         assert!(actions.is_empty());
     }
 }

@@ -637,6 +637,22 @@ keys = [{ template = "order:{id}:status", changed = ["status"] }, "order:{id}"]
     assert!(!text.contains("`order:{id}` names"), "{text}");
 }
 
+/// `evictd explain` of inserting `new` into `table` with the mappings in
+/// `dir`.
+fn explain_insert(dir: &std::path::Path, table: &str, new: &str) -> std::process::Output {
+    evictd(&[
+        "explain",
+        "--mappings",
+        dir.to_str().unwrap(),
+        "--table",
+        table,
+        "--op",
+        "insert",
+        "--new",
+        new,
+    ])
+}
+
 #[test]
 fn explain_evaluates_a_number_given_as_a_string_as_a_number_and_says_so() {
     let dir = mapping_dir(&[(
@@ -647,17 +663,11 @@ name = "orders"
 keys = ["order:{id}", { template = "user:{user_id}:big", when = "total >= 100" }]
 "#,
     )]);
-    let output = evictd(&[
-        "explain",
-        "--mappings",
-        dir.path().to_str().unwrap(),
-        "--table",
+    let output = explain_insert(
+        dir.path(),
         "orders",
-        "--op",
-        "insert",
-        "--new",
         r#"{"id": 1, "user_id": 1, "total": "12.50"}"#,
-    ]);
+    );
     let (out, err) = (stdout(&output), stderr(&output));
     assert!(output.status.success(), "{out}{err}");
     assert!(out.contains("UNLINK order:1"), "{out}");
@@ -667,17 +677,11 @@ keys = ["order:{id}", { template = "user:{user_id}:big", when = "total >= 100" }
         "{err}"
     );
     // A number keeps its text: 12.50, not 12.5.
-    let output = evictd(&[
-        "explain",
-        "--mappings",
-        dir.path().to_str().unwrap(),
-        "--table",
+    let output = explain_insert(
+        dir.path(),
         "orders",
-        "--op",
-        "insert",
-        "--new",
         r#"{"id": 12.50, "user_id": 1, "total": 250}"#,
-    ]);
+    );
     let out = stdout(&output);
     assert!(out.contains("UNLINK order:12.50"), "{out}");
     assert!(out.contains("UNLINK user:1:big"), "{out}");
@@ -689,17 +693,11 @@ fn explain_says_which_step_of_a_json_path_was_missing() {
         "events.toml",
         "[[table]]\nname = \"events\"\nkeys = [\"item:{payload.items.3.id}\"]\n",
     )]);
-    let output = evictd(&[
-        "explain",
-        "--mappings",
-        dir.path().to_str().unwrap(),
-        "--table",
+    let output = explain_insert(
+        dir.path(),
         "events",
-        "--op",
-        "insert",
-        "--new",
         r#"{"payload": {"items": [{"id": 1}]}}"#,
-    ]);
+    );
     let err = stderr(&output);
     assert!(
         err.contains("`item:{payload.items.3.id}` skipped: payload is not NULL, but it has no `payload.items.3`"),

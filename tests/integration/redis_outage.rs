@@ -95,6 +95,31 @@ async fn nothing_is_acknowledged_while_redis_is_down() {
     evictd.stop().await.unwrap();
 }
 
+/// `evictd run` on `db` and `redis` with `mapping`, once ready: the
+/// process, its admin port, and the folder of its config.
+async fn run_ready(
+    db: &TestDb,
+    redis: &Redis,
+    mapping: &str,
+) -> (std::process::Child, u16, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let admin_port = free_port();
+    let config = run_config(
+        dir.path(),
+        db,
+        &redis.url(),
+        mapping,
+        &format!("127.0.0.1:{admin_port}"),
+    );
+    let child = spawn_run(&config);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while status_of(admin_port, "/readyz") != Some(200) {
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (child, admin_port, dir)
+}
+
 fn status_of(port: u16, path: &str) -> Option<u16> {
     http_get(port, path).map(|(status, _)| status)
 }
@@ -110,22 +135,8 @@ async fn twenty_seconds_without_redis_under_load() {
     let db = TestDb::new().await;
     db.execute("create table orders (id bigint primary key, status text not null); create publication evictd for table orders;")
         .await;
-    let dir = tempfile::tempdir().unwrap();
-    let admin_port = free_port();
     let mapping = "[[table]]\nname = \"orders\"\n[[table.refresh]]\nkey = \"order:{id}\"\ncolumns = [\"status\"]\n";
-    let config = run_config(
-        dir.path(),
-        &db,
-        &redis.url(),
-        mapping,
-        &format!("127.0.0.1:{admin_port}"),
-    );
-    let child = spawn_run(&config);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while status_of(admin_port, "/readyz") != Some(200) {
-        assert!(Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (child, admin_port, _dir) = run_ready(&db, &redis, mapping).await;
 
     let writer = db.client().await;
     let client = db.client().await;
@@ -207,23 +218,9 @@ async fn an_outage_behind_an_empty_batch_counts_failed_attempts() {
          insert into t values (1, 'a', 'x');",
     )
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let admin_port = free_port();
     // Updates of `w` render no key: their batch carries progress only.
     let mapping = "[[table]]\nname = \"t\"\nkeys = [\"t:{id}\"]\nchanged = [\"v\"]\n";
-    let config = run_config(
-        dir.path(),
-        &db,
-        &redis.url(),
-        mapping,
-        &format!("127.0.0.1:{admin_port}"),
-    );
-    let child = spawn_run(&config);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while status_of(admin_port, "/readyz") != Some(200) {
-        assert!(Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (child, admin_port, _dir) = run_ready(&db, &redis, mapping).await;
     let metrics = || http_get(admin_port, "/metrics").expect("/metrics").1;
     let errors = r#"evictd_redis_commands_total{outcome="error"}"#;
     let failures = "evictd_redis_failures_total";
