@@ -33,6 +33,9 @@ pub struct AdminState {
     pub source: watch::Receiver<SourceState>,
     /// What apply last saw of Redis (`None`: it answers).
     pub redis: watch::Receiver<Option<String>>,
+    /// Why a batch waits long for visibility on the primary (`None`: none
+    /// does).
+    pub visibility: Option<watch::Receiver<Option<String>>>,
     pub schema: watch::Receiver<Problems>,
     /// Which source, to say what "connecting" means.
     pub kind: SourceKind,
@@ -130,6 +133,9 @@ impl AdminState {
         }
         if let Some(reason) = &*self.redis.borrow() {
             return Err(format!("redis: {reason}"));
+        }
+        if let Some(reason) = self.visibility.as_ref().and_then(|v| v.borrow().clone()) {
+            return Err(reason);
         }
         match schema::readiness(&self.schema.borrow()) {
             None => Ok(()),

@@ -292,6 +292,9 @@ impl Checkpoint {
 /// from every source alike.
 #[derive(Debug, PartialEq)]
 pub enum Event {
+    /// A regular transaction begins (Postgres): its changes and its commit
+    /// follow. Sources without transactions send none.
+    Begin { xid: u32 },
     /// A row change; `stream` is `(xid, subxid)` inside a streamed
     /// transaction, whose changes must wait for its Stream Commit.
     Change {

@@ -623,6 +623,7 @@ fn run(path: &Path, until: Option<String>, reset: bool) -> anyhow::Result<ExitCo
             let admin = evictd::internal::AdminState {
                 source: running.source.clone(),
                 redis: running.redis.clone(),
+                visibility: Some(running.visibility.clone()),
                 schema: running.schema.clone(),
                 kind: config.source,
                 probe: Some(evictd::internal::RedisProbe::new(&config.redis)?),

@@ -167,6 +167,10 @@ pub struct Plan {
     pub stamp: Option<u64>,
     /// What the CDN targets purge once Redis applied the commands.
     pub purges: Purges,
+    /// The Postgres transactions (top-level xids) whose changes the plan
+    /// holds: its invalidations wait until each is visible to a new
+    /// snapshot on the primary (`postgres.visibility_gate`).
+    pub xids: Vec<u32>,
 }
 
 /// The surrogate keys a plan purges at every CDN target.
@@ -222,6 +226,11 @@ pub struct Planner {
     sent_time: Option<SystemTime>,
     changes: u64,
     tables: Option<Arc<[Arc<str>]>>,
+    /// Transactions whose changes are in the pending plan.
+    xids: Vec<u32>,
+    /// The transaction being pushed (Begin seen, its commit not yet): a
+    /// plan cut in its middle holds it, and so does the next.
+    open_xid: Option<u32>,
 }
 
 impl Planner {
@@ -327,7 +336,16 @@ impl Planner {
     /// `checkpoint` (taken in with the checkpoints before it, see
     /// [`Checkpoint::absorb`]). The batch's lag is measured from its oldest
     /// commit (Kafka's partitions are not in commit order among themselves).
+    /// A transaction begins: its changes follow until its commit.
+    pub fn begin(&mut self, xid: u32) {
+        self.open_xid = Some(xid);
+        if !self.xids.contains(&xid) {
+            self.xids.push(xid);
+        }
+    }
+
     pub fn commit(&mut self, checkpoint: Checkpoint, commit_time: Option<SystemTime>) {
+        self.open_xid = None;
         match &mut self.checkpoint {
             Some(pending) => pending.absorb(checkpoint),
             None => self.checkpoint = Some(checkpoint),
@@ -432,6 +450,7 @@ impl Planner {
             changes: std::mem::take(&mut self.changes),
             tables: self.tables.clone(),
             stamp: None,
+            xids: std::mem::replace(&mut self.xids, self.open_xid.into_iter().collect()),
         }
     }
 }

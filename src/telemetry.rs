@@ -20,6 +20,11 @@ pub const REDIS_COMMANDS: &str = "evictd_redis_commands_total";
 /// Failed attempts to apply a batch to Redis (each retry counts, whatever
 /// the batch holds): what `EvictdRedisFailing` watches.
 pub const REDIS_FAILURES: &str = "evictd_redis_failures_total";
+/// How long the batch at the head has waited for its transactions to
+/// become visible on the primary (0 when none waits).
+pub const VISIBILITY_WAIT: &str = "evictd_visibility_wait_seconds";
+/// Batches that had to wait for their transactions to become visible.
+pub const VISIBILITY_HELD: &str = "evictd_visibility_held_batches_total";
 /// Commands per applied batch.
 pub const BATCH_COMMANDS: &str = "evictd_batch_commands";
 /// Time to apply one batch, retries included.
@@ -292,6 +297,15 @@ pub fn describe() {
         LOG_LINES_DROPPED,
         "Log lines dropped because stderr could not take them"
     );
+    describe_gauge!(
+        VISIBILITY_WAIT,
+        Unit::Seconds,
+        "How long the batch at the head has waited for its transactions to become visible on the primary"
+    );
+    describe_counter!(
+        VISIBILITY_HELD,
+        "Batches that waited for their transactions to become visible on the primary"
+    );
     zero_counters();
     describe_counter!(KAFKA_RECORDS, "Kafka records taken, by outcome");
     describe_counter!(KAFKA_COMMITS, "Kafka offset commits to the group");
@@ -316,6 +330,7 @@ fn zero_counters() {
         CONSISTENCY_DROPPED,
         REDIS_FAILURES,
         LOG_LINES_DROPPED,
+        VISIBILITY_HELD,
     ] {
         counter!(name).increment(0);
     }

@@ -13,6 +13,7 @@ pub mod broadcast;
 pub mod cluster;
 pub mod redis;
 pub mod shared;
+pub mod visibility;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,6 +25,7 @@ use self::broadcast::Broadcast;
 use self::cluster::ClusterSink;
 use self::redis::StandaloneSink;
 use self::shared::{ApplyStats, Record};
+use self::visibility::Visibility;
 use crate::audit::Sampler;
 use crate::change::{Checkpoint, Lsn, Offsets};
 use crate::config::RedisConfig;
@@ -172,6 +174,15 @@ pub struct Extras {
     pub audit: Option<Sampler>,
     /// The CDN targets, purged after Redis (`[[purge]]`).
     pub purger: Option<crate::purge::Purger>,
+    /// The visibility gate (`postgres.visibility_gate`).
+    pub gate: Option<Visibility>,
+}
+
+/// What apply does around each plan besides Redis: the visibility gate
+/// before it, the checker's stamp and sample with it.
+struct Around {
+    audit: Option<Sampler>,
+    gate: Option<Visibility>,
 }
 
 /// How often an idle apply task checks that Redis answers (for readiness).
@@ -257,10 +268,14 @@ pub async fn run(
     stop: watch::Receiver<bool>,
     extras: Extras,
 ) -> Result<(), Error> {
-    let Extras { audit, purger } = extras;
+    let Extras {
+        audit,
+        purger,
+        gate,
+    } = extras;
     let Some(purger) = purger else {
         let next = Next::Publish(progress);
-        return apply(sink, plans, next, redis, lag, stop, audit).await;
+        return apply(sink, plans, next, redis, lag, stop, Around { audit, gate }).await;
     };
     let (queue, queued) = mpsc::channel(PURGE_QUEUE);
     let applying = apply(
@@ -270,7 +285,7 @@ pub async fn run(
         redis,
         lag,
         stop.clone(),
-        audit,
+        Around { audit, gate },
     );
     let purging = purge(purger, queued, progress, stop);
     tokio::pin!(applying, purging);
@@ -318,8 +333,12 @@ async fn apply(
     redis: watch::Sender<Option<String>>,
     lag: Arc<Mutex<Lag>>,
     mut stop: watch::Receiver<bool>,
-    mut audit: Option<Sampler>,
+    around: Around,
 ) -> Result<(), Error> {
+    let Around {
+        mut audit,
+        mut gate,
+    } = around;
     let mut ping = tokio::time::interval(IDLE_PING);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -344,6 +363,13 @@ async fn apply(
             }
         };
         ping.reset();
+        if let Some(gate) = gate.as_mut() {
+            if !plan.xids.is_empty() && !gate.wait(&plan.xids, &mut stop).await {
+                // Stopped while a transaction was not yet visible: not
+                // applied, not acknowledged, read again on the next start.
+                return Ok(());
+            }
+        }
         let Some(then) = next.reserve().await else {
             // The purge stage stopped.
             return Ok(());

@@ -198,6 +198,11 @@ pub struct PostgresConfig {
     pub create_slot: bool,
     /// Warn (log, `evictd status`) when the slot retains more WAL than this.
     pub max_retained_wal_mb: u64,
+    /// Apply a batch only once its transactions are visible to a new
+    /// snapshot on the primary.
+    pub visibility_gate: bool,
+    /// Past this wait for visibility, log it and fail readiness.
+    pub visibility_warn_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -499,6 +504,8 @@ impl Default for PostgresConfig {
             publication: "evictd".into(),
             create_slot: true,
             max_retained_wal_mb: 1024,
+            visibility_gate: true,
+            visibility_warn_ms: 5000,
         }
     }
 }

@@ -224,6 +224,12 @@ pub(super) fn read_postgres(
             defaults.max_retained_wal_mb,
             1..=1 << 30,
         ),
+        visibility_gate: section.or("visibility_gate", defaults.visibility_gate),
+        visibility_warn_ms: section.in_range(
+            "visibility_warn_ms",
+            defaults.visibility_warn_ms,
+            1..=86_400_000,
+        ),
     }
 }
 

@@ -221,6 +221,7 @@ impl Batcher {
                 .or_default() += 1;
         }
         match event {
+            Event::Begin { xid } => self.planner.begin(xid),
             Event::Change {
                 stream: None,
                 change,
@@ -273,6 +274,9 @@ impl Batcher {
                 commit_time,
             } => {
                 self.stats.transactions += 1;
+                // Open while its buffer is released: a plan cut in the
+                // middle holds it too.
+                self.planner.begin(xid);
                 if let Some(buffer) = self.streams.remove(&xid) {
                     self.release(xid, buffer, ready);
                 }
@@ -556,6 +560,35 @@ mod tests {
             ]
         );
         assert!(batcher.is_idle());
+    }
+
+    #[test]
+    fn a_plan_names_the_transactions_whose_changes_it_holds() {
+        let mut b = batcher(2, 100);
+        let mut ready = Vec::new();
+        // Transaction 7 is cut in its middle: both plans hold it.
+        b.push(Event::Begin { xid: 7 }, &mut ready);
+        for id in 0..3 {
+            b.push(insert(id, None), &mut ready);
+        }
+        b.push(commit(10), &mut ready);
+        b.push(Event::Begin { xid: 8 }, &mut ready);
+        b.push(insert(9, None), &mut ready);
+        b.push(commit(20), &mut ready);
+        ready.extend(b.take());
+        let xids: Vec<Vec<u32>> = ready.iter().map(|plan| plan.xids.clone()).collect();
+        assert_eq!(xids, [vec![7], vec![7, 8], vec![8]]);
+        // A streamed one is named by its commit.
+        b.push(insert(1, Some((9, 9))), &mut ready);
+        b.push(
+            Event::StreamCommit {
+                xid: 9,
+                checkpoint: Checkpoint::Lsn(Lsn(30)),
+                commit_time: None,
+            },
+            &mut ready,
+        );
+        assert_eq!(b.take().unwrap().xids, [9]);
     }
 
     #[test]

@@ -91,6 +91,9 @@ pub struct Running {
     pub source: watch::Receiver<SourceState>,
     /// Whether Redis answers (`None`) or why not.
     pub redis: watch::Receiver<Option<String>>,
+    /// Why a batch waits long for its transactions to become visible on
+    /// the primary (`None`: none does).
+    pub visibility: watch::Receiver<Option<String>>,
     /// What is wrong between the mappings and the live schema.
     pub schema: watch::Receiver<Problems>,
     /// What apply has finished.
@@ -225,6 +228,7 @@ pub(crate) struct Stages {
 pub(crate) struct Handles {
     source: watch::Receiver<SourceState>,
     redis: watch::Receiver<Option<String>>,
+    visibility: watch::Receiver<Option<String>>,
     schema: watch::Receiver<Problems>,
     progress: watch::Receiver<Progress>,
     acked: watch::Receiver<Lsn>,
@@ -275,6 +279,17 @@ impl Stages {
             stop_rx.clone(),
         );
         let purger = crate::purge::Purger::new(&config.purge)?;
+        let (visibility_tx, visibility_rx) = watch::channel(None);
+        let gate = match (&config.source, &config.postgres.url) {
+            (SourceKind::Postgres, Some(url)) if config.postgres.visibility_gate => {
+                Some(apply::visibility::Visibility::new(
+                    url.clone(),
+                    Duration::from_millis(config.postgres.visibility_warn_ms),
+                    visibility_tx,
+                ))
+            }
+            _ => None,
+        };
         let apply_task = tokio::spawn(apply::run(
             sink,
             plans_rx,
@@ -282,7 +297,11 @@ impl Stages {
             redis_tx,
             lag.clone(),
             stop_rx.clone(),
-            apply::Extras { audit, purger },
+            apply::Extras {
+                audit,
+                purger,
+                gate,
+            },
         ));
         let stages = Stages {
             plans: plans_tx,
@@ -298,6 +317,7 @@ impl Stages {
         let handles = Handles {
             source: source_rx,
             redis: redis_rx,
+            visibility: visibility_rx,
             schema: schema_rx,
             progress: progress_rx,
             acked: acked_rx,
@@ -316,6 +336,7 @@ impl Handles {
         Running {
             source: self.source,
             redis: self.redis,
+            visibility: self.visibility,
             schema: self.schema,
             progress: self.progress,
             acked: self.acked,

@@ -239,6 +239,7 @@ async fn admin() -> (u16, tokio::sync::watch::Sender<SourceState>) {
     let state = evictd::internal::AdminState {
         source,
         redis,
+        visibility: None,
         schema,
         kind: evictd::config::SourceKind::Kafka,
         probe: None,

@@ -1180,3 +1180,125 @@ async fn explain_prints_what_run_applies_for_random_changes() {
         );
     }
 }
+
+/// The reproduction of a commit that reaches the WAL before other sessions
+/// can see it: a synchronous standby that does not answer holds the
+/// committing session in COMMIT after its commit record is flushed and
+/// decoded. evictd must not invalidate until the commit is visible, or a
+/// reader that misses in between refills the cache with the old row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_held_by_a_synchronous_standby_is_invalidated_once_visible() {
+    use futures_util::StreamExt as _;
+
+    // A server of its own: synchronous_standby_names is server-wide.
+    let postgres = tokio::task::spawn_blocking(evictd::testkit::Postgres::start)
+        .await
+        .unwrap()
+        .expect("postgres");
+    let name = postgres.create_database().await.expect("database");
+    let db = crate::support::TestDb {
+        url: postgres.url(&name),
+        name,
+        prefix: format!("vis{}:", std::process::id()),
+    };
+    db.execute(
+        "create table orders (id bigint primary key, status text not null);
+         alter table orders replica identity full;
+         create publication evictd for table orders;
+         insert into orders values (1, 'new');",
+    )
+    .await;
+    let dir = crate::support::mapping_dir(&[(
+        "orders.toml",
+        "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\n",
+    )]);
+    let mut config = crate::support::streaming_config(&db, dir.path());
+    config.postgres.visibility_warn_ms = 200;
+    let evictd = evictd::testkit::Evictd::start(&config)
+        .await
+        .expect("start");
+    let mut cache = crate::support::Cache::new(&db.prefix).await;
+    cache.seed(&["order:1"]).await;
+    let client = redis::Client::open(crate::support::stack().redis.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+    pubsub.subscribe(&config.redis.l1_channel).await.unwrap();
+    let mut messages = pubsub.on_message();
+
+    // A standby named synchronous that never connects.
+    // ALTER SYSTEM runs outside a transaction block: a statement of its own.
+    db.execute("alter system set synchronous_standby_names = 'ghost'")
+        .await;
+    db.execute("select pg_reload_conf()").await;
+    let reader = db.client().await;
+    loop {
+        let row = reader
+            .query_one("show synchronous_standby_names", &[])
+            .await
+            .unwrap();
+        if row.get::<_, String>(0) == "ghost" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let writer = db.client().await;
+    writer
+        .batch_execute("set synchronous_commit = on")
+        .await
+        .unwrap();
+    let committing = tokio::spawn(async move {
+        writer
+            .batch_execute("update orders set status = 'refunded' where id = 1")
+            .await
+            .expect("the commit returns once the standby is no longer required");
+    });
+    // The commit is in the WAL and decoded; it is not yet visible.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert!(
+        !committing.is_finished(),
+        "the commit waits for the standby"
+    );
+    let status: String = reader
+        .query_one("select status from orders where id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "new", "other sessions still read the old row");
+    assert_eq!(
+        cache.cached(&["order:1"]).await,
+        ["order:1"],
+        "invalidated before the commit was visible"
+    );
+    let reason = evictd.running().visibility.borrow().clone();
+    assert!(
+        reason
+            .as_deref()
+            .is_some_and(|reason| reason.starts_with("visibility: transaction")),
+        "{reason:?}"
+    );
+
+    // The standby is no longer required: the commit returns, becomes
+    // visible, and only then is the key invalidated and broadcast. A plain
+    // reader that reads after the broadcast reads the new row.
+    db.execute("alter system reset synchronous_standby_names")
+        .await;
+    db.execute("select pg_reload_conf()").await;
+    committing.await.unwrap();
+    let broadcast = tokio::time::timeout(std::time::Duration::from_secs(10), messages.next())
+        .await
+        .expect("a broadcast")
+        .expect("subscribed");
+    let payload: String = broadcast.get_payload().unwrap();
+    assert!(payload.contains("order:1"), "{payload}");
+    let status: String = db
+        .client()
+        .await
+        .query_one("select status from orders where id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "refunded", "read after the broadcast");
+    evictd.sync().await.expect("sync");
+    assert!(cache.cached(&["order:1"]).await.is_empty());
+    assert_eq!(*evictd.running().visibility.borrow(), None);
+    evictd.stop().await.expect("stop");
+}

@@ -203,6 +203,7 @@ impl ChangeDecoder {
             Message::Begin { xid, .. } => {
                 self.in_txn = true;
                 self.txn_xid = Some(xid);
+                events.push(Event::Begin { xid });
             }
             Message::Commit {
                 end_lsn,
