@@ -19,7 +19,8 @@ use evictd::plan::plan_changes;
 #[command(
     name = "evictd",
     version,
-    about = "Keeps caches exact by following the database's change log"
+    about = "Keeps caches exact by following the database's change log",
+    after_help = "Relative paths inside a config file (mappings.dir, password_file, ca_file, cert_file, key_file, token_file, secret_file, sql_messages_secret_file, ...) are relative to the folder of that config file, not to the working directory."
 )]
 struct Cli {
     #[command(subcommand)]

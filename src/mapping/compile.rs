@@ -70,7 +70,7 @@ pub fn read_dir(dir: &Path) -> Result<DirFiles, Vec<Diagnostic>> {
         Err(error) => {
             let diagnostic = Diagnostic::general(format!(
                 "cannot read the mappings directory {}: {error}",
-                dir.display()
+                resolved(dir)
             ));
             if is_shortage(&error) {
                 return Ok(DirFiles {
@@ -94,7 +94,7 @@ pub fn read_dir(dir: &Path) -> Result<DirFiles, Vec<Diagnostic>> {
     if paths.is_empty() {
         return Err(vec![Diagnostic::general(format!(
             "no mapping files (*.toml) in {}",
-            dir.display()
+            resolved(dir)
         ))
         .help("add a file such as orders.toml with a [[table]] section")]);
     }
@@ -115,6 +115,17 @@ pub fn read_dir(dir: &Path) -> Result<DirFiles, Vec<Diagnostic>> {
         diagnostics,
         shortage,
     })
+}
+
+/// `dir` as given and, when relative, the absolute path it resolved to
+/// (a relative `mappings.dir` is relative to the config file's folder).
+fn resolved(dir: &Path) -> String {
+    match std::path::absolute(dir) {
+        Ok(absolute) if dir.is_relative() => {
+            format!("{} (resolved to {})", dir.display(), absolute.display())
+        }
+        _ => dir.display().to_string(),
+    }
 }
 
 /// `open(2)`'s `O_NONBLOCK` on Linux: opening a FIFO for reading then

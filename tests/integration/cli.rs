@@ -704,3 +704,32 @@ fn explain_says_which_step_of_a_json_path_was_missing() {
         "{err}"
     );
 }
+
+#[test]
+fn a_relative_mappings_dir_is_the_config_files_and_the_error_names_where_it_resolved() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("evictd.toml");
+    std::fs::write(
+        &config,
+        "[postgres]\nurl = \"postgres://evictd@db/app\"\n[mappings]\ndir = \"missing\"\n",
+    )
+    .expect("write config");
+    // From another working directory: the folder is the config file's.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_evictd"))
+        .args(["check", "--offline", "--config"])
+        .arg(&config)
+        .current_dir(std::env::temp_dir())
+        .output()
+        .expect("run evictd");
+    let text = format!("{}{}", stdout(&output), stderr(&output));
+    assert_eq!(output.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains(&format!("{}", dir.path().join("missing").display())),
+        "{text}"
+    );
+    let help = stdout(&evictd(&["--help"]));
+    assert!(
+        help.contains("relative to the folder of that config file"),
+        "{help}"
+    );
+}
