@@ -21,6 +21,10 @@
 //! lease lives in the cache key, so evictd's deletes void it as they are.
 //! The apply epoch (warming's one-pass check) adds one `SET` per batch.
 //!
+//! Each round drains with evictd twice, with the visibility gate
+//! (`postgres.visibility_gate`, the default) and without, in alternating
+//! order: the gate's cost, against a baseline of the same run.
+//!
 //! Run: `cargo bench --bench drain` (prints tables, then one JSON line);
 //! `EVICTD_BENCH=small,fanout` runs only those scenarios.
 
@@ -57,6 +61,9 @@ struct Measured {
 struct Round {
     recvlogical: Duration,
     evictd: Duration,
+    /// The same drain with `postgres.visibility_gate` off, right before or
+    /// after (alternating by round): the gate's cost.
+    ungated: Duration,
     /// Redis commands evictd sent in its drain.
     commands: u64,
     /// `redis-benchmark` UNLINK/s, the faster of a run right before and
@@ -286,13 +293,32 @@ fn report(results: &[Measured]) {
             "pg_recvlogical_changes_per_second": recv_rate,
             "evictd_changes_per_second": evictd_rate,
             "ratio": ratio,
+            "visibility_gate_over_none": median(m.rounds.iter().map(|r| r.ungated.as_secs_f64() / r.evictd.as_secs_f64()).collect()),
             "rounds": m.rounds.iter().map(|r| serde_json::json!({
                 "pg_recvlogical_seconds": r.recvlogical.as_secs_f64(),
                 "evictd_seconds": r.evictd.as_secs_f64(),
+                "evictd_without_visibility_gate_seconds": r.ungated.as_secs_f64(),
                 "ratio": r.ratio(),
             })).collect::<Vec<_>>(),
             "process_peak_rss_kib": m.evictd_peak_rss_kib,
         }));
+    }
+    for m in results {
+        let per_round: Vec<f64> = m
+            .rounds
+            .iter()
+            .map(|r| r.ungated.as_secs_f64() / r.evictd.as_secs_f64())
+            .collect();
+        println!(
+            "visibility gate: {} drains at {:.2}x the rate without it (median; per round: {})",
+            m.name,
+            median(per_round.clone()),
+            per_round
+                .iter()
+                .map(|ratio| format!("{ratio:.2}x"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
     }
     let by_name = |name: &str| results.iter().find(|m| m.name == name);
     if let (Some(plain), Some(when)) = (by_name("fanout"), by_name("fanout_when")) {
@@ -381,7 +407,7 @@ async fn measure(
     // Two slots per round, all created before the workload: every drain
     // reads the same WAL.
     for round in 0..rounds {
-        for reader in ["recv", "evictd"] {
+        for reader in ["recv", "evictd", "ungated"] {
             client
                 .query_one(
                     &format!(
@@ -420,15 +446,36 @@ async fn measure(
         // drain; the faster of the two counts (this shared VM's speed moves
         // from minute to minute, and the ratio should not flatter evictd).
         let unlink_before = fanout.then(|| redis_benchmark(redis, &["UNLINK", "key:__rand_int__"]));
-        config.postgres.slot = format!("{database}_evictd_{round}");
-        let (evictd, commands) = drain(scenario.name, &config, mappings.clone(), end, redis).await;
-        let acked = confirmed(&client, &config.postgres.slot).await;
-        assert!(acked >= end, "evictd acknowledged {acked}, short of {end}");
+        // With the visibility gate (the default) and without, in turn
+        // first: the gate's cost, measured beside it.
+        let mut gated = None;
+        let mut ungated = None;
+        for gate in if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        } {
+            let mut config = config.clone();
+            config.postgres.visibility_gate = gate;
+            let reader = if gate { "evictd" } else { "ungated" };
+            config.postgres.slot = format!("{database}_{reader}_{round}");
+            let drained = drain(scenario.name, &config, mappings.clone(), end, redis).await;
+            let acked = confirmed(&client, &config.postgres.slot).await;
+            assert!(acked >= end, "evictd acknowledged {acked}, short of {end}");
+            if gate {
+                gated = Some(drained);
+            } else {
+                ungated = Some(drained.0);
+            }
+        }
+        let (evictd, commands) = gated.expect("drained with the gate");
+        let ungated = ungated.expect("drained without the gate");
         let unlink_baseline = unlink_before
             .map(|before| before.max(redis_benchmark(redis, &["UNLINK", "key:__rand_int__"])));
         measured.push(Round {
             recvlogical,
             evictd,
+            ungated,
             commands,
             unlink_baseline,
         });

@@ -20,7 +20,9 @@
 //! `EVICTD_BENCH_NICE=N` runs pgbench at that niceness and
 //! `EVICTD_BENCH_WALSENDER_NICE=N` renices the walsender serving evictd, to
 //! tell CPU contention on a small machine from evictd's own latency;
-//! `EVICTD_BENCH_METRICS=1` prints the CPU each process used.
+//! `EVICTD_BENCH_METRICS=1` prints the CPU each process used;
+//! `EVICTD_BENCH_GATE=1` runs the half-rate pass with the visibility gate
+//! (`postgres.visibility_gate`) and without it, alternating twice.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -70,12 +72,24 @@ async fn main() {
         .ok()
         .and_then(|r| r.parse().ok())
     {
-        let fixed = run(&postgres, &redis, "fixed", Some(rate)).await;
+        let fixed = run(&postgres, &redis, "fixed", Some(rate), true).await;
         report(&[fixed]);
         return;
     }
-    let max = run(&postgres, &redis, "max", None).await;
-    let half = run(&postgres, &redis, "half", Some(max.rate / 2.0)).await;
+    let max = run(&postgres, &redis, "max", None, true).await;
+    // EVICTD_BENCH_GATE=1: at half the rate, with the visibility gate and
+    // without, alternating twice: the gate's cost to the lag.
+    if std::env::var_os("EVICTD_BENCH_GATE").is_some() {
+        let rate = Some(max.rate / 2.0);
+        let mut runs = vec![max];
+        for _ in 0..2 {
+            runs.push(run(&postgres, &redis, "gate", rate, true).await);
+            runs.push(run(&postgres, &redis, "nogate", rate, false).await);
+        }
+        report(&runs);
+        return;
+    }
+    let half = run(&postgres, &redis, "half", Some(max.rate / 2.0), true).await;
     report(&[max, half]);
 }
 
@@ -130,7 +144,13 @@ fn report(runs: &[Run]) {
     println!("{}", serde_json::Value::Array(json));
 }
 
-async fn run(postgres: &Postgres, redis: &Redis, name: &str, rate: Option<f64>) -> Run {
+async fn run(
+    postgres: &Postgres,
+    redis: &Redis,
+    name: &str,
+    rate: Option<f64>,
+    visibility_gate: bool,
+) -> Run {
     let database = postgres.create_database().await.unwrap();
     let url = postgres.url(&database);
     let admin = connect(&url).await;
@@ -151,6 +171,7 @@ async fn run(postgres: &Postgres, redis: &Redis, name: &str, rate: Option<f64>) 
         mappings_dir.path().to_path_buf(),
     );
     config.postgres.slot = format!("{database}_lag");
+    config.postgres.visibility_gate = visibility_gate;
     config.redis.prefix = format!("{database}:");
     let mappings =
         Arc::new(mapping::load_dir(mappings_dir.path(), config.mappings.limits).unwrap());

@@ -339,7 +339,9 @@ impl Planner {
     /// A transaction begins: its changes follow until its commit.
     pub fn begin(&mut self, xid: u32) {
         self.open_xid = Some(xid);
-        if !self.xids.contains(&xid) {
+        // Transactions come one after another: only the last can repeat
+        // (a streamed one, open while its buffer is released).
+        if self.xids.last() != Some(&xid) {
             self.xids.push(xid);
         }
     }
