@@ -858,19 +858,21 @@ async fn only_signed_messages_naming_what_is_allowed_are_applied() {
     );
 
     // The granted role's messages are signed and applied, within what the
-    // mappings render (order:..., user:...:orders); a key outside it is not.
+    // mappings render (order:..., user:...:orders); a key or a prefix
+    // outside it is not.
     let granted = connect_as(&s.db, &app).await;
     granted
         .batch_execute(
             "select evictd_invalidate(keys => array['order:3'], prefixes => array['user:1:']);
-             select evictd_invalidate(keys => array['report:1']);",
+             select evictd_invalidate(keys => array['report:1']);
+             select evictd_invalidate(prefixes => array['report:']);",
         )
         .await
         .expect("the granted role calls evictd_invalidate");
     s.sync().await;
     assert_eq!(s.cached(&keys).await, ["order:1", "order:2", "report:1"]);
     counted("unauthenticated", unauthenticated + 2).await;
-    counted("not_allowed", not_allowed + 1).await;
+    counted("not_allowed", not_allowed + 2).await;
     counted("applied", applied + 1).await;
 }
 
@@ -1205,7 +1207,7 @@ async fn a_commit_held_by_a_synchronous_standby_is_invalidated_once_visible() {
         "create table orders (id bigint primary key, status text not null);
          alter table orders replica identity full;
          create publication evictd for table orders;
-         insert into orders values (1, 'new');",
+         insert into orders values (1, 'new'), (2, 'new');",
     )
     .await;
     let dir = crate::support::mapping_dir(&[(
@@ -1247,7 +1249,7 @@ async fn a_commit_held_by_a_synchronous_standby_is_invalidated_once_visible() {
         .unwrap();
     let committing = tokio::spawn(async move {
         writer
-            .batch_execute("update orders set status = 'refunded' where id = 1")
+            .batch_execute("update orders set status = 'refunded' where id in (1, 2)")
             .await
             .expect("the commit returns once the standby is no longer required");
     });
@@ -1263,6 +1265,25 @@ async fn a_commit_held_by_a_synchronous_standby_is_invalidated_once_visible() {
         .unwrap()
         .get(0);
     assert_eq!(status, "new", "other sessions still read the old row");
+    // A fenced reader (the client crate) that misses now loads the old row
+    // and stores it: legitimately, the commit is not visible yet. The
+    // invalidation must come after this, not before.
+    let fenced = evictd_client::Cache::builder(crate::support::stack().redis.url())
+        .prefix(db.prefix.clone())
+        .build()
+        .await
+        .expect("a cache");
+    let loaded: Option<String> = fenced
+        .get_or_load("order:2", &[], || async {
+            let row = reader
+                .query_one("select status from orders where id = 2", &[])
+                .await
+                .expect("order 2");
+            Ok::<_, std::convert::Infallible>(Some(row.get::<_, String>(0)))
+        })
+        .await
+        .expect("get_or_load");
+    assert_eq!(loaded.as_deref(), Some("new"));
     assert_eq!(
         cache.cached(&["order:1"]).await,
         ["order:1"],
@@ -1298,7 +1319,9 @@ async fn a_commit_held_by_a_synchronous_standby_is_invalidated_once_visible() {
         .get(0);
     assert_eq!(status, "refunded", "read after the broadcast");
     evictd.sync().await.expect("sync");
-    assert!(cache.cached(&["order:1"]).await.is_empty());
+    // Exact once the commit returned: neither the seeded value nor the
+    // fenced reader's fill of the old row survives.
+    assert!(cache.cached(&["order:1", "order:2"]).await.is_empty());
     assert_eq!(*evictd.running().visibility.borrow(), None);
     evictd.stop().await.expect("stop");
 }
