@@ -280,8 +280,10 @@ impl Stages {
         );
         let purger = crate::purge::Purger::new(&config.purge)?;
         let (visibility_tx, visibility_rx) = watch::channel(None);
-        let gate = match (&config.source, &config.postgres.url) {
-            (SourceKind::Postgres, Some(url)) if config.postgres.visibility_gate => {
+        // With the Kafka source too, when a Postgres connection is
+        // configured: Debezium's events name their transaction (txId).
+        let gate = match &config.postgres.url {
+            Some(url) if config.postgres.visibility_gate => {
                 Some(apply::visibility::Visibility::new(
                     url.clone(),
                     Duration::from_millis(config.postgres.visibility_warn_ms),

@@ -684,3 +684,51 @@ async fn debezium_message_events_are_invalidations_from_sql() {
     );
     stop(running).await;
 }
+
+/// With a Postgres connection configured, a Debezium change waits until
+/// its transaction (`source.txId`) is visible on the primary: a running
+/// transaction stands in for one committed in the WAL but held in COMMIT.
+#[tokio::test]
+async fn with_a_postgres_connection_a_change_waits_for_its_transaction_to_be_visible() {
+    let names = names();
+    kafka().create_topic(&names.topic, 1).await.expect("topic");
+    let db = crate::support::TestDb::new().await;
+    let open = db.client().await;
+    open.batch_execute("begin").await.unwrap();
+    let xid: i64 = open
+        .query_one("select pg_current_xact_id()::text::bigint", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let dir = mapping_dir(&[("orders.toml", ORDERS)]);
+    let mut config = kafka_config(&names, dir.path());
+    config.postgres.url = Some(SecretUrl::parse(&db.url).unwrap());
+    config.postgres.visibility_warn_ms = 200;
+    let running = start(&config).await;
+    let mut cache = Cache::new(&names.prefix).await;
+    cache.seed(&["order:1"]).await;
+    let event = format!(
+        r#"{{"before":null,"after":{{"id":1,"customer_id":1,"status":"new"}},"source":{{"schema":"public","table":"orders","ts_ms":1706704500000,"txId":{xid}}},"op":"c"}}"#
+    );
+    produce(&names.topic, "1", Some(event.as_bytes())).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(
+        cache.cached(&["order:1"]).await,
+        ["order:1"],
+        "applied before transaction {xid} was visible"
+    );
+    let reason = running.running().visibility.borrow().clone();
+    assert!(
+        reason
+            .as_deref()
+            .is_some_and(|r| r.contains(&xid.to_string())),
+        "{reason:?}"
+    );
+    open.batch_execute("commit").await.unwrap();
+    running
+        .sync()
+        .await
+        .expect("applied and committed once visible");
+    assert!(cache.cached(&["order:1"]).await.is_empty());
+    stop(running).await;
+}

@@ -36,6 +36,9 @@ pub enum Decoded {
         change: RowChange,
         /// When the source database committed it (`source.ts_ms`).
         commit_time: Option<SystemTime>,
+        /// Its Postgres transaction (`source.txId`, low 32 bits: the xid
+        /// as the WAL names it), for the visibility gate.
+        xid: Option<u32>,
     },
     /// A null value: Kafka's tombstone after a delete, for log compaction.
     Tombstone,
@@ -118,6 +121,9 @@ struct Source<'a> {
     table: Option<Text<'a>>,
     #[serde(default)]
     ts_ms: Option<u64>,
+    /// The Postgres connector's transaction id (`source.txId`).
+    #[serde(rename = "txId", default)]
+    tx_id: Option<u64>,
 }
 
 /// A JSON string, borrowed unless it held escapes.
@@ -358,6 +364,9 @@ impl Decoder {
                 new,
             },
             commit_time,
+            // The low 32 bits are the xid, whatever epoch came with it.
+            #[allow(clippy::cast_possible_truncation)]
+            xid: source.tx_id.map(|tx_id| tx_id as u32),
         })
     }
 

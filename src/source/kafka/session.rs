@@ -286,7 +286,13 @@ impl Session {
             Ok(Decoded::Change {
                 change,
                 commit_time: committed,
+                xid,
             }) => {
+                // Its transaction, for the visibility gate (with a
+                // Postgres connection configured).
+                if let Some(xid) = xid {
+                    self.batcher.push(Change::Begin { xid }, &mut self.ready);
+                }
                 if let Some(timestamp) = timestamp {
                     self.batcher.note_sent(timestamp);
                 }
