@@ -792,14 +792,14 @@ struct CheckArgs {
 
 /// A warning (not a problem) per `prefixes` entry: each change walks the
 /// whole keyspace of every master.
-fn warn_about_prefixes(mappings: &Mappings) {
+fn warn_about_prefixes(mappings: &Mappings, warnings: &mut Vec<String>) {
     for mapping in mappings.tables() {
         for rule in &mapping.prefixes {
-            eprintln!(
+            warnings.push(format!(
                 "{}: warning: prefix `{}` deletes by SCAN, which walks every key of every master for each change; on a large keyspace prefer `tags` or `versions`",
                 mappings.origin(rule.origin).location,
                 rule.template.source()
-            );
+            ));
         }
     }
 }
@@ -807,7 +807,7 @@ fn warn_about_prefixes(mappings: &Mappings) {
 /// A warning per rule whose own `changed` names a column the entry's
 /// `changed` leaves out: the entry skips an update of that column alone,
 /// so the rule never fires for it.
-fn warn_about_narrowed_changed(mappings: &Mappings) {
+fn warn_about_narrowed_changed(mappings: &Mappings, warnings: &mut Vec<String>) {
     for mapping in mappings.tables() {
         let Some(entry) = &mapping.changed else {
             continue;
@@ -830,11 +830,11 @@ fn warn_about_narrowed_changed(mappings: &Mappings) {
                 continue;
             };
             for column in own.iter().filter(|column| !entry.contains(column)) {
-                eprintln!(
+                warnings.push(format!(
                     "{}: warning: {kind} `{}` names changed column {column}, which the entry's changed leaves out: the entry skips an update of {column} alone, so this {kind} never fires for it; add {column} to the entry's `changed`",
                     mappings.origin(rule.origin).location,
                     rule.template.source()
-                );
+                ));
             }
         }
     }
@@ -842,19 +842,22 @@ fn warn_about_narrowed_changed(mappings: &Mappings) {
 
 /// Warns when invalidations from SQL are on but not authenticated, and
 /// when a message secret cannot be read.
-fn warn_about_sql_messages(config: &Config) {
+fn warn_about_sql_messages(config: &Config, warnings: &mut Vec<String>) {
     let mappings = &config.mappings;
     if !mappings.sql_messages {
         return;
     }
     if mappings.sql_messages_secrets.is_empty() {
-        eprintln!("warning: {}", evictd::mapping::message::UNSIGNED_WARNING);
+        warnings.push(format!(
+            "warning: {}",
+            evictd::mapping::message::UNSIGNED_WARNING
+        ));
     }
     for secret in &mappings.sql_messages_secrets {
         if let Err(reason) = secret.read() {
-            eprintln!(
+            warnings.push(format!(
                 "warning: mappings.sql_messages_secret: {reason}: evictd run will refuse to start"
-            );
+            ));
         }
     }
 }
@@ -874,7 +877,7 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         .map_or_else(Limits::default, |c| c.mappings.limits);
     let mappings = match mapping::load_dir(&dir, limits) {
         Ok(mappings) => mappings,
-        Err(diagnostics) if args.json => return Ok(check_json(None, false, &diagnostics)),
+        Err(diagnostics) if args.json => return Ok(check_json(None, false, &diagnostics, &[])),
         Err(diagnostics) => return Ok(report(&diagnostics)),
     };
     let url = match (&args.database_url, &config) {
@@ -889,11 +892,15 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         mappings.tables().count(),
         mappings.file_count()
     );
+    let mut warnings = Vec::new();
+    warn_about_prefixes(&mappings, &mut warnings);
+    warn_about_narrowed_changed(&mappings, &mut warnings);
+    if let Some(config) = &config {
+        warn_about_sql_messages(config, &mut warnings);
+    }
     if !args.json {
-        warn_about_prefixes(&mappings);
-        warn_about_narrowed_changed(&mappings);
-        if let Some(config) = &config {
-            warn_about_sql_messages(config);
+        for warning in &warnings {
+            eprintln!("{warning}");
         }
     }
     let url = match url {
@@ -903,7 +910,7 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
                 eprintln!("note: live checks skipped: no database URL (give --config or --database-url, or --offline)");
             }
             if args.json {
-                return Ok(check_json(Some(&mappings), false, &[]));
+                return Ok(check_json(Some(&mappings), false, &[], &warnings));
             }
             println!("ok: {summary} (offline checks)");
             return Ok(ExitCode::SUCCESS);
@@ -918,7 +925,7 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         .build()?
         .block_on(live_check(&mappings, &url, &publication))?;
     if args.json {
-        return Ok(check_json(Some(&mappings), true, &diagnostics));
+        return Ok(check_json(Some(&mappings), true, &diagnostics, &warnings));
     }
     if !diagnostics.is_empty() {
         return Ok(report(&diagnostics));
@@ -929,7 +936,12 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
 
 /// `check --format json`: one object, and exit 2 when there are problems.
 /// `mappings` is `None` when they did not load.
-fn check_json(mappings: Option<&Mappings>, live: bool, diagnostics: &[Diagnostic]) -> ExitCode {
+fn check_json(
+    mappings: Option<&Mappings>,
+    live: bool,
+    diagnostics: &[Diagnostic],
+    warnings: &[String],
+) -> ExitCode {
     let problems: Vec<serde_json::Value> = diagnostics
         .iter()
         .map(|diagnostic| {
@@ -949,6 +961,7 @@ fn check_json(mappings: Option<&Mappings>, live: bool, diagnostics: &[Diagnostic
         "files": mappings.map(Mappings::file_count),
         "live": live,
         "problems": problems,
+        "warnings": warnings,
     });
     println!("{report}");
     if diagnostics.is_empty() {

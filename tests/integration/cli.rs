@@ -635,6 +635,23 @@ keys = [{ template = "order:{id}:status", changed = ["status"] }, "order:{id}"]
         "{text}"
     );
     assert!(!text.contains("`order:{id}` names"), "{text}");
+    // The same warning in JSON, for scripts.
+    let output = evictd(&[
+        "check",
+        "--mappings",
+        dir.path().to_str().unwrap(),
+        "--offline",
+        "--format",
+        "json",
+    ]);
+    let json: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    assert_eq!(json["ok"], true);
+    let warnings = json["warnings"].as_array().expect("warnings");
+    assert_eq!(warnings.len(), 1, "{json}");
+    assert!(warnings[0]
+        .as_str()
+        .unwrap()
+        .contains("names changed column status"));
 }
 
 /// `evictd explain` of inserting `new` into `table` with the mappings in
