@@ -477,11 +477,12 @@ pub(super) fn read_mappings(section: &mut Section<'_>, base_dir: &Path) -> Mappi
     let dir: PathBuf = section.or("dir", all_defaults.dir);
     let sql_messages = section.or("sql_messages", all_defaults.sql_messages);
     let mut sql_messages_secrets = Vec::new();
-    for (file_key, env_key) in [
-        ("sql_messages_secret_file", "sql_messages_secret_env"),
+    for (file_key, env_key, previous) in [
+        ("sql_messages_secret_file", "sql_messages_secret_env", false),
         (
             "sql_messages_previous_secret_file",
             "sql_messages_previous_secret_env",
+            true,
         ),
     ] {
         let file: Option<PathBuf> = section.or(file_key, None);
@@ -495,7 +496,7 @@ pub(super) fn read_mappings(section: &mut Section<'_>, base_dir: &Path) -> Mappi
             (None, Some(env)) => Secret::Env(env),
             (None, None) => continue,
         };
-        if sql_messages_secrets.is_empty() && file_key.contains("previous") {
+        if previous && sql_messages_secrets.is_empty() {
             section.problem(
                 file_key,
                 None,

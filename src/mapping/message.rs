@@ -27,6 +27,7 @@ use serde::Deserialize;
 
 use super::compile::Limits;
 use super::eval::{Action, ActionKind};
+use super::template::{escape_glob, glob_matches};
 use super::{Mappings, OriginId};
 
 /// The message prefix evictd reads; messages with any other prefix belong
@@ -100,7 +101,8 @@ impl Secrets {
 }
 
 /// `mappings.sql_messages_allow`: the patterns messages may name, `*`
-/// standing for any run of characters. A kind left out allows nothing.
+/// standing for any run of characters and `\` making the next character
+/// literal. A kind left out allows nothing.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AllowList {
@@ -135,12 +137,14 @@ impl AllowList {
     }
 }
 
-/// What messages may name, per kind, compiled.
+/// What messages may name, per kind: glob patterns as the L1 broadcast's
+/// (`*` any run of characters, `\\` makes the next one literal), matched
+/// with the same [`glob_matches`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Scope {
-    keys: Vec<Glob>,
-    tags: Vec<Glob>,
-    prefixes: Vec<Glob>,
+    keys: Vec<String>,
+    tags: Vec<String>,
+    prefixes: Vec<String>,
     /// Said in a refusal: where the bound comes from.
     from: &'static str,
 }
@@ -148,11 +152,10 @@ pub struct Scope {
 impl Scope {
     /// The patterns of `mappings.sql_messages_allow`.
     pub fn listed(list: &AllowList) -> Scope {
-        let globs = |patterns: &[String]| patterns.iter().map(|p| Glob::parse(p)).collect();
         Scope {
-            keys: globs(&list.keys),
-            tags: globs(&list.tags),
-            prefixes: globs(&list.prefixes),
+            keys: list.keys.clone(),
+            tags: list.tags.clone(),
+            prefixes: list.prefixes.clone(),
             from: "mappings.sql_messages_allow",
         }
     }
@@ -166,18 +169,13 @@ impl Scope {
         let mut tags = Vec::new();
         for table in mappings.tables() {
             let key_rules = table.keys.iter().chain(&table.prefixes);
-            keys.extend(key_rules.map(|rule| Glob::of_template(&rule.template)));
-            keys.extend(table.refresh.iter().map(|r| Glob::of_template(&r.key)));
-            tags.extend(
-                table
-                    .tags
-                    .iter()
-                    .map(|rule| Glob::of_template(&rule.template)),
-            );
+            keys.extend(key_rules.map(|rule| family(&rule.template)));
+            keys.extend(table.refresh.iter().map(|r| family(&r.key)));
+            tags.extend(table.tags.iter().map(|rule| family(&rule.template)));
         }
-        for globs in [&mut keys, &mut tags] {
-            globs.sort();
-            globs.dedup();
+        for patterns in [&mut keys, &mut tags] {
+            patterns.sort();
+            patterns.dedup();
         }
         Scope {
             prefixes: keys.clone(),
@@ -188,50 +186,25 @@ impl Scope {
     }
 
     fn allows(&self, kind: &str, entry: &str) -> bool {
-        let globs = match kind {
+        let patterns = match kind {
             "keys" => &self.keys,
             "tags" => &self.tags,
             _ => &self.prefixes,
         };
-        globs.iter().any(|glob| glob.matches(entry))
+        patterns.iter().any(|pattern| glob_matches(pattern, entry))
     }
 }
 
-/// A pattern whose `*` stands for any run of characters, kept as the
-/// literal parts between them.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct Glob(Box<[Box<str>]>);
-
-impl Glob {
-    fn parse(pattern: &str) -> Glob {
-        Glob(pattern.split('*').map(Box::from).collect())
+/// The glob of what `template` renders: its literal head followed by `*`,
+/// or exactly its text when it has no placeholder.
+fn family(template: &super::Template) -> String {
+    let (head, placeholders) = template.literal_head();
+    let mut pattern = String::with_capacity(head.len() + 1);
+    escape_glob(head, &mut pattern);
+    if placeholders {
+        pattern.push('*');
     }
-
-    fn of_template(template: &super::Template) -> Glob {
-        match template.literal_head() {
-            (head, true) => Glob(Box::new([head.into(), "".into()])),
-            (head, false) => Glob(Box::new([head.into()])),
-        }
-    }
-
-    fn matches(&self, text: &str) -> bool {
-        let Some((first, rest)) = self.0.split_first() else {
-            return text.is_empty();
-        };
-        let Some(mut text) = text.strip_prefix(&**first) else {
-            return false;
-        };
-        let Some((last, middle)) = rest.split_last() else {
-            return text.is_empty();
-        };
-        for part in middle {
-            match text.find(&**part) {
-                Some(at) => text = &text[at + part.len()..],
-                None => return false,
-            }
-        }
-        text.ends_with(&**last)
-    }
+    pattern
 }
 
 /// Whether messages are authenticated, and what they may name.
@@ -306,7 +279,7 @@ pub fn parse(
     tags.into_iter().for_each(|tag| push(ActionKind::Tag(tag)));
     for prefix in prefixes {
         let mut glob = String::with_capacity(prefix.len() + 1);
-        super::template::escape_glob(&prefix, &mut glob);
+        escape_glob(&prefix, &mut glob);
         glob.push('*');
         push(ActionKind::DeletePrefix(glob));
     }
@@ -387,10 +360,24 @@ fn authenticate(content: &[u8], secrets: &Secrets) -> Result<Content, Refusal> {
 /// envelope `{"body": ..., "hmac_sha256": ...}`, for applications that emit
 /// messages themselves.
 pub fn sign(secret: &[u8], body: &str) -> String {
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
-    let tag = ring::hmac::sign(&key, body.as_bytes());
-    let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let hex = hmac_sha256_hex(secret, &[body.as_bytes()]);
     serde_json::json!({"body": body, "hmac_sha256": hex}).to_string()
+}
+
+/// Lowercase hex of HMAC-SHA256 with `secret` over `parts`, one after the
+/// other: the signatures evictd makes (messages, webhook purges).
+pub(crate) fn hmac_sha256_hex(secret: &[u8], parts: &[&[u8]]) -> String {
+    use std::fmt::Write as _;
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let mut context = ring::hmac::Context::with_key(&key);
+    for part in parts {
+        context.update(part);
+    }
+    let mut hex = String::with_capacity(64);
+    for byte in context.sign().as_ref() {
+        let _ = write!(hex, "{byte:02x}");
+    }
+    hex
 }
 
 /// Bytes written as hexadecimal digits (either case), two per byte.
@@ -640,17 +627,11 @@ prefixes = ["feed:{user_id}:"]
     }
 
     #[test]
-    fn globs_match_their_literal_parts_in_order() {
-        let glob = |pattern: &str, text: &str| Glob::parse(pattern).matches(text);
-        assert!(glob("*", ""));
-        assert!(glob("a*", "a"));
-        assert!(!glob("a*", "ba"));
-        assert!(glob("*:x", "y:x"));
-        assert!(!glob("*:x", "y:x:z"));
-        assert!(glob("a*b*a", "aba"));
-        assert!(!glob("a*b*a", "ab"));
-        assert!(glob("ab", "ab"));
-        assert!(!glob("ab", "abc"));
+    fn a_template_family_is_its_escaped_literal_head() {
+        let family = |source: &str| family(&crate::mapping::Template::parse(source).unwrap());
+        assert_eq!(family("order:{id}"), "order:*");
+        assert_eq!(family("orders:all"), "orders:all");
+        assert_eq!(family("a*b:{id}"), "a\\*b:*");
     }
 
     #[test]

@@ -96,7 +96,7 @@ impl Transform {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 enum Truncation {
     Month,
     Day,
@@ -120,23 +120,13 @@ fn truncate(text: &str, to: Truncation) -> Option<std::borrow::Cow<'_, str>> {
                 .get(at + 1..at + 3)
                 .is_some_and(|two| two.iter().all(u8::is_ascii_digit))
     };
-    let month_end = year + 3;
-    if !digits(year, b'-') {
-        return None;
-    }
+    // `-MM` after the year, `-DD` after the month, ` HH` after the day.
+    let (month, day, hour) = (year + 3, year + 6, year + 9);
     let end = match to {
-        Truncation::Month => month_end,
-        Truncation::Day | Truncation::Hour => {
-            if !digits(month_end, b'-') {
-                return None;
-            }
-            let day_end = month_end + 3;
-            match to {
-                Truncation::Hour if digits(day_end, b' ') => day_end + 3,
-                Truncation::Hour => return None,
-                _ => day_end,
-            }
-        }
+        Truncation::Month if digits(year, b'-') => month,
+        Truncation::Day if digits(year, b'-') && digits(month, b'-') => day,
+        Truncation::Hour if digits(year, b'-') && digits(month, b'-') && digits(day, b' ') => hour,
+        _ => return None,
     };
     let head = &text[..end];
     if text.ends_with(" BC") {

@@ -22,7 +22,6 @@
 
 pub mod http;
 
-use std::fmt::Write as _;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
@@ -403,17 +402,7 @@ fn judge(kind: PurgeKind, response: &http::Response) -> Result<(), Failure> {
 /// Lowercase hex of HMAC-SHA256 over `<timestamp>.<body>` with `secret`:
 /// what a webhook receiver computes to verify a request.
 pub fn sign(secret: &[u8], timestamp: &str, body: &str) -> String {
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
-    let mut context = ring::hmac::Context::with_key(&key);
-    context.update(timestamp.as_bytes());
-    context.update(b".");
-    context.update(body.as_bytes());
-    let tag = context.sign();
-    let mut hex = String::with_capacity(64);
-    for byte in tag.as_ref() {
-        let _ = write!(hex, "{byte:02x}");
-    }
-    hex
+    crate::mapping::message::hmac_sha256_hex(secret, &[timestamp.as_bytes(), b".", body.as_bytes()])
 }
 
 #[cfg(test)]
