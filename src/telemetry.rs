@@ -337,11 +337,11 @@ fn zero_counters() {
     for outcome in ["ok", "error"] {
         counter!(REDIS_COMMANDS, "outcome" => outcome).increment(0);
     }
-    for outcome in ["applied", "invalid"] {
-        counter!(MAPPING_RELOADS, "outcome" => outcome).increment(0);
+    for outcome in crate::pipeline::reload::Outcome::ALL {
+        counter!(MAPPING_RELOADS, "outcome" => outcome.as_str()).increment(0);
     }
-    for outcome in ["consistent", "stale", "unverifiable"] {
-        counter!(CONSISTENCY_CHECKS, "outcome" => outcome).increment(0);
+    for outcome in crate::audit::Outcome::ALL {
+        counter!(CONSISTENCY_CHECKS, "outcome" => outcome.as_str()).increment(0);
     }
 }
 

@@ -63,13 +63,16 @@ struct Reloader {
 /// What became of a reload, the `outcome` of
 /// `evictd_mapping_reloads_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Outcome {
+pub(crate) enum Outcome {
     Applied,
     Invalid,
 }
 
 impl Outcome {
-    fn as_str(self) -> &'static str {
+    /// Every outcome, so that each is exported from the start.
+    pub(crate) const ALL: [Outcome; 2] = [Outcome::Applied, Outcome::Invalid];
+
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Outcome::Applied => "applied",
             Outcome::Invalid => "invalid",
