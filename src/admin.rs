@@ -36,6 +36,8 @@ pub struct AdminState {
     /// Why a batch waits long for visibility on the primary (`None`: none
     /// does).
     pub visibility: Option<watch::Receiver<Option<String>>>,
+    /// Why the read replicas hold batches too long (`None`: they keep up).
+    pub replicas: Option<watch::Receiver<Option<String>>>,
     pub schema: watch::Receiver<Problems>,
     /// Which source, to say what "connecting" means.
     pub kind: SourceKind,
@@ -136,6 +138,9 @@ impl AdminState {
         }
         if let Some(reason) = self.visibility.as_ref().and_then(|v| v.borrow().clone()) {
             return Err(reason);
+        }
+        if let Some(reason) = self.replicas.as_ref().and_then(|r| r.borrow().clone()) {
+            return Err(format!("replicas: {reason}"));
         }
         match schema::readiness(&self.schema.borrow()) {
             None => Ok(()),

@@ -625,6 +625,7 @@ fn run(path: &Path, until: Option<String>, reset: bool) -> anyhow::Result<ExitCo
                 source: running.source.clone(),
                 redis: running.redis.clone(),
                 visibility: Some(running.visibility.clone()),
+                replicas: Some(running.replicas.clone()),
                 schema: running.schema.clone(),
                 kind: config.source,
                 probe: Some(evictd::internal::RedisProbe::new(&config.redis)?),

@@ -162,6 +162,10 @@ pub struct Plan {
     /// The table of each origin of the mappings the plan was made with
     /// (see [`Mappings::origin_tables`]), to count invalidations by table.
     pub tables: Option<Arc<[Arc<str>]>>,
+    /// The pattern of each origin's template (see
+    /// [`Mappings::origin_patterns`]): what an exact key turns into when
+    /// it cannot be held key by key.
+    pub families: Option<Arc<[Option<Arc<str>>]>>,
     /// The apply stamp written before the plan's commands, while the
     /// consistency checker runs (set by the apply task; in the broadcast).
     pub stamp: Option<u64>,
@@ -226,6 +230,7 @@ pub struct Planner {
     sent_time: Option<SystemTime>,
     changes: u64,
     tables: Option<Arc<[Arc<str>]>>,
+    families: Option<Arc<[Option<Arc<str>>]>>,
     /// Transactions whose changes are in the pending plan.
     xids: Vec<u32>,
     /// The transaction being pushed (Begin seen, its commit not yet): a
@@ -242,6 +247,7 @@ impl Planner {
     pub fn for_mappings(mappings: &Mappings) -> Planner {
         Planner {
             tables: Some(mappings.origin_tables()),
+            families: Some(mappings.origin_patterns()),
             ..Planner::default()
         }
     }
@@ -451,6 +457,7 @@ impl Planner {
             sent_time: self.sent_time.take(),
             changes: std::mem::take(&mut self.changes),
             tables: self.tables.clone(),
+            families: self.families.clone(),
             stamp: None,
             xids: std::mem::replace(&mut self.xids, self.open_xid.into_iter().collect()),
         }

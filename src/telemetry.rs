@@ -25,6 +25,24 @@ pub const REDIS_FAILURES: &str = "evictd_redis_failures_total";
 pub const VISIBILITY_WAIT: &str = "evictd_visibility_wait_seconds";
 /// Batches that had to wait for their transactions to become visible.
 pub const VISIBILITY_HELD: &str = "evictd_visibility_held_batches_total";
+/// Whether evictd can read a read replica's replay position, by `replica`
+/// (1 yes, 0 no).
+pub const REPLICA_UP: &str = "evictd_replica_up";
+/// How long a replica has been short of the position the oldest held
+/// batch waits for, by `replica` (0 when it is not).
+pub const REPLICA_WAIT: &str = "evictd_replica_wait_seconds";
+/// Bytes of WAL a replica has still to replay to reach that position, by
+/// `replica`.
+pub const REPLICA_BEHIND: &str = "evictd_replica_behind_bytes";
+/// Second invalidations applied, by `outcome`: `replayed` (every replica
+/// had replayed the batch), `timed_out` (`postgres.replica_max_wait_ms`
+/// passed first).
+pub const REPLICA_INVALIDATIONS: &str = "evictd_replica_invalidations_total";
+/// Keys, tags and counters held for second invalidations.
+pub const REPLICA_HELD_KEYS: &str = "evictd_replica_held_keys";
+/// Keys held for a second invalidation that turned into their family's
+/// pattern because `postgres.replica_pending_keys` was reached.
+pub const REPLICA_FOLDED_KEYS: &str = "evictd_replica_folded_keys_total";
 /// Commands per applied batch.
 pub const BATCH_COMMANDS: &str = "evictd_batch_commands";
 /// Time to apply one batch, retries included.
@@ -306,6 +324,32 @@ pub fn describe() {
         VISIBILITY_HELD,
         "Batches that waited for their transactions to become visible on the primary"
     );
+    describe_gauge!(
+        REPLICA_UP,
+        "Whether the replay position of a read replica can be read (1) or not (0), by replica"
+    );
+    describe_gauge!(
+        REPLICA_WAIT,
+        Unit::Seconds,
+        "How long a read replica has been short of the position the oldest held batch waits for, by replica"
+    );
+    describe_gauge!(
+        REPLICA_BEHIND,
+        Unit::Bytes,
+        "WAL a read replica has still to replay to reach the position the oldest held batch waits for, by replica"
+    );
+    describe_counter!(
+        REPLICA_INVALIDATIONS,
+        "Second invalidations for read replicas, by outcome (replayed, timed_out)"
+    );
+    describe_gauge!(
+        REPLICA_HELD_KEYS,
+        "Keys, tags and counters held for second invalidations"
+    );
+    describe_counter!(
+        REPLICA_FOLDED_KEYS,
+        "Keys held for a second invalidation that turned into their family's pattern (postgres.replica_pending_keys reached)"
+    );
     zero_counters();
     describe_counter!(KAFKA_RECORDS, "Kafka records taken, by outcome");
     describe_counter!(KAFKA_COMMITS, "Kafka offset commits to the group");
@@ -331,8 +375,12 @@ fn zero_counters() {
         REDIS_FAILURES,
         LOG_LINES_DROPPED,
         VISIBILITY_HELD,
+        REPLICA_FOLDED_KEYS,
     ] {
         counter!(name).increment(0);
+    }
+    for outcome in ["replayed", "timed_out"] {
+        counter!(REPLICA_INVALIDATIONS, "outcome" => outcome).increment(0);
     }
     for outcome in ["ok", "error"] {
         counter!(REDIS_COMMANDS, "outcome" => outcome).increment(0);

@@ -12,6 +12,7 @@
 pub mod broadcast;
 pub mod cluster;
 pub mod redis;
+pub mod replica;
 pub mod shared;
 pub mod visibility;
 
@@ -24,8 +25,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use self::broadcast::Broadcast;
 use self::cluster::ClusterSink;
 use self::redis::StandaloneSink;
+use self::replica::{Release, Replicas};
 use self::shared::{ApplyStats, Record};
-use self::visibility::Visibility;
+use self::visibility::{Visibility, Waited};
 use crate::audit::Sampler;
 use crate::change::{Checkpoint, Lsn, Offsets};
 use crate::config::RedisConfig;
@@ -176,6 +178,9 @@ pub struct Extras {
     pub purger: Option<crate::purge::Purger>,
     /// The visibility gate (`postgres.visibility_gate`).
     pub gate: Option<Visibility>,
+    /// The read replicas each batch is invalidated again for
+    /// (`[[postgres.replica]]`).
+    pub replicas: Option<replica::Setup>,
 }
 
 /// What apply does around each plan besides Redis: the visibility gate
@@ -183,6 +188,7 @@ pub struct Extras {
 struct Around {
     audit: Option<Sampler>,
     gate: Option<Visibility>,
+    replicas: Option<replica::Setup>,
 }
 
 /// How often an idle apply task checks that Redis answers (for readiness).
@@ -272,10 +278,16 @@ pub async fn run(
         audit,
         purger,
         gate,
+        replicas,
     } = extras;
+    let around = Around {
+        audit,
+        gate,
+        replicas,
+    };
     let Some(purger) = purger else {
         let next = Next::Publish(progress);
-        return apply(sink, plans, next, redis, lag, stop, Around { audit, gate }).await;
+        return apply(sink, plans, next, redis, lag, stop, around).await;
     };
     let (queue, queued) = mpsc::channel(PURGE_QUEUE);
     let applying = apply(
@@ -285,7 +297,7 @@ pub async fn run(
         redis,
         lag,
         stop.clone(),
-        Around { audit, gate },
+        around,
     );
     let purging = purge(purger, queued, progress, stop);
     tokio::pin!(applying, purging);
@@ -338,13 +350,24 @@ async fn apply(
     let Around {
         mut audit,
         mut gate,
+        replicas,
     } = around;
+    let mut replicas: Option<Replicas<Applied>> = replicas.map(Replicas::start);
     let mut ping = tokio::time::interval(IDLE_PING);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let holding = replicas.as_ref().is_some_and(Replicas::is_holding);
+        let full = replicas.as_ref().is_some_and(Replicas::is_full);
         let mut plan = tokio::select! {
             biased;
-            request = plans.recv() => match request {
+            why = due(&mut replicas), if holding => {
+                let Some(replicas) = replicas.as_mut() else { continue };
+                if !release(replicas, why, &mut sink, &next, &redis, &mut stop).await? {
+                    return Ok(());
+                }
+                continue;
+            }
+            request = plans.recv(), if !full => match request {
                 Some(Request::Plan(plan)) => plan,
                 Some(Request::Read(key, answer)) => {
                     let _ = answer.send(read_with_retry(&mut sink, &key, &mut stop).await);
@@ -354,6 +377,8 @@ async fn apply(
                     sink.set_record(record);
                     continue;
                 }
+                // Batches still held were not acknowledged: they are read
+                // again on the next start.
                 None => return Ok(()),
             },
             _ = ping.tick() => {
@@ -363,50 +388,44 @@ async fn apply(
             }
         };
         ping.reset();
+        let mut position = None;
         if let Some(gate) = gate.as_mut() {
-            if !plan.xids.is_empty() && !gate.wait(&plan.xids, &mut stop).await {
+            match gate
+                .wait(&plan.xids, !plan.commands.is_empty(), &mut stop)
+                .await
+            {
+                Waited::Visible(at) => position = at,
                 // Stopped while a transaction was not yet visible: not
                 // applied, not acknowledged, read again on the next start.
-                return Ok(());
+                Waited::Stopped => return Ok(()),
             }
         }
-        let Some(then) = next.reserve().await else {
-            // The purge stage stopped.
-            return Ok(());
+        // With replicas, a batch is handed on when it is released.
+        let then = match replicas {
+            Some(_) => None,
+            None => match next.reserve().await {
+                Some(then) => Some(then),
+                // The purge stage stopped.
+                None => return Ok(()),
+            },
         };
         let started = Instant::now();
-        let mut backoff = Backoff::default();
         // With the checker on, the batch's apply stamp goes first, once.
         let mut stamp = None;
-        let stats = loop {
-            match attempt(&mut sink, &mut plan, audit.as_mut(), &mut stamp).await {
-                Ok(stats) => break stats,
-                Err(error) if error.is_transient() => {
-                    let delay = backoff.next_delay();
-                    let cause = error.cause();
-                    tracing::warn!(%error, %cause, retry_in = ?delay, "redis apply failed; retrying the batch");
-                    metrics::counter!(telemetry::REDIS_COMMANDS, "outcome" => "error")
-                        .increment(plan.commands.len() as u64);
-                    // An attempt, whatever the batch holds: an empty
-                    // (progress-only) batch at the head fails too.
-                    metrics::counter!(telemetry::REDIS_FAILURES).increment(1);
-                    redis.send_replace(Some(error.reason()));
-                    tokio::select! {
-                        biased;
-                        // Shutdown while Redis is away: abandon the batch;
-                        // it was never acknowledged, so it is replayed.
-                        _ = stop.wait_for(|stop| *stop) => return Ok(()),
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                }
-                Err(error) => {
-                    let cause = error.cause();
-                    tracing::error!(%error, %cause, "apply stops: this error is not worth retrying");
-                    return Err(error);
-                }
-            }
+        let Some(stats) = apply_retrying(
+            &mut sink,
+            &mut plan,
+            audit.as_mut(),
+            &mut stamp,
+            &redis,
+            &mut stop,
+        )
+        .await?
+        else {
+            // Stopped while Redis is away: abandoned; it was never
+            // acknowledged, so it is replayed.
+            return Ok(());
         };
-        redis.send_if_modified(|current| replace_if_changed(current, None));
         if let (Some(audit), Some(stamp)) = (&audit, stamp) {
             audit.offer(&plan, stamp);
         }
@@ -419,7 +438,94 @@ async fn apply(
             checkpoint: plan.checkpoint.take(),
             purges: std::mem::take(&mut plan.purges),
         };
-        then.deliver(applied);
+        match (then, replicas.as_mut()) {
+            (Some(then), _) => then.deliver(applied),
+            (None, Some(replicas)) => replicas.hold(&plan, position, applied),
+            (None, None) => {}
+        }
+    }
+}
+
+/// When the oldest batch held for the replicas may be released (never
+/// without replicas).
+async fn due(replicas: &mut Option<Replicas<Applied>>) -> Release {
+    match replicas {
+        Some(replicas) => replicas.due().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Releases the oldest held batch: applies its invalidations again, then
+/// hands it on. `false` when stopped first.
+async fn release(
+    replicas: &mut Replicas<Applied>,
+    why: Release,
+    sink: &mut RedisSink,
+    next: &Next,
+    redis: &watch::Sender<Option<String>>,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<bool, Error> {
+    let Some((again, applied)) = replicas.release(why) else {
+        return Ok(true);
+    };
+    if let Some(mut again) = again {
+        let Some(stats) = apply_retrying(sink, &mut again, None, &mut None, redis, stop).await?
+        else {
+            return Ok(false);
+        };
+        tracing::debug!(
+            commands = again.commands.len(),
+            keys = stats.keys,
+            ?why,
+            "applied a batch's second invalidation for the read replicas"
+        );
+    }
+    let Some(then) = next.reserve().await else {
+        return Ok(false);
+    };
+    then.deliver(applied);
+    Ok(true)
+}
+
+/// Applies `plan`, retrying transient errors; `None` when stopped while
+/// Redis is away.
+async fn apply_retrying(
+    sink: &mut RedisSink,
+    plan: &mut Plan,
+    mut audit: Option<&mut Sampler>,
+    stamp: &mut Option<u64>,
+    redis: &watch::Sender<Option<String>>,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<Option<ApplyStats>, Error> {
+    let mut backoff = Backoff::default();
+    loop {
+        match attempt(sink, plan, audit.as_deref_mut(), stamp).await {
+            Ok(stats) => {
+                redis.send_if_modified(|current| replace_if_changed(current, None));
+                return Ok(Some(stats));
+            }
+            Err(error) if error.is_transient() => {
+                let delay = backoff.next_delay();
+                let cause = error.cause();
+                tracing::warn!(%error, %cause, retry_in = ?delay, "redis apply failed; retrying the batch");
+                metrics::counter!(telemetry::REDIS_COMMANDS, "outcome" => "error")
+                    .increment(plan.commands.len() as u64);
+                // An attempt, whatever the batch holds: an empty
+                // (progress-only) batch at the head fails too.
+                metrics::counter!(telemetry::REDIS_FAILURES).increment(1);
+                redis.send_replace(Some(error.reason()));
+                tokio::select! {
+                    biased;
+                    _ = stop.wait_for(|stop| *stop) => return Ok(None),
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+            Err(error) => {
+                let cause = error.cause();
+                tracing::error!(%error, %cause, "apply stops: this error is not worth retrying");
+                return Err(error);
+            }
+        }
     }
 }
 

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use crate::change::Lsn;
 use crate::config::SecretUrl;
 use crate::telemetry;
 
@@ -87,12 +88,53 @@ impl Snapshot {
     }
 }
 
+/// Where the primary's WAL pages start, to read an insert position as the
+/// end of what precedes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct WalLayout {
+    block: u64,
+    segment: u64,
+}
+
+/// The size of a WAL page header: the long one opens a segment.
+const SHORT_PAGE_HEADER: u64 = 24;
+const LONG_PAGE_HEADER: u64 = 40;
+
+impl WalLayout {
+    /// `pg_current_wal_insert_lsn()` never names a page boundary: at one,
+    /// it points past the next page's header. A replica that replayed up
+    /// to the boundary has everything inserted before, yet reports the
+    /// boundary; so the position read is moved back over the header.
+    fn end_of_previous(self, insert: u64) -> u64 {
+        if self.segment > 0 && insert % self.segment == LONG_PAGE_HEADER {
+            insert - LONG_PAGE_HEADER
+        } else if self.block > 0 && insert % self.block == SHORT_PAGE_HEADER {
+            insert - SHORT_PAGE_HEADER
+        } else {
+            insert
+        }
+    }
+}
+
+/// A batch's transactions are visible on the primary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Waited {
+    /// With the primary's WAL position once they were (when asked for):
+    /// a replica that replayed up to it shows them too.
+    Visible(Option<u64>),
+    /// `stop` turned true first: the batch is neither applied nor
+    /// acknowledged.
+    Stopped,
+}
+
 /// The gate, with its connection to the primary.
 pub struct Visibility {
     url: SecretUrl,
-    client: Option<tokio_postgres::Client>,
-    /// The newest snapshot taken.
-    latest: Option<Snapshot>,
+    client: Option<(tokio_postgres::Client, WalLayout)>,
+    /// The newest snapshot taken, with the WAL position read after it.
+    latest: Option<(Snapshot, Option<u64>)>,
+    /// Whether each batch needs the position (read replicas wait for it).
+    positions: bool,
     /// Past this, a wait is logged and named on `/readyz`.
     warn_after: Duration,
     /// Why readiness fails (`None`: nothing waits long).
@@ -100,27 +142,41 @@ pub struct Visibility {
 }
 
 impl Visibility {
+    /// The gate; with `positions`, each wait also gives the primary's WAL
+    /// position at which the batch was visible.
     pub fn new(
         url: SecretUrl,
         warn_after: Duration,
         state: watch::Sender<Option<String>>,
+        positions: bool,
     ) -> Visibility {
         Visibility {
             url,
             client: None,
             latest: None,
+            positions,
             warn_after,
             state,
         }
     }
 
-    /// Waits until every transaction of `xids` is visible on the primary;
-    /// `false` when `stop` turned true first (the batch is then not
-    /// applied, nor acknowledged).
-    pub async fn wait(&mut self, xids: &[u32], stop: &mut watch::Receiver<bool>) -> bool {
-        if let Some(latest) = &self.latest {
-            if xids.iter().all(|xid| latest.precedes(*xid)) {
-                return true;
+    /// Waits until every transaction of `xids` is visible on the primary.
+    /// A batch that names none passes at once, unless a position is
+    /// wanted (`invalidates`, with replicas): then it is the one of a new
+    /// snapshot.
+    pub async fn wait(
+        &mut self,
+        xids: &[u32],
+        invalidates: bool,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Waited {
+        let positions = self.positions && invalidates;
+        if xids.is_empty() && !positions {
+            return Waited::Visible(None);
+        }
+        if let Some((latest, position)) = &self.latest {
+            if !xids.is_empty() && xids.iter().all(|xid| latest.precedes(*xid)) {
+                return Waited::Visible(*position);
             }
         }
         let started = Instant::now();
@@ -128,13 +184,13 @@ impl Visibility {
         let mut warned = false;
         let mut held = false;
         let waited = metrics::gauge!(telemetry::VISIBILITY_WAIT);
-        loop {
+        let position = loop {
             let why = match self.snapshot().await {
-                Ok(snapshot) => {
+                Ok((snapshot, position)) => {
                     let hidden = xids.iter().find(|xid| !snapshot.shows(**xid)).copied();
-                    self.latest = Some(snapshot);
+                    self.latest = Some((snapshot, position));
                     match hidden {
-                        None => break,
+                        None => break position,
                         Some(xid) => format!(
                             "transaction {xid} is committed in the WAL but not yet visible on the primary (a synchronous standby not answering?)"
                         ),
@@ -158,11 +214,11 @@ impl Visibility {
             }
             tokio::select! {
                 biased;
-                _ = stop.wait_for(|stop| *stop) => return false,
+                _ = stop.wait_for(|stop| *stop) => return Waited::Stopped,
                 () = tokio::time::sleep(pause) => {}
             }
             pause = (pause * 2).min(MAX_PAUSE);
-        }
+        };
         if held {
             waited.set(0.0);
             metrics::counter!(telemetry::VISIBILITY_HELD).increment(1);
@@ -171,23 +227,64 @@ impl Visibility {
             tracing::info!(waited = ?started.elapsed(), "the batch's transactions are visible; applying it");
             self.state.send_replace(None);
         }
-        true
+        Waited::Visible(position)
     }
 
-    async fn snapshot(&mut self) -> Result<Snapshot, String> {
+    /// A new snapshot, and when positions are wanted the WAL insert
+    /// position read after it (so at or past every commit it shows).
+    async fn snapshot(&mut self) -> Result<(Snapshot, Option<u64>), String> {
         if self.client.is_none() {
             let client = crate::catalog::connect(&self.url)
                 .await
                 .map_err(|e| e.to_string())?;
-            self.client = Some(client);
+            let layout = if self.positions {
+                let row = client
+                    .query_one(
+                        "select (select setting::bigint from pg_settings where name = 'wal_block_size'), \
+                                (select setting::bigint from pg_settings where name = 'wal_segment_size')",
+                        &[],
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let size = |index: usize| {
+                    row.get::<_, Option<i64>>(index)
+                        .and_then(|n| u64::try_from(n).ok())
+                };
+                WalLayout {
+                    block: size(0).unwrap_or(8192),
+                    segment: size(1).unwrap_or(16 << 20),
+                }
+            } else {
+                WalLayout {
+                    block: 0,
+                    segment: 0,
+                }
+            };
+            self.client = Some((client, layout));
         }
-        let client = self.client.as_ref().ok_or("no connection")?;
+        let (client, layout) = self.client.as_ref().ok_or("no connection")?;
+        let query = if self.positions {
+            // In this order: the position is read after the snapshot.
+            "select pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text"
+        } else {
+            "select pg_current_snapshot()::text, null::text"
+        };
         let row = client
-            .query_one("select pg_current_snapshot()::text", &[])
+            .query_one(query, &[])
             .await
             .map_err(|e| e.to_string())?;
         let text: String = row.get(0);
-        Snapshot::parse(&text).ok_or_else(|| format!("unexpected snapshot `{text}`"))
+        let snapshot =
+            Snapshot::parse(&text).ok_or_else(|| format!("unexpected snapshot `{text}`"))?;
+        let position = match row.get::<_, Option<String>>(1) {
+            None => None,
+            Some(text) => {
+                let lsn =
+                    Lsn::parse(&text).ok_or_else(|| format!("unexpected WAL position `{text}`"))?;
+                Some(layout.end_of_previous(lsn.0))
+            }
+        };
+        Ok((snapshot, position))
     }
 }
 
@@ -221,6 +318,19 @@ mod tests {
         assert_eq!(snapshot.full(10), xmax);
         assert!(!snapshot.shows(10));
         assert!(!snapshot.shows(11));
+    }
+
+    #[test]
+    fn an_insert_position_past_a_page_header_is_read_as_the_boundary() {
+        let layout = WalLayout {
+            block: 8192,
+            segment: 16 << 20,
+        };
+        assert_eq!(layout.end_of_previous(3 * 8192 + 24), 3 * 8192);
+        assert_eq!(layout.end_of_previous((5 << 24) + 40), 5 << 24);
+        // Inside a page, or 40 bytes into a page that opens no segment.
+        assert_eq!(layout.end_of_previous(3 * 8192 + 48), 3 * 8192 + 48);
+        assert_eq!(layout.end_of_previous(3 * 8192 + 40), 3 * 8192 + 40);
     }
 
     #[test]

@@ -203,6 +203,24 @@ pub struct PostgresConfig {
     pub visibility_gate: bool,
     /// Past this wait for visibility, log it and fail readiness.
     pub visibility_warn_ms: u64,
+    /// `[[postgres.replica]]`: the read replicas applications read from;
+    /// each batch is invalidated again once every one has replayed it.
+    pub replicas: Vec<ReplicaConfig>,
+    /// Longest a second invalidation waits for the replicas; past it, it
+    /// is applied anyway, and the replica that holds it is named on
+    /// `/readyz`.
+    pub replica_max_wait_ms: u64,
+    /// Most keys held for second invalidations; past it, what is held
+    /// turns into the key families' patterns.
+    pub replica_pending_keys: usize,
+}
+
+/// One `[[postgres.replica]]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReplicaConfig {
+    /// How metrics, logs and `/readyz` name it (default: its host:port).
+    pub name: String,
+    pub url: SecretUrl,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -379,6 +397,10 @@ impl SecretUrl {
         self.0.host_str()
     }
 
+    pub fn port(&self) -> Option<u16> {
+        self.0.port()
+    }
+
     pub fn has_password(&self) -> bool {
         self.0.password().is_some()
     }
@@ -506,6 +528,9 @@ impl Default for PostgresConfig {
             max_retained_wal_mb: 1024,
             visibility_gate: true,
             visibility_warn_ms: 5000,
+            replicas: Vec::new(),
+            replica_max_wait_ms: 30_000,
+            replica_pending_keys: 100_000,
         }
     }
 }

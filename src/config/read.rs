@@ -8,8 +8,8 @@ use serde::de::DeserializeOwned;
 
 use super::{
     AdminConfig, AuditConfig, BadRecordPolicy, BatchConfig, KafkaConfig, KafkaProperties,
-    MappingsConfig, PostgresConfig, PurgeKind, PurgeTarget, RedisConfig, Secret, SecretUrl,
-    SourceKind, WarmConfig,
+    MappingsConfig, PostgresConfig, PurgeKind, PurgeTarget, RedisConfig, ReplicaConfig, Secret,
+    SecretUrl, SourceKind, WarmConfig,
 };
 use crate::change::is_identifier;
 use crate::mapping::diagnostic::did_you_mean;
@@ -114,6 +114,24 @@ impl<'p> Section<'p> {
         }
     }
 
+    /// The field's raw value, to be read as sections of its own
+    /// ([`Section::nested`]).
+    fn take(&mut self, key: &'static str) -> Option<config::Value> {
+        self.known.push(key);
+        self.fields.remove(key)
+    }
+
+    /// A section inside this one (`postgres.replica[0]`), reporting into
+    /// the same problems.
+    fn nested(&mut self, name: String, value: config::Value) -> Section<'_> {
+        Section::new(
+            format!("{}.{name}", self.name),
+            Path::new(&self.file),
+            Some(value),
+            self.problems,
+        )
+    }
+
     /// Reports that `key`, which must be set, is not.
     fn require(&mut self, key: &'static str, what: &str) {
         self.problems
@@ -197,7 +215,7 @@ pub(super) fn read_postgres(
         );
     }
     let defaults = PostgresConfig::default();
-    PostgresConfig {
+    let config = PostgresConfig {
         url,
         slot: section.parse("slot", defaults.slot, |slot: String| {
             let valid = !slot.is_empty()
@@ -230,7 +248,92 @@ pub(super) fn read_postgres(
             defaults.visibility_warn_ms,
             1..=86_400_000,
         ),
+        replicas: read_replicas(section, base_dir),
+        replica_max_wait_ms: section.in_range(
+            "replica_max_wait_ms",
+            defaults.replica_max_wait_ms,
+            1..=86_400_000,
+        ),
+        replica_pending_keys: usize::try_from(section.in_range(
+            "replica_pending_keys",
+            defaults.replica_pending_keys as u64,
+            1..=100_000_000,
+        ))
+        .unwrap_or(defaults.replica_pending_keys),
+    };
+    if !config.replicas.is_empty() {
+        // A second invalidation waits for the primary's WAL position once
+        // the batch is visible there: the gate's connection takes it.
+        if config.url.is_none() {
+            section.problem(
+                "replica",
+                None,
+                "read replicas need postgres.url (the primary), where each batch's position is taken",
+            );
+        }
+        if !config.visibility_gate {
+            section.problem(
+                "replica",
+                None,
+                "read replicas need postgres.visibility_gate = true: a batch is invalidated again once the replicas replayed the primary's position at which it became visible",
+            );
+        }
     }
+    config
+}
+
+/// `[[postgres.replica]]`: the read replicas, each a section of its own
+/// (`postgres.replica[0]`, ...).
+fn read_replicas(section: &mut Section<'_>, base_dir: &Path) -> Vec<ReplicaConfig> {
+    let Some(value) = section.take("replica") else {
+        return Vec::new();
+    };
+    let Ok(entries) = value.into_array() else {
+        section.problem(
+            "replica",
+            None,
+            "must be an array of tables: write `[[postgres.replica]]`, not `[postgres.replica]`",
+        );
+        return Vec::new();
+    };
+    let mut replicas: Vec<ReplicaConfig> = Vec::new();
+    for (index, entry) in entries.into_iter().enumerate() {
+        let mut replica = section.nested(format!("replica[{index}]"), entry);
+        let url = replica.parse("url", None, |text: String| {
+            let url = SecretUrl::parse(&text)?;
+            match url.scheme() {
+                "postgres" | "postgresql" => Ok(Some(url)),
+                other => Err(format!(
+                    "scheme `{other}` is not postgres:// or postgresql://"
+                )),
+            }
+        });
+        let Some(url) = url else {
+            replica.require(
+                "url",
+                "the replica's URL, e.g. postgres://evictd@replica-1/app",
+            );
+            continue;
+        };
+        let url = password_file(&mut replica, base_dir, url);
+        let default_name = match (url.host(), url.port()) {
+            (Some(host), Some(port)) => format!("{host}:{port}"),
+            (Some(host), None) => host.to_owned(),
+            _ => format!("replica{index}"),
+        };
+        let name = replica.or("name", default_name);
+        replicas.push(ReplicaConfig { name, url });
+    }
+    let mut names: Vec<&str> = replicas.iter().map(|r| r.name.as_str()).collect();
+    names.sort_unstable();
+    if let Some(pair) = names.windows(2).find(|pair| pair[0] == pair[1]) {
+        let message = format!(
+            "two replicas are named `{}`; give each a `name` of its own",
+            pair[0]
+        );
+        section.problem("replica", None, message);
+    }
+    replicas
 }
 
 pub(super) fn read_kafka(

@@ -6,6 +6,8 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use evictd_client::protocol::VERSION_NAMESPACE;
+
 use super::condition::Condition;
 use super::diagnostic::{did_you_mean, Diagnostic, Location, SourceFile};
 use super::spec::{self, KeySpec, Located, RefreshSpec, TableSpec, WarmSpec};
@@ -252,10 +254,12 @@ pub fn load_files(
         builder
             .origin_tables
             .push(super::message::ORIGIN_TABLE.into());
+        let origin_patterns = origin_patterns(&builder.tables, builder.origins.len());
         Ok(Mappings {
             tables: builder.tables,
             origins: builder.origins,
             origin_tables: builder.origin_tables.into(),
+            origin_patterns,
             files: files.len(),
             limits,
         })
@@ -268,6 +272,33 @@ pub fn load_files(
         });
         Err(diagnostics)
     }
+}
+
+/// The pattern of each origin's template, indexed by [`OriginId`]: what
+/// stands for every key (tag, counter) the rule can render.
+fn origin_patterns(
+    tables: &HashMap<TableName, TableMapping>,
+    origins: usize,
+) -> Arc<[Option<Arc<str>>]> {
+    let mut patterns: Vec<Option<Arc<str>>> = vec![None; origins];
+    let mut set = |origin: OriginId, pattern: String| {
+        if let Some(slot) = patterns.get_mut(origin.0 as usize) {
+            *slot = Some(pattern.into());
+        }
+    };
+    for mapping in tables.values() {
+        for rule in mapping.keys.iter().chain(&mapping.tags) {
+            set(rule.origin, rule.template.pattern(|_| None));
+        }
+        for rule in &mapping.versions {
+            let pattern = rule.template.pattern(|_| None);
+            set(rule.origin, format!("{VERSION_NAMESPACE}{pattern}"));
+        }
+        for refresh in &mapping.refresh {
+            set(refresh.origin, refresh.key.pattern(|_| None));
+        }
+    }
+    patterns.into()
 }
 
 struct Builder {

@@ -39,6 +39,9 @@ pub struct Mappings {
     origins: Vec<Origin>,
     /// The table (`schema.table`) each origin's rule belongs to.
     origin_tables: Arc<[Arc<str>]>,
+    /// The pattern of each origin's template (`None`: a prefix, a SQL
+    /// message), indexed by [`OriginId`].
+    origin_patterns: Arc<[Option<Arc<str>>]>,
     files: usize,
     limits: Limits,
 }
@@ -68,6 +71,13 @@ impl Mappings {
     /// carry it so that what they invalidate is counted by table.
     pub fn origin_tables(&self) -> Arc<[Arc<str>]> {
         self.origin_tables.clone()
+    }
+
+    /// The pattern of each origin's template, indexed by [`OriginId`]:
+    /// plans carry it so that exact keys held too long can turn into the
+    /// pattern of their family (a second invalidation for read replicas).
+    pub fn origin_patterns(&self) -> Arc<[Option<Arc<str>>]> {
+        self.origin_patterns.clone()
     }
 
     /// How many mapping files the tables came from.

@@ -94,6 +94,9 @@ pub struct Running {
     /// Why a batch waits long for its transactions to become visible on
     /// the primary (`None`: none does).
     pub visibility: watch::Receiver<Option<String>>,
+    /// Why the read replicas hold batches too long, or cannot be asked
+    /// (`None`: they keep up, or there are none).
+    pub replicas: watch::Receiver<Option<String>>,
     /// What is wrong between the mappings and the live schema.
     pub schema: watch::Receiver<Problems>,
     /// What apply has finished.
@@ -229,6 +232,7 @@ pub(crate) struct Handles {
     source: watch::Receiver<SourceState>,
     redis: watch::Receiver<Option<String>>,
     visibility: watch::Receiver<Option<String>>,
+    replicas: watch::Receiver<Option<String>>,
     schema: watch::Receiver<Problems>,
     progress: watch::Receiver<Progress>,
     acked: watch::Receiver<Lsn>,
@@ -288,10 +292,13 @@ impl Stages {
                     url.clone(),
                     Duration::from_millis(config.postgres.visibility_warn_ms),
                     visibility_tx,
+                    !config.postgres.replicas.is_empty(),
                 ))
             }
             _ => None,
         };
+        let (replicas_tx, replicas_rx) = watch::channel(None);
+        let replicas = apply::replica::Setup::new(&config.postgres, replicas_tx);
         let apply_task = tokio::spawn(apply::run(
             sink,
             plans_rx,
@@ -303,6 +310,7 @@ impl Stages {
                 audit,
                 purger,
                 gate,
+                replicas,
             },
         ));
         let stages = Stages {
@@ -320,6 +328,7 @@ impl Stages {
             source: source_rx,
             redis: redis_rx,
             visibility: visibility_rx,
+            replicas: replicas_rx,
             schema: schema_rx,
             progress: progress_rx,
             acked: acked_rx,
@@ -339,6 +348,7 @@ impl Handles {
             source: self.source,
             redis: self.redis,
             visibility: self.visibility,
+            replicas: self.replicas,
             schema: self.schema,
             progress: self.progress,
             acked: self.acked,

@@ -240,6 +240,7 @@ async fn admin() -> (u16, tokio::sync::watch::Sender<SourceState>) {
         source,
         redis,
         visibility: None,
+        replicas: None,
         schema,
         kind: evictd::config::SourceKind::Kafka,
         probe: None,
