@@ -91,6 +91,59 @@ impl Postgres {
             // does not name: for tests of host name checks.
             settings.push("listen_addresses=127.0.0.1,127.0.0.2".into());
         }
+        Postgres::launch(dir, bin_dir, as_postgres, settings)
+    }
+
+    /// A physical standby of this server (`pg_basebackup`, streaming its
+    /// WAL), which applies each commit `apply_delay` after the primary
+    /// (`recovery_min_apply_delay`): a read replica that lags. Read-only;
+    /// [`Postgres::url`] names the same databases as the primary's.
+    pub fn standby(&self, apply_delay: Duration) -> Result<Postgres, TestkitError> {
+        let dir = tempfile::Builder::new()
+            .prefix("evictd-pg-standby-")
+            .tempdir()
+            .map_err(|e| TestkitError::io("create a temporary directory", e))?;
+        reaper::reap_dir(dir.path());
+        if self.as_postgres {
+            run(
+                Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(dir.path()),
+                "chown the data directory",
+            )?;
+        }
+        let mut backup = command(&self.bin_dir, "pg_basebackup", self.as_postgres);
+        backup
+            .arg("-D")
+            .arg(dir.path().join("data"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args([
+                "-U",
+                "postgres",
+                "-X",
+                "stream",
+                "-R",
+                "-c",
+                "fast",
+                "--no-sync",
+            ]);
+        run(&mut backup, "pg_basebackup")?;
+        let mut settings = self.settings.clone();
+        settings.push(format!(
+            "recovery_min_apply_delay={}ms",
+            apply_delay.as_millis()
+        ));
+        settings.push("hot_standby=on".into());
+        Postgres::launch(dir, self.bin_dir.clone(), self.as_postgres, settings)
+    }
+
+    /// Starts the server of `dir` on a free port (three tries).
+    fn launch(
+        dir: TempDir,
+        bin_dir: PathBuf,
+        as_postgres: bool,
+        settings: Vec<String>,
+    ) -> Result<Postgres, TestkitError> {
         let mut last_error = None;
         for _ in 0..3 {
             let port = free_port()?;
@@ -155,7 +208,8 @@ impl Postgres {
         loop {
             if let Ok(text) = fs::read_to_string(&pid_file) {
                 let lines: Vec<&str> = text.lines().collect();
-                if lines.len() >= 8 && lines[7].trim() == "ready" {
+                // A hot standby says "standby" once it accepts reads.
+                if lines.len() >= 8 && matches!(lines[7].trim(), "ready" | "standby") {
                     let pid = lines[0].trim().parse().unwrap_or(child.id());
                     reaper::reap_pid(pid);
                     return Ok((child, pid));

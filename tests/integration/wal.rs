@@ -1325,3 +1325,194 @@ async fn a_commit_held_by_a_synchronous_standby_is_invalidated_once_visible() {
     assert_eq!(*evictd.running().visibility.borrow(), None);
     evictd.stop().await.expect("stop");
 }
+
+/// Readers that read from a read replica which replays 200 ms late: each
+/// of evictd's first invalidations lands while the replica still shows the
+/// old row, so fenced readers refill it. With the replica named in
+/// `[[postgres.replica]]`, evictd invalidates again once the replica has
+/// replayed the batch: after quiesce, nothing cached is stale. Then the
+/// replica goes away: `/readyz` names it, `evictd_replica_up` is 0, and a
+/// batch waits no longer than `replica_max_wait_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fenced_readers_on_a_lagging_replica_leave_nothing_stale() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use rand::Rng as _;
+
+    const ROWS: i64 = 20;
+    const WRITES: usize = 1_000;
+    // Installed before evictd records anything.
+    let recorder = evictd::internal::telemetry::recorder();
+    let postgres = tokio::task::spawn_blocking(evictd::testkit::Postgres::start)
+        .await
+        .unwrap()
+        .expect("postgres");
+    let name = postgres.create_database().await.expect("database");
+    let db = crate::support::TestDb {
+        url: postgres.url(&name),
+        name: name.clone(),
+        prefix: format!("rep{}:", std::process::id()),
+    };
+    db.execute(&format!(
+        "create table items (id bigint primary key, v bigint not null);
+         create publication evictd for table items;
+         insert into items select g, 0 from generate_series(1, {ROWS}) g;"
+    ))
+    .await;
+    let standby = {
+        let primary = &postgres;
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| primary.standby(Duration::from_millis(200)))
+                .join()
+                .unwrap()
+        })
+        .expect("a standby")
+    };
+    let dir = crate::support::mapping_dir(&[(
+        "items.toml",
+        "[[table]]\nname = \"items\"\nkeys = [\"item:{id}\"]\n",
+    )]);
+    let mut config = crate::support::streaming_config(&db, dir.path());
+    config.postgres.replicas = vec![evictd::config::ReplicaConfig {
+        name: "standby".into(),
+        url: evictd::config::SecretUrl::parse(&standby.url(&name)).unwrap(),
+    }];
+    config.postgres.replica_max_wait_ms = 3_000;
+    let evictd = evictd::testkit::Evictd::start(&config)
+        .await
+        .expect("start");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let loads = Arc::new(AtomicU64::new(0));
+    let mut readers = Vec::new();
+    for _ in 0..3 {
+        let (stop, loads) = (stop.clone(), loads.clone());
+        let (url, prefix) = (standby.url(&name), db.prefix.clone());
+        readers.push(tokio::spawn(async move {
+            let (replica, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .expect("the replica");
+            tokio::spawn(connection);
+            let cache = evictd_client::Cache::builder(crate::support::stack().redis.url())
+                .prefix(prefix)
+                .build()
+                .await
+                .expect("a cache");
+            while !stop.load(Ordering::Relaxed) {
+                let id = rand::rng().random_range(1..=ROWS);
+                let _: Option<i64> = cache
+                    .get_or_load(&format!("item:{id}"), &[], || async {
+                        loads.fetch_add(1, Ordering::Relaxed);
+                        let row = replica
+                            .query_one("select v from items where id = $1", &[&id])
+                            .await?;
+                        Ok::<_, tokio_postgres::Error>(Some(row.get::<_, i64>(0)))
+                    })
+                    .await
+                    .expect("get_or_load");
+            }
+        }));
+    }
+    let writer = db.client().await;
+    for _ in 0..WRITES {
+        let id = rand::rng().random_range(1..=ROWS);
+        writer
+            .execute("update items set v = v + 1 where id = $1", &[&id])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // Every batch is acknowledged only once its second invalidation, after
+    // the replica replayed it, is applied.
+    evictd.sync().await.expect("sync");
+    stop.store(true, Ordering::Relaxed);
+    for reader in readers {
+        reader.await.unwrap();
+    }
+    let loads = loads.load(Ordering::Relaxed);
+    assert!(
+        loads > 200,
+        "the readers loaded {loads} rows from the replica"
+    );
+    let check = evictd_client::Cache::builder(crate::support::stack().redis.url())
+        .prefix(db.prefix.clone())
+        .build()
+        .await
+        .expect("a cache");
+    let mut stale = Vec::new();
+    for id in 1..=ROWS {
+        let fresh: i64 = writer
+            .query_one("select v from items where id = $1", &[&id])
+            .await
+            .unwrap()
+            .get(0);
+        let cached: Option<i64> = check
+            .get_or_load(&format!("item:{id}"), &[], || async {
+                Ok::<_, std::convert::Infallible>(Some(fresh))
+            })
+            .await
+            .expect("get_or_load");
+        if cached != Some(fresh) {
+            stale.push(format!("item:{id} holds {cached:?}, the row {fresh}"));
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "{} stale after {WRITES} writes and {loads} loads: {stale:?}",
+        stale.len()
+    );
+    let rendered = recorder.render();
+    assert!(
+        rendered.contains(r#"evictd_replica_up{replica="standby"} 1"#),
+        "{rendered}"
+    );
+    assert_eq!(*evictd.running().replicas.borrow(), None);
+
+    // The replica goes away: named on /readyz, up 0, and a batch is
+    // released once replica_max_wait_ms has passed.
+    drop(standby);
+    let mut replicas = evictd.running().replicas.clone();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        replicas.wait_for(|reason| {
+            reason
+                .as_deref()
+                .is_some_and(|reason| reason.contains("replica standby cannot be asked"))
+        }),
+    )
+    .await
+    .expect("the replica is named")
+    .unwrap();
+    let rendered = recorder.render();
+    assert!(
+        rendered.contains(r#"evictd_replica_up{replica="standby"} 0"#),
+        "{rendered}"
+    );
+    let timed_out = |rendered: &str| {
+        rendered
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix(r#"evictd_replica_invalidations_total{outcome="timed_out"} "#)?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    let before = timed_out(&rendered);
+    writer
+        .execute("update items set v = v + 1 where id = 1", &[])
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    evictd.sync().await.expect("sync");
+    assert!(
+        started.elapsed() >= Duration::from_millis(2_500),
+        "released after {:?}",
+        started.elapsed()
+    );
+    assert!(timed_out(&recorder.render()) > before);
+    evictd.stop().await.expect("stop");
+}
