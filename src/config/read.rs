@@ -308,20 +308,22 @@ fn read_replicas(section: &mut Section<'_>, base_dir: &Path) -> Vec<ReplicaConfi
                 )),
             }
         });
+        let name: Option<String> = replica.or("name", None);
         let Some(url) = url else {
             replica.require(
                 "url",
                 "the replica's URL, e.g. postgres://evictd@replica-1/app",
             );
+            // Read, so that it is not also reported as unknown.
+            let _: Option<PathBuf> = replica.or("password_file", None);
             continue;
         };
         let url = password_file(&mut replica, base_dir, url);
-        let default_name = match (url.host(), url.port()) {
+        let name = name.unwrap_or_else(|| match (url.host(), url.port()) {
             (Some(host), Some(port)) => format!("{host}:{port}"),
             (Some(host), None) => host.to_owned(),
             _ => format!("replica{index}"),
-        };
-        let name = replica.or("name", default_name);
+        });
         replicas.push(ReplicaConfig { name, url });
     }
     let mut names: Vec<&str> = replicas.iter().map(|r| r.name.as_str()).collect();

@@ -401,3 +401,44 @@ fn sql_message_secrets_and_allowed_patterns_are_read_and_checked() {
         "{text}"
     );
 }
+
+#[test]
+fn read_replicas_are_read_and_every_problem_named() {
+    let (_dir, path) = write(
+        "[postgres]\nurl = \"postgres://u@primary/db\"\nreplica_max_wait_ms = 5000\n\
+         [[postgres.replica]]\nurl = \"postgres://u@replica-1:5433/db\"\n\
+         [[postgres.replica]]\nname = \"r2\"\nurl = \"postgres://u@replica-2/db\"\n",
+    );
+    let config = Config::load_with_env(&path, env(&[])).expect("valid");
+    let names: Vec<&str> = config
+        .postgres
+        .replicas
+        .iter()
+        .map(|replica| replica.name.as_str())
+        .collect();
+    assert_eq!(names, ["replica-1:5433", "r2"]);
+    assert_eq!(config.postgres.replica_max_wait_ms, 5000);
+    assert_eq!(config.postgres.replica_pending_keys, 100_000);
+
+    let (_dir, path) = write(
+        "[postgres]\nurl = \"postgres://u@primary/db\"\nvisibility_gate = false\nreplica_pending_keys = 0\n\
+         [[postgres.replica]]\nname = \"r\"\nurl = \"redis://x/\"\n\
+         [[postgres.replica]]\nname = \"r\"\nport = 5\n\
+         [[postgres.replica]]\nname = \"r\"\nurl = \"postgres://u@a/db\"\n\
+         [[postgres.replica]]\nname = \"r\"\nurl = \"postgres://u@b/db\"\n",
+    );
+    let error = Config::load_with_env(&path, env(&[])).expect_err("invalid");
+    let file = path.display();
+    assert_eq!(
+        error.problems,
+        [
+            format!("postgres.replica[0].url: scheme `redis` is not postgres:// or postgresql:// (set in {file})"),
+            "postgres.replica[0].url: required: the replica's URL, e.g. postgres://evictd@replica-1/app".to_owned(),
+            "postgres.replica[1].url: required: the replica's URL, e.g. postgres://evictd@replica-1/app".to_owned(),
+            format!("postgres.replica[1].port: unknown field (set in {file})"),
+            "postgres.replica: two replicas are named `r`; give each a `name` of its own".to_owned(),
+            format!("postgres.replica_pending_keys: 0 is out of range 1..=100000000 (set in {file})"),
+            "postgres.replica: read replicas need postgres.visibility_gate = true: a batch is invalidated again once the replicas replayed the primary's position at which it became visible".to_owned(),
+        ]
+    );
+}
