@@ -169,6 +169,10 @@ pub struct Plan {
     /// The apply stamp written before the plan's commands, while the
     /// consistency checker runs (set by the apply task; in the broadcast).
     pub stamp: Option<u64>,
+    /// The tag stamp set with the plan's tag invalidations (set by the
+    /// apply task when the plan invalidates tags; see
+    /// [`evictd_client::protocol::TAG_STAMP_KEY`]).
+    pub tag_stamp: Option<u64>,
     /// What the CDN targets purge once Redis applied the commands.
     pub purges: Purges,
     /// The Postgres transactions (top-level xids) whose changes the plan
@@ -185,6 +189,38 @@ pub struct Purges {
     /// Purge everything instead (a surrogate key's value was not known,
     /// or TRUNCATE), with the origin that asked.
     pub all: Option<OriginId>,
+}
+
+impl Plan {
+    /// Whether the plan invalidates a tag, by name or by pattern.
+    pub fn invalidates_tags(&self) -> bool {
+        self.commands.iter().any(|command| {
+            matches!(
+                command,
+                Command::InvalidateTag { .. } | Command::InvalidateTagsMatching { .. }
+            )
+        })
+    }
+
+    /// The keys (without the prefix) the tag stamp is written to, ahead of
+    /// the plan's invalidations: the stamp itself, each tag's, and the
+    /// pattern one when tags go by pattern.
+    pub fn tag_stamp_keys(&self) -> Vec<String> {
+        use evictd_client::protocol::{TAG_AT, TAG_PATTERN_AT};
+        let mut keys = Vec::new();
+        let mut by_pattern = false;
+        for command in &self.commands {
+            match command {
+                Command::InvalidateTag { tag, .. } => keys.push(format!("{TAG_AT}{tag}")),
+                Command::InvalidateTagsMatching { .. } => by_pattern = true,
+                _ => {}
+            }
+        }
+        if by_pattern {
+            keys.push(TAG_PATTERN_AT.to_owned());
+        }
+        keys
+    }
 }
 
 impl Purges {
@@ -459,6 +495,7 @@ impl Planner {
             tables: self.tables.clone(),
             families: self.families.clone(),
             stamp: None,
+            tag_stamp: None,
             xids: std::mem::replace(&mut self.xids, self.open_xid.into_iter().collect()),
         }
     }

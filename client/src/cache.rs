@@ -20,7 +20,8 @@ use crate::metrics::{Meter, Stats};
 use crate::protocol::{
     compose_versioned, lease, record_position, stamped, version_key, versioned_key, Position,
     Stored, AUDIT_STAMP_KEY, FILL_SCRIPT, LEASE, RELEASE_SCRIPT, RELOAD_SCRIPT,
-    SLOT_RECORD_NAMESPACE, TAG_NAMESPACE, VERSION_SCRIPT,
+    SLOT_RECORD_NAMESPACE, TAG_AT, TAG_AT_MS, TAG_NAMESPACE, TAG_PATTERN_AT, TAG_STAMP_KEY,
+    VERSION_SCRIPT,
 };
 
 thread_local! {
@@ -323,11 +324,17 @@ impl Drop for Inner {
 /// A loaded value as stored (JSON, or [`ABSENT`]), how its fill ended,
 /// and the L1 generation from before it was read (`None`: keep it out of
 /// L1).
+/// The tags a loader took from its row, handed to the fill.
+type LateTags = Mutex<Vec<String>>;
+
 #[derive(Clone)]
 struct Loaded {
     raw: String,
     fill: Fill,
     generation: Option<u64>,
+    /// The tags the loader took from the row (see
+    /// [`Cache::get_or_load_tagged`]).
+    late: Vec<String>,
 }
 
 /// What a read of Redis found.
@@ -658,6 +665,53 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<T>, E>>,
     {
+        self.get_or_load_with(key, tags, loader, None).await
+    }
+
+    /// [`Cache::get_or_load`] for a value whose tags come from the row it
+    /// loads (`user:{user_id}` of `order:{id}`): the loader returns the
+    /// value with those tags. They are registered after the load, and the
+    /// value is stored only if evictd invalidated none of them since this
+    /// fill read the tag stamp, before the load (docs/PROTOCOL.md, "Tags
+    /// taken from the row"); otherwise it is returned uncached, as a
+    /// fenced fill. `tags` are the ones known before the load.
+    pub async fn get_or_load_tagged<T, E, F, Fut>(
+        &self,
+        key: &str,
+        tags: &[&str],
+        loader: F,
+    ) -> Result<(Option<T>, Option<Fill>), Error<E>>
+    where
+        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<(T, Vec<String>)>, E>>,
+    {
+        let late = LateTags::default();
+        let late_ref = &late;
+        let loader = move || async move {
+            let loaded = loader().await?;
+            Ok(loaded.map(|(value, tags)| {
+                *late_ref
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = tags;
+                value
+            }))
+        };
+        self.get_or_load_with(key, tags, loader, Some(&late)).await
+    }
+
+    async fn get_or_load_with<T, E, F, Fut>(
+        &self,
+        key: &str,
+        tags: &[&str],
+        loader: F,
+        late: Option<&LateTags>,
+    ) -> Result<(Option<T>, Option<Fill>), Error<E>>
+    where
+        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<T>, E>>,
+    {
         if let Some(value) = self.l1_get::<T>(key) {
             return Ok((value, None));
         }
@@ -705,7 +759,7 @@ impl Cache {
             .get_or_try_init(move || async move {
                 // Boxed: the fill's Redis round trips and the loader's
                 // future would otherwise make every caller's future large.
-                match Box::pin(self.fill(key_ref, tags, loader, current)).await {
+                match Box::pin(self.fill(key_ref, tags, loader, current, late)).await {
                     Ok(loaded) => Ok(loaded),
                     Err(error) => {
                         *failed = Some(error);
@@ -733,7 +787,10 @@ impl Cache {
                 let value = decode(key, Some(&loaded.raw)).map_err(retype)?;
                 if loaded.fill != Fill::Fenced {
                     if let Some(seen) = loaded.generation {
-                        self.keep(key, &value, tags, loaded.raw.len(), Some(seen));
+                        // L1 evicts by the tags from the row too.
+                        let mut all: Vec<&str> = tags.to_vec();
+                        all.extend(loaded.late.iter().map(String::as_str));
+                        self.keep(key, &value, &all, loaded.raw.len(), Some(seen));
                     }
                 }
                 Ok((value, Some(loaded.fill)))
@@ -839,6 +896,7 @@ impl Cache {
         tags: &[&str],
         loader: F,
         current: Option<Current>,
+        late: Option<&LateTags>,
     ) -> Result<Loaded, Error<E>>
     where
         T: Serialize,
@@ -852,6 +910,7 @@ impl Cache {
             raw,
             fill,
             generation,
+            late: Vec::new(),
         };
         let mut redis = self.inner.redis.clone();
         let lease = lease(&format!("{:016x}", rand::rng().random::<u64>()));
@@ -909,6 +968,7 @@ impl Cache {
                     raw,
                     fill: Fill::Skipped,
                     generation: None,
+                    late: Vec::new(),
                 });
             }
         }
@@ -934,7 +994,41 @@ impl Cache {
             meter.skipped();
             return Ok(loaded(raw, Fill::Skipped));
         }
+        // With tags from the row: the tag stamp, read before the database.
+        let tag_stamp = match late {
+            None => None,
+            Some(_) => match self.tag_stamp().await {
+                Ok(stamp) => Some((stamp, Instant::now())),
+                Err(_) => {
+                    meter.degraded();
+                    let _ = self.release(full, &lease).await;
+                    let raw = self.load(full, loader).await?;
+                    meter.skipped();
+                    return Ok(loaded(raw, Fill::Skipped));
+                }
+            },
+        };
         let raw = self.load(full, loader).await?;
+        let late: Vec<String> = late.map_or_else(Vec::new, |late| {
+            late.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+        });
+        if let Some((stamp, read_at)) = tag_stamp {
+            if !late.is_empty() {
+                let fresh = self.late_tags_fresh(full, &late, stamp, read_at).await;
+                if !matches!(fresh, Ok(true)) {
+                    let _ = self.release(full, &lease).await;
+                    if fresh.is_ok() {
+                        meter.fenced();
+                        return Ok(loaded(raw, Fill::Fenced));
+                    }
+                    meter.degraded();
+                    meter.skipped();
+                    return Ok(loaded(raw, Fill::Skipped));
+                }
+            }
+        }
         let ttl = if raw == ABSENT {
             if options.negative_ttl.is_none() {
                 // "No row" without negative caching: give the right back.
@@ -977,7 +1071,10 @@ impl Cache {
                 Fill::Skipped
             }
         };
-        Ok(loaded(raw, fill))
+        Ok(Loaded {
+            late,
+            ..loaded(raw, fill)
+        })
     }
 
     /// Calls the loader, timing it for early refresh; the value as stored.
@@ -1025,6 +1122,54 @@ impl Cache {
             pipe.cmd("SADD").arg(set(tag)).arg(full).ignore();
         }
         pipe.query_async::<()>(&mut redis).await
+    }
+
+    /// The tag stamp evictd last wrote (0: none yet).
+    async fn tag_stamp(&self) -> redis::RedisResult<u64> {
+        let mut redis = self.inner.redis.clone();
+        let stamp: Option<u64> = redis::cmd("GET")
+            .arg(format!("{}{TAG_STAMP_KEY}", self.inner.options.prefix))
+            .query_async(&mut redis)
+            .await?;
+        Ok(stamp.unwrap_or(0))
+    }
+
+    /// Registers `full` under the tags taken from its row, then says
+    /// whether evictd invalidated none of them (nor tags by pattern) after
+    /// the tag stamp `stamp`, read at `read_at` before the load. Registered
+    /// first: an invalidation whose stamp this misses comes later and finds
+    /// the key in the set.
+    async fn late_tags_fresh(
+        &self,
+        full: &str,
+        late: &[String],
+        stamp: u64,
+        read_at: Instant,
+    ) -> redis::RedisResult<bool> {
+        let tags: Vec<&str> = late.iter().map(String::as_str).collect();
+        self.register(full, &tags).await?;
+        let prefix = &self.inner.options.prefix;
+        let mut keys: Vec<String> = late
+            .iter()
+            .map(|tag| format!("{prefix}{TAG_AT}{tag}"))
+            .collect();
+        keys.push(format!("{prefix}{TAG_PATTERN_AT}"));
+        let mut redis = self.inner.redis.clone();
+        let stamps: Vec<Option<u64>> = if matches!(self.inner.redis, Connection::Cluster(_)) {
+            let mut stamps = Vec::with_capacity(keys.len());
+            for key in &keys {
+                stamps.push(redis::cmd("GET").arg(key).query_async(&mut redis).await?);
+            }
+            stamps
+        } else {
+            redis::cmd("MGET")
+                .arg(&keys)
+                .query_async(&mut redis)
+                .await?
+        };
+        // A tag's stamp lives TAG_AT_MS: past it, one may have expired.
+        let in_time = read_at.elapsed() < Duration::from_millis(TAG_AT_MS);
+        Ok(in_time && stamps.iter().flatten().all(|at| *at <= stamp))
     }
 
     /// Polls for the value another process is filling, up to the wait.

@@ -138,6 +138,30 @@ pub const VERSION_SCRIPT: &str = include_str!("../lua/version.lua");
 /// invalidation from one loaded before it.
 pub const AUDIT_STAMP_KEY: &str = "evictd:audit:stamp";
 
+/// The tag stamp (with the prefix in front): before each batch that
+/// invalidates tags, evictd sets it to a number that grows with every such
+/// batch (microseconds of evictd's clock, kept above the one it found), and
+/// sets [`TAG_AT`] of each tag it invalidates, and [`TAG_PATTERN_AT`] when
+/// it invalidates tags by pattern, to the same number, ahead of the
+/// invalidations themselves. A fill whose tags come from the row it loads
+/// reads this after taking its lease and before reading the database, and
+/// stores only if no tag of its value was invalidated after it (see
+/// docs/PROTOCOL.md, "Tags taken from the row").
+pub const TAG_STAMP_KEY: &str = "evictd:tags:stamp";
+
+/// `P` + this + tag: the tag stamp of the tag's last invalidation; expires
+/// after [`TAG_AT_MS`].
+pub const TAG_AT: &str = "evictd:tag-at:";
+
+/// The tag stamp of the last invalidation of tags by pattern; expires
+/// after [`TAG_AT_MS`].
+pub const TAG_PATTERN_AT: &str = "evictd:tags:pattern-at";
+
+/// How long a tag's stamp is kept, in milliseconds: a fill whose tags come
+/// from its row and that checks them later than this after reading
+/// [`TAG_STAMP_KEY`] stores nothing.
+pub const TAG_AT_MS: u64 = 60_000;
+
 /// The start of a value that records the apply stamp its fill read:
 /// `\0evictd:at:STAMP\0VALUE`, `STAMP` in decimal.
 pub const STAMPED: &str = "\u{0}evictd:at:";

@@ -21,7 +21,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 
 use super::broadcast::Broadcast;
-use evictd_client::protocol::{BUMP_SCRIPT, L1_LAST_KEY, TAG_NAMESPACE};
+use evictd_client::protocol::{BUMP_SCRIPT, L1_LAST_KEY, TAG_AT_MS, TAG_NAMESPACE, TAG_STAMP_KEY};
 
 use super::shared::{
     jittered, under_prefix, ApplyStats, Record, Wait, INVALIDATED_KEY, SCAN_COUNT,
@@ -69,7 +69,7 @@ pub struct ClusterSink {
     client: redis::cluster::ClusterClient,
     connection: Option<ClusterConnection>,
     slots: Option<SlotMap>,
-    prefix: String,
+    pub(super) prefix: String,
     broadcast: Broadcast,
     record: Option<Record>,
     timeout: Duration,
@@ -185,6 +185,25 @@ impl ClusterSink {
         let connection = self.connection().await?;
         let slots = self.slot_map().await?;
         let mut stats = ApplyStats::default();
+        if let Some(stamp) = plan.tag_stamp {
+            // Ahead of the tag invalidations, on every node they touch:
+            // see TAG_STAMP_KEY.
+            let mut stamps = Phase::new(&slots, self.wait);
+            stamps.add(&self.prefixed(TAG_STAMP_KEY), |pipe, key| {
+                pipe.cmd("SET").arg(key).arg(stamp).ignore();
+            });
+            for key in plan.tag_stamp_keys() {
+                stamps.add(&self.prefixed(&key), |pipe, key| {
+                    pipe.cmd("SET")
+                        .arg(key)
+                        .arg(stamp)
+                        .arg("PX")
+                        .arg(TAG_AT_MS)
+                        .ignore();
+                });
+            }
+            stamps.send(&connection, &mut stats, self.timeout).await?;
+        }
         let mut phase = Phase::new(&slots, self.wait);
         let mut tags: Vec<String> = Vec::new();
         for command in &plan.commands {

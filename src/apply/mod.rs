@@ -101,6 +101,14 @@ impl RedisSink {
         }
     }
 
+    /// The key prefix (`redis.prefix`).
+    pub fn prefix(&self) -> &str {
+        match self {
+            RedisSink::Standalone(sink) => &sink.prefix,
+            RedisSink::Cluster(sink) => &sink.prefix,
+        }
+    }
+
     pub fn set_record(&mut self, record: Record) {
         match self {
             RedisSink::Standalone(sink) => sink.set_record(record),
@@ -353,6 +361,7 @@ async fn apply(
         replicas,
     } = around;
     let mut replicas: Option<Replicas<Applied>> = replicas.map(Replicas::start);
+    let mut tag_stamps = TagStamps::default();
     let mut ping = tokio::time::interval(IDLE_PING);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -362,7 +371,7 @@ async fn apply(
             biased;
             why = due(&mut replicas), if holding => {
                 let Some(replicas) = replicas.as_mut() else { continue };
-                if !release(replicas, why, &mut sink, &next, &redis, &mut stop).await? {
+                if !release(replicas, why, &mut sink, &mut tag_stamps, &next, &redis, &mut stop).await? {
                     return Ok(());
                 }
                 continue;
@@ -417,6 +426,7 @@ async fn apply(
             &mut plan,
             audit.as_mut(),
             &mut stamp,
+            &mut tag_stamps,
             &redis,
             &mut stop,
         )
@@ -461,6 +471,7 @@ async fn release(
     replicas: &mut Replicas<Applied>,
     why: Release,
     sink: &mut RedisSink,
+    tag_stamps: &mut TagStamps,
     next: &Next,
     redis: &watch::Sender<Option<String>>,
     stop: &mut watch::Receiver<bool>,
@@ -469,7 +480,8 @@ async fn release(
         return Ok(true);
     };
     if let Some(mut again) = again {
-        let Some(stats) = apply_retrying(sink, &mut again, None, &mut None, redis, stop).await?
+        let Some(stats) =
+            apply_retrying(sink, &mut again, None, &mut None, tag_stamps, redis, stop).await?
         else {
             return Ok(false);
         };
@@ -494,12 +506,13 @@ async fn apply_retrying(
     plan: &mut Plan,
     mut audit: Option<&mut Sampler>,
     stamp: &mut Option<u64>,
+    tag_stamps: &mut TagStamps,
     redis: &watch::Sender<Option<String>>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<Option<ApplyStats>, Error> {
     let mut backoff = Backoff::default();
     loop {
-        match attempt(sink, plan, audit.as_deref_mut(), stamp).await {
+        match attempt(sink, plan, audit.as_deref_mut(), stamp, tag_stamps).await {
             Ok(stats) => {
                 redis.send_if_modified(|current| replace_if_changed(current, None));
                 return Ok(Some(stats));
@@ -531,12 +544,14 @@ async fn apply_retrying(
 
 /// One attempt at `plan`: its apply stamp first if the checker wants one
 /// and none was written yet (a retry keeps the first: fills that read it
-/// may already have loaded), then its commands.
+/// may already have loaded), then its commands, with its tag stamp when it
+/// invalidates tags.
 async fn attempt(
     sink: &mut RedisSink,
     plan: &mut Plan,
     audit: Option<&mut Sampler>,
     stamp: &mut Option<u64>,
+    tag_stamps: &mut TagStamps,
 ) -> Result<ApplyStats, Error> {
     if let Some(audit) = audit {
         if stamp.is_none() && !plan.commands.is_empty() {
@@ -544,7 +559,43 @@ async fn attempt(
             plan.stamp = *stamp;
         }
     }
+    if plan.tag_stamp.is_none() && plan.invalidates_tags() {
+        plan.tag_stamp = Some(tag_stamps.next(sink).await?);
+    }
     sink.apply(plan).await
+}
+
+/// The tag stamps evictd writes ahead of tag invalidations
+/// ([`evictd_client::protocol::TAG_STAMP_KEY`]): microseconds of its clock,
+/// kept above the last one, which is read from Redis once.
+#[derive(Default)]
+struct TagStamps {
+    last: Option<u64>,
+}
+
+impl TagStamps {
+    async fn next(&mut self, sink: &mut RedisSink) -> Result<u64, Error> {
+        let last = match self.last {
+            Some(last) => last,
+            None => sink
+                .get(&format!(
+                    "{}{}",
+                    sink.prefix(),
+                    evictd_client::protocol::TAG_STAMP_KEY
+                ))
+                .await?
+                .and_then(|found| found.parse().ok())
+                .unwrap_or(0),
+        };
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let stamp = u64::try_from(since.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(last + 1);
+        self.last = Some(stamp);
+        Ok(stamp)
+    }
 }
 
 /// Reads `key`, retrying transient errors until `stop`.

@@ -17,7 +17,7 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 
 use super::broadcast::Broadcast;
-use evictd_client::protocol::{BUMP_SCRIPT, TAG_NAMESPACE};
+use evictd_client::protocol::{BUMP_SCRIPT, TAG_AT_MS, TAG_NAMESPACE, TAG_STAMP_KEY};
 
 use super::shared::{jittered, under_prefix, ApplyStats, Record, Wait, EPOCH_KEY, SCAN_COUNT};
 use crate::config::RedisConfig;
@@ -40,7 +40,7 @@ const TAG_SCRIPT: &str = evictd_client::protocol::INVALIDATE_TAGS_SCRIPT;
 pub struct StandaloneSink {
     client: redis::Client,
     connection: Option<MultiplexedConnection>,
-    prefix: String,
+    pub(super) prefix: String,
     broadcast: Broadcast,
     record: Option<Record>,
     timeout: Duration,
@@ -157,6 +157,21 @@ impl StandaloneSink {
                 .arg(&self.epoch_key)
                 .arg(self.epochs)
                 .ignore();
+        }
+        if let Some(stamp) = plan.tag_stamp {
+            // Ahead of the tag invalidations: see TAG_STAMP_KEY.
+            pipe.cmd("SET")
+                .arg(self.prefixed(TAG_STAMP_KEY))
+                .arg(stamp)
+                .ignore();
+            for key in plan.tag_stamp_keys() {
+                pipe.cmd("SET")
+                    .arg(self.prefixed(&key))
+                    .arg(stamp)
+                    .arg("PX")
+                    .arg(TAG_AT_MS)
+                    .ignore();
+            }
         }
         for command in &plan.commands {
             stats.commands += 1;

@@ -150,6 +150,19 @@ async fn held_fill(
     tags: &[&str],
     write: Option<&str>,
 ) -> (Fill, Status) {
+    held_fill_with(s, cache, key, tags, None, write).await
+}
+
+/// [`held_fill`], with tags taken from the row (`late`, registered after
+/// the read through [`Cache::get_or_load_tagged`]) when given.
+async fn held_fill_with(
+    s: &Streaming,
+    cache: &Cache,
+    key: &str,
+    tags: &[&str],
+    late: Option<&[&str]>,
+    write: Option<&str>,
+) -> (Fill, Status) {
     let (read_tx, read_rx) = oneshot::channel();
     let (resume_tx, resume_rx) = oneshot::channel::<()>();
     let loaded = Box::pin(status(s));
@@ -157,16 +170,27 @@ async fn held_fill(
         let cache = cache.clone();
         let key = key.to_owned();
         let tags: Vec<String> = tags.iter().map(|t| (*t).to_owned()).collect();
+        let late: Option<Vec<String>> =
+            late.map(|late| late.iter().map(|t| (*t).to_owned()).collect());
         async move {
             let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
-            cache
-                .get_or_load_traced(&key, &tags, || async move {
-                    let status = loaded.await;
-                    read_tx.send(()).expect("the test waits");
-                    resume_rx.await.expect("resumed");
-                    Ok::<_, Infallible>(Some(Status { status }))
-                })
-                .await
+            let load = || async move {
+                let status = loaded.await;
+                read_tx.send(()).expect("the test waits");
+                resume_rx.await.expect("resumed");
+                Ok::<_, Infallible>(Some(Status { status }))
+            };
+            match late {
+                None => cache.get_or_load_traced(&key, &tags, load).await,
+                Some(late) => {
+                    cache
+                        .get_or_load_tagged(&key, &tags, || async move {
+                            let loaded = load().await?;
+                            Ok(loaded.map(|status| (status, late)))
+                        })
+                        .await
+                }
+            }
         }
     };
     let (result, read) = tokio::join!(reader, async {
@@ -215,6 +239,37 @@ async fn a_key_delete_voids_a_fill_in_flight() {
     assert_eq!(fresh.map(|f| f.status).as_deref(), Some("paid"));
     let cached: Option<Status> = cache.get("order:1").await.unwrap();
     assert_eq!(cached.map(|c| c.status).as_deref(), Some("paid"));
+}
+
+/// A tag taken from the row being loaded (`user:{user_id}` of the order
+/// read): registered after the read, and the fill refused when evictd
+/// invalidated it in between. Registered before nothing, the same
+/// interleaving stores the old row where no invalidation reaches it.
+#[tokio::test]
+async fn a_tag_taken_from_the_row_and_invalidated_during_the_load_voids_the_fill() {
+    let s = Streaming::start(SCHEMA, &[("orders.toml", MAPPING)]).await;
+    let cache = cache(&s).await;
+    let late: &[&str] = &["user:1"];
+    // Quiet: stored, and in the tag's set, so a later invalidation of the
+    // tag deletes it.
+    let (fill, _) = held_fill_with(&s, &cache, "order:1:view", &[], Some(late), None).await;
+    assert_eq!(fill, Fill::Stored);
+    s.db.execute("insert into orders values (3, 1, 'new')")
+        .await;
+    s.sync().await;
+    assert_eq!(cache.get::<Status>("order:1:view").await.unwrap(), None);
+    // A new order of user 1 invalidates the tag, not the key, while the
+    // row is being loaded.
+    let write = "insert into orders values (2, 1, 'new')";
+    let (fill, _) = held_fill_with(&s, &cache, "order:1:view", &[], Some(late), Some(write)).await;
+    assert_eq!(fill, Fill::Fenced);
+    assert_eq!(cache.get::<Status>("order:1:view").await.unwrap(), None);
+    // The control, on a key in no tag set yet: the tag left out of the
+    // fill, as a reader that registers it after storing would: the old
+    // row is stored.
+    let write = "insert into orders values (4, 1, 'new')";
+    let (fill, _) = held_fill(&s, &cache, "order:1:summary", &[], Some(write)).await;
+    assert_eq!(fill, Fill::Stored);
 }
 
 #[tokio::test]
@@ -804,6 +859,24 @@ async fn on_a_cluster_every_kind_of_invalidation_voids_a_fill_in_flight() {
             assert_eq!(refreshed.map(|r| r.status).as_deref(), Some("shipped"));
         }
     }
+    // A tag taken from the row, invalidated during the load (the tag's
+    // stamp and set live on other nodes than the key).
+    s.db.execute("insert into orders values (1, 1, 'new')")
+        .await;
+    s.sync().await;
+    let write = "insert into orders values (2, 1, 'new')";
+    let (fill, _) = held_fill_with(
+        &s,
+        &cache,
+        "order:1:view",
+        &[],
+        Some(&["user:1"]),
+        Some(write),
+    )
+    .await;
+    assert_eq!(fill, Fill::Fenced, "a tag from the row on a Cluster");
+    let (fill, _) = held_fill_with(&s, &cache, "order:1:view", &[], Some(&["user:1"]), None).await;
+    assert_eq!(fill, Fill::Stored);
     // Namespace bumps, exact and by pattern, on the counter's node.
     for write in ["insert into orders values (9, 1, 'new')", "truncate orders"] {
         let before = cache.version("user:1").await.unwrap();
