@@ -9,10 +9,16 @@ Used as a library:
 
 `load_order()` returns the row's value as a string, or None for "no row".
 `outcome` is None on a hit, else "stored", "fenced" or "skipped".
+Tags taken from the row being loaded go in `row_tags`, a function of the
+loaded value returning them: they are registered after the read, and the
+fill is refused when evictd invalidated one of them meanwhile
+(docs/PROTOCOL.md, "Tags taken from the row").
 
 Run as a program it is the test driver of tests/integration/client.rs:
 
-    python3 evictd_cache.py PORT PREFIX KEY TAGS LUA_DIR -- LOADER...
+    python3 evictd_cache.py PORT PREFIX KEY TAGS LUA_DIR [ROW_TAGS] -- LOADER...
+
+(ROW_TAGS: tags handled as taken from the row, comma-separated.)
 
 It reads KEY through the cache; LOADER (a command printing the row) is the
 database read. After the read it prints `read <value>` and waits for a line
@@ -24,10 +30,15 @@ import secrets
 import socket
 import subprocess
 import sys
+import time
 
 LEASE = "\0evictd:lease:"
 STAMPED = "\0evictd:at:"
 TAG_NAMESPACE = "tag:"
+TAG_STAMP_KEY = "evictd:tags:stamp"
+TAG_AT = "evictd:tag-at:"
+TAG_PATTERN_AT = "evictd:tags:pattern-at"
+TAG_AT_MS = 60_000
 
 
 class RedisError(Exception):
@@ -120,7 +131,7 @@ class Cache:
                 raise
             return self.redis.call("EVAL", script, len(keys), *keys, *args)
 
-    def get_or_load(self, key, tags, loader, before_fill=None):
+    def get_or_load(self, key, tags, loader, before_fill=None, row_tags=None):
         full = self.prefix + key
         # 1. GET: a value (bare, or wrapped in another reader's lease) is a
         # hit.
@@ -136,7 +147,6 @@ class Cache:
         lease = LEASE + secrets.token_hex(8)
         if self.redis.call("SET", full, lease, "NX", "PX", self.lease_ms) is None:
             # Another reader fills: poll briefly, else read without storing.
-            import time
             deadline = time.monotonic() + self.wait_ms / 1000
             pause = 0.002
             while time.monotonic() < deadline:
@@ -151,6 +161,10 @@ class Cache:
         # 3. Register the tags before reading the database.
         for tag in tags:
             self.redis.call("SADD", self.prefix + TAG_NAMESPACE + tag, full)
+        # With tags from the row: the tag stamp, read before the database.
+        if row_tags is not None:
+            stamp = int(self.redis.call("GET", self.prefix + TAG_STAMP_KEY) or 0)
+            stamp_read = time.monotonic()
         # 4. Read the database.
         value = loader()
         if before_fill is not None:
@@ -158,6 +172,19 @@ class Cache:
         if value is None:
             self._script(self.release_script, [full], [lease])
             return None, "skipped"
+        if row_tags is not None:
+            late = row_tags(value)
+            # Registered first: an invalidation the stamps below miss comes
+            # later and finds the key in the set.
+            for tag in late:
+                self.redis.call("SADD", self.prefix + TAG_NAMESPACE + tag, full)
+            keys = [self.prefix + TAG_AT + tag for tag in late]
+            keys.append(self.prefix + TAG_PATTERN_AT)
+            stamps = self.redis.call("MGET", *keys)
+            in_time = time.monotonic() - stamp_read < TAG_AT_MS / 1000
+            if not in_time or any(int(at) > stamp for at in stamps if at is not None):
+                self._script(self.release_script, [full], [lease])
+                return value, "fenced"
         # 5. Store, fenced.
         stored = self._script(self.fill_script, [full], [lease, value, self.ttl_ms])
         return value, "stored" if stored == 1 else "fenced"
@@ -165,9 +192,13 @@ class Cache:
 
 def main(argv):
     split = argv.index("--")
-    port, prefix, key, tags, lua_dir = argv[1:split]
+    port, prefix, key, tags, lua_dir, *rest = argv[1:split]
     loader_command = argv[split + 1:]
     tags = [tag for tag in tags.split(",") if tag]
+    row_tags = None
+    if rest:
+        from_row = [tag for tag in rest[0].split(",") if tag]
+        row_tags = lambda _value: from_row  # noqa: E731
     cache = Cache("127.0.0.1", int(port), prefix=prefix, lua_dir=lua_dir)
 
     def loader():
@@ -179,7 +210,7 @@ def main(argv):
         print("read", value, flush=True)
         sys.stdin.readline()
 
-    value, outcome = cache.get_or_load(key, tags, loader, before_fill=hold)
+    value, outcome = cache.get_or_load(key, tags, loader, before_fill=hold, row_tags=row_tags)
     print("fill", outcome or "hit", flush=True)
 
 

@@ -981,6 +981,17 @@ async fn stale_values_are_served_while_one_reader_reloads_and_early_refresh_relo
 /// `docs/PROTOCOL.md`) for `key`: it reads the row, is held while `write`
 /// commits and evictd applies it, then fills. Returns its fill outcome.
 async fn python_fill(s: &Streaming, key: &str, tags: &[&str], write: Option<&str>) -> String {
+    python_fill_with(s, key, tags, None, write).await
+}
+
+/// [`python_fill`], with tags taken from the row (`row_tags`) when given.
+async fn python_fill_with(
+    s: &Streaming,
+    key: &str,
+    tags: &[&str],
+    row_tags: Option<&[&str]>,
+    write: Option<&str>,
+) -> String {
     use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
     let root = env!("CARGO_MANIFEST_DIR");
     let mut child = tokio::process::Command::new("python3")
@@ -990,6 +1001,7 @@ async fn python_fill(s: &Streaming, key: &str, tags: &[&str], write: Option<&str
         .arg(key)
         .arg(tags.join(","))
         .arg(format!("{root}/client/lua"))
+        .args(row_tags.map(|tags| tags.join(",")))
         .arg("--")
         .args(["psql", &s.db.url, "-Atc"])
         .arg("select json_build_object('status', status) from orders where id = 1")
@@ -1040,6 +1052,17 @@ async fn a_python_client_written_from_the_protocol_page_is_fenced_too() {
             assert_eq!(cached.map(|c| c.status).as_deref(), Some("paid"));
         }
     }
+    // A tag taken from the row, invalidated while the row is loaded.
+    s.db.execute("insert into orders values (1, 1, 'new')")
+        .await;
+    s.sync().await;
+    let row_tags: &[&str] = &["user:1"];
+    let write = "insert into orders values (2, 1, 'new')";
+    let fill = python_fill_with(&s, "order:1:view", &[], Some(row_tags), Some(write)).await;
+    assert_eq!(fill, "fenced");
+    assert_eq!(cache.get::<Status>("order:1:view").await.unwrap(), None);
+    let fill = python_fill_with(&s, "order:1:view", &[], Some(row_tags), None).await;
+    assert_eq!(fill, "stored");
 }
 
 /// evictd streaming `SCHEMA` into `redis_url`, restartable: its database,
