@@ -22,6 +22,13 @@
 //! Loading a value takes `LOAD_DELAY` beyond the query (an application
 //! rendering what it read), the same in both passes.
 //!
+//! With `EVICTD_BENCH_REPLICA_MS=100`, the readers read from a physical
+//! standby of the database that applies each commit that many ms late,
+//! named in `[[postgres.replica]]`; the writers, the probe and the
+//! comparison after quiesce use the primary. `EVICTD_BENCH_SECONDS` sets
+//! how long each pass runs (default 20), `EVICTD_BENCH_PASSES=fenced` runs
+//! the fenced pass alone (for a long run).
+//!
 //! Run: `cargo bench --bench consistency` (a table, then one JSON line).
 
 use std::convert::Infallible;
@@ -36,7 +43,13 @@ use evictd_client::protocol::Stored;
 use evictd_client::Cache;
 use rand::Rng as _;
 
-const SECONDS: u64 = 20;
+/// How long each pass runs (`EVICTD_BENCH_SECONDS`, default 20).
+fn seconds() -> u64 {
+    std::env::var("EVICTD_BENCH_SECONDS")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(20)
+}
 /// Accounts the TPC-B transactions and the readers pick from.
 const HOT: i64 = 200;
 /// The account the probe changes: read by no other reader.
@@ -123,11 +136,23 @@ async fn main() {
         .unwrap()
         .expect("start postgres");
     let redis = Redis::start().expect("start redis");
+    let replica = match std::env::var("EVICTD_BENCH_REPLICA_MS") {
+        Ok(ms) => {
+            let delay = Duration::from_millis(ms.parse().expect("EVICTD_BENCH_REPLICA_MS: ms"));
+            let primary = &postgres;
+            let standby =
+                std::thread::scope(|scope| scope.spawn(|| primary.standby(delay)).join().unwrap());
+            Some(standby.expect("start the standby"))
+        }
+        Err(_) => None,
+    };
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     eprintln!("load average before: {}", load.trim());
-    let fenced = pass(&postgres, &redis, Readers::Fenced).await;
-    let plain = pass(&postgres, &redis, Readers::Plain).await;
-    report(&[fenced, plain]);
+    let mut passes = vec![pass(&postgres, replica.as_ref(), &redis, Readers::Fenced).await];
+    if std::env::var("EVICTD_BENCH_PASSES").as_deref() != Ok("fenced") {
+        passes.push(pass(&postgres, replica.as_ref(), &redis, Readers::Plain).await);
+    }
+    report(&passes);
 }
 
 fn report(passes: &[Pass]) {
@@ -189,9 +214,16 @@ fn report(passes: &[Pass]) {
     println!("{}", serde_json::Value::Array(json));
 }
 
-async fn pass(postgres: &Postgres, redis: &Redis, readers: Readers) -> Pass {
+async fn pass(
+    postgres: &Postgres,
+    replica: Option<&Postgres>,
+    redis: &Redis,
+    readers: Readers,
+) -> Pass {
     let database = postgres.create_database().await.unwrap();
     let url = postgres.url(&database);
+    // Where the readers read.
+    let read_url = replica.map_or_else(|| url.clone(), |replica| replica.url(&database));
     let pgbench = postgres.bin_dir().join("pgbench");
     let init = tokio::process::Command::new(&pgbench)
         .args(["--initialize", "--scale", "1", "--quiet"])
@@ -232,11 +264,35 @@ async fn pass(postgres: &Postgres, redis: &Redis, readers: Readers) -> Pass {
     config.audit.sample = 1.0;
     config.audit.delay_ms = CHECK_DELAY_MS;
     config.audit.queue = 1_000_000;
+    if replica.is_some() {
+        config.postgres.replicas = vec![evictd::config::ReplicaConfig {
+            name: "standby".into(),
+            url: SecretUrl::parse(&read_url).unwrap(),
+        }];
+        // The standby shows the new database once it replayed it.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio_postgres::connect(&read_url, tokio_postgres::NoTls)
+            .await
+            .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the standby never showed {database}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let evictd = Evictd::start(&config).await.expect("start evictd");
     eprintln!(
-        "{}: {SECONDS} s of TPC-B at {PGBENCH_RATE}/s, shop writes at {SHOP_RATE}/s, {} readers ...",
+        "{}: {} s of TPC-B at {PGBENCH_RATE}/s, shop writes at {SHOP_RATE}/s, {} readers{} ...",
         readers.name(),
-        2 * READERS
+        seconds(),
+        2 * READERS,
+        if replica.is_some() {
+            " on the replica"
+        } else {
+            ""
+        }
     );
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -250,7 +306,7 @@ async fn pass(postgres: &Postgres, redis: &Redis, readers: Readers) -> Pass {
         for _ in 0..READERS {
             tasks.push(tokio::spawn(read_loop(
                 server.clone(),
-                url.clone(),
+                read_url.clone(),
                 stop.clone(),
                 reads.clone(),
             )));
@@ -523,7 +579,7 @@ async fn run_pgbench(pgbench: &std::path::Path, url: &str) -> f64 {
         .args(["--no-vacuum", "--protocol", "prepared"])
         .args(["--client", "2", "--jobs", "2"])
         .args(["--rate", &PGBENCH_RATE.to_string()])
-        .args(["--time", &SECONDS.to_string(), "--file"])
+        .args(["--time", &seconds().to_string(), "--file"])
         .arg(script.path())
         .arg(url)
         .env("PGOPTIONS", "-c synchronous_commit=on")

@@ -62,7 +62,7 @@ pub mod internal {
     pub use crate::apply::shared::Record;
     pub use crate::apply::RedisSink;
     #[cfg(feature = "kafka")]
-    pub use crate::source::kafka::consumer::{consumer_config, group_status};
+    pub use crate::source::kafka::consumer::{consumer_config, group_status, topic_coverage};
     pub use crate::source::postgres::conn::ReplicationConnection;
     pub use crate::source::postgres::control::Control;
     pub use crate::source::postgres::pgoutput;

@@ -898,6 +898,9 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     warn_about_narrowed_changed(&mappings, &mut warnings);
     if let Some(config) = &config {
         warn_about_sql_messages(config, &mut warnings);
+        if !args.offline {
+            warn_about_kafka_topics(config, &mappings, &mut warnings);
+        }
     }
     if !args.json {
         for warning in &warnings {
@@ -937,6 +940,31 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
 
 /// `check --format json`: one object, and exit 2 when there are problems.
 /// `mappings` is `None` when they did not load.
+/// With the Kafka source: mapped tables no subscribed topic carries, and
+/// topics a pattern matches that no mapping covers (see
+/// `evictd::internal::topic_coverage`).
+fn warn_about_kafka_topics(config: &Config, mappings: &Mappings, warnings: &mut Vec<String>) {
+    let Some(kafka) = config
+        .kafka
+        .as_ref()
+        .filter(|_| config.source == evictd::config::SourceKind::Kafka)
+    else {
+        return;
+    };
+    #[cfg(feature = "kafka")]
+    match evictd::internal::topic_coverage(kafka, mappings) {
+        Ok(found) => warnings.extend(found),
+        Err(error) => warnings.push(format!(
+            "kafka: cannot check the topics against the broker: {error}"
+        )),
+    }
+    #[cfg(not(feature = "kafka"))]
+    {
+        let _ = (kafka, mappings);
+        warnings.push("kafka: this evictd was built without the `kafka` feature".into());
+    }
+}
+
 fn check_json(
     mappings: Option<&Mappings>,
     live: bool,

@@ -79,6 +79,9 @@ pub const KAFKA_RECORDS: &str = "evictd_kafka_records_total";
 pub const KAFKA_COMMITS: &str = "evictd_kafka_commits_total";
 /// Partitions this instance holds in its consumer group.
 pub const KAFKA_ASSIGNED_PARTITIONS: &str = "evictd_kafka_assigned_partitions";
+/// By `topic`, each topic `kafka.topics` names (not patterns): 1 while
+/// the broker does not have it, 0 once it does.
+pub const KAFKA_TOPICS_MISSING: &str = "evictd_kafka_topics_missing";
 /// Prefix deletes applied (a mapping's `prefixes`: SCAN on every master),
 /// by `table`; the keys they deleted are `keys_invalidated{mode="prefix"}`.
 pub const PREFIX_DELETES: &str = "evictd_prefix_deletes_total";
@@ -353,6 +356,10 @@ pub fn describe() {
     zero_counters();
     describe_counter!(KAFKA_RECORDS, "Kafka records taken, by outcome");
     describe_counter!(KAFKA_COMMITS, "Kafka offset commits to the group");
+    describe_gauge!(
+        KAFKA_TOPICS_MISSING,
+        "By topic, each topic kafka.topics names (not patterns): 1 while the broker does not have it, 0 once it does"
+    );
     describe_gauge!(
         KAFKA_ASSIGNED_PARTITIONS,
         "Kafka partitions this instance holds"

@@ -356,12 +356,15 @@ async fn apply(
     around: Around,
 ) -> Result<(), Error> {
     let Around {
-        mut audit,
+        audit,
         mut gate,
         replicas,
     } = around;
     let mut replicas: Option<Replicas<Applied>> = replicas.map(Replicas::start);
-    let mut tag_stamps = TagStamps::default();
+    let mut stamps = Stamps {
+        audit,
+        tags: TagStamps::default(),
+    };
     let mut ping = tokio::time::interval(IDLE_PING);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -371,7 +374,7 @@ async fn apply(
             biased;
             why = due(&mut replicas), if holding => {
                 let Some(replicas) = replicas.as_mut() else { continue };
-                if !release(replicas, why, &mut sink, &mut tag_stamps, &next, &redis, &mut stop).await? {
+                if !release(replicas, why, &mut sink, &mut stamps, &next, &redis, &mut stop).await? {
                     return Ok(());
                 }
                 continue;
@@ -419,26 +422,14 @@ async fn apply(
             },
         };
         let started = Instant::now();
-        // With the checker on, the batch's apply stamp goes first, once.
-        let mut stamp = None;
-        let Some(stats) = apply_retrying(
-            &mut sink,
-            &mut plan,
-            audit.as_mut(),
-            &mut stamp,
-            &mut tag_stamps,
-            &redis,
-            &mut stop,
-        )
-        .await?
+        let Some(stats) =
+            apply_retrying(&mut sink, &mut plan, &mut stamps, &redis, &mut stop).await?
         else {
             // Stopped while Redis is away: abandoned; it was never
             // acknowledged, so it is replayed.
             return Ok(());
         };
-        if let (Some(audit), Some(stamp)) = (&audit, stamp) {
-            audit.offer(&plan, stamp);
-        }
+        stamps.offer(&plan);
         record(&plan, &stats, started.elapsed(), &lag);
         tracing::debug!(commands = plan.commands.len(), keys = stats.keys, round_trips = stats.round_trips, checkpoint = ?plan.checkpoint, "applied batch");
         let applied = Applied {
@@ -471,7 +462,7 @@ async fn release(
     replicas: &mut Replicas<Applied>,
     why: Release,
     sink: &mut RedisSink,
-    tag_stamps: &mut TagStamps,
+    stamps: &mut Stamps,
     next: &Next,
     redis: &watch::Sender<Option<String>>,
     stop: &mut watch::Receiver<bool>,
@@ -480,11 +471,12 @@ async fn release(
         return Ok(true);
     };
     if let Some(mut again) = again {
-        let Some(stats) =
-            apply_retrying(sink, &mut again, None, &mut None, tag_stamps, redis, stop).await?
-        else {
+        let Some(stats) = apply_retrying(sink, &mut again, stamps, redis, stop).await? else {
             return Ok(false);
         };
+        // Checked after the second invalidation too: a fill from a replica
+        // that had replayed the batch is as new as its stamp says.
+        stamps.offer(&again);
         tracing::debug!(
             commands = again.commands.len(),
             keys = stats.keys,
@@ -504,15 +496,13 @@ async fn release(
 async fn apply_retrying(
     sink: &mut RedisSink,
     plan: &mut Plan,
-    mut audit: Option<&mut Sampler>,
-    stamp: &mut Option<u64>,
-    tag_stamps: &mut TagStamps,
+    stamps: &mut Stamps,
     redis: &watch::Sender<Option<String>>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<Option<ApplyStats>, Error> {
     let mut backoff = Backoff::default();
     loop {
-        match attempt(sink, plan, audit.as_deref_mut(), stamp, tag_stamps).await {
+        match attempt(sink, plan, stamps).await {
             Ok(stats) => {
                 redis.send_if_modified(|current| replace_if_changed(current, None));
                 return Ok(Some(stats));
@@ -542,27 +532,40 @@ async fn apply_retrying(
     }
 }
 
-/// One attempt at `plan`: its apply stamp first if the checker wants one
-/// and none was written yet (a retry keeps the first: fills that read it
-/// may already have loaded), then its commands, with its tag stamp when it
-/// invalidates tags.
+/// One attempt at `plan`: its stamps first, then its commands.
 async fn attempt(
     sink: &mut RedisSink,
     plan: &mut Plan,
-    audit: Option<&mut Sampler>,
-    stamp: &mut Option<u64>,
-    tag_stamps: &mut TagStamps,
+    stamps: &mut Stamps,
 ) -> Result<ApplyStats, Error> {
-    if let Some(audit) = audit {
-        if stamp.is_none() && !plan.commands.is_empty() {
-            *stamp = Some(audit.write_stamp(sink).await?);
-            plan.stamp = *stamp;
+    // A retry keeps the first apply stamp: fills that read it may already
+    // have loaded.
+    if let Some(audit) = stamps.audit.as_mut() {
+        if plan.stamp.is_none() && !plan.commands.is_empty() {
+            plan.stamp = Some(audit.write_stamp(sink).await?);
         }
     }
     if plan.tag_stamp.is_none() && plan.invalidates_tags() {
-        plan.tag_stamp = Some(tag_stamps.next(sink).await?);
+        plan.tag_stamp = Some(stamps.tags.next(sink).await?);
     }
     sink.apply(plan).await
+}
+
+/// What is written ahead of a plan's commands: the consistency checker's
+/// apply stamp (`[audit]`, which then samples what the plan invalidated)
+/// and, when it invalidates tags, the tag stamp.
+struct Stamps {
+    audit: Option<Sampler>,
+    tags: TagStamps,
+}
+
+impl Stamps {
+    /// Offers what `plan`, applied, invalidated to the checker.
+    fn offer(&self, plan: &Plan) {
+        if let (Some(audit), Some(stamp)) = (&self.audit, plan.stamp) {
+            audit.offer(plan, stamp);
+        }
+    }
 }
 
 /// The tag stamps evictd writes ahead of tag invalidations

@@ -242,6 +242,11 @@ pub struct KafkaConfig {
     /// How long a rebalance waits for records in flight of revoked
     /// partitions to be applied and committed before releasing them.
     pub drain_timeout_ms: u64,
+    /// How often the broker's topic list is read again, so that a topic
+    /// created after start (by name or matching a pattern) is consumed
+    /// within about this long (librdkafka's
+    /// `topic.metadata.refresh.interval.ms`).
+    pub metadata_refresh_ms: u64,
     /// librdkafka settings passed through (`security.protocol`,
     /// `sasl.mechanism`, `ssl.ca.location`, ...), `sasl.password` from
     /// `sasl_password_file` included. Redacted in `Debug`.
@@ -252,6 +257,7 @@ impl KafkaConfig {
     pub const DEFAULT_GROUP_ID: &'static str = "evictd";
     pub const DEFAULT_COMMIT_INTERVAL_MS: u64 = 1000;
     pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
+    pub const DEFAULT_METADATA_REFRESH_MS: u64 = 5_000;
 
     /// `brokers` and `topics` with every other setting at its default, as
     /// an empty `[kafka]` section with just those two would give.
@@ -265,6 +271,7 @@ impl KafkaConfig {
             unavailable_value_placeholder: DEFAULT_UNAVAILABLE_PLACEHOLDER.into(),
             commit_interval_ms: Self::DEFAULT_COMMIT_INTERVAL_MS,
             drain_timeout_ms: Self::DEFAULT_DRAIN_TIMEOUT_MS,
+            metadata_refresh_ms: Self::DEFAULT_METADATA_REFRESH_MS,
             properties: KafkaProperties::default(),
         }
     }

@@ -419,6 +419,11 @@ pub(super) fn read_kafka(
         KafkaConfig::DEFAULT_DRAIN_TIMEOUT_MS,
         100..=600_000,
     );
+    let metadata_refresh_ms = section.in_range(
+        "metadata_refresh_ms",
+        KafkaConfig::DEFAULT_METADATA_REFRESH_MS,
+        100..=3_600_000,
+    );
     let mut properties = section.parse(
         "properties",
         Vec::new(),
@@ -455,6 +460,7 @@ pub(super) fn read_kafka(
         unavailable_value_placeholder,
         commit_interval_ms,
         drain_timeout_ms,
+        metadata_refresh_ms,
         properties: KafkaProperties(properties),
     })
 }
@@ -468,6 +474,7 @@ const RESERVED_KAFKA_PROPERTIES: &[&str] = &[
     "enable.auto.offset.store",
     "auto.offset.reset",
     "enable.partition.eof",
+    "topic.metadata.refresh.interval.ms",
 ];
 
 pub(super) fn read_redis(section: &mut Section<'_>, base_dir: &Path) -> RedisConfig {

@@ -39,20 +39,8 @@ impl Postgres {
 
     fn start_with(tls: Option<(&str, &str)>) -> Result<Postgres, TestkitError> {
         let bin_dir = bin_dir()?;
-        let dir = tempfile::Builder::new()
-            .prefix("evictd-pg-")
-            .tempdir()
-            .map_err(|e| TestkitError::io("create a temporary directory", e))?;
-        reaper::reap_dir(dir.path());
         let as_postgres = running_as_root();
-        if as_postgres {
-            run(
-                Command::new("chown")
-                    .arg("postgres:postgres")
-                    .arg(dir.path()),
-                "chown the data directory",
-            )?;
-        }
+        let dir = server_dir("evictd-pg-", as_postgres)?;
         let data = dir.path().join("data");
         let mut initdb = command(&bin_dir, "initdb", as_postgres);
         initdb.arg("-D").arg(&data).args([
@@ -99,19 +87,7 @@ impl Postgres {
     /// (`recovery_min_apply_delay`): a read replica that lags. Read-only;
     /// [`Postgres::url`] names the same databases as the primary's.
     pub fn standby(&self, apply_delay: Duration) -> Result<Postgres, TestkitError> {
-        let dir = tempfile::Builder::new()
-            .prefix("evictd-pg-standby-")
-            .tempdir()
-            .map_err(|e| TestkitError::io("create a temporary directory", e))?;
-        reaper::reap_dir(dir.path());
-        if self.as_postgres {
-            run(
-                Command::new("chown")
-                    .arg("postgres:postgres")
-                    .arg(dir.path()),
-                "chown the data directory",
-            )?;
-        }
+        let dir = server_dir("evictd-pg-standby-", self.as_postgres)?;
         let mut backup = command(&self.bin_dir, "pg_basebackup", self.as_postgres);
         backup
             .arg("-D")
@@ -363,6 +339,25 @@ impl Drop for Postgres {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A temporary directory for a server, removed by the reaper if this
+/// process dies first, owned by `postgres` when the server runs as it.
+fn server_dir(prefix: &str, as_postgres: bool) -> Result<TempDir, TestkitError> {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .map_err(|e| TestkitError::io("create a temporary directory", e))?;
+    reaper::reap_dir(dir.path());
+    if as_postgres {
+        run(
+            Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(dir.path()),
+            "chown the data directory",
+        )?;
+    }
+    Ok(dir)
 }
 
 fn running_as_root() -> bool {

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::support::{init_logging, mapping_dir, stack, Cache};
 use evictd::config::{BadRecordPolicy, Config, KafkaConfig, SecretUrl};
@@ -731,4 +731,144 @@ async fn with_a_postgres_connection_a_change_waits_for_its_transaction_to_be_vis
         .expect("applied and committed once visible");
     assert!(cache.cached(&["order:1"]).await.is_empty());
     stop(running).await;
+}
+
+/// Debezium creates a table's topic with the table's first change, while
+/// evictd already runs. A named topic that does not exist yet is reported
+/// (`evictd_kafka_topics_missing`, `evictd status`) and consumed within
+/// about `metadata_refresh_ms` of its creation, and so is a new topic a
+/// pattern (`^...`) matches; each is logged at INFO when consumed.
+#[tokio::test]
+async fn topics_created_after_start_are_consumed_within_seconds() {
+    let names = names();
+    kafka().create_topic(&names.topic, 1).await.expect("topic");
+    let late = format!("{}_late", names.topic);
+    let pattern = format!("^{}_p[0-9]+$", names.topic.replace('.', "\\."));
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("mappings")).expect("mappings dir");
+    std::fs::write(dir.path().join("mappings/orders.toml"), ORDERS).expect("mapping");
+    let admin = crate::support::free_port();
+    let config = dir.path().join("evictd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[source]\nkind = \"kafka\"\n\
+             [kafka]\nbrokers = \"{}\"\ntopics = [\"{}\", \"{late}\", '{pattern}']\ngroup_id = \"{}\"\n\
+             commit_interval_ms = 50\nmetadata_refresh_ms = 1000\n\
+             [kafka.properties]\n\"session.timeout.ms\" = 6000\n\
+             [redis]\nurl = \"{}\"\nprefix = \"{}\"\n\
+             [mappings]\ndir = \"mappings\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n",
+            kafka().brokers(),
+            names.topic,
+            names.group,
+            stack().redis.url(),
+            names.prefix
+        ),
+    )
+    .expect("config");
+    let log_path = dir.path().join("evictd.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_evictd"))
+        .args(["run", "--config", config.to_str().expect("utf-8")])
+        .env("EVICTD_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start evictd run");
+    evictd::testkit::reaper::reap_pid(child.id());
+    ready(admin).await;
+    let metrics = || {
+        crate::support::http_get(admin, "/metrics")
+            .expect("/metrics")
+            .1
+    };
+    let missing = |value: u8| format!("evictd_kafka_topics_missing{{topic=\"{late}\"}} {value}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !metrics().contains(&missing(1)) {
+        assert!(Instant::now() < deadline, "{}", metrics());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = crate::support::evictd(&["status", "--config", config.to_str().expect("utf-8")]);
+    let text = crate::support::stdout(&status);
+    assert!(text.contains(&format!("topic {late}: missing")), "{text}");
+
+    // The named topic appears, with a change in it; then one the pattern
+    // matches.
+    let mut cache = Cache::new(&names.prefix).await;
+    let appeared = format!("{}_p1", names.topic);
+    for (id, topic) in [(1, late.as_str()), (2, appeared.as_str())] {
+        let key = format!("order:{id}");
+        cache.seed(&[key.as_str()]).await;
+        let created = Instant::now();
+        kafka().create_topic(topic, 1).await.expect("topic");
+        create_orders(topic, id..=id).await;
+        while !cache.cached(&[key.as_str()]).await.is_empty() {
+            assert!(
+                created.elapsed() < Duration::from_secs(20),
+                "{topic}: {key} still cached"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        eprintln!(
+            "{topic}: invalidated {:?} after the topic was created",
+            created.elapsed()
+        );
+        let log = std::fs::read_to_string(&log_path).expect("the log");
+        assert!(
+            log.lines().any(|line| line.contains("INFO")
+                && line.contains("a subscribed topic appeared; consuming it")
+                && line.contains(topic)),
+            "{log}"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !metrics().contains(&missing(0)) {
+        assert!(Instant::now() < deadline, "{}", metrics());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    crate::support::terminate(child);
+}
+
+/// `evictd check` against the broker: a mapped table no subscribed topic
+/// carries, and a topic a pattern matches that no mapping covers.
+#[tokio::test]
+async fn check_names_tables_no_topic_carries_and_topics_no_mapping_covers() {
+    let names = names();
+    let server = names.topic.replace("dbserver1.public.", "cov");
+    for table in ["orders", "unmapped"] {
+        kafka()
+            .create_topic(&format!("{server}.public.{table}"), 1)
+            .await
+            .expect("topic");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("mappings")).expect("mappings dir");
+    std::fs::write(dir.path().join("mappings/orders.toml"), ORDERS).expect("mapping");
+    std::fs::write(dir.path().join("mappings/customers.toml"), CUSTOMERS).expect("mapping");
+    let config = dir.path().join("evictd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[source]\nkind = \"kafka\"\n\
+             [kafka]\nbrokers = \"{}\"\ntopics = ['^{server}\\.public\\..*']\n\
+             [redis]\nurl = \"{}\"\n[mappings]\ndir = \"mappings\"\n",
+            kafka().brokers(),
+            stack().redis.url(),
+        ),
+    )
+    .expect("config");
+    let check = crate::support::evictd(&["check", "--config", config.to_str().expect("utf-8")]);
+    let err = crate::support::stderr(&check);
+    assert!(check.status.success(), "{err}");
+    assert!(
+        err.contains("kafka: no subscribed topic carries public.customers"),
+        "{err}"
+    );
+    assert!(!err.contains("carries public.orders"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "kafka: topic {server}.public.unmapped matches ^{server}\\.public\\..*, but no mapping names its table"
+        )),
+        "{err}"
+    );
 }

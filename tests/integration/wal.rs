@@ -1183,6 +1183,22 @@ async fn explain_prints_what_run_applies_for_random_changes() {
     }
 }
 
+/// A throwaway Postgres of the test's own, with a database on it whose
+/// keys go under `prefix`.
+async fn own_server(prefix: &str) -> (evictd::testkit::Postgres, crate::support::TestDb) {
+    let postgres = tokio::task::spawn_blocking(evictd::testkit::Postgres::start)
+        .await
+        .unwrap()
+        .expect("postgres");
+    let name = postgres.create_database().await.expect("database");
+    let db = crate::support::TestDb {
+        url: postgres.url(&name),
+        name,
+        prefix: format!("{prefix}{}:", std::process::id()),
+    };
+    (postgres, db)
+}
+
 /// The reproduction of a commit that reaches the WAL before other sessions
 /// can see it: a synchronous standby that does not answer holds the
 /// committing session in COMMIT after its commit record is flushed and
@@ -1193,16 +1209,7 @@ async fn a_commit_held_by_a_synchronous_standby_is_invalidated_once_visible() {
     use futures_util::StreamExt as _;
 
     // A server of its own: synchronous_standby_names is server-wide.
-    let postgres = tokio::task::spawn_blocking(evictd::testkit::Postgres::start)
-        .await
-        .unwrap()
-        .expect("postgres");
-    let name = postgres.create_database().await.expect("database");
-    let db = crate::support::TestDb {
-        url: postgres.url(&name),
-        name,
-        prefix: format!("vis{}:", std::process::id()),
-    };
+    let (_postgres, db) = own_server("vis").await;
     db.execute(
         "create table orders (id bigint primary key, status text not null);
          alter table orders replica identity full;
@@ -1345,16 +1352,9 @@ async fn fenced_readers_on_a_lagging_replica_leave_nothing_stale() {
     const WRITES: usize = 1_000;
     // Installed before evictd records anything.
     let recorder = evictd::internal::telemetry::recorder();
-    let postgres = tokio::task::spawn_blocking(evictd::testkit::Postgres::start)
-        .await
-        .unwrap()
-        .expect("postgres");
-    let name = postgres.create_database().await.expect("database");
-    let db = crate::support::TestDb {
-        url: postgres.url(&name),
-        name: name.clone(),
-        prefix: format!("rep{}:", std::process::id()),
-    };
+    // A server of its own: its standby copies it whole.
+    let (postgres, db) = own_server("rep").await;
+    let name = db.name.clone();
     db.execute(&format!(
         "create table items (id bigint primary key, v bigint not null);
          create publication evictd for table items;

@@ -134,7 +134,13 @@ pub fn consumer_config(config: &KafkaConfig) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         // Never skip silently: a missing offset is handled at assignment.
         .set("auto.offset.reset", "error")
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        // A topic created after start (by name, or matching a pattern) is
+        // found at the next refresh.
+        .set(
+            "topic.metadata.refresh.interval.ms",
+            config.metadata_refresh_ms.to_string(),
+        );
     client
 }
 
@@ -153,6 +159,7 @@ pub fn spawn(
         commands: Mutex::new(commands_rx),
         drain_timeout: Duration::from_millis(config.drain_timeout_ms),
         closing: std::sync::atomic::AtomicBool::new(false),
+        consumed: Mutex::new(std::collections::BTreeSet::new()),
     };
     let consumer: BaseConsumer<Context> = consumer_config(config)
         .create_with_context(context)
@@ -171,6 +178,7 @@ pub fn spawn(
         decoder: Decoder::new(&config.unavailable_value_placeholder),
         commit_interval: Duration::from_millis(config.commit_interval_ms),
         done: done_tx,
+        topics: Topics::new(config),
     };
     std::thread::Builder::new()
         .name("evictd-kafka".into())
@@ -192,6 +200,8 @@ struct Context {
     drain_timeout: Duration,
     /// Set once the worker stops: the final revoke needs no drain.
     closing: std::sync::atomic::AtomicBool,
+    /// The topics partitions were assigned from so far.
+    consumed: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl ClientContext for Context {
@@ -232,6 +242,7 @@ impl ConsumerContext for Context {
                     tracing::error!(%error, "cannot take the assigned partitions");
                 }
                 let assigned = positions(partitions);
+                self.log_new_topics(&assigned);
                 #[allow(clippy::cast_precision_loss)]
                 metrics::gauge!(telemetry::KAFKA_ASSIGNED_PARTITIONS).set(assigned.len() as f64);
                 self.send(Event::Assigned(assigned));
@@ -258,6 +269,33 @@ impl ConsumerContext for Context {
 }
 
 impl Context {
+    /// Logs each topic partitions are assigned from for the first time: a
+    /// topic of the start, or one created since (by name or matching a
+    /// pattern).
+    fn log_new_topics(&self, assigned: &[Position]) {
+        let mut consumed = self
+            .consumed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let first = consumed.is_empty();
+        for position in assigned {
+            let topic = &position.partition.topic;
+            if consumed.contains(&**topic) {
+                continue;
+            }
+            let partitions = assigned
+                .iter()
+                .filter(|p| p.partition.topic == *topic)
+                .count();
+            if first {
+                tracing::info!(%topic, partitions, "consuming topic");
+            } else {
+                tracing::info!(%topic, partitions, "a subscribed topic appeared; consuming it");
+            }
+            consumed.insert(topic.to_string());
+        }
+    }
+
     /// Hands the pending records over, then `event`; false once the
     /// pipeline is gone.
     fn send(&self, event: Event) -> bool {
@@ -435,6 +473,69 @@ struct Worker {
     decoder: Decoder,
     commit_interval: Duration,
     done: std_mpsc::Sender<()>,
+    /// The topics subscribed by name, and which of them the broker lacks.
+    topics: Topics,
+}
+
+/// The topics subscribed by name (not by pattern): which exist, checked
+/// every `metadata_refresh_ms`.
+struct Topics {
+    named: Vec<String>,
+    missing: std::collections::BTreeSet<String>,
+    every: Duration,
+    last: Option<Instant>,
+}
+
+/// How long one look at the broker's topic list may block consuming.
+const TOPICS_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Topics {
+    fn new(config: &KafkaConfig) -> Topics {
+        Topics {
+            named: config
+                .topics
+                .iter()
+                .filter(|topic| !topic.starts_with('^'))
+                .cloned()
+                .collect(),
+            missing: std::collections::BTreeSet::new(),
+            every: Duration::from_millis(config.metadata_refresh_ms),
+            last: None,
+        }
+    }
+
+    /// Every `every`, reads which named topics exist: a missing one is
+    /// logged once at WARN and shows 1 in `evictd_kafka_topics_missing`,
+    /// one that appears is logged at INFO and shows 0.
+    fn check(&mut self, consumer: &BaseConsumer<Context>) {
+        if self.named.is_empty() || self.last.is_some_and(|last| last.elapsed() < self.every) {
+            return;
+        }
+        self.last = Some(Instant::now());
+        let metadata = match consumer.fetch_metadata(None, TOPICS_TIMEOUT) {
+            Ok(metadata) => metadata,
+            Err(error) => {
+                tracing::debug!(%error, "cannot list the broker's topics");
+                return;
+            }
+        };
+        let existing: std::collections::BTreeSet<&str> = metadata
+            .topics()
+            .iter()
+            .filter(|topic| topic.error().is_none() && !topic.partitions().is_empty())
+            .map(rdkafka::metadata::MetadataTopic::name)
+            .collect();
+        for topic in &self.named {
+            let exists = existing.contains(topic.as_str());
+            if exists && self.missing.remove(topic) {
+                tracing::info!(%topic, "a subscribed topic now exists; it is consumed from the next rebalance");
+            } else if !exists && self.missing.insert(topic.clone()) {
+                tracing::warn!(%topic, "a subscribed topic does not exist (yet); the other topics are consumed, and this one from when it is created (Debezium creates a table's topic with its first change)");
+            }
+            let missing = if exists { 0.0 } else { 1.0 };
+            metrics::gauge!(telemetry::KAFKA_TOPICS_MISSING, "topic" => topic.clone()).set(missing);
+        }
+    }
 }
 
 impl Worker {
@@ -445,6 +546,7 @@ impl Worker {
             if !context.serve_commands(&self.consumer) {
                 break;
             }
+            self.topics.check(&self.consumer);
             if last_commit.elapsed() >= self.commit_interval {
                 commit(&self.consumer, CommitMode::Async);
                 last_commit = Instant::now();
@@ -546,6 +648,62 @@ fn record(
         decoded,
         raw,
     }
+}
+
+/// What `evictd check` says about the subscription against the broker's
+/// topics, as warnings: each mapped table that no subscribed topic carries
+/// (by Debezium's naming, `<topic.prefix>.<schema>.<table>`: a topic named
+/// in `kafka.topics`, or an existing topic a pattern matches), and each
+/// existing topic a pattern matches whose table no mapping names (its
+/// records are counted as unmapped). Blocking.
+pub fn topic_coverage(config: &KafkaConfig, mappings: &Mappings) -> Result<Vec<String>, Error> {
+    let consumer: BaseConsumer = client_config(config)
+        .create()
+        .map_err(|e| Error::kafka("cannot create a Kafka client", e))?;
+    let metadata = consumer
+        .fetch_metadata(None, BROKER_TIMEOUT)
+        .map_err(|e| Error::kafka("the Kafka broker did not answer", e))?;
+    let mut patterns = Vec::new();
+    for topic in config.topics.iter().filter(|topic| topic.starts_with('^')) {
+        let regex = regex_lite::Regex::new(topic).map_err(|e| {
+            Error::new(
+                ErrorKind::Config,
+                format!("kafka.topics: `{topic}` is not a regular expression: {e}"),
+            )
+        })?;
+        patterns.push((topic.as_str(), regex));
+    }
+    let matched: Vec<(&str, &str)> = metadata
+        .topics()
+        .iter()
+        .map(rdkafka::metadata::MetadataTopic::name)
+        .filter(|name| !name.starts_with("__"))
+        .filter_map(|name| {
+            let (pattern, _) = patterns.iter().find(|(_, regex)| regex.is_match(name))?;
+            Some((name, *pattern))
+        })
+        .collect();
+    let carries =
+        |topic: &str, table: &str| topic == table || topic.ends_with(&format!(".{table}"));
+    let mut warnings = Vec::new();
+    let tables: Vec<String> = mappings.tables().map(|m| m.table.to_string()).collect();
+    for table in &tables {
+        let named = config.topics.iter().any(|topic| carries(topic, table));
+        let by_pattern = matched.iter().any(|(topic, _)| carries(topic, table));
+        if !named && !by_pattern {
+            warnings.push(format!(
+                "kafka: no subscribed topic carries {table}: Debezium writes it to <topic.prefix>.{table}; name that topic in kafka.topics or match it with a pattern (a topic created later is matched when it appears)"
+            ));
+        }
+    }
+    for (topic, pattern) in &matched {
+        if !tables.iter().any(|table| carries(topic, table)) {
+            warnings.push(format!(
+                "kafka: topic {topic} matches {pattern}, but no mapping names its table: its records are counted as unmapped"
+            ));
+        }
+    }
+    Ok(warnings)
 }
 
 /// `evictd status` for the Kafka source: per partition of each named topic,
