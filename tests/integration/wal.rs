@@ -1183,6 +1183,55 @@ async fn explain_prints_what_run_applies_for_random_changes() {
     }
 }
 
+/// The Python reader (`client/python/evictd_cache.py`) reading one key:
+/// it prints `read <value>` after its database read, then waits to be
+/// told to fill.
+struct PythonReader {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl PythonReader {
+    async fn start(db: &crate::support::TestDb, key: &str, sql: &str) -> PythonReader {
+        use tokio::io::AsyncBufReadExt as _;
+        let root = env!("CARGO_MANIFEST_DIR");
+        let mut child = tokio::process::Command::new("python3")
+            .arg(format!("{root}/client/python/evictd_cache.py"))
+            .arg(crate::support::stack().redis.port().to_string())
+            .arg(&db.prefix)
+            .arg(key)
+            .arg("")
+            .arg(format!("{root}/client/lua"))
+            .arg("--")
+            .args(["psql", &db.url, "-Atc", sql])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python3 runs");
+        let lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        PythonReader { child, lines }
+    }
+
+    async fn read(&mut self) -> String {
+        self.lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("the reader read")
+    }
+
+    /// Lets it fill; its outcome line.
+    async fn fill(mut self) -> String {
+        use tokio::io::AsyncWriteExt as _;
+        let mut stdin = self.child.stdin.take().unwrap();
+        stdin.write_all(b"go\n").await.unwrap();
+        let line = self.read().await;
+        assert!(self.child.wait().await.unwrap().success());
+        line
+    }
+}
+
 /// A throwaway Postgres of the test's own, with a database on it whose
 /// keys go under `prefix`.
 async fn own_server(prefix: &str) -> (evictd::testkit::Postgres, crate::support::TestDb) {
@@ -1214,7 +1263,7 @@ async fn a_commit_held_by_a_synchronous_standby_is_invalidated_once_visible() {
         "create table orders (id bigint primary key, status text not null);
          alter table orders replica identity full;
          create publication evictd for table orders;
-         insert into orders values (1, 'new'), (2, 'new');",
+         insert into orders values (1, 'new'), (2, 'new'), (3, 'new');",
     )
     .await;
     let dir = crate::support::mapping_dir(&[(
@@ -1256,7 +1305,7 @@ async fn a_commit_held_by_a_synchronous_standby_is_invalidated_once_visible() {
         .unwrap();
     let committing = tokio::spawn(async move {
         writer
-            .batch_execute("update orders set status = 'refunded' where id in (1, 2)")
+            .batch_execute("update orders set status = 'refunded' where id in (1, 2, 3)")
             .await
             .expect("the commit returns once the standby is no longer required");
     });
@@ -1291,6 +1340,11 @@ async fn a_commit_held_by_a_synchronous_standby_is_invalidated_once_visible() {
         .await
         .expect("get_or_load");
     assert_eq!(loaded.as_deref(), Some("new"));
+    // So does the Python reader written from docs/PROTOCOL.md: it takes
+    // its lease and reads the old row of order 3, and fills only later.
+    let mut python =
+        PythonReader::start(&db, "order:3", "select status from orders where id = 3").await;
+    assert_eq!(python.read().await, "read new");
     assert_eq!(
         cache.cached(&["order:1"]).await,
         ["order:1"],
@@ -1329,6 +1383,10 @@ async fn a_commit_held_by_a_synchronous_standby_is_invalidated_once_visible() {
     // Exact once the commit returned: neither the seeded value nor the
     // fenced reader's fill of the old row survives.
     assert!(cache.cached(&["order:1", "order:2"]).await.is_empty());
+    // The Python reader's fill comes after the invalidation, which took
+    // its lease: refused.
+    assert_eq!(python.fill().await, "fill fenced");
+    assert!(cache.cached(&["order:3"]).await.is_empty());
     assert_eq!(*evictd.running().visibility.borrow(), None);
     evictd.stop().await.expect("stop");
 }
@@ -1514,5 +1572,77 @@ async fn fenced_readers_on_a_lagging_replica_leave_nothing_stale() {
         started.elapsed()
     );
     assert!(timed_out(&recorder.render()) > before);
+    evictd.stop().await.expect("stop");
+}
+
+/// Past `postgres.replica_pending_keys`, the keys a batch holds for its
+/// second invalidation turn into their family's pattern: memory stays
+/// bounded, and the second invalidation still covers them (and more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_keys_past_the_bound_fold_into_their_family_pattern() {
+    use std::time::Duration;
+
+    let recorder = evictd::internal::telemetry::recorder();
+    let folded = || {
+        recorder
+            .render()
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix("evictd_replica_folded_keys_total ")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    let (postgres, db) = own_server("fold").await;
+    db.execute(
+        "create table items (id bigint primary key, v bigint not null);
+         create publication evictd for table items;
+         insert into items select g, 0 from generate_series(1, 30) g;",
+    )
+    .await;
+    let standby = {
+        let primary = &postgres;
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| primary.standby(Duration::from_millis(1_500)))
+                .join()
+                .unwrap()
+        })
+        .expect("a standby")
+    };
+    let dir = crate::support::mapping_dir(&[(
+        "items.toml",
+        "[[table]]\nname = \"items\"\nkeys = [\"item:{id}\"]\n",
+    )]);
+    let mut config = crate::support::streaming_config(&db, dir.path());
+    config.postgres.replicas = vec![evictd::config::ReplicaConfig {
+        name: "standby".into(),
+        url: evictd::config::SecretUrl::parse(&standby.url(&db.name)).unwrap(),
+    }];
+    config.postgres.replica_pending_keys = 10;
+    let evictd = evictd::testkit::Evictd::start(&config)
+        .await
+        .expect("start");
+    let mut cache = crate::support::Cache::new(&db.prefix).await;
+    let before = folded();
+    // 30 keys in one batch: past the bound of 10.
+    db.execute("update items set v = v + 1").await;
+    let first: Vec<String> = (1..=30).map(|id| format!("item:{id}")).collect();
+    let first: Vec<&str> = first.iter().map(String::as_str).collect();
+    // After the first invalidation, refills from the replica (old rows)
+    // and a key of the family no change named.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while folded() == before {
+        assert!(std::time::Instant::now() < deadline, "nothing folded");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cache.seed(&first).await;
+    cache.seed(&["item:999"]).await;
+    evictd.sync().await.expect("sync");
+    assert_eq!(folded() - before, 30);
+    // The second invalidation went by the family's pattern.
+    assert!(cache.cached(&first).await.is_empty());
+    assert!(cache.cached(&["item:999"]).await.is_empty());
     evictd.stop().await.expect("stop");
 }
