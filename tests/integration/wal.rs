@@ -1192,7 +1192,7 @@ struct PythonReader {
 }
 
 impl PythonReader {
-    async fn start(db: &crate::support::TestDb, key: &str, sql: &str) -> PythonReader {
+    fn start(db: &crate::support::TestDb, key: &str, sql: &str) -> PythonReader {
         use tokio::io::AsyncBufReadExt as _;
         let root = env!("CARGO_MANIFEST_DIR");
         let mut child = tokio::process::Command::new("python3")
@@ -1342,8 +1342,7 @@ async fn a_commit_held_by_a_synchronous_standby_is_invalidated_once_visible() {
     assert_eq!(loaded.as_deref(), Some("new"));
     // So does the Python reader written from docs/PROTOCOL.md: it takes
     // its lease and reads the old row of order 3, and fills only later.
-    let mut python =
-        PythonReader::start(&db, "order:3", "select status from orders where id = 3").await;
+    let mut python = PythonReader::start(&db, "order:3", "select status from orders where id = 3");
     assert_eq!(python.read().await, "read new");
     assert_eq!(
         cache.cached(&["order:1"]).await,
