@@ -1263,7 +1263,8 @@ async fn a_commit_held_by_a_synchronous_standby_is_invalidated_once_visible() {
         "create table orders (id bigint primary key, status text not null);
          alter table orders replica identity full;
          create publication evictd for table orders;
-         insert into orders values (1, 'new'), (2, 'new'), (3, 'new');",
+         insert into orders values (1, 'new'), (2, 'new'), (3, 'new');
+         create table filler (id bigint, pad text);",
     )
     .await;
     let dir = crate::support::mapping_dir(&[(
@@ -1305,7 +1306,12 @@ async fn a_commit_held_by_a_synchronous_standby_is_invalidated_once_visible() {
         .unwrap();
     let committing = tokio::spawn(async move {
         writer
-            .batch_execute("update orders set status = 'refunded' where id in (1, 2, 3)")
+            // One transaction, large enough (past the server's 64 kB
+            // logical_decoding_work_mem) to be streamed before its commit.
+            .batch_execute(
+                "update orders set status = 'refunded' where id in (1, 2, 3);
+                 insert into filler select g, repeat('x', 200) from generate_series(1, 2000) g",
+            )
             .await
             .expect("the commit returns once the standby is no longer required");
     });
@@ -1382,6 +1388,17 @@ async fn a_commit_held_by_a_synchronous_standby_is_invalidated_once_visible() {
     // Exact once the commit returned: neither the seeded value nor the
     // fenced reader's fill of the old row survives.
     assert!(cache.cached(&["order:1", "order:2"]).await.is_empty());
+    let streamed: i64 = db
+        .client()
+        .await
+        .query_one(
+            "select stream_txns from pg_stat_replication_slots where slot_name = $1",
+            &[&config.postgres.slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(streamed >= 1, "the held transaction was streamed");
     // The Python reader's fill comes after the invalidation, which took
     // its lease: refused.
     assert_eq!(python.fill().await, "fill fenced");
