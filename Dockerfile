@@ -17,6 +17,8 @@ RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
     && cargo build --release --locked \
     && rm -rf src
 COPY src ./src
+# Read at compile time (`include_str!`): the testkit's Varnish config.
+COPY deploy/varnish/evictd.vcl ./deploy/varnish/evictd.vcl
 RUN touch src/main.rs src/lib.rs && cargo build --release --locked
 
 FROM debian:bookworm-slim

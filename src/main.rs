@@ -541,10 +541,18 @@ fn watch(
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let table = table
-        .map(|table| TableName::parse(&table))
-        .transpose()
-        .map_err(|error| UsageError(format!("--table: {error}")))?;
+    let table = match table {
+        Some(table) => {
+            // Only a mapped table ever shows in a batch: a typo would wait
+            // forever for nothing.
+            let mappings = match mapping::load_dir(&config.mappings.dir, config.mappings.limits) {
+                Ok(mappings) => mappings,
+                Err(diagnostics) => return Ok(report(&diagnostics)),
+            };
+            Some(mapped_table(&mappings, &table)?)
+        }
+        None => None,
+    };
     let filter = watch::Filter { key, table };
     let mut out = std::io::stdout();
     runtime.block_on(watch::watch(&config.redis, &filter, backlog, &mut out))?;
@@ -1032,23 +1040,30 @@ struct Rows<'a> {
     key: &'a [String],
 }
 
+/// `--table`: a table the mappings name (`orders` or `public.orders`),
+/// or a usage error that names the nearest one.
+fn mapped_table(mappings: &Mappings, table: &str) -> Result<TableName, UsageError> {
+    let table = TableName::parse(table).map_err(|e| UsageError(format!("--table: {e}")))?;
+    if mappings.table(&table).is_some() {
+        return Ok(table);
+    }
+    let tables: Vec<String> = mappings.tables().map(|t| t.table.to_string()).collect();
+    let names: Vec<&str> = tables.iter().map(String::as_str).collect();
+    let help = match mapping::diagnostic::did_you_mean(&table.to_string(), &names) {
+        Some(near) => format!("did you mean {near}?"),
+        None => format!("mapped: {}", tables.join(", ")),
+    };
+    Err(UsageError(format!(
+        "--table: {table} is not mapped; {help}"
+    )))
+}
+
 fn explain(dir: &Path, table: &str, op: &str, rows: Rows<'_>) -> anyhow::Result<ExitCode> {
     let mappings = match mapping::load_dir(dir, Limits::default()) {
         Ok(mappings) => mappings,
         Err(diagnostics) => return Ok(report(&diagnostics)),
     };
-    let table = TableName::parse(table).map_err(|e| UsageError(format!("--table: {e}")))?;
-    if mappings.table(&table).is_none() {
-        let tables: Vec<String> = mappings.tables().map(|t| t.table.to_string()).collect();
-        let names: Vec<&str> = tables.iter().map(String::as_str).collect();
-        let help = match mapping::diagnostic::did_you_mean(&table.to_string(), &names) {
-            Some(near) => format!("did you mean {near}?"),
-            None => format!("mapped: {}", tables.join(", ")),
-        };
-        bail!(UsageError(format!(
-            "--table: {table} is not mapped; {help}"
-        )));
-    }
+    let table = mapped_table(&mappings, table)?;
     let op = Op::parse(op).ok_or_else(|| {
         UsageError(format!(
             "--op: unknown op `{op}`; use insert, update, delete or truncate"

@@ -69,7 +69,12 @@ impl<'p> Section<'p> {
             _ => None,
         };
         match value.origin().or(entry_origin) {
-            Some(origin) if origin != "the environment" => self.file.clone(),
+            Some(origin) if origin != "the environment" => {
+                match line_of(&self.file, &self.name, key) {
+                    Some(line) => format!("{}:{line}", self.file),
+                    None => self.file.clone(),
+                }
+            }
             _ => format!(
                 "EVICTD_{}__{}",
                 self.name.to_uppercase().replace(['[', ']'], "_"),
@@ -174,6 +179,37 @@ impl Drop for Section<'_> {
                 .push(format!("{}.{key}: unknown field{help}{origin}", self.name));
         }
     }
+}
+
+/// The line of `file` where `key` of `section` (`batch`, `purge[1]`,
+/// `postgres.replica[0]`) is written, for problems to point at; `None`
+/// when it cannot be told (the file cannot be read again, or the key is
+/// written as part of an inline table).
+fn line_of(file: &str, section: &str, key: &str) -> Option<usize> {
+    use toml::de::{DeTable, DeValue};
+    let text = std::fs::read_to_string(file).ok()?;
+    let root = DeTable::parse(&text).ok()?;
+    let mut table: &DeTable<'_> = root.get_ref();
+    for part in section.split('.') {
+        let (name, index) = match part.split_once('[') {
+            Some((name, rest)) => (
+                name,
+                Some(rest.trim_end_matches(']').parse::<usize>().ok()?),
+            ),
+            None => (part, None),
+        };
+        let (_, value) = table.iter().find(|(k, _)| k.get_ref() == name)?;
+        table = match (value.get_ref(), index) {
+            (DeValue::Table(inner), None) => inner,
+            (DeValue::Array(items), Some(index)) => match items.get(index)?.get_ref() {
+                DeValue::Table(inner) => inner,
+                _ => return None,
+            },
+            _ => return None,
+        };
+    }
+    let (found, _) = table.iter().find(|(k, _)| k.get_ref() == key)?;
+    Some(text[..found.span().start].matches('\n').count() + 1)
 }
 
 pub(super) fn read_source(section: &mut Section<'_>) -> Option<SourceKind> {

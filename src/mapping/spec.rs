@@ -100,15 +100,15 @@ const REFRESH_FIELDS: &[&str] = &["key", "columns", "ttl", "jitter", "when"];
 pub fn read_file(file: &SourceFile<'_>, diagnostics: &mut Vec<Diagnostic>) -> Vec<TableSpec> {
     let (root, errors) = DeTable::parse_recoverable(file.text);
     let mut reader = Reader { file, diagnostics };
-    for error in &errors {
+    // Only the first: after a syntax error the parser's guesses at what
+    // follows report problems that are not there.
+    if let Some(error) = errors.first() {
         let at = error.span().map_or(0, |span| span.start);
         reader.error(
             at,
             format!("invalid TOML: {}", error.message().trim_end()),
-            "fix the TOML syntax at this position",
+            "fix the TOML syntax here or just before (an unclosed `[` or quote shows where the parser gave up)",
         );
-    }
-    if !errors.is_empty() {
         return Vec::new();
     }
     reader.root(root.get_ref())

@@ -97,21 +97,22 @@ fn every_problem_is_reported_at_once() {
     );
     let error = Config::load_with_env(&path, env(&[("EVICTD_MAPPINGS__MAX_KEY_BYTES", "3")]))
         .expect_err("invalid");
-    let origin = format!(" (set in {})", path.display());
-    let strip = |p: &String| p.replace(&origin, "");
-    let problems: Vec<String> = error.problems.iter().map(strip).collect();
+    // Each names the file and line it was set at (or its variable).
+    let file = format!(" (set in {}:", path.display());
+    let short = |p: &String| p.replace(&file, " (line ");
+    let problems: Vec<String> = error.problems.iter().map(short).collect();
     assert_eq!(
         problems,
         [
             "unknown section [metrics]",
-            "source.kind: unknown source kind `mysql`; use \"postgres\" or \"kafka\"",
-            "postgres.url: scheme `http` is not postgres:// or postgresql://",
-            "postgres.slot: a slot name is 1-63 of a-z, 0-9 and _",
-            "postgres.slto: unknown field; did you mean `slot`?",
+            "source.kind: unknown source kind `mysql`; use \"postgres\" or \"kafka\" (line 2)",
+            "postgres.url: scheme `http` is not postgres:// or postgresql:// (line 4)",
+            "postgres.slot: a slot name is 1-63 of a-z, 0-9 and _ (line 6)",
+            "postgres.slto: unknown field; did you mean `slot`? (line 5)",
             "mappings.max_key_bytes: 3 is out of range 16..=1048576 (set in EVICTD_MAPPINGS__MAX_KEY_BYTES)",
-            "batch.max_keys: 0 is out of range 1..=1000000",
-            "batch.max_wait_ms: invalid type: string \"soon\", expected an integer",
-            "admin.listen: `everywhere` is not an address like 127.0.0.1:9187",
+            "batch.max_keys: 0 is out of range 1..=1000000 (line 10)",
+            "batch.max_wait_ms: invalid type: string \"soon\", expected an integer (line 11)",
+            "admin.listen: `everywhere` is not an address like 127.0.0.1:9187 (line 13)",
         ],
         "{error}"
     );
@@ -189,9 +190,9 @@ fn bad_kafka_settings_are_each_reported() {
     assert_eq!(
         error.problems,
         [
-            format!("kafka.on_bad_record: unknown policy `ignore`; use \"skip\", \"dead_letter\" or \"stop\" (set in {file})"),
-            format!("kafka.commit_interval_ms: 0 is out of range 10..=60000 (set in {file})"),
-            format!("kafka.properties: `enable.auto.commit` is set by evictd (offsets are stored only after apply); remove it (set in {file})"),
+            format!("kafka.on_bad_record: unknown policy `ignore`; use \"skip\", \"dead_letter\" or \"stop\" (set in {file}:6)"),
+            format!("kafka.commit_interval_ms: 0 is out of range 10..=60000 (set in {file}:7)"),
+            format!("kafka.properties: `enable.auto.commit` is set by evictd (offsets are stored only after apply); remove it (set in {file}:8)"),
         ]
     );
     let (_dir, path) = write(
@@ -326,16 +327,16 @@ fn purge_targets_are_read_and_every_problem_named() {
     assert_eq!(
         error.problems,
         [
-            format!("purge[0].kind: unknown purge target `akamai`; use \"varnish\", \"fastly\", \"cloudflare\" or \"webhook\" (set in {file})"),
+            format!("purge[0].kind: unknown purge target `akamai`; use \"varnish\", \"fastly\", \"cloudflare\" or \"webhook\" (set in {file}:4)"),
             "purge[0].kind: required: the kind of target: \"varnish\", \"fastly\", \"cloudflare\" or \"webhook\"".to_owned(),
             "purge[1].service_id: required: the Fastly service whose cache is purged".to_owned(),
             "purge[1].token_file: required: the API token: `token_file = \"...\"` or `token_env = \"VARIABLE\"`".to_owned(),
-            format!("purge[1].max_keys: 300 is out of range 1..=256 (set in {file})"),
-            format!("purge[1].rate: 0 is not a rate in (0, 10000] requests per second (set in {file})"),
-            format!("purge[2].url: `ftp://x/`: use http:// or https://, not ftp:// (set in {file})"),
+            format!("purge[1].max_keys: 300 is out of range 1..=256 (set in {file}:7)"),
+            format!("purge[1].rate: 0 is not a rate in (0, 10000] requests per second (set in {file}:8)"),
+            format!("purge[2].url: `ftp://x/`: use http:// or https://, not ftp:// (set in {file}:11)"),
             "purge[2].url: required: where purges go, e.g. http://127.0.0.1:6081/".to_owned(),
             "purge[2].secret_file: required: the HMAC key the webhook's requests are signed with: `secret_file = \"...\"` or `secret_env = \"VARIABLE\"`".to_owned(),
-            format!("purge[4].soft: invalid type: string \"maybe\", expected a boolean (set in {file})"),
+            format!("purge[4].soft: invalid type: string \"maybe\", expected a boolean (set in {file}:18)"),
             "[[purge]]: two targets are named `varnish`; give each a `name` of its own".to_owned(),
         ]
     );
@@ -432,12 +433,12 @@ fn read_replicas_are_read_and_every_problem_named() {
     assert_eq!(
         error.problems,
         [
-            format!("postgres.replica[0].url: scheme `redis` is not postgres:// or postgresql:// (set in {file})"),
+            format!("postgres.replica[0].url: scheme `redis` is not postgres:// or postgresql:// (set in {file}:7)"),
             "postgres.replica[0].url: required: the replica's URL, e.g. postgres://evictd@replica-1/app".to_owned(),
             "postgres.replica[1].url: required: the replica's URL, e.g. postgres://evictd@replica-1/app".to_owned(),
-            format!("postgres.replica[1].port: unknown field (set in {file})"),
+            format!("postgres.replica[1].port: unknown field (set in {file}:10)"),
             "postgres.replica: two replicas are named `r`; give each a `name` of its own".to_owned(),
-            format!("postgres.replica_pending_keys: 0 is out of range 1..=100000000 (set in {file})"),
+            format!("postgres.replica_pending_keys: 0 is out of range 1..=100000000 (set in {file}:4)"),
             "postgres.replica: read replicas need postgres.visibility_gate = true: a batch is invalidated again once the replicas replayed the primary's position at which it became visible".to_owned(),
         ]
     );

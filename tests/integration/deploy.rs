@@ -225,3 +225,65 @@ fn the_systemd_unit_verifies() {
         stderr(&output)
     );
 }
+
+/// The Dockerfile's build stage copies only some of the repository: every
+/// file the build reads besides Rust sources (`include_str!`,
+/// `include_bytes!` in the crate and the client) must be among what it
+/// copies, or `docker build` fails where nothing here would.
+#[test]
+fn the_docker_build_stage_copies_every_file_the_build_reads() {
+    let dockerfile = read("Dockerfile");
+    // From the first FROM to the second.
+    let build_stage = dockerfile.split("\nFROM ").nth(1).expect("a build stage");
+    let copied: Vec<PathBuf> = build_stage
+        .lines()
+        .filter_map(|line| line.strip_prefix("COPY "))
+        .filter(|line| !line.starts_with("--"))
+        .flat_map(|line| {
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            parts[..parts.len() - 1]
+                .iter()
+                .map(|source| repo_path(source))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(
+        copied.iter().any(|path| path.ends_with("src")),
+        "{copied:?}"
+    );
+    let mut checked = 0;
+    let mut stack = vec![repo_path("src"), repo_path("client/src")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if path.extension().is_none_or(|ext| ext != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("read source");
+            for macro_name in ["include_str!(\"", "include_bytes!(\""] {
+                for (at, _) in text.match_indices(macro_name) {
+                    let rest = &text[at + macro_name.len()..];
+                    let relative = &rest[..rest.find('"').expect("a closing quote")];
+                    let included = path.parent().unwrap().join(relative);
+                    let included = included
+                        .canonicalize()
+                        .unwrap_or_else(|e| panic!("{}: {relative}: {e}", path.display()));
+                    assert!(
+                        copied.iter().any(|source| source
+                            .canonicalize()
+                            .is_ok_and(|source| included.starts_with(source))),
+                        "{} includes {}, which the Dockerfile's build stage does not copy",
+                        path.display(),
+                        included.display()
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked >= 2, "{checked} includes checked");
+}

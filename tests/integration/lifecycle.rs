@@ -224,14 +224,30 @@ async fn watch_prints_each_applied_batch_within_a_second_filtered_by_key_and_tab
     std::fs::write(
         &config,
         format!(
-            "[postgres]\nurl = \"{}\"\n[redis]\nurl = \"{}\"\nprefix = \"{}\"\nl1_channel = \"{}\"\n",
+            "[postgres]\nurl = \"{}\"\n[redis]\nurl = \"{}\"\nprefix = \"{}\"\nl1_channel = \"{}\"\n[mappings]\ndir = \"{}\"\n",
             s.db.url,
             stack().redis.url(),
             s.config.redis.prefix,
-            s.config.redis.l1_channel
+            s.config.redis.l1_channel,
+            s.config.mappings.dir.display()
         ),
     )
     .unwrap();
+    // A table the mappings do not name is a usage error, not a wait for
+    // nothing.
+    let typo = crate::support::evictd(&[
+        "watch",
+        "--config",
+        config.to_str().unwrap(),
+        "--table",
+        "ordrs",
+    ]);
+    assert_eq!(typo.status.code(), Some(2));
+    let err = crate::support::stderr(&typo);
+    assert!(
+        err.contains("--table: public.ordrs is not mapped; did you mean public.orders?"),
+        "{err}"
+    );
     // A first batch, in the log before the watchers start: the backlog.
     s.db.execute("update orders set status = 'a' where id = 1")
         .await;

@@ -23,12 +23,26 @@ fn check(text: &str, expected: &str) {
     assert_eq!(errors(text), [expected.trim()]);
 }
 
+const TOML_HELP: &str = "fix the TOML syntax here or just before (an unclosed `[` or quote shows where the parser gave up)";
+
 #[test]
 fn bad_toml() {
     check(
         "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"\n",
-        "m.toml:3:21: error: invalid TOML: unclosed array, expected `]`\n  help: fix the TOML syntax at this position",
+        &format!(
+            "m.toml:3:21: error: invalid TOML: unclosed array, expected `]`\n  help: {TOML_HELP}"
+        ),
     );
+}
+
+/// A missing `]` mid-file: one problem, the first, not the parser's
+/// guesses at everything after it.
+#[test]
+fn a_toml_syntax_error_is_the_only_problem_reported_for_its_file() {
+    let text = "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\", \"order:{id}:summary\"\ntags = [\"user:{user_id}\"]\n\n[[table.refresh]]\nkey = \"order:{id}:status\"\ncolumns = [\"status\"]\nttl = \"1h\"\n";
+    let found = errors(text);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert!(found[0].contains("error: invalid TOML"), "{found:#?}");
 }
 
 #[test]
