@@ -489,6 +489,20 @@ fn run_config(
     commit_interval_ms: u64,
     admin: u16,
 ) -> std::path::PathBuf {
+    let topics = format!("[\"{}\"]", names.topic);
+    let settings = format!("commit_interval_ms = {commit_interval_ms}\n");
+    write_run_config(dir, names, &topics, &settings, admin)
+}
+
+/// A config for `evictd run` in `dir`, with the orders mapping: `topics`
+/// as TOML, `settings` more lines of `[kafka]`.
+fn write_run_config(
+    dir: &Path,
+    names: &Names,
+    topics: &str,
+    settings: &str,
+    admin: u16,
+) -> std::path::PathBuf {
     std::fs::create_dir_all(dir.join("mappings")).expect("mappings dir");
     std::fs::write(dir.join("mappings/orders.toml"), ORDERS).expect("mapping");
     let path = dir.join("evictd.toml");
@@ -496,12 +510,11 @@ fn run_config(
         &path,
         format!(
             "[source]\nkind = \"kafka\"\n\
-             [kafka]\nbrokers = \"{}\"\ntopics = [\"{}\"]\ngroup_id = \"{}\"\ncommit_interval_ms = {commit_interval_ms}\n\
+             [kafka]\nbrokers = \"{}\"\ntopics = {topics}\ngroup_id = \"{}\"\n{settings}\
              [kafka.properties]\n\"session.timeout.ms\" = 6000\n\
              [redis]\nurl = \"{}\"\nprefix = \"{}\"\n\
              [mappings]\ndir = \"mappings\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n",
             kafka().brokers(),
-            names.topic,
             names.group,
             stack().redis.url(),
             names.prefix
@@ -745,27 +758,10 @@ async fn topics_created_after_start_are_consumed_within_seconds() {
     let late = format!("{}_late", names.topic);
     let pattern = format!("^{}_p[0-9]+$", names.topic.replace('.', "\\."));
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::create_dir_all(dir.path().join("mappings")).expect("mappings dir");
-    std::fs::write(dir.path().join("mappings/orders.toml"), ORDERS).expect("mapping");
     let admin = crate::support::free_port();
-    let config = dir.path().join("evictd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[source]\nkind = \"kafka\"\n\
-             [kafka]\nbrokers = \"{}\"\ntopics = [\"{}\", \"{late}\", '{pattern}']\ngroup_id = \"{}\"\n\
-             commit_interval_ms = 50\nmetadata_refresh_ms = 1000\n\
-             [kafka.properties]\n\"session.timeout.ms\" = 6000\n\
-             [redis]\nurl = \"{}\"\nprefix = \"{}\"\n\
-             [mappings]\ndir = \"mappings\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n",
-            kafka().brokers(),
-            names.topic,
-            names.group,
-            stack().redis.url(),
-            names.prefix
-        ),
-    )
-    .expect("config");
+    let topics = format!("[\"{}\", \"{late}\", '{pattern}']", names.topic);
+    let settings = "commit_interval_ms = 50\nmetadata_refresh_ms = 1000\n";
+    let config = write_run_config(dir.path(), &names, &topics, settings, admin);
     let log_path = dir.path().join("evictd.log");
     let log = std::fs::File::create(&log_path).expect("log file");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_evictd"))

@@ -1407,6 +1407,51 @@ async fn a_commit_held_by_a_synchronous_standby_is_invalidated_once_visible() {
     evictd.stop().await.expect("stop");
 }
 
+/// A server of the test's own with table `items` (`rows` rows, mapped to
+/// `item:{id}`), a physical standby of it that applies commits `delay`
+/// late, and evictd's config with the standby named as its replica.
+struct Replicated {
+    _postgres: evictd::testkit::Postgres,
+    standby: evictd::testkit::Postgres,
+    db: crate::support::TestDb,
+    _mappings: tempfile::TempDir,
+    config: evictd::config::Config,
+}
+
+impl Replicated {
+    async fn start(prefix: &str, rows: i64, delay: std::time::Duration) -> Replicated {
+        // A server of its own: its standby copies it whole.
+        let (postgres, db) = own_server(prefix).await;
+        db.execute(&format!(
+            "create table items (id bigint primary key, v bigint not null);
+             create publication evictd for table items;
+             insert into items select g, 0 from generate_series(1, {rows}) g;"
+        ))
+        .await;
+        let standby = {
+            let primary = &postgres;
+            std::thread::scope(|scope| scope.spawn(|| primary.standby(delay)).join().unwrap())
+                .expect("a standby")
+        };
+        let mappings = crate::support::mapping_dir(&[(
+            "items.toml",
+            "[[table]]\nname = \"items\"\nkeys = [\"item:{id}\"]\n",
+        )]);
+        let mut config = crate::support::streaming_config(&db, mappings.path());
+        config.postgres.replicas = vec![evictd::config::ReplicaConfig {
+            name: "standby".into(),
+            url: evictd::config::SecretUrl::parse(&standby.url(&db.name)).unwrap(),
+        }];
+        Replicated {
+            _postgres: postgres,
+            standby,
+            db,
+            _mappings: mappings,
+            config,
+        }
+    }
+}
+
 /// Readers that read from a read replica which replays 200 ms late: each
 /// of evictd's first invalidations lands while the replica still shows the
 /// old row, so fenced readers refill it. With the replica named in
@@ -1426,34 +1471,14 @@ async fn fenced_readers_on_a_lagging_replica_leave_nothing_stale() {
     const WRITES: usize = 1_000;
     // Installed before evictd records anything.
     let recorder = evictd::internal::telemetry::recorder();
-    // A server of its own: its standby copies it whole.
-    let (postgres, db) = own_server("rep").await;
+    let Replicated {
+        _postgres,
+        standby,
+        db,
+        _mappings,
+        mut config,
+    } = Replicated::start("rep", ROWS, Duration::from_millis(200)).await;
     let name = db.name.clone();
-    db.execute(&format!(
-        "create table items (id bigint primary key, v bigint not null);
-         create publication evictd for table items;
-         insert into items select g, 0 from generate_series(1, {ROWS}) g;"
-    ))
-    .await;
-    let standby = {
-        let primary = &postgres;
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| primary.standby(Duration::from_millis(200)))
-                .join()
-                .unwrap()
-        })
-        .expect("a standby")
-    };
-    let dir = crate::support::mapping_dir(&[(
-        "items.toml",
-        "[[table]]\nname = \"items\"\nkeys = [\"item:{id}\"]\n",
-    )]);
-    let mut config = crate::support::streaming_config(&db, dir.path());
-    config.postgres.replicas = vec![evictd::config::ReplicaConfig {
-        name: "standby".into(),
-        url: evictd::config::SecretUrl::parse(&standby.url(&name)).unwrap(),
-    }];
     config.postgres.replica_max_wait_ms = 3_000;
     let evictd = evictd::testkit::Evictd::start(&config)
         .await
@@ -1610,32 +1635,13 @@ async fn held_keys_past_the_bound_fold_into_their_family_pattern() {
             })
             .unwrap_or(0)
     };
-    let (postgres, db) = own_server("fold").await;
-    db.execute(
-        "create table items (id bigint primary key, v bigint not null);
-         create publication evictd for table items;
-         insert into items select g, 0 from generate_series(1, 30) g;",
-    )
-    .await;
-    let standby = {
-        let primary = &postgres;
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| primary.standby(Duration::from_millis(1_500)))
-                .join()
-                .unwrap()
-        })
-        .expect("a standby")
-    };
-    let dir = crate::support::mapping_dir(&[(
-        "items.toml",
-        "[[table]]\nname = \"items\"\nkeys = [\"item:{id}\"]\n",
-    )]);
-    let mut config = crate::support::streaming_config(&db, dir.path());
-    config.postgres.replicas = vec![evictd::config::ReplicaConfig {
-        name: "standby".into(),
-        url: evictd::config::SecretUrl::parse(&standby.url(&db.name)).unwrap(),
-    }];
+    let Replicated {
+        _postgres,
+        standby: _standby,
+        db,
+        _mappings,
+        mut config,
+    } = Replicated::start("fold", 30, Duration::from_millis(1_500)).await;
     config.postgres.replica_pending_keys = 10;
     let evictd = evictd::testkit::Evictd::start(&config)
         .await
