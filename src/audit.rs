@@ -94,25 +94,16 @@ pub struct Sample {
 pub struct Sampler {
     share: f64,
     stamp_key: String,
-    /// The last stamp written; `None` until the one in Redis was read.
-    last: Option<u64>,
+    /// The stamps written, above the one found in Redis.
+    clock: crate::apply::StampClock,
     samples: mpsc::Sender<Sample>,
 }
 
 impl Sampler {
     /// Writes the next apply stamp, before a batch's commands.
     pub async fn write_stamp(&mut self, sink: &mut RedisSink) -> Result<u64, Error> {
-        let last = match self.last {
-            Some(last) => last,
-            None => sink
-                .get(&self.stamp_key)
-                .await?
-                .and_then(|found| found.parse().ok())
-                .unwrap_or(0),
-        };
-        let stamp = now_micros().max(last + 1);
+        let stamp = self.clock.next(sink, &self.stamp_key).await?;
         sink.set(&self.stamp_key, &stamp.to_string()).await?;
-        self.last = Some(stamp);
         Ok(stamp)
     }
 
@@ -191,7 +182,7 @@ pub fn start(
     Some(Sampler {
         share: sample,
         stamp_key: format!("{prefix}{AUDIT_STAMP_KEY}"),
-        last: None,
+        clock: crate::apply::StampClock::default(),
         samples,
     })
 }

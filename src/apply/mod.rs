@@ -363,7 +363,7 @@ async fn apply(
     let mut replicas: Option<Replicas<Applied>> = replicas.map(Replicas::start);
     let mut stamps = Stamps {
         audit,
-        tags: TagStamps::default(),
+        tags: StampClock::default(),
     };
     let mut ping = tokio::time::interval(IDLE_PING);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -546,7 +546,12 @@ async fn attempt(
         }
     }
     if plan.tag_stamp.is_none() && plan.invalidates_tags() {
-        plan.tag_stamp = Some(stamps.tags.next(sink).await?);
+        let key = format!(
+            "{}{}",
+            sink.prefix(),
+            evictd_client::protocol::TAG_STAMP_KEY
+        );
+        plan.tag_stamp = Some(stamps.tags.next(sink, &key).await?);
     }
     sink.apply(plan).await
 }
@@ -556,7 +561,7 @@ async fn attempt(
 /// and, when it invalidates tags, the tag stamp.
 struct Stamps {
     audit: Option<Sampler>,
-    tags: TagStamps,
+    tags: StampClock,
 }
 
 impl Stamps {
@@ -568,24 +573,22 @@ impl Stamps {
     }
 }
 
-/// The tag stamps evictd writes ahead of tag invalidations
-/// ([`evictd_client::protocol::TAG_STAMP_KEY`]): microseconds of its clock,
-/// kept above the last one, which is read from Redis once.
+/// A stamp that only grows: microseconds of evictd's clock, kept above the
+/// last one given, which is read from `key` in Redis the first time (so it
+/// grows across restarts too). The apply stamp (`[audit]`) and the tag
+/// stamp ([`evictd_client::protocol::TAG_STAMP_KEY`]) each keep one.
 #[derive(Default)]
-struct TagStamps {
+pub(crate) struct StampClock {
     last: Option<u64>,
 }
 
-impl TagStamps {
-    async fn next(&mut self, sink: &mut RedisSink) -> Result<u64, Error> {
+impl StampClock {
+    /// The next stamp; `key` is the full key the stamps are written to.
+    pub(crate) async fn next(&mut self, sink: &mut RedisSink, key: &str) -> Result<u64, Error> {
         let last = match self.last {
             Some(last) => last,
             None => sink
-                .get(&format!(
-                    "{}{}",
-                    sink.prefix(),
-                    evictd_client::protocol::TAG_STAMP_KEY
-                ))
+                .get(key)
                 .await?
                 .and_then(|found| found.parse().ok())
                 .unwrap_or(0),
