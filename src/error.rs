@@ -127,7 +127,7 @@ impl Error {
     pub fn help(&self) -> Option<&'static str> {
         let text = self.reason();
         (text.contains("42704") && text.contains("publication")).then_some(
-            "if the publication was dropped (and created again), the slot decodes from before it existed and every start fails like this: create it if it is missing, then run `evictd init --reset-slot --config <file>`, which re-creates the slot and invalidates every mapped table coarsely (the changes in between cannot be read); see the README, \"When something goes wrong\"",
+            "if the publication was dropped (and created again), the slot decodes from before it existed and every start fails like this: create it if it is missing, then run `evictd init --reset-slot --config <file>`, which re-creates the slot and invalidates every mapped table coarsely (the changes in between cannot be read); see docs/OPERATIONS.md, \"When something goes wrong\"",
         )
     }
 

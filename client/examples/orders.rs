@@ -4,7 +4,7 @@
 //! running every read is exact.
 //!
 //! ```sh
-//! DATABASE_URL=postgres://app@127.0.0.1/shop REDIS_URL=redis://127.0.0.1:6379 \
+//! DATABASE_URL=postgres://app:app@127.0.0.1:5432/app REDIS_URL=redis://127.0.0.1:6379 \
 //!   cargo run -p evictd-client --example orders -- 1 2 3
 //! ```
 //!

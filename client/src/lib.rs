@@ -11,6 +11,11 @@
 //! write-through refresh). `docs/PROTOCOL.md` specifies the protocol for
 //! other languages.
 
+// The crate README's example compiles as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExample;
+
 mod cache;
 mod l1;
 mod metrics;

@@ -46,7 +46,7 @@ pub const ORIGIN_TABLE: &str = "(sql message)";
 
 /// Said at start and by `evictd check` when messages are on without a
 /// secret.
-pub const UNSIGNED_WARNING: &str = "mappings.sql_messages is on without a secret: any role that can connect to the database can make evictd invalidate what the mappings render (pg_logical_emit_message is executable by everyone); set mappings.sql_messages_secret_file and sign with evictd_invalidate() (README, \"Invalidations from SQL\")";
+pub const UNSIGNED_WARNING: &str = "mappings.sql_messages is on without a secret: any role that can connect to the database can make evictd invalidate what the mappings render (pg_logical_emit_message is executable by everyone); set mappings.sql_messages_secret_file and sign with evictd_invalidate() (docs/MAPPINGS.md, \"Invalidations from SQL\")";
 
 /// Keys evictd keeps for itself (the client protocol's namespace).
 const RESERVED: &str = "evictd:";

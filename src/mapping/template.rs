@@ -137,7 +137,7 @@ fn truncate(text: &str, to: Truncation) -> Option<std::borrow::Cow<'_, str>> {
 }
 
 /// 64-bit FNV-1a: small, stable across platforms and releases, and easy to
-/// compute in any language (the README gives its constants).
+/// compute in any language (docs/MAPPINGS.md gives its constants).
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in bytes {

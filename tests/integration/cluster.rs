@@ -158,7 +158,7 @@ fn key_slots_agree_with_the_cluster() {
 /// cannot be met) instead of acknowledging writes only one node holds.
 /// Without WAIT a batch acknowledged by a master that dies before its
 /// replica copied it is lost: asynchronous replication, which is why the
-/// README asks for `wait_replicas` when Redis has replicas.
+/// docs/RUNNING.md asks for `wait_replicas` when Redis has replicas.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_failover_loses_nothing() {
     crate::support::init_logging();

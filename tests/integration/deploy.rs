@@ -1,6 +1,6 @@
 //! The operator kit in `deploy/`: the alert rules pass `promtool check
-//! rules` and their unit tests, every alert the README recommends is a rule
-//! with a test, the dashboard charts every metric the README lists, the
+//! rules` and their unit tests, every alert docs/OPERATIONS.md recommends is a rule
+//! with a test, the dashboard charts every metric docs/OPERATIONS.md lists, the
 //! Kubernetes manifests' evictd config and mapping load, and the systemd
 //! unit passes `systemd-analyze verify`.
 
@@ -55,7 +55,7 @@ fn metric_names(text: &str) -> Vec<String> {
     names
 }
 
-/// A README section: from its heading to the next heading or bold title.
+/// A section of the operations guide: from `start` to `end`.
 fn readme_section(readme: &str, start: &str, end: &str) -> String {
     let from = readme.find(start).expect(start);
     let rest = &readme[from..];
@@ -82,10 +82,10 @@ fn the_alert_rules_pass_promtool_and_their_unit_tests() {
 
 #[test]
 fn every_recommended_alert_is_a_rule_with_a_unit_test() {
-    let readme = read("README.md");
+    let readme = read("docs/OPERATIONS.md");
     let alerts = read("deploy/prometheus/alerts.yml");
     let tests = read("deploy/prometheus/alerts_test.yml");
-    let recommended = readme_section(&readme, "Alerts worth having:", "### Operator kit");
+    let recommended = readme_section(&readme, "Alerts worth having:", "## Operator kit");
     let bullets: Vec<&str> = recommended.split("\n- ").skip(1).collect();
     assert_eq!(bullets.len(), 18, "{recommended}");
     for bullet in bullets {
@@ -112,8 +112,8 @@ fn every_recommended_alert_is_a_rule_with_a_unit_test() {
 }
 
 #[test]
-fn the_dashboard_charts_every_metric_of_the_readme() {
-    let readme = read("README.md");
+fn the_dashboard_charts_every_metric_of_the_operations_guide() {
+    let readme = read("docs/OPERATIONS.md");
     let table = readme_section(
         &readme,
         "| metric | type | meaning |",
@@ -144,7 +144,7 @@ fn the_dashboard_charts_every_metric_of_the_readme() {
             let base = used.strip_suffix("_bucket").unwrap_or(&used);
             assert!(
                 table.contains(&format!("`{base}")),
-                "{expr} uses {used}, not in the README"
+                "{expr} uses {used}, not in docs/OPERATIONS.md"
             );
         }
     }

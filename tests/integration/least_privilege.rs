@@ -1,4 +1,4 @@
-//! evictd running with the least privileges README.md documents: a
+//! evictd running with the least privileges docs/RUNNING.md documents: a
 //! Postgres role with REPLICATION and SELECT on the mapped tables only, and
 //! a Redis ACL user limited to evictd's commands, keys and channel; and
 //! `evictd warm` as the same role and user.
@@ -31,7 +31,7 @@ async fn evictd_runs_as_a_least_privilege_role_and_redis_user() {
         "host all {role} 127.0.0.1/32 scram-sha-256\nhost replication {role} 127.0.0.1/32 scram-sha-256"
     ))
     .await;
-    // What an administrator runs once (README, "Least privilege").
+    // What an administrator runs once (docs/RUNNING.md, "Least privilege").
     db.execute(&format!(
         "create table orders (id bigint primary key, user_id bigint not null, status text not null);
          create table secrets (id bigint primary key, value text);
@@ -148,8 +148,8 @@ async fn evictd_runs_as_a_least_privilege_role_and_redis_user() {
     assert!(!status, "TRUNCATE's SCAN + UNLINK works under the ACL");
     evictd.stop().await.unwrap();
 
-    // Warming, as the same role and the same user with the commands the
-    // README adds for it.
+    // Warming, as the same role and the same user with the commands
+    // docs/RUNNING.md adds for it.
     let _: () = redis::cmd("ACL")
         .arg("SETUSER")
         .arg(&user)

@@ -19,6 +19,7 @@ mod continuity;
 mod crash;
 mod decoder_fuzz;
 mod deploy;
+mod docs;
 mod harness;
 mod kafka;
 mod least_privilege;

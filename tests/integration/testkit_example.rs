@@ -1,6 +1,7 @@
-//! The README's testkit example, whole: what an application's own test
-//! looks like. It uses only evictd's public API (the `testkit` feature)
-//! and the crates the testkit re-exports, so it can be copied as is.
+//! What an application's own test looks like (docs/TESTKIT.md shows this
+//! file up to the end of the first test). It uses only evictd's public API
+//! (the `testkit` feature), the crates the testkit re-exports and
+//! `tempfile`, so it can be copied as is.
 
 use evictd::config::{Config, SecretUrl};
 use evictd::testkit::{Evictd, Postgres, Redis};

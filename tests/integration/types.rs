@@ -2,7 +2,7 @@
 //! whose output settings are all non-default renders, through logical
 //! replication, exactly the keys that Debezium's JSON encoding of the same
 //! row renders through the Kafka source, and both are the canonical text
-//! the README's table gives.
+//! docs/MAPPINGS.md's type table gives.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -393,7 +393,7 @@ const COLUMNS: &[Column] = &[
 ];
 
 /// Placeholders that shape a column's value (a json path, a date
-/// truncation), and what each row renders, as the README's type table
+/// truncation), and what each row renders, as docs/MAPPINGS.md's type table
 /// says: a json value as Postgres' own text of it (`#>>`), numbers never
 /// through a float; a date's year of any length, BC kept. `None`: no key
 /// (a path that leads nowhere, infinity is no date).
@@ -431,7 +431,7 @@ fn mapping() -> String {
     )
 }
 
-/// A value as the README says it appears in a key: `%`, `:`, braces, glob
+/// A value as docs/MAPPINGS.md says it appears in a key: `%`, `:`, braces, glob
 /// characters and ASCII whitespace percent-encoded.
 fn encoded(text: &str) -> String {
     let mut out = String::new();

@@ -1024,7 +1024,7 @@ keys = [
 
 /// One random row: values as Postgres prints them (jsonb already in its
 /// own text), and as `explain` is given them (numbers as strings, as the
-/// README's example does).
+/// README's explain example does).
 fn random_doc(rng: &mut impl rand::Rng, id: u32) -> ([String; 4], String) {
     fn pick(rng: &mut impl rand::Rng, options: &[Option<&'static str>]) -> Option<&'static str> {
         options[rng.random_range(0..options.len())]

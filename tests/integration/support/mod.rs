@@ -302,14 +302,37 @@ pub fn run_config(
 /// `evictd run --config`, stopped by the testkit's reaper if the test dies
 /// first.
 pub fn spawn_run(config: &Path) -> std::process::Child {
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_evictd"))
-        .args(["run", "--config", config.to_str().expect("utf-8 path")])
-        .env("EVICTD_LOG", "warn")
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_evictd"));
+    command.args(["run", "--config", config.to_str().expect("utf-8 path")]);
+    spawn_evictd(command)
+}
+
+/// Starts an evictd process logging at WARN (unless `command` sets
+/// `EVICTD_LOG`), stopped by the testkit's
+/// reaper if the test dies first. Its log goes to the test's captured
+/// output, so cargo test shows it only when the test fails (the WARN lines
+/// of a deliberate outage are not mixed into the results).
+pub fn spawn_evictd(mut command: std::process::Command) -> std::process::Child {
+    if !command.get_envs().any(|(name, _)| name == "EVICTD_LOG") {
+        command.env("EVICTD_LOG", "warn");
+    }
+    let mut child = command
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::inherit())
+        .stderr(std::process::Stdio::piped())
         .spawn()
-        .expect("start evictd run");
+        .expect("start evictd");
     evictd::testkit::reaper::reap_pid(child.id());
+    let stderr = child.stderr.take().expect("piped stderr");
+    // A thread spawned here inherits the test's output capture.
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stderr).lines() {
+            match line {
+                Ok(line) => eprintln!("{line}"),
+                Err(_) => break,
+            }
+        }
+    });
     child
 }
 

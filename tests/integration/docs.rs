@@ -1,0 +1,339 @@
+//! The docs as a user meets them: the "Try it on your own database" walk
+//! of docs/RUNNING.md runs as written (against throwaway servers instead
+//! of the machine's own), and every link between the docs reaches a file
+//! and a heading that exist.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::support::{
+    free_port, repo_path, slot_confirmed, spawn_evictd, stdout, terminate, wait_for_slot,
+};
+use evictd::testkit::{Postgres, Redis};
+
+/// The markdown files that link to each other.
+const DOCS: &[&str] = &[
+    "README.md",
+    "ARCHITECTURE.md",
+    "CONTRIBUTING.md",
+    "client/README.md",
+    "docs/BENCHMARKS.md",
+    "docs/CLI.md",
+    "docs/CLIENT.md",
+    "docs/CONFIGURATION.md",
+    "docs/KAFKA.md",
+    "docs/MAPPINGS.md",
+    "docs/OPERATIONS.md",
+    "docs/PROTOCOL.md",
+    "docs/RUNNING.md",
+    "docs/TESTKIT.md",
+];
+
+fn read(relative: &str) -> String {
+    std::fs::read_to_string(repo_path(relative)).unwrap_or_else(|e| panic!("{relative}: {e}"))
+}
+
+/// The text of a markdown section: from its heading to the next heading
+/// of the same or a higher level.
+fn section(text: &str, heading: &str) -> String {
+    let level = heading.chars().take_while(|c| *c == '#').count();
+    let start = text.find(&format!("\n{heading}\n")).expect(heading) + heading.len() + 2;
+    let mut out = String::new();
+    let mut fenced = false;
+    for line in text[start..].lines() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+        }
+        let hashes = line.chars().take_while(|c| *c == '#').count();
+        if !fenced && hashes > 0 && hashes <= level && line[hashes..].starts_with(' ') {
+            break;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// The code blocks of `text` fenced as ````lang`, in order, unindented.
+fn blocks(text: &str, lang: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut current: Option<(usize, String)> = None;
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        match &mut current {
+            None if trimmed == format!("```{lang}") => current = Some((indent, String::new())),
+            Some((_, block)) if trimmed == "```" => {
+                found.push(std::mem::take(block));
+                current = None;
+            }
+            Some((indent, block)) => {
+                block.push_str(line.get(*indent..).unwrap_or(""));
+                block.push('\n');
+            }
+            None => {}
+        }
+    }
+    found
+}
+
+/// GitHub's anchor for a heading.
+fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || *c == '-' || *c == ' ' || *c == '_')
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+fn anchors(text: &str) -> BTreeSet<String> {
+    let mut fenced = false;
+    let mut found = BTreeSet::new();
+    for line in text.lines() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+        }
+        let hashes = line.chars().take_while(|c| *c == '#').count();
+        if !fenced && hashes > 0 && line[hashes..].starts_with(' ') {
+            found.insert(anchor(&line[hashes..]));
+        }
+    }
+    found
+}
+
+#[test]
+fn every_link_between_the_docs_reaches_a_file_and_a_heading() {
+    let mut checked = 0;
+    for doc in DOCS {
+        let text = read(doc);
+        let dir = Path::new(doc).parent().unwrap_or(Path::new(""));
+        for (at, _) in text.match_indices("](") {
+            let rest = &text[at + 2..];
+            let target = &rest[..rest.find(')').expect("a closed link")];
+            if target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            let (file, fragment) = target.split_once('#').unwrap_or((target, ""));
+            let file = if file.is_empty() {
+                doc.to_string()
+            } else {
+                let joined = dir.join(file);
+                let normal =
+                    joined
+                        .components()
+                        .fold(std::path::PathBuf::new(), |mut path, part| {
+                            match part {
+                                std::path::Component::ParentDir => {
+                                    path.pop();
+                                }
+                                other => path.push(other),
+                            }
+                            path
+                        });
+                normal.to_string_lossy().into_owned()
+            };
+            assert!(
+                repo_path(&file).exists(),
+                "{doc} links to {target}: no file {file}"
+            );
+            if !fragment.is_empty() {
+                assert!(
+                    anchors(&read(&file)).contains(fragment),
+                    "{doc} links to {target}: {file} has no heading #{fragment}"
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 40, "only {checked} links found");
+}
+
+#[test]
+fn the_readme_stays_a_landing_page() {
+    let readme = read("README.md");
+    assert!(
+        readme.lines().count() <= 250,
+        "README.md has {} lines",
+        readme.lines().count()
+    );
+    // Every guide is in its table of contents.
+    for doc in DOCS.iter().filter(|doc| doc.starts_with("docs/")) {
+        assert!(readme.contains(&format!("]({doc})")), "README omits {doc}");
+    }
+}
+
+/// One line of a walk's shell block, run as the docs say with the
+/// throwaway servers' ports, Postgres' binaries first on the PATH, and
+/// `sudo -u postgres` as the throwaway server's superuser.
+fn shell(line: &str, postgres: &Postgres, redis: &Redis) -> std::process::Output {
+    let line = line
+        .trim_start_matches("sudo -u postgres ")
+        .replace("127.0.0.1:5432", &format!("127.0.0.1:{}", postgres.port()))
+        .replace("redis-cli ", &format!("redis-cli -p {} ", redis.port()));
+    let path = format!(
+        "{}:{}",
+        postgres.bin_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let output = Command::new("sh")
+        .args(["-c", &line])
+        .current_dir(repo_path(""))
+        .env("PATH", path)
+        .env("PGHOST", "127.0.0.1")
+        .env("PGPORT", postgres.port().to_string())
+        .env("PGUSER", "postgres")
+        .output()
+        .expect("sh");
+    assert!(
+        output.status.success(),
+        "{line}: {}{}",
+        stdout(&output),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trying_it_on_your_own_database_works_as_written() {
+    let walk = section(&read("docs/RUNNING.md"), "## Try it on your own database");
+    let sh = blocks(&walk, "sh");
+    assert_eq!(sh.len(), 4, "{walk}");
+    // Its own servers: the walk creates cluster-wide roles.
+    let postgres = Postgres::start().expect("postgres");
+    let redis = Redis::start().expect("redis");
+
+    // 1. wal_level (the throwaway server has it already; no restart here).
+    let first: Vec<&str> = sh[0].lines().collect();
+    assert_eq!(first.len(), 2, "{}", sh[0]);
+    assert!(first[1].contains("restart postgresql"), "{}", sh[0]);
+    shell(first[0], &postgres, &redis);
+
+    // 2. The database, the schema and the roles, from the file the docs show.
+    for line in sh[1].lines() {
+        shell(line, &postgres, &redis);
+    }
+    let sql = blocks(&walk, "sql");
+    assert_eq!(sql.len(), 1, "{walk}");
+    assert_eq!(sql[0], read("docs/own-database.sql"));
+
+    // 3. The config, as written, next to the repository's mappings.
+    let toml = blocks(&walk, "toml");
+    assert_eq!(toml.len(), 1, "{walk}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::os::unix::fs::symlink(repo_path("mappings"), dir.path().join("mappings"))
+        .expect("link the mappings");
+    let config = dir.path().join("evictd.toml");
+    std::fs::write(
+        &config,
+        toml[0]
+            .replace("127.0.0.1:5432", &format!("127.0.0.1:{}", postgres.port()))
+            .replace("127.0.0.1:6379", &format!("127.0.0.1:{}", redis.port())),
+    )
+    .expect("write evictd.toml");
+
+    // 4. check, then run.
+    let steps: Vec<&str> = sh[2].lines().collect();
+    assert_eq!(
+        steps,
+        [
+            "cargo run -- check --config evictd.toml",
+            "cargo run -- run --config evictd.toml"
+        ]
+    );
+    let check = Command::new(env!("CARGO_BIN_EXE_evictd"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .expect("evictd check");
+    assert!(check.status.success(), "{check:?}");
+    assert!(
+        stdout(&check).starts_with("ok: ")
+            && stdout(&check).contains("checked against the database"),
+        "{}",
+        stdout(&check)
+    );
+    let mut run = Command::new(env!("CARGO_BIN_EXE_evictd"));
+    run.args(["run", "--config"])
+        .arg(&config)
+        .env("EVICTD_ADMIN__LISTEN", format!("127.0.0.1:{}", free_port()));
+    let child = spawn_evictd(run);
+    let (client, connection) = tokio_postgres::connect(&postgres.url("app"), tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    wait_for_slot(&client, "evictd", true).await;
+
+    // 5. Cache a value, change its row, see it go.
+    let last: Vec<&str> = sh[3].lines().collect();
+    assert_eq!(last.len(), 4, "{}", sh[3]);
+    assert_eq!(last[3], "redis-cli GET user:1");
+    // The insert is applied before the value is cached, so only the
+    // update can delete it.
+    shell(last[0], &postgres, &redis);
+    let inserted: String = client
+        .query_one("select pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0);
+    let inserted = evictd::change::Lsn::parse(&inserted).expect("an LSN");
+    while slot_confirmed(&client, "evictd").await < inserted {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for line in &last[1..3] {
+        shell(line, &postgres, &redis);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let output = shell(last[3], &postgres, &redis);
+        if stdout(&output).trim().is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "user:1 is still cached: {}",
+            stdout(&output)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    terminate(child);
+}
+
+/// The lines of `text`, trimmed, without blank ones.
+fn trimmed_lines(text: &str) -> Vec<&str> {
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect()
+}
+
+#[test]
+fn every_rust_snippet_of_the_client_guide_is_in_an_example_ci_builds() {
+    let guide = read("docs/CLIENT.md");
+    let example = read("client/examples/guide.rs");
+    let example = trimmed_lines(&example);
+    let snippets = blocks(&guide, "rust");
+    assert!(snippets.len() >= 4, "{} snippets", snippets.len());
+    for snippet in snippets {
+        let lines = trimmed_lines(&snippet);
+        assert!(
+            example.windows(lines.len()).any(|window| window == lines),
+            "client/examples/guide.rs does not hold this snippet of docs/CLIENT.md:\n{snippet}"
+        );
+    }
+}
+
+#[test]
+fn the_testkit_guide_shows_the_example_the_suite_runs() {
+    let snippets = blocks(&read("docs/TESTKIT.md"), "rust");
+    assert_eq!(snippets.len(), 1);
+    let example = read("tests/integration/testkit_example.rs");
+    assert!(
+        example.starts_with(&snippets[0]),
+        "docs/TESTKIT.md's example is not the start of tests/integration/testkit_example.rs"
+    );
+    assert!(snippets[0].contains("async fn placing_an_order_invalidates_the_users_order_list"));
+}
