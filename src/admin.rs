@@ -38,6 +38,8 @@ pub struct AdminState {
     pub visibility: Option<watch::Receiver<Option<String>>>,
     /// Why the read replicas hold batches too long (`None`: they keep up).
     pub replicas: Option<watch::Receiver<Option<String>>>,
+    /// Purge targets refusing purges until someone acts (by name).
+    pub purge: Option<watch::Receiver<std::collections::BTreeMap<String, String>>>,
     pub schema: watch::Receiver<Problems>,
     /// Which source, to say what "connecting" means.
     pub kind: SourceKind,
@@ -142,6 +144,13 @@ impl AdminState {
         if let Some(reason) = self.replicas.as_ref().and_then(|r| r.borrow().clone()) {
             return Err(format!("replicas: {reason}"));
         }
+        if let Some(refusals) = &self.purge {
+            let refusals = refusals.borrow();
+            if !refusals.is_empty() {
+                let reasons: Vec<&str> = refusals.values().map(String::as_str).collect();
+                return Err(format!("purge: {}", reasons.join("; ")));
+            }
+        }
         match schema::readiness(&self.schema.borrow()) {
             None => Ok(()),
             Some(reason) => Err(reason),
@@ -150,7 +159,7 @@ impl AdminState {
 }
 
 /// The longest reason `/readyz` gives; the log has the whole error.
-const MAX_REASON: usize = 300;
+const MAX_REASON: usize = 600;
 
 /// `reason` on one line of at most [`MAX_REASON`] bytes: a Redis pipeline
 /// error lists every failed command, which would make a probe's answer

@@ -1,5 +1,6 @@
-//! The one runtime error type, and the one place that decides whether a
-//! failure is worth retrying.
+//! The one runtime error type, and the one place that decides what to do
+//! about a failure ([`Error::policy`]: retry, wait for the operator, or
+//! stop), for the sources, Redis and the purge targets alike.
 
 use std::fmt;
 
@@ -29,8 +30,29 @@ pub enum ErrorKind {
     /// down; otherwise authentication, authorization or a fatal consumer
     /// error).
     Kafka { transient: bool },
+    /// A CDN purge target answered with this HTTP status (`None`: no
+    /// answer at all: a refused connection, a timeout).
+    Purge { status: Option<u16> },
+    /// A purge request could not be made, or was refused outside HTTP's
+    /// status: a credential file that cannot be read, a URL that does not
+    /// parse, Cloudflare's `success: false`.
+    PurgeRefused,
     /// The process is shutting down.
     Shutdown,
+}
+
+/// What to do about a failure: the one table is [`Error::policy`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    /// Try again with backoff: it may pass by itself.
+    Retry,
+    /// Keep trying, but it will not pass until someone changes something:
+    /// `/readyz` fails with the reason and a hint, the log says so at
+    /// ERROR, and nothing after it is acknowledged meanwhile.
+    WaitForOperator,
+    /// Stop the pipeline: the process exits with status 1 and an ERROR
+    /// line.
+    Stop,
 }
 
 /// A runtime failure with its kind and cause.
@@ -125,23 +147,55 @@ impl Error {
     /// again: the slot still decodes from before it existed, so every
     /// start fails the same way).
     pub fn help(&self) -> Option<&'static str> {
-        let text = self.reason();
-        (text.contains("42704") && text.contains("publication")).then_some(
-            "if the publication was dropped (and created again), the slot decodes from before it existed and every start fails like this: create it if it is missing, then run `evictd init --reset-slot --config <file>`, which re-creates the slot and invalidates every mapped table coarsely (the changes in between cannot be read); see docs/OPERATIONS.md, \"When something goes wrong\"",
-        )
+        match self.kind {
+            ErrorKind::Purge {
+                status: Some(401 | 403),
+            } => Some(PURGE_CREDENTIALS_HELP),
+            ErrorKind::Purge {
+                status: Some(404 | 410),
+            } => Some(PURGE_ADDRESS_HELP),
+            ErrorKind::Purge { .. } | ErrorKind::PurgeRefused
+                if self.policy() == Policy::WaitForOperator =>
+            {
+                Some(PURGE_REFUSED_HELP)
+            }
+            _ => {
+                let text = self.reason();
+                (text.contains("42704") && text.contains("publication")).then_some(
+                    "if the publication was dropped (and created again), the slot decodes from before it existed and every start fails like this: create it if it is missing, then run `evictd init --reset-slot --config <file>`, which re-creates the slot and invalidates every mapped table coarsely (the changes in between cannot be read); see docs/OPERATIONS.md, \"When something goes wrong\"",
+                )
+            }
+        }
     }
 
-    /// Whether trying again later (reconnecting, resending) can succeed.
-    /// This is the single place that decides retry versus stop.
-    pub fn is_transient(&self) -> bool {
+    /// What to do about this failure: retry, wait for the operator, or
+    /// stop. This is the single place that decides it, for every source,
+    /// Redis and every purge target.
+    pub fn policy(&self) -> Policy {
         match self.kind {
-            ErrorKind::PostgresConnection | ErrorKind::Redis | ErrorKind::SlotInUse => true,
-            ErrorKind::PostgresServer { transient } | ErrorKind::Kafka { transient } => transient,
+            ErrorKind::PostgresConnection | ErrorKind::Redis | ErrorKind::SlotInUse => {
+                Policy::Retry
+            }
+            ErrorKind::PostgresServer { transient } | ErrorKind::Kafka { transient } => {
+                if transient {
+                    Policy::Retry
+                } else {
+                    Policy::Stop
+                }
+            }
+            ErrorKind::Purge { status } => purge_policy(status),
+            ErrorKind::PurgeRefused => Policy::WaitForOperator,
             ErrorKind::Config
             | ErrorKind::Protocol
             | ErrorKind::RedisDenied
-            | ErrorKind::Shutdown => false,
+            | ErrorKind::Shutdown => Policy::Stop,
         }
+    }
+
+    /// Whether trying again later (reconnecting, resending) can succeed
+    /// without anyone's help ([`Policy::Retry`]).
+    pub fn is_transient(&self) -> bool {
+        self.policy() == Policy::Retry
     }
 }
 
@@ -156,6 +210,22 @@ impl std::error::Error for Error {
         self.source
             .as_deref()
             .map(|source| source as &(dyn std::error::Error + 'static))
+    }
+}
+
+const PURGE_CREDENTIALS_HELP: &str = "the target refuses evictd's credentials: check its token_file (secret_file for a webhook) and the token's rights; the file is read again at every attempt, so fixing it is enough";
+const PURGE_ADDRESS_HELP: &str = "the target does not know the address: check its url and service_id (Fastly) or zone_id (Cloudflare), then restart evictd; the batches waiting are in Redis already and are purged again after the restart, as nothing is acknowledged before they are";
+const PURGE_REFUSED_HELP: &str = "the target refuses the request as evictd sends it: check the target's [[purge]] section (kind, url, ids, credentials); evictd keeps retrying, and acknowledges nothing after this batch until the target accepts it";
+
+/// What to do when a purge target answers with `status` (`None`: no
+/// answer): a timeout, a connection that failed, 408, 425, 429 and 5xx may
+/// pass by themselves; any other answer (401, 403, 404, 400, a redirect)
+/// will not until someone changes the target's configuration.
+pub fn purge_policy(status: Option<u16>) -> Policy {
+    match status {
+        None | Some(408 | 425 | 429) => Policy::Retry,
+        Some(status) if status >= 500 => Policy::Retry,
+        Some(_) => Policy::WaitForOperator,
     }
 }
 
@@ -269,6 +339,61 @@ mod tests {
         }
         assert_eq!(postgres_kind(Some("55006")), ErrorKind::SlotInUse);
         assert_eq!(postgres_kind(None), ErrorKind::PostgresConnection);
+    }
+
+    #[test]
+    fn purge_failures_are_classified_by_status() {
+        let cases = [
+            (None, Policy::Retry, "no answer: refused, timed out"),
+            (Some(408), Policy::Retry, "request timeout"),
+            (Some(425), Policy::Retry, "too early"),
+            (Some(429), Policy::Retry, "rate limited (Retry-After)"),
+            (Some(500), Policy::Retry, "internal error"),
+            (Some(502), Policy::Retry, "bad gateway"),
+            (Some(503), Policy::Retry, "unavailable"),
+            (
+                Some(400),
+                Policy::WaitForOperator,
+                "a request it cannot take",
+            ),
+            (Some(401), Policy::WaitForOperator, "a wrong token"),
+            (
+                Some(403),
+                Policy::WaitForOperator,
+                "a token without the right",
+            ),
+            (
+                Some(404),
+                Policy::WaitForOperator,
+                "a wrong service or zone id",
+            ),
+            (
+                Some(301),
+                Policy::WaitForOperator,
+                "a redirect: a wrong url",
+            ),
+        ];
+        for (status, policy, what) in cases {
+            let error = Error::new(ErrorKind::Purge { status }, what);
+            assert_eq!(error.policy(), policy, "{status:?}: {what}");
+            assert_eq!(
+                error.help().is_some(),
+                policy == Policy::WaitForOperator,
+                "{status:?}: {what}"
+            );
+        }
+        let refused = Error::new(ErrorKind::PurgeRefused, "no credential configured");
+        assert_eq!(refused.policy(), Policy::WaitForOperator);
+        assert_eq!(refused.help(), Some(PURGE_REFUSED_HELP));
+        assert_eq!(
+            Error::new(ErrorKind::Purge { status: Some(401) }, "x").help(),
+            Some(PURGE_CREDENTIALS_HELP)
+        );
+        assert_eq!(Error::new(ErrorKind::Config, "x").policy(), Policy::Stop);
+        assert_eq!(
+            Error::new(ErrorKind::RedisDenied, "x").policy(),
+            Policy::Stop
+        );
     }
 
     #[test]

@@ -634,6 +634,7 @@ fn run(path: &Path, until: Option<String>, reset: bool) -> anyhow::Result<ExitCo
                 redis: running.redis.clone(),
                 visibility: Some(running.visibility.clone()),
                 replicas: Some(running.replicas.clone()),
+                purge: Some(running.purge_refusals.clone()),
                 schema: running.schema.clone(),
                 kind: config.source,
                 probe: Some(evictd::internal::RedisProbe::new(&config.redis)?),

@@ -97,6 +97,9 @@ pub struct Running {
     /// Why the read replicas hold batches too long, or cannot be asked
     /// (`None`: they keep up, or there are none).
     pub replicas: watch::Receiver<Option<String>>,
+    /// The purge targets that refuse purges until someone acts, by name,
+    /// with the reason and a hint.
+    pub purge_refusals: watch::Receiver<std::collections::BTreeMap<String, String>>,
     /// What is wrong between the mappings and the live schema.
     pub schema: watch::Receiver<Problems>,
     /// What apply has finished.
@@ -233,6 +236,7 @@ pub(crate) struct Handles {
     redis: watch::Receiver<Option<String>>,
     visibility: watch::Receiver<Option<String>>,
     replicas: watch::Receiver<Option<String>>,
+    purge_refusals: watch::Receiver<std::collections::BTreeMap<String, String>>,
     schema: watch::Receiver<Problems>,
     progress: watch::Receiver<Progress>,
     acked: watch::Receiver<Lsn>,
@@ -282,7 +286,8 @@ impl Stages {
             progress_rx.clone(),
             stop_rx.clone(),
         );
-        let purger = crate::purge::Purger::new(&config.purge)?;
+        let (refusals_tx, refusals_rx) = watch::channel(std::collections::BTreeMap::new());
+        let purger = crate::purge::Purger::new(&config.purge, &refusals_tx)?;
         let (visibility_tx, visibility_rx) = watch::channel(None);
         // With the Kafka source too, when a Postgres connection is
         // configured: Debezium's events name their transaction (txId).
@@ -329,6 +334,7 @@ impl Stages {
             redis: redis_rx,
             visibility: visibility_rx,
             replicas: replicas_rx,
+            purge_refusals: refusals_rx,
             schema: schema_rx,
             progress: progress_rx,
             acked: acked_rx,
@@ -349,6 +355,7 @@ impl Handles {
             redis: self.redis,
             visibility: self.visibility,
             replicas: self.replicas,
+            purge_refusals: self.purge_refusals,
             schema: self.schema,
             progress: self.progress,
             acked: self.acked,

@@ -22,13 +22,14 @@
 
 pub mod http;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
 use crate::apply::Backoff;
 use crate::config::{PurgeKind, PurgeTarget};
-use crate::error::{Error, ErrorKind};
+use crate::error::{Error, ErrorKind, Policy};
 use crate::plan::Purges;
 use crate::telemetry;
 
@@ -43,6 +44,7 @@ pub struct Purger {
 struct Target {
     config: PurgeTarget,
     base: url::Url,
+    refusals: Refusals,
     /// When the next request may go (the `rate` pacing).
     next_slot: Instant,
 }
@@ -56,17 +58,30 @@ enum Batch<'k> {
 
 /// A request that did not succeed.
 struct Failure {
-    reason: String,
+    /// Its kind says what to do ([`Error::policy`]).
+    error: Error,
     /// The target said when to come back (429 `Retry-After`).
     retry_after: Option<Duration>,
-    /// Retrying cannot help until someone changes something (a token, a
-    /// URL): logged at ERROR.
-    misconfigured: bool,
 }
 
+impl Failure {
+    fn new(kind: ErrorKind, reason: impl Into<String>) -> Failure {
+        Failure {
+            error: Error::new(kind, reason),
+            retry_after: None,
+        }
+    }
+}
+
+/// The targets that refuse purges until someone changes something
+/// ([`Policy::WaitForOperator`]), by name, with the reason and a hint:
+/// what `/readyz` reports.
+pub type Refusals = watch::Sender<BTreeMap<String, String>>;
+
 impl Purger {
-    /// The purger of `targets`, `None` when there are none.
-    pub fn new(targets: &[PurgeTarget]) -> Result<Option<Purger>, Error> {
+    /// The purger of `targets`, `None` when there are none; a target that
+    /// refuses purges until someone acts is reported on `refusals`.
+    pub fn new(targets: &[PurgeTarget], refusals: &Refusals) -> Result<Option<Purger>, Error> {
         if targets.is_empty() {
             return Ok(None);
         }
@@ -93,6 +108,7 @@ impl Purger {
                 Ok(Target {
                     config: config.clone(),
                     base,
+                    refusals: refusals.clone(),
                     next_slot: Instant::now(),
                 })
             })
@@ -163,6 +179,8 @@ impl Target {
             let started = Instant::now();
             let failure = match self.send(batch).await {
                 Ok(()) => {
+                    self.refusals
+                        .send_if_modified(|refusals| refusals.remove(&name).is_some());
                     metrics::histogram!(telemetry::PURGE_DURATION, "target" => name.clone())
                         .record(started.elapsed().as_secs_f64());
                     metrics::counter!(telemetry::PURGES, "target" => name.clone()).increment(1);
@@ -181,16 +199,34 @@ impl Target {
                     Batch::All => 0,
                 };
                 metrics::counter!(telemetry::PURGE_DROPPED, "target" => name.clone()).increment(1);
-                tracing::warn!(target_name = %name, attempts, keys, reason = %failure.reason, "purge dropped after its retries (best_effort target): the CDN may serve these pages until they expire");
+                tracing::warn!(target_name = %name, attempts, keys, reason = %failure.error, "purge dropped after its retries (best_effort target): the CDN may serve these pages until they expire");
                 return true;
             }
             let delay = failure
                 .retry_after
                 .map_or_else(|| backoff.next_delay(), |after| after.min(MAX_RETRY_AFTER));
-            if failure.misconfigured {
-                tracing::error!(target_name = %name, reason = %failure.reason, retry_in = ?delay, "purge refused; retrying (acknowledgement waits for it)");
-            } else {
-                tracing::warn!(target_name = %name, reason = %failure.reason, retry_in = ?delay, "purge failed; retrying");
+            let reason = &failure.error;
+            match reason.policy() {
+                Policy::Retry => {
+                    tracing::warn!(target_name = %name, %reason, retry_in = ?delay, "purge failed; retrying");
+                }
+                Policy::WaitForOperator | Policy::Stop => {
+                    let hint = reason.help().unwrap_or_default();
+                    tracing::error!(target_name = %name, %reason, hint, retry_in = ?delay, "purge refused; retrying (acknowledgement waits for it)");
+                    let mut short = reason.to_string();
+                    if short.len() > 120 {
+                        let mut end = 120;
+                        while !short.is_char_boundary(end) {
+                            end -= 1;
+                        }
+                        short.truncate(end);
+                        short.push_str("...");
+                    }
+                    let refusal = format!("target {name} refuses purges ({short}): {hint}");
+                    self.refusals.send_if_modified(|refusals| {
+                        refusals.insert(name.clone(), refusal).is_none()
+                    });
+                }
             }
             tokio::select! {
                 biased;
@@ -221,11 +257,7 @@ impl Target {
             timeout,
         )
         .await
-        .map_err(|reason| Failure {
-            reason,
-            retry_after: None,
-            misconfigured: false,
-        })?;
+        .map_err(|reason| Failure::new(ErrorKind::Purge { status: None }, reason))?;
         judge(self.config.kind, &response)
     }
 
@@ -236,19 +268,12 @@ impl Target {
                 .as_ref()
                 .ok_or_else(|| "no credential configured".to_owned())
                 .and_then(crate::config::Secret::read)
-                .map_err(|reason| Failure {
-                    reason,
-                    retry_after: None,
-                    misconfigured: true,
-                })
+                .map_err(|reason| Failure::new(ErrorKind::PurgeRefused, reason))
         };
         let endpoint = |path: &str| {
             let base = self.base.as_str().trim_end_matches('/');
-            url::Url::parse(&format!("{base}{path}")).map_err(|e| Failure {
-                reason: format!("bad URL: {e}"),
-                retry_after: None,
-                misconfigured: true,
-            })
+            url::Url::parse(&format!("{base}{path}"))
+                .map_err(|e| Failure::new(ErrorKind::PurgeRefused, format!("bad URL: {e}")))
         };
         let json = ("Content-Type", "application/json".to_owned());
         Ok(match (config.kind, batch) {
@@ -376,14 +401,13 @@ fn judge(kind: PurgeKind, response: &http::Response) -> Result<(), Failure> {
                 .ok()
                 .and_then(|body| body.get("success").and_then(serde_json::Value::as_bool));
             if success == Some(false) {
-                return Err(Failure {
-                    reason: format!(
+                return Err(Failure::new(
+                    ErrorKind::PurgeRefused,
+                    format!(
                         "Cloudflare answered success = false: {}",
                         response.body_text()
                     ),
-                    retry_after: None,
-                    misconfigured: true,
-                });
+                ));
             }
         }
         return Ok(());
@@ -393,9 +417,13 @@ fn judge(kind: PurgeKind, response: &http::Response) -> Result<(), Failure> {
         .and_then(|after| after.trim().parse::<u64>().ok())
         .map(Duration::from_secs);
     Err(Failure {
-        reason: format!("HTTP {status}: {}", response.body_text()),
+        error: Error::new(
+            ErrorKind::Purge {
+                status: Some(status),
+            },
+            format!("HTTP {status}: {}", response.body_text()),
+        ),
         retry_after,
-        misconfigured: status != 429 && (400..500).contains(&status),
     })
 }
 

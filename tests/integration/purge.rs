@@ -471,3 +471,81 @@ async fn fastly_and_cloudflare_get_batches_within_their_limits_paced_and_retried
     keys.dedup();
     assert_eq!(keys, expected);
 }
+
+/// `/readyz` of `s`'s pipeline, served as `evictd run` serves it.
+async fn serve_admin(s: &Streaming) -> u16 {
+    let running = s.evictd.running();
+    let state = evictd::internal::AdminState {
+        source: running.source.clone(),
+        redis: running.redis.clone(),
+        visibility: Some(running.visibility.clone()),
+        replicas: Some(running.replicas.clone()),
+        purge: Some(running.purge_refusals.clone()),
+        schema: running.schema.clone(),
+        kind: evictd::config::SourceKind::Postgres,
+        probe: None,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(evictd::internal::serve(listener, state));
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_refusing_the_token_waits_for_the_operator_and_says_so_on_readyz() {
+    let api = Server::start(provider_api()).await;
+    let tokens = tempfile::tempdir().expect("tempdir");
+    let token = tokens.path().join("fastly");
+    std::fs::write(&token, "a-revoked-token\n").expect("write");
+    let fastly = PurgeTarget {
+        service_id: Some("SVC123".into()),
+        token: Some(Secret::File(token.clone())),
+        ..target(PurgeKind::Fastly, api.url("/fastly"))
+    };
+    let mut s = Streaming::start_with(SCHEMA, &[("products.toml", PRODUCTS)], |config| {
+        config.purge = vec![fastly];
+    })
+    .await;
+    let port = serve_admin(&s).await;
+    s.seed(&["product:1"]).await;
+    s.db.execute("insert into products values (1, 7, 'a')")
+        .await;
+    // Redis is invalidated; the purge is refused (401): not acknowledged,
+    // and /readyz says why and what to do.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let (status, body) =
+            crate::support::web::get(&format!("http://127.0.0.1:{port}/readyz")).await;
+        if status == 503 && body.contains("purge:") {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "readyz: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        body.contains("target fastly refuses purges (HTTP 401"),
+        "{body}"
+    );
+    assert!(body.contains("check its token_file"), "{body}");
+    assert!(s.cached(&["product:1"]).await.is_empty());
+    assert!(
+        s.evictd.sync_within(Duration::from_secs(1)).await.is_err(),
+        "acknowledged before the target accepted the purge"
+    );
+    let refused = api
+        .requests()
+        .iter()
+        .filter(|r| r.header("Fastly-Key") == Some("a-revoked-token"))
+        .count();
+    assert!(refused >= 2, "retried: {refused} requests");
+    // The operator fixes the token file: the next attempt reads it.
+    std::fs::write(&token, "fastly-token\n").expect("write");
+    s.evictd
+        .sync_within(Duration::from_secs(30))
+        .await
+        .expect("acknowledged once the target accepted");
+    let (status, body) = crate::support::web::get(&format!("http://127.0.0.1:{port}/readyz")).await;
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+}

@@ -241,6 +241,7 @@ async fn admin() -> (u16, tokio::sync::watch::Sender<SourceState>) {
         redis,
         visibility: None,
         replicas: None,
+        purge: None,
         schema,
         kind: evictd::config::SourceKind::Kafka,
         probe: None,
