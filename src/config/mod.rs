@@ -17,7 +17,6 @@ use self::read::{
 };
 use crate::mapping::diagnostic::did_you_mean;
 use crate::mapping::Limits;
-use crate::source::kafka::debezium::DEFAULT_UNAVAILABLE_PLACEHOLDER;
 
 /// The whole configuration, validated.
 #[derive(Clone, Debug, PartialEq)]
@@ -47,8 +46,8 @@ pub struct WarmConfig {
 impl Default for WarmConfig {
     fn default() -> Self {
         WarmConfig {
-            on_start: false,
-            rate: 10_000,
+            on_start: settings::bool("warm.on_start"),
+            rate: settings::u64("warm.rate"),
         }
     }
 }
@@ -90,16 +89,16 @@ impl PurgeTarget {
             name: kind.as_str().to_owned(),
             kind,
             url,
-            soft: false,
+            soft: settings::bool("purge[].soft"),
             service_id: None,
             zone_id: None,
             token: None,
             secret: None,
-            best_effort: false,
+            best_effort: settings::bool("purge[].best_effort"),
             max_keys: kind.max_keys_limit(),
-            rate: 10.0,
-            timeout_ms: 5_000,
-            retries: 5,
+            rate: settings::f64("purge[].rate"),
+            timeout_ms: settings::u64("purge[].timeout_ms"),
+            retries: u32::try_from(settings::u64("purge[].retries")).unwrap_or(u32::MAX),
         }
     }
 }
@@ -254,24 +253,20 @@ pub struct KafkaConfig {
 }
 
 impl KafkaConfig {
-    pub const DEFAULT_GROUP_ID: &'static str = "evictd";
-    pub const DEFAULT_COMMIT_INTERVAL_MS: u64 = 1000;
-    pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
-    pub const DEFAULT_METADATA_REFRESH_MS: u64 = 5_000;
-
     /// `brokers` and `topics` with every other setting at its default, as
     /// an empty `[kafka]` section with just those two would give.
     pub fn with_defaults(brokers: &str, topics: Vec<String>) -> KafkaConfig {
         KafkaConfig {
             brokers: brokers.to_owned(),
             topics,
-            group_id: Self::DEFAULT_GROUP_ID.into(),
+            group_id: settings::str("kafka.group_id").into(),
             on_bad_record: BadRecordPolicy::Skip,
             dead_letter_topic: None,
-            unavailable_value_placeholder: DEFAULT_UNAVAILABLE_PLACEHOLDER.into(),
-            commit_interval_ms: Self::DEFAULT_COMMIT_INTERVAL_MS,
-            drain_timeout_ms: Self::DEFAULT_DRAIN_TIMEOUT_MS,
-            metadata_refresh_ms: Self::DEFAULT_METADATA_REFRESH_MS,
+            unavailable_value_placeholder: settings::str("kafka.unavailable_value_placeholder")
+                .into(),
+            commit_interval_ms: settings::u64("kafka.commit_interval_ms"),
+            drain_timeout_ms: settings::u64("kafka.drain_timeout_ms"),
+            metadata_refresh_ms: settings::u64("kafka.metadata_refresh_ms"),
             properties: KafkaProperties::default(),
         }
     }
@@ -529,15 +524,15 @@ impl Default for PostgresConfig {
     fn default() -> Self {
         PostgresConfig {
             url: None,
-            slot: "evictd".into(),
-            publication: "evictd".into(),
-            create_slot: true,
-            max_retained_wal_mb: 1024,
-            visibility_gate: true,
-            visibility_warn_ms: 5000,
+            slot: settings::str("postgres.slot").into(),
+            publication: settings::str("postgres.publication").into(),
+            create_slot: settings::bool("postgres.create_slot"),
+            max_retained_wal_mb: settings::u64("postgres.max_retained_wal_mb"),
+            visibility_gate: settings::bool("postgres.visibility_gate"),
+            visibility_warn_ms: settings::u64("postgres.visibility_warn_ms"),
             replicas: Vec::new(),
-            replica_max_wait_ms: 30_000,
-            replica_pending_keys: 100_000,
+            replica_max_wait_ms: settings::u64("postgres.replica_max_wait_ms"),
+            replica_pending_keys: settings::usize("postgres.replica_pending_keys"),
         }
     }
 }
@@ -545,16 +540,16 @@ impl Default for PostgresConfig {
 impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
-            url: SecretUrl::parse("redis://127.0.0.1:6379").expect("a valid URL"),
-            prefix: String::new(),
-            l1_channel: "evictd:l1".into(),
-            l1_log_len: 10_000,
-            allow_plaintext: false,
+            url: SecretUrl::parse(settings::str("redis.url")).expect("a valid URL"),
+            prefix: settings::str("redis.prefix").into(),
+            l1_channel: settings::str("redis.l1_channel").into(),
+            l1_log_len: settings::u64("redis.l1_log_len"),
+            allow_plaintext: settings::bool("redis.allow_plaintext"),
             ca_file: None,
             cert_file: None,
             key_file: None,
-            wait_replicas: 0,
-            wait_timeout_ms: 1000,
+            wait_replicas: u32::try_from(settings::u64("redis.wait_replicas")).unwrap_or(0),
+            wait_timeout_ms: settings::u64("redis.wait_timeout_ms"),
         }
     }
 }
@@ -562,12 +557,12 @@ impl Default for RedisConfig {
 impl Default for MappingsConfig {
     fn default() -> Self {
         MappingsConfig {
-            dir: PathBuf::from("mappings"),
+            dir: PathBuf::from(settings::str("mappings.dir")),
             limits: Limits::default(),
-            sql_messages: false,
+            sql_messages: settings::bool("mappings.sql_messages"),
             sql_messages_secrets: Vec::new(),
             sql_messages_allow: None,
-            watch: true,
+            watch: settings::bool("mappings.watch"),
         }
     }
 }
@@ -575,9 +570,9 @@ impl Default for MappingsConfig {
 impl Default for BatchConfig {
     fn default() -> Self {
         BatchConfig {
-            max_keys: 10_000,
-            max_pending_keys: 100_000,
-            max_wait_ms: 2,
+            max_keys: settings::usize("batch.max_keys"),
+            max_pending_keys: settings::usize("batch.max_pending_keys"),
+            max_wait_ms: settings::u64("batch.max_wait_ms"),
         }
     }
 }
@@ -585,10 +580,10 @@ impl Default for BatchConfig {
 impl Default for AuditConfig {
     fn default() -> Self {
         AuditConfig {
-            enabled: false,
-            sample: 0.01,
-            delay_ms: 5_000,
-            queue: 10_000,
+            enabled: settings::bool("audit.enabled"),
+            sample: settings::f64("audit.sample"),
+            delay_ms: settings::u64("audit.delay_ms"),
+            queue: settings::usize("audit.queue"),
         }
     }
 }
@@ -596,7 +591,9 @@ impl Default for AuditConfig {
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 9187)),
+            listen: settings::str("admin.listen")
+                .parse()
+                .expect("a valid address"),
         }
     }
 }
@@ -794,3 +791,4 @@ fn toml_problem(path: &Path, text: &str, error: &toml::de::Error) -> String {
 }
 
 mod read;
+pub mod settings;

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 
+use super::settings;
 use super::{
     AdminConfig, AuditConfig, BadRecordPolicy, BatchConfig, KafkaConfig, KafkaProperties,
     MappingsConfig, PostgresConfig, PurgeKind, PurgeTarget, RedisConfig, ReplicaConfig, Secret,
@@ -14,7 +15,6 @@ use super::{
 use crate::change::is_identifier;
 use crate::mapping::diagnostic::did_you_mean;
 use crate::mapping::Limits;
-use crate::source::kafka::debezium::DEFAULT_UNAVAILABLE_PLACEHOLDER;
 
 /// One section's fields, read one at a time so that each problem is
 /// reported; [`Drop`] reports the fields nobody read as unknown.
@@ -86,6 +86,7 @@ impl<'p> Section<'p> {
     /// The field's value if set and of the right type.
     fn get<T: DeserializeOwned>(&mut self, key: &'static str) -> Option<(T, Option<String>)> {
         self.known.push(key);
+        settings::declared(&settings::key_in(&self.name, key));
         let value = self.fields.remove(key)?;
         let origin = Some(self.origin_of(key, &value));
         let raw_origin = value
@@ -123,6 +124,7 @@ impl<'p> Section<'p> {
     /// ([`Section::nested`]).
     fn take(&mut self, key: &'static str) -> Option<config::Value> {
         self.known.push(key);
+        settings::declared(&format!("{}[].url", settings::key_in(&self.name, key)));
         self.fields.remove(key)
     }
 
@@ -145,6 +147,13 @@ impl<'p> Section<'p> {
 
     fn or<T: DeserializeOwned>(&mut self, key: &'static str, default: T) -> T {
         self.parse(key, default, Ok)
+    }
+
+    /// An integer setting with the default and range declared for it in
+    /// [`settings`].
+    fn ranged(&mut self, key: &'static str) -> u64 {
+        let declared = settings::key_in(&self.name, key);
+        self.in_range(key, settings::u64(&declared), settings::range(&declared))
     }
 
     fn in_range(
@@ -273,29 +282,13 @@ pub(super) fn read_postgres(
             }
         }),
         create_slot: section.or("create_slot", defaults.create_slot),
-        max_retained_wal_mb: section.in_range(
-            "max_retained_wal_mb",
-            defaults.max_retained_wal_mb,
-            1..=1 << 30,
-        ),
+        max_retained_wal_mb: section.ranged("max_retained_wal_mb"),
         visibility_gate: section.or("visibility_gate", defaults.visibility_gate),
-        visibility_warn_ms: section.in_range(
-            "visibility_warn_ms",
-            defaults.visibility_warn_ms,
-            1..=86_400_000,
-        ),
+        visibility_warn_ms: section.ranged("visibility_warn_ms"),
         replicas: read_replicas(section, base_dir),
-        replica_max_wait_ms: section.in_range(
-            "replica_max_wait_ms",
-            defaults.replica_max_wait_ms,
-            1..=86_400_000,
-        ),
-        replica_pending_keys: usize::try_from(section.in_range(
-            "replica_pending_keys",
-            defaults.replica_pending_keys as u64,
-            1..=100_000_000,
-        ))
-        .unwrap_or(defaults.replica_pending_keys),
+        replica_max_wait_ms: section.ranged("replica_max_wait_ms"),
+        replica_pending_keys: usize::try_from(section.ranged("replica_pending_keys"))
+            .unwrap_or(defaults.replica_pending_keys),
     };
     if !config.replicas.is_empty() {
         // A second invalidation waits for the primary's WAL position once
@@ -411,7 +404,7 @@ pub(super) fn read_kafka(
     });
     let group_id = section.parse(
         "group_id",
-        KafkaConfig::DEFAULT_GROUP_ID.into(),
+        settings::str("kafka.group_id").into(),
         non_empty("the group id"),
     );
     if !brokers_set {
@@ -442,24 +435,12 @@ pub(super) fn read_kafka(
     }
     let unavailable_value_placeholder = section.parse(
         "unavailable_value_placeholder",
-        DEFAULT_UNAVAILABLE_PLACEHOLDER.into(),
+        settings::str("kafka.unavailable_value_placeholder").into(),
         non_empty("the placeholder"),
     );
-    let commit_interval_ms = section.in_range(
-        "commit_interval_ms",
-        KafkaConfig::DEFAULT_COMMIT_INTERVAL_MS,
-        10..=60_000,
-    );
-    let drain_timeout_ms = section.in_range(
-        "drain_timeout_ms",
-        KafkaConfig::DEFAULT_DRAIN_TIMEOUT_MS,
-        100..=600_000,
-    );
-    let metadata_refresh_ms = section.in_range(
-        "metadata_refresh_ms",
-        KafkaConfig::DEFAULT_METADATA_REFRESH_MS,
-        100..=3_600_000,
-    );
+    let commit_interval_ms = section.ranged("commit_interval_ms");
+    let drain_timeout_ms = section.ranged("drain_timeout_ms");
+    let metadata_refresh_ms = section.ranged("metadata_refresh_ms");
     let mut properties = section.parse(
         "properties",
         Vec::new(),
@@ -565,8 +546,8 @@ pub(super) fn read_redis(section: &mut Section<'_>, base_dir: &Path) -> RedisCon
             "TLS files are set but redis.url is not rediss://",
         );
     }
-    let wait_replicas = section.in_range("wait_replicas", defaults.wait_replicas.into(), 0..=16);
-    let wait_timeout_ms = section.in_range("wait_timeout_ms", defaults.wait_timeout_ms, 1..=60_000);
+    let wait_replicas = section.ranged("wait_replicas");
+    let wait_timeout_ms = section.ranged("wait_timeout_ms");
     RedisConfig {
         url,
         wait_replicas: u32::try_from(wait_replicas).unwrap_or(0),
@@ -582,7 +563,7 @@ pub(super) fn read_redis(section: &mut Section<'_>, base_dir: &Path) -> RedisCon
                 Ok(channel)
             }
         }),
-        l1_log_len: section.in_range("l1_log_len", defaults.l1_log_len, 0..=10_000_000),
+        l1_log_len: section.ranged("l1_log_len"),
         allow_plaintext,
     }
 }
@@ -666,14 +647,8 @@ pub(super) fn read_mappings(section: &mut Section<'_>, base_dir: &Path) -> Mappi
         },
     );
     let watch = section.or("watch", all_defaults.watch);
-    let defaults = all_defaults.limits;
-    let max_key_bytes =
-        section.in_range("max_key_bytes", defaults.max_key_bytes as u64, 16..=1 << 20);
-    let max_keys_per_change = section.in_range(
-        "max_keys_per_change",
-        defaults.max_keys_per_change as u64,
-        1..=100_000,
-    );
+    let max_key_bytes = section.ranged("max_key_bytes");
+    let max_keys_per_change = section.ranged("max_keys_per_change");
     MappingsConfig {
         dir: base_dir.join(dir),
         limits: Limits {
@@ -688,17 +663,12 @@ pub(super) fn read_mappings(section: &mut Section<'_>, base_dir: &Path) -> Mappi
 }
 
 pub(super) fn read_batch(section: &mut Section<'_>) -> BatchConfig {
-    let defaults = BatchConfig::default();
-    let max_keys = section.in_range("max_keys", defaults.max_keys as u64, 1..=1_000_000);
-    let max_pending_keys = section.in_range(
-        "max_pending_keys",
-        defaults.max_pending_keys as u64,
-        1..=100_000_000,
-    );
+    let max_keys = section.ranged("max_keys");
+    let max_pending_keys = section.ranged("max_pending_keys");
     BatchConfig {
         max_keys: usize::try_from(max_keys).unwrap_or(usize::MAX),
         max_pending_keys: usize::try_from(max_pending_keys).unwrap_or(usize::MAX),
-        max_wait_ms: section.in_range("max_wait_ms", defaults.max_wait_ms, 0..=60_000),
+        max_wait_ms: section.ranged("max_wait_ms"),
     }
 }
 
@@ -820,8 +790,9 @@ fn read_purge(section: &mut Section<'_>, base_dir: &Path) -> Option<PurgeTarget>
         (_, None, Some(env)) => Some(Secret::Env(env)),
         (_, None, None) => None,
     };
+    // The provider's limit is the default and the most allowed.
     let max_keys = section.in_range("max_keys", limit as u64, 1..=limit as u64);
-    let rate = section.parse("rate", 10.0, |rate: f64| {
+    let rate = section.parse("rate", settings::f64("purge[].rate"), |rate: f64| {
         if rate > 0.0 && rate <= 10_000.0 {
             Ok(rate)
         } else {
@@ -834,16 +805,16 @@ fn read_purge(section: &mut Section<'_>, base_dir: &Path) -> Option<PurgeTarget>
         name: section.or("name", kind.as_str().to_owned()),
         kind,
         url: url?,
-        soft: section.or("soft", false),
+        soft: section.or("soft", settings::bool("purge[].soft")),
         service_id,
         zone_id,
         token,
         secret,
-        best_effort: section.or("best_effort", false),
+        best_effort: section.or("best_effort", settings::bool("purge[].best_effort")),
         max_keys: usize::try_from(max_keys).unwrap_or(limit),
         rate,
-        timeout_ms: section.in_range("timeout_ms", 5_000, 100..=120_000),
-        retries: u32::try_from(section.in_range("retries", 5, 1..=1_000)).unwrap_or(5),
+        timeout_ms: section.ranged("timeout_ms"),
+        retries: u32::try_from(section.ranged("retries")).unwrap_or(u32::MAX),
     })
 }
 
@@ -851,13 +822,13 @@ pub(super) fn read_warm(section: &mut Section<'_>) -> WarmConfig {
     let defaults = WarmConfig::default();
     WarmConfig {
         on_start: section.or("on_start", defaults.on_start),
-        rate: section.in_range("rate", defaults.rate, 0..=10_000_000),
+        rate: section.ranged("rate"),
     }
 }
 
 pub(super) fn read_audit(section: &mut Section<'_>) -> AuditConfig {
     let defaults = AuditConfig::default();
-    let queue = section.in_range("queue", defaults.queue as u64, 1..=1_000_000);
+    let queue = section.ranged("queue");
     AuditConfig {
         enabled: section.or("enabled", defaults.enabled),
         sample: section.parse("sample", defaults.sample, |share: f64| {
@@ -869,7 +840,7 @@ pub(super) fn read_audit(section: &mut Section<'_>) -> AuditConfig {
                 ))
             }
         }),
-        delay_ms: section.in_range("delay_ms", defaults.delay_ms, 0..=3_600_000),
+        delay_ms: section.ranged("delay_ms"),
         queue: usize::try_from(queue).unwrap_or(usize::MAX),
     }
 }

@@ -29,8 +29,8 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_key_bytes: 1024,
-            max_keys_per_change: 64,
+            max_key_bytes: crate::config::settings::usize("mappings.max_key_bytes"),
+            max_keys_per_change: crate::config::settings::usize("mappings.max_keys_per_change"),
         }
     }
 }

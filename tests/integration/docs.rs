@@ -337,3 +337,51 @@ fn the_testkit_guide_shows_the_example_the_suite_runs() {
     );
     assert!(snippets[0].contains("async fn placing_an_order_invalidates_the_users_order_list"));
 }
+
+const GENERATED: &str = "<!-- generated from src/config/settings.rs: edit there, then run `EVICTD_BLESS=1 cargo test --test integration docs::` -->\n";
+const GENERATED_END: &str = "<!-- end of generated -->";
+
+/// Whether `relative` holds `expected` (between the generated markers when
+/// `marked`); with `EVICTD_BLESS=1`, writes it there instead.
+fn generated(relative: &str, expected: &str, marked: bool) -> Result<(), String> {
+    let text = read(relative);
+    let wanted = if marked {
+        let start = text.find(GENERATED).ok_or("no generated marker")? + GENERATED.len();
+        let end = text[start..].find(GENERATED_END).ok_or("no end marker")? + start;
+        format!("{}{expected}{}", &text[..start], &text[end..])
+    } else {
+        expected.to_owned()
+    };
+    if wanted == text {
+        return Ok(());
+    }
+    if std::env::var("EVICTD_BLESS").as_deref() == Ok("1") {
+        std::fs::write(repo_path(relative), wanted).expect("write");
+        return Ok(());
+    }
+    Err(format!(
+        "{relative} differs from what src/config/settings.rs generates; run EVICTD_BLESS=1 cargo test --test integration docs::"
+    ))
+}
+
+#[test]
+fn the_configuration_reference_and_example_are_generated_from_the_declarations() {
+    use evictd::config::settings;
+    let problems: Vec<String> = [
+        generated(
+            "docs/CONFIGURATION.md",
+            &settings::reference(&[""], &[], ""),
+            true,
+        ),
+        generated(
+            "docs/MAPPINGS.md",
+            &settings::reference(&["purge[]."], &[], "purge[]."),
+            true,
+        ),
+        generated("evictd.example.toml", &settings::example(), false),
+    ]
+    .into_iter()
+    .filter_map(Result::err)
+    .collect();
+    assert!(problems.is_empty(), "{problems:#?}");
+}

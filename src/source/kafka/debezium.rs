@@ -23,7 +23,9 @@ use super::values;
 use crate::change::{Datum, Op, Row, RowChange, TableName};
 use crate::mapping::message::hex;
 
-/// The default of Debezium's `unavailable.value.placeholder`.
+/// The default of Debezium's `unavailable.value.placeholder` (the
+/// setting `kafka.unavailable_value_placeholder` declares the same).
+#[cfg(test)]
 pub const DEFAULT_UNAVAILABLE_PLACEHOLDER: &str = "__debezium_unavailable_value";
 
 /// Distinct schemas (and tables) remembered before the caches start afresh.
