@@ -42,7 +42,10 @@ mod continuity;
 mod demo;
 mod lifecycle;
 mod purge;
+mod rows;
+mod servers;
 mod source;
+mod sql;
 mod telemetry;
 mod warm;
 mod watch;
@@ -58,9 +61,9 @@ pub mod internal {
     pub use crate::admin::{serve, AdminState, RedisProbe};
     pub use crate::apply::broadcast::Broadcast;
     pub use crate::apply::cluster::key_slot;
-    pub use crate::apply::redis::client as redis_client;
     pub use crate::apply::shared::Record;
     pub use crate::apply::RedisSink;
+    pub use crate::servers::redis_client;
     #[cfg(feature = "kafka")]
     pub use crate::source::kafka::consumer::{consumer_config, group_status, topic_coverage};
     pub use crate::source::postgres::conn::ReplicationConnection;

@@ -364,7 +364,7 @@ async fn read_redis(config: &Config) -> Result<RedisView, String> {
         format!("{prefix}{}", crate::audit::CHECKS_KEY),
     ];
     let read = async {
-        let mut connection = crate::audit::connect_redis(&config.redis)
+        let mut connection = crate::servers::connect_redis(&config.redis)
             .await
             .map_err(|e| e.to_string())?;
         read_all(&mut connection, &keys).await

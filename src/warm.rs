@@ -36,13 +36,14 @@ use rand::Rng as _;
 use redis::aio::MultiplexedConnection;
 use rustc_hash::FxHashMap;
 
-use crate::audit::{
-    connect_redis, quote_ident, quote_table, refreshed_tables, select_columns, Database,
-};
+use crate::audit::refreshed_tables;
 use crate::change::{Row, TableName};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind};
 use crate::mapping::{ActionKind, Mappings, Output, TableMapping, Ttl, Warm};
+use crate::rows::Database;
+use crate::servers::connect_redis;
+use crate::sql::{quote_ident, quote_table, select_columns};
 
 /// Rows read per page.
 pub const PAGE: usize = 1000;
@@ -126,7 +127,7 @@ pub async fn warm(
     let redis = connect_redis(&config.redis).await?;
     let fences = match redis {
         Connection::Single(_) => {
-            let client = crate::apply::redis::client(&config.redis)?;
+            let client = crate::servers::redis_client(&config.redis)?;
             let mut connections = Vec::new();
             for _ in 0..IN_FLIGHT {
                 connections.push(

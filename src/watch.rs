@@ -10,10 +10,10 @@ use evictd_client::Log;
 use futures_util::StreamExt as _;
 use redis::aio::ConnectionLike;
 
-use crate::apply::cluster::seed_nodes;
 use crate::change::TableName;
 use crate::config::RedisConfig;
 use crate::error::Error;
+use crate::servers::{cluster_seeds, connect_redis, redis_client};
 
 /// Which batches to print.
 #[derive(Clone, Debug, Default)]
@@ -70,28 +70,16 @@ pub async fn watch(
     backlog: usize,
     out: &mut (dyn Write + Send),
 ) -> Result<(), Error> {
-    let url = config.url.expose();
-    match seed_nodes(url) {
-        Some(seeds) => {
-            let client = redis::cluster::ClusterClient::new(seeds.clone())
-                .map_err(|e| Error::redis("invalid redis.url", e))?;
-            let connection = client
-                .get_async_connection()
-                .await
-                .map_err(|e| Error::redis("cannot connect to the Redis Cluster", e))?;
-            let subscriber = redis::Client::open(seeds[0].as_str())
-                .map_err(|e| Error::redis("invalid redis.url", e))?;
-            follow(config, subscriber, connection, filter, backlog, out).await
-        }
-        None => {
-            let client = crate::apply::redis::client(config)?;
-            let connection = client
-                .get_multiplexed_async_connection()
-                .await
-                .map_err(|e| Error::redis("cannot connect to Redis", e))?;
-            follow(config, client, connection, filter, backlog, out).await
-        }
-    }
+    // The log is read through the one connection every reader uses; the
+    // subscription needs a client of one node (any node of a Cluster
+    // hears every publish).
+    let connection = connect_redis(config).await?;
+    let subscriber = match cluster_seeds(config.url.expose()) {
+        Some(seeds) => redis::Client::open(seeds[0].as_str())
+            .map_err(|e| Error::redis("invalid redis.url", e))?,
+        None => redis_client(config)?,
+    };
+    follow(config, subscriber, connection, filter, backlog, out).await
 }
 
 async fn follow<C: ConnectionLike>(

@@ -84,7 +84,7 @@ impl ClusterSink {
         broadcast: Broadcast,
         wait: Wait,
     ) -> Result<ClusterSink, Error> {
-        let nodes = seed_nodes(url).ok_or_else(|| {
+        let nodes = crate::servers::cluster_seeds(url).ok_or_else(|| {
             Error::new(
                 ErrorKind::Config,
                 "a cluster redis.url starts with redis+cluster://",
@@ -426,18 +426,6 @@ impl ClusterSink {
     fn prefixed(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
     }
-}
-
-/// The seed nodes of a `redis+cluster://host:port[,host:port...]` URL as
-/// `redis://` URLs, or `None` for a URL that is not a cluster's.
-pub fn seed_nodes(url: &str) -> Option<Vec<String>> {
-    let seed = url.strip_prefix("redis+cluster://")?;
-    Some(
-        seed.trim_end_matches('/')
-            .split(',')
-            .map(|node| format!("redis://{node}"))
-            .collect(),
-    )
 }
 
 /// Commands of one phase, one pipeline per node.

@@ -51,44 +51,9 @@ pub struct StandaloneSink {
     epochs: u64,
 }
 
-/// A client for one Redis server, with the TLS files of `config` for
-/// `rediss://`.
-pub fn client(config: &RedisConfig) -> Result<redis::Client, Error> {
-    let url = config.url.expose();
-    let invalid = |e| Error::with_source(ErrorKind::Config, "invalid redis.url", e);
-    if config.ca_file.is_none() && config.cert_file.is_none() {
-        return redis::Client::open(url).map_err(invalid);
-    }
-    let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| {
-            Error::with_source(
-                ErrorKind::Config,
-                format!("cannot read {}", path.display()),
-                e,
-            )
-        })
-    };
-    let client_tls = match (&config.cert_file, &config.key_file) {
-        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
-            client_cert: read(cert)?,
-            client_key: read(key)?,
-        }),
-        _ => None,
-    };
-    let root_cert = config.ca_file.as_deref().map(read).transpose()?;
-    redis::Client::build_with_tls(
-        url,
-        redis::TlsCertificates {
-            client_tls,
-            root_cert,
-        },
-    )
-    .map_err(invalid)
-}
-
 impl StandaloneSink {
     pub fn new(config: &RedisConfig, broadcast: Broadcast) -> Result<StandaloneSink, Error> {
-        let client = client(config)?;
+        let client = crate::servers::redis_client(config)?;
         let prefix = &config.prefix;
         Ok(StandaloneSink {
             client,

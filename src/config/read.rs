@@ -499,7 +499,10 @@ pub(super) fn read_redis(section: &mut Section<'_>, base_dir: &Path) -> RedisCon
     let url = section.parse("url", defaults.url, |text: String| {
         let url = SecretUrl::parse(&text)?;
         match url.scheme() {
-            "redis" | "rediss" | "redis+cluster" | "rediss+cluster" => Ok(url),
+            "redis" | "rediss" | "redis+cluster" => Ok(url),
+            "rediss+cluster" => Err(
+                "TLS to a Redis Cluster is not supported: use redis+cluster:// on a trusted network, or one server over rediss://".into(),
+            ),
             other => Err(format!(
                 "scheme `{other}` is not redis://, rediss:// or redis+cluster://"
             )),

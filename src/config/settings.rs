@@ -81,7 +81,7 @@ pub static SETTINGS: &[Setting] = &[
     setting("kafka.unavailable_value_placeholder", Value("\"__debezium_unavailable_value\""), None, "Debezium's marker for an unchanged TOASTed value"),
     setting("kafka.properties", Unset("none"), None, "a table of librdkafka settings passed through (TLS, SASL, timeouts); those evictd owns are refused"),
     setting("kafka.sasl_password_file", Unset("none"), None, "sets `sasl.password` from this file (relative to the config file)"),
-    shown(setting("redis.url", Value("\"redis://127.0.0.1:6379\""), None, "`redis://`, `rediss://` (TLS), or `redis+cluster://host:port` (any node; the others are discovered)"), "\"redis://127.0.0.1:6379\""),
+    shown(setting("redis.url", Value("\"redis://127.0.0.1:6379\""), None, "`redis://`, `rediss://` (TLS), or `redis+cluster://host:port` (any node; the others are discovered; TLS to a Cluster is not supported)"), "\"redis://127.0.0.1:6379\""),
     setting("redis.password_file", Unset("none"), None, "read the password from this file (relative to the config file) instead of the URL"),
     shown(setting("redis.prefix", Value("\"\""), None, "prepended to every key and tag set"), "\"\""),
     setting("redis.ca_file", Unset("the system's CAs"), None, "PEM file of the CAs trusted for `rediss://`"),

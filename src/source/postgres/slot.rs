@@ -1,6 +1,8 @@
 //! The START_REPLICATION command for the server's protocol version (the
 //! slot and publication themselves are [`super::control`]'s).
 
+use crate::sql::quote_ident;
+
 /// START_REPLICATION for the slot, from its confirmed position, with the
 /// newest pgoutput protocol evictd speaks that the server supports:
 /// version 2 with streaming of large in-progress transactions from PG 14,
@@ -20,8 +22,4 @@ pub fn start_command(slot: &str, publication: &str, server_version: u32, message
         quote_ident(slot),
         publication.replace('\'', "''")
     )
-}
-
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
