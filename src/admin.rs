@@ -49,8 +49,8 @@ pub struct AdminState {
 }
 
 /// Answers "does Redis answer now?" with a PING bounded by
-/// [`PROBE_TIMEOUT`], on a connection of its own, reusing an answer for at
-/// most [`PROBE_CACHE`], so a burst of probes costs one PING.
+/// `PROBE_TIMEOUT`, on a connection of its own, reusing an answer for at
+/// most `PROBE_CACHE`, so a burst of probes costs one PING.
 #[derive(Clone)]
 pub struct RedisProbe {
     inner: Arc<tokio::sync::Mutex<ProbeState>>,

@@ -120,7 +120,7 @@ pub const CONSISTENCY_QUEUE: &str = "evictd_consistency_queue_depth";
 pub const LOG_LINES_DROPPED: &str = "evictd_log_lines_dropped_total";
 
 /// The log sink: stderr, where a line that cannot be written is dropped
-/// and counted ([`LOG_LINES_DROPPED`]) instead of failing (the standard
+/// and counted (`LOG_LINES_DROPPED`) instead of failing (the standard
 /// `eprintln!` panics, which would end the process).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LogSink;

@@ -125,7 +125,7 @@ pub const INVALIDATE_TAGS_SCRIPT: &str = include_str!("../lua/invalidate_tags.lu
 /// kept short.
 pub const BUMP_SCRIPT: &str = include_str!("../lua/bump.lua");
 
-/// A reader's read of a namespace counter, creating it at ARGV[1] (the
+/// A reader's read of a namespace counter, creating it at `ARGV[1]` (the
 /// clock in microseconds) when there is none (KEYS: counter).
 pub const VERSION_SCRIPT: &str = include_str!("../lua/version.lua");
 

@@ -102,7 +102,7 @@ impl ApplyStats {
     }
 }
 
-/// Adds ARGV's (field, count) pairs to the hash KEYS[1], ignoring errors.
+/// Adds ARGV's (field, count) pairs to the hash `KEYS[1]`, ignoring errors.
 const TOTALS_SCRIPT: &str =
     "for i = 1, #ARGV, 2 do redis.pcall('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end return 0";
 
@@ -127,7 +127,7 @@ pub struct Record {
     pub system_id: String,
 }
 
-/// Sets the continuity record (KEYS[1]) to ARGV[1] unless it already holds
+/// Sets the continuity record (`KEYS[1]`) to `ARGV[1]` unless it already holds
 /// a later position of the same database: a batch applied again after a
 /// reconnect must not move the record backwards, or the next start would
 /// see the slot past it and call continuity lost.

@@ -71,8 +71,8 @@ pub struct Sweep {
 /// `evictd audit`: every row of each mapped table with refreshes (or of
 /// `only`, at most `limit` rows a table) rendered as its refreshes would
 /// write it and compared with Redis. A difference is confirmed as
-/// [`verify_refresh`] does, waiting for evictd's continuity record (up to
-/// [`APPLIED_WAIT`]) to pass what the row's read saw; `progress` hears
+/// `verify_refresh` does, waiting for evictd's continuity record (up to
+/// `APPLIED_WAIT`) to pass what the row's read saw; `progress` hears
 /// about each page.
 pub async fn sweep(
     config: &Config,

@@ -2,7 +2,7 @@
 //! reader takes defaults and ranges from here, the `Default` impls take
 //! their values from here, and docs/CONFIGURATION.md's table, the
 //! `[[purge]]` table of docs/MAPPINGS.md and `evictd.example.toml` are
-//! generated from here ([`reference`], [`example`]); a test fails when the
+//! generated from here ([`fn@reference`], [`example`]); a test fails when the
 //! committed files differ from what these declarations generate.
 
 use std::ops::RangeInclusive;

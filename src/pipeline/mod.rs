@@ -5,17 +5,17 @@
 //! ```
 //!
 //! - the source's task reads, decodes into [`crate::change::Event`]s and
-//!   feeds the [`batcher`], the one place changes are mapped and planned
-//!   ([`crate::source::postgres::replication`] and its supervisor, or
-//!   [`crate::source::kafka::session`]);
-//! - the apply task ([`crate::apply`]) sends each plan to Redis with its L1
+//!   feeds the `batcher`, the one place changes are mapped and planned
+//!   (`crate::source::postgres::replication` and its supervisor, or
+//!   `crate::source::kafka::session`);
+//! - the apply task (`crate::apply`) sends each plan to Redis with its L1
 //!   broadcast, retrying until it succeeds, and publishes [`Progress`]: the
 //!   checkpoints (WAL position, Kafka offsets) the source may acknowledge.
 //!
 //! Acknowledgement is a value flowing back (a `watch` of [`Progress`]),
 //! never a side effect of reading. This module holds what the sources share:
-//! [`start`], [`Running`], the apply stage's channels ([`Stages`]) and the
-//! schema health behind `/readyz` ([`schema`]).
+//! `start`, `Running`, the apply stage's channels (`Stages`) and the
+//! schema health behind `/readyz` (`schema`).
 
 pub(crate) mod batcher;
 pub(crate) mod reload;
