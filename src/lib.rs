@@ -31,6 +31,7 @@ pub mod lag;
 pub mod mapping;
 pub mod pipeline;
 pub mod plan;
+pub mod service;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 

@@ -626,48 +626,7 @@ fn run(path: &Path, until: Option<String>, reset: bool) -> anyhow::Result<ExitCo
             }
             Some(_) => None,
         };
-        let running = evictd::pipeline::start(&config, mappings, options)?;
-        if let Some(listener) = listener {
-            let address = listener.local_addr()?;
-            let admin = evictd::internal::AdminState {
-                source: running.source.clone(),
-                redis: running.redis.clone(),
-                visibility: Some(running.visibility.clone()),
-                replicas: Some(running.replicas.clone()),
-                purge: Some(running.purge_refusals.clone()),
-                schema: running.schema.clone(),
-                kind: config.source,
-                probe: Some(evictd::internal::RedisProbe::new(&config.redis)?),
-            };
-            tokio::spawn(evictd::internal::serve(listener, admin));
-            tracing::info!(%address, "admin endpoint: /metrics /healthz /readyz");
-        }
-        if config.warm.on_start && until.is_none() {
-            // Once streaming: from then on every change is invalidated
-            // behind the fills, which never overwrite a value.
-            let (config, mappings) = (config.clone(), running.mappings.clone());
-            let mut streaming = running.source.clone();
-            tokio::spawn(async move {
-                if streaming
-                    .wait_for(|state| *state == SourceState::Streaming)
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                let mappings = mappings.borrow().clone();
-                let options = evictd::internal::warm::WarmOptions {
-                    table: None,
-                    limit: None,
-                    rate: config.warm.rate,
-                    progress: false,
-                };
-                match evictd::internal::warm::warm(&config, &mappings, &options).await {
-                    Ok(summary) => tracing::info!(summary = %summary.text(), "warmed the caches on start"),
-                    Err(error) => tracing::error!(%error, "warming on start failed; the caches fill as they are read"),
-                }
-            });
-        }
+        let running = evictd::service::Service::start(&config, mappings, options, listener)?.running;
         // SIGHUP: read, check and apply the mapping files now.
         let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         let reload = running.reload_handle();

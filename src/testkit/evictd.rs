@@ -13,7 +13,7 @@ use crate::change::{Offsets, Partition};
 use crate::config::{Config, SourceKind};
 use crate::lag::Lag;
 use crate::mapping::{self, Mappings};
-use crate::pipeline::{self, Options, Running};
+use crate::pipeline::{Options, Running};
 use crate::source::postgres::control::Control;
 
 /// A running evictd pipeline, on either source.
@@ -92,8 +92,9 @@ impl Evictd {
                 ))
             }
         };
-        let running = pipeline::start(config, mappings, options)
-            .map_err(|e| TestkitError::Start(format!("evictd did not start: {e}")))?;
+        let running = crate::service::Service::start(config, mappings, options, None)
+            .map_err(|e| TestkitError::Start(format!("evictd did not start: {e}")))?
+            .running;
         // Changes committed after start() returns must be seen: wait until
         // the slot exists and streams (or the partitions are assigned).
         let running = running

@@ -474,17 +474,7 @@ async fn fastly_and_cloudflare_get_batches_within_their_limits_paced_and_retried
 
 /// `/readyz` of `s`'s pipeline, served as `evictd run` serves it.
 async fn serve_admin(s: &Streaming) -> u16 {
-    let running = s.evictd.running();
-    let state = evictd::internal::AdminState {
-        source: running.source.clone(),
-        redis: running.redis.clone(),
-        visibility: Some(running.visibility.clone()),
-        replicas: Some(running.replicas.clone()),
-        purge: Some(running.purge_refusals.clone()),
-        schema: running.schema.clone(),
-        kind: evictd::config::SourceKind::Postgres,
-        probe: None,
-    };
+    let state = evictd::service::admin_state(&s.config, s.evictd.running()).expect("admin state");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
