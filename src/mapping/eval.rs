@@ -107,6 +107,106 @@ pub enum NoteKind {
     KeyUnchanged { template: Box<str> },
 }
 
+impl NoteKind {
+    /// The note in words, as `evictd explain` prints it for `change`;
+    /// `default`: the old row is as REPLICA IDENTITY DEFAULT sends it.
+    pub fn describe(&self, mappings: &Mappings, change: &RowChange, default: bool) -> String {
+        match self {
+            NoteKind::Unmapped => {
+                let tables: Vec<String> = mappings.tables().map(|t| t.table.to_string()).collect();
+                format!(
+                    "{} is not mapped (mapped: {})",
+                    change.table,
+                    tables.join(", ")
+                )
+            }
+            NoteKind::OpNotMapped(op) => format!("{op} is not in the mapping's `on`"),
+            NoteKind::Unchanged => "the update changes none of the `changed` columns".into(),
+            NoteKind::NullPlaceholder { why, template, .. } => {
+                format!("`{template}` skipped: {why}")
+            }
+            NoteKind::Unavailable { template, column } => {
+                format!(
+                    "`{template}`: {}, so its pattern is used (a MATCH command below)",
+                    unknown(change, default, column)
+                )
+            }
+            NoteKind::KeyTooLong { template, bytes } => {
+                format!("`{template}` rendered {bytes} bytes, over max_key_bytes, so its pattern is used (a MATCH command below)")
+            }
+            NoteKind::ConditionNotMet { condition, row } => {
+                format!("the {row} row does not match `when = \"{condition}\"`: nothing is rendered from it for what that condition governs")
+            }
+            NoteKind::ConditionUnknown {
+                condition,
+                row,
+                column,
+            } => {
+                let side = RowChange {
+                    old: if *row == "old" {
+                        change.old.clone()
+                    } else {
+                        None
+                    },
+                    new: if *row == "new" {
+                        change.new.clone()
+                    } else {
+                        None
+                    },
+                    ..change.clone()
+                };
+                format!(
+                    "`when = \"{condition}\"` is taken as true for the {row} row: {}",
+                    unknown(&side, default, column)
+                )
+            }
+            NoteKind::KeyUnchanged { template } => {
+                format!("`{template}` skipped: the update changes none of its `changed` columns")
+            }
+            NoteKind::RefreshFallback { key, column } => {
+                // A refresh's value comes from the new row only.
+                let new_only = RowChange {
+                    old: None,
+                    ..change.clone()
+                };
+                format!(
+                    "refresh of {key} deletes it instead: {}",
+                    unknown(&new_only, default, column)
+                )
+            }
+        }
+    }
+}
+
+/// Why the value of `column` is not known, for a note.
+fn unknown(change: &RowChange, default: bool, column: &str) -> String {
+    let new = change.new.as_ref().map(|row| row.get(column));
+    let old = change.old.as_ref().map(|row| row.get(column));
+    if new == Some(&Datum::UnchangedToast) {
+        return format!(
+            "{column} is an unchanged TOAST value (--unchanged), which the source does not send"
+        );
+    }
+    let old_missing = change.old.is_some() && old == Some(&Datum::Missing);
+    if default && old_missing {
+        return format!("REPLICA IDENTITY DEFAULT does not send the old {column}");
+    }
+    let mut missing = Vec::new();
+    if old_missing {
+        missing.push("--old");
+    }
+    if change.new.is_some() && new == Some(&Datum::Missing) {
+        missing.push("--new");
+    }
+    if missing.is_empty() {
+        return format!("the value of {column} is not known");
+    }
+    format!(
+        "{column} is not in {} (give it; mark an unchanged TOAST value with --unchanged {column})",
+        missing.join(" or ")
+    )
+}
+
 /// Counts of the evaluator's fallbacks, kept whether or not notes are.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NoteCounts {
