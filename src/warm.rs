@@ -134,7 +134,7 @@ pub async fn warm(
                     client
                         .get_multiplexed_async_connection()
                         .await
-                        .map_err(|e| redis_error(&e))?,
+                        .map_err(redis_error)?,
                 );
             }
             Some(Fences::new(connections))
@@ -479,7 +479,7 @@ impl Warmer {
                     .arg(&self.stamp_key)
                     .query_async(&mut fence.connection)
                     .await
-                    .map_err(|e| redis_error(&e))?;
+                    .map_err(redis_error)?;
                 (Some(fence), stamp)
             }
             None => (
@@ -488,7 +488,7 @@ impl Warmer {
                     .arg(&self.stamp_key)
                     .query_async(&mut self.redis.clone())
                     .await
-                    .map_err(|e| redis_error(&e))?,
+                    .map_err(redis_error)?,
             ),
         };
         Ok(Before {
@@ -699,7 +699,7 @@ impl Warmer {
         let stored: Option<Vec<Option<redis::Value>>> = transaction
             .query_async(fence)
             .await
-            .map_err(|e| redis_error(&e))?;
+            .map_err(redis_error)?;
         Ok(stored.map(|stored| stored.iter().flatten().count() as u64))
     }
 
@@ -719,7 +719,7 @@ impl Warmer {
                 let mut redis = self.redis.clone();
                 pipe.query_async(&mut redis)
                     .await
-                    .map_err(|e| redis_error(&e))
+                    .map_err(redis_error)
             }
             Connection::Cluster(_) => {
                 let results = futures_util::future::join_all(commands.into_iter().map(|command| {
@@ -729,7 +729,7 @@ impl Warmer {
                 .await;
                 results
                     .into_iter()
-                    .map(|result| result.map_err(|e| redis_error(&e)))
+                    .map(|result| result.map_err(redis_error))
                     .collect()
             }
         }
@@ -745,7 +745,7 @@ impl Warmer {
                     command
                         .query_async::<String>(&mut single)
                         .await
-                        .map_err(|e| redis_error(&e))?;
+                        .map_err(redis_error)?;
                 }
                 Connection::Cluster(mut cluster) => {
                     let routing = redis::cluster_routing::RoutingInfo::MultiNode((
@@ -755,7 +755,7 @@ impl Warmer {
                     cluster
                         .route_command(command, routing)
                         .await
-                        .map_err(|e| redis_error(&e))?;
+                        .map_err(redis_error)?;
                 }
             }
         }
@@ -899,8 +899,10 @@ fn literals(values: &[Option<String>]) -> String {
         .join(", ")
 }
 
-fn redis_error(error: &redis::RedisError) -> Error {
-    Error::new(ErrorKind::Redis, format!("warming: Redis failed: {error}"))
+/// A Redis failure while warming, classified as every Redis failure is
+/// (refused credentials stop; the rest may pass).
+fn redis_error(error: redis::RedisError) -> Error {
+    Error::redis("warming: Redis failed", error)
 }
 
 /// Paces warming at `rate` keys per second.

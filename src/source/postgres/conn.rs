@@ -19,7 +19,7 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use super::tls::{server_name, TlsSettings};
-use crate::error::{sqlstate_is_transient, Error, ErrorKind};
+use crate::error::{postgres_kind, Error, ErrorKind};
 
 /// Microseconds from the Unix epoch to Postgres' epoch (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
@@ -547,14 +547,10 @@ fn server_error(body: &[u8]) -> Error {
             _ => {}
         }
     }
-    let kind = if code == "55006" {
-        ErrorKind::SlotInUse
-    } else {
-        ErrorKind::PostgresServer {
-            transient: sqlstate_is_transient(&code),
-        }
-    };
-    Error::new(kind, format!("postgres {severity} {code}: {message}"))
+    Error::new(
+        postgres_kind(Some(&code)),
+        format!("postgres {severity} {code}: {message}"),
+    )
 }
 
 fn unexpected(tag: u8, during: &str) -> Error {
