@@ -60,7 +60,7 @@ const STORING: usize = 2;
 
 /// Connections for one-pass fills: one for each page stored, waiting and
 /// read at once, so that in the steady state the reader never waits for
-/// one (see [`Fences`]).
+/// one (see [`WatchPool`]).
 const IN_FLIGHT: usize = STORING + 2;
 
 /// What to warm and how fast.
@@ -125,7 +125,7 @@ pub async fn warm(
     let (url, tables) = refreshed_tables(config, mappings, options.table.as_ref(), "warm", "warm")?;
     let started = Instant::now();
     let redis = connect_redis(&config.redis).await?;
-    let fences = match redis {
+    let watch_pool = match redis {
         Connection::Single(_) => {
             let client = crate::servers::redis_client(&config.redis)?;
             let mut connections = Vec::new();
@@ -137,14 +137,14 @@ pub async fn warm(
                         .map_err(redis_error)?,
                 );
             }
-            Some(Fences::new(connections))
+            Some(WatchPool::new(connections))
         }
         Connection::Cluster(_) => None,
     };
     let mut warmer = Warmer {
         database: Database::new(url),
         redis,
-        fences,
+        watch_pool,
         prefix: config.redis.prefix.clone(),
         epoch_key: format!("{}{}", config.redis.prefix, crate::apply::shared::EPOCH_KEY),
         stamp_key: format!("{}{AUDIT_STAMP_KEY}", config.redis.prefix),
@@ -208,7 +208,7 @@ struct Warmer {
     redis: Connection,
     /// Connections of the one-pass fills; none on a Cluster (there every
     /// page takes leases).
-    fences: Option<Fences>,
+    watch_pool: Option<WatchPool>,
     prefix: String,
     /// The full names of the apply epoch and the audit's apply stamp.
     epoch_key: String,
@@ -244,10 +244,10 @@ impl Fill {
 }
 
 /// What was done in Redis just before a page's rows were read.
-struct Before<'f> {
+struct PreRead<'f> {
     /// The connection that `WATCH`es the apply epoch for this page; `None`
     /// on a Cluster, or for a page that must take leases.
-    fence: Option<Fence<'f>>,
+    epoch_watch: Option<EpochWatch<'f>>,
     /// The audit's apply stamp, when there is one.
     stamp: Option<u64>,
 }
@@ -256,44 +256,44 @@ struct Before<'f> {
 /// belongs to its connection, so each is lent to one page at a time: from
 /// before the page's rows are read until its transaction ran, or the page
 /// was dropped. A page read while every connection is lent waits for one.
-struct Fences {
+struct WatchPool {
     free: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<MultiplexedConnection>>,
     give_back: tokio::sync::mpsc::UnboundedSender<MultiplexedConnection>,
 }
 
 /// A connection lent to one page; it goes back when dropped.
-struct Fence<'f> {
+struct EpochWatch<'f> {
     connection: MultiplexedConnection,
-    fences: &'f Fences,
+    watch_pool: &'f WatchPool,
 }
 
-impl Fences {
-    fn new(connections: Vec<MultiplexedConnection>) -> Fences {
+impl WatchPool {
+    fn new(connections: Vec<MultiplexedConnection>) -> WatchPool {
         let (give_back, free) = tokio::sync::mpsc::unbounded_channel();
         for connection in connections {
             // The receiver is alive: it is in `free` below.
             let _ = give_back.send(connection);
         }
-        Fences {
+        WatchPool {
             free: tokio::sync::Mutex::new(free),
             give_back,
         }
     }
 
     /// The next free connection, once there is one.
-    async fn take(&self) -> Option<Fence<'_>> {
+    async fn take(&self) -> Option<EpochWatch<'_>> {
         let connection = self.free.lock().await.recv().await?;
-        Some(Fence {
+        Some(EpochWatch {
             connection,
-            fences: self,
+            watch_pool: self,
         })
     }
 }
 
-impl Drop for Fence<'_> {
+impl Drop for EpochWatch<'_> {
     fn drop(&mut self) {
         // Its watch, if any, is ended by the next page's `UNWATCH`.
-        let _ = self.fences.give_back.send(self.connection.clone());
+        let _ = self.watch_pool.give_back.send(self.connection.clone());
     }
 }
 
@@ -321,7 +321,7 @@ impl Warmer {
                 .filter_map(|k| columns.iter().position(|c| c == k))
                 .collect(),
         };
-        let walk = Walk {
+        let walk = TableWalk {
             mappings,
             table,
             columns: &columns,
@@ -352,7 +352,10 @@ impl Warmer {
                     for page in texts.chunks(PAGE) {
                         // The watch ends with the first page's transaction:
                         // the rest of what the query read take leases.
-                        let before = first.take().unwrap_or(Before { fence: None, stamp });
+                        let before = first.take().unwrap_or(PreRead {
+                            epoch_watch: None,
+                            stamp,
+                        });
                         let page = self
                             .prepare(walk, before, page.to_vec(), Reread::Listed)
                             .await?;
@@ -375,7 +378,7 @@ impl Warmer {
     /// transaction while the next is sent and the one after is read.
     async fn by_key(
         &self,
-        walk: Walk<'_>,
+        walk: TableWalk<'_>,
         filter: Option<&str>,
         limit: Option<u64>,
         tally: &mut Tally,
@@ -426,12 +429,12 @@ impl Warmer {
     /// starts.
     async fn key_page(
         &self,
-        walk: Walk<'_>,
+        walk: TableWalk<'_>,
         filter: Option<&str>,
         after: Option<&[Option<String>]>,
         left: u64,
     ) -> Result<(Option<Vec<Option<String>>>, Prepared<'_>), Error> {
-        let Walk {
+        let TableWalk {
             table,
             columns,
             keys,
@@ -457,16 +460,16 @@ impl Warmer {
         Ok((last, page))
     }
 
-    /// Before a page's rows are read: `WATCH` the apply epoch on a fence
+    /// Before a page's rows are read: `WATCH` the apply epoch on a lent
     /// connection of the page's own (on a standalone Redis), and read the
     /// apply stamp.
-    async fn before(&self) -> Result<Before<'_>, Error> {
-        let fence = match &self.fences {
-            Some(fences) => fences.take().await,
+    async fn before(&self) -> Result<PreRead<'_>, Error> {
+        let epoch_watch = match &self.watch_pool {
+            Some(watch_pool) => watch_pool.take().await,
             None => None,
         };
-        let (fence, stamp): (Option<Fence<'_>>, Option<String>) = match fence {
-            Some(mut fence) => {
+        let (epoch_watch, stamp): (Option<EpochWatch<'_>>, Option<String>) = match epoch_watch {
+            Some(mut epoch_watch) => {
                 // UNWATCH first: a page that was read but never stored
                 // (an empty query) left its watch behind.
                 let (stamp,): (Option<String>,) = redis::pipe()
@@ -477,10 +480,10 @@ impl Warmer {
                     .ignore()
                     .cmd("GET")
                     .arg(&self.stamp_key)
-                    .query_async(&mut fence.connection)
+                    .query_async(&mut epoch_watch.connection)
                     .await
                     .map_err(redis_error)?;
-                (Some(fence), stamp)
+                (Some(epoch_watch), stamp)
             }
             None => (
                 None,
@@ -491,8 +494,8 @@ impl Warmer {
                     .map_err(redis_error)?,
             ),
         };
-        Ok(Before {
-            fence,
+        Ok(PreRead {
+            epoch_watch,
             stamp: stamp.and_then(|stamp| stamp.parse().ok()),
         })
     }
@@ -504,12 +507,12 @@ impl Warmer {
     /// waiting for the whole page to render.
     async fn prepare<'f>(
         &self,
-        walk: Walk<'_>,
-        before: Before<'f>,
+        walk: TableWalk<'_>,
+        before: PreRead<'f>,
         texts: Vec<Vec<Option<String>>>,
         reread: Reread,
     ) -> Result<Prepared<'f>, Error> {
-        let Walk {
+        let TableWalk {
             mappings,
             table,
             columns,
@@ -555,8 +558,8 @@ impl Warmer {
     /// One page: in one pass when the epoch watched before it was read did
     /// not move; else lease the keys its rows render, read the rows again,
     /// and fill what the leases still guard.
-    async fn page(&self, walk: Walk<'_>, page: Prepared<'_>) -> Result<Summary, Error> {
-        let Walk {
+    async fn page(&self, walk: TableWalk<'_>, page: Prepared<'_>) -> Result<Summary, Error> {
+        let TableWalk {
             mappings,
             table,
             columns,
@@ -575,9 +578,9 @@ impl Warmer {
         if rows == 0 {
             return Ok(summary);
         }
-        if let Some(mut fence) = before.fence {
+        if let Some(mut epoch_watch) = before.epoch_watch {
             let stored = self
-                .one_pass(&mut fence.connection, &rendered, before.stamp)
+                .one_pass(&mut epoch_watch.connection, &rendered, before.stamp)
                 .await?;
             if let Some(stored) = stored {
                 summary.filled = stored;
@@ -668,11 +671,11 @@ impl Warmer {
     }
 
     /// Stores `fills` where their keys hold nothing, in one transaction on
-    /// the page's fence connection, which Redis refuses if the apply epoch
+    /// the page's watching connection, which Redis refuses if the apply epoch
     /// it watches moved: how many were stored, or `None` (nothing was).
     async fn one_pass(
         &self,
-        fence: &mut MultiplexedConnection,
+        epoch_watch: &mut MultiplexedConnection,
         fills: &FxHashMap<String, Fill>,
         stamp: Option<u64>,
     ) -> Result<Option<u64>, Error> {
@@ -697,7 +700,7 @@ impl Warmer {
             }
         }
         let stored: Option<Vec<Option<redis::Value>>> = transaction
-            .query_async(fence)
+            .query_async(epoch_watch)
             .await
             .map_err(redis_error)?;
         Ok(stored.map(|stored| stored.iter().flatten().count() as u64))
@@ -717,9 +720,7 @@ impl Warmer {
                     pipe.add_command(command);
                 }
                 let mut redis = self.redis.clone();
-                pipe.query_async(&mut redis)
-                    .await
-                    .map_err(redis_error)
+                pipe.query_async(&mut redis).await.map_err(redis_error)
             }
             Connection::Cluster(_) => {
                 let results = futures_util::future::join_all(commands.into_iter().map(|command| {
@@ -833,7 +834,7 @@ impl Keys<'_> {
 
 /// What the pages of one table are read, rendered and stored with.
 #[derive(Clone, Copy)]
-struct Walk<'w> {
+struct TableWalk<'w> {
     mappings: &'w Mappings,
     table: &'w TableName,
     /// The columns read, key columns included.
@@ -843,7 +844,7 @@ struct Walk<'w> {
 
 /// A page read and rendered, to be stored.
 struct Prepared<'f> {
-    before: Before<'f>,
+    before: PreRead<'f>,
     /// The SQL condition that selects the page's rows again.
     condition: String,
     rows: u64,

@@ -179,7 +179,7 @@ impl Backoff {
 
 /// What apply does beside Redis, when configured.
 #[derive(Default)]
-pub struct Extras {
+pub struct ApplyStages {
     /// The consistency checker's side: stamps and samples (`[audit]`).
     pub audit: Option<Sampler>,
     /// The CDN targets, purged after Redis (`[[purge]]`).
@@ -216,7 +216,7 @@ struct Applied {
 }
 
 /// Where an applied plan goes next.
-enum Next {
+enum Handoff {
     /// Its progress is published at once.
     Publish(watch::Sender<Progress>),
     /// To the purge stage, which publishes it once its purges went out.
@@ -224,31 +224,31 @@ enum Next {
 }
 
 /// Where the plan being applied goes once Redis applied it.
-enum Then<'n> {
+enum Reserved<'n> {
     Publish(&'n watch::Sender<Progress>),
     /// Its room in the purge stage's queue, reserved before Redis.
     Queue(mpsc::Permit<'n, Applied>, &'n mpsc::Sender<Applied>),
 }
 
-impl Next {
+impl Handoff {
     /// Where the next plan goes; with a purge stage, room in its queue is
     /// reserved first, so that Redis runs at most [`PURGE_QUEUE`] plans
     /// ahead of the purges. `None` once the purge stage stopped.
-    async fn reserve(&self) -> Option<Then<'_>> {
+    async fn reserve(&self) -> Option<Reserved<'_>> {
         match self {
-            Next::Publish(progress) => Some(Then::Publish(progress)),
-            Next::Purge(queue) => Some(Then::Queue(queue.reserve().await.ok()?, queue)),
+            Handoff::Publish(progress) => Some(Reserved::Publish(progress)),
+            Handoff::Purge(queue) => Some(Reserved::Queue(queue.reserve().await.ok()?, queue)),
         }
     }
 }
 
-impl Then<'_> {
+impl Reserved<'_> {
     fn deliver(self, applied: Applied) {
         match self {
-            Then::Publish(progress) => applied.publish(progress),
+            Reserved::Publish(progress) => applied.publish(progress),
             // The CDN tier after Redis: a page refilled once the purge went
             // out reads the new L2.
-            Then::Queue(room, queue) => {
+            Reserved::Queue(room, queue) => {
                 room.send(applied);
                 #[allow(clippy::cast_precision_loss)]
                 metrics::gauge!(telemetry::PURGE_QUEUE_BATCHES)
@@ -280,9 +280,9 @@ pub async fn run(
     redis: watch::Sender<Option<String>>,
     lag: Arc<Mutex<Lag>>,
     stop: watch::Receiver<bool>,
-    extras: Extras,
+    extras: ApplyStages,
 ) -> Result<(), Error> {
-    let Extras {
+    let ApplyStages {
         audit,
         purger,
         gate,
@@ -294,14 +294,14 @@ pub async fn run(
         replicas,
     };
     let Some(purger) = purger else {
-        let next = Next::Publish(progress);
+        let next = Handoff::Publish(progress);
         return apply(sink, plans, next, redis, lag, stop, around).await;
     };
     let (queue, queued) = mpsc::channel(PURGE_QUEUE);
     let applying = apply(
         sink,
         plans,
-        Next::Purge(queue),
+        Handoff::Purge(queue),
         redis,
         lag,
         stop.clone(),
@@ -349,7 +349,7 @@ async fn purge(
 async fn apply(
     mut sink: RedisSink,
     mut plans: mpsc::Receiver<Request>,
-    next: Next,
+    next: Handoff,
     redis: watch::Sender<Option<String>>,
     lag: Arc<Mutex<Lag>>,
     mut stop: watch::Receiver<bool>,
@@ -463,7 +463,7 @@ async fn release(
     why: Release,
     sink: &mut RedisSink,
     stamps: &mut Stamps,
-    next: &Next,
+    next: &Handoff,
     redis: &watch::Sender<Option<String>>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<bool, Error> {

@@ -311,7 +311,7 @@ impl Stages {
             redis_tx,
             lag.clone(),
             stop_rx.clone(),
-            apply::Extras {
+            apply::ApplyStages {
                 audit,
                 purger,
                 gate,
