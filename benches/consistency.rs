@@ -634,7 +634,7 @@ async fn settled_checks(config: &Config) -> serde_json::Value {
     let mut last = serde_json::Value::Null;
     loop {
         tokio::time::sleep(Duration::from_millis(CHECK_DELAY_MS * 2)).await;
-        let report = evictd::internal::lifecycle::status(config)
+        let report = evictd::internal::operator::status(config)
             .await
             .expect("status");
         let now = report.to_json()["consistency"].clone();

@@ -41,7 +41,7 @@ mod audit;
 mod catalog;
 mod continuity;
 mod demo;
-mod lifecycle;
+mod operator;
 mod purge;
 mod rows;
 mod servers;
@@ -80,8 +80,8 @@ pub mod internal {
     pub mod demo {
         pub use crate::demo::{run, DemoError};
     }
-    pub mod lifecycle {
-        pub use crate::lifecycle::{
+    pub mod operator {
+        pub use crate::operator::{
             init, init_plan, kafka_status, reset_slot, status, ReplayProgress,
         };
     }

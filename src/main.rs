@@ -355,7 +355,7 @@ fn init(path: &Path, dry_run: bool, reset_slot: bool) -> anyhow::Result<ExitCode
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(evictd::internal::lifecycle::reset_slot(&config, &mappings))?;
+            .block_on(evictd::internal::operator::reset_slot(&config, &mappings))?;
         println!("re-created the replication slot {slot}: changes are kept from now on");
         println!("invalidating every mapped table coarsely (what changed before now is not in the slot) ...");
         let code = run(path, Some("now".into()), true)?;
@@ -368,7 +368,7 @@ fn init(path: &Path, dry_run: bool, reset_slot: bool) -> anyhow::Result<ExitCode
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let steps = evictd::internal::lifecycle::init_plan(&config, &mappings).await?;
+        let steps = evictd::internal::operator::init_plan(&config, &mappings).await?;
         for step in &steps {
             let state = match (step.needed, step.sql.starts_with("ALTER TABLE"), dry_run) {
                 (false, _, _) => "-- already done",
@@ -384,7 +384,7 @@ fn init(path: &Path, dry_run: bool, reset_slot: bool) -> anyhow::Result<ExitCode
             );
         }
         if !dry_run {
-            evictd::internal::lifecycle::init(&config, &steps).await?;
+            evictd::internal::operator::init(&config, &steps).await?;
             println!("done");
         }
         Ok(ExitCode::SUCCESS)
@@ -400,14 +400,14 @@ fn status(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
         #[cfg(feature = "kafka")]
         Some(kafka) if config.source == evictd::config::SourceKind::Kafka => {
             let mut report = evictd::internal::group_status(kafka)?;
-            report.extend(runtime.block_on(evictd::internal::lifecycle::kafka_status(&config)));
+            report.extend(runtime.block_on(evictd::internal::operator::kafka_status(&config)));
             report
         }
         #[cfg(not(feature = "kafka"))]
         Some(_) if config.source == evictd::config::SourceKind::Kafka => bail!(UsageError(
             "source.kind = \"kafka\", but this evictd was built without the `kafka` feature".into()
         )),
-        _ => runtime.block_on(evictd::internal::lifecycle::status(&config))?,
+        _ => runtime.block_on(evictd::internal::operator::status(&config))?,
     };
     if json {
         println!("{}", report.to_json());
@@ -721,7 +721,7 @@ async fn replay_progress(
         if from.is_none() && at.0 > 0 {
             *from = Some(at);
         }
-        evictd::internal::lifecycle::ReplayProgress {
+        evictd::internal::operator::ReplayProgress {
             from: from.unwrap_or(at),
             until,
             at,

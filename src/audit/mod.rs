@@ -1,6 +1,6 @@
 //! How exact the caches are, measured: the continuous checker `evictd run`
 //! starts with `[audit] enabled = true`, and the rows' side of the one-off
-//! sweep `evictd audit` (see `src/lifecycle.rs`).
+//! sweep `evictd audit` (see `src/operator.rs`).
 //!
 //! The apply task samples the keys each applied batch deleted or refreshed
 //! ([`Sampler`]); after `[audit] delay_ms` the checker looks at each:

@@ -40,7 +40,7 @@ async fn audited(delay_ms: u64, queue: usize) -> Streaming {
 
 /// `evictd status --json`'s consistency object.
 async fn consistency(s: &Streaming) -> serde_json::Value {
-    let report = evictd::internal::lifecycle::status(&s.config)
+    let report = evictd::internal::operator::status(&s.config)
         .await
         .expect("status");
     report.to_json()["consistency"].clone()
@@ -134,7 +134,7 @@ async fn the_checker_finds_planted_stale_values_and_passes_correct_refills() {
     assert_eq!(found["unverifiable"], 1, "{found}");
     assert_eq!(found["consistent"], 7, "{found}");
     assert_eq!(found["nines"], "0.7", "2 stale of 9 verified: {found}");
-    let report = evictd::internal::lifecycle::status(&s.config)
+    let report = evictd::internal::operator::status(&s.config)
         .await
         .expect("status");
     assert!(

@@ -385,9 +385,7 @@ async fn invalidated_keys_are_counted_by_table_and_mode_and_status_shows_them() 
     .collect();
     assert_eq!(totals, expected);
 
-    let report = evictd::internal::lifecycle::status(&s.config)
-        .await
-        .unwrap();
+    let report = evictd::internal::operator::status(&s.config).await.unwrap();
     let (text, warnings) = (&report.text, &report.warnings);
     // The same for scripts (`status --json`).
     let json = report.to_json();
@@ -627,7 +625,7 @@ prefixes = ["user:{id}:"]
         .find_map(|line| line.strip_prefix("evictd_scan_pages_total ")?.parse().ok())
         .unwrap_or(0);
     assert!(pages >= 1, "evictd_scan_pages_total {pages}");
-    let status = evictd::internal::lifecycle::status(&s.config)
+    let status = evictd::internal::operator::status(&s.config)
         .await
         .expect("status");
     assert!(

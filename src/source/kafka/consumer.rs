@@ -35,8 +35,8 @@ use super::debezium::{Decoded, Decoder};
 use crate::config::KafkaConfig;
 use crate::continuity::{self, Verdict};
 use crate::error::{Error, ErrorKind};
-use crate::lifecycle::Report;
 use crate::mapping::Mappings;
+use crate::operator::Report;
 use crate::telemetry;
 
 /// How long one metadata or offset request to the broker may take.

@@ -1,4 +1,4 @@
-//! Slot lifecycle for operators: `evictd init` (publication, slot, and the
+//! What an operator runs once or now and then: `evictd init` (publication, slot, and the
 //! REPLICA IDENTITY statements the mappings need) and `evictd status` (the
 //! slot, its lag and retained WAL, and what evictd last applied).
 
