@@ -214,25 +214,11 @@ pub struct RowChange {
     pub new: Option<Row>,
 }
 
-/// A write-ahead log position.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Lsn(pub u64);
-
-impl Lsn {
-    /// Parses Postgres' `XXX/XXX` form.
-    pub fn parse(text: &str) -> Option<Lsn> {
-        let (high, low) = text.split_once('/')?;
-        let high = u32::from_str_radix(high, 16).ok()?;
-        let low = u32::from_str_radix(low, 16).ok()?;
-        Some(Lsn((u64::from(high) << 32) | u64::from(low)))
-    }
-}
-
-impl fmt::Display for Lsn {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
-    }
-}
+/// A write-ahead log position: the client crate's [`Position`], one type
+/// for what evictd acknowledges and what a reader waits for.
+///
+/// [`Position`]: evictd_client::Position
+pub use evictd_client::Position as Lsn;
 
 /// A partition of a Kafka topic.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

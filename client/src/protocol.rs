@@ -79,6 +79,13 @@ pub fn compose_versioned(out: &mut String, namespace: &str, version: u64, key: &
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Position(pub u64);
 
+impl Position {
+    /// Parses Postgres' `XXX/XXX` form; `None` when it is not one.
+    pub fn parse(text: &str) -> Option<Position> {
+        text.parse().ok()
+    }
+}
+
 impl std::str::FromStr for Position {
     type Err = String;
 
