@@ -313,15 +313,15 @@ async fn an_overflow_inside_a_rolled_back_savepoint_does_not_make_the_commit_coa
         config.batch.max_pending_keys = 100;
     })
     .await;
-    s.db.execute("insert into orders select g, 1, 'new' from generate_series(1, 3000) g")
+    s.db.execute("insert into orders select g, 1, 'new' from generate_series(1, 8000) g")
         .await;
     s.sync().await;
-    let keys: Vec<String> = (1..=3000).map(|id| format!("order:{id}")).collect();
+    let keys: Vec<String> = (1..=8000).map(|id| format!("order:{id}")).collect();
     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
     s.seed(&keys).await;
     let applied_before = s.evictd.changes_applied();
-    // The savepoint's 2,000 updates overflow max_pending_keys and are
-    // rolled back; the 5 updates before it commit.
+    // The savepoint's 7,000 updates overflow max_pending_keys (and
+    // logical_decoding_work_mem, on every version) and are rolled back; the 5 updates before it commit.
     s.db.execute(
         "begin;
          update orders set status = 'paid' where id <= 5;
@@ -333,7 +333,7 @@ async fn an_overflow_inside_a_rolled_back_savepoint_does_not_make_the_commit_coa
     .await;
     s.sync().await;
     let left = s.cached(&keys).await;
-    let expected: Vec<String> = (6..=3000).map(|id| format!("order:{id}")).collect();
+    let expected: Vec<String> = (6..=8000).map(|id| format!("order:{id}")).collect();
     assert_eq!(left, expected, "only the committed rows' keys go");
     assert_eq!(
         s.evictd.changes_applied() - applied_before,
