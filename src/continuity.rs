@@ -65,7 +65,54 @@ pub enum SlotState {
     Present {
         confirmed_flush: Lsn,
         wal_status: String,
+        /// Why Postgres invalidated it, in words (see [`invalidation`]),
+        /// or `None` while it is usable.
+        invalidated: Option<String>,
     },
+}
+
+impl SlotState {
+    /// Why the slot can no longer be streamed from, if it cannot.
+    pub fn invalidated(&self) -> Option<&str> {
+        match self {
+            SlotState::Present { invalidated, .. } => invalidated.as_deref(),
+            SlotState::Missing => None,
+        }
+    }
+}
+
+/// Why Postgres invalidated a slot, in words, from `pg_replication_slots`:
+/// `wal_status` (13+; `lost` once the WAL it needs is gone),
+/// `invalidation_reason` (17+; `idle_timeout` from 18) and `conflicting`
+/// (16+, a logical slot on a standby). `None` while the slot is usable.
+pub fn invalidation(
+    wal_status: &str,
+    reason: Option<&str>,
+    conflicting: Option<bool>,
+) -> Option<String> {
+    let words = match reason {
+        Some("wal_removed") => {
+            "the WAL it needed was removed (max_slot_wal_keep_size let the server drop it while nobody read the slot); invalidation_reason = wal_removed".to_owned()
+        }
+        Some("idle_timeout") => {
+            "it was not read for longer than idle_replication_slot_timeout; invalidation_reason = idle_timeout".to_owned()
+        }
+        Some("rows_removed") => {
+            "the primary removed rows it still needed (a conflict on a standby: hot_standby_feedback with a physical slot prevents it); invalidation_reason = rows_removed".to_owned()
+        }
+        Some("wal_level_insufficient") => {
+            "wal_level on the primary fell below logical; invalidation_reason = wal_level_insufficient".to_owned()
+        }
+        Some(other) => format!("invalidation_reason = {other}"),
+        None if wal_status == "lost" => {
+            "the WAL it needed was removed (wal_status = lost: max_slot_wal_keep_size let the server drop it while nobody read the slot)".to_owned()
+        }
+        None if conflicting == Some(true) => {
+            "it conflicted with recovery on this standby (the primary removed rows it needed, or its wal_level fell below logical)".to_owned()
+        }
+        None => return None,
+    };
+    Some(words)
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,11 +140,8 @@ pub fn judge_offset(committed: i64, low: i64, high: i64) -> Verdict {
 
 /// Decides whether the Postgres slot lost continuity. Pure.
 pub fn judge(remembered: Option<&Remembered>, slot: &SlotState, system_id: &str) -> Verdict {
-    let invalidated = matches!(slot, SlotState::Present { wal_status, .. } if wal_status == "lost");
-    if invalidated {
-        return Verdict::Lost(
-            "the replication slot was invalidated (wal_status = lost): the WAL it needed was removed".into(),
-        );
+    if let Some(cause) = slot.invalidated() {
+        return Verdict::Lost(format!("the replication slot was invalidated: {cause}"));
     }
     let Some(remembered) = remembered else {
         return Verdict::FirstRun;
@@ -152,6 +196,71 @@ mod tests {
         SlotState::Present {
             confirmed_flush: Lsn(lsn),
             wal_status: wal_status.into(),
+            invalidated: invalidation(wal_status, None, None),
+        }
+    }
+
+    #[test]
+    fn invalidations_are_named_by_their_cause() {
+        let cases = [
+            ("reserved", None, None, None),
+            ("extended", None, Some(false), None),
+            ("lost", None, None, Some("wal_status = lost")),
+            (
+                "lost",
+                Some("wal_removed"),
+                None,
+                Some("max_slot_wal_keep_size"),
+            ),
+            (
+                "lost",
+                Some("idle_timeout"),
+                None,
+                Some("idle_replication_slot_timeout"),
+            ),
+            (
+                "reserved",
+                Some("rows_removed"),
+                Some(true),
+                Some("hot_standby_feedback"),
+            ),
+            (
+                "reserved",
+                Some("wal_level_insufficient"),
+                Some(true),
+                Some("wal_level"),
+            ),
+            (
+                "reserved",
+                None,
+                Some(true),
+                Some("conflicted with recovery"),
+            ),
+            (
+                "reserved",
+                Some("something_new"),
+                None,
+                Some("invalidation_reason = something_new"),
+            ),
+        ];
+        for (wal_status, reason, conflicting, words) in cases {
+            let found = invalidation(wal_status, reason, conflicting);
+            match (words, &found) {
+                (None, None) => {}
+                (Some(words), Some(found)) => assert!(found.contains(words), "{found}"),
+                _ => panic!("{wal_status} {reason:?} {conflicting:?}: {found:?}"),
+            }
+        }
+        let idle = SlotState::Present {
+            confirmed_flush: Lsn(5),
+            wal_status: "lost".into(),
+            invalidated: invalidation("lost", Some("idle_timeout"), None),
+        };
+        match judge(Some(&remembered(10)), &idle, "7301") {
+            Verdict::Lost(text) => {
+                assert!(text.contains("idle_replication_slot_timeout"), "{text}")
+            }
+            other => panic!("{other:?}"),
         }
     }
 

@@ -150,6 +150,8 @@ pub async fn status(config: &Config) -> Result<Report, Error> {
             confirmed_flush: confirmed,
             restart,
             wal_status,
+            invalidation_reason,
+            invalidated,
             current,
             lag_bytes: lag,
             retained_bytes: retained,
@@ -177,11 +179,11 @@ pub async fn status(config: &Config) -> Result<Report, Error> {
             if !active {
                 warnings.push(format!("slot {} is not being read", postgres.slot));
             }
-            if wal_status == "lost" {
-                warnings.push(
-                    "the slot was invalidated: the next start invalidates every mapped table"
-                        .into(),
-                );
+            if let Some(cause) = &invalidated {
+                let _ = writeln!(out, "  invalidated: {cause}");
+                warnings.push(format!(
+                    "the slot was invalidated ({cause}): the next start creates it again and invalidates every mapped table"
+                ));
             }
             let bound = i64::try_from(postgres.max_retained_wal_mb.saturating_mul(1 << 20))
                 .unwrap_or(i64::MAX);
@@ -198,6 +200,8 @@ pub async fn status(config: &Config) -> Result<Report, Error> {
                 "active": active,
                 "walsender_pid": active_pid,
                 "wal_status": wal_status,
+                "invalidation_reason": invalidation_reason,
+                "invalidated": invalidated,
                 "confirmed_flush_lsn": confirmed.to_string(),
                 "current_lsn": current.to_string(),
                 "lag_bytes": lag,

@@ -176,3 +176,88 @@ async fn the_record_never_moves_backwards() {
     applied(&mut sink, &key, "8", 0x10).await;
     assert_eq!(record().await, "8 0/10");
 }
+
+/// A slot Postgres itself invalidated while evictd was down (here: the WAL
+/// it needed removed under `max_slot_wal_keep_size`): `status` names the
+/// cause, and the next start creates the slot again and invalidates every
+/// mapped table. On its own server: the setting is server-wide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_invalidated_by_postgres_is_named_and_every_mapped_table_invalidated() {
+    use evictd::config::SecretUrl;
+    use evictd::testkit::Postgres;
+    let postgres = Postgres::start().expect("postgres");
+    let name = postgres.create_database().await.expect("database");
+    postgres.execute(&name, SCHEMA).await.expect("schema");
+    let probe = TestDb::new().await; // a key prefix of this test's own
+    let mappings = mapping_dir(&[("orders.toml", MAPPING)]);
+    let mut config = Config::with_defaults(
+        SecretUrl::parse(&postgres.url(&name)).expect("url"),
+        SecretUrl::parse(&crate::support::stack().redis.url()).expect("redis url"),
+        mappings.path().to_path_buf(),
+    );
+    config.redis.prefix = probe.prefix.clone();
+    config.redis.l1_channel = format!("{}l1", probe.prefix);
+    let mut s = Setup {
+        db: probe,
+        config,
+        redis: redis_connection().await,
+        _mappings: mappings,
+    };
+    postgres
+        .execute(&name, "insert into orders values (1, 'new')")
+        .await
+        .expect("insert");
+    s.run_once().await;
+    s.seed(&["order:1", "order:2"]).await;
+    // While evictd is down: keep at most 1 MB of WAL for slots, and write
+    // more than that, past a checkpoint.
+    for sql in [
+        "alter system set max_slot_wal_keep_size = '1MB'",
+        "select pg_reload_conf()",
+    ] {
+        postgres
+            .execute("postgres", sql)
+            .await
+            .expect("max_slot_wal_keep_size");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        for sql in [
+            "update orders set status = md5(random()::text) where id = 1",
+            "select pg_switch_wal()",
+            "checkpoint",
+        ] {
+            postgres.execute(&name, sql).await.expect("write WAL");
+        }
+        let report = evictd::internal::operator::status(&s.config)
+            .await
+            .expect("status");
+        if report.text.contains("invalidated: ") {
+            assert!(
+                report.text.contains("max_slot_wal_keep_size"),
+                "{}",
+                report.text
+            );
+            assert!(
+                report
+                    .warnings
+                    .iter()
+                    .any(|w| w.contains("the slot was invalidated")),
+                "{:?}",
+                report.warnings
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot was never invalidated:\n{}",
+            report.text
+        );
+    }
+    // The next start: the slot is created again, and every mapped key goes.
+    s.run_once().await;
+    assert_eq!(
+        s.cached(&["order:1", "order:2"]).await,
+        Vec::<String>::new()
+    );
+}

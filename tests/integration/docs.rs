@@ -24,6 +24,7 @@ const DOCS: &[&str] = &[
     "docs/CLIENT.md",
     "docs/CONFIGURATION.md",
     "docs/KAFKA.md",
+    "docs/MANAGED.md",
     "docs/MAPPINGS.md",
     "docs/OPERATIONS.md",
     "docs/PROTOCOL.md",

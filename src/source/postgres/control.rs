@@ -10,7 +10,7 @@
 use crate::catalog;
 use crate::change::{Lsn, TableName};
 use crate::config::{PostgresConfig, SecretUrl};
-use crate::continuity::SlotState;
+use crate::continuity::{invalidation, SlotState};
 use crate::error::{Error, ErrorKind};
 use crate::mapping::Mappings;
 
@@ -28,6 +28,10 @@ pub struct SlotReport {
     pub confirmed_flush: String,
     pub restart: String,
     pub wal_status: String,
+    /// `pg_replication_slots.invalidation_reason` (17+).
+    pub invalidation_reason: Option<String>,
+    /// Why the slot was invalidated, in words, or `None` while usable.
+    pub invalidated: Option<String>,
     pub current: String,
     /// Bytes between the current WAL position and the confirmed position.
     pub lag_bytes: i64,
@@ -154,17 +158,26 @@ impl Control {
         let row = self
             .client
             .query_opt(
-                "select coalesce(confirmed_flush_lsn, '0/0')::text, coalesce(wal_status, '') from pg_replication_slots where slot_name = $1",
+                // invalidation_reason (17+) and conflicting (16+) through
+                // to_jsonb, so that one query serves every version.
+                "select coalesce(confirmed_flush_lsn, '0/0')::text, coalesce(wal_status, ''),
+                        to_jsonb(s) ->> 'invalidation_reason', (to_jsonb(s) ->> 'conflicting')::bool
+                 from pg_replication_slots s where slot_name = $1",
                 &[&self.slot],
             )
             .await
             .map_err(|e| Error::postgres("slot query failed", e))?;
         Ok(match row {
             None => SlotState::Missing,
-            Some(row) => SlotState::Present {
-                confirmed_flush: Lsn::parse(&row.get::<_, String>(0)).unwrap_or_default(),
-                wal_status: row.get(1),
-            },
+            Some(row) => {
+                let wal_status: String = row.get(1);
+                let reason: Option<String> = row.get(2);
+                SlotState::Present {
+                    confirmed_flush: Lsn::parse(&row.get::<_, String>(0)).unwrap_or_default(),
+                    invalidated: invalidation(&wal_status, reason.as_deref(), row.get(3)),
+                    wal_status,
+                }
+            }
         })
     }
 
@@ -176,20 +189,27 @@ impl Control {
                 "select active_pid, coalesce(confirmed_flush_lsn, '0/0')::text, coalesce(restart_lsn, '0/0')::text,
                         coalesce(wal_status, ''), pg_current_wal_lsn()::text,
                         coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint,
-                        coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::bigint
-                 from pg_replication_slots where slot_name = $1",
+                        coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::bigint,
+                        to_jsonb(s) ->> 'invalidation_reason', (to_jsonb(s) ->> 'conflicting')::bool
+                 from pg_replication_slots s where slot_name = $1",
                 &[&self.slot],
             )
             .await
             .map_err(query_error)?;
-        Ok(row.map(|row| SlotReport {
-            active_pid: row.get(0),
-            confirmed_flush: row.get(1),
-            restart: row.get(2),
-            wal_status: row.get(3),
-            current: row.get(4),
-            lag_bytes: row.get(5),
-            retained_bytes: row.get(6),
+        Ok(row.map(|row| {
+            let wal_status: String = row.get(3);
+            let reason: Option<String> = row.get(7);
+            SlotReport {
+                active_pid: row.get(0),
+                confirmed_flush: row.get(1),
+                restart: row.get(2),
+                invalidated: invalidation(&wal_status, reason.as_deref(), row.get(8)),
+                invalidation_reason: reason,
+                wal_status,
+                current: row.get(4),
+                lag_bytes: row.get(5),
+                retained_bytes: row.get(6),
+            }
         }))
     }
 

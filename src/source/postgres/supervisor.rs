@@ -88,7 +88,8 @@ impl Supervisor {
         } else {
             continuity::judge(remembered.as_ref(), &state, system_id)
         };
-        if matches!(&state, SlotState::Present { wal_status, .. } if wal_status == "lost") {
+        if let Some(cause) = state.invalidated() {
+            tracing::error!(slot = %postgres.slot, %cause, "the replication slot was invalidated: dropping it to create it again");
             control.drop_slot().await?;
         }
         let mappings = self.mappings.borrow().clone();
