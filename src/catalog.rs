@@ -124,6 +124,92 @@ pub async fn check(
         .collect())
 }
 
+/// Warnings about the server settings that can invalidate evictd's slot
+/// while nobody reads it: `max_slot_wal_keep_size` (13+), with the outage
+/// it allows at the average WAL rate since the statistics were reset
+/// (`pg_stat_wal`, 14+), and `idle_replication_slot_timeout` (18+).
+pub async fn slot_limit_warnings(client: &Client) -> Result<Vec<String>, CatalogError> {
+    let settings = client
+        .query(
+            "select name, setting, unit from pg_settings
+             where name in ('max_slot_wal_keep_size', 'idle_replication_slot_timeout')",
+            &[],
+        )
+        .await?;
+    let mut warnings = Vec::new();
+    for row in settings {
+        let (name, setting, unit): (String, String, Option<String>) =
+            (row.get(0), row.get(1), row.get(2));
+        let Ok(value) = setting.parse::<i64>() else {
+            continue;
+        };
+        match name.as_str() {
+            "max_slot_wal_keep_size" if value >= 0 => {
+                // pg_settings gives it in MB.
+                let bytes = value.saturating_mul(1 << 20);
+                let rate = wal_rate(client).await;
+                let outage = match rate {
+                    Some(rate) if rate > 0.0 => {
+                        #[allow(clippy::cast_precision_loss)]
+                        let seconds = bytes as f64 / rate;
+                        format!(
+                            "at this server's average WAL rate ({:.1} MB/min) an evictd outage of about {} does it",
+                            rate * 60.0 / f64::from(1 << 20),
+                            duration_words(seconds)
+                        )
+                    }
+                    _ => "the WAL rate is not known (pg_stat_wal), so neither is the outage that does it".to_owned(),
+                };
+                warnings.push(format!(
+                    "postgres: warning: max_slot_wal_keep_size = {value}MB: Postgres invalidates evictd's slot once it holds back more WAL than that, and evictd then invalidates every mapped table; {outage}"
+                ));
+            }
+            "idle_replication_slot_timeout" if value > 0 => {
+                let seconds = match unit.as_deref() {
+                    Some("min") => value.saturating_mul(60),
+                    Some("ms") => value / 1000,
+                    _ => value,
+                };
+                #[allow(clippy::cast_precision_loss)]
+                let words = duration_words(seconds as f64);
+                warnings.push(format!(
+                    "postgres: warning: idle_replication_slot_timeout = {setting}{}: an evictd outage longer than {words} invalidates its slot, and evictd then invalidates every mapped table",
+                    unit.unwrap_or_default()
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(warnings)
+}
+
+/// Bytes of WAL per second on average since `pg_stat_wal` was reset.
+async fn wal_rate(client: &Client) -> Option<f64> {
+    let row = client
+        .query_opt(
+            "select wal_bytes::float8, extract(epoch from now() - stats_reset)::float8 from pg_stat_wal",
+            &[],
+        )
+        .await
+        .ok()??;
+    let (bytes, seconds): (Option<f64>, Option<f64>) = (row.get(0), row.get(1));
+    let (bytes, seconds) = (bytes?, seconds?);
+    (seconds > 0.0).then(|| bytes / seconds)
+}
+
+/// `seconds` as minutes, hours or days, roughly.
+fn duration_words(seconds: f64) -> String {
+    if seconds < 120.0 {
+        format!("{seconds:.0} s")
+    } else if seconds < 7200.0 {
+        format!("{:.0} min", seconds / 60.0)
+    } else if seconds < 172_800.0 {
+        format!("{:.1} h", seconds / 3600.0)
+    } else {
+        format!("{:.1} days", seconds / 86_400.0)
+    }
+}
+
 /// What the live checks found, grouped for `evictd run`.
 #[derive(Debug, Default)]
 pub struct Findings {

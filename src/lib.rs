@@ -75,7 +75,7 @@ pub mod internal {
         pub use crate::audit::{sweep, table_text, FillSweep, Finding, Sweep, SweepLine};
     }
     pub mod catalog {
-        pub use crate::catalog::{check, column_categories, connect};
+        pub use crate::catalog::{check, column_categories, connect, slot_limit_warnings};
     }
     pub mod demo {
         pub use crate::demo::{run, DemoError};

@@ -892,10 +892,16 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         .publication
         .or_else(|| config.map(|c| c.postgres.publication))
         .unwrap_or_else(|| "evictd".into());
-    let diagnostics = tokio::runtime::Builder::new_current_thread()
+    let (diagnostics, live_warnings) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
         .block_on(live_check(&mappings, &url, &publication))?;
+    if !args.json {
+        for warning in &live_warnings {
+            eprintln!("{warning}");
+        }
+    }
+    warnings.extend(live_warnings);
     if args.json {
         return Ok(check_json(Some(&mappings), true, &diagnostics, &warnings));
     }
@@ -968,13 +974,17 @@ fn check_json(
     }
 }
 
+/// The live checks' problems, and warnings about the server's settings
+/// that can invalidate the slot.
 async fn live_check(
     mappings: &Mappings,
     url: &SecretUrl,
     publication: &str,
-) -> anyhow::Result<Vec<Diagnostic>> {
+) -> anyhow::Result<(Vec<Diagnostic>, Vec<String>)> {
     let client = evictd::internal::catalog::connect(url).await?;
-    Ok(evictd::internal::catalog::check(mappings, &client, publication).await?)
+    let diagnostics = evictd::internal::catalog::check(mappings, &client, publication).await?;
+    let warnings = evictd::internal::catalog::slot_limit_warnings(&client).await?;
+    Ok((diagnostics, warnings))
 }
 
 /// Prints every problem and returns exit code 2.

@@ -310,3 +310,76 @@ async fn the_cli_reads_the_database_from_the_config() {
     assert!(crate::support::stderr(&output)
         .contains("cannot connect to Postgres at postgres://nobody@127.0.0.1:1/none"));
 }
+
+/// A server that can invalidate the slot while evictd is down: `check`
+/// warns with the setting and the outage it allows (and still passes).
+/// On its own server: the settings are server-wide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_warns_about_settings_that_can_invalidate_the_slot() {
+    use evictd::testkit::Postgres;
+    let postgres = Postgres::start().expect("postgres");
+    let name = postgres.create_database().await.expect("database");
+    postgres.execute(&name, SCHEMA).await.expect("schema");
+    let version: i64 = {
+        let (client, connection) =
+            tokio_postgres::connect(&postgres.url(&name), tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+        tokio::spawn(connection);
+        client
+            .query_one("select current_setting('server_version_num')::int8", &[])
+            .await
+            .expect("version")
+            .get(0)
+    };
+    let mut settings = vec!["alter system set max_slot_wal_keep_size = '1GB'"];
+    if version >= 180_000 {
+        settings.push("alter system set idle_replication_slot_timeout = '2h'");
+    }
+    settings.push("select pg_reload_conf()");
+    for sql in settings {
+        postgres.execute("postgres", sql).await.expect(sql);
+    }
+    let dir = mapping_dir(&[(
+        "orders.toml",
+        "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\n",
+    )]);
+    let output = evictd(&[
+        "check",
+        "--mappings",
+        dir.path().to_str().unwrap(),
+        "--database-url",
+        &postgres.url(&name),
+    ]);
+    let stderr = crate::support::stderr(&output);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("max_slot_wal_keep_size = 1024MB: Postgres invalidates evictd's slot"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("an evictd outage of about") || stderr.contains("WAL rate is not known"),
+        "{stderr}"
+    );
+    if version >= 180_000 {
+        assert!(
+            stderr.contains("an evictd outage longer than 2.0 h invalidates its slot"),
+            "{stderr}"
+        );
+    }
+    // The shared server keeps the defaults: no such warning.
+    let db = TestDb::new().await;
+    db.execute(SCHEMA).await;
+    let output = evictd(&[
+        "check",
+        "--mappings",
+        dir.path().to_str().unwrap(),
+        "--database-url",
+        &db.url,
+    ]);
+    assert!(
+        !crate::support::stderr(&output).contains("max_slot_wal_keep_size"),
+        "{}",
+        crate::support::stderr(&output)
+    );
+}
