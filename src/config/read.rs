@@ -124,7 +124,7 @@ impl<'p> Section<'p> {
     /// ([`Section::nested`]).
     fn take(&mut self, key: &'static str) -> Option<config::Value> {
         self.known.push(key);
-        settings::declared(&format!("{}[].url", settings::key_in(&self.name, key)));
+        settings::declared_array(&settings::key_in(&self.name, key));
         self.fields.remove(key)
     }
 

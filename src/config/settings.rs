@@ -139,6 +139,18 @@ pub fn declared(key: &str) -> &'static Setting {
         .unwrap_or_else(|| panic!("setting `{key}` is not declared in src/config/settings.rs"))
 }
 
+/// Asserts that `array` (`postgres.replica`) is declared as an array of
+/// sections: some key is declared under `array[].`.
+pub fn declared_array(array: &str) {
+    let prefix = format!("{array}[].");
+    assert!(
+        SETTINGS
+            .iter()
+            .any(|setting| setting.key.starts_with(&prefix)),
+        "array of sections `{array}` is not declared in src/config/settings.rs"
+    );
+}
+
 /// The declared key of `key` in the section named `section` as problems
 /// name it (`purge[1]` -> `purge[]`, `postgres.replica[0]` ->
 /// `postgres.replica[]`).

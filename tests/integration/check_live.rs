@@ -6,6 +6,13 @@ use evictd::config::SecretUrl;
 use evictd::internal::catalog;
 use evictd::mapping::{self, Limits, Mappings};
 
+/// `evictd check --mappings DIR --database-url URL`, with `extra` flags.
+fn check_against(mappings: &str, url: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["check", "--mappings", mappings, "--database-url", url];
+    args.extend_from_slice(extra);
+    evictd(&args)
+}
+
 fn load(text: &str) -> Mappings {
     mapping::load_str("m.toml", text, Limits::default()).expect("mapping loads")
 }
@@ -31,13 +38,7 @@ const SCHEMA: &str = "
 async fn the_demo_schema_and_mappings_pass() {
     let db = TestDb::new().await;
     db.migrate().await;
-    let output = evictd(&[
-        "check",
-        "--mappings",
-        repo_path("mappings").to_str().unwrap(),
-        "--database-url",
-        &db.url,
-    ]);
+    let output = check_against(repo_path("mappings").to_str().unwrap(), &db.url, &[]);
     assert_eq!(
         output.status.code(),
         Some(0),
@@ -208,13 +209,7 @@ async fn the_cli_lists_every_live_problem_and_exits_2() {
             "[[table]]\nname = \"users\"\nkeys = [\"user:{id}\"]\n",
         ),
     ]);
-    let output = evictd(&[
-        "check",
-        "--mappings",
-        dir.path().to_str().unwrap(),
-        "--database-url",
-        &db.url,
-    ]);
+    let output = check_against(dir.path().to_str().unwrap(), &db.url, &[]);
     let text = stdout(&output);
     assert_eq!(output.status.code(), Some(2), "{text}");
     assert!(
@@ -230,15 +225,7 @@ async fn the_cli_lists_every_live_problem_and_exits_2() {
     assert!(text.ends_with("2 problems found\n"), "{text}");
 
     // The same for scripts and CI.
-    let output = evictd(&[
-        "check",
-        "--mappings",
-        dir.path().to_str().unwrap(),
-        "--database-url",
-        &db.url,
-        "--format",
-        "json",
-    ]);
+    let output = check_against(dir.path().to_str().unwrap(), &db.url, &["--format", "json"]);
     assert_eq!(output.status.code(), Some(2));
     let json: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
     assert_eq!((&json["ok"], &json["live"]), (&false.into(), &true.into()));
@@ -344,13 +331,7 @@ async fn check_warns_about_settings_that_can_invalidate_the_slot() {
         "orders.toml",
         "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\n",
     )]);
-    let output = evictd(&[
-        "check",
-        "--mappings",
-        dir.path().to_str().unwrap(),
-        "--database-url",
-        &postgres.url(&name),
-    ]);
+    let output = check_against(dir.path().to_str().unwrap(), &postgres.url(&name), &[]);
     let stderr = crate::support::stderr(&output);
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     assert!(
@@ -370,13 +351,7 @@ async fn check_warns_about_settings_that_can_invalidate_the_slot() {
     // The shared server keeps the defaults: no such warning.
     let db = TestDb::new().await;
     db.execute(SCHEMA).await;
-    let output = evictd(&[
-        "check",
-        "--mappings",
-        dir.path().to_str().unwrap(),
-        "--database-url",
-        &db.url,
-    ]);
+    let output = check_against(dir.path().to_str().unwrap(), &db.url, &[]);
     assert!(
         !crate::support::stderr(&output).contains("max_slot_wal_keep_size"),
         "{}",
