@@ -73,6 +73,7 @@ impl RedisProbe {
         let sink = RedisSink::new(
             config,
             Broadcast::new(&config.l1_channel, config.l1_log_len),
+            None,
         )?;
         Ok(RedisProbe {
             inner: Arc::new(tokio::sync::Mutex::new(ProbeState {

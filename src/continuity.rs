@@ -27,9 +27,19 @@
 //! The record is written in the same Redis pipeline as the batch it
 //! describes, before the acknowledgement, so in normal operation the slot
 //! never gets ahead of it. No record at all (the first run, or Redis was
-//! wiped, which empties the cache anyway) is not a loss.
+//! wiped, which empties the cache anyway) is not a loss. The record is a
+//! [`Store`], built with the pipeline and handed to the Postgres source
+//! (which reads it and names the database) and to the sink (which writes
+//! it through its [`Recorder`]).
 
-use crate::change::Lsn;
+use std::sync::Arc;
+
+use redis::AsyncCommands as _;
+use tokio::sync::watch;
+
+use crate::change::{Checkpoint, Lsn};
+use crate::config::RedisConfig;
+use crate::error::Error;
 
 /// What evictd remembers of the last applied position.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -162,6 +172,148 @@ pub fn judge(remembered: Option<&Remembered>, slot: &SlotState, system_id: &str)
             remembered.applied
         )),
         SlotState::Present { .. } => Verdict::Continuous,
+    }
+}
+
+/// The continuity record in Redis, shared by the Postgres source and the
+/// sink: the source reads it before each session ([`Store::read`]) and
+/// names the database it streams from ([`Store::name_database`]); the sink
+/// writes each applied checkpoint into it through its [`Recorder`], in the
+/// same round trip as the plan's commands.
+#[derive(Clone)]
+pub struct Store {
+    /// The full key (prefix included).
+    key: Arc<str>,
+    redis: RedisConfig,
+    /// The system identifier of the database the plans come from, once a
+    /// session named it: until then nothing is recorded.
+    database: Arc<watch::Sender<Option<String>>>,
+}
+
+impl Store {
+    /// The record of `slot` in the Redis of `redis` (under its prefix).
+    pub fn new(redis: &RedisConfig, slot: &str) -> Store {
+        let key = format!("{}{}", redis.prefix, record_key(slot));
+        Store::at(redis, key)
+    }
+
+    /// The record at `key`, a full key.
+    pub fn at(redis: &RedisConfig, key: String) -> Store {
+        Store {
+            key: key.into(),
+            redis: redis.clone(),
+            database: Arc::new(watch::channel(None).0),
+        }
+    }
+
+    /// What the record holds, reading over a connection of its own and
+    /// retrying while Redis is away; the last error once `stop` turns true.
+    /// The caller makes sure the plans it sent before were applied.
+    pub async fn read(
+        &self,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Option<Remembered>, Error> {
+        let mut backoff = crate::apply::Backoff::default();
+        loop {
+            let read = async {
+                let mut redis = crate::servers::connect_redis(&self.redis).await?;
+                let text: Option<String> = redis
+                    .get(&*self.key)
+                    .await
+                    .map_err(|e| Error::redis("cannot read the continuity record", e))?;
+                Ok::<_, Error>(text.and_then(|text| Remembered::decode(&text)))
+            };
+            match read.await {
+                Err(error) if error.is_transient() => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(%error, retry_in = ?delay, "cannot read the continuity record from Redis; retrying");
+                    tokio::select! {
+                        _ = stop.wait_for(|stop| *stop) => return Err(error),
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// From now on, each applied checkpoint is recorded as a position of
+    /// the database with this system identifier.
+    pub fn name_database(&self, system_id: &str) {
+        self.database.send_replace(Some(system_id.to_owned()));
+    }
+
+    /// The database named last.
+    pub fn database(&self) -> Option<String> {
+        self.database.borrow().clone()
+    }
+
+    /// The sink's side.
+    pub fn recorder(&self) -> Recorder {
+        Recorder {
+            key: self.key.clone(),
+            database: self.database.subscribe(),
+        }
+    }
+}
+
+/// Writes the continuity record with each plan that acknowledges a WAL
+/// position: the sink's side of a [`Store`].
+#[derive(Clone)]
+pub struct Recorder {
+    key: Arc<str>,
+    database: watch::Receiver<Option<String>>,
+}
+
+/// Sets the continuity record (`KEYS[1]`) to `ARGV[1]` unless it already holds
+/// a later position of the same database: a batch applied again after a
+/// reconnect must not move the record backwards, or the next start would
+/// see the slot past it and call continuity lost.
+const RECORD_SCRIPT: &str = r"
+local current = redis.call('GET', KEYS[1])
+if current then
+  local held_system, held_hi, held_lo = string.match(current, '^(%S+) (%x+)/(%x+)$')
+  local new_system, new_hi, new_lo = string.match(ARGV[1], '^(%S+) (%x+)/(%x+)$')
+  if held_system and held_system == new_system then
+    held_hi, held_lo = tonumber(held_hi, 16), tonumber(held_lo, 16)
+    new_hi, new_lo = tonumber(new_hi, 16), tonumber(new_lo, 16)
+    if held_hi > new_hi or (held_hi == new_hi and held_lo > new_lo) then
+      return 0
+    end
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+";
+
+impl Recorder {
+    /// The full key the record is written to.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The record's value for a plan that acknowledges `checkpoint`: only a
+    /// WAL position (the record is the Postgres source's), once the
+    /// database was named.
+    pub fn value(&self, checkpoint: Option<&Checkpoint>) -> Option<String> {
+        let Checkpoint::Lsn(lsn) = checkpoint? else {
+            return None;
+        };
+        let database = self.database.borrow();
+        Some(Remembered::encode(database.as_deref()?, *lsn))
+    }
+
+    /// Appends the write of the record for a plan that acknowledges
+    /// `checkpoint` (nothing without one). The record only moves forwards.
+    pub fn append(&self, checkpoint: Option<&Checkpoint>, pipe: &mut redis::Pipeline) {
+        if let Some(value) = self.value(checkpoint) {
+            pipe.cmd("EVAL")
+                .arg(RECORD_SCRIPT)
+                .arg(1)
+                .arg(&*self.key)
+                .arg(value)
+                .ignore();
+        }
     }
 }
 

@@ -62,7 +62,6 @@ pub mod internal {
     pub use crate::admin::{serve, AdminState, RedisProbe};
     pub use crate::apply::broadcast::Broadcast;
     pub use crate::apply::cluster::key_slot;
-    pub use crate::apply::shared::Record;
     pub use crate::apply::RedisSink;
     pub use crate::servers::redis_client;
     #[cfg(feature = "kafka")]
@@ -76,6 +75,9 @@ pub mod internal {
     }
     pub mod catalog {
         pub use crate::catalog::{check, column_categories, connect, slot_limit_warnings};
+    }
+    pub mod continuity {
+        pub use crate::continuity::Store;
     }
     pub mod demo {
         pub use crate::demo::{run, DemoError};

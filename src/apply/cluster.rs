@@ -23,9 +23,7 @@ use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr
 use super::broadcast::Broadcast;
 use evictd_client::protocol::{BUMP_SCRIPT, L1_LAST_KEY, TAG_AT_MS, TAG_NAMESPACE, TAG_STAMP_KEY};
 
-use super::shared::{
-    jittered, under_prefix, ApplyStats, Record, Wait, INVALIDATED_KEY, SCAN_COUNT,
-};
+use super::shared::{jittered, under_prefix, ApplyStats, Wait, INVALIDATED_KEY, SCAN_COUNT};
 
 /// `UNLINK key`, for [`Phase::add`].
 fn unlink(pipe: &mut redis::Pipeline, key: &str) {
@@ -36,6 +34,7 @@ fn unlink(pipe: &mut redis::Pipeline, key: &str) {
 fn bump(pipe: &mut redis::Pipeline, key: &str) {
     pipe.cmd("EVAL").arg(BUMP_SCRIPT).arg(1).arg(key).ignore();
 }
+use crate::continuity::Recorder;
 use crate::error::{Error, ErrorKind};
 use crate::plan::{Command, Plan};
 
@@ -71,7 +70,7 @@ pub struct ClusterSink {
     slots: Option<SlotMap>,
     pub(super) prefix: String,
     broadcast: Broadcast,
-    record: Option<Record>,
+    record: Option<Recorder>,
     timeout: Duration,
     wait: Wait,
 }
@@ -83,6 +82,7 @@ impl ClusterSink {
         prefix: &str,
         broadcast: Broadcast,
         wait: Wait,
+        record: Option<Recorder>,
     ) -> Result<ClusterSink, Error> {
         let nodes = crate::servers::cluster_seeds(url).ok_or_else(|| {
             Error::new(
@@ -105,7 +105,7 @@ impl ClusterSink {
             slots: None,
             prefix: prefix.to_owned(),
             broadcast,
-            record: None,
+            record,
             timeout: Duration::from_secs(10),
             wait,
         })
@@ -127,11 +127,6 @@ impl ClusterSink {
             .map_err(|e| Error::redis("cannot connect to the Redis Cluster", e))?;
         self.connection = Some(connection.clone());
         Ok(connection)
-    }
-
-    /// Remember each applied checkpoint in `record` from now on.
-    pub fn set_record(&mut self, record: Record) {
-        self.record = Some(record);
     }
 
     /// Runs `command`, which reads or writes the one (full) key `key`, on
@@ -324,12 +319,14 @@ impl ClusterSink {
             stats.round_trips += 1;
             send_to(&connection, node, broadcast, self.timeout, self.wait).await?;
         }
-        let record = self.record.as_ref().filter(|_| plan.checkpoint.is_some());
-        if let Some(record) = record {
-            let mut remember = redis::pipe();
+        let mut remember = redis::pipe();
+        if let Some(record) = &self.record {
             record.append(plan.checkpoint.as_ref(), &mut remember);
+        }
+        let any = remember.cmd_iter().next().is_some();
+        if let (Some(record), true) = (&self.record, any) {
             let node = &slots.nodes
-                [usize::from(slots.owner[usize::from(key_slot(record.key.as_bytes()))])];
+                [usize::from(slots.owner[usize::from(key_slot(record.key().as_bytes()))])];
             stats.round_trips += 1;
             send_to(&connection, node, remember, self.timeout, self.wait).await?;
         }

@@ -20,17 +20,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::Rng as _;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 use self::broadcast::Broadcast;
 use self::cluster::ClusterSink;
 use self::redis::StandaloneSink;
 use self::replica::{Release, Replicas};
-use self::shared::{ApplyStats, Record};
+use self::shared::ApplyStats;
 use self::visibility::{Visibility, Waited};
 use crate::audit::Sampler;
 use crate::change::{Checkpoint, Lsn, Offsets};
 use crate::config::RedisConfig;
+use crate::continuity::Recorder;
 use crate::error::Error;
 use crate::error::ErrorKind;
 use crate::lag::Lag;
@@ -46,7 +47,13 @@ pub enum RedisSink {
 impl RedisSink {
     /// A sink for `url`: `redis://` or `rediss://` for one server,
     /// `redis+cluster://host:port` for a cluster (any node as the seed).
-    pub fn new(config: &RedisConfig, broadcast: Broadcast) -> Result<RedisSink, Error> {
+    /// With `record`, each applied WAL position is written to the
+    /// continuity record with its plan.
+    pub fn new(
+        config: &RedisConfig,
+        broadcast: Broadcast,
+        record: Option<Recorder>,
+    ) -> Result<RedisSink, Error> {
         let (url, prefix) = (config.url.expose(), config.prefix.as_str());
         if url.starts_with("rediss+cluster://") {
             return Err(Error::new(
@@ -59,10 +66,11 @@ impl RedisSink {
                 replicas: config.wait_replicas,
                 timeout_ms: config.wait_timeout_ms,
             };
-            return ClusterSink::new(url, prefix, broadcast, wait)
+            return ClusterSink::new(url, prefix, broadcast, wait, record)
                 .map(|sink| RedisSink::Cluster(Box::new(sink)));
         }
-        StandaloneSink::new(config, broadcast).map(|sink| RedisSink::Standalone(Box::new(sink)))
+        StandaloneSink::new(config, broadcast, record)
+            .map(|sink| RedisSink::Standalone(Box::new(sink)))
     }
 
     pub async fn apply(&mut self, plan: &Plan) -> Result<ApplyStats, Error> {
@@ -108,23 +116,6 @@ impl RedisSink {
             RedisSink::Cluster(sink) => &sink.prefix,
         }
     }
-
-    pub fn set_record(&mut self, record: Record) {
-        match self {
-            RedisSink::Standalone(sink) => sink.set_record(record),
-            RedisSink::Cluster(sink) => sink.set_record(record),
-        }
-    }
-}
-
-/// What the apply task is asked to do, in order.
-pub enum Request {
-    /// Apply a plan (and its broadcast, and the continuity record).
-    Plan(Plan),
-    /// Read a key (the continuity record) and answer.
-    Read(String, oneshot::Sender<Result<Option<String>, Error>>),
-    /// From now on, remember each applied checkpoint in this record.
-    Remember(Record),
 }
 
 /// How far apply has come: the checkpoints the source may acknowledge.
@@ -275,7 +266,7 @@ impl Applied {
 /// Redis answers (`None`) or why not.
 pub async fn run(
     sink: RedisSink,
-    plans: mpsc::Receiver<Request>,
+    plans: mpsc::Receiver<Plan>,
     progress: watch::Sender<Progress>,
     redis: watch::Sender<Option<String>>,
     lag: Arc<Mutex<Lag>>,
@@ -348,7 +339,7 @@ async fn purge(
 /// while a plan cannot be applied, handing each applied plan to `next`.
 async fn apply(
     mut sink: RedisSink,
-    mut plans: mpsc::Receiver<Request>,
+    mut plans: mpsc::Receiver<Plan>,
     next: Handoff,
     redis: watch::Sender<Option<String>>,
     lag: Arc<Mutex<Lag>>,
@@ -380,15 +371,7 @@ async fn apply(
                 continue;
             }
             request = plans.recv(), if !full => match request {
-                Some(Request::Plan(plan)) => plan,
-                Some(Request::Read(key, answer)) => {
-                    let _ = answer.send(read_with_retry(&mut sink, &key, &mut stop).await);
-                    continue;
-                }
-                Some(Request::Remember(record)) => {
-                    sink.set_record(record);
-                    continue;
-                }
+                Some(plan) => plan,
                 // Batches still held were not acknowledged: they are read
                 // again on the next start.
                 None => return Ok(()),
@@ -601,28 +584,6 @@ impl StampClock {
             .max(last + 1);
         self.last = Some(stamp);
         Ok(stamp)
-    }
-}
-
-/// Reads `key`, retrying transient errors until `stop`.
-async fn read_with_retry(
-    sink: &mut RedisSink,
-    key: &str,
-    stop: &mut watch::Receiver<bool>,
-) -> Result<Option<String>, Error> {
-    let mut backoff = Backoff::default();
-    loop {
-        match sink.get(key).await {
-            Err(error) if error.is_transient() => {
-                let delay = backoff.next_delay();
-                tracing::warn!(%error, retry_in = ?delay, "cannot read from Redis; retrying");
-                tokio::select! {
-                    _ = stop.wait_for(|stop| *stop) => return Err(error),
-                    () = tokio::time::sleep(delay) => {}
-                }
-            }
-            result => return result,
-        }
     }
 }
 

@@ -19,8 +19,9 @@ use redis::aio::MultiplexedConnection;
 use super::broadcast::Broadcast;
 use evictd_client::protocol::{BUMP_SCRIPT, TAG_AT_MS, TAG_NAMESPACE, TAG_STAMP_KEY};
 
-use super::shared::{jittered, under_prefix, ApplyStats, Record, Wait, EPOCH_KEY, SCAN_COUNT};
+use super::shared::{jittered, under_prefix, ApplyStats, Wait, EPOCH_KEY, SCAN_COUNT};
 use crate::config::RedisConfig;
+use crate::continuity::Recorder;
 use crate::error::{Error, ErrorKind};
 use crate::plan::{Command, Plan};
 
@@ -42,7 +43,7 @@ pub struct StandaloneSink {
     connection: Option<MultiplexedConnection>,
     pub(super) prefix: String,
     broadcast: Broadcast,
-    record: Option<Record>,
+    record: Option<Recorder>,
     timeout: Duration,
     wait: Wait,
     /// The full name of the apply epoch ([`EPOCH_KEY`]), and the batches
@@ -52,7 +53,11 @@ pub struct StandaloneSink {
 }
 
 impl StandaloneSink {
-    pub fn new(config: &RedisConfig, broadcast: Broadcast) -> Result<StandaloneSink, Error> {
+    pub fn new(
+        config: &RedisConfig,
+        broadcast: Broadcast,
+        record: Option<Recorder>,
+    ) -> Result<StandaloneSink, Error> {
         let client = crate::servers::redis_client(config)?;
         let prefix = &config.prefix;
         Ok(StandaloneSink {
@@ -60,7 +65,7 @@ impl StandaloneSink {
             connection: None,
             prefix: prefix.to_owned(),
             broadcast,
-            record: None,
+            record,
             timeout: Duration::from_secs(10),
             wait: Wait {
                 replicas: config.wait_replicas,
@@ -82,11 +87,6 @@ impl StandaloneSink {
             .map_err(|e| Error::redis("cannot connect to Redis", e))?;
         self.connection = Some(connection.clone());
         Ok(connection)
-    }
-
-    /// Remember each applied checkpoint in `record` from now on.
-    pub fn set_record(&mut self, record: Record) {
-        self.record = Some(record);
     }
 
     /// Runs `command`, which reads or writes the one (full) key `_key`.

@@ -8,8 +8,6 @@ use std::sync::Arc;
 use rand::Rng as _;
 use rustc_hash::FxHashMap;
 
-use crate::change::Checkpoint;
-use crate::continuity::Remembered;
 use crate::error::{Error, ErrorKind};
 use crate::mapping::template::escape_glob;
 use crate::mapping::OriginId;
@@ -117,59 +115,6 @@ pub const INVALIDATED_KEY: &str = "evictd:invalidated";
 pub struct Wait {
     pub replicas: u32,
     pub timeout_ms: u64,
-}
-
-/// Where the continuity record goes, and the identity it names.
-#[derive(Clone, Debug)]
-pub struct Record {
-    /// The full Redis key (prefix included).
-    pub key: String,
-    pub system_id: String,
-}
-
-/// Sets the continuity record (`KEYS[1]`) to `ARGV[1]` unless it already holds
-/// a later position of the same database: a batch applied again after a
-/// reconnect must not move the record backwards, or the next start would
-/// see the slot past it and call continuity lost.
-const RECORD_SCRIPT: &str = r"
-local current = redis.call('GET', KEYS[1])
-if current then
-  local held_system, held_hi, held_lo = string.match(current, '^(%S+) (%x+)/(%x+)$')
-  local new_system, new_hi, new_lo = string.match(ARGV[1], '^(%S+) (%x+)/(%x+)$')
-  if held_system and held_system == new_system then
-    held_hi, held_lo = tonumber(held_hi, 16), tonumber(held_lo, 16)
-    new_hi, new_lo = tonumber(new_hi, 16), tonumber(new_lo, 16)
-    if held_hi > new_hi or (held_hi == new_hi and held_lo > new_lo) then
-      return 0
-    end
-  end
-end
-redis.call('SET', KEYS[1], ARGV[1])
-return 1
-";
-
-impl Record {
-    /// The record's value for a plan that acknowledges `checkpoint` (a
-    /// WAL position: the record is the Postgres source's).
-    pub fn value(&self, checkpoint: Option<&Checkpoint>) -> Option<String> {
-        match checkpoint? {
-            Checkpoint::Lsn(lsn) => Some(Remembered::encode(&self.system_id, *lsn)),
-            Checkpoint::Offsets(_) => None,
-        }
-    }
-
-    /// Appends the write of the record for a plan that acknowledges
-    /// `checkpoint` (nothing without one). The record only moves forwards.
-    pub fn append(&self, checkpoint: Option<&Checkpoint>, pipe: &mut redis::Pipeline) {
-        if let Some(value) = self.value(checkpoint) {
-            pipe.cmd("EVAL")
-                .arg(RECORD_SCRIPT)
-                .arg(1)
-                .arg(&self.key)
-                .arg(value)
-                .ignore();
-        }
-    }
 }
 
 /// `pattern` under the literal (glob-escaped) key prefix and `namespace`

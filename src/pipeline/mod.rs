@@ -30,13 +30,15 @@ use tokio::task::JoinHandle;
 use self::schema::{Problems, SchemaHealth};
 use crate::apply::broadcast::Broadcast;
 pub use crate::apply::Progress;
-use crate::apply::{self, RedisSink, Request};
+use crate::apply::{self, RedisSink};
 use crate::change::Lsn;
 use crate::config::{Config, MappingsConfig, SourceKind};
+use crate::continuity;
 use crate::error::{Error, ErrorKind};
 use crate::lag::Lag;
 use crate::mapping::message::{self, Secrets};
 use crate::mapping::Mappings;
+use crate::plan::Plan;
 #[cfg(feature = "kafka")]
 use crate::source::kafka;
 use crate::source::postgres;
@@ -216,7 +218,9 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
 /// broadcast) and the ends of the channels around it that the source's
 /// task keeps.
 pub(crate) struct Stages {
-    pub plans: mpsc::Sender<Request>,
+    pub plans: mpsc::Sender<Plan>,
+    /// With the Postgres source, the continuity record the sink writes.
+    pub continuity: Option<continuity::Store>,
     pub progress: watch::Receiver<Progress>,
     pub acked: watch::Sender<Lsn>,
     pub stop: watch::Receiver<bool>,
@@ -254,7 +258,13 @@ impl Stages {
         let secrets = read_message_secrets(&config.mappings)?;
         let broadcast = Broadcast::new(&config.redis.l1_channel, config.redis.l1_log_len);
         let epoch = broadcast.epoch().to_owned();
-        let sink = RedisSink::new(&config.redis, broadcast)?;
+        let continuity = (config.source == SourceKind::Postgres)
+            .then(|| continuity::Store::new(&config.redis, &config.postgres.slot));
+        let sink = RedisSink::new(
+            &config.redis,
+            broadcast,
+            continuity.as_ref().map(continuity::Store::recorder),
+        )?;
         let (plans_tx, plans_rx) = mpsc::channel(PLAN_CHANNEL_CAPACITY);
         let (progress_tx, progress_rx) = watch::channel(Progress::default());
         let (acked_tx, acked_rx) = watch::channel(Lsn(0));
@@ -320,6 +330,7 @@ impl Stages {
         ));
         let stages = Stages {
             plans: plans_tx,
+            continuity,
             progress: progress_rx.clone(),
             acked: acked_tx,
             stop: stop_rx,

@@ -130,34 +130,33 @@ async fn a_continuous_slot_is_not_invalidated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_record_never_moves_backwards() {
     use evictd::change::{Checkpoint, Lsn};
+    use evictd::internal::continuity::Store;
     use evictd::internal::Broadcast;
-    use evictd::internal::Record;
     use evictd::internal::RedisSink;
     use evictd::plan::Planner;
 
     let setup = Setup::new().await;
     let key = format!("{}evictd:slot:record-test", setup.db.prefix);
+    let store = Store::at(&setup.config.redis, key.clone());
     let mut sink = RedisSink::new(
         &setup.config.redis,
         Broadcast::new(
             &setup.config.redis.l1_channel,
             setup.config.redis.l1_log_len,
         ),
+        Some(store.recorder()),
     )
     .unwrap();
-    async fn applied(sink: &mut RedisSink, key: &str, system_id: &str, lsn: u64) {
-        sink.set_record(Record {
-            key: key.to_owned(),
-            system_id: system_id.to_owned(),
-        });
+    async fn applied(sink: &mut RedisSink, store: &Store, system_id: &str, lsn: u64) {
+        store.name_database(system_id);
         let mut planner = Planner::new();
         planner.commit(Checkpoint::Lsn(Lsn(lsn)), None);
         sink.apply(&planner.finish()).await.unwrap();
     }
-    applied(&mut sink, &key, "7", 0x1_0000_0200).await;
+    applied(&mut sink, &store, "7", 0x1_0000_0200).await;
     // A batch applied again after a reconnect: the record stays.
-    applied(&mut sink, &key, "7", 0x1_0000_0100).await;
-    applied(&mut sink, &key, "7", 0x0_FFFF_FFFF).await;
+    applied(&mut sink, &store, "7", 0x1_0000_0100).await;
+    applied(&mut sink, &store, "7", 0x0_FFFF_FFFF).await;
     let record = || {
         let mut redis = setup.redis.clone();
         let key = key.clone();
@@ -171,9 +170,9 @@ async fn the_record_never_moves_backwards() {
         }
     };
     assert_eq!(record().await, "7 1/200");
-    applied(&mut sink, &key, "7", 0x1_0000_0300).await;
+    applied(&mut sink, &store, "7", 0x1_0000_0300).await;
     // Another database (restored, failed over): its position replaces it.
-    applied(&mut sink, &key, "8", 0x10).await;
+    applied(&mut sink, &store, "8", 0x10).await;
     assert_eq!(record().await, "8 0/10");
 }
 

@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::consumer::{self, Command, Event, Position, RawRecord, Record};
 use super::debezium::Decoded;
-use crate::apply::{Backoff, Progress, Request};
+use crate::apply::{Backoff, Progress};
 use crate::change::{Checkpoint, Event as Change, Offsets, Partition};
 use crate::config::{BadRecordPolicy, Config, KafkaConfig};
 use crate::error::{Error, ErrorKind};
@@ -120,7 +120,7 @@ struct Session {
     /// (or where it started when assigned): applied offsets are stored
     /// only once they pass it.
     stored: FxHashMap<Partition, i64>,
-    plans: mpsc::Sender<Request>,
+    plans: mpsc::Sender<Plan>,
     progress: watch::Receiver<Progress>,
     commands: std::sync::mpsc::Sender<Command>,
     source: watch::Sender<SourceState>,
@@ -464,7 +464,7 @@ impl Session {
         for plan in self.ready.drain(..) {
             self.sent_plans += 1;
             self.plans
-                .send(Request::Plan(plan))
+                .send(plan)
                 .await
                 .map_err(|_| Error::new(ErrorKind::Shutdown, "the apply task ended"))?;
         }

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use super::changes::ChangeDecoder;
 use super::conn::{ReplicationConnection, ReplicationMessage};
 use super::pgoutput;
-use crate::apply::{Progress, Request};
+use crate::apply::Progress;
 use crate::change::{Checkpoint, Event, Lsn};
 use crate::error::{Error, ErrorKind};
 use crate::mapping::Mappings;
@@ -43,7 +43,7 @@ pub struct Replication {
     pub conn: ReplicationConnection,
     pub decoder: ChangeDecoder,
     pub batcher: Batcher,
-    pub plans: mpsc::Sender<Request>,
+    pub plans: mpsc::Sender<Plan>,
     /// Plans handed to apply, over every session: compared with
     /// `Progress::applied_plans` to know that nothing is in flight.
     pub sent_plans: Arc<AtomicU64>,
@@ -122,7 +122,7 @@ impl Replication {
                     let permit = permit.map_err(|_| Error::new(ErrorKind::Shutdown, "the apply task ended"))?;
                     if let Some(plan) = ready.pop_front() {
                         self.sent_plans.fetch_add(1, Ordering::SeqCst);
-                        permit.send(Request::Plan(plan));
+                        permit.send(plan);
                     }
                     continue;
                 }
@@ -309,7 +309,7 @@ impl Replication {
         let handover = async {
             for plan in ready {
                 self.sent_plans.fetch_add(1, Ordering::SeqCst);
-                if self.plans.send(Request::Plan(plan)).await.is_err() {
+                if self.plans.send(plan).await.is_err() {
                     break;
                 }
             }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::changes::{ChangeDecoder, RelationMemory};
@@ -17,17 +17,17 @@ use super::conn::ReplicationConnection;
 use super::control::Control;
 use super::replication::{self, Finished, Replication};
 use super::slot;
-use crate::apply::shared::Record;
-use crate::apply::{Backoff, Progress, Request};
+use crate::apply::{Backoff, Progress};
 use crate::change::{Checkpoint, Event, Lsn};
 use crate::config::{Config, SecretUrl};
-use crate::continuity::{self, Remembered, SlotState, Verdict};
+use crate::continuity::{self, SlotState, Verdict};
 use crate::error::{Error, ErrorKind};
 use crate::mapping::message::Secrets;
 use crate::mapping::Mappings;
 use crate::pipeline::batcher::{BatchLimits, Batcher};
 use crate::pipeline::schema::SchemaHealth;
 use crate::pipeline::{finish_apply, Ended, Options, Running, SourceState, Stages};
+use crate::plan::Plan;
 use crate::telemetry;
 
 /// How often a standby tries to take the slot over.
@@ -47,6 +47,9 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
         options,
         plans: stages.plans,
         sent_plans: Arc::new(AtomicU64::new(0)),
+        continuity: stages
+            .continuity
+            .ok_or_else(|| Error::new(ErrorKind::Config, "no continuity record"))?,
         progress: stages.progress,
         acked: Arc::new(stages.acked),
         stop: stages.stop,
@@ -70,17 +73,9 @@ impl Supervisor {
     /// were lost invalidates every mapped table before streaming.
     async fn check_continuity(&self, url: &SecretUrl, system_id: &str) -> Result<(), Error> {
         let postgres = &self.config.postgres;
-        let key = format!(
-            "{}{}",
-            self.config.redis.prefix,
-            continuity::record_key(&postgres.slot)
-        );
-        let (answer, read) = oneshot::channel();
-        self.request(Request::Read(key.clone(), answer)).await?;
-        let remembered = read
-            .await
-            .map_err(|_| Error::new(ErrorKind::Shutdown, "the apply task ended"))??
-            .and_then(|text| Remembered::decode(&text));
+        // Every position acknowledged so far was recorded before it was
+        // acknowledged: plans still in flight can only move the record on.
+        let remembered = self.continuity.read(&mut self.stop.clone()).await?;
         let control = Control::connect_to(url, &postgres.slot, &postgres.publication).await?;
         let state = control.inspect().await?;
         let verdict = if self.reset_pending.load(Ordering::SeqCst) {
@@ -96,11 +91,7 @@ impl Supervisor {
         if control.ensure(&mappings, postgres.create_slot).await? {
             tracing::info!(slot = %postgres.slot, "created the replication slot: streaming starts from now");
         }
-        self.request(Request::Remember(Record {
-            key,
-            system_id: system_id.to_owned(),
-        }))
-        .await?;
+        self.name_database(system_id).await?;
         let Verdict::Lost(reason) = verdict else {
             return Ok(());
         };
@@ -122,7 +113,7 @@ impl Supervisor {
         ready.extend(batcher.take());
         for plan in ready {
             self.sent_plans.fetch_add(1, Ordering::SeqCst);
-            self.request(Request::Plan(plan)).await?;
+            self.send(plan).await?;
         }
         let target = self.sent_plans.load(Ordering::SeqCst);
         let mut progress = self.progress.clone();
@@ -136,11 +127,34 @@ impl Supervisor {
         Ok(())
     }
 
-    async fn request(&self, request: Request) -> Result<(), Error> {
+    async fn send(&self, plan: Plan) -> Result<(), Error> {
         self.plans
-            .send(request)
+            .send(plan)
             .await
             .map_err(|_| Error::new(ErrorKind::Shutdown, "the apply task ended"))
+    }
+
+    /// Records the positions applied from now on as the database
+    /// `system_id`'s. When that is another database than before (restored,
+    /// failed over), the plans still in flight from the one before are
+    /// applied first, so that none of its positions is recorded as this
+    /// one's.
+    async fn name_database(&self, system_id: &str) -> Result<(), Error> {
+        if self.continuity.database().as_deref() != Some(system_id) {
+            let target = self.sent_plans.load(Ordering::SeqCst);
+            let mut progress = self.progress.clone();
+            let mut stop = self.stop.clone();
+            tokio::select! {
+                applied = progress.wait_for(|progress| progress.applied_plans >= target) => {
+                    applied.map_err(|_| Error::new(ErrorKind::Shutdown, "the apply task ended"))?;
+                }
+                _ = stop.wait_for(|stop| *stop) => {
+                    return Err(Error::new(ErrorKind::Shutdown, "stopped"));
+                }
+            }
+        }
+        self.continuity.name_database(system_id);
+        Ok(())
     }
 }
 
@@ -192,8 +206,10 @@ struct Supervisor {
     /// The mappings in effect; each session starts with the newest.
     mappings: watch::Receiver<Arc<Mappings>>,
     options: Options,
-    plans: mpsc::Sender<Request>,
+    plans: mpsc::Sender<Plan>,
     sent_plans: Arc<AtomicU64>,
+    /// The continuity record, which the sink writes.
+    continuity: continuity::Store,
     progress: watch::Receiver<Progress>,
     acked: Arc<watch::Sender<Lsn>>,
     stop: watch::Receiver<bool>,
