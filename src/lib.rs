@@ -77,7 +77,7 @@ pub mod internal {
         pub use crate::catalog::{check, column_categories, connect, slot_limit_warnings};
     }
     pub mod continuity {
-        pub use crate::continuity::Store;
+        pub use crate::continuity::{Recorder, Store};
     }
     pub mod demo {
         pub use crate::demo::{run, DemoError};

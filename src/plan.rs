@@ -166,13 +166,6 @@ pub struct Plan {
     /// [`Mappings::origin_patterns`]): what an exact key turns into when
     /// it cannot be held key by key.
     pub families: Option<Arc<[Option<Arc<str>>]>>,
-    /// The apply stamp written before the plan's commands, while the
-    /// consistency checker runs (set by the apply task; in the broadcast).
-    pub stamp: Option<u64>,
-    /// The tag stamp set with the plan's tag invalidations (set by the
-    /// apply task when the plan invalidates tags; see
-    /// [`evictd_client::protocol::TAG_STAMP_KEY`]).
-    pub tag_stamp: Option<u64>,
     /// What the CDN targets purge once Redis applied the commands.
     pub purges: Purges,
     /// The Postgres transactions (top-level xids) whose changes the plan
@@ -494,8 +487,6 @@ impl Planner {
             changes: std::mem::take(&mut self.changes),
             tables: self.tables.clone(),
             families: self.families.clone(),
-            stamp: None,
-            tag_stamp: None,
             xids: std::mem::replace(&mut self.xids, self.open_xid.into_iter().collect()),
         }
     }

@@ -54,7 +54,7 @@ impl Broadcast {
 
     /// The message of `plan`, with its seq; `None` when the plan
     /// invalidates nothing.
-    pub fn prepare(&mut self, plan: &Plan) -> Option<Message> {
+    pub fn prepare(&mut self, plan: &Plan, stamp: Option<u64>) -> Option<Message> {
         if plan.commands.is_empty() {
             return None;
         }
@@ -65,7 +65,7 @@ impl Broadcast {
         });
         Some(Message {
             seq,
-            text: self.message(plan, seq),
+            text: self.message(plan, seq, stamp),
         })
     }
 
@@ -105,8 +105,14 @@ impl Broadcast {
     }
 
     /// Both, in order, to one pipeline (a standalone Redis).
-    pub fn append(&mut self, plan: &Plan, prefix: &str, pipe: &mut redis::Pipeline) {
-        if let Some(message) = self.prepare(plan) {
+    pub fn append(
+        &mut self,
+        plan: &Plan,
+        stamp: Option<u64>,
+        prefix: &str,
+        pipe: &mut redis::Pipeline,
+    ) {
+        if let Some(message) = self.prepare(plan, stamp) {
             self.append_log(&message, prefix, pipe);
             self.append_publish(&message, prefix, pipe);
         }
@@ -119,7 +125,7 @@ impl Broadcast {
 
     /// The JSON message, written directly: a batch can hold thousands of
     /// keys, and a `serde_json::Value` per key would copy each one twice.
-    fn message(&self, plan: &Plan, seq: u64) -> String {
+    fn message(&self, plan: &Plan, seq: u64, stamp: Option<u64>) -> String {
         let mut keys = Vec::new();
         let mut tags = Vec::new();
         let mut patterns = Vec::new();
@@ -167,7 +173,7 @@ impl Broadcast {
         if !tables.is_empty() {
             write_list(&mut json, "tables", &tables);
         }
-        if let Some(stamp) = plan.stamp {
+        if let Some(stamp) = stamp {
             let _ = write!(json, r#","stamp":{stamp}"#);
         }
         json.push('}');
@@ -222,7 +228,7 @@ mod tests {
             checkpoint: Some(Checkpoint::Lsn(Lsn(0x16B3748))),
             ..Plan::default()
         };
-        let text = broadcast.message(&plan, 7);
+        let text = broadcast.message(&plan, 7, None);
         // The one definition of the message the clients read.
         let typed: evictd_client::protocol::Broadcast =
             serde_json::from_str(&text).expect("a protocol::Broadcast");

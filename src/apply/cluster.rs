@@ -23,7 +23,9 @@ use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr
 use super::broadcast::Broadcast;
 use evictd_client::protocol::{BUMP_SCRIPT, L1_LAST_KEY, TAG_AT_MS, TAG_NAMESPACE, TAG_STAMP_KEY};
 
-use super::shared::{jittered, under_prefix, ApplyStats, Wait, INVALIDATED_KEY, SCAN_COUNT};
+use super::shared::{
+    jittered, under_prefix, ApplyStats, Stamped, Wait, INVALIDATED_KEY, SCAN_COUNT,
+};
 
 /// `UNLINK key`, for [`Phase::add`].
 fn unlink(pipe: &mut redis::Pipeline, key: &str) {
@@ -162,8 +164,8 @@ impl ClusterSink {
 
     /// Applies `plan` and publishes its broadcast; on error forgets the
     /// connection and slot map so that the retry starts afresh.
-    pub async fn apply(&mut self, plan: &Plan) -> Result<ApplyStats, Error> {
-        let result = self.apply_phases(plan).await;
+    pub async fn apply(&mut self, plan: &Plan, stamped: Stamped) -> Result<ApplyStats, Error> {
+        let result = self.apply_phases(plan, stamped).await;
         match &result {
             Ok(_) => self.broadcast.delivered(),
             Err(_) => self.forget(),
@@ -176,11 +178,11 @@ impl ClusterSink {
         self.slots = None;
     }
 
-    async fn apply_phases(&mut self, plan: &Plan) -> Result<ApplyStats, Error> {
+    async fn apply_phases(&mut self, plan: &Plan, stamped: Stamped) -> Result<ApplyStats, Error> {
         let connection = self.connection().await?;
         let slots = self.slot_map().await?;
         let mut stats = ApplyStats::default();
-        if let Some(stamp) = plan.tag_stamp {
+        if let Some(stamp) = stamped.tag {
             // Ahead of the tag invalidations, on every node they touch:
             // see TAG_STAMP_KEY.
             let mut stamps = Phase::new(&slots, self.wait);
@@ -294,7 +296,7 @@ impl ClusterSink {
             send_to(&connection, node, counts, self.timeout, self.wait).await?;
         }
         let last = format!("{}{L1_LAST_KEY}", self.prefix);
-        let message = self.broadcast.prepare(plan);
+        let message = self.broadcast.prepare(plan, stamped.apply);
         let mut log = redis::pipe();
         if let Some(message) = &message {
             self.broadcast.append_log(message, &self.prefix, &mut log);

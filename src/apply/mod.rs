@@ -5,6 +5,21 @@
 //! purge stage beside apply, in plan order, so Redis applies the next plan
 //! while the CDN purges this one.
 //!
+//! The stages of a plan, in order, and what each does when it fails:
+//!
+//! | stage | when | on failure |
+//! |---|---|---|
+//! | visibility gate ([`visibility`]) | `postgres.visibility_gate` | waits (WARN past `visibility_warn_ms`, shown in `/readyz`); stopped: not applied |
+//! | stamps ([`Stamped`]: the checker's apply stamp, the tag stamp) | `[audit]`; tag invalidations | retried with the plan |
+//! | Redis: commands, L1 broadcast, continuity record, one round trip where the server allows | always | transient errors retried with backoff (`/readyz` names them); others stop evictd |
+//! | the checker's sample ([`Sampler::offer`]) | `[audit]` | never fails: samples beyond its queue are dropped |
+//! | read replicas ([`replica`]): held, then invalidated again | `[[postgres.replica]]` | as Redis |
+//! | purges (`purge`): each CDN target in plan order | `[[purge]]` | retried; a refusal (4xx) waits for the operator (`/readyz` with a hint); `best_effort` targets never hold progress |
+//! | progress published: the source may acknowledge | always | — |
+//!
+//! A plan is not changed once planned: the stamps it is applied with are a
+//! [`Stamped`] beside it, and what goes on past Redis is an `Applied`.
+//!
 //! **Architecture Invariant:** progress moves after, and only after, a
 //! plan's Redis commands and broadcast were acknowledged by Redis (and its
 //! purges accepted by every target that is not `best_effort`).
@@ -26,7 +41,7 @@ use self::broadcast::Broadcast;
 use self::cluster::ClusterSink;
 use self::redis::StandaloneSink;
 use self::replica::{Release, Replicas};
-use self::shared::ApplyStats;
+use self::shared::{ApplyStats, Stamped};
 use self::visibility::{Visibility, Waited};
 use crate::audit::Sampler;
 use crate::change::{Checkpoint, Lsn, Offsets};
@@ -73,10 +88,11 @@ impl RedisSink {
             .map(|sink| RedisSink::Standalone(Box::new(sink)))
     }
 
-    pub async fn apply(&mut self, plan: &Plan) -> Result<ApplyStats, Error> {
+    /// Applies `plan` with what apply stamped it with.
+    pub async fn apply(&mut self, plan: &Plan, stamped: Stamped) -> Result<ApplyStats, Error> {
         match self {
-            RedisSink::Standalone(sink) => sink.apply(plan).await,
-            RedisSink::Cluster(sink) => sink.apply(plan).await,
+            RedisSink::Standalone(sink) => sink.apply(plan, stamped).await,
+            RedisSink::Cluster(sink) => sink.apply(plan, stamped).await,
         }
     }
 
@@ -250,6 +266,17 @@ impl Reserved<'_> {
 }
 
 impl Applied {
+    /// What is left of `plan` once Redis applied it (`keys` keys).
+    fn of(plan: Plan, keys: u64) -> Applied {
+        Applied {
+            changes: plan.changes,
+            commands: plan.commands.len() as u64,
+            keys,
+            checkpoint: plan.checkpoint,
+            purges: plan.purges,
+        }
+    }
+
     fn publish(&self, progress: &watch::Sender<Progress>) {
         progress.send_modify(|progress| {
             progress.applied_plans += 1;
@@ -352,7 +379,7 @@ async fn apply(
         replicas,
     } = around;
     let mut replicas: Option<Replicas<Applied>> = replicas.map(Replicas::start);
-    let mut stamps = Stamps {
+    let mut clocks = Clocks {
         audit,
         tags: StampClock::default(),
     };
@@ -361,11 +388,11 @@ async fn apply(
     loop {
         let holding = replicas.as_ref().is_some_and(Replicas::is_holding);
         let full = replicas.as_ref().is_some_and(Replicas::is_full);
-        let mut plan = tokio::select! {
+        let plan = tokio::select! {
             biased;
             why = due(&mut replicas), if holding => {
                 let Some(replicas) = replicas.as_mut() else { continue };
-                if !release(replicas, why, &mut sink, &mut stamps, &next, &redis, &mut stop).await? {
+                if !release(replicas, why, &mut sink, &mut clocks, &next, &redis, &mut stop).await? {
                     return Ok(());
                 }
                 continue;
@@ -405,26 +432,22 @@ async fn apply(
             },
         };
         let started = Instant::now();
-        let Some(stats) =
-            apply_retrying(&mut sink, &mut plan, &mut stamps, &redis, &mut stop).await?
+        let Some((stats, stamped)) =
+            apply_retrying(&mut sink, &plan, &mut clocks, &redis, &mut stop).await?
         else {
             // Stopped while Redis is away: abandoned; it was never
             // acknowledged, so it is replayed.
             return Ok(());
         };
-        stamps.offer(&plan);
+        clocks.offer(&plan, stamped);
         record(&plan, &stats, started.elapsed(), &lag);
         tracing::debug!(commands = plan.commands.len(), keys = stats.keys, round_trips = stats.round_trips, checkpoint = ?plan.checkpoint, "applied batch");
-        let applied = Applied {
-            changes: plan.changes,
-            commands: plan.commands.len() as u64,
-            keys: stats.keys,
-            checkpoint: plan.checkpoint.take(),
-            purges: std::mem::take(&mut plan.purges),
-        };
         match (then, replicas.as_mut()) {
-            (Some(then), _) => then.deliver(applied),
-            (None, Some(replicas)) => replicas.hold(&plan, position, applied),
+            (Some(then), _) => then.deliver(Applied::of(plan, stats.keys)),
+            (None, Some(replicas)) => {
+                let again = replica::second_pass(&plan);
+                replicas.hold(again, position, Applied::of(plan, stats.keys));
+            }
             (None, None) => {}
         }
     }
@@ -445,7 +468,7 @@ async fn release(
     replicas: &mut Replicas<Applied>,
     why: Release,
     sink: &mut RedisSink,
-    stamps: &mut Stamps,
+    clocks: &mut Clocks,
     next: &Handoff,
     redis: &watch::Sender<Option<String>>,
     stop: &mut watch::Receiver<bool>,
@@ -453,13 +476,14 @@ async fn release(
     let Some((again, applied)) = replicas.release(why) else {
         return Ok(true);
     };
-    if let Some(mut again) = again {
-        let Some(stats) = apply_retrying(sink, &mut again, stamps, redis, stop).await? else {
+    if let Some(again) = again {
+        let Some((stats, stamped)) = apply_retrying(sink, &again, clocks, redis, stop).await?
+        else {
             return Ok(false);
         };
         // Checked after the second invalidation too: a fill from a replica
         // that had replayed the batch is as new as its stamp says.
-        stamps.offer(&again);
+        clocks.offer(&again, stamped);
         tracing::debug!(
             commands = again.commands.len(),
             keys = stats.keys,
@@ -474,21 +498,24 @@ async fn release(
     Ok(true)
 }
 
-/// Applies `plan`, retrying transient errors; `None` when stopped while
-/// Redis is away.
+/// Applies `plan`, retrying transient errors, with the stamps it chose
+/// before the first attempt; `None` when stopped while Redis is away.
 async fn apply_retrying(
     sink: &mut RedisSink,
-    plan: &mut Plan,
-    stamps: &mut Stamps,
+    plan: &Plan,
+    clocks: &mut Clocks,
     redis: &watch::Sender<Option<String>>,
     stop: &mut watch::Receiver<bool>,
-) -> Result<Option<ApplyStats>, Error> {
+) -> Result<Option<(ApplyStats, Stamped)>, Error> {
     let mut backoff = Backoff::default();
+    // A retry keeps the first attempt's stamps: fills that read them may
+    // already have loaded.
+    let mut stamped = Stamped::default();
     loop {
-        match attempt(sink, plan, stamps).await {
+        match attempt(sink, plan, &mut stamped, clocks).await {
             Ok(stats) => {
                 redis.send_if_modified(|current| replace_if_changed(current, None));
-                return Ok(Some(stats));
+                return Ok(Some((stats, stamped)));
             }
             Err(error) if error.is_transient() => {
                 let delay = backoff.next_delay();
@@ -515,42 +542,43 @@ async fn apply_retrying(
     }
 }
 
-/// One attempt at `plan`: its stamps first, then its commands.
+/// One attempt at `plan`: the stamps it still lacks first, then its
+/// commands.
 async fn attempt(
     sink: &mut RedisSink,
-    plan: &mut Plan,
-    stamps: &mut Stamps,
+    plan: &Plan,
+    stamped: &mut Stamped,
+    clocks: &mut Clocks,
 ) -> Result<ApplyStats, Error> {
-    // A retry keeps the first apply stamp: fills that read it may already
-    // have loaded.
-    if let Some(audit) = stamps.audit.as_mut() {
-        if plan.stamp.is_none() && !plan.commands.is_empty() {
-            plan.stamp = Some(audit.write_stamp(sink).await?);
+    if let Some(audit) = clocks.audit.as_mut() {
+        if stamped.apply.is_none() && !plan.commands.is_empty() {
+            stamped.apply = Some(audit.write_stamp(sink).await?);
         }
     }
-    if plan.tag_stamp.is_none() && plan.invalidates_tags() {
+    if stamped.tag.is_none() && plan.invalidates_tags() {
         let key = format!(
             "{}{}",
             sink.prefix(),
             evictd_client::protocol::TAG_STAMP_KEY
         );
-        plan.tag_stamp = Some(stamps.tags.next(sink, &key).await?);
+        stamped.tag = Some(clocks.tags.next(sink, &key).await?);
     }
-    sink.apply(plan).await
+    sink.apply(plan, *stamped).await
 }
 
-/// What is written ahead of a plan's commands: the consistency checker's
-/// apply stamp (`[audit]`, which then samples what the plan invalidated)
-/// and, when it invalidates tags, the tag stamp.
-struct Stamps {
+/// Where the stamps written ahead of a plan's commands come from: the
+/// consistency checker's apply stamp (`[audit]`, which then samples what
+/// the plan invalidated) and, when it invalidates tags, the tag stamp.
+struct Clocks {
     audit: Option<Sampler>,
     tags: StampClock,
 }
 
-impl Stamps {
-    /// Offers what `plan`, applied, invalidated to the checker.
-    fn offer(&self, plan: &Plan) {
-        if let (Some(audit), Some(stamp)) = (&self.audit, plan.stamp) {
+impl Clocks {
+    /// Offers what `plan`, applied with `stamped`, invalidated to the
+    /// checker.
+    fn offer(&self, plan: &Plan, stamped: Stamped) {
+        if let (Some(audit), Some(stamp)) = (&self.audit, stamped.apply) {
             audit.offer(plan, stamp);
         }
     }

@@ -19,7 +19,7 @@ use redis::aio::MultiplexedConnection;
 use super::broadcast::Broadcast;
 use evictd_client::protocol::{BUMP_SCRIPT, TAG_AT_MS, TAG_NAMESPACE, TAG_STAMP_KEY};
 
-use super::shared::{jittered, under_prefix, ApplyStats, Wait, EPOCH_KEY, SCAN_COUNT};
+use super::shared::{jittered, under_prefix, ApplyStats, Stamped, Wait, EPOCH_KEY, SCAN_COUNT};
 use crate::config::RedisConfig;
 use crate::continuity::Recorder;
 use crate::error::{Error, ErrorKind};
@@ -109,7 +109,7 @@ impl StandaloneSink {
 
     /// Applies `plan` and publishes its broadcast. On error the connection
     /// is dropped; the caller retries the whole plan.
-    pub async fn apply(&mut self, plan: &Plan) -> Result<ApplyStats, Error> {
+    pub async fn apply(&mut self, plan: &Plan, stamped: Stamped) -> Result<ApplyStats, Error> {
         let mut connection = self.connection().await?;
         let mut stats = ApplyStats::default();
         let mut pipe = redis::pipe();
@@ -123,7 +123,7 @@ impl StandaloneSink {
                 .arg(self.epochs)
                 .ignore();
         }
-        if let Some(stamp) = plan.tag_stamp {
+        if let Some(stamp) = stamped.tag {
             // Ahead of the tag invalidations: see TAG_STAMP_KEY.
             pipe.cmd("SET")
                 .arg(self.prefixed(TAG_STAMP_KEY))
@@ -211,7 +211,8 @@ impl StandaloneSink {
         flush_tags(&mut pipe, &mut tags);
         stats.count_invalidated(plan);
         stats.append_invalidated(&self.prefix, &mut pipe);
-        self.broadcast.append(plan, &self.prefix, &mut pipe);
+        self.broadcast
+            .append(plan, stamped.apply, &self.prefix, &mut pipe);
         if let Some(record) = &self.record {
             record.append(plan.checkpoint.as_ref(), &mut pipe);
         }

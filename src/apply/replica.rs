@@ -148,8 +148,9 @@ impl<T> Replicas<T> {
 
     /// Holds `plan`, applied once, until the replicas have replayed
     /// `position`; `then` is handed back when it is released.
-    pub fn hold(&mut self, plan: &Plan, position: Option<u64>, then: T) {
-        let mut again = second_pass(plan);
+    /// Holds a batch whose second invalidation is `again` (see
+    /// [`second_pass`]) until the replicas replayed `position`.
+    pub fn hold(&mut self, mut again: Option<Plan>, position: Option<u64>, then: T) {
         let mut keys = again.as_ref().map_or(0, exact_count);
         if keys > 0 && self.held_keys + keys > self.max_keys {
             if let Some(again) = again.as_mut() {
@@ -218,7 +219,7 @@ impl<T> Replicas<T> {
 
 /// What a second invalidation applies: the plan's invalidations, without
 /// its refreshes (their keys hold the new row), progress or purges.
-fn second_pass(plan: &Plan) -> Option<Plan> {
+pub fn second_pass(plan: &Plan) -> Option<Plan> {
     let commands: Vec<Command> = plan
         .commands
         .iter()

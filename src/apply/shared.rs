@@ -109,6 +109,19 @@ const TOTALS_SCRIPT: &str =
 /// reports.
 pub const INVALIDATED_KEY: &str = "evictd:invalidated";
 
+/// What the apply task stamps a plan with, chosen before its first attempt
+/// and kept across retries (fills that read a stamp may already have
+/// loaded): the plan itself stays as it was planned.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stamped {
+    /// The apply stamp written before the plan's commands, while the
+    /// consistency checker runs (in the broadcast too).
+    pub apply: Option<u64>,
+    /// The tag stamp set with the plan's tag invalidations (see
+    /// [`evictd_client::protocol::TAG_STAMP_KEY`]).
+    pub tag: Option<u64>,
+}
+
 /// WAIT after each batch (each node's pipeline, in a Cluster): how many
 /// replicas must have it, and how long that may take.
 #[derive(Clone, Copy, Debug)]

@@ -151,7 +151,9 @@ async fn the_record_never_moves_backwards() {
         store.name_database(system_id);
         let mut planner = Planner::new();
         planner.commit(Checkpoint::Lsn(Lsn(lsn)), None);
-        sink.apply(&planner.finish()).await.unwrap();
+        sink.apply(&planner.finish(), Default::default())
+            .await
+            .unwrap();
     }
     applied(&mut sink, &store, "7", 0x1_0000_0200).await;
     // A batch applied again after a reconnect: the record stays.
