@@ -222,10 +222,10 @@ pub(crate) struct Stages {
     /// With the Postgres source, the continuity record the sink writes.
     pub continuity: Option<continuity::Store>,
     pub progress: watch::Receiver<Progress>,
-    pub acked: watch::Sender<Lsn>,
     pub stop: watch::Receiver<bool>,
     pub source: watch::Sender<SourceState>,
-    /// With the Postgres source, runs the live catalog checks.
+    /// What is wrong between the mappings and the live schema (the
+    /// Postgres source runs the live catalog checks).
     pub schema: SchemaHealth,
     /// The mappings in effect; the reloader sends new ones.
     pub mappings: watch::Receiver<Arc<Mappings>>,
@@ -243,7 +243,6 @@ pub(crate) struct Handles {
     purge_refusals: watch::Receiver<std::collections::BTreeMap<String, String>>,
     schema: watch::Receiver<Problems>,
     progress: watch::Receiver<Progress>,
-    acked: watch::Receiver<Lsn>,
     lag: Arc<Mutex<Lag>>,
     epoch: String,
     mappings: watch::Receiver<Arc<Mappings>>,
@@ -267,21 +266,12 @@ impl Stages {
         )?;
         let (plans_tx, plans_rx) = mpsc::channel(PLAN_CHANNEL_CAPACITY);
         let (progress_tx, progress_rx) = watch::channel(Progress::default());
-        let (acked_tx, acked_rx) = watch::channel(Lsn(0));
         let (stop_tx, stop_rx) = watch::channel(false);
         let (source_tx, source_rx) = watch::channel(SourceState::Connecting);
         let (redis_tx, redis_rx) = watch::channel(None);
         let lag = Arc::new(Mutex::new(Lag::default()));
         let (live_tx, live_rx) = watch::channel(mappings);
         let (schema, schema_rx) = SchemaHealth::new();
-        let schema = match (&config.source, &config.postgres.url) {
-            (SourceKind::Postgres, Some(url)) => schema.with_live_checks(
-                url.clone(),
-                config.postgres.publication.clone(),
-                live_rx.clone(),
-            ),
-            _ => schema,
-        };
         let reload = Arc::new(Notify::new());
         reload::spawn(
             config,
@@ -332,7 +322,6 @@ impl Stages {
             plans: plans_tx,
             continuity,
             progress: progress_rx.clone(),
-            acked: acked_tx,
             stop: stop_rx,
             source: source_tx,
             schema,
@@ -348,7 +337,6 @@ impl Stages {
             purge_refusals: refusals_rx,
             schema: schema_rx,
             progress: progress_rx,
-            acked: acked_rx,
             lag,
             epoch,
             mappings: live_rx,
@@ -360,7 +348,13 @@ impl Stages {
 }
 
 impl Handles {
-    pub fn running(self, task: JoinHandle<Result<Ended, Error>>) -> Running {
+    /// The running pipeline of `task`; `acked` is the flush position the
+    /// source reports (the Postgres source's).
+    pub fn running(
+        self,
+        task: JoinHandle<Result<Ended, Error>>,
+        acked: watch::Receiver<Lsn>,
+    ) -> Running {
         Running {
             source: self.source,
             redis: self.redis,
@@ -369,7 +363,7 @@ impl Handles {
             purge_refusals: self.purge_refusals,
             schema: self.schema,
             progress: self.progress,
-            acked: self.acked,
+            acked,
             lag: self.lag,
             epoch: self.epoch,
             mappings: self.mappings,

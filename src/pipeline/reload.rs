@@ -25,7 +25,6 @@ use super::schema::SchemaHealth;
 use crate::change::TableName;
 use crate::config::{Config, SourceKind};
 use crate::mapping::{self, DirFiles, Mappings, TableMapping};
-use crate::source::postgres::control::Control;
 use crate::telemetry;
 
 /// How often the mappings directory is read for changes.
@@ -177,73 +176,18 @@ impl Reloader {
         Outcome::Applied
     }
 
-    /// With the Postgres source: adds newly mapped tables to the
-    /// publication when allowed, then refuses the set for any problem the
-    /// live checks find that the running set does not have.
+    /// With the Postgres source, the reload's step against the database
+    /// ([`crate::source::postgres::schema::check_reload`]).
     async fn check_live(
         &self,
         current: &Mappings,
         new: &Mappings,
     ) -> Result<(), Vec<mapping::Diagnostic>> {
-        let postgres = &self.config.postgres;
-        let Some(url) = postgres.url.as_ref() else {
-            return Ok(());
-        };
         if self.config.source != SourceKind::Postgres {
             return Ok(());
         }
-        let unreachable = |error: String| {
-            vec![mapping::Diagnostic::general(format!(
-                "cannot check the new mappings against the database: {error}"
-            ))]
-        };
-        let control = Control::connect_to(url, &postgres.slot, &postgres.publication)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        let added: Vec<&TableName> = new
-            .tables()
-            .map(|mapping| &*mapping.table)
-            .filter(|table| current.table(table).is_none())
-            .collect();
-        if postgres.create_slot && !added.is_empty() {
-            let joined = control
-                .add_to_publication(&added)
-                .await
-                .map_err(|e| unreachable(e.to_string()))?;
-            for table in joined {
-                tracing::warn!(%table, publication = %postgres.publication, "added the newly mapped table to the publication: its changes before this moment were not captured, so its cached entries may be stale until they expire or are invalidated");
-            }
-        }
-        let client = control.client();
-        let publication = &postgres.publication;
-        let known: BTreeSet<String> = catalog_problems(current, client, publication)
-            .await
-            .map_err(unreachable)?
-            .into_iter()
-            .map(|d| d.message)
-            .collect();
-        let fresh: Vec<mapping::Diagnostic> = catalog_problems(new, client, publication)
-            .await
-            .map_err(unreachable)?
-            .into_iter()
-            .filter(|d| !known.contains(&d.message))
-            .collect();
-        if fresh.is_empty() {
-            Ok(())
-        } else {
-            Err(fresh)
-        }
+        crate::source::postgres::schema::check_reload(&self.config.postgres, current, new).await
     }
-}
-
-async fn catalog_problems(
-    mappings: &Mappings,
-    client: &tokio_postgres::Client,
-    publication: &str,
-) -> Result<Vec<mapping::Diagnostic>, String> {
-    crate::catalog::check(mappings, client, publication)
-        .await
-        .map_err(|e| e.to_string())
 }
 
 /// Which tables a reload adds, removes and changes, for the log.

@@ -3,8 +3,10 @@
 //! reason, `evictd_schema_problems{table}`) and cleared when fixed.
 //!
 //! Two origins feed it:
-//! - the live catalog checks of `evictd check`, run when a session starts
-//!   and again whenever a Relation message changes a mapped table;
+//! - the live catalog checks of `evictd check`, run by the Postgres source
+//!   ([`crate::source::postgres::schema`]) when a session starts, every
+//!   minute, and again whenever a Relation message changes a mapped table
+//!   or a reload;
 //! - the replication stream itself: a mapped relation that changed name or
 //!   lost a column the mappings read (see
 //!   [`crate::source::postgres::changes`]), noticed the moment its Relation
@@ -13,11 +15,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use crate::change::TableName;
-use crate::config::SecretUrl;
-use crate::mapping::Mappings;
 use crate::telemetry;
 
 /// Where a problem was found.
@@ -32,46 +32,23 @@ pub enum Origin {
 pub type Problems = BTreeMap<(String, Origin), String>;
 
 /// The pipeline's end of the schema problems; the admin endpoint reads the
-/// other.
+/// other. What runs the live catalog checks is the Postgres source's
+/// ([`crate::source::postgres::schema::LiveChecks`]); anyone may ask for
+/// them to run again ([`SchemaHealth::recheck`]).
 #[derive(Clone)]
 pub struct SchemaHealth {
     problems: Arc<watch::Sender<Problems>>,
-    live: Option<LiveCheck>,
-}
-
-/// What the live checks need.
-#[derive(Clone)]
-struct LiveCheck {
-    url: SecretUrl,
-    publication: String,
-    /// The running mappings (a reload replaces them).
-    mappings: watch::Receiver<Arc<Mappings>>,
+    rechecks: Arc<Notify>,
 }
 
 impl SchemaHealth {
-    /// A health without live checks (the Kafka source has no catalog).
     pub fn new() -> (SchemaHealth, watch::Receiver<Problems>) {
         let (sender, receiver) = watch::channel(Problems::new());
         let health = SchemaHealth {
             problems: Arc::new(sender),
-            live: None,
+            rechecks: Arc::new(Notify::new()),
         };
         (health, receiver)
-    }
-
-    /// Runs the live checks against `url` from now on.
-    pub fn with_live_checks(
-        mut self,
-        url: SecretUrl,
-        publication: String,
-        mappings: watch::Receiver<Arc<Mappings>>,
-    ) -> SchemaHealth {
-        self.live = Some(LiveCheck {
-            url,
-            publication,
-            mappings,
-        });
-        self
     }
 
     /// Sets or clears the problem `subject` has from `origin`. A new or
@@ -100,77 +77,26 @@ impl SchemaHealth {
             .set(count as f64);
     }
 
-    /// Runs the live catalog checks now and reports each subject's result;
-    /// returns the OIDs of the mapped tables found. A failure to run them
-    /// (the database unreachable) is logged and changes nothing.
-    pub async fn live_check(&self) -> Vec<(u32, Arc<TableName>)> {
-        let Some(live) = &self.live else {
-            return Vec::new();
-        };
-        let mappings = live.mappings.borrow().clone();
-        let findings = async {
-            let client = crate::catalog::connect(&live.url).await?;
-            crate::catalog::check_by_table(&mappings, &client, &live.publication).await
-        };
-        match findings.await {
-            Ok(findings) => {
-                // A table a reload stopped mapping has no problems any more.
-                let gone: Vec<String> = self
-                    .problems
-                    .borrow()
-                    .keys()
-                    .filter(|(subject, origin)| {
-                        *origin == Origin::LiveCheck
-                            && !findings.tables.iter().any(|(s, _)| s == subject)
-                    })
-                    .map(|(subject, _)| subject.clone())
-                    .collect();
-                for subject in gone {
-                    self.report(&subject, Origin::LiveCheck, None);
-                }
-                for (subject, diagnostics) in &findings.tables {
-                    let problem = (!diagnostics.is_empty()).then(|| {
-                        diagnostics
-                            .iter()
-                            .map(|d| d.message.as_str())
-                            .collect::<Vec<_>>()
-                            .join("; ")
-                    });
-                    self.report(subject, Origin::LiveCheck, problem);
-                }
-                findings.oids
-            }
-            Err(error) => {
-                tracing::warn!(%error, "the live mapping checks could not run");
-                Vec::new()
-            }
-        }
+    /// The subjects with a problem from `origin`.
+    pub fn subjects(&self, origin: Origin) -> Vec<String> {
+        self.problems
+            .borrow()
+            .keys()
+            .filter(|(_, from)| *from == origin)
+            .map(|(subject, _)| subject.clone())
+            .collect()
     }
 
-    /// Runs the live checks every `interval` until `stop`, so that drift
-    /// is noticed even while the table sees no changes.
-    pub async fn watch(self, interval: std::time::Duration, mut stop: watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The first tick is immediate; a session start runs the checks.
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                _ = stop.wait_for(|stop| *stop) => return,
-                _ = tick.tick() => {}
-            }
-            self.live_check().await;
-        }
-    }
-
-    /// Runs [`SchemaHealth::live_check`] in the background.
+    /// Asks for the live catalog checks to run again soon (after a reload,
+    /// or a changed Relation message); nothing happens without them (the
+    /// Kafka source).
     pub fn recheck(&self) {
-        if self.live.is_some() {
-            let health = self.clone();
-            tokio::spawn(async move {
-                health.live_check().await;
-            });
-        }
+        self.rechecks.notify_one();
+    }
+
+    /// Resolves when a recheck was asked for.
+    pub async fn recheck_asked(&self) {
+        self.rechecks.notified().await;
     }
 }
 

@@ -95,13 +95,13 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
     };
     // Kafka progress is committed offsets, not an LSN: `acked` stays at 0,
     // and its sender lives as long as the pipeline.
-    let acked = stages.acked;
+    let (acked, acked_rx) = watch::channel(crate::change::Lsn(0));
     let task = tokio::spawn(async move {
         let ended = session.run(handle, stages.stop, stages.apply_task).await;
         drop(acked);
         ended
     });
-    Ok(handles.running(task))
+    Ok(handles.running(task, acked_rx))
 }
 
 struct Session {

@@ -7,6 +7,8 @@
 //!   retained WAL) for `run`, `init`, `status`, `replay` and the testkit.
 //! - [`slot`]: the START_REPLICATION command.
 //! - [`replication`]: one replication session (read, decode, batch, ack).
+//! - [`schema`]: the live catalog checks under a running source, and a
+//!   reload's step against the database.
 //! - [`supervisor`]: sessions one after another, reconnects, standby,
 //!   continuity, retained WAL.
 //! - [`tls`]: TLS with libpq's `sslmode` semantics.
@@ -16,6 +18,7 @@ pub mod conn;
 pub mod control;
 pub mod pgoutput;
 pub mod replication;
+pub mod schema;
 pub mod slot;
 pub mod supervisor;
 pub mod tls;

@@ -16,6 +16,7 @@ use super::changes::{ChangeDecoder, RelationMemory};
 use super::conn::ReplicationConnection;
 use super::control::Control;
 use super::replication::{self, Finished, Replication};
+use super::schema::LiveChecks;
 use super::slot;
 use crate::apply::{Backoff, Progress};
 use crate::change::{Checkpoint, Event, Lsn};
@@ -35,12 +36,20 @@ const STANDBY_POLL: Duration = Duration::from_secs(1);
 
 /// Starts the Postgres source's supervisor and the apply task.
 pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Result<Running, Error> {
-    if config.postgres.url.is_none() {
+    let Some(url) = config.postgres.url.clone() else {
         return Err(Error::new(ErrorKind::Config, "postgres.url is not set"));
-    }
+    };
     let (stages, handles) = Stages::start(config, mappings)?;
+    let (acked, acked_rx) = watch::channel(Lsn(0));
+    let live_checks = LiveChecks::new(
+        stages.schema.clone(),
+        url,
+        config.postgres.publication.clone(),
+        stages.mappings.clone(),
+    );
     let supervisor = Supervisor {
         schema: stages.schema,
+        live_checks: live_checks.clone(),
         memory: RelationMemory::default(),
         config: config.clone(),
         mappings: stages.mappings,
@@ -51,20 +60,16 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
             .continuity
             .ok_or_else(|| Error::new(ErrorKind::Config, "no continuity record"))?,
         progress: stages.progress,
-        acked: Arc::new(stages.acked),
+        acked: Arc::new(acked),
         stop: stages.stop,
         source: stages.source,
         secrets: stages.secrets,
         reset_pending: AtomicBool::new(options.reset),
     };
     tokio::spawn(watch_retained_wal(config.clone(), supervisor.stop.clone()));
-    tokio::spawn(
-        supervisor
-            .schema
-            .clone()
-            .watch(SCHEMA_CHECK_INTERVAL, supervisor.stop.clone()),
-    );
-    Ok(handles.running(tokio::spawn(supervisor.run(stages.apply_task))))
+    tokio::spawn(live_checks.watch(SCHEMA_CHECK_INTERVAL, supervisor.stop.clone()));
+    let task = tokio::spawn(supervisor.run(stages.apply_task));
+    Ok(handles.running(task, acked_rx))
 }
 
 impl Supervisor {
@@ -201,6 +206,7 @@ async fn watch_retained_wal(config: Config, mut stop: watch::Receiver<bool>) {
 struct Supervisor {
     config: Config,
     schema: SchemaHealth,
+    live_checks: LiveChecks,
     /// Mapped relations by OID, across sessions.
     memory: RelationMemory,
     /// The mappings in effect; each session starts with the newest.
@@ -330,7 +336,7 @@ impl Supervisor {
         self.check_continuity(url, system_id).await?;
         // The checks `evictd check` makes, reported table by table; the
         // OIDs they find let a rename be recognised from the first change.
-        self.memory.seed(self.schema.live_check().await);
+        self.memory.seed(self.live_checks.run().await);
         let messages = self.config.mappings.sql_messages;
         if messages && conn.server_version() < 140_000 {
             return Err(Error::new(
