@@ -19,7 +19,7 @@
 //!
 //! Fencing (docs/PROTOCOL.md) adds no command to these drains: a fill's
 //! lease lives in the cache key, so evictd's deletes void it as they are.
-//! The apply epoch (warming's one-pass check) adds one `SET` per batch.
+//! The apply mark (warming's one-pass check) adds one `SET` per batch.
 //!
 //! Each round drains with evictd twice, with the visibility gate
 //! (`postgres.visibility_gate`, the default) and without, in alternating

@@ -126,7 +126,7 @@ pub fn invalidation(
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub enum Continuity {
     /// The slot continues where evictd left off.
     Continuous,
     /// Nothing remembered: nothing to compare with.
@@ -138,40 +138,40 @@ pub enum Verdict {
 /// Decides whether a Kafka partition whose group committed `committed`
 /// still holds everything from there: it holds `low..=high`. Pure.
 #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
-pub fn judge_offset(committed: i64, low: i64, high: i64) -> Verdict {
+pub fn judge_offset(committed: i64, low: i64, high: i64) -> Continuity {
     if committed < low || committed > high {
-        Verdict::Lost(format!(
+        Continuity::Lost(format!(
             "committed offset {committed} is outside {low}..={high}: records were deleted before evictd read them"
         ))
     } else {
-        Verdict::Continuous
+        Continuity::Continuous
     }
 }
 
 /// Decides whether the Postgres slot lost continuity. Pure.
-pub fn judge(remembered: Option<&Remembered>, slot: &SlotState, system_id: &str) -> Verdict {
+pub fn judge(remembered: Option<&Remembered>, slot: &SlotState, system_id: &str) -> Continuity {
     if let Some(cause) = slot.invalidated() {
-        return Verdict::Lost(format!("the replication slot was invalidated: {cause}"));
+        return Continuity::Lost(format!("the replication slot was invalidated: {cause}"));
     }
     let Some(remembered) = remembered else {
-        return Verdict::FirstRun;
+        return Continuity::FirstRun;
     };
     if remembered.system_id != system_id {
-        return Verdict::Lost(format!(
+        return Continuity::Lost(format!(
             "the database's system identifier changed from {} to {system_id}: it was replaced (restore, failover to a server without the slot)",
             remembered.system_id
         ));
     }
     match slot {
-        SlotState::Missing => Verdict::Lost(format!(
+        SlotState::Missing => Continuity::Lost(format!(
             "the replication slot is gone; evictd had applied up to {}",
             remembered.applied
         )),
-        SlotState::Present { confirmed_flush, .. } if *confirmed_flush > remembered.applied => Verdict::Lost(format!(
+        SlotState::Present { confirmed_flush, .. } if *confirmed_flush > remembered.applied => Continuity::Lost(format!(
             "the replication slot is at {confirmed_flush}, past the {} evictd applied: it was recreated or consumed by someone else",
             remembered.applied
         )),
-        SlotState::Present { .. } => Verdict::Continuous,
+        SlotState::Present { .. } => Continuity::Continuous,
     }
 }
 
@@ -323,11 +323,11 @@ mod tests {
 
     #[test]
     fn a_committed_offset_outside_the_partition_is_lost_continuity() {
-        assert_eq!(judge_offset(5, 0, 10), Verdict::Continuous);
-        assert_eq!(judge_offset(0, 0, 0), Verdict::Continuous);
-        assert_eq!(judge_offset(10, 0, 10), Verdict::Continuous);
+        assert_eq!(judge_offset(5, 0, 10), Continuity::Continuous);
+        assert_eq!(judge_offset(0, 0, 0), Continuity::Continuous);
+        assert_eq!(judge_offset(10, 0, 10), Continuity::Continuous);
         for (committed, low, high) in [(1000, 0, 2), (3, 4, 9)] {
-            let Verdict::Lost(reason) = judge_offset(committed, low, high) else {
+            let Continuity::Lost(reason) = judge_offset(committed, low, high) else {
                 panic!("{committed} outside {low}..={high} is a loss");
             };
             assert!(
@@ -409,7 +409,7 @@ mod tests {
             invalidated: invalidation("lost", Some("idle_timeout"), None),
         };
         match judge(Some(&remembered(10)), &idle, "7301") {
-            Verdict::Lost(text) => {
+            Continuity::Lost(text) => {
                 assert!(text.contains("idle_replication_slot_timeout"), "{text}")
             }
             other => panic!("{other:?}"),
@@ -418,22 +418,28 @@ mod tests {
 
     #[test]
     fn verdicts() {
-        assert_eq!(judge(None, &SlotState::Missing, "7301"), Verdict::FirstRun);
+        assert_eq!(
+            judge(None, &SlotState::Missing, "7301"),
+            Continuity::FirstRun
+        );
         assert_eq!(
             judge(None, &present(9, "reserved"), "7301"),
-            Verdict::FirstRun
+            Continuity::FirstRun
         );
         assert!(
-            matches!(judge(None, &present(9, "lost"), "7301"), Verdict::Lost(_)),
+            matches!(
+                judge(None, &present(9, "lost"), "7301"),
+                Continuity::Lost(_)
+            ),
             "lost WAL is lost, record or not"
         );
         assert_eq!(
             judge(Some(&remembered(10)), &present(9, "reserved"), "7301"),
-            Verdict::Continuous
+            Continuity::Continuous
         );
         assert_eq!(
             judge(Some(&remembered(10)), &present(10, "extended"), "7301"),
-            Verdict::Continuous
+            Continuity::Continuous
         );
         for (slot, system, reason) in [
             (SlotState::Missing, "7301", "slot is gone"),
@@ -442,7 +448,7 @@ mod tests {
             (present(5, "reserved"), "9999", "system identifier changed"),
         ] {
             match judge(Some(&remembered(10)), &slot, system) {
-                Verdict::Lost(text) => assert!(text.contains(reason), "{text}"),
+                Continuity::Lost(text) => assert!(text.contains(reason), "{text}"),
                 other => panic!("{slot:?}: {other:?}"),
             }
         }

@@ -91,7 +91,7 @@ pub mod internal {
         pub use crate::telemetry::{recorder, upkeep, LogSink};
     }
     pub mod warm {
-        pub use crate::apply::shared::EPOCH_KEY;
+        pub use crate::apply::sink::APPLY_MARK_KEY;
         pub use crate::warm::{warm, Summary, WarmOptions, PAGE};
     }
     pub mod watch {

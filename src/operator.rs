@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use crate::apply::shared::INVALIDATED_KEY;
+use crate::apply::sink::INVALIDATED_KEY;
 use crate::audit::Outcome;
 use crate::change::Lsn;
 use crate::config::Config;

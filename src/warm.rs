@@ -9,8 +9,8 @@
 //! left alone. The values are stored one of two ways:
 //!
 //! - **In one pass**, on a standalone Redis. Before the page's rows are
-//!   read, warming `WATCH`es evictd's apply epoch
-//!   ([`crate::apply::shared::EPOCH_KEY`], written ahead of every
+//!   read, warming `WATCH`es evictd's apply mark
+//!   ([`crate::apply::sink::APPLY_MARK_KEY`], written ahead of every
 //!   batch's invalidations) on a connection of its own. One transaction
 //!   (`MULTI`, `SET NX` each value, `EXEC`) then stores the page, and Redis
 //!   refuses it if the epoch moved. An unmoved epoch means no invalidation
@@ -146,13 +146,17 @@ pub async fn warm(
         redis,
         watch_pool,
         prefix: config.redis.prefix.clone(),
-        epoch_key: format!("{}{}", config.redis.prefix, crate::apply::shared::EPOCH_KEY),
+        mark_key: format!(
+            "{}{}",
+            config.redis.prefix,
+            crate::apply::sink::APPLY_MARK_KEY
+        ),
         stamp_key: format!("{}{AUDIT_STAMP_KEY}", config.redis.prefix),
         token: format!("{:016x}", rand::rng().random::<u64>()),
         fill: redis::Script::new(FILL_SCRIPT),
         release: redis::Script::new(RELEASE_SCRIPT),
     };
-    let mut tally = Tally {
+    let mut tally = Totals {
         pace: Pace::new(options.rate),
         progress: options.progress && std::io::stderr().is_terminal(),
         summary: Summary::default(),
@@ -173,13 +177,13 @@ pub async fn warm(
 
 /// What warming did so far, how fast it may go on, and whether it shows
 /// its progress.
-struct Tally {
+struct Totals {
     pace: Pace,
     progress: bool,
     summary: Summary,
 }
 
-impl Tally {
+impl Totals {
     /// Adds a page's counts, paces, and shows progress.
     async fn record(&mut self, table: &TableName, page: Summary) {
         let summary = &mut self.summary;
@@ -210,8 +214,8 @@ struct Warmer {
     /// page takes leases).
     watch_pool: Option<WatchPool>,
     prefix: String,
-    /// The full names of the apply epoch and the audit's apply stamp.
-    epoch_key: String,
+    /// The full names of the apply mark and the audit's apply stamp.
+    mark_key: String,
     stamp_key: String,
     /// Leases are this token and a counter: unique per key and run.
     token: String,
@@ -229,7 +233,7 @@ impl Fill {
     /// The TTL to store with, jittered, in ms (0: none).
     fn ttl_ms(&self) -> u64 {
         self.ttl.map_or(0, |ttl| {
-            crate::apply::shared::jittered(ttl.seconds, ttl.jitter_bp).saturating_mul(1000)
+            crate::apply::sink::jittered(ttl.seconds, ttl.jitter_bp).saturating_mul(1000)
         })
     }
 
@@ -245,14 +249,14 @@ impl Fill {
 
 /// What was done in Redis just before a page's rows were read.
 struct PreRead<'f> {
-    /// The connection that `WATCH`es the apply epoch for this page; `None`
+    /// The connection that `WATCH`es the apply mark for this page; `None`
     /// on a Cluster, or for a page that must take leases.
-    epoch_watch: Option<EpochWatch<'f>>,
+    mark_watch: Option<MarkWatch<'f>>,
     /// The audit's apply stamp, when there is one.
     stamp: Option<u64>,
 }
 
-/// The connections one-pass fills `WATCH` the apply epoch on. A `WATCH`
+/// The connections one-pass fills `WATCH` the apply mark on. A `WATCH`
 /// belongs to its connection, so each is lent to one page at a time: from
 /// before the page's rows are read until its transaction ran, or the page
 /// was dropped. A page read while every connection is lent waits for one.
@@ -262,7 +266,7 @@ struct WatchPool {
 }
 
 /// A connection lent to one page; it goes back when dropped.
-struct EpochWatch<'f> {
+struct MarkWatch<'f> {
     connection: MultiplexedConnection,
     watch_pool: &'f WatchPool,
 }
@@ -281,16 +285,16 @@ impl WatchPool {
     }
 
     /// The next free connection, once there is one.
-    async fn take(&self) -> Option<EpochWatch<'_>> {
+    async fn take(&self) -> Option<MarkWatch<'_>> {
         let connection = self.free.lock().await.recv().await?;
-        Some(EpochWatch {
+        Some(MarkWatch {
             connection,
             watch_pool: self,
         })
     }
 }
 
-impl Drop for EpochWatch<'_> {
+impl Drop for MarkWatch<'_> {
     fn drop(&mut self) {
         // Its watch, if any, is ended by the next page's `UNWATCH`.
         let _ = self.watch_pool.give_back.send(self.connection.clone());
@@ -303,7 +307,7 @@ impl Warmer {
         mappings: &Mappings,
         mapping: &TableMapping,
         limit: Option<u64>,
-        tally: &mut Tally,
+        tally: &mut Totals,
     ) -> Result<(), Error> {
         let table = &*mapping.table;
         self.database.learn(table).await;
@@ -353,7 +357,7 @@ impl Warmer {
                         // The watch ends with the first page's transaction:
                         // the rest of what the query read take leases.
                         let before = first.take().unwrap_or(PreRead {
-                            epoch_watch: None,
+                            mark_watch: None,
                             stamp,
                         });
                         let page = self
@@ -381,7 +385,7 @@ impl Warmer {
         walk: TableWalk<'_>,
         filter: Option<&str>,
         limit: Option<u64>,
-        tally: &mut Tally,
+        tally: &mut Totals,
     ) -> Result<(), Error> {
         let (pages, mut ready) = tokio::sync::mpsc::channel::<Prepared<'_>>(1);
         let reader = async move {
@@ -460,30 +464,30 @@ impl Warmer {
         Ok((last, page))
     }
 
-    /// Before a page's rows are read: `WATCH` the apply epoch on a lent
+    /// Before a page's rows are read: `WATCH` the apply mark on a lent
     /// connection of the page's own (on a standalone Redis), and read the
     /// apply stamp.
     async fn before(&self) -> Result<PreRead<'_>, Error> {
-        let epoch_watch = match &self.watch_pool {
+        let mark_watch = match &self.watch_pool {
             Some(watch_pool) => watch_pool.take().await,
             None => None,
         };
-        let (epoch_watch, stamp): (Option<EpochWatch<'_>>, Option<String>) = match epoch_watch {
-            Some(mut epoch_watch) => {
+        let (mark_watch, stamp): (Option<MarkWatch<'_>>, Option<String>) = match mark_watch {
+            Some(mut mark_watch) => {
                 // UNWATCH first: a page that was read but never stored
                 // (an empty query) left its watch behind.
                 let (stamp,): (Option<String>,) = redis::pipe()
                     .cmd("UNWATCH")
                     .ignore()
                     .cmd("WATCH")
-                    .arg(&self.epoch_key)
+                    .arg(&self.mark_key)
                     .ignore()
                     .cmd("GET")
                     .arg(&self.stamp_key)
-                    .query_async(&mut epoch_watch.connection)
+                    .query_async(&mut mark_watch.connection)
                     .await
                     .map_err(redis_error)?;
-                (Some(epoch_watch), stamp)
+                (Some(mark_watch), stamp)
             }
             None => (
                 None,
@@ -495,7 +499,7 @@ impl Warmer {
             ),
         };
         Ok(PreRead {
-            epoch_watch,
+            mark_watch,
             stamp: stamp.and_then(|stamp| stamp.parse().ok()),
         })
     }
@@ -578,9 +582,9 @@ impl Warmer {
         if rows == 0 {
             return Ok(summary);
         }
-        if let Some(mut epoch_watch) = before.epoch_watch {
+        if let Some(mut mark_watch) = before.mark_watch {
             let stored = self
-                .one_pass(&mut epoch_watch.connection, &rendered, before.stamp)
+                .one_pass(&mut mark_watch.connection, &rendered, before.stamp)
                 .await?;
             if let Some(stored) = stored {
                 summary.filled = stored;
@@ -671,11 +675,11 @@ impl Warmer {
     }
 
     /// Stores `fills` where their keys hold nothing, in one transaction on
-    /// the page's watching connection, which Redis refuses if the apply epoch
+    /// the page's watching connection, which Redis refuses if the apply mark
     /// it watches moved: how many were stored, or `None` (nothing was).
     async fn one_pass(
         &self,
-        epoch_watch: &mut MultiplexedConnection,
+        mark_watch: &mut MultiplexedConnection,
         fills: &FxHashMap<String, Fill>,
         stamp: Option<u64>,
     ) -> Result<Option<u64>, Error> {
@@ -700,7 +704,7 @@ impl Warmer {
             }
         }
         let stored: Option<Vec<Option<redis::Value>>> = transaction
-            .query_async(epoch_watch)
+            .query_async(mark_watch)
             .await
             .map_err(redis_error)?;
         Ok(stored.map(|stored| stored.iter().flatten().count() as u64))

@@ -23,9 +23,7 @@ use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr
 use super::broadcast::Broadcast;
 use evictd_client::protocol::{BUMP_SCRIPT, L1_LAST_KEY, TAG_AT_MS, TAG_NAMESPACE, TAG_STAMP_KEY};
 
-use super::shared::{
-    jittered, under_prefix, ApplyStats, Stamped, Wait, INVALIDATED_KEY, SCAN_COUNT,
-};
+use super::sink::{jittered, under_prefix, ApplyStats, Stamped, Wait, INVALIDATED_KEY, SCAN_COUNT};
 
 /// `UNLINK key`, for [`Phase::add`].
 fn unlink(pipe: &mut redis::Pipeline, key: &str) {

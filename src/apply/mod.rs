@@ -28,7 +28,7 @@ pub mod broadcast;
 pub mod cluster;
 pub mod redis;
 pub mod replica;
-pub mod shared;
+pub mod sink;
 pub mod visibility;
 
 use std::sync::{Arc, Mutex};
@@ -41,7 +41,7 @@ use self::broadcast::Broadcast;
 use self::cluster::ClusterSink;
 use self::redis::StandaloneSink;
 use self::replica::{Release, Replicas};
-use self::shared::{ApplyStats, Stamped};
+use self::sink::{ApplyStats, Stamped};
 use self::visibility::{Visibility, Waited};
 use crate::audit::Sampler;
 use crate::change::{Checkpoint, Lsn, Offsets};
@@ -77,7 +77,7 @@ impl RedisSink {
             ));
         }
         if url.starts_with("redis+cluster://") {
-            let wait = shared::Wait {
+            let wait = sink::Wait {
                 replicas: config.wait_replicas,
                 timeout_ms: config.wait_timeout_ms,
             };

@@ -1,7 +1,7 @@
 //! Sends a [`Plan`] to Redis, and its L1 broadcast with it.
 //!
 //! One plan becomes as few round trips as its commands allow: the apply
-//! epoch (`SET`, see [`EPOCH_KEY`]), exact deletes (variadic UNLINK),
+//! epoch (`SET`, see [`APPLY_MARK_KEY`]), exact deletes (variadic UNLINK),
 //! namespace bumps (a short script each), tag invalidations (one Lua script
 //! per chunk of tags), refreshes (SET with EX and jitter) and the broadcast
 //! (PUBLISH, and SET of `evictd:l1:last`) go in one pipeline, in that
@@ -19,7 +19,7 @@ use redis::aio::MultiplexedConnection;
 use super::broadcast::Broadcast;
 use evictd_client::protocol::{BUMP_SCRIPT, TAG_AT_MS, TAG_NAMESPACE, TAG_STAMP_KEY};
 
-use super::shared::{jittered, under_prefix, ApplyStats, Stamped, Wait, EPOCH_KEY, SCAN_COUNT};
+use super::sink::{jittered, under_prefix, ApplyStats, Stamped, Wait, APPLY_MARK_KEY, SCAN_COUNT};
 use crate::config::RedisConfig;
 use crate::continuity::Recorder;
 use crate::error::{Error, ErrorKind};
@@ -46,10 +46,10 @@ pub struct StandaloneSink {
     record: Option<Recorder>,
     timeout: Duration,
     wait: Wait,
-    /// The full name of the apply epoch ([`EPOCH_KEY`]), and the batches
+    /// The full name of the apply mark ([`APPLY_MARK_KEY`]), and the batches
     /// with commands this sink sent (what it writes there).
-    epoch_key: String,
-    epochs: u64,
+    mark_key: String,
+    marks: u64,
 }
 
 impl StandaloneSink {
@@ -71,8 +71,8 @@ impl StandaloneSink {
                 replicas: config.wait_replicas,
                 timeout_ms: config.wait_timeout_ms,
             },
-            epoch_key: format!("{prefix}{EPOCH_KEY}"),
-            epochs: 0,
+            mark_key: format!("{prefix}{APPLY_MARK_KEY}"),
+            marks: 0,
         })
     }
 
@@ -116,12 +116,9 @@ impl StandaloneSink {
         let mut unlinks = Unlinks::new();
         let mut tags: Vec<String> = Vec::new();
         if !plan.commands.is_empty() {
-            // Ahead of every invalidation: see EPOCH_KEY.
-            self.epochs += 1;
-            pipe.cmd("SET")
-                .arg(&self.epoch_key)
-                .arg(self.epochs)
-                .ignore();
+            // Ahead of every invalidation: see APPLY_MARK_KEY.
+            self.marks += 1;
+            pipe.cmd("SET").arg(&self.mark_key).arg(self.marks).ignore();
         }
         if let Some(stamp) = stamped.tag {
             // Ahead of the tag invalidations: see TAG_STAMP_KEY.

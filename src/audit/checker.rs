@@ -27,7 +27,7 @@ pub(crate) struct Checker {
     /// The mappings in effect (a reload replaces them).
     pub(crate) mappings: watch::Receiver<Arc<Mappings>>,
     pub(crate) progress: watch::Receiver<Progress>,
-    pub(crate) tally: Tally,
+    pub(crate) tally: CheckCounts,
 }
 
 impl Checker {

@@ -102,7 +102,7 @@ pub fn start(
             .flatten(),
         mappings,
         progress,
-        tally: Tally::new(format!("{prefix}{CHECKS_KEY}")),
+        tally: CheckCounts::new(format!("{prefix}{CHECKS_KEY}")),
         prefix: prefix.clone(),
     };
     tokio::spawn(checker.run(receiver, stop));
@@ -123,15 +123,15 @@ fn now_micros() -> u64 {
 }
 
 /// Outcomes counted per minute, written to [`CHECKS_KEY`] after each round.
-struct Tally {
+struct CheckCounts {
     key: String,
     counts: HashMap<(u64, Outcome), u64>,
     pruned: u64,
 }
 
-impl Tally {
-    fn new(key: String) -> Tally {
-        Tally {
+impl CheckCounts {
+    fn new(key: String) -> CheckCounts {
+        CheckCounts {
             key,
             counts: HashMap::new(),
             pruned: 0,

@@ -305,23 +305,23 @@ fn card_of(id: i64, name: &str, price: &str) -> String {
     format!(r#"{{"id":{id},"name":"{name}","price":{price}}}"#)
 }
 
-/// The apply epoch that warming's one-pass fills watch: a streaming evictd
+/// The apply mark that warming's one-pass fills watch: a streaming evictd
 /// steps it with every batch that changes anything in Redis, and only then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn evictd_steps_the_apply_epoch_with_every_batch_it_applies() {
-    use evictd::internal::warm::EPOCH_KEY;
+async fn evictd_steps_the_apply_mark_with_every_batch_it_applies() {
+    use evictd::internal::warm::APPLY_MARK_KEY;
     let s = Streaming::start(SCHEMA, &[("products.toml", PRODUCTS)]).await;
-    let epoch_key = format!("{}{EPOCH_KEY}", s.config.redis.prefix);
-    let before = epoch_of(&epoch_key).await;
+    let mark_key = format!("{}{APPLY_MARK_KEY}", s.config.redis.prefix);
+    let before = mark_of(&mark_key).await;
     s.db.execute("insert into products values (1, 'p1', 1.5, 'live')")
         .await;
     s.sync().await;
-    let moved = epoch_of(&epoch_key).await;
+    let moved = mark_of(&mark_key).await;
     assert_ne!(before, moved, "a batch steps the epoch");
     s.db.execute("update products set price = 2.5 where id = 1")
         .await;
     s.sync().await;
-    let again = epoch_of(&epoch_key).await;
+    let again = mark_of(&mark_key).await;
     assert!(
         again.parse::<u64>().unwrap() > moved.parse::<u64>().unwrap(),
         "{again} after {moved}"
@@ -331,10 +331,10 @@ async fn evictd_steps_the_apply_epoch_with_every_batch_it_applies() {
     s.db.execute("create table unmapped (id int); insert into unmapped values (1)")
         .await;
     s.sync().await;
-    assert_eq!(epoch_of(&epoch_key).await, again);
+    assert_eq!(mark_of(&mark_key).await, again);
 }
 
-async fn epoch_of(key: &str) -> String {
+async fn mark_of(key: &str) -> String {
     let mut redis = redis_connection().await;
     redis::cmd("GET")
         .arg(key)

@@ -1,7 +1,7 @@
 //! The librdkafka consumer, on a thread of its own (its calls block, and
 //! rebalance callbacks run inside `poll`).
 //!
-//! Records go to the pipeline as [`Event`]s over a bounded channel, decoded
+//! Records go to the pipeline as [`ConsumerEvent`]s over a bounded channel, decoded
 //! and checked against the mappings here so that decoding runs beside
 //! planning. Offsets come back as [`Command::Store`] only once the pipeline
 //! has applied them; auto-commit and auto offset store are off, and the
@@ -10,13 +10,13 @@
 //! shutdown.
 //!
 //! **Rebalances.** When partitions are revoked, the callback asks the
-//! pipeline to drain ([`Event::Drain`]): apply everything already taken and
+//! pipeline to drain ([`ConsumerEvent::Drain`]): apply everything already taken and
 //! answer with the offsets that covers, within `drain_timeout_ms`. Those are
 //! committed before the partitions go. When partitions are assigned, each
 //! starts at its committed offset; one without (a new group) starts at the
 //! beginning of the partition; one whose committed offset the broker no
 //! longer holds (retention deleted records evictd had not read) starts at
-//! the beginning too, and is reported as [`Event::Lost`]: the pipeline
+//! the beginning too, and is reported as [`ConsumerEvent::Lost`]: the pipeline
 //! invalidates coarsely before anything from it is applied.
 
 use std::sync::mpsc as std_mpsc;
@@ -33,7 +33,7 @@ use tokio::sync::mpsc;
 
 use super::debezium::{Decoded, Decoder};
 use crate::config::KafkaConfig;
-use crate::continuity::{self, Verdict};
+use crate::continuity::{self, Continuity};
 use crate::error::{Error, ErrorKind};
 use crate::mapping::Mappings;
 use crate::operator::Report;
@@ -77,7 +77,7 @@ pub struct RawRecord {
 
 /// What the consumer tells the pipeline, in order.
 #[derive(Debug)]
-pub enum Event {
+pub enum ConsumerEvent {
     /// Records in the order they were read (a chunk, to spare a wake-up
     /// per record).
     Records(Vec<Record>),
@@ -107,7 +107,7 @@ pub enum Command {
 
 /// The handle the pipeline keeps.
 pub struct ConsumerHandle {
-    pub events: mpsc::Receiver<Event>,
+    pub events: mpsc::Receiver<ConsumerEvent>,
     pub commands: std_mpsc::Sender<Command>,
     /// Answers once the thread has committed and is about to close.
     pub done: std_mpsc::Receiver<()>,
@@ -192,7 +192,7 @@ pub fn spawn(
 }
 
 struct Context {
-    events: mpsc::Sender<Event>,
+    events: mpsc::Sender<ConsumerEvent>,
     /// Records read and not yet handed over; always sent before any other
     /// event, so that order holds across rebalances.
     pending: Mutex<Vec<Record>>,
@@ -232,7 +232,7 @@ impl ConsumerContext for Context {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let lost = start_positions(consumer, partitions);
                 if !lost.is_empty() {
-                    self.send(Event::Lost(lost));
+                    self.send(ConsumerEvent::Lost(lost));
                 }
                 let assigned = match consumer.rebalance_protocol() {
                     RebalanceProtocol::Cooperative => consumer.incremental_assign(partitions),
@@ -245,7 +245,7 @@ impl ConsumerContext for Context {
                 self.log_new_topics(&assigned);
                 #[allow(clippy::cast_precision_loss)]
                 metrics::gauge!(telemetry::KAFKA_ASSIGNED_PARTITIONS).set(assigned.len() as f64);
-                self.send(Event::Assigned(assigned));
+                self.send(ConsumerEvent::Assigned(assigned));
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 if !self.closing.load(std::sync::atomic::Ordering::SeqCst) {
@@ -298,7 +298,7 @@ impl Context {
 
     /// Hands the pending records over, then `event`; false once the
     /// pipeline is gone.
-    fn send(&self, event: Event) -> bool {
+    fn send(&self, event: ConsumerEvent) -> bool {
         self.flush_pending() && self.events.blocking_send(event).is_ok()
     }
 
@@ -310,7 +310,11 @@ impl Context {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
-        records.is_empty() || self.events.blocking_send(Event::Records(records)).is_ok()
+        records.is_empty()
+            || self
+                .events
+                .blocking_send(ConsumerEvent::Records(records))
+                .is_ok()
     }
 
     /// Keeps a record for the next hand-over; hands over a full chunk.
@@ -340,7 +344,7 @@ impl Context {
     fn drain(&self, consumer: &BaseConsumer<Self>) {
         let started = Instant::now();
         let (answer, answered) = std_mpsc::channel();
-        if !self.send(Event::Drain(answer)) {
+        if !self.send(ConsumerEvent::Drain(answer)) {
             return;
         }
         let applied = answered.recv_timeout(self.drain_timeout);
@@ -403,7 +407,7 @@ fn start_positions(
                     .fetch_watermarks(topic, partition, BROKER_TIMEOUT)
                     .map(|(low, high)| continuity::judge_offset(offset, low, high));
                 match verdict {
-                    Ok(Verdict::Lost(reason)) => {
+                    Ok(Continuity::Lost(reason)) => {
                         lost.push((
                             Partition {
                                 topic: topic.into(),
@@ -580,7 +584,7 @@ impl Worker {
                     match self.consumer.assignment() {
                         Ok(mut assignment) => {
                             let lost = start_positions(&self.consumer, &mut assignment);
-                            if !lost.is_empty() && !context.send(Event::Lost(lost)) {
+                            if !lost.is_empty() && !context.send(ConsumerEvent::Lost(lost)) {
                                 break;
                             }
                             if let Err(error) = self.consumer.assign(&assignment) {
@@ -592,7 +596,7 @@ impl Worker {
                     continue;
                 }
                 Some(Err(error @ KafkaError::MessageConsumptionFatal(_))) => {
-                    Event::Failed(format!("the Kafka consumer failed: {error}"))
+                    ConsumerEvent::Failed(format!("the Kafka consumer failed: {error}"))
                 }
                 Some(Err(error)) => {
                     // librdkafka retries broker and network errors itself.
@@ -600,7 +604,7 @@ impl Worker {
                     continue;
                 }
             };
-            let failed = matches!(event, Event::Failed(_));
+            let failed = matches!(event, ConsumerEvent::Failed(_));
             if !context.send(event) || failed {
                 break;
             }

@@ -1,7 +1,7 @@
 //! The pipeline behind the Kafka source: records -> map -> plan -> apply,
 //! and applied offsets back to the consumer.
 //!
-//! One task takes the consumer's [`Event`]s in order and feeds the shared
+//! One task takes the consumer's [`ConsumerEvent`]s in order and feeds the shared
 //! [`Batcher`] one change and one commit per record, the commit carrying
 //! the record's next offset as its checkpoint; the apply task (shared with
 //! the Postgres source) sends the plans to Redis and publishes the offsets
@@ -22,7 +22,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, watch};
 
-use super::consumer::{self, Command, Event, Position, RawRecord, Record};
+use super::consumer::{self, Command, ConsumerEvent, Position, RawRecord, Record};
 use super::debezium::Decoded;
 use crate::apply::{Backoff, Progress};
 use crate::change::{Checkpoint, Event as Change, Offsets, Partition};
@@ -205,17 +205,17 @@ impl Session {
 
     async fn handle(
         &mut self,
-        event: Event,
+        event: ConsumerEvent,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<(), Error> {
         match event {
-            Event::Records(records) => {
+            ConsumerEvent::Records(records) => {
                 for record in records {
                     self.record(record, stop).await?;
                 }
                 Ok(())
             }
-            Event::Assigned(positions) => {
+            ConsumerEvent::Assigned(positions) => {
                 let partitions: Vec<String> = positions
                     .iter()
                     .map(|position| position.partition.to_string())
@@ -232,8 +232,8 @@ impl Session {
                 }
                 Ok(())
             }
-            Event::Lost(partitions) => self.lost(&partitions).await,
-            Event::Drain(answer) => {
+            ConsumerEvent::Lost(partitions) => self.lost(&partitions).await,
+            ConsumerEvent::Drain(answer) => {
                 self.flush().await?;
                 let applied = tokio::time::timeout(
                     Duration::from_millis(self.kafka.drain_timeout_ms),
@@ -257,7 +257,9 @@ impl Session {
                 let _ = answer.send(positions);
                 Ok(())
             }
-            Event::Failed(reason) => Err(Error::new(ErrorKind::Kafka { transient: false }, reason)),
+            ConsumerEvent::Failed(reason) => {
+                Err(Error::new(ErrorKind::Kafka { transient: false }, reason))
+            }
         }
     }
 

@@ -21,7 +21,7 @@ use super::slot;
 use crate::apply::{Backoff, Progress};
 use crate::change::{Checkpoint, Event, Lsn};
 use crate::config::{Config, SecretUrl};
-use crate::continuity::{self, SlotState, Verdict};
+use crate::continuity::{self, Continuity, SlotState};
 use crate::error::{Error, ErrorKind};
 use crate::mapping::message::Secrets;
 use crate::mapping::Mappings;
@@ -84,7 +84,7 @@ impl Supervisor {
         let control = Control::connect_to(url, &postgres.slot, &postgres.publication).await?;
         let state = control.inspect().await?;
         let verdict = if self.reset_pending.load(Ordering::SeqCst) {
-            Verdict::Lost("the slot was re-created by `evictd init --reset-slot`".into())
+            Continuity::Lost("the slot was re-created by `evictd init --reset-slot`".into())
         } else {
             continuity::judge(remembered.as_ref(), &state, system_id)
         };
@@ -97,7 +97,7 @@ impl Supervisor {
             tracing::info!(slot = %postgres.slot, "created the replication slot: streaming starts from now");
         }
         self.name_database(system_id).await?;
-        let Verdict::Lost(reason) = verdict else {
+        let Continuity::Lost(reason) = verdict else {
             return Ok(());
         };
         tracing::error!(slot = %postgres.slot, %reason, "continuity lost: invalidating every mapped table before streaming");

@@ -1,6 +1,6 @@
-//! What the standalone and the Cluster sinks share: the continuity record
-//! and its script, per-plan stats, WAIT settings, TTL jitter, and the
-//! prefix rules for pattern deletes.
+//! What the standalone and the Cluster sinks share: per-plan stats, the
+//! stamps a plan is applied with, the apply mark, WAIT settings, TTL
+//! jitter, and the prefix rules for pattern deletes.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,15 +16,16 @@ use crate::plan::{Mode, Plan};
 /// SCAN COUNT hint for pattern deletes.
 pub const SCAN_COUNT: usize = 1000;
 
-/// The apply epoch (with the prefix in front): on a standalone Redis, each
+/// The apply mark (with the prefix in front): on a standalone Redis, each
 /// batch with commands writes it (`SET`, the count of such batches the
 /// process sent) ahead of them, in the same pipeline. The write is what
 /// counts, not the value; `SET` is in the least-privilege ACL already.
 /// A writer that `WATCH`es it before reading the database, and stores
 /// what it read in a transaction that Redis carries out only while it is
 /// unchanged, knows that no invalidation was applied in between (warming's
-/// one-pass fill, `src/warm.rs`).
-pub const EPOCH_KEY: &str = "evictd:epoch";
+/// one-pass fill, `src/warm.rs`). The key's name is older than the
+/// broadcast's epoch and unrelated to it: the code calls it the mark.
+pub const APPLY_MARK_KEY: &str = "evictd:epoch";
 
 /// What one plan did in Redis.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
