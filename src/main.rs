@@ -817,10 +817,7 @@ fn warn_about_sql_messages(config: &Config, warnings: &mut Vec<String>) {
         return;
     }
     if mappings.sql_messages_secrets.is_empty() {
-        warnings.push(format!(
-            "warning: {}",
-            evictd::mapping::message::UNSIGNED_WARNING
-        ));
+        warnings.push(format!("warning: {}", evictd::mapping::UNSIGNED_WARNING));
     }
     for secret in &mappings.sql_messages_secrets {
         if let Err(reason) = secret.read() {
@@ -1019,7 +1016,7 @@ fn mapped_table(mappings: &Mappings, table: &str) -> Result<TableName, UsageErro
     }
     let tables: Vec<String> = mappings.tables().map(|t| t.table.to_string()).collect();
     let names: Vec<&str> = tables.iter().map(String::as_str).collect();
-    let help = match mapping::diagnostic::did_you_mean(&table.to_string(), &names) {
+    let help = match mapping::did_you_mean(&table.to_string(), &names) {
         Some(near) => format!("did you mean {near}?"),
         None => format!("mapped: {}", tables.join(", ")),
     };

@@ -2,7 +2,7 @@
 //! carrying the fix.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 /// Where in a mapping file something was written (1-based line and column).
@@ -83,10 +83,6 @@ impl<'a> SourceFile<'a> {
             text,
             line_starts,
         }
-    }
-
-    pub fn path_buf(&self) -> PathBuf {
-        self.path.to_path_buf()
     }
 
     /// The location of byte `offset` (clamped into the file).

@@ -1,23 +1,23 @@
 //! Mappings: which cache keys and tags each table's row changes touch.
 //!
-//! - [`spec`] reads the on-disk format (TOML, format v1) with locations.
-//! - [`compile`] checks it and builds the immutable [`Mappings`]; every
+//! - `spec` reads the on-disk format (TOML, format v1) with locations.
+//! - `compile` checks it and builds the immutable [`Mappings`]; every
 //!   problem in every file is reported at once as a [`Diagnostic`].
-//! - [`eval`] turns one [`RowChange`](crate::change::RowChange) into
+//! - `eval` turns one [`RowChange`](crate::change::RowChange) into
 //!   [`Action`]s. It does no IO and cannot fail: whatever could go wrong was
 //!   rejected at load time, and a value that is not there degrades to a
 //!   coarser invalidation, never to silence.
 //!
 //! **Architecture Invariant:** nothing in this module does IO except reading
-//! the mapping files in [`compile::load_dir`].
+//! the mapping files in [`load_dir`].
 
-pub mod compile;
-pub mod condition;
-pub mod diagnostic;
-pub mod eval;
-pub mod message;
-pub mod spec;
-pub mod template;
+pub(crate) mod compile;
+pub(crate) mod condition;
+pub(crate) mod diagnostic;
+pub(crate) mod eval;
+pub(crate) mod message;
+pub(crate) mod spec;
+pub(crate) mod template;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -26,10 +26,11 @@ use std::sync::Arc;
 
 use crate::change::{OpSet, TableName};
 
-pub use compile::{load_dir, load_str, read_dir, DirFiles, Limits};
+pub use compile::{load_dir, load_files, load_str, read_dir, DirFiles, Limits};
 pub use condition::Condition;
-pub use diagnostic::{Diagnostic, Location};
+pub use diagnostic::{did_you_mean, Diagnostic, Location};
 pub use eval::{Action, ActionKind, Note, NoteKind, Output};
+pub use message::{sign, AllowList, UNSIGNED_WARNING};
 pub use template::Template;
 
 /// Compiled mappings of every table: immutable once loaded.
@@ -62,7 +63,7 @@ impl Mappings {
         &self.origins[id.0 as usize]
     }
 
-    /// The origin of invalidations from SQL messages (see [`message`]).
+    /// The origin of invalidations from SQL messages (`pg_logical_emit_message`).
     pub fn message_origin(&self) -> OriginId {
         OriginId(u32::try_from(self.origins.len() - 1).unwrap_or(u32::MAX))
     }

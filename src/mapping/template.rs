@@ -7,7 +7,7 @@
 //!
 //! A template is parsed once, at load time, into literal parts and column
 //! references. Rendering percent-encodes every value's `%`, `:`, `{`, `}`,
-//! `*`, `?`, `[`, `]` and whitespace, so a value can neither collide with
+//! `*`, `?`, square brackets and whitespace, so a value can neither collide with
 //! another key's structure nor act as a glob in a pattern. `{{` and `}}` are
 //! literal braces in the template text.
 
@@ -676,9 +676,8 @@ pub fn escape_glob(text: &str, out: &mut String) {
     }
 }
 
-/// Whether `key` matches a glob made by [`Template::pattern`]; defined
-/// once in the protocol the clients share, since their L1 applies the same
-/// patterns.
+// Whether `key` matches a glob made by `Template::pattern`; defined once in
+// the protocol the clients share, since their L1 applies the same patterns.
 pub use evictd_client::protocol::glob_matches;
 
 #[cfg(test)]

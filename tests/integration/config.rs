@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use evictd::config::{Config, Secret, SourceKind};
-use evictd::mapping::message::AllowList;
+use evictd::mapping::AllowList;
 
 fn write(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -653,7 +653,7 @@ async fn debezium_message_events_are_invalidations_from_sql() {
     ];
     cache.seed(&keys).await;
     let topic = &names.topic;
-    let signed = |body: &str| evictd::mapping::message::sign(b"kafka-secret", body);
+    let signed = |body: &str| evictd::mapping::sign(b"kafka-secret", body);
     // Signed (hex content, as binary.handling.mode=hex writes it).
     let content = signed(r#"{"keys":["customer:2:orders"],"prefixes":["order:5:"]}"#);
     produce(

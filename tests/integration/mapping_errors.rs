@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use evictd::mapping::{self, compile::load_files, Limits};
+use evictd::mapping::{self, load_files, Limits};
 
 /// The diagnostics for one file `m.toml` holding `text`, as printed.
 fn errors(text: &str) -> Vec<String> {

@@ -752,8 +752,8 @@ async fn invalidations_from_sql_follow_their_transaction() {
 }
 
 /// `mappings.sql_messages_allow` that lets messages name anything.
-fn allow_everything() -> evictd::mapping::message::AllowList {
-    evictd::mapping::message::AllowList {
+fn allow_everything() -> evictd::mapping::AllowList {
+    evictd::mapping::AllowList {
         keys: vec!["*".into()],
         tags: vec!["*".into()],
         prefixes: vec!["*".into()],
