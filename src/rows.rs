@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::change::{Datum, Lsn, Row, TableName};
 use crate::config::SecretUrl;
+use crate::error::{Error, ErrorKind};
 use crate::mapping::eval::render_refresh;
 use crate::mapping::Refresh;
 use crate::source::postgres::changes::datum_of;
@@ -30,7 +31,7 @@ impl Database {
     }
 
     /// The connection, made again after it closed.
-    pub(crate) async fn client(&self) -> Result<Arc<tokio_postgres::Client>, String> {
+    pub(crate) async fn client(&self) -> Result<Arc<tokio_postgres::Client>, Error> {
         let lock = || {
             self.client
                 .lock()
@@ -42,7 +43,7 @@ impl Database {
         let client = crate::catalog::connect(&self.url)
             .await
             .map(Arc::new)
-            .map_err(|e| error_chain(&e))?;
+            .map_err(|e| Error::catalog("cannot connect to the database", e))?;
         *lock() = Some(Arc::clone(&client));
         Ok(client)
     }
@@ -72,12 +73,12 @@ impl Database {
 
     /// Runs `sql` (one statement, or several: the rows of them all), every
     /// value as text.
-    pub async fn query(&self, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
+    pub async fn query(&self, sql: &str) -> Result<Vec<Vec<Option<String>>>, Error> {
         let client = self.client().await?;
         let messages = client
             .simple_query(sql)
             .await
-            .map_err(|e| error_chain(&e))?;
+            .map_err(|e| Error::postgres("the query failed", e))?;
         Ok(messages
             .into_iter()
             .filter_map(|message| match message {
@@ -98,11 +99,12 @@ impl Database {
         table: &TableName,
         columns: &[&str],
         texts: Vec<Vec<Option<String>>>,
-    ) -> Result<Vec<Row>, String> {
+    ) -> Result<Vec<Row>, Error> {
+        let unknown = |what: String| Error::new(ErrorKind::Config, what);
         let types = self
             .types
             .get(table)
-            .ok_or_else(|| format!("cannot read the columns of {table}"))?;
+            .ok_or_else(|| unknown(format!("cannot read the columns of {table}")))?;
         let names: Arc<[Arc<str>]> = columns.iter().map(|c| Arc::from(*c)).collect();
         let oids = columns
             .iter()
@@ -110,9 +112,9 @@ impl Database {
                 types
                     .get(*column)
                     .copied()
-                    .ok_or_else(|| format!("{table} has no column `{column}`"))
+                    .ok_or_else(|| unknown(format!("{table} has no column `{column}`")))
             })
-            .collect::<Result<Vec<u32>, String>>()?;
+            .collect::<Result<Vec<u32>, Error>>()?;
         Ok(texts
             .into_iter()
             .map(|texts| {
@@ -136,7 +138,7 @@ impl Database {
         table: &TableName,
         refresh: &Refresh,
         filter: &str,
-    ) -> Result<(Option<String>, Lsn), String> {
+    ) -> Result<(Option<String>, Lsn), Error> {
         let columns = refresh_columns(refresh);
         let select = format!("{} where {filter} limit 2", select_columns(table, &columns));
         let texts = self.query(&select).await?;
@@ -146,16 +148,21 @@ impl Database {
             .first()
             .and_then(|row| row.first().cloned().flatten())
             .and_then(|text| Lsn::parse(&text))
-            .ok_or("cannot read the WAL position")?;
+            .ok_or_else(|| Error::new(ErrorKind::Protocol, "cannot read the WAL position"))?;
         if texts.len() > 1 {
-            return Err(format!("several rows of {table} match {filter}"));
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!("several rows of {table} match {filter}"),
+            ));
         }
         let rows = self.rows(table, &columns, texts)?;
         let rendered = match rows.first() {
             None => None,
             Some(row) => Some(
                 render_refresh(refresh, row)
-                    .ok_or("the row's refresh cannot be rendered")?
+                    .ok_or_else(|| {
+                        Error::new(ErrorKind::Config, "the row's refresh cannot be rendered")
+                    })?
                     .1,
             ),
         };

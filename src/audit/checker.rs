@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, watch};
 use super::*;
 use crate::apply::Progress;
 use crate::change::{Checkpoint, Lsn, Row, TableName};
+use crate::error::Error;
 use crate::mapping::{Mappings, Refresh};
 use crate::rows::Database;
 use crate::servers::connect_redis;
@@ -199,6 +200,11 @@ pub struct Verdict {
 }
 
 impl Verdict {
+    /// Unverifiable, because reading what to compare failed.
+    fn failed(error: &Error) -> Verdict {
+        Verdict::new(Outcome::Unverifiable, crate::rows::error_chain(error))
+    }
+
     fn new(outcome: Outcome, why: impl Into<String>) -> Verdict {
         Verdict {
             outcome,
@@ -237,7 +243,7 @@ where
     for _ in 0..3 {
         let (expected, lsn) = match read().await {
             Ok(read) => read,
-            Err(why) => return Verdict::new(Outcome::Unverifiable, why),
+            Err(error) => return Verdict::failed(&error),
         };
         if let Err(why) = applied(lsn).await {
             verdict.why = why;
@@ -250,7 +256,7 @@ where
                 return verdict;
             }
             Ok(Some(held)) => held,
-            Err(why) => return Verdict::new(Outcome::Unverifiable, why),
+            Err(error) => return Verdict::failed(&error),
         };
         if Some(&held) == expected.as_ref() {
             verdict.outcome = Outcome::Consistent;
@@ -259,7 +265,7 @@ where
         }
         let again = match read().await {
             Ok((again, _)) => again,
-            Err(why) => return Verdict::new(Outcome::Unverifiable, why),
+            Err(error) => return Verdict::failed(&error),
         };
         if Some(&held) == again.as_ref() {
             verdict.outcome = Outcome::Consistent;
@@ -346,15 +352,12 @@ pub(crate) async fn check_deleted(mut redis: Connection, full: &str, stamp: u64)
 }
 
 /// The value `full` holds for a reader: `None` when absent or loading.
-pub(crate) async fn get_value(
-    redis: &mut Connection,
-    full: &str,
-) -> Result<Option<String>, String> {
+pub(crate) async fn get_value(redis: &mut Connection, full: &str) -> Result<Option<String>, Error> {
     let raw: Option<String> = redis::cmd("GET")
         .arg(full)
         .query_async(redis)
         .await
-        .map_err(|error| format!("GET failed: {error}"))?;
+        .map_err(|error| Error::redis("GET failed", error))?;
     Ok(raw.and_then(|raw| match Stored::parse(&raw) {
         Stored::Value(value) | Stored::Reloading(value) => Some(value.to_owned()),
         Stored::Loading => None,

@@ -207,8 +207,9 @@ pub async fn sweep(
                                 }
                             }
                         }
-                        Err(why) => {
+                        Err(error) => {
                             line.unverifiable += 1;
+                            let why = crate::rows::error_chain(&error);
                             note_once(&mut sweep.unverifiable, table, key, &why);
                         }
                     }
@@ -405,10 +406,11 @@ pub fn table_text(sweep: &Sweep) -> String {
     text
 }
 
-pub(crate) fn sweep_error(table: &TableName, why: &str) -> Error {
+/// Reading `table` failed: the sweep stops with the cause.
+pub(crate) fn sweep_error(table: &TableName, error: &Error) -> Error {
     Error::new(
         ErrorKind::PostgresServer { transient: false },
-        format!("cannot read {table}: {why}"),
+        format!("cannot read {table}: {}", crate::rows::error_chain(error)),
     )
 }
 
