@@ -1,7 +1,9 @@
 //! The docs as a user meets them: the "Try it on your own database" walk
 //! of docs/RUNNING.md runs as written (against throwaway servers instead
-//! of the machine's own), and every link between the docs reaches a file
-//! and a heading that exist.
+//! of the machine's own), every link between the docs reaches a file
+//! and a heading that exist, every TOML example is a mapping that compiles
+//! or config that loads, every SQL example runs, and the client guide's
+//! Rust is in an example CI builds.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -385,4 +387,91 @@ fn the_configuration_reference_and_example_are_generated_from_the_declarations()
     .filter_map(Result::err)
     .collect();
     assert!(problems.is_empty(), "{problems:#?}");
+}
+
+/// Every TOML block of the guides is read by evictd as what it shows: a
+/// mapping file (it has `[[table]]`) compiles, and anything else is a
+/// config section that loads (with the settings it leaves out given by
+/// `EVICTD_*` variables), so an example cannot name a key that does not
+/// exist or a value evictd refuses.
+#[test]
+fn every_config_and_mapping_example_in_the_docs_is_read_by_evictd() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mappings = dir.path().join("mappings");
+    std::fs::create_dir(&mappings).expect("mappings dir");
+    let env: std::collections::HashMap<String, String> = [
+        (
+            "EVICTD_POSTGRES__URL",
+            "postgres://evictd@127.0.0.1:5432/app",
+        ),
+        ("EVICTD_REDIS__URL", "redis://127.0.0.1:6379"),
+        ("EVICTD_MAPPINGS__DIR", mappings.to_str().expect("utf-8")),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_owned(), value.to_owned()))
+    .collect();
+    let mut checked = 0;
+    for doc in DOCS.iter().filter(|doc| doc.starts_with("docs/")) {
+        for (index, block) in blocks(&read(doc), "toml").into_iter().enumerate() {
+            let place = format!("{doc}, TOML block {}", index + 1);
+            if block.contains("[[table]]") {
+                if let Err(problems) =
+                    evictd::mapping::load_str(&place, &block, evictd::mapping::Limits::default())
+                {
+                    let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+                    panic!("{place} does not compile:\n{}", problems.join("\n"));
+                }
+            } else {
+                let path = dir.path().join(format!("block-{checked}.toml"));
+                std::fs::write(&path, &block).expect("write");
+                if let Err(error) = evictd::config::Config::load_with_env(&path, Some(env.clone()))
+                {
+                    panic!("{place} does not load:\n{error}\n---\n{block}");
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 8, "only {checked} TOML blocks were found");
+}
+
+/// Every SQL example of the guides runs as written on a server of its own
+/// (roles are server-wide), each guide in a database with the demo shop's
+/// schema and evictd's migrations (the walk's own SQL, indented in its
+/// steps, runs in `trying_it_on_your_own_database_works_as_written`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_sql_example_in_the_docs_runs() {
+    let postgres = Postgres::start().expect("postgres");
+    let mut ran = 0;
+    for doc in ["docs/RUNNING.md", "docs/MANAGED.md", "docs/MAPPINGS.md"] {
+        let database = postgres.create_database().await.expect("database");
+        for setup in [
+            read("migrations/0001_shop.sql"),
+            read("migrations/0002_evictd_invalidate.sql"),
+            // The reader's database: their tables (MAPPINGS.md's examples
+            // update one of its own), no publication for evictd yet.
+            "create table reports (id int primary key, body text); drop publication evictd"
+                .to_owned(),
+            "do $$ begin create role app; exception when duplicate_object then null; end $$"
+                .to_owned(),
+        ] {
+            postgres.execute(&database, &setup).await.expect("setup");
+        }
+        let text = read(doc);
+        let top_level: Vec<String> = blocks(&text, "sql")
+            .into_iter()
+            .filter(|block| {
+                let first = block.lines().next().unwrap_or_default();
+                text.lines().any(|line| line == first)
+            })
+            .collect();
+        assert!(!top_level.is_empty(), "{doc} has no SQL example");
+        for (index, block) in top_level.iter().enumerate() {
+            if let Err(error) = postgres.execute(&database, block).await {
+                panic!("{doc}, SQL block {}: {error:?}\n---\n{block}", index + 1);
+            }
+            ran += 1;
+        }
+    }
+    assert!(ran >= 4, "only {ran} SQL blocks ran");
 }
