@@ -1,7 +1,8 @@
 //! The docs as a user meets them: the "Try it on your own database" walk
 //! of docs/RUNNING.md runs as written (against throwaway servers instead
 //! of the machine's own), every link between the docs reaches a file
-//! and a heading that exist, every TOML example is a mapping that compiles
+//! and a heading that exist, the README's `explain` and demo examples print
+//! what it shows, every TOML example is a mapping that compiles
 //! or config that loads, every SQL example runs, and the client guide's
 //! Rust is in an example CI builds.
 
@@ -474,4 +475,64 @@ async fn every_sql_example_in_the_docs_runs() {
         }
     }
     assert!(ran >= 4, "only {ran} SQL blocks ran");
+}
+
+/// The README's `explain` example, run as written (`cargo run --` being
+/// the built binary), prints exactly the output the README shows; and
+/// `evictd demo` prints the README's excerpt (the commit position and L1
+/// seq aside, which vary from run to run).
+#[test]
+fn the_readmes_explain_and_demo_examples_print_what_it_shows() {
+    let readme = read("README.md");
+    let explain = blocks(&readme, "sh")
+        .into_iter()
+        .find(|block| block.contains("-- explain"))
+        .expect("the README's explain example");
+    let outputs = blocks(&readme, "text");
+    let shown = outputs
+        .iter()
+        .find(|block| block.starts_with("UNLINK"))
+        .expect("the README's explain output");
+    let command = explain.replace(
+        "cargo run --",
+        &format!("'{}'", env!("CARGO_BIN_EXE_evictd")),
+    );
+    let output = Command::new("sh")
+        .args(["-c", &command])
+        .current_dir(repo_path(""))
+        .output()
+        .expect("sh");
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    assert_eq!(stdout(&output), *shown, "README's explain example");
+
+    let excerpt = outputs
+        .iter()
+        .find(|block| block.starts_with("> "))
+        .expect("the README's demo excerpt");
+    let demo = Command::new(env!("CARGO_BIN_EXE_evictd"))
+        .arg("demo")
+        .current_dir(repo_path(""))
+        .output()
+        .expect("run the demo");
+    assert_eq!(demo.status.code(), Some(0), "{}", stdout(&demo));
+    let normalize = |text: &str| -> String {
+        text.lines()
+            .map(|line| match line.trim_start().strip_prefix("commit ") {
+                Some(rest) => {
+                    let indent = &line[..line.len() - line.trim_start().len()];
+                    // `commit 0/1965CB0 (L1 seq 6):` and what follows
+                    let after = rest.split_once("):").map_or("", |(_, after)| after);
+                    format!("{indent}commit <position> (L1 seq <n>):{after}")
+                }
+                None => line.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let printed = normalize(&stdout(&demo));
+    let excerpt = normalize(excerpt.trim_end());
+    assert!(
+        printed.contains(&excerpt),
+        "the demo no longer prints the README's excerpt:\n{excerpt}\n--- it printed:\n{printed}"
+    );
 }
