@@ -124,6 +124,42 @@ pub async fn check(
         .collect())
 }
 
+/// Whether the connected role may stream changes: superuser, the
+/// `REPLICATION` attribute, or (RDS and Aurora, which grant logical
+/// replication through a role instead) membership in `rds_replication`.
+/// A role that may not is a problem, with the grant that fixes it on this
+/// server (`GRANT rds_replication` where that role exists).
+pub async fn replication_privilege(client: &Client) -> Result<Option<Diagnostic>, CatalogError> {
+    let row = client
+        .query_one(
+            "select current_user::text, r.rolsuper, r.rolreplication,
+                    exists (select 1 from pg_roles g where g.rolname = 'rds_replication'),
+                    exists (select 1 from pg_roles g where g.rolname = 'rds_replication'
+                            and pg_has_role(current_user, g.oid, 'member'))
+             from pg_roles r where r.rolname = current_user",
+            &[],
+        )
+        .await?;
+    let (role, superuser, replication, rds, rds_member): (String, bool, bool, bool, bool) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    if superuser || replication || rds_member {
+        return Ok(None);
+    }
+    let quoted = crate::sql::quote_ident(&role);
+    let help = if rds {
+        format!("GRANT rds_replication TO {quoted}; (RDS and Aurora grant logical replication through that role)")
+    } else {
+        format!("ALTER ROLE {quoted} WITH REPLICATION; (as a superuser, or the provider's admin role: docs/MANAGED.md)")
+    };
+    Ok(Some(
+        Diagnostic::general(format!(
+            "role `{role}` may not stream changes: it is not a superuser and has no REPLICATION attribute{}",
+            if rds { " nor the rds_replication role" } else { "" }
+        ))
+        .help(help),
+    ))
+}
+
 /// Warnings about the server settings that can invalidate evictd's slot
 /// while nobody reads it: `max_slot_wal_keep_size` (13+), with the outage
 /// it allows at the average WAL rate since the statistics were reset

@@ -74,7 +74,9 @@ pub mod internal {
         pub use crate::audit::{sweep, table_text, FillSweep, Finding, Sweep, SweepLine};
     }
     pub mod catalog {
-        pub use crate::catalog::{check, column_categories, connect, slot_limit_warnings};
+        pub use crate::catalog::{
+            check, column_categories, connect, replication_privilege, slot_limit_warnings,
+        };
     }
     pub mod continuity {
         pub use crate::continuity::{Recorder, Store};

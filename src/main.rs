@@ -971,15 +971,16 @@ fn check_json(
     }
 }
 
-/// The live checks' problems, and warnings about the server's settings
-/// that can invalidate the slot.
+/// The live checks' problems (the role's right to stream among them), and
+/// warnings about the server's settings that can invalidate the slot.
 async fn live_check(
     mappings: &Mappings,
     url: &SecretUrl,
     publication: &str,
 ) -> anyhow::Result<(Vec<Diagnostic>, Vec<String>)> {
     let client = evictd::internal::catalog::connect(url).await?;
-    let diagnostics = evictd::internal::catalog::check(mappings, &client, publication).await?;
+    let mut diagnostics = evictd::internal::catalog::check(mappings, &client, publication).await?;
+    diagnostics.extend(evictd::internal::catalog::replication_privilege(&client).await?);
     let warnings = evictd::internal::catalog::slot_limit_warnings(&client).await?;
     Ok((diagnostics, warnings))
 }

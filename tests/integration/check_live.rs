@@ -358,3 +358,67 @@ async fn check_warns_about_settings_that_can_invalidate_the_slot() {
         crate::support::stderr(&output)
     );
 }
+
+/// `check` as the role evictd connects with: one that may not stream
+/// changes is a problem (exit 2) with the grant that fixes it, and the
+/// REPLICATION attribute or, as RDS and Aurora grant it, membership in
+/// `rds_replication` passes. Roles are server-wide: on a server of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_a_role_that_may_not_stream_and_the_grant_that_fixes_it() {
+    use evictd::testkit::Postgres;
+    let postgres = Postgres::start().expect("postgres");
+    let name = postgres.create_database().await.expect("database");
+    postgres
+        .execute(
+            &name,
+            &format!("{SCHEMA} create role plain login; grant select on orders to plain;"),
+        )
+        .await
+        .expect("schema");
+    let dir = mapping_dir(&[(
+        "orders.toml",
+        "[[table]]\nname = \"orders\"\nkeys = [\"order:{id}\"]\n",
+    )]);
+    let url = postgres.url(&name);
+    let as_plain = url.replacen("://postgres@", "://plain@", 1);
+    assert_ne!(as_plain, url, "the testkit's URL names its user: {url}");
+    let check = || check_against(dir.path().to_str().unwrap(), &as_plain, &[]);
+
+    let output = check();
+    assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
+    assert!(
+        stdout(&output).contains("role `plain` may not stream changes")
+            && stdout(&output).contains(r#"ALTER ROLE "plain" WITH REPLICATION"#),
+        "{}",
+        stdout(&output)
+    );
+
+    // Where the server has RDS's role, the grant is that role.
+    postgres
+        .execute(&name, "create role rds_replication")
+        .await
+        .expect("role");
+    let output = check();
+    assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
+    assert!(
+        stdout(&output).contains(r#"GRANT rds_replication TO "plain""#),
+        "{}",
+        stdout(&output)
+    );
+    postgres
+        .execute(&name, "grant rds_replication to plain")
+        .await
+        .expect("grant");
+    let output = check();
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+
+    postgres
+        .execute(
+            &name,
+            "revoke rds_replication from plain; alter role plain replication",
+        )
+        .await
+        .expect("alter");
+    let output = check();
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+}

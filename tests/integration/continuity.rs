@@ -181,7 +181,9 @@ async fn the_record_never_moves_backwards() {
 /// A slot Postgres itself invalidated while evictd was down (here: the WAL
 /// it needed removed under `max_slot_wal_keep_size`): `status` names the
 /// cause, and the next start creates the slot again and invalidates every
-/// mapped table. On its own server: the setting is server-wide.
+/// mapped table; with `postgres.create_slot = false` it stops instead,
+/// naming the cause and the command to run. On its own server: the setting
+/// is server-wide.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_invalidated_by_postgres_is_named_and_every_mapped_table_invalidated() {
     use evictd::config::SecretUrl;
@@ -255,6 +257,25 @@ async fn a_slot_invalidated_by_postgres_is_named_and_every_mapped_table_invalida
             report.text
         );
     }
+    // With postgres.create_slot = false evictd may not make another: it
+    // stops, naming the slot, the cause and what to run, and leaves the
+    // slot for the administrator to see.
+    let mut fixed = s.config.clone();
+    fixed.postgres.create_slot = false;
+    let refused = match Evictd::start(&fixed).await {
+        Ok(_) => panic!("evictd streamed from an invalidated slot"),
+        Err(error) => error.to_string(),
+    };
+    assert!(
+        refused.contains("was invalidated by Postgres")
+            && refused.contains("max_slot_wal_keep_size")
+            && refused.contains("evictd init --reset-slot"),
+        "{refused}"
+    );
+    let report = evictd::internal::operator::status(&s.config)
+        .await
+        .expect("status");
+    assert!(report.text.contains("invalidated: "), "{}", report.text);
     // The next start: the slot is created again, and every mapped key goes.
     s.run_once().await;
     assert_eq!(

@@ -89,6 +89,17 @@ impl Supervisor {
             continuity::judge(remembered.as_ref(), &state, system_id)
         };
         if let Some(cause) = state.invalidated() {
+            if !postgres.create_slot {
+                // Kept for the administrator to see: evictd may not make
+                // another.
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "replication slot `{}` was invalidated by Postgres ({cause}), and postgres.create_slot = false: an administrator runs `evictd init --reset-slot` to create it again (every mapped table is then invalidated once)",
+                        postgres.slot
+                    ),
+                ));
+            }
             tracing::error!(slot = %postgres.slot, %cause, "the replication slot was invalidated: dropping it to create it again");
             control.drop_slot().await?;
         }
