@@ -208,7 +208,8 @@ impl Store {
 
     /// What the record holds, reading over a connection of its own and
     /// retrying while Redis is away; the last error once `stop` turns true.
-    /// The caller makes sure the plans it sent before were applied.
+    /// Plans still in flight can only move the record on: every position
+    /// acknowledged so far was recorded before it was acknowledged.
     pub async fn read(
         &self,
         stop: &mut watch::Receiver<bool>,

@@ -131,12 +131,7 @@ impl Supervisor {
             self.sent_plans.fetch_add(1, Ordering::SeqCst);
             self.send(plan).await?;
         }
-        let target = self.sent_plans.load(Ordering::SeqCst);
-        let mut progress = self.progress.clone();
-        progress
-            .wait_for(|progress| progress.applied_plans >= target)
-            .await
-            .map_err(|_| Error::new(ErrorKind::Shutdown, "the apply task ended"))?;
+        self.sent_plans_applied().await?;
         batcher.record_metrics();
         self.reset_pending.store(false, Ordering::SeqCst);
         tracing::warn!(slot = %postgres.slot, tables = mappings.tables().count(), "coarse invalidation applied; streaming resumes");
@@ -157,20 +152,26 @@ impl Supervisor {
     /// one's.
     async fn name_database(&self, system_id: &str) -> Result<(), Error> {
         if self.continuity.database().as_deref() != Some(system_id) {
-            let target = self.sent_plans.load(Ordering::SeqCst);
-            let mut progress = self.progress.clone();
-            let mut stop = self.stop.clone();
-            tokio::select! {
-                applied = progress.wait_for(|progress| progress.applied_plans >= target) => {
-                    applied.map_err(|_| Error::new(ErrorKind::Shutdown, "the apply task ended"))?;
-                }
-                _ = stop.wait_for(|stop| *stop) => {
-                    return Err(Error::new(ErrorKind::Shutdown, "stopped"));
-                }
-            }
+            self.sent_plans_applied().await?;
         }
         self.continuity.name_database(system_id);
         Ok(())
+    }
+
+    /// Waits until apply has applied every plan sent so far (or evictd is
+    /// stopped meanwhile).
+    async fn sent_plans_applied(&self) -> Result<(), Error> {
+        let target = self.sent_plans.load(Ordering::SeqCst);
+        let mut progress = self.progress.clone();
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            applied = progress.wait_for(|progress| progress.applied_plans >= target) => {
+                applied
+                    .map(|_| ())
+                    .map_err(|_| Error::new(ErrorKind::Shutdown, "the apply task ended"))
+            }
+            _ = stop.wait_for(|stop| *stop) => Err(Error::new(ErrorKind::Shutdown, "stopped")),
+        }
     }
 }
 
