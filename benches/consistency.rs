@@ -131,7 +131,7 @@ struct Pass {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let postgres = tokio::task::spawn_blocking(Postgres::start)
+    let mut postgres = tokio::task::spawn_blocking(Postgres::start)
         .await
         .unwrap()
         .expect("start postgres");
@@ -139,7 +139,7 @@ async fn main() {
     let replica = match std::env::var("EVICTD_BENCH_REPLICA_MS") {
         Ok(ms) => {
             let delay = Duration::from_millis(ms.parse().expect("EVICTD_BENCH_REPLICA_MS: ms"));
-            let primary = &postgres;
+            let primary = &mut postgres;
             let standby =
                 std::thread::scope(|scope| scope.spawn(|| primary.standby(delay)).join().unwrap());
             Some(standby.expect("start the standby"))

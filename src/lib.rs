@@ -69,6 +69,7 @@ pub mod internal {
     pub use crate::source::postgres::conn::ReplicationConnection;
     pub use crate::source::postgres::control::Control;
     pub use crate::source::postgres::pgoutput;
+    pub use crate::source::postgres::topology::Topology;
 
     pub mod audit {
         pub use crate::audit::{sweep, table_text, FillSweep, Finding, Sweep, SweepLine};

@@ -885,14 +885,24 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
     };
+    let postgres = config.map(|c| c.postgres);
     let publication = args
         .publication
-        .or_else(|| config.map(|c| c.postgres.publication))
+        .or_else(|| postgres.as_ref().map(|p| p.publication.clone()))
         .unwrap_or_else(|| "evictd".into());
+    let (slot, failover_slot) = postgres.as_ref().map_or(("evictd".to_owned(), false), |p| {
+        (p.slot.clone(), p.failover_slot)
+    });
     let (diagnostics, live_warnings) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
-        .block_on(live_check(&mappings, &url, &publication))?;
+        .block_on(live_check(
+            &mappings,
+            &url,
+            &publication,
+            &slot,
+            failover_slot,
+        ))?;
     if !args.json {
         for warning in &live_warnings {
             eprintln!("{warning}");
@@ -971,16 +981,28 @@ fn check_json(
     }
 }
 
-/// The live checks' problems (the role's right to stream among them), and
-/// warnings about the server's settings that can invalidate the slot.
+/// The live checks' problems (the role's right to stream among them, and
+/// what decoding on a standby or a failover slot needs), and warnings about
+/// the server's settings that can invalidate the slot.
 async fn live_check(
     mappings: &Mappings,
     url: &SecretUrl,
     publication: &str,
+    slot: &str,
+    failover_slot: bool,
 ) -> anyhow::Result<(Vec<Diagnostic>, Vec<String>)> {
     let client = evictd::internal::catalog::connect(url).await?;
     let mut diagnostics = evictd::internal::catalog::check(mappings, &client, publication).await?;
     diagnostics.extend(evictd::internal::catalog::replication_privilege(&client).await?);
+    let topology = evictd::internal::Topology::read(&client, slot).await?;
+    diagnostics.extend(
+        topology
+            .findings(slot, failover_slot)
+            .into_iter()
+            .map(|finding| {
+                Diagnostic::general(format!("postgres: {}", finding.message)).help(finding.help)
+            }),
+    );
     let warnings = evictd::internal::catalog::slot_limit_warnings(&client).await?;
     Ok((diagnostics, warnings))
 }

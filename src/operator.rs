@@ -27,14 +27,24 @@ pub struct Step {
 /// What `init` would do against the database of `config`.
 pub async fn init_plan(config: &Config, mappings: &Mappings) -> Result<Vec<Step>, Error> {
     let control = Control::connect(&config.postgres).await?;
+    let topology = control.topology().await?;
+    let postgres = &config.postgres;
+    if let Some(error) = topology.blocking_error(&postgres.slot, postgres.failover_slot) {
+        return Err(error);
+    }
+    let failover = topology.creates_failover_slot(postgres.failover_slot);
     let mut steps = vec![
         Step {
             sql: format!("{};", control.create_publication_sql(mappings).await?),
             needed: !control.publication_exists().await?,
-            why: "the mapped tables' changes reach evictd through this publication".into(),
+            why: if topology.in_recovery {
+                "the mapped tables' changes reach evictd through this publication; this server is a standby: run it on the primary".into()
+            } else {
+                "the mapped tables' changes reach evictd through this publication".into()
+            },
         },
         Step {
-            sql: format!("{};", control.create_slot_sql().await?),
+            sql: format!("{};", control.create_slot_sql(failover).await?),
             needed: !control.slot_exists().await?,
             why: "the slot keeps every change until evictd has applied it".into(),
         },
@@ -98,7 +108,18 @@ pub async fn reset_slot(config: &Config, mappings: &Mappings) -> Result<(), Erro
         Some(_) => control.drop_slot().await?,
         None => {}
     }
-    control.ensure(mappings, true).await?;
+    let topology = control.topology().await?;
+    let postgres = &config.postgres;
+    if let Some(error) = topology.blocking_error(&postgres.slot, postgres.failover_slot) {
+        return Err(error);
+    }
+    control
+        .ensure(
+            mappings,
+            true,
+            topology.creates_failover_slot(postgres.failover_slot),
+        )
+        .await?;
     Ok(())
 }
 
@@ -211,6 +232,22 @@ pub async fn status(config: &Config) -> Result<Report, Error> {
         }
     };
     report.json.insert("slot".into(), slot);
+    let topology = control.topology().await?;
+    let _ = writeln!(report.text, "{}", topology.describe(&postgres.slot));
+    for finding in topology.findings(&postgres.slot, postgres.failover_slot) {
+        let _ = writeln!(report.text, "  {} ({})", finding.message, finding.help);
+        report.warnings.push(finding.message);
+    }
+    report.json.insert(
+        "server".into(),
+        serde_json::json!({
+            "role": if topology.in_recovery { "standby" } else { "primary" },
+            "version": topology.version,
+            "slot_failover": topology.slot_failover,
+            "slot_synced": topology.slot_synced,
+            "synchronized_standby_slots": topology.standby_slots,
+        }),
+    );
     let view = read_redis(config).await;
     let mut redis = serde_json::Map::new();
     let out = &mut report.text;

@@ -143,7 +143,10 @@ impl Database {
         let select = format!("{} where {filter} limit 2", select_columns(table, &columns));
         let texts = self.query(&select).await?;
         let lsn = self
-            .query("select pg_current_wal_insert_lsn()::text")
+            .query(&format!(
+                "select {}::text",
+                crate::source::postgres::control::WAL_INSERT_POSITION_NOW
+            ))
             .await?
             .first()
             .and_then(|row| row.first().cloned().flatten())

@@ -195,6 +195,9 @@ pub struct PostgresConfig {
     pub publication: String,
     /// Create the slot and publication when absent.
     pub create_slot: bool,
+    /// Create the slot as a failover slot (PostgreSQL 17+), and switch an
+    /// existing one to it, so that standbys synchronising slots keep it.
+    pub failover_slot: bool,
     /// Warn (log, `evictd status`) when the slot retains more WAL than this.
     pub max_retained_wal_mb: u64,
     /// Apply a batch only once its transactions are visible to a new
@@ -527,6 +530,7 @@ impl Default for PostgresConfig {
             slot: settings::str("postgres.slot").into(),
             publication: settings::str("postgres.publication").into(),
             create_slot: settings::bool("postgres.create_slot"),
+            failover_slot: settings::bool("postgres.failover_slot"),
             max_retained_wal_mb: settings::u64("postgres.max_retained_wal_mb"),
             visibility_gate: settings::bool("postgres.visibility_gate"),
             visibility_warn_ms: settings::u64("postgres.visibility_warn_ms"),

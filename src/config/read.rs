@@ -282,6 +282,7 @@ pub(super) fn read_postgres(
             }
         }),
         create_slot: section.or("create_slot", defaults.create_slot),
+        failover_slot: section.or("failover_slot", defaults.failover_slot),
         max_retained_wal_mb: section.ranged("max_retained_wal_mb"),
         visibility_gate: section.or("visibility_gate", defaults.visibility_gate),
         visibility_warn_ms: section.ranged("visibility_warn_ms"),

@@ -62,6 +62,7 @@ pub static SETTINGS: &[Setting] = &[
     shown(setting("postgres.slot", Value("\"evictd\""), None, "replication slot (a-z, 0-9, `_`; at most 63)"), "\"evictd\""),
     shown(setting("postgres.publication", Value("\"evictd\""), None, "publication of the mapped tables"), "\"evictd\""),
     shown(setting("postgres.create_slot", Value("true"), None, "create slot and publication when absent"), "true"),
+    setting("postgres.failover_slot", Value("false"), None, "PostgreSQL 17+: create the slot as a failover slot (an existing one is switched to it), which standbys with `sync_replication_slots` keep, so that evictd continues on a promoted standby without invalidating every mapped table (see [MANAGED.md](MANAGED.md#failover-without-a-cold-cache))"),
     setting("postgres.max_retained_wal_mb", Value("1024"), Some(1..=1 << 30), "warn (log, metric, `status`) when the slot retains more WAL"),
     setting("postgres.visibility_gate", Value("true"), None, "apply a batch only once its transactions are visible to a new snapshot on the primary; with the Kafka source, when `postgres.url` is set (see [Delivery and acknowledgement](RUNNING.md#delivery-and-acknowledgement))"),
     setting("postgres.visibility_warn_ms", Value("5000"), Some(1..=DAY_MS), "past this wait for visibility: a WARN, `/readyz` 503 with the reason"),

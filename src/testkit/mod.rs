@@ -24,7 +24,7 @@ mod varnish;
 pub use evictd::{current_wal_lsn, walsender_pid, Evictd};
 #[cfg(all(feature = "testkit", feature = "kafka"))]
 pub use kafka::{tansu_binary, Kafka, ReadRecord};
-pub use postgres::Postgres;
+pub use postgres::{Postgres, Standby};
 #[cfg(feature = "testkit")]
 pub use profile::{cpu_by_process_name, peak_rss_kib, process_cpu_ticks, ThreadCpu};
 pub use redis::{ping as redis_ping, Redis, RedisCluster};

@@ -23,7 +23,22 @@ pub struct Postgres {
     bin_dir: PathBuf,
     as_postgres: bool,
     settings: Vec<String>,
+    /// A standby's physical slot on its primary.
+    physical_slot: Option<String>,
 }
+
+/// How [`Postgres::standby_with`] sets a standby up.
+#[derive(Clone, Debug, Default)]
+pub struct Standby {
+    /// `recovery_min_apply_delay`: how late it applies each commit.
+    pub apply_delay: Duration,
+    /// Synchronise the primary's failover slots of this database
+    /// (`sync_replication_slots`, PostgreSQL 17+; `primary_conninfo` then
+    /// names the database, as slot synchronisation needs).
+    pub slot_sync_database: Option<String>,
+}
+
+static NEXT_STANDBY: AtomicU32 = AtomicU32::new(1);
 
 impl Postgres {
     /// Starts a new server. Takes a few seconds (initdb).
@@ -82,35 +97,126 @@ impl Postgres {
         Postgres::launch(dir, bin_dir, as_postgres, settings)
     }
 
-    /// A physical standby of this server (`pg_basebackup`, streaming its
-    /// WAL), which applies each commit `apply_delay` after the primary
-    /// (`recovery_min_apply_delay`): a read replica that lags. Read-only;
-    /// [`Postgres::url`] names the same databases as the primary's.
-    pub fn standby(&self, apply_delay: Duration) -> Result<Postgres, TestkitError> {
+    /// A physical standby of this server, which applies each commit
+    /// `apply_delay` after the primary (`recovery_min_apply_delay`): a read
+    /// replica that lags. Read-only; [`Postgres::url`] names the same
+    /// databases as the primary's. See [`Postgres::standby_with`].
+    pub fn standby(&mut self, apply_delay: Duration) -> Result<Postgres, TestkitError> {
+        self.standby_with(&Standby {
+            apply_delay,
+            ..Standby::default()
+        })
+    }
+
+    /// A physical hot standby of this server, streaming its WAL through a
+    /// physical slot of its own on this server (`primary_slot_name`), with
+    /// `hot_standby_feedback` on. It is a copy of this server's data
+    /// directory taken while this server is shut down cleanly for a moment
+    /// (so it works with any version's binaries, `pg_basebackup` or not):
+    /// connections to this server are closed by it.
+    pub fn standby_with(&mut self, standby: &Standby) -> Result<Postgres, TestkitError> {
         let dir = server_dir("evictd-pg-standby-", self.as_postgres)?;
-        let mut backup = command(&self.bin_dir, "pg_basebackup", self.as_postgres);
-        backup
-            .arg("-D")
-            .arg(dir.path().join("data"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args([
-                "-U",
-                "postgres",
-                "-X",
-                "stream",
-                "-R",
-                "-c",
-                "fast",
-                "--no-sync",
-            ]);
-        run(&mut backup, "pg_basebackup")?;
+        self.shut_down()?;
+        let data = dir.path().join("data");
+        let copied = run(
+            Command::new("cp").arg("-a").arg(self.data_dir()).arg(&data),
+            "copy the data directory",
+        );
+        self.start_again()?;
+        copied?;
+        let _ = fs::remove_file(data.join("postmaster.pid"));
+        fs::write(data.join("standby.signal"), "")
+            .map_err(|e| TestkitError::io("write standby.signal", e))?;
+        if self.as_postgres {
+            run(
+                Command::new("chown")
+                    .arg("-R")
+                    .arg("postgres:postgres")
+                    .arg(dir.path()),
+                "chown the standby's data directory",
+            )?;
+        }
+        let slot = format!("standby_{}", NEXT_STANDBY.fetch_add(1, Ordering::Relaxed));
+        // A physical slot keeps the WAL the standby has yet to read (from
+        // the shutdown checkpoint the copy starts at) and carries its
+        // feedback.
+        self.execute_blocking(
+            "postgres",
+            &format!("select pg_create_physical_replication_slot('{slot}', true)"),
+        )?;
+        let mut conninfo = format!("host=127.0.0.1 port={} user=postgres", self.port);
         let mut settings = self.settings.clone();
-        settings.push(format!(
-            "recovery_min_apply_delay={}ms",
-            apply_delay.as_millis()
-        ));
-        settings.push("hot_standby=on".into());
-        Postgres::launch(dir, self.bin_dir.clone(), self.as_postgres, settings)
+        if let Some(database) = &standby.slot_sync_database {
+            conninfo.push_str(&format!(" dbname={database}"));
+            settings.push("sync_replication_slots=on".into());
+        }
+        settings.extend([
+            format!("primary_conninfo={conninfo}"),
+            format!("primary_slot_name={slot}"),
+            format!(
+                "recovery_min_apply_delay={}ms",
+                standby.apply_delay.as_millis()
+            ),
+            "hot_standby=on".into(),
+            "hot_standby_feedback=on".into(),
+        ]);
+        let mut server = Postgres::launch(dir, self.bin_dir.clone(), self.as_postgres, settings)?;
+        server.physical_slot = Some(slot);
+        Ok(server)
+    }
+
+    /// What the server has logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    }
+
+    /// The physical slot on its primary this standby streams through
+    /// (`None` for a server that is not a standby made by the testkit).
+    pub fn physical_slot(&self) -> Option<&str> {
+        self.physical_slot.as_deref()
+    }
+
+    /// Promotes this standby to a primary (`pg_promote()`, which waits
+    /// until it accepts writes).
+    pub async fn promote(&self) -> Result<(), TestkitError> {
+        self.execute("postgres", "select pg_promote(true, 60)")
+            .await
+    }
+
+    /// Shuts the server down cleanly (a fast shutdown: sessions are ended,
+    /// a shutdown checkpoint written) and waits until it has exited.
+    fn shut_down(&mut self) -> Result<(), TestkitError> {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.postmaster_pid.to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.data_dir().join("postmaster.pid").exists() {
+            if Instant::now() > deadline {
+                return Err(TestkitError::Start(
+                    "postgres did not shut down in 60 s".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.wait();
+        Ok(())
+    }
+
+    /// Runs `sql` from a thread of its own (callable inside or outside an
+    /// async runtime).
+    fn execute_blocking(&self, database: &str, sql: &str) -> Result<(), TestkitError> {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|e| TestkitError::io("start a runtime", e))?
+                        .block_on(self.execute(database, sql))
+                })
+                .join()
+                .unwrap_or_else(|_| Err(TestkitError::Start("a testkit thread panicked".into())))
+        })
     }
 
     /// Starts the server of `dir` on a free port (three tries).
@@ -133,6 +239,7 @@ impl Postgres {
                         bin_dir,
                         as_postgres,
                         settings,
+                        physical_slot: None,
                     })
                 }
                 Err(error) => last_error = Some(error),
@@ -229,6 +336,11 @@ impl Postgres {
         // The killed server's lock file still says "ready"; the new server
         // writes its own.
         let _ = fs::remove_file(self.data_dir().join("postmaster.pid"));
+        self.start_again()
+    }
+
+    /// Starts the stopped server on its port and data directory.
+    fn start_again(&mut self) -> Result<(), TestkitError> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             match Postgres::spawn(

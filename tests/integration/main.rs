@@ -20,6 +20,7 @@ mod crash;
 mod decoder_fuzz;
 mod deploy;
 mod docs;
+mod failover;
 mod harness;
 mod kafka;
 mod least_privilege;

@@ -1419,7 +1419,7 @@ struct Replicated {
 impl Replicated {
     async fn start(prefix: &str, rows: i64, delay: std::time::Duration) -> Replicated {
         // A server of its own: its standby copies it whole.
-        let (postgres, db) = own_server(prefix).await;
+        let (mut postgres, db) = own_server(prefix).await;
         db.execute(&format!(
             "create table items (id bigint primary key, v bigint not null);
              create publication evictd for table items;
@@ -1427,7 +1427,7 @@ impl Replicated {
         ))
         .await;
         let standby = {
-            let primary = &postgres;
+            let primary = &mut postgres;
             std::thread::scope(|scope| scope.spawn(|| primary.standby(delay)).join().unwrap())
                 .expect("a standby")
         };

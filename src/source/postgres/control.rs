@@ -13,6 +13,16 @@ use crate::config::{PostgresConfig, SecretUrl};
 use crate::continuity::{invalidation, SlotState};
 use crate::error::{Error, ErrorKind};
 use crate::mapping::Mappings;
+use crate::source::postgres::topology::Topology;
+
+/// The server's WAL position now: what it has written, or on a standby
+/// what it has replayed (`pg_current_wal_lsn()` fails during recovery).
+pub const WAL_POSITION_NOW: &str =
+    "(case when pg_is_in_recovery() then pg_last_wal_replay_lsn() else pg_current_wal_lsn() end)";
+
+/// Everything written so far, durable or not (`pg_current_wal_insert_lsn()`),
+/// or on a standby what it has replayed.
+pub const WAL_INSERT_POSITION_NOW: &str = "(case when pg_is_in_recovery() then pg_last_wal_replay_lsn() else pg_current_wal_insert_lsn() end)";
 
 /// A catalog connection for the control plane of one slot and publication.
 pub struct Control {
@@ -108,13 +118,15 @@ impl Control {
         Ok(row.get(0))
     }
 
-    /// `SELECT pg_create_logical_replication_slot(...)` for the slot.
-    pub async fn create_slot_sql(&self) -> Result<String, Error> {
+    /// `SELECT pg_create_logical_replication_slot(...)` for the slot, as
+    /// a failover slot when `failover` (PostgreSQL 17+).
+    pub async fn create_slot_sql(&self, failover: bool) -> Result<String, Error> {
         let row = self
             .client
             .query_one(
-                "select format('SELECT pg_create_logical_replication_slot(%L, ''pgoutput'')', $1::text)",
-                &[&self.slot],
+                "select format('SELECT pg_create_logical_replication_slot(%L, ''pgoutput''%s)', $1::text,
+                               case when $2 then ', failover => true' else '' end)",
+                &[&self.slot, &failover],
             )
             .await
             .map_err(query_error)?;
@@ -186,12 +198,14 @@ impl Control {
         let row = self
             .client
             .query_opt(
-                "select active_pid, coalesce(confirmed_flush_lsn, '0/0')::text, coalesce(restart_lsn, '0/0')::text,
-                        coalesce(wal_status, ''), pg_current_wal_lsn()::text,
-                        coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint,
-                        coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::bigint,
-                        to_jsonb(s) ->> 'invalidation_reason', (to_jsonb(s) ->> 'conflicting')::bool
-                 from pg_replication_slots s where slot_name = $1",
+                &format!(
+                    "select active_pid, coalesce(confirmed_flush_lsn, '0/0')::text, coalesce(restart_lsn, '0/0')::text,
+                            coalesce(wal_status, ''), now.lsn::text,
+                            coalesce(pg_wal_lsn_diff(now.lsn, confirmed_flush_lsn), 0)::bigint,
+                            coalesce(pg_wal_lsn_diff(now.lsn, restart_lsn), 0)::bigint,
+                            to_jsonb(s) ->> 'invalidation_reason', (to_jsonb(s) ->> 'conflicting')::bool
+                     from pg_replication_slots s, (select {WAL_POSITION_NOW} as lsn) now where slot_name = $1"
+                ),
                 &[&self.slot],
             )
             .await
@@ -218,7 +232,7 @@ impl Control {
         let row = self
             .client
             .query_opt(
-                "select pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint from pg_replication_slots where slot_name = $1",
+                &format!("select pg_wal_lsn_diff({WAL_POSITION_NOW}, restart_lsn)::bigint from pg_replication_slots where slot_name = $1"),
                 &[&self.slot],
             )
             .await
@@ -227,11 +241,11 @@ impl Control {
     }
 
     /// `pg_current_wal_insert_lsn()`: everything written so far, durable or
-    /// not.
+    /// not (on a standby: everything it has replayed).
     pub async fn current_wal_insert_lsn(&self) -> Result<Lsn, Error> {
         let row = self
             .client
-            .query_one("select pg_current_wal_insert_lsn()::text", &[])
+            .query_one(&format!("select {WAL_INSERT_POSITION_NOW}::text"), &[])
             .await
             .map_err(query_error)?;
         let text: String = row.get(0);
@@ -239,11 +253,34 @@ impl Control {
             .ok_or_else(|| Error::new(ErrorKind::Protocol, format!("unexpected LSN `{text}`")))
     }
 
+    /// The server's role, the slot's failover flags and the settings
+    /// around them.
+    pub async fn topology(&self) -> Result<Topology, Error> {
+        Topology::read(&self.client, &self.slot).await
+    }
+
     /// Makes sure the publication and the slot exist, creating them when
-    /// `create` allows. Returns whether the slot was created now.
-    pub async fn ensure(&self, mappings: &Mappings, create: bool) -> Result<bool, Error> {
+    /// `create` allows (the slot as a failover slot when `failover`; on a
+    /// standby only the slot: the publication comes from the primary).
+    /// Returns whether the slot was created now.
+    pub async fn ensure(
+        &self,
+        mappings: &Mappings,
+        create: bool,
+        failover: bool,
+    ) -> Result<bool, Error> {
         let setup_error = |e| Error::postgres("slot setup query failed", e);
         if !self.publication_exists().await? {
+            if self.in_recovery().await? {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "publication `{}` does not exist, and this server is a standby, where it cannot be created: run on the primary `{}` (it reaches the standby with the WAL)",
+                        self.publication,
+                        self.create_publication_sql(mappings).await?
+                    ),
+                ));
+            }
             if !create {
                 return Err(Error::new(
                     ErrorKind::Config,
@@ -281,14 +318,18 @@ impl Control {
                 Ok(false)
             }
             None if create => {
+                let sql = if failover {
+                    "select pg_create_logical_replication_slot($1, 'pgoutput', failover => true)"
+                } else {
+                    "select pg_create_logical_replication_slot($1, 'pgoutput')"
+                };
+                // On a standby this waits for the primary to log its
+                // running transactions (every 15 s at most).
                 self.client
-                    .query_one(
-                        "select pg_create_logical_replication_slot($1, 'pgoutput')",
-                        &[&self.slot],
-                    )
+                    .query_one(sql, &[&self.slot])
                     .await
                     .map_err(setup_error)?;
-                tracing::info!(slot = %self.slot, "created replication slot");
+                tracing::info!(slot = %self.slot, failover, "created replication slot");
                 Ok(true)
             }
             None => Err(Error::new(
@@ -299,6 +340,16 @@ impl Control {
                 ),
             )),
         }
+    }
+
+    /// `pg_is_in_recovery()`: the server is a standby.
+    pub async fn in_recovery(&self) -> Result<bool, Error> {
+        let row = self
+            .client
+            .query_one("select pg_is_in_recovery()", &[])
+            .await
+            .map_err(query_error)?;
+        Ok(row.get(0))
     }
 
     /// Adds those of `tables` that exist and are not in the publication

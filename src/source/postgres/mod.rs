@@ -12,6 +12,8 @@
 //! - [`supervisor`]: sessions one after another, reconnects, standby,
 //!   continuity, retained WAL.
 //! - [`tls`]: TLS with libpq's `sslmode` semantics.
+//! - [`topology`]: the server's role (primary or hot standby) and what
+//!   keeps the slot through a failover.
 
 pub mod changes;
 pub mod conn;
@@ -22,5 +24,6 @@ pub mod schema;
 pub mod slot;
 pub mod supervisor;
 pub mod tls;
+pub mod topology;
 
 pub use self::supervisor::start;

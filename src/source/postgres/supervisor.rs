@@ -75,13 +75,22 @@ pub fn start(config: &Config, mappings: Arc<Mappings>, options: Options) -> Resu
 impl Supervisor {
     /// Compares the slot with what evictd remembers applying (see
     /// [`crate::continuity`]), creates the slot when needed, and when changes
-    /// were lost invalidates every mapped table before streaming.
-    async fn check_continuity(&self, url: &SecretUrl, system_id: &str) -> Result<(), Error> {
+    /// were lost invalidates every mapped table before streaming. Returns
+    /// whether the slot is to be switched to a failover slot.
+    async fn check_continuity(&self, url: &SecretUrl, system_id: &str) -> Result<bool, Error> {
         let postgres = &self.config.postgres;
         // Every position acknowledged so far was recorded before it was
         // acknowledged: plans still in flight can only move the record on.
         let remembered = self.continuity.read(&mut self.stop.clone()).await?;
         let control = Control::connect_to(url, &postgres.slot, &postgres.publication).await?;
+        let topology = control.topology().await?;
+        if let Some(error) = topology.blocking_error(&postgres.slot, postgres.failover_slot) {
+            return Err(error);
+        }
+        for finding in topology.findings(&postgres.slot, postgres.failover_slot) {
+            tracing::warn!(slot = %postgres.slot, problem = %finding.message, help = %finding.help, "the slot may not outlive a failover");
+        }
+        let failover = topology.creates_failover_slot(postgres.failover_slot);
         let state = control.inspect().await?;
         let verdict = if self.reset_pending.load(Ordering::SeqCst) {
             Continuity::Lost("the slot was re-created by `evictd init --reset-slot`".into())
@@ -104,12 +113,16 @@ impl Supervisor {
             control.drop_slot().await?;
         }
         let mappings = self.mappings.borrow().clone();
-        if control.ensure(&mappings, postgres.create_slot).await? {
-            tracing::info!(slot = %postgres.slot, "created the replication slot: streaming starts from now");
+        if control
+            .ensure(&mappings, postgres.create_slot, failover)
+            .await?
+        {
+            tracing::info!(slot = %postgres.slot, failover, "created the replication slot: streaming starts from now");
         }
         self.name_database(system_id).await?;
+        let switch = topology.needs_failover_switch(postgres.failover_slot);
         let Continuity::Lost(reason) = verdict else {
-            return Ok(());
+            return Ok(switch);
         };
         tracing::error!(slot = %postgres.slot, %reason, "continuity lost: invalidating every mapped table before streaming");
         let start = match control.inspect().await? {
@@ -135,7 +148,7 @@ impl Supervisor {
         batcher.record_metrics();
         self.reset_pending.store(false, Ordering::SeqCst);
         tracing::warn!(slot = %postgres.slot, tables = mappings.tables().count(), "coarse invalidation applied; streaming resumes");
-        Ok(())
+        Ok(switch)
     }
 
     async fn send(&self, plan: Plan) -> Result<(), Error> {
@@ -345,7 +358,15 @@ impl Supervisor {
             ));
         };
         tracing::info!(%system_id, %timeline, %wal_position, "connected for replication");
-        self.check_continuity(url, system_id).await?;
+        if self.check_continuity(url, system_id).await? {
+            let slot = &self.config.postgres.slot;
+            conn.simple_query(&format!(
+                "ALTER_REPLICATION_SLOT {} ( FAILOVER true )",
+                crate::sql::quote_ident(slot)
+            ))
+            .await?;
+            tracing::info!(%slot, "switched the replication slot to a failover slot");
+        }
         // The checks `evictd check` makes, reported table by table; the
         // OIDs they find let a rename be recognised from the first change.
         self.memory.seed(self.live_checks.run().await);
