@@ -131,8 +131,15 @@ pub enum Continuity {
     Continuous,
     /// Nothing remembered: nothing to compare with.
     FirstRun,
-    /// Changes may be missing; the reason says why.
-    Lost(String),
+    /// Changes may be missing: `reason` says why in words, `cause` in one
+    /// word (the `cause` label of `evictd_continuity_lost_total`).
+    Lost { cause: &'static str, reason: String },
+}
+
+impl Continuity {
+    pub fn lost(cause: &'static str, reason: String) -> Continuity {
+        Continuity::Lost { cause, reason }
+    }
 }
 
 /// Decides whether a Kafka partition whose group committed `committed`
@@ -140,7 +147,7 @@ pub enum Continuity {
 #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
 pub fn judge_offset(committed: i64, low: i64, high: i64) -> Continuity {
     if committed < low || committed > high {
-        Continuity::Lost(format!(
+        Continuity::lost("offsets_removed", format!(
             "committed offset {committed} is outside {low}..={high}: records were deleted before evictd read them"
         ))
     } else {
@@ -151,23 +158,26 @@ pub fn judge_offset(committed: i64, low: i64, high: i64) -> Continuity {
 /// Decides whether the Postgres slot lost continuity. Pure.
 pub fn judge(remembered: Option<&Remembered>, slot: &SlotState, system_id: &str) -> Continuity {
     if let Some(cause) = slot.invalidated() {
-        return Continuity::Lost(format!("the replication slot was invalidated: {cause}"));
+        return Continuity::lost(
+            "slot_invalidated",
+            format!("the replication slot was invalidated: {cause}"),
+        );
     }
     let Some(remembered) = remembered else {
         return Continuity::FirstRun;
     };
     if remembered.system_id != system_id {
-        return Continuity::Lost(format!(
+        return Continuity::lost("database_replaced", format!(
             "the database's system identifier changed from {} to {system_id}: it was replaced (restore, failover to a server without the slot)",
             remembered.system_id
         ));
     }
     match slot {
-        SlotState::Missing => Continuity::Lost(format!(
+        SlotState::Missing => Continuity::lost("slot_missing", format!(
             "the replication slot is gone; evictd had applied up to {}",
             remembered.applied
         )),
-        SlotState::Present { confirmed_flush, .. } if *confirmed_flush > remembered.applied => Continuity::Lost(format!(
+        SlotState::Present { confirmed_flush, .. } if *confirmed_flush > remembered.applied => Continuity::lost("slot_ahead", format!(
             "the replication slot is at {confirmed_flush}, past the {} evictd applied: it was recreated or consumed by someone else",
             remembered.applied
         )),
@@ -328,7 +338,7 @@ mod tests {
         assert_eq!(judge_offset(0, 0, 0), Continuity::Continuous);
         assert_eq!(judge_offset(10, 0, 10), Continuity::Continuous);
         for (committed, low, high) in [(1000, 0, 2), (3, 4, 9)] {
-            let Continuity::Lost(reason) = judge_offset(committed, low, high) else {
+            let Continuity::Lost { reason, .. } = judge_offset(committed, low, high) else {
                 panic!("{committed} outside {low}..={high} is a loss");
             };
             assert!(
@@ -410,7 +420,7 @@ mod tests {
             invalidated: invalidation("lost", Some("idle_timeout"), None),
         };
         match judge(Some(&remembered(10)), &idle, "7301") {
-            Continuity::Lost(text) => {
+            Continuity::Lost { reason: text, .. } => {
                 assert!(text.contains("idle_replication_slot_timeout"), "{text}")
             }
             other => panic!("{other:?}"),
@@ -430,7 +440,7 @@ mod tests {
         assert!(
             matches!(
                 judge(None, &present(9, "lost"), "7301"),
-                Continuity::Lost(_)
+                Continuity::Lost { .. }
             ),
             "lost WAL is lost, record or not"
         );
@@ -449,7 +459,7 @@ mod tests {
             (present(5, "reserved"), "9999", "system identifier changed"),
         ] {
             match judge(Some(&remembered(10)), &slot, system) {
-                Continuity::Lost(text) => assert!(text.contains(reason), "{text}"),
+                Continuity::Lost { reason: text, .. } => assert!(text.contains(reason), "{text}"),
                 other => panic!("{slot:?}: {other:?}"),
             }
         }

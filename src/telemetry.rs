@@ -65,6 +65,20 @@ pub const RECONNECTS: &str = "evictd_reconnects_total";
 pub const SLOT_RETAINED_WAL_BYTES: &str = "evictd_slot_retained_wal_bytes";
 /// Transactions applied as a coarse invalidation of their tables.
 pub const COARSE_INVALIDATIONS: &str = "evictd_coarse_invalidations_total";
+/// Lost continuity (every mapped table invalidated once), by `cause`.
+pub const CONTINUITY_LOST: &str = "evictd_continuity_lost_total";
+/// The `cause` labels of [`CONTINUITY_LOST`].
+pub const CONTINUITY_CAUSES: &[&str] = &[
+    "slot_invalidated",
+    "slot_missing",
+    "slot_ahead",
+    "slot_reset",
+    "database_replaced",
+    "offsets_removed",
+];
+/// Problems with what keeps the slot through a failover or on a standby
+/// (`postgres.failover_slot`, decoding on a standby); 0 once fixed.
+pub const SLOT_SETUP_PROBLEMS: &str = "evictd_slot_setup_problems";
 /// Problems between the mappings and the live schema, by `table` (a mapped
 /// table, or `publication <name>`); 0 once fixed.
 pub const SCHEMA_PROBLEMS: &str = "evictd_schema_problems";
@@ -245,6 +259,14 @@ pub fn describe() {
         COARSE_INVALIDATIONS,
         "Transactions applied as a coarse invalidation of their tables"
     );
+    describe_counter!(
+        CONTINUITY_LOST,
+        "Lost continuity (every mapped table invalidated once), by cause"
+    );
+    describe_gauge!(
+        SLOT_SETUP_PROBLEMS,
+        "Problems with what keeps the slot through a failover or on a standby; 0 once fixed"
+    );
     describe_gauge!(
         SLOT_RETAINED_WAL_BYTES,
         Unit::Bytes,
@@ -385,6 +407,9 @@ fn zero_counters() {
         REPLICA_FOLDED_KEYS,
     ] {
         counter!(name).increment(0);
+    }
+    for cause in CONTINUITY_CAUSES {
+        counter!(CONTINUITY_LOST, "cause" => *cause).increment(0);
     }
     for outcome in ["replayed", "timed_out"] {
         counter!(REPLICA_INVALIDATIONS, "outcome" => outcome).increment(0);

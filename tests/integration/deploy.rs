@@ -72,7 +72,7 @@ fn the_alert_rules_pass_promtool_and_their_unit_tests() {
         stderr(&check)
     );
     assert!(
-        stdout(&check).contains("SUCCESS: 18 rules found"),
+        stdout(&check).contains("SUCCESS: 20 rules found"),
         "{}",
         stdout(&check)
     );
@@ -87,7 +87,7 @@ fn every_recommended_alert_is_a_rule_with_a_unit_test() {
     let tests = read("deploy/prometheus/alerts_test.yml");
     let recommended = readme_section(&readme, "Alerts worth having:", "## Operator kit");
     let bullets: Vec<&str> = recommended.split("\n- ").skip(1).collect();
-    assert_eq!(bullets.len(), 18, "{recommended}");
+    assert_eq!(bullets.len(), 20, "{recommended}");
     for bullet in bullets {
         for metric in metric_names(bullet) {
             assert!(
@@ -100,7 +100,7 @@ fn every_recommended_alert_is_a_rule_with_a_unit_test() {
         .lines()
         .filter_map(|line| line.trim().strip_prefix("- alert: "))
         .collect();
-    assert_eq!(names.len(), 18);
+    assert_eq!(names.len(), 20);
     for name in names {
         assert!(
             tests.contains(&format!(

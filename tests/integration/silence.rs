@@ -770,6 +770,8 @@ async fn every_counter_is_exported_at_zero_from_the_start() {
         r#"evictd_sql_messages_total{outcome="malformed"}"#,
         r#"evictd_consistency_checks_total{outcome="stale"}"#,
         "evictd_coarse_invalidations_total",
+        r#"evictd_continuity_lost_total{cause="slot_invalidated"}"#,
+        r#"evictd_continuity_lost_total{cause="database_replaced"}"#,
         "evictd_log_lines_dropped_total",
     ] {
         assert!(

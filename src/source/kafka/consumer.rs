@@ -407,7 +407,7 @@ fn start_positions(
                     .fetch_watermarks(topic, partition, BROKER_TIMEOUT)
                     .map(|(low, high)| continuity::judge_offset(offset, low, high));
                 match verdict {
-                    Ok(Continuity::Lost(reason)) => {
+                    Ok(Continuity::Lost { reason, .. }) => {
                         lost.push((
                             Partition {
                                 topic: topic.into(),

@@ -443,6 +443,7 @@ impl Session {
         for (partition, reason) in partitions {
             tracing::error!(%partition, %reason, "continuity lost: records were deleted before evictd read them; invalidating every mapped table");
         }
+        metrics::counter!(telemetry::CONTINUITY_LOST, "cause" => "offsets_removed").increment(1);
         self.flush().await?;
         self.batcher.invalidate_everything(&mut self.ready);
         self.flush().await

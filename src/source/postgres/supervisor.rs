@@ -87,13 +87,18 @@ impl Supervisor {
         if let Some(error) = topology.blocking_error(&postgres.slot, postgres.failover_slot) {
             return Err(error);
         }
-        for finding in topology.findings(&postgres.slot, postgres.failover_slot) {
+        let findings = topology.findings(&postgres.slot, postgres.failover_slot);
+        publish_setup_problems(findings.len());
+        for finding in findings {
             tracing::warn!(slot = %postgres.slot, problem = %finding.message, help = %finding.help, "the slot may not outlive a failover");
         }
         let failover = topology.creates_failover_slot(postgres.failover_slot);
         let state = control.inspect().await?;
         let verdict = if self.reset_pending.load(Ordering::SeqCst) {
-            Continuity::Lost("the slot was re-created by `evictd init --reset-slot`".into())
+            Continuity::lost(
+                "slot_reset",
+                "the slot was re-created by `evictd init --reset-slot`".into(),
+            )
         } else {
             continuity::judge(remembered.as_ref(), &state, system_id)
         };
@@ -121,10 +126,11 @@ impl Supervisor {
         }
         self.name_database(system_id).await?;
         let switch = topology.needs_failover_switch(postgres.failover_slot);
-        let Continuity::Lost(reason) = verdict else {
+        let Continuity::Lost { cause, reason } = verdict else {
             return Ok(switch);
         };
-        tracing::error!(slot = %postgres.slot, %reason, "continuity lost: invalidating every mapped table before streaming");
+        metrics::counter!(telemetry::CONTINUITY_LOST, "cause" => cause).increment(1);
+        tracing::error!(slot = %postgres.slot, cause, %reason, "continuity lost: invalidating every mapped table before streaming");
         let start = match control.inspect().await? {
             SlotState::Present {
                 confirmed_flush, ..
@@ -195,8 +201,15 @@ const SCHEMA_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 /// How often the slot's retained WAL is checked.
 const RETAINED_WAL_CHECK: Duration = Duration::from_secs(60);
 
+#[allow(clippy::cast_precision_loss)]
+fn publish_setup_problems(count: usize) {
+    metrics::gauge!(telemetry::SLOT_SETUP_PROBLEMS).set(count as f64);
+}
+
 /// Publishes the WAL the slot retains and warns past
-/// `postgres.max_retained_wal_mb`, until stopped.
+/// `postgres.max_retained_wal_mb`, and the slot's setup problems (a
+/// standby stopped or its feedback turned off after the session started),
+/// until stopped.
 async fn watch_retained_wal(config: Config, mut stop: watch::Receiver<bool>) {
     let Some(url) = config.postgres.url.clone() else {
         return;
@@ -213,6 +226,13 @@ async fn watch_retained_wal(config: Config, mut stop: watch::Receiver<bool>) {
         else {
             continue;
         };
+        if let Ok(topology) = control.topology().await {
+            publish_setup_problems(
+                topology
+                    .findings(&postgres.slot, postgres.failover_slot)
+                    .len(),
+            );
+        }
         let Ok(Some(retained)) = control.retained_wal().await else {
             continue;
         };
