@@ -283,3 +283,81 @@ async fn a_slot_invalidated_by_postgres_is_named_and_every_mapped_table_invalida
         Vec::<String>::new()
     );
 }
+
+/// PostgreSQL 18 invalidates a slot nobody read for longer than
+/// `idle_replication_slot_timeout` (at a checkpoint): `status` names it,
+/// and the next start invalidates every mapped table. Before 18 the
+/// setting does not exist and the slot stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_idle_past_the_timeout_is_named_and_every_mapped_table_invalidated() {
+    use evictd::config::SecretUrl;
+    use evictd::testkit::Postgres;
+    let postgres = tokio::task::spawn_blocking(Postgres::start)
+        .await
+        .unwrap()
+        .expect("postgres");
+    let name = postgres.create_database().await.expect("database");
+    postgres.execute(&name, SCHEMA).await.expect("schema");
+    let probe = TestDb::new().await; // a key prefix of this test's own
+    let mappings = mapping_dir(&[("orders.toml", MAPPING)]);
+    let mut config = Config::with_defaults(
+        SecretUrl::parse(&postgres.url(&name)).expect("url"),
+        SecretUrl::parse(&crate::support::stack().redis.url()).expect("redis url"),
+        mappings.path().to_path_buf(),
+    );
+    config.redis.prefix = probe.prefix.clone();
+    config.redis.l1_channel = format!("{}l1", probe.prefix);
+    let mut s = Setup {
+        db: probe,
+        config,
+        redis: redis_connection().await,
+        _mappings: mappings,
+    };
+    let timeout = postgres
+        .execute(
+            "postgres",
+            "alter system set idle_replication_slot_timeout = '1min'",
+        )
+        .await;
+    let version = crate::support::server_version(&postgres.url(&name)).await;
+    if version < 180_000 {
+        assert!(timeout.is_err(), "PostgreSQL {version} knows the setting");
+        return;
+    }
+    timeout.expect("idle_replication_slot_timeout");
+    postgres
+        .execute("postgres", "select pg_reload_conf()")
+        .await
+        .expect("reload");
+    s.run_once().await;
+    s.seed(&["order:1"]).await;
+    // The slot is idle from now; Postgres looks at a checkpoint.
+    tokio::time::sleep(std::time::Duration::from_secs(62)).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        postgres
+            .execute(&name, "checkpoint")
+            .await
+            .expect("checkpoint");
+        let report = evictd::internal::operator::status(&s.config)
+            .await
+            .expect("status");
+        if report.text.contains("invalidated: ") {
+            assert!(
+                report.text.contains("idle_replication_slot_timeout")
+                    && report.text.contains("invalidation_reason = idle_timeout"),
+                "{}",
+                report.text
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle slot was never invalidated:\n{}",
+            report.text
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    s.run_once().await;
+    assert_eq!(s.cached(&["order:1"]).await, Vec::<String>::new());
+}

@@ -25,7 +25,7 @@ const KEYS: [&str; 3] = ["order:1", "order:2", "order:3"];
 struct Primary {
     postgres: Postgres,
     database: String,
-    version: i32,
+    version: i64,
     config: Config,
     redis: redis::aio::MultiplexedConnection,
     _probe: TestDb,
@@ -50,7 +50,7 @@ impl Primary {
         );
         config.redis.prefix = probe.prefix.clone();
         config.redis.l1_channel = format!("{}l1", probe.prefix);
-        let version = query_int(&postgres.url(&database), "show server_version_num").await;
+        let version = crate::support::server_version(&postgres.url(&database)).await;
         Primary {
             postgres,
             database,
@@ -110,16 +110,6 @@ async fn connect(url: &str) -> tokio_postgres::Client {
         .expect("connect");
     tokio::spawn(connection);
     client
-}
-
-async fn query_int(url: &str, sql: &str) -> i32 {
-    let text: String = connect(url)
-        .await
-        .query_one(sql, &[])
-        .await
-        .expect(sql)
-        .get(0);
-    text.parse().expect("a number")
 }
 
 /// Polls `sql` (one boolean, or no row) at `url` until it is true.

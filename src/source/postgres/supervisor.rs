@@ -131,6 +131,10 @@ impl Supervisor {
         };
         metrics::counter!(telemetry::CONTINUITY_LOST, "cause" => cause).increment(1);
         tracing::error!(slot = %postgres.slot, cause, %reason, "continuity lost: invalidating every mapped table before streaming");
+        // Until the coarse invalidation is applied, `/readyz` says why.
+        self.source.send_replace(SourceState::Interrupted(format!(
+            "continuity lost ({reason}): invalidating every mapped table before streaming"
+        )));
         let start = match control.inspect().await? {
             SlotState::Present {
                 confirmed_flush, ..

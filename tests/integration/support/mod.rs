@@ -424,3 +424,16 @@ pub async fn wait_for_slot(client: &tokio_postgres::Client, slot: &str, streamin
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// `server_version_num` of the server at `url` (`170004` for 17.4).
+pub async fn server_version(url: &str) -> i64 {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect for the server version");
+    tokio::spawn(connection);
+    client
+        .query_one("select current_setting('server_version_num')::int8", &[])
+        .await
+        .expect("server_version_num")
+        .get(0)
+}
