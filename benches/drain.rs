@@ -403,6 +403,16 @@ async fn measure(
         .batch_execute("create publication evictd for table orders")
         .await
         .unwrap();
+    let version: i64 = client
+        .query_one("select current_setting('server_version_num')::int8", &[])
+        .await
+        .unwrap()
+        .get(0);
+    eprintln!(
+        "{}: PostgreSQL {version}, pg_recvlogical {}",
+        scenario.name,
+        recvlogical_program(postgres).display()
+    );
     let rounds = rounds();
     // Two slots per round, all created before the workload: every drain
     // reads the same WAL.
@@ -441,7 +451,13 @@ async fn measure(
             scenario.name,
             round + 1
         );
-        let recvlogical = recvlogical(postgres, &url, &format!("{database}_recv_{round}"), end);
+        let recvlogical = recvlogical(
+            postgres,
+            &url,
+            &format!("{database}_recv_{round}"),
+            end,
+            version,
+        );
         // The Redis baseline runs right before and right after evictd's
         // drain; the faster of the two counts (this shared VM's speed moves
         // from minute to minute, and the ratio should not flatter evictd).
@@ -488,20 +504,35 @@ async fn measure(
     }
 }
 
-/// `pg_recvlogical` drains `slot` to /dev/null up to `end`.
-fn recvlogical(postgres: &Postgres, url: &str, slot: &str, end: Lsn) -> Duration {
+/// `pg_recvlogical` of the server's binaries, else (the packaged 13-18
+/// binaries ship none) the machine's, which streams from any version.
+fn recvlogical_program(postgres: &Postgres) -> std::path::PathBuf {
+    let own = postgres.bin_dir().join("pg_recvlogical");
+    if own.exists() {
+        return own;
+    }
+    let output = Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .expect("pg_config (for the machine's pg_recvlogical)");
+    std::path::PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()).join("pg_recvlogical")
+}
+
+/// `pg_recvlogical` drains `slot` to /dev/null up to `end`, with the
+/// pgoutput protocol evictd uses on that server `version` (2 with
+/// streaming from 14, 1 before).
+fn recvlogical(postgres: &Postgres, url: &str, slot: &str, end: Lsn, version: i64) -> Duration {
     let started = Instant::now();
-    let status = Command::new(postgres.bin_dir().join("pg_recvlogical"))
+    let protocol: &[&str] = if version >= 140_000 {
+        &["-o", "proto_version=2", "-o", "streaming=on"]
+    } else {
+        &["-o", "proto_version=1"]
+    };
+    let status = Command::new(recvlogical_program(postgres))
         .args(["-d", url, "--slot", slot, "--start", "--no-loop"])
         .args(["--endpos", &end.to_string(), "-f", "/dev/null"])
-        .args([
-            "-o",
-            "proto_version=2",
-            "-o",
-            "streaming=on",
-            "-o",
-            "publication_names=evictd",
-        ])
+        .args(protocol)
+        .args(["-o", "publication_names=evictd"])
         .status()
         .expect("run pg_recvlogical");
     let took = started.elapsed();

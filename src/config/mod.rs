@@ -378,49 +378,101 @@ pub struct ConfigError {
     pub problems: Vec<String>,
 }
 
-/// A URL whose password must never be printed.
+/// A URL whose password must never be printed. libpq's multi-host form
+/// (`postgres://user@host1:5432,host2:5432/db?target_session_attrs=read-write`)
+/// is kept whole for connecting; the other accessors see the first host.
 #[derive(Clone, PartialEq, Eq)]
-pub struct SecretUrl(url::Url);
+pub struct SecretUrl {
+    /// The URL with the first host only.
+    url: url::Url,
+    /// The hosts after the first, as written (`,host2:5432,host3`), or "".
+    more_hosts: String,
+    /// The URL as connections take it: every host, with the password.
+    full: String,
+}
+
+/// `text` with only its first host, and the hosts after it (`,h2:p2`).
+pub(crate) fn split_hosts(text: &str) -> (String, String) {
+    let Some(scheme_end) = text.find("://") else {
+        return (text.to_owned(), String::new());
+    };
+    let start = scheme_end + 3;
+    let end = text[start..]
+        .find(['/', '?', '#'])
+        .map_or(text.len(), |i| start + i);
+    let hosts_start = text[start..end].rfind('@').map_or(start, |i| start + i + 1);
+    match text[hosts_start..end].find(',') {
+        None => (text.to_owned(), String::new()),
+        Some(comma) => {
+            let comma = hosts_start + comma;
+            (
+                format!("{}{}", &text[..comma], &text[end..]),
+                text[comma..end].to_owned(),
+            )
+        }
+    }
+}
+
+/// `url` with `more_hosts` after its first host.
+pub(crate) fn with_hosts(url: &url::Url, more_hosts: &str) -> String {
+    if more_hosts.is_empty() {
+        return url.as_str().to_owned();
+    }
+    format!(
+        "{}{more_hosts}{}",
+        &url[..url::Position::AfterPort],
+        &url[url::Position::AfterPort..]
+    )
+}
 
 impl SecretUrl {
     pub fn parse(text: &str) -> Result<SecretUrl, String> {
-        url::Url::parse(text)
-            .map(SecretUrl)
-            .map_err(|error| format!("not a URL ({error})"))
+        let (first, more_hosts) = split_hosts(text);
+        let url = url::Url::parse(&first).map_err(|error| format!("not a URL ({error})"))?;
+        Ok(SecretUrl::of(url, more_hosts))
     }
 
-    /// The URL with its password, for connecting only.
+    fn of(url: url::Url, more_hosts: String) -> SecretUrl {
+        let full = with_hosts(&url, &more_hosts);
+        SecretUrl {
+            url,
+            more_hosts,
+            full,
+        }
+    }
+
+    /// The URL with its password (and every host), for connecting only.
     pub fn expose(&self) -> &str {
-        self.0.as_str()
+        &self.full
     }
 
     pub fn scheme(&self) -> &str {
-        self.0.scheme()
+        self.url.scheme()
     }
 
     pub fn host(&self) -> Option<&str> {
-        self.0.host_str()
+        self.url.host_str()
     }
 
     pub fn port(&self) -> Option<u16> {
-        self.0.port()
+        self.url.port()
     }
 
     pub fn has_password(&self) -> bool {
-        self.0.password().is_some()
+        self.url.password().is_some()
     }
 
     /// The same URL with `password` set.
     pub fn with_password(&self, password: &str) -> Result<SecretUrl, String> {
-        let mut url = self.0.clone();
+        let mut url = self.url.clone();
         url.set_password(Some(password))
             .map_err(|()| "this URL cannot carry a password".to_owned())?;
-        Ok(SecretUrl(url))
+        Ok(SecretUrl::of(url, self.more_hosts.clone()))
     }
 
     /// Whether the host is this machine (loopback address or `localhost`).
     pub fn is_loopback(&self) -> bool {
-        match self.0.host() {
+        match self.url.host() {
             Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
             Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
             // Hosts of non-special schemes (redis://) arrive unparsed.
@@ -439,7 +491,7 @@ impl SecretUrl {
 
 impl fmt::Display for SecretUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut shown = self.0.clone();
+        let mut shown = self.url.clone();
         if shown.password().is_some() {
             // Setting a password only fails for URLs that cannot have one.
             let _ = shown.set_password(Some("***"));
@@ -453,7 +505,7 @@ impl fmt::Display for SecretUrl {
             }
             shown.query_pairs_mut().clear().extend_pairs(query);
         }
-        f.write_str(shown.as_str())
+        f.write_str(&with_hosts(&shown, &self.more_hosts))
     }
 }
 
@@ -796,3 +848,30 @@ fn toml_problem(path: &Path, text: &str, error: &toml::de::Error) -> String {
 
 mod read;
 pub mod settings;
+
+#[cfg(test)]
+mod tests {
+    use super::SecretUrl;
+
+    #[test]
+    fn a_multi_host_url_is_kept_whole_and_its_password_hidden() {
+        let text =
+            "postgres://evictd:s3cret@db1:5432,db2:6432,db3/app?target_session_attrs=read-write";
+        let url = SecretUrl::parse(text).expect("libpq's multi-host form");
+        assert_eq!(url.expose(), text);
+        assert_eq!(url.host(), Some("db1"));
+        assert_eq!(url.port(), Some(5432));
+        assert_eq!(
+            url.to_string(),
+            "postgres://evictd:***@db1:5432,db2:6432,db3/app?target_session_attrs=read-write"
+        );
+        let changed = SecretUrl::parse("postgres://evictd@db1,db2/app")
+            .unwrap()
+            .with_password("pw")
+            .unwrap();
+        assert_eq!(changed.expose(), "postgres://evictd:pw@db1,db2/app");
+        let single = SecretUrl::parse("postgres://evictd@db/app").unwrap();
+        assert_eq!(single.expose(), "postgres://evictd@db/app");
+        assert!(SecretUrl::parse("not a url").is_err());
+    }
+}

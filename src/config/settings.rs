@@ -57,7 +57,7 @@ const DAY_MS: u64 = 86_400_000;
 /// them.
 pub static SETTINGS: &[Setting] = &[
     shown(setting("source.kind", Value("\"postgres\""), None, "`postgres` or `kafka`"), "\"postgres\""),
-    shown(setting("postgres.url", Unset("(required for postgres)"), None, "the primary, `postgres://user@host:port/db` (libpq's `sslmode` and `sslrootcert` apply); keep the password out of the file: `EVICTD_POSTGRES__URL` or `postgres.password_file`"), "\"postgres://evictd@127.0.0.1:5432/app\""),
+    shown(setting("postgres.url", Unset("(required for postgres)"), None, "the primary, `postgres://user@host:port/db` (libpq's `sslmode` and `sslrootcert` apply; its multi-host form `host1:5432,host2:5432` with `target_session_attrs=read-write` connects to whichever is writable, which follows a failover); keep the password out of the file: `EVICTD_POSTGRES__URL` or `postgres.password_file`"), "\"postgres://evictd@127.0.0.1:5432/app\""),
     setting("postgres.password_file", Unset("none"), None, "read the password from this file (relative to the config file) instead of the URL; a password in both is refused"),
     shown(setting("postgres.slot", Value("\"evictd\""), None, "replication slot (a-z, 0-9, `_`; at most 63)"), "\"evictd\""),
     shown(setting("postgres.publication", Value("\"evictd\""), None, "publication of the mapped tables"), "\"evictd\""),

@@ -141,7 +141,8 @@ async fn replayed(primary: &Primary, standby: &Postgres) {
 
 /// evictd streams from the primary and stops; a row changes that it has
 /// not read; the primary fails and its standby (set up to keep failover
-/// slots when `failover`) is promoted; evictd starts against it. Returns
+/// slots when `failover`) is promoted; evictd starts again with the same
+/// URL, which lists both hosts with `target_session_attrs=read-write`. Returns
 /// the keys left in the cache: `None` when the version lacks failover
 /// slots and `failover` was asked for (evictd refused, naming why).
 async fn fail_over(failover: bool) -> Option<Vec<&'static str>> {
@@ -163,6 +164,15 @@ async fn fail_over(failover: bool) -> Option<Vec<&'static str>> {
         ..Standby::default()
     });
     let primary_url = primary.postgres.url(&primary.database);
+    // One URL throughout, as production has it: the standby first, which
+    // evictd passes over while it is read-only, then the primary.
+    let both = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/{}?target_session_attrs=read-write",
+        standby.port(),
+        primary.postgres.port(),
+        primary.database
+    );
+    primary.config.postgres.url = Some(SecretUrl::parse(&both).expect("a URL of both hosts"));
     let slot = primary.config.postgres.slot.clone();
     let control = evictd::internal::Control::connect(&primary.config.postgres)
         .await
@@ -265,9 +275,8 @@ async fn fail_over(failover: bool) -> Option<Vec<&'static str>> {
     drop(control);
     primary.postgres.kill();
     standby.promote().await.expect("promote");
-    let mut promoted = primary.config.clone();
-    promoted.postgres.url = Some(SecretUrl::parse(&standby.url(&primary.database)).unwrap());
-    let evictd = Evictd::start(&promoted)
+    // The same URL: the old primary is gone, the promoted standby writable.
+    let evictd = Evictd::start(&primary.config)
         .await
         .expect("start evictd on the promoted standby");
     evictd.sync().await.expect("sync");

@@ -71,15 +71,59 @@ impl ReplicationConnection {
         let (tls, url) = TlsSettings::from_url(url)?;
         let config = tokio_postgres::Config::from_str(&url)
             .map_err(|e| Error::with_source(ErrorKind::Config, "invalid postgres.url", e))?;
-        let (reader, writer) = open(&config, &tls).await?;
+        // As libpq: each host in turn, the first that takes the connection
+        // (and with target_session_attrs=read-write, is not read-only: a
+        // URL listing a primary and its standbys follows a failover).
+        let read_write = matches!(
+            config.get_target_session_attrs(),
+            tokio_postgres::config::TargetSessionAttrs::ReadWrite
+        );
+        let mut last_error = None;
+        for index in 0..config.get_hosts().len() {
+            match ReplicationConnection::connect_host(&config, &tls, index).await {
+                Ok(mut conn) => {
+                    if !read_write || !conn.read_only().await? {
+                        return Ok(conn);
+                    }
+                    last_error = Some(Error::new(
+                        ErrorKind::PostgresConnection,
+                        format!(
+                            "{} is read-only (a standby), and postgres.url asks for target_session_attrs=read-write",
+                            host_words(&config, index)
+                        ),
+                    ));
+                }
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(last_error
+            .unwrap_or_else(|| Error::new(ErrorKind::Config, "postgres.url names no host")))
+    }
+
+    /// A session with the `index`th host of `config`.
+    async fn connect_host(
+        config: &tokio_postgres::Config,
+        tls: &TlsSettings,
+        index: usize,
+    ) -> Result<ReplicationConnection, Error> {
+        let (reader, writer) = open(config, tls, index).await?;
         let mut conn = ReplicationConnection {
             reader,
             writer,
             buf: BytesMut::with_capacity(READ_CHUNK),
             server_version: 0,
         };
-        conn.startup(&config).await?;
+        conn.startup(config).await?;
         Ok(conn)
+    }
+
+    /// `SHOW transaction_read_only`: on for a standby.
+    async fn read_only(&mut self) -> Result<bool, Error> {
+        let rows = self.simple_query("SHOW transaction_read_only").await?;
+        Ok(matches!(
+            rows.first().and_then(|row| row.first()),
+            Some(Some(value)) if value == "on"
+        ))
     }
 
     /// The server's version as `server_version_num` (e.g. 150004).
@@ -391,46 +435,55 @@ fn stream_message(frame: Frame) -> Result<Option<ReplicationMessage>, Error> {
     }
 }
 
+/// `host:port` of the `index`th host of `config`, for messages.
+fn host_words(config: &tokio_postgres::Config, index: usize) -> String {
+    let ports = config.get_ports();
+    let port = ports.get(index).or(ports.first()).copied().unwrap_or(5432);
+    match config.get_hosts().get(index) {
+        Some(tokio_postgres::config::Host::Tcp(name)) => format!("{name}:{port}"),
+        Some(tokio_postgres::config::Host::Unix(dir)) => {
+            format!("{}/.s.PGSQL.{port}", dir.display())
+        }
+        None => format!("host {index}"),
+    }
+}
+
+/// A stream to the `index`th host of `config` (TLS negotiated).
 async fn open(
     config: &tokio_postgres::Config,
     tls: &TlsSettings,
+    index: usize,
 ) -> Result<(Reader, Writer), Error> {
     let ports = config.get_ports();
-    let mut last_error = None;
-    for (index, host) in config.get_hosts().iter().enumerate() {
-        let port = ports.get(index).or(ports.first()).copied().unwrap_or(5432);
-        let attempt = match host {
-            tokio_postgres::config::Host::Tcp(name) => {
-                match tokio::net::TcpStream::connect((name.as_str(), port)).await {
-                    Ok(stream) => {
-                        let _ = stream.set_nodelay(true);
-                        return negotiate_tls(stream, tls, name).await;
-                    }
-                    Err(error) => error,
-                }
-            }
-            // As libpq: no TLS over a Unix socket.
-            tokio_postgres::config::Host::Unix(dir) => {
-                let path = dir.join(format!(".s.PGSQL.{port}"));
-                match tokio::net::UnixStream::connect(path).await {
-                    Ok(stream) => {
-                        let (reader, writer) = stream.into_split();
-                        return Ok((Box::new(reader) as Reader, Box::new(writer) as Writer));
-                    }
-                    Err(error) => error,
-                }
-            }
-        };
-        last_error = Some(attempt);
-    }
-    Err(match last_error {
-        Some(error) => Error::with_source(
+    let port = ports.get(index).or(ports.first()).copied().unwrap_or(5432);
+    let failed = |error| {
+        Error::with_source(
             ErrorKind::PostgresConnection,
-            "cannot connect to Postgres",
+            format!(
+                "cannot connect to Postgres at {}",
+                host_words(config, index)
+            ),
             error,
-        ),
-        None => Error::new(ErrorKind::Config, "postgres.url names no host"),
-    })
+        )
+    };
+    match &config.get_hosts()[index] {
+        tokio_postgres::config::Host::Tcp(name) => {
+            let stream = tokio::net::TcpStream::connect((name.as_str(), port))
+                .await
+                .map_err(failed)?;
+            let _ = stream.set_nodelay(true);
+            negotiate_tls(stream, tls, name).await
+        }
+        // As libpq: no TLS over a Unix socket.
+        tokio_postgres::config::Host::Unix(dir) => {
+            let path = dir.join(format!(".s.PGSQL.{port}"));
+            let stream = tokio::net::UnixStream::connect(path)
+                .await
+                .map_err(failed)?;
+            let (reader, writer) = stream.into_split();
+            Ok((Box::new(reader) as Reader, Box::new(writer) as Writer))
+        }
+    }
 }
 
 /// SSLRequest, then the TLS handshake when the server agrees.

@@ -79,7 +79,9 @@ impl TlsSettings {
             root_cert: None,
         };
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let mut parsed = url::Url::parse(url)
+            // libpq's multi-host form: the query is the first host's URL's.
+            let (first, more_hosts) = crate::config::split_hosts(url);
+            let mut parsed = url::Url::parse(&first)
                 .map_err(|e| Error::with_source(ErrorKind::Config, "invalid postgres.url", e))?;
             let mut kept = Vec::new();
             for (key, value) in parsed.query_pairs() {
@@ -93,7 +95,7 @@ impl TlsSettings {
             if !kept.is_empty() {
                 parsed.query_pairs_mut().extend_pairs(kept);
             }
-            return Ok((settings, parsed.to_string()));
+            return Ok((settings, crate::config::with_hosts(&parsed, &more_hosts)));
         }
         // key=value form (no quoted values).
         let mut kept = Vec::new();
