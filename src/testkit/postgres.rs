@@ -36,6 +36,9 @@ pub struct Standby {
     /// (`sync_replication_slots`, PostgreSQL 17+; `primary_conninfo` then
     /// names the database, as slot synchronisation needs).
     pub slot_sync_database: Option<String>,
+    /// `hot_standby_feedback = off` (it is on otherwise): the primary may
+    /// then remove rows a slot on the standby still needs.
+    pub without_feedback: bool,
 }
 
 static NEXT_STANDBY: AtomicU32 = AtomicU32::new(1);
@@ -110,7 +113,7 @@ impl Postgres {
 
     /// A physical hot standby of this server, streaming its WAL through a
     /// physical slot of its own on this server (`primary_slot_name`), with
-    /// `hot_standby_feedback` on. It is a copy of this server's data
+    /// `hot_standby_feedback` on unless [`Standby::without_feedback`]. It is a copy of this server's data
     /// directory taken while this server is shut down cleanly for a moment
     /// (so it works with any version's binaries, `pg_basebackup` or not):
     /// connections to this server are closed by it.
@@ -158,7 +161,14 @@ impl Postgres {
                 standby.apply_delay.as_millis()
             ),
             "hot_standby=on".into(),
-            "hot_standby_feedback=on".into(),
+            format!(
+                "hot_standby_feedback={}",
+                if standby.without_feedback {
+                    "off"
+                } else {
+                    "on"
+                }
+            ),
         ]);
         let mut server = Postgres::launch(dir, self.bin_dir.clone(), self.as_postgres, settings)?;
         server.physical_slot = Some(slot);

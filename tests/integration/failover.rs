@@ -407,3 +407,77 @@ async fn evictd_decodes_on_a_hot_standby_across_its_restart() {
     evictd.stop().await.expect("stop");
     snapshots.abort();
 }
+
+/// Decoding on a standby without `hot_standby_feedback`: the primary
+/// vacuums catalog rows the standby's slot still needs, the standby
+/// invalidates the slot (a recovery conflict), and evictd names the
+/// conflict (`check` and `status` beforehand: the missing feedback) and
+/// invalidates every mapped table once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_lost_to_a_conflict_on_the_standby_is_named() {
+    let mut primary = Primary::start().await;
+    if primary.version < 160_000 {
+        return; // no decoding on a standby: the test above checks the refusal
+    }
+    let standby = primary.standby(&Standby {
+        without_feedback: true,
+        ..Standby::default()
+    });
+    let mut config = primary.config.clone();
+    config.postgres.url = Some(SecretUrl::parse(&standby.url(&primary.database)).unwrap());
+    let snapshots = log_snapshots(primary.postgres.url("postgres"));
+    let evictd = Evictd::start(&config)
+        .await
+        .expect("start evictd on the standby");
+    evictd.sync().await.expect("sync");
+    evictd.stop().await.expect("stop");
+    let report = evictd::internal::operator::status(&config)
+        .await
+        .expect("status");
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| w.contains("hot_standby_feedback is off")),
+        "{:?}",
+        report.warnings
+    );
+    primary.seed().await;
+    // Catalog rows the slot needs, removed on the primary.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        for sql in [
+            "create table churn (id int)",
+            "drop table churn",
+            "vacuum pg_class, pg_attribute, pg_type",
+        ] {
+            primary.write(sql).await;
+        }
+        replayed(&primary, &standby).await;
+        let report = evictd::internal::operator::status(&config)
+            .await
+            .expect("status");
+        if report.text.contains("invalidated: ") {
+            assert!(
+                report.text.contains("conflict") || report.text.contains("rows_removed"),
+                "{}",
+                report.text
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slot on the standby was never invalidated:\n{}\n{}",
+            report.text,
+            standby.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The next start makes the slot again and invalidates every mapped
+    // table, naming the conflict.
+    let evictd = Evictd::start(&config).await.expect("start evictd again");
+    evictd.sync().await.expect("sync");
+    evictd.stop().await.expect("stop");
+    assert_eq!(primary.cached().await, Vec::<&str>::new());
+    snapshots.abort();
+}
