@@ -307,18 +307,7 @@ async fn check_warns_about_settings_that_can_invalidate_the_slot() {
     let postgres = Postgres::start().expect("postgres");
     let name = postgres.create_database().await.expect("database");
     postgres.execute(&name, SCHEMA).await.expect("schema");
-    let version: i64 = {
-        let (client, connection) =
-            tokio_postgres::connect(&postgres.url(&name), tokio_postgres::NoTls)
-                .await
-                .expect("connect");
-        tokio::spawn(connection);
-        client
-            .query_one("select current_setting('server_version_num')::int8", &[])
-            .await
-            .expect("version")
-            .get(0)
-    };
+    let version = crate::support::server_version(&postgres.url(&name)).await;
     let mut settings = vec!["alter system set max_slot_wal_keep_size = '1GB'"];
     if version >= 180_000 {
         settings.push("alter system set idle_replication_slot_timeout = '2h'");

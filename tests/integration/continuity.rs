@@ -59,6 +59,19 @@ impl Setup {
         left
     }
 
+    /// A server of the test's own (for server-wide settings), its database,
+    /// and the setup for it.
+    async fn own_server() -> (evictd::testkit::Postgres, String, Setup) {
+        let own = crate::support::OwnServer::start(SCHEMA, &[("orders.toml", MAPPING)]).await;
+        let setup = Setup {
+            db: own.probe,
+            config: own.config,
+            redis: redis_connection().await,
+            _mappings: own.mappings,
+        };
+        (own.postgres, own.database, setup)
+    }
+
     /// Runs evictd until it has applied everything committed so far.
     async fn run_once(&self) {
         let evictd = Evictd::start(&self.config).await.expect("start evictd");
@@ -186,26 +199,7 @@ async fn the_record_never_moves_backwards() {
 /// is server-wide.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_invalidated_by_postgres_is_named_and_every_mapped_table_invalidated() {
-    use evictd::config::SecretUrl;
-    use evictd::testkit::Postgres;
-    let postgres = Postgres::start().expect("postgres");
-    let name = postgres.create_database().await.expect("database");
-    postgres.execute(&name, SCHEMA).await.expect("schema");
-    let probe = TestDb::new().await; // a key prefix of this test's own
-    let mappings = mapping_dir(&[("orders.toml", MAPPING)]);
-    let mut config = Config::with_defaults(
-        SecretUrl::parse(&postgres.url(&name)).expect("url"),
-        SecretUrl::parse(&crate::support::stack().redis.url()).expect("redis url"),
-        mappings.path().to_path_buf(),
-    );
-    config.redis.prefix = probe.prefix.clone();
-    config.redis.l1_channel = format!("{}l1", probe.prefix);
-    let mut s = Setup {
-        db: probe,
-        config,
-        redis: redis_connection().await,
-        _mappings: mappings,
-    };
+    let (postgres, name, mut s) = Setup::own_server().await;
     postgres
         .execute(&name, "insert into orders values (1, 'new')")
         .await
@@ -290,29 +284,7 @@ async fn a_slot_invalidated_by_postgres_is_named_and_every_mapped_table_invalida
 /// setting does not exist and the slot stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_idle_past_the_timeout_is_named_and_every_mapped_table_invalidated() {
-    use evictd::config::SecretUrl;
-    use evictd::testkit::Postgres;
-    let postgres = tokio::task::spawn_blocking(Postgres::start)
-        .await
-        .unwrap()
-        .expect("postgres");
-    let name = postgres.create_database().await.expect("database");
-    postgres.execute(&name, SCHEMA).await.expect("schema");
-    let probe = TestDb::new().await; // a key prefix of this test's own
-    let mappings = mapping_dir(&[("orders.toml", MAPPING)]);
-    let mut config = Config::with_defaults(
-        SecretUrl::parse(&postgres.url(&name)).expect("url"),
-        SecretUrl::parse(&crate::support::stack().redis.url()).expect("redis url"),
-        mappings.path().to_path_buf(),
-    );
-    config.redis.prefix = probe.prefix.clone();
-    config.redis.l1_channel = format!("{}l1", probe.prefix);
-    let mut s = Setup {
-        db: probe,
-        config,
-        redis: redis_connection().await,
-        _mappings: mappings,
-    };
+    let (postgres, name, mut s) = Setup::own_server().await;
     let timeout = postgres
         .execute(
             "postgres",

@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{mapping_dir, redis_connection, TestDb};
+use crate::support::{redis_connection, TestDb};
 use evictd::config::{Config, SecretUrl};
 use evictd::testkit::{Evictd, Postgres, Standby};
 
@@ -34,31 +34,16 @@ struct Primary {
 
 impl Primary {
     async fn start() -> Primary {
-        crate::support::init_logging();
-        let postgres = tokio::task::spawn_blocking(Postgres::start)
-            .await
-            .unwrap()
-            .expect("postgres");
-        let database = postgres.create_database().await.expect("database");
-        postgres.execute(&database, SCHEMA).await.expect("schema");
-        let probe = TestDb::new().await; // a key prefix of this test's own
-        let mappings = mapping_dir(&[("orders.toml", MAPPING)]);
-        let mut config = Config::with_defaults(
-            SecretUrl::parse(&postgres.url(&database)).expect("url"),
-            SecretUrl::parse(&crate::support::stack().redis.url()).expect("redis url"),
-            mappings.path().to_path_buf(),
-        );
-        config.redis.prefix = probe.prefix.clone();
-        config.redis.l1_channel = format!("{}l1", probe.prefix);
-        let version = crate::support::server_version(&postgres.url(&database)).await;
+        let own = crate::support::OwnServer::start(SCHEMA, &[("orders.toml", MAPPING)]).await;
+        let version = crate::support::server_version(&own.postgres.url(&own.database)).await;
         Primary {
-            postgres,
-            database,
+            postgres: own.postgres,
+            database: own.database,
             version,
-            config,
+            config: own.config,
             redis: redis_connection().await,
-            _probe: probe,
-            _mappings: mappings,
+            _probe: own.probe,
+            _mappings: own.mappings,
         }
     }
 

@@ -437,3 +437,45 @@ pub async fn server_version(url: &str) -> i64 {
         .expect("server_version_num")
         .get(0)
 }
+
+/// A Postgres server of the test's own (for server-wide settings, a
+/// standby, a crash), `schema` run in a database of its own, and evictd's
+/// config for it: the shared Redis under a key prefix of the test's own,
+/// `mappings` written to a directory.
+pub struct OwnServer {
+    pub postgres: evictd::testkit::Postgres,
+    pub database: String,
+    pub config: evictd::config::Config,
+    /// Gives the key prefix; its database on the shared server is unused.
+    pub probe: TestDb,
+    pub mappings: tempfile::TempDir,
+}
+
+impl OwnServer {
+    pub async fn start(schema: &str, mappings: &[(&str, &str)]) -> OwnServer {
+        use evictd::config::{Config, SecretUrl};
+        init_logging();
+        let postgres = tokio::task::spawn_blocking(evictd::testkit::Postgres::start)
+            .await
+            .expect("the postgres thread")
+            .expect("postgres");
+        let database = postgres.create_database().await.expect("database");
+        postgres.execute(&database, schema).await.expect("schema");
+        let probe = TestDb::new().await;
+        let mappings = mapping_dir(mappings);
+        let mut config = Config::with_defaults(
+            SecretUrl::parse(&postgres.url(&database)).expect("url"),
+            SecretUrl::parse(&stack().redis.url()).expect("redis url"),
+            mappings.path().to_path_buf(),
+        );
+        config.redis.prefix = probe.prefix.clone();
+        config.redis.l1_channel = format!("{}l1", probe.prefix);
+        OwnServer {
+            postgres,
+            database,
+            config,
+            probe,
+            mappings,
+        }
+    }
+}
