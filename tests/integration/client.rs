@@ -977,7 +977,7 @@ async fn stale_values_are_served_while_one_reader_reloads_and_early_refresh_relo
     assert_eq!(hit.as_deref(), Some("e2"));
 }
 
-/// Runs the Python client (`client/python/evictd_cache.py`, written from
+/// Runs the Python client (`client/python/protocol_reader.py`, written from
 /// `docs/PROTOCOL.md`) for `key`: it reads the row, is held while `write`
 /// commits and evictd applies it, then fills. Returns its fill outcome.
 async fn python_fill(s: &Streaming, key: &str, tags: &[&str], write: Option<&str>) -> String {
@@ -995,7 +995,7 @@ async fn python_fill_with(
     use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
     let root = env!("CARGO_MANIFEST_DIR");
     let mut child = tokio::process::Command::new("python3")
-        .arg(format!("{root}/client/python/evictd_cache.py"))
+        .arg(format!("{root}/client/python/protocol_reader.py"))
         .arg(stack().redis.port().to_string())
         .arg(&s.config.redis.prefix)
         .arg(key)

@@ -28,6 +28,7 @@ mod map_plan;
 mod mapping_errors;
 mod operator;
 mod purge;
+mod python;
 mod reconnect;
 mod redis_outage;
 mod redis_tls;

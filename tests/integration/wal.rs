@@ -1181,7 +1181,7 @@ async fn explain_prints_what_run_applies_for_random_changes() {
     }
 }
 
-/// The Python reader (`client/python/evictd_cache.py`) reading one key:
+/// The Python reader (`client/python/protocol_reader.py`) reading one key:
 /// it prints `read <value>` after its database read, then waits to be
 /// told to fill.
 struct PythonReader {
@@ -1194,7 +1194,7 @@ impl PythonReader {
         use tokio::io::AsyncBufReadExt as _;
         let root = env!("CARGO_MANIFEST_DIR");
         let mut child = tokio::process::Command::new("python3")
-            .arg(format!("{root}/client/python/evictd_cache.py"))
+            .arg(format!("{root}/client/python/protocol_reader.py"))
             .arg(crate::support::stack().redis.port().to_string())
             .arg(&db.prefix)
             .arg(key)

@@ -16,7 +16,7 @@ fill is refused when evictd invalidated one of them meanwhile
 
 Run as a program it is the test driver of tests/integration/client.rs:
 
-    python3 evictd_cache.py PORT PREFIX KEY TAGS LUA_DIR [ROW_TAGS] -- LOADER...
+    python3 protocol_reader.py PORT PREFIX KEY TAGS LUA_DIR [ROW_TAGS] -- LOADER...
 
 (ROW_TAGS: tags handled as taken from the row, comma-separated.)
 

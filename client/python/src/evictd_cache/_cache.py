@@ -1,0 +1,242 @@
+"""The synchronous cache, over `redis.Redis`."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+import time
+from typing import Any, Callable, Dict, Generator, Iterable, Optional, TypeVar
+
+import redis as redis_py
+
+from . import _fill as fill
+from . import _protocol as protocol
+from ._core import REDIS_ERRORS, Core, Duration, Serializer, keys_of, seconds
+
+T = TypeVar("T")
+
+
+def _no_loader() -> Any:
+    raise AssertionError("these steps load nothing")
+
+
+class _Flight:
+    """One fill of a key in this process, which other threads wait for."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: Any = None
+        self.error: Optional[BaseException] = None
+
+
+class Cache(Core):
+    """Cache-aside reads over a `redis.Redis` client (standalone Redis),
+    with fenced fills: a reader that loaded a row before a commit can never
+    store it after evictd's invalidation of the key.
+
+    `prefix` is evictd's `redis.prefix`, `slot` its `postgres.slot` (for
+    `wait_applied`). Values are stored with `ttl`
+    (none by default: evictd keeps them exact), varied at random by up to
+    `jitter` either way; "no row" (a loader returning `None`) is cached for
+    `negative_ttl` when it is set. `lease` must outlast the slowest loader;
+    `stampede_wait` is how long a reader waits for another process's fill
+    before loading itself without storing. With `record_fills` each fill
+    carries evictd's apply stamp, for its consistency checker. Durations are seconds or text
+    (`200ms`, `10s`, `5m`, `1h`). Thread-safe.
+    """
+
+    def __init__(
+        self,
+        client: "redis_py.Redis",
+        *,
+        prefix: str = "",
+        slot: str = "evictd",
+        ttl: Duration = None,
+        jitter: float = 0.0,
+        negative_ttl: Duration = None,
+        lease: Duration = "10s",
+        stampede_wait: Duration = "200ms",
+        serializer: Optional[Serializer] = None,
+        record_fills: bool = False,
+    ) -> None:
+        super().__init__(
+            client,
+            prefix=prefix,
+            slot=slot,
+            ttl=ttl,
+            jitter=jitter,
+            negative_ttl=negative_ttl,
+            lease=lease,
+            stampede_wait=stampede_wait,
+            serializer=serializer,
+            record_fills=record_fills,
+        )
+        self._fill_script = client.register_script(protocol.script("fill"))
+        self._release_script = client.register_script(protocol.script("release"))
+        self._version_script = client.register_script(protocol.script("version"))
+        self._flights: Dict[str, _Flight] = {}
+        self._flights_lock = threading.Lock()
+
+    def get_or_load(
+        self,
+        key: str,
+        loader: Callable[[], T],
+        *,
+        tags: Iterable[str] = (),
+        ttl: Duration = None,
+        row_tags: Optional[Callable[[T], Iterable[str]]] = None,
+    ) -> T:
+        """The value of `key` (without the prefix): from Redis, or from
+        `loader()` (the database read), stored unless evictd invalidated
+        the key while it loaded. `tags` are registered before the load, so
+        that an invalidation of any of them fences the fill; `row_tags`,
+        a function of the loaded value, gives tags known only from it
+        (`user:{user_id}` of an order), checked against evictd's tag
+        stamps instead. `ttl` overrides the cache's. Concurrent calls for
+        one key in this process share one load."""
+        steps = fill.read(self._settings, key, list(tags), self._read_ttl(ttl), row_tags)
+        return self._once(key, steps, loader)
+
+    def get_or_load_in(
+        self,
+        namespace: str,
+        key: str,
+        loader: Callable[[], T],
+        *,
+        tags: Iterable[str] = (),
+        ttl: Duration = None,
+    ) -> T:
+        """`get_or_load` of `key` under the current version of `namespace`
+        (see `versioned`): a bump of the namespace by evictd (a mapping's
+        `versions`) leaves every key cached under it behind at once. With
+        Redis down the loader answers and nothing is stored."""
+        steps = fill.read_in(self._settings, namespace, key, list(tags), self._read_ttl(ttl))
+        return self._once(namespace + "\0" + key, steps, loader)
+
+    def version(self, namespace: str) -> int:
+        """The current version of `namespace` (its counter
+        `evictd:ns:<namespace>`, created at the clock when absent)."""
+        return self._run(fill.version(self._settings, namespace), _no_loader)
+
+    def versioned(self, namespace: str, key: str) -> str:
+        """`key` under the current version of `namespace`
+        (`<namespace>@<version>:<key>`, e.g. `user:7@1733216400000001:orders`)."""
+        return fill.versioned_key(namespace, self.version(namespace), key)
+
+    def wait_applied(self, position: int, timeout: Duration = "10s") -> None:
+        """Waits until evictd has applied everything up to `position` (from
+        `commit_position` on the connection that wrote), so that the next
+        read sees the write: read your own writes. `TimeoutError` past
+        `timeout`; `RedisFailure` when Redis does not answer."""
+        wait = seconds(timeout, "timeout") or 10.0
+        self._run(fill.wait_applied(self._settings, self.slot, position, wait), _no_loader)
+
+    def _once(self, key: str, steps: Generator[fill.Step, Any, T], loader: Callable[[], T]) -> T:
+        """Runs `steps` unless this process already reads `key`: then waits
+        for that read's value."""
+        with self._flights_lock:
+            flight = self._flights.get(key)
+            leader = flight is None
+            if leader:
+                flight = self._flights[key] = _Flight()
+        assert flight is not None
+        if not leader:
+            steps.close()
+            self._count("single_flight_waits")
+            flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            return flight.value
+        try:
+            flight.value = self._run(steps, loader)
+            return flight.value
+        except BaseException as error:
+            flight.error = error
+            raise
+        finally:
+            with self._flights_lock:
+                del self._flights[key]
+            flight.done.set()
+
+    def get(self, key: str) -> Any:
+        """The value Redis holds for `key`, or `None` (nothing, a fill in
+        progress, or a cached "no row")."""
+        return self._decode(self._redis.get(self.prefix + key))
+
+    def invalidate(self, key: str) -> None:
+        """Deletes `key` (evictd does this on every change of its rows)."""
+        self._redis.unlink(self.prefix + key)
+
+    def cached(
+        self, key: str, *, tags: Iterable[str] = (), ttl: Duration = None
+    ) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """Caches a function's result under `key`, a template of its
+        arguments in the mappings' syntax (`"user:{user_id}:profile"`),
+        with `tags` rendered the same way: the key a function fills is the
+        key evictd renders from the row. A template naming something that
+        is not an argument is an error at decoration time."""
+        seconds(ttl, "ttl")
+
+        def decorate(function: Callable[..., T]) -> Callable[..., T]:
+            if inspect.iscoroutinefunction(function):
+                raise TypeError(
+                    f"{function.__qualname__} is async: decorate it with an AsyncCache's cached"
+                )
+            rendered = keys_of(function, key, tags)
+
+            @functools.wraps(function)
+            def wrapper(*args: Any, **kwargs: Any) -> T:
+                full_key, full_tags = rendered(args, kwargs)
+                return self.get_or_load(
+                    full_key, lambda: function(*args, **kwargs), tags=full_tags, ttl=ttl
+                )
+
+            return wrapper
+
+        return decorate
+
+    def _run(self, steps: Generator[fill.Step, Any, T], loader: Callable[[], T]) -> T:
+        """Runs the steps of one read: each Redis command on the client,
+        the load, the pauses."""
+        answer: Any = None
+        error: Optional[BaseException] = None
+        while True:
+            try:
+                step = steps.throw(error) if error is not None else steps.send(answer)
+            except StopIteration as done:
+                return done.value
+            answer, error = None, None
+            if isinstance(step, fill.Count):
+                self._count(step.name)
+            elif isinstance(step, fill.Load):
+                try:
+                    answer = loader()
+                except BaseException as raised:
+                    error = raised
+            elif isinstance(step, fill.Pause):
+                time.sleep(step.seconds)
+            else:
+                try:
+                    answer = self._command(step)
+                except REDIS_ERRORS:
+                    if not isinstance(step, fill.Release):
+                        error = fill.RedisFailure()
+
+    def _command(self, step: fill.Step) -> Any:
+        redis = self._redis
+        if isinstance(step, fill.Get):
+            return redis.get(step.key)
+        if isinstance(step, fill.GetMany):
+            return redis.mget(list(step.keys))
+        if isinstance(step, fill.SetLease):
+            return bool(redis.set(step.key, step.lease, nx=True, px=step.ms))
+        if isinstance(step, fill.AddToTag):
+            return redis.sadd(step.tag_set, step.key)
+        if isinstance(step, fill.Fill):
+            return self._fill_script(keys=[step.key], args=[step.lease, step.data, step.ttl_ms])
+        if isinstance(step, fill.Release):
+            return self._release_script(keys=[step.key], args=[step.lease])
+        if isinstance(step, fill.Version):
+            return self._version_script(keys=[step.counter], args=[step.start])
+        raise AssertionError(f"not a Redis step: {step!r}")

@@ -1,0 +1,205 @@
+"""What the synchronous and the asyncio caches share: settings, counters,
+the decorator's templates."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import random
+import re
+import threading
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Tuple, Union
+
+import redis as redis_py
+
+from . import _fill as fill
+from . import _protocol as protocol
+from ._templates import TemplateError, placeholders, render, render_all
+
+Duration = Union[int, float, str, None]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+#: What Redis raises when it cannot answer.
+REDIS_ERRORS = (redis_py.exceptions.RedisError, OSError)
+
+
+def seconds(duration: Duration, what: str) -> Optional[float]:
+    """`duration` in seconds: a number of seconds, or text such as `200ms`,
+    `10s`, `5m`, `1h`, `1d`; `None` stays `None`."""
+    if duration is None:
+        return None
+    if isinstance(duration, bool):
+        raise ValueError(f"{what}: {duration!r} is not a duration")
+    if isinstance(duration, (int, float)):
+        value = float(duration)
+    else:
+        match = _DURATION.match(str(duration))
+        if not match:
+            raise ValueError(
+                f"{what}: {duration!r} is not a duration (seconds, or text such as 200ms, 10s, 5m, 1h)"
+            )
+        value = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if value <= 0:
+        raise ValueError(f"{what}: {duration!r} must be more than zero")
+    return value
+
+
+class Serializer(Protocol):
+    """Turns values into the bytes stored in Redis and back."""
+
+    def dumps(self, value: Any) -> bytes: ...
+
+    def loads(self, data: bytes) -> Any: ...
+
+
+class JsonSerializer:
+    """JSON (UTF-8), the default. Pickle is not offered by default: loading
+    a pickle runs code chosen by whoever could write to Redis."""
+
+    def dumps(self, value: Any) -> bytes:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+    def loads(self, data: bytes) -> Any:
+        return json.loads(data)
+
+
+#: The counters of `metrics()`, each with what it counts.
+METRICS = {
+    "hits": "reads served by Redis",
+    "misses": "reads that found nothing in Redis",
+    "loads": "loader calls",
+    "fills": "fills stored",
+    "fenced": "fills refused because evictd invalidated the key meanwhile",
+    "stampede_waits": "reads that waited for another process's fill",
+    "single_flight_waits": "reads that waited for this process's own fill of the key",
+    "degraded": "reads or fills that found Redis failing (the loader answered)",
+    "errors": "loader calls that raised",
+}
+
+
+class Core:
+    """Settings and counters; the IO is the subclass's."""
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        prefix: str,
+        slot: str,
+        ttl: Duration,
+        jitter: float,
+        negative_ttl: Duration,
+        lease: Duration,
+        stampede_wait: Duration,
+        serializer: Optional[Serializer],
+        record_fills: bool,
+    ) -> None:
+        kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
+        if kwargs.get("decode_responses"):
+            raise ValueError(
+                "the redis client decodes responses: create it with decode_responses=False, "
+                "values and leases are bytes"
+            )
+        if not 0.0 <= jitter <= 1.0:
+            raise ValueError(f"jitter: {jitter!r} is not a share between 0 and 1")
+        self._redis = client
+        self.prefix = prefix
+        self.slot = slot
+        self._ttl = seconds(ttl, "ttl")
+        self._jitter = jitter
+        lease_seconds = seconds(lease, "lease") or 10.0
+        serializer = serializer or JsonSerializer()
+        self._serializer = serializer
+        self._settings = fill.Settings(
+            prefix=prefix,
+            lease_ms=max(1, int(lease_seconds * 1000)),
+            wait=seconds(stampede_wait, "stampede_wait") or 0.2,
+            negative_ttl=seconds(negative_ttl, "negative_ttl"),
+            dumps=serializer.dumps,
+            loads=serializer.loads,
+            ttl_ms=self._ttl_ms,
+            clock=time.monotonic,
+            record_fills=record_fills,
+        )
+        self._counts_lock = threading.Lock()
+        self._counts = {name: 0 for name in METRICS}
+
+    def metrics(self) -> Dict[str, int]:
+        """The counters so far (`METRICS` says what each counts)."""
+        with self._counts_lock:
+            return dict(self._counts)
+
+    def register_prometheus(self, registry: Any = None, *, name: str = "default") -> None:
+        """Exports the counters through `prometheus_client` (which must be
+        installed) as `evictd_cache_<counter>_total`, labelled
+        `cache=<name>`, in `registry` (the default registry when `None`)."""
+        try:
+            from prometheus_client import REGISTRY
+            from prometheus_client.core import CounterMetricFamily
+        except ImportError as error:
+            raise ImportError(
+                "register_prometheus needs prometheus_client: pip install prometheus-client"
+            ) from error
+        cache = self
+
+        class Collector:
+            def collect(self) -> Iterable[Any]:
+                counts = cache.metrics()
+                for counter, meaning in METRICS.items():
+                    family = CounterMetricFamily(
+                        f"evictd_cache_{counter}", meaning, labels=["cache"]
+                    )
+                    family.add_metric([name], counts[counter])
+                    yield family
+
+        (registry if registry is not None else REGISTRY).register(Collector())
+
+    def _count(self, name: str) -> None:
+        with self._counts_lock:
+            self._counts[name] += 1
+
+    def _ttl_ms(self, ttl: Optional[float]) -> int:
+        if ttl is None:
+            return 0
+        if self._jitter > 0:
+            ttl *= random.uniform(1.0 - self._jitter, 1.0 + self._jitter)
+        return max(1, int(ttl * 1000))
+
+    def _read_ttl(self, ttl: Duration) -> Optional[float]:
+        return seconds(ttl, "ttl") if ttl is not None else self._ttl
+
+    def _decode(self, raw: Optional[bytes]) -> Any:
+        """What `get` returns for what a key holds."""
+        if raw is None:
+            return None
+        kind, value = protocol.parse(raw)
+        if kind == "loading" or value is None or value == protocol.ABSENT:
+            return None
+        return self._serializer.loads(value)
+
+
+def keys_of(
+    function: Callable[..., Any], key: str, tags: Iterable[str]
+) -> Callable[[Tuple[Any, ...], Dict[str, Any]], Tuple[str, List[str]]]:
+    """For a decorated function: checks that `key` and `tags` name only
+    its arguments, and returns what renders them from a call's arguments."""
+    tags = list(tags)
+    signature = inspect.signature(function)
+    for template in [key, *tags]:
+        for name in placeholders(template):
+            if name not in signature.parameters:
+                raise TemplateError(
+                    f"{function.__qualname__}: template `{template}` names `{name}`, "
+                    f"which is not one of its arguments ({', '.join(signature.parameters)})"
+                )
+
+    def rendered(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[str, List[str]]:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        return render(key, values), render_all(tags, values)
+
+    return rendered
