@@ -57,11 +57,17 @@ class Evictd:
     its own, on the suite's database."""
 
     def __init__(
-        self, tmp: Path, database_url: str, redis_url: str, prefix: str, mappings: Path = MAPPINGS
+        self,
+        tmp: Path,
+        database_url: str,
+        redis_url: str,
+        prefix: str,
+        mappings: Path = MAPPINGS,
+        slot: str = "",
     ) -> None:
         self.prefix = prefix
         self.database_url = database_url
-        slot = f"py_{os.getpid()}_{next(_SLOTS)}"
+        slot = slot or f"py_{os.getpid()}_{next(_SLOTS)}"
         self.slot = slot
         self.admin = _free_port()
         config = tmp / "evictd.toml"
@@ -107,7 +113,7 @@ class Evictd:
                 time.sleep(0.02)
         raise TimeoutError(f"evictd did not apply up to {target} in {timeout} s")
 
-    def stop(self) -> None:
+    def stop(self, drop_slot: bool = True) -> None:
         self.process.send_signal(signal.SIGTERM)
         try:
             self.process.wait(timeout=30)
@@ -115,6 +121,8 @@ class Evictd:
             self.process.kill()
             self.process.wait()
         self.log.close()
+        if not drop_slot:
+            return
         with psycopg.connect(self.database_url, autocommit=True) as conn:
             conn.execute(
                 "select pg_drop_replication_slot(slot_name) from pg_replication_slots where slot_name = %s",

@@ -68,7 +68,8 @@ class AsyncCache(Core):
     ) -> T:
         """As `Cache.get_or_load`, awaited."""
         steps = fill.read(self._settings, key, list(tags), self._read_ttl(ttl), row_tags)
-        return await self._once(key, steps, loader)
+        value, _keep = await self._once(key, steps, loader)
+        return value
 
     async def get_or_load_in(
         self,
@@ -81,7 +82,8 @@ class AsyncCache(Core):
     ) -> T:
         """As `Cache.get_or_load_in`, awaited."""
         steps = fill.read_in(self._settings, namespace, key, list(tags), self._read_ttl(ttl))
-        return await self._once(namespace + "\0" + key, steps, loader)
+        value, _keep = await self._once(namespace + "\0" + key, steps, loader)
+        return value
 
     async def version(self, namespace: str) -> int:
         """As `Cache.version`, awaited."""

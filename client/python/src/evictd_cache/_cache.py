@@ -6,12 +6,13 @@ import functools
 import inspect
 import threading
 import time
-from typing import Any, Callable, Dict, Generator, Iterable, Optional, TypeVar
+from typing import Any, Callable, Dict, Generator, Iterable, List, Optional, TypeVar
 
 import redis as redis_py
 
 from . import _fill as fill
 from . import _protocol as protocol
+from ._l1 import L1
 from ._core import REDIS_ERRORS, Core, Duration, Serializer, keys_of, seconds
 
 T = TypeVar("T")
@@ -59,6 +60,10 @@ class Cache(Core):
         stampede_wait: Duration = "200ms",
         serializer: Optional[Serializer] = None,
         record_fills: bool = False,
+        l1_entries: Optional[int] = None,
+        l1_ttl: Duration = None,
+        l1_channel: str = "evictd:l1",
+        l1_serve_disconnected: Duration = None,
     ) -> None:
         super().__init__(
             client,
@@ -77,6 +82,19 @@ class Cache(Core):
         self._version_script = client.register_script(protocol.script("version"))
         self._flights: Dict[str, _Flight] = {}
         self._flights_lock = threading.Lock()
+        self._l1: Optional[L1] = None
+        if l1_entries is not None:
+            if l1_entries < 1:
+                raise ValueError(f"l1_entries: {l1_entries!r} must be at least 1")
+            self._l1 = L1(
+                client,
+                prefix=prefix,
+                channel=l1_channel,
+                entries=l1_entries,
+                ttl=seconds(l1_ttl, "l1_ttl"),
+                serve_disconnected=seconds(l1_serve_disconnected, "l1_serve_disconnected"),
+                count=self._count,
+            )
 
     def get_or_load(
         self,
@@ -95,8 +113,22 @@ class Cache(Core):
         (`user:{user_id}` of an order), checked against evictd's tag
         stamps instead. `ttl` overrides the cache's. Concurrent calls for
         one key in this process share one load."""
-        steps = fill.read(self._settings, key, list(tags), self._read_ttl(ttl), row_tags)
-        return self._once(key, steps, loader)
+        tags = list(tags)
+        l1 = self._l1
+        seen = 0
+        if l1 is not None:
+            hit = l1.get(key)
+            if hit is not None:
+                self._count("l1_hits")
+                return hit[0]
+            # Noted before Redis is read: a message from now on that
+            # touches the key keeps what this read returns out of L1.
+            seen = l1.generation()
+        steps = fill.read(self._settings, key, tags, self._read_ttl(ttl), row_tags)
+        value, keep = self._once(key, steps, loader)
+        if keep and l1 is not None:
+            l1.put(key, value, tags, seen)
+        return value
 
     def get_or_load_in(
         self,
@@ -112,7 +144,8 @@ class Cache(Core):
         `versions`) leaves every key cached under it behind at once. With
         Redis down the loader answers and nothing is stored."""
         steps = fill.read_in(self._settings, namespace, key, list(tags), self._read_ttl(ttl))
-        return self._once(namespace + "\0" + key, steps, loader)
+        value, _keep = self._once(namespace + "\0" + key, steps, loader)
+        return value
 
     def version(self, namespace: str) -> int:
         """The current version of `namespace` (its counter
@@ -131,6 +164,23 @@ class Cache(Core):
         `timeout`; `RedisFailure` when Redis does not answer."""
         wait = seconds(timeout, "timeout") or 10.0
         self._run(fill.wait_applied(self._settings, self.slot, position, wait), _no_loader)
+
+    def l1_live(self) -> bool:
+        """Whether L1 is subscribed and caught up (False without L1)."""
+        return self._l1 is not None and self._l1.live()
+
+    def l1_keys(self) -> List[str]:
+        """The keys L1 holds now."""
+        return self._l1.keys() if self._l1 is not None else []
+
+    def l1_wait_live(self, timeout: Duration = "10s") -> bool:
+        """Waits until L1 is subscribed and caught up; whether it is."""
+        return self._l1 is not None and self._l1.wait_live(seconds(timeout, "timeout") or 10.0)
+
+    def close(self) -> None:
+        """Stops L1's subscriber (the redis client stays the caller's)."""
+        if self._l1 is not None:
+            self._l1.close()
 
     def _once(self, key: str, steps: Generator[fill.Step, Any, T], loader: Callable[[], T]) -> T:
         """Runs `steps` unless this process already reads `key`: then waits

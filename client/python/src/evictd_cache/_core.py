@@ -77,6 +77,10 @@ METRICS = {
     "single_flight_waits": "reads that waited for this process's own fill of the key",
     "degraded": "reads or fills that found Redis failing (the loader answered)",
     "errors": "loader calls that raised",
+    "l1_hits": "reads served by the in-process tier",
+    "l1_evictions": "L1 entries dropped for size or age",
+    "l1_flushes": "times the whole L1 tier was emptied (first subscription, a log that did not reach back, a bad message)",
+    "l1_replays": "times L1 caught up from evictd's broadcast log instead of flushing",
 }
 
 

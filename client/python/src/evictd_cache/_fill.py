@@ -155,7 +155,7 @@ def read_in(
     try:
         current = yield from version(settings, namespace)
     except RedisFailure:
-        return (yield from _degraded())
+        return (yield from _degraded()), False
     return (yield from read(settings, versioned_key(namespace, current, key), tags, ttl))
 
 
@@ -179,24 +179,25 @@ def read(
     ttl: Optional[float],
     row_tags: Optional[Callable[[Any], Iterable[str]]] = None,
 ) -> Generator[Step, Any, Any]:
-    """The steps of one read of `key`; returns the value. `row_tags` gives
-    the tags known only from the loaded value."""
+    """The steps of one read of `key`; returns the value and whether it
+    is exact to keep in process (a hit in Redis, or a stored fill).
+    `row_tags` gives the tags known only from the loaded value."""
     full = settings.prefix + key
     # 1. GET: a value, bare or wrapped in another reader's lease, is a hit.
     try:
         raw = yield Get(full)
     except RedisFailure:
-        return (yield from _degraded())
+        return (yield from _degraded()), False
     hit = yield from _hit(settings, raw)
     if hit is not None:
-        return hit[0]
+        return hit[0], True
     yield Count("misses")
     # 2. The fill right: a bare lease in the key, only if it is empty.
     lease = protocol.new_lease()
     try:
         taken = yield SetLease(full, lease, settings.lease_ms)
     except RedisFailure:
-        return (yield from _degraded())
+        return (yield from _degraded()), False
     if not taken:
         return (yield from _wait_for_fill(settings, full))
     # Recording the fill: the apply stamp, read after the lease.
@@ -220,7 +221,7 @@ def read(
             stamp_read = settings.clock()
     except RedisFailure:
         yield Release(full, lease)
-        return (yield from _degraded())
+        return (yield from _degraded()), False
     # 4. The database.
     try:
         value = yield from _load()
@@ -241,19 +242,19 @@ def read(
         except RedisFailure:
             yield Release(full, lease)
             yield Count("degraded")
-            return value
+            return value, False
         in_time = settings.clock() - stamp_read < TAG_AT_SECONDS
         if not in_time or any(
             at is not None and at.isdigit() and int(at) > tag_stamp for at in stamps
         ):
             yield Release(full, lease)
             yield Count("fenced")
-            return value
+            return value, False
     # 5. Stored only while the key still holds the lease.
     if value is None:
         if settings.negative_ttl is None:
             yield Release(full, lease)
-            return value
+            return value, False
         data, store_ttl = protocol.ABSENT, settings.negative_ttl
     else:
         data, store_ttl = settings.dumps(value), ttl
@@ -263,9 +264,9 @@ def read(
         stored = yield Fill(full, lease, data, settings.ttl_ms(store_ttl))
     except RedisFailure:
         yield Count("degraded")
-        return value
+        return value, False
     yield Count("fills" if stored == 1 else "fenced")
-    return value
+    return value, stored == 1
 
 
 def _hit(settings: Settings, raw: Optional[bytes]) -> Generator[Step, Any, Optional[Tuple[Any]]]:
@@ -282,7 +283,7 @@ def _hit(settings: Settings, raw: Optional[bytes]) -> Generator[Step, Any, Optio
     return (settings.loads(value),)
 
 
-def _wait_for_fill(settings: Settings, full: str) -> Generator[Step, Any, Any]:
+def _wait_for_fill(settings: Settings, full: str) -> Generator[Step, Any, Tuple[Any, bool]]:
     """Another process fills: poll (2 ms, doubling up to 25 ms) for
     `settings.wait`, else load without storing."""
     yield Count("stampede_waits")
@@ -294,11 +295,11 @@ def _wait_for_fill(settings: Settings, full: str) -> Generator[Step, Any, Any]:
         try:
             raw = yield Get(full)
         except RedisFailure:
-            return (yield from _degraded())
+            return (yield from _degraded()), False
         hit = yield from _hit(settings, raw)
         if hit is not None:
-            return hit[0]
-    return (yield from _load())
+            return hit[0], True
+    return (yield from _load()), False
 
 
 def _load() -> Generator[Step, Any, Any]:

@@ -1,0 +1,378 @@
+"""The in-process tier (L1), kept exact by evictd's broadcast
+(docs/PROTOCOL.md, "An in-process cache (L1) that stays exact"): a bounded
+map evicted by each message, caught up from the broadcast log after a gap
+or a reconnect, flushed when the log does not reach back, and fenced
+against messages that overtook a read. Thread-safe; a daemon thread
+subscribes."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Set, Tuple
+
+LOG_KEY = "evictd:l1:log"
+LAST_KEY = "evictd:l1:last"
+LOG_FIELD = b"m"
+#: Messages kept for the store fence; a read older than these is refused.
+FENCE_MESSAGES = 4096
+REPLAY_CHUNK = 1000
+
+Position = Tuple[str, int]
+
+
+def glob(pattern: str) -> "re.Pattern[str]":
+    """A broadcast pattern: `*` any run of characters, `\\` makes the next
+    character literal, nothing else special."""
+    out, chars = [], iter(pattern)
+    for c in chars:
+        if c == "\\":
+            out.append(re.escape(next(chars, "\\")))
+        elif c == "*":
+            out.append(".*")
+        else:
+            out.append(re.escape(c))
+    return re.compile("".join(out), re.DOTALL)
+
+
+@dataclass
+class Message:
+    epoch: str
+    seq: int
+    keys: List[str] = field(default_factory=list)
+    tags: List[str] = field(default_factory=list)
+    patterns: List["re.Pattern[str]"] = field(default_factory=list)
+    tag_patterns: List["re.Pattern[str]"] = field(default_factory=list)
+    lsn: Optional[str] = None
+
+    @staticmethod
+    def parse(data: Any) -> "Message":
+        """A message's JSON; `ValueError` when it is not one."""
+        body = json.loads(data)
+        if not isinstance(body, dict) or not isinstance(body.get("epoch"), str):
+            raise ValueError("not a broadcast message")
+        seq = body.get("seq")
+        if not isinstance(seq, int):
+            raise ValueError("a broadcast message without a seq")
+        return Message(
+            epoch=body["epoch"],
+            seq=seq,
+            keys=list(body.get("keys", [])),
+            tags=list(body.get("tags", [])),
+            patterns=[glob(p) for p in body.get("patterns", [])],
+            tag_patterns=[glob(p) for p in body.get("tag_patterns", [])],
+            lsn=body.get("lsn"),
+        )
+
+    def touches(self, key: str, tags: Iterable[str]) -> bool:
+        if key in self.keys or any(p.fullmatch(key) for p in self.patterns):
+            return True
+        return any(
+            tag in self.tags or any(p.fullmatch(tag) for p in self.tag_patterns) for tag in tags
+        )
+
+
+def contiguous(position: Position, newest_first: List[Message]) -> Optional[List[Message]]:
+    """The messages oldest first, if they continue `position` without a
+    gap: within an epoch each seq at most one past the one before, and a
+    new epoch starting at 1."""
+    messages = list(reversed(newest_first))
+    epoch, seq = position
+    for message in messages:
+        follows = message.seq <= seq + 1 if message.epoch == epoch else message.seq == 1
+        if not follows:
+            return None
+        if message.epoch != epoch or message.seq > seq:
+            epoch, seq = message.epoch, message.seq
+    return messages
+
+
+class L1:
+    """The in-process tier. `client` (a `redis.Redis`) gives the
+    subscriber its connections; `count` is the cache's counter."""
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        prefix: str,
+        channel: str,
+        entries: int,
+        ttl: Optional[float],
+        serve_disconnected: Optional[float],
+        count: Callable[[str], None],
+    ) -> None:
+        self._client = client
+        self._prefix = prefix
+        self._channel = channel
+        self._max_entries = entries
+        self._ttl = ttl
+        self._serve_disconnected = serve_disconnected
+        self._count = count
+        self._lock = threading.RLock()
+        self._entries: "OrderedDict[str, Tuple[Any, Tuple[str, ...], Optional[float]]]" = OrderedDict()
+        self._by_tag: Dict[str, Set[str]] = {}
+        self._generation = 0
+        self._flushed_at = 0
+        self._recent: Deque[Tuple[int, Message]] = deque(maxlen=FENCE_MESSAGES)
+        self._position: Optional[Position] = None
+        self._live = False
+        self._down_since = time.monotonic()
+        self._caught_up = threading.Condition(self._lock)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._subscribe, name="evictd-l1", daemon=True)
+        self._thread.start()
+
+    # -- serving -----------------------------------------------------------
+
+    def generation(self) -> int:
+        """Note it before reading Redis or the database; give it to `put`."""
+        with self._lock:
+            return self._generation
+
+    def get(self, key: str) -> Optional[Tuple[Any]]:
+        """`(value,)` when L1 holds `key` and may serve it, else `None`."""
+        with self._lock:
+            if not self._serving():
+                return None
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            value, _tags, expires = entry
+            if expires is not None and time.monotonic() >= expires:
+                self._drop(key)
+                self._count("l1_evictions")
+                return None
+            self._entries.move_to_end(key)
+            return (value,)
+
+    def put(self, key: str, value: Any, tags: Iterable[str], seen: int) -> bool:
+        """Keeps `value` unless a flush or a message touching it came after
+        `seen` (or L1 is not live)."""
+        tags = tuple(tags)
+        with self._lock:
+            if not self._live or self._flushed_at > seen:
+                return False
+            if seen < self._generation:
+                oldest = self._recent[0][0] if self._recent else self._generation + 1
+                if seen + 1 < oldest:
+                    return False  # older than the messages kept
+                for generation, message in self._recent:
+                    if generation > seen and message.touches(key, tags):
+                        return False
+            self._drop(key)
+            expires = time.monotonic() + self._ttl if self._ttl is not None else None
+            self._entries[key] = (value, tags, expires)
+            for tag in tags:
+                self._by_tag.setdefault(tag, set()).add(key)
+            while len(self._entries) > self._max_entries:
+                oldest_key = next(iter(self._entries))
+                self._drop(oldest_key)
+                self._count("l1_evictions")
+            return True
+
+    def live(self) -> bool:
+        with self._lock:
+            return self._live
+
+    def position(self) -> Optional[Position]:
+        with self._lock:
+            return self._position
+
+    def keys(self) -> List[str]:
+        with self._lock:
+            return list(self._entries)
+
+    def wait_live(self, timeout: float) -> bool:
+        with self._caught_up:
+            return self._caught_up.wait_for(lambda: self._live, timeout)
+
+    def wait_for(self, position: Position, timeout: float) -> bool:
+        """Waits until L1 applied `position` (same epoch, seq at or past)."""
+        epoch, seq = position
+        with self._caught_up:
+            return self._caught_up.wait_for(
+                lambda: self._position is not None
+                and self._position[0] == epoch
+                and self._position[1] >= seq,
+                timeout,
+            )
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _serving(self) -> bool:
+        if self._live:
+            return True
+        bound = self._serve_disconnected
+        return bound is not None and time.monotonic() - self._down_since <= bound
+
+    # -- applying ------------------------------------------------------------
+
+    def _drop(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return
+        for tag in entry[1]:
+            keys = self._by_tag.get(tag)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_tag[tag]
+
+    def _flush(self) -> None:
+        self._entries.clear()
+        self._by_tag.clear()
+        self._generation += 1
+        self._flushed_at = self._generation
+        self._count("l1_flushes")
+
+    def _apply(self, message: Message) -> None:
+        self._generation += 1
+        self._recent.append((self._generation, message))
+        doomed: Set[str] = set()
+        doomed.update(key for key in message.keys if key in self._entries)
+        for pattern in message.patterns:
+            doomed.update(key for key in self._entries if pattern.fullmatch(key))
+        for tag in message.tags:
+            doomed.update(self._by_tag.get(tag, ()))
+        for pattern in message.tag_patterns:
+            for tag, keys in self._by_tag.items():
+                if pattern.fullmatch(tag):
+                    doomed.update(keys)
+        for key in doomed:
+            self._drop(key)
+        if self._position is None or message.epoch != self._position[0] or message.seq > self._position[1]:
+            self._position = (message.epoch, message.seq)
+        self._caught_up.notify_all()
+
+    def _follows(self, message: Message) -> bool:
+        return (
+            self._position is not None
+            and message.epoch == self._position[0]
+            and message.seq <= self._position[1] + 1
+        )
+
+    # -- the subscriber ------------------------------------------------------
+
+    def _subscribe(self) -> None:
+        pause = 0.05
+        client = self._client
+        while not self._stop.is_set():
+            pubsub = None
+            try:
+                pubsub = client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self._channel)
+                self._catch_up(client)
+                pause = 0.05
+                while not self._stop.is_set():
+                    raw = pubsub.get_message(timeout=0.2)
+                    if raw is not None and raw.get("type") == "message":
+                        self._receive(client, raw["data"])
+            except Exception:  # noqa: BLE001 - any failure: disconnected
+                with self._lock:
+                    if self._live:
+                        self._live = False
+                        self._down_since = time.monotonic()
+                self._stop.wait(pause)
+                pause = min(pause * 2, 2.0)
+            finally:
+                if pubsub is not None:
+                    try:
+                        pubsub.close()
+                    except Exception:  # noqa: BLE001
+                        pass
+
+    def _catch_up(self, client: Any) -> None:
+        """After (re)subscribing: replay what was missed, else flush."""
+        last = self._last(client)
+        with self._lock:
+            if self._position is None:
+                self._flush()
+                self._position = last
+            elif last is not None and last != self._position:
+                missed = self._since(client, self._position)
+                if missed is None:
+                    self._flush()
+                    self._position = last
+                else:
+                    for message in missed:
+                        self._apply(message)
+                    self._count("l1_replays")
+                    if not self._reached(last):
+                        self._flush()
+                        self._position = last
+            self._live = True
+            self._caught_up.notify_all()
+
+    def _receive(self, client: Any, data: Any) -> None:
+        try:
+            message = Message.parse(data)
+        except (ValueError, TypeError):
+            with self._lock:
+                self._flush()
+            return
+        with self._lock:
+            if self._follows(message):
+                self._apply(message)
+                return
+            # A gap or a new epoch: stop serving, replay from the log.
+            self._live = False
+            self._down_since = time.monotonic()
+            position = self._position
+        missed = self._since(client, position) if position is not None else None
+        with self._lock:
+            if missed is None:
+                self._flush()
+                self._position = None
+                self._apply(message)
+            else:
+                for replayed in missed:
+                    self._apply(replayed)
+                self._count("l1_replays")
+                if not self._follows(message):
+                    self._flush()
+                    self._position = None
+                self._apply(message)
+            self._live = True
+            self._caught_up.notify_all()
+
+    def _reached(self, last: Optional[Position]) -> bool:
+        if last is None or self._position is None:
+            return True
+        return self._position[0] == last[0] and self._position[1] >= last[1]
+
+    def _last(self, client: Any) -> Optional[Position]:
+        raw = client.get(self._prefix + LAST_KEY)
+        if raw is None:
+            return None
+        epoch, _sep, seq = raw.decode().rpartition(":")
+        return (epoch, int(seq)) if seq.isdigit() else None
+
+    def _since(self, client: Any, position: Position) -> Optional[List[Message]]:
+        """The messages after `position` from the log, oldest first, or
+        `None` when the log does not reach back or has a gap."""
+        epoch, seq = position
+        missed: List[Message] = []
+        end = "+"
+        while True:
+            entries = client.xrevrange(self._prefix + LOG_KEY, end, "-", count=REPLAY_CHUNK)
+            for entry_id, fields in entries:
+                end = "(" + (entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
+                try:
+                    message = Message.parse(fields[LOG_FIELD])
+                except (KeyError, ValueError, TypeError):
+                    return None
+                if message.epoch == epoch and message.seq <= seq:
+                    return contiguous(position, missed)
+                missed.append(message)
+            if len(entries) < REPLAY_CHUNK:
+                oldest = missed[-1] if missed else None
+                if oldest is not None and oldest.epoch == epoch and oldest.seq == seq + 1:
+                    return contiguous(position, missed)
+                return None
