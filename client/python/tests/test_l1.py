@@ -13,7 +13,7 @@ import redis
 
 from conftest import Evictd
 from evictd_cache import Cache
-from evictd_cache._l1 import L1, Message
+from evictd_cache._l1 import L1, MISS, Message
 from test_cache import read_user, upsert_user
 
 
@@ -122,6 +122,6 @@ def test_a_read_overtaken_by_a_message_is_not_kept():
         assert l1.put("dog", 1, [], l1.generation())
         with l1._lock:
             l1._live = False
-        assert l1.get("dog") is None  # not served while disconnected
+        assert l1.get("dog") is MISS  # not served while disconnected
     finally:
         l1.close()

@@ -12,7 +12,7 @@ import redis as redis_py
 
 from . import _fill as fill
 from . import _protocol as protocol
-from ._l1 import L1
+from ._l1 import L1, MISS
 from ._core import REDIS_ERRORS, Core, Duration, Serializer, keys_of, seconds
 
 T = TypeVar("T")
@@ -113,17 +113,16 @@ class Cache(Core):
         (`user:{user_id}` of an order), checked against evictd's tag
         stamps instead. `ttl` overrides the cache's. Concurrent calls for
         one key in this process share one load."""
-        tags = list(tags)
         l1 = self._l1
         seen = 0
         if l1 is not None:
-            hit = l1.get(key)
-            if hit is not None:
-                self._count("l1_hits")
-                return hit[0]
+            value = l1.get(key)
+            if value is not MISS:
+                return value
             # Noted before Redis is read: a message from now on that
             # touches the key keeps what this read returns out of L1.
             seen = l1.generation()
+        tags = list(tags)
         steps = fill.read(self._settings, key, tags, self._read_ttl(ttl), row_tags)
         value, keep = self._once(key, steps, loader)
         if keep and l1 is not None:
@@ -164,6 +163,12 @@ class Cache(Core):
         `timeout`; `RedisFailure` when Redis does not answer."""
         wait = seconds(timeout, "timeout") or 10.0
         self._run(fill.wait_applied(self._settings, self.slot, position, wait), _no_loader)
+
+    def metrics(self) -> Dict[str, int]:
+        counts = super().metrics()
+        if self._l1 is not None:
+            counts["l1_hits"] = self._l1.hits()
+        return counts
 
     def l1_live(self) -> bool:
         """Whether L1 is subscribed and caught up (False without L1)."""

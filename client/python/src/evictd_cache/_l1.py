@@ -7,6 +7,8 @@ subscribes."""
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import re
 import threading
@@ -23,6 +25,9 @@ FENCE_MESSAGES = 4096
 REPLAY_CHUNK = 1000
 
 Position = Tuple[str, int]
+
+#: What `L1.get` returns for a key it cannot serve.
+MISS = object()
 
 
 def glob(pattern: str) -> "re.Pattern[str]":
@@ -113,7 +118,10 @@ class L1:
         self._ttl = ttl
         self._serve_disconnected = serve_disconnected
         self._count = count
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
+        # `next` on a count is one atomic step: no lock on the hot path.
+        self._hits = itertools.count()
+        self._hits_counter = functools.partial(next, self._hits)
         self._entries: "OrderedDict[str, Tuple[Any, Tuple[str, ...], Optional[float]]]" = OrderedDict()
         self._by_tag: Dict[str, Set[str]] = {}
         self._generation = 0
@@ -134,21 +142,29 @@ class L1:
         with self._lock:
             return self._generation
 
-    def get(self, key: str) -> Optional[Tuple[Any]]:
-        """`(value,)` when L1 holds `key` and may serve it, else `None`."""
-        with self._lock:
-            if not self._serving():
-                return None
-            entry = self._entries.get(key)
-            if entry is None:
-                return None
-            value, _tags, expires = entry
-            if expires is not None and time.monotonic() >= expires:
-                self._drop(key)
-                self._count("l1_evictions")
-                return None
+    def get(self, key: str) -> Any:
+        """The value when L1 holds `key` and may serve it, else `MISS`.
+
+        The hot path takes no lock: each step is one atomic operation on
+        the map (a lookup, a move to the end), so a concurrent eviction
+        either comes first (a miss) or after (the read came before the
+        message was applied, as if it had arrived a moment later)."""
+        entry = self._entries.get(key)
+        if entry is None or not (self._live or self._serving()):
+            return MISS
+        expires = entry[2]
+        if expires is not None and time.monotonic() >= expires:
+            with self._lock:
+                if self._entries.get(key) is entry:
+                    self._drop(key)
+            self._count("l1_evictions")
+            return MISS
+        try:
             self._entries.move_to_end(key)
-            return (value,)
+        except KeyError:
+            return MISS  # evicted meanwhile
+        self._hits_counter()
+        return entry[0]
 
     def put(self, key: str, value: Any, tags: Iterable[str], seen: int) -> bool:
         """Keeps `value` unless a flush or a message touching it came after
@@ -174,6 +190,11 @@ class L1:
                 self._drop(oldest_key)
                 self._count("l1_evictions")
             return True
+
+    def hits(self) -> int:
+        """Reads served so far."""
+        # A count's repr is `count(N)`: reading it does not advance it.
+        return int(repr(self._hits)[6:-1])
 
     def live(self) -> bool:
         with self._lock:
