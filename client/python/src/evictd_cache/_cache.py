@@ -182,6 +182,17 @@ class Cache(Core):
         """Waits until L1 is subscribed and caught up; whether it is."""
         return self._l1 is not None and self._l1.wait_live(seconds(timeout, "timeout") or 10.0)
 
+    def l1_caught_up(self, timeout: Duration = "10s") -> bool:
+        """Waits until L1 has applied evictd's last broadcast (as
+        `evictd:l1:last` says now); whether it has."""
+        if self._l1 is None:
+            return False
+        return self._l1.caught_up(seconds(timeout, "timeout") or 10.0)
+
+    def l1_items(self) -> Dict[str, Any]:
+        """What L1 holds now, by key."""
+        return self._l1.items() if self._l1 is not None else {}
+
     def close(self) -> None:
         """Stops L1's subscriber (the redis client stays the caller's)."""
         if self._l1 is not None:

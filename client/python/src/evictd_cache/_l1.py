@@ -204,6 +204,17 @@ class L1:
         with self._lock:
             return self._position
 
+    def items(self) -> Dict[str, Any]:
+        with self._lock:
+            return {key: entry[0] for key, entry in self._entries.items()}
+
+    def caught_up(self, timeout: float) -> bool:
+        """Waits until L1 applied evictd's last message (read now)."""
+        last = self._last(self._client)
+        if last is None:
+            return self.wait_live(timeout)
+        return self.wait_for(last, timeout)
+
     def keys(self) -> List[str]:
         with self._lock:
             return list(self._entries)
