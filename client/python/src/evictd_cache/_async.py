@@ -9,7 +9,6 @@ import inspect
 from typing import Any, Awaitable, Callable, Dict, Generator, Iterable, Optional, TypeVar, Union
 
 from . import _fill as fill
-from . import _protocol as protocol
 from ._core import REDIS_ERRORS, Core, Duration, Serializer, keys_of, seconds
 
 T = TypeVar("T")
@@ -52,9 +51,6 @@ class AsyncCache(Core):
             serializer=serializer,
             record_fills=record_fills,
         )
-        self._fill_script = client.register_script(protocol.script("fill"))
-        self._release_script = client.register_script(protocol.script("release"))
-        self._version_script = client.register_script(protocol.script("version"))
         self._flights: Dict[str, "asyncio.Future[Any]"] = {}
 
     async def get_or_load(

@@ -11,7 +11,6 @@ from typing import Any, Callable, Dict, Generator, Iterable, List, Optional, Typ
 import redis as redis_py
 
 from . import _fill as fill
-from . import _protocol as protocol
 from ._l1 import L1, MISS
 from ._core import REDIS_ERRORS, Core, Duration, Serializer, keys_of, seconds
 
@@ -77,9 +76,6 @@ class Cache(Core):
             serializer=serializer,
             record_fills=record_fills,
         )
-        self._fill_script = client.register_script(protocol.script("fill"))
-        self._release_script = client.register_script(protocol.script("release"))
-        self._version_script = client.register_script(protocol.script("version"))
         self._flights: Dict[str, _Flight] = {}
         self._flights_lock = threading.Lock()
         self._l1: Optional[L1] = None

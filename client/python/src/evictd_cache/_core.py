@@ -128,6 +128,10 @@ class Core:
             clock=time.monotonic,
             record_fills=record_fills,
         )
+        # The protocol's scripts (EVALSHA, loaded again after NOSCRIPT).
+        self._fill_script = client.register_script(protocol.script("fill"))
+        self._release_script = client.register_script(protocol.script("release"))
+        self._version_script = client.register_script(protocol.script("version"))
         self._counts_lock = threading.Lock()
         self._counts = {name: 0 for name in METRICS}
 
