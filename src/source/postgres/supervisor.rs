@@ -79,9 +79,6 @@ impl Supervisor {
     /// whether the slot is to be switched to a failover slot.
     async fn check_continuity(&self, url: &SecretUrl, system_id: &str) -> Result<bool, Error> {
         let postgres = &self.config.postgres;
-        // Every position acknowledged so far was recorded before it was
-        // acknowledged: plans still in flight can only move the record on.
-        let remembered = self.continuity.read(&mut self.stop.clone()).await?;
         let control = Control::connect_to(url, &postgres.slot, &postgres.publication).await?;
         let topology = control.topology().await?;
         if let Some(error) = topology.blocking_error(&postgres.slot, postgres.failover_slot) {
@@ -93,7 +90,15 @@ impl Supervisor {
             tracing::warn!(slot = %postgres.slot, problem = %finding.message, help = %finding.help, "the slot may not outlive a failover");
         }
         let failover = topology.creates_failover_slot(postgres.failover_slot);
+        // The slot first, then the record: every position acknowledged was
+        // recorded before it was acknowledged, and the record only moves
+        // on, so a record read after the slot is at or past the slot's
+        // position unless changes were lost. (Read the other way round, a
+        // process streaming from the slot meanwhile, as an active one
+        // does while this one stands by, moves the slot past the record
+        // read before it: no loss, but it would look like one.)
         let state = control.inspect().await?;
+        let remembered = self.continuity.read(&mut self.stop.clone()).await?;
         let verdict = if self.reset_pending.load(Ordering::SeqCst) {
             Continuity::lost(
                 "slot_reset",
