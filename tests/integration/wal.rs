@@ -1407,7 +1407,9 @@ async fn a_commit_held_by_a_synchronous_standby_is_invalidated_once_visible() {
 
 /// A server of the test's own with table `items` (`rows` rows, mapped to
 /// `item:{id}`), a physical standby of it that applies commits `delay`
-/// late, and evictd's config with the standby named as its replica.
+/// late, and evictd's config with the standby named as its replica,
+/// `{prefix}-standby`: the metrics recorder is the process's, shared with
+/// the tests running beside this one, so each names its replica apart.
 struct Replicated {
     _postgres: evictd::testkit::Postgres,
     standby: evictd::testkit::Postgres,
@@ -1437,7 +1439,7 @@ impl Replicated {
         )]);
         let mut config = crate::support::streaming_config(&db, mappings.path());
         config.postgres.replicas = vec![evictd::config::ReplicaConfig {
-            name: "standby".into(),
+            name: format!("{prefix}-standby"),
             url: evictd::config::SecretUrl::parse(&standby.url(&db.name)).unwrap(),
         }];
         Replicated {
@@ -1563,7 +1565,7 @@ async fn fenced_readers_on_a_lagging_replica_leave_nothing_stale() {
     );
     let rendered = recorder.render();
     assert!(
-        rendered.contains(r#"evictd_replica_up{replica="standby"} 1"#),
+        rendered.contains(r#"evictd_replica_up{replica="rep-standby"} 1"#),
         "{rendered}"
     );
     assert_eq!(*evictd.running().replicas.borrow(), None);
@@ -1577,7 +1579,7 @@ async fn fenced_readers_on_a_lagging_replica_leave_nothing_stale() {
         replicas.wait_for(|reason| {
             reason
                 .as_deref()
-                .is_some_and(|reason| reason.contains("replica standby cannot be asked"))
+                .is_some_and(|reason| reason.contains("replica rep-standby cannot be asked"))
         }),
     )
     .await
@@ -1585,7 +1587,7 @@ async fn fenced_readers_on_a_lagging_replica_leave_nothing_stale() {
     .unwrap();
     let rendered = recorder.render();
     assert!(
-        rendered.contains(r#"evictd_replica_up{replica="standby"} 0"#),
+        rendered.contains(r#"evictd_replica_up{replica="rep-standby"} 0"#),
         "{rendered}"
     );
     let timed_out = |rendered: &str| {
