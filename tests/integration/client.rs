@@ -65,9 +65,12 @@ async fn status(s: &Streaming) -> String {
     row_status(&s.db.client().await).await
 }
 
+/// How the tests read the row.
+const LOAD_ORDER: &str = "select status from orders where id = 1";
+
 /// The row's status, read over `db`.
 async fn row_status(db: &tokio_postgres::Client) -> String {
-    db.query_one("select status from orders where id = 1", &[])
+    db.query_one(LOAD_ORDER, &[])
         .await
         .expect("the order")
         .get(0)
@@ -209,134 +212,152 @@ async fn held_fill_with(
     (fill.expect("a miss, so a fill"), value.expect("a row"))
 }
 
-#[tokio::test]
-async fn a_fill_without_an_invalidation_in_between_is_stored() {
-    let s = Streaming::start(SCHEMA, &[("orders.toml", MAPPING)]).await;
-    let cache = cache(&s).await;
-    let (fill, value) = held_fill(&s, &cache, "order:1", &["user:1"], None).await;
-    assert_eq!((fill, value.status.as_str()), (Fill::Stored, "new"));
-    let cached: Option<Status> = cache.get("order:1").await.unwrap();
-    assert_eq!(cached.map(|c| c.status).as_deref(), Some("new"));
+/// The shared scenarios (`client/scenarios/fills.json`), which the Python
+/// package runs too: each kind of invalidation across a held fill, a
+/// reload past the TTL and an L1 entry, as data.
+#[derive(serde::Deserialize)]
+struct Scenarios {
+    schema: Vec<String>,
+    mapping: String,
+    reset: Vec<String>,
+    load: String,
+    caches: std::collections::HashMap<String, CacheSettings>,
+    scenarios: Vec<Scenario>,
+}
+
+#[derive(serde::Deserialize)]
+struct CacheSettings {
+    l1_entries: Option<u64>,
+    ttl_ms: Option<u64>,
+    stale_while_revalidate_ms: Option<u64>,
+}
+
+#[derive(serde::Deserialize)]
+struct Scenario {
+    name: String,
+    kind: String,
+    cache: String,
+    key: String,
+    tags: Vec<String>,
+    #[serde(default)]
+    row_tags: Option<Vec<String>>,
+    #[serde(default)]
+    reload: bool,
+    write: Option<String>,
+    expect: Expected,
+}
+
+#[derive(serde::Deserialize)]
+struct Expected {
+    fill: Option<String>,
+    loaded: Option<Status>,
+    #[serde(default, deserialize_with = "present")]
+    redis: Option<Option<Status>>,
+    l1: Option<bool>,
+}
+
+/// `"redis": null` (expected absent) apart from no `redis` at all.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<Status>>, D::Error> {
+    serde::Deserialize::deserialize(d).map(Some)
 }
 
 #[tokio::test]
-async fn a_key_delete_voids_a_fill_in_flight() {
-    let s = Streaming::start(SCHEMA, &[("orders.toml", MAPPING)]).await;
-    let cache = cache(&s).await;
-    let write = "update orders set status = 'paid' where id = 1";
-    let (fill, value) = held_fill(&s, &cache, "order:1", &[], Some(write)).await;
-    assert_eq!((fill, value.status.as_str()), (Fill::Fenced, "new"));
-    assert_eq!(cache.get::<Status>("order:1").await.unwrap(), None);
-    // The next read loads the committed row.
-    let fresh: Option<Status> = cache
-        .get_or_load("order:1", &[], || async {
-            Ok::<_, Infallible>(Some(Status {
-                status: status(&s).await,
-            }))
-        })
-        .await
-        .unwrap();
-    assert_eq!(fresh.map(|f| f.status).as_deref(), Some("paid"));
-    let cached: Option<Status> = cache.get("order:1").await.unwrap();
-    assert_eq!(cached.map(|c| c.status).as_deref(), Some("paid"));
-}
-
-/// A tag taken from the row being loaded (`user:{user_id}` of the order
-/// read): registered after the read, and the fill refused when evictd
-/// invalidated it in between. Registered before nothing, the same
-/// interleaving stores the old row where no invalidation reaches it.
-#[tokio::test]
-async fn a_tag_taken_from_the_row_and_invalidated_during_the_load_voids_the_fill() {
-    let s = Streaming::start(SCHEMA, &[("orders.toml", MAPPING)]).await;
-    let cache = cache(&s).await;
-    let late: &[&str] = &["user:1"];
-    // Quiet: stored, and in the tag's set, so a later invalidation of the
-    // tag deletes it.
-    let (fill, _) = held_fill_with(&s, &cache, "order:1:view", &[], Some(late), None).await;
-    assert_eq!(fill, Fill::Stored);
-    s.db.execute("insert into orders values (3, 1, 'new')")
-        .await;
-    s.sync().await;
-    assert_eq!(cache.get::<Status>("order:1:view").await.unwrap(), None);
-    // A new order of user 1 invalidates the tag, not the key, while the
-    // row is being loaded.
-    let write = "insert into orders values (2, 1, 'new')";
-    let (fill, _) = held_fill_with(&s, &cache, "order:1:view", &[], Some(late), Some(write)).await;
-    assert_eq!(fill, Fill::Fenced);
-    assert_eq!(cache.get::<Status>("order:1:view").await.unwrap(), None);
-    // The control, on a key in no tag set yet: the tag left out of the
-    // fill, as a reader that registers it after storing would: the old
-    // row is stored.
-    let write = "insert into orders values (4, 1, 'new')";
-    let (fill, _) = held_fill(&s, &cache, "order:1:summary", &[], Some(write)).await;
-    assert_eq!(fill, Fill::Stored);
-}
-
-#[tokio::test]
-async fn a_tag_invalidation_voids_a_fill_in_flight() {
-    let s = Streaming::start(SCHEMA, &[("orders.toml", MAPPING)]).await;
-    let cache = cache(&s).await;
-    // A key evictd never renders, only tagged: a new order of user 1
-    // invalidates the tag.
-    let write = "insert into orders values (2, 1, 'new')";
-    let (fill, _) = held_fill(&s, &cache, "user:1:order-page", &["user:1"], Some(write)).await;
-    assert_eq!(fill, Fill::Fenced);
+async fn the_shared_scenarios_hold() {
+    let text = std::fs::read_to_string(crate::support::repo_path("client/scenarios/fills.json"))
+        .expect("client/scenarios/fills.json");
+    let file: Scenarios = serde_json::from_str(&text).expect("the scenarios parse");
     assert_eq!(
-        cache.get::<Status>("user:1:order-page").await.unwrap(),
-        None
+        file.load, LOAD_ORDER,
+        "this runner loads the row with `{LOAD_ORDER}`"
     );
-}
-
-#[tokio::test]
-async fn a_pattern_delete_voids_a_fill_in_flight() {
-    let s = Streaming::start(SCHEMA, &[("orders.toml", MAPPING)]).await;
-    let cache = cache(&s).await;
-    // TRUNCATE deletes order:* by pattern, cached or not.
-    let (fill, _) = held_fill(&s, &cache, "order:1", &[], Some("truncate orders")).await;
-    assert_eq!(fill, Fill::Fenced);
-    assert_eq!(cache.get::<Status>("order:1").await.unwrap(), None);
-}
-
-#[tokio::test]
-async fn a_fill_cannot_overwrite_a_refresh() {
-    let s = Streaming::start(SCHEMA, &[("orders.toml", MAPPING)]).await;
-    let cache = cache(&s).await;
-    let write = "update orders set status = 'shipped' where id = 1";
-    let (fill, value) = held_fill(&s, &cache, "order:1:status", &[], Some(write)).await;
-    assert_eq!((fill, value.status.as_str()), (Fill::Fenced, "new"));
-    // What evictd wrote stays.
-    let cached: Option<Status> = cache.get("order:1:status").await.unwrap();
-    assert_eq!(cached.map(|c| c.status).as_deref(), Some("shipped"));
-}
-
-#[tokio::test]
-async fn a_reload_of_a_cached_value_is_voided_like_a_first_fill() {
-    // Past its TTL, inside the stale window, a read takes the right to
-    // reload the value (its lease wraps the value) and loads; every kind of
-    // invalidation in between voids that reload too.
-    let s = Streaming::start(SCHEMA, &[("orders.toml", MAPPING)]).await;
-    let cache = Cache::builder(stack().redis.url())
-        .prefix(s.config.redis.prefix.clone())
-        .ttl(Duration::from_millis(200))
-        .stale_while_revalidate(Duration::from_secs(60))
-        .build()
-        .await
-        .expect("a cache");
-    for &(key, tags, write) in INTERLEAVINGS {
-        // Cold, whatever an earlier write refreshed.
-        cache.invalidate(key).await.unwrap();
-        let (fill, _) = held_fill(&s, &cache, key, tags, None).await;
-        assert_eq!(fill, Fill::Stored, "{key}: the first fill");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let (fill, _) = held_fill(&s, &cache, key, tags, Some(write)).await;
-        assert_eq!(fill, Fill::Fenced, "{key}: a reload across `{write}`");
-        let after: Option<Status> = cache.get(key).await.unwrap();
-        let refreshed = (key == "order:1:status").then(|| "shipped".to_owned());
-        assert_eq!(
-            after.map(|a| a.status),
-            refreshed,
-            "{key}: what is cached after `{write}`"
-        );
+    let s = Streaming::start(&file.schema.join(";\n"), &[("orders.toml", &file.mapping)]).await;
+    let mut caches = std::collections::HashMap::new();
+    for (name, settings) in &file.caches {
+        let mut builder = Cache::builder(stack().redis.url()).prefix(s.config.redis.prefix.clone());
+        if let Some(entries) = settings.l1_entries {
+            builder = builder
+                .l1_entries(entries)
+                .l1_channel(s.config.redis.l1_channel.clone());
+        }
+        if let Some(ttl) = settings.ttl_ms {
+            builder = builder.ttl(Duration::from_millis(ttl));
+        }
+        if let Some(window) = settings.stale_while_revalidate_ms {
+            builder = builder.stale_while_revalidate(Duration::from_millis(window));
+        }
+        let cache = builder.build().await.expect("a cache");
+        if settings.l1_entries.is_some() {
+            live(&cache, Duration::from_secs(10), "L1 never went live").await;
+        }
+        caches.insert(name.clone(), (cache, settings.ttl_ms));
+    }
+    let plain = cache(&s).await;
+    for scenario in &file.scenarios {
+        let name = &scenario.name;
+        let (cache, ttl) = &caches[&scenario.cache];
+        for statement in &file.reset {
+            s.db.execute(statement).await;
+        }
+        s.sync().await;
+        if cache.l1_live() {
+            l1_caught_up(&s, cache).await;
+        }
+        plain.invalidate(&scenario.key).await.unwrap();
+        let key = scenario.key.as_str();
+        let tags: Vec<&str> = scenario.tags.iter().map(String::as_str).collect();
+        let late: Option<Vec<&str>> = scenario
+            .row_tags
+            .as_ref()
+            .map(|tags| tags.iter().map(String::as_str).collect());
+        match scenario.kind.as_str() {
+            "held_fill" => {
+                if scenario.reload {
+                    let (fill, _) = held_fill(&s, cache, key, &tags, None).await;
+                    assert_eq!(fill, Fill::Stored, "{name}: the first fill");
+                    let ttl = ttl.expect("a reload scenario's cache has a TTL");
+                    tokio::time::sleep(Duration::from_millis(ttl + 100)).await;
+                }
+                let (fill, loaded) = held_fill_with(
+                    &s,
+                    cache,
+                    key,
+                    &tags,
+                    late.as_deref(),
+                    scenario.write.as_deref(),
+                )
+                .await;
+                let expected = scenario.expect.fill.as_deref().expect("expect.fill");
+                let outcome = match fill {
+                    Fill::Stored => "stored",
+                    Fill::Fenced => "fenced",
+                    Fill::Skipped => "skipped",
+                };
+                assert_eq!(outcome, expected, "{name}: the fill");
+                if let Some(expected) = &scenario.expect.loaded {
+                    assert_eq!(&loaded, expected, "{name}: what the loader read");
+                }
+            }
+            "warm_l1" => {
+                load(&s, cache, key, &tags).await;
+                assert!(cache.l1_peek::<Status>(key).is_some(), "{name}: in L1");
+                s.db.execute(scenario.write.as_deref().expect("a write"))
+                    .await;
+                s.sync().await;
+            }
+            other => panic!("{name}: unknown kind `{other}`"),
+        }
+        if let Some(expected) = &scenario.expect.redis {
+            let cached: Option<Status> = plain.get(key).await.unwrap();
+            assert_eq!(&cached, expected, "{name}: what Redis holds after");
+        }
+        if let Some(expected) = scenario.expect.l1 {
+            l1_caught_up(&s, cache).await;
+            assert_eq!(
+                cache.l1_peek::<Status>(key).is_some(),
+                expected,
+                "{name}: whether L1 holds {key}"
+            );
+        }
     }
 }
 
@@ -350,51 +371,6 @@ async fn load(s: &Streaming, cache: &Cache, key: &str, tags: &[&str]) -> Option<
         })
         .await
         .expect("get_or_load")
-}
-
-#[tokio::test]
-async fn l1_entries_go_with_each_kind_of_broadcast() {
-    let s = Streaming::start(SCHEMA, &[("orders.toml", MAPPING)]).await;
-    let cache = l1_cache(&s).await;
-    let cases = [
-        // (key, tags, write): a key delete, a tag, a pattern (TRUNCATE).
-        (
-            "order:1",
-            &[][..],
-            "update orders set status = 'a' where id = 1",
-        ),
-        (
-            "user:1:page",
-            &["user:1"][..],
-            "insert into orders values (2, 1, 'new')",
-        ),
-        ("order:1", &[][..], "truncate orders"),
-    ];
-    for (key, tags, write) in cases {
-        load(&s, &cache, key, tags).await;
-        assert!(cache.l1_peek::<Status>(key).is_some(), "{key} is in L1");
-        let hits = cache
-            .stats()
-            .l1_hits
-            .load(std::sync::atomic::Ordering::Relaxed);
-        load(&s, &cache, key, tags).await;
-        let after = cache
-            .stats()
-            .l1_hits
-            .load(std::sync::atomic::Ordering::Relaxed);
-        assert_eq!(after, hits + 1, "the second read of {key} is an L1 hit");
-        s.db.execute(write).await;
-        s.sync().await;
-        l1_caught_up(&s, &cache).await;
-        assert!(
-            cache.l1_peek::<Status>(key).is_none(),
-            "{key} left in L1 after `{write}`"
-        );
-        s.db.execute("insert into orders values (1, 1, 'new') on conflict do nothing")
-            .await;
-        s.sync().await;
-        l1_caught_up(&s, &cache).await;
-    }
 }
 
 #[tokio::test]

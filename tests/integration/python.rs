@@ -1,7 +1,8 @@
 //! The Python package (`client/python`, distribution `evictd-cache`):
 //! installed with pip into the virtualenv `scripts/bootstrap` makes, then
-//! its pytest suite run against this suite's Postgres and Redis, with a
-//! real `evictd run` (the built binary) per test.
+//! its pytest suite run against this suite's Postgres and Redis (and a
+//! three-master Redis Cluster of its own), with a real `evictd run` (the
+//! built binary) per test.
 
 use std::process::Command;
 
@@ -16,6 +17,11 @@ async fn the_python_package_installs_and_passes_its_tests() {
         python.display()
     );
     let db = TestDb::new().await;
+    let cluster = tokio::task::spawn_blocking(|| evictd::testkit::RedisCluster::start(3))
+        .await
+        .unwrap()
+        .expect("a Redis Cluster");
+    let cluster_url = cluster.url();
     let install = Command::new(&python)
         .args([
             "-m",
@@ -43,6 +49,7 @@ async fn the_python_package_installs_and_passes_its_tests() {
             .env("EVICTD_BIN", env!("CARGO_BIN_EXE_evictd"))
             .env("EVICTD_TEST_POSTGRES_URL", &db.url)
             .env("EVICTD_TEST_REDIS_URL", stack().redis.url())
+            .env("EVICTD_TEST_REDIS_CLUSTER_URL", &cluster_url)
             .env("EVICTD_TEST_PREFIX", &db.prefix)
             .output()
             .expect("run pytest")
@@ -56,4 +63,5 @@ async fn the_python_package_installs_and_passes_its_tests() {
         stderr(&suite)
     );
     assert!(stdout(&suite).contains(" passed"), "{}", stdout(&suite));
+    drop(cluster);
 }

@@ -7,6 +7,8 @@ this suite with
 - `EVICTD_TEST_POSTGRES_URL`: a database of the suite's own on a server
   with `wal_level = logical`, as a superuser;
 - `EVICTD_TEST_REDIS_URL`: the Redis evictd writes to;
+- `EVICTD_TEST_REDIS_CLUSTER_URL`: a three-master Redis Cluster
+  (`redis+cluster://host:port`, one of its nodes);
 - `EVICTD_TEST_PREFIX`: a key prefix of the suite's own.
 """
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from evictd_cache import Cache, TemplateError, seconds
 from evictd_cache import _protocol as protocol
@@ -180,7 +182,7 @@ def test_another_processs_fill_is_waited_for(evictd, redis_client, db, prefix):
 
 
 def test_redis_down_reads_the_database(prefix):
-    gone = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    gone = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
     cache = Cache(gone, prefix=prefix)
     assert cache.get_or_load("user:7", lambda: {"id": 7}) == {"id": 7}
     assert cache.metrics()["degraded"] == 1

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from conftest import Evictd
 from evictd_cache import Cache
-from evictd_cache._l1 import L1, MISS, Message
+from evictd_cache._l1 import L1, MISS, ReadLast
 from test_cache import read_user, upsert_user
 
 
@@ -95,33 +99,113 @@ def test_l1_replays_a_new_epoch_from_the_log_and_flushes_when_it_cannot(
         evictd.stop()
 
 
-class _Down:
-    """A client the subscriber never reaches: the fence is tested alone."""
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
-    def pubsub(self, **_options):
-        raise redis.exceptions.ConnectionError("no server")
+
+def test_while_its_subscription_is_down_l1_serves_only_within_the_bound(tmp_path, prefix):
+    """A Redis of the test's own, stopped under the subscriber: L1 serves
+    nothing (by default), or for at most `l1_serve_disconnected`."""
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        # No retries: a command to the stopped server fails at once.
+        client = redis.Redis(port=port, socket_connect_timeout=0.2, socket_timeout=0.5, retry=Retry(NoBackoff(), 0))
+        eventually(lambda: _pings(client), "the test's Redis answers")
+        strict = Cache(client, prefix=prefix, l1_entries=10, l1_channel=prefix + "l1")
+        lenient = Cache(
+            client, prefix=prefix, l1_entries=10, l1_channel=prefix + "l1", l1_serve_disconnected="1s"
+        )
+        for cache in (strict, lenient):
+            assert cache.l1_wait_live("5s")
+            assert cache.get_or_load("k", lambda: "v") == "v"
+            assert cache.l1_keys() == ["k"]
+        server.terminate()
+        server.wait(10)
+        # Each subscriber notices on its own; the bound runs from then.
+        eventually(lambda: not lenient.l1_live(), "the lenient subscriber saw it")
+        down = time.monotonic()
+        assert lenient.get_or_load("k", lambda: "from the database") == "v"
+        eventually(lambda: not strict.l1_live(), "the strict subscriber saw it")
+        assert strict.get_or_load("k", lambda: "from the database") == "from the database"
+        time.sleep(max(0.0, down + 1.2 - time.monotonic()))
+        assert lenient.get_or_load("k", lambda: "from the database") == "from the database"
+        assert strict.metrics()["l1_hits"] == 0 and lenient.metrics()["l1_hits"] == 1
+        strict.close()
+        lenient.close()
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _pings(client) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.exceptions.ConnectionError:
+        return False
+
+
+def feed(steps, last=None, log=()):
+    """Runs an L1's catch-up or receive steps against a log held here:
+    `last` (`epoch:seq`) and the log's messages, oldest first."""
+    entries = [(f"{i}-0".encode(), {b"m": json.dumps(m).encode()}) for i, m in enumerate(log, 1)]
+    answer = None
+    while True:
+        try:
+            step = steps.send(answer)
+        except StopIteration:
+            return
+        if isinstance(step, ReadLast):
+            answer = last.encode() if last else None
+        else:
+            newest_first = list(reversed(entries))
+            if step.end != "+":
+                bound = step.end.lstrip("(").encode()
+                newest_first = [e for e in newest_first if int(e[0].split(b"-")[0]) < int(bound.split(b"-")[0])]
+            answer = newest_first[: step.count]
 
 
 def test_a_read_overtaken_by_a_message_is_not_kept():
     counts = []
-    l1 = L1(_Down(), prefix="", channel="c", entries=10, ttl=None, serve_disconnected=None, count=counts.append)
-    try:
-        with l1._lock:
-            l1._live = True
-            l1._position = ("e", 1)
-        seen = l1.generation()
-        with l1._lock:
-            l1._apply(Message(epoch="e", seq=2, keys=["a"], tags=["t"]))
-        assert not l1.put("a", 1, [], seen)  # the key itself
-        assert not l1.put("b", 1, ["t"], seen)  # one of its tags
-        assert l1.put("c", 1, ["u"], seen)  # something else
-        with l1._lock:
-            l1._apply(Message.parse(json.dumps({"epoch": "e", "seq": 3, "patterns": ["c*"]})))
-        assert l1.keys() == []  # a pattern evicts
-        assert not l1.put("cat", 1, [], seen)
-        assert l1.put("dog", 1, [], l1.generation())
-        with l1._lock:
-            l1._live = False
-        assert l1.get("dog") is MISS  # not served while disconnected
-    finally:
-        l1.close()
+    l1 = L1(entries=10, ttl=None, serve_disconnected=None, count=counts.append)
+    feed(l1.catch_up(), last="e:1")
+    assert l1.live() and l1.position() == ("e", 1)
+    seen = l1.generation()
+    feed(l1.receive(json.dumps({"epoch": "e", "seq": 2, "keys": ["a"], "tags": ["t"]})))
+    assert not l1.put("a", 1, [], seen)  # the key itself
+    assert not l1.put("b", 1, ["t"], seen)  # one of its tags
+    assert l1.put("c", 1, ["u"], seen)  # something else
+    feed(l1.receive(json.dumps({"epoch": "e", "seq": 3, "patterns": ["c*"]})))
+    assert l1.keys() == []  # a pattern evicts
+    assert not l1.put("cat", 1, [], seen)
+    assert l1.put("dog", 1, [], l1.generation())
+    l1.disconnected()
+    assert l1.get("dog") is MISS  # not served while disconnected
+
+
+def test_a_gap_is_replayed_from_the_log_and_flushed_when_the_log_does_not_reach_back():
+    l1 = L1(entries=10, ttl=None, serve_disconnected=None, count=lambda _name: None)
+    feed(l1.catch_up(), last="e:1")
+    assert l1.put("a", 1, [], l1.generation()) and l1.put("b", 2, [], l1.generation())
+    log = [
+        {"epoch": "e", "seq": 1, "keys": []},
+        {"epoch": "e", "seq": 2, "keys": ["a"]},
+        {"epoch": "e", "seq": 3, "keys": []},
+    ]
+    # seq 2 was missed; 3 arrives: 2 is replayed from the log.
+    feed(l1.receive(json.dumps(log[2])), log=log)
+    assert l1.live() and l1.position() == ("e", 3) and l1.keys() == ["b"]
+    # seq 4 and 5 missed, and the log holds only up to 3: flushed.
+    feed(l1.receive(json.dumps({"epoch": "e", "seq": 6, "keys": []})), log=log)
+    assert l1.live() and l1.position() == ("e", 6) and l1.keys() == []
+    # A new epoch whose first message the log holds: replayed, not flushed.
+    assert l1.put("c", 3, [], l1.generation())
+    l1.disconnected()
+    newer = log + [{"epoch": "e", "seq": 6, "keys": []}, {"epoch": "f", "seq": 1, "keys": ["x"]}]
+    feed(l1.catch_up(), last="f:1", log=newer)
+    assert l1.live() and l1.position() == ("f", 1) and l1.keys() == ["c"]

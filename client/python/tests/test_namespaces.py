@@ -40,5 +40,21 @@ def test_a_namespace_bump_leaves_every_key_under_it_behind(tmp_path, database_ur
         assert after > before
         assert cache.versioned("user:40", "orders") == f"user:40@{after}:orders"
         assert cache.get_or_load_in("user:40", "orders", lambda: ["o2"]) == ["o2"]
+
+        # With L1: the version and the value are both kept in process, and
+        # the bump's broadcast evicts the version.
+        warm = Cache(redis_client, prefix=prefix, l1_entries=100, l1_channel=prefix + "l1")
+        assert warm.l1_wait_live("5s")
+        assert warm.get_or_load_in("user:40", "orders", lambda: pytest.fail("in Redis")) == ["o2"]
+        assert set(warm.l1_keys()) == {"evictd:ns:user:40", f"user:40@{after}:orders"}
+        redis_client.delete(prefix + "evictd:ns:user:40", prefix + f"user:40@{after}:orders")
+        assert warm.get_or_load_in("user:40", "orders", lambda: pytest.fail("in L1")) == ["o2"]
+        upsert_user(db, 40, "alan m turing")
+        evictd.sync()
+        assert warm.l1_caught_up("5s")
+        assert "evictd:ns:user:40" not in warm.l1_keys()
+        assert warm.version("user:40") > after
+        assert warm.get_or_load_in("user:40", "orders", lambda: ["o3"]) == ["o3"]
+        warm.close()
     finally:
         evictd.stop()

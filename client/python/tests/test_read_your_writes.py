@@ -25,6 +25,24 @@ def test_a_write_is_invalidated_once_wait_applied_returns(evictd, redis_client, 
         assert cache.get_or_load("user:50", lambda: read_user(db, 50)) == {"id": 50, "name": name}
 
 
+def test_after_wait_applied_a_read_through_a_warm_l1_sees_the_write(evictd, redis_client, db, prefix):
+    cache = Cache(redis_client, prefix=prefix, slot=evictd.slot, l1_entries=100, l1_channel=prefix + "l1")
+    try:
+        assert cache.l1_wait_live("5s")
+        upsert_user(db, 51, "ada")
+        evictd.sync()
+        for round in range(5):
+            assert cache.get_or_load("user:51", lambda: read_user(db, 51))["name"] in ("ada", f"ada {round - 1}")
+            assert "user:51" in cache.l1_keys()
+            name = f"ada {round}"
+            upsert_user(db, 51, name)
+            cache.wait_applied(commit_position(db), timeout="10s")
+            # The key left this process's L1, not only Redis.
+            assert cache.get_or_load("user:51", lambda: read_user(db, 51)) == {"id": 51, "name": name}
+    finally:
+        cache.close()
+
+
 def test_a_position_evictd_has_not_reached_times_out_naming_both(evictd, redis_client, prefix):
     cache = Cache(redis_client, prefix=prefix, slot=evictd.slot)
     started = time.monotonic()

@@ -10,6 +10,7 @@ from typing import Any, Awaitable, Callable, Dict, Generator, Iterable, Optional
 
 from . import _fill as fill
 from ._core import REDIS_ERRORS, Core, Duration, Serializer, keys_of, seconds
+from ._l1 import MISS, AsyncSubscriber
 
 T = TypeVar("T")
 Loader = Callable[[], Union[Awaitable[T], T]]
@@ -21,9 +22,11 @@ def _no_loader() -> Any:
 
 class AsyncCache(Core):
     """`Cache` for asyncio: the same settings and protocol over a
-    `redis.asyncio.Redis` client; loaders may be coroutine functions or
-    plain ones. Concurrent reads of one key in this event loop share one
-    load."""
+    `redis.asyncio.Redis` (or `redis.asyncio.cluster.RedisCluster`)
+    client; loaders may be coroutine functions or plain ones. Concurrent
+    reads of one key in this event loop share one load. With
+    `l1_entries`, L1's subscriber is one task on the loop, started by the
+    first read (or `l1_wait_live`) and stopped by `aclose`."""
 
     def __init__(
         self,
@@ -38,6 +41,12 @@ class AsyncCache(Core):
         stampede_wait: Duration = "200ms",
         serializer: Optional[Serializer] = None,
         record_fills: bool = False,
+        early_refresh: float = 0.0,
+        stale_while_revalidate: Duration = None,
+        l1_entries: Optional[int] = None,
+        l1_ttl: Duration = None,
+        l1_channel: str = "evictd:l1",
+        l1_serve_disconnected: Duration = None,
     ) -> None:
         super().__init__(
             client,
@@ -50,8 +59,16 @@ class AsyncCache(Core):
             stampede_wait=stampede_wait,
             serializer=serializer,
             record_fills=record_fills,
+            early_refresh=early_refresh,
+            stale_while_revalidate=stale_while_revalidate,
+            l1_entries=l1_entries,
+            l1_ttl=l1_ttl,
+            l1_serve_disconnected=l1_serve_disconnected,
         )
         self._flights: Dict[str, "asyncio.Future[Any]"] = {}
+        self._subscriber: Optional[AsyncSubscriber] = None
+        if self._l1 is not None:
+            self._subscriber = AsyncSubscriber(self._l1, client, prefix=prefix, channel=l1_channel)
 
     async def get_or_load(
         self,
@@ -63,8 +80,20 @@ class AsyncCache(Core):
         row_tags: Optional[Callable[[T], Iterable[str]]] = None,
     ) -> T:
         """As `Cache.get_or_load`, awaited."""
-        steps = fill.read(self._settings, key, list(tags), self._read_ttl(ttl), row_tags)
-        value, _keep = await self._once(key, steps, loader)
+        l1 = self._l1
+        seen = 0
+        if l1 is not None:
+            self._subscriber.ensure_started()  # type: ignore[union-attr]
+            value = l1.get(key)
+            if value is not MISS:
+                return value
+            # Noted before Redis is read (see Cache.get_or_load).
+            seen = l1.generation()
+        tags = list(tags)
+        steps = fill.read(self._settings, key, tags, self._read_ttl(ttl), row_tags)
+        value, keep = await self._once(key, steps, loader)
+        if keep and l1 is not None:
+            l1.put(key, value, tags, seen)
         return value
 
     async def get_or_load_in(
@@ -77,13 +106,27 @@ class AsyncCache(Core):
         ttl: Duration = None,
     ) -> T:
         """As `Cache.get_or_load_in`, awaited."""
-        steps = fill.read_in(self._settings, namespace, key, list(tags), self._read_ttl(ttl))
-        value, _keep = await self._once(namespace + "\0" + key, steps, loader)
-        return value
+        try:
+            current = await self.version(namespace)
+        except fill.RedisFailure:
+            return await self._run(fill.degraded(self._settings), loader)
+        return await self.get_or_load(
+            fill.versioned_key(namespace, current, key), loader, tags=tags, ttl=ttl
+        )
 
     async def version(self, namespace: str) -> int:
         """As `Cache.version`, awaited."""
-        return await self._run(fill.version(self._settings, namespace), _no_loader)
+        l1 = self._l1
+        if l1 is None:
+            return await self._run(fill.version(self._settings, namespace), _no_loader)
+        self._subscriber.ensure_started()  # type: ignore[union-attr]
+        counter = fill.NAMESPACE_KEY + namespace
+        current = l1.get(counter)
+        if current is MISS:
+            seen = l1.generation()
+            current = await self._run(fill.version(self._settings, namespace), _no_loader)
+            l1.put(counter, current, (), seen)
+        return current
 
     async def versioned(self, namespace: str, key: str) -> str:
         """As `Cache.versioned`, awaited."""
@@ -92,7 +135,27 @@ class AsyncCache(Core):
     async def wait_applied(self, position: int, timeout: Duration = "10s") -> None:
         """As `Cache.wait_applied`, awaited."""
         wait = seconds(timeout, "timeout") or 10.0
-        await self._run(fill.wait_applied(self._settings, self.slot, position, wait), _no_loader)
+        await self._run(fill.wait_applied(self._settings, self.slot, position, wait, self._l1), _no_loader)
+
+    async def l1_wait_live(self, timeout: Duration = "10s") -> bool:
+        """As `Cache.l1_wait_live`, awaited (starts the subscriber)."""
+        if self._l1 is None or self._subscriber is None:
+            return False
+        self._subscriber.ensure_started()
+        return await self._l1.wait_until_async(None, seconds(timeout, "timeout") or 10.0)
+
+    async def l1_caught_up(self, timeout: Duration = "10s") -> bool:
+        """As `Cache.l1_caught_up`, awaited."""
+        if self._l1 is None or self._subscriber is None:
+            return False
+        self._subscriber.ensure_started()
+        last = await self._subscriber.last()
+        return await self._l1.wait_until_async(last, seconds(timeout, "timeout") or 10.0)
+
+    async def aclose(self) -> None:
+        """Stops L1's subscriber task (the redis client stays the caller's)."""
+        if self._subscriber is not None:
+            await self._subscriber.close()
 
     async def _once(self, key: str, steps: Generator[fill.Step, Any, T], loader: Loader[T]) -> T:
         flight = self._flights.get(key)
@@ -169,25 +232,7 @@ class AsyncCache(Core):
                 await asyncio.sleep(step.seconds)
             else:
                 try:
-                    answer = await self._command(step)
+                    answer = self._answer(step, await self._issue(step))
                 except REDIS_ERRORS:
                     if not isinstance(step, fill.Release):
                         error = fill.RedisFailure()
-
-    async def _command(self, step: fill.Step) -> Any:
-        redis = self._redis
-        if isinstance(step, fill.Get):
-            return await redis.get(step.key)
-        if isinstance(step, fill.GetMany):
-            return await redis.mget(list(step.keys))
-        if isinstance(step, fill.SetLease):
-            return bool(await redis.set(step.key, step.lease, nx=True, px=step.ms))
-        if isinstance(step, fill.AddToTag):
-            return await redis.sadd(step.tag_set, step.key)
-        if isinstance(step, fill.Fill):
-            return await self._fill_script(keys=[step.key], args=[step.lease, step.data, step.ttl_ms])
-        if isinstance(step, fill.Release):
-            return await self._release_script(keys=[step.key], args=[step.lease])
-        if isinstance(step, fill.Version):
-            return await self._version_script(keys=[step.counter], args=[step.start])
-        raise AssertionError(f"not a Redis step: {step!r}")

@@ -6,12 +6,12 @@ import functools
 import inspect
 import threading
 import time
-from typing import Any, Callable, Dict, Generator, Iterable, List, Optional, TypeVar
+from typing import Any, Callable, Dict, Generator, Iterable, Optional, TypeVar
 
 import redis as redis_py
 
 from . import _fill as fill
-from ._l1 import L1, MISS
+from ._l1 import MISS, Subscriber
 from ._core import REDIS_ERRORS, Core, Duration, Serializer, keys_of, seconds
 
 T = TypeVar("T")
@@ -31,8 +31,7 @@ class _Flight:
 
 
 class Cache(Core):
-    """Cache-aside reads over a `redis.Redis` client (standalone Redis),
-    with fenced fills: a reader that loaded a row before a commit can never
+    """Cache-aside reads over a redis-py client with fenced fills: a reader that loaded a row before a commit can never
     store it after evictd's invalidation of the key.
 
     `prefix` is evictd's `redis.prefix`, `slot` its `postgres.slot` (for
@@ -42,8 +41,21 @@ class Cache(Core):
     `negative_ttl` when it is set. `lease` must outlast the slowest loader;
     `stampede_wait` is how long a reader waits for another process's fill
     before loading itself without storing. With `record_fills` each fill
-    carries evictd's apply stamp, for its consistency checker. Durations are seconds or text
-    (`200ms`, `10s`, `5m`, `1h`). Thread-safe.
+    carries evictd's apply stamp, for its consistency checker.
+
+    With a TTL, `early_refresh` (XFetch's beta; 1.0 is usual) lets one
+    read reload a value before it expires, the likelier the nearer the
+    expiry and the slower loads have been; `stale_while_revalidate` keeps
+    values that long past their TTL, served at once while one reader
+    reloads them. A reload is a fenced fill: an invalidation meanwhile
+    wins. Values stored without a TTL are never reloaded early.
+
+    `client` is a `redis.Redis` or a `redis.cluster.RedisCluster`. With
+    `l1_entries`, an in-process tier of that many entries (each kept at
+    most `l1_ttl`) follows evictd's broadcast on `l1_channel` (its
+    `redis.l1_channel`); while its subscription is down it serves only for
+    `l1_serve_disconnected` (not at all by default). Durations are seconds
+    or text (`200ms`, `10s`, `5m`, `1h`). Thread-safe.
     """
 
     def __init__(
@@ -59,6 +71,8 @@ class Cache(Core):
         stampede_wait: Duration = "200ms",
         serializer: Optional[Serializer] = None,
         record_fills: bool = False,
+        early_refresh: float = 0.0,
+        stale_while_revalidate: Duration = None,
         l1_entries: Optional[int] = None,
         l1_ttl: Duration = None,
         l1_channel: str = "evictd:l1",
@@ -75,22 +89,17 @@ class Cache(Core):
             stampede_wait=stampede_wait,
             serializer=serializer,
             record_fills=record_fills,
+            early_refresh=early_refresh,
+            stale_while_revalidate=stale_while_revalidate,
+            l1_entries=l1_entries,
+            l1_ttl=l1_ttl,
+            l1_serve_disconnected=l1_serve_disconnected,
         )
         self._flights: Dict[str, _Flight] = {}
         self._flights_lock = threading.Lock()
-        self._l1: Optional[L1] = None
-        if l1_entries is not None:
-            if l1_entries < 1:
-                raise ValueError(f"l1_entries: {l1_entries!r} must be at least 1")
-            self._l1 = L1(
-                client,
-                prefix=prefix,
-                channel=l1_channel,
-                entries=l1_entries,
-                ttl=seconds(l1_ttl, "l1_ttl"),
-                serve_disconnected=seconds(l1_serve_disconnected, "l1_serve_disconnected"),
-                count=self._count,
-            )
+        self._subscriber: Optional[Subscriber] = None
+        if self._l1 is not None:
+            self._subscriber = Subscriber(self._l1, client, prefix=prefix, channel=l1_channel)
 
     def get_or_load(
         self,
@@ -137,15 +146,29 @@ class Cache(Core):
         """`get_or_load` of `key` under the current version of `namespace`
         (see `versioned`): a bump of the namespace by evictd (a mapping's
         `versions`) leaves every key cached under it behind at once. With
-        Redis down the loader answers and nothing is stored."""
-        steps = fill.read_in(self._settings, namespace, key, list(tags), self._read_ttl(ttl))
-        value, _keep = self._once(namespace + "\0" + key, steps, loader)
-        return value
+        L1, the version is kept there too (evicted by the bump's
+        broadcast). With Redis down the loader answers and nothing is
+        stored."""
+        try:
+            current = self.version(namespace)
+        except fill.RedisFailure:
+            return self._run(fill.degraded(self._settings), loader)
+        return self.get_or_load(fill.versioned_key(namespace, current, key), loader, tags=tags, ttl=ttl)
 
     def version(self, namespace: str) -> int:
         """The current version of `namespace` (its counter
-        `evictd:ns:<namespace>`, created at the clock when absent)."""
-        return self._run(fill.version(self._settings, namespace), _no_loader)
+        `evictd:ns:<namespace>`, created at the clock when absent), from
+        L1 when it holds it. `RedisFailure` when Redis does not answer."""
+        l1 = self._l1
+        if l1 is None:
+            return self._run(fill.version(self._settings, namespace), _no_loader)
+        counter = fill.NAMESPACE_KEY + namespace
+        current = l1.get(counter)
+        if current is MISS:
+            seen = l1.generation()
+            current = self._run(fill.version(self._settings, namespace), _no_loader)
+            l1.put(counter, current, (), seen)
+        return current
 
     def versioned(self, namespace: str, key: str) -> str:
         """`key` under the current version of `namespace`
@@ -155,44 +178,28 @@ class Cache(Core):
     def wait_applied(self, position: int, timeout: Duration = "10s") -> None:
         """Waits until evictd has applied everything up to `position` (from
         `commit_position` on the connection that wrote), so that the next
-        read sees the write: read your own writes. `TimeoutError` past
-        `timeout`; `RedisFailure` when Redis does not answer."""
+        read sees the write: read your own writes. With L1, until this
+        process's L1 has applied it too, so that a read through a warm L1
+        sees the write as well. `TimeoutError` past `timeout`;
+        `RedisFailure` when Redis does not answer."""
         wait = seconds(timeout, "timeout") or 10.0
-        self._run(fill.wait_applied(self._settings, self.slot, position, wait), _no_loader)
-
-    def metrics(self) -> Dict[str, int]:
-        counts = super().metrics()
-        if self._l1 is not None:
-            counts["l1_hits"] = self._l1.hits()
-        return counts
-
-    def l1_live(self) -> bool:
-        """Whether L1 is subscribed and caught up (False without L1)."""
-        return self._l1 is not None and self._l1.live()
-
-    def l1_keys(self) -> List[str]:
-        """The keys L1 holds now."""
-        return self._l1.keys() if self._l1 is not None else []
+        self._run(fill.wait_applied(self._settings, self.slot, position, wait, self._l1), _no_loader)
 
     def l1_wait_live(self, timeout: Duration = "10s") -> bool:
         """Waits until L1 is subscribed and caught up; whether it is."""
-        return self._l1 is not None and self._l1.wait_live(seconds(timeout, "timeout") or 10.0)
+        return self._l1 is not None and self._l1.wait_until(None, seconds(timeout, "timeout") or 10.0)
 
     def l1_caught_up(self, timeout: Duration = "10s") -> bool:
         """Waits until L1 has applied evictd's last broadcast (as
         `evictd:l1:last` says now); whether it has."""
-        if self._l1 is None:
+        if self._l1 is None or self._subscriber is None:
             return False
-        return self._l1.caught_up(seconds(timeout, "timeout") or 10.0)
-
-    def l1_items(self) -> Dict[str, Any]:
-        """What L1 holds now, by key."""
-        return self._l1.items() if self._l1 is not None else {}
+        return self._l1.wait_until(self._subscriber.last(), seconds(timeout, "timeout") or 10.0)
 
     def close(self) -> None:
         """Stops L1's subscriber (the redis client stays the caller's)."""
-        if self._l1 is not None:
-            self._l1.close()
+        if self._subscriber is not None:
+            self._subscriber.close()
 
     def _once(self, key: str, steps: Generator[fill.Step, Any, T], loader: Callable[[], T]) -> T:
         """Runs `steps` unless this process already reads `key`: then waits
@@ -280,25 +287,7 @@ class Cache(Core):
                 time.sleep(step.seconds)
             else:
                 try:
-                    answer = self._command(step)
+                    answer = self._answer(step, self._issue(step))
                 except REDIS_ERRORS:
                     if not isinstance(step, fill.Release):
                         error = fill.RedisFailure()
-
-    def _command(self, step: fill.Step) -> Any:
-        redis = self._redis
-        if isinstance(step, fill.Get):
-            return redis.get(step.key)
-        if isinstance(step, fill.GetMany):
-            return redis.mget(list(step.keys))
-        if isinstance(step, fill.SetLease):
-            return bool(redis.set(step.key, step.lease, nx=True, px=step.ms))
-        if isinstance(step, fill.AddToTag):
-            return redis.sadd(step.tag_set, step.key)
-        if isinstance(step, fill.Fill):
-            return self._fill_script(keys=[step.key], args=[step.lease, step.data, step.ttl_ms])
-        if isinstance(step, fill.Release):
-            return self._release_script(keys=[step.key], args=[step.lease])
-        if isinstance(step, fill.Version):
-            return self._version_script(keys=[step.counter], args=[step.start])
-        raise AssertionError(f"not a Redis step: {step!r}")

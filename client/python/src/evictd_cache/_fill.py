@@ -5,8 +5,10 @@ synchronous and the asyncio caches run the same protocol code."""
 
 from __future__ import annotations
 
+import math
+import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, Iterable, List, Optional, Tuple, Union
 
 from . import _protocol as protocol
@@ -28,6 +30,22 @@ class SetLease:
     key: str
     lease: bytes
     ms: int
+
+
+@dataclass(frozen=True)
+class GetWithTtl:
+    """`GET` and `PTTL` of one key: answered with `(value, pttl_ms)`."""
+
+    key: str
+
+
+@dataclass(frozen=True)
+class Reload:
+    """`reload.lua`: wraps the value in `lease`; answered with 1 (the
+    reload right is ours) or 0."""
+
+    key: str
+    lease: bytes
 
 
 @dataclass(frozen=True)
@@ -86,7 +104,9 @@ class Version:
     start: int
 
 
-Step = Union[Get, GetMany, SetLease, AddToTag, Fill, Release, Load, Pause, Count, Version]
+Step = Union[
+    Get, GetWithTtl, GetMany, SetLease, Reload, AddToTag, Fill, Release, Load, Pause, Count, Version
+]
 
 #: evictd's stamps of tag invalidations (docs/PROTOCOL.md, "Tags taken from
 #: the row"), and how long each is kept.
@@ -120,25 +140,44 @@ SLOT_RECORD_KEY = "evictd:slot:"
 
 
 def wait_applied(
-    settings: "Settings", slot: str, position: int, timeout: float
+    settings: "Settings", slot: str, position: int, timeout: float, l1: Any = None
 ) -> Generator[Step, Any, None]:
     """Polls evictd's continuity record of `slot` until it is at or past
-    `position`; `TimeoutError` after `timeout` seconds."""
+    `position`; with `l1` (an `L1`), until that tier has applied it too:
+    a broadcast it applied with an `lsn` at or past `position` settles it,
+    else the `evictd:l1:last` read once the record is there.
+    `TimeoutError` after `timeout` seconds."""
+    from ._l1 import LAST_KEY, parse_last
     from ._position import format_lsn, parse_lsn
 
     key = settings.prefix + SLOT_RECORD_KEY + slot
     deadline = settings.clock() + timeout
     pause = 0.002
     applied: Optional[int] = None
+    target: Any = None  # the broadcast L1 must reach, once Redis has it
     while True:
-        raw = yield Get(key)
-        if raw is not None:
-            _system, _sep, text = raw.decode().partition(" ")
-            applied = parse_lsn(text)
-            if applied >= position:
-                return None
+        if l1 is not None and l1.applied_lsn() >= position:
+            return None
+        if target is None:
+            raw = yield Get(key)
+            if raw is not None:
+                _system, _sep, text = raw.decode().partition(" ")
+                applied = parse_lsn(text)
+            if applied is not None and applied >= position:
+                if l1 is None:
+                    return None
+                # Read after the record: evictd sets it after publishing
+                # the batch's broadcast.
+                target = parse_last((yield Get(settings.prefix + LAST_KEY))) or "none"
+        if target is not None and l1.reached(None if target == "none" else target):
+            return None
         if settings.clock() >= deadline:
             seen = "nothing" if applied is None else format_lsn(applied)
+            if target is not None:
+                raise TimeoutError(
+                    f"evictd had applied {format_lsn(position)} in Redis, but this process's L1 "
+                    f"had not applied its broadcast {target} after {timeout} s (is it subscribed?)"
+                )
             raise TimeoutError(
                 f"evictd had applied {seen} of {format_lsn(position)} after {timeout} s "
                 f"(the record {key}: is evictd running on slot {slot!r}?)"
@@ -147,16 +186,16 @@ def wait_applied(
         pause = min(pause * 2, 0.05)
 
 
-def read_in(
-    settings: "Settings", namespace: str, key: str, tags: List[str], ttl: Optional[float]
-) -> Generator[Step, Any, Any]:
-    """`read` of `key` under the current version of `namespace`; with Redis
-    down, the loader answers and nothing is stored."""
-    try:
-        current = yield from version(settings, namespace)
-    except RedisFailure:
-        return (yield from _degraded()), False
-    return (yield from read(settings, versioned_key(namespace, current, key), tags, ttl))
+class LoadTime:
+    """A moving average of how long loads take (weight 1/8), for early
+    refresh. Updated without a lock: a lost update only nudges it."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def observe(self, took: float) -> None:
+        before = self.seconds
+        self.seconds = took if before == 0.0 else before + (took - before) / 8
 
 
 @dataclass(frozen=True)
@@ -170,6 +209,28 @@ class Settings:
     ttl_ms: Callable[[Optional[float]], int]
     clock: Callable[[], float]
     record_fills: bool = False
+    #: XFetch's beta (0: no early refresh).
+    early_refresh: float = 0.0
+    #: The stale-while-revalidate window, in seconds (0: none).
+    stale: float = 0.0
+    load_time: LoadTime = field(default_factory=LoadTime)
+
+
+def _refresh(settings: Settings, left_ms: int) -> Optional[bool]:
+    """Whether a value with `left_ms` of PTTL is reloaded by this read:
+    `None` no; `True` past its TTL proper (within the stale window);
+    `False` early (XFetch)."""
+    if left_ms < 0:
+        return None  # no expiry: an evictd refresh, say
+    fresh_ms = left_ms - settings.stale * 1000
+    if fresh_ms <= 0:
+        return True
+    if settings.early_refresh > 0:
+        draw = 1.0 - random.random()  # (0, 1]
+        load_ms = settings.load_time.seconds * 1000
+        if load_ms * settings.early_refresh * -math.log(draw) >= fresh_ms:
+            return False
+    return None
 
 
 def read(
@@ -183,23 +244,46 @@ def read(
     is exact to keep in process (a hit in Redis, or a stored fill).
     `row_tags` gives the tags known only from the loaded value."""
     full = settings.prefix + key
-    # 1. GET: a value, bare or wrapped in another reader's lease, is a hit.
+    refreshing = ttl is not None and (settings.early_refresh > 0 or settings.stale > 0)
+    # 1. GET: a value, bare or wrapped in another reader's lease, is a hit
+    # (with refresh on, unless this read is to reload it).
     try:
-        raw = yield Get(full)
+        if refreshing:
+            raw, left_ms = yield GetWithTtl(full)
+        else:
+            raw, left_ms = (yield Get(full)), -1
     except RedisFailure:
-        return (yield from _degraded()), False
-    hit = yield from _hit(settings, raw)
-    if hit is not None:
-        return hit[0], True
-    yield Count("misses")
-    # 2. The fill right: a bare lease in the key, only if it is empty.
+        return (yield from degraded(settings)), False
+    kind, found = protocol.parse(raw) if raw is not None else ("none", None)
+    stale: Optional[bool] = None
+    if kind == "value" and refreshing:
+        stale = _refresh(settings, left_ms)
+    if found is not None and stale is None:
+        if kind == "reloading" and refreshing and _refresh(settings, left_ms) is True:
+            yield Count("stale_served")
+        return (yield from _hit(settings, found)), True
     lease = protocol.new_lease()
-    try:
-        taken = yield SetLease(full, lease, settings.lease_ms)
-    except RedisFailure:
-        return (yield from _degraded()), False
-    if not taken:
-        return (yield from _wait_for_fill(settings, full))
+    if found is not None:
+        # 2'. The reload right: the value wrapped in a lease, which the
+        # other readers keep getting meanwhile.
+        try:
+            taken = yield Reload(full, lease)
+        except RedisFailure:
+            taken = 0
+        if taken != 1:
+            if stale:
+                yield Count("stale_served")
+            return (yield from _hit(settings, found)), True
+        yield Count("early_refreshes")
+    else:
+        yield Count("misses")
+        # 2. The fill right: a bare lease in the key, only if it is empty.
+        try:
+            taken = yield SetLease(full, lease, settings.lease_ms)
+        except RedisFailure:
+            return (yield from degraded(settings)), False
+        if not taken:
+            return (yield from _wait_for_fill(settings, full))
     # Recording the fill: the apply stamp, read after the lease.
     stamp: Optional[bytes] = None
     if settings.record_fills:
@@ -221,10 +305,10 @@ def read(
             stamp_read = settings.clock()
     except RedisFailure:
         yield Release(full, lease)
-        return (yield from _degraded()), False
+        return (yield from degraded(settings)), False
     # 4. The database.
     try:
-        value = yield from _load()
+        value = yield from _load(settings)
     except BaseException:
         yield Release(full, lease)
         raise
@@ -269,18 +353,13 @@ def read(
     return value, stored == 1
 
 
-def _hit(settings: Settings, raw: Optional[bytes]) -> Generator[Step, Any, Optional[Tuple[Any]]]:
-    """`(value,)` for a key holding a value; `None` for nothing or a bare
-    lease."""
-    if raw is None:
-        return None
-    kind, value = protocol.parse(raw)
-    if kind == "loading" or value is None:
-        return None
+def _hit(settings: Settings, value: bytes) -> Generator[Step, Any, Any]:
+    """A hit on what a key holds (unwrapped): its value, or `None` for a
+    cached "no row"."""
     yield Count("hits")
     if value == protocol.ABSENT:
-        return (None,)
-    return (settings.loads(value),)
+        return None
+    return settings.loads(value)
 
 
 def _wait_for_fill(settings: Settings, full: str) -> Generator[Step, Any, Tuple[Any, bool]]:
@@ -295,22 +374,28 @@ def _wait_for_fill(settings: Settings, full: str) -> Generator[Step, Any, Tuple[
         try:
             raw = yield Get(full)
         except RedisFailure:
-            return (yield from _degraded()), False
-        hit = yield from _hit(settings, raw)
-        if hit is not None:
-            return hit[0], True
-    return (yield from _load()), False
+            return (yield from degraded(settings)), False
+        if raw is not None:
+            _kind, found = protocol.parse(raw)
+            if found is not None:
+                return (yield from _hit(settings, found)), True
+    return (yield from _load(settings)), False
 
 
-def _load() -> Generator[Step, Any, Any]:
+def _load(settings: Settings) -> Generator[Step, Any, Any]:
+    """Calls the loader, timing it for early refresh."""
     yield Count("loads")
+    started = settings.clock()
     try:
-        return (yield Load())
+        value = yield Load()
     except BaseException:
         yield Count("errors")
         raise
+    settings.load_time.observe(settings.clock() - started)
+    return value
 
 
-def _degraded() -> Generator[Step, Any, Any]:
+def degraded(settings: Settings) -> Generator[Step, Any, Any]:
+    """Redis failed: the loader answers, nothing is stored."""
     yield Count("degraded")
-    return (yield from _load())
+    return (yield from _load(settings))

@@ -2,11 +2,14 @@
 (docs/PROTOCOL.md, "An in-process cache (L1) that stays exact"): a bounded
 map evicted by each message, caught up from the broadcast log after a gap
 or a reconnect, flushed when the log does not reach back, and fenced
-against messages that overtook a read. Thread-safe; a daemon thread
-subscribes."""
+against messages that overtook a read. `L1` is the state, without IO
+and thread-safe; a daemon thread (`Subscriber`) or one asyncio task
+(`AsyncSubscriber`) feeds it, running its catch-up steps on a sync or an
+asyncio client."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import itertools
 import json
@@ -15,7 +18,9 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, Generator, Iterable, List, Optional, Set, Tuple, Union
+
+from ._position import parse_lsn
 
 LOG_KEY = "evictd:l1:log"
 LAST_KEY = "evictd:l1:last"
@@ -96,24 +101,68 @@ def contiguous(position: Position, newest_first: List[Message]) -> Optional[List
     return messages
 
 
+@dataclass(frozen=True)
+class ReadLast:
+    """`GET P evictd:l1:last`: answered with its value."""
+
+
+@dataclass(frozen=True)
+class ReadLog:
+    """`XREVRANGE P evictd:l1:log end - COUNT n`: answered with the entries."""
+
+    end: str
+    count: int
+
+
+LogStep = Union[ReadLast, ReadLog]
+
+
+def parse_last(raw: Optional[bytes]) -> Optional[Position]:
+    """`evictd:l1:last` (`epoch:seq`) as a position."""
+    if raw is None:
+        return None
+    epoch, _sep, seq = raw.decode().rpartition(":")
+    return (epoch, int(seq)) if seq.isdigit() else None
+
+
+def since(position: Position) -> Generator[LogStep, Any, Optional[List[Message]]]:
+    """The messages after `position` from the log, oldest first, or `None`
+    when the log does not reach back or has a gap."""
+    epoch, seq = position
+    missed: List[Message] = []
+    end = "+"
+    while True:
+        entries = yield ReadLog(end, REPLAY_CHUNK)
+        for entry_id, fields in entries:
+            end = "(" + (entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
+            try:
+                message = Message.parse(fields[LOG_FIELD])
+            except (KeyError, ValueError, TypeError):
+                return None
+            if message.epoch == epoch and message.seq <= seq:
+                return contiguous(position, missed)
+            missed.append(message)
+        if len(entries) < REPLAY_CHUNK:
+            oldest = missed[-1] if missed else None
+            if oldest is not None and oldest.epoch == epoch and oldest.seq == seq + 1:
+                return contiguous(position, missed)
+            return None
+
+
 class L1:
-    """The in-process tier. `client` (a `redis.Redis`) gives the
-    subscriber its connections; `count` is the cache's counter."""
+    """The in-process tier's state: what it holds, where in evictd's
+    broadcast it is, and whether it may serve. No IO: a subscriber feeds
+    it (`catch_up` after each subscription, `receive` for each message,
+    `disconnected` when the subscription fails)."""
 
     def __init__(
         self,
-        client: Any,
         *,
-        prefix: str,
-        channel: str,
         entries: int,
         ttl: Optional[float],
         serve_disconnected: Optional[float],
         count: Callable[[str], None],
     ) -> None:
-        self._client = client
-        self._prefix = prefix
-        self._channel = channel
         self._max_entries = entries
         self._ttl = ttl
         self._serve_disconnected = serve_disconnected
@@ -128,12 +177,11 @@ class L1:
         self._flushed_at = 0
         self._recent: Deque[Tuple[int, Message]] = deque(maxlen=FENCE_MESSAGES)
         self._position: Optional[Position] = None
+        # The highest `lsn` of an applied message (read your writes).
+        self._applied_lsn = 0
         self._live = False
         self._down_since = time.monotonic()
-        self._caught_up = threading.Condition(self._lock)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._subscribe, name="evictd-l1", daemon=True)
-        self._thread.start()
+        self._changed = threading.Condition(self._lock)
 
     # -- serving -----------------------------------------------------------
 
@@ -208,35 +256,37 @@ class L1:
         with self._lock:
             return {key: entry[0] for key, entry in self._entries.items()}
 
-    def caught_up(self, timeout: float) -> bool:
-        """Waits until L1 applied evictd's last message (read now)."""
-        last = self._last(self._client)
-        if last is None:
-            return self.wait_live(timeout)
-        return self.wait_for(last, timeout)
-
     def keys(self) -> List[str]:
         with self._lock:
             return list(self._entries)
 
-    def wait_live(self, timeout: float) -> bool:
-        with self._caught_up:
-            return self._caught_up.wait_for(lambda: self._live, timeout)
+    def applied_lsn(self) -> int:
+        """The highest commit position a message applied while live
+        carried: every batch up to it is applied here."""
+        with self._lock:
+            return self._applied_lsn if self._live else 0
 
-    def wait_for(self, position: Position, timeout: float) -> bool:
-        """Waits until L1 applied `position` (same epoch, seq at or past)."""
-        epoch, seq = position
-        with self._caught_up:
-            return self._caught_up.wait_for(
-                lambda: self._position is not None
-                and self._position[0] == epoch
-                and self._position[1] >= seq,
-                timeout,
+    def reached(self, position: Optional[Position]) -> bool:
+        """Whether L1 is live and has applied `position` (same epoch, seq
+        at or past; `None`: live is enough)."""
+        with self._lock:
+            return self._live and self._reached(position)
+
+    def wait_until(self, position: Optional[Position], timeout: float) -> bool:
+        """Blocks until `reached(position)`; whether it was in `timeout`."""
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: self._live and self._reached(position), timeout
             )
 
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+    async def wait_until_async(self, position: Optional[Position], timeout: float) -> bool:
+        """`wait_until` for asyncio: polls, without blocking the loop."""
+        deadline = time.monotonic() + timeout
+        while not self.reached(position):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.005)
+        return True
 
     def _serving(self) -> bool:
         if self._live:
@@ -244,7 +294,79 @@ class L1:
         bound = self._serve_disconnected
         return bound is not None and time.monotonic() - self._down_since <= bound
 
-    # -- applying ------------------------------------------------------------
+    # -- fed by the subscriber ------------------------------------------------
+
+    def disconnected(self) -> None:
+        """The subscription failed: stop serving (beyond the bound)."""
+        with self._lock:
+            if self._live:
+                self._live = False
+                self._down_since = time.monotonic()
+
+    def catch_up(self) -> Generator[LogStep, Any, None]:
+        """After (re)subscribing: replay what was missed, else flush; then
+        live. The log is read without the lock held."""
+        last = parse_last((yield ReadLast()))
+        with self._lock:
+            position = self._position
+            if position is None or last is None or last == position:
+                if position is None:
+                    self._flush()
+                    self._position = last
+                self._go_live()
+                return
+        missed = yield from since(position)
+        with self._lock:
+            if missed is None:
+                self._flush()
+                self._position = last
+            else:
+                for message in missed:
+                    self._apply(message)
+                self._count("l1_replays")
+                if not self._reached(last):
+                    self._flush()
+                    self._position = last
+            self._go_live()
+
+    def receive(self, data: Any) -> Generator[LogStep, Any, None]:
+        """One message from the channel: applied when it follows; after a
+        gap or in a new epoch, what was missed is replayed first (or L1
+        flushed when the log does not reach back)."""
+        try:
+            message = Message.parse(data)
+        except (ValueError, TypeError):
+            with self._lock:
+                self._flush()
+            return
+        with self._lock:
+            if self._follows(message):
+                self._apply(message)
+                return
+            # A gap or a new epoch: stop serving, replay from the log.
+            self._live = False
+            self._down_since = time.monotonic()
+            position = self._position
+        missed = (yield from since(position)) if position is not None else None
+        with self._lock:
+            if missed is None:
+                self._flush()
+                self._position = None
+            else:
+                for replayed in missed:
+                    self._apply(replayed)
+                self._count("l1_replays")
+                if not self._follows(message):
+                    self._flush()
+                    self._position = None
+            self._apply(message)
+            self._go_live()
+
+    # -- under the lock --------------------------------------------------------
+
+    def _go_live(self) -> None:
+        self._live = True
+        self._changed.notify_all()
 
     def _drop(self, key: str) -> None:
         entry = self._entries.pop(key, None)
@@ -279,9 +401,14 @@ class L1:
                     doomed.update(keys)
         for key in doomed:
             self._drop(key)
+        if message.lsn:
+            try:
+                self._applied_lsn = max(self._applied_lsn, parse_lsn(message.lsn))
+            except ValueError:
+                pass
         if self._position is None or message.epoch != self._position[0] or message.seq > self._position[1]:
             self._position = (message.epoch, message.seq)
-        self._caught_up.notify_all()
+        self._changed.notify_all()
 
     def _follows(self, message: Message) -> bool:
         return (
@@ -290,27 +417,63 @@ class L1:
             and message.seq <= self._position[1] + 1
         )
 
-    # -- the subscriber ------------------------------------------------------
+    def _reached(self, last: Optional[Position]) -> bool:
+        if last is None or self._position is None:
+            return True
+        return self._position[0] == last[0] and self._position[1] >= last[1]
+
+
+class Subscriber:
+    """Feeds an `L1` from evictd's broadcast on a daemon thread, over a
+    sync client (`redis.Redis` or `redis.cluster.RedisCluster`):
+    resubscribes with backoff after any failure."""
+
+    def __init__(self, l1: L1, client: Any, *, prefix: str, channel: str) -> None:
+        self._l1 = l1
+        self._client = client
+        self._prefix = prefix
+        self._channel = channel
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._subscribe, name="evictd-l1", daemon=True)
+        self._thread.start()
+
+    def last(self) -> Optional[Position]:
+        """evictd's last broadcast, as Redis says now."""
+        return parse_last(self._client.get(self._prefix + LAST_KEY))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self, steps: Generator[LogStep, Any, None]) -> None:
+        answer: Any = None
+        while True:
+            try:
+                step = steps.send(answer)
+            except StopIteration:
+                return
+            if isinstance(step, ReadLast):
+                answer = self._client.get(self._prefix + LAST_KEY)
+            else:
+                answer = self._client.xrevrange(
+                    self._prefix + LOG_KEY, step.end, "-", count=step.count
+                )
 
     def _subscribe(self) -> None:
         pause = 0.05
-        client = self._client
         while not self._stop.is_set():
             pubsub = None
             try:
-                pubsub = client.pubsub(ignore_subscribe_messages=True)
+                pubsub = self._client.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(self._channel)
-                self._catch_up(client)
+                self._run(self._l1.catch_up())
                 pause = 0.05
                 while not self._stop.is_set():
                     raw = pubsub.get_message(timeout=0.2)
                     if raw is not None and raw.get("type") == "message":
-                        self._receive(client, raw["data"])
+                        self._run(self._l1.receive(raw["data"]))
             except Exception:  # noqa: BLE001 - any failure: disconnected
-                with self._lock:
-                    if self._live:
-                        self._live = False
-                        self._down_since = time.monotonic()
+                self._l1.disconnected()
                 self._stop.wait(pause)
                 pause = min(pause * 2, 2.0)
             finally:
@@ -320,91 +483,74 @@ class L1:
                     except Exception:  # noqa: BLE001
                         pass
 
-    def _catch_up(self, client: Any) -> None:
-        """After (re)subscribing: replay what was missed, else flush."""
-        last = self._last(client)
-        with self._lock:
-            if self._position is None:
-                self._flush()
-                self._position = last
-            elif last is not None and last != self._position:
-                missed = self._since(client, self._position)
-                if missed is None:
-                    self._flush()
-                    self._position = last
-                else:
-                    for message in missed:
-                        self._apply(message)
-                    self._count("l1_replays")
-                    if not self._reached(last):
-                        self._flush()
-                        self._position = last
-            self._live = True
-            self._caught_up.notify_all()
 
-    def _receive(self, client: Any, data: Any) -> None:
-        try:
-            message = Message.parse(data)
-        except (ValueError, TypeError):
-            with self._lock:
-                self._flush()
-            return
-        with self._lock:
-            if self._follows(message):
-                self._apply(message)
-                return
-            # A gap or a new epoch: stop serving, replay from the log.
-            self._live = False
-            self._down_since = time.monotonic()
-            position = self._position
-        missed = self._since(client, position) if position is not None else None
-        with self._lock:
-            if missed is None:
-                self._flush()
-                self._position = None
-                self._apply(message)
-            else:
-                for replayed in missed:
-                    self._apply(replayed)
-                self._count("l1_replays")
-                if not self._follows(message):
-                    self._flush()
-                    self._position = None
-                self._apply(message)
-            self._live = True
-            self._caught_up.notify_all()
+class AsyncSubscriber:
+    """`Subscriber` for asyncio: one task on the running loop, over a
+    `redis.asyncio` client. Started by `ensure_started` from inside the
+    loop (the first read does it), stopped by `close`."""
 
-    def _reached(self, last: Optional[Position]) -> bool:
-        if last is None or self._position is None:
-            return True
-        return self._position[0] == last[0] and self._position[1] >= last[1]
+    def __init__(self, l1: L1, client: Any, *, prefix: str, channel: str) -> None:
+        self._l1 = l1
+        self._client = client
+        self._prefix = prefix
+        self._channel = channel
+        self._task: "Optional[asyncio.Task[None]]" = None
 
-    def _last(self, client: Any) -> Optional[Position]:
-        raw = client.get(self._prefix + LAST_KEY)
-        if raw is None:
-            return None
-        epoch, _sep, seq = raw.decode().rpartition(":")
-        return (epoch, int(seq)) if seq.isdigit() else None
+    def ensure_started(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._subscribe(), name="evictd-l1"
+            )
 
-    def _since(self, client: Any, position: Position) -> Optional[List[Message]]:
-        """The messages after `position` from the log, oldest first, or
-        `None` when the log does not reach back or has a gap."""
-        epoch, seq = position
-        missed: List[Message] = []
-        end = "+"
+    async def last(self) -> Optional[Position]:
+        return parse_last(await self._client.get(self._prefix + LAST_KEY))
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    async def _run(self, steps: Generator[LogStep, Any, None]) -> None:
+        answer: Any = None
         while True:
-            entries = client.xrevrange(self._prefix + LOG_KEY, end, "-", count=REPLAY_CHUNK)
-            for entry_id, fields in entries:
-                end = "(" + (entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
-                try:
-                    message = Message.parse(fields[LOG_FIELD])
-                except (KeyError, ValueError, TypeError):
-                    return None
-                if message.epoch == epoch and message.seq <= seq:
-                    return contiguous(position, missed)
-                missed.append(message)
-            if len(entries) < REPLAY_CHUNK:
-                oldest = missed[-1] if missed else None
-                if oldest is not None and oldest.epoch == epoch and oldest.seq == seq + 1:
-                    return contiguous(position, missed)
-                return None
+            try:
+                step = steps.send(answer)
+            except StopIteration:
+                return
+            if isinstance(step, ReadLast):
+                answer = await self._client.get(self._prefix + LAST_KEY)
+            else:
+                answer = await self._client.xrevrange(
+                    self._prefix + LOG_KEY, step.end, "-", count=step.count
+                )
+
+    async def _subscribe(self) -> None:
+        pause = 0.05
+        while True:
+            pubsub = None
+            try:
+                pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+                await pubsub.subscribe(self._channel)
+                await self._run(self._l1.catch_up())
+                pause = 0.05
+                while True:
+                    raw = await pubsub.get_message(timeout=0.2)
+                    if raw is not None and raw.get("type") == "message":
+                        await self._run(self._l1.receive(raw["data"]))
+            except asyncio.CancelledError:
+                self._l1.disconnected()
+                raise
+            except Exception:  # noqa: BLE001 - any failure: disconnected
+                self._l1.disconnected()
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
+            finally:
+                if pubsub is not None:
+                    try:
+                        await pubsub.aclose()
+                    except Exception:  # noqa: BLE001
+                        pass
