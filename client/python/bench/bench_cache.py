@@ -9,7 +9,8 @@
 
 It starts a throwaway `redis-server` on a free port (no evictd: none of
 these paths waits for it). Targets: L1 >= 0.8x, L2 >= 0.8x, cold fill >=
-0.5x. Each pair is measured in alternating rounds; the median ratio counts.
+0.5x. Each pair is measured in rounds, each alternating the two in ten
+slices; the median ratio of the rounds counts.
 
     .tools/python/bin/python client/python/bench/bench_cache.py
 """
@@ -38,17 +39,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def rate(operation, count: int) -> float:
+#: Each round alternates the two in this many slices, so that a drift of
+#: the machine's speed (another process, the CPU's clock) within a round
+#: weighs on both alike.
+SLICES = 10
+
+
+def timed(operation, count: int) -> float:
     started = time.perf_counter()
     operation(count)
-    return count / (time.perf_counter() - started)
+    return time.perf_counter() - started
 
 
 def compare(name: str, ours, bare, count: int, target: float) -> bool:
     ratios, ours_rates, bare_rates = [], [], []
     for _ in range(ROUNDS):
-        b = rate(bare, count)
-        o = rate(ours, count)
+        bare_time = ours_time = 0.0
+        for _ in range(SLICES):
+            bare_time += timed(bare, count // SLICES)
+            ours_time += timed(ours, count // SLICES)
+        b, o = count / bare_time, count / ours_time
         ratios.append(o / b)
         ours_rates.append(o)
         bare_rates.append(b)

@@ -232,6 +232,7 @@ def test_the_counters_are_exported_to_prometheus(redis_client, prefix):
     assert 'evictd_cache_hits_total{cache="profiles"} 1.0' in text, text
     assert 'evictd_cache_fills_total{cache="profiles"} 1.0' in text, text
     assert 'evictd_cache_fenced_total{cache="profiles"} 0.0' in text, text
+    assert 'evictd_cache_l1_evictions_total{cache="profiles",reason="invalidated"} 0.0' in text, text
 
 
 def test_a_tag_from_the_row_fences_a_fill_its_invalidation_overtook(evictd, redis_client, db, prefix):

@@ -59,6 +59,7 @@ def test_l1_serves_hits_and_each_message_evicts(evictd, redis_client, db, prefix
         evictd.sync()
         eventually(lambda: "user:60" not in cache.l1_keys(), "the key left L1")
         assert cache.get_or_load("user:60", lambda: read_user(db, 60)) == {"id": 60, "name": "joan clarke"}
+        assert cache.metrics()["l1_evictions_invalidated"] >= 2
     finally:
         cache.close()
 
@@ -170,9 +171,14 @@ def feed(steps, last=None, log=()):
             answer = newest_first[: step.count]
 
 
+class Counts(dict):
+    def __call__(self, name: str, n: int = 1) -> None:
+        self[name] = self.get(name, 0) + n
+
+
 def test_a_read_overtaken_by_a_message_is_not_kept():
-    counts = []
-    l1 = L1(entries=10, ttl=None, serve_disconnected=None, count=counts.append)
+    counts = Counts()
+    l1 = L1(entries=10, ttl=None, serve_disconnected=None, count=counts)
     feed(l1.catch_up(), last="e:1")
     assert l1.live() and l1.position() == ("e", 1)
     seen = l1.generation()
@@ -186,10 +192,24 @@ def test_a_read_overtaken_by_a_message_is_not_kept():
     assert l1.put("dog", 1, [], l1.generation())
     l1.disconnected()
     assert l1.get("dog") is MISS  # not served while disconnected
+    assert counts.get("l1_evictions_invalidated") == 1  # "c", by the pattern
+
+
+def test_entries_are_dropped_for_size_and_age_and_counted_by_reason():
+    counts = Counts()
+    l1 = L1(entries=3, ttl=0.05, serve_disconnected=None, count=counts)
+    feed(l1.catch_up(), last="e:1")
+    for key in "abcd":
+        assert l1.put(key, key, [], l1.generation())
+    assert l1.keys() == ["b", "c", "d"] and counts["l1_evictions_size"] == 1
+    time.sleep(0.06)
+    assert l1.get("b") is MISS and counts["l1_evictions_expired"] == 1
+    feed(l1.receive("not json"))
+    assert l1.keys() == [] and counts["l1_evictions_flushed"] == 2
 
 
 def test_a_gap_is_replayed_from_the_log_and_flushed_when_the_log_does_not_reach_back():
-    l1 = L1(entries=10, ttl=None, serve_disconnected=None, count=lambda _name: None)
+    l1 = L1(entries=10, ttl=None, serve_disconnected=None, count=Counts())
     feed(l1.catch_up(), last="e:1")
     assert l1.put("a", 1, [], l1.generation()) and l1.put("b", 2, [], l1.generation())
     log = [

@@ -91,7 +91,7 @@ class AsyncCache(Core):
             seen = l1.generation()
         tags = list(tags)
         steps = fill.read(self._settings, key, tags, self._read_ttl(ttl), row_tags)
-        value, keep = await self._once(key, steps, loader)
+        value, keep = await self._run(steps, loader)
         if keep and l1 is not None:
             l1.put(key, value, tags, seen)
         return value
@@ -157,27 +157,6 @@ class AsyncCache(Core):
         if self._subscriber is not None:
             await self._subscriber.close()
 
-    async def _once(self, key: str, steps: Generator[fill.Step, Any, T], loader: Loader[T]) -> T:
-        flight = self._flights.get(key)
-        if flight is not None:
-            steps.close()
-            self._count("single_flight_waits")
-            return await asyncio.shield(flight)
-        flight = asyncio.get_running_loop().create_future()
-        self._flights[key] = flight
-        try:
-            value = await self._run(steps, loader)
-            flight.set_result(value)
-            return value
-        except BaseException as error:
-            flight.set_exception(error)
-            # Retrieved here, so that a flight nobody waited for does not
-            # log "exception was never retrieved".
-            flight.exception()
-            raise
-        finally:
-            del self._flights[key]
-
     async def get(self, key: str) -> Any:
         """As `Cache.get`, awaited."""
         return self._decode(await self._redis.get(self.prefix + key))
@@ -211,28 +190,57 @@ class AsyncCache(Core):
         return decorate
 
     async def _run(self, steps: Generator[fill.Step, Any, T], loader: Loader[T]) -> T:
+        """As `Cache._run`, awaited: a read of a key another task of this
+        loop fills takes that fill's result."""
         answer: Any = None
         error: Optional[BaseException] = None
-        while True:
-            try:
-                step = steps.throw(error) if error is not None else steps.send(answer)
-            except StopIteration as done:
-                return done.value
-            answer, error = None, None
-            if isinstance(step, fill.Count):
-                self._count(step.name)
-            elif isinstance(step, fill.Load):
+        flight: "Optional[asyncio.Future[Any]]" = None
+        flight_key = ""
+        try:
+            while True:
                 try:
-                    answer = loader()
-                    if inspect.isawaitable(answer):
-                        answer = await answer
-                except BaseException as raised:
-                    error = raised
-            elif isinstance(step, fill.Pause):
-                await asyncio.sleep(step.seconds)
-            else:
-                try:
-                    answer = self._answer(step, await self._issue(step))
-                except REDIS_ERRORS:
-                    if not isinstance(step, fill.Release):
-                        error = fill.RedisFailure()
+                    step = steps.throw(error) if error is not None else steps.send(answer)
+                except StopIteration as done:
+                    if flight is not None:
+                        flight.set_result(done.value)
+                    return done.value
+                answer, error = None, None
+                kind = type(step)
+                if kind is fill.Count:
+                    self._count(step.name)
+                elif kind is fill.Load:
+                    try:
+                        answer = loader()
+                        if inspect.isawaitable(answer):
+                            answer = await answer
+                    except BaseException as raised:
+                        error = raised
+                elif kind is fill.Exclusive:
+                    joined = self._flights.get(step.key)
+                    if joined is not None:
+                        steps.close()
+                        self._count("single_flight_waits")
+                        return await asyncio.shield(joined)
+                    flight_key = step.key
+                    flight = self._flights[flight_key] = asyncio.get_running_loop().create_future()
+                elif kind is fill.Pause:
+                    await asyncio.sleep(step.seconds)
+                else:
+                    try:
+                        answer = self._answer(step, await self._issue(step))
+                    except REDIS_ERRORS:
+                        if kind is not fill.Release:
+                            error = fill.RedisFailure()
+        except BaseException as raised:
+            if flight is not None and not flight.done():
+                if isinstance(raised, asyncio.CancelledError):
+                    flight.cancel()
+                else:
+                    flight.set_exception(raised)
+                    # Retrieved here, so that a flight nobody waited for
+                    # does not log "exception was never retrieved".
+                    flight.exception()
+            raise
+        finally:
+            if flight is not None:
+                del self._flights[flight_key]

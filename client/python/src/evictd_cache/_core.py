@@ -81,10 +81,16 @@ METRICS = {
     "early_refreshes": "values reloaded before their TTL ran out (early refresh) or past it within the stale window",
     "stale_served": "reads served a value past its TTL while another reader reloads it",
     "l1_hits": "reads served by the in-process tier",
-    "l1_evictions": "L1 entries dropped for size or age",
+    "l1_evictions_size": "L1 entries dropped to stay within l1_entries",
+    "l1_evictions_expired": "L1 entries dropped past l1_ttl",
+    "l1_evictions_invalidated": "L1 entries dropped by evictd's broadcast (a key, tag or pattern)",
+    "l1_evictions_flushed": "L1 entries dropped by a flush",
     "l1_flushes": "times the whole L1 tier was emptied (first subscription, a log that did not reach back, a bad message)",
     "l1_replays": "times L1 caught up from evictd's broadcast log instead of flushing",
 }
+
+
+_EVICTIONS = "l1_evictions_"
 
 
 class Core:
@@ -195,18 +201,27 @@ class Core:
         class Collector:
             def collect(self) -> Iterable[Any]:
                 counts = cache.metrics()
+                evictions = CounterMetricFamily(
+                    "evictd_cache_l1_evictions",
+                    "L1 entries dropped, by reason (size, expired, invalidated, flushed)",
+                    labels=["cache", "reason"],
+                )
                 for counter, meaning in METRICS.items():
+                    if counter.startswith(_EVICTIONS):
+                        evictions.add_metric([name, counter[len(_EVICTIONS):]], counts[counter])
+                        continue
                     family = CounterMetricFamily(
                         f"evictd_cache_{counter}", meaning, labels=["cache"]
                     )
                     family.add_metric([name], counts[counter])
                     yield family
+                yield evictions
 
         (registry if registry is not None else REGISTRY).register(Collector())
 
-    def _count(self, name: str) -> None:
+    def _count(self, name: str, n: int = 1) -> None:
         with self._counts_lock:
-            self._counts[name] += 1
+            self._counts[name] += n
 
     def _ttl_ms(self, ttl: Optional[float]) -> int:
         """What a fill stores with: `ttl` varied by the jitter, plus the
@@ -251,6 +266,8 @@ class Core:
 
     @staticmethod
     def _answer(step: fill.Step, reply: Any) -> Any:
+        if type(step) is fill.Get:  # the hot path: a reply as it is
+            return reply
         if isinstance(step, fill.SetLease):
             return bool(reply)
         if isinstance(step, fill.GetWithTtl):

@@ -85,6 +85,15 @@ class Load:
 
 
 @dataclass(frozen=True)
+class Exclusive:
+    """The read missed and goes on to fill `key`: the driver lets one read
+    of a key in this process go on and ends the others with its result
+    (single flight). Answered with nothing."""
+
+    key: str
+
+
+@dataclass(frozen=True)
 class Pause:
     seconds: float
 
@@ -105,7 +114,19 @@ class Version:
 
 
 Step = Union[
-    Get, GetWithTtl, GetMany, SetLease, Reload, AddToTag, Fill, Release, Load, Pause, Count, Version
+    Get,
+    GetWithTtl,
+    GetMany,
+    SetLease,
+    Reload,
+    AddToTag,
+    Fill,
+    Release,
+    Load,
+    Exclusive,
+    Pause,
+    Count,
+    Version,
 ]
 
 #: evictd's stamps of tag invalidations (docs/PROTOCOL.md, "Tags taken from
@@ -276,6 +297,8 @@ def read(
             return (yield from _hit(settings, found)), True
         yield Count("early_refreshes")
     else:
+        # One read per key in this process goes on from here.
+        yield Exclusive(key)
         yield Count("misses")
         # 2. The fill right: a bare lease in the key, only if it is empty.
         try:

@@ -161,7 +161,7 @@ class L1:
         entries: int,
         ttl: Optional[float],
         serve_disconnected: Optional[float],
-        count: Callable[[str], None],
+        count: Callable[..., None],
     ) -> None:
         self._max_entries = entries
         self._ttl = ttl
@@ -205,7 +205,7 @@ class L1:
             with self._lock:
                 if self._entries.get(key) is entry:
                     self._drop(key)
-            self._count("l1_evictions")
+            self._count("l1_evictions_expired")
             return MISS
         try:
             self._entries.move_to_end(key)
@@ -236,7 +236,7 @@ class L1:
             while len(self._entries) > self._max_entries:
                 oldest_key = next(iter(self._entries))
                 self._drop(oldest_key)
-                self._count("l1_evictions")
+                self._count("l1_evictions_size")
             return True
 
     def hits(self) -> int:
@@ -380,6 +380,8 @@ class L1:
                     del self._by_tag[tag]
 
     def _flush(self) -> None:
+        if self._entries:
+            self._count("l1_evictions_flushed", len(self._entries))
         self._entries.clear()
         self._by_tag.clear()
         self._generation += 1
@@ -401,6 +403,8 @@ class L1:
                     doomed.update(keys)
         for key in doomed:
             self._drop(key)
+        if doomed:
+            self._count("l1_evictions_invalidated", len(doomed))
         if message.lsn:
             try:
                 self._applied_lsn = max(self._applied_lsn, parse_lsn(message.lsn))
