@@ -48,6 +48,7 @@ mod servers;
 mod source;
 mod sql;
 mod telemetry;
+mod trace;
 mod warm;
 mod watch;
 // Without the feature, only the demo's throwaway servers are used.
@@ -92,6 +93,9 @@ pub mod internal {
     }
     pub mod telemetry {
         pub use crate::telemetry::{recorder, upkeep, LogSink};
+    }
+    pub mod trace {
+        pub use crate::trace::{text, trace, Trace};
     }
     pub mod warm {
         pub use crate::apply::sink::APPLY_MARK_KEY;

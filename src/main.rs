@@ -110,6 +110,18 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         backlog: usize,
     },
+    /// Why a key holds what it holds: the mapping rules that render it,
+    /// the rows it stands for, what Redis holds, its recent invalidations
+    /// from the broadcast log, and a verdict; exit 1 when it is stale.
+    Trace {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The key as the mappings render it, without `redis.prefix`.
+        key: String,
+        /// One JSON object on stdout instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Compare every write-through refresh in Redis with its row in the
     /// database; exit 1 if any is stale.
     Audit {
@@ -217,6 +229,7 @@ fn main() -> ExitCode {
             backlog,
         } => watch(&config, key, table, backlog),
         Command::Replay { config, until_lsn } => run(&config, Some(until_lsn), false),
+        Command::Trace { config, key, json } => trace(&config, &key, json),
         Command::Audit {
             config,
             table,
@@ -557,6 +570,28 @@ fn watch(
     let mut out = std::io::stdout();
     runtime.block_on(watch::watch(&config.redis, &filter, backlog, &mut out))?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn trace(path: &Path, key: &str, json: bool) -> anyhow::Result<ExitCode> {
+    use evictd::internal::trace;
+    let (config, mappings) = match load(path)? {
+        Ok(loaded) => loaded,
+        Err(code) => return Ok(code),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let found = runtime.block_on(trace::trace(&config, &mappings, key))?;
+    if json {
+        println!("{}", serde_json::to_string(&found)?);
+    } else {
+        print!("{}", trace::text(&found));
+    }
+    Ok(if found.verdict.state == "stale" {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// How long `run` may take to stop after SIGTERM or SIGINT before it exits

@@ -23,7 +23,7 @@ mod checker;
 mod sampler;
 mod sweep;
 
-pub(crate) use checker::{verify_refresh, Target};
+pub(crate) use checker::{record_passes, verify_refresh, Target};
 pub use sampler::{Sample, Sampler};
 pub use sweep::{refreshed_tables, sweep, table_text, FillSweep, Finding, Sweep, SweepLine};
 

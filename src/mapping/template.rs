@@ -573,6 +573,127 @@ impl Template {
     }
 }
 
+/// A placeholder's text read back from a rendered key (`evictd trace`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Capture {
+    /// The placeholder as written, without braces: `email|lower`.
+    pub placeholder: String,
+    pub column: String,
+    /// The text the key holds, percent-escapes undone.
+    pub value: String,
+    /// Whether the value is the column's own text (no json path, no
+    /// transform).
+    pub exact: bool,
+    /// The json path into the column, if any.
+    pub path: Vec<String>,
+    /// The transform's name, if any.
+    pub transform: Option<&'static str>,
+}
+
+impl Template {
+    /// What each placeholder holds when this template rendered `key`, or
+    /// `None` when it cannot have. Where two readings are possible (a
+    /// value holding the next literal), the shortest first value wins.
+    pub fn captures(&self, key: &str) -> Option<Vec<Capture>> {
+        let texts = capture_parts(&self.parts, key)?;
+        let placeholders = self.parts.iter().filter_map(|part| match part {
+            Part::Column(placeholder) => Some(placeholder),
+            Part::Literal(_) => None,
+        });
+        Some(
+            placeholders
+                .zip(texts)
+                .map(|(placeholder, text)| Capture {
+                    placeholder: placeholder.written(),
+                    column: placeholder.column.to_string(),
+                    value: unescape_value(text),
+                    exact: placeholder.path.is_empty() && placeholder.transform.is_none(),
+                    path: placeholder.path.iter().map(ToString::to_string).collect(),
+                    transform: placeholder.transform.map(Transform::name),
+                })
+                .collect(),
+        )
+    }
+
+    /// [`Template::captures`] of the longest start of `key` this template
+    /// renders (a `prefixes` rule: every key under the prefix goes).
+    pub fn captures_prefix(&self, key: &str) -> Option<Vec<Capture>> {
+        let ends = key
+            .char_indices()
+            .map(|(at, _)| at)
+            .skip(1)
+            .chain([key.len()]);
+        let ends: Vec<usize> = ends.collect();
+        ends.into_iter()
+            .rev()
+            .find_map(|end| self.captures(&key[..end]))
+    }
+}
+
+/// The text of each placeholder of `parts` in `key`, in order: literals
+/// must match exactly, placeholders take no structural character (the
+/// renderer escapes them), shortest first with backtracking.
+fn capture_parts<'k>(parts: &[Part], key: &'k str) -> Option<Vec<&'k str>> {
+    let Some((first, rest)) = parts.split_first() else {
+        return key.is_empty().then(Vec::new);
+    };
+    match first {
+        Part::Literal(text) => capture_parts(rest, key.strip_prefix(&**text)?),
+        Part::Column(_) => {
+            let longest = key
+                .bytes()
+                .position(|byte| needs_escape(byte) && byte != b'%')
+                .unwrap_or(key.len());
+            let ends = key[..longest]
+                .char_indices()
+                .map(|(at, _)| at)
+                .chain([longest]);
+            for end in ends {
+                if let Some(mut texts) = capture_parts(rest, &key[end..]) {
+                    texts.insert(0, &key[..end]);
+                    return Some(texts);
+                }
+            }
+            None
+        }
+    }
+}
+
+/// `text` with the renderer's percent-escapes (`%3A`) undone.
+pub fn unescape_value(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        if bytes[at] == b'%' {
+            if let (Some(high), Some(low)) = (
+                bytes.get(at + 1).copied().and_then(hex),
+                bytes.get(at + 2).copied().and_then(hex),
+            ) {
+                out.push(u8::try_from(high * 16 + low).unwrap_or(b'?'));
+                at += 3;
+                continue;
+            }
+        }
+        out.push(bytes[at]);
+        at += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl Placeholder {
+    /// The placeholder as written, without braces.
+    fn written(&self) -> String {
+        let mut text = self.path_text(self.path.len());
+        if let Some(transform) = self.transform {
+            text.push('|');
+            text.push_str(transform.name());
+        }
+        text
+    }
+}
+
 /// `text`, cut to 60 characters for a message.
 fn shortened(text: &str) -> std::borrow::Cow<'_, str> {
     match text.char_indices().nth(60) {
@@ -690,6 +811,43 @@ mod tests {
             .unwrap()
             .render(|_| &datum)
             .unwrap()
+    }
+
+    #[test]
+    fn captures_read_a_rendered_key_back() {
+        let template = Template::parse("user:{id}:orders:{status|lower}").unwrap();
+        let captures = template.captures("user:7:orders:new").unwrap();
+        assert_eq!(
+            captures
+                .iter()
+                .map(|c| (c.placeholder.as_str(), c.value.as_str(), c.exact))
+                .collect::<Vec<_>>(),
+            [("id", "7", true), ("status|lower", "new", false)]
+        );
+        // Escapes undone; a value never holds a structural character.
+        let escaped = render("k:{a}", "1:2 x%");
+        let captures = Template::parse("k:{a}")
+            .unwrap()
+            .captures(&escaped)
+            .unwrap();
+        assert_eq!(captures[0].value, "1:2 x%");
+        assert_eq!(template.captures("user:7:orders"), None);
+        assert_eq!(template.captures("order:7:orders:new"), None);
+        assert_eq!(
+            Template::parse("order:{id}")
+                .unwrap()
+                .captures("order:1:status"),
+            None
+        );
+        // Two placeholders next to each other: the first takes the least.
+        let two = Template::parse("p{a}{b}").unwrap().captures("pxy").unwrap();
+        assert_eq!((two[0].value.as_str(), two[1].value.as_str()), ("", "xy"));
+        // A prefix rule: the longest start of the key it renders.
+        let prefix = Template::parse("category:{id}:").unwrap();
+        let captures = prefix.captures_prefix("category:5:page:2").unwrap();
+        assert_eq!(captures[0].value, "5");
+        assert_eq!(prefix.captures_prefix("product:5:page"), None);
+        assert_eq!(unescape_value("%41%zz%"), "A%zz%");
     }
 
     #[test]

@@ -36,6 +36,7 @@ mod reload;
 mod silence;
 mod testkit_example;
 mod tls;
+mod trace;
 mod types;
 mod wal;
 mod warm;
