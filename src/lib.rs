@@ -43,6 +43,7 @@ mod continuity;
 mod demo;
 mod operator;
 mod purge;
+mod report;
 mod rows;
 mod servers;
 mod source;
@@ -93,6 +94,9 @@ pub mod internal {
     }
     pub mod telemetry {
         pub use crate::telemetry::{recorder, upkeep, LogSink};
+    }
+    pub mod report {
+        pub use crate::report::{html, markdown, parse_window, report, Report};
     }
     pub mod trace {
         pub use crate::trace::{text, trace, Trace};

@@ -122,6 +122,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A cache strategy report measured over a window: per mapped table
+    /// its write rate against evictd's invalidations, per key family how
+    /// long keys live between invalidations, and (with pg_stat_statements)
+    /// the reads worth caching with the mapping that keeps them exact.
+    Report {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// How long to measure: `30s`, `5m`, `1h` or seconds.
+        #[arg(long, default_value = "60s")]
+        window: String,
+        #[arg(long, default_value = "markdown", value_parser = ["markdown", "html", "json"])]
+        format: String,
+    },
     /// Compare every write-through refresh in Redis with its row in the
     /// database; exit 1 if any is stale.
     Audit {
@@ -230,6 +243,11 @@ fn main() -> ExitCode {
         } => watch(&config, key, table, backlog),
         Command::Replay { config, until_lsn } => run(&config, Some(until_lsn), false),
         Command::Trace { config, key, json } => trace(&config, &key, json),
+        Command::Report {
+            config,
+            window,
+            format,
+        } => strategy_report(&config, &window, &format),
         Command::Audit {
             config,
             table,
@@ -569,6 +587,26 @@ fn watch(
     let filter = watch::Filter { key, table };
     let mut out = std::io::stdout();
     runtime.block_on(watch::watch(&config.redis, &filter, backlog, &mut out))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn strategy_report(path: &Path, window: &str, format: &str) -> anyhow::Result<ExitCode> {
+    use evictd::internal::report;
+    let window =
+        report::parse_window(window).map_err(|why| UsageError(format!("--window: {why}")))?;
+    let (config, mappings) = match load(path)? {
+        Ok(loaded) => loaded,
+        Err(code) => return Ok(code),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let measured = runtime.block_on(report::report(&config, &mappings, window))?;
+    match format {
+        "json" => println!("{}", serde_json::to_string(&measured)?),
+        "html" => print!("{}", report::html(&measured)),
+        _ => print!("{}", report::markdown(&measured)),
+    }
     Ok(ExitCode::SUCCESS)
 }
 

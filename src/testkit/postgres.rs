@@ -46,16 +46,22 @@ static NEXT_STANDBY: AtomicU32 = AtomicU32::new(1);
 impl Postgres {
     /// Starts a new server. Takes a few seconds (initdb).
     pub fn start() -> Result<Postgres, TestkitError> {
-        Postgres::start_with(None)
+        Postgres::start_with(None, &[])
+    }
+
+    /// Starts a new server with these settings (`name=value`) on top of
+    /// the testkit's, e.g. `shared_preload_libraries=pg_stat_statements`.
+    pub fn start_with_settings(settings: &[&str]) -> Result<Postgres, TestkitError> {
+        Postgres::start_with(None, settings)
     }
 
     /// Starts a server that also accepts TLS with this PEM certificate
     /// (chain) and key. It listens on 127.0.0.1 and 127.0.0.2.
     pub fn start_with_tls(cert_pem: &str, key_pem: &str) -> Result<Postgres, TestkitError> {
-        Postgres::start_with(Some((cert_pem, key_pem)))
+        Postgres::start_with(Some((cert_pem, key_pem)), &[])
     }
 
-    fn start_with(tls: Option<(&str, &str)>) -> Result<Postgres, TestkitError> {
+    fn start_with(tls: Option<(&str, &str)>, extra: &[&str]) -> Result<Postgres, TestkitError> {
         let bin_dir = bin_dir()?;
         let as_postgres = running_as_root();
         let dir = server_dir("evictd-pg-", as_postgres)?;
@@ -71,6 +77,7 @@ impl Postgres {
         ]);
         run(&mut initdb, "initdb")?;
         let mut settings: Vec<String> = SETTINGS.iter().map(|s| (*s).to_owned()).collect();
+        settings.extend(extra.iter().map(|s| (*s).to_owned()));
         if let Some((cert, key)) = tls {
             for (name, pem) in [("server.crt", cert), ("server.key", key)] {
                 let path = dir.path().join(name);

@@ -33,6 +33,7 @@ mod reconnect;
 mod redis_outage;
 mod redis_tls;
 mod reload;
+mod report;
 mod silence;
 mod testkit_example;
 mod tls;
