@@ -12,7 +12,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use evictd_client::protocol::{Broadcast, L1_LOG_FIELD, L1_LOG_KEY};
+use evictd_client::protocol::{
+    Broadcast, CLIENTS_KEY, L1_LOG_FIELD, L1_LOG_KEY, PUBLISHED_COUNTERS,
+};
 use serde::Serialize;
 
 use crate::apply::sink::INVALIDATED_KEY;
@@ -45,6 +47,9 @@ pub struct Sample {
     pub statements: Option<HashMap<String, (String, u64, f64)>>,
     /// Bytes between the server's WAL position and the slot's confirmed one.
     pub lag_bytes: Option<u64>,
+    /// The clients publishing their counters: per instance, its cache's
+    /// name and its counters.
+    pub clients: HashMap<String, (String, HashMap<String, u64>)>,
 }
 
 /// The report.
@@ -56,6 +61,8 @@ pub struct Report {
     /// The slot's lag at the end of the window, in bytes of WAL.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lag_bytes: Option<u64>,
+    /// Per cache name, from the counters clients publish.
+    pub hit_rates: Vec<HitRate>,
     /// `None` without `pg_stat_statements` (see `notes`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub opportunities: Option<Vec<Opportunity>>,
@@ -98,6 +105,27 @@ pub struct FamilyReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mean_life_seconds: Option<f64>,
     pub suggested_ttl: String,
+}
+
+/// One cache (by the name its clients publish under) over the window.
+#[derive(Debug, Default, Serialize)]
+pub struct HitRate {
+    pub cache: String,
+    /// Instances that published in the window.
+    pub instances: u64,
+    /// Reads per second (L1 hits, Redis hits and misses).
+    pub reads_per_second: f64,
+    /// The share of reads served in process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub l1_hit_rate: Option<f64>,
+    /// The share of the reads that reached Redis served by it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub l2_hit_rate: Option<f64>,
+    /// Loader calls per second.
+    pub loads_per_second: f64,
+    /// The share of fills refused by the fence.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fenced_share: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -183,6 +211,7 @@ pub async fn sample(
         at: Some(Instant::now()),
         invalidated: invalidated.into_iter().collect(),
         log_id: newest.into_iter().next().map(|(id, _)| id),
+        clients: clients(&mut redis, prefix).await,
         ..Sample::default()
     };
     let Some(database) = database else {
@@ -234,6 +263,90 @@ pub async fn sample(
         .and_then(|row| row.first().cloned().flatten())
         .and_then(|text| text.parse().ok());
     Ok(sample)
+}
+
+/// The counters of the client instances that published in the last hour
+/// (none when Redis refuses the reads: the report goes on without them).
+async fn clients(
+    redis: &mut evictd_client::Connection,
+    prefix: &str,
+) -> HashMap<String, (String, HashMap<String, u64>)> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(0));
+    let instances: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+        .arg(format!("{prefix}{CLIENTS_KEY}"))
+        .arg(now.saturating_sub(3_600_000))
+        .arg("+inf")
+        .query_async(redis)
+        .await
+        .unwrap_or_default();
+    let mut found = HashMap::new();
+    for instance in instances {
+        let fields: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(format!("{prefix}{CLIENTS_KEY}:{instance}"))
+            .query_async(redis)
+            .await
+            .unwrap_or_default();
+        let Some(cache) = fields.get("cache").cloned() else {
+            continue;
+        };
+        let counters = PUBLISHED_COUNTERS
+            .iter()
+            .map(|name| {
+                let value = fields.get(*name).and_then(|v| v.parse().ok()).unwrap_or(0);
+                ((*name).to_owned(), value)
+            })
+            .collect();
+        found.insert(instance, (cache, counters));
+    }
+    found
+}
+
+/// Per cache name, the increase of its instances' counters: an instance
+/// new in the window counts whole, one whose counters went down (it
+/// restarted) counts its new totals.
+fn hit_rates(before: &Sample, after: &Sample, seconds: f64) -> Vec<HitRate> {
+    let mut by_cache: BTreeMap<&str, (u64, HashMap<&str, u64>)> = BTreeMap::new();
+    for (instance, (cache, counters)) in &after.clients {
+        let was = before.clients.get(instance).map(|(_, was)| was);
+        let restarted = was.is_some_and(|was| {
+            counters
+                .iter()
+                .any(|(name, value)| was.get(name).is_some_and(|before| before > value))
+        });
+        let entry = by_cache.entry(cache).or_default();
+        entry.0 += 1;
+        for (name, value) in counters {
+            let base = match was {
+                Some(was) if !restarted => was.get(name).copied().unwrap_or(0),
+                _ => 0,
+            };
+            *entry.1.entry(name).or_insert(0) += value.saturating_sub(base);
+        }
+    }
+    by_cache
+        .into_iter()
+        .map(|(cache, (instances, counts))| {
+            let count = |name: &str| counts.get(name).copied().unwrap_or(0);
+            let (l1, hits, misses) = (count("l1_hits"), count("hits"), count("misses"));
+            let reads = l1 + hits + misses;
+            let share = |part: u64, whole: u64| {
+                #[allow(clippy::cast_precision_loss)]
+                (whole > 0).then(|| part as f64 / whole as f64)
+            };
+            #[allow(clippy::cast_precision_loss)]
+            HitRate {
+                cache: cache.to_owned(),
+                instances,
+                reads_per_second: reads as f64 / seconds,
+                l1_hit_rate: share(l1, reads),
+                l2_hit_rate: share(hits, hits + misses),
+                loads_per_second: count("loads") as f64 / seconds,
+                fenced_share: share(count("fenced"), count("fills") + count("fenced")),
+            }
+        })
+        .collect()
 }
 
 /// The broadcasts logged after `before`'s newest entry, up to `after`'s.
@@ -325,6 +438,12 @@ pub fn compare(
         });
     }
     report.families = families(mappings, messages, seconds);
+    report.hit_rates = hit_rates(before, after, seconds);
+    if report.hit_rates.is_empty() {
+        report.notes.push(
+            "no client publishes its counters (publish_counters in the Rust crate and the Python package): no hit rates".into(),
+        );
+    }
     report.opportunities = match (&before.statements, &after.statements) {
         (Some(was), Some(is)) => Some(opportunities(was, is, seconds, &delta)),
         _ => {
@@ -593,6 +712,24 @@ pub fn markdown(report: &Report) -> String {
             family.suggested_ttl
         );
     }
+    if !report.hit_rates.is_empty() {
+        let _ = writeln!(out, "\n## Hit rates (as the clients publish them)\n\n| cache | instances | reads/s | L1 hit rate | Redis hit rate | loads/s | fills fenced |\n| --- | --- | --- | --- | --- | --- | --- |");
+        let percent =
+            |share: Option<f64>| share.map_or("-".to_owned(), |s| format!("{:.1}%", s * 100.0));
+        for rate in &report.hit_rates {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.1} | {} | {} | {:.1} | {} |",
+                rate.cache,
+                rate.instances,
+                rate.reads_per_second,
+                percent(rate.l1_hit_rate),
+                percent(rate.l2_hit_rate),
+                rate.loads_per_second,
+                percent(rate.fenced_share)
+            );
+        }
+    }
     if let Some(opportunities) = &report.opportunities {
         let _ = writeln!(out, "\n## Caching opportunities\n");
         if opportunities.is_empty() {
@@ -719,6 +856,71 @@ mod tests {
     }
 
     #[test]
+    fn hit_rates_sum_each_caches_instances() {
+        let counters = |pairs: &[(&str, u64)]| -> HashMap<String, u64> {
+            pairs.iter().map(|(n, v)| ((*n).to_owned(), *v)).collect()
+        };
+        let start = Instant::now();
+        let before = Sample {
+            at: Some(start),
+            clients: [
+                (
+                    "a".to_owned(),
+                    (
+                        "users".to_owned(),
+                        counters(&[("hits", 100), ("misses", 10)]),
+                    ),
+                ),
+                (
+                    "b".to_owned(),
+                    ("users".to_owned(), counters(&[("hits", 500)])),
+                ),
+            ]
+            .into(),
+            ..Sample::default()
+        };
+        let after = Sample {
+            at: Some(start + Duration::from_secs(10)),
+            clients: [
+                // 60 more hits, 20 more misses, 20 L1 hits.
+                (
+                    "a".to_owned(),
+                    (
+                        "users".to_owned(),
+                        counters(&[("hits", 160), ("misses", 30), ("l1_hits", 20)]),
+                    ),
+                ),
+                // Restarted: its new totals count.
+                (
+                    "b".to_owned(),
+                    ("users".to_owned(), counters(&[("hits", 20)])),
+                ),
+                // New in the window.
+                (
+                    "c".to_owned(),
+                    (
+                        "orders".to_owned(),
+                        counters(&[("misses", 5), ("fills", 4), ("fenced", 1)]),
+                    ),
+                ),
+            ]
+            .into(),
+            ..Sample::default()
+        };
+        let rates = hit_rates(&before, &after, 10.0);
+        let users = rates.iter().find(|r| r.cache == "users").unwrap();
+        assert_eq!(users.instances, 2);
+        assert!((users.reads_per_second - 12.0).abs() < 1e-9);
+        assert!((users.l1_hit_rate.unwrap() - 20.0 / 120.0).abs() < 1e-9);
+        assert!((users.l2_hit_rate.unwrap() - 80.0 / 100.0).abs() < 1e-9);
+        let orders = rates.iter().find(|r| r.cache == "orders").unwrap();
+        assert_eq!(
+            (orders.l2_hit_rate, orders.fenced_share),
+            (Some(0.0), Some(0.2))
+        );
+    }
+
+    #[test]
     fn windows_and_ttls() {
         assert_eq!(parse_window("30s"), Ok(Duration::from_secs(30)));
         assert_eq!(parse_window("5m"), Ok(Duration::from_secs(300)));
@@ -769,7 +971,14 @@ mod tests {
         let family = &report.families[0];
         assert_eq!((family.keys, family.template.as_str()), (2, "order:{id}"));
         assert!((family.mean_life_seconds.unwrap() - 10.0 * 2.0 / 3.0).abs() < 1e-9);
-        assert!(report.notes[0].contains("pg_stat_statements is not installed"));
+        assert!(report
+            .notes
+            .iter()
+            .any(|n| n.contains("pg_stat_statements is not installed")));
+        assert!(report
+            .notes
+            .iter()
+            .any(|n| n.contains("no client publishes its counters")));
         assert!(markdown(&report).contains("| public.orders | 4.00 | 20 / 20 / 0 |"));
         assert!(html(&report).contains("<td>public.orders</td>"));
     }

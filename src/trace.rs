@@ -63,7 +63,7 @@ pub struct Trace {
     /// Its recent invalidations in the broadcast log, newest first.
     pub invalidations: Vec<Invalidation>,
     /// How many log entries were read (the log's length, up to
-    /// [`LOG_READ`]).
+    /// `LOG_READ`).
     pub log_read: usize,
     /// Why the rows were not read, when they were not.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -88,9 +88,20 @@ pub struct CacheBuilder {
     stale: Duration,
     slot: String,
     record_fills: bool,
+    /// The name and interval of the counters' publication.
+    publish: Option<(String, Duration)>,
 }
 
 impl CacheBuilder {
+    /// Publishes this cache's counters to Redis every `every` (at least
+    /// 100 ms) under the cache name `name`, for `evictd report`'s hit
+    /// rates per tier (docs/PROTOCOL.md, "Client counters"). Off by
+    /// default.
+    pub fn publish_counters(mut self, name: impl Into<String>, every: Duration) -> Self {
+        self.publish = Some((name.into(), every.max(Duration::from_millis(100))));
+        self
+    }
+
     /// The replication slot evictd streams from (`postgres.slot`, by
     /// default `evictd`): [`Cache::wait_applied`] reads its record.
     pub fn slot(mut self, slot: impl Into<String>) -> Self {
@@ -233,6 +244,16 @@ impl CacheBuilder {
             }
             None => (None, None),
         };
+        let publisher = self.publish.clone().map(|(name, every)| {
+            let task = tokio::spawn(publish_counters(
+                redis.clone(),
+                self.prefix.clone(),
+                name,
+                every,
+                Arc::clone(&meter),
+            ));
+            task.abort_handle()
+        });
         Ok(Cache {
             inner: Arc::new(Inner {
                 redis,
@@ -245,6 +266,7 @@ impl CacheBuilder {
                 meter,
                 l1,
                 subscriber,
+                publisher,
                 load_micros: AtomicU64::new(0),
             }),
         })
@@ -309,15 +331,93 @@ struct Inner {
     meter: Arc<Meter>,
     l1: Option<Arc<L1>>,
     subscriber: Option<AbortHandle>,
+    /// Publishes the counters (see [`CacheBuilder::publish_counters`]).
+    publisher: Option<AbortHandle>,
     /// A moving average of loader time, for early refresh.
     load_micros: AtomicU64,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Some(subscriber) = &self.subscriber {
-            subscriber.abort();
+        for task in [&self.subscriber, &self.publisher].into_iter().flatten() {
+            task.abort();
         }
+    }
+}
+
+/// Writes `meter`'s counters to Redis every `every`, until aborted: the
+/// instance's hash, its expiry, and its entry in the sorted set of
+/// instances (docs/PROTOCOL.md, "Client counters"). A failed write is
+/// left for the next interval.
+async fn publish_counters(
+    mut redis: Connection,
+    prefix: String,
+    name: String,
+    every: Duration,
+    meter: Arc<Meter>,
+) {
+    use crate::protocol::CLIENTS_KEY;
+    const KEEP_MS: u64 = 86_400_000;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map_or_else(|| "unknown".to_owned(), |host| host.trim().to_owned());
+    let instance = format!(
+        "{host}:{}:{:04x}",
+        std::process::id(),
+        rand::rng().random::<u16>()
+    );
+    let key = format!("{prefix}{CLIENTS_KEY}:{instance}");
+    let set = format!("{prefix}{CLIENTS_KEY}");
+    let expiry = u64::try_from(every.as_millis().saturating_mul(3)).unwrap_or(u64::MAX);
+    loop {
+        tokio::time::sleep(every).await;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| {
+                u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+            });
+        let stats = &meter.stats;
+        let mut hset = redis::cmd("HSET");
+        hset.arg(&key)
+            .arg("cache")
+            .arg(&name)
+            .arg("client")
+            .arg("evictd-client (rust)")
+            .arg("at")
+            .arg(now);
+        for (field, counter) in [
+            ("l1_hits", &stats.l1_hits),
+            ("hits", &stats.hits),
+            ("misses", &stats.misses),
+            ("loads", &stats.loads),
+            ("fills", &stats.fills),
+            ("fenced", &stats.fenced),
+            ("degraded", &stats.degraded),
+            ("stale_served", &stats.stale_served),
+            ("early_refreshes", &stats.early_refreshes),
+        ] {
+            hset.arg(field).arg(counter.load(Ordering::Relaxed));
+        }
+        // One command at a time: on a Cluster the keys live in other slots.
+        let _: redis::RedisResult<()> = hset.query_async(&mut redis).await;
+        let _: redis::RedisResult<()> = redis::cmd("PEXPIRE")
+            .arg(&key)
+            .arg(expiry)
+            .query_async(&mut redis)
+            .await;
+        let _: redis::RedisResult<()> = redis::cmd("ZADD")
+            .arg(&set)
+            .arg(now)
+            .arg(&instance)
+            .query_async(&mut redis)
+            .await;
+        let _: redis::RedisResult<()> = redis::cmd("ZREMRANGEBYSCORE")
+            .arg(&set)
+            .arg("-inf")
+            .arg(now.saturating_sub(KEEP_MS))
+            .query_async(&mut redis)
+            .await;
     }
 }
 
@@ -384,6 +484,7 @@ impl Cache {
             stale: Duration::ZERO,
             slot: "evictd".into(),
             record_fills: false,
+            publish: None,
         }
     }
 

@@ -26,6 +26,26 @@ pub const L1_LOG_KEY: &str = "evictd:l1:log";
 /// The field of a log entry that holds the message.
 pub const L1_LOG_FIELD: &str = "m";
 
+/// The sorted set of client instances publishing their counters (scored
+/// by the time of their last write, ms); each one's hash is at
+/// `<prefix>evictd:clients:<instance>` (docs/PROTOCOL.md, "Client
+/// counters").
+pub const CLIENTS_KEY: &str = "evictd:clients";
+
+/// The counters clients publish, as both the crate and the Python package
+/// name them.
+pub const PUBLISHED_COUNTERS: [&str; 9] = [
+    "l1_hits",
+    "hits",
+    "misses",
+    "loads",
+    "fills",
+    "fenced",
+    "degraded",
+    "stale_served",
+    "early_refreshes",
+];
+
 /// The Postgres source's continuity record lives at `<prefix>evictd:slot:`
 /// followed by the slot's name: `<system id> <WAL position>`, the position
 /// evictd applied and acknowledged through (moved also while idle).

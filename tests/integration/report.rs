@@ -128,6 +128,33 @@ async fn report_measures_the_workload_and_names_a_read_worth_caching() {
             }
         })
     };
+    // A cache over items publishing its counters: 20 keys read over and
+    // over, so nearly every read is a Redis hit.
+    let cached = {
+        let (stop, client) = (stop.clone(), connect().await);
+        let cache = evictd_client::Cache::builder(stack().redis.url())
+            .prefix(config.redis.prefix.clone())
+            .publish_counters("items", Duration::from_millis(200))
+            .build()
+            .await
+            .expect("a cache");
+        tokio::spawn(async move {
+            let mut id = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                id = id % 20 + 1;
+                let _: Option<String> = cache
+                    .get_or_load(&format!("item:{id}"), &[], || async {
+                        let row = client
+                            .query_one("select name from items where id = $1", &[&id])
+                            .await?;
+                        Ok::<_, tokio_postgres::Error>(Some(row.get::<_, String>(0)))
+                    })
+                    .await
+                    .expect("get_or_load");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
     tokio::time::sleep(Duration::from_secs(1)).await;
     let dir = tempfile::tempdir().unwrap();
     let file = config_file(dir.path(), &url, &config);
@@ -144,6 +171,7 @@ async fn report_measures_the_workload_and_names_a_read_worth_caching() {
     stop.store(true, Ordering::Relaxed);
     let elapsed = writer.await.unwrap();
     reader.await.unwrap();
+    cached.await.unwrap();
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     let report: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
     #[allow(clippy::cast_precision_loss)]
@@ -197,6 +225,19 @@ async fn report_measures_the_workload_and_names_a_read_worth_caching() {
         within(per_second, rate, 0.15),
         "event:{{id}}: {per_second}/s: {report}"
     );
+
+    // The hit rates the cache published.
+    let rate = report["hit_rates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["cache"] == "items")
+        .unwrap_or_else(|| panic!("the items cache in {report}"))
+        .clone();
+    assert_eq!(rate["instances"], 1, "{rate}");
+    assert!(rate["reads_per_second"].as_f64().unwrap() > 20.0, "{rate}");
+    assert!(rate["l2_hit_rate"].as_f64().unwrap() > 0.8, "{rate}");
+    assert_eq!(rate["l1_hit_rate"].as_f64(), Some(0.0), "{rate}");
 
     // The read by primary key of a table written once a second.
     let opportunity = report["opportunities"]
@@ -275,6 +316,10 @@ async fn without_pg_stat_statements_the_report_says_so_and_prints_the_rest() {
         "{text}"
     );
     assert!(!text.contains("## Caching opportunities"), "{text}");
+    assert!(
+        text.contains("- no client publishes its counters"),
+        "{text}"
+    );
     let bad = evictd(&["report", "--config", &file, "--window", "soon"]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(

@@ -11,6 +11,7 @@ from typing import Any, Awaitable, Callable, Dict, Generator, Iterable, Optional
 from . import _fill as fill
 from ._core import REDIS_ERRORS, Core, Duration, Serializer, keys_of, seconds
 from ._l1 import MISS, AsyncSubscriber
+from ._publish import AsyncPublisher
 
 T = TypeVar("T")
 Loader = Callable[[], Union[Awaitable[T], T]]
@@ -47,6 +48,8 @@ class AsyncCache(Core):
         l1_ttl: Duration = None,
         l1_channel: str = "evictd:l1",
         l1_serve_disconnected: Duration = None,
+        publish_counters: Duration = None,
+        publish_name: str = "default",
     ) -> None:
         super().__init__(
             client,
@@ -69,6 +72,10 @@ class AsyncCache(Core):
         self._subscriber: Optional[AsyncSubscriber] = None
         if self._l1 is not None:
             self._subscriber = AsyncSubscriber(self._l1, client, prefix=prefix, channel=l1_channel)
+        self._publisher: Optional[AsyncPublisher] = None
+        every = seconds(publish_counters, "publish_counters")
+        if every is not None:
+            self._publisher = AsyncPublisher(client, prefix, publish_name, every, self.metrics)
 
     async def get_or_load(
         self,
@@ -80,6 +87,8 @@ class AsyncCache(Core):
         row_tags: Optional[Callable[[T], Iterable[str]]] = None,
     ) -> T:
         """As `Cache.get_or_load`, awaited."""
+        if self._publisher is not None:
+            self._publisher.ensure_started()
         l1 = self._l1
         seen = 0
         if l1 is not None:
@@ -153,9 +162,12 @@ class AsyncCache(Core):
         return await self._l1.wait_until_async(last, seconds(timeout, "timeout") or 10.0)
 
     async def aclose(self) -> None:
-        """Stops L1's subscriber task (the redis client stays the caller's)."""
+        """Stops L1's subscriber task and the counters' publisher
+        (publishing once more); the redis client stays the caller's."""
         if self._subscriber is not None:
             await self._subscriber.close()
+        if self._publisher is not None:
+            await self._publisher.close()
 
     async def get(self, key: str) -> Any:
         """As `Cache.get`, awaited."""

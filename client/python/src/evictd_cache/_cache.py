@@ -12,6 +12,7 @@ import redis as redis_py
 
 from . import _fill as fill
 from ._l1 import MISS, Subscriber
+from ._publish import Publisher
 from ._core import REDIS_ERRORS, Core, Duration, Serializer, keys_of, seconds
 
 T = TypeVar("T")
@@ -82,6 +83,8 @@ class Cache(Core):
         l1_ttl: Duration = None,
         l1_channel: str = "evictd:l1",
         l1_serve_disconnected: Duration = None,
+        publish_counters: Duration = None,
+        publish_name: str = "default",
     ) -> None:
         super().__init__(
             client,
@@ -105,6 +108,10 @@ class Cache(Core):
         self._subscriber: Optional[Subscriber] = None
         if self._l1 is not None:
             self._subscriber = Subscriber(self._l1, client, prefix=prefix, channel=l1_channel)
+        self._publisher: Optional[Publisher] = None
+        every = seconds(publish_counters, "publish_counters")
+        if every is not None:
+            self._publisher = Publisher(client, prefix, publish_name, every, self.metrics)
 
     def get_or_load(
         self,
@@ -202,9 +209,12 @@ class Cache(Core):
         return self._l1.wait_until(self._subscriber.last(), seconds(timeout, "timeout") or 10.0)
 
     def close(self) -> None:
-        """Stops L1's subscriber (the redis client stays the caller's)."""
+        """Stops L1's subscriber and the counters' publisher (publishing
+        once more); the redis client stays the caller's."""
         if self._subscriber is not None:
             self._subscriber.close()
+        if self._publisher is not None:
+            self._publisher.close()
 
     def get(self, key: str) -> Any:
         """The value Redis holds for `key`, or `None` (nothing, a fill in
