@@ -20,6 +20,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, Generator, Iterable, List, Optional, Set, Tuple, Union
 
+from ._background import Background
 from ._position import parse_lsn
 
 LOG_KEY = "evictd:l1:log"
@@ -488,35 +489,25 @@ class Subscriber:
                         pass
 
 
-class AsyncSubscriber:
+class AsyncSubscriber(Background):
     """`Subscriber` for asyncio: one task on the running loop, over a
     `redis.asyncio` client. Started by `ensure_started` from inside the
     loop (the first read does it), stopped by `close`."""
 
+    name = "evictd-l1"
+
     def __init__(self, l1: L1, client: Any, *, prefix: str, channel: str) -> None:
+        super().__init__()
         self._l1 = l1
         self._client = client
         self._prefix = prefix
         self._channel = channel
-        self._task: "Optional[asyncio.Task[None]]" = None
-
-    def ensure_started(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(
-                self._subscribe(), name="evictd-l1"
-            )
 
     async def last(self) -> Optional[Position]:
         return parse_last(await self._client.get(self._prefix + LAST_KEY))
 
     async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await self.stop()
 
     async def _run(self, steps: Generator[LogStep, Any, None]) -> None:
         answer: Any = None
@@ -532,7 +523,7 @@ class AsyncSubscriber:
                     self._prefix + LOG_KEY, step.end, "-", count=step.count
                 )
 
-    async def _subscribe(self) -> None:
+    async def _main(self) -> None:
         pause = 0.05
         while True:
             pubsub = None

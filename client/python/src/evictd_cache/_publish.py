@@ -11,7 +11,9 @@ import secrets
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Tuple
+
+from ._background import Background
 
 #: The sorted set of instances (score: the time of their last write, ms);
 #: each instance's hash is at `evictd:clients:<instance>`.
@@ -89,37 +91,29 @@ class Publisher:
                 pass
 
 
-class AsyncPublisher:
+class AsyncPublisher(Background):
     """`Publisher` as one task on the running loop, started by
     `ensure_started`."""
 
+    name = "evictd-counters"
+
     def __init__(self, client: Any, prefix: str, name: str, every: float, counts: Callable[[], Dict[str, int]]) -> None:
+        super().__init__()
         self._client, self._prefix, self._name, self._every, self._counts = client, prefix, name, every, counts
         self.instance = instance_id()
-        self._task: "Optional[asyncio.Task[None]]" = None
-
-    def ensure_started(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="evictd-counters")
 
     async def publish(self) -> None:
         pipe = self._client.pipeline(transaction=False)
         await commands(pipe, self._prefix, self.instance, self._name, self._counts(), self._every).execute()
 
     async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await self.stop()
         try:
             await self.publish()
         except Exception:  # noqa: BLE001
             pass
 
-    async def _run(self) -> None:
+    async def _main(self) -> None:
         while True:
             await asyncio.sleep(self._every)
             try:
