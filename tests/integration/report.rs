@@ -290,7 +290,9 @@ async fn report_measures_the_workload_and_names_a_read_worth_caching() {
     running.stop().await.expect("stop");
 }
 
-#[tokio::test]
+// Multi-threaded: evictd (on this runtime) goes on while the test blocks
+// on the `evictd report` process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_pg_stat_statements_the_report_says_so_and_prints_the_rest() {
     let s = Streaming::start(
         "create table items (id bigint primary key, name text not null);

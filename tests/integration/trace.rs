@@ -36,7 +36,10 @@ fn verdict(json: &serde_json::Value) -> (&str, &str) {
     )
 }
 
-#[tokio::test]
+// Multi-threaded: the test blocks on the `evictd trace` process while the
+// evictd it traces (on this runtime) goes on applying and moving its
+// continuity record, which the write-through check waits for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trace_names_the_rule_the_rows_the_invalidations_and_a_verdict() {
     let s = Streaming::start(SCHEMA, &[("orders.toml", MAPPING)]).await;
     let dir = tempfile::tempdir().unwrap();
