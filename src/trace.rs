@@ -83,6 +83,10 @@ pub struct RuleMatch {
     pub at: String,
     /// Each placeholder as written, with the text the key holds for it.
     pub values: BTreeMap<String, String>,
+    /// What of the key the template rendered: the key, a `prefix` rule's
+    /// prefix, a `namespace` rule's namespace.
+    #[serde(skip)]
+    pub rendered: String,
     /// The SQL condition that selects the rows, when every placeholder can
     /// be read back: a column's text, a json path into it (`#>>`), either
     /// with `lower`, `upper` or `trim` (not `hash` or the date
@@ -167,30 +171,37 @@ pub fn matches(mappings: &Mappings, key: &str) -> Vec<RuleMatch> {
     let mut found = Vec::new();
     for mapping in mappings.tables() {
         let table = mapping.table.to_string();
-        let mut push = |kind, template: &Template, origin, captures: Vec<Capture>| {
-            found.push(rule_match(
-                mappings, &table, kind, template, origin, captures,
-            ));
-        };
+        let mut push =
+            |kind, template: &Template, origin, rendered: &str, captures: Vec<Capture>| {
+                found.push(rule_match(
+                    mappings, &table, kind, template, origin, rendered, captures,
+                ));
+            };
         for rule in &mapping.keys {
             if let Some(captures) = rule.template.captures(key) {
-                push("key", &rule.template, rule.origin, captures);
+                push("key", &rule.template, rule.origin, key, captures);
             }
         }
         for refresh in &mapping.refresh {
             if let Some(captures) = refresh.key.captures(key) {
-                push("refresh", &refresh.key, refresh.origin, captures);
+                push("refresh", &refresh.key, refresh.origin, key, captures);
             }
         }
         for rule in &mapping.prefixes {
-            if let Some(captures) = rule.template.captures_prefix(key) {
-                push("prefix", &rule.template, rule.origin, captures);
+            if let Some((prefix, captures)) = rule.template.captures_prefix(key) {
+                push("prefix", &rule.template, rule.origin, prefix, captures);
             }
         }
         for namespace in namespaces(key) {
             for rule in &mapping.versions {
                 if let Some(captures) = rule.template.captures(namespace) {
-                    push("namespace", &rule.template, rule.origin, captures);
+                    push(
+                        "namespace",
+                        &rule.template,
+                        rule.origin,
+                        namespace,
+                        captures,
+                    );
                 }
             }
         }
@@ -204,10 +215,12 @@ fn rule_match(
     kind: &'static str,
     template: &Template,
     origin: crate::mapping::OriginId,
+    rendered: &str,
     captures: Vec<Capture>,
 ) -> RuleMatch {
     let lookup = lookup(&captures);
     RuleMatch {
+        rendered: rendered.to_owned(),
         table: table.to_owned(),
         kind,
         template: template.source().to_owned(),
@@ -473,23 +486,17 @@ pub async fn trace(config: &Config, mappings: &Mappings, key: &str) -> Result<Tr
     }
 
     // The broadcast log, newest first.
-    let counters: Vec<String> = trace
-        .rules
-        .iter()
-        .filter(|rule| rule.kind == "namespace")
-        .filter_map(|rule| {
-            namespaces(key)
-                .into_iter()
-                .find(|ns| rule_renders(mappings, rule, ns))
-        })
-        .map(|ns| format!("{VERSION_NAMESPACE}{ns}"))
+    let rendered_by = |kind: &'static str| {
+        trace
+            .rules
+            .iter()
+            .filter(move |rule| rule.kind == kind)
+            .map(|rule| rule.rendered.clone())
+    };
+    let counters: Vec<String> = rendered_by("namespace")
+        .map(|namespace| format!("{VERSION_NAMESPACE}{namespace}"))
         .collect();
-    let prefixes: Vec<String> = trace
-        .rules
-        .iter()
-        .filter(|rule| rule.kind == "prefix")
-        .filter_map(|rule| prefix_of(mappings, rule, key))
-        .collect();
+    let prefixes: Vec<String> = rendered_by("prefix").collect();
     let entries: Vec<(String, Vec<String>)> = redis::cmd("XREVRANGE")
         .arg(format!("{prefix}{L1_LOG_KEY}"))
         .arg("+")
@@ -536,31 +543,6 @@ pub async fn trace(config: &Config, mappings: &Mappings, key: &str) -> Result<Tr
     }
     trace.verdict = verdict(&trace);
     Ok(trace)
-}
-
-/// Whether `rule` (a `namespace` match) renders `namespace`.
-fn rule_renders(mappings: &Mappings, rule: &RuleMatch, namespace: &str) -> bool {
-    template_of(mappings, rule).is_some_and(|template| template.captures(namespace).is_some())
-}
-
-/// The prefix a `prefix` rule rendered, as it stands at the start of `key`.
-fn prefix_of(mappings: &Mappings, rule: &RuleMatch, key: &str) -> Option<String> {
-    let template = template_of(mappings, rule)?;
-    key.char_indices()
-        .map(|(at, _)| at)
-        .chain([key.len()])
-        .rev()
-        .find(|end| template.captures(&key[..*end]).is_some())
-        .map(|end| key[..end].to_owned())
-}
-
-fn template_of<'m>(mappings: &'m Mappings, rule: &RuleMatch) -> Option<&'m Template> {
-    let table = TableName::parse(&rule.table).ok()?;
-    let mapping = mappings.table(&table)?;
-    mapping
-        .templates()
-        .map(|(template, _)| template)
-        .find(|template| template.source() == rule.template)
 }
 
 /// The rows of `mapping`'s table matching `filter` (every column the

@@ -616,8 +616,9 @@ impl Template {
     }
 
     /// [`Template::captures`] of the longest start of `key` this template
-    /// renders (a `prefixes` rule: every key under the prefix goes).
-    pub fn captures_prefix(&self, key: &str) -> Option<Vec<Capture>> {
+    /// renders (a `prefixes` rule: every key under the prefix goes), with
+    /// that start.
+    pub fn captures_prefix<'k>(&self, key: &'k str) -> Option<(&'k str, Vec<Capture>)> {
         let ends = key
             .char_indices()
             .map(|(at, _)| at)
@@ -626,7 +627,7 @@ impl Template {
         let ends: Vec<usize> = ends.collect();
         ends.into_iter()
             .rev()
-            .find_map(|end| self.captures(&key[..end]))
+            .find_map(|end| Some((&key[..end], self.captures(&key[..end])?)))
     }
 }
 
@@ -844,8 +845,8 @@ mod tests {
         assert_eq!((two[0].value.as_str(), two[1].value.as_str()), ("", "xy"));
         // A prefix rule: the longest start of the key it renders.
         let prefix = Template::parse("category:{id}:").unwrap();
-        let captures = prefix.captures_prefix("category:5:page:2").unwrap();
-        assert_eq!(captures[0].value, "5");
+        let (start, captures) = prefix.captures_prefix("category:5:page:2").unwrap();
+        assert_eq!((start, captures[0].value.as_str()), ("category:5:", "5"));
         assert_eq!(prefix.captures_prefix("product:5:page"), None);
         assert_eq!(unescape_value("%41%zz%"), "A%zz%");
     }
