@@ -2,6 +2,8 @@
 //! `/healthz` (the process answers) and `/readyz` (200 only while the source
 //! streams and Redis answers; 503 with a one-line reason otherwise).
 //!
+//! With `admin.console`, also the console at `/ui` (see [`crate::console`]).
+//!
 //! A deliberately small HTTP/1.1 responder: GET only, one request per
 //! connection, bounded request size and time.
 
@@ -15,6 +17,7 @@ use tokio::sync::watch;
 use crate::apply::broadcast::Broadcast;
 use crate::apply::RedisSink;
 use crate::config::{RedisConfig, SourceKind};
+use crate::console::{Console, Request};
 use crate::error::Error;
 use crate::pipeline::schema::{self, Problems};
 use crate::pipeline::SourceState;
@@ -46,6 +49,8 @@ pub struct AdminState {
     /// A fresh PING per readiness probe; without one, readiness relies on
     /// apply's state (which an idle pipeline refreshes every 5 s).
     pub probe: Option<RedisProbe>,
+    /// The console (`admin.console`), served under `/ui`.
+    pub console: Option<Arc<Console>>,
 }
 
 /// Answers "does Redis answer now?" with a PING bounded by
@@ -182,6 +187,9 @@ fn one_line(reason: &str) -> String {
 
 /// Serves until the listener fails.
 pub async fn serve(listener: TcpListener, state: AdminState) {
+    // Installed before anything is counted: a service started in process
+    // (the testkit, an embedding application) counts from its start.
+    telemetry::recorder();
     telemetry::describe();
     let mut failures: u32 = 0;
     loop {
@@ -230,10 +238,18 @@ async fn respond(mut stream: TcpStream, state: &AdminState) -> std::io::Result<(
     if tokio::time::timeout(READ_TIMEOUT, read).await.is_err() {
         return Ok(());
     }
-    let request = String::from_utf8_lossy(&head);
-    let mut words = request.split_whitespace();
-    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
+    if !head_complete(&head) && head.len() >= MAX_REQUEST {
+        let response = "HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain\r\ncontent-length: 36\r\nconnection: close\r\n\r\nthe request head is over 8 KiB long\n";
+        stream.write_all(response.as_bytes()).await?;
+        return stream.shutdown().await;
+    }
+    let request = Request::parse(&head);
+    let (method, path) = (request.method.as_str(), request.path.as_str());
+    if let Some(console) = &state.console {
+        if method == "GET" && (path == "/ui" || path.starts_with("/ui/")) {
+            return console.respond(&request, stream).await;
+        }
+    }
     let (status, content_type, body) = match (method, path) {
         ("GET", "/metrics") => (
             "200 OK",

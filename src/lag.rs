@@ -54,6 +54,20 @@ impl LagHistogram {
         self.total
     }
 
+    /// What was recorded after `earlier` (a copy of this histogram taken
+    /// before); its max is the whole histogram's, a bound on the part's.
+    pub fn since(&self, earlier: &LagHistogram) -> LagHistogram {
+        let mut part = LagHistogram {
+            max: self.max,
+            ..LagHistogram::default()
+        };
+        for (index, (now, before)) in self.counts.iter().zip(earlier.counts.iter()).enumerate() {
+            part.counts[index] = now.saturating_sub(*before);
+        }
+        part.total = part.counts.iter().sum();
+        part
+    }
+
     pub fn max(&self) -> Duration {
         self.max
     }

@@ -39,8 +39,10 @@ mod admin;
 mod apply;
 mod audit;
 mod catalog;
+mod console;
 mod continuity;
 mod demo;
+mod explain;
 mod operator;
 mod purge;
 mod report;
@@ -86,6 +88,9 @@ pub mod internal {
     }
     pub mod demo {
         pub use crate::demo::{run, DemoError};
+    }
+    pub mod explain {
+        pub use crate::explain::{explain, row_from_json, ColumnTypes, Explained, Line};
     }
     pub mod operator {
         pub use crate::operator::{

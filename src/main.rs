@@ -8,12 +8,12 @@ use std::sync::Arc;
 use anyhow::bail;
 use clap::{Parser, Subcommand};
 
-use evictd::change::{Datum, Lsn, Op, Row, RowChange, TableName};
+use evictd::change::{Lsn, Op, Row, RowChange, TableName};
 use evictd::config::{Config, SecretUrl};
+use evictd::internal::explain::{self, ColumnTypes};
 use evictd::internal::Control;
-use evictd::mapping::{self, Diagnostic, Limits, Mappings, Output};
+use evictd::mapping::{self, Diagnostic, Limits, Mappings};
 use evictd::pipeline::{Options, SourceState};
-use evictd::plan::plan_changes;
 
 #[derive(Parser)]
 #[command(
@@ -1132,7 +1132,7 @@ fn explain(dir: &Path, table: &str, op: &str, rows: Rows<'_>) -> anyhow::Result<
             "--op: unknown op `{op}`; use insert, update, delete or truncate"
         ))
     })?;
-    let types = ColumnTypes::of(rows.config, &mappings, &table)?;
+    let types = column_types(rows.config, &mappings, &table)?;
     let mut notes = Vec::new();
     let old = rows
         .old
@@ -1173,40 +1173,12 @@ fn explain(dir: &Path, table: &str, op: &str, rows: Rows<'_>) -> anyhow::Result<
         old,
         new,
     };
-    let mut out = Output::with_notes();
-    let plan = plan_changes(&mappings, [&change], &mut out);
-    for note in &out.notes {
-        let default = rows.identity == Some("default");
-        eprintln!("note: {}", note.kind.describe(&mappings, &change, default));
+    let explained = explain::explain(&mappings, &change, rows.identity == Some("default"));
+    for note in &explained.notes {
+        eprintln!("note: {note}");
     }
-    let mapping = mappings.table(&change.table);
-    for command in &plan.commands {
-        let origin = command.origin();
-        let deciders = mapping.map(|m| m.deciders(origin)).unwrap_or_default();
-        let decided = if deciders.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", deciders.join("; "))
-        };
-        println!(
-            "{command}  # {}{decided}",
-            mappings.origin(origin).file_line()
-        );
-    }
-    // CDN purges go out after Redis applied the commands above.
-    let purges = plan
-        .purges
-        .all
-        .map(|origin| ("PURGE ALL".to_owned(), origin))
-        .into_iter()
-        .chain(
-            plan.purges
-                .keys
-                .iter()
-                .map(|(key, origin)| (format!("PURGE {key}"), *origin)),
-        );
-    for (purge, origin) in purges {
-        println!("{purge}  # {}", mappings.origin(origin).file_line());
+    for line in &explained.lines {
+        println!("{}", line.text());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -1246,88 +1218,37 @@ fn default_identity_old(
     }
 }
 
-/// A row from a JSON object; `unchanged` columns become unchanged TOAST.
-/// What `explain` knows of the table's column types: the database's (with
-/// `--config`), or offline only which columns a condition compares with a
-/// number literal.
-enum ColumnTypes {
-    Database(Vec<(String, char)>),
-    Offline(Vec<String>),
+/// What `explain` knows of the table's column types: the database's
+/// (with `--config`), else offline what the conditions say.
+fn column_types(
+    config: Option<&Path>,
+    mappings: &Mappings,
+    table: &TableName,
+) -> anyhow::Result<ColumnTypes> {
+    let Some(path) = config else {
+        return Ok(ColumnTypes::offline(mappings, table));
+    };
+    let config = Config::load(path).map_err(|error| UsageError(error.to_string()))?;
+    let url = config
+        .postgres
+        .url
+        .ok_or_else(|| UsageError("--config: postgres.url is not set".into()))?;
+    let categories = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            let client = evictd::internal::catalog::connect(&url).await?;
+            evictd::internal::catalog::column_categories(&client, table).await
+        })?;
+    if categories.is_empty() {
+        bail!(UsageError(format!(
+            "--config: {table} is not in the database"
+        )));
+    }
+    Ok(ColumnTypes::Database(categories))
 }
 
-impl ColumnTypes {
-    fn of(config: Option<&Path>, mappings: &Mappings, table: &TableName) -> anyhow::Result<Self> {
-        let Some(path) = config else {
-            let numeric = mappings
-                .table(table)
-                .map(|mapping| {
-                    mapping
-                        .conditions()
-                        .flat_map(|(condition, _)| condition.numeric_columns())
-                        .map(str::to_owned)
-                        .collect()
-                })
-                .unwrap_or_default();
-            return Ok(ColumnTypes::Offline(numeric));
-        };
-        let config = Config::load(path).map_err(|error| UsageError(error.to_string()))?;
-        let url = config
-            .postgres
-            .url
-            .ok_or_else(|| UsageError("--config: postgres.url is not set".into()))?;
-        let categories = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-            .block_on(async {
-                let client = evictd::internal::catalog::connect(&url).await?;
-                evictd::internal::catalog::column_categories(&client, table).await
-            })?;
-        if categories.is_empty() {
-            bail!(UsageError(format!(
-                "--config: {table} is not in the database"
-            )));
-        }
-        Ok(ColumnTypes::Database(categories))
-    }
-
-    /// `datum` as its column's type: a string for a numeric column is a
-    /// number (`"12.50"` compares as 12.50), a number or boolean for a text
-    /// column is its text; `note` says when a string was taken as a number
-    /// offline.
-    fn typed(&self, column: &str, datum: Datum, note: &mut Vec<String>) -> Datum {
-        let is_number = |text: &str| text.trim().parse::<f64>().is_ok();
-        match (self, datum) {
-            (ColumnTypes::Database(categories), datum) => {
-                let category = categories
-                    .iter()
-                    .find(|(name, _)| name == column)
-                    .map(|(_, category)| *category);
-                match (category, datum) {
-                    (Some('N'), Datum::Text(text)) if is_number(&text) => {
-                        Datum::Number(text.trim().into())
-                    }
-                    (Some('B'), Datum::Text(text)) => match &*text.to_ascii_lowercase() {
-                        "t" | "true" => Datum::Bool(true),
-                        "f" | "false" => Datum::Bool(false),
-                        _ => Datum::Text(text),
-                    },
-                    (Some('S' | 'E' | 'U' | 'D'), Datum::Number(text)) => Datum::Text(text),
-                    (_, datum) => datum,
-                }
-            }
-            (ColumnTypes::Offline(numeric), Datum::Text(text))
-                if is_number(&text) && numeric.iter().any(|name| name == column) =>
-            {
-                note.push(format!(
-                    "{column}: \"{text}\" was taken as a number, as a condition compares it with one (give --config to take the column types from the database)"
-                ));
-                Datum::Number(text.trim().into())
-            }
-            (_, datum) => datum,
-        }
-    }
-}
-
+/// A row from `--old`/`--new`; a malformed one is a usage error.
 fn row_from_json(
     flag: &str,
     json: &str,
@@ -1335,46 +1256,5 @@ fn row_from_json(
     types: &ColumnTypes,
     notes: &mut Vec<String>,
 ) -> anyhow::Result<Row> {
-    let value: Box<serde_json::value::RawValue> =
-        serde_json::from_str(json).map_err(|e| UsageError(format!("{flag}: not JSON: {e}")))?;
-    let object: std::collections::BTreeMap<String, Box<serde_json::value::RawValue>> =
-        serde_json::from_str(value.get()).map_err(|_| {
-            UsageError(format!("{flag}: expected a JSON object of column -> value"))
-        })?;
-    let mut pairs: Vec<(String, Datum)> = object
-        .into_iter()
-        .map(|(column, value)| {
-            let datum = types.typed(&column, datum_from_json(&value), notes);
-            (column, datum)
-        })
-        .collect();
-    for column in unchanged {
-        match pairs.iter_mut().find(|(name, _)| name == column) {
-            Some((_, datum)) => *datum = Datum::UnchangedToast,
-            None => pairs.push((column.clone(), Datum::UnchangedToast)),
-        }
-    }
-    Ok(Row::from_pairs(
-        pairs
-            .iter()
-            .map(|(name, datum)| (name.as_str(), datum.clone())),
-    ))
-}
-
-/// A value given in JSON: a number keeps its text as written (`12.50`
-/// stays `12.50`, as a numeric column's text would), an object or array is
-/// a json column's text as written.
-fn datum_from_json(value: &serde_json::value::RawValue) -> Datum {
-    let json = value.get().trim();
-    match json.as_bytes().first() {
-        Some(b'n') => Datum::Null,
-        Some(b't') => Datum::Bool(true),
-        Some(b'f') => Datum::Bool(false),
-        Some(b'"') => serde_json::from_str::<String>(json).map_or_else(
-            |_| Datum::Text(json.into()),
-            |text| Datum::Text(text.into()),
-        ),
-        Some(b'{' | b'[') => Datum::Json(json.into()),
-        _ => Datum::Number(json.into()),
-    }
+    Ok(explain::row_from_json(flag, json, unchanged, types, notes).map_err(UsageError)?)
 }

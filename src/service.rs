@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 
 use crate::admin::{AdminState, RedisProbe};
 use crate::config::Config;
+use crate::console::Console;
 use crate::error::{Error, ErrorKind};
 use crate::mapping::Mappings;
 use crate::pipeline::{Options, Running, SourceState};
@@ -42,7 +43,8 @@ impl Service {
                     listener,
                     admin_state(config, &running)?,
                 ));
-                tracing::info!(%address, "admin endpoint: /metrics /healthz /readyz");
+                let console = if config.admin.console { " /ui" } else { "" };
+                tracing::info!(%address, "admin endpoint: /metrics /healthz /readyz{console}");
                 Some(address)
             }
             None => None,
@@ -57,6 +59,16 @@ impl Service {
 /// What the admin endpoint reports on for `running`: every state that
 /// makes `/readyz` fail, and a fresh PING per probe.
 pub fn admin_state(config: &Config, running: &Running) -> Result<AdminState, Error> {
+    let console = match &running.console {
+        Some(tap) => Some(Arc::new(Console::start(
+            config,
+            tap.clone(),
+            running.progress.clone(),
+            running.lag.clone(),
+            running.mappings.clone(),
+        )?)),
+        None => None,
+    };
     Ok(AdminState {
         source: running.source.clone(),
         redis: running.redis.clone(),
@@ -66,6 +78,7 @@ pub fn admin_state(config: &Config, running: &Running) -> Result<AdminState, Err
         schema: running.schema.clone(),
         kind: config.source,
         probe: Some(RedisProbe::new(&config.redis)?),
+        console,
     })
 }
 

@@ -113,6 +113,10 @@ pub const PURGE_DURATION: &str = "evictd_purge_duration_seconds";
 pub const PURGE_QUEUE_KEYS: &str = "evictd_purge_queue_keys";
 /// Batches Redis applied whose purges wait behind the one being purged.
 pub const PURGE_QUEUE_BATCHES: &str = "evictd_purge_queue_batches";
+/// Subscribers of the console's live stream.
+pub const CONSOLE_SUBSCRIBERS: &str = "evictd_console_subscribers";
+/// Live-stream subscribers dropped for falling behind or not reading.
+pub const CONSOLE_DROPPED: &str = "evictd_console_dropped_total";
 /// SCAN calls made by pattern, prefix and coarse invalidations.
 pub const SCAN_PAGES: &str = "evictd_scan_pages_total";
 /// Invalidations from SQL messages, by `outcome` (applied, malformed,
@@ -306,6 +310,14 @@ pub fn describe() {
     describe_gauge!(
         PURGE_QUEUE_BATCHES,
         "Batches applied to Redis whose purges wait behind the batch being purged"
+    );
+    describe_gauge!(
+        CONSOLE_SUBSCRIBERS,
+        "Subscribers of the console's live stream (admin.console)"
+    );
+    describe_counter!(
+        CONSOLE_DROPPED,
+        "Live-stream subscribers of the console dropped for falling behind or not reading"
     );
     describe_counter!(
         SCAN_PAGES,

@@ -71,6 +71,30 @@ pub struct Trace {
     pub verdict: Verdict,
 }
 
+impl Trace {
+    /// Leaves out what the database and the cache hold (the rows, the
+    /// tags rendered from them, the cached value, a write-through key's
+    /// difference from its row), saying why; the verdict is made again
+    /// from what is left.
+    pub fn hide_values(&mut self, why: &str) {
+        if !self.rows.is_empty() {
+            self.rows.clear();
+            self.rows_skipped = Some(why.to_owned());
+        }
+        self.tags.clear();
+        self.tag_sets.clear();
+        self.redis.value = None;
+        if let Some(check) = &mut self.refresh {
+            check.why = match check.outcome {
+                "consistent" => "equals what a refresh of its row would write now".into(),
+                "stale" => "differs from what a refresh of its row would write now".into(),
+                _ => "could not be compared with its row".into(),
+            };
+        }
+        self.verdict = verdict(self);
+    }
+}
+
 /// One rule that renders the key, and the values it was rendered with.
 #[derive(Debug, Serialize)]
 pub struct RuleMatch {

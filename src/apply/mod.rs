@@ -196,6 +196,8 @@ pub struct ApplyStages {
     /// The read replicas each batch is invalidated again for
     /// (`[[postgres.replica]]`).
     pub replicas: Option<replica::Setup>,
+    /// The console's live stream (`admin.console`).
+    pub console: Option<crate::console::Tap>,
 }
 
 /// What apply does around each plan besides Redis: the visibility gate
@@ -204,6 +206,7 @@ struct Around {
     audit: Option<Sampler>,
     gate: Option<Visibility>,
     replicas: Option<replica::Setup>,
+    console: Option<crate::console::Tap>,
 }
 
 /// How often an idle apply task checks that Redis answers (for readiness).
@@ -305,11 +308,13 @@ pub async fn run(
         purger,
         gate,
         replicas,
+        console,
     } = extras;
     let around = Around {
         audit,
         gate,
         replicas,
+        console,
     };
     let Some(purger) = purger else {
         let next = Handoff::Publish(progress);
@@ -377,6 +382,7 @@ async fn apply(
         audit,
         mut gate,
         replicas,
+        console,
     } = around;
     let mut replicas: Option<Replicas<Applied>> = replicas.map(Replicas::start);
     let mut clocks = Clocks {
@@ -441,6 +447,9 @@ async fn apply(
         };
         clocks.offer(&plan, stamped);
         record(&plan, &stats, started.elapsed(), &lag);
+        if let Some(console) = &console {
+            console.offer(&plan);
+        }
         tracing::debug!(commands = plan.commands.len(), keys = stats.keys, round_trips = stats.round_trips, checkpoint = ?plan.checkpoint, "applied batch");
         match (then, replicas.as_mut()) {
             (Some(then), _) => then.deliver(Applied::of(plan, stats.keys)),

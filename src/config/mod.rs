@@ -354,9 +354,14 @@ pub struct BatchConfig {
     pub max_wait_ms: u64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// Serve the console at `/ui`.
+    pub console: bool,
+    /// The bearer token the console's data needs (required when `listen`
+    /// is not a loopback address).
+    pub token: Option<Secret>,
 }
 
 /// `[audit]`: the continuous consistency checker (see `src/audit.rs`).
@@ -650,6 +655,8 @@ impl Default for AdminConfig {
             listen: settings::str("admin.listen")
                 .parse()
                 .expect("a valid address"),
+            console: settings::bool("admin.console"),
+            token: None,
         }
     }
 }
@@ -769,12 +776,10 @@ impl Config {
             root.remove("batch"),
             &mut problems,
         ));
-        let admin = read_admin(&mut Section::new(
-            "admin",
-            file,
-            root.remove("admin"),
-            &mut problems,
-        ));
+        let admin = read_admin(
+            &mut Section::new("admin", file, root.remove("admin"), &mut problems),
+            base_dir,
+        );
         let audit = read_audit(&mut Section::new(
             "audit",
             file,

@@ -676,12 +676,35 @@ pub(super) fn read_batch(section: &mut Section<'_>) -> BatchConfig {
     }
 }
 
-pub(super) fn read_admin(section: &mut Section<'_>) -> AdminConfig {
+pub(super) fn read_admin(section: &mut Section<'_>, base_dir: &Path) -> AdminConfig {
+    let defaults = AdminConfig::default();
+    let listen: std::net::SocketAddr = section.parse("listen", defaults.listen, |text: String| {
+        text.parse()
+            .map_err(|_| format!("`{text}` is not an address like 127.0.0.1:9187"))
+    });
+    let console = section.or("console", defaults.console);
+    let file: Option<PathBuf> = section.or("token_file", None);
+    let env: Option<String> = section.or("token_env", None);
+    let token = match (file, env) {
+        (Some(_), Some(_)) => {
+            section.problem("token_file", None, "set it or token_env, not both");
+            None
+        }
+        (Some(file), None) => Some(Secret::File(base_dir.join(file))),
+        (None, Some(env)) => Some(Secret::Env(env)),
+        (None, None) => None,
+    };
+    if console && token.is_none() && !listen.ip().is_loopback() {
+        section.problem(
+            "console",
+            None,
+            format!("the console on {listen}, not a loopback address, needs a bearer token: set token_file (or token_env)"),
+        );
+    }
     AdminConfig {
-        listen: section.parse("listen", AdminConfig::default().listen, |text: String| {
-            text.parse()
-                .map_err(|_| format!("`{text}` is not an address like 127.0.0.1:9187"))
-        }),
+        listen,
+        console,
+        token,
     }
 }
 

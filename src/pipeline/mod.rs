@@ -115,6 +115,9 @@ pub struct Running {
     /// The mappings in effect (a reload replaces them at a transaction
     /// boundary).
     pub mappings: watch::Receiver<Arc<Mappings>>,
+    /// Where apply offers each applied plan to the console's live stream
+    /// (`admin.console`).
+    pub console: Option<crate::console::Tap>,
     stop: watch::Sender<bool>,
     reload: ReloadHandle,
     task: JoinHandle<Result<Ended, Error>>,
@@ -246,6 +249,7 @@ pub(crate) struct Handles {
     lag: Arc<Mutex<Lag>>,
     epoch: String,
     mappings: watch::Receiver<Arc<Mappings>>,
+    console: Option<crate::console::Tap>,
     stop: watch::Sender<bool>,
     reload: Arc<Notify>,
 }
@@ -304,6 +308,7 @@ impl Stages {
         };
         let (replicas_tx, replicas_rx) = watch::channel(None);
         let replicas = apply::replica::Setup::new(&config.postgres, replicas_tx);
+        let console = config.admin.console.then(crate::console::Tap::default);
         let apply_task = tokio::spawn(apply::run(
             sink,
             plans_rx,
@@ -316,6 +321,7 @@ impl Stages {
                 purger,
                 gate,
                 replicas,
+                console: console.clone(),
             },
         ));
         let stages = Stages {
@@ -340,6 +346,7 @@ impl Stages {
             lag,
             epoch,
             mappings: live_rx,
+            console,
             stop: stop_tx,
             reload,
         };
@@ -367,6 +374,7 @@ impl Handles {
             lag: self.lag,
             epoch: self.epoch,
             mappings: self.mappings,
+            console: self.console,
             stop: self.stop,
             reload: ReloadHandle(self.reload),
             task,

@@ -15,6 +15,7 @@ mod cli;
 mod client;
 mod cluster;
 mod config;
+mod console;
 mod continuity;
 mod crash;
 mod decoder_fuzz;

@@ -245,6 +245,7 @@ async fn admin() -> (u16, tokio::sync::watch::Sender<SourceState>) {
         schema,
         kind: evictd::config::SourceKind::Kafka,
         probe: None,
+        console: None,
     };
     tokio::spawn(evictd::internal::serve(listener, state));
     (port, source_tx)
