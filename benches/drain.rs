@@ -25,6 +25,11 @@
 //! (`postgres.visibility_gate`, the default) and without, in alternating
 //! order: the gate's cost, against a baseline of the same run.
 //!
+//! With `EVICTD_BENCH_CONSOLE=50`, the second drain of each round is not
+//! the ungated one but the gated drain with 50 subscribers of the console's
+//! live stream attached (`admin.console`), each reading every event: the
+//! console's cost to the drain, against the same drain without them.
+//!
 //! Run: `cargo bench --bench drain` (prints tables, then one JSON line);
 //! `EVICTD_BENCH=small,fanout` runs only those scenarios.
 
@@ -303,7 +308,27 @@ fn report(results: &[Measured]) {
             "process_peak_rss_kib": m.evictd_peak_rss_kib,
         }));
     }
-    for m in results {
+    let subscribers = console_subscribers();
+    for m in results.iter().filter(|_| subscribers > 0) {
+        // The second drain had the subscribers: its rate over the first's.
+        let per_round: Vec<f64> = m
+            .rounds
+            .iter()
+            .map(|r| r.evictd.as_secs_f64() / r.ungated.as_secs_f64())
+            .collect();
+        println!(
+            "console: {} drains with {subscribers} live-stream subscribers at {:.2}x the rate with none (median; per round: {})",
+            m.name,
+            median(per_round.clone()),
+            per_round
+                .iter()
+                .map(|ratio| format!("{ratio:.2}x"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        json.push(serde_json::json!({"scenario": m.name, "console_subscribers": subscribers, "with_subscribers_over_none": median(per_round)}));
+    }
+    for m in results.iter().filter(|_| subscribers == 0) {
         let per_round: Vec<f64> = m
             .rounds
             .iter()
@@ -375,6 +400,15 @@ fn report(results: &[Measured]) {
         }));
     }
     println!("{}", serde_json::Value::Array(json));
+}
+
+/// Live-stream subscribers of the second drain (`EVICTD_BENCH_CONSOLE`,
+/// default 0: the second drain is the ungated one).
+fn console_subscribers() -> usize {
+    std::env::var("EVICTD_BENCH_CONSOLE")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Rounds per scenario (`EVICTD_BENCH_ROUNDS`, default 3).
@@ -472,10 +506,21 @@ async fn measure(
             [false, true]
         } {
             let mut config = config.clone();
-            config.postgres.visibility_gate = gate;
+            // Against the console, the second drain is gated too, with its
+            // subscribers.
+            let subscribers = if gate { 0 } else { console_subscribers() };
+            config.postgres.visibility_gate = gate || subscribers > 0;
             let reader = if gate { "evictd" } else { "ungated" };
             config.postgres.slot = format!("{database}_{reader}_{round}");
-            let drained = drain(scenario.name, &config, mappings.clone(), end, redis).await;
+            let drained = drain(
+                scenario.name,
+                &config,
+                mappings.clone(),
+                end,
+                redis,
+                subscribers,
+            )
+            .await;
             let acked = confirmed(&client, &config.postgres.slot).await;
             assert!(acked >= end, "evictd acknowledged {acked}, short of {end}");
             if gate {
@@ -548,6 +593,7 @@ async fn drain(
     mappings: Arc<mapping::Mappings>,
     end: Lsn,
     redis: &Redis,
+    subscribers: usize,
 ) -> (Duration, u64) {
     // The end position is past the last commit (it is the WAL insert
     // position), so evictd learns it has reached it from a keepalive, which
@@ -562,7 +608,22 @@ async fn drain(
     let cpu_before = evictd::testkit::ThreadCpu::sample();
     let redis_before = evictd::testkit::process_cpu_ticks(redis.pid());
     let started = Instant::now();
-    let running = pipeline::start(config, mappings, options).expect("start evictd");
+    let streamed = Arc::new(AtomicU64::new(0));
+    let (running, readers): (_, Vec<tokio::task::JoinHandle<()>>) = if subscribers == 0 {
+        let running = pipeline::start(config, mappings, options).expect("start evictd");
+        (running, Vec::new())
+    } else {
+        let mut config = config.clone();
+        config.admin.console = true;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let service = evictd::service::Service::start(&config, mappings, options, Some(listener))
+            .expect("start evictd");
+        let port = service.admin.expect("the admin address").port();
+        let readers = (0..subscribers)
+            .map(|_| tokio::spawn(subscribe(port, streamed.clone())))
+            .collect();
+        (service.running, readers)
+    };
     let progress = running.progress.clone();
     // The walsender exits with the drain: sample its CPU while it runs.
     let walsender = metrics.then(|| {
@@ -589,7 +650,39 @@ async fn drain(
         }
     }
     let commands = progress.borrow().commands;
+    for reader in readers {
+        reader.abort();
+    }
+    if subscribers > 0 {
+        eprintln!(
+            "{name}: {subscribers} console subscribers read {} bytes in all",
+            streamed.load(Ordering::Relaxed)
+        );
+    }
     (took, commands)
+}
+
+/// A live-stream subscriber reading everything it is sent, counting the
+/// bytes into `total` (it runs until aborted).
+async fn subscribe(port: u16, total: Arc<AtomicU64>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return;
+    };
+    if stream
+        .write_all(b"GET /ui/api/events HTTP/1.1\r\nhost: bench\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut buf = vec![0_u8; 64 * 1024];
+    while let Ok(n) = stream.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        total.fetch_add(n as u64, Ordering::Relaxed);
+    }
 }
 
 /// Samples the CPU of the walsender serving `config`'s slot into `ticks`

@@ -121,6 +121,11 @@ impl OpSet {
     pub fn contains(self, op: Op) -> bool {
         self.0 & op.bit() != 0
     }
+
+    /// Its operations, in [`Op::ALL`]'s order.
+    pub fn iter(self) -> impl Iterator<Item = Op> {
+        Op::ALL.into_iter().filter(move |op| self.contains(*op))
+    }
 }
 
 /// One column value as the source delivered it.

@@ -20,7 +20,7 @@ use std::time::SystemTime;
 use indexmap::IndexMap;
 use rustc_hash::FxBuildHasher;
 
-use crate::change::Checkpoint;
+use crate::change::{Checkpoint, Op, OpSet, TableName};
 use crate::mapping::template::glob_matches;
 use crate::mapping::{Action, ActionKind, Mappings, OriginId, Output, Ttl};
 
@@ -172,6 +172,9 @@ pub struct Plan {
     /// holds: its invalidations wait until each is visible to a new
     /// snapshot on the primary (`postgres.visibility_gate`).
     pub xids: Vec<u32>,
+    /// The operations of its row changes, by table (for people watching:
+    /// the broadcast's `ops`).
+    pub ops: Vec<(Arc<TableName>, OpSet)>,
 }
 
 /// The surrogate keys a plan purges at every CDN target.
@@ -262,6 +265,7 @@ pub struct Planner {
     families: Option<Arc<[Option<Arc<str>>]>>,
     /// Transactions whose changes are in the pending plan.
     xids: Vec<u32>,
+    ops: Vec<(Arc<TableName>, OpSet)>,
     /// The transaction being pushed (Begin seen, its commit not yet): a
     /// plan cut in its middle holds it, and so does the next.
     open_xid: Option<u32>,
@@ -286,6 +290,18 @@ impl Planner {
         self.changes += 1;
         for action in actions {
             self.push(action);
+        }
+    }
+
+    /// Notes that the pending plan holds a change of `op` to `table`.
+    pub fn note_op(&mut self, table: &Arc<TableName>, op: Op) {
+        match self.ops.iter_mut().find(|(known, _)| known == table) {
+            Some((_, ops)) => ops.insert(op),
+            None => {
+                let mut ops = OpSet::default();
+                ops.insert(op);
+                self.ops.push((table.clone(), ops));
+            }
         }
     }
 
@@ -488,6 +504,7 @@ impl Planner {
             tables: self.tables.clone(),
             families: self.families.clone(),
             xids: std::mem::replace(&mut self.xids, self.open_xid.into_iter().collect()),
+            ops: std::mem::take(&mut self.ops),
         }
     }
 }
@@ -503,6 +520,7 @@ pub fn plan_changes<'c>(
     for change in changes {
         let start = out.actions.len();
         mappings.eval(change, out);
+        planner.note_op(&change.table, change.op);
         planner.push_change(out.actions.drain(start..));
     }
     planner.finish()

@@ -50,6 +50,8 @@ pub struct Sample {
     /// The clients publishing their counters: per instance, its cache's
     /// name and its counters.
     pub clients: HashMap<String, (String, HashMap<String, u64>)>,
+    /// Why the clients' counters could not be read, when Redis refused.
+    pub clients_error: Option<String>,
 }
 
 /// The report.
@@ -197,7 +199,7 @@ pub async fn sample(
         .arg(format!("{prefix}{INVALIDATED_KEY}"))
         .query_async(&mut redis)
         .await
-        .unwrap_or_default();
+        .map_err(|e| Error::redis("HGETALL of evictd's invalidation totals failed", e))?;
     let newest: Vec<(String, Vec<String>)> = redis::cmd("XREVRANGE")
         .arg(format!("{prefix}{L1_LOG_KEY}"))
         .arg("+")
@@ -211,9 +213,12 @@ pub async fn sample(
         at: Some(Instant::now()),
         invalidated: invalidated.into_iter().collect(),
         log_id: newest.into_iter().next().map(|(id, _)| id),
-        clients: clients(&mut redis, prefix).await,
         ..Sample::default()
     };
+    match clients(&mut redis, prefix).await {
+        Ok(clients) => sample.clients = clients,
+        Err(error) => sample.clients_error = Some(error),
+    }
     let Some(database) = database else {
         return Ok(sample);
     };
@@ -265,12 +270,13 @@ pub async fn sample(
     Ok(sample)
 }
 
-/// The counters of the client instances that published in the last hour
-/// (none when Redis refuses the reads: the report goes on without them).
+/// The counters of the client instances that published in the last hour;
+/// why not, when Redis refuses the reads (the report goes on without them,
+/// and says so).
 async fn clients(
     redis: &mut evictd_client::Connection,
     prefix: &str,
-) -> HashMap<String, (String, HashMap<String, u64>)> {
+) -> Result<HashMap<String, (String, HashMap<String, u64>)>, String> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(0));
@@ -280,14 +286,14 @@ async fn clients(
         .arg("+inf")
         .query_async(redis)
         .await
-        .unwrap_or_default();
+        .map_err(|e| format!("ZRANGEBYSCORE {prefix}{CLIENTS_KEY}: {e}"))?;
     let mut found = HashMap::new();
     for instance in instances {
         let fields: HashMap<String, String> = redis::cmd("HGETALL")
             .arg(format!("{prefix}{CLIENTS_KEY}:{instance}"))
             .query_async(redis)
             .await
-            .unwrap_or_default();
+            .map_err(|e| format!("HGETALL {prefix}{CLIENTS_KEY}:{instance}: {e}"))?;
         let Some(cache) = fields.get("cache").cloned() else {
             continue;
         };
@@ -300,7 +306,7 @@ async fn clients(
             .collect();
         found.insert(instance, (cache, counters));
     }
-    found
+    Ok(found)
 }
 
 /// Per cache name, the increase of its instances' counters: an instance
@@ -439,7 +445,15 @@ pub fn compare(
     }
     report.families = families(mappings, messages, seconds);
     report.hit_rates = hit_rates(before, after, seconds);
-    if report.hit_rates.is_empty() {
+    let unread = before
+        .clients_error
+        .as_ref()
+        .or(after.clients_error.as_ref());
+    if let Some(error) = unread {
+        report.notes.push(format!(
+            "the clients' published counters could not be read from Redis ({error}): no hit rates"
+        ));
+    } else if report.hit_rates.is_empty() {
         report.notes.push(
             "no client publishes its counters (publish_counters in the Rust crate and the Python package): no hit rates".into(),
         );
@@ -981,5 +995,18 @@ mod tests {
             .any(|n| n.contains("no client publishes its counters")));
         assert!(markdown(&report).contains("| public.orders | 4.00 | 20 / 20 / 0 |"));
         assert!(html(&report).contains("<td>public.orders</td>"));
+
+        // Redis refused the clients' counters: said so, not "no client".
+        let refused = Sample {
+            clients_error: Some("ZRANGEBYSCORE evictd:clients: NOPERM".into()),
+            ..Sample::default()
+        };
+        let report = compare(&mappings, &refused, &after, &[]);
+        assert!(report.notes.iter().any(|n| n
+            .contains("the clients' published counters could not be read from Redis (ZRANGEBYSCORE evictd:clients: NOPERM)")));
+        assert!(!report
+            .notes
+            .iter()
+            .any(|n| n.contains("no client publishes")));
     }
 }

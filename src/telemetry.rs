@@ -417,6 +417,7 @@ fn zero_counters() {
         LOG_LINES_DROPPED,
         VISIBILITY_HELD,
         REPLICA_FOLDED_KEYS,
+        CONSOLE_DROPPED,
     ] {
         counter!(name).increment(0);
     }

@@ -167,6 +167,10 @@ pub struct Invalidation {
     pub lsn: Option<String>,
     /// The mapped tables whose changes the batch held.
     pub tables: Vec<String>,
+    /// The operations of the batch's changes, by table (`insert`,
+    /// `update`, `delete`, `truncate`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub ops: BTreeMap<String, Vec<String>>,
     /// `exact` (the key itself), `refresh` (a write-through key written
     /// or deleted by its refresh), `tag`, `tag pattern`, `prefix`, `pattern`
     /// (a family: TRUNCATE, or a coarse invalidation after lost
@@ -417,6 +421,24 @@ pub fn verdict(trace: &Trace) -> Verdict {
     }
 }
 
+/// `public.orders(update,delete),public.users(insert)`: the batch's tables
+/// with the operations of its changes; `-` when it names none.
+fn tables_with_ops(invalidation: &Invalidation) -> String {
+    if invalidation.tables.is_empty() {
+        return "-".to_owned();
+    }
+    let with_ops = |table: &String| match invalidation.ops.get(table) {
+        Some(ops) if !ops.is_empty() => format!("{table}({})", ops.join(",")),
+        _ => table.clone(),
+    };
+    invalidation
+        .tables
+        .iter()
+        .map(with_ops)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Traces `key` (without the prefix): see the module's documentation.
 pub async fn trace(config: &Config, mappings: &Mappings, key: &str) -> Result<Trace, Error> {
     let mut redis = connect_redis(&config.redis).await?;
@@ -557,6 +579,7 @@ pub async fn trace(config: &Config, mappings: &Mappings, key: &str) -> Result<Tr
             message: format!("{}:{}", message.epoch, message.seq),
             lsn: message.lsn.clone(),
             tables: message.tables.clone(),
+            ops: message.ops.clone(),
             mode,
             by,
             stamp: message.stamp,
@@ -793,11 +816,7 @@ pub fn text(trace: &Trace) -> String {
                 .lsn
                 .as_deref()
                 .map_or_else(String::new, |lsn| format!(" lsn={lsn}")),
-            if invalidation.tables.is_empty() {
-                "-".to_owned()
-            } else {
-                invalidation.tables.join(",")
-            },
+            tables_with_ops(invalidation),
             invalidation.mode,
             invalidation.by
         );

@@ -400,24 +400,31 @@ async fn publish_counters(
             hset.arg(field).arg(counter.load(Ordering::Relaxed));
         }
         // One command at a time: on a Cluster the keys live in other slots.
-        let _: redis::RedisResult<()> = hset.query_async(&mut redis).await;
-        let _: redis::RedisResult<()> = redis::cmd("PEXPIRE")
-            .arg(&key)
-            .arg(expiry)
-            .query_async(&mut redis)
-            .await;
-        let _: redis::RedisResult<()> = redis::cmd("ZADD")
-            .arg(&set)
-            .arg(now)
-            .arg(&instance)
-            .query_async(&mut redis)
-            .await;
-        let _: redis::RedisResult<()> = redis::cmd("ZREMRANGEBYSCORE")
-            .arg(&set)
-            .arg("-inf")
-            .arg(now.saturating_sub(KEEP_MS))
-            .query_async(&mut redis)
-            .await;
+        // A failure is counted; the next interval tries again.
+        let written: redis::RedisResult<()> = async {
+            hset.query_async::<()>(&mut redis).await?;
+            redis::cmd("PEXPIRE")
+                .arg(&key)
+                .arg(expiry)
+                .query_async::<()>(&mut redis)
+                .await?;
+            redis::cmd("ZADD")
+                .arg(&set)
+                .arg(now)
+                .arg(&instance)
+                .query_async::<()>(&mut redis)
+                .await?;
+            redis::cmd("ZREMRANGEBYSCORE")
+                .arg(&set)
+                .arg("-inf")
+                .arg(now.saturating_sub(KEEP_MS))
+                .query_async::<()>(&mut redis)
+                .await
+        }
+        .await;
+        if written.is_err() {
+            meter.publish_failed();
+        }
     }
 }
 

@@ -41,6 +41,9 @@ pub struct Stats {
     pub l1_replayed: AtomicU64,
     /// Time the L1 subscription was down, in milliseconds.
     pub l1_disconnected_ms: AtomicU64,
+    /// Publications of these counters to Redis that failed
+    /// (`publish_counters`; the next interval tries again).
+    pub publish_failures: AtomicU64,
 }
 
 pub(crate) struct Meter {
@@ -58,6 +61,7 @@ pub(crate) struct Meter {
     stale_served: Counter,
     evicted_size: Counter,
     evicted_age: Counter,
+    publish_failures: Counter,
 }
 
 impl Meter {
@@ -77,6 +81,7 @@ impl Meter {
             stale_served: counter!("evictd_client_stale_served_total"),
             evicted_size: counter!("evictd_client_l1_evictions_total", "cause" => "size"),
             evicted_age: counter!("evictd_client_l1_evictions_total", "cause" => "expired"),
+            publish_failures: counter!("evictd_client_publish_failures_total"),
         }
     }
 
@@ -127,6 +132,11 @@ impl Meter {
     pub fn early_refresh(&self) {
         self.stats.early_refreshes.fetch_add(1, Ordering::Relaxed);
         self.early_refreshes.increment(1);
+    }
+
+    pub fn publish_failed(&self) {
+        self.stats.publish_failures.fetch_add(1, Ordering::Relaxed);
+        self.publish_failures.increment(1);
     }
 
     pub fn stale_served(&self) {

@@ -319,6 +319,10 @@ pub struct Broadcast {
     /// people watching; a cache needs only the lists above).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tables: Vec<String>,
+    /// The operations (`insert`, `update`, `delete`, `truncate`) of the
+    /// batch's row changes, by table (for people watching too).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub ops: std::collections::BTreeMap<String, Vec<String>>,
     /// The batch's apply stamp (see [`AUDIT_STAMP_KEY`]), while evictd's
     /// consistency checker runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -3,7 +3,8 @@
 //!
 //! Message: `{"v":1,"epoch":"..","seq":N,"lsn":"0/16B3748","keys":[..],"tags":[..]}`,
 //! plus `"patterns"` and `"tag_patterns"` when the plan deleted by pattern
-//! (TRUNCATE, coarse fallbacks). `epoch` is random per process start; `seq`
+//! (TRUNCATE, coarse fallbacks), and for people watching `"tables"` and
+//! `"ops"` (the operations of the batch's changes by table). `epoch` is random per process start; `seq`
 //! increases by one per message within an epoch, so a subscriber that sees a
 //! gap, a new epoch or a reconnect flushes its L1. The last `epoch:seq` is
 //! also SET in `evictd:l1:last` (under the key prefix). A plan that is sent
@@ -22,7 +23,7 @@ use std::fmt::Write as _;
 use evictd_client::protocol::{L1_LAST_KEY, L1_LOG_FIELD, L1_LOG_KEY};
 use rand::Rng as _;
 
-use crate::change::Checkpoint;
+use crate::change::{Checkpoint, Op};
 use crate::mapping::eval::write_json_string;
 use crate::plan::{Command, Plan};
 
@@ -173,6 +174,19 @@ impl Broadcast {
         if !tables.is_empty() {
             write_list(&mut json, "tables", &tables);
         }
+        if !plan.ops.is_empty() {
+            json.push_str(r#","ops":{"#);
+            for (index, (table, ops)) in plan.ops.iter().enumerate() {
+                if index > 0 {
+                    json.push(',');
+                }
+                write_json_string(&table.to_string(), &mut json);
+                json.push(':');
+                let ops: Vec<&str> = ops.iter().map(Op::as_str).collect();
+                write_array(&mut json, &ops);
+            }
+            json.push('}');
+        }
         if let Some(stamp) = stamp {
             let _ = write!(json, r#","stamp":{stamp}"#);
         }
@@ -189,7 +203,13 @@ pub struct Message {
 
 /// Appends `,"name":["a","b"]` with JSON string escaping.
 fn write_list(json: &mut String, name: &str, items: &[&str]) {
-    let _ = write!(json, r#","{name}":["#);
+    let _ = write!(json, r#","{name}":"#);
+    write_array(json, items);
+}
+
+/// Appends `["a","b"]` with JSON string escaping.
+fn write_array(json: &mut String, items: &[&str]) {
+    json.push('[');
     for (index, item) in items.iter().enumerate() {
         if index > 0 {
             json.push(',');
@@ -208,6 +228,9 @@ mod tests {
     #[test]
     fn the_message_is_valid_json_with_escaping() {
         let broadcast = Broadcast::new("evictd:l1", 0);
+        let mut ops = crate::change::OpSet::default();
+        ops.insert(Op::Update);
+        ops.insert(Op::Insert);
         let plan = Plan {
             commands: vec![
                 Command::Unlink {
@@ -226,6 +249,10 @@ mod tests {
                 },
             ],
             checkpoint: Some(Checkpoint::Lsn(Lsn(0x16B3748))),
+            ops: vec![(
+                std::sync::Arc::new(crate::change::TableName::parse("orders").unwrap()),
+                ops,
+            )],
             ..Plan::default()
         };
         let text = broadcast.message(&plan, 7, None);
@@ -244,6 +271,11 @@ mod tests {
                 patterns: vec!["order:*".into()],
                 tag_patterns: Vec::new(),
                 tables: Vec::new(),
+                ops: [(
+                    "public.orders".to_owned(),
+                    vec!["insert".to_owned(), "update".to_owned()]
+                )]
+                .into(),
                 stamp: None,
             }
         );
@@ -253,6 +285,7 @@ mod tests {
             serde_json::json!({
                 "v": 1, "epoch": broadcast.epoch(), "seq": 7, "lsn": "0/16B3748",
                 "keys": ["user:\"1\"\\x"], "tags": ["user:1"], "patterns": ["order:*"],
+                "ops": {"public.orders": ["insert", "update"]},
             })
         );
     }

@@ -23,7 +23,7 @@
 
 mod http;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -64,7 +64,21 @@ const MAX_REPORT_WINDOW: Duration = Duration::from_secs(300);
 
 /// Where apply offers each applied plan to the live stream.
 #[derive(Clone)]
-pub struct Tap(broadcast::Sender<Arc<Event>>);
+pub struct Tap(broadcast::Sender<Arc<Offered>>);
+
+/// An event as offered: with its server-sent frame, made once for every
+/// subscriber that takes it whole.
+pub struct Offered {
+    event: Event,
+    frame: String,
+}
+
+/// `data: <json>\n\n`.
+fn frame(event: &Event) -> Option<String> {
+    serde_json::to_string(event)
+        .ok()
+        .map(|json| format!("data: {json}\n\n"))
+}
 
 impl Default for Tap {
     fn default() -> Self {
@@ -78,11 +92,13 @@ impl Tap {
         if self.0.receiver_count() == 0 || plan.commands.is_empty() {
             return;
         }
+        let event = Event::of(plan);
+        let frame = frame(&event).unwrap_or_default();
         // A send fails only when every receiver went meanwhile.
-        let _ = self.0.send(Arc::new(Event::of(plan)));
+        let _ = self.0.send(Arc::new(Offered { event, frame }));
     }
 
-    fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+    fn subscribe(&self) -> broadcast::Receiver<Arc<Offered>> {
         self.0.subscribe()
     }
 }
@@ -101,6 +117,9 @@ pub struct Event {
     /// From the oldest commit in it to now.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lag_ms: Option<u64>,
+    /// The operations of its row changes, by table.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub ops: BTreeMap<String, Vec<&'static str>>,
     pub items: Vec<Item>,
     /// Commands past [`EVENT_ITEMS`], not shown.
     pub more: usize,
@@ -156,6 +175,11 @@ impl Event {
             }),
             changes: plan.changes,
             lag_ms,
+            ops: plan
+                .ops
+                .iter()
+                .map(|(table, ops)| (table.to_string(), ops.iter().map(Op::as_str).collect()))
+                .collect(),
             items,
             more: plan.commands.len().saturating_sub(EVENT_ITEMS),
         }
@@ -232,12 +256,18 @@ impl Filter {
         table && key
     }
 
+    /// The frame this subscriber is sent; `None` when none of the event
+    /// is admitted.
+    fn frame<'o>(&self, offered: &'o Offered) -> Option<std::borrow::Cow<'o, str>> {
+        if self.table.is_none() && self.key.is_none() {
+            return Some(std::borrow::Cow::Borrowed(&offered.frame));
+        }
+        self.apply(&offered.event).map(std::borrow::Cow::Owned)
+    }
+
     /// The event as this subscriber sees it; `None` when none of it is
     /// admitted.
     fn apply(&self, event: &Event) -> Option<String> {
-        if self.table.is_none() && self.key.is_none() {
-            return serde_json::to_string(event).ok();
-        }
         let items: Vec<Item> = event
             .items
             .iter()
@@ -252,10 +282,11 @@ impl Filter {
             position: event.position.clone(),
             changes: event.changes,
             lag_ms: event.lag_ms,
+            ops: event.ops.clone(),
             items,
             more: event.more,
         };
-        serde_json::to_string(&shown).ok()
+        frame(&shown)
     }
 }
 
@@ -495,12 +526,16 @@ impl Console {
         heartbeat.tick().await;
         let mut scratch = [0_u8; 256];
         loop {
+            let offered;
             let text = tokio::select! {
                 event = events.recv() => match event {
-                    Ok(event) => match filter.apply(&event) {
-                        Some(json) => format!("data: {json}\n\n"),
-                        None => continue,
-                    },
+                    Ok(event) => {
+                        offered = event;
+                        match filter.frame(&offered) {
+                            Some(frame) => frame,
+                            None => continue,
+                        }
+                    }
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
                         let why = format!("it fell {missed} events behind");
                         let _ = write_within(&mut writer, format!("event: dropped\ndata: {why}\n\n").as_bytes()).await;
@@ -508,7 +543,7 @@ impl Console {
                     }
                     Err(broadcast::error::RecvError::Closed) => return Ok(()),
                 },
-                _ = heartbeat.tick() => ": keepalive\n\n".to_owned(),
+                _ = heartbeat.tick() => std::borrow::Cow::Borrowed(": keepalive\n\n"),
                 read = reader.read(&mut scratch) => match read {
                     // The client closed (or sent something: a stream is
                     // read-only, so that ends it too).
@@ -697,6 +732,7 @@ mod tests {
             position: Some("0/1".into()),
             changes: 2,
             lag_ms: None,
+            ops: BTreeMap::new(),
             items: vec![
                 item("public.orders", "order:1"),
                 item("public.users", "user:1"),

@@ -15,14 +15,14 @@
 //! Abort; past `max_pending_keys` a buffer degrades to a coarse invalidation
 //! of the tables the transaction touched.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use rustc_hash::FxHashMap;
 
 use super::schema::FallbackLog;
-use crate::change::{Event, Op, RowChange, TableName};
+use crate::change::{Event, Op, OpSet, RowChange, TableName};
 use crate::mapping::message::{AllowList, Refusal, Scope, Secrets};
 use crate::mapping::{message, Action, Mappings, Output};
 use crate::plan::{Plan, Planner};
@@ -119,8 +119,8 @@ struct StreamBuffer {
 #[derive(Default)]
 struct Sub {
     changes: u64,
-    /// Tables it touched, for the coarse fallback.
-    tables: BTreeSet<Arc<TableName>>,
+    /// Tables it touched (for the coarse fallback), with the operations.
+    tables: BTreeMap<Arc<TableName>, OpSet>,
     /// Its actions overflowed `max_pending_keys`: they were dropped, and
     /// if it commits, its tables are invalidated coarsely.
     coarse: bool,
@@ -228,6 +228,7 @@ impl Batcher {
             } => {
                 self.stats.changes += 1;
                 self.eval(&change);
+                self.planner.note_op(&change.table, change.op);
                 self.planner.push_change(self.out.actions.drain(..));
                 self.cut_if_full(ready);
             }
@@ -417,8 +418,13 @@ impl Batcher {
             .entry(subxid)
             .or_default();
         sub.changes += 1;
-        if !sub.tables.contains(&change.table) {
-            sub.tables.insert(change.table.clone());
+        match sub.tables.get_mut(&change.table) {
+            Some(ops) => ops.insert(change.op),
+            None => {
+                let mut ops = OpSet::default();
+                ops.insert(change.op);
+                sub.tables.insert(change.table.clone(), ops);
+            }
         }
         if sub.coarse {
             return;
@@ -459,10 +465,15 @@ impl Batcher {
             .subs
             .values()
             .filter(|sub| sub.coarse)
-            .flat_map(|sub| sub.tables.iter().cloned())
+            .flat_map(|sub| sub.tables.keys().cloned())
             .collect();
         self.stats.changes += changes;
         self.planner.count_changes(changes);
+        for (table, ops) in buffer.subs.values().flat_map(|sub| &sub.tables) {
+            for op in ops.iter() {
+                self.planner.note_op(table, op);
+            }
+        }
         for (_, action) in buffer.actions {
             self.planner.push(action);
             self.cut_if_full(ready);

@@ -1364,3 +1364,31 @@ async fn a_namespace_bump_leaves_everything_under_it_behind_in_redis_and_every_l
         .unwrap();
     assert!(!exists, "{counter} was created");
 }
+
+/// A publication of the counters that Redis refuses is counted, not
+/// dropped: `stats().publish_failures` and
+/// `evictd_client_publish_failures_total`.
+#[tokio::test]
+async fn a_failed_counter_publication_is_counted() {
+    let mut redis = evictd::testkit::Redis::start().expect("redis");
+    let cache = Cache::builder(redis.url())
+        .prefix("published:")
+        .publish_counters("gone", Duration::from_millis(100))
+        .build()
+        .await
+        .expect("a cache");
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let failures = |cache: &Cache| {
+        cache
+            .stats()
+            .publish_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(failures(&cache), 0, "Redis answered");
+    redis.stop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while failures(&cache) < 2 {
+        assert!(Instant::now() < deadline, "no failure counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -238,6 +238,11 @@ async fn the_live_stream_shows_a_commit_within_a_second_filtered_by_table() {
             seen_order = Some(committed.elapsed());
             assert_eq!(event["items"][at]["table"], "public.orders", "{event}");
             assert_eq!(event["items"][at]["mode"], "exact", "{event}");
+            assert_eq!(
+                event["ops"]["public.orders"],
+                serde_json::json!(["insert"]),
+                "{event}"
+            );
             assert!(event["position"].as_str().unwrap().contains('/'), "{event}");
         }
     }

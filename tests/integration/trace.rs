@@ -89,6 +89,11 @@ async fn trace_names_the_rule_the_rows_the_invalidations_and_a_verdict() {
         "{json}"
     );
     assert_eq!(last["tables"][0], "public.orders", "{json}");
+    assert_eq!(
+        last["ops"],
+        serde_json::json!({"public.orders": ["update"]}),
+        "{json}"
+    );
     assert!(
         last["lsn"].as_str().is_some() && last["at"].as_str().unwrap().ends_with('Z'),
         "{json}"
@@ -131,6 +136,7 @@ async fn trace_names_the_rule_the_rows_the_invalidations_and_a_verdict() {
         (Some("tag"), Some("user:1")),
         "{json}"
     );
+    assert_eq!(last["ops"]["public.orders"], serde_json::json!(["insert"]));
 
     // Deleted by pattern: TRUNCATE.
     s.db.execute("truncate orders").await;
@@ -141,6 +147,10 @@ async fn trace_names_the_rule_the_rows_the_invalidations_and_a_verdict() {
         (last["mode"].as_str(), last["by"].as_str()),
         (Some("pattern"), Some("order:*")),
         "{json}"
+    );
+    assert_eq!(
+        last["ops"]["public.orders"],
+        serde_json::json!(["truncate"])
     );
     assert_eq!(
         json["rows"][0]["rows"].as_array().map(Vec::len),
@@ -182,6 +192,11 @@ async fn trace_names_the_rule_the_rows_the_invalidations_and_a_verdict() {
     );
     assert!(
         text.contains("\nverdict: stale: the write-through value holds"),
+        "{text}"
+    );
+    // Each invalidation names its tables with the operations.
+    assert!(
+        text.contains(" public.orders(insert) refresh order:1:status\n"),
         "{text}"
     );
 

@@ -56,3 +56,22 @@ def test_the_async_cache_publishes_too(prefix):
     fields = published(redis.Redis.from_url(os.environ["EVICTD_TEST_REDIS_URL"]), prefix)
     assert [f["cache"] for f in fields.values()] == ["orders"]
     assert [f["misses"] for f in fields.values()] == ["1"]
+
+
+def test_a_failed_publication_is_counted(prefix):
+    # Nothing listens there: every publication fails, and each is counted.
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    dead = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
+    cache = Cache(dead, prefix=prefix, publish_counters=0.1, publish_name="gone")
+    deadline = time.monotonic() + 5
+    while cache.metrics()["publish_failures"] < 2:
+        assert time.monotonic() < deadline, cache.metrics()
+        time.sleep(0.05)
+    cache.close()

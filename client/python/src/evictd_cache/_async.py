@@ -75,7 +75,9 @@ class AsyncCache(Core):
         self._publisher: Optional[AsyncPublisher] = None
         every = seconds(publish_counters, "publish_counters")
         if every is not None:
-            self._publisher = AsyncPublisher(client, prefix, publish_name, every, self.metrics)
+            self._publisher = AsyncPublisher(
+                client, prefix, publish_name, every, self.metrics, lambda: self._count("publish_failures")
+            )
 
     async def get_or_load(
         self,

@@ -111,7 +111,9 @@ class Cache(Core):
         self._publisher: Optional[Publisher] = None
         every = seconds(publish_counters, "publish_counters")
         if every is not None:
-            self._publisher = Publisher(client, prefix, publish_name, every, self.metrics)
+            self._publisher = Publisher(
+                client, prefix, publish_name, every, self.metrics, lambda: self._count("publish_failures")
+            )
 
     def get_or_load(
         self,

@@ -87,6 +87,7 @@ METRICS = {
     "l1_evictions_flushed": "L1 entries dropped by a flush",
     "l1_flushes": "times the whole L1 tier was emptied (first subscription, a log that did not reach back, a bad message)",
     "l1_replays": "times L1 caught up from evictd's broadcast log instead of flushing",
+    "publish_failures": "publications of these counters to Redis that failed (publish_counters; the next interval tries again)",
 }
 
 

@@ -62,10 +62,20 @@ def commands(pipe: Any, prefix: str, instance: str, name: str, counts: Dict[str,
 
 class Publisher:
     """Publishes `counts()` every `every` seconds on a daemon thread (and
-    once more on `close`); a failed write is left for the next."""
+    once more on `close`); a failed write calls `failed()` (the cache counts
+    it) and is left for the next."""
 
-    def __init__(self, client: Any, prefix: str, name: str, every: float, counts: Callable[[], Dict[str, int]]) -> None:
+    def __init__(
+        self,
+        client: Any,
+        prefix: str,
+        name: str,
+        every: float,
+        counts: Callable[[], Dict[str, int]],
+        failed: Callable[[], None],
+    ) -> None:
         self._client, self._prefix, self._name, self._every, self._counts = client, prefix, name, every, counts
+        self._failed = failed
         self.instance = instance_id()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="evictd-counters", daemon=True)
@@ -87,8 +97,8 @@ class Publisher:
         while not self._stop.wait(self._every):
             try:
                 self.publish()
-            except Exception:  # noqa: BLE001 - the next interval tries again
-                pass
+            except Exception:  # noqa: BLE001 - counted; the next interval tries again
+                self._failed()
 
 
 class AsyncPublisher(Background):
@@ -97,9 +107,18 @@ class AsyncPublisher(Background):
 
     name = "evictd-counters"
 
-    def __init__(self, client: Any, prefix: str, name: str, every: float, counts: Callable[[], Dict[str, int]]) -> None:
+    def __init__(
+        self,
+        client: Any,
+        prefix: str,
+        name: str,
+        every: float,
+        counts: Callable[[], Dict[str, int]],
+        failed: Callable[[], None],
+    ) -> None:
         super().__init__()
         self._client, self._prefix, self._name, self._every, self._counts = client, prefix, name, every, counts
+        self._failed = failed
         self.instance = instance_id()
 
     async def publish(self) -> None:
@@ -118,5 +137,5 @@ class AsyncPublisher(Background):
             await asyncio.sleep(self._every)
             try:
                 await self.publish()
-            except Exception:  # noqa: BLE001
-                pass
+            except Exception:  # noqa: BLE001 - counted; the next interval tries again
+                self._failed()
