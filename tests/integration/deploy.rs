@@ -85,7 +85,7 @@ fn every_recommended_alert_is_a_rule_with_a_unit_test() {
     let readme = read("docs/OPERATIONS.md");
     let alerts = read("deploy/prometheus/alerts.yml");
     let tests = read("deploy/prometheus/alerts_test.yml");
-    let recommended = readme_section(&readme, "Alerts worth having:", "## Operator kit");
+    let recommended = readme_section(&readme, "Alerts worth having:", "\n## ");
     let bullets: Vec<&str> = recommended.split("\n- ").skip(1).collect();
     assert_eq!(bullets.len(), 20, "{recommended}");
     for bullet in bullets {
