@@ -320,11 +320,7 @@ fn report(results: &[Measured]) {
             "console: {} drains with {subscribers} live-stream subscribers at {:.2}x the rate with none (median; per round: {})",
             m.name,
             median(per_round.clone()),
-            per_round
-                .iter()
-                .map(|ratio| format!("{ratio:.2}x"))
-                .collect::<Vec<_>>()
-                .join(" ")
+            ratios(&per_round)
         );
         json.push(serde_json::json!({"scenario": m.name, "console_subscribers": subscribers, "with_subscribers_over_none": median(per_round)}));
     }
@@ -338,11 +334,7 @@ fn report(results: &[Measured]) {
             "visibility gate: {} drains at {:.2}x the rate without it (median; per round: {})",
             m.name,
             median(per_round.clone()),
-            per_round
-                .iter()
-                .map(|ratio| format!("{ratio:.2}x"))
-                .collect::<Vec<_>>()
-                .join(" ")
+            ratios(&per_round)
         );
     }
     let by_name = |name: &str| results.iter().find(|m| m.name == name);
@@ -400,6 +392,15 @@ fn report(results: &[Measured]) {
         }));
     }
     println!("{}", serde_json::Value::Array(json));
+}
+
+/// `1.02x 0.98x ...`: each round's ratio.
+fn ratios(per_round: &[f64]) -> String {
+    per_round
+        .iter()
+        .map(|ratio| format!("{ratio:.2}x"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Live-stream subscribers of the second drain (`EVICTD_BENCH_CONSOLE`,
